@@ -1,0 +1,388 @@
+//! Dense attention in f64, unquantized and on a rotated, quantized KV cache.
+//!
+//! ## Shapes (row-major)
+//! Q `[n_q, h_q, d]`, K `[n_kv, h_kv, d]`, V `[n_kv, h_kv, d_v]`, output `[n_q, h_q, d_v]`.
+//! `h_q` must be a multiple of `h_kv` (GQA; MQA when `h_kv = 1`): query head `h` reads KV head
+//! `h / (h_q / h_kv)`, so consecutive query heads share a KV head.
+//!
+//! ## Semantics
+//! Query `i` sits at position `p0 + i` ([`AttentionParams::pos_offset`]); key `j` at position
+//! `j`. Key `j` is visible to query `i` when
+//! * not causal, or `j ≤ p0 + i`; and
+//! * no sliding window, or `p0 + i − j < window` (keys `window` or more positions behind the
+//!   query are masked; later keys are governed by causality alone).
+//!
+//! Score `s = scale · q·k` (scale default `1/√d`); with a soft-cap `c`, `s ← c · tanh(s / c)`.
+//! Probabilities are the softmax of the visible scores (max-subtracted, f64); the output is
+//! `Σ p_j v_j`.
+//!
+//! ## Edge cases (documented results, tested)
+//! * A query with no visible key (`n_kv = 0`, or everything masked) gets all-zero
+//!   probabilities and a zero output row.
+//! * IEEE f64 semantics otherwise: a NaN (or, without soft-cap, a +Inf) score in a row makes
+//!   that row's probabilities and output NaN; a −Inf score is weight 0. Masked keys are never
+//!   read, so NaN/Inf in masked positions has no effect.
+//!
+//! ## Rotated, quantized cache
+//! [`rotated_quantized_attention`] runs the pipeline a kernel implements: `q ← R q`,
+//! `k ← R k`, `v ← R_v v` (each in f64), K and V rounded to f32 and quantized per
+//! `(token, head)` row of `d` (or `d_v`) values into their [`KvFormat`]s, dequantized, attention
+//! on those values, and the output rotated back with `R_vᵀ`. With an f32 cache it equals plain
+//! attention up to f64 rounding (tested), because `(R q)·(R k) = q·k` and
+//! `Σ p (R_v v) = R_v Σ p v`.
+
+use crate::error::{Error, Result};
+use crate::format::KvFormat;
+use crate::rotation::Rotation;
+use ndarray::{Array3, ArrayView3, Axis};
+
+/// Attention options. The default is non-causal, no window, no soft-cap, scale `1/√d`.
+///
+/// ```
+/// use rotq_reference::AttentionParams;
+/// let p = AttentionParams { causal: true, pos_offset: 100, ..Default::default() };
+/// assert_eq!(p.window, None);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AttentionParams {
+    /// Score scale; `None` means `1/√d`. Must be finite.
+    pub scale: Option<f64>,
+    /// Mask keys after the query's position.
+    pub causal: bool,
+    /// Position of query 0 (`p0`): query `i` is at `p0 + i`.
+    pub pos_offset: usize,
+    /// Sliding window `W ≥ 1`: mask keys `W` or more positions behind the query.
+    pub window: Option<usize>,
+    /// Logit soft-cap `c > 0`: `s ← c · tanh(s / c)`.
+    pub softcap: Option<f64>,
+}
+
+impl AttentionParams {
+    fn validate(&self) -> Result<()> {
+        if let Some(s) = self.scale {
+            if !s.is_finite() {
+                return Err(invalid("scale", format!("{s} is not finite")));
+            }
+        }
+        if self.window == Some(0) {
+            return Err(invalid("window", "must be at least 1".into()));
+        }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(invalid(
+                    "softcap",
+                    format!("{c} is not a positive finite number"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether key `j` is visible to query `i`.
+    ///
+    /// ```
+    /// use rotq_reference::AttentionParams;
+    /// let p = AttentionParams { causal: true, pos_offset: 4, window: Some(2), ..Default::default() };
+    /// assert!(p.visible(0, 3) && p.visible(0, 4)); // distance 1 and 0 are inside a window of 2
+    /// assert!(!p.visible(0, 5) && !p.visible(0, 2)); // the future, and distance 2
+    /// ```
+    pub fn visible(&self, i: usize, j: usize) -> bool {
+        let pos = self.pos_offset + i;
+        let causal_ok = !self.causal || j <= pos;
+        let window_ok = self.window.is_none_or(|w| j > pos || pos - j < w);
+        causal_ok && window_ok
+    }
+}
+
+fn invalid(name: &'static str, reason: String) -> Error {
+    Error::InvalidParameter { name, reason }
+}
+
+/// The result of dense attention.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention {
+    /// `[n_q, h_q, d_v]`.
+    pub output: Array3<f64>,
+    /// Attention probabilities `[h_q, n_q, n_kv]` (zero at masked keys).
+    pub probs: Array3<f64>,
+}
+
+/// The sizes of one attention problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query rows.
+    pub n_q: usize,
+    /// Cached tokens.
+    pub n_kv: usize,
+    /// Query heads.
+    pub h_q: usize,
+    /// KV heads.
+    pub h_kv: usize,
+    /// Q/K head dimension.
+    pub d: usize,
+    /// V head dimension.
+    pub d_v: usize,
+}
+
+impl AttentionShape {
+    /// Reads and checks the shape of Q, K, V.
+    ///
+    /// ```
+    /// use ndarray::Array3;
+    /// use rotq_reference::AttentionShape;
+    /// let q = Array3::<f32>::zeros((2, 8, 64));
+    /// let kv = Array3::<f32>::zeros((5, 2, 64));
+    /// let s = AttentionShape::of(&q.view(), &kv.view(), &kv.view()).unwrap();
+    /// assert_eq!((s.n_q, s.n_kv, s.h_q, s.h_kv), (2, 5, 8, 2));
+    /// let bad = Array3::<f32>::zeros((5, 3, 64));
+    /// assert!(AttentionShape::of(&q.view(), &bad.view(), &bad.view()).is_err());
+    /// ```
+    pub fn of<A, B, C>(q: &ArrayView3<A>, k: &ArrayView3<B>, v: &ArrayView3<C>) -> Result<Self> {
+        let (n_q, h_q, d) = q.dim();
+        let (n_kv, h_kv, dk) = k.dim();
+        let (n_v, h_v, d_v) = v.dim();
+        let fail = |m: String| Err(Error::Shape(m));
+        if h_kv == 0 || h_q == 0 || d == 0 || d_v == 0 {
+            return fail(format!(
+                "head counts and dims must be positive (h_q {h_q}, h_kv {h_kv}, d {d}, d_v {d_v})"
+            ));
+        }
+        if h_q % h_kv != 0 {
+            return fail(format!("h_q {h_q} is not a multiple of h_kv {h_kv}"));
+        }
+        if dk != d {
+            return fail(format!("K head dim {dk} differs from Q head dim {d}"));
+        }
+        if (n_v, h_v) != (n_kv, h_kv) {
+            return fail(format!(
+                "V is [{n_v}, {h_v}, _] but K is [{n_kv}, {h_kv}, _]"
+            ));
+        }
+        Ok(Self {
+            n_q,
+            n_kv,
+            h_q,
+            h_kv,
+            d,
+            d_v,
+        })
+    }
+}
+
+/// Dense attention in f64 (the unquantized reference).
+///
+/// ```
+/// use ndarray::Array3;
+/// use rotq_reference::{attention_f64, AttentionParams};
+/// let q = Array3::from_shape_fn((1, 1, 4), |(_, _, c)| c as f64);
+/// let k = Array3::from_shape_fn((3, 1, 4), |(t, _, c)| (t + c) as f64);
+/// let v = Array3::from_shape_fn((3, 1, 2), |(t, _, c)| (t * 2 + c) as f64);
+/// let a = attention_f64(q.view(), k.view(), v.view(), &AttentionParams::default()).unwrap();
+/// let p = a.probs.index_axis(ndarray::Axis(0), 0);
+/// assert!((p.sum() - 1.0).abs() < 1e-12);
+/// ```
+pub fn attention_f64(
+    q: ArrayView3<f64>,
+    k: ArrayView3<f64>,
+    v: ArrayView3<f64>,
+    params: &AttentionParams,
+) -> Result<Attention> {
+    params.validate()?;
+    let s = AttentionShape::of(&q, &k, &v)?;
+    let scale = params.scale.unwrap_or(1.0 / (s.d as f64).sqrt());
+    let group = s.h_q / s.h_kv;
+    let mut output = Array3::zeros((s.n_q, s.h_q, s.d_v));
+    let mut probs = Array3::zeros((s.h_q, s.n_q, s.n_kv));
+    let mut scores = vec![0.0f64; s.n_kv];
+    for h in 0..s.h_q {
+        let hk = h / group;
+        for i in 0..s.n_q {
+            let visible: Vec<usize> = (0..s.n_kv).filter(|&j| params.visible(i, j)).collect();
+            if visible.is_empty() {
+                continue;
+            }
+            let qv = q.slice(ndarray::s![i, h, ..]);
+            for &j in &visible {
+                let raw = scale * qv.dot(&k.slice(ndarray::s![j, hk, ..]));
+                scores[j] = params.softcap.map_or(raw, |c| c * (raw / c).tanh());
+            }
+            let max = visible
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &j| m.max(scores[j]));
+            let total: f64 = visible.iter().map(|&j| (scores[j] - max).exp()).sum();
+            for &j in &visible {
+                let p = (scores[j] - max).exp() / total;
+                probs[[h, i, j]] = p;
+                output
+                    .slice_mut(ndarray::s![i, h, ..])
+                    .scaled_add(p, &v.slice(ndarray::s![j, hk, ..]));
+            }
+        }
+    }
+    Ok(Attention { output, probs })
+}
+
+/// Dense attention on f32 inputs, in f64.
+pub fn attention(
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    params: &AttentionParams,
+) -> Result<Attention> {
+    let up = |a: ArrayView3<f32>| a.mapv(f64::from);
+    attention_f64(up(q).view(), up(k).view(), up(v).view(), params)
+}
+
+/// What is rotated before K and V are cached: Q and K by `qk`, V by `v` (the output is then
+/// rotated back by `vᵀ`).
+///
+/// ```
+/// use rotq_reference::{Rotation, RotationPlan};
+/// let plan = RotationPlan {
+///     qk: Some(Rotation::hadamard(128).unwrap()),
+///     v: Some(Rotation::block_hadamard(128, 64).unwrap()),
+/// };
+/// assert!(plan.check_dims(128, 128).is_ok());
+/// assert!(plan.check_dims(64, 128).is_err());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RotationPlan {
+    /// Rotation of Q and K (`None`: not rotated).
+    pub qk: Option<Rotation>,
+    /// Rotation of V, undone on the output (`None`: not rotated).
+    pub v: Option<Rotation>,
+}
+
+impl RotationPlan {
+    /// No rotation at all.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Checks that the rotations fit head dims `d` (Q/K) and `d_v` (V).
+    pub fn check_dims(&self, d: usize, d_v: usize) -> Result<()> {
+        for (r, want, what) in [(&self.qk, d, "Q/K rotation"), (&self.v, d_v, "V rotation")] {
+            if let Some(r) = r {
+                if r.dim() != want {
+                    return Err(Error::LengthMismatch {
+                        what,
+                        expected: want,
+                        actual: r.dim(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cache formats of K and V and the rotation plan: everything that decides what the cache holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCacheSpec {
+    /// Format of the K cache.
+    pub k_format: KvFormat,
+    /// Format of the V cache.
+    pub v_format: KvFormat,
+    /// What is rotated.
+    pub plan: RotationPlan,
+}
+
+/// Rotates every `(token, head)` row of `x` (in f64), rounds to f32, quantizes each row into
+/// `format` and dequantizes it: what a rotated cache holds, as f64.
+///
+/// ```
+/// use ndarray::Array3;
+/// use rotq_reference::{attention::cache_roundtrip, KvFormat, Rotation};
+/// let k = Array3::from_shape_fn((3, 2, 32), |(t, h, c)| (t + h) as f32 - c as f32 * 0.1);
+/// let r = Rotation::hadamard(32).unwrap();
+/// let cached = cache_roundtrip(k.view(), Some(&r), KvFormat::F32).unwrap();
+/// let mut back = cached.slice(ndarray::s![1, 1, ..]).to_vec();
+/// r.inverse_in_place(&mut back).unwrap();
+/// assert!((back[5] - f64::from(k[[1, 1, 5]])).abs() < 1e-5);
+/// ```
+pub fn cache_roundtrip(
+    x: ArrayView3<f32>,
+    rotation: Option<&Rotation>,
+    format: KvFormat,
+) -> Result<Array3<f64>> {
+    let (n, h, d) = x.dim();
+    format.check_row_len(d)?;
+    let mut out = Array3::zeros((n, h, d));
+    let mut row = vec![0.0f64; d];
+    let mut row32 = vec![0.0f32; d];
+    for t in 0..n {
+        for hh in 0..h {
+            for (r, v) in row.iter_mut().zip(x.slice(ndarray::s![t, hh, ..])) {
+                *r = f64::from(*v);
+            }
+            if let Some(r) = rotation {
+                r.forward_in_place(&mut row)?;
+            }
+            for (a, b) in row32.iter_mut().zip(&row) {
+                *a = *b as f32;
+            }
+            let decoded = format.dequantize_row(&format.quantize_row(&row32)?)?;
+            for (o, v) in out
+                .slice_mut(ndarray::s![t, hh, ..])
+                .iter_mut()
+                .zip(decoded)
+            {
+                *o = f64::from(v);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Attention on a rotated, quantized KV cache (see the module docs for the pipeline).
+///
+/// ```
+/// use ndarray::Array3;
+/// use rotq_reference::*;
+/// let f = |n, h, d, s: f32| Array3::from_shape_fn((n, h, d), |(a, b, c)| ((a * 31 + b * 7 + c) as f32 * s).sin());
+/// let (q, k, v) = (f(2, 4, 64, 0.3), f(9, 2, 64, 0.7), f(9, 2, 64, 1.1));
+/// let params = AttentionParams { causal: true, pos_offset: 7, ..Default::default() };
+/// let exact = attention(q.view(), k.view(), v.view(), &params).unwrap();
+/// let error = |format| {
+///     let spec = KvCacheSpec {
+///         k_format: format,
+///         v_format: format,
+///         plan: RotationPlan { qk: Some(Rotation::hadamard(64).unwrap()), v: None },
+///     };
+///     let approx = rotated_quantized_attention(q.view(), k.view(), v.view(), &params, &spec).unwrap();
+///     metrics::rel_l2(approx.output.as_slice().unwrap(), exact.output.as_slice().unwrap())
+/// };
+/// assert!(error(KvFormat::Q8_0) < 0.05);
+/// assert!(error(KvFormat::Q8_0) * 10.0 < error(KvFormat::Q4_0));
+/// ```
+pub fn rotated_quantized_attention(
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    params: &AttentionParams,
+    spec: &KvCacheSpec,
+) -> Result<Attention> {
+    params.validate()?;
+    let shape = AttentionShape::of(&q, &k, &v)?;
+    spec.plan.check_dims(shape.d, shape.d_v)?;
+    let plan = &spec.plan;
+    let mut q_rot = q.mapv(f64::from);
+    if let Some(r) = &plan.qk {
+        for mut row in q_rot.lanes_mut(Axis(2)) {
+            let mut buf = row.to_vec();
+            r.forward_in_place(&mut buf)?;
+            row.assign(&ndarray::ArrayView1::from(&buf[..]));
+        }
+    }
+    let k_cache = cache_roundtrip(k, plan.qk.as_ref(), spec.k_format)?;
+    let v_cache = cache_roundtrip(v, plan.v.as_ref(), spec.v_format)?;
+    let mut result = attention_f64(q_rot.view(), k_cache.view(), v_cache.view(), params)?;
+    if let Some(r) = &plan.v {
+        for mut row in result.output.lanes_mut(Axis(2)) {
+            let mut buf = row.to_vec();
+            r.inverse_in_place(&mut buf)?;
+            row.assign(&ndarray::ArrayView1::from(&buf[..]));
+        }
+    }
+    Ok(result)
+}

@@ -1,0 +1,436 @@
+//! Dense attention and rotated quantized attention: the identities of the spec, the masks,
+//! GQA, edge cases and errors.
+
+use ndarray::{s, Array3, Axis};
+use proptest::prelude::*;
+use rotq_reference::metrics::{kl_divergence, rel_l2};
+use rotq_reference::rotation::SplitMix64;
+use rotq_reference::tolerance::{tolerance, Op, Precision};
+use rotq_reference::*;
+
+fn random(shape: (usize, usize, usize), seed: u64, scale: f32) -> Array3<f32> {
+    let mut g = SplitMix64::new(seed);
+    Array3::from_shape_fn(shape, |_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale)
+}
+
+fn flat(a: &Array3<f64>) -> Vec<f64> {
+    a.iter().copied().collect()
+}
+
+fn f32_cache(plan: RotationPlan) -> KvCacheSpec {
+    KvCacheSpec {
+        k_format: KvFormat::F32,
+        v_format: KvFormat::F32,
+        plan,
+    }
+}
+
+/// Head dims with a Hadamard (so every rotation kind applies) and a block of 16.
+const DIMS: [usize; 7] = [16, 32, 48, 64, 80, 96, 128];
+
+fn rotation(kind: u8, d: usize, seed: u64) -> Rotation {
+    match kind % 4 {
+        0 => Rotation::hadamard(d).unwrap(),
+        1 => Rotation::randomized(d, seed).unwrap(),
+        2 => Rotation::block_hadamard(d, 16).unwrap(),
+        _ => Rotation::matrix(Rotation::randomized(d, seed ^ 5).unwrap().to_matrix()).unwrap(),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    n_q: usize,
+    n_kv: usize,
+    h_kv: usize,
+    group: usize,
+    d: usize,
+    d_v: usize,
+    params: AttentionParams,
+    seed: u64,
+}
+
+fn cases() -> impl Strategy<Value = Case> {
+    (
+        0usize..5,
+        0usize..24,
+        1usize..3,
+        proptest::sample::select(vec![1usize, 2, 4]),
+        proptest::sample::select(DIMS.to_vec()),
+        proptest::sample::select(DIMS.to_vec()),
+        (
+            any::<bool>(),
+            0usize..20,
+            proptest::option::of(1usize..8),
+            proptest::option::of(1.0f64..50.0),
+        ),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(n_q, n_kv, h_kv, group, d, d_v, (causal, pos_offset, window, softcap), seed)| Case {
+                n_q,
+                n_kv,
+                h_kv,
+                group,
+                d,
+                d_v,
+                params: AttentionParams {
+                    scale: None,
+                    causal,
+                    pos_offset,
+                    window,
+                    softcap,
+                },
+                seed,
+            },
+        )
+}
+
+impl Case {
+    fn qkv(&self) -> (Array3<f32>, Array3<f32>, Array3<f32>) {
+        (
+            random((self.n_q, self.h_kv * self.group, self.d), self.seed, 2.0),
+            random((self.n_kv, self.h_kv, self.d), self.seed ^ 1, 2.0),
+            random((self.n_kv, self.h_kv, self.d_v), self.seed ^ 2, 1.0),
+        )
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// (R q)·(R k) = q·k: Q+K rotation with an f32 cache leaves attention unchanged, for every
+    /// rotation kind; and V rotation with the output rotated back equals no V rotation.
+    #[test]
+    fn rotation_leaves_attention_unchanged(case in cases(), kind_qk in 0u8..4, kind_v in 0u8..4) {
+        let (q, k, v) = case.qkv();
+        let exact = attention(q.view(), k.view(), v.view(), &case.params).unwrap();
+        let tol = tolerance(Op::Attention, Precision::F32);
+        let plans = [
+            RotationPlan { qk: Some(rotation(kind_qk, case.d, case.seed)), v: None },
+            RotationPlan { qk: None, v: Some(rotation(kind_v, case.d_v, case.seed)) },
+            RotationPlan {
+                qk: Some(rotation(kind_qk, case.d, case.seed)),
+                v: Some(rotation(kind_v, case.d_v, case.seed ^ 3)),
+            },
+        ];
+        for plan in plans {
+            let rotated = rotated_quantized_attention(q.view(), k.view(), v.view(), &case.params, &f32_cache(plan.clone())).unwrap();
+            prop_assert!(tol.check(&flat(&rotated.output), &flat(&exact.output)).is_ok(), "{:?}", plan);
+            prop_assert!(tol.check(&flat(&rotated.probs), &flat(&exact.probs)).is_ok());
+        }
+        // No rotation and an f32 cache is bit-for-bit plain attention.
+        let none = rotated_quantized_attention(q.view(), k.view(), v.view(), &case.params, &f32_cache(RotationPlan::none())).unwrap();
+        prop_assert_eq!(none, exact);
+    }
+
+    /// Query head h reads KV head h / group: GQA equals MHA on K/V with each head repeated.
+    #[test]
+    fn gqa_equals_mha_on_repeated_heads(case in cases()) {
+        let (q, k, v) = case.qkv();
+        let gqa = attention(q.view(), k.view(), v.view(), &case.params).unwrap();
+        let h_q = case.h_kv * case.group;
+        let rep = |x: &Array3<f32>| Array3::from_shape_fn((x.dim().0, h_q, x.dim().2), |(t, h, c)| x[[t, h / case.group, c]]);
+        let mha = attention(q.view(), rep(&k).view(), rep(&v).view(), &case.params).unwrap();
+        prop_assert_eq!(gqa, mha);
+    }
+
+    /// A query sees exactly its visible keys: attention equals non-causal, unwindowed attention
+    /// over the slice of keys the mask leaves, and probabilities sum to 1 (0 if none visible).
+    #[test]
+    fn masks_select_exactly_the_visible_keys(case in cases()) {
+        let (q, k, v) = case.qkv();
+        let full = attention(q.view(), k.view(), v.view(), &case.params).unwrap();
+        let open = AttentionParams { causal: false, window: None, pos_offset: 0, ..case.params.clone() };
+        for i in 0..case.n_q {
+            let visible: Vec<usize> = (0..case.n_kv).filter(|&j| case.params.visible(i, j)).collect();
+            let probs = full.probs.slice(s![.., i, ..]);
+            for h in 0..q.dim().1 {
+                let total: f64 = probs.row(h).sum();
+                let expected = if visible.is_empty() { 0.0 } else { 1.0 };
+                prop_assert!((total - expected).abs() < 1e-12);
+            }
+            for j in 0..case.n_kv {
+                if !visible.contains(&j) {
+                    prop_assert!(probs.column(j).iter().all(|p| *p == 0.0));
+                }
+            }
+            // Visible keys are contiguous: a causal prefix cut by the window.
+            if let (Some(&lo), Some(&hi)) = (visible.first(), visible.last()) {
+                prop_assert_eq!(visible.len(), hi - lo + 1);
+                let qi = q.slice(s![i..i + 1, .., ..]);
+                let sub = attention(qi, k.slice(s![lo..=hi, .., ..]), v.slice(s![lo..=hi, .., ..]), &open).unwrap();
+                let got = full.output.slice(s![i..i + 1, .., ..]).to_owned();
+                prop_assert!(rel_l2(&flat(&got), &flat(&sub.output)) < 1e-13);
+            } else {
+                prop_assert!(full.output.slice(s![i, .., ..]).iter().all(|x| *x == 0.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn soft_cap_bounds_the_scores() {
+    let (q, k, v) = (
+        random((3, 2, 64), 1, 30.0),
+        random((40, 2, 64), 2, 30.0),
+        random((40, 2, 64), 3, 1.0),
+    );
+    let cap = 2.0;
+    let params = AttentionParams {
+        softcap: Some(cap),
+        ..Default::default()
+    };
+    let capped = attention(q.view(), k.view(), v.view(), &params).unwrap();
+    for row in capped.probs.lanes(Axis(2)) {
+        let (lo, hi) = row
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(l, h), p| (l.min(*p), h.max(*p)));
+        assert!(hi / lo <= (2.0 * cap).exp() * (1.0 + 1e-12));
+    }
+    // A cap far above every score changes nothing measurable.
+    let loose = AttentionParams {
+        softcap: Some(1e9),
+        ..Default::default()
+    };
+    let a = attention(q.view(), k.view(), v.view(), &loose).unwrap();
+    let b = attention(q.view(), k.view(), v.view(), &AttentionParams::default()).unwrap();
+    assert!(rel_l2(&flat(&a.output), &flat(&b.output)) < 1e-9);
+    // The explicit scale is used: scale 0 gives uniform probabilities.
+    let zero = AttentionParams {
+        scale: Some(0.0),
+        ..Default::default()
+    };
+    let u = attention(q.view(), k.view(), v.view(), &zero).unwrap();
+    assert!(u.probs.iter().all(|p| (p - 1.0 / 40.0).abs() < 1e-15));
+}
+
+#[test]
+fn empty_inputs() {
+    let q = random((2, 4, 32), 1, 1.0);
+    let none = Array3::<f32>::zeros((0, 2, 32));
+    let a = attention(
+        q.view(),
+        none.view(),
+        none.view(),
+        &AttentionParams::default(),
+    )
+    .unwrap();
+    assert_eq!(a.output.dim(), (2, 4, 32));
+    assert!(a.output.iter().all(|x| *x == 0.0));
+    let no_q = Array3::<f32>::zeros((0, 4, 32));
+    let k = random((5, 2, 32), 2, 1.0);
+    let b = attention(no_q.view(), k.view(), k.view(), &AttentionParams::default()).unwrap();
+    assert_eq!(b.output.dim(), (0, 4, 32));
+    // A causal query before every key (offset 0, key 0 is visible; use a window to hide all).
+    let c = attention(
+        q.view(),
+        k.view(),
+        k.view(),
+        &AttentionParams {
+            causal: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(c.probs.slice(s![.., 0, 1..]).iter().all(|p| *p == 0.0));
+}
+
+#[test]
+fn non_finite_values_follow_the_documented_rules() {
+    let q = random((2, 2, 32), 1, 1.0);
+    let mut k = random((6, 1, 32), 2, 1.0);
+    let v = random((6, 1, 32), 3, 1.0);
+    let causal = AttentionParams {
+        causal: true,
+        pos_offset: 2,
+        ..Default::default()
+    };
+    // NaN in a key no query can see (position 5 > 3): no effect.
+    let clean = attention(q.view(), k.view(), v.view(), &causal).unwrap();
+    k[[5, 0, 7]] = f32::NAN;
+    let masked = attention(q.view(), k.view(), v.view(), &causal).unwrap();
+    assert_eq!(clean, masked);
+    // NaN in key 3: query 0 (position 2) cannot see it, query 1 (position 3) can.
+    k[[3, 0, 0]] = f32::NAN;
+    let hit = attention(q.view(), k.view(), v.view(), &causal).unwrap();
+    assert!(hit
+        .output
+        .slice(s![0, .., ..])
+        .iter()
+        .all(|x| x.is_finite()));
+    assert!(hit.output.slice(s![1, .., ..]).iter().all(|x| x.is_nan()));
+    // −Inf score acts as a mask; +Inf without soft-cap makes the row NaN, with soft-cap it is
+    // capped to a finite score.
+    let q1 = Array3::from_elem((1, 1, 4), 1.0f32);
+    let mut k1 = Array3::from_elem((3, 1, 4), 0.5f32);
+    let v1 = Array3::from_shape_fn((3, 1, 4), |(t, _, _)| t as f32);
+    k1[[0, 0, 0]] = f32::NEG_INFINITY;
+    let a = attention(q1.view(), k1.view(), v1.view(), &AttentionParams::default()).unwrap();
+    assert_eq!(a.probs[[0, 0, 0]], 0.0);
+    assert!((a.output[[0, 0, 0]] - 1.5).abs() < 1e-12);
+    k1[[0, 0, 0]] = f32::INFINITY;
+    let b = attention(q1.view(), k1.view(), v1.view(), &AttentionParams::default()).unwrap();
+    assert!(b.output.iter().all(|x| x.is_nan()));
+    let c = attention(
+        q1.view(),
+        k1.view(),
+        v1.view(),
+        &AttentionParams {
+            softcap: Some(5.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(c.output.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn bad_shapes_and_parameters_are_typed_errors() {
+    let q = random((2, 4, 64), 1, 1.0);
+    let k = random((5, 2, 64), 2, 1.0);
+    let d = AttentionParams::default();
+    let err = |r: Result<Attention>| r.unwrap_err();
+    assert!(matches!(
+        err(attention(
+            q.view(),
+            k.view(),
+            random((5, 3, 64), 3, 1.0).view(),
+            &d
+        )),
+        Error::Shape(_)
+    ));
+    assert!(matches!(
+        err(attention(
+            q.view(),
+            random((5, 3, 64), 3, 1.0).view(),
+            random((5, 3, 64), 3, 1.0).view(),
+            &d
+        )),
+        Error::Shape(_)
+    ));
+    assert!(matches!(
+        err(attention(
+            q.view(),
+            random((5, 2, 32), 3, 1.0).view(),
+            k.view(),
+            &d
+        )),
+        Error::Shape(_)
+    ));
+    assert!(matches!(
+        err(attention(
+            q.view(),
+            k.view(),
+            random((4, 2, 64), 3, 1.0).view(),
+            &d
+        )),
+        Error::Shape(_)
+    ));
+    assert!(matches!(
+        err(attention(
+            random((2, 0, 64), 1, 1.0).view(),
+            k.view(),
+            k.view(),
+            &d
+        )),
+        Error::Shape(_)
+    ));
+    for params in [
+        AttentionParams {
+            window: Some(0),
+            ..Default::default()
+        },
+        AttentionParams {
+            softcap: Some(0.0),
+            ..Default::default()
+        },
+        AttentionParams {
+            softcap: Some(f64::INFINITY),
+            ..Default::default()
+        },
+        AttentionParams {
+            scale: Some(f64::NAN),
+            ..Default::default()
+        },
+    ] {
+        assert!(matches!(
+            err(attention(q.view(), k.view(), k.view(), &params)),
+            Error::InvalidParameter { .. }
+        ));
+    }
+    let spec = |plan, f| KvCacheSpec {
+        k_format: f,
+        v_format: KvFormat::F16,
+        plan,
+    };
+    let wrong_dim = RotationPlan {
+        qk: Some(Rotation::hadamard(32).unwrap()),
+        v: None,
+    };
+    assert!(matches!(
+        rotated_quantized_attention(
+            q.view(),
+            k.view(),
+            k.view(),
+            &d,
+            &spec(wrong_dim, KvFormat::F32)
+        ),
+        Err(Error::LengthMismatch { .. })
+    ));
+    // d = 80 is not a whole number of q4_0 blocks.
+    let (q80, k80) = (random((1, 1, 80), 1, 1.0), random((3, 1, 80), 1, 1.0));
+    assert!(matches!(
+        rotated_quantized_attention(
+            q80.view(),
+            k80.view(),
+            k80.view(),
+            &d,
+            &spec(RotationPlan::none(), KvFormat::Q4_0)
+        ),
+        Err(Error::RowNotMultipleOfBlock { .. })
+    ));
+}
+
+#[test]
+fn more_bits_mean_less_error() {
+    let (q, k, v) = (
+        random((8, 4, 128), 1, 2.0),
+        random((64, 2, 128), 2, 2.0),
+        random((64, 2, 128), 3, 1.0),
+    );
+    let params = AttentionParams {
+        causal: true,
+        pos_offset: 56,
+        ..Default::default()
+    };
+    let exact = attention(q.view(), k.view(), v.view(), &params).unwrap();
+    let err = |f: KvFormat| {
+        let spec = KvCacheSpec {
+            k_format: f,
+            v_format: f,
+            plan: RotationPlan::none(),
+        };
+        let a = rotated_quantized_attention(q.view(), k.view(), v.view(), &params, &spec).unwrap();
+        let kl: f64 = a
+            .probs
+            .lanes(Axis(2))
+            .into_iter()
+            .zip(exact.probs.lanes(Axis(2)))
+            .map(|(p, r)| kl_divergence(r.as_slice().unwrap(), p.to_vec().as_slice()))
+            .sum();
+        (rel_l2(&flat(&a.output), &flat(&exact.output)), kl)
+    };
+    let order = [
+        KvFormat::Q4_0,
+        KvFormat::Q5_0,
+        KvFormat::Q6_0,
+        KvFormat::Q8_0,
+        KvFormat::F16,
+        KvFormat::F32,
+    ];
+    let errs: Vec<(f64, f64)> = order.iter().map(|f| err(*f)).collect();
+    for w in errs.windows(2) {
+        assert!(w[1].0 < w[0].0 && w[1].1 < w[0].1, "{errs:?}");
+    }
+    assert_eq!(errs.last().unwrap().0, 0.0);
+}

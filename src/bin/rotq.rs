@@ -1,0 +1,214 @@
+//! The `rotq` command line: quantize, dequantize and rotate raw little-endian f32 files,
+//! measure format quality, and list the formats.
+
+use clap::{Parser, Subcommand};
+use rotq::eval::{default_formats, evaluate, render_table, Synthetic};
+use rotq::{files, Error, KvFormat, RotationSpec};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "rotq",
+    version,
+    about = "Rotated quantized KV caches: formats, rotations, quality"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize a raw f32 file (rows of --row-len values) into a format's blocks, laid out as
+    /// ggml lays them out in memory.
+    Quantize {
+        /// Format name (see `rotq info`).
+        #[arg(long)]
+        format: String,
+        /// Values per row; a multiple of the format's block size.
+        #[arg(long)]
+        row_len: usize,
+        /// Raw little-endian f32 input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output (written atomically).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Dequantize a file of format blocks back to raw little-endian f32.
+    Dequantize {
+        /// Format name (see `rotq info`).
+        #[arg(long)]
+        format: String,
+        /// Values per row.
+        #[arg(long)]
+        row_len: usize,
+        /// Quantized input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Raw f32 output (written atomically).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Rotate every row of --dim values of a raw f32 file.
+    Rotate {
+        /// hadamard, randomized:SEED or block:B.
+        #[arg(long)]
+        rotation: String,
+        /// Row length (the head dimension).
+        #[arg(long)]
+        dim: usize,
+        /// Apply the inverse rotation.
+        #[arg(long)]
+        inverse: bool,
+        /// Raw little-endian f32 input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Raw f32 output (written atomically).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Attention error and KL divergence of every format, with and without rotation.
+    Eval {
+        /// Use synthetic activations with LLM-like outlier channels in K.
+        #[arg(long)]
+        synthetic: bool,
+        /// Generator seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Cached tokens.
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the KV-cache formats of the registry.
+    Info,
+}
+
+fn parse_format(name: &str) -> Result<KvFormat, Error> {
+    Ok(name.parse::<KvFormat>()?)
+}
+
+fn run(command: Command) -> Result<(), Error> {
+    match command {
+        Command::Quantize {
+            format,
+            row_len,
+            input,
+            output,
+        } => {
+            let format = parse_format(&format)?;
+            let rows = files::quantize(format, row_len, &input, &output)?;
+            eprintln!(
+                "quantized {rows} rows of {row_len} to {format}: {}",
+                output.display()
+            );
+        }
+        Command::Dequantize {
+            format,
+            row_len,
+            input,
+            output,
+        } => {
+            let format = parse_format(&format)?;
+            let rows = files::dequantize(format, row_len, &input, &output)?;
+            eprintln!(
+                "dequantized {rows} rows of {row_len} from {format}: {}",
+                output.display()
+            );
+        }
+        Command::Rotate {
+            rotation,
+            dim,
+            inverse,
+            input,
+            output,
+        } => {
+            let spec: RotationSpec = rotation.parse()?;
+            let rows = files::rotate(spec, dim, inverse, &input, &output)?;
+            let dir = if inverse { "inverse " } else { "" };
+            eprintln!(
+                "applied {dir}{spec} to {rows} rows of {dim}: {}",
+                output.display()
+            );
+        }
+        Command::Eval {
+            synthetic,
+            seed,
+            tokens,
+            json,
+        } => {
+            if !synthetic {
+                return Err(Error::Input(
+                    "only --synthetic is supported: reading activation dumps is not implemented yet".into(),
+                ));
+            }
+            if tokens == 0 {
+                return Err(Error::Input("--tokens must be positive".into()));
+            }
+            let config = Synthetic {
+                n_kv: tokens,
+                n_q: tokens.min(16),
+                seed,
+                ..Default::default()
+            };
+            eprintln!(
+                "synthetic activations: {} tokens, {} queries, {} KV heads x {} query heads per KV head, d = {}, {} outlier channels of offset ~{} in K (seed {seed})",
+                config.n_kv, config.n_q, config.h_kv, config.group, config.d, config.outlier_channels, config.outlier_magnitude
+            );
+            let rows = evaluate(&config.generate(), &default_formats())?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r).expect("rows serialize"));
+                }
+            } else {
+                print!("{}", render_table(&rows));
+            }
+        }
+        Command::Info => {
+            println!(
+                "{:<9} {:>5} {:>6} {:>5}  origin",
+                "format", "block", "bytes", "bits"
+            );
+            for f in KvFormat::ALL {
+                let i = f.info();
+                println!(
+                    "{:<9} {:>5} {:>6} {:>5.2}  {}",
+                    i.name,
+                    i.block_size,
+                    i.block_bytes,
+                    f.bits_per_value(),
+                    i.origin
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            print!("{e}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{first} (see rotq --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,39 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+pub mod eval;
+pub mod files;
+pub mod io;
+
+pub use rotq_reference as reference;
+pub use rotq_reference::{
+    attention, rotated_quantized_attention, AttentionParams, KvCacheSpec, KvFormat, Rotation,
+    RotationPlan, RotationSpec,
+};
+
+use std::path::PathBuf;
+
+/// Errors of the facade: the oracle's, plus file and input errors.
+///
+/// ```
+/// let err = rotq::io::read_f32(std::path::Path::new("/no/such/file.f32")).unwrap_err();
+/// assert!(err.to_string().starts_with("/no/such/file.f32: "));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad input to the oracle (shape, format, rotation, …).
+    #[error(transparent)]
+    Reference(#[from] rotq_reference::Error),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// Input data that does not fit the request (lengths, sizes).
+    #[error("{0}")]
+    Input(String),
+}
