@@ -30,8 +30,12 @@ pub(crate) fn bound_f32(_: &[f32], _: &[u8]) -> f64 {
     0.0
 }
 
-/// Half an ulp (2^−11 relative), or half the smallest subnormal step (2^−25).
+/// Half an ulp (2^−11 relative), or half the smallest subnormal step (2^−25); infinite where
+/// the value overflows f16.
 pub(crate) fn bound_f16(x: &[f32], _: &[u8]) -> f64 {
+    if f16_value(f16_bits(x[0])).is_infinite() {
+        return f64::INFINITY;
+    }
     f64::from(x[0].abs()) * 2f64.powi(-11) + 2f64.powi(-25)
 }
 

@@ -475,36 +475,7 @@ impl KvFormat {
     /// ```
     pub fn error_bound(self, x: &[f32], encoded: &[u8]) -> f64 {
         let amax = f64::from(scalar::abs_max(x));
-        let b = (self.info().codec.bound)(x, encoded) + scalar::f32_slack(amax);
-        if b.is_finite() && !self.scale_overflows(x) {
-            b
-        } else {
-            f64::INFINITY
-        }
-    }
-
-    /// Whether the block's scale (or, for f16, a value) overflows its storage type.
-    fn scale_overflows(self, x: &[f32]) -> bool {
-        let amax = scalar::abs_max(x);
-        let (lo, hi) = x
-            .iter()
-            .fold((f32::MAX, -f32::MAX), |(l, h), &v| (l.min(v), h.max(v)));
-        let f16_max = 65504.0f64;
-        let in_f16 = |v: f64| v.abs() < f16_max;
-        match self {
-            KvFormat::F16 => !in_f16(f64::from(amax)),
-            KvFormat::Q8_0 => !in_f16(f64::from(amax) / 127.0),
-            KvFormat::Q4_0 | KvFormat::Int4 => !in_f16(f64::from(amax) / 7.0),
-            KvFormat::Q5_0 => !in_f16(f64::from(amax) / 16.0),
-            KvFormat::Q6_0 => !in_f16(f64::from(amax) / 32.0),
-            KvFormat::Iq4Nl => !in_f16(f64::from(amax) / 100.0),
-            KvFormat::Q4_1 | KvFormat::Q5_1 => {
-                !(hi - lo).is_finite()
-                    || !in_f16(f64::from(hi - lo) / 15.0)
-                    || !in_f16(f64::from(lo))
-            }
-            KvFormat::F32 | KvFormat::Bf16 | KvFormat::Fp8E4m3 => false,
-        }
+        (self.info().codec.bound)(x, encoded) + scalar::f32_slack(amax)
     }
 }
 
