@@ -37,10 +37,15 @@ fn nan_handling_in_checks() {
 #[test]
 fn tolerances_grow_as_precision_drops() {
     for op in [Op::Rotation, Op::Attention] {
-        let ts: Vec<_> = [Precision::F64, Precision::F32, Precision::F16, Precision::Bf16]
-            .into_iter()
-            .map(|p| tolerance(op, p))
-            .collect();
+        let ts: Vec<_> = [
+            Precision::F64,
+            Precision::F32,
+            Precision::F16,
+            Precision::Bf16,
+        ]
+        .into_iter()
+        .map(|p| tolerance(op, p))
+        .collect();
         for w in ts.windows(2) {
             assert!(w[0].rel_l2 < w[1].rel_l2 && w[0].max_abs < w[1].max_abs);
         }
