@@ -13,6 +13,38 @@ fn rotq(args: &[&str]) -> Output {
         .expect("the rotq binary runs")
 }
 
+/// `CMD --format F --row-len N --input IN --output OUT`.
+fn codec_args<'a>(
+    cmd: &'a str,
+    format: &'a str,
+    row_len: &'a str,
+    input: &'a Path,
+    output: &'a Path,
+) -> Vec<&'a str> {
+    vec![
+        cmd,
+        "--format",
+        format,
+        "--row-len",
+        row_len,
+        "--input",
+        s(input),
+        "--output",
+        s(output),
+    ]
+}
+
+/// Runs rotq and asserts that it succeeded.
+fn rotq_ok(args: &[&str]) -> Output {
+    let out = rotq(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -61,41 +93,11 @@ fn every_format_round_trips_through_the_cli() {
             dir.path().join(format!("x.{format}")),
             dir.path().join(format!("y.{format}.f32")),
         );
-        let out = rotq(&[
-            "quantize",
-            "--format",
-            format.name(),
-            "--row-len",
-            "256",
-            "--input",
-            s(&x),
-            "--output",
-            s(&q),
-        ]);
-        assert!(
-            out.status.success(),
-            "{format}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rotq_ok(&codec_args("quantize", format.name(), "256", &x, &q));
         let bytes = std::fs::read(&q).unwrap();
         assert_eq!(bytes.len(), 3 * format.row_bytes(256).unwrap());
         assert_eq!(bytes, format.quantize_row(&values).unwrap(), "{format}");
-        let out = rotq(&[
-            "dequantize",
-            "--format",
-            format.name(),
-            "--row-len",
-            "256",
-            "--input",
-            s(&q),
-            "--output",
-            s(&y),
-        ]);
-        assert!(
-            out.status.success(),
-            "{format}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rotq_ok(&codec_args("dequantize", format.name(), "256", &q, &y));
         let back = read_values(&y);
         assert_eq!(back, format.dequantize_row(&bytes).unwrap(), "{format}");
         if format == KvFormat::F32 {
@@ -110,23 +112,15 @@ fn quantize_writes_ggml_bytes() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["q4_0", "q8_0", "iq4_nl"] {
         let out_path = dir.path().join(name);
-        let out = rotq(&[
+        rotq_ok(&codec_args(
             "quantize",
-            "--format",
             name,
-            "--row-len",
             "128",
-            "--input",
-            s(&data.join("input.f32")),
-            "--output",
-            s(&out_path),
-        ]);
-        assert!(out.status.success());
-        assert_eq!(
-            std::fs::read(&out_path).unwrap(),
-            std::fs::read(data.join(format!("{name}.bin"))).unwrap(),
-            "{name}"
-        );
+            &data.join("input.f32"),
+            &out_path,
+        ));
+        let golden = std::fs::read(data.join(format!("{name}.bin"))).unwrap();
+        assert_eq!(std::fs::read(&out_path).unwrap(), golden, "{name}");
     }
 }
 
@@ -136,26 +130,27 @@ fn rotations_round_trip_through_the_cli() {
     let x = dir.path().join("x.f32");
     let values = random_values(96 * 5, 2);
     write_values(&x, &values);
+    let (y, z) = (dir.path().join("y"), dir.path().join("z"));
     for (rotation, dim) in [
         ("hadamard", "96"),
         ("randomized:42", "96"),
         ("block:32", "96"),
         ("hadamard", "32"),
     ] {
-        let (y, z) = (dir.path().join("y"), dir.path().join("z"));
-        assert!(rotq(&[
-            "rotate",
-            "--rotation",
-            rotation,
-            "--dim",
-            dim,
-            "--input",
-            s(&x),
-            "--output",
-            s(&y)
-        ])
-        .status
-        .success());
+        let args = |input, output| {
+            vec![
+                "rotate",
+                "--rotation",
+                rotation,
+                "--dim",
+                dim,
+                "--input",
+                s(input),
+                "--output",
+                s(output),
+            ]
+        };
+        rotq_ok(&args(&x, &y));
         let rotated = read_values(&y);
         assert_ne!(rotated, values);
         let norm = |v: &[f32]| v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
@@ -163,20 +158,7 @@ fn rotations_round_trip_through_the_cli() {
             (norm(&rotated) / norm(&values) - 1.0).abs() < 1e-6,
             "{rotation}"
         );
-        assert!(rotq(&[
-            "rotate",
-            "--rotation",
-            rotation,
-            "--dim",
-            dim,
-            "--inverse",
-            "--input",
-            s(&y),
-            "--output",
-            s(&z)
-        ])
-        .status
-        .success());
+        rotq_ok(&[args(&y, &z), vec!["--inverse"]].concat());
         let back = read_values(&z);
         assert!(
             back.iter().zip(&values).all(|(a, b)| (a - b).abs() < 1e-5),
@@ -192,117 +174,30 @@ fn bad_input_fails_in_one_line_and_writes_nothing() {
     write_values(&x, &random_values(100, 3));
     let out_path = dir.path().join("out.bin");
     let missing = dir.path().join("missing.f32");
+    let rotate = |rotation, dim| {
+        vec![
+            "rotate",
+            "--rotation",
+            rotation,
+            "--dim",
+            dim,
+            "--input",
+            s(&x),
+            "--output",
+            s(&out_path),
+        ]
+    };
     let cases: Vec<Vec<&str>> = vec![
-        vec![
-            "quantize",
-            "--format",
-            "q4_0",
-            "--row-len",
-            "32",
-            "--input",
-            s(&missing),
-            "--output",
-            s(&out_path),
-        ],
-        vec![
-            "quantize",
-            "--format",
-            "q4_0",
-            "--row-len",
-            "32",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ], // 100 % 32 != 0
-        vec![
-            "quantize",
-            "--format",
-            "q4_0",
-            "--row-len",
-            "50",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ], // 50 % 32 != 0
-        vec![
-            "quantize",
-            "--format",
-            "q9_9",
-            "--row-len",
-            "100",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ],
-        vec![
-            "quantize",
-            "--format",
-            "f16",
-            "--row-len",
-            "0",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ],
-        vec![
-            "dequantize",
-            "--format",
-            "q4_0",
-            "--row-len",
-            "32",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ], // 400 % 18 != 0
-        vec![
-            "rotate",
-            "--rotation",
-            "hadamard",
-            "--dim",
-            "100",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ],
-        vec![
-            "rotate",
-            "--rotation",
-            "hadamard",
-            "--dim",
-            "64",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ],
-        vec![
-            "rotate",
-            "--rotation",
-            "spin:3",
-            "--dim",
-            "4",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ],
-        vec![
-            "rotate",
-            "--rotation",
-            "none",
-            "--dim",
-            "4",
-            "--input",
-            s(&x),
-            "--output",
-            s(&out_path),
-        ],
+        codec_args("quantize", "q4_0", "32", &missing, &out_path),
+        codec_args("quantize", "q4_0", "32", &x, &out_path), // 100 % 32 != 0
+        codec_args("quantize", "q4_0", "50", &x, &out_path), // 50 % 32 != 0
+        codec_args("quantize", "q9_9", "100", &x, &out_path),
+        codec_args("quantize", "f16", "0", &x, &out_path),
+        codec_args("dequantize", "q4_0", "32", &x, &out_path), // 400 % 18 != 0
+        rotate("hadamard", "100"),
+        rotate("hadamard", "64"),
+        rotate("spin:3", "4"),
+        rotate("none", "4"),
         vec!["eval"],
         vec!["quantize", "--format", "q4_0"], // missing arguments (clap)
     ];
@@ -319,43 +214,18 @@ fn bad_input_fails_in_one_line_and_writes_nothing() {
     }
     // A failing run does not touch an existing output.
     std::fs::write(&out_path, b"keep me").unwrap();
-    let out = rotq(&[
-        "quantize",
-        "--format",
-        "q4_0",
-        "--row-len",
-        "32",
-        "--input",
-        s(&x),
-        "--output",
-        s(&out_path),
-    ]);
+    let out = rotq(&codec_args("quantize", "q4_0", "32", &x, &out_path));
     assert_one_line_failure(&out);
     assert_eq!(std::fs::read(&out_path).unwrap(), b"keep me");
     // An output in a folder that does not exist is a one-line error too.
     let nowhere = dir.path().join("no/such/dir/out.bin");
-    let out = rotq(&[
-        "quantize",
-        "--format",
-        "f32",
-        "--row-len",
-        "4",
-        "--input",
-        s(&x),
-        "--output",
-        s(&nowhere),
-    ]);
+    let out = rotq(&codec_args("quantize", "f32", "4", &x, &nowhere));
     assert_one_line_failure(&out);
 }
 
 #[test]
 fn eval_and_info_print_what_they_say() {
-    let out = rotq(&["eval", "--synthetic", "--tokens", "64", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = rotq_ok(&["eval", "--synthetic", "--tokens", "64", "--json"]);
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2 * 11); // every format but f32, K only and K+V

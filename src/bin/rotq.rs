@@ -1,7 +1,7 @@
 //! The `rotq` command line: quantize, dequantize and rotate raw little-endian f32 files,
 //! measure format quality, and list the formats.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use rotq::eval::{default_formats, evaluate, render_table, Synthetic};
 use rotq::{files, Error, KvFormat, RotationSpec};
 use std::path::PathBuf;
@@ -22,35 +22,9 @@ struct Cli {
 enum Command {
     /// Quantize a raw f32 file (rows of --row-len values) into a format's blocks, laid out as
     /// ggml lays them out in memory.
-    Quantize {
-        /// Format name (see `rotq info`).
-        #[arg(long)]
-        format: String,
-        /// Values per row; a multiple of the format's block size.
-        #[arg(long)]
-        row_len: usize,
-        /// Raw little-endian f32 input.
-        #[arg(long)]
-        input: PathBuf,
-        /// Output (written atomically).
-        #[arg(long)]
-        output: PathBuf,
-    },
+    Quantize(FormatFiles),
     /// Dequantize a file of format blocks back to raw little-endian f32.
-    Dequantize {
-        /// Format name (see `rotq info`).
-        #[arg(long)]
-        format: String,
-        /// Values per row.
-        #[arg(long)]
-        row_len: usize,
-        /// Quantized input.
-        #[arg(long)]
-        input: PathBuf,
-        /// Raw f32 output (written atomically).
-        #[arg(long)]
-        output: PathBuf,
-    },
+    Dequantize(FormatFiles),
     /// Rotate every row of --dim values of a raw f32 file.
     Rotate {
         /// hadamard, randomized:SEED or block:B.
@@ -88,36 +62,41 @@ enum Command {
     Info,
 }
 
-fn parse_format(name: &str) -> Result<KvFormat, Error> {
-    Ok(name.parse::<KvFormat>()?)
+/// The arguments shared by `quantize` and `dequantize`.
+#[derive(Args)]
+struct FormatFiles {
+    /// Format name (see `rotq info`).
+    #[arg(long)]
+    format: String,
+    /// Values per row; a multiple of the format's block size.
+    #[arg(long)]
+    row_len: usize,
+    /// Input file (raw little-endian f32 for quantize, format blocks for dequantize).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output file (written atomically).
+    #[arg(long)]
+    output: PathBuf,
 }
 
 fn run(command: Command) -> Result<(), Error> {
     match command {
-        Command::Quantize {
-            format,
-            row_len,
-            input,
-            output,
-        } => {
-            let format = parse_format(&format)?;
-            let rows = files::quantize(format, row_len, &input, &output)?;
+        Command::Quantize(a) => {
+            let format: KvFormat = a.format.parse()?;
+            let rows = files::quantize(format, a.row_len, &a.input, &a.output)?;
             eprintln!(
-                "quantized {rows} rows of {row_len} to {format}: {}",
-                output.display()
+                "quantized {rows} rows of {} to {format}: {}",
+                a.row_len,
+                a.output.display()
             );
         }
-        Command::Dequantize {
-            format,
-            row_len,
-            input,
-            output,
-        } => {
-            let format = parse_format(&format)?;
-            let rows = files::dequantize(format, row_len, &input, &output)?;
+        Command::Dequantize(a) => {
+            let format: KvFormat = a.format.parse()?;
+            let rows = files::dequantize(format, a.row_len, &a.input, &a.output)?;
             eprintln!(
-                "dequantized {rows} rows of {row_len} from {format}: {}",
-                output.display()
+                "dequantized {rows} rows of {} from {format}: {}",
+                a.row_len,
+                a.output.display()
             );
         }
         Command::Rotate {
