@@ -177,9 +177,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
+            // One line: the message without clap's usage block, whitespace collapsed.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("{first} (see rotq --help)");
+            let message = text
+                .split("\n\nUsage")
+                .next()
+                .and_then(|m| m.split("\n\nFor more information").next())
+                .unwrap_or(&text);
+            let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("{line} (see rotq --help)");
             return ExitCode::from(2);
         }
     };
