@@ -89,6 +89,35 @@ enum Kind {
     Matrix(Array2<f64>),
 }
 
+/// A read-only view of what a [`Rotation`] is (see [`Rotation::kind`]).
+#[derive(Clone, Copy, Debug)]
+pub enum RotationKind<'a> {
+    /// `H x` of this size.
+    Hadamard {
+        /// The factored size.
+        size: HadamardSize,
+    },
+    /// `H_block` on each block.
+    Block {
+        /// The block length.
+        block: usize,
+    },
+    /// `H (s ⊙ x)`.
+    Randomized {
+        /// The factored size.
+        size: HadamardSize,
+        /// The seed the signs came from.
+        seed: u64,
+        /// The signs `s` (±1).
+        signs: &'a [f64],
+    },
+    /// `R x` with an explicit matrix (rows are outputs).
+    Matrix {
+        /// The matrix.
+        r: &'a Array2<f64>,
+    },
+}
+
 /// An orthonormal rotation of length-`n` vectors, validated when built.
 ///
 /// ```
@@ -175,6 +204,28 @@ impl Rotation {
     /// The vector length this rotation acts on.
     pub fn dim(&self) -> usize {
         self.n
+    }
+
+    /// What the rotation is, for kernels that implement it.
+    ///
+    /// ```
+    /// use rotq_reference::rotation::{Rotation, RotationKind};
+    /// let r = Rotation::block_hadamard(128, 64).unwrap();
+    /// assert!(matches!(r.kind(), RotationKind::Block { block: 64 }));
+    /// ```
+    pub fn kind(&self) -> RotationKind<'_> {
+        match &self.kind {
+            Kind::Hadamard => RotationKind::Hadamard {
+                size: HadamardSize::new(self.n).expect("validated when built"),
+            },
+            Kind::Block(b) => RotationKind::Block { block: *b },
+            Kind::Randomized { seed, signs } => RotationKind::Randomized {
+                size: HadamardSize::new(self.n).expect("validated when built"),
+                seed: *seed,
+                signs,
+            },
+            Kind::Matrix(r) => RotationKind::Matrix { r },
+        }
     }
 
     /// The seed of a randomized rotation.

@@ -1,7 +1,19 @@
-//! `rotq-cpu`: the SIMD CPU kernels of rotq. **Not built yet: this crate holds no kernels.**
+//! `rotq-cpu`: the CPU kernels of rotq, each checked against the `rotq-reference` oracle.
 //!
-//! What will live here: runtime-dispatched (x86-64 AVX2+FMA, aarch64 NEON, portable scalar)
-//! batched in-place FWHT for every rotation `rotq-reference` specifies, fused
-//! rotate-quantize into every KV-cache format of the registry, dequantize, and flash
-//! attention (prefill and decode) over a rotated, quantized cache, each with a tunable
-//! `Config`. Every kernel is checked against the `rotq-reference` oracle.
+//! * [`CpuRotation`]: batched in-place FWHT (every rotation of the spec) on f32/f16/bf16 rows;
+//! * [`CacheCodec`]: fused rotate-quantize into a KV cache of any registry format, at a row
+//!   offset, and dequantize (+ inverse rotation) out of it;
+//! * [`attention`]: flash attention over rotated, quantized K/V caches, prefill and decode.
+//!
+//! Instruction sets are chosen at run time ([`Isa`]); threads come from rayon. Each kernel
+//! takes a `Config` with serde, a default and a search space for the autotuner.
+
+pub mod attention;
+mod fwht;
+mod isa;
+mod quant;
+
+
+pub use fwht::{CpuRotation, FwhtConfig};
+pub use isa::Isa;
+pub use quant::{CacheCodec, Element, QuantizeConfig};

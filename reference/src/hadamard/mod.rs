@@ -107,8 +107,12 @@ fn sylvester_unnormalized(x: &mut [f64]) {
     sylvester_unnormalized(b);
 }
 
-/// Sign `M_m[a][b]` of a base matrix (`m = 1` is the 1×1 matrix `[1]`).
-fn base_sign(m: usize, a: usize, b: usize) -> f64 {
+/// Sign `M_m[a][b]` (±1) of a base matrix (`m = 1` is the 1×1 matrix `[1]`); `a, b < m`.
+///
+/// ```
+/// assert_eq!(rotq_reference::hadamard::base_sign(12, 0, 1), -1.0); // had_12_paley row 0: "+-++…"
+/// ```
+pub fn base_sign(m: usize, a: usize, b: usize) -> f64 {
     let rows: &[&str] = match m {
         12 => &bases::HAD_12,
         20 => &bases::HAD_20,

@@ -1,0 +1,162 @@
+//! AVX2 block codecs for q8_0 and q4_0, byte-identical to the oracle (ggml's reference).
+//!
+//! They repeat the reference arithmetic lane by lane: a multiply then a separate add (no FMA),
+//! truncating conversions whose out-of-range result (`INT32_MIN`) keeps its low byte, exactly
+//! as `rotq_reference`'s x86-64 semantics say. Blocks holding NaN/Inf are left to the caller.
+
+#![cfg(target_arch = "x86_64")]
+
+use half::f16;
+use std::arch::x86_64::*;
+
+/// Loads the 32 values of a block and returns them with their absolute values' maximum, or
+/// `None` when a value is NaN or ±Inf.
+#[inline(always)]
+unsafe fn load_block(x: &[f32]) -> Option<([__m256; 4], f32)> {
+    let p = x.as_ptr();
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let inf_bits = _mm256_set1_epi32(0x7F7F_FFFF);
+    let mut v = [_mm256_setzero_ps(); 4];
+    let mut amax = _mm256_setzero_ps();
+    let mut bad = _mm256_setzero_si256();
+    for (k, vk) in v.iter_mut().enumerate() {
+        // SAFETY: the caller passes exactly 32 values.
+        *vk = _mm256_loadu_ps(p.add(8 * k));
+        let a = _mm256_and_ps(*vk, abs_mask);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(_mm256_castps_si256(a), inf_bits));
+        amax = _mm256_max_ps(amax, a);
+    }
+    if _mm256_movemask_epi8(bad) != 0 {
+        return None;
+    }
+    let hi = _mm256_extractf128_ps::<1>(amax);
+    let m = _mm_max_ps(_mm256_castps256_ps128(amax), hi);
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m));
+    Some((v, _mm_cvtss_f32(m)))
+}
+
+/// `d ? 1/d : 0`.
+#[inline(always)]
+fn inverse(d: f32) -> f32 {
+    if d != 0.0 {
+        1.0 / d
+    } else {
+        0.0
+    }
+}
+
+/// q8_0: `d = amax/127`, codes `roundf(x·(1/d))` (half away from zero). Returns false (and
+/// writes nothing) for a block holding NaN/Inf.
+///
+/// # Safety
+/// AVX2 must be available; `x` holds 32 values and `out` 34 bytes.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) -> bool {
+    let Some((v, amax)) = load_block(x) else {
+        return false;
+    };
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(inverse(d));
+    out[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+    let half = _mm256_set1_ps(0.5);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let one = _mm256_set1_ps(1.0);
+    let mut codes = [0i32; 32];
+    for (k, vk) in v.iter().enumerate() {
+        let s = _mm256_mul_ps(*vk, id);
+        // roundf: truncate, then step away from zero when the dropped part is at least 1/2.
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+        let frac = _mm256_and_ps(_mm256_sub_ps(s, t), abs_mask);
+        let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+        let step = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(s, sign_mask)));
+        let r = _mm256_add_ps(t, step);
+        // SAFETY: `codes` has 32 slots; k < 4.
+        _mm256_storeu_si256(codes.as_mut_ptr().add(8 * k).cast(), _mm256_cvttps_epi32(r));
+    }
+    for (o, c) in out[2..].iter_mut().zip(codes) {
+        *o = c as i8 as u8;
+    }
+    true
+}
+
+/// q4_0: `d = max/−8` (`max` the first value of largest magnitude), codes
+/// `min(15, trunc(x·(1/d) + 8.5))`. Returns false for a block holding NaN/Inf.
+///
+/// # Safety
+/// AVX2 must be available; `x` holds 32 values and `out` 18 bytes.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_q4_0(x: &[f32], out: &mut [u8]) -> bool {
+    let Some((v, amax)) = load_block(x) else {
+        return false;
+    };
+    // The first value whose magnitude is the maximum, with its sign (+0 for an all-zero block,
+    // as ggml's scan that starts from +0 leaves it).
+    let max = if amax == 0.0 {
+        0.0
+    } else {
+        let first = x.iter().position(|e| e.abs() == amax).unwrap_or(0);
+        x[first]
+    };
+    let d = max / -8.0;
+    let id = _mm256_set1_ps(inverse(d));
+    out[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+    let offset = _mm256_set1_ps(8.5);
+    let fifteen = _mm256_set1_epi32(15);
+    let mut codes = [0i32; 32];
+    for (k, vk) in v.iter().enumerate() {
+        let s = _mm256_add_ps(_mm256_mul_ps(*vk, id), offset);
+        let c = _mm256_min_epi32(_mm256_cvttps_epi32(s), fifteen);
+        // SAFETY: `codes` has 32 slots; k < 4.
+        _mm256_storeu_si256(codes.as_mut_ptr().add(8 * k).cast(), c);
+    }
+    for j in 0..16 {
+        out[2 + j] = (codes[j] as u8 & 0x0F) | ((codes[j + 16] as u8) << 4);
+    }
+    true
+}
+
+/// Widens 8 bytes of signed codes to f32 and multiplies by `d`.
+#[inline(always)]
+unsafe fn scale_i8x8(p: *const u8, d: __m256) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable bytes at `p`.
+    let b = _mm_loadl_epi64(p.cast());
+    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d)
+}
+
+/// Dequantizes one q8_0 block (34 bytes) into 32 values.
+///
+/// # Safety
+/// AVX2 must be available; `b` holds 34 bytes and `out` 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
+    let d = _mm256_set1_ps(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32());
+    for k in 0..4 {
+        // SAFETY: bytes 2 + 8k .. 10 + 8k and values 8k .. 8k + 8 are in range for k < 4.
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), scale_i8x8(b.as_ptr().add(2 + 8 * k), d));
+    }
+}
+
+/// Dequantizes one q4_0 block (18 bytes) into 32 values.
+///
+/// # Safety
+/// AVX2 must be available; `b` holds 18 bytes and `out` 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
+    let d = _mm256_set1_ps(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32());
+    // SAFETY: bytes 2..18 are in range.
+    let q = _mm_loadu_si128(b.as_ptr().add(2).cast());
+    let low = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+    let high = _mm_and_si128(_mm_srli_epi16::<4>(q), _mm_set1_epi8(0x0F));
+    let eight = _mm256_set1_epi32(8);
+    let o = out.as_mut_ptr();
+    for (k, nibbles) in [low, _mm_srli_si128::<8>(low), high, _mm_srli_si128::<8>(high)]
+        .into_iter()
+        .enumerate()
+    {
+        let c = _mm256_sub_epi32(_mm256_cvtepu8_epi32(nibbles), eight);
+        // SAFETY: values 8k .. 8k + 8 are in range for k < 4.
+        _mm256_storeu_ps(o.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(c), d));
+    }
+}

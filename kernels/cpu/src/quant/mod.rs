@@ -1,0 +1,272 @@
+//! Fused rotate-quantize into a KV cache, and dequantize (+ inverse rotation) out of it.
+//!
+//! One pass per row: the row is read once (f32, f16 or bf16), widened into a thread-local f32
+//! buffer that stays in L1, rotated there, and its blocks are written straight into the cache
+//! at the row's offset. q8_0 and q4_0 have AVX2 block codecs; every other format (and the
+//! portable path) uses the oracle's block codec, which is already scalar code. Either way the
+//! bytes are those of `rotq_reference::KvFormat::quantize_row` on the rotated f32 row.
+
+mod avx2;
+
+use crate::fwht::{with_scratch, CpuRotation};
+use crate::isa::Isa;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use rotq_reference::{Error, KvFormat, Result, Rotation};
+use serde::{Deserialize, Serialize};
+
+/// A storage type rows can be read from: widened to f32 before rotation.
+pub trait Element: Copy + Send + Sync {
+    /// Converts `src` into `dst` (same length).
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+impl Element for f32 {
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl Element for f16 {
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+impl Element for bf16 {
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+/// Tuning knobs of rotate-quantize and dequantize.
+///
+/// ```
+/// let c = rotq_cpu::QuantizeConfig::default();
+/// assert!(rotq_cpu::QuantizeConfig::search_space().contains(&c));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QuantizeConfig {
+    /// Rows handed to a thread at a time.
+    pub rows_per_task: usize,
+}
+
+impl Default for QuantizeConfig {
+    fn default() -> Self {
+        Self { rows_per_task: 64 }
+    }
+}
+
+impl QuantizeConfig {
+    /// Candidates for the autotuner.
+    pub fn search_space() -> Vec<Self> {
+        [8, 16, 32, 64, 128, 256, 512]
+            .into_iter()
+            .map(|rows_per_task| Self { rows_per_task })
+            .collect()
+    }
+}
+
+/// Quantizes one f32 row into `out` with the fastest codec for `format`.
+pub(crate) fn quantize_row(format: KvFormat, x: &[f32], out: &mut [u8], isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: Isa::Avx2 is only used when the CPU has it; blocks are 32 values / 34 or
+        // 18 bytes by the chunking below.
+        let simd: Option<unsafe fn(&[f32], &mut [u8]) -> bool> = match format {
+            KvFormat::Q8_0 => Some(avx2::quantize_q8_0),
+            KvFormat::Q4_0 => Some(avx2::quantize_q4_0),
+            _ => None,
+        };
+        if let Some(block_fn) = simd {
+            let bb = format.block_bytes();
+            for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(bb)) {
+                // SAFETY: see above.
+                if !unsafe { block_fn(xb, ob) } {
+                    format
+                        .quantize_into(xb, ob)
+                        .expect("one block has the right lengths");
+                }
+            }
+            return;
+        }
+    }
+    let _ = isa;
+    format
+        .quantize_into(x, out)
+        .expect("callers pass whole rows and buffers of the right size");
+}
+
+/// Dequantizes one row of `format` into `out` with the fastest codec.
+pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        let simd: Option<unsafe fn(&[u8], &mut [f32])> = match format {
+            KvFormat::Q8_0 => Some(avx2::dequantize_q8_0),
+            KvFormat::Q4_0 => Some(avx2::dequantize_q4_0),
+            _ => None,
+        };
+        if let Some(block_fn) = simd {
+            for (b, o) in bytes
+                .chunks_exact(format.block_bytes())
+                .zip(out.chunks_exact_mut(32))
+            {
+                // SAFETY: Isa::Avx2 only when available; whole blocks by the chunking.
+                unsafe { block_fn(b, o) };
+            }
+            return;
+        }
+    }
+    let _ = isa;
+    format
+        .dequantize_into(bytes, out)
+        .expect("callers pass whole rows and buffers of the right size");
+}
+
+/// Rotate-quantize (and its inverse) for one format, rotation and row length.
+///
+/// ```
+/// use rotq_cpu::{CacheCodec, Isa};
+/// use rotq_reference::{KvFormat, Rotation};
+/// let r = Rotation::hadamard(64).unwrap();
+/// let codec = CacheCodec::new(KvFormat::Q8_0, 64, Some(&r), Isa::best()).unwrap();
+/// let rows: Vec<f32> = (0..3 * 64).map(|i| (i as f32 * 0.1).sin()).collect();
+/// let mut cache = vec![0u8; 5 * codec.row_bytes()];
+/// codec.quantize(&rows, &mut cache, 2).unwrap(); // rows 2, 3, 4 of the cache
+/// let mut back = vec![0f32; 3 * 64];
+/// codec.dequantize(&cache[2 * codec.row_bytes()..], &mut back).unwrap();
+/// assert!(rows.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.02));
+/// ```
+#[derive(Clone, Debug)]
+pub struct CacheCodec {
+    format: KvFormat,
+    dim: usize,
+    row_bytes: usize,
+    rotation: Option<CpuRotation>,
+    isa: Isa,
+    config: QuantizeConfig,
+}
+
+impl CacheCodec {
+    /// A codec for rows of `dim` values stored as `format`, rotated by `rotation` first.
+    pub fn new(format: KvFormat, dim: usize, rotation: Option<&Rotation>, isa: Isa) -> Result<Self> {
+        let row_bytes = format.row_bytes(dim)?;
+        if let Some(r) = rotation {
+            if r.dim() != dim {
+                return Err(Error::LengthMismatch {
+                    what: "rotation dimension",
+                    expected: dim,
+                    actual: r.dim(),
+                });
+            }
+        }
+        let isa = if isa.available() { isa } else { Isa::Portable };
+        Ok(Self {
+            format,
+            dim,
+            row_bytes,
+            rotation: rotation.map(|r| CpuRotation::new(r, isa)),
+            isa,
+            config: QuantizeConfig::default(),
+        })
+    }
+
+    /// The same codec with another tuning.
+    pub fn with_config(mut self, config: QuantizeConfig) -> Self {
+        self.config = QuantizeConfig {
+            rows_per_task: config.rows_per_task.max(1),
+        };
+        self
+    }
+
+    /// Bytes of one encoded row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// The format.
+    pub fn format(&self) -> KvFormat {
+        self.format
+    }
+
+    /// Rotates and quantizes every row of `rows` (a whole number of rows of `dim`) into
+    /// `cache`, starting at row `first_row` of the cache.
+    pub fn quantize<T: Element>(&self, rows: &[T], cache: &mut [u8], first_row: usize) -> Result<()> {
+        if rows.len() % self.dim != 0 {
+            return Err(Error::LengthMismatch {
+                what: "rows (a multiple of the row length)",
+                expected: rows.len().div_ceil(self.dim) * self.dim,
+                actual: rows.len(),
+            });
+        }
+        let n_rows = rows.len() / self.dim;
+        let start = first_row
+            .checked_mul(self.row_bytes)
+            .ok_or(Error::Overflow("cache offset"))?;
+        let end = (first_row + n_rows)
+            .checked_mul(self.row_bytes)
+            .ok_or(Error::Overflow("cache offset"))?;
+        if end > cache.len() {
+            return Err(Error::LengthMismatch {
+                what: "cache (too small for the rows at this offset)",
+                expected: end,
+                actual: cache.len(),
+            });
+        }
+        let task = self.config.rows_per_task;
+        cache[start..end]
+            .par_chunks_mut(task * self.row_bytes)
+            .zip(rows.par_chunks(task * self.dim))
+            .for_each(|(out, input)| {
+                with_scratch(self.dim, |buf| {
+                    for (o, x) in out
+                        .chunks_exact_mut(self.row_bytes)
+                        .zip(input.chunks_exact(self.dim))
+                    {
+                        T::widen(x, buf);
+                        if let Some(r) = &self.rotation {
+                            r.apply_row(buf, false);
+                        }
+                        quantize_row(self.format, buf, o, self.isa);
+                    }
+                })
+            });
+        Ok(())
+    }
+
+    /// Dequantizes whole rows of `cache` into `out` (as many rows as `out` holds) and undoes
+    /// the rotation.
+    pub fn dequantize(&self, cache: &[u8], out: &mut [f32]) -> Result<()> {
+        if out.len() % self.dim != 0 {
+            return Err(Error::LengthMismatch {
+                what: "output (a multiple of the row length)",
+                expected: out.len().div_ceil(self.dim) * self.dim,
+                actual: out.len(),
+            });
+        }
+        let bytes = out.len() / self.dim * self.row_bytes;
+        if cache.len() < bytes {
+            return Err(Error::TruncatedBuffer {
+                format: self.format.name(),
+                row_bytes: self.row_bytes,
+                actual: cache.len(),
+            });
+        }
+        let task = self.config.rows_per_task;
+        out.par_chunks_mut(task * self.dim)
+            .zip(cache[..bytes].par_chunks(task * self.row_bytes))
+            .for_each(|(o, b)| {
+                for (row, rb) in o
+                    .chunks_exact_mut(self.dim)
+                    .zip(b.chunks_exact(self.row_bytes))
+                {
+                    dequantize_row(self.format, rb, row, self.isa);
+                    if let Some(r) = &self.rotation {
+                        r.apply_row(row, true);
+                    }
+                }
+            });
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! Differential tests: the CPU rotation kernels against the oracle, on every instruction set
+//! this machine has (the portable path always runs too).
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use rotq::reference::hadamard::{HadamardSize, MAX_POW2};
+use rotq::reference::rotation::SplitMix64;
+use rotq::reference::tolerance::{tolerance, Op, Precision};
+use rotq::Rotation;
+use rotq_cpu::{CpuRotation, FwhtConfig, Isa};
+
+fn random_rows(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut g = SplitMix64::new(seed);
+    (0..len).map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale).collect()
+}
+
+/// The oracle's rotation of each row (f64), inverse when asked.
+fn oracle(r: &Rotation, rows: &[f32], inverse: bool) -> Vec<f64> {
+    let mut x: Vec<f64> = rows.iter().map(|v| f64::from(*v)).collect();
+    r.rotate_rows(&mut x, inverse).unwrap();
+    x
+}
+
+fn check(r: &Rotation, rows: &[f32], isa: Isa, config: FwhtConfig) {
+    let t = tolerance(Op::Rotation, Precision::F32);
+    let kernel = CpuRotation::new(r, isa).with_config(config);
+    assert_eq!(kernel.isa(), isa);
+    for inverse in [false, true] {
+        let mut got = rows.to_vec();
+        if inverse {
+            kernel.inverse_rows(&mut got).unwrap();
+        } else {
+            kernel.forward_rows(&mut got).unwrap();
+        }
+        let want = oracle(r, rows, inverse);
+        let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
+        // Row by row, so a wrong row cannot hide among many right ones.
+        for (g, w) in got.chunks(r.dim()).zip(want.chunks(r.dim())) {
+            if let Err(m) = t.check(g, w) {
+                panic!("{r} on {isa} (inverse {inverse}): {m}");
+            }
+        }
+    }
+}
+
+fn rotations(n: usize, seed: u64) -> Vec<Rotation> {
+    let mut v = vec![Rotation::hadamard(n).unwrap(), Rotation::randomized(n, seed).unwrap()];
+    let low = n & n.wrapping_neg();
+    for b in [1usize, 8, 64] {
+        if b <= low {
+            v.push(Rotation::block_hadamard(n, b).unwrap());
+        }
+    }
+    if n <= 256 {
+        v.push(Rotation::matrix(Rotation::randomized(n, seed ^ 9).unwrap().to_matrix()).unwrap());
+    }
+    v
+}
+
+#[test]
+fn every_size_up_to_4096_matches_the_oracle() {
+    let sizes: Vec<usize> = (1..=4096).filter(|&n| HadamardSize::new(n).is_ok()).collect();
+    for isa in Isa::all_available() {
+        for &n in &sizes {
+            let rows = random_rows(3 * n, n as u64, 3.0);
+            for r in rotations(n, n as u64) {
+                check(&r, &rows, isa, FwhtConfig::for_dim(n));
+            }
+        }
+    }
+}
+
+#[test]
+fn the_largest_sizes_match_the_oracle() {
+    for isa in Isa::all_available() {
+        for n in [MAX_POW2, 12 * 2048, 40 * 512, 28 * 1024] {
+            let rows = random_rows(n, 7, 1.0);
+            for r in rotations(n, 3).into_iter().take(2) {
+                check(&r, &rows, isa, FwhtConfig::for_dim(n));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn any_batch_and_task_size_matches_the_oracle(
+        n in proptest::sample::select(vec![2usize, 4, 8, 16, 64, 80, 96, 128, 192, 256, 1024]),
+        rows in 0usize..40,
+        rows_per_task in 1usize..20,
+        seed in any::<u64>(),
+        log_scale in -20i32..20,
+    ) {
+        let data = random_rows(rows * n, seed, 2f32.powi(log_scale));
+        for isa in Isa::all_available() {
+            for r in rotations(n, seed) {
+                check(&r, &data, isa, FwhtConfig { rows_per_task });
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_storage_matches_the_oracle() {
+    for isa in Isa::all_available() {
+        for n in [64usize, 96, 128, 4096] {
+            let rows = random_rows(4 * n, n as u64, 4.0);
+            let r = Rotation::randomized(n, 1).unwrap();
+            let kernel = CpuRotation::new(&r, isa);
+            let mut h: Vec<f16> = rows.iter().map(|v| f16::from_f32(*v)).collect();
+            let mut b: Vec<bf16> = rows.iter().map(|v| bf16::from_f32(*v)).collect();
+            let want_h = oracle(&r, &h.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), false);
+            let want_b = oracle(&r, &b.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), false);
+            kernel.rows_f16(&mut h, false).unwrap();
+            kernel.rows_bf16(&mut b, false).unwrap();
+            let got_h: Vec<f64> = h.iter().map(|v| f64::from(v.to_f32())).collect();
+            let got_b: Vec<f64> = b.iter().map(|v| f64::from(v.to_f32())).collect();
+            tolerance(Op::Rotation, Precision::F16).check(&got_h, &want_h).unwrap();
+            tolerance(Op::Rotation, Precision::Bf16).check(&got_b, &want_b).unwrap();
+        }
+    }
+}
+
+#[test]
+fn wrong_lengths_are_errors() {
+    let kernel = CpuRotation::new(&Rotation::hadamard(64).unwrap(), Isa::best());
+    assert!(kernel.forward_rows(&mut vec![0.0; 100]).is_err());
+    assert!(kernel.rows_f16(&mut vec![f16::ZERO; 65], false).is_err());
+    assert!(kernel.forward_rows(&mut []).is_ok());
+}
