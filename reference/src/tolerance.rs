@@ -7,11 +7,13 @@
 //!
 //! | operation | f64 | f32 | f16 | bf16 |
 //! |---|---|---|---|---|
-//! | rotation | 1e-12, 1e-12 | 1e-6, 4e-6 | 1e-3, 4e-3 | 8e-3, 3e-2 |
+//! | rotation | 1e-12, 1e-12 | 4e-6, 1.6e-5 | 1e-3, 4e-3 | 8e-3, 3e-2 |
 //! | attention | 1e-12, 1e-12 | 1e-5, 1e-4 | 2e-3, 1e-2 | 1.6e-2, 6e-2 |
 //!
 //! The precision is that of the arithmetic and storage of the output being checked (f32 for a
-//! kernel that computes and stores in f32; f16 for one that stores f16). Attention on a
+//! kernel that computes and stores in f32; f16 for one that stores f16). The f32 rotation
+//! bound leaves room for an explicit-matrix rotation (an n-term f32 dot product per value,
+//! about `√n · 2^−24` relative); the butterflies of the FWHT stay well inside it. Attention on a
 //! quantized cache is compared with the oracle's attention on the *same* dequantized cache, so
 //! quantization error is not part of these numbers: it is bounded separately, per format, by
 //! [`crate::KvFormat::error_bound`].
@@ -91,7 +93,7 @@ impl fmt::Display for Mismatch {
 pub fn tolerance(op: Op, precision: Precision) -> Tolerance {
     let (rel_l2, max_abs) = match (op, precision) {
         (_, Precision::F64) => (1e-12, 1e-12),
-        (Op::Rotation, Precision::F32) => (1e-6, 4e-6),
+        (Op::Rotation, Precision::F32) => (4e-6, 1.6e-5),
         (Op::Rotation, Precision::F16) => (1e-3, 4e-3),
         (Op::Rotation, Precision::Bf16) => (8e-3, 3e-2),
         (Op::Attention, Precision::F32) => (1e-5, 1e-4),

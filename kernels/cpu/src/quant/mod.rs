@@ -8,7 +8,7 @@
 
 mod avx2;
 
-use crate::fwht::{with_scratch, CpuRotation};
+use crate::fwht::CpuRotation;
 use crate::isa::Isa;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -219,18 +219,18 @@ impl CacheCodec {
             .par_chunks_mut(task * self.row_bytes)
             .zip(rows.par_chunks(task * self.dim))
             .for_each(|(out, input)| {
-                with_scratch(self.dim, |buf| {
-                    for (o, x) in out
-                        .chunks_exact_mut(self.row_bytes)
-                        .zip(input.chunks_exact(self.dim))
-                    {
-                        T::widen(x, buf);
-                        if let Some(r) = &self.rotation {
-                            r.apply_row(buf, false);
-                        }
-                        quantize_row(self.format, buf, o, self.isa);
+                // One row buffer per task: it stays in L1 while the row is rotated and encoded.
+                let mut buf = vec![0.0f32; self.dim];
+                for (o, x) in out
+                    .chunks_exact_mut(self.row_bytes)
+                    .zip(input.chunks_exact(self.dim))
+                {
+                    T::widen(x, &mut buf);
+                    if let Some(r) = &self.rotation {
+                        r.apply_row(&mut buf, false);
                     }
-                })
+                    quantize_row(self.format, &buf, o, self.isa);
+                }
             });
         Ok(())
     }

@@ -1,0 +1,197 @@
+//! Differential tests: the CPU rotate-quantize and dequantize kernels against the oracle.
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use rotq::reference::rotation::SplitMix64;
+use rotq::reference::tolerance::{tolerance, Op, Precision};
+use rotq::{KvFormat, Rotation};
+use rotq_cpu::{CacheCodec, CpuRotation, Isa, QuantizeConfig};
+
+/// Rows with a per-block magnitude spread, outliers, exact zeros and the odd tie.
+fn rows(n_rows: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut g = SplitMix64::new(seed);
+    (0..n_rows * dim)
+        .map(|i| {
+            let scale = 2f32.powi((g.next_u64() % 24) as i32 - 12);
+            let v = ((g.next_f64() - 0.5) * 2.0) as f32 * scale;
+            match g.next_u64() % 64 {
+                0 => 0.0,
+                1 => 40.0 * scale,
+                2 => (i % 17) as f32 + 0.5,
+                _ => v,
+            }
+        })
+        .collect()
+}
+
+fn oracle_bytes(format: KvFormat, rows: &[f32]) -> Vec<u8> {
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    format.quantize_row(rows).unwrap()
+}
+
+#[test]
+fn unrotated_quantization_is_byte_exact_for_every_format() {
+    let golden = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/reference/tests/data/ggml/input.f32")).unwrap();
+    let golden: Vec<f32> = golden.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let mut special = rows(8, 128, 5);
+    special[3] = f32::NAN;
+    special[200] = f32::INFINITY;
+    special[300] = f32::NEG_INFINITY;
+    special[400..432].fill(1e-40); // 1/d overflows
+    special[500..532].fill(-0.0);
+    for isa in Isa::all_available() {
+        for format in KvFormat::ALL {
+            for data in [&golden, &special, &rows(64, 256, 1)] {
+                let codec = CacheCodec::new(format, 128, None, isa).unwrap();
+                let mut cache = vec![0u8; data.len() / 128 * codec.row_bytes()];
+                codec.quantize(data, &mut cache, 0).unwrap();
+                assert!(cache == oracle_bytes(format, data), "{format} on {isa}");
+                let mut back = vec![0f32; data.len()];
+                codec.dequantize(&cache, &mut back).unwrap();
+                let want = format.dequantize_row(&cache).unwrap();
+                assert!(
+                    back.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
+                    "{format} dequantize on {isa}"
+                );
+            }
+        }
+    }
+}
+
+/// Rotate-quantize against the oracle pipeline (rotate in f64, round to f32, quantize). The
+/// kernel's bytes must equal the oracle's quantizer applied to the kernel's own rotation, and
+/// that rotation must be within tolerance of the oracle's: so any byte that differs from the
+/// oracle pipeline is a value within rotation rounding of a code boundary.
+fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: QuantizeConfig) {
+    let dim = r.dim();
+    let codec = CacheCodec::new(format, dim, Some(r), isa).unwrap().with_config(config);
+    let mut cache = vec![0u8; data.len() / dim * codec.row_bytes()];
+    codec.quantize(data, &mut cache, 0).unwrap();
+
+    let mut rotated = data.to_vec();
+    CpuRotation::new(r, isa).forward_rows(&mut rotated).unwrap();
+    assert!(cache == oracle_bytes(format, &rotated), "{format} {r} on {isa}: quantizer differs");
+
+    let mut exact: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
+    r.rotate_rows(&mut exact, false).unwrap();
+    let got: Vec<f64> = rotated.iter().map(|v| f64::from(*v)).collect();
+    for (g, w) in got.chunks(dim).zip(exact.chunks(dim)) {
+        tolerance(Op::Rotation, Precision::F32).check(g, w).unwrap();
+    }
+    let oracle_rotated: Vec<f32> = exact.iter().map(|v| *v as f32).collect();
+    let oracle = oracle_bytes(format, &oracle_rotated);
+    // Boundary cases are rare: a few blocks in a hundred at most. f32 storage keeps every
+    // rounding bit, so only its values are compared (below); fp8's scale is an exact f32, so
+    // it is compared within rounding and the rarity rule applies to its codes.
+    let bb = format.block_bytes();
+    let codes_from = if format == KvFormat::Fp8E4m3 { 4 } else { 0 };
+    let mut differing = 0;
+    for (a, b) in cache.chunks(bb).zip(oracle.chunks(bb)) {
+        differing += usize::from(a[codes_from..] != b[codes_from..]);
+        if codes_from == 4 {
+            let s = |x: &[u8]| f64::from(f32::from_le_bytes([x[0], x[1], x[2], x[3]]));
+            assert!((s(a) - s(b)).abs() <= 1e-6 * s(b).abs(), "{r}: fp8 scales {} vs {}", s(a), s(b));
+        }
+    }
+    let blocks = cache.len() / bb;
+    if format != KvFormat::F32 {
+        assert!(differing * 20 <= blocks.max(20), "{format} {r}: {differing} of {blocks} blocks differ");
+    }
+
+    // Dequantize + inverse rotation gives the input back within the format's error.
+    let mut back = vec![0f32; data.len()];
+    codec.dequantize(&cache, &mut back).unwrap();
+    let decoded = if cache.is_empty() { Vec::new() } else { format.dequantize_row(&cache).unwrap() };
+    let mut want: Vec<f64> = decoded.iter().map(|v| f64::from(*v)).collect();
+    r.rotate_rows(&mut want, true).unwrap();
+    let back: Vec<f64> = back.iter().map(|v| f64::from(*v)).collect();
+    tolerance(Op::Rotation, Precision::F32).check(&back, &want).unwrap();
+}
+
+#[test]
+fn fused_rotate_quantize_matches_the_oracle_for_every_format_and_rotation() {
+    for isa in Isa::all_available() {
+        for dim in [64usize, 96, 128, 160, 192, 256] {
+            let data = rows(33, dim, dim as u64);
+            let rots = [
+                Rotation::hadamard(dim).unwrap(),
+                Rotation::randomized(dim, 11).unwrap(),
+                Rotation::block_hadamard(dim, 32).unwrap(),
+                Rotation::matrix(Rotation::randomized(dim, 12).unwrap().to_matrix()).unwrap(),
+            ];
+            for format in KvFormat::ALL {
+                for r in &rots {
+                    check_fused(format, r, &data, isa, QuantizeConfig::default());
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn fused_kernel_any_rows_and_tasks(
+        dim in proptest::sample::select(vec![32usize, 64, 96, 128, 256]),
+        n_rows in 0usize..50,
+        rows_per_task in 1usize..40,
+        format in proptest::sample::select(KvFormat::ALL.to_vec()),
+        seed in any::<u64>(),
+    ) {
+        let data = rows(n_rows, dim, seed);
+        let r = Rotation::randomized(dim, seed).unwrap();
+        for isa in Isa::all_available() {
+            check_fused(format, &r, &data, isa, QuantizeConfig { rows_per_task });
+        }
+    }
+}
+
+#[test]
+fn rows_land_at_the_offset_and_nowhere_else() {
+    let r = Rotation::hadamard(128).unwrap();
+    let codec = CacheCodec::new(KvFormat::Q4_0, 128, Some(&r), Isa::best()).unwrap();
+    let rb = codec.row_bytes();
+    let mut cache = vec![0xAAu8; 10 * rb];
+    codec.quantize(&rows(3, 128, 2), &mut cache, 4).unwrap();
+    assert!(cache[..4 * rb].iter().chain(&cache[7 * rb..]).all(|b| *b == 0xAA));
+    assert!(cache[4 * rb..7 * rb].iter().any(|b| *b != 0xAA));
+    // Too small a cache, a ragged input, an offset past the end: errors, cache untouched.
+    let before = cache.clone();
+    assert!(codec.quantize(&rows(3, 128, 2), &mut cache, 8).is_err());
+    assert!(codec.quantize(&vec![0f32; 100], &mut cache, 0).is_err());
+    assert!(codec.quantize(&rows(1, 128, 2), &mut cache, usize::MAX).is_err());
+    assert_eq!(cache, before);
+    assert!(codec.dequantize(&cache[..rb - 1], &mut vec![0f32; 128]).is_err());
+    assert!(CacheCodec::new(KvFormat::Q4_0, 100, None, Isa::best()).is_err());
+    assert!(CacheCodec::new(KvFormat::Q4_0, 64, Some(&r), Isa::best()).is_err());
+}
+
+#[test]
+fn half_precision_inputs_quantize_like_their_f32_values() {
+    let data = rows(16, 128, 9);
+    let r = Rotation::randomized(128, 4).unwrap();
+    for isa in Isa::all_available() {
+        let codec = CacheCodec::new(KvFormat::Q8_0, 128, Some(&r), isa).unwrap();
+        let h: Vec<f16> = data.iter().map(|v| f16::from_f32(*v)).collect();
+        let b: Vec<bf16> = data.iter().map(|v| bf16::from_f32(*v)).collect();
+        for (widened, got) in [
+            (h.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), {
+                let mut c = vec![0u8; 16 * codec.row_bytes()];
+                codec.quantize(&h, &mut c, 0).unwrap();
+                c
+            }),
+            (b.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), {
+                let mut c = vec![0u8; 16 * codec.row_bytes()];
+                codec.quantize(&b, &mut c, 0).unwrap();
+                c
+            }),
+        ] {
+            let mut want = vec![0u8; 16 * codec.row_bytes()];
+            codec.quantize(&widened, &mut want, 0).unwrap();
+            assert_eq!(got, want);
+        }
+    }
+}
