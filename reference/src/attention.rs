@@ -58,7 +58,13 @@ pub struct AttentionParams {
 }
 
 impl AttentionParams {
-    fn validate(&self) -> Result<()> {
+    /// Checks the parameters (finite scale, window ≥ 1, positive finite soft-cap).
+    ///
+    /// ```
+    /// use rotq_reference::AttentionParams;
+    /// assert!(AttentionParams { window: Some(0), ..Default::default() }.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
         if let Some(s) = self.scale {
             if !s.is_finite() {
                 return Err(invalid("scale", format!("{s} is not finite")));

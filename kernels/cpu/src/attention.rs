@@ -1,1 +1,607 @@
-//! placeholder
+//! Flash attention over rotated, quantized K/V caches (prefill and decode).
+//!
+//! The semantics are the oracle's (`rotq_reference::attention`): GQA, causal with a position
+//! offset, sliding window, soft-cap, the same NaN/Inf rules. The work is split into tasks of
+//! (KV head, block of query rows, slice of the cache): a task dequantizes each K row of its
+//! slice once, into a buffer in L1, and scores it against every query head of the group and
+//! every query row of its block (GQA shares each load); it keeps an online softmax (running
+//! max `m`, sum `l`, unnormalized output) per query row, tile by tile of
+//! [`AttentionConfig::block_n`] tokens, and dequantizes each V row once for the whole group.
+//! Slices of one query block are merged afterwards (flash-decoding); the output is then
+//! divided by `l` and, when V was rotated, rotated back by `R_vᵀ` row by row.
+//!
+//! Q is rotated by `R` and multiplied by the score scale before the loop. Arithmetic is f32.
+
+use crate::fwht::CpuRotation;
+use crate::isa::Isa;
+use crate::quant::dequantize_row;
+use rayon::prelude::*;
+use rotq_reference::{AttentionParams, Error, KvFormat, Result, RotationPlan};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// One layer's K or V cache: row `(token, head)` of `dim` values in `format` at byte
+/// `(token · n_heads + head) · row_bytes`.
+///
+/// ```
+/// use rotq_cpu::KvCacheView;
+/// use rotq_reference::KvFormat;
+/// let bytes = vec![0u8; 10 * 2 * 72]; // 10 tokens, 2 heads, 128 values of q4_0 (72 bytes)
+/// let k = KvCacheView::new(KvFormat::Q4_0, &bytes, 10, 2, 128).unwrap();
+/// assert_eq!(k.n_tokens(), 10);
+/// assert!(KvCacheView::new(KvFormat::Q4_0, &bytes[1..], 10, 2, 128).is_err());
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct KvCacheView<'a> {
+    format: KvFormat,
+    bytes: &'a [u8],
+    n_tokens: usize,
+    n_heads: usize,
+    dim: usize,
+    row_bytes: usize,
+}
+
+impl<'a> KvCacheView<'a> {
+    /// Checks that `bytes` holds exactly `n_tokens × n_heads` rows of `dim` values.
+    pub fn new(
+        format: KvFormat,
+        bytes: &'a [u8],
+        n_tokens: usize,
+        n_heads: usize,
+        dim: usize,
+    ) -> Result<Self> {
+        let row_bytes = format.row_bytes(dim)?;
+        let expected = n_tokens
+            .checked_mul(n_heads)
+            .and_then(|r| r.checked_mul(row_bytes))
+            .ok_or(Error::Overflow("cache size"))?;
+        if bytes.len() != expected {
+            return Err(Error::LengthMismatch {
+                what: "KV cache bytes",
+                expected,
+                actual: bytes.len(),
+            });
+        }
+        Ok(Self {
+            format,
+            bytes,
+            n_tokens,
+            n_heads,
+            dim,
+            row_bytes,
+        })
+    }
+
+    /// Cached tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    fn row(&self, token: usize, head: usize) -> &'a [u8] {
+        let at = (token * self.n_heads + head) * self.row_bytes;
+        &self.bytes[at..at + self.row_bytes]
+    }
+}
+
+/// Tuning knobs of the attention kernel.
+///
+/// ```
+/// let c = rotq_cpu::AttentionConfig::default();
+/// assert!(rotq_cpu::AttentionConfig::search_space().contains(&c));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AttentionConfig {
+    /// Tokens per tile of the online softmax.
+    pub block_n: usize,
+    /// Query rows per task (each K/V row a task loads serves all of them).
+    pub block_m: usize,
+    /// Slices of the cache per query block; 0 picks enough to keep every thread busy.
+    pub kv_splits: usize,
+}
+
+impl Default for AttentionConfig {
+    fn default() -> Self {
+        Self {
+            block_n: 64,
+            block_m: 16,
+            kv_splits: 0,
+        }
+    }
+}
+
+impl AttentionConfig {
+    /// Candidates for the autotuner.
+    pub fn search_space() -> Vec<Self> {
+        let mut v = Vec::new();
+        for block_n in [16, 32, 64, 128, 256] {
+            for block_m in [1, 4, 16, 64] {
+                for kv_splits in [0, 1, 2, 4, 8, 16] {
+                    v.push(Self {
+                        block_n,
+                        block_m,
+                        kv_splits,
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+/// Attention kernels for one rotation plan.
+///
+/// ```
+/// use rotq_cpu::{CacheCodec, CpuAttention, Isa, KvCacheView};
+/// use rotq_reference::{AttentionParams, KvFormat, Rotation, RotationPlan};
+/// let (n_kv, h_kv, h_q, d) = (40, 2, 4, 64);
+/// let plan = RotationPlan { qk: Some(Rotation::hadamard(d).unwrap()), v: None };
+/// let wave = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+/// let k_codec = CacheCodec::new(KvFormat::Q8_0, d, plan.qk.as_ref(), Isa::best()).unwrap();
+/// let v_codec = CacheCodec::new(KvFormat::Q8_0, d, None, Isa::best()).unwrap();
+/// let mut k_cache = vec![0u8; n_kv * h_kv * k_codec.row_bytes()];
+/// let mut v_cache = k_cache.clone();
+/// k_codec.quantize(&wave(n_kv * h_kv * d, 0.37), &mut k_cache, 0).unwrap();
+/// v_codec.quantize(&wave(n_kv * h_kv * d, 0.91), &mut v_cache, 0).unwrap();
+/// let k = KvCacheView::new(KvFormat::Q8_0, &k_cache, n_kv, h_kv, d).unwrap();
+/// let v = KvCacheView::new(KvFormat::Q8_0, &v_cache, n_kv, h_kv, d).unwrap();
+/// let attn = CpuAttention::new(&plan, Isa::best());
+/// let params = AttentionParams { causal: true, pos_offset: n_kv - 1, ..Default::default() };
+/// let out = attn.run(&wave(h_q * d, 0.5), 1, h_q, &k, &v, &params).unwrap();
+/// assert_eq!(out.len(), h_q * d);
+/// ```
+#[derive(Clone, Debug)]
+pub struct CpuAttention {
+    qk: Option<CpuRotation>,
+    v: Option<CpuRotation>,
+    isa: Isa,
+    config: AttentionConfig,
+}
+
+/// One attention problem: a sequence's queries against its caches.
+struct Problem<'a> {
+    /// Rotated, scaled queries `[n_q, h_q, d]`.
+    q: Vec<f32>,
+    n_q: usize,
+    h_q: usize,
+    k: KvCacheView<'a>,
+    v: KvCacheView<'a>,
+    params: &'a AttentionParams,
+}
+
+impl Problem<'_> {
+    fn group(&self) -> usize {
+        self.h_q / self.k.n_heads
+    }
+
+    /// Visible keys of query row `i`: a contiguous range.
+    fn visible(&self, i: usize) -> Range<usize> {
+        let n = self.k.n_tokens;
+        let pos = self.params.pos_offset + i;
+        let hi = if self.params.causal {
+            n.min(pos.saturating_add(1))
+        } else {
+            n
+        };
+        let lo = match self.params.window {
+            Some(w) => (pos + 1).saturating_sub(w).min(hi),
+            None => 0,
+        };
+        lo..hi
+    }
+}
+
+/// What one task leaves: per (query row, head of the group), the running max, the sum of
+/// weights and the unnormalized output.
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+    /// Visible keys were seen, all with a −Inf score.
+    seen: Vec<bool>,
+}
+
+/// A unit of work: problem, KV head, query rows, key slice.
+#[derive(Clone, Debug)]
+struct Task {
+    problem: usize,
+    head: usize,
+    rows: Range<usize>,
+    keys: Range<usize>,
+}
+
+impl CpuAttention {
+    /// Kernels for `plan`; `isa` falls back to the portable path if unavailable.
+    pub fn new(plan: &RotationPlan, isa: Isa) -> Self {
+        let isa = if isa.available() { isa } else { Isa::Portable };
+        Self {
+            qk: plan.qk.as_ref().map(|r| CpuRotation::new(r, isa)),
+            v: plan.v.as_ref().map(|r| CpuRotation::new(r, isa)),
+            isa,
+            config: AttentionConfig::default(),
+        }
+    }
+
+    /// The same kernels with another tuning.
+    pub fn with_config(mut self, config: AttentionConfig) -> Self {
+        self.config = AttentionConfig {
+            block_n: config.block_n.max(1),
+            block_m: config.block_m.max(1),
+            kv_splits: config.kv_splits,
+        };
+        self
+    }
+
+    /// Attention of `n_q` query rows of `h_q` heads (`q` is `[n_q, h_q, d]`, unrotated)
+    /// against one sequence's caches; returns `[n_q, h_q, d_v]`.
+    pub fn run(
+        &self,
+        q: &[f32],
+        n_q: usize,
+        h_q: usize,
+        k: &KvCacheView<'_>,
+        v: &KvCacheView<'_>,
+        params: &AttentionParams,
+    ) -> Result<Vec<f32>> {
+        let problem = self.prepare(q, n_q, h_q, k, v, params)?;
+        Ok(self.solve(&[problem]).pop().expect("one problem, one output"))
+    }
+
+    /// Decode for many sequences at once: one query row each (`q` is `[h_q, d]`), every
+    /// sequence with its own caches and parameters. Returns one `[h_q, d_v]` output each.
+    pub fn decode_batch(&self, requests: &[DecodeRequest<'_>]) -> Result<Vec<Vec<f32>>> {
+        let problems = requests
+            .iter()
+            .map(|r| self.prepare(r.q, 1, r.h_q, &r.k, &r.v, &r.params))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.solve(&problems))
+    }
+
+    fn prepare<'a>(
+        &self,
+        q: &[f32],
+        n_q: usize,
+        h_q: usize,
+        k: &KvCacheView<'a>,
+        v: &KvCacheView<'a>,
+        params: &'a AttentionParams,
+    ) -> Result<Problem<'a>> {
+        params.validate()?;
+        let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
+        let shape = |m: String| Err(Error::Shape(m));
+        if h_kv == 0 || h_q == 0 || h_q % h_kv != 0 {
+            return shape(format!("h_q {h_q} must be a positive multiple of h_kv {h_kv}"));
+        }
+        if (v.n_tokens, v.n_heads) != (k.n_tokens, h_kv) {
+            return shape(format!(
+                "V cache is {} tokens x {} heads but K is {} x {h_kv}",
+                v.n_tokens, v.n_heads, k.n_tokens
+            ));
+        }
+        let expected = n_q
+            .checked_mul(h_q)
+            .and_then(|x| x.checked_mul(d))
+            .ok_or(Error::Overflow("query size"))?;
+        if q.len() != expected {
+            return Err(Error::LengthMismatch {
+                what: "queries [n_q, h_q, d]",
+                expected,
+                actual: q.len(),
+            });
+        }
+        for (r, want, what) in [(&self.qk, d, "Q/K rotation"), (&self.v, d_v, "V rotation")] {
+            if let Some(r) = r {
+                if r.dim() != want {
+                    return Err(Error::LengthMismatch {
+                        what,
+                        expected: want,
+                        actual: r.dim(),
+                    });
+                }
+            }
+        }
+        let mut q = q.to_vec();
+        if let Some(r) = &self.qk {
+            r.forward_rows(&mut q)?;
+        }
+        let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32;
+        q.iter_mut().for_each(|x| *x *= scale);
+        Ok(Problem {
+            q,
+            n_q,
+            h_q,
+            k: *k,
+            v: *v,
+            params,
+        })
+    }
+
+    /// Splits every problem into tasks, runs them in parallel, merges and finishes.
+    fn solve(&self, problems: &[Problem<'_>]) -> Vec<Vec<f32>> {
+        let cfg = self.config;
+        let threads = rayon::current_num_threads().max(1);
+        let blocks: usize = problems
+            .iter()
+            .map(|p| p.k.n_heads * p.n_q.div_ceil(cfg.block_m))
+            .sum();
+        let mut tasks = Vec::new();
+        for (pi, p) in problems.iter().enumerate() {
+            for head in 0..p.k.n_heads {
+                for r0 in (0..p.n_q).step_by(cfg.block_m) {
+                    let rows = r0..(r0 + cfg.block_m).min(p.n_q);
+                    let keys = p.visible(rows.start).start..p.visible(rows.end - 1).end;
+                    let keys = keys.start.min(keys.end)..keys.end;
+                    let splits = if cfg.kv_splits > 0 {
+                        cfg.kv_splits
+                    } else {
+                        // Enough tasks for every thread, slices of at least 4 tiles.
+                        (4 * threads)
+                            .div_ceil(blocks.max(1))
+                            .min(keys.len().div_ceil(4 * cfg.block_n))
+                            .max(1)
+                    };
+                    let per = keys.len().div_ceil(splits).max(1);
+                    let mut s = keys.start;
+                    loop {
+                        let e = (s + per).min(keys.end);
+                        tasks.push(Task {
+                            problem: pi,
+                            head,
+                            rows: rows.clone(),
+                            keys: s..e,
+                        });
+                        s = e;
+                        if s >= keys.end {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let partials: Vec<Partial> = tasks
+            .par_iter()
+            .map(|t| self.partial(&problems[t.problem], t))
+            .collect();
+        // Merge the slices of each (problem, head, rows) and write the outputs.
+        let mut outputs: Vec<Vec<f32>> = problems
+            .iter()
+            .map(|p| vec![0.0f32; p.n_q * p.h_q * p.v.dim])
+            .collect();
+        let mut i = 0;
+        while i < tasks.len() {
+            let mut j = i + 1;
+            while j < tasks.len()
+                && tasks[j].problem == tasks[i].problem
+                && tasks[j].head == tasks[i].head
+                && tasks[j].rows == tasks[i].rows
+            {
+                j += 1;
+            }
+            let p = &problems[tasks[i].problem];
+            finish(p, &tasks[i], &partials[i..j], &mut outputs[tasks[i].problem]);
+            i = j;
+        }
+        if let Some(r) = &self.v {
+            outputs
+                .par_iter_mut()
+                .for_each(|o| r.inverse_rows(o).expect("output rows have the V dimension"));
+        }
+        outputs
+    }
+
+    /// Online softmax over one task's key slice.
+    fn partial(&self, p: &Problem<'_>, task: &Task) -> Partial {
+        let (d, d_v, g) = (p.k.dim, p.v.dim, p.group());
+        let n_rows = task.rows.len();
+        let lanes = n_rows * g; // (row, head of the group), row-major
+        let bn = self.config.block_n;
+        let mut m = vec![f32::NEG_INFINITY; lanes];
+        let mut l = vec![0.0f32; lanes];
+        let mut seen = vec![false; lanes];
+        let mut acc = vec![0.0f32; lanes * d_v];
+        let mut kbuf = vec![0.0f32; d];
+        let mut vbuf = vec![0.0f32; d_v];
+        let mut scores = vec![f32::NEG_INFINITY; lanes * bn];
+        let ranges: Vec<Range<usize>> = task.rows.clone().map(|i| p.visible(i)).collect();
+        let softcap = p.params.softcap.map(|c| c as f32);
+        let head0 = task.head * g;
+        let mut t0 = task.keys.start;
+        while t0 < task.keys.end {
+            let t1 = (t0 + bn).min(task.keys.end);
+            // Scores of the tile.
+            for t in t0..t1 {
+                if !ranges.iter().any(|r| r.contains(&t)) {
+                    continue;
+                }
+                dequantize_row(p.k.format, p.k.row(t, task.head), &mut kbuf, self.isa);
+                for (ri, i) in task.rows.clone().enumerate() {
+                    if !ranges[ri].contains(&t) {
+                        continue;
+                    }
+                    for hg in 0..g {
+                        let qrow = &p.q[((i * p.h_q) + head0 + hg) * d..][..d];
+                        let mut s = dot(qrow, &kbuf, self.isa);
+                        if let Some(c) = softcap {
+                            s = c * (s / c).tanh();
+                        }
+                        scores[(ri * g + hg) * bn + (t - t0)] = s;
+                    }
+                }
+            }
+            // Softmax bookkeeping, per lane over its visible keys of the tile.
+            for ri in 0..n_rows {
+                let vis = ranges[ri].start.max(t0)..ranges[ri].end.min(t1);
+                if vis.is_empty() {
+                    continue;
+                }
+                for hg in 0..g {
+                    let lane = ri * g + hg;
+                    let row = &mut scores[lane * bn..][vis.start - t0..vis.end - t0];
+                    let tile_max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let m_new = m[lane].max(tile_max);
+                    if m_new == f32::NEG_INFINITY && !row.iter().any(|s| s.is_nan()) {
+                        // Every visible score so far is −Inf: weight 0 unless the whole row
+                        // is (then the oracle's softmax is 0/0 = NaN; `finish` decides).
+                        seen[lane] = true;
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let corr = (m[lane] - m_new).exp();
+                    let mut sum = 0.0f32;
+                    for s in row.iter_mut() {
+                        *s = (*s - m_new).exp();
+                        sum += *s;
+                    }
+                    if corr != 1.0 {
+                        l[lane] *= corr;
+                        acc[lane * d_v..][..d_v].iter_mut().for_each(|a| *a *= corr);
+                    }
+                    l[lane] += sum;
+                    m[lane] = m_new;
+                }
+            }
+            // Weighted V rows, each dequantized once for the whole group.
+            for t in t0..t1 {
+                if !ranges.iter().any(|r| r.contains(&t)) {
+                    continue;
+                }
+                dequantize_row(p.v.format, p.v.row(t, task.head), &mut vbuf, self.isa);
+                for ri in 0..n_rows {
+                    if !ranges[ri].contains(&t) {
+                        continue;
+                    }
+                    for hg in 0..g {
+                        let lane = ri * g + hg;
+                        let w = scores[lane * bn + (t - t0)];
+                        axpy(&mut acc[lane * d_v..][..d_v], w, &vbuf, self.isa);
+                    }
+                }
+            }
+            t0 = t1;
+        }
+        Partial { m, l, acc, seen }
+    }
+}
+
+/// Merges the partials of one (head, rows) block and writes `acc / l` into `out`.
+///
+/// A slice that saw no key with a score above −Inf contributes nothing; if no slice did, the
+/// row is zeros when no key was visible and NaN when visible keys all scored −Inf (the
+/// oracle's 0/0). NaN anywhere in a slice's sums carries through to the row.
+fn finish(p: &Problem<'_>, task: &Task, parts: &[Partial], out: &mut [f32]) {
+    let (d_v, g) = (p.v.dim, p.group());
+    for (ri, i) in task.rows.clone().enumerate() {
+        for hg in 0..g {
+            let lane = ri * g + hg;
+            let o = &mut out[(i * p.h_q + task.head * g + hg) * d_v..][..d_v];
+            let live = || parts.iter().filter(|part| part.m[lane] != f32::NEG_INFINITY || part.l[lane].is_nan());
+            let m = live().fold(f32::NEG_INFINITY, |a, part| a.max(part.m[lane]));
+            if live().next().is_none() {
+                let seen = parts.iter().any(|part| part.seen[lane]);
+                o.fill(if seen { f32::NAN } else { 0.0 });
+                continue;
+            }
+            let mut l = 0.0f32;
+            for part in live() {
+                let w = (part.m[lane] - m).exp();
+                l += part.l[lane] * w;
+                for (a, b) in o.iter_mut().zip(&part.acc[lane * d_v..][..d_v]) {
+                    *a += b * w;
+                }
+            }
+            o.iter_mut().for_each(|a| *a /= l);
+        }
+    }
+}
+
+/// A decode query of one sequence (see [`CpuAttention::decode_batch`]).
+#[derive(Clone, Debug)]
+pub struct DecodeRequest<'a> {
+    /// `[h_q, d]`, unrotated.
+    pub q: &'a [f32],
+    /// Query heads.
+    pub h_q: usize,
+    /// The sequence's K cache.
+    pub k: KvCacheView<'a>,
+    /// The sequence's V cache.
+    pub v: KvCacheView<'a>,
+    /// Its parameters (`pos_offset` is the query's position).
+    pub params: AttentionParams,
+}
+
+fn dot(a: &[f32], b: &[f32], isa: Isa) -> f32 {
+    match isa {
+        // SAFETY: Isa::Avx2 is only used when the CPU has it; the slices have equal lengths.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { simd::dot(a, b) },
+        _ => a.iter().zip(b).map(|(x, y)| x * y).sum(),
+    }
+}
+
+fn axpy(acc: &mut [f32], w: f32, x: &[f32], isa: Isa) {
+    match isa {
+        // SAFETY: Isa::Avx2 is only used when the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { simd::axpy(acc, w, x) },
+        _ => acc.iter_mut().zip(x).for_each(|(a, v)| *a += w * v),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// `Σ a·b` with four 8-lane accumulators.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `a.len() == b.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads 8 values starting below n - 7.
+        while i + 32 <= n {
+            for (k, a_k) in acc.iter_mut().enumerate() {
+                let o = i + 8 * k;
+                *a_k = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *a_k);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
+        let mut total = _mm_cvtss_f32(h);
+        while i < n {
+            total += a[i] * b[i];
+            i += 1;
+        }
+        total
+    }
+
+    /// `acc += w·x`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `acc.len() == x.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
+        let n = acc.len();
+        let (pa, px) = (acc.as_mut_ptr(), x.as_ptr());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        // SAFETY: every access covers 8 values starting below n - 7.
+        while i + 8 <= n {
+            _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(pa.add(i))));
+            i += 8;
+        }
+        while i < n {
+            acc[i] += w * x[i];
+            i += 1;
+        }
+    }
+}

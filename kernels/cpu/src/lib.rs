@@ -14,6 +14,7 @@ mod isa;
 mod quant;
 
 
+pub use attention::{AttentionConfig, CpuAttention, DecodeRequest, KvCacheView};
 pub use fwht::{CpuRotation, FwhtConfig};
 pub use isa::Isa;
 pub use quant::{CacheCodec, Element, QuantizeConfig};

@@ -1,0 +1,271 @@
+//! Differential tests: the CPU attention kernel against the oracle, on every format, rotation
+//! plan, instruction set and tuning, over proptest-drawn shapes.
+//!
+//! The kernel's own cache bytes are what both sides read: the oracle dequantizes them
+//! (`rotq_reference`), rotates Q in f64, runs dense f64 attention and rotates the output back,
+//! so the comparison isolates the attention arithmetic (quantization is checked by
+//! tests/cpu_quant.rs).
+
+use ndarray::Array3;
+use proptest::prelude::*;
+use rotq::reference::attention_f64;
+use rotq::reference::rotation::SplitMix64;
+use rotq::reference::tolerance::{tolerance, Op, Precision};
+use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
+use rotq_cpu::{AttentionConfig, CacheCodec, CpuAttention, DecodeRequest, Isa, KvCacheView};
+
+fn random(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut g = SplitMix64::new(seed);
+    (0..len).map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale).collect()
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    n_q: usize,
+    n_kv: usize,
+    h_kv: usize,
+    group: usize,
+    d: usize,
+    d_v: usize,
+    k_format: KvFormat,
+    v_format: KvFormat,
+    params: AttentionParams,
+    plan_kind: (u8, u8),
+    config: AttentionConfig,
+    seed: u64,
+}
+
+fn rotation(kind: u8, d: usize, seed: u64) -> Option<Rotation> {
+    match kind % 4 {
+        0 => None,
+        1 => Some(Rotation::hadamard(d).unwrap()),
+        2 => Some(Rotation::randomized(d, seed).unwrap()),
+        _ => Some(Rotation::block_hadamard(d, 16).unwrap()),
+    }
+}
+
+impl Case {
+    fn plan(&self) -> RotationPlan {
+        RotationPlan {
+            qk: rotation(self.plan_kind.0, self.d, self.seed),
+            v: rotation(self.plan_kind.1, self.d_v, self.seed ^ 1),
+        }
+    }
+}
+
+/// Caches written by the kernel codec; returns (K bytes, V bytes).
+fn caches(c: &Case, plan: &RotationPlan, isa: Isa) -> (Vec<u8>, Vec<u8>) {
+    let kc = CacheCodec::new(c.k_format, c.d, plan.qk.as_ref(), isa).unwrap();
+    let vc = CacheCodec::new(c.v_format, c.d_v, plan.v.as_ref(), isa).unwrap();
+    let rows = c.n_kv * c.h_kv;
+    let (mut kb, mut vb) = (vec![0u8; rows * kc.row_bytes()], vec![0u8; rows * vc.row_bytes()]);
+    kc.quantize(&random(rows * c.d, c.seed ^ 2, 2.0), &mut kb, 0).unwrap();
+    vc.quantize(&random(rows * c.d_v, c.seed ^ 3, 1.0), &mut vb, 0).unwrap();
+    (kb, vb)
+}
+
+/// The oracle on the same cache bytes.
+fn oracle(c: &Case, plan: &RotationPlan, q: &[f32], kb: &[u8], vb: &[u8]) -> Vec<f64> {
+    let h_q = c.h_kv * c.group;
+    let decode = |f: KvFormat, b: &[u8], dim: usize| -> Array3<f64> {
+        let vals = if b.is_empty() { Vec::new() } else { f.dequantize_row(b).unwrap() };
+        Array3::from_shape_vec((c.n_kv, c.h_kv, dim), vals.into_iter().map(f64::from).collect()).unwrap()
+    };
+    let mut qr: Vec<f64> = q.iter().map(|v| f64::from(*v)).collect();
+    if let Some(r) = &plan.qk {
+        r.rotate_rows(&mut qr, false).unwrap();
+    }
+    let qa = Array3::from_shape_vec((c.n_q, h_q, c.d), qr).unwrap();
+    let (k, v) = (decode(c.k_format, kb, c.d), decode(c.v_format, vb, c.d_v));
+    let out = attention_f64(qa.view(), k.view(), v.view(), &c.params).unwrap();
+    let mut o: Vec<f64> = out.output.iter().copied().collect();
+    if let Some(r) = &plan.v {
+        r.rotate_rows(&mut o, true).unwrap();
+    }
+    o
+}
+
+fn check(c: &Case) {
+    let plan = c.plan();
+    let h_q = c.h_kv * c.group;
+    let q = random(c.n_q * h_q * c.d, c.seed ^ 4, 1.5);
+    for isa in Isa::all_available() {
+        let (kb, vb) = caches(c, &plan, isa);
+        let k = KvCacheView::new(c.k_format, &kb, c.n_kv, c.h_kv, c.d).unwrap();
+        let v = KvCacheView::new(c.v_format, &vb, c.n_kv, c.h_kv, c.d_v).unwrap();
+        let kernel = CpuAttention::new(&plan, isa).with_config(c.config);
+        let got = kernel.run(&q, c.n_q, h_q, &k, &v, &c.params).unwrap();
+        let want = oracle(c, &plan, &q, &kb, &vb);
+        let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
+        if let Err(m) = tolerance(Op::Attention, Precision::F32).check(&got, &want) {
+            panic!("{isa} {c:?}: {m}");
+        }
+    }
+}
+
+fn formats_for(d: usize) -> Vec<KvFormat> {
+    KvFormat::ALL.into_iter().filter(|f| d % f.block_size() == 0).collect()
+}
+
+fn cases() -> impl Strategy<Value = Case> {
+    let dims = vec![64usize, 80, 96, 128, 192, 256];
+    (
+        (0usize..20, 0usize..150, 1usize..3, proptest::sample::select(vec![1usize, 2, 4, 8])),
+        (proptest::sample::select(dims.clone()), proptest::sample::select(dims)),
+        (any::<prop::sample::Index>(), any::<prop::sample::Index>()),
+        (any::<bool>(), 0usize..200, proptest::option::of(1usize..40), proptest::option::of(1.0f64..30.0)),
+        (0u8..4, 0u8..4),
+        (proptest::sample::select(vec![1usize, 7, 16, 64, 128]), proptest::sample::select(vec![1usize, 3, 16, 64]), 0usize..6),
+        any::<u64>(),
+    )
+        .prop_map(|((n_q, n_kv, h_kv, group), (d, d_v), (fk, fv), (causal, pos_offset, window, softcap), plan_kind, (block_n, block_m, kv_splits), seed)| Case {
+            n_q,
+            n_kv,
+            h_kv,
+            group,
+            d,
+            d_v,
+            k_format: *fk.get(&formats_for(d)),
+            v_format: *fv.get(&formats_for(d_v)),
+            params: AttentionParams { scale: None, causal, pos_offset, window, softcap },
+            plan_kind,
+            config: AttentionConfig { block_n, block_m, kv_splits },
+            seed,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(160))]
+
+    #[test]
+    fn kernel_matches_the_oracle(c in cases()) {
+        check(&c);
+    }
+}
+
+#[test]
+fn every_format_pair_and_plan() {
+    for (i, k_format) in KvFormat::ALL.into_iter().enumerate() {
+        for (j, v_format) in KvFormat::ALL.into_iter().enumerate() {
+            check(&Case {
+                n_q: 5,
+                n_kv: 77,
+                h_kv: 2,
+                group: 4,
+                d: 128,
+                d_v: 128,
+                k_format,
+                v_format,
+                params: AttentionParams { causal: true, pos_offset: 72, ..Default::default() },
+                plan_kind: ((i % 4) as u8, (j % 4) as u8),
+                config: AttentionConfig::default(),
+                seed: (i * 12 + j) as u64,
+            });
+        }
+    }
+}
+
+#[test]
+fn decode_batch_equals_one_run_per_sequence() {
+    let plan = RotationPlan { qk: Some(Rotation::hadamard(128).unwrap()), v: Some(Rotation::hadamard(128).unwrap()) };
+    let kernel = CpuAttention::new(&plan, Isa::best());
+    let seqs: Vec<Case> = [1usize, 300, 17, 0, 1000]
+        .iter()
+        .enumerate()
+        .map(|(s, &n_kv)| Case {
+            n_q: 1,
+            n_kv,
+            h_kv: 2,
+            group: 4,
+            d: 128,
+            d_v: 128,
+            k_format: KvFormat::Q4_0,
+            v_format: KvFormat::Q8_0,
+            params: AttentionParams { causal: true, pos_offset: n_kv.saturating_sub(1), ..Default::default() },
+            plan_kind: (1, 1),
+            config: AttentionConfig::default(),
+            seed: s as u64,
+        })
+        .collect();
+    let data: Vec<(Vec<f32>, Vec<u8>, Vec<u8>)> = seqs
+        .iter()
+        .map(|c| {
+            let (kb, vb) = caches(c, &plan, Isa::best());
+            (random(8 * 128, c.seed, 1.0), kb, vb)
+        })
+        .collect();
+    let requests: Vec<DecodeRequest> = seqs
+        .iter()
+        .zip(&data)
+        .map(|(c, (q, kb, vb))| DecodeRequest {
+            q,
+            h_q: 8,
+            k: KvCacheView::new(c.k_format, kb, c.n_kv, 2, 128).unwrap(),
+            v: KvCacheView::new(c.v_format, vb, c.n_kv, 2, 128).unwrap(),
+            params: c.params.clone(),
+        })
+        .collect();
+    let batch = kernel.decode_batch(&requests).unwrap();
+    for ((c, (q, kb, vb)), got) in seqs.iter().zip(&data).zip(&batch) {
+        let want = oracle(c, &plan, q, kb, vb);
+        let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
+        tolerance(Op::Attention, Precision::F32).check(&got, &want).unwrap();
+    }
+}
+
+#[test]
+fn non_finite_inputs_follow_the_oracle() {
+    // NaN in a masked key, NaN in a visible key, −Inf scores: same results as the oracle.
+    let (n_kv, d) = (50usize, 64usize);
+    let plan = RotationPlan::none();
+    let base = Case {
+        n_q: 3,
+        n_kv,
+        h_kv: 1,
+        group: 2,
+        d,
+        d_v: d,
+        k_format: KvFormat::F32,
+        v_format: KvFormat::F32,
+        params: AttentionParams { causal: true, pos_offset: 40, ..Default::default() },
+        plan_kind: (0, 0),
+        config: AttentionConfig { block_n: 16, block_m: 1, kv_splits: 3 },
+        seed: 1,
+    };
+    for (token, value) in [(45usize, f32::NAN), (10, f32::NAN), (20, f32::NEG_INFINITY), (30, f32::INFINITY)] {
+        let mut k = random(n_kv * d, 5, 1.0);
+        k[token * d..(token + 1) * d].fill(value);
+        let v = random(n_kv * d, 6, 1.0);
+        let q: Vec<f32> = random(3 * 2 * d, 7, 1.0).iter().map(|x| x.abs()).collect();
+        let to_bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        let (kb, vb) = (to_bytes(&k), to_bytes(&v));
+        let want = oracle(&base, &plan, &q, &kb, &vb);
+        for isa in Isa::all_available() {
+            let kv = KvCacheView::new(KvFormat::F32, &kb, n_kv, 1, d).unwrap();
+            let vv = KvCacheView::new(KvFormat::F32, &vb, n_kv, 1, d).unwrap();
+            let got = CpuAttention::new(&plan, isa).with_config(base.config).run(&q, 3, 2, &kv, &vv, &base.params).unwrap();
+            let got: Vec<f64> = got.iter().map(|x| f64::from(*x)).collect();
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.is_nan(), w.is_nan(), "token {token} value {value} on {isa}");
+            }
+            tolerance(Op::Attention, Precision::F32).check(&got, &want).unwrap();
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let plan = RotationPlan { qk: Some(Rotation::hadamard(64).unwrap()), v: None };
+    let kernel = CpuAttention::new(&plan, Isa::best());
+    let kb = vec![0u8; 4 * 2 * 64 * 4];
+    let k = KvCacheView::new(KvFormat::F32, &kb, 4, 2, 64).unwrap();
+    let k3 = KvCacheView::new(KvFormat::F32, &kb[..3 * 2 * 64 * 4], 3, 2, 64).unwrap();
+    let p = AttentionParams::default();
+    assert!(kernel.run(&vec![0.0; 3 * 64], 1, 3, &k, &k, &p).is_err()); // 3 % 2
+    assert!(kernel.run(&vec![0.0; 4 * 64 - 1], 1, 4, &k, &k, &p).is_err());
+    assert!(kernel.run(&vec![0.0; 4 * 64], 1, 4, &k, &k3, &p).is_err());
+    assert!(kernel.run(&vec![0.0; 4 * 64], 1, 4, &k, &k, &AttentionParams { window: Some(0), ..p.clone() }).is_err());
+    let wrong = CpuAttention::new(&RotationPlan { qk: Some(Rotation::hadamard(32).unwrap()), v: None }, Isa::best());
+    assert!(wrong.run(&vec![0.0; 4 * 64], 1, 4, &k, &k, &p).is_err());
+    assert!(kernel.run(&[], 0, 4, &k, &k, &p).unwrap().is_empty());
+}
