@@ -232,7 +232,16 @@ fn non_finite_inputs_follow_the_oracle() {
         config: AttentionConfig { block_n: 16, block_m: 1, kv_splits: 3 },
         seed: 1,
     };
-    for (token, value) in [(45usize, f32::NAN), (10, f32::NAN), (20, f32::NEG_INFINITY), (30, f32::INFINITY)] {
+    let cases = [
+        (45usize, f32::NAN, None),
+        (10, f32::NAN, None),
+        (20, f32::NEG_INFINITY, None),
+        (30, f32::INFINITY, None),
+        // Query 0 (position 40) sees only key 40, whose score is −Inf: the oracle's 0/0 = NaN.
+        (40, f32::NEG_INFINITY, Some(1)),
+    ];
+    for (token, value, window) in cases {
+        let base = Case { params: AttentionParams { window, ..base.params.clone() }, ..base.clone() };
         let mut k = random(n_kv * d, 5, 1.0);
         k[token * d..(token + 1) * d].fill(value);
         let v = random(n_kv * d, 6, 1.0);
