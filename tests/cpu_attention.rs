@@ -16,7 +16,9 @@ use rotq_cpu::{AttentionConfig, CacheCodec, CpuAttention, DecodeRequest, Isa, Kv
 
 fn random(len: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut g = SplitMix64::new(seed);
-    (0..len).map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale).collect()
+    (0..len)
+        .map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale)
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -58,9 +60,14 @@ fn caches(c: &Case, plan: &RotationPlan, isa: Isa) -> (Vec<u8>, Vec<u8>) {
     let kc = CacheCodec::new(c.k_format, c.d, plan.qk.as_ref(), isa).unwrap();
     let vc = CacheCodec::new(c.v_format, c.d_v, plan.v.as_ref(), isa).unwrap();
     let rows = c.n_kv * c.h_kv;
-    let (mut kb, mut vb) = (vec![0u8; rows * kc.row_bytes()], vec![0u8; rows * vc.row_bytes()]);
-    kc.quantize(&random(rows * c.d, c.seed ^ 2, 2.0), &mut kb, 0).unwrap();
-    vc.quantize(&random(rows * c.d_v, c.seed ^ 3, 1.0), &mut vb, 0).unwrap();
+    let (mut kb, mut vb) = (
+        vec![0u8; rows * kc.row_bytes()],
+        vec![0u8; rows * vc.row_bytes()],
+    );
+    kc.quantize(&random(rows * c.d, c.seed ^ 2, 2.0), &mut kb, 0)
+        .unwrap();
+    vc.quantize(&random(rows * c.d_v, c.seed ^ 3, 1.0), &mut vb, 0)
+        .unwrap();
     (kb, vb)
 }
 
@@ -68,8 +75,16 @@ fn caches(c: &Case, plan: &RotationPlan, isa: Isa) -> (Vec<u8>, Vec<u8>) {
 fn oracle(c: &Case, plan: &RotationPlan, q: &[f32], kb: &[u8], vb: &[u8]) -> Vec<f64> {
     let h_q = c.h_kv * c.group;
     let decode = |f: KvFormat, b: &[u8], dim: usize| -> Array3<f64> {
-        let vals = if b.is_empty() { Vec::new() } else { f.dequantize_row(b).unwrap() };
-        Array3::from_shape_vec((c.n_kv, c.h_kv, dim), vals.into_iter().map(f64::from).collect()).unwrap()
+        let vals = if b.is_empty() {
+            Vec::new()
+        } else {
+            f.dequantize_row(b).unwrap()
+        };
+        Array3::from_shape_vec(
+            (c.n_kv, c.h_kv, dim),
+            vals.into_iter().map(f64::from).collect(),
+        )
+        .unwrap()
     };
     let mut qr: Vec<f64> = q.iter().map(|v| f64::from(*v)).collect();
     if let Some(r) = &plan.qk {
@@ -104,34 +119,76 @@ fn check(c: &Case) {
 }
 
 fn formats_for(d: usize) -> Vec<KvFormat> {
-    KvFormat::ALL.into_iter().filter(|f| d % f.block_size() == 0).collect()
+    KvFormat::ALL
+        .into_iter()
+        .filter(|f| d % f.block_size() == 0)
+        .collect()
 }
 
 fn cases() -> impl Strategy<Value = Case> {
     let dims = vec![64usize, 80, 96, 128, 192, 256];
     (
-        (0usize..20, 0usize..150, 1usize..3, proptest::sample::select(vec![1usize, 2, 4, 8])),
-        (proptest::sample::select(dims.clone()), proptest::sample::select(dims)),
+        (
+            0usize..20,
+            0usize..150,
+            1usize..3,
+            proptest::sample::select(vec![1usize, 2, 4, 8]),
+        ),
+        (
+            proptest::sample::select(dims.clone()),
+            proptest::sample::select(dims),
+        ),
         (any::<prop::sample::Index>(), any::<prop::sample::Index>()),
-        (any::<bool>(), 0usize..200, proptest::option::of(1usize..40), proptest::option::of(1.0f64..30.0)),
+        (
+            any::<bool>(),
+            0usize..200,
+            proptest::option::of(1usize..40),
+            proptest::option::of(1.0f64..30.0),
+        ),
         (0u8..4, 0u8..4),
-        (proptest::sample::select(vec![1usize, 7, 16, 64, 128]), proptest::sample::select(vec![1usize, 3, 16, 64]), 0usize..6),
+        (
+            proptest::sample::select(vec![1usize, 7, 16, 64, 128]),
+            proptest::sample::select(vec![1usize, 3, 16, 64]),
+            0usize..6,
+            0usize..4,
+        ),
         any::<u64>(),
     )
-        .prop_map(|((n_q, n_kv, h_kv, group), (d, d_v), (fk, fv), (causal, pos_offset, window, softcap), plan_kind, (block_n, block_m, kv_splits), seed)| Case {
-            n_q,
-            n_kv,
-            h_kv,
-            group,
-            d,
-            d_v,
-            k_format: *fk.get(&formats_for(d)),
-            v_format: *fv.get(&formats_for(d_v)),
-            params: AttentionParams { scale: None, causal, pos_offset, window, softcap },
-            plan_kind,
-            config: AttentionConfig { block_n, block_m, kv_splits },
-            seed,
-        })
+        .prop_map(
+            |(
+                (n_q, n_kv, h_kv, group),
+                (d, d_v),
+                (fk, fv),
+                (causal, pos_offset, window, softcap),
+                plan_kind,
+                (block_n, block_m, kv_splits, heads_per_task),
+                seed,
+            )| Case {
+                n_q,
+                n_kv,
+                h_kv,
+                group,
+                d,
+                d_v,
+                k_format: *fk.get(&formats_for(d)),
+                v_format: *fv.get(&formats_for(d_v)),
+                params: AttentionParams {
+                    scale: None,
+                    causal,
+                    pos_offset,
+                    window,
+                    softcap,
+                },
+                plan_kind,
+                config: AttentionConfig {
+                    block_n,
+                    block_m,
+                    kv_splits,
+                    heads_per_task,
+                },
+                seed,
+            },
+        )
 }
 
 proptest! {
@@ -156,7 +213,11 @@ fn every_format_pair_and_plan() {
                 d_v: 128,
                 k_format,
                 v_format,
-                params: AttentionParams { causal: true, pos_offset: 72, ..Default::default() },
+                params: AttentionParams {
+                    causal: true,
+                    pos_offset: 72,
+                    ..Default::default()
+                },
                 plan_kind: ((i % 4) as u8, (j % 4) as u8),
                 config: AttentionConfig::default(),
                 seed: (i * 12 + j) as u64,
@@ -167,7 +228,10 @@ fn every_format_pair_and_plan() {
 
 #[test]
 fn decode_batch_equals_one_run_per_sequence() {
-    let plan = RotationPlan { qk: Some(Rotation::hadamard(128).unwrap()), v: Some(Rotation::hadamard(128).unwrap()) };
+    let plan = RotationPlan {
+        qk: Some(Rotation::hadamard(128).unwrap()),
+        v: Some(Rotation::hadamard(128).unwrap()),
+    };
     let kernel = CpuAttention::new(&plan, Isa::best());
     let seqs: Vec<Case> = [1usize, 300, 17, 0, 1000]
         .iter()
@@ -181,7 +245,11 @@ fn decode_batch_equals_one_run_per_sequence() {
             d_v: 128,
             k_format: KvFormat::Q4_0,
             v_format: KvFormat::Q8_0,
-            params: AttentionParams { causal: true, pos_offset: n_kv.saturating_sub(1), ..Default::default() },
+            params: AttentionParams {
+                causal: true,
+                pos_offset: n_kv.saturating_sub(1),
+                ..Default::default()
+            },
             plan_kind: (1, 1),
             config: AttentionConfig::default(),
             seed: s as u64,
@@ -209,7 +277,9 @@ fn decode_batch_equals_one_run_per_sequence() {
     for ((c, (q, kb, vb)), got) in seqs.iter().zip(&data).zip(&batch) {
         let want = oracle(c, &plan, q, kb, vb);
         let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
-        tolerance(Op::Attention, Precision::F32).check(&got, &want).unwrap();
+        tolerance(Op::Attention, Precision::F32)
+            .check(&got, &want)
+            .unwrap();
     }
 }
 
@@ -227,9 +297,18 @@ fn non_finite_inputs_follow_the_oracle() {
         d_v: d,
         k_format: KvFormat::F32,
         v_format: KvFormat::F32,
-        params: AttentionParams { causal: true, pos_offset: 40, ..Default::default() },
+        params: AttentionParams {
+            causal: true,
+            pos_offset: 40,
+            ..Default::default()
+        },
         plan_kind: (0, 0),
-        config: AttentionConfig { block_n: 16, block_m: 1, kv_splits: 3 },
+        config: AttentionConfig {
+            block_n: 16,
+            block_m: 1,
+            kv_splits: 3,
+            heads_per_task: 0,
+        },
         seed: 1,
     };
     let cases = [
@@ -241,7 +320,13 @@ fn non_finite_inputs_follow_the_oracle() {
         (40, f32::NEG_INFINITY, Some(1)),
     ];
     for (token, value, window) in cases {
-        let base = Case { params: AttentionParams { window, ..base.params.clone() }, ..base.clone() };
+        let base = Case {
+            params: AttentionParams {
+                window,
+                ..base.params.clone()
+            },
+            ..base.clone()
+        };
         let mut k = random(n_kv * d, 5, 1.0);
         k[token * d..(token + 1) * d].fill(value);
         let v = random(n_kv * d, 6, 1.0);
@@ -252,29 +337,61 @@ fn non_finite_inputs_follow_the_oracle() {
         for isa in Isa::all_available() {
             let kv = KvCacheView::new(KvFormat::F32, &kb, n_kv, 1, d).unwrap();
             let vv = KvCacheView::new(KvFormat::F32, &vb, n_kv, 1, d).unwrap();
-            let got = CpuAttention::new(&plan, isa).with_config(base.config).run(&q, 3, 2, &kv, &vv, &base.params).unwrap();
+            let got = CpuAttention::new(&plan, isa)
+                .with_config(base.config)
+                .run(&q, 3, 2, &kv, &vv, &base.params)
+                .unwrap();
             let got: Vec<f64> = got.iter().map(|x| f64::from(*x)).collect();
             for (g, w) in got.iter().zip(&want) {
-                assert_eq!(g.is_nan(), w.is_nan(), "token {token} value {value} on {isa}");
+                assert_eq!(
+                    g.is_nan(),
+                    w.is_nan(),
+                    "token {token} value {value} on {isa}"
+                );
             }
-            tolerance(Op::Attention, Precision::F32).check(&got, &want).unwrap();
+            tolerance(Op::Attention, Precision::F32)
+                .check(&got, &want)
+                .unwrap();
         }
     }
 }
 
 #[test]
 fn bad_shapes_are_errors() {
-    let plan = RotationPlan { qk: Some(Rotation::hadamard(64).unwrap()), v: None };
+    let plan = RotationPlan {
+        qk: Some(Rotation::hadamard(64).unwrap()),
+        v: None,
+    };
     let kernel = CpuAttention::new(&plan, Isa::best());
     let kb = vec![0u8; 4 * 2 * 64 * 4];
     let k = KvCacheView::new(KvFormat::F32, &kb, 4, 2, 64).unwrap();
     let k3 = KvCacheView::new(KvFormat::F32, &kb[..3 * 2 * 64 * 4], 3, 2, 64).unwrap();
     let p = AttentionParams::default();
     assert!(kernel.run(&vec![0.0; 3 * 64], 1, 3, &k, &k, &p).is_err()); // 3 % 2
-    assert!(kernel.run(&vec![0.0; 4 * 64 - 1], 1, 4, &k, &k, &p).is_err());
+    assert!(kernel
+        .run(&vec![0.0; 4 * 64 - 1], 1, 4, &k, &k, &p)
+        .is_err());
     assert!(kernel.run(&vec![0.0; 4 * 64], 1, 4, &k, &k3, &p).is_err());
-    assert!(kernel.run(&vec![0.0; 4 * 64], 1, 4, &k, &k, &AttentionParams { window: Some(0), ..p.clone() }).is_err());
-    let wrong = CpuAttention::new(&RotationPlan { qk: Some(Rotation::hadamard(32).unwrap()), v: None }, Isa::best());
+    assert!(kernel
+        .run(
+            &vec![0.0; 4 * 64],
+            1,
+            4,
+            &k,
+            &k,
+            &AttentionParams {
+                window: Some(0),
+                ..p.clone()
+            }
+        )
+        .is_err());
+    let wrong = CpuAttention::new(
+        &RotationPlan {
+            qk: Some(Rotation::hadamard(32).unwrap()),
+            v: None,
+        },
+        Isa::best(),
+    );
     assert!(wrong.run(&vec![0.0; 4 * 64], 1, 4, &k, &k, &p).is_err());
     assert!(kernel.run(&[], 0, 4, &k, &k, &p).unwrap().is_empty());
 }

@@ -33,8 +33,15 @@ fn oracle_bytes(format: KvFormat, rows: &[f32]) -> Vec<u8> {
 
 #[test]
 fn unrotated_quantization_is_byte_exact_for_every_format() {
-    let golden = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/reference/tests/data/ggml/input.f32")).unwrap();
-    let golden: Vec<f32> = golden.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let golden = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/reference/tests/data/ggml/input.f32"
+    ))
+    .unwrap();
+    let golden: Vec<f32> = golden
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let mut special = rows(8, 128, 5);
     special[3] = f32::NAN;
     special[200] = f32::INFINITY;
@@ -52,7 +59,9 @@ fn unrotated_quantization_is_byte_exact_for_every_format() {
                 codec.dequantize(&cache, &mut back).unwrap();
                 let want = format.dequantize_row(&cache).unwrap();
                 assert!(
-                    back.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
+                    back.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
                     "{format} dequantize on {isa}"
                 );
             }
@@ -66,13 +75,18 @@ fn unrotated_quantization_is_byte_exact_for_every_format() {
 /// oracle pipeline is a value within rotation rounding of a code boundary.
 fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: QuantizeConfig) {
     let dim = r.dim();
-    let codec = CacheCodec::new(format, dim, Some(r), isa).unwrap().with_config(config);
+    let codec = CacheCodec::new(format, dim, Some(r), isa)
+        .unwrap()
+        .with_config(config);
     let mut cache = vec![0u8; data.len() / dim * codec.row_bytes()];
     codec.quantize(data, &mut cache, 0).unwrap();
 
     let mut rotated = data.to_vec();
     CpuRotation::new(r, isa).forward_rows(&mut rotated).unwrap();
-    assert!(cache == oracle_bytes(format, &rotated), "{format} {r} on {isa}: quantizer differs");
+    assert!(
+        cache == oracle_bytes(format, &rotated),
+        "{format} {r} on {isa}: quantizer differs"
+    );
 
     let mut exact: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
     r.rotate_rows(&mut exact, false).unwrap();
@@ -92,22 +106,36 @@ fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: Q
         differing += usize::from(a[codes_from..] != b[codes_from..]);
         if codes_from == 4 {
             let s = |x: &[u8]| f64::from(f32::from_le_bytes([x[0], x[1], x[2], x[3]]));
-            assert!((s(a) - s(b)).abs() <= 1e-6 * s(b).abs(), "{r}: fp8 scales {} vs {}", s(a), s(b));
+            assert!(
+                (s(a) - s(b)).abs() <= 1e-6 * s(b).abs(),
+                "{r}: fp8 scales {} vs {}",
+                s(a),
+                s(b)
+            );
         }
     }
     let blocks = cache.len() / bb;
     if format != KvFormat::F32 {
-        assert!(differing * 20 <= blocks.max(20), "{format} {r}: {differing} of {blocks} blocks differ");
+        assert!(
+            differing * 20 <= blocks.max(20),
+            "{format} {r}: {differing} of {blocks} blocks differ"
+        );
     }
 
     // Dequantize + inverse rotation gives the input back within the format's error.
     let mut back = vec![0f32; data.len()];
     codec.dequantize(&cache, &mut back).unwrap();
-    let decoded = if cache.is_empty() { Vec::new() } else { format.dequantize_row(&cache).unwrap() };
+    let decoded = if cache.is_empty() {
+        Vec::new()
+    } else {
+        format.dequantize_row(&cache).unwrap()
+    };
     let mut want: Vec<f64> = decoded.iter().map(|v| f64::from(*v)).collect();
     r.rotate_rows(&mut want, true).unwrap();
     let back: Vec<f64> = back.iter().map(|v| f64::from(*v)).collect();
-    tolerance(Op::Rotation, Precision::F32).check(&back, &want).unwrap();
+    tolerance(Op::Rotation, Precision::F32)
+        .check(&back, &want)
+        .unwrap();
 }
 
 #[test]
@@ -156,15 +184,22 @@ fn rows_land_at_the_offset_and_nowhere_else() {
     let rb = codec.row_bytes();
     let mut cache = vec![0xAAu8; 10 * rb];
     codec.quantize(&rows(3, 128, 2), &mut cache, 4).unwrap();
-    assert!(cache[..4 * rb].iter().chain(&cache[7 * rb..]).all(|b| *b == 0xAA));
+    assert!(cache[..4 * rb]
+        .iter()
+        .chain(&cache[7 * rb..])
+        .all(|b| *b == 0xAA));
     assert!(cache[4 * rb..7 * rb].iter().any(|b| *b != 0xAA));
     // Too small a cache, a ragged input, an offset past the end: errors, cache untouched.
     let before = cache.clone();
     assert!(codec.quantize(&rows(3, 128, 2), &mut cache, 8).is_err());
     assert!(codec.quantize(&vec![0f32; 100], &mut cache, 0).is_err());
-    assert!(codec.quantize(&rows(1, 128, 2), &mut cache, usize::MAX).is_err());
+    assert!(codec
+        .quantize(&rows(1, 128, 2), &mut cache, usize::MAX)
+        .is_err());
     assert_eq!(cache, before);
-    assert!(codec.dequantize(&cache[..rb - 1], &mut vec![0f32; 128]).is_err());
+    assert!(codec
+        .dequantize(&cache[..rb - 1], &mut vec![0f32; 128])
+        .is_err());
     assert!(CacheCodec::new(KvFormat::Q4_0, 100, None, Isa::best()).is_err());
     assert!(CacheCodec::new(KvFormat::Q4_0, 64, Some(&r), Isa::best()).is_err());
 }

@@ -11,7 +11,9 @@ use rotq_cpu::{CpuRotation, FwhtConfig, Isa};
 
 fn random_rows(len: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut g = SplitMix64::new(seed);
-    (0..len).map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale).collect()
+    (0..len)
+        .map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale)
+        .collect()
 }
 
 /// The oracle's rotation of each row (f64), inverse when asked.
@@ -44,7 +46,10 @@ fn check(r: &Rotation, rows: &[f32], isa: Isa, config: FwhtConfig) {
 }
 
 fn rotations(n: usize, seed: u64) -> Vec<Rotation> {
-    let mut v = vec![Rotation::hadamard(n).unwrap(), Rotation::randomized(n, seed).unwrap()];
+    let mut v = vec![
+        Rotation::hadamard(n).unwrap(),
+        Rotation::randomized(n, seed).unwrap(),
+    ];
     let low = n & n.wrapping_neg();
     for b in [1usize, 8, 64] {
         if b <= low {
@@ -59,7 +64,9 @@ fn rotations(n: usize, seed: u64) -> Vec<Rotation> {
 
 #[test]
 fn every_size_up_to_4096_matches_the_oracle() {
-    let sizes: Vec<usize> = (1..=4096).filter(|&n| HadamardSize::new(n).is_ok()).collect();
+    let sizes: Vec<usize> = (1..=4096)
+        .filter(|&n| HadamardSize::new(n).is_ok())
+        .collect();
     for isa in Isa::all_available() {
         for &n in &sizes {
             let rows = random_rows(3 * n, n as u64, 3.0);
@@ -117,8 +124,12 @@ fn half_precision_storage_matches_the_oracle() {
             kernel.rows_bf16(&mut b, false).unwrap();
             let got_h: Vec<f64> = h.iter().map(|v| f64::from(v.to_f32())).collect();
             let got_b: Vec<f64> = b.iter().map(|v| f64::from(v.to_f32())).collect();
-            tolerance(Op::Rotation, Precision::F16).check(&got_h, &want_h).unwrap();
-            tolerance(Op::Rotation, Precision::Bf16).check(&got_b, &want_b).unwrap();
+            tolerance(Op::Rotation, Precision::F16)
+                .check(&got_h, &want_h)
+                .unwrap();
+            tolerance(Op::Rotation, Precision::Bf16)
+                .check(&got_b, &want_b)
+                .unwrap();
         }
     }
 }
@@ -127,6 +138,6 @@ fn half_precision_storage_matches_the_oracle() {
 fn wrong_lengths_are_errors() {
     let kernel = CpuRotation::new(&Rotation::hadamard(64).unwrap(), Isa::best());
     assert!(kernel.forward_rows(&mut vec![0.0; 100]).is_err());
-    assert!(kernel.rows_f16(&mut vec![f16::ZERO; 65], false).is_err());
+    assert!(kernel.rows_f16(&mut [f16::ZERO; 65], false).is_err());
     assert!(kernel.forward_rows(&mut []).is_ok());
 }

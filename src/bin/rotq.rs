@@ -2,6 +2,7 @@
 //! measure format quality, and list the formats.
 
 use clap::{Args, Parser, Subcommand};
+use rotq::bench::{self, BenchOptions};
 use rotq::eval::{default_formats, evaluate, render_table, Synthetic};
 use rotq::{files, Error, KvFormat, RotationSpec};
 use std::path::PathBuf;
@@ -57,6 +58,18 @@ enum Command {
         /// Print one JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Time the kernels side by side with their peers and the copy-bandwidth ceiling.
+    Bench {
+        /// `cpu` (the CUDA backend is not built yet).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Smaller buffers and fewer runs (a quick look, not a measurement).
+        #[arg(long)]
+        quick: bool,
     },
     /// List the KV-cache formats of the registry.
     Info,
@@ -145,6 +158,52 @@ fn run(command: Command) -> Result<(), Error> {
                 }
             } else {
                 print!("{}", render_table(&rows));
+            }
+        }
+        Command::Bench {
+            device,
+            json,
+            quick,
+        } => {
+            if device != "cpu" {
+                return Err(Error::Input(format!(
+                    "device `{device}`: only `cpu` can be benchmarked (the CUDA backend is not built yet)"
+                )));
+            }
+            let opts = if quick {
+                BenchOptions {
+                    bytes: 8 << 20,
+                    tokens: 4096,
+                    runs: 3,
+                }
+            } else {
+                BenchOptions::default()
+            };
+            eprintln!(
+                "cpu: {} threads, {} ; buffers of {} MiB, {} tokens; median of {} runs",
+                rayon::current_num_threads(),
+                rotq_cpu::Isa::best(),
+                opts.bytes >> 20,
+                opts.tokens,
+                opts.runs
+            );
+            let records = bench::run_all(&opts, |what| eprintln!("  timing {what} ..."))?;
+            for r in &records {
+                if json {
+                    println!("{}", serde_json::to_string(r).expect("records serialize"));
+                } else {
+                    println!(
+                        "{:<26} {:>8.2} GB/s  vs {:<36} {:>8.2} GB/s  x{:<6.2} ceiling {:>6.2} GB/s ({:>3.0}%)  [{}]",
+                        r.kernel,
+                        r.ours_gbps,
+                        r.peer,
+                        r.peer_gbps,
+                        r.ratio,
+                        r.ceiling_gbps,
+                        100.0 * r.ours_gbps / r.ceiling_gbps,
+                        r.shape
+                    );
+                }
             }
         }
         Command::Info => {

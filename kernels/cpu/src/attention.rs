@@ -97,6 +97,9 @@ pub struct AttentionConfig {
     pub block_m: usize,
     /// Slices of the cache per query block; 0 picks enough to keep every thread busy.
     pub kv_splits: usize,
+    /// KV heads per task; 0 means all of them for decode-sized query blocks (so a task
+    /// streams the cache in address order) and one otherwise.
+    pub heads_per_task: usize,
 }
 
 impl Default for AttentionConfig {
@@ -105,6 +108,7 @@ impl Default for AttentionConfig {
             block_n: 64,
             block_m: 16,
             kv_splits: 0,
+            heads_per_task: 0,
         }
     }
 }
@@ -116,11 +120,14 @@ impl AttentionConfig {
         for block_n in [16, 32, 64, 128, 256] {
             for block_m in [1, 4, 16, 64] {
                 for kv_splits in [0, 1, 2, 4, 8, 16] {
-                    v.push(Self {
-                        block_n,
-                        block_m,
-                        kv_splits,
-                    });
+                    for heads_per_task in [0, 1, 2, 8] {
+                        v.push(Self {
+                            block_n,
+                            block_m,
+                            kv_splits,
+                            heads_per_task,
+                        });
+                    }
                 }
             }
         }
@@ -200,11 +207,11 @@ struct Partial {
     seen: Vec<bool>,
 }
 
-/// A unit of work: problem, KV head, query rows, key slice.
+/// A unit of work: problem, KV heads, query rows, key slice.
 #[derive(Clone, Debug)]
 struct Task {
     problem: usize,
-    head: usize,
+    heads: Range<usize>,
     rows: Range<usize>,
     keys: Range<usize>,
 }
@@ -226,7 +233,7 @@ impl CpuAttention {
         self.config = AttentionConfig {
             block_n: config.block_n.max(1),
             block_m: config.block_m.max(1),
-            kv_splits: config.kv_splits,
+            ..config
         };
         self
     }
@@ -243,7 +250,10 @@ impl CpuAttention {
         params: &AttentionParams,
     ) -> Result<Vec<f32>> {
         let problem = self.prepare(q, n_q, h_q, k, v, params)?;
-        Ok(self.solve(&[problem]).pop().expect("one problem, one output"))
+        Ok(self
+            .solve(&[problem])
+            .pop()
+            .expect("one problem, one output"))
     }
 
     /// Decode for many sequences at once: one query row each (`q` is `[h_q, d]`), every
@@ -269,7 +279,9 @@ impl CpuAttention {
         let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
         let shape = |m: String| Err(Error::Shape(m));
         if h_kv == 0 || h_q == 0 || h_q % h_kv != 0 {
-            return shape(format!("h_q {h_q} must be a positive multiple of h_kv {h_kv}"));
+            return shape(format!(
+                "h_q {h_q} must be a positive multiple of h_kv {h_kv}"
+            ));
         }
         if (v.n_tokens, v.n_heads) != (k.n_tokens, h_kv) {
             return shape(format!(
@@ -319,13 +331,22 @@ impl CpuAttention {
     fn solve(&self, problems: &[Problem<'_>]) -> Vec<Vec<f32>> {
         let cfg = self.config;
         let threads = rayon::current_num_threads().max(1);
+        // Query blocks of one KV head each, over all problems (to size the splits).
         let blocks: usize = problems
             .iter()
             .map(|p| p.k.n_heads * p.n_q.div_ceil(cfg.block_m))
-            .sum();
+            .sum::<usize>()
+            / problems.len().max(1);
         let mut tasks = Vec::new();
         for (pi, p) in problems.iter().enumerate() {
-            for head in 0..p.k.n_heads {
+            let h_kv = p.k.n_heads;
+            let per_task = match cfg.heads_per_task {
+                0 if cfg.block_m.min(p.n_q) <= 4 => h_kv,
+                0 => 1,
+                h => h.min(h_kv),
+            };
+            for h0 in (0..h_kv).step_by(per_task) {
+                let heads = h0..(h0 + per_task).min(h_kv);
                 for r0 in (0..p.n_q).step_by(cfg.block_m) {
                     let rows = r0..(r0 + cfg.block_m).min(p.n_q);
                     let keys = p.visible(rows.start).start..p.visible(rows.end - 1).end;
@@ -334,6 +355,7 @@ impl CpuAttention {
                         cfg.kv_splits
                     } else {
                         // Enough tasks for every thread, slices of at least 4 tiles.
+                        let blocks = (blocks / per_task.max(1)).max(1);
                         (4 * threads)
                             .div_ceil(blocks.max(1))
                             .min(keys.len().div_ceil(4 * cfg.block_n))
@@ -345,7 +367,7 @@ impl CpuAttention {
                         let e = (s + per).min(keys.end);
                         tasks.push(Task {
                             problem: pi,
-                            head,
+                            heads: heads.clone(),
                             rows: rows.clone(),
                             keys: s..e,
                         });
@@ -371,13 +393,18 @@ impl CpuAttention {
             let mut j = i + 1;
             while j < tasks.len()
                 && tasks[j].problem == tasks[i].problem
-                && tasks[j].head == tasks[i].head
+                && tasks[j].heads == tasks[i].heads
                 && tasks[j].rows == tasks[i].rows
             {
                 j += 1;
             }
             let p = &problems[tasks[i].problem];
-            finish(p, &tasks[i], &partials[i..j], &mut outputs[tasks[i].problem]);
+            finish(
+                p,
+                &tasks[i],
+                &partials[i..j],
+                &mut outputs[tasks[i].problem],
+            );
             i = j;
         }
         if let Some(r) = &self.v {
@@ -388,53 +415,79 @@ impl CpuAttention {
         outputs
     }
 
-    /// Online softmax over one task's key slice.
+    /// Online softmax over one task's key slice, compiled for the task's instruction set.
     fn partial(&self, p: &Problem<'_>, task: &Task) -> Partial {
+        match self.isa {
+            // SAFETY: Isa::Avx2 is only used when the CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.partial_avx2(p, task) },
+            _ => self.partial_impl(p, task),
+        }
+    }
+
+    /// [`Self::partial_impl`] compiled with AVX2 enabled, so the SIMD helpers inline into it.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn partial_avx2(&self, p: &Problem<'_>, task: &Task) -> Partial {
+        self.partial_impl(p, task)
+    }
+
+    #[inline(always)]
+    fn partial_impl(&self, p: &Problem<'_>, task: &Task) -> Partial {
         let (d, d_v, g) = (p.k.dim, p.v.dim, p.group());
         let n_rows = task.rows.len();
-        let lanes = n_rows * g; // (row, head of the group), row-major
+        let width = task.heads.len() * g; // query heads of the task
+        let lanes = n_rows * width; // lane = row · width + (head − first head) · g + j
         let bn = self.config.block_n;
         let mut m = vec![f32::NEG_INFINITY; lanes];
         let mut l = vec![0.0f32; lanes];
         let mut seen = vec![false; lanes];
         let mut acc = vec![0.0f32; lanes * d_v];
-        let mut kbuf = vec![0.0f32; d];
-        let mut vbuf = vec![0.0f32; d_v];
+        // Dequantized K and V rows of one head for one tile (they stay in L1/L2).
+        let mut ktile = vec![0.0f32; bn * d];
+        let mut vtile = vec![0.0f32; bn * d_v];
         let mut scores = vec![f32::NEG_INFINITY; lanes * bn];
         let ranges: Vec<Range<usize>> = task.rows.clone().map(|i| p.visible(i)).collect();
         let softcap = p.params.softcap.map(|c| c as f32);
-        let head0 = task.head * g;
         let mut t0 = task.keys.start;
         while t0 < task.keys.end {
             let t1 = (t0 + bn).min(task.keys.end);
-            // Scores of the tile.
-            for t in t0..t1 {
-                if !ranges.iter().any(|r| r.contains(&t)) {
-                    continue;
+            // Tokens of the tile that some row sees (a contiguous range).
+            let lo = ranges.iter().map(|r| r.start.max(t0)).min().unwrap_or(t1);
+            let hi = ranges.iter().map(|r| r.end.min(t1)).max().unwrap_or(t0);
+            // Scores: each K row dequantized once for all rows and heads of its group.
+            for (hh, head) in task.heads.clone().enumerate() {
+                for t in lo..hi {
+                    let row = &mut ktile[(t - t0) * d..][..d];
+                    dequantize_row(p.k.format, p.k.row(t, head), row, self.isa);
                 }
-                dequantize_row(p.k.format, p.k.row(t, task.head), &mut kbuf, self.isa);
                 for (ri, i) in task.rows.clone().enumerate() {
-                    if !ranges[ri].contains(&t) {
-                        continue;
-                    }
-                    for hg in 0..g {
-                        let qrow = &p.q[((i * p.h_q) + head0 + hg) * d..][..d];
-                        let mut s = dot(qrow, &kbuf, self.isa);
-                        if let Some(c) = softcap {
-                            s = c * (s / c).tanh();
+                    let q = &p.q[(i * p.h_q + head * g) * d..][..g * d];
+                    let lane0 = ri * width + hh * g;
+                    let mut out = [0.0f32; 8];
+                    for t in ranges[ri].start.max(t0)..ranges[ri].end.min(t1) {
+                        let k = &ktile[(t - t0) * d..][..d];
+                        for (c, qc) in q.chunks(8 * d).enumerate() {
+                            let n = qc.len() / d;
+                            dots(qc, k, &mut out[..n], self.isa);
+                            for (j, s) in out[..n].iter().enumerate() {
+                                let s = softcap.map_or(*s, |c| c * (s / c).tanh());
+                                scores[(lane0 + 8 * c + j) * bn + (t - t0)] = s;
+                            }
                         }
-                        scores[(ri * g + hg) * bn + (t - t0)] = s;
                     }
                 }
             }
             // Softmax bookkeeping, per lane over its visible keys of the tile.
-            for ri in 0..n_rows {
-                let vis = ranges[ri].start.max(t0)..ranges[ri].end.min(t1);
+            for (ri, r) in ranges.iter().enumerate() {
+                let vis = r.start.max(t0)..r.end.min(t1);
                 if vis.is_empty() {
                     continue;
                 }
-                for hg in 0..g {
-                    let lane = ri * g + hg;
+                for lane in ri * width..(ri + 1) * width {
                     let row = &mut scores[lane * bn..][vis.start - t0..vis.end - t0];
                     let tile_max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let m_new = m[lane].max(tile_max);
@@ -446,11 +499,7 @@ impl CpuAttention {
                         continue;
                     }
                     let corr = (m[lane] - m_new).exp();
-                    let mut sum = 0.0f32;
-                    for s in row.iter_mut() {
-                        *s = (*s - m_new).exp();
-                        sum += *s;
-                    }
+                    let sum = exp_shifted(row, m_new, self.isa);
                     if corr != 1.0 {
                         l[lane] *= corr;
                         acc[lane * d_v..][..d_v].iter_mut().for_each(|a| *a *= corr);
@@ -459,20 +508,21 @@ impl CpuAttention {
                     m[lane] = m_new;
                 }
             }
-            // Weighted V rows, each dequantized once for the whole group.
-            for t in t0..t1 {
-                if !ranges.iter().any(|r| r.contains(&t)) {
-                    continue;
+            // Weighted sums of V rows, each dequantized once for all rows and heads.
+            for (hh, head) in task.heads.clone().enumerate() {
+                for t in lo..hi {
+                    let row = &mut vtile[(t - t0) * d_v..][..d_v];
+                    dequantize_row(p.v.format, p.v.row(t, head), row, self.isa);
                 }
-                dequantize_row(p.v.format, p.v.row(t, task.head), &mut vbuf, self.isa);
-                for ri in 0..n_rows {
-                    if !ranges[ri].contains(&t) {
+                for (ri, r) in ranges.iter().enumerate() {
+                    let vis = r.start.max(t0)..r.end.min(t1);
+                    if vis.is_empty() {
                         continue;
                     }
-                    for hg in 0..g {
-                        let lane = ri * g + hg;
-                        let w = scores[lane * bn + (t - t0)];
-                        axpy(&mut acc[lane * d_v..][..d_v], w, &vbuf, self.isa);
+                    let rows = &vtile[(vis.start - t0) * d_v..(vis.end - t0) * d_v];
+                    for lane in ri * width + hh * g..ri * width + (hh + 1) * g {
+                        let w = &scores[lane * bn..][vis.start - t0..vis.end - t0];
+                        weighted_sum(&mut acc[lane * d_v..][..d_v], w, rows, self.isa);
                     }
                 }
             }
@@ -482,18 +532,24 @@ impl CpuAttention {
     }
 }
 
-/// Merges the partials of one (head, rows) block and writes `acc / l` into `out`.
+/// Merges the partials of one (heads, rows) block and writes `acc / l` into `out`.
 ///
 /// A slice that saw no key with a score above −Inf contributes nothing; if no slice did, the
 /// row is zeros when no key was visible and NaN when visible keys all scored −Inf (the
 /// oracle's 0/0). NaN anywhere in a slice's sums carries through to the row.
 fn finish(p: &Problem<'_>, task: &Task, parts: &[Partial], out: &mut [f32]) {
-    let (d_v, g) = (p.v.dim, p.group());
+    let d_v = p.v.dim;
+    let width = task.heads.len() * p.group();
+    let first = task.heads.start * p.group();
     for (ri, i) in task.rows.clone().enumerate() {
-        for hg in 0..g {
-            let lane = ri * g + hg;
-            let o = &mut out[(i * p.h_q + task.head * g + hg) * d_v..][..d_v];
-            let live = || parts.iter().filter(|part| part.m[lane] != f32::NEG_INFINITY || part.l[lane].is_nan());
+        for j in 0..width {
+            let lane = ri * width + j;
+            let o = &mut out[(i * p.h_q + first + j) * d_v..][..d_v];
+            let live = || {
+                parts
+                    .iter()
+                    .filter(|part| part.m[lane] != f32::NEG_INFINITY || part.l[lane].is_nan())
+            };
             let m = live().fold(f32::NEG_INFINITY, |a, part| a.max(part.m[lane]));
             if live().next().is_none() {
                 let seen = parts.iter().any(|part| part.seen[lane]);
@@ -528,21 +584,50 @@ pub struct DecodeRequest<'a> {
     pub params: AttentionParams,
 }
 
-fn dot(a: &[f32], b: &[f32], isa: Isa) -> f32 {
+/// `out[j] = q_j · k` for the `out.len()` consecutive rows `q_j` of `q` (each `k.len()` long).
+#[inline(always)]
+fn dots(q: &[f32], k: &[f32], out: &mut [f32], isa: Isa) {
     match isa {
-        // SAFETY: Isa::Avx2 is only used when the CPU has it; the slices have equal lengths.
+        // SAFETY: Isa::Avx2 is only used when the CPU has it; q holds out.len() rows of k.len().
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { simd::dot(a, b) },
-        _ => a.iter().zip(b).map(|(x, y)| x * y).sum(),
+        Isa::Avx2 => unsafe { simd::dots(q, k, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(q.chunks_exact(k.len())) {
+                *o = row.iter().zip(k).map(|(x, y)| x * y).sum();
+            }
+        }
     }
 }
 
-fn axpy(acc: &mut [f32], w: f32, x: &[f32], isa: Isa) {
+/// `row[i] ← exp(row[i] − m)`; returns the sum.
+#[inline(always)]
+fn exp_shifted(row: &mut [f32], m: f32, isa: Isa) -> f32 {
     match isa {
         // SAFETY: Isa::Avx2 is only used when the CPU has it.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { simd::axpy(acc, w, x) },
-        _ => acc.iter_mut().zip(x).for_each(|(a, v)| *a += w * v),
+        Isa::Avx2 => unsafe { simd::exp_shifted(row, m) },
+        _ => row
+            .iter_mut()
+            .map(|s| {
+                *s = (*s - m).exp();
+                *s
+            })
+            .sum(),
+    }
+}
+
+/// `acc += Σ_t w[t] · rows[t]` (rows of `acc.len()` values).
+#[inline(always)]
+fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32], isa: Isa) {
+    match isa {
+        // SAFETY: Isa::Avx2 is only used when the CPU has it; rows holds w.len() rows.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { simd::weighted_sum(acc, w, rows) },
+        _ => {
+            for (wt, row) in w.iter().zip(rows.chunks_exact(acc.len())) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += wt * v);
+            }
+        }
     }
 }
 
@@ -550,58 +635,172 @@ fn axpy(acc: &mut [f32], w: f32, x: &[f32], isa: Isa) {
 mod simd {
     use std::arch::x86_64::*;
 
-    /// `Σ a·b` with four 8-lane accumulators.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+
+    /// Up to 8 dot products against one `k`, four rows at a time sharing its loads.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `a.len() == b.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        // SAFETY: every load reads 8 values starting below n - 7.
-        while i + 32 <= n {
-            for (k, a_k) in acc.iter_mut().enumerate() {
-                let o = i + 8 * k;
-                *a_k = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *a_k);
+    /// AVX2 and FMA must be available; `q.len() == out.len() * k.len()`, `out.len() <= 8`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dots(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let d = k.len();
+        let d8 = d / 8 * 8;
+        let pk = k.as_ptr();
+        let mut r = 0;
+        // SAFETY (all loops): column i + 8 <= d8 <= d and row r + j < out.len(), so every load
+        // is inside `q` (out.len() rows of d) or `k`.
+        while r + 4 <= out.len() {
+            let pq = q.as_ptr().add(r * d);
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
+            for i in (0..d8).step_by(8) {
+                let kv = _mm256_loadu_ps(pk.add(i));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), kv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(d + i)), kv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(2 * d + i)), kv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(3 * d + i)), kv, a3);
             }
-            i += 32;
+            for (j, a) in [a0, a1, a2, a3].into_iter().enumerate() {
+                let mut total = hsum(a);
+                for i in d8..d {
+                    total += q[(r + j) * d + i] * k[i];
+                }
+                out[r + j] = total;
+            }
+            r += 4;
         }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
-            i += 8;
+        while r < out.len() {
+            let pq = q.as_ptr().add(r * d);
+            let mut a = _mm256_setzero_ps();
+            for i in (0..d8).step_by(8) {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), _mm256_loadu_ps(pk.add(i)), a);
+            }
+            let mut total = hsum(a);
+            for i in d8..d {
+                total += q[r * d + i] * k[i];
+            }
+            out[r] = total;
+            r += 1;
         }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
-        let mut total = _mm_cvtss_f32(h);
-        while i < n {
-            total += a[i] * b[i];
-            i += 1;
+    }
+
+    /// `exp(x)` for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): 0 below the
+    /// smallest normal result (and for −Inf), +Inf above the largest, NaN kept.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let hi = _mm256_set1_ps(88.376_26);
+        let lo = _mm256_set1_ps(-87.336_55);
+        let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_359_4), xc);
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(k),
+            _mm256_set1_epi32(127),
+        ));
+        let v = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+        let v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
+        let v = _mm256_blendv_ps(
+            v,
+            _mm256_set1_ps(f32::INFINITY),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi),
+        );
+        _mm256_blendv_ps(v, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+    }
+
+    /// `row[i] ← exp(row[i] − m)`, returning the sum.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
+        let n8 = row.len() / 8 * 8;
+        let mv = _mm256_set1_ps(m);
+        let mut sum = _mm256_setzero_ps();
+        let p = row.as_mut_ptr();
+        // SAFETY: i + 8 <= n8 <= row.len().
+        for i in (0..n8).step_by(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+            _mm256_storeu_ps(p.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let mut total = hsum(sum);
+        for v in &mut row[n8..] {
+            *v = (*v - m).exp();
+            total += *v;
         }
         total
     }
 
-    /// `acc += w·x`.
+    /// `acc += Σ_t w[t] · rows[t]`, 64 columns at a time held in registers across the rows.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `acc.len() == x.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
-        let n = acc.len();
-        let (pa, px) = (acc.as_mut_ptr(), x.as_ptr());
-        let wv = _mm256_set1_ps(w);
-        let mut i = 0;
-        // SAFETY: every access covers 8 values starting below n - 7.
-        while i + 8 <= n {
-            _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(pa.add(i))));
-            i += 8;
+    /// AVX2 and FMA must be available; `rows.len() == w.len() * acc.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32]) {
+        let d = acc.len();
+        let pa = acc.as_mut_ptr();
+        let pr = rows.as_ptr();
+        let mut c = 0;
+        // SAFETY (all loops): column c + 8·j + 8 <= d and row t < w.len(), so every access is
+        // inside `acc` or `rows`.
+        while c + 64 <= d {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (j, rj) in r.iter_mut().enumerate() {
+                *rj = _mm256_loadu_ps(pa.add(c + 8 * j));
+            }
+            for (t, wt) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(*wt);
+                let row = pr.add(t * d + c);
+                for (j, rj) in r.iter_mut().enumerate() {
+                    *rj = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * j)), *rj);
+                }
+            }
+            for (j, rj) in r.iter().enumerate() {
+                _mm256_storeu_ps(pa.add(c + 8 * j), *rj);
+            }
+            c += 64;
         }
-        while i < n {
-            acc[i] += w * x[i];
-            i += 1;
+        while c + 8 <= d {
+            let mut r = _mm256_loadu_ps(pa.add(c));
+            for (t, wt) in w.iter().enumerate() {
+                r = _mm256_fmadd_ps(_mm256_set1_ps(*wt), _mm256_loadu_ps(pr.add(t * d + c)), r);
+            }
+            _mm256_storeu_ps(pa.add(c), r);
+            c += 8;
+        }
+        for col in c..d {
+            for (t, wt) in w.iter().enumerate() {
+                acc[col] += wt * rows[t * d + col];
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Runtime dispatch: which instruction set the kernels use, chosen once per process.
 //!
 //! Every kernel has a portable path (plain Rust, which the compiler vectorizes where it can)
-//! and, on x86-64, an AVX2+FMA path selected at run time with `is_x86_feature_detected!`.
+//! and, on x86-64, an AVX2+FMA+F16C path selected at run time with `is_x86_feature_detected!`.
 //! Tests run both, so each is checked against the oracle on every x86-64 machine. On other
 //! architectures (aarch64 included) the portable path runs: it compiles to NEON there through
 //! the compiler's auto-vectorization, without hand-written intrinsics.
@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// Plain Rust, every architecture.
     Portable,
-    /// x86-64 with AVX2 and FMA.
+    /// x86-64 with AVX2, FMA and F16C.
     Avx2,
 }
 
@@ -67,7 +67,9 @@ impl fmt::Display for Isa {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

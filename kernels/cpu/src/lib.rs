@@ -13,7 +13,6 @@ mod fwht;
 mod isa;
 mod quant;
 
-
 pub use attention::{AttentionConfig, CpuAttention, DecodeRequest, KvCacheView};
 pub use fwht::{CpuRotation, FwhtConfig};
 pub use isa::Isa;

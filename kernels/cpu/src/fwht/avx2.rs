@@ -43,7 +43,7 @@ unsafe fn finish(v: __m256, post: Option<Post<'_>>, i: usize) -> __m256 {
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.len()` must be a power of two, and `pre` / a `post`
 /// vector must have length `x.len()`.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn fwht(x: &mut [f32], pre: Option<&[f32]>, post: Post<'_>) {
     let n = x.len();
     if n < 8 {
@@ -98,7 +98,7 @@ pub(crate) unsafe fn fwht(x: &mut [f32], pre: Option<&[f32]>, post: Post<'_>) {
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn mix(x: &[f32], y: &mut [f32], signs: &[f32], m: usize, post: Post<'_>) {
     portable::mix(x, y, signs, m, post)
 }

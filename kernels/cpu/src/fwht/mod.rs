@@ -278,16 +278,22 @@ impl CpuRotation {
     /// assert_eq!(x[1], f16::from_f32(0.0));
     /// ```
     pub fn rows_f16(&self, data: &mut [f16], inverse: bool) -> Result<()> {
-        self.rows_half(data, inverse, |h, f| h.convert_to_f32_slice(f), |h, f| {
-            h.convert_from_f32_slice(f)
-        })
+        self.rows_half(
+            data,
+            inverse,
+            |h, f| h.convert_to_f32_slice(f),
+            |h, f| h.convert_from_f32_slice(f),
+        )
     }
 
     /// Rotates rows stored as bf16 (computed in f32, rounded back to nearest even).
     pub fn rows_bf16(&self, data: &mut [bf16], inverse: bool) -> Result<()> {
-        self.rows_half(data, inverse, |h, f| h.convert_to_f32_slice(f), |h, f| {
-            h.convert_from_f32_slice(f)
-        })
+        self.rows_half(
+            data,
+            inverse,
+            |h, f| h.convert_to_f32_slice(f),
+            |h, f| h.convert_from_f32_slice(f),
+        )
     }
 
     fn rows_half<T: Send>(
@@ -340,7 +346,11 @@ fn hadamard_plan(size: hadamard::HadamardSize, signs: Option<&[f64]>) -> Plan {
 /// `Y = X Rᵀ` (or `X R` when `inverse`) for `rows` rows of `n`.
 fn matrix_rows(r: &[f32], n: usize, x: &[f32], y: &mut [f32], rows: usize, inverse: bool) {
     // Y[i][a] = Σ_b X[i][b] R[a][b]: B = Rᵀ has strides (1, n); for the inverse B = R, (n, 1).
-    let (rsb, csb) = if inverse { (n as isize, 1) } else { (1, n as isize) };
+    let (rsb, csb) = if inverse {
+        (n as isize, 1)
+    } else {
+        (1, n as isize)
+    };
     // SAFETY: the pointers cover rows×n (x, y) and n×n (r) f32 values with the given strides,
     // and y does not alias x or r.
     unsafe {

@@ -36,6 +36,25 @@ unsafe fn load_block(x: &[f32]) -> Option<([__m256; 4], f32)> {
     Some((v, _mm_cvtss_f32(m)))
 }
 
+/// f32 → f16 bits, round to nearest even (F16C; the same bits as the oracle's conversion).
+#[inline(always)]
+unsafe fn f16_bits(x: f32) -> u16 {
+    _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))) as u16
+}
+
+/// The index of the first lane of the block whose magnitude equals `amax`.
+#[inline(always)]
+unsafe fn first_with_magnitude(v: &[__m256; 4], amax: f32) -> usize {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let target = _mm256_set1_ps(amax);
+    let mut bits = 0u32;
+    for (k, vk) in v.iter().enumerate() {
+        let eq = _mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_and_ps(*vk, abs_mask), target);
+        bits |= (_mm256_movemask_ps(eq) as u32) << (8 * k);
+    }
+    bits.trailing_zeros() as usize
+}
+
 /// `d ? 1/d : 0`.
 #[inline(always)]
 fn inverse(d: f32) -> f32 {
@@ -51,33 +70,42 @@ fn inverse(d: f32) -> f32 {
 ///
 /// # Safety
 /// AVX2 must be available; `x` holds 32 values and `out` 34 bytes.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) -> bool {
     let Some((v, amax)) = load_block(x) else {
         return false;
     };
     let d = amax / 127.0;
-    let id = _mm256_set1_ps(inverse(d));
-    out[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+    let id = inverse(d);
+    if !id.is_finite() {
+        // A subnormal scale: the oracle's conversion rules decide the (all-zero) codes.
+        return false;
+    }
+    let id = _mm256_set1_ps(id);
+    out[..2].copy_from_slice(&f16_bits(d).to_le_bytes());
     let half = _mm256_set1_ps(0.5);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
     let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
     let one = _mm256_set1_ps(1.0);
-    let mut codes = [0i32; 32];
-    for (k, vk) in v.iter().enumerate() {
-        let s = _mm256_mul_ps(*vk, id);
+    let mut c = [_mm256_setzero_si256(); 4];
+    for (ck, vk) in c.iter_mut().zip(v) {
+        let s = _mm256_mul_ps(vk, id);
         // roundf: truncate, then step away from zero when the dropped part is at least 1/2.
         let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
         let frac = _mm256_and_ps(_mm256_sub_ps(s, t), abs_mask);
         let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
         let step = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(s, sign_mask)));
-        let r = _mm256_add_ps(t, step);
-        // SAFETY: `codes` has 32 slots; k < 4.
-        _mm256_storeu_si256(codes.as_mut_ptr().add(8 * k).cast(), _mm256_cvttps_epi32(r));
+        *ck = _mm256_cvttps_epi32(_mm256_add_ps(t, step));
     }
-    for (o, c) in out[2..].iter_mut().zip(codes) {
-        *o = c as i8 as u8;
-    }
+    // Codes are within ±127, so the saturating packs are exact; then undo their lane order.
+    let a = _mm256_packs_epi32(c[0], c[1]);
+    let b = _mm256_packs_epi32(c[2], c[3]);
+    let bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(a, b),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+    );
+    // SAFETY: out holds 34 bytes; 32 are written from offset 2.
+    _mm256_storeu_si256(out.as_mut_ptr().add(2).cast(), bytes);
     true
 }
 
@@ -86,7 +114,7 @@ pub(crate) unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) -> bool {
 ///
 /// # Safety
 /// AVX2 must be available; `x` holds 32 values and `out` 18 bytes.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn quantize_q4_0(x: &[f32], out: &mut [u8]) -> bool {
     let Some((v, amax)) = load_block(x) else {
         return false;
@@ -96,24 +124,32 @@ pub(crate) unsafe fn quantize_q4_0(x: &[f32], out: &mut [u8]) -> bool {
     let max = if amax == 0.0 {
         0.0
     } else {
-        let first = x.iter().position(|e| e.abs() == amax).unwrap_or(0);
-        x[first]
+        x[first_with_magnitude(&v, amax)]
     };
     let d = max / -8.0;
-    let id = _mm256_set1_ps(inverse(d));
-    out[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+    let id = inverse(d);
+    if !id.is_finite() {
+        return false;
+    }
+    let id = _mm256_set1_ps(id);
+    out[..2].copy_from_slice(&f16_bits(d).to_le_bytes());
     let offset = _mm256_set1_ps(8.5);
     let fifteen = _mm256_set1_epi32(15);
-    let mut codes = [0i32; 32];
-    for (k, vk) in v.iter().enumerate() {
-        let s = _mm256_add_ps(_mm256_mul_ps(*vk, id), offset);
-        let c = _mm256_min_epi32(_mm256_cvttps_epi32(s), fifteen);
-        // SAFETY: `codes` has 32 slots; k < 4.
-        _mm256_storeu_si256(codes.as_mut_ptr().add(8 * k).cast(), c);
+    let mut c = [_mm256_setzero_si256(); 4];
+    for (ck, vk) in c.iter_mut().zip(v) {
+        let s = _mm256_add_ps(_mm256_mul_ps(vk, id), offset);
+        *ck = _mm256_min_epi32(_mm256_cvttps_epi32(s), fifteen);
     }
-    for j in 0..16 {
-        out[2 + j] = (codes[j] as u8 & 0x0F) | ((codes[j + 16] as u8) << 4);
-    }
+    // Byte j = code j | code (j + 16) << 4; codes are 0..=15.
+    let w0 = _mm256_or_si256(c[0], _mm256_slli_epi32::<4>(c[2]));
+    let w1 = _mm256_or_si256(c[1], _mm256_slli_epi32::<4>(c[3]));
+    let words = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(w0, w1));
+    let bytes = _mm_packus_epi16(
+        _mm256_castsi256_si128(words),
+        _mm256_extracti128_si256::<1>(words),
+    );
+    // SAFETY: out holds 18 bytes; 16 are written from offset 2.
+    _mm_storeu_si128(out.as_mut_ptr().add(2).cast(), bytes);
     true
 }
 
@@ -129,12 +165,16 @@ unsafe fn scale_i8x8(p: *const u8, d: __m256) -> __m256 {
 ///
 /// # Safety
 /// AVX2 must be available; `b` holds 34 bytes and `out` 32 values.
-#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
     let d = _mm256_set1_ps(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32());
     for k in 0..4 {
         // SAFETY: bytes 2 + 8k .. 10 + 8k and values 8k .. 8k + 8 are in range for k < 4.
-        _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), scale_i8x8(b.as_ptr().add(2 + 8 * k), d));
+        _mm256_storeu_ps(
+            out.as_mut_ptr().add(8 * k),
+            scale_i8x8(b.as_ptr().add(2 + 8 * k), d),
+        );
     }
 }
 
@@ -142,7 +182,8 @@ pub(crate) unsafe fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
 ///
 /// # Safety
 /// AVX2 must be available; `b` holds 18 bytes and `out` 32 values.
-#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
     let d = _mm256_set1_ps(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32());
     // SAFETY: bytes 2..18 are in range.
@@ -151,12 +192,71 @@ pub(crate) unsafe fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
     let high = _mm_and_si128(_mm_srli_epi16::<4>(q), _mm_set1_epi8(0x0F));
     let eight = _mm256_set1_epi32(8);
     let o = out.as_mut_ptr();
-    for (k, nibbles) in [low, _mm_srli_si128::<8>(low), high, _mm_srli_si128::<8>(high)]
-        .into_iter()
-        .enumerate()
+    for (k, nibbles) in [
+        low,
+        _mm_srli_si128::<8>(low),
+        high,
+        _mm_srli_si128::<8>(high),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let c = _mm256_sub_epi32(_mm256_cvtepu8_epi32(nibbles), eight);
         // SAFETY: values 8k .. 8k + 8 are in range for k < 4.
         _mm256_storeu_ps(o.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(c), d));
+    }
+}
+
+/// f32 → f16 (round to nearest even, as the oracle) for a whole row.
+///
+/// # Safety
+/// AVX2 and F16C must be available; `out.len() == 2 * x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_f16(x: &[f32], out: &mut [u8]) {
+    let n = x.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: i + 8 <= x.len() and 2 * (i + 8) <= out.len().
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr().add(i)));
+        _mm_storeu_si128(out.as_mut_ptr().add(2 * i).cast(), h);
+    }
+    for i in n..x.len() {
+        out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(x[i]).to_bits().to_le_bytes());
+    }
+}
+
+/// f16 → f32 for a whole row.
+///
+/// # Safety
+/// AVX2 and F16C must be available; `b.len() == 2 * out.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_f16(b: &[u8], out: &mut [f32]) {
+    let n = out.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: 2 * (i + 8) <= b.len() and i + 8 <= out.len().
+        let h = _mm_loadu_si128(b.as_ptr().add(2 * i).cast());
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    for i in n..out.len() {
+        out[i] = f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32();
+    }
+}
+
+/// bf16 → f32 (a shift) for a whole row.
+///
+/// # Safety
+/// AVX2 must be available; `b.len() == 2 * out.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_bf16(b: &[u8], out: &mut [f32]) {
+    let n = out.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: 2 * (i + 8) <= b.len() and i + 8 <= out.len().
+        let h = _mm_loadu_si128(b.as_ptr().add(2 * i).cast());
+        let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
+    }
+    for i in n..out.len() {
+        out[i] = f32::from_bits(u32::from(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])) << 16);
     }
 }

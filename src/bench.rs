@@ -1,0 +1,274 @@
+//! CPU benchmarks, each timed side by side with its peer in the same run, with the measured
+//! memory-copy bandwidth as the ceiling. Used by `rotq bench` and by the criterion benches.
+//!
+//! Bandwidth is always *bytes read plus bytes written* per second (GB/s = 10⁹ B/s):
+//! an in-place rotation of `N` bytes moves `2N`, a copy of `N` bytes moves `2N`, and attention
+//! reads its K and V caches (`N`) and writes a negligible output. The ceiling is the copy of a
+//! buffer as large as the one under test. Times are the median of several runs after a
+//! warm-up, on buffers larger than the last-level cache.
+
+use crate::Error;
+use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, Isa, KvCacheView};
+use rotq_reference::rotation::SplitMix64;
+use rotq_reference::{AttentionParams, KvFormat, Rotation, RotationPlan};
+use serde::Serialize;
+use std::time::Instant;
+
+/// One line of `rotq bench --json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BenchRecord {
+    /// The kernel under test.
+    pub kernel: String,
+    /// Its problem, in words.
+    pub shape: String,
+    /// Our throughput (GB/s, bytes read + written).
+    pub ours_gbps: f64,
+    /// The peer it is compared with.
+    pub peer: String,
+    /// The peer's throughput on the same data (GB/s).
+    pub peer_gbps: f64,
+    /// `ours_gbps / peer_gbps`.
+    pub ratio: f64,
+    /// Copy bandwidth over a buffer of the same size (GB/s).
+    pub ceiling_gbps: f64,
+}
+
+/// How long to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// Bytes of f32 rows for the rotation and quantization benches.
+    pub bytes: usize,
+    /// Cached tokens for the decode bench.
+    pub tokens: usize,
+    /// Timed runs per measurement (the median is kept).
+    pub runs: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            bytes: 64 << 20,
+            tokens: 32 * 1024,
+            runs: 7,
+        }
+    }
+}
+
+/// Median seconds of `runs` calls of `f`, after one warm-up call.
+pub fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut g = SplitMix64::new(seed);
+    (0..len)
+        .map(|_| (g.next_f64() * 2.0 - 1.0) as f32)
+        .collect()
+}
+
+/// Copy bandwidth (read + written) over `bytes` bytes, with the threads the kernels use.
+pub fn copy_bandwidth(bytes: usize, runs: usize) -> f64 {
+    use rayon::prelude::*;
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let chunk = (bytes / rayon::current_num_threads().max(1)).max(1 << 16);
+    let secs = median_secs(runs, || {
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    });
+    std::hint::black_box(&dst);
+    gbps(2 * bytes, secs)
+}
+
+/// `Y = X Hᵀ` with a dense f32 GEMM: the rotation engines use today.
+fn dense_rotation(h: &[f32], n: usize, x: &[f32], y: &mut [f32]) {
+    use rayon::prelude::*;
+    let rows_per_task = (1usize << 14) / n.max(1) + 1;
+    y.par_chunks_mut(rows_per_task * n)
+        .zip(x.par_chunks(rows_per_task * n))
+        .for_each(|(yc, xc)| {
+            let rows = xc.len() / n;
+            // SAFETY: xc is rows×n, h is n×n (read transposed), yc is rows×n, no aliasing.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    n,
+                    n,
+                    1.0,
+                    xc.as_ptr(),
+                    n as isize,
+                    1,
+                    h.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    yc.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        });
+}
+
+/// FWHT f32 over `bytes` of rows of `n`: ours vs the dense matmul and vs the portable FWHT.
+pub fn fwht(n: usize, opts: &BenchOptions, ceiling: f64) -> Result<Vec<BenchRecord>, Error> {
+    let len = opts.bytes / 4 / n * n;
+    let rotation = Rotation::hadamard(n)?;
+    let ours = CpuRotation::new(&rotation, Isa::best());
+    let portable = CpuRotation::new(&rotation, Isa::Portable);
+    let mut x = random(len, 1);
+    let traffic = 2 * 4 * len;
+    let ours_s = median_secs(opts.runs, || ours.forward_rows(&mut x).expect("whole rows"));
+    let portable_s = median_secs(opts.runs, || {
+        portable.forward_rows(&mut x).expect("whole rows")
+    });
+    let h: Vec<f32> = rotation.to_matrix().iter().map(|v| *v as f32).collect();
+    let mut y = vec![0f32; len];
+    // The dense product costs n² per row: at large n time it on fewer rows and scale up
+    // (its cost per row does not depend on the row count).
+    let dense_rows = (len / n).min(((1usize << 29) / (n * n)).max(8));
+    let dense_len = dense_rows * n;
+    let dense_s = median_secs(opts.runs.min(3), || {
+        dense_rotation(&h, n, &x[..dense_len], &mut y[..dense_len])
+    }) * (len as f64 / dense_len as f64);
+    let shape = format!("{} rows x {n} f32 ({} MiB)", len / n, (4 * len) >> 20);
+    let ours_gbps = gbps(traffic, ours_s);
+    Ok([
+        ("dense n x n matmul", dense_s),
+        ("portable FWHT", portable_s),
+    ]
+    .into_iter()
+    .map(|(peer, s)| BenchRecord {
+        kernel: format!("fwht_f32_n{n}"),
+        shape: shape.clone(),
+        ours_gbps,
+        peer: peer.into(),
+        peer_gbps: gbps(traffic, s),
+        ratio: s / ours_s,
+        ceiling_gbps: ceiling,
+    })
+    .collect())
+}
+
+/// Fused rotate-quantize (f32 rows of 128 → `format`) vs rotating, writing f32, then
+/// quantizing in a second pass.
+pub fn rotate_quantize(
+    format: KvFormat,
+    opts: &BenchOptions,
+    ceiling: f64,
+) -> Result<BenchRecord, Error> {
+    let n = 128;
+    let len = opts.bytes / 4 / n * n;
+    let rows = len / n;
+    let rotation = Rotation::hadamard(n)?;
+    let fused = CacheCodec::new(format, n, Some(&rotation), Isa::best())?;
+    let plain = CacheCodec::new(format, n, None, Isa::best())?;
+    let rotate = CpuRotation::new(&rotation, Isa::best());
+    let x = random(len, 2);
+    let mut tmp = vec![0f32; len];
+    let mut cache = vec![0u8; rows * fused.row_bytes()];
+    let traffic = 4 * len + cache.len();
+    let fused_s = median_secs(opts.runs, || {
+        fused.quantize(&x, &mut cache, 0).expect("whole rows")
+    });
+    let two_pass_s = median_secs(opts.runs, || {
+        tmp.copy_from_slice(&x);
+        rotate.forward_rows(&mut tmp).expect("whole rows");
+        plain.quantize(&tmp, &mut cache, 0).expect("whole rows");
+    });
+    Ok(BenchRecord {
+        kernel: format!("rotate_quantize_{format}"),
+        shape: format!("{rows} rows x {n} f32 -> {format}"),
+        ours_gbps: gbps(traffic, fused_s),
+        peer: "rotate, then quantize (two passes)".into(),
+        peer_gbps: gbps(traffic, two_pass_s),
+        ratio: two_pass_s / fused_s,
+        ceiling_gbps: ceiling,
+    })
+}
+
+/// Decode attention, one sequence of `opts.tokens`, 8 KV heads × 128, 32 query heads, K and V
+/// in `format` with Hadamard-rotated K, vs the same kernel on an f16 cache.
+pub fn decode(format: KvFormat, opts: &BenchOptions) -> Result<BenchRecord, Error> {
+    let (n_kv, h_kv, h_q, d) = (opts.tokens, 8, 32, 128);
+    let rotation = Rotation::hadamard(d)?;
+    let plan = RotationPlan {
+        qk: Some(rotation.clone()),
+        v: None,
+    };
+    let kernel = CpuAttention::new(&plan, Isa::best());
+    let params = AttentionParams {
+        causal: true,
+        pos_offset: n_kv - 1,
+        ..Default::default()
+    };
+    let q = random(h_q * d, 3);
+    let rows = random(n_kv * h_kv * d, 4);
+    let run = |f: KvFormat| -> Result<(f64, usize), Error> {
+        let kc = CacheCodec::new(f, d, Some(&rotation), Isa::best())?;
+        let vc = CacheCodec::new(f, d, None, Isa::best())?;
+        let mut kb = vec![0u8; n_kv * h_kv * kc.row_bytes()];
+        let mut vb = vec![0u8; n_kv * h_kv * vc.row_bytes()];
+        kc.quantize(&rows, &mut kb, 0)?;
+        vc.quantize(&rows, &mut vb, 0)?;
+        let k = KvCacheView::new(f, &kb, n_kv, h_kv, d)?;
+        let v = KvCacheView::new(f, &vb, n_kv, h_kv, d)?;
+        let s = median_secs(opts.runs, || {
+            std::hint::black_box(
+                kernel
+                    .run(&q, 1, h_q, &k, &v, &params)
+                    .expect("valid shapes"),
+            );
+        });
+        Ok((s, kb.len() + vb.len()))
+    };
+    let (ours_s, bytes) = run(format)?;
+    let (peer_s, peer_bytes) = run(KvFormat::F16)?;
+    let ceiling = copy_bandwidth(bytes, opts.runs);
+    Ok(BenchRecord {
+        kernel: format!("decode_attention_{format}"),
+        shape: format!("1 x {n_kv} tokens, {h_kv} KV heads x {d}, {h_q} query heads"),
+        ours_gbps: gbps(bytes, ours_s),
+        peer: "same kernel, f16 cache".into(),
+        peer_gbps: gbps(peer_bytes, peer_s),
+        ratio: peer_s / ours_s,
+        ceiling_gbps: ceiling,
+    })
+}
+
+/// Every CPU benchmark, in order.
+pub fn run_all(
+    opts: &BenchOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<BenchRecord>, Error> {
+    progress("copy bandwidth");
+    let ceiling = copy_bandwidth(opts.bytes, opts.runs);
+    let mut out = Vec::new();
+    for n in [128, 4096] {
+        progress(&format!("fwht n = {n}"));
+        out.extend(fwht(n, opts, ceiling)?);
+    }
+    for f in [KvFormat::Q4_0, KvFormat::Q8_0] {
+        progress(&format!("rotate-quantize {f}"));
+        out.push(rotate_quantize(f, opts, ceiling)?);
+    }
+    for f in [KvFormat::Q4_0, KvFormat::Q8_0] {
+        progress(&format!("decode attention {f}"));
+        out.push(decode(f, opts)?);
+    }
+    Ok(out)
+}
