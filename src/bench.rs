@@ -72,30 +72,34 @@ fn gbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-fn random(len: usize, seed: u64) -> Vec<f32> {
+/// `len` uniform values in [−1, 1) (deterministic).
+pub fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut g = SplitMix64::new(seed);
     (0..len)
         .map(|_| (g.next_f64() * 2.0 - 1.0) as f32)
         .collect()
 }
 
+/// `dst ← src` split over rayon's threads, the way the kernels use the machine.
+pub fn parallel_copy(dst: &mut [u8], src: &[u8]) {
+    use rayon::prelude::*;
+    let chunk = (src.len() / rayon::current_num_threads().max(1)).max(1 << 16);
+    dst.par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
 /// Copy bandwidth (read + written) over `bytes` bytes, with the threads the kernels use.
 pub fn copy_bandwidth(bytes: usize, runs: usize) -> f64 {
-    use rayon::prelude::*;
     let src = vec![1u8; bytes];
     let mut dst = vec![0u8; bytes];
-    let chunk = (bytes / rayon::current_num_threads().max(1)).max(1 << 16);
-    let secs = median_secs(runs, || {
-        dst.par_chunks_mut(chunk)
-            .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-    });
+    let secs = median_secs(runs, || parallel_copy(&mut dst, &src));
     std::hint::black_box(&dst);
     gbps(2 * bytes, secs)
 }
 
-/// `Y = X Hᵀ` with a dense f32 GEMM: the rotation engines use today.
-fn dense_rotation(h: &[f32], n: usize, x: &[f32], y: &mut [f32]) {
+/// `Y = X Hᵀ` with a dense f32 GEMM (`h` is `n × n`): the rotation engines use today.
+pub fn dense_rotation(h: &[f32], n: usize, x: &[f32], y: &mut [f32]) {
     use rayon::prelude::*;
     let rows_per_task = (1usize << 14) / n.max(1) + 1;
     y.par_chunks_mut(rows_per_task * n)
