@@ -161,13 +161,9 @@ unsafe fn scale_i8x8(p: *const u8, d: __m256) -> __m256 {
     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d)
 }
 
-/// Dequantizes one q8_0 block (34 bytes) into 32 values.
-///
-/// # Safety
-/// AVX2 must be available; `b` holds 34 bytes and `out` 32 values.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
+/// Dequantizes one q8_0 block (34 bytes) into 32 values (inlined into its AVX2 caller).
+#[inline(always)]
+unsafe fn q8_0_block(b: &[u8], out: &mut [f32]) {
     let d = _mm256_set1_ps(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32());
     for k in 0..4 {
         // SAFETY: bytes 2 + 8k .. 10 + 8k and values 8k .. 8k + 8 are in range for k < 4.
@@ -178,13 +174,9 @@ pub(crate) unsafe fn dequantize_q8_0(b: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Dequantizes one q4_0 block (18 bytes) into 32 values.
-///
-/// # Safety
-/// AVX2 must be available; `b` holds 18 bytes and `out` 32 values.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
+/// Dequantizes one q4_0 block (18 bytes) into 32 values (inlined into its AVX2 caller).
+#[inline(always)]
+unsafe fn q4_0_block(b: &[u8], out: &mut [f32]) {
     let d = _mm256_set1_ps(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32());
     // SAFETY: bytes 2..18 are in range.
     let q = _mm_loadu_si128(b.as_ptr().add(2).cast());
@@ -204,6 +196,30 @@ pub(crate) unsafe fn dequantize_q4_0(b: &[u8], out: &mut [f32]) {
         let c = _mm256_sub_epi32(_mm256_cvtepu8_epi32(nibbles), eight);
         // SAFETY: values 8k .. 8k + 8 are in range for k < 4.
         _mm256_storeu_ps(o.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(c), d));
+    }
+}
+
+/// Dequantizes a row of q8_0 blocks (34 bytes per 32 values).
+///
+/// # Safety
+/// AVX2 and F16C must be available; `b` holds whole blocks for `out`'s values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_row_q8_0(b: &[u8], out: &mut [f32]) {
+    for (bb, o) in b.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+        q8_0_block(bb, o);
+    }
+}
+
+/// Dequantizes a row of q4_0 blocks (18 bytes per 32 values).
+///
+/// # Safety
+/// AVX2 and F16C must be available; `b` holds whole blocks for `out`'s values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_row_q4_0(b: &[u8], out: &mut [f32]) {
+    for (bb, o) in b.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+        q4_0_block(bb, o);
     }
 }
 

@@ -125,7 +125,7 @@ pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], is
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
-        // SAFETY (the three Avx2 arms): Isa::Avx2 is only used when the CPU has it, and the
+        // SAFETY (every Avx2 arm): Isa::Avx2 is only used when the CPU has it, and the
         // callers pass whole rows (2 bytes per value, or whole blocks).
         #[cfg(target_arch = "x86_64")]
         (KvFormat::F16, Isa::Avx2) => unsafe { avx2::dequantize_f16(bytes, out) },
@@ -141,20 +141,12 @@ pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], is
                 *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
             }
         }
+        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        (KvFormat::Q8_0 | KvFormat::Q4_0, Isa::Avx2) => {
-            let bb = format.block_bytes();
-            for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
-                // SAFETY: as above.
-                unsafe {
-                    if format == KvFormat::Q8_0 {
-                        avx2::dequantize_q8_0(b, o)
-                    } else {
-                        avx2::dequantize_q4_0(b, o)
-                    }
-                };
-            }
-        }
+        (KvFormat::Q8_0, Isa::Avx2) => unsafe { avx2::dequantize_row_q8_0(bytes, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        (KvFormat::Q4_0, Isa::Avx2) => unsafe { avx2::dequantize_row_q4_0(bytes, out) },
         _ => format
             .dequantize_into(bytes, out)
             .expect("callers pass whole rows and buffers of the right size"),
