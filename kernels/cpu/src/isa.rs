@@ -1,10 +1,9 @@
 //! Runtime dispatch: which instruction set the kernels use, chosen once per process.
 //!
-//! Every kernel has a portable path (plain Rust, which the compiler vectorizes where it can)
-//! and, on x86-64, an AVX2+FMA+F16C path selected at run time with `is_x86_feature_detected!`.
-//! Tests run both, so each is checked against the oracle on every x86-64 machine. On other
-//! architectures (aarch64 included) the portable path runs: it compiles to NEON there through
-//! the compiler's auto-vectorization, without hand-written intrinsics.
+//! Every kernel has a portable path (plain Rust, which the compiler vectorizes where it can),
+//! an AVX2+FMA+F16C path on x86-64 and a NEON path on aarch64, selected at run time with
+//! `is_x86_feature_detected!` / `is_aarch64_feature_detected!`. Tests run every path the
+//! machine has, so each is checked against the oracle (CI runs the aarch64 build under QEMU).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -24,6 +23,8 @@ pub enum Isa {
     Portable,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
+    /// aarch64 Advanced SIMD.
+    Neon,
 }
 
 impl Isa {
@@ -32,6 +33,7 @@ impl Isa {
         match self {
             Isa::Portable => true,
             Isa::Avx2 => avx2_available(),
+            Isa::Neon => neon_available(),
         }
     }
 
@@ -39,17 +41,16 @@ impl Isa {
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
-            if Isa::Avx2.available() {
-                Isa::Avx2
-            } else {
-                Isa::Portable
-            }
+            [Isa::Avx2, Isa::Neon]
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Portable)
         })
     }
 
     /// Every instruction set this machine can run (tests check each).
     pub fn all_available() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2]
+        [Isa::Portable, Isa::Avx2, Isa::Neon]
             .into_iter()
             .filter(|i| i.available())
             .collect()
@@ -61,6 +62,7 @@ impl fmt::Display for Isa {
         f.write_str(match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
         })
     }
 }
@@ -74,5 +76,15 @@ fn avx2_available() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "aarch64")]
+fn neon_available() -> bool {
+    std::arch::is_aarch64_feature_detected!("neon")
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn neon_available() -> bool {
     false
 }

@@ -13,6 +13,7 @@
 //! [`FwhtConfig::rows_per_task`] rows.
 
 mod avx2;
+mod neon;
 mod portable;
 
 pub(crate) use portable::Post;
@@ -223,6 +224,9 @@ impl CpuRotation {
             // two long and `pre`/`post` vectors have its length (built from the same size).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::fwht(x, pre, post) },
+            // SAFETY: as above, for NEON.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { neon::fwht(x, pre, post) },
             _ => portable::fwht(x, pre, post),
         }
     }

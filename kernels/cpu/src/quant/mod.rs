@@ -3,11 +3,12 @@
 //! One pass per row: the row is read once (f32, f16 or bf16), widened into a thread-local f32
 //! buffer that stays in L1, rotated there, and its blocks are written straight into the cache
 //! at the row's offset. f32/f16/bf16 convert in tight loops (F16C on AVX2 machines); q8_0 and
-//! q4_0 have AVX2 block codecs; the other block formats (and the portable path) use the
+//! q4_0 have AVX2 and NEON block codecs; the other block formats (and the portable path) use the
 //! oracle's block codec, which is already scalar code. Either way the
 //! bytes are those of `rotq_reference::KvFormat::quantize_row` on the rotated f32 row.
 
 mod avx2;
+mod neon;
 
 use crate::fwht::CpuRotation;
 use crate::isa::Isa;
@@ -110,6 +111,25 @@ pub(crate) fn quantize_row(format: KvFormat, x: &[f32], out: &mut [u8], isa: Isa
                 }
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        (KvFormat::Q8_0 | KvFormat::Q4_0, Isa::Neon) => {
+            let block_fn = if format == KvFormat::Q8_0 {
+                neon::quantize_q8_0
+            } else {
+                neon::quantize_q4_0
+            };
+            for (xb, ob) in x
+                .chunks_exact(32)
+                .zip(out.chunks_exact_mut(format.block_bytes()))
+            {
+                // SAFETY: Isa::Neon only when available; 32 values and one block of bytes.
+                if !unsafe { block_fn(xb, ob) } {
+                    format
+                        .quantize_into(xb, ob)
+                        .expect("one block has the right lengths");
+                }
+            }
+        }
         _ => format
             .quantize_into(x, out)
             .expect("callers pass whole rows and buffers of the right size"),
@@ -147,6 +167,12 @@ pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], is
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         (KvFormat::Q4_0, Isa::Avx2) => unsafe { avx2::dequantize_row_q4_0(bytes, out) },
+        // SAFETY: as above, for NEON.
+        #[cfg(target_arch = "aarch64")]
+        (KvFormat::Q8_0, Isa::Neon) => unsafe { neon::dequantize_row_q8_0(bytes, out) },
+        // SAFETY: as above, for NEON.
+        #[cfg(target_arch = "aarch64")]
+        (KvFormat::Q4_0, Isa::Neon) => unsafe { neon::dequantize_row_q4_0(bytes, out) },
         _ => format
             .dequantize_into(bytes, out)
             .expect("callers pass whole rows and buffers of the right size"),
