@@ -187,6 +187,7 @@ impl AttentionConfig {
 /// ```
 #[derive(Clone, Debug)]
 pub struct CpuAttention {
+    plan: RotationPlan,
     qk: Option<CpuRotation>,
     v: Option<CpuRotation>,
     isa: Isa,
@@ -250,6 +251,7 @@ impl CpuAttention {
     pub fn new(plan: &RotationPlan, isa: Isa) -> Self {
         let isa = if isa.available() { isa } else { Isa::Portable };
         Self {
+            plan: plan.clone(),
             qk: plan.qk.as_ref().map(|r| CpuRotation::new(r, isa)),
             v: plan.v.as_ref().map(|r| CpuRotation::new(r, isa)),
             isa,
@@ -329,17 +331,7 @@ impl CpuAttention {
                 actual: q.len(),
             });
         }
-        for (r, want, what) in [(&self.qk, d, "Q/K rotation"), (&self.v, d_v, "V rotation")] {
-            if let Some(r) = r {
-                if r.dim() != want {
-                    return Err(Error::LengthMismatch {
-                        what,
-                        expected: want,
-                        actual: r.dim(),
-                    });
-                }
-            }
-        }
+        self.plan.check_dims(d, d_v)?;
         let mut q = q.to_vec();
         if let Some(r) = &self.qk {
             r.forward_rows(&mut q)?;
