@@ -261,10 +261,12 @@ impl CpuAttention {
 
     /// The same kernels with another tuning.
     pub fn with_config(mut self, config: AttentionConfig) -> Self {
+        // Clamped so that a stray value cannot ask for absurd buffers or task counts.
         self.config = AttentionConfig {
-            block_n: config.block_n.max(1),
-            block_m: config.block_m.max(1),
-            ..config
+            block_n: config.block_n.clamp(1, 4096),
+            block_m: config.block_m.clamp(1, 4096),
+            kv_splits: config.kv_splits.min(4096),
+            heads_per_task: config.heads_per_task,
         };
         self
     }
