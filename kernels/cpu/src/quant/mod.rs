@@ -70,6 +70,24 @@ impl QuantizeConfig {
     }
 }
 
+/// A SIMD block quantizer of `format` for `isa` (q8_0 and q4_0 on AVX2 and NEON), if any.
+/// It returns false, writing nothing, for a block it leaves to the oracle's codec.
+type BlockQuantizer = unsafe fn(&[f32], &mut [u8]) -> bool;
+
+fn simd_block_quantizer(format: KvFormat, isa: Isa) -> Option<BlockQuantizer> {
+    match (format, isa) {
+        #[cfg(target_arch = "x86_64")]
+        (KvFormat::Q8_0, Isa::Avx2) => Some(avx2::quantize_q8_0),
+        #[cfg(target_arch = "x86_64")]
+        (KvFormat::Q4_0, Isa::Avx2) => Some(avx2::quantize_q4_0),
+        #[cfg(target_arch = "aarch64")]
+        (KvFormat::Q8_0, Isa::Neon) => Some(neon::quantize_q8_0),
+        #[cfg(target_arch = "aarch64")]
+        (KvFormat::Q4_0, Isa::Neon) => Some(neon::quantize_q4_0),
+        _ => None,
+    }
+}
+
 /// Quantizes one f32 row into `out` with the fastest codec for `format`.
 pub(crate) fn quantize_row(format: KvFormat, x: &[f32], out: &mut [u8], isa: Isa) {
     match (format, isa) {
@@ -91,39 +109,16 @@ pub(crate) fn quantize_row(format: KvFormat, x: &[f32], out: &mut [u8], isa: Isa
                 o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        (KvFormat::Q8_0 | KvFormat::Q4_0, Isa::Avx2) => {
-            let block_fn = if format == KvFormat::Q8_0 {
-                avx2::quantize_q8_0
-            } else {
-                avx2::quantize_q4_0
-            };
+        _ if simd_block_quantizer(format, isa).is_some() => {
+            let block_fn = simd_block_quantizer(format, isa).expect("checked by the guard");
             for (xb, ob) in x
                 .chunks_exact(32)
                 .zip(out.chunks_exact_mut(format.block_bytes()))
             {
-                // SAFETY: Isa::Avx2 only when available; 32 values and one block of bytes.
+                // SAFETY: the quantizer is for `isa`, which is only used when the CPU has it;
+                // 32 values and one block of bytes.
                 if !unsafe { block_fn(xb, ob) } {
-                    // NaN/Inf: the oracle's codec writes the poisoned block.
-                    format
-                        .quantize_into(xb, ob)
-                        .expect("one block has the right lengths");
-                }
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        (KvFormat::Q8_0 | KvFormat::Q4_0, Isa::Neon) => {
-            let block_fn = if format == KvFormat::Q8_0 {
-                neon::quantize_q8_0
-            } else {
-                neon::quantize_q4_0
-            };
-            for (xb, ob) in x
-                .chunks_exact(32)
-                .zip(out.chunks_exact_mut(format.block_bytes()))
-            {
-                // SAFETY: Isa::Neon only when available; 32 values and one block of bytes.
-                if !unsafe { block_fn(xb, ob) } {
+                    // NaN/Inf or a subnormal scale: the oracle's codec writes the block.
                     format
                         .quantize_into(xb, ob)
                         .expect("one block has the right lengths");
