@@ -42,7 +42,7 @@ fn rotation(kind: u8, d: usize, seed: u64) -> Option<Rotation> {
         0 => None,
         1 => Some(Rotation::hadamard(d).unwrap()),
         2 => Some(Rotation::randomized(d, seed).unwrap()),
-        _ => Some(Rotation::block_hadamard(d, 16).unwrap()),
+        _ => Some(Rotation::block_hadamard(d, 16.min(d & d.wrapping_neg())).unwrap()),
     }
 }
 
@@ -126,7 +126,9 @@ fn formats_for(d: usize) -> Vec<KvFormat> {
 }
 
 fn cases() -> impl Strategy<Value = Case> {
-    let dims = vec![64usize, 80, 96, 128, 192, 256];
+    // The required head dims, plus dims that are not a multiple of the SIMD width (element
+    // formats only, as no block format divides them).
+    let dims = vec![64usize, 80, 96, 128, 192, 256, 12, 20, 28];
     (
         (
             0usize..20,

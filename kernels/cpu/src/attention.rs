@@ -491,15 +491,17 @@ impl CpuAttention {
                 for (ri, i) in task.rows.clone().enumerate() {
                     let q = &p.q[(i * p.h_q + head * g) * d..][..g * d];
                     let lane0 = ri * width + hh * g;
-                    let mut out = [0.0f32; 8];
-                    for t in ranges[ri].start.max(t0)..ranges[ri].end.min(t1) {
-                        let k = &ktile[(t - t0) * d..][..d];
-                        for (c, qc) in q.chunks(8 * d).enumerate() {
-                            let n = qc.len() / d;
-                            dots(qc, k, &mut out[..n], self.isa);
-                            for (j, s) in out[..n].iter().enumerate() {
-                                let s = softcap.map_or(*s, |c| c * (s / c).tanh());
-                                scores[(lane0 + 8 * c + j) * bn + (t - t0)] = s;
+                    let vis = ranges[ri].start.max(t0)..ranges[ri].end.min(t1);
+                    if vis.is_empty() {
+                        continue;
+                    }
+                    let keys = &ktile[(vis.start - t0) * d..(vis.end - t0) * d];
+                    let out = &mut scores[lane0 * bn + (vis.start - t0)..];
+                    score_tile(q, keys, d, out, bn, self.isa);
+                    if let Some(c) = softcap {
+                        for j in 0..g {
+                            for s in &mut out[j * bn..][..vis.len()] {
+                                *s = c * (*s / c).tanh();
                             }
                         }
                     }
@@ -609,14 +611,32 @@ pub struct DecodeRequest<'a> {
     pub params: AttentionParams,
 }
 
+/// `out[j · stride + t] = q_j · k_t` for every row `q_j` of `q` and `k_t` of `keys` (rows of
+/// `d` values).
+#[inline(always)]
+fn score_tile(q: &[f32], keys: &[f32], d: usize, out: &mut [f32], stride: usize, isa: Isa) {
+    match isa {
+        // SAFETY: Isa::Avx2 is only used when the CPU has it; the shapes are as documented and
+        // `out` holds (rows − 1) · stride + keys.len() / d values.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::score_tile(q, keys, d, out, stride) },
+        _ => {
+            let mut dot = [0.0f32; 1];
+            for (t, k) in keys.chunks_exact(d).enumerate() {
+                for (j, qj) in q.chunks_exact(d).enumerate() {
+                    dots(qj, k, &mut dot, isa);
+                    out[j * stride + t] = dot[0];
+                }
+            }
+        }
+    }
+}
+
 /// `out[j] = q_j · k` for the `out.len()` consecutive rows `q_j` of `q` (each `k.len()` long).
 #[inline(always)]
 fn dots(q: &[f32], k: &[f32], out: &mut [f32], isa: Isa) {
     match isa {
-        // SAFETY: Isa::Avx2 is only used when the CPU has it; q holds out.len() rows of k.len().
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::dots(q, k, out) },
-        // SAFETY: Isa::Neon is only used when the CPU has it; same lengths as above.
+        // SAFETY: Isa::Neon is only used when the CPU has it; q holds out.len() rows of k.len().
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { neon::dots(q, k, out) },
         _ => {
@@ -676,56 +696,90 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
     }
 
-    /// Up to 8 dot products against one `k`, four rows at a time sharing its loads.
+    /// `out[j · stride + t] = q_j · k_t`: blocks of four query rows × two keys keep eight
+    /// accumulators in registers (each key load serves four rows, each query load two keys),
+    /// reduced together at the end.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `q.len() == out.len() * k.len()`, `out.len() <= 8`.
+    /// AVX2 and FMA must be available; `q` and `keys` hold whole rows of `d`, and `out` holds
+    /// `(q rows − 1) · stride + keys rows` values.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dots(q: &[f32], k: &[f32], out: &mut [f32]) {
-        let d = k.len();
+    pub(super) unsafe fn score_tile(
+        q: &[f32],
+        keys: &[f32],
+        d: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let (rows, n_t) = (q.len() / d, keys.len() / d);
         let d8 = d / 8 * 8;
-        let pk = k.as_ptr();
-        let mut r = 0;
-        // SAFETY (all loops): column i + 8 <= d8 <= d and row r + j < out.len(), so every load
-        // is inside `q` (out.len() rows of d) or `k`.
-        while r + 4 <= out.len() {
-            let pq = q.as_ptr().add(r * d);
-            let (mut a0, mut a1, mut a2, mut a3) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-            );
-            for i in (0..d8).step_by(8) {
-                let kv = _mm256_loadu_ps(pk.add(i));
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), kv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(d + i)), kv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(2 * d + i)), kv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(3 * d + i)), kv, a3);
-            }
-            for (j, a) in [a0, a1, a2, a3].into_iter().enumerate() {
-                let mut total = hsum(a);
-                for i in d8..d {
-                    total += q[(r + j) * d + i] * k[i];
+        let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+        // SAFETY (whole body): rows j < rows, keys t < n_t and columns i < d, so every access
+        // is inside `q`, `keys` or `out` (of the documented sizes).
+        let scalar_tail =
+            |j: usize, t: usize| -> f32 { (d8..d).map(|i| q[j * d + i] * keys[t * d + i]).sum() };
+        let mut j = 0;
+        while j + 4 <= rows {
+            let mut t = 0;
+            while t + 2 <= n_t {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for i in (0..d8).step_by(8) {
+                    let k0 = _mm256_loadu_ps(pk.add(t * d + i));
+                    let k1 = _mm256_loadu_ps(pk.add((t + 1) * d + i));
+                    for r in 0..4 {
+                        let qv = _mm256_loadu_ps(pq.add((j + r) * d + i));
+                        a[2 * r] = _mm256_fmadd_ps(qv, k0, a[2 * r]);
+                        a[2 * r + 1] = _mm256_fmadd_ps(qv, k1, a[2 * r + 1]);
+                    }
                 }
-                out[r + j] = total;
+                // Horizontal sums of the eight accumulators at once: lane r of `sums` is a[r].
+                let h01 = _mm256_hadd_ps(a[0], a[1]);
+                let h23 = _mm256_hadd_ps(a[2], a[3]);
+                let h45 = _mm256_hadd_ps(a[4], a[5]);
+                let h67 = _mm256_hadd_ps(a[6], a[7]);
+                let h0123 = _mm256_hadd_ps(h01, h23);
+                let h4567 = _mm256_hadd_ps(h45, h67);
+                let sums = _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(h0123, h4567),
+                    _mm256_permute2f128_ps::<0x31>(h0123, h4567),
+                );
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+                for r in 0..4 {
+                    out[(j + r) * stride + t] = lanes[2 * r] + scalar_tail(j + r, t);
+                    out[(j + r) * stride + t + 1] = lanes[2 * r + 1] + scalar_tail(j + r, t + 1);
+                }
+                t += 2;
             }
-            r += 4;
+            if t < n_t {
+                for r in 0..4 {
+                    out[(j + r) * stride + t] = dot(&q[(j + r) * d..][..d], &keys[t * d..][..d]);
+                }
+            }
+            j += 4;
         }
-        while r < out.len() {
-            let pq = q.as_ptr().add(r * d);
-            let mut a = _mm256_setzero_ps();
-            for i in (0..d8).step_by(8) {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), _mm256_loadu_ps(pk.add(i)), a);
+        for r in j..rows {
+            for t in 0..n_t {
+                out[r * stride + t] = dot(&q[r * d..][..d], &keys[t * d..][..d]);
             }
-            let mut total = hsum(a);
-            for i in d8..d {
-                total += q[r * d + i] * k[i];
-            }
-            out[r] = total;
-            r += 1;
         }
+    }
+
+    /// `Σ a·b` with one 8-lane accumulator.
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let d8 = a.len() / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..d8).step_by(8) {
+            // SAFETY: i + 8 <= d8 <= a.len() == b.len().
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            );
+        }
+        hsum(acc) + (d8..a.len()).map(|i| a[i] * b[i]).sum::<f32>()
     }
 
     /// `exp(x)` for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): 0 below the
