@@ -34,11 +34,10 @@ fn fwht(c: &mut Criterion) {
         }
         // The dense product on fewer rows (its cost per row is fixed), throughput to match.
         let rows = (len / n).min(((1usize << 29) / (n * n)).max(8));
-        let h: Vec<f32> = rotation.to_matrix().iter().map(|v| *v as f32).collect();
-        let mut y = vec![0f32; rows * n];
+        let dense = dense_rotation(&rotation).unwrap();
         g.throughput(Throughput::Bytes(8 * (rows * n) as u64));
         g.bench_function(BenchmarkId::new("dense_matmul", rows), |b| {
-            b.iter(|| dense_rotation(&h, n, &x[..rows * n], &mut y))
+            b.iter(|| dense.forward_rows(&mut x[..rows * n]).unwrap())
         });
         g.finish();
     }

@@ -68,6 +68,28 @@ pub fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
+/// Median seconds of `a` and of `b`, timed alternately (a, b, a, b, …) after a warm-up of
+/// each, so that a change in the machine's load during the run affects both alike.
+pub fn median_pair(runs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
+    a();
+    b();
+    let time = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64()
+    };
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        ta.push(time(&mut a));
+        tb.push(time(&mut b));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(ta), median(tb))
+}
+
 fn gbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
@@ -98,34 +120,13 @@ pub fn copy_bandwidth(bytes: usize, runs: usize) -> f64 {
     gbps(2 * bytes, secs)
 }
 
-/// `Y = X Hᵀ` with a dense f32 GEMM (`h` is `n × n`): the rotation engines use today.
-pub fn dense_rotation(h: &[f32], n: usize, x: &[f32], y: &mut [f32]) {
-    use rayon::prelude::*;
-    let rows_per_task = (1usize << 14) / n.max(1) + 1;
-    y.par_chunks_mut(rows_per_task * n)
-        .zip(x.par_chunks(rows_per_task * n))
-        .for_each(|(yc, xc)| {
-            let rows = xc.len() / n;
-            // SAFETY: xc is rows×n, h is n×n (read transposed), yc is rows×n, no aliasing.
-            unsafe {
-                matrixmultiply::sgemm(
-                    rows,
-                    n,
-                    n,
-                    1.0,
-                    xc.as_ptr(),
-                    n as isize,
-                    1,
-                    h.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    yc.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
-        });
+/// The dense rotation engines use today (`Y = X Hᵀ`, a blocked f32 GEMM): our explicit-matrix
+/// kernel given the `n × n` Hadamard matrix.
+pub fn dense_rotation(rotation: &Rotation) -> Result<CpuRotation, Error> {
+    Ok(CpuRotation::new(
+        &Rotation::matrix(rotation.to_matrix())?,
+        Isa::best(),
+    ))
 }
 
 /// FWHT f32 over `bytes` of rows of `n`: ours vs the dense matmul and vs the portable FWHT.
@@ -135,20 +136,24 @@ pub fn fwht(n: usize, opts: &BenchOptions, ceiling: f64) -> Result<Vec<BenchReco
     let ours = CpuRotation::new(&rotation, Isa::best());
     let portable = CpuRotation::new(&rotation, Isa::Portable);
     let mut x = random(len, 1);
+    let mut x2 = x.clone();
     let traffic = 2 * 4 * len;
-    let ours_s = median_secs(opts.runs, || ours.forward_rows(&mut x).expect("whole rows"));
-    let portable_s = median_secs(opts.runs, || {
-        portable.forward_rows(&mut x).expect("whole rows")
-    });
-    let h: Vec<f32> = rotation.to_matrix().iter().map(|v| *v as f32).collect();
-    let mut y = vec![0f32; len];
-    // The dense product costs n² per row: at large n time it on fewer rows and scale up
-    // (its cost per row does not depend on the row count).
-    let dense_rows = (len / n).min(((1usize << 29) / (n * n)).max(8));
-    let dense_len = dense_rows * n;
-    let dense_s = median_secs(opts.runs.min(3), || {
-        dense_rotation(&h, n, &x[..dense_len], &mut y[..dense_len])
-    }) * (len as f64 / dense_len as f64);
+    let (ours_s, portable_s) = median_pair(
+        opts.runs,
+        || ours.forward_rows(&mut x).expect("whole rows"),
+        || portable.forward_rows(&mut x2).expect("whole rows"),
+    );
+    let dense = dense_rotation(&rotation)?;
+    // The dense product costs n² per row: at large n it runs on fewer rows (alternating with
+    // ours on all of them) and its time is scaled to the full count (its cost per row does
+    // not depend on the row count).
+    let rows = (len / n).min(((1usize << 29) / (n * n)).max(8));
+    let (_, dense_part_s) = median_pair(
+        opts.runs.min(5),
+        || ours.forward_rows(&mut x).expect("whole rows"),
+        || dense.forward_rows(&mut x2[..rows * n]).expect("whole rows"),
+    );
+    let dense_s = dense_part_s * (len / n) as f64 / rows as f64;
     let shape = format!("{} rows x {n} f32 ({} MiB)", len / n, (4 * len) >> 20);
     let ours_gbps = gbps(traffic, ours_s);
     Ok([
@@ -186,14 +191,16 @@ pub fn rotate_quantize(
     let mut tmp = vec![0f32; len];
     let mut cache = vec![0u8; rows * fused.row_bytes()];
     let traffic = 4 * len + cache.len();
-    let fused_s = median_secs(opts.runs, || {
-        fused.quantize(&x, &mut cache, 0).expect("whole rows")
-    });
-    let two_pass_s = median_secs(opts.runs, || {
-        tmp.copy_from_slice(&x);
-        rotate.forward_rows(&mut tmp).expect("whole rows");
-        plain.quantize(&tmp, &mut cache, 0).expect("whole rows");
-    });
+    let mut cache2 = cache.clone();
+    let (fused_s, two_pass_s) = median_pair(
+        opts.runs,
+        || fused.quantize(&x, &mut cache, 0).expect("whole rows"),
+        || {
+            tmp.copy_from_slice(&x);
+            rotate.forward_rows(&mut tmp).expect("whole rows");
+            plain.quantize(&tmp, &mut cache2, 0).expect("whole rows");
+        },
+    );
     Ok(BenchRecord {
         kernel: format!("rotate_quantize_{format}"),
         shape: format!("{rows} rows x {n} f32 -> {format}"),
@@ -222,26 +229,27 @@ pub fn decode(format: KvFormat, opts: &BenchOptions) -> Result<BenchRecord, Erro
     };
     let q = random(h_q * d, 3);
     let rows = random(n_kv * h_kv * d, 4);
-    let run = |f: KvFormat| -> Result<(f64, usize), Error> {
+    // The caches of the format under test and of the f16 peer.
+    let cache = |f: KvFormat| -> Result<(Vec<u8>, Vec<u8>), Error> {
         let kc = CacheCodec::new(f, d, Some(&rotation), Isa::best())?;
         let vc = CacheCodec::new(f, d, None, Isa::best())?;
         let mut kb = vec![0u8; n_kv * h_kv * kc.row_bytes()];
         let mut vb = vec![0u8; n_kv * h_kv * vc.row_bytes()];
         kc.quantize(&rows, &mut kb, 0)?;
         vc.quantize(&rows, &mut vb, 0)?;
-        let k = KvCacheView::new(f, &kb, n_kv, h_kv, d)?;
-        let v = KvCacheView::new(f, &vb, n_kv, h_kv, d)?;
-        let s = median_secs(opts.runs, || {
-            std::hint::black_box(
-                kernel
-                    .run(&q, 1, h_q, &k, &v, &params)
-                    .expect("valid shapes"),
-            );
-        });
-        Ok((s, kb.len() + vb.len()))
+        Ok((kb, vb))
     };
-    let (ours_s, bytes) = run(format)?;
-    let (peer_s, peer_bytes) = run(KvFormat::F16)?;
+    let (ours, peer) = (cache(format)?, cache(KvFormat::F16)?);
+    let ok = KvCacheView::new(format, &ours.0, n_kv, h_kv, d)?;
+    let ov = KvCacheView::new(format, &ours.1, n_kv, h_kv, d)?;
+    let pk = KvCacheView::new(KvFormat::F16, &peer.0, n_kv, h_kv, d)?;
+    let pv = KvCacheView::new(KvFormat::F16, &peer.1, n_kv, h_kv, d)?;
+    let decode = |k: &KvCacheView<'_>, v: &KvCacheView<'_>| {
+        std::hint::black_box(kernel.run(&q, 1, h_q, k, v, &params).expect("valid shapes"));
+    };
+    let (ours_s, peer_s) = median_pair(opts.runs, || decode(&ok, &ov), || decode(&pk, &pv));
+    let bytes = ours.0.len() + ours.1.len();
+    let peer_bytes = peer.0.len() + peer.1.len();
     let ceiling = copy_bandwidth(bytes, opts.runs);
     Ok(BenchRecord {
         kernel: format!("decode_attention_{format}"),

@@ -1,6 +1,8 @@
 //! The `rotq` command line: quantize, dequantize and rotate raw little-endian f32 files,
 //! measure format quality, and list the formats.
 
+#![forbid(unsafe_code)]
+
 use clap::{Args, Parser, Subcommand};
 use rotq::bench::{self, BenchOptions};
 use rotq::eval::{default_formats, evaluate, render_table, Synthetic};

@@ -144,6 +144,7 @@ pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], is
         // callers pass whole rows (2 bytes per value, or whole blocks).
         #[cfg(target_arch = "x86_64")]
         (KvFormat::F16, Isa::Avx2) => unsafe { avx2::dequantize_f16(bytes, out) },
+        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         (KvFormat::Bf16, Isa::Avx2) => unsafe { avx2::dequantize_bf16(bytes, out) },
         (KvFormat::F16, _) => {
