@@ -38,11 +38,14 @@ struct Case {
 }
 
 fn rotation(kind: u8, d: usize, seed: u64) -> Option<Rotation> {
-    match kind % 4 {
+    match kind % 5 {
         0 => None,
         1 => Some(Rotation::hadamard(d).unwrap()),
         2 => Some(Rotation::randomized(d, seed).unwrap()),
-        _ => Some(Rotation::block_hadamard(d, 16.min(d & d.wrapping_neg())).unwrap()),
+        3 => Some(Rotation::block_hadamard(d, 16.min(d & d.wrapping_neg())).unwrap()),
+        _ => {
+            Some(Rotation::matrix(Rotation::randomized(d, seed ^ 7).unwrap().to_matrix()).unwrap())
+        }
     }
 }
 
@@ -396,4 +399,119 @@ fn bad_shapes_are_errors() {
     );
     assert!(wrong.run(&vec![0.0; 4 * 64], 1, 4, &k, &k, &p).is_err());
     assert!(kernel.run(&[], 0, 4, &k, &k, &p).unwrap().is_empty());
+}
+
+#[test]
+fn non_finite_values_in_v_reach_the_output_from_any_slice() {
+    // Keys 0..16 score −Inf and V row 0 holds NaN (then +Inf): the oracle's 0 · NaN is NaN
+    // whatever the split, so every split count must give NaN.
+    let (n_kv, d) = (32usize, 16usize);
+    let plan = RotationPlan::none();
+    for bad_v in [f32::NAN, f32::INFINITY] {
+        let mut k = random(n_kv * d, 1, 1.0);
+        k[..16 * d].fill(f32::NEG_INFINITY);
+        let mut v = random(n_kv * d, 2, 1.0);
+        v[0] = bad_v;
+        let q = vec![0.5f32; d];
+        let to_bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        let (kb, vb) = (to_bytes(&k), to_bytes(&v));
+        let case = Case {
+            n_q: 1,
+            n_kv,
+            h_kv: 1,
+            group: 1,
+            d,
+            d_v: d,
+            k_format: KvFormat::F32,
+            v_format: KvFormat::F32,
+            params: AttentionParams::default(),
+            plan_kind: (0, 0),
+            config: AttentionConfig::default(),
+            seed: 0,
+        };
+        let want = oracle(&case, &plan, &q, &kb, &vb);
+        assert!(want.iter().any(|x| x.is_nan()));
+        for isa in Isa::all_available() {
+            for kv_splits in [1, 2, 3, 4] {
+                let config = AttentionConfig {
+                    block_n: 8,
+                    block_m: 1,
+                    kv_splits,
+                    heads_per_task: 0,
+                };
+                let kv = KvCacheView::new(KvFormat::F32, &kb, n_kv, 1, d).unwrap();
+                let vv = KvCacheView::new(KvFormat::F32, &vb, n_kv, 1, d).unwrap();
+                let got = CpuAttention::new(&plan, isa)
+                    .with_config(config)
+                    .run(&q, 1, 1, &kv, &vv, &case.params)
+                    .unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(
+                        g.is_nan(),
+                        w.is_nan(),
+                        "{bad_v} splits {kv_splits} on {isa}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn parameters_the_f32_kernel_cannot_represent_are_errors() {
+    let plan = RotationPlan::none();
+    let kernel = CpuAttention::new(&plan, Isa::best());
+    let kb = random(8 * 16, 1, 1.0)
+        .iter()
+        .flat_map(|f| f.to_le_bytes())
+        .collect::<Vec<u8>>();
+    let k = KvCacheView::new(KvFormat::F32, &kb, 8, 1, 16).unwrap();
+    let q = vec![1.0f32; 16];
+    for params in [
+        AttentionParams {
+            scale: Some(1e39),
+            ..Default::default()
+        },
+        AttentionParams {
+            softcap: Some(1e39),
+            ..Default::default()
+        },
+        AttentionParams {
+            softcap: Some(1e-50),
+            ..Default::default()
+        },
+    ] {
+        assert!(matches!(
+            kernel.run(&q, 1, 1, &k, &k, &params),
+            Err(rotq::reference::Error::InvalidParameter { .. })
+        ));
+    }
+    // Query positions past usize::MAX: an error for the oracle and the kernel alike.
+    let far = AttentionParams {
+        pos_offset: usize::MAX,
+        window: Some(4),
+        causal: true,
+        ..Default::default()
+    };
+    assert!(matches!(
+        kernel.run(&q, 1, 1, &k, &k, &far),
+        Err(rotq::reference::Error::Overflow(_))
+    ));
+    let qa = ndarray::Array3::from_elem((1, 1, 16), 1.0f32);
+    let ka = ndarray::Array3::from_elem((8, 1, 16), 1.0f32);
+    assert!(matches!(
+        rotq::attention(qa.view(), ka.view(), ka.view(), &far),
+        Err(rotq::reference::Error::Overflow(_))
+    ));
+    // A window at the largest position that still fits sees nothing: zeros, as the oracle.
+    let edge = AttentionParams {
+        pos_offset: usize::MAX - 1,
+        window: Some(4),
+        ..Default::default()
+    };
+    let got = kernel.run(&q, 1, 1, &k, &k, &edge).unwrap();
+    let want = rotq::attention(qa.view(), ka.view(), ka.view(), &edge).unwrap();
+    assert!(got.iter().all(|x| *x == 0.0) && want.output.iter().all(|x| *x == 0.0));
+    // Absurd head dims are refused when the view is made (an empty cache included).
+    assert!(KvCacheView::new(KvFormat::F32, &[], 0, 1, 1 << 60).is_err());
 }

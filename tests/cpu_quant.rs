@@ -46,8 +46,15 @@ fn unrotated_quantization_is_byte_exact_for_every_format() {
     special[3] = f32::NAN;
     special[200] = f32::INFINITY;
     special[300] = f32::NEG_INFINITY;
-    special[400..432].fill(1e-40); // 1/d overflows
-    special[500..532].fill(-0.0);
+    // Whole blocks (32-aligned): a subnormal scale whose 1/d overflows, all −0, all +0, and
+    // a tiny scale whose 1/d stays finite.
+    special[384..416].fill(1e-40);
+    special[512..544].fill(-0.0);
+    special[544..576].fill(0.0);
+    special[576..608]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = (i as f32 - 15.5) * 1e-36);
     for isa in Isa::all_available() {
         for format in KvFormat::ALL {
             for data in [&golden, &special, &rows(64, 256, 1)] {
@@ -227,6 +234,63 @@ fn half_precision_inputs_quantize_like_their_f32_values() {
             let mut want = vec![0u8; 16 * codec.row_bytes()];
             codec.quantize(&widened, &mut want, 0).unwrap();
             assert_eq!(got, want);
+        }
+    }
+}
+
+#[test]
+fn element_formats_are_bit_exact_at_any_row_length() {
+    // Odd lengths reach the scalar tails of the SIMD conversions; the specials cover NaN
+    // payloads (signalling and quiet), infinities, subnormals, signed zeros and f16 overflow.
+    let specials = [
+        f32::from_bits(0x7F80_0001), // signalling NaN
+        f32::from_bits(0xFFC1_2345),
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        -1e-45,
+        -0.0,
+        0.0,
+        65520.0,
+        -1e6,
+        6.1e-5,
+        3.0e-8,
+    ];
+    for isa in Isa::all_available() {
+        for dim in [1usize, 3, 12, 13, 20, 33] {
+            let mut data = rows(7, dim, dim as u64);
+            let len = data.len();
+            for (i, v) in specials.iter().enumerate() {
+                data[(i * 5) % len] = *v;
+            }
+            for format in [KvFormat::F32, KvFormat::F16, KvFormat::Bf16] {
+                let codec = CacheCodec::new(format, dim, None, isa).unwrap();
+                let mut cache = vec![0u8; 7 * codec.row_bytes()];
+                codec.quantize(&data, &mut cache, 0).unwrap();
+                assert!(
+                    cache == oracle_bytes(format, &data),
+                    "{format} dim {dim} on {isa}"
+                );
+                // Decoding every possible 16-bit pattern (or these f32 bytes) matches bit for bit.
+                let patterns: Vec<u8> = if format == KvFormat::F32 {
+                    cache.clone()
+                } else {
+                    (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect()
+                };
+                let len = patterns.len() / (codec.row_bytes() / dim) / dim * dim;
+                let bytes = &patterns[..len / dim * codec.row_bytes()];
+                let mut back = vec![0f32; len];
+                codec.dequantize(bytes, &mut back).unwrap();
+                let want = format.dequantize_row(bytes).unwrap();
+                for (i, (a, b)) in back.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{format} dim {dim} on {isa}: value {i}"
+                    );
+                }
+            }
         }
     }
 }

@@ -114,22 +114,28 @@ fn half_precision_storage_matches_the_oracle() {
     for isa in Isa::all_available() {
         for n in [64usize, 96, 128, 4096] {
             let rows = random_rows(4 * n, n as u64, 4.0);
-            let r = Rotation::randomized(n, 1).unwrap();
-            let kernel = CpuRotation::new(&r, isa);
-            let mut h: Vec<f16> = rows.iter().map(|v| f16::from_f32(*v)).collect();
-            let mut b: Vec<bf16> = rows.iter().map(|v| bf16::from_f32(*v)).collect();
-            let want_h = oracle(&r, &h.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), false);
-            let want_b = oracle(&r, &b.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), false);
-            kernel.rows_f16(&mut h, false).unwrap();
-            kernel.rows_bf16(&mut b, false).unwrap();
-            let got_h: Vec<f64> = h.iter().map(|v| f64::from(v.to_f32())).collect();
-            let got_b: Vec<f64> = b.iter().map(|v| f64::from(v.to_f32())).collect();
-            tolerance(Op::Rotation, Precision::F16)
-                .check(&got_h, &want_h)
-                .unwrap();
-            tolerance(Op::Rotation, Precision::Bf16)
-                .check(&got_b, &want_b)
-                .unwrap();
+            let rotations = [
+                Rotation::randomized(n, 1).unwrap(),
+                Rotation::block_hadamard(n, 32).unwrap(),
+            ];
+            for (r, inverse) in rotations.iter().flat_map(|r| [(r, false), (r, true)]) {
+                let kernel = CpuRotation::new(r, isa);
+                let mut h: Vec<f16> = rows.iter().map(|v| f16::from_f32(*v)).collect();
+                let mut b: Vec<bf16> = rows.iter().map(|v| bf16::from_f32(*v)).collect();
+                let widen_h: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+                let widen_b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+                let (want_h, want_b) = (oracle(r, &widen_h, inverse), oracle(r, &widen_b, inverse));
+                kernel.rows_f16(&mut h, inverse).unwrap();
+                kernel.rows_bf16(&mut b, inverse).unwrap();
+                let got_h: Vec<f64> = h.iter().map(|v| f64::from(v.to_f32())).collect();
+                let got_b: Vec<f64> = b.iter().map(|v| f64::from(v.to_f32())).collect();
+                tolerance(Op::Rotation, Precision::F16)
+                    .check(&got_h, &want_h)
+                    .unwrap();
+                tolerance(Op::Rotation, Precision::Bf16)
+                    .check(&got_b, &want_b)
+                    .unwrap();
+            }
         }
     }
 }

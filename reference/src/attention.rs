@@ -195,6 +195,10 @@ pub fn attention_f64(
 ) -> Result<Attention> {
     params.validate()?;
     let s = AttentionShape::of(&q, &k, &v)?;
+    params
+        .pos_offset
+        .checked_add(s.n_q)
+        .ok_or(Error::Overflow("query positions"))?;
     let scale = params.scale.unwrap_or(1.0 / (s.d as f64).sqrt());
     let group = s.h_q / s.h_kv;
     let mut output = Array3::zeros((s.n_q, s.h_q, s.d_v));

@@ -10,7 +10,12 @@
 //! Slices of one query block are merged afterwards (flash-decoding); the output is then
 //! divided by `l` and, when V was rotated, rotated back by `R_vᵀ` row by row.
 //!
-//! Q is rotated by `R` and multiplied by the score scale before the loop. Arithmetic is f32.
+//! Q is rotated by `R` and multiplied by the score scale before the loop. Arithmetic is f32,
+//! so the scale and soft-cap must be normal f32 numbers (else `InvalidParameter`), and a weight
+//! that underflows f32 (a score more than about 87 below the row's maximum) is 0: a NaN or
+//! ±Inf in V at such a key gives NaN where the oracle's f64 may still give ±Inf. With
+//! `kv_splits = 0` the number of slices follows the thread count, so the last bits of a result
+//! can differ between machines; a fixed `kv_splits` makes them reproducible.
 
 use crate::fwht::CpuRotation;
 use crate::isa::Isa;
@@ -19,6 +24,9 @@ use rayon::prelude::*;
 use rotq_reference::{AttentionParams, Error, KvFormat, Result, RotationPlan};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+
+/// The largest head dimension a cache view accepts (a bound on every per-task buffer).
+pub const MAX_HEAD_DIM: usize = 1 << 16;
 
 /// One layer's K or V cache: row `(token, head)` of `dim` values in `format` at byte
 /// `(token · n_heads + head) · row_bytes`.
@@ -50,6 +58,13 @@ impl<'a> KvCacheView<'a> {
         n_heads: usize,
         dim: usize,
     ) -> Result<Self> {
+        if dim > MAX_HEAD_DIM {
+            return Err(Error::UnsupportedDim {
+                n: dim,
+                what: "KV cache head",
+                hint: "head dimensions up to 65536 are supported",
+            });
+        }
         let row_bytes = format.row_bytes(dim)?;
         let expected = n_tokens
             .checked_mul(n_heads)
@@ -220,7 +235,7 @@ impl Problem<'_> {
             n
         };
         let lo = match self.params.window {
-            Some(w) => (pos + 1).saturating_sub(w).min(hi),
+            Some(w) => pos.saturating_add(1).saturating_sub(w).min(hi),
             None => 0,
         };
         lo..hi
@@ -322,6 +337,13 @@ impl CpuAttention {
                 v.n_tokens, v.n_heads, k.n_tokens
             ));
         }
+        params
+            .pos_offset
+            .checked_add(n_q)
+            .ok_or(Error::Overflow("query positions"))?;
+        n_q.checked_mul(h_q)
+            .and_then(|x| x.checked_mul(d_v))
+            .ok_or(Error::Overflow("output size"))?;
         let expected = n_q
             .checked_mul(h_q)
             .and_then(|x| x.checked_mul(d))
@@ -338,7 +360,22 @@ impl CpuAttention {
         if let Some(r) = &self.qk {
             r.forward_rows(&mut q)?;
         }
-        let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32;
+        // The kernels compute in f32: the scale and soft-cap must be normal f32 numbers.
+        let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
+        for (name, v) in [("scale", Some(scale)), ("softcap", params.softcap)] {
+            if let Some(v) = v {
+                let f = v as f32;
+                if !(f.is_finite() && (f.is_normal() || (name == "scale" && v == 0.0))) {
+                    return Err(Error::InvalidParameter {
+                        name,
+                        reason: format!(
+                            "{v} is not a normal f32 number, which the CPU kernels need"
+                        ),
+                    });
+                }
+            }
+        }
+        let scale = scale as f32;
         q.iter_mut().for_each(|x| *x *= scale);
         Ok(Problem {
             q,
@@ -561,9 +598,9 @@ impl CpuAttention {
 
 /// Merges the partials of one (heads, rows) block and writes `acc / l` into `out`.
 ///
-/// A slice that saw no key with a score above −Inf contributes nothing; if no slice did, the
-/// row is zeros when no key was visible and NaN when visible keys all scored −Inf (the
-/// oracle's 0/0). NaN anywhere in a slice's sums carries through to the row.
+/// A slice that saw no visible key contributes nothing; if no slice did, the row is zeros.
+/// When visible keys all scored −Inf the row is NaN (the oracle's 0/0), and NaN anywhere in a
+/// slice's sums carries through to the row.
 fn finish(p: &Problem<'_>, task: &Task, parts: &[Partial], out: &mut [f32]) {
     let d_v = p.v.dim;
     let width = task.heads.len() * p.group();
@@ -572,17 +609,19 @@ fn finish(p: &Problem<'_>, task: &Task, parts: &[Partial], out: &mut [f32]) {
         for j in 0..width {
             let lane = ri * width + j;
             let o = &mut out[(i * p.h_q + first + j) * d_v..][..d_v];
+            // Slices that saw a visible key (even one scored −Inf: its weight 0 times a NaN or
+            // Inf in V is NaN, as in the oracle).
             let live = || {
-                parts
-                    .iter()
-                    .filter(|part| part.m[lane] != f32::NEG_INFINITY || part.l[lane].is_nan())
+                parts.iter().filter(|part| {
+                    part.m[lane] != f32::NEG_INFINITY || part.l[lane].is_nan() || part.seen[lane]
+                })
             };
-            let m = live().fold(f32::NEG_INFINITY, |a, part| a.max(part.m[lane]));
             if live().next().is_none() {
-                let seen = parts.iter().any(|part| part.seen[lane]);
-                o.fill(if seen { f32::NAN } else { 0.0 });
+                o.fill(0.0); // no visible key
                 continue;
             }
+            // All visible scores −Inf gives m = −Inf and exp(−Inf + Inf) = NaN: the oracle's 0/0.
+            let m = live().fold(f32::NEG_INFINITY, |a, part| a.max(part.m[lane]));
             let mut l = 0.0f32;
             for part in live() {
                 let w = (part.m[lane] - m).exp();

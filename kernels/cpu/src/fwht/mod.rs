@@ -143,8 +143,9 @@ impl CpuRotation {
 
     /// The same rotation with another tuning.
     pub fn with_config(mut self, config: FwhtConfig) -> Self {
+        // Clamped so that a stray (deserialized) value cannot overflow the task size.
         self.config = FwhtConfig {
-            rows_per_task: config.rows_per_task.max(1),
+            rows_per_task: config.rows_per_task.clamp(1, 1 << 20),
         };
         self
     }

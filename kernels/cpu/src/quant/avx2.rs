@@ -258,7 +258,7 @@ pub(crate) unsafe fn dequantize_f16(b: &[u8], out: &mut [f32]) {
     }
 }
 
-/// bf16 → f32 (a shift) for a whole row.
+/// bf16 → f32 (a shift; NaNs quieted) for a whole row.
 ///
 /// # Safety
 /// AVX2 must be available; `b.len() == 2 * out.len()`.
@@ -270,9 +270,13 @@ pub(crate) unsafe fn dequantize_bf16(b: &[u8], out: &mut [f32]) {
         // SAFETY: 2 * (i + 8) <= b.len() and i + 8 <= out.len().
         let h = _mm_loadu_si128(b.as_ptr().add(2 * i).cast());
         let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+        // NaNs come out quiet, as the oracle's conversion makes them.
+        let abs = _mm256_and_si256(w, _mm256_set1_epi32(0x7FFF_FFFF));
+        let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
+        let w = _mm256_or_si256(w, _mm256_and_si256(nan, _mm256_set1_epi32(0x0040_0000)));
         _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
     }
     for i in n..out.len() {
-        out[i] = f32::from_bits(u32::from(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])) << 16);
+        out[i] = half::bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32();
     }
 }

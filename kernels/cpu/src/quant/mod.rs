@@ -230,10 +230,20 @@ impl CacheCodec {
 
     /// The same codec with another tuning.
     pub fn with_config(mut self, config: QuantizeConfig) -> Self {
+        // Clamped so that a stray (deserialized) value cannot overflow the task size.
         self.config = QuantizeConfig {
-            rows_per_task: config.rows_per_task.max(1),
+            rows_per_task: config.rows_per_task.clamp(1, 1 << 20),
         };
         self
+    }
+
+    /// Rows per task, small enough that a task's values and bytes fit in `usize`.
+    fn rows_per_task(&self) -> usize {
+        let widest = self.dim.max(self.row_bytes).max(1);
+        self.config
+            .rows_per_task
+            .min(usize::MAX / 2 / widest)
+            .max(1)
     }
 
     /// Bytes of one encoded row.
@@ -275,7 +285,7 @@ impl CacheCodec {
                 actual: cache.len(),
             });
         }
-        let task = self.config.rows_per_task;
+        let task = self.rows_per_task();
         cache[start..end]
             .par_chunks_mut(task * self.row_bytes)
             .zip(rows.par_chunks(task * self.dim))
@@ -314,7 +324,7 @@ impl CacheCodec {
                 actual: cache.len(),
             });
         }
-        let task = self.config.rows_per_task;
+        let task = self.rows_per_task();
         out.par_chunks_mut(task * self.dim)
             .zip(cache[..bytes].par_chunks(task * self.row_bytes))
             .for_each(|(o, b)| {
