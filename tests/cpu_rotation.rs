@@ -125,8 +125,8 @@ fn half_precision_storage_matches_the_oracle() {
                 let widen_h: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
                 let widen_b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
                 let (want_h, want_b) = (oracle(r, &widen_h, inverse), oracle(r, &widen_b, inverse));
-                kernel.rows_f16(&mut h, inverse).unwrap();
-                kernel.rows_bf16(&mut b, inverse).unwrap();
+                kernel.rows(&mut h, inverse).unwrap();
+                kernel.rows(&mut b, inverse).unwrap();
                 let got_h: Vec<f64> = h.iter().map(|v| f64::from(v.to_f32())).collect();
                 let got_b: Vec<f64> = b.iter().map(|v| f64::from(v.to_f32())).collect();
                 tolerance(Op::Rotation, Precision::F16)
@@ -144,6 +144,6 @@ fn half_precision_storage_matches_the_oracle() {
 fn wrong_lengths_are_errors() {
     let kernel = CpuRotation::new(&Rotation::hadamard(64).unwrap(), Isa::best());
     assert!(kernel.forward_rows(&mut vec![0.0; 100]).is_err());
-    assert!(kernel.rows_f16(&mut [f16::ZERO; 65], false).is_err());
+    assert!(kernel.rows(&mut [f16::ZERO; 65], false).is_err());
     assert!(kernel.forward_rows(&mut []).is_ok());
 }

@@ -9,7 +9,7 @@
 //! * explicit `R`: `Y = X Rᵀ` with a blocked GEMM (`matrixmultiply`).
 //!
 //! Arithmetic is f32; f16 and bf16 rows are widened to f32 for the transform and rounded back
-//! (nearest even). Rows are spread over rayon's threads in tasks of
+//! (nearest even) through [`Element`]. Rows are spread over rayon's threads in tasks of
 //! [`FwhtConfig::rows_per_task`] rows.
 
 mod avx2;
@@ -19,8 +19,7 @@ mod portable;
 pub(crate) use portable::Post;
 
 use crate::isa::Isa;
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
+use crate::quant::Element;
 use rayon::prelude::*;
 use rotq_reference::hadamard;
 use rotq_reference::rotation::{Rotation, RotationKind};
@@ -272,51 +271,27 @@ impl CpuRotation {
         self.rows_f32(data, true)
     }
 
-    /// Rotates rows stored as f16 (computed in f32, rounded back to nearest even).
+    /// Rotates rows stored as f16 or bf16 (any [`Element`]): widened to f32, rotated, rounded
+    /// back to nearest even.
     ///
     /// ```
     /// use half::f16;
     /// use rotq_cpu::{CpuRotation, Isa};
     /// let r = CpuRotation::new(&rotq_reference::Rotation::hadamard(2).unwrap(), Isa::best());
     /// let mut x = [f16::from_f32(1.0), f16::from_f32(1.0)];
-    /// r.rows_f16(&mut x, false).unwrap();
+    /// r.rows(&mut x, false).unwrap();
     /// assert_eq!(x[1], f16::from_f32(0.0));
     /// ```
-    pub fn rows_f16(&self, data: &mut [f16], inverse: bool) -> Result<()> {
-        self.rows_half(
-            data,
-            inverse,
-            |h, f| h.convert_to_f32_slice(f),
-            |h, f| h.convert_from_f32_slice(f),
-        )
-    }
-
-    /// Rotates rows stored as bf16 (computed in f32, rounded back to nearest even).
-    pub fn rows_bf16(&self, data: &mut [bf16], inverse: bool) -> Result<()> {
-        self.rows_half(
-            data,
-            inverse,
-            |h, f| h.convert_to_f32_slice(f),
-            |h, f| h.convert_from_f32_slice(f),
-        )
-    }
-
-    fn rows_half<T: Send>(
-        &self,
-        data: &mut [T],
-        inverse: bool,
-        widen: impl Fn(&[T], &mut [f32]) + Sync,
-        narrow: impl Fn(&mut [T], &[f32]) + Sync,
-    ) -> Result<()> {
+    pub fn rows<T: Element>(&self, data: &mut [T], inverse: bool) -> Result<()> {
         self.check_rows(data.len())?;
         let n = self.n;
         data.par_chunks_mut(self.config.rows_per_task * n)
             .for_each(|chunk| {
                 let mut row = vec![0.0f32; n];
                 for h in chunk.chunks_exact_mut(n) {
-                    widen(h, &mut row);
+                    T::widen(h, &mut row);
                     self.apply_row(&mut row, inverse);
-                    narrow(h, &row);
+                    T::narrow(&row, h);
                 }
             });
         Ok(())

@@ -18,14 +18,20 @@ use rayon::prelude::*;
 use rotq_reference::{Error, KvFormat, Result, Rotation};
 use serde::{Deserialize, Serialize};
 
-/// A storage type rows can be read from: widened to f32 before rotation.
+/// A storage type of rows: widened to f32 for arithmetic, rounded back (nearest even).
 pub trait Element: Copy + Send + Sync {
     /// Converts `src` into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
+    /// Converts `src` back into `dst` (same length), rounding to nearest even.
+    fn narrow(src: &[f32], dst: &mut [Self]);
 }
 
 impl Element for f32 {
     fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    fn narrow(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
 }
@@ -34,11 +40,19 @@ impl Element for f16 {
     fn widen(src: &[f16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
+
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
 }
 
 impl Element for bf16 {
     fn widen(src: &[bf16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
+    }
+
+    fn narrow(src: &[f32], dst: &mut [bf16]) {
+        dst.convert_from_f32_slice(src);
     }
 }
 
