@@ -104,17 +104,26 @@ fn oracle(c: &Case, plan: &RotationPlan, q: &[f32], kb: &[u8], vb: &[u8]) -> Vec
 }
 
 fn check(c: &Case) {
+    check_edited(c, |_, _| {});
+}
+
+/// [`check`] on caches that `edit` may change (to plant special values) before both run.
+fn check_edited(c: &Case, edit: impl Fn(&mut [u8], &mut [u8])) {
     let plan = c.plan();
     let h_q = c.h_kv * c.group;
     let q = random(c.n_q * h_q * c.d, c.seed ^ 4, 1.5);
     for isa in Isa::all_available() {
-        let (kb, vb) = caches(c, &plan, isa);
+        let (mut kb, mut vb) = caches(c, &plan, isa);
+        edit(&mut kb, &mut vb);
         let k = KvCacheView::new(c.k_format, &kb, c.n_kv, c.h_kv, c.d).unwrap();
         let v = KvCacheView::new(c.v_format, &vb, c.n_kv, c.h_kv, c.d_v).unwrap();
         let kernel = CpuAttention::new(&plan, isa).with_config(c.config);
         let got = kernel.run(&q, c.n_q, h_q, &k, &v, &c.params).unwrap();
         let want = oracle(c, &plan, &q, &kb, &vb);
         let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.is_nan(), w.is_nan(), "{isa} {c:?}: NaN at {i}");
+        }
         if let Err(m) = tolerance(Op::Attention, Precision::F32).check(&got, &want) {
             panic!("{isa} {c:?}: {m}");
         }
@@ -226,6 +235,92 @@ fn every_format_pair_and_plan() {
                 plan_kind: ((i % 4) as u8, (j % 4) as u8),
                 config: AttentionConfig::default(),
                 seed: (i * 12 + j) as u64,
+            });
+        }
+    }
+}
+
+/// Decode with groups of four query heads reads q4_0, q8_0 and f16 rows in registers (on
+/// AVX2) instead of through a dequantized tile: every pair of those formats (and one that takes
+/// the tile), with masks, soft-cap and split slices, agrees with the oracle.
+#[test]
+fn decode_in_registers_matches_the_oracle() {
+    let formats = [
+        KvFormat::Q4_0,
+        KvFormat::Q8_0,
+        KvFormat::F16,
+        KvFormat::Q5_1,
+    ];
+    let mut seed = 0u64;
+    for k_format in formats {
+        for v_format in formats {
+            for (group, d) in [(4usize, 64usize), (8, 128), (4, 256)] {
+                seed += 1;
+                check(&Case {
+                    n_q: 1,
+                    n_kv: 203,
+                    h_kv: 2,
+                    group,
+                    d,
+                    d_v: d,
+                    k_format,
+                    v_format,
+                    params: AttentionParams {
+                        causal: true,
+                        pos_offset: 202,
+                        window: (seed % 3 == 0).then_some(150),
+                        softcap: (seed % 2 == 0).then_some(20.0),
+                        scale: None,
+                    },
+                    plan_kind: (1, (seed % 3) as u8),
+                    config: AttentionConfig {
+                        kv_splits: (seed % 4) as usize,
+                        ..AttentionConfig::default()
+                    },
+                    seed,
+                });
+            }
+        }
+    }
+}
+
+/// A poisoned block (NaN scale) or an Inf value read in registers spreads as in the oracle.
+#[test]
+fn decode_in_registers_keeps_special_values() {
+    let (n_kv, h_kv, d) = (150usize, 2usize, 128usize);
+    for format in [KvFormat::Q4_0, KvFormat::Q8_0, KvFormat::F16] {
+        let row = format.row_bytes(d).unwrap();
+        // (cache, token, byte in the row, value): NaN or Inf bit patterns of an f16 scale or
+        // value, at the start of a row or of its last block.
+        let plants = [
+            (1u8, 40usize, 0usize, 0x7E00u16),           // V: NaN
+            (1, 90, row - format.block_bytes(), 0x7C00), // V: +Inf
+            (0, 60, 0, 0x7C00),                          // K: +Inf
+            (0, 149, 0, 0xFC00),                         // K: −Inf at the newest token
+        ];
+        for (cache, token, at, bits) in plants {
+            let case = Case {
+                n_q: 1,
+                n_kv,
+                h_kv,
+                group: 4,
+                d,
+                d_v: d,
+                k_format: format,
+                v_format: format,
+                params: AttentionParams {
+                    causal: true,
+                    pos_offset: n_kv - 1,
+                    ..Default::default()
+                },
+                plan_kind: (0, 0),
+                config: AttentionConfig::default(),
+                seed: token as u64,
+            };
+            check_edited(&case, |kb, vb| {
+                let bytes = if cache == 0 { kb } else { vb };
+                let start = (token * h_kv + 1) * row + at;
+                bytes[start..start + 2].copy_from_slice(&bits.to_le_bytes());
             });
         }
     }

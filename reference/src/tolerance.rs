@@ -105,7 +105,8 @@ pub fn tolerance(op: Op, precision: Precision) -> Tolerance {
 
 impl Tolerance {
     /// Compares `out` with `reference`. Positions where both are NaN (a documented NaN result)
-    /// are skipped; a NaN on one side only, or a length difference, is a mismatch.
+    /// or both the same infinity are skipped; a NaN on one side only, an infinity on one side
+    /// only (an infinite error), or a length difference is a mismatch.
     pub fn check(&self, out: &[f64], reference: &[f64]) -> Result<(), Mismatch> {
         let one_sided_nan = out
             .iter()
@@ -114,7 +115,11 @@ impl Tolerance {
         let (o, r): (Vec<f64>, Vec<f64>) = out
             .iter()
             .zip(reference)
-            .filter(|(o, r)| !(o.is_nan() && r.is_nan()))
+            .filter(|(o, r)| {
+                let both_nan = o.is_nan() && r.is_nan();
+                let same_infinity = o.is_infinite() && o == r;
+                !(both_nan || same_infinity)
+            })
             .unzip();
         let (rel, max) = (rel_l2(&o, &r), max_abs_rel(&o, &r));
         if out.len() == reference.len()

@@ -32,6 +32,12 @@ fn nan_handling_in_checks() {
     assert!(t.check(&[0.5, 1.0], &[f64::NAN, 1.0]).is_err());
     assert!(t.check(&[1.0], &[1.0, 2.0]).is_err());
     assert!(max_abs(&[f64::NAN], &[1.0]).is_nan());
+    // The same infinity on both sides passes; a different one, or one side only, fails.
+    let inf = f64::INFINITY;
+    assert!(t.check(&[inf, -inf, 1.0], &[inf, -inf, 1.0]).is_ok());
+    assert!(t.check(&[inf, 1.0], &[-inf, 1.0]).is_err());
+    assert!(t.check(&[inf, 1.0], &[1e300, 1.0]).is_err());
+    assert!(t.check(&[1.0, 1.0], &[inf, 1.0]).is_err());
 }
 
 #[test]

@@ -10,6 +10,11 @@
 //! Slices of one query block are merged afterwards (flash-decoding); the output is then
 //! divided by `l` and, when V was rotated, rotated back by `R_vᵀ` row by row.
 //!
+//! Decode (one query row per task) with groups of four query heads skips the L1 tile for
+//! q4_0, q8_0 and f16 rows on AVX2: each 16-value chunk is dequantized in registers and used
+//! at once by the four heads, for the scores and for the weighted sum of V. With a single query
+//! row, the tile's stores and reloads cost as much as the arithmetic.
+//!
 //! Q is rotated by `R` and multiplied by the score scale before the loop. Arithmetic is f32,
 //! so the scale and soft-cap must be normal f32 numbers (else `InvalidParameter`), and a weight
 //! that underflows f32 (a score more than about 87 below the row's maximum) is 0: a NaN or
@@ -97,6 +102,14 @@ impl<'a> KvCacheView<'a> {
         &self.bytes[at..at + self.row_bytes]
     }
 
+    /// Start of row `(token, head)`; it is inside the view when `token < n_tokens` and
+    /// `head < n_heads` (the SIMD loops check that once per slice, not once per row).
+    #[cfg(target_arch = "x86_64")]
+    fn row_ptr(&self, token: usize, head: usize) -> *const u8 {
+        let at = (token * self.n_heads + head) * self.row_bytes;
+        self.bytes.as_ptr().wrapping_add(at)
+    }
+
     /// Asks the CPU to start loading row `(token, head)` (if it exists) into cache.
     #[inline(always)]
     fn prefetch(&self, token: usize, head: usize) {
@@ -104,6 +117,10 @@ impl<'a> KvCacheView<'a> {
             let row = self.row(token, head);
             for line in (0..row.len()).step_by(64) {
                 prefetch(&row[line]);
+            }
+            // The row's last line, when the row straddles one more line than its length needs.
+            if let Some(last) = row.last() {
+                prefetch(last);
             }
         }
     }
@@ -125,6 +142,30 @@ fn prefetch(byte: &u8) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = byte;
+}
+
+/// Cache formats whose rows the decode loops dequantize in registers, without the L1 tile:
+/// with one query row per task the tile's store and reload cost as much as the arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RegFormat {
+    Q4_0,
+    Q8_0,
+    F16,
+}
+
+impl RegFormat {
+    /// The register format for rows of `dim` values in `format`, if there is one.
+    fn of(format: KvFormat, dim: usize) -> Option<Self> {
+        if dim % 32 != 0 {
+            return None;
+        }
+        match format {
+            KvFormat::Q4_0 => Some(Self::Q4_0),
+            KvFormat::Q8_0 => Some(Self::Q8_0),
+            KvFormat::F16 => Some(Self::F16),
+            _ => None,
+        }
+    }
 }
 
 /// Tuning knobs of the attention kernel.
@@ -512,6 +553,13 @@ impl CpuAttention {
         let mut scores = vec![f32::NEG_INFINITY; lanes * bn];
         let ranges: Vec<Range<usize>> = task.rows.clone().map(|i| p.visible(i)).collect();
         let softcap = p.params.softcap.map(|c| c as f32);
+        // Decode (one query row, groups of four heads) reads K and V in registers on AVX2.
+        let fused = |view: &KvCacheView<'_>| {
+            (self.isa == Isa::Avx2 && n_rows == 1 && g % 4 == 0)
+                .then(|| RegFormat::of(view.format, view.dim))
+                .flatten()
+        };
+        let (fused_k, fused_v) = (fused(&p.k), fused(&p.v));
         let mut t0 = task.keys.start;
         while t0 < task.keys.end {
             let t1 = (t0 + bn).min(task.keys.end);
@@ -520,6 +568,31 @@ impl CpuAttention {
             let hi = ranges.iter().map(|r| r.end.min(t1)).max().unwrap_or(t0);
             // Scores: each K row dequantized once for all rows and heads of its group.
             for (hh, head) in task.heads.clone().enumerate() {
+                if let Some(f) = fused_k {
+                    let vis = ranges[0].start.max(t0)..ranges[0].end.min(t1);
+                    for j in (0..g).step_by(4) {
+                        let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];
+                        let out = &mut scores[(hh * g + j) * bn + (vis.start - t0)..];
+                        // SAFETY: fused_k is only Some on AVX2 machines, for a K format with
+                        // d % 32 == 0, one query row and g % 4 == 0; `vis` lies in the cache and
+                        // `out` holds 4 lanes of `bn` scores from `vis.start`.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            avx2::fused_scores(f, q, &p.k, &p.v, head, vis.clone(), out, bn)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (f, q, out);
+                    }
+                    if let Some(c) = softcap {
+                        for s in (0..g).flat_map(|j| {
+                            let at = (hh * g + j) * bn;
+                            at + vis.start - t0..at + vis.end - t0
+                        }) {
+                            scores[s] = c * (scores[s] / c).tanh();
+                        }
+                    }
+                    continue;
+                }
                 for t in lo..hi {
                     p.k.prefetch(t + PREFETCH_TOKENS, head);
                     let row = &mut ktile[(t - t0) * d..][..d];
@@ -573,6 +646,22 @@ impl CpuAttention {
             }
             // Weighted sums of V rows, each dequantized once for all rows and heads.
             for (hh, head) in task.heads.clone().enumerate() {
+                if let Some(f) = fused_v {
+                    let vis = ranges[0].start.max(t0)..ranges[0].end.min(t1);
+                    for j in (0..g).step_by(4) {
+                        let lane = hh * g + j;
+                        let acc = &mut acc[lane * d_v..][..4 * d_v];
+                        let w = &scores[lane * bn + (vis.start - t0)..];
+                        // SAFETY: as for fused_k, with the V cache and `acc` holding 4 lanes.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            avx2::fused_weighted_sum(f, acc, w, bn, &p.v, head, vis.clone())
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (f, acc, w);
+                    }
+                    continue;
+                }
                 for t in lo..hi {
                     p.v.prefetch(t + PREFETCH_TOKENS, head);
                     let row = &mut vtile[(t - t0) * d_v..][..d_v];
@@ -725,338 +814,6 @@ fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32], isa: Isa) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
-    }
-
-    /// `out[j · stride + t] = q_j · k_t`: blocks of four query rows × two keys keep eight
-    /// accumulators in registers (each key load serves four rows, each query load two keys),
-    /// reduced together at the end.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; `q` and `keys` hold whole rows of `d`, and `out` holds
-    /// `(q rows − 1) · stride + keys rows` values.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn score_tile(
-        q: &[f32],
-        keys: &[f32],
-        d: usize,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        let (rows, n_t) = (q.len() / d, keys.len() / d);
-        let d8 = d / 8 * 8;
-        let (pq, pk) = (q.as_ptr(), keys.as_ptr());
-        // SAFETY (whole body): rows j < rows, keys t < n_t and columns i < d, so every access
-        // is inside `q`, `keys` or `out` (of the documented sizes).
-        let scalar_tail =
-            |j: usize, t: usize| -> f32 { (d8..d).map(|i| q[j * d + i] * keys[t * d + i]).sum() };
-        let mut j = 0;
-        while j + 4 <= rows {
-            let mut t = 0;
-            while t + 2 <= n_t {
-                let mut a = [_mm256_setzero_ps(); 8];
-                for i in (0..d8).step_by(8) {
-                    let k0 = _mm256_loadu_ps(pk.add(t * d + i));
-                    let k1 = _mm256_loadu_ps(pk.add((t + 1) * d + i));
-                    for r in 0..4 {
-                        let qv = _mm256_loadu_ps(pq.add((j + r) * d + i));
-                        a[2 * r] = _mm256_fmadd_ps(qv, k0, a[2 * r]);
-                        a[2 * r + 1] = _mm256_fmadd_ps(qv, k1, a[2 * r + 1]);
-                    }
-                }
-                // Horizontal sums of the eight accumulators at once: lane r of `sums` is a[r].
-                let h01 = _mm256_hadd_ps(a[0], a[1]);
-                let h23 = _mm256_hadd_ps(a[2], a[3]);
-                let h45 = _mm256_hadd_ps(a[4], a[5]);
-                let h67 = _mm256_hadd_ps(a[6], a[7]);
-                let h0123 = _mm256_hadd_ps(h01, h23);
-                let h4567 = _mm256_hadd_ps(h45, h67);
-                let sums = _mm256_add_ps(
-                    _mm256_permute2f128_ps::<0x20>(h0123, h4567),
-                    _mm256_permute2f128_ps::<0x31>(h0123, h4567),
-                );
-                let mut lanes = [0.0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
-                for r in 0..4 {
-                    out[(j + r) * stride + t] = lanes[2 * r] + scalar_tail(j + r, t);
-                    out[(j + r) * stride + t + 1] = lanes[2 * r + 1] + scalar_tail(j + r, t + 1);
-                }
-                t += 2;
-            }
-            if t < n_t {
-                for r in 0..4 {
-                    out[(j + r) * stride + t] = dot(&q[(j + r) * d..][..d], &keys[t * d..][..d]);
-                }
-            }
-            j += 4;
-        }
-        for r in j..rows {
-            for t in 0..n_t {
-                out[r * stride + t] = dot(&q[r * d..][..d], &keys[t * d..][..d]);
-            }
-        }
-    }
-
-    /// `Σ a·b` with one 8-lane accumulator.
-    #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let d8 = a.len() / 8 * 8;
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..d8).step_by(8) {
-            // SAFETY: i + 8 <= d8 <= a.len() == b.len().
-            acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-                acc,
-            );
-        }
-        hsum(acc) + (d8..a.len()).map(|i| a[i] * b[i]).sum::<f32>()
-    }
-
-    /// `exp(x)` for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): 0 below the
-    /// smallest normal result (and for −Inf), +Inf above the largest, NaN kept.
-    #[inline(always)]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let hi = _mm256_set1_ps(88.376_26);
-        let lo = _mm256_set1_ps(-87.336_55);
-        let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_359_4), xc);
-        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let y = _mm256_add_ps(
-            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-            _mm256_set1_ps(1.0),
-        );
-        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(k),
-            _mm256_set1_epi32(127),
-        ));
-        let v = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-        let v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
-        let v = _mm256_blendv_ps(
-            v,
-            _mm256_set1_ps(f32::INFINITY),
-            _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi),
-        );
-        _mm256_blendv_ps(v, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
-    }
-
-    /// `row[i] ← exp(row[i] − m)`, returning the sum.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
-        let n8 = row.len() / 8 * 8;
-        let mv = _mm256_set1_ps(m);
-        let mut sum = _mm256_setzero_ps();
-        let p = row.as_mut_ptr();
-        // SAFETY: i + 8 <= n8 <= row.len().
-        for i in (0..n8).step_by(8) {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
-            _mm256_storeu_ps(p.add(i), e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        let mut total = hsum(sum);
-        for v in &mut row[n8..] {
-            *v = (*v - m).exp();
-            total += *v;
-        }
-        total
-    }
-
-    /// `acc += Σ_t w[t] · rows[t]`, 64 columns at a time held in registers across the rows.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; `rows.len() == w.len() * acc.len()`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32]) {
-        let d = acc.len();
-        let pa = acc.as_mut_ptr();
-        let pr = rows.as_ptr();
-        let mut c = 0;
-        // SAFETY (all loops): column c + 8·j + 8 <= d and row t < w.len(), so every access is
-        // inside `acc` or `rows`.
-        while c + 64 <= d {
-            let mut r = [_mm256_setzero_ps(); 8];
-            for (j, rj) in r.iter_mut().enumerate() {
-                *rj = _mm256_loadu_ps(pa.add(c + 8 * j));
-            }
-            for (t, wt) in w.iter().enumerate() {
-                let wv = _mm256_set1_ps(*wt);
-                let row = pr.add(t * d + c);
-                for (j, rj) in r.iter_mut().enumerate() {
-                    *rj = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * j)), *rj);
-                }
-            }
-            for (j, rj) in r.iter().enumerate() {
-                _mm256_storeu_ps(pa.add(c + 8 * j), *rj);
-            }
-            c += 64;
-        }
-        while c + 8 <= d {
-            let mut r = _mm256_loadu_ps(pa.add(c));
-            for (t, wt) in w.iter().enumerate() {
-                r = _mm256_fmadd_ps(_mm256_set1_ps(*wt), _mm256_loadu_ps(pr.add(t * d + c)), r);
-            }
-            _mm256_storeu_ps(pa.add(c), r);
-            c += 8;
-        }
-        for col in c..d {
-            for (t, wt) in w.iter().enumerate() {
-                acc[col] += wt * rows[t * d + col];
-            }
-        }
-    }
-}
-
+mod avx2;
 #[cfg(target_arch = "aarch64")]
-mod neon {
-    use std::arch::aarch64::*;
-
-    /// Dot products of the `out.len()` rows of `q` with `k`, two accumulators per row.
-    ///
-    /// # Safety
-    /// NEON must be available; `q.len() == out.len() * k.len()`.
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn dots(q: &[f32], k: &[f32], out: &mut [f32]) {
-        let d = k.len();
-        let d4 = d / 4 * 4;
-        let pk = k.as_ptr();
-        for (r, o) in out.iter_mut().enumerate() {
-            let pq = q.as_ptr().add(r * d);
-            let (mut a0, mut a1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
-            let mut i = 0;
-            // SAFETY: every load reads 4 values below d4 <= d in `q`'s row r or in `k`.
-            while i + 8 <= d4 {
-                a0 = vfmaq_f32(a0, vld1q_f32(pq.add(i)), vld1q_f32(pk.add(i)));
-                a1 = vfmaq_f32(a1, vld1q_f32(pq.add(i + 4)), vld1q_f32(pk.add(i + 4)));
-                i += 8;
-            }
-            if i < d4 {
-                a0 = vfmaq_f32(a0, vld1q_f32(pq.add(i)), vld1q_f32(pk.add(i)));
-            }
-            let mut total = vaddvq_f32(vaddq_f32(a0, a1));
-            for j in d4..d {
-                total += q[r * d + j] * k[j];
-            }
-            *o = total;
-        }
-    }
-
-    /// `exp(x)` for 4 lanes (the same polynomial and special cases as the AVX2 path).
-    #[inline(always)]
-    unsafe fn exp4(x: float32x4_t) -> float32x4_t {
-        let hi = vdupq_n_f32(88.376_26);
-        let lo = vdupq_n_f32(-87.336_55);
-        let xc = vminq_f32(vmaxq_f32(x, lo), hi);
-        let k = vrndnq_f32(vmulq_n_f32(xc, std::f32::consts::LOG2_E));
-        let r = vfmsq_f32(xc, k, vdupq_n_f32(0.693_359_4));
-        let r = vfmsq_f32(r, k, vdupq_n_f32(-2.121_944_4e-4));
-        let mut p = vdupq_n_f32(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = vfmaq_f32(vdupq_n_f32(c), p, r);
-        }
-        let y = vaddq_f32(vfmaq_f32(r, p, vmulq_f32(r, r)), vdupq_n_f32(1.0));
-        let pow2 = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127)));
-        let v = vmulq_f32(y, vreinterpretq_f32_s32(pow2));
-        let v = vbslq_f32(vcltq_f32(x, lo), vdupq_n_f32(0.0), v);
-        let v = vbslq_f32(vcgtq_f32(x, hi), vdupq_n_f32(f32::INFINITY), v);
-        // NaN lanes compare unequal to themselves: keep them.
-        vbslq_f32(vceqq_f32(x, x), v, x)
-    }
-
-    /// `row[i] ← exp(row[i] − m)`, returning the sum.
-    ///
-    /// # Safety
-    /// NEON must be available.
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
-        let n4 = row.len() / 4 * 4;
-        let mv = vdupq_n_f32(m);
-        let mut sum = vdupq_n_f32(0.0);
-        let p = row.as_mut_ptr();
-        // SAFETY: i + 4 <= n4 <= row.len().
-        for i in (0..n4).step_by(4) {
-            let e = exp4(vsubq_f32(vld1q_f32(p.add(i)), mv));
-            vst1q_f32(p.add(i), e);
-            sum = vaddq_f32(sum, e);
-        }
-        let mut total = vaddvq_f32(sum);
-        for v in &mut row[n4..] {
-            *v = (*v - m).exp();
-            total += *v;
-        }
-        total
-    }
-
-    /// `acc += Σ_t w[t] · rows[t]`, 32 columns at a time held in registers across the rows.
-    ///
-    /// # Safety
-    /// NEON must be available; `rows.len() == w.len() * acc.len()`.
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32]) {
-        let d = acc.len();
-        let pa = acc.as_mut_ptr();
-        let pr = rows.as_ptr();
-        let mut c = 0;
-        // SAFETY (all loops): column c + 4·j + 4 <= d and row t < w.len().
-        while c + 32 <= d {
-            let mut r = [vdupq_n_f32(0.0); 8];
-            for (j, rj) in r.iter_mut().enumerate() {
-                *rj = vld1q_f32(pa.add(c + 4 * j));
-            }
-            for (t, wt) in w.iter().enumerate() {
-                let row = pr.add(t * d + c);
-                for (j, rj) in r.iter_mut().enumerate() {
-                    *rj = vfmaq_n_f32(*rj, vld1q_f32(row.add(4 * j)), *wt);
-                }
-            }
-            for (j, rj) in r.iter().enumerate() {
-                vst1q_f32(pa.add(c + 4 * j), *rj);
-            }
-            c += 32;
-        }
-        while c + 4 <= d {
-            let mut r = vld1q_f32(pa.add(c));
-            for (t, wt) in w.iter().enumerate() {
-                r = vfmaq_n_f32(r, vld1q_f32(pr.add(t * d + c)), *wt);
-            }
-            vst1q_f32(pa.add(c), r);
-            c += 4;
-        }
-        for col in c..d {
-            for (t, wt) in w.iter().enumerate() {
-                acc[col] += wt * rows[t * d + col];
-            }
-        }
-    }
-}
+mod neon;
