@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_cuda;
 pub mod eval;
 pub mod files;
 pub mod io;
@@ -38,4 +39,7 @@ pub enum Error {
     /// Input data that does not fit the request (lengths, sizes).
     #[error("{0}")]
     Input(String),
+    /// The CUDA backend failed (no driver or device, compile, launch, memory).
+    #[error(transparent)]
+    Cuda(#[from] rotq_cuda::CudaError),
 }

@@ -4,7 +4,8 @@
 #![forbid(unsafe_code)]
 
 use clap::{Args, Parser, Subcommand};
-use rotq::bench::{self, BenchOptions};
+use rotq::bench::{self, BenchOptions, BenchRecord};
+use rotq::bench_cuda::{self, CudaBenchOptions};
 use rotq::eval::{default_formats, evaluate, render_table, Synthetic};
 use rotq::{files, Error, KvFormat, RotationSpec};
 use std::path::PathBuf;
@@ -63,7 +64,7 @@ enum Command {
     },
     /// Time the kernels side by side with their peers and the copy-bandwidth ceiling.
     Bench {
-        /// `cpu` (the CUDA backend is not built yet).
+        /// `cpu`, or `cuda:N` (a GPU; runs PyTorch's dense `x @ H` as the peer when python3 has torch).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Print one JSON object per line instead of a table.
@@ -167,46 +168,16 @@ fn run(command: Command) -> Result<(), Error> {
             json,
             quick,
         } => {
-            if device != "cpu" {
-                return Err(Error::Input(format!(
-                    "device `{device}`: only `cpu` can be benchmarked (the CUDA backend is not built yet)"
-                )));
-            }
-            let opts = if quick {
-                BenchOptions {
-                    bytes: 8 << 20,
-                    tokens: 4096,
-                    runs: 3,
-                }
+            let records = if device.starts_with("cuda") {
+                cuda_bench(&device, quick)?
+            } else if device == "cpu" {
+                cpu_bench(quick)?
             } else {
-                BenchOptions::default()
+                return Err(Error::Input(format!(
+                    "device `{device}`: expected `cpu` or `cuda:N`"
+                )));
             };
-            eprintln!(
-                "cpu: {} threads, {} ; buffers of {} MiB, {} tokens; median of {} runs",
-                rayon::current_num_threads(),
-                rotq_cpu::Isa::best(),
-                opts.bytes >> 20,
-                opts.tokens,
-                opts.runs
-            );
-            let records = bench::run_all(&opts, |what| eprintln!("  timing {what} ..."))?;
-            for r in &records {
-                if json {
-                    println!("{}", serde_json::to_string(r).expect("records serialize"));
-                } else {
-                    println!(
-                        "{:<26} {:>8.2} GB/s  vs {:<36} {:>8.2} GB/s  x{:<6.2} ceiling {:>6.2} GB/s ({:>3.0}%)  [{}]",
-                        r.kernel,
-                        r.ours_gbps,
-                        r.peer,
-                        r.peer_gbps,
-                        r.ratio,
-                        r.ceiling_gbps,
-                        100.0 * r.ours_gbps / r.ceiling_gbps,
-                        r.shape
-                    );
-                }
-            }
+            print_records(&records, json);
         }
         Command::Info => {
             println!(
@@ -227,6 +198,67 @@ fn run(command: Command) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The CPU benchmarks, with a line on what is measured.
+fn cpu_bench(quick: bool) -> Result<Vec<BenchRecord>, Error> {
+    let opts = if quick {
+        BenchOptions {
+            bytes: 8 << 20,
+            tokens: 4096,
+            runs: 3,
+        }
+    } else {
+        BenchOptions::default()
+    };
+    eprintln!(
+        "cpu: {} threads, {} ; buffers of {} MiB, {} tokens; median of {} runs",
+        rayon::current_num_threads(),
+        rotq_cpu::Isa::best(),
+        opts.bytes >> 20,
+        opts.tokens,
+        opts.runs
+    );
+    bench::run_all(&opts, |what| eprintln!("  timing {what} ..."))
+}
+
+/// The GPU benchmarks on `device` (`cuda:N`), with a line on what is measured.
+fn cuda_bench(device: &str, quick: bool) -> Result<Vec<BenchRecord>, Error> {
+    let opts = if quick {
+        CudaBenchOptions {
+            bytes: 32 << 20,
+            runs: 5,
+        }
+    } else {
+        CudaBenchOptions::default()
+    };
+    eprintln!(
+        "{device}: buffers of {} MiB; median of {} runs (CUDA events)",
+        opts.bytes >> 20,
+        opts.runs
+    );
+    bench_cuda::run_all(device, &opts, |what| eprintln!("  {what} ..."))
+}
+
+/// One JSON object per line, or a table with the ratio and the share of the ceiling.
+fn print_records(records: &[BenchRecord], json: bool) {
+    for r in records {
+        if json {
+            println!("{}", serde_json::to_string(r).expect("records serialize"));
+        } else {
+            println!(
+                "{:<26} {:>8.2} GB/s  vs {:<36} {:>8.2} GB/s  x{:<6.2} ceiling {:>7.2} GB/s ({:>3.0}%)  [{}]",
+                r.kernel,
+                r.ours_gbps,
+                r.peer,
+                r.peer_gbps,
+                r.ratio,
+                r.ceiling_gbps,
+                100.0 * r.ours_gbps / r.ceiling_gbps,
+                r.shape
+            );
+        }
+    }
 }
 
 fn main() -> ExitCode {

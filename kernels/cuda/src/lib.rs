@@ -1,7 +1,32 @@
-//! `rotq-cuda`: the CUDA kernels of rotq. **Not built yet: this crate holds no kernels.**
+//! `rotq-cuda`: the CUDA kernels of rotq, compiled at run time by NVRTC through cudarc, so the
+//! crate builds (and its tests skip) on machines without CUDA.
 //!
-//! What will live here: CUDA C sources compiled at run time by NVRTC through cudarc (so the
-//! crate builds on machines without CUDA), covering FWHT, randomized Hadamard, fused
-//! rotate-quantize into every KV-cache format (contiguous and paged), dequantize, and flash
-//! attention for prefill and decode. Every kernel is checked against the `rotq-reference`
-//! oracle; tests print `skipped: no CUDA device` where no GPU is present.
+//! - [`Device`]: opens `cuda:N`, reports what it is, compiles each (kernel, configuration)
+//!   once for the device's architecture and caches the module.
+//! - [`CudaRotation`]: in-place Hadamard rotation of rows (f32, f16, bf16): every power of two
+//!   up to 2^15, m·2^k for m ∈ {12, 20, 28, 40}, block-diagonal and randomized (signs fused).
+//!   Butterflies run in registers, then across lanes with warp shuffles, then across warps
+//!   through shared memory; rows move with 16-byte loads and stores.
+//! - [`CudaCodec`]: fused rotate-quantize of f32/f16/bf16 rows into cache blocks of every
+//!   registry format, at a cache position of a contiguous or paged cache (one read of the
+//!   input, one write of the blocks), and dequantize with the inverse rotation.
+//!
+//! Every kernel matches the `rotq-reference` oracle (see `tests/`). Quantization uses exact
+//! f32 arithmetic (`--fmad=false`) so that the bytes equal the oracle's quantizer applied to
+//! the kernel's own rotated values.
+//!
+//! Set `ROTQ_CUDA_LOG=1` to print each module's compile time as it is built.
+
+mod codec;
+mod device;
+mod error;
+mod kernel;
+mod rotation;
+mod timing;
+
+pub use codec::{CacheTarget, CudaCodec};
+pub use device::{cuda_available, Device, DeviceInfo};
+pub use error::{CudaError, Result};
+pub use kernel::RowConfig;
+pub use rotation::{CudaRotation, GpuElement};
+pub use timing::{copy_bandwidth, median_ms};

@@ -1,0 +1,286 @@
+//! The shared machinery of the row kernels (`cuda/hadamard.cu`): how a rotation maps onto
+//! threads, the defines each module is compiled with, and launching.
+
+use crate::device::Device;
+use crate::error::{Context, CudaError, Result};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, LaunchConfig};
+use rotq_reference::hadamard::{base_sign, HadamardSize};
+use rotq_reference::rotation::RotationKind;
+use rotq_reference::{Error, KvFormat, Rotation};
+use serde::{Deserialize, Serialize};
+
+const FORMATS: &str = include_str!("cuda/formats.cuh");
+const HADAMARD: &str = include_str!("cuda/hadamard.cu");
+
+/// Tuning knobs of the row kernels (rotate, rotate-quantize, dequantize).
+///
+/// ```
+/// let c = rotq_cuda::RowConfig::default();
+/// assert!(rotq_cuda::RowConfig::search_space().contains(&c));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RowConfig {
+    /// Values each thread holds in registers (a power of two; raised where the transform
+    /// needs more to fit a row in one thread block).
+    pub elems_per_thread: usize,
+    /// Rows per thread block; 0 picks about 256 threads per block.
+    pub rows_per_block: usize,
+}
+
+impl Default for RowConfig {
+    fn default() -> Self {
+        Self {
+            elems_per_thread: 8,
+            rows_per_block: 0,
+        }
+    }
+}
+
+impl RowConfig {
+    /// The default of the quantize and dequantize kernels: a thread holds a whole 32-value
+    /// block, so every thread encodes one (measured 3x the rotation's default on an H100).
+    pub fn codec_default() -> Self {
+        Self {
+            elems_per_thread: 32,
+            rows_per_block: 16,
+        }
+    }
+
+    /// Every configuration the autotuner tries.
+    pub fn search_space() -> Vec<Self> {
+        let mut out = Vec::new();
+        for elems_per_thread in [4, 8, 16, 32] {
+            for rows_per_block in [0, 1, 2, 4, 8, 16] {
+                out.push(Self {
+                    elems_per_thread,
+                    rows_per_block,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// What the kernels compute per row: UNITS independent units of M·P values, each rotated by
+/// `(B_M ⊗ H_P)/√(M·P)`, with optional signs.
+#[derive(Clone, Debug)]
+pub(crate) struct Transform {
+    pub size: HadamardSize,
+    pub units: usize,
+    pub signs: Option<Vec<f32>>,
+}
+
+impl Transform {
+    /// The transform of `rotation`; explicit matrices are not supported on the GPU.
+    pub fn of(rotation: &Rotation) -> Result<Self> {
+        let n = rotation.dim();
+        Ok(match rotation.kind() {
+            RotationKind::Hadamard { size } => Self {
+                size,
+                units: 1,
+                signs: None,
+            },
+            RotationKind::Block { block } => Self {
+                size: HadamardSize::new(block)?,
+                units: n / block,
+                signs: None,
+            },
+            RotationKind::Randomized { size, signs, .. } => Self {
+                size,
+                units: 1,
+                signs: Some(signs.iter().map(|s| *s as f32).collect()),
+            },
+            _ => {
+                return Err(Error::UnsupportedDim {
+                    n,
+                    what: "CUDA rotation",
+                    hint: "explicit matrices are not supported on CUDA; use a Hadamard, block or randomized rotation",
+                }
+                .into())
+            }
+        })
+    }
+
+    /// No rotation over rows of `n` values (dequantize or quantize only): units of the largest
+    /// power of two dividing `n`, up to 1024.
+    pub fn identity(n: usize) -> Result<Self> {
+        let p = (1usize << n.trailing_zeros()).min(1024);
+        Ok(Self {
+            size: HadamardSize::with_base(p, 1)?,
+            units: n / p,
+            signs: None,
+        })
+    }
+
+    pub fn n(&self) -> usize {
+        self.units * self.size.n
+    }
+}
+
+/// How a transform is laid over threads, and with what resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub ept: usize,
+    pub rows: usize,
+    pub threads: usize,
+    pub smem: usize,
+}
+
+/// Lays `t` over threads for `cfg`; `smem_always` when the kernel stages rows in shared memory
+/// whatever the transform (quantize, dequantize), with `staged_bytes` of encoded row each.
+pub(crate) fn geometry(
+    t: &Transform,
+    cfg: RowConfig,
+    smem_always: bool,
+    staged_bytes: usize,
+    dev: &Device,
+) -> Result<Geometry> {
+    let (m, p, units) = (t.size.base, t.size.pow2, t.units);
+    let too_big = || -> CudaError {
+        Error::UnsupportedDim {
+            n: t.n(),
+            what: "CUDA row kernel",
+            hint: "a row must fit one thread block (at most 1024 threads and the shared memory)",
+        }
+        .into()
+    };
+    let mut ept = cfg.elems_per_thread.clamp(1, 64).next_power_of_two().min(p);
+    loop {
+        let ts = p / ept;
+        let warps = (ts / 32).max(1);
+        let fits = units * m * ts <= 1024 && warps <= ept;
+        if fits {
+            break;
+        }
+        if ept >= p || ept >= 64 {
+            return Err(too_big());
+        }
+        ept *= 2;
+    }
+    let tpr = units * m * (p / ept);
+    let step = 32 / gcd(tpr, 32); // rows · tpr must fill whole warps
+    let wanted = match cfg.rows_per_block {
+        0 => (256 / tpr).max(1),
+        r => r,
+    };
+    let mut rows = wanted.div_ceil(step) * step;
+    while rows > step && rows * tpr > 1024 {
+        rows -= step;
+    }
+    if rows * tpr > 1024 {
+        return Err(too_big());
+    }
+    let needs_smem = smem_always || m > 1 || p / ept > 32;
+    // Shared-memory rows carry 4 floats of padding per 32 values (see PAD in hadamard.cu).
+    let padded = (t.n() + 4 * (t.n() / 32)).div_ceil(4) * 4;
+    // Encoded rows staged after the float rows, 16-byte aligned (OUT_STRIDE in hadamard.cu).
+    let row_smem = if needs_smem {
+        4 * padded + staged_bytes.div_ceil(16) * 16
+    } else {
+        0
+    };
+    while rows > step && rows * row_smem > dev.info().max_shared_per_block {
+        rows -= step;
+    }
+    if rows * row_smem > dev.info().max_shared_per_block {
+        return Err(too_big());
+    }
+    Ok(Geometry {
+        ept,
+        rows,
+        threads: rows * tpr,
+        smem: rows * row_smem,
+    })
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The defines and source of one module, and its cache key.
+pub(crate) fn source(
+    t: &Transform,
+    g: Geometry,
+    elem: u32,
+    rotate: bool,
+    format: Option<KvFormat>,
+) -> (String, String) {
+    let (m, p) = (t.size.base, t.size.pow2);
+    let mut defines = format!(
+        "#define ELEM {elem}\n#define LOG_P {}\n#define M {m}\n#define UNITS {}\n#define EPT {}\n\
+         #define ROWS {}\n#define ROTATE {}\n",
+        p.trailing_zeros(),
+        t.units,
+        g.ept,
+        g.rows,
+        rotate as u32,
+    );
+    if let Some(f) = format {
+        defines += &format!("#define FMT {}\n", f.name());
+    }
+    let key = defines.replace('\n', " ");
+    let mut src = defines;
+    if m > 1 {
+        let rows: Vec<String> = (0..m)
+            .map(|a| {
+                let bits = (0..m)
+                    .filter(|&b| base_sign(m, a, b) < 0.0)
+                    .fold(0u64, |acc, b| acc | (1 << b));
+                format!("{bits:#x}ull")
+            })
+            .collect();
+        src += &format!(
+            "__constant__ unsigned long long HAD_ROWS[{m}] = {{{}}};\n",
+            rows.join(", ")
+        );
+    }
+    src += FORMATS;
+    src += "\n";
+    src += HADAMARD;
+    (key, src)
+}
+
+/// The compiled kernel `name` for `key`/`src`, with its shared memory opted in.
+pub(crate) fn function(
+    dev: &Device,
+    key: &str,
+    src: &str,
+    name: &str,
+    g: Geometry,
+) -> Result<CudaFunction> {
+    let f = dev.function(key, src, name)?;
+    if g.smem > 48 * 1024 {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            g.smem as i32,
+        )
+        .context(|| format!("allowing {} bytes of shared memory for {name}", g.smem))?;
+    }
+    Ok(f)
+}
+
+/// The launch shape for `n_rows` rows.
+pub(crate) fn launch_config(g: Geometry, n_rows: usize) -> Result<LaunchConfig> {
+    let blocks = u32::try_from(n_rows.div_ceil(g.rows))
+        .map_err(|_| CudaError::Input(Error::Overflow("grid size")))?;
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (g.threads as u32, 1, 1),
+        shared_mem_bytes: g.smem as u32,
+    })
+}
+
+/// What a failed launch was: the kernel, its shape and resources, its defines.
+pub(crate) fn describe(name: &str, f: &CudaFunction, g: Geometry, key: &str) -> String {
+    format!(
+        "launching {name} ({} threads, {} registers each, {} bytes of shared memory; {key})",
+        g.threads,
+        f.num_regs().unwrap_or(-1),
+        g.smem
+    )
+}

@@ -1,0 +1,404 @@
+//! The CUDA kernels against the oracle. Every test needs a GPU; where there is none each
+//! prints `skipped: no CUDA device` and passes.
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use rotq_cuda::{CacheTarget, CudaCodec, CudaError, CudaRotation, Device, GpuElement, RowConfig};
+use rotq_reference::rotation::SplitMix64;
+use rotq_reference::tolerance::{tolerance, Op, Precision};
+use rotq_reference::{KvFormat, Rotation};
+use std::sync::OnceLock;
+
+/// The first device, opened once; `None` (after printing the skip line) where there is none.
+fn device() -> Option<&'static Device> {
+    static DEVICE: OnceLock<Option<Device>> = OnceLock::new();
+    let dev = DEVICE
+        .get_or_init(|| match Device::open("cuda:0") {
+            Ok(d) => Some(d),
+            Err(CudaError::NoDriver | CudaError::NoDevice { .. }) => None,
+            Err(e) => panic!("a CUDA device is present but could not be opened: {e}"),
+        })
+        .as_ref();
+    if dev.is_none() {
+        println!("skipped: no CUDA device");
+    }
+    dev
+}
+
+/// Values with a few large outliers per row (what rotation is for), never all zero.
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut g = SplitMix64::new(seed);
+    (0..len)
+        .map(|i| {
+            let v = (g.next_f64() * 2.0 - 1.0) as f32;
+            if i % 37 == 5 {
+                v * 20.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+trait Elem: GpuElement {
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    const PRECISION: Precision;
+}
+impl Elem for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    const PRECISION: Precision = Precision::F32;
+}
+impl Elem for f16 {
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    const PRECISION: Precision = Precision::F16;
+}
+impl Elem for bf16 {
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    const PRECISION: Precision = Precision::Bf16;
+}
+
+fn upload<T: Elem>(dev: &Device, x: &[f32]) -> cudarc::driver::CudaSlice<T> {
+    let v: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    dev.stream().clone_htod(&v).unwrap()
+}
+
+fn download<T: Elem>(dev: &Device, x: &cudarc::driver::CudaSlice<T>) -> Vec<f32> {
+    let v = dev.stream().clone_dtoh(x).unwrap();
+    v.into_iter().map(T::to_f32).collect()
+}
+
+/// The GPU rotation of `rows` rows (forward, then inverse) against the oracle.
+fn check_rotation<T: Elem>(dev: &Device, r: &Rotation, rows: usize, cfg: RowConfig, seed: u64) {
+    let n = r.dim();
+    let x = random(rows * n, seed);
+    // The oracle rotates exactly what the GPU holds (the input rounded to T).
+    let held: Vec<f64> = x
+        .iter()
+        .map(|&v| f64::from(T::from_f32(v).to_f32()))
+        .collect();
+    let mut want = held.clone();
+    r.rotate_rows(&mut want, false).unwrap();
+    let rot = CudaRotation::new(dev, r).unwrap().with_config(cfg);
+    let mut buf = upload::<T>(dev, &x);
+    rot.forward(dev, &mut buf).unwrap();
+    let got: Vec<f64> = download(dev, &buf).into_iter().map(f64::from).collect();
+    let tol = tolerance(Op::Rotation, T::PRECISION);
+    if let Err(m) = tol.check(&got, &want) {
+        panic!(
+            "forward {r:?} n={n} rows={rows} {cfg:?} {}: {m}",
+            std::any::type_name::<T>()
+        );
+    }
+    rot.inverse(dev, &mut buf).unwrap();
+    let back: Vec<f64> = download(dev, &buf).into_iter().map(f64::from).collect();
+    // Two roundings of T on the way: twice the tolerance.
+    let tol2 = rotq_reference::tolerance::Tolerance {
+        rel_l2: 2.0 * tol.rel_l2,
+        max_abs: 2.0 * tol.max_abs,
+    };
+    if let Err(m) = tol2.check(&back, &held) {
+        panic!("inverse {r:?} n={n} rows={rows} {cfg:?}: {m}");
+    }
+}
+
+/// Every supported length: powers of two to 2^15, and m·2^k.
+fn sizes() -> Vec<usize> {
+    let mut v: Vec<usize> = (1..=15).map(|k| 1 << k).collect();
+    for m in [12, 20, 28, 40] {
+        for k in [0, 1, 3, 5, 7] {
+            v.push(m << k);
+        }
+    }
+    v
+}
+
+#[test]
+fn every_size_rotates_like_the_oracle() {
+    let Some(dev) = device() else { return };
+    for (i, n) in sizes().into_iter().enumerate() {
+        let r = Rotation::hadamard(n).unwrap();
+        check_rotation::<f32>(dev, &r, 5, RowConfig::default(), i as u64);
+    }
+}
+
+#[test]
+fn block_and_randomized_rotations() {
+    let Some(dev) = device() else { return };
+    for (n, b) in [(128, 16), (4096, 64), (256, 256), (96, 32)] {
+        check_rotation::<f32>(
+            dev,
+            &Rotation::block_hadamard(n, b).unwrap(),
+            7,
+            RowConfig::default(),
+            1,
+        );
+    }
+    for n in [64, 128, 4096, 160, 32768] {
+        check_rotation::<f16>(
+            dev,
+            &Rotation::randomized(n, 9).unwrap(),
+            3,
+            RowConfig::default(),
+            2,
+        );
+    }
+}
+
+/// Fused rotate-quantize writes exactly the oracle's quantizer applied to the kernel's own
+/// rotated values (the f32 rotation kernel on the same input), for every format.
+fn check_quantize(dev: &Device, format: KvFormat, n: usize, r: Option<&Rotation>, seed: u64) {
+    let (tokens, heads) = (5usize, 3usize);
+    let rows = tokens * heads;
+    let x = random(rows * n, seed);
+    let codec = CudaCodec::new(dev, format, n, r).unwrap();
+    let rb = codec.row_bytes();
+    let start = 2usize;
+    let mut cache = dev
+        .stream()
+        .alloc_zeros::<u8>((start + tokens + 1) * heads * rb)
+        .unwrap();
+    let input = upload::<f16>(dev, &x);
+    codec
+        .quantize(
+            dev,
+            &input,
+            &mut cache,
+            CacheTarget::contiguous(heads, start),
+        )
+        .unwrap();
+    let got = dev.stream().clone_dtoh(&cache).unwrap();
+    // The kernel's rotated values: f16 input widened, rotated by the f32 kernel.
+    let widened: Vec<f32> = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let rotated = match r {
+        Some(r) => {
+            let mut buf = dev.stream().clone_htod(&widened).unwrap();
+            CudaRotation::new(dev, r)
+                .unwrap()
+                .forward(dev, &mut buf)
+                .unwrap();
+            dev.stream().clone_dtoh(&buf).unwrap()
+        }
+        None => widened,
+    };
+    let mut want = vec![0u8; got.len()];
+    format
+        .quantize_into(
+            &rotated,
+            &mut want[start * heads * rb..(start + tokens) * heads * rb],
+        )
+        .unwrap();
+    assert!(
+        got == want,
+        "{format} n={n} rotation={r:?}: first difference at byte {:?}",
+        got.iter().zip(&want).position(|(a, b)| a != b)
+    );
+    // And the round trip: dequantize with the inverse rotation ≈ the input, within the
+    // format's bound (checked loosely: relative L2 below the format's typical error).
+    let cache_rows = dev
+        .stream()
+        .clone_htod(&want[start * heads * rb..(start + tokens) * heads * rb])
+        .unwrap();
+    let mut out = dev.stream().alloc_zeros::<f32>(rows * n).unwrap();
+    codec.dequantize(dev, &cache_rows, &mut out).unwrap();
+    let got_back: Vec<f64> = dev
+        .stream()
+        .clone_dtoh(&out)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let mut oracle: Vec<f64> = format
+        .dequantize_row(&want[start * heads * rb..(start + tokens) * heads * rb])
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    if let Some(r) = r {
+        r.rotate_rows(&mut oracle, true).unwrap();
+    }
+    if let Err(m) = tolerance(Op::Rotation, Precision::F32).check(&got_back, &oracle) {
+        panic!("dequantize {format} n={n} rotation={r:?}: {m}");
+    }
+}
+
+/// Each format at four (dimension, rotation) pairs: no rotation, Sylvester, randomized m·2^k
+/// and block-diagonal.
+fn check_formats(formats: &[KvFormat]) {
+    let Some(dev) = device() else { return };
+    for (i, &format) in formats.iter().enumerate() {
+        let cases = [
+            (64usize, None),
+            (128, Some(Rotation::hadamard(128).unwrap())),
+            (160, Some(Rotation::randomized(160, i as u64).unwrap())),
+            (256, Some(Rotation::block_hadamard(256, 64).unwrap())),
+        ];
+        for (n, r) in cases {
+            if n % format.block_size() == 0 {
+                check_quantize(dev, format, n, r.as_ref(), (i * 7 + n) as u64);
+            }
+        }
+    }
+}
+
+const GGML: [KvFormat; 5] = [
+    KvFormat::Q8_0,
+    KvFormat::Q4_0,
+    KvFormat::Q4_1,
+    KvFormat::Q5_0,
+    KvFormat::Q5_1,
+];
+const OTHER: [KvFormat; 4] = [
+    KvFormat::Iq4Nl,
+    KvFormat::Q6_0,
+    KvFormat::Int4,
+    KvFormat::Fp8E4m3,
+];
+const ELEMENT: [KvFormat; 3] = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16];
+
+#[test]
+fn rotate_quantize_and_dequantize_ggml_formats() {
+    check_formats(&GGML);
+}
+
+#[test]
+fn rotate_quantize_and_dequantize_other_formats() {
+    check_formats(&OTHER);
+}
+
+#[test]
+fn rotate_quantize_and_dequantize_element_formats() {
+    check_formats(&ELEMENT);
+}
+
+#[test]
+fn the_format_tests_cover_the_registry() {
+    let mut covered: Vec<KvFormat> = GGML.iter().chain(&OTHER).chain(&ELEMENT).copied().collect();
+    covered.sort_by_key(|f| f.name());
+    let mut all = KvFormat::ALL.to_vec();
+    all.sort_by_key(|f| f.name());
+    assert_eq!(covered, all);
+}
+
+#[test]
+fn paged_cache_holds_the_contiguous_rows() {
+    let Some(dev) = device() else { return };
+    let (n, heads, tokens, page) = (128usize, 2usize, 37usize, 8usize);
+    let r = Rotation::hadamard(n).unwrap();
+    let codec = CudaCodec::new(dev, KvFormat::Q4_0, n, Some(&r)).unwrap();
+    let rb = codec.row_bytes();
+    let x = random(tokens * heads * n, 11);
+    let input = upload::<bf16>(dev, &x);
+    let start = 3;
+    let mut flat = dev
+        .stream()
+        .alloc_zeros::<u8>((start + tokens) * heads * rb)
+        .unwrap();
+    codec
+        .quantize(
+            dev,
+            &input,
+            &mut flat,
+            CacheTarget::contiguous(heads, start),
+        )
+        .unwrap();
+    let n_pages = (start + tokens).div_ceil(page);
+    let table: Vec<u32> = (0..n_pages as u32).rev().collect(); // pages in reverse order
+    let mut paged = dev
+        .stream()
+        .alloc_zeros::<u8>((n_pages + 1) * page * heads * rb)
+        .unwrap();
+    let target = CacheTarget {
+        n_heads: heads,
+        start_pos: start,
+        pages: Some((&table, page)),
+    };
+    codec.quantize(dev, &input, &mut paged, target).unwrap();
+    let (flat_h, paged_h) = (
+        dev.stream().clone_dtoh(&flat).unwrap(),
+        dev.stream().clone_dtoh(&paged).unwrap(),
+    );
+    for pos in start..start + tokens {
+        let at = ((table[pos / page] as usize * page + pos % page) * heads) * rb;
+        assert_eq!(
+            &paged_h[at..at + heads * rb],
+            &flat_h[pos * heads * rb..(pos + 1) * heads * rb],
+            "position {pos}"
+        );
+    }
+    // A table entry outside the cache is refused before anything runs.
+    let bad: Vec<u32> = vec![0, 1, 2, 3, 99];
+    let target = CacheTarget {
+        n_heads: heads,
+        start_pos: start,
+        pages: Some((&bad, page)),
+    };
+    assert!(codec.quantize(dev, &input, &mut paged, target).is_err());
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    assert!(matches!(
+        Device::open("gpu0"),
+        Err(CudaError::BadDeviceName(_))
+    ));
+    assert!(Device::open("cuda:999").is_err());
+    let Some(dev) = device() else { return };
+    let r = Rotation::hadamard(128).unwrap();
+    let rot = CudaRotation::new(dev, &r).unwrap();
+    let mut short = dev.stream().alloc_zeros::<f32>(127).unwrap();
+    assert!(rot.forward(dev, &mut short).is_err());
+    let m = Rotation::matrix(r.to_matrix()).unwrap();
+    assert!(CudaRotation::new(dev, &m).is_err());
+    let codec = CudaCodec::new(dev, KvFormat::Q8_0, 128, Some(&r)).unwrap();
+    let input = dev.stream().alloc_zeros::<f16>(4 * 128).unwrap();
+    let mut small = dev
+        .stream()
+        .alloc_zeros::<u8>(3 * codec.row_bytes())
+        .unwrap();
+    assert!(codec
+        .quantize(dev, &input, &mut small, CacheTarget::contiguous(4, 0))
+        .is_err());
+    assert!(codec
+        .quantize(dev, &input, &mut small, CacheTarget::contiguous(3, 0))
+        .is_err());
+    assert!(CudaCodec::new(dev, KvFormat::Q4_0, 100, None).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random sizes, element types, row counts and configurations.
+    #[test]
+    fn random_shapes_and_configs(
+        size in proptest::sample::select(sizes()),
+        dtype in 0u8..3,
+        rows in 1usize..40,
+        cfg in proptest::sample::select(RowConfig::search_space()),
+        randomized in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let Some(dev) = device() else { return Ok(()) };
+        let r = if randomized { Rotation::randomized(size, seed).unwrap() } else { Rotation::hadamard(size).unwrap() };
+        match dtype {
+            0 => check_rotation::<f32>(dev, &r, rows, cfg, seed),
+            1 => check_rotation::<f16>(dev, &r, rows, cfg, seed),
+            _ => check_rotation::<bf16>(dev, &r, rows, cfg, seed),
+        }
+    }
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the CUDA test executables and the `rotq` CLI (for `rotq bench --device cuda:0`) into
+# one folder, with a run script, ready to carry to a machine that has a GPU but no Rust.
+#
+#   scripts/gpu-bundle.sh [FOLDER]      (default: gpu-bundle, ignored by git)
+#
+# Then, on the GPU machine, from the folder's parent: bash FOLDER/run.sh [--sanitize] [--bench]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-bundle}
+rm -rf "$out"
+mkdir -p "$out"
+
+cargo build --release --locked --bin rotq
+cp target/release/rotq "$out/"
+# Every test executable of rotq-cuda (its unit tests and tests/*.rs).
+cargo test --release --locked -p rotq-cuda --no-run --message-format=json 2>/dev/null |
+    grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' |
+    while read -r exe; do
+        name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
+        cp "$exe" "$out/test-$name"
+    done
+strip "$out"/* 2>/dev/null || true
+
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the bundled CUDA tests (and, with --sanitize, the differential tests under
+# compute-sanitizer's memcheck; with --bench, `rotq bench --device cuda:0`).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# NVRTC and the driver: the toolkit's lib64, then wherever a Python wheel put libnvrtc.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+status=0
+for t in "$here"/test-*; do
+    echo "== $(basename "$t")"
+    "$t" || status=1
+done
+if [[ " $* " == *" --sanitize "* ]]; then
+    echo "== compute-sanitizer --tool memcheck test-differential"
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$here/test-differential" \
+        || status=1
+fi
+if [[ " $* " == *" --bench "* ]]; then
+    echo "== rotq bench --device cuda:0"
+    "$here/rotq" bench --device cuda:0 || status=1
+fi
+exit $status
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out"
+echo "bundle ready: carry '$out' and run: bash $out/run.sh [--sanitize] [--bench]"

@@ -1,0 +1,307 @@
+//! GPU benchmarks: ours, PyTorch's dense `x @ H` (the peer, run by `scripts/torch_peer.py` in
+//! the same process tree, same shapes) and the device-to-device copy bandwidth (the ceiling),
+//! all in one run. Timed with CUDA events: warm-up, then the median of many runs, rotating
+//! between two input buffers.
+
+use crate::bench::{random, BenchRecord};
+use crate::Error;
+use half::{bf16, f16};
+use rotq_cuda::{CacheTarget, CudaCodec, CudaRotation, Device, GpuElement, RowConfig};
+use rotq_reference::{KvFormat, Rotation};
+use std::collections::HashMap;
+use std::process::Command;
+
+const TORCH_PEER: &str = include_str!("../scripts/torch_peer.py");
+
+/// Sizes of a GPU benchmark run.
+#[derive(Clone, Copy, Debug)]
+pub struct CudaBenchOptions {
+    /// Bytes of f16/bf16 rows per buffer.
+    pub bytes: usize,
+    /// Timed runs per measurement.
+    pub runs: usize,
+}
+
+impl Default for CudaBenchOptions {
+    fn default() -> Self {
+        Self {
+            bytes: 256 << 20,
+            runs: 20,
+        }
+    }
+}
+
+fn gbps(bytes: usize, ms: f64) -> f64 {
+    bytes as f64 / (ms * 1e-3) / 1e9
+}
+
+/// The torch peer's milliseconds per (dtype, n); empty (with a note) when torch can't run.
+fn torch_peer(
+    ordinal: usize,
+    cases: &[(&str, usize)],
+    opts: &CudaBenchOptions,
+    progress: &mut impl FnMut(&str),
+) -> HashMap<(String, usize), f64> {
+    let spec = serde_json::json!({
+        "device": ordinal,
+        "bytes": opts.bytes,
+        "runs": opts.runs,
+        "cases": cases.iter().map(|(d, n)| serde_json::json!({"dtype": d, "n": n})).collect::<Vec<_>>(),
+    });
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(TORCH_PEER)
+        .arg(spec.to_string())
+        .output();
+    let mut times = HashMap::new();
+    match out {
+        Ok(o) => {
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let (Some(d), Some(n)) = (v["dtype"].as_str(), v["n"].as_u64()) else {
+                    continue;
+                };
+                match v["ms"].as_f64() {
+                    Some(ms) => {
+                        times.insert((d.to_string(), n as usize), ms);
+                    }
+                    None => progress(&format!("torch peer {d} n={n}: {}", v["error"])),
+                }
+            }
+            if !o.status.success() {
+                progress(&format!(
+                    "torch peer failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                ));
+            }
+        }
+        Err(e) => progress(&format!("torch peer not run (python3: {e})")),
+    }
+    times
+}
+
+fn rows_of<T: GpuElement + From<HalfFrom>>(
+    dev: &Device,
+    len: usize,
+    seed: u64,
+) -> Result<cudarc::driver::CudaSlice<T>, Error> {
+    let v: Vec<T> = random(len, seed)
+        .into_iter()
+        .map(|x| T::from(HalfFrom(x)))
+        .collect();
+    dev.stream().clone_htod(&v).map_err(cuda_err)
+}
+
+/// An f32 on its way to f16 or bf16.
+struct HalfFrom(f32);
+impl From<HalfFrom> for f16 {
+    fn from(x: HalfFrom) -> Self {
+        f16::from_f32(x.0)
+    }
+}
+impl From<HalfFrom> for bf16 {
+    fn from(x: HalfFrom) -> Self {
+        bf16::from_f32(x.0)
+    }
+}
+
+fn cuda_err(e: cudarc::driver::DriverError) -> Error {
+    Error::Cuda(rotq_cuda::CudaError::Driver {
+        what: "benchmark buffers".into(),
+        source: e,
+    })
+}
+
+/// GB/s of the default configuration and of the best one of the search space (with it).
+struct Sweep {
+    default: f64,
+    best: f64,
+    best_config: RowConfig,
+}
+
+/// Times `run(config, i)` for the default configuration `first` and every one of the search space;
+/// `bytes` moved per call. Configurations a shape can't use are skipped.
+fn sweep(
+    dev: &Device,
+    opts: &CudaBenchOptions,
+    bytes: usize,
+    first: RowConfig,
+    mut run: impl FnMut(RowConfig, usize) -> rotq_cuda::Result<()>,
+) -> Result<Sweep, Error> {
+    let default = gbps(
+        bytes,
+        rotq_cuda::median_ms(dev, 3, opts.runs, |i| run(first, i))?,
+    );
+    let mut best = (default, first);
+    for cfg in RowConfig::search_space() {
+        if let Ok(ms) = rotq_cuda::median_ms(dev, 2, opts.runs.div_ceil(2), |i| run(cfg, i)) {
+            if gbps(bytes, ms) > best.0 {
+                best = (gbps(bytes, ms), cfg);
+            }
+        }
+    }
+    Ok(Sweep {
+        default,
+        best: best.0,
+        best_config: best.1,
+    })
+}
+
+/// FWHT over rows of `n` of type `T` (GB/s read + written).
+fn fwht<T: GpuElement + From<HalfFrom>>(
+    dev: &Device,
+    n: usize,
+    opts: &CudaBenchOptions,
+) -> Result<Sweep, Error> {
+    let len = opts.bytes / 2 / n * n;
+    let mut bufs = [rows_of::<T>(dev, len, 1)?, rows_of::<T>(dev, len, 2)?];
+    let rot = CudaRotation::new(dev, &Rotation::hadamard(n)?)?;
+    sweep(dev, opts, 2 * 2 * len, RowConfig::default(), |cfg, i| {
+        rot.clone().with_config(cfg).forward(dev, &mut bufs[i % 2])
+    })
+}
+
+/// Rotate-quantize f16 rows of `n` into `format`: GB/s counting input read + blocks written.
+fn rotate_quantize(
+    dev: &Device,
+    format: KvFormat,
+    n: usize,
+    opts: &CudaBenchOptions,
+) -> Result<Sweep, Error> {
+    let len = opts.bytes / 2 / n * n;
+    let rows = len / n;
+    let bufs = [rows_of::<f16>(dev, len, 3)?, rows_of::<f16>(dev, len, 4)?];
+    let codec = CudaCodec::new(dev, format, n, Some(&Rotation::hadamard(n)?))?;
+    let mut cache = dev
+        .stream()
+        .alloc_zeros::<u8>(rows * codec.row_bytes())
+        .map_err(cuda_err)?;
+    sweep(
+        dev,
+        opts,
+        2 * len + rows * codec.row_bytes(),
+        RowConfig::codec_default(),
+        |cfg, i| {
+            codec.clone().with_config(cfg).quantize(
+                dev,
+                &bufs[i % 2],
+                &mut cache,
+                CacheTarget::contiguous(1, 0),
+            )
+        },
+    )
+}
+
+fn record(
+    kernel: String,
+    shape: String,
+    ours: f64,
+    peer: &str,
+    peer_gbps: f64,
+    ceiling: f64,
+) -> BenchRecord {
+    BenchRecord {
+        kernel,
+        shape,
+        ours_gbps: ours,
+        peer: peer.into(),
+        peer_gbps,
+        ratio: ours / peer_gbps,
+        ceiling_gbps: ceiling,
+    }
+}
+
+/// Every GPU benchmark on `device` (`cuda:N`), in order.
+pub fn run_all(
+    device: &str,
+    opts: &CudaBenchOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<BenchRecord>, Error> {
+    let dev = Device::open(device)?;
+    let info = dev.info();
+    progress(&format!(
+        "{} ({}, sm_{}{}, driver {})",
+        info.id,
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.driver_version
+    ));
+    progress("copy bandwidth");
+    let ceiling = rotq_cuda::copy_bandwidth(&dev, opts.bytes, opts.runs)?;
+    let sizes = [128usize, 4096, 32768];
+    let cases: Vec<(&str, usize)> = ["f16", "bf16"]
+        .into_iter()
+        .flat_map(|d| sizes.iter().map(move |&n| (d, n)))
+        .collect();
+    progress("torch x @ H (python3 scripts/torch_peer.py)");
+    let ordinal: usize = info.id.trim_start_matches("cuda:").parse().unwrap_or(0);
+    let torch = torch_peer(ordinal, &cases, opts, &mut progress);
+    let mut out = Vec::new();
+    let peer = "torch x @ H (dense)";
+    for &(dtype, n) in &cases {
+        progress(&format!(
+            "FWHT {dtype} n={n} (default, then the search space)"
+        ));
+        let s = match dtype {
+            "f16" => fwht::<f16>(&dev, n, opts)?,
+            _ => fwht::<bf16>(&dev, n, opts)?,
+        };
+        let len = opts.bytes / 2 / n * n;
+        let torch_gbps = torch
+            .get(&(dtype.to_string(), n))
+            .map_or(f64::NAN, |&ms| gbps(2 * 2 * len, ms));
+        let shape = format!("{} rows x {n} {dtype} ({} MiB)", len / n, (2 * len) >> 20);
+        let c = s.best_config;
+        out.push(record(
+            format!("fwht_{dtype}_n{n}"),
+            shape.clone(),
+            s.default,
+            peer,
+            torch_gbps,
+            ceiling,
+        ));
+        out.push(record(
+            format!("fwht_{dtype}_n{n}_tuned"),
+            format!(
+                "{shape}, {} per thread, {} rows per block",
+                c.elems_per_thread, c.rows_per_block
+            ),
+            s.best,
+            peer,
+            torch_gbps,
+            ceiling,
+        ));
+    }
+    for format in [KvFormat::Q4_0, KvFormat::Q8_0] {
+        progress(&format!("rotate-quantize f16 -> {format}"));
+        let s = rotate_quantize(&dev, format, 128, opts)?;
+        let shape = format!("{} rows x 128 f16 -> {format}", opts.bytes / 256);
+        let c = s.best_config;
+        out.push(record(
+            format!("rotate_quantize_f16_{format}"),
+            shape.clone(),
+            s.default,
+            "copy ceiling",
+            ceiling,
+            ceiling,
+        ));
+        out.push(record(
+            format!("rotate_quantize_f16_{format}_tuned"),
+            format!(
+                "{shape}, {} per thread, {} rows per block",
+                c.elems_per_thread, c.rows_per_block
+            ),
+            s.best,
+            "copy ceiling",
+            ceiling,
+            ceiling,
+        ));
+    }
+    Ok(out)
+}
