@@ -28,10 +28,12 @@ cat > "$out/run.sh" <<'RUN'
 # compute-sanitizer's memcheck; with --bench, `rotq bench --device cuda:0`).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# NVRTC and the driver: the toolkit's lib64, then wherever a Python wheel put libnvrtc.
+# NVRTC: the CUDA toolkit's library folders, when present.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
+# This is a GPU machine: a missing device fails the tests instead of skipping them.
+export ROTQ_REQUIRE_CUDA=1
 status=0
 for t in "$here"/test-*; do
     echo "== $(basename "$t")"

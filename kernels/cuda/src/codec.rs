@@ -2,11 +2,12 @@
 //! inverse rotation, for every format of the registry.
 
 use crate::device::Device;
-use crate::error::{Context, Result};
+use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, RowConfig, Transform};
 use crate::rotation::{CudaRotation, GpuElement};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use rotq_reference::{Error, KvFormat, Rotation};
+use std::sync::Arc;
 
 /// Where quantized rows go: rows of new tokens (token-major, `n_heads` rows each) land at
 /// cache positions `start_pos ..`.
@@ -58,6 +59,7 @@ pub struct CudaCodec {
     rotation: Option<CudaRotation>,
     identity: Transform,
     config: RowConfig,
+    ordinal: usize,
 }
 
 impl CudaCodec {
@@ -88,6 +90,7 @@ impl CudaCodec {
             rotation,
             identity: Transform::identity(dim)?,
             config: RowConfig::codec_default(),
+            ordinal: dev.context().ordinal(),
         })
     }
 
@@ -116,6 +119,8 @@ impl CudaCodec {
         cache: &mut CudaSlice<u8>,
         target: CacheTarget<'_>,
     ) -> Result<()> {
+        self.check_device(dev, input.ordinal())?;
+        self.check_device(dev, cache.ordinal())?;
         let n_rows = self.rows_of(input.len())?;
         let h = target.n_heads;
         if h == 0 || n_rows % h != 0 {
@@ -125,17 +130,26 @@ impl CudaCodec {
             .into());
         }
         let n_tokens = n_rows / h;
-        let token_bytes = h * self.row_bytes;
+        let overflow = |what| CudaError::Input(Error::Overflow(what));
+        let token_bytes = h
+            .checked_mul(self.row_bytes)
+            .ok_or(overflow("bytes per token"))?;
         let end = target
             .start_pos
             .checked_add(n_tokens)
-            .ok_or(Error::Overflow("cache position"))?;
+            .ok_or(overflow("cache position"))?;
+        // Every position, head and page index the kernel computes fits its 64-bit arithmetic.
+        let fits = |v: usize| i64::try_from(v).is_ok();
+        if !fits(end) || !fits(h) || !fits(cache.len()) {
+            return Err(overflow("cache position"));
+        }
+        if n_tokens == 0 {
+            return Ok(());
+        }
         let stream = dev.stream();
         let (table, page_tokens) = match target.pages {
             None => {
-                let needed = end
-                    .checked_mul(token_bytes)
-                    .ok_or(Error::Overflow("cache size"))?;
+                let needed = end.checked_mul(token_bytes).ok_or(overflow("cache size"))?;
                 if needed > cache.len() {
                     return Err(Error::LengthMismatch {
                         what: "KV cache bytes (at least) for the target positions",
@@ -147,19 +161,18 @@ impl CudaCodec {
                 (None, 1usize)
             }
             Some((table, page_tokens)) => {
-                if page_tokens == 0 {
+                let page_bytes = page_tokens
+                    .checked_mul(token_bytes)
+                    .ok_or(overflow("page size"))?;
+                if page_tokens == 0 || !fits(page_tokens) {
                     return Err(Error::InvalidParameter {
                         name: "page_tokens",
-                        reason: "a page holds at least one token".into(),
+                        reason: format!("{page_tokens}: a page holds at least one token"),
                     }
                     .into());
                 }
-                let n_pages = cache.len() / (page_tokens * token_bytes).max(1);
-                let pages_used = if n_tokens == 0 {
-                    0
-                } else {
-                    (end - 1) / page_tokens + 1
-                };
+                let n_pages = cache.len() / page_bytes;
+                let pages_used = (end - 1) / page_tokens + 1;
                 if pages_used > table.len() {
                     return Err(Error::LengthMismatch {
                         what: "block table entries (at least) for the target positions",
@@ -178,33 +191,25 @@ impl CudaCodec {
                     }
                     .into());
                 }
-                let t: Vec<i32> = table.iter().map(|&p| p as i32).collect();
                 let t = stream
-                    .clone_htod(&t)
+                    .clone_htod(table)
                     .context(|| "uploading the block table".into())?;
                 (Some(t), page_tokens)
             }
         };
-        if n_rows == 0 {
-            return Ok(());
-        }
-        let (signs, scale, rotate) = self.rotation_args(dev)?;
-        let transform = self.transform();
-        let g = kernel::geometry(transform, self.config, true, self.row_bytes, dev)?;
-        let (key, src) = kernel::source(transform, g, T::ELEM, rotate, Some(self.format));
-        let f = kernel::function(dev, &key, &src, "rotate_quantize", g)?;
-        let cfg = kernel::launch_config(g, n_rows)?;
+        let k = self.compiled::<T>(dev, "rotate_quantize", n_rows)?;
         let null_table;
         let table = match &table {
             Some(t) => t,
             None => {
-                null_table = stream.null::<i32>().context(|| "a null pointer".into())?;
+                null_table = stream.null::<u32>().context(|| "a null pointer".into())?;
                 &null_table
             }
         };
-        let (rows, heads, start) = (n_rows as i64, h as i32, target.start_pos as i64);
-        let page_tokens = i32::try_from(page_tokens).map_err(|_| Error::Overflow("page size"))?;
-        let mut launch = stream.launch_builder(&f);
+        // All fit i64 (checked above).
+        let (rows, heads, start) = (n_rows as i64, h as i64, target.start_pos as i64);
+        let page_tokens = page_tokens as i64;
+        let mut launch = stream.launch_builder(&k.function);
         launch
             .arg(input)
             .arg(&rows)
@@ -213,13 +218,12 @@ impl CudaCodec {
             .arg(table)
             .arg(&page_tokens)
             .arg(cache)
-            .arg(&signs)
-            .arg(&scale);
+            .arg(k.signs.as_ref())
+            .arg(&k.scale);
         // SAFETY: the kernel reads `n_rows` rows of `dim` values of `input` and writes whole
         // rows of the cache at positions start_pos..end, each checked above to lie inside
         // `cache` (contiguous) or in a page of the table that lies inside `cache` (paged).
-        unsafe { launch.launch(cfg) }
-            .context(|| kernel::describe("rotate_quantize", &f, g, &key))?;
+        unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
         Ok(())
     }
 
@@ -230,6 +234,8 @@ impl CudaCodec {
         cache: &CudaSlice<u8>,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
+        self.check_device(dev, cache.ordinal())?;
+        self.check_device(dev, out.ordinal())?;
         let n_rows = self.rows_of(out.len())?;
         if cache.len() != n_rows * self.row_bytes {
             return Err(Error::LengthMismatch {
@@ -242,24 +248,30 @@ impl CudaCodec {
         if n_rows == 0 {
             return Ok(());
         }
-        let (signs, scale, rotate) = self.rotation_args(dev)?;
-        let transform = self.transform();
-        let g = kernel::geometry(transform, self.config, true, self.row_bytes, dev)?;
-        let (key, src) = kernel::source(transform, g, T::ELEM, rotate, Some(self.format));
-        let f = kernel::function(dev, &key, &src, "dequantize_rows", g)?;
-        let cfg = kernel::launch_config(g, n_rows)?;
+        let k = self.compiled::<T>(dev, "dequantize_rows", n_rows)?;
         let rows = n_rows as i64;
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.stream().launch_builder(&k.function);
         launch
             .arg(cache)
             .arg(&rows)
             .arg(out)
-            .arg(&signs)
-            .arg(&scale);
+            .arg(k.signs.as_ref())
+            .arg(&k.scale);
         // SAFETY: the kernel reads `n_rows` whole rows of `cache` (its length checked above)
         // and writes `n_rows` rows of `dim` values of `out`.
-        unsafe { launch.launch(cfg) }
-            .context(|| kernel::describe("dequantize_rows", &f, g, &key))?;
+        unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
+        Ok(())
+    }
+
+    /// Refuses a device, or a buffer of a device, other than the one the codec was made for.
+    fn check_device(&self, dev: &Device, buffer: usize) -> Result<()> {
+        let ours = dev.context().ordinal();
+        if ours != self.ordinal || buffer != self.ordinal {
+            return Err(CudaError::WrongDevice {
+                expected: self.ordinal,
+                actual: if ours != self.ordinal { ours } else { buffer },
+            });
+        }
         Ok(())
     }
 
@@ -275,22 +287,52 @@ impl CudaCodec {
         Ok(len / self.dim)
     }
 
-    /// The signs buffer (a copy, or a null pointer), the scale and whether to rotate.
-    fn rotation_args(&self, dev: &Device) -> Result<(CudaSlice<f32>, f32, bool)> {
+    /// Kernel `name` of this codec for element type `T`, compiled, with its launch shape for
+    /// `n_rows` rows and its rotation arguments.
+    fn compiled<T: GpuElement>(
+        &self,
+        dev: &Device,
+        name: &'static str,
+        n_rows: usize,
+    ) -> Result<Compiled> {
         let stream = dev.stream();
-        match &self.rotation {
-            Some(r) => {
-                let signs = match r.signs() {
-                    Some(s) => s.try_clone().context(|| "sharing the signs".into())?,
-                    None => stream.null::<f32>().context(|| "a null pointer".into())?,
-                };
-                Ok((signs, r.scale(), true))
-            }
-            None => Ok((
-                stream.null::<f32>().context(|| "a null pointer".into())?,
-                1.0,
-                false,
-            )),
-        }
+        let signs = match self.rotation.as_ref().and_then(|r| r.signs()) {
+            Some(s) => s.clone(),
+            None => Arc::new(stream.null::<f32>().context(|| "a null pointer".into())?),
+        };
+        let scale = self.rotation.as_ref().map_or(1.0, CudaRotation::scale);
+        let transform = self.transform();
+        let geometry = kernel::geometry(transform, self.config, true, self.row_bytes, dev)?;
+        let rotate = self.rotation.is_some();
+        let (key, src) = kernel::source(transform, geometry, T::ELEM, rotate, Some(self.format));
+        let function = kernel::function(dev, &key, &src, name, geometry)?;
+        let launch = kernel::launch_config(geometry, n_rows)?;
+        Ok(Compiled {
+            name,
+            function,
+            geometry,
+            key,
+            launch,
+            signs,
+            scale,
+        })
+    }
+}
+
+/// A codec kernel ready to launch.
+struct Compiled {
+    name: &'static str,
+    function: CudaFunction,
+    geometry: kernel::Geometry,
+    key: String,
+    launch: LaunchConfig,
+    signs: Arc<CudaSlice<f32>>,
+    scale: f32,
+}
+
+impl Compiled {
+    /// What a failed launch was.
+    fn describe(&self) -> String {
+        kernel::describe(self.name, &self.function, self.geometry, &self.key)
     }
 }

@@ -64,7 +64,11 @@ fn device_count() -> Result<usize> {
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(CudaError::NoDriver);
     }
-    cudarc::driver::result::init().context(|| "initialising the driver".into())?;
+    match cudarc::driver::result::init() {
+        // A driver with no device visible (none installed, or hidden by CUDA_VISIBLE_DEVICES).
+        Err(e) if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_NO_DEVICE => return Ok(0),
+        other => other.context(|| "initialising the driver".into())?,
+    }
     let n = CudaContext::device_count().context(|| "counting devices".into())?;
     Ok(usize::try_from(n).unwrap_or(0))
 }
@@ -102,6 +106,14 @@ impl Device {
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }
             .result()
             .context(|| "reading the driver version".into())?;
+        // The kernels are compiled by NVRTC 13 and run through CUDA 13 driver entry points.
+        const NEEDED: i32 = 13000;
+        if driver_version < NEEDED {
+            return Err(CudaError::DriverTooOld {
+                found: driver_version,
+                needed: NEEDED,
+            });
+        }
         let info = DeviceInfo {
             id: format!("cuda:{ordinal}"),
             name: ctx.name().context(|| "reading the device name".into())?,

@@ -27,6 +27,22 @@ pub enum CudaError {
         /// How many devices the driver sees.
         count: usize,
     },
+    /// A kernel object or buffer made for one device used with another.
+    #[error("made for cuda:{expected}, used with cuda:{actual}")]
+    WrongDevice {
+        /// The device the kernel object was made for.
+        expected: usize,
+        /// The device of the call or buffer.
+        actual: usize,
+    },
+    /// The driver is older than the CUDA version the kernels are built against.
+    #[error("the NVIDIA driver supports CUDA {found}, rotq-cuda needs {needed} or newer (update the driver)")]
+    DriverTooOld {
+        /// The driver's CUDA version (13000 = 13.0).
+        found: i32,
+        /// The version needed.
+        needed: i32,
+    },
     /// A device name that is not `cuda:N`.
     #[error("bad device name {0:?}: expected cuda:N, e.g. cuda:0")]
     BadDeviceName(String),

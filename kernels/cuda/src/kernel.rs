@@ -164,13 +164,12 @@ pub(crate) fn geometry(
         0 => (256 / tpr).max(1),
         r => r,
     };
-    let mut rows = wanted.div_ceil(step) * step;
-    while rows > step && rows * tpr > 1024 {
-        rows -= step;
-    }
-    if rows * tpr > 1024 {
+    // At most 1024 threads, in whole warps (clamped first: the field is public and serde'd).
+    let most = 1024 / tpr / step * step;
+    if most == 0 {
         return Err(too_big());
     }
+    let mut rows = wanted.min(most).div_ceil(step) * step;
     let needs_smem = smem_always || m > 1 || p / ept > 32;
     // Shared-memory rows carry 4 floats of padding per 32 values (see PAD in hadamard.cu).
     let padded = (t.n() + 4 * (t.n() / 32)).div_ceil(4) * 4;
@@ -180,11 +179,12 @@ pub(crate) fn geometry(
     } else {
         0
     };
-    while rows > step && rows * row_smem > dev.info().max_shared_per_block {
-        rows -= step;
-    }
-    if rows * row_smem > dev.info().max_shared_per_block {
-        return Err(too_big());
+    if let Some(fit) = dev.info().max_shared_per_block.checked_div(row_smem) {
+        let fit = fit / step * step;
+        if fit == 0 {
+            return Err(too_big());
+        }
+        rows = rows.min(fit);
     }
     Ok(Geometry {
         ept,

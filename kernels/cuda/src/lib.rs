@@ -6,7 +6,11 @@
 //! - [`CudaRotation`]: in-place Hadamard rotation of rows (f32, f16, bf16): every power of two
 //!   up to 2^15, m·2^k for m ∈ {12, 20, 28, 40}, block-diagonal and randomized (signs fused).
 //!   Butterflies run in registers, then across lanes with warp shuffles, then across warps
-//!   through shared memory; rows move with 16-byte loads and stores.
+//!   through shared memory; rows move with 16-byte loads and stores. A row is one thread
+//!   block, so a rotation needs at most 1024 threads of at most 64 values and its row in
+//!   shared memory (227 KiB on an H100): m·2^k up to 12·2^12, 20·2^11, 28·2^10 and 40·2^10,
+//!   and block rotations of rows up to 2^16 values. Larger ones, and explicit matrices, are
+//!   refused with `UnsupportedDim`.
 //! - [`CudaCodec`]: fused rotate-quantize of f32/f16/bf16 rows into cache blocks of every
 //!   registry format, at a cache position of a contiguous or paged cache (one read of the
 //!   input, one write of the blocks), and dequantize with the inverse rotation.

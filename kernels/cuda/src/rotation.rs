@@ -1,10 +1,11 @@
 //! Rotating rows in place on the GPU: every Hadamard the oracle knows except explicit matrices.
 
 use crate::device::Device;
-use crate::error::{Context, Result};
+use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, Geometry, RowConfig, Transform};
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use rotq_reference::{Error, Rotation};
+use std::sync::Arc;
 
 /// Element types stored in rows on the GPU: arithmetic is always f32.
 pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Unpin + 'static {
@@ -36,8 +37,10 @@ impl GpuElement for half::bf16 {
 #[derive(Clone, Debug)]
 pub struct CudaRotation {
     transform: Transform,
-    signs: Option<CudaSlice<f32>>,
+    // Shared, so that clones (one per configuration, say) don't copy them on the device.
+    signs: Option<Arc<CudaSlice<f32>>>,
     config: RowConfig,
+    ordinal: usize,
 }
 
 impl CudaRotation {
@@ -45,17 +48,18 @@ impl CudaRotation {
     pub fn new(dev: &Device, rotation: &Rotation) -> Result<Self> {
         let transform = Transform::of(rotation)?;
         let signs = match &transform.signs {
-            Some(s) => Some(
+            Some(s) => Some(Arc::new(
                 dev.stream()
                     .clone_htod(s)
                     .context(|| "uploading the signs".into())?,
-            ),
+            )),
             None => None,
         };
         Ok(Self {
             transform,
             signs,
             config: RowConfig::default(),
+            ordinal: dev.context().ordinal(),
         })
     }
 
@@ -84,7 +88,7 @@ impl CudaRotation {
         &self.transform
     }
 
-    pub(crate) fn signs(&self) -> Option<&CudaSlice<f32>> {
+    pub(crate) fn signs(&self) -> Option<&Arc<CudaSlice<f32>>> {
         self.signs.as_ref()
     }
 
@@ -99,6 +103,14 @@ impl CudaRotation {
         data: &mut CudaSlice<T>,
         inverse: bool,
     ) -> Result<()> {
+        for ordinal in [dev.context().ordinal(), data.ordinal()] {
+            if ordinal != self.ordinal {
+                return Err(CudaError::WrongDevice {
+                    expected: self.ordinal,
+                    actual: ordinal,
+                });
+            }
+        }
         let n = self.dim();
         if data.len() % n != 0 {
             return Err(Error::RowNotMultipleOfBlock {
@@ -119,7 +131,7 @@ impl CudaRotation {
         let stream = dev.stream();
         let no_signs;
         let signs = match &self.signs {
-            Some(s) => s,
+            Some(s) => s.as_ref(),
             None => {
                 no_signs = stream.null::<f32>().context(|| "a null pointer".into())?;
                 &no_signs

@@ -300,9 +300,9 @@ RQ_FN void copy_row(unsigned char* dst, const unsigned char* src, int t) {
 // them into the cache. Row (token i, head h) goes to cache position pos = start_pos + i: with a
 // block table, to page table[pos / page_tokens], slot pos % page_tokens; without one, to row
 // pos. Cache rows are (position, head) rows of ROW_BYTES.
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_quantize(const elem_t* input, long long n_rows, int n_heads,
-                                           long long start_pos, const int* table,
-                                           int page_tokens, unsigned char* cache,
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_quantize(const elem_t* input, long long n_rows, long long n_heads,
+                                           long long start_pos, const unsigned int* table,
+                                           long long page_tokens, unsigned char* cache,
                                            const float* signs, float scale) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
@@ -322,14 +322,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_quantiz
     float* row = buf + l.row_in_block * ROW_STRIDE;
     unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * ROW_STRIDE) +
                             l.row_in_block * OUT_STRIDE;
+    int t = l.seg * TS + l.ts;
+#if EPT % BLOCK_SIZE == 0
+    // Each thread holds whole blocks: it encodes them from its registers.
+#pragma unroll
+    for (int k = 0; k < EPT / BLOCK_SIZE; k++) {
+        RQ_CAT(rq_quantize_, FMT)(v + k * BLOCK_SIZE,
+                                  staged + (l.first / BLOCK_SIZE + k) * BLOCK_BYTES);
+    }
+#else
     __syncthreads(); // the transform may still read `row`
     smem_put(row, l.first, v);
     __syncthreads();
-    int t = l.seg * TS + l.ts;
     for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
         // A block (at most 32 values, 32-aligned) is contiguous in the padded row.
         RQ_CAT(rq_quantize_, FMT)(row + PAD(b * BLOCK_SIZE), staged + b * BLOCK_BYTES);
     }
+#endif
     __syncthreads();
     if (!valid) return;
     long long pos = start_pos + r / n_heads;
