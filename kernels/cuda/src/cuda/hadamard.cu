@@ -286,6 +286,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_rows(el
 #define OUT_STRIDE ((ROW_BYTES + 15) / 16 * 16)
 #define WORDS (ROW_BYTES % 4 == 0)
 
+// Waits for the threads of this row: a warp barrier when the row's threads are one aligned
+// group of a warp, else the block's.
+RQ_FN void sync_row() {
+    if (32 % TPR == 0) {
+        __syncwarp();
+    } else {
+        __syncthreads();
+    }
+}
+
 // Copies one encoded row (`t`: this thread's index among its row's TPR threads).
 RQ_FN void copy_row(unsigned char* dst, const unsigned char* src, int t) {
     if (WORDS) {
@@ -331,15 +341,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_quantiz
                                   staged + (l.first / BLOCK_SIZE + k) * BLOCK_BYTES);
     }
 #else
-    __syncthreads(); // the transform may still read `row`
+    sync_row(); // the transform may still read `row`
     smem_put(row, l.first, v);
-    __syncthreads();
+    sync_row();
     for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
         // A block (at most 32 values, 32-aligned) is contiguous in the padded row.
         RQ_CAT(rq_quantize_, FMT)(row + PAD(b * BLOCK_SIZE), staged + b * BLOCK_BYTES);
     }
 #endif
-    __syncthreads();
+    sync_row();
     if (!valid) return;
     long long pos = start_pos + r / n_heads;
     long long head = r % n_heads;
@@ -361,13 +371,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) dequantize_row
                             l.row_in_block * OUT_STRIDE;
     int t = l.seg * TS + l.ts;
     if (valid) copy_row(staged, cache + r * ROW_BYTES, t);
-    __syncthreads();
+    sync_row();
     if (valid) {
         for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
             RQ_CAT(rq_dequantize_, FMT)(staged + b * BLOCK_BYTES, row + PAD(b * BLOCK_SIZE));
         }
     }
-    __syncthreads();
+    sync_row();
     float v[EPT];
     smem_get(row, l.first, v);
     if (!valid) {
@@ -375,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) dequantize_row
         for (int e = 0; e < EPT; e++) v[e] = 0.0f; // that row's shared memory was not written
     }
 #if ROTATE
-    __syncthreads(); // the transform writes `row`
+    sync_row(); // the transform writes `row`
     rotate_values(v, l, buf, signs, scale, 1);
 #endif
     if (valid) store_values(output + r * N + l.first, v);
