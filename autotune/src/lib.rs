@@ -1,7 +1,215 @@
-//! `rotq-autotune`: the autotuner of rotq. **Not built yet: there is no `autotune` binary.**
+//! `rotq-autotune`: picks each kernel's configuration per device and shape bucket, safely.
 //!
-//! What will live here: a `Tunable` interface implemented by every CPU and CUDA kernel, shape
-//! buckets, a (budgeted) search over each kernel's `Config`, a correctness gate that rejects
-//! any candidate whose output disagrees with the `rotq-reference` oracle under its tolerance
-//! table, trustworthy timing, and the on-disk cache (`ROTQ_TUNE_CACHE`, else
-//! `$XDG_CACHE_HOME/rotq/tuned.json`) that the kernels read at run time.
+//! A kernel takes part by implementing [`Tunable`]: its default configuration, its candidates
+//! for a shape, a run on a gate problem (compared with the oracle) and a timed run. [`tune`]
+//! walks the candidates until the time budget runs out: all of them, in order, when there are
+//! at most [`EXHAUSTIVE`]; otherwise in a fixed pseudo-random order (a random search, so that a
+//! budget too small for the whole space still samples all of it evenly). Candidates left when
+//! the budget runs out are reported as untried. Each candidate is:
+//!
+//! 1. **gates** every candidate: its output on the gate problem must match the oracle within
+//!    the tolerance table, else it is rejected and reported with the mismatch, never chosen;
+//! 2. **times** the default and each gated candidate: a warm-up, then the median of several
+//!    samples, each sample enough calls to last a few milliseconds (wall clock on the CPU);
+//!    the spread (interquartile range over the median) is kept with the median;
+//! 3. **keeps the default** unless a candidate beats it by more than the measured noise: its
+//!    median must be below the default's by more than the larger spread of the two (and 2%).
+//!
+//! Results go to the tuning cache of `rotq_reference::tuned`.
+
+pub mod cpu;
+
+use rotq_reference::rotation::SplitMix64;
+use serde::Serialize;
+use std::fmt::Debug;
+use std::time::{Duration, Instant};
+
+/// Spaces up to this size are searched exhaustively in order; larger ones at random.
+pub const EXHAUSTIVE: usize = 32;
+
+/// A kernel the autotuner can tune at one shape.
+pub trait Tunable {
+    /// The kernel's configuration type.
+    type Config: Clone + Debug + PartialEq + Serialize;
+    /// The kernel's name in the cache (`fwht_f32`, `decode_attention_q4_0`, …).
+    fn kernel(&self) -> String;
+    /// The shape bucket (see `rotq_reference::tuned::bucket`).
+    fn bucket(&self) -> String;
+    /// The configuration the kernel uses untuned.
+    fn default_config(&self) -> Self::Config;
+    /// The candidates, in the order to try them.
+    fn candidates(&self) -> Vec<Self::Config>;
+    /// Runs `config` on the gate problem; `Err` describes how it disagrees with the oracle.
+    fn gate(&mut self, config: &Self::Config) -> Result<(), String>;
+    /// One timed call with `config` on the timed problem.
+    fn run(&mut self, config: &Self::Config);
+}
+
+/// A median and its spread.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Timing {
+    /// Median milliseconds per call.
+    pub median_ms: f64,
+    /// Interquartile range over the median (0.05 = ±5% noise).
+    pub spread: f64,
+}
+
+/// Times `f`: one warm-up, then `samples` samples of enough calls to last `min_sample`.
+pub fn time(samples: usize, min_sample: Duration, mut f: impl FnMut()) -> Timing {
+    f();
+    let start = Instant::now();
+    f();
+    let one = start.elapsed().max(Duration::from_nanos(1));
+    let calls = (min_sample.as_secs_f64() / one.as_secs_f64())
+        .ceil()
+        .clamp(1.0, 1e6) as usize;
+    let mut t: Vec<f64> = (0..samples.max(3))
+        .map(|_| {
+            let s = Instant::now();
+            for _ in 0..calls {
+                f();
+            }
+            s.elapsed().as_secs_f64() * 1e3 / calls as f64
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    let q = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize];
+    let median = q(0.5);
+    Timing {
+        median_ms: median,
+        spread: (q(0.75) - q(0.25)) / median,
+    }
+}
+
+/// A candidate the gate rejected, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rejected<C> {
+    /// The candidate.
+    pub config: C,
+    /// How its output disagreed with the oracle.
+    pub reason: String,
+}
+
+/// What tuning one kernel at one bucket found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome<C> {
+    /// The kernel.
+    pub kernel: String,
+    /// The bucket.
+    pub bucket: String,
+    /// The default configuration's timing.
+    pub default: Timing,
+    /// The chosen configuration (the default unless one beat it beyond the noise).
+    pub chosen: C,
+    /// The chosen configuration's timing.
+    pub chosen_timing: Timing,
+    /// Candidates that passed the gate and were timed.
+    pub tried: usize,
+    /// Candidates the gate rejected.
+    pub rejected: Vec<Rejected<C>>,
+    /// Candidates left when the budget ran out.
+    pub untried: usize,
+}
+
+impl<C> Outcome<C> {
+    /// Default time over chosen time.
+    pub fn speedup(&self) -> f64 {
+        self.default.median_ms / self.chosen_timing.median_ms
+    }
+}
+
+/// How long to time each candidate.
+#[derive(Clone, Copy, Debug)]
+pub struct TimingPlan {
+    /// Samples per candidate.
+    pub samples: usize,
+    /// Least duration of one sample.
+    pub min_sample: Duration,
+}
+
+impl Default for TimingPlan {
+    fn default() -> Self {
+        Self {
+            samples: 9,
+            min_sample: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Tunes `t` within `budget` (see the crate docs); `progress` hears each step.
+///
+/// The default must pass the gate itself: a kernel whose default disagrees with the oracle is
+/// an error, not something to tune around.
+pub fn tune<T: Tunable>(
+    t: &mut T,
+    budget: Duration,
+    plan: TimingPlan,
+    mut progress: impl FnMut(&str),
+) -> Result<Outcome<T::Config>, String> {
+    let start = Instant::now();
+    let default_config = t.default_config();
+    t.gate(&default_config).map_err(|e| {
+        format!(
+            "{} {}: the default fails the gate: {e}",
+            t.kernel(),
+            t.bucket()
+        )
+    })?;
+    let default = time(plan.samples, plan.min_sample, || t.run(&default_config));
+    let mut best = (default_config.clone(), default);
+    let mut out = Outcome {
+        kernel: t.kernel(),
+        bucket: t.bucket(),
+        default,
+        chosen: default_config.clone(),
+        chosen_timing: default,
+        tried: 0,
+        rejected: Vec::new(),
+        untried: 0,
+    };
+    let mut candidates: Vec<T::Config> = t
+        .candidates()
+        .into_iter()
+        .filter(|c| *c != default_config)
+        .collect();
+    if candidates.len() > EXHAUSTIVE {
+        // Fisher–Yates with a fixed seed: reproducible, and even over the space.
+        let mut g = SplitMix64::new(0x5eed);
+        for i in (1..candidates.len()).rev() {
+            let j = (g.next_u64() % (i as u64 + 1)) as usize;
+            candidates.swap(i, j);
+        }
+    }
+    for (i, c) in candidates.iter().enumerate() {
+        if start.elapsed() > budget {
+            out.untried = candidates.len() - i;
+            break;
+        }
+        if let Err(reason) = t.gate(c) {
+            progress(&format!("rejected {c:?}: {reason}"));
+            out.rejected.push(Rejected {
+                config: c.clone(),
+                reason,
+            });
+            continue;
+        }
+        let timing = time(plan.samples, plan.min_sample, || t.run(c));
+        out.tried += 1;
+        if timing.median_ms < best.1.median_ms {
+            best = (c.clone(), timing);
+        }
+        progress(&format!(
+            "{}/{} best x{:.2}",
+            i + 1,
+            candidates.len(),
+            default.median_ms / best.1.median_ms
+        ));
+    }
+    // Only a gain beyond the noise of both measurements replaces the default.
+    let noise = default.spread.max(best.1.spread).max(0.02);
+    if best.1.median_ms < default.median_ms * (1.0 - noise) {
+        out.chosen = best.0;
+        out.chosen_timing = best.1;
+    }
+    Ok(out)
+}

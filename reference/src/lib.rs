@@ -9,7 +9,8 @@
 //!   q5_1, iq4_nl; ik_llama.cpp's q6_0; int4; fp8 e4m3; f32/f16/bf16);
 //! * [`attention`]: dense attention (GQA/MQA, causal with offset, sliding window, soft-cap),
 //!   unquantized and on a rotated, quantized cache;
-//! * [`metrics`] and the one [`tolerance`] table; the one [`Error`].
+//! * [`metrics`] and the one [`tolerance`] table; the one [`Error`];
+//! * [`tuned`]: the tuning cache the autotuner writes and the kernels read.
 //!
 //! ```
 //! use rotq_reference::{KvFormat, Rotation};
@@ -34,6 +35,7 @@ pub mod hadamard;
 pub mod metrics;
 pub mod rotation;
 pub mod tolerance;
+pub mod tuned;
 
 pub use attention::{
     attention, attention_f64, rotated_quantized_attention, Attention, AttentionParams,

@@ -195,6 +195,7 @@ fn run(command: Command) -> Result<(), Error> {
                     i.origin
                 );
             }
+            print_tuning();
         }
     }
     Ok(())
@@ -238,6 +239,38 @@ fn cuda_bench(device: &str, quick: bool) -> Result<Vec<BenchRecord>, Error> {
         opts.runs
     );
     bench_cuda::run_all(device, &opts, |what| eprintln!("  {what} ..."))
+}
+
+/// Which kernel configurations are in force, and where they come from.
+fn print_tuning() {
+    use rotq::reference::tuned::Loaded;
+    let state = rotq_cpu::tuned::cache();
+    let path = state
+        .path
+        .as_ref()
+        .map_or("(no path: set ROTQ_TUNE_CACHE or HOME)".to_string(), |p| {
+            p.display().to_string()
+        });
+    println!();
+    println!(
+        "CPU kernel configurations (device: {})",
+        rotq_cpu::tuned::device_identity().name
+    );
+    match &state.loaded {
+        Loaded::Usable(f) => {
+            println!("tuned, from {path}:");
+            for (key, e) in &f.entries {
+                println!(
+                    "  {key:<56} {}  ({:.3} ms -> {:.3} ms)",
+                    e.config, e.default_ms, e.tuned_ms
+                );
+            }
+            println!("  anything else: the kernel's default");
+        }
+        Loaded::Missing => println!("defaults: no tuning cache at {path} (run `autotune`)"),
+        Loaded::Foreign { reason } => println!("defaults: {path} is ignored ({reason})"),
+        Loaded::Corrupt { reason, .. } => println!("defaults: {path} is ignored ({reason})"),
+    }
 }
 
 /// One JSON object per line, or a table with the ratio and the share of the ceiling.

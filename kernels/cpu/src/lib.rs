@@ -6,12 +6,15 @@
 //! * [`attention`]: flash attention over rotated, quantized K/V caches, prefill and decode.
 //!
 //! Instruction sets are chosen at run time ([`Isa`]); threads come from rayon. Each kernel
-//! takes a `Config` with serde, a default and a search space for the autotuner.
+//! takes a `Config` with serde, a default and a search space for the autotuner; a kernel not
+//! given one explicitly uses what `autotune --device cpu` recorded for its shape ([`tuned`]),
+//! else its default.
 
 pub mod attention;
 mod fwht;
 mod isa;
 mod quant;
+pub mod tuned;
 
 pub use attention::{AttentionConfig, CpuAttention, DecodeRequest, KvCacheView};
 pub use fwht::{CpuRotation, FwhtConfig};

@@ -199,6 +199,17 @@ impl Default for AttentionConfig {
 }
 
 impl AttentionConfig {
+    /// Clamped so that a stray (deserialized) value cannot ask for absurd buffers or task
+    /// counts.
+    fn clamped(self) -> Self {
+        Self {
+            block_n: self.block_n.clamp(1, 4096),
+            block_m: self.block_m.clamp(1, 4096),
+            kv_splits: self.kv_splits.min(4096),
+            heads_per_task: self.heads_per_task,
+        }
+    }
+
     /// Candidates for the autotuner.
     pub fn search_space() -> Vec<Self> {
         let mut v = Vec::new();
@@ -248,6 +259,8 @@ pub struct CpuAttention {
     v: Option<CpuRotation>,
     isa: Isa,
     config: AttentionConfig,
+    /// Whether to look up the tuning cache (no explicit `with_config`).
+    tuned: bool,
 }
 
 /// One attention problem: a sequence's queries against its caches.
@@ -312,19 +325,32 @@ impl CpuAttention {
             v: plan.v.as_ref().map(|r| CpuRotation::new(r, isa)),
             isa,
             config: AttentionConfig::default(),
+            tuned: true,
         }
     }
 
     /// The same kernels with another tuning.
     pub fn with_config(mut self, config: AttentionConfig) -> Self {
-        // Clamped so that a stray value cannot ask for absurd buffers or task counts.
-        self.config = AttentionConfig {
-            block_n: config.block_n.clamp(1, 4096),
-            block_m: config.block_m.clamp(1, 4096),
-            kv_splits: config.kv_splits.min(4096),
-            heads_per_task: config.heads_per_task,
-        };
+        self.config = config.clamped();
+        self.tuned = false;
         self
+    }
+
+    /// The tuning for a decode problem: the tuning cache's entry for its shape and format
+    /// unless [`Self::with_config`] set one, else the default.
+    pub fn config_for(&self, h_q: usize, k: &KvCacheView<'_>) -> AttentionConfig {
+        let tuned = || {
+            let group = h_q / k.n_heads.max(1);
+            let bucket = crate::tuned::decode_bucket(k.dim, k.n_heads, group, k.n_tokens);
+            crate::tuned::lookup::<AttentionConfig>(
+                &format!("decode_attention_{}", k.format),
+                &bucket,
+            )
+        };
+        match self.tuned.then(tuned).flatten() {
+            Some(c) => c.clamped(),
+            None => self.config,
+        }
     }
 
     /// Attention of `n_q` query rows of `h_q` heads (`q` is `[n_q, h_q, d]`, unrotated)
@@ -339,8 +365,13 @@ impl CpuAttention {
         params: &AttentionParams,
     ) -> Result<Vec<f32>> {
         let problem = self.prepare(q, n_q, h_q, k, v, params)?;
+        let cfg = if n_q == 1 {
+            self.config_for(h_q, k)
+        } else {
+            self.config
+        };
         Ok(self
-            .solve(&[problem])
+            .solve(&[problem], cfg)
             .pop()
             .expect("one problem, one output"))
     }
@@ -352,7 +383,11 @@ impl CpuAttention {
             .iter()
             .map(|r| self.prepare(r.q, 1, r.h_q, &r.k, &r.v, &r.params))
             .collect::<Result<Vec<_>>>()?;
-        Ok(self.solve(&problems))
+        let cfg = match requests.first() {
+            Some(r) => self.config_for(r.h_q, &r.k),
+            None => self.config,
+        };
+        Ok(self.solve(&problems, cfg))
     }
 
     fn prepare<'a>(
@@ -429,8 +464,7 @@ impl CpuAttention {
     }
 
     /// Splits every problem into tasks, runs them in parallel, merges and finishes.
-    fn solve(&self, problems: &[Problem<'_>]) -> Vec<Vec<f32>> {
-        let cfg = self.config;
+    fn solve(&self, problems: &[Problem<'_>], cfg: AttentionConfig) -> Vec<Vec<f32>> {
         let threads = rayon::current_num_threads().max(1);
         // Query blocks of one KV head each, over all problems (to size the splits).
         let blocks: usize = problems
@@ -482,7 +516,7 @@ impl CpuAttention {
         }
         let partials: Vec<Partial> = tasks
             .par_iter()
-            .map(|t| self.partial(&problems[t.problem], t))
+            .map(|t| self.partial(&problems[t.problem], t, cfg.block_n))
             .collect();
         // Merge the slices of each (problem, head, rows) and write the outputs.
         let mut outputs: Vec<Vec<f32>> = problems
@@ -517,12 +551,12 @@ impl CpuAttention {
     }
 
     /// Online softmax over one task's key slice, compiled for the task's instruction set.
-    fn partial(&self, p: &Problem<'_>, task: &Task) -> Partial {
+    fn partial(&self, p: &Problem<'_>, task: &Task, bn: usize) -> Partial {
         match self.isa {
             // SAFETY: Isa::Avx2 is only used when the CPU has it.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { self.partial_avx2(p, task) },
-            _ => self.partial_impl(p, task),
+            Isa::Avx2 => unsafe { self.partial_avx2(p, task, bn) },
+            _ => self.partial_impl(p, task, bn),
         }
     }
 
@@ -532,17 +566,16 @@ impl CpuAttention {
     /// AVX2, FMA and F16C must be available.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn partial_avx2(&self, p: &Problem<'_>, task: &Task) -> Partial {
-        self.partial_impl(p, task)
+    unsafe fn partial_avx2(&self, p: &Problem<'_>, task: &Task, bn: usize) -> Partial {
+        self.partial_impl(p, task, bn)
     }
 
     #[inline(always)]
-    fn partial_impl(&self, p: &Problem<'_>, task: &Task) -> Partial {
+    fn partial_impl(&self, p: &Problem<'_>, task: &Task, bn: usize) -> Partial {
         let (d, d_v, g) = (p.k.dim, p.v.dim, p.group());
         let n_rows = task.rows.len();
         let width = task.heads.len() * g; // query heads of the task
         let lanes = n_rows * width; // lane = row · width + (head − first head) · g + j
-        let bn = self.config.block_n;
         let mut m = vec![f32::NEG_INFINITY; lanes];
         let mut l = vec![0.0f32; lanes];
         let mut seen = vec![false; lanes];

@@ -132,12 +132,21 @@ impl CpuRotation {
             },
         };
         let isa = if isa.available() { isa } else { Isa::Portable };
+        let config = crate::tuned::lookup("fwht_f32", &crate::tuned::fwht_bucket(n))
+            .unwrap_or_else(|| FwhtConfig::for_dim(n));
         Self {
             n,
             plan,
             isa,
             config: FwhtConfig::for_dim(n),
         }
+        .with_config(config)
+    }
+
+    /// The tuning in force: the tuning cache's for this length, the default, or the last
+    /// [`Self::with_config`].
+    pub fn config(&self) -> FwhtConfig {
+        self.config
     }
 
     /// The same rotation with another tuning.

@@ -1,0 +1,222 @@
+//! The CPU kernels as [`Tunable`]s: the batched FWHT and decode attention.
+
+use crate::Tunable;
+use ndarray::Array3;
+use rotq_cpu::{
+    AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
+};
+use rotq_reference::rotation::SplitMix64;
+use rotq_reference::tolerance::{tolerance, Op, Precision};
+use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
+
+/// `len` values in [−1, 1) with a few outliers (never all zero).
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut g = SplitMix64::new(seed);
+    (0..len)
+        .map(|i| {
+            let v = (g.next_f64() * 2.0 - 1.0) as f32;
+            if i % 41 == 3 {
+                8.0 * v
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// The batched f32 Hadamard rotation of rows of `n`.
+pub struct Fwht {
+    n: usize,
+    kernel: CpuRotation,
+    rotation: Rotation,
+    /// Two buffers of rows, used in turn.
+    bufs: [Vec<f32>; 2],
+    calls: usize,
+}
+
+impl Fwht {
+    /// Rows of `n` filling `bytes` (per buffer).
+    pub fn new(n: usize, bytes: usize) -> Result<Self, rotq_reference::Error> {
+        let rotation = Rotation::hadamard(n)?;
+        let len = (bytes / 4 / n).max(1) * n;
+        Ok(Self {
+            n,
+            kernel: CpuRotation::new(&rotation, Isa::best()),
+            rotation,
+            bufs: [random(len, 1), random(len, 2)],
+            calls: 0,
+        })
+    }
+}
+
+impl Tunable for Fwht {
+    type Config = FwhtConfig;
+
+    fn kernel(&self) -> String {
+        "fwht_f32".into()
+    }
+
+    fn bucket(&self) -> String {
+        rotq_cpu::tuned::fwht_bucket(self.n)
+    }
+
+    fn default_config(&self) -> FwhtConfig {
+        FwhtConfig::for_dim(self.n)
+    }
+
+    fn candidates(&self) -> Vec<FwhtConfig> {
+        FwhtConfig::search_space(self.n)
+    }
+
+    fn gate(&mut self, config: &FwhtConfig) -> Result<(), String> {
+        let x = random(37 * self.n, 3);
+        let mut got = x.clone();
+        self.kernel
+            .clone()
+            .with_config(*config)
+            .forward_rows(&mut got)
+            .map_err(|e| e.to_string())?;
+        let mut want: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        self.rotation
+            .rotate_rows(&mut want, false)
+            .map_err(|e| e.to_string())?;
+        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
+        tolerance(Op::Rotation, Precision::F32)
+            .check(&got, &want)
+            .map_err(|m| m.to_string())
+    }
+
+    fn run(&mut self, config: &FwhtConfig) {
+        let kernel = self.kernel.clone().with_config(*config);
+        self.calls += 1;
+        let buf = &mut self.bufs[self.calls % 2];
+        kernel
+            .forward_rows(buf)
+            .expect("the buffers hold whole rows");
+    }
+}
+
+/// Decode attention: one query row, `h_kv` KV heads × 128, four query heads per KV head, K
+/// (Hadamard-rotated) and V in `format`, over `n_kv` cached tokens.
+pub struct Decode {
+    format: KvFormat,
+    n_kv: usize,
+    h_kv: usize,
+    d: usize,
+    kernel: CpuAttention,
+    q: Vec<f32>,
+    k: Vec<u8>,
+    v: Vec<u8>,
+    /// The gate problem: (n_kv, q, K bytes, V bytes).
+    gate: (usize, Vec<f32>, Vec<u8>, Vec<u8>),
+}
+
+const GROUP: usize = 4;
+
+impl Decode {
+    /// The problem at `n_kv` tokens.
+    pub fn new(format: KvFormat, n_kv: usize, h_kv: usize) -> Result<Self, rotq_reference::Error> {
+        let d = 128;
+        let r = Rotation::hadamard(d)?;
+        let kc = CacheCodec::new(format, d, Some(&r), Isa::best())?;
+        let vc = CacheCodec::new(format, d, None, Isa::best())?;
+        let caches = |n: usize, seed: u64| -> Result<(Vec<u8>, Vec<u8>), rotq_reference::Error> {
+            let mut k = vec![0u8; n * h_kv * kc.row_bytes()];
+            let mut v = vec![0u8; n * h_kv * vc.row_bytes()];
+            kc.quantize(&random(n * h_kv * d, seed), &mut k, 0)?;
+            vc.quantize(&random(n * h_kv * d, seed + 1), &mut v, 0)?;
+            Ok((k, v))
+        };
+        let (k, v) = caches(n_kv, 10)?;
+        let gate_n = 333;
+        let (gk, gv) = caches(gate_n, 20)?;
+        let plan = RotationPlan {
+            qk: Some(r),
+            v: None,
+        };
+        Ok(Self {
+            format,
+            n_kv,
+            h_kv,
+            d,
+            kernel: CpuAttention::new(&plan, Isa::best()),
+            q: random(h_kv * GROUP * d, 30),
+            k,
+            v,
+            gate: (gate_n, random(h_kv * GROUP * d, 31), gk, gv),
+        })
+    }
+
+    fn params(n_kv: usize) -> AttentionParams {
+        AttentionParams {
+            causal: true,
+            pos_offset: n_kv.saturating_sub(1),
+            ..Default::default()
+        }
+    }
+}
+
+impl Tunable for Decode {
+    type Config = AttentionConfig;
+
+    fn kernel(&self) -> String {
+        format!("decode_attention_{}", self.format)
+    }
+
+    fn bucket(&self) -> String {
+        rotq_cpu::tuned::decode_bucket(self.d, self.h_kv, GROUP, self.n_kv)
+    }
+
+    fn default_config(&self) -> AttentionConfig {
+        AttentionConfig::default()
+    }
+
+    fn candidates(&self) -> Vec<AttentionConfig> {
+        AttentionConfig::search_space()
+    }
+
+    fn gate(&mut self, config: &AttentionConfig) -> Result<(), String> {
+        let (n, q, kb, vb) = &self.gate;
+        let (h_kv, d, h_q) = (self.h_kv, self.d, self.h_kv * GROUP);
+        let err = |e: rotq_reference::Error| e.to_string();
+        let k = KvCacheView::new(self.format, kb, *n, h_kv, d).map_err(err)?;
+        let v = KvCacheView::new(self.format, vb, *n, h_kv, d).map_err(err)?;
+        let params = Self::params(*n);
+        let got = self
+            .kernel
+            .clone()
+            .with_config(*config)
+            .run(q, 1, h_q, &k, &v, &params)
+            .map_err(err)?;
+        // The oracle on the same cache: Q rotated like K, dequantized K and V, f64.
+        let r = Rotation::hadamard(d).map_err(err)?;
+        let mut qr: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
+        r.rotate_rows(&mut qr, false).map_err(err)?;
+        let deq = |b: &[u8]| -> Result<Array3<f64>, String> {
+            let vals = self.format.dequantize_row(b).map_err(err)?;
+            Array3::from_shape_vec((*n, h_kv, d), vals.into_iter().map(f64::from).collect())
+                .map_err(|e| e.to_string())
+        };
+        let qa = Array3::from_shape_vec((1, h_q, d), qr).map_err(|e| e.to_string())?;
+        let want =
+            attention_f64(qa.view(), deq(kb)?.view(), deq(vb)?.view(), &params).map_err(err)?;
+        let want: Vec<f64> = want.output.iter().copied().collect();
+        let got: Vec<f64> = got.into_iter().map(f64::from).collect();
+        tolerance(Op::Attention, Precision::F32)
+            .check(&got, &want)
+            .map_err(|m| m.to_string())
+    }
+
+    fn run(&mut self, config: &AttentionConfig) {
+        let (h_kv, d) = (self.h_kv, self.d);
+        let k = KvCacheView::new(self.format, &self.k, self.n_kv, h_kv, d).expect("built to fit");
+        let v = KvCacheView::new(self.format, &self.v, self.n_kv, h_kv, d).expect("built to fit");
+        let out = self
+            .kernel
+            .clone()
+            .with_config(*config)
+            .run(&self.q, 1, h_kv * GROUP, &k, &v, &Self::params(self.n_kv))
+            .expect("built to fit");
+        std::hint::black_box(out);
+    }
+}

@@ -1,0 +1,241 @@
+//! `autotune`: tunes the kernels for this machine and writes the tuning cache.
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use rotq_autotune::cpu::{Decode, Fwht};
+use rotq_autotune::{tune, Outcome, TimingPlan, Tunable};
+use rotq_reference::tuned::{default_path, Loaded, TuneFile};
+use rotq_reference::KvFormat;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Search each kernel's configuration for this device, keep only candidates that agree with
+/// the oracle, time them, and write the tuning cache the kernels read.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// `cpu` (CUDA tuning is not built yet).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Kernels to tune, comma-separated: fwht, decode.
+    #[arg(long, default_value = "fwht,decode", value_delimiter = ',')]
+    kernels: Vec<String>,
+    /// Shape preset: `default` (what the benches use) or `small` (a quick run).
+    #[arg(long, default_value = "default")]
+    shapes: String,
+    /// Time budget for the whole run, in seconds, shared by the (kernel, shape) tasks.
+    #[arg(long, default_value_t = 120)]
+    budget_secs: u64,
+    /// The cache file (default: ROTQ_TUNE_CACHE, else $XDG_CACHE_HOME/rotq/tuned.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print one JSON object per (kernel, bucket) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One line of the final report.
+#[derive(Serialize)]
+struct Row {
+    kernel: String,
+    bucket: String,
+    default_ms: f64,
+    tuned_ms: f64,
+    speedup: f64,
+    config: serde_json::Value,
+    tried: usize,
+    rejected: usize,
+    untried: usize,
+}
+
+impl<C: Serialize> From<&Outcome<C>> for Row {
+    fn from(o: &Outcome<C>) -> Self {
+        Row {
+            kernel: o.kernel.clone(),
+            bucket: o.bucket.clone(),
+            default_ms: o.default.median_ms,
+            tuned_ms: o.chosen_timing.median_ms,
+            speedup: o.speedup(),
+            config: serde_json::to_value(&o.chosen).unwrap_or_default(),
+            tried: o.tried,
+            rejected: o.rejected.len(),
+            untried: o.untried,
+        }
+    }
+}
+
+/// Tunes one task and records it; returns its report row.
+fn run_one<T: Tunable>(
+    t: &mut T,
+    budget: Duration,
+    plan: TimingPlan,
+    bar: &ProgressBar,
+    file: &mut TuneFile,
+) -> Result<Row, String> {
+    let label = format!("{} {}", t.kernel(), t.bucket());
+    bar.set_message(label.clone());
+    let o = tune(t, budget, plan, |m| {
+        bar.set_message(format!("{label}: {m}"))
+    })?;
+    for r in &o.rejected {
+        bar.println(format!(
+            "{label}: gate rejected {:?}: {}",
+            r.config, r.reason
+        ));
+    }
+    let row = Row::from(&o);
+    file.insert(
+        &o.kernel,
+        &o.bucket,
+        &row.config,
+        o.default.median_ms,
+        o.chosen_timing.median_ms,
+        o.tried,
+        o.rejected.len(),
+    );
+    Ok(row)
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if args.device != "cpu" {
+        return Err(format!(
+            "device `{}`: only `cpu` can be tuned so far (CUDA tuning is not built yet)",
+            args.device
+        ));
+    }
+    let small = match args.shapes.as_str() {
+        "default" => false,
+        "small" => true,
+        other => return Err(format!("unknown shape preset `{other}`: default or small")),
+    };
+    for k in &args.kernels {
+        if !["fwht", "decode"].contains(&k.as_str()) {
+            return Err(format!("unknown kernel `{k}`: fwht or decode"));
+        }
+    }
+    let path = args
+        .out
+        .clone()
+        .or_else(default_path)
+        .ok_or("no cache path: pass --out, or set ROTQ_TUNE_CACHE or HOME")?;
+    let device = rotq_cpu::tuned::device_identity();
+    let hash = rotq_cpu::tuned::KERNEL_HASH;
+    let mut file = match TuneFile::load(&path, &device, hash) {
+        Loaded::Usable(f) => f,
+        Loaded::Missing => TuneFile::new(device.clone(), hash),
+        Loaded::Foreign { reason } => {
+            // Not ours to overwrite: keep it beside the new one.
+            let aside = path.with_extension("json.replaced");
+            std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
+            eprintln!(
+                "ignoring {} ({reason}); kept as {}",
+                path.display(),
+                aside.display()
+            );
+            TuneFile::new(device.clone(), hash)
+        }
+        Loaded::Corrupt { reason, kept_at } => {
+            eprintln!(
+                "ignoring a corrupt cache ({reason}){}",
+                kept_at.map_or(String::new(), |p| format!("; kept as {}", p.display()))
+            );
+            TuneFile::new(device.clone(), hash)
+        }
+    };
+    // The tasks: (kernel, shape).
+    let (fwht_sizes, decode_tokens, bytes): (Vec<usize>, Vec<usize>, usize) = if small {
+        (vec![128], vec![2048], 4 << 20)
+    } else {
+        (vec![128, 4096], vec![4096, 32768], 64 << 20)
+    };
+    let mut tasks = 0;
+    if args.kernels.iter().any(|k| k == "fwht") {
+        tasks += fwht_sizes.len();
+    }
+    if args.kernels.iter().any(|k| k == "decode") {
+        tasks += 2 * decode_tokens.len();
+    }
+    let per_task = Duration::from_secs(args.budget_secs) / tasks.max(1) as u32;
+    let plan = if small {
+        TimingPlan {
+            samples: 5,
+            min_sample: Duration::from_millis(5),
+        }
+    } else {
+        TimingPlan::default()
+    };
+    eprintln!(
+        "tuning {} on {} ({tasks} tasks, {:.0} s each at most)",
+        args.kernels.join(", "),
+        device.name,
+        per_task.as_secs_f64()
+    );
+    let bar = ProgressBar::new(tasks as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {wide_msg}")
+            .map_err(|e| e.to_string())?,
+    );
+    let mut rows = Vec::new();
+    if args.kernels.iter().any(|k| k == "fwht") {
+        for &n in &fwht_sizes {
+            let mut t = Fwht::new(n, bytes).map_err(|e| e.to_string())?;
+            rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
+            bar.inc(1);
+        }
+    }
+    if args.kernels.iter().any(|k| k == "decode") {
+        for format in [KvFormat::Q4_0, KvFormat::Q8_0] {
+            for &n in &decode_tokens {
+                let mut t = Decode::new(format, n, 8).map_err(|e| e.to_string())?;
+                rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    file.save(&path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    if args.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+        }
+    } else {
+        println!(
+            "{:<22} {:<32} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8}  config",
+            "kernel", "bucket", "default", "tuned", "speedup", "tried", "rejected", "untried"
+        );
+        for r in &rows {
+            println!(
+                "{:<22} {:<32} {:>8.3}ms {:>8.3}ms {:>7.2}x {:>6} {:>8} {:>8}  {}",
+                r.kernel,
+                r.bucket,
+                r.default_ms,
+                r.tuned_ms,
+                r.speedup,
+                r.tried,
+                r.rejected,
+                r.untried,
+                r.config
+            );
+        }
+        let geo =
+            (rows.iter().map(|r| r.speedup.ln()).sum::<f64>() / rows.len().max(1) as f64).exp();
+        println!(
+            "geometric-mean speed-up x{geo:.3}; cache written to {}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("autotune: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

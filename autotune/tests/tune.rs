@@ -1,0 +1,194 @@
+//! The search, the correctness gate and the noise rule; the binary end to end.
+
+use rotq_autotune::{tune, TimingPlan, Tunable};
+use rotq_reference::tolerance::{tolerance, Op, Precision};
+use rotq_reference::tuned::{DeviceIdentity, Loaded, TuneFile};
+use rotq_reference::Rotation;
+use std::time::Duration;
+
+/// A toy rotation kernel with a deliberately broken candidate: configuration 1 forgets the
+/// 1/√n normalization (and is by far the fastest), configuration 2 is correct but slow, the
+/// others are correct and as fast as the default.
+struct Toy {
+    x: Vec<f64>,
+    sink: f64,
+}
+
+impl Toy {
+    fn compute(&self, config: u32) -> Vec<f64> {
+        let r = Rotation::hadamard(self.x.len()).unwrap();
+        let mut y = self.x.clone();
+        r.forward_in_place(&mut y).unwrap();
+        if config == 1 {
+            let s = (self.x.len() as f64).sqrt();
+            y.iter_mut().for_each(|v| *v *= s);
+        }
+        y
+    }
+}
+
+impl Tunable for Toy {
+    type Config = u32;
+    fn kernel(&self) -> String {
+        "toy".into()
+    }
+    fn bucket(&self) -> String {
+        "n=64".into()
+    }
+    fn default_config(&self) -> u32 {
+        0
+    }
+    fn candidates(&self) -> Vec<u32> {
+        vec![0, 1, 2, 3]
+    }
+    fn gate(&mut self, config: &u32) -> Result<(), String> {
+        let mut want = self.x.clone();
+        Rotation::hadamard(64)
+            .unwrap()
+            .forward_in_place(&mut want)
+            .unwrap();
+        tolerance(Op::Rotation, Precision::F64)
+            .check(&self.compute(*config), &want)
+            .map_err(|m| m.to_string())
+    }
+    fn run(&mut self, config: &u32) {
+        let reps = match config {
+            1 => 1,
+            2 => 40,
+            _ => 10,
+        };
+        for _ in 0..reps {
+            self.sink += self.compute(*config)[0];
+        }
+    }
+}
+
+fn plan() -> TimingPlan {
+    TimingPlan {
+        samples: 5,
+        min_sample: Duration::from_millis(2),
+    }
+}
+
+#[test]
+fn the_gate_rejects_a_wrong_candidate_however_fast() {
+    let mut t = Toy {
+        x: (0..64).map(|i| (i as f64 * 0.37).sin()).collect(),
+        sink: 0.0,
+    };
+    let o = tune(&mut t, Duration::from_secs(30), plan(), |_| {}).unwrap();
+    assert_eq!(o.rejected.len(), 1);
+    assert_eq!(o.rejected[0].config, 1);
+    assert!(
+        o.rejected[0].reason.contains("rel_l2"),
+        "{}",
+        o.rejected[0].reason
+    );
+    assert_ne!(o.chosen, 1, "a rejected candidate is never chosen");
+    assert_ne!(o.chosen, 2, "a slower candidate is never chosen");
+    assert_eq!(o.tried, 2); // 2 and 3 (the default is timed separately)
+}
+
+#[test]
+fn a_default_that_fails_the_gate_is_an_error() {
+    struct Broken(Toy);
+    impl Tunable for Broken {
+        type Config = u32;
+        fn kernel(&self) -> String {
+            self.0.kernel()
+        }
+        fn bucket(&self) -> String {
+            self.0.bucket()
+        }
+        fn default_config(&self) -> u32 {
+            1
+        }
+        fn candidates(&self) -> Vec<u32> {
+            vec![0]
+        }
+        fn gate(&mut self, c: &u32) -> Result<(), String> {
+            self.0.gate(c)
+        }
+        fn run(&mut self, c: &u32) {
+            self.0.run(c)
+        }
+    }
+    let mut t = Broken(Toy {
+        x: (0..64).map(|i| (i as f64).cos()).collect(),
+        sink: 0.0,
+    });
+    let e = tune(&mut t, Duration::from_secs(5), plan(), |_| {}).unwrap_err();
+    assert!(e.contains("default fails the gate"), "{e}");
+}
+
+#[test]
+fn an_exhausted_budget_reports_what_was_left() {
+    let mut t = Toy {
+        x: (0..64).map(|i| (i as f64 * 0.1).sin()).collect(),
+        sink: 0.0,
+    };
+    let o = tune(&mut t, Duration::ZERO, plan(), |_| {}).unwrap();
+    assert_eq!((o.tried, o.untried), (0, 3));
+    assert_eq!(o.chosen, 0);
+}
+
+#[test]
+fn tuning_on_the_cpu_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned.json");
+    std::fs::write(&out, "not json").unwrap();
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
+            .args([
+                "--device",
+                "cpu",
+                "--shapes",
+                "small",
+                "--budget-secs",
+                "4",
+                "--json",
+            ])
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The corrupt file was moved aside, not lost, and reported.
+    assert_eq!(
+        std::fs::read_to_string(out.with_extension("json.corrupt")).unwrap(),
+        "not json"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("corrupt"));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert_eq!(r["rejected"], 0);
+        assert!(r["speedup"].as_f64().unwrap() >= 1.0);
+    }
+    // The file is ours and names every task.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let file: TuneFile = serde_json::from_str(&text).unwrap();
+    assert_eq!(file.entries.len(), 3);
+    let foreign = DeviceIdentity {
+        name: "another".into(),
+        compute_capability: None,
+        driver_version: None,
+    };
+    assert!(matches!(
+        TuneFile::load(&out, &foreign, &file.kernel_hash),
+        Loaded::Foreign { .. }
+    ));
+    // A bad argument is a one-line error.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
+        .args(["--device", "cuda:0", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("only `cpu`"));
+}

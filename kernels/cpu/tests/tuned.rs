@@ -1,0 +1,68 @@
+//! Kernels made without an explicit configuration take the tuning cache's (one process, so
+//! one scenario: the cache is read once).
+
+use rotq_cpu::tuned::{decode_bucket, device_identity, fwht_bucket, KERNEL_HASH};
+use rotq_cpu::{AttentionConfig, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView};
+use rotq_reference::tuned::{Loaded, TuneFile};
+use rotq_reference::{KvFormat, Rotation, RotationPlan};
+
+#[test]
+fn kernels_use_the_tuned_configuration_of_their_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let mut file = TuneFile::new(device_identity(), KERNEL_HASH);
+    let fwht = FwhtConfig { rows_per_task: 7 };
+    file.insert(
+        "fwht_f32",
+        &fwht_bucket(64),
+        &serde_json::to_value(fwht).unwrap(),
+        1.0,
+        0.5,
+        3,
+        0,
+    );
+    let att = AttentionConfig {
+        block_n: 32,
+        block_m: 4,
+        kv_splits: 3,
+        heads_per_task: 1,
+    };
+    let bucket = decode_bucket(64, 2, 4, 100);
+    file.insert(
+        "decode_attention_q8_0",
+        &bucket,
+        &serde_json::to_value(att).unwrap(),
+        1.0,
+        0.5,
+        3,
+        0,
+    );
+    file.save(&path).unwrap();
+    std::env::set_var("ROTQ_TUNE_CACHE", &path);
+
+    assert!(matches!(rotq_cpu::tuned::cache().loaded, Loaded::Usable(_)));
+    let r = Rotation::hadamard(64).unwrap();
+    assert_eq!(CpuRotation::new(&r, Isa::best()).config(), fwht);
+    // Another length, or an explicit configuration, is not affected.
+    let r128 = Rotation::hadamard(128).unwrap();
+    assert_eq!(
+        CpuRotation::new(&r128, Isa::best()).config(),
+        FwhtConfig::for_dim(128)
+    );
+    let explicit = FwhtConfig { rows_per_task: 9 };
+    assert_eq!(
+        CpuRotation::new(&r, Isa::best())
+            .with_config(explicit)
+            .config(),
+        explicit
+    );
+
+    // Decode at a shape of the bucket (100 tokens round up to 128) takes the tuned config.
+    let bytes = vec![0u8; 100 * 2 * KvFormat::Q8_0.row_bytes(64).unwrap()];
+    let k = KvCacheView::new(KvFormat::Q8_0, &bytes, 100, 2, 64).unwrap();
+    let kernel = CpuAttention::new(&RotationPlan::none(), Isa::best());
+    assert_eq!(kernel.config_for(8, &k), att);
+    assert_eq!(kernel.config_for(2, &k), AttentionConfig::default()); // another group size
+    let fixed = kernel.with_config(AttentionConfig::default());
+    assert_eq!(fixed.config_for(8, &k), AttentionConfig::default());
+}

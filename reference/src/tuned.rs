@@ -1,0 +1,246 @@
+//! The tuning cache: which configuration each kernel uses, per device and shape bucket.
+//!
+//! The autotuner writes it; kernels read it. It lives here, in the shared vocabulary, because
+//! both sides need the same schema and neither may depend on the other. The file is JSON:
+//! a schema version, the device's identity, a hash of the kernels' sources, and one entry per
+//! `kernel/bucket` with the chosen configuration and the timings that chose it. A file whose
+//! schema, device or hash differs is ignored (kept where it is); one that cannot be parsed is
+//! moved aside to `<name>.corrupt` and ignored. Writes are atomic (a temporary file in the same
+//! folder, then a rename), so a reader never sees half a file.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Which device a cache belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceIdentity {
+    /// `cpu: <model>` or the GPU's name.
+    pub name: String,
+    /// GPU compute capability; `None` for a CPU.
+    pub compute_capability: Option<(u32, u32)>,
+    /// GPU driver version; `None` for a CPU.
+    pub driver_version: Option<i32>,
+}
+
+/// One tuned kernel and shape bucket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TunedEntry {
+    /// The chosen configuration (the kernel's `Config`, as JSON).
+    pub config: serde_json::Value,
+    /// Median milliseconds of the default configuration.
+    pub default_ms: f64,
+    /// Median milliseconds of the chosen one.
+    pub tuned_ms: f64,
+    /// Candidates timed.
+    pub tried: usize,
+    /// Candidates the correctness gate rejected.
+    pub rejected: usize,
+}
+
+/// The whole cache file.
+///
+/// ```
+/// use rotq_reference::tuned::{DeviceIdentity, TuneFile};
+/// let dev = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
+/// let mut file = TuneFile::new(dev, "abc123");
+/// file.insert("fwht", "n=128", &serde_json::json!({"rows_per_task": 64}), 1.0, 0.8, 9, 0);
+/// let c: serde_json::Value = file.config("fwht", "n=128").unwrap();
+/// assert_eq!(c["rows_per_task"], 64);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneFile {
+    /// [`SCHEMA_VERSION`] when written.
+    pub schema: u32,
+    /// The device the timings were taken on.
+    pub device: DeviceIdentity,
+    /// Hash of the kernels' sources: a change to any kernel invalidates the file.
+    pub kernel_hash: String,
+    /// `kernel/bucket` → entry.
+    pub entries: BTreeMap<String, TunedEntry>,
+}
+
+/// What [`TuneFile::load`] found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No file there.
+    Missing,
+    /// A file for this device, schema and kernel hash.
+    Usable(TuneFile),
+    /// A valid file for another device, schema or kernel build: ignored, left in place.
+    Foreign {
+        /// Why it does not apply.
+        reason: String,
+    },
+    /// A file that could not be read or parsed: ignored; moved aside when it could be.
+    Corrupt {
+        /// What was wrong.
+        reason: String,
+        /// Where the bad file now is, if it was moved.
+        kept_at: Option<PathBuf>,
+    },
+}
+
+/// Shape bucket of a problem: each size rounded up to a power of two, e.g.
+/// `bucket(&[("d", 96), ("n_kv", 3000)]) == "d=128,n_kv=4096"`.
+///
+/// ```
+/// assert_eq!(rotq_reference::tuned::bucket(&[("d", 96), ("n_kv", 3000)]), "d=128,n_kv=4096");
+/// ```
+pub fn bucket(sizes: &[(&str, usize)]) -> String {
+    sizes
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.max(&1).next_power_of_two()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Where the cache lives: `ROTQ_TUNE_CACHE`, else `$XDG_CACHE_HOME/rotq/tuned.json`, else
+/// `~/.cache/rotq/tuned.json`; `None` when none of those is set.
+pub fn default_path() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(p) = var("ROTQ_TUNE_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    let base = var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("rotq").join("tuned.json"))
+}
+
+impl TuneFile {
+    /// An empty cache for `device` and the kernel build `kernel_hash`.
+    pub fn new(device: DeviceIdentity, kernel_hash: &str) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            device,
+            kernel_hash: kernel_hash.to_string(),
+            entries: BTreeMap::new(),
+        }
+    }
+
+    fn key(kernel: &str, bucket: &str) -> String {
+        format!("{kernel}/{bucket}")
+    }
+
+    /// Records the configuration chosen for `kernel` at `bucket`.
+    #[allow(clippy::too_many_arguments)] // one entry's fields
+    pub fn insert(
+        &mut self,
+        kernel: &str,
+        bucket: &str,
+        config: &serde_json::Value,
+        default_ms: f64,
+        tuned_ms: f64,
+        tried: usize,
+        rejected: usize,
+    ) {
+        self.entries.insert(
+            Self::key(kernel, bucket),
+            TunedEntry {
+                config: config.clone(),
+                default_ms,
+                tuned_ms,
+                tried,
+                rejected,
+            },
+        );
+    }
+
+    /// The configuration recorded for `kernel` at `bucket`, if any and if it parses as `C`.
+    pub fn config<C: serde::de::DeserializeOwned>(&self, kernel: &str, bucket: &str) -> Option<C> {
+        let entry = self.entries.get(&Self::key(kernel, bucket))?;
+        serde_json::from_value(entry.config.clone()).ok()
+    }
+
+    /// Reads the cache at `path` for `device` and `kernel_hash` (see [`Loaded`]); a corrupt
+    /// file is moved aside to `<name>.corrupt` (what the autotuner does before writing anew).
+    pub fn load(path: &Path, device: &DeviceIdentity, kernel_hash: &str) -> Loaded {
+        Self::read(path, device, kernel_hash, true)
+    }
+
+    /// [`Self::load`] without side effects: a corrupt file is reported and left in place
+    /// (what kernels do when they look up their configuration).
+    pub fn peek(path: &Path, device: &DeviceIdentity, kernel_hash: &str) -> Loaded {
+        Self::read(path, device, kernel_hash, false)
+    }
+
+    fn read(path: &Path, device: &DeviceIdentity, kernel_hash: &str, move_aside: bool) -> Loaded {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
+            Err(e) => {
+                return Loaded::Corrupt {
+                    reason: format!("{}: {e}", path.display()),
+                    kept_at: None,
+                }
+            }
+        };
+        let file: TuneFile = match serde_json::from_str(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                // Never lose it: move it aside for inspection, then carry on without it.
+                let aside = path.with_extension("json.corrupt");
+                let kept_at = if move_aside {
+                    std::fs::rename(path, &aside).ok().map(|_| aside)
+                } else {
+                    None
+                };
+                return Loaded::Corrupt {
+                    reason: format!("{}: {e}", path.display()),
+                    kept_at,
+                };
+            }
+        };
+        let reason = if file.schema != SCHEMA_VERSION {
+            Some(format!(
+                "schema {} (this build reads {SCHEMA_VERSION})",
+                file.schema
+            ))
+        } else if &file.device != device {
+            Some(format!(
+                "tuned on {:?}, this is {:?}",
+                file.device.name, device.name
+            ))
+        } else if file.kernel_hash != kernel_hash {
+            Some(format!(
+                "tuned for kernel build {}, this is {kernel_hash} (stale)",
+                file.kernel_hash
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Loaded::Foreign { reason },
+            None => Loaded::Usable(file),
+        }
+    }
+
+    /// Writes the cache to `path` atomically (creating its folder).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(d) = dir {
+            std::fs::create_dir_all(d)?;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tuned.json".into());
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
