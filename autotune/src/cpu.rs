@@ -1,9 +1,10 @@
-//! The CPU kernels as [`Tunable`]s: the batched FWHT and decode attention.
+//! The CPU kernels as [`Tunable`]s: the batched FWHT, rotate-quantize and decode attention.
 
 use crate::Tunable;
 use ndarray::Array3;
 use rotq_cpu::{
     AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
+    QuantizeConfig,
 };
 use rotq_reference::rotation::SplitMix64;
 use rotq_reference::tolerance::{tolerance, Op, Precision};
@@ -218,5 +219,87 @@ impl Tunable for Decode {
             .run(&self.q, 1, h_kv * GROUP, &k, &v, &Self::params(self.n_kv))
             .expect("built to fit");
         std::hint::black_box(out);
+    }
+}
+
+/// Fused rotate-quantize of f32 rows of `dim` (Hadamard) into `format`.
+pub struct Quantize {
+    format: KvFormat,
+    dim: usize,
+    codec: CacheCodec,
+    rotation: CpuRotation,
+    bufs: [Vec<f32>; 2],
+    cache: Vec<u8>,
+    calls: usize,
+}
+
+impl Quantize {
+    /// Rows of `dim` filling `bytes` (per buffer).
+    pub fn new(format: KvFormat, dim: usize, bytes: usize) -> Result<Self, rotq_reference::Error> {
+        let r = Rotation::hadamard(dim)?;
+        let codec = CacheCodec::new(format, dim, Some(&r), Isa::best())?;
+        let len = (bytes / 4 / dim).max(1) * dim;
+        let cache = vec![0u8; len / dim * codec.row_bytes()];
+        Ok(Self {
+            format,
+            dim,
+            codec,
+            rotation: CpuRotation::new(&r, Isa::best()),
+            bufs: [random(len, 5), random(len, 6)],
+            cache,
+            calls: 0,
+        })
+    }
+}
+
+impl Tunable for Quantize {
+    type Config = QuantizeConfig;
+
+    fn kernel(&self) -> String {
+        format!("rotate_quantize_{}", self.format)
+    }
+
+    fn bucket(&self) -> String {
+        rotq_cpu::tuned::quantize_bucket(self.dim)
+    }
+
+    fn default_config(&self) -> QuantizeConfig {
+        QuantizeConfig::default()
+    }
+
+    fn candidates(&self) -> Vec<QuantizeConfig> {
+        QuantizeConfig::search_space()
+    }
+
+    /// The bytes must be the oracle's quantizer applied to the kernel's own rotated rows.
+    fn gate(&mut self, config: &QuantizeConfig) -> Result<(), String> {
+        let rows = 53;
+        let x = random(rows * self.dim, 7);
+        let mut got = vec![0u8; rows * self.codec.row_bytes()];
+        self.codec
+            .clone()
+            .with_config(*config)
+            .quantize(&x, &mut got, 0)
+            .map_err(|e| e.to_string())?;
+        let mut rotated = x;
+        self.rotation
+            .forward_rows(&mut rotated)
+            .map_err(|e| e.to_string())?;
+        let want = self
+            .format
+            .quantize_row(&rotated)
+            .map_err(|e| e.to_string())?;
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None if got.len() == want.len() => Ok(()),
+            at => Err(format!("bytes differ from the oracle's at {at:?}")),
+        }
+    }
+
+    fn run(&mut self, config: &QuantizeConfig) {
+        let codec = self.codec.clone().with_config(*config);
+        self.calls += 1;
+        codec
+            .quantize(&self.bufs[self.calls % 2], &mut self.cache, 0)
+            .expect("the buffers hold whole rows");
     }
 }

@@ -2,11 +2,11 @@
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use rotq_autotune::cpu::{Decode, Fwht};
+use rotq_autotune::cpu::{Decode, Fwht, Quantize};
 use rotq_autotune::{tune, Outcome, TimingPlan, Tunable};
 use rotq_reference::tuned::{default_path, Loaded, TuneFile};
 use rotq_reference::KvFormat;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,10 +19,12 @@ struct Args {
     /// `cpu` (CUDA tuning is not built yet).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Kernels to tune, comma-separated: fwht, decode.
-    #[arg(long, default_value = "fwht,decode", value_delimiter = ',')]
+    /// Kernels to tune, comma-separated: fwht, quantize, decode.
+    #[arg(long, default_value = "fwht,quantize,decode", value_delimiter = ',')]
     kernels: Vec<String>,
-    /// Shape preset: `default` (what the benches use) or `small` (a quick run).
+    /// Shapes: a preset (`default`: what the benches use; `small`: a quick run) or a JSON file
+    /// like {"fwht": [128], "quantize": [{"format": "q4_0", "dim": 128}],
+    /// "decode": [{"format": "q4_0", "n_kv": 4096, "h_kv": 8}]}.
     #[arg(long, default_value = "default")]
     shapes: String,
     /// Time budget for the whole run, in seconds, shared by the (kernel, shape) tasks.
@@ -34,6 +36,85 @@ struct Args {
     /// Print one JSON object per (kernel, bucket) instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A rotate-quantize shape.
+#[derive(Clone, Debug, Deserialize)]
+struct QuantShape {
+    format: String,
+    dim: usize,
+}
+
+/// A decode shape (head dim 128, four query heads per KV head).
+#[derive(Clone, Debug, Deserialize)]
+struct DecodeShape {
+    format: String,
+    n_kv: usize,
+    h_kv: usize,
+}
+
+/// The shapes to tune, per kernel.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Shapes {
+    #[serde(default)]
+    fwht: Vec<usize>,
+    #[serde(default)]
+    quantize: Vec<QuantShape>,
+    #[serde(default)]
+    decode: Vec<DecodeShape>,
+    /// Bytes of rows per buffer for the FWHT and rotate-quantize timings.
+    #[serde(default = "default_bytes")]
+    bytes: usize,
+}
+
+fn default_bytes() -> usize {
+    64 << 20
+}
+
+impl Shapes {
+    fn preset(name: &str) -> Result<Self, String> {
+        let q = |format: &str, dim| QuantShape {
+            format: format.into(),
+            dim,
+        };
+        let d = |format: &str, n_kv| DecodeShape {
+            format: format.into(),
+            n_kv,
+            h_kv: 8,
+        };
+        match name {
+            "default" => Ok(Self {
+                fwht: vec![128, 4096],
+                quantize: vec![q("q4_0", 128), q("q8_0", 128)],
+                decode: vec![
+                    d("q4_0", 4096),
+                    d("q4_0", 32768),
+                    d("q8_0", 4096),
+                    d("q8_0", 32768),
+                ],
+                bytes: 64 << 20,
+            }),
+            "small" => Ok(Self {
+                fwht: vec![128],
+                quantize: vec![q("q4_0", 128)],
+                decode: vec![d("q4_0", 2048), d("q8_0", 2048)],
+                bytes: 4 << 20,
+            }),
+            file => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    format!(
+                        "--shapes {file}: not a preset (default, small) nor a readable file: {e}"
+                    )
+                })?;
+                serde_json::from_str(&text).map_err(|e| format!("--shapes {file}: {e}"))
+            }
+        }
+    }
+}
+
+fn format_of(name: &str) -> Result<KvFormat, String> {
+    name.parse::<KvFormat>().map_err(|e| e.to_string())
 }
 
 /// One line of the final report.
@@ -105,16 +186,14 @@ fn run(args: Args) -> Result<(), String> {
             args.device
         ));
     }
-    let small = match args.shapes.as_str() {
-        "default" => false,
-        "small" => true,
-        other => return Err(format!("unknown shape preset `{other}`: default or small")),
-    };
+    let small = args.shapes == "small";
+    let shapes = Shapes::preset(&args.shapes)?;
     for k in &args.kernels {
-        if !["fwht", "decode"].contains(&k.as_str()) {
-            return Err(format!("unknown kernel `{k}`: fwht or decode"));
+        if !["fwht", "quantize", "decode"].contains(&k.as_str()) {
+            return Err(format!("unknown kernel `{k}`: fwht, quantize or decode"));
         }
     }
+    let wants = |k: &str| args.kernels.iter().any(|x| x == k);
     let path = args
         .out
         .clone()
@@ -144,18 +223,17 @@ fn run(args: Args) -> Result<(), String> {
             TuneFile::new(device.clone(), hash)
         }
     };
-    // The tasks: (kernel, shape).
-    let (fwht_sizes, decode_tokens, bytes): (Vec<usize>, Vec<usize>, usize) = if small {
-        (vec![128], vec![2048], 4 << 20)
-    } else {
-        (vec![128, 4096], vec![4096, 32768], 64 << 20)
-    };
-    let mut tasks = 0;
-    if args.kernels.iter().any(|k| k == "fwht") {
-        tasks += fwht_sizes.len();
-    }
-    if args.kernels.iter().any(|k| k == "decode") {
-        tasks += 2 * decode_tokens.len();
+    let tasks = [
+        ("fwht", shapes.fwht.len()),
+        ("quantize", shapes.quantize.len()),
+        ("decode", shapes.decode.len()),
+    ]
+    .iter()
+    .filter(|(k, _)| wants(k))
+    .map(|(_, n)| n)
+    .sum::<usize>();
+    if tasks == 0 {
+        return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
     let per_task = Duration::from_secs(args.budget_secs) / tasks.max(1) as u32;
     let plan = if small {
@@ -178,20 +256,26 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     );
     let mut rows = Vec::new();
-    if args.kernels.iter().any(|k| k == "fwht") {
-        for &n in &fwht_sizes {
-            let mut t = Fwht::new(n, bytes).map_err(|e| e.to_string())?;
+    let err = |e: rotq_reference::Error| e.to_string();
+    if wants("fwht") {
+        for &n in &shapes.fwht {
+            let mut t = Fwht::new(n, shapes.bytes).map_err(err)?;
             rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
             bar.inc(1);
         }
     }
-    if args.kernels.iter().any(|k| k == "decode") {
-        for format in [KvFormat::Q4_0, KvFormat::Q8_0] {
-            for &n in &decode_tokens {
-                let mut t = Decode::new(format, n, 8).map_err(|e| e.to_string())?;
-                rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
-                bar.inc(1);
-            }
+    if wants("quantize") {
+        for q in &shapes.quantize {
+            let mut t = Quantize::new(format_of(&q.format)?, q.dim, shapes.bytes).map_err(err)?;
+            rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
+            bar.inc(1);
+        }
+    }
+    if wants("decode") {
+        for d in &shapes.decode {
+            let mut t = Decode::new(format_of(&d.format)?, d.n_kv, d.h_kv).map_err(err)?;
+            rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
+            bar.inc(1);
         }
     }
     bar.finish_and_clear();

@@ -165,7 +165,7 @@ fn tuning_on_the_cpu_end_to_end() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4); // small: fwht, quantize q4_0, decode q4_0 and q8_0
     for r in &rows {
         assert_eq!(r["rejected"], 0);
         assert!(r["speedup"].as_f64().unwrap() >= 1.0);
@@ -173,7 +173,7 @@ fn tuning_on_the_cpu_end_to_end() {
     // The file is ours and names every task.
     let text = std::fs::read_to_string(&out).unwrap();
     let file: TuneFile = serde_json::from_str(&text).unwrap();
-    assert_eq!(file.entries.len(), 3);
+    assert_eq!(file.entries.len(), 4);
     let foreign = DeviceIdentity {
         name: "another".into(),
         compute_capability: None,
@@ -183,6 +183,40 @@ fn tuning_on_the_cpu_end_to_end() {
         TuneFile::load(&out, &foreign, &file.kernel_hash),
         Loaded::Foreign { .. }
     ));
+    // Shapes from a JSON file, for one kernel; merged into the same cache.
+    let shapes = dir.path().join("shapes.json");
+    std::fs::write(&shapes, r#"{"fwht": [64], "bytes": 1048576}"#).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
+        .args([
+            "--device",
+            "cpu",
+            "--kernels",
+            "fwht",
+            "--budget-secs",
+            "2",
+            "--json",
+        ])
+        .arg("--shapes")
+        .arg(&shapes)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+    let file: TuneFile = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(file.entries.contains_key("fwht_f32/n=64"));
+    assert_eq!(file.entries.len(), 5);
+    std::fs::write(&shapes, r#"{"fwht": [64], "typo": 1}"#).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
+        .arg("--shapes")
+        .arg(&shapes)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("typo"));
     // A bad argument is a one-line error.
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
         .args(["--device", "cuda:0", "--out"])

@@ -75,3 +75,8 @@ pub fn fwht_bucket(n: usize) -> String {
 pub fn decode_bucket(d: usize, h_kv: usize, group: usize, n_kv: usize) -> String {
     bucket(&[("d", d), ("h_kv", h_kv), ("group", group), ("n_kv", n_kv)])
 }
+
+/// The bucket of rotate-quantize: the row length.
+pub fn quantize_bucket(dim: usize) -> String {
+    bucket(&[("dim", dim)])
+}

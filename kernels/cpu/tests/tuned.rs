@@ -1,8 +1,11 @@
 //! Kernels made without an explicit configuration take the tuning cache's (one process, so
 //! one scenario: the cache is read once).
 
-use rotq_cpu::tuned::{decode_bucket, device_identity, fwht_bucket, KERNEL_HASH};
-use rotq_cpu::{AttentionConfig, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView};
+use rotq_cpu::tuned::{decode_bucket, device_identity, fwht_bucket, quantize_bucket, KERNEL_HASH};
+use rotq_cpu::{
+    AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
+    QuantizeConfig,
+};
 use rotq_reference::tuned::{Loaded, TuneFile};
 use rotq_reference::{KvFormat, Rotation, RotationPlan};
 
@@ -37,6 +40,17 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
         3,
         0,
     );
+    let quant = QuantizeConfig { rows_per_task: 5 };
+    let qb = quantize_bucket(96);
+    file.insert(
+        "rotate_quantize_q4_0",
+        &qb,
+        &serde_json::to_value(quant).unwrap(),
+        1.0,
+        0.5,
+        3,
+        0,
+    );
     file.save(&path).unwrap();
     std::env::set_var("ROTQ_TUNE_CACHE", &path);
 
@@ -56,6 +70,12 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
             .config(),
         explicit
     );
+
+    // Rotate-quantize: for its format and row length (96 rounds up to 128) only.
+    let codec = |f, n| CacheCodec::new(f, n, None, Isa::best()).unwrap().config();
+    assert_eq!(codec(KvFormat::Q4_0, 96), quant);
+    assert_eq!(codec(KvFormat::Q8_0, 96), QuantizeConfig::default());
+    assert_eq!(codec(KvFormat::Q4_0, 256), QuantizeConfig::default());
 
     // Decode at a shape of the bucket (100 tokens round up to 128) takes the tuned config.
     let bytes = vec![0u8; 100 * 2 * KvFormat::Q8_0.row_bytes(64).unwrap()];

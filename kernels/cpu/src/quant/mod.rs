@@ -232,6 +232,9 @@ impl CacheCodec {
             }
         }
         let isa = if isa.available() { isa } else { Isa::Portable };
+        let kernel = format!("rotate_quantize_{format}");
+        let config =
+            crate::tuned::lookup(&kernel, &crate::tuned::quantize_bucket(dim)).unwrap_or_default();
         Ok(Self {
             format,
             dim,
@@ -239,7 +242,14 @@ impl CacheCodec {
             rotation: rotation.map(|r| CpuRotation::new(r, isa)),
             isa,
             config: QuantizeConfig::default(),
-        })
+        }
+        .with_config(config))
+    }
+
+    /// The tuning in force: the tuning cache's for this format and row length, the default,
+    /// or the last [`Self::with_config`].
+    pub fn config(&self) -> QuantizeConfig {
+        self.config
     }
 
     /// The same codec with another tuning.
