@@ -106,8 +106,9 @@ pub struct Decode {
     d: usize,
     kernel: CpuAttention,
     q: Vec<f32>,
-    k: Vec<u8>,
-    v: Vec<u8>,
+    /// Two (K, V) cache pairs, used in turn, so that one call's cache is not the next one's.
+    caches: [(Vec<u8>, Vec<u8>); 2],
+    calls: usize,
     /// The gate problem: (n_kv, q, K bytes, V bytes).
     gate: (usize, Vec<f32>, Vec<u8>, Vec<u8>),
 }
@@ -128,7 +129,7 @@ impl Decode {
             vc.quantize(&random(n * h_kv * d, seed + 1), &mut v, 0)?;
             Ok((k, v))
         };
-        let (k, v) = caches(n_kv, 10)?;
+        let pairs = [caches(n_kv, 10)?, caches(n_kv, 12)?];
         let gate_n = 333;
         let (gk, gv) = caches(gate_n, 20)?;
         let plan = RotationPlan {
@@ -142,8 +143,8 @@ impl Decode {
             d,
             kernel: CpuAttention::new(&plan, Isa::best()),
             q: random(h_kv * GROUP * d, 30),
-            k,
-            v,
+            caches: pairs,
+            calls: 0,
             gate: (gate_n, random(h_kv * GROUP * d, 31), gk, gv),
         })
     }
@@ -210,8 +211,10 @@ impl Tunable for Decode {
 
     fn run(&mut self, config: &AttentionConfig) {
         let (h_kv, d) = (self.h_kv, self.d);
-        let k = KvCacheView::new(self.format, &self.k, self.n_kv, h_kv, d).expect("built to fit");
-        let v = KvCacheView::new(self.format, &self.v, self.n_kv, h_kv, d).expect("built to fit");
+        self.calls += 1;
+        let (kb, vb) = &self.caches[self.calls % 2];
+        let k = KvCacheView::new(self.format, kb, self.n_kv, h_kv, d).expect("built to fit");
+        let v = KvCacheView::new(self.format, vb, self.n_kv, h_kv, d).expect("built to fit");
         let out = self
             .kernel
             .clone()

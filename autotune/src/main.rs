@@ -123,7 +123,9 @@ struct Row {
     kernel: String,
     bucket: String,
     default_ms: f64,
+    default_spread: f64,
     tuned_ms: f64,
+    tuned_spread: f64,
     speedup: f64,
     config: serde_json::Value,
     tried: usize,
@@ -137,7 +139,9 @@ impl<C: Serialize> From<&Outcome<C>> for Row {
             kernel: o.kernel.clone(),
             bucket: o.bucket.clone(),
             default_ms: o.default.median_ms,
+            default_spread: o.default.spread,
             tuned_ms: o.chosen_timing.median_ms,
+            tuned_spread: o.chosen_timing.spread,
             speedup: o.speedup(),
             config: serde_json::to_value(&o.chosen).unwrap_or_default(),
             tried: o.tried,
@@ -287,16 +291,18 @@ fn run(args: Args) -> Result<(), String> {
         }
     } else {
         println!(
-            "{:<22} {:<32} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8}  config",
+            "{:<22} {:<32} {:>15} {:>15} {:>8} {:>6} {:>8} {:>8}  config",
             "kernel", "bucket", "default", "tuned", "speedup", "tried", "rejected", "untried"
         );
         for r in &rows {
             println!(
-                "{:<22} {:<32} {:>8.3}ms {:>8.3}ms {:>7.2}x {:>6} {:>8} {:>8}  {}",
+                "{:<22} {:<32} {:>8.3}ms±{:>2.0}% {:>8.3}ms±{:>2.0}% {:>7.2}x {:>6} {:>8} {:>8}  {}",
                 r.kernel,
                 r.bucket,
                 r.default_ms,
+                50.0 * r.default_spread,
                 r.tuned_ms,
+                50.0 * r.tuned_spread,
                 r.speedup,
                 r.tried,
                 r.rejected,
