@@ -123,8 +123,13 @@ impl Decode {
         let kc = CacheCodec::new(format, d, Some(&r), Isa::best())?;
         let vc = CacheCodec::new(format, d, None, Isa::best())?;
         let caches = |n: usize, seed: u64| -> Result<(Vec<u8>, Vec<u8>), rotq_reference::Error> {
-            let mut k = vec![0u8; n * h_kv * kc.row_bytes()];
-            let mut v = vec![0u8; n * h_kv * vc.row_bytes()];
+            let size = |row: usize| {
+                n.checked_mul(h_kv)
+                    .and_then(|r| r.checked_mul(row))
+                    .ok_or(rotq_reference::Error::Overflow("decode cache size"))
+            };
+            let mut k = vec![0u8; size(kc.row_bytes())?];
+            let mut v = vec![0u8; size(vc.row_bytes())?];
             kc.quantize(&random(n * h_kv * d, seed), &mut k, 0)?;
             vc.quantize(&random(n * h_kv * d, seed + 1), &mut v, 0)?;
             Ok((k, v))
@@ -173,8 +178,14 @@ impl Tunable for Decode {
         AttentionConfig::default()
     }
 
+    /// The search space without configurations that behave alike at one query row: `block_m`
+    /// plays no part, and `heads_per_task` of `h_kv` or more means all heads, as 0 does.
     fn candidates(&self) -> Vec<AttentionConfig> {
+        let block_m = AttentionConfig::default().block_m;
         AttentionConfig::search_space()
+            .into_iter()
+            .filter(|c| c.block_m == block_m && c.heads_per_task < self.h_kv.max(1))
+            .collect()
     }
 
     fn gate(&mut self, config: &AttentionConfig) -> Result<(), String> {

@@ -12,8 +12,10 @@
 //! 2. **times** the default and each gated candidate: a warm-up, then the median of several
 //!    samples, each sample enough calls to last a few milliseconds (wall clock on the CPU);
 //!    the spread (interquartile range over the median) is kept with the median;
-//! 3. **keeps the default** unless a candidate beats it by more than the measured noise: its
-//!    median must be below the default's by more than the larger spread of the two (and 2%).
+//! 3. **keeps the default** unless the fastest candidate still beats it when the two are timed
+//!    again, alternately, over five rounds: the median of the per-round time ratios must be
+//!    below 1 by more than their interquartile range (and 2%). Picking the fastest of many
+//!    noisy timings flatters the winner; the paired rounds are what decide.
 //!
 //! Results go to the tuning cache of `rotq_reference::tuned`.
 
@@ -205,11 +207,42 @@ pub fn tune<T: Tunable>(
             default.median_ms / best.1.median_ms
         ));
     }
-    // Only a gain beyond the noise of both measurements replaces the default.
-    let noise = default.spread.max(best.1.spread).max(0.02);
-    if best.1.median_ms < default.median_ms * (1.0 - noise) {
+    if best.0 == default_config {
+        return Ok(out);
+    }
+    // The fastest of many noisy timings is flattered (the winner's curse): time the default
+    // and the best again, alternately, and keep the best only if it wins beyond the noise of
+    // those paired rounds.
+    progress("confirming the best against the default");
+    let rounds = 5;
+    let (mut d, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let td = time(plan.samples.div_ceil(2), plan.min_sample, || {
+            t.run(&default_config)
+        });
+        let tb = time(plan.samples.div_ceil(2), plan.min_sample, || t.run(&best.0));
+        ratios.push(tb.median_ms / td.median_ms);
+        d.push(td);
+        b.push(tb);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], (v[v.len() * 3 / 4] - v[v.len() / 4]).abs())
+    };
+    let (ratio, ratio_iqr) = median(ratios);
+    let noise = ratio_iqr.max(0.02);
+    if ratio < 1.0 - noise {
+        let (dm, _) = median(d.iter().map(|x| x.median_ms).collect());
+        let (bm, _) = median(b.iter().map(|x| x.median_ms).collect());
+        out.default = Timing {
+            median_ms: dm,
+            spread: default.spread,
+        };
         out.chosen = best.0;
-        out.chosen_timing = best.1;
+        out.chosen_timing = Timing {
+            median_ms: bm,
+            spread: best.1.spread,
+        };
     }
     Ok(out)
 }

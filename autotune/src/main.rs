@@ -40,6 +40,7 @@ struct Args {
 
 /// A rotate-quantize shape.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct QuantShape {
     format: String,
     dim: usize,
@@ -47,6 +48,7 @@ struct QuantShape {
 
 /// A decode shape (head dim 128, four query heads per KV head).
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DecodeShape {
     format: String,
     n_kv: usize,
@@ -183,6 +185,64 @@ fn run_one<T: Tunable>(
     Ok(row)
 }
 
+/// Checks every shape before any tuning starts, so that a bad one costs no work.
+fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool) -> Result<(), String> {
+    let err = |e: rotq_reference::Error| e.to_string();
+    if wants("fwht") {
+        for &n in &shapes.fwht {
+            rotq_reference::Rotation::hadamard(n).map_err(err)?;
+        }
+    }
+    if wants("quantize") {
+        for q in &shapes.quantize {
+            format_of(&q.format)?.row_bytes(q.dim).map_err(err)?;
+            rotq_reference::Rotation::hadamard(q.dim).map_err(err)?;
+        }
+    }
+    if wants("decode") {
+        for d in &shapes.decode {
+            let row = format_of(&d.format)?.row_bytes(128).map_err(err)?;
+            let fits = d
+                .n_kv
+                .checked_mul(d.h_kv)
+                .and_then(|r| r.checked_mul(row))
+                .is_some_and(|b| b <= 1 << 34);
+            if d.n_kv == 0 || d.h_kv == 0 || !fits {
+                return Err(format!(
+                    "decode shape {d:?}: need n_kv >= 1, h_kv >= 1 and a cache under 16 GiB"
+                ));
+            }
+        }
+    }
+    if shapes.bytes == 0 || shapes.bytes > 1 << 34 {
+        return Err(format!("bytes {}: between 1 and 16 GiB", shapes.bytes));
+    }
+    Ok(())
+}
+
+/// Writes what is tuned so far, merged with what another run may have saved meanwhile (ours
+/// wins where both tuned the same bucket); a foreign file is first moved aside, once.
+fn save(
+    file: &mut TuneFile,
+    path: &std::path::Path,
+    device: &rotq_reference::tuned::DeviceIdentity,
+    hash: &str,
+    replace: &mut bool,
+) -> Result<(), String> {
+    if std::mem::take(replace) && path.exists() {
+        let aside = rotq_reference::tuned::aside_path(path, "replaced");
+        std::fs::rename(path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("kept the earlier cache as {}", aside.display());
+    }
+    if let Loaded::Usable(theirs) = TuneFile::peek(path, device, hash) {
+        for (k, e) in theirs.entries {
+            file.entries.entry(k).or_insert(e);
+        }
+    }
+    file.save(path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
 fn run(args: Args) -> Result<(), String> {
     if args.device != "cpu" {
         return Err(format!(
@@ -205,18 +265,22 @@ fn run(args: Args) -> Result<(), String> {
         .ok_or("no cache path: pass --out, or set ROTQ_TUNE_CACHE or HOME")?;
     let device = rotq_cpu::tuned::device_identity();
     let hash = rotq_cpu::tuned::KERNEL_HASH;
+    // A foreign file is kept: moved aside only when this run saves its first result.
+    let mut replace = false;
     let mut file = match TuneFile::load(&path, &device, hash) {
         Loaded::Usable(f) => f,
         Loaded::Missing => TuneFile::new(device.clone(), hash),
+        Loaded::Unreadable { reason } => {
+            return Err(format!(
+                "cannot read the cache ({reason}); not writing over it"
+            ))
+        }
         Loaded::Foreign { reason } => {
-            // Not ours to overwrite: keep it beside the new one.
-            let aside = path.with_extension("json.replaced");
-            std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
             eprintln!(
-                "ignoring {} ({reason}); kept as {}",
-                path.display(),
-                aside.display()
+                "ignoring {} ({reason}); it will be kept beside the new one",
+                path.display()
             );
+            replace = true;
             TuneFile::new(device.clone(), hash)
         }
         Loaded::Corrupt { reason, kept_at } => {
@@ -227,6 +291,7 @@ fn run(args: Args) -> Result<(), String> {
             TuneFile::new(device.clone(), hash)
         }
     };
+    validate(&shapes, &wants)?;
     let tasks = [
         ("fwht", shapes.fwht.len()),
         ("quantize", shapes.quantize.len()),
@@ -239,7 +304,13 @@ fn run(args: Args) -> Result<(), String> {
     if tasks == 0 {
         return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
-    let per_task = Duration::from_secs(args.budget_secs) / tasks.max(1) as u32;
+    let budget = Duration::from_secs(args.budget_secs);
+    let started = std::time::Instant::now();
+    // What a task may spend: the budget left, shared by the tasks left (unused time carries).
+    let mut done = 0usize;
+    let share =
+        |done: usize| budget.saturating_sub(started.elapsed()) / (tasks - done).max(1) as u32;
+    let per_task = share(0);
     let plan = if small {
         TimingPlan {
             samples: 5,
@@ -264,27 +335,31 @@ fn run(args: Args) -> Result<(), String> {
     if wants("fwht") {
         for &n in &shapes.fwht {
             let mut t = Fwht::new(n, shapes.bytes).map_err(err)?;
-            rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
+            rows.push(run_one(&mut t, share(done), plan, &bar, &mut file)?);
+            done += 1;
+            save(&mut file, &path, &device, hash, &mut replace)?;
             bar.inc(1);
         }
     }
     if wants("quantize") {
         for q in &shapes.quantize {
             let mut t = Quantize::new(format_of(&q.format)?, q.dim, shapes.bytes).map_err(err)?;
-            rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
+            rows.push(run_one(&mut t, share(done), plan, &bar, &mut file)?);
+            done += 1;
+            save(&mut file, &path, &device, hash, &mut replace)?;
             bar.inc(1);
         }
     }
     if wants("decode") {
         for d in &shapes.decode {
             let mut t = Decode::new(format_of(&d.format)?, d.n_kv, d.h_kv).map_err(err)?;
-            rows.push(run_one(&mut t, per_task, plan, &bar, &mut file)?);
+            rows.push(run_one(&mut t, share(done), plan, &bar, &mut file)?);
+            done += 1;
+            save(&mut file, &path, &device, hash, &mut replace)?;
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
-    file.save(&path)
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
     if args.json {
         for r in &rows {
             println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);

@@ -75,13 +75,37 @@ pub enum Loaded {
         /// Why it does not apply.
         reason: String,
     },
-    /// A file that could not be read or parsed: ignored; moved aside when it could be.
+    /// A file that exists but could not be read (permissions, a folder): ignored, and not to
+    /// be written over.
+    Unreadable {
+        /// What the system said.
+        reason: String,
+    },
+    /// A file that could not be parsed: ignored; moved aside by [`TuneFile::load`].
     Corrupt {
         /// What was wrong.
         reason: String,
         /// Where the bad file now is, if it was moved.
         kept_at: Option<PathBuf>,
     },
+}
+
+/// A free name beside `path` for a file moved aside: `tuned.json.<what>`, else
+/// `tuned.json.<what>.1`, `.2`, … (never over an earlier one).
+///
+/// ```
+/// let p = rotq_reference::tuned::aside_path(std::path::Path::new("/nonexistent/tuned.json"), "corrupt");
+/// assert!(p.to_string_lossy().ends_with("tuned.json.corrupt"));
+/// ```
+pub fn aside_path(path: &Path, what: &str) -> PathBuf {
+    let base = format!("{}.{what}", path.display());
+    let mut candidate = PathBuf::from(&base);
+    let mut n = 1;
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{base}.{n}"));
+        n += 1;
+    }
+    candidate
 }
 
 /// Shape bucket of a problem: each size rounded up to a power of two, e.g.
@@ -93,7 +117,10 @@ pub enum Loaded {
 pub fn bucket(sizes: &[(&str, usize)]) -> String {
     sizes
         .iter()
-        .map(|(k, v)| format!("{k}={}", v.max(&1).next_power_of_two()))
+        .map(|(k, v)| {
+            let rounded = v.max(&1).checked_next_power_of_two().unwrap_or(usize::MAX);
+            format!("{k}={rounded}")
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -157,7 +184,8 @@ impl TuneFile {
     }
 
     /// Reads the cache at `path` for `device` and `kernel_hash` (see [`Loaded`]); a corrupt
-    /// file is moved aside to `<name>.corrupt` (what the autotuner does before writing anew).
+    /// file is moved aside to a free `<name>.corrupt…` name (what the autotuner does before
+    /// writing anew).
     pub fn load(path: &Path, device: &DeviceIdentity, kernel_hash: &str) -> Loaded {
         Self::read(path, device, kernel_hash, true)
     }
@@ -169,38 +197,47 @@ impl TuneFile {
     }
 
     fn read(path: &Path, device: &DeviceIdentity, kernel_hash: &str, move_aside: bool) -> Loaded {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
             Err(e) => {
-                return Loaded::Corrupt {
+                return Loaded::Unreadable {
                     reason: format!("{}: {e}", path.display()),
-                    kept_at: None,
                 }
             }
         };
-        let file: TuneFile = match serde_json::from_str(&text) {
-            Ok(f) => f,
-            Err(e) => {
-                // Never lose it: move it aside for inspection, then carry on without it.
-                let aside = path.with_extension("json.corrupt");
-                let kept_at = if move_aside {
-                    std::fs::rename(path, &aside).ok().map(|_| aside)
-                } else {
-                    None
-                };
-                return Loaded::Corrupt {
-                    reason: format!("{}: {e}", path.display()),
-                    kept_at,
-                };
+        let corrupt = |reason: String| {
+            // Never lose it: move it aside for inspection, then carry on without it.
+            let kept_at = if move_aside {
+                let aside = aside_path(path, "corrupt");
+                std::fs::rename(path, &aside).ok().map(|_| aside)
+            } else {
+                None
+            };
+            Loaded::Corrupt {
+                reason: format!("{}: {reason}", path.display()),
+                kept_at,
             }
         };
-        let reason = if file.schema != SCHEMA_VERSION {
-            Some(format!(
-                "schema {} (this build reads {SCHEMA_VERSION})",
-                file.schema
-            ))
-        } else if &file.device != device {
+        // The schema first: a newer build may lay the rest out differently.
+        let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => return corrupt(e.to_string()),
+        };
+        match value.get("schema").and_then(|s| s.as_u64()) {
+            Some(v) if v == u64::from(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Loaded::Foreign {
+                    reason: format!("schema {v} (this build reads {SCHEMA_VERSION})"),
+                }
+            }
+            None => return corrupt("no schema version".into()),
+        }
+        let file: TuneFile = match serde_json::from_value(value) {
+            Ok(f) => f,
+            Err(e) => return corrupt(e.to_string()),
+        };
+        let reason = if &file.device != device {
             Some(format!(
                 "tuned on {:?}, this is {:?}",
                 file.device.name, device.name

@@ -96,3 +96,65 @@ fn buckets_round_up_to_powers_of_two() {
     assert_eq!(bucket(&[("d", 128), ("n_kv", 32768)]), "d=128,n_kv=32768");
     assert_eq!(bucket(&[("d", 80), ("n_kv", 0)]), "d=128,n_kv=1");
 }
+
+#[test]
+fn peek_leaves_a_corrupt_file_and_a_second_one_gets_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    std::fs::write(&path, [0xffu8, 0xfe, 0x00]).unwrap(); // not even UTF-8
+    assert!(matches!(
+        TuneFile::peek(&path, &device("gpu A"), "hash1"),
+        Loaded::Corrupt { kept_at: None, .. }
+    ));
+    assert!(path.exists(), "peek moves nothing");
+    assert!(matches!(
+        TuneFile::load(&path, &device("gpu A"), "hash1"),
+        Loaded::Corrupt {
+            kept_at: Some(_),
+            ..
+        }
+    ));
+    std::fs::write(&path, "{}").unwrap(); // no schema: corrupt too
+    match TuneFile::load(&path, &device("gpu A"), "hash1") {
+        Loaded::Corrupt {
+            kept_at: Some(aside),
+            ..
+        } => {
+            assert!(
+                aside.to_string_lossy().ends_with(".corrupt.1"),
+                "{}",
+                aside.display()
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(path.with_extension("json.corrupt")).unwrap(),
+        [0xffu8, 0xfe, 0x00]
+    );
+}
+
+#[test]
+fn a_newer_schema_with_another_layout_is_foreign_not_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    std::fs::write(
+        &path,
+        format!(r#"{{"schema": {}, "devices": []}}"#, SCHEMA_VERSION + 1),
+    )
+    .unwrap();
+    assert!(matches!(
+        TuneFile::load(&path, &device("gpu A"), "hash1"),
+        Loaded::Foreign { .. }
+    ));
+    assert!(path.exists());
+}
+
+#[test]
+fn a_folder_in_the_way_is_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        TuneFile::load(dir.path(), &device("gpu A"), "hash1"),
+        Loaded::Unreadable { .. }
+    ));
+}

@@ -269,7 +269,9 @@ fn print_tuning() {
         }
         Loaded::Missing => println!("defaults: no tuning cache at {path} (run `autotune`)"),
         Loaded::Foreign { reason } => println!("defaults: {path} is ignored ({reason})"),
-        Loaded::Corrupt { reason, .. } => println!("defaults: {path} is ignored ({reason})"),
+        Loaded::Corrupt { reason, .. } | Loaded::Unreadable { reason } => {
+            println!("defaults: {path} is ignored ({reason})")
+        }
     }
 }
 

@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 /// Hash of this crate's sources; tuning caches record it.
 pub const KERNEL_HASH: &str = env!("ROTQ_CPU_KERNEL_HASH");
 
-/// This machine as tuning caches name it: CPU model, instruction set and thread count.
+/// This machine as tuning caches name it: CPU model and instruction set. (Not the thread
+/// count: a run with fewer threads would otherwise make the cache foreign; tuned configs
+/// only change speed, never results.)
 ///
 /// ```
 /// assert!(rotq_cpu::tuned::device_identity().name.starts_with("cpu: "));
@@ -28,9 +30,8 @@ pub fn device_identity() -> DeviceIdentity {
                 .map(|m| m.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let threads = rayon::current_num_threads();
     DeviceIdentity {
-        name: format!("cpu: {model} ({}, {threads} threads)", Isa::best()),
+        name: format!("cpu: {model} ({})", Isa::best()),
         compute_capability: None,
         driver_version: None,
     }
@@ -58,10 +59,15 @@ pub fn cache() -> &'static CacheState {
     })
 }
 
-/// The tuned configuration of `kernel` at `bucket`, if the cache has one.
-pub(crate) fn lookup<C: serde::de::DeserializeOwned>(kernel: &str, bucket: &str) -> Option<C> {
+/// The tuned configuration of `kernel` at `bucket`, if the cache has one and it is one of
+/// the kernel's `candidates` (a hand-edited value outside the search space is not trusted).
+pub(crate) fn lookup<C: serde::de::DeserializeOwned + PartialEq>(
+    kernel: &str,
+    bucket: &str,
+    candidates: &[C],
+) -> Option<C> {
     match &cache().loaded {
-        Loaded::Usable(f) => f.config(kernel, bucket),
+        Loaded::Usable(f) => f.config(kernel, bucket).filter(|c| candidates.contains(c)),
         _ => None,
     }
 }

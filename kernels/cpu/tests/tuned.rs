@@ -14,7 +14,8 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tuned.json");
     let mut file = TuneFile::new(device_identity(), KERNEL_HASH);
-    let fwht = FwhtConfig { rows_per_task: 7 };
+    let fwht = FwhtConfig::search_space(64)[0];
+    assert_ne!(fwht, FwhtConfig::for_dim(64));
     file.insert(
         "fwht_f32",
         &fwht_bucket(64),
@@ -27,9 +28,10 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
     let att = AttentionConfig {
         block_n: 32,
         block_m: 4,
-        kv_splits: 3,
+        kv_splits: 4,
         heads_per_task: 1,
     };
+    assert!(AttentionConfig::search_space().contains(&att));
     let bucket = decode_bucket(64, 2, 4, 100);
     file.insert(
         "decode_attention_q8_0",
@@ -40,12 +42,24 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
         3,
         0,
     );
-    let quant = QuantizeConfig { rows_per_task: 5 };
+    let quant = QuantizeConfig { rows_per_task: 16 };
+    assert!(QuantizeConfig::search_space().contains(&quant));
     let qb = quantize_bucket(96);
     file.insert(
         "rotate_quantize_q4_0",
         &qb,
         &serde_json::to_value(quant).unwrap(),
+        1.0,
+        0.5,
+        3,
+        0,
+    );
+    // A value outside the search space (say, edited by hand) is not trusted.
+    let odd = FwhtConfig { rows_per_task: 7 };
+    file.insert(
+        "fwht_f32",
+        &fwht_bucket(512),
+        &serde_json::to_value(odd).unwrap(),
         1.0,
         0.5,
         3,
@@ -57,6 +71,11 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
     assert!(matches!(rotq_cpu::tuned::cache().loaded, Loaded::Usable(_)));
     let r = Rotation::hadamard(64).unwrap();
     assert_eq!(CpuRotation::new(&r, Isa::best()).config(), fwht);
+    let r512 = Rotation::hadamard(512).unwrap();
+    assert_eq!(
+        CpuRotation::new(&r512, Isa::best()).config(),
+        FwhtConfig::for_dim(512)
+    );
     // Another length, or an explicit configuration, is not affected.
     let r128 = Rotation::hadamard(128).unwrap();
     assert_eq!(

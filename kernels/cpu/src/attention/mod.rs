@@ -342,9 +342,10 @@ impl CpuAttention {
         let tuned = || {
             let group = h_q / k.n_heads.max(1);
             let bucket = crate::tuned::decode_bucket(k.dim, k.n_heads, group, k.n_tokens);
-            crate::tuned::lookup::<AttentionConfig>(
+            crate::tuned::lookup(
                 &format!("decode_attention_{}", k.format),
                 &bucket,
+                &AttentionConfig::search_space(),
             )
         };
         match self.tuned.then(tuned).flatten() {

@@ -132,7 +132,8 @@ impl CpuRotation {
             },
         };
         let isa = if isa.available() { isa } else { Isa::Portable };
-        let config = crate::tuned::lookup("fwht_f32", &crate::tuned::fwht_bucket(n))
+        let bucket = crate::tuned::fwht_bucket(n);
+        let config = crate::tuned::lookup("fwht_f32", &bucket, &FwhtConfig::search_space(n))
             .unwrap_or_else(|| FwhtConfig::for_dim(n));
         Self {
             n,

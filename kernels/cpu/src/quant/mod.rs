@@ -233,8 +233,12 @@ impl CacheCodec {
         }
         let isa = if isa.available() { isa } else { Isa::Portable };
         let kernel = format!("rotate_quantize_{format}");
-        let config =
-            crate::tuned::lookup(&kernel, &crate::tuned::quantize_bucket(dim)).unwrap_or_default();
+        let config = crate::tuned::lookup(
+            &kernel,
+            &crate::tuned::quantize_bucket(dim),
+            &QuantizeConfig::search_space(),
+        )
+        .unwrap_or_default();
         Ok(Self {
             format,
             dim,
