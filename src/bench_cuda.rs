@@ -6,6 +6,7 @@
 use crate::bench::{random, BenchRecord};
 use crate::Error;
 use half::{bf16, f16};
+use rotq_cpu::Element;
 use rotq_cuda::{CacheTarget, CudaCodec, CudaRotation, Device, GpuElement, RowConfig};
 use rotq_reference::{KvFormat, Rotation};
 use std::collections::HashMap;
@@ -85,29 +86,16 @@ fn torch_peer(
     times
 }
 
-fn rows_of<T: GpuElement + From<HalfFrom>>(
+/// `len` random values (see [`random`]) stored as `T`, on the device: narrowed by the same
+/// conversion the CPU kernels use.
+fn rows_of<T: GpuElement + Element + Default>(
     dev: &Device,
     len: usize,
     seed: u64,
 ) -> Result<cudarc::driver::CudaSlice<T>, Error> {
-    let v: Vec<T> = random(len, seed)
-        .into_iter()
-        .map(|x| T::from(HalfFrom(x)))
-        .collect();
+    let mut v = vec![T::default(); len];
+    T::narrow(&random(len, seed), &mut v);
     dev.stream().clone_htod(&v).map_err(cuda_err)
-}
-
-/// An f32 on its way to f16 or bf16.
-struct HalfFrom(f32);
-impl From<HalfFrom> for f16 {
-    fn from(x: HalfFrom) -> Self {
-        f16::from_f32(x.0)
-    }
-}
-impl From<HalfFrom> for bf16 {
-    fn from(x: HalfFrom) -> Self {
-        bf16::from_f32(x.0)
-    }
 }
 
 fn cuda_err(e: cudarc::driver::DriverError) -> Error {
@@ -153,7 +141,7 @@ fn sweep(
 }
 
 /// FWHT over rows of `n` of type `T` (GB/s read + written).
-fn fwht<T: GpuElement + From<HalfFrom>>(
+fn fwht<T: GpuElement + Element + Default>(
     dev: &Device,
     n: usize,
     opts: &CudaBenchOptions,

@@ -4,6 +4,7 @@ use rotq_autotune::{tune, TimingPlan, Tunable};
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::tuned::{DeviceIdentity, Loaded, TuneFile};
 use rotq_reference::Rotation;
+use std::path::Path;
 use std::time::Duration;
 
 /// A toy rotation kernel with a deliberately broken candidate: configuration 1 forgets the
@@ -148,28 +149,34 @@ fn an_exhausted_budget_reports_what_was_left() {
     assert_eq!(o.chosen, 0);
 }
 
+/// Runs the `autotune` binary with `args`, `--shapes shapes` when given, and `--out out`.
+fn autotune(args: &[&str], shapes: Option<&Path>, out: &Path) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"));
+    cmd.args(args);
+    if let Some(s) = shapes {
+        cmd.arg("--shapes").arg(s);
+    }
+    cmd.arg("--out").arg(out).output().unwrap()
+}
+
 #[test]
 fn tuning_on_the_cpu_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tuned.json");
     std::fs::write(&out, "not json").unwrap();
-    let run = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
-            .args([
-                "--device",
-                "cpu",
-                "--shapes",
-                "small",
-                "--budget-secs",
-                "4",
-                "--json",
-            ])
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap()
-    };
-    let o = run();
+    let o = autotune(
+        &[
+            "--device",
+            "cpu",
+            "--shapes",
+            "small",
+            "--budget-secs",
+            "4",
+            "--json",
+        ],
+        None,
+        &out,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The corrupt file was moved aside, not lost, and reported.
     assert_eq!(
@@ -202,8 +209,8 @@ fn tuning_on_the_cpu_end_to_end() {
     // Shapes from a JSON file, for one kernel; merged into the same cache.
     let shapes = dir.path().join("shapes.json");
     std::fs::write(&shapes, r#"{"fwht": [64], "bytes": 1048576}"#).unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
-        .args([
+    let o = autotune(
+        &[
             "--device",
             "cpu",
             "--kernels",
@@ -211,34 +218,21 @@ fn tuning_on_the_cpu_end_to_end() {
             "--budget-secs",
             "2",
             "--json",
-        ])
-        .arg("--shapes")
-        .arg(&shapes)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+        ],
+        Some(&shapes),
+        &out,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
     let file: TuneFile = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert!(file.entries.contains_key("fwht_f32/n=64"));
     assert_eq!(file.entries.len(), 5);
     std::fs::write(&shapes, r#"{"fwht": [64], "typo": 1}"#).unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
-        .arg("--shapes")
-        .arg(&shapes)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = autotune(&[], Some(&shapes), &out);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("typo"));
     // A bad argument is a one-line error.
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
-        .args(["--device", "cuda:0", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let bad = autotune(&["--device", "cuda:0"], None, &out);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("only `cpu`"));
 }
