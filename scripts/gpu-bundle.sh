@@ -24,7 +24,7 @@ strip "$out"/* 2>/dev/null || true
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the bundled CUDA tests (and, with --sanitize, the differential tests under
+# Runs the bundled CUDA tests (and, with --sanitize, the differential and attention tests under
 # compute-sanitizer's memcheck; with --bench, `rotq bench --device cuda:0`).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -40,9 +40,10 @@ for t in "$here"/test-*; do
     "$t" || status=1
 done
 if [[ " $* " == *" --sanitize "* ]]; then
-    echo "== compute-sanitizer --tool memcheck test-differential"
-    compute-sanitizer --tool memcheck --error-exitcode 9 "$here/test-differential" \
-        || status=1
+    for t in differential attention; do
+        echo "== compute-sanitizer --tool memcheck test-$t"
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$here/test-$t" || status=1
+    done
 fi
 if [[ " $* " == *" --bench "* ]]; then
     echo "== rotq bench --device cuda:0"

@@ -36,18 +36,18 @@ fn gbps(bytes: usize, ms: f64) -> f64 {
     bytes as f64 / (ms * 1e-3) / 1e9
 }
 
-/// The torch peer's milliseconds per (dtype, n); empty (with a note) when torch can't run.
+/// The torch peers' milliseconds per case id; empty (with a note) when torch can't run.
 fn torch_peer(
     ordinal: usize,
-    cases: &[(&str, usize)],
+    cases: &[serde_json::Value],
     opts: &CudaBenchOptions,
     progress: &mut impl FnMut(&str),
-) -> HashMap<(String, usize), f64> {
+) -> HashMap<String, f64> {
     let spec = serde_json::json!({
         "device": ordinal,
         "bytes": opts.bytes,
         "runs": opts.runs,
-        "cases": cases.iter().map(|(d, n)| serde_json::json!({"dtype": d, "n": n})).collect::<Vec<_>>(),
+        "cases": cases,
     });
     let out = Command::new("python3")
         .arg("-c")
@@ -61,14 +61,17 @@ fn torch_peer(
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                     continue;
                 };
-                let (Some(d), Some(n)) = (v["dtype"].as_str(), v["n"].as_u64()) else {
+                let Some(id) = v["id"].as_str() else {
                     continue;
                 };
                 match v["ms"].as_f64() {
                     Some(ms) => {
-                        times.insert((d.to_string(), n as usize), ms);
+                        if let Some(b) = v["backend"].as_str() {
+                            progress(&format!("torch peer {id}: {ms:.3} ms ({b} backend)"));
+                        }
+                        times.insert(id.to_string(), ms);
                     }
-                    None => progress(&format!("torch peer {d} n={n}: {}", v["error"])),
+                    None => progress(&format!("torch peer {id}: {}", v["error"])),
                 }
             }
             if !o.status.success() {
@@ -227,9 +230,18 @@ pub fn run_all(
         .into_iter()
         .flat_map(|d| sizes.iter().map(move |&n| (d, n)))
         .collect();
-    progress("torch x @ H (python3 scripts/torch_peer.py)");
+    let decode = DecodeShape::target(opts);
+    let mut peer_cases: Vec<serde_json::Value> = cases
+        .iter()
+        .map(|(d, n)| serde_json::json!({"id": format!("{d}/{n}"), "kind": "rotate", "dtype": d, "n": n}))
+        .collect();
+    peer_cases.push(serde_json::json!({
+        "id": "sdpa", "kind": "sdpa", "batch": decode.batch, "h_q": decode.h_q,
+        "h_kv": decode.h_kv, "n": decode.n, "d": decode.d,
+    }));
+    progress("torch x @ H and SDPA decode (python3 scripts/torch_peer.py)");
     let ordinal: usize = info.id.trim_start_matches("cuda:").parse().unwrap_or(0);
-    let torch = torch_peer(ordinal, &cases, opts, &mut progress);
+    let torch = torch_peer(ordinal, &peer_cases, opts, &mut progress);
     let mut out = Vec::new();
     let peer = "torch x @ H (dense)";
     for &(dtype, n) in &cases {
@@ -242,7 +254,7 @@ pub fn run_all(
         };
         let len = opts.bytes / 2 / n * n;
         let torch_gbps = torch
-            .get(&(dtype.to_string(), n))
+            .get(&format!("{dtype}/{n}"))
             .map_or(f64::NAN, |&ms| gbps(2 * 2 * len, ms));
         let shape = format!("{} rows x {n} {dtype} ({} MiB)", len / n, (2 * len) >> 20);
         let c = s.best_config;
@@ -291,5 +303,174 @@ pub fn run_all(
             ceiling,
         ));
     }
+    // Decode attention: rates over our cache's bytes for both, so the ratio is the speed-up.
+    let sdpa_ms = torch.get("sdpa").copied();
+    for format in [KvFormat::Q4_0, KvFormat::Q8_0] {
+        progress(&format!(
+            "decode attention {format} ({} x {} tokens, {} KV heads x {}, {} query heads)",
+            decode.batch, decode.n, decode.h_kv, decode.d, decode.h_q
+        ));
+        let t = decode_attention(&dev, format, decode, opts)?;
+        let shape = format!(
+            "{} seqs x {} tokens, {}/{} heads x {}, {format} K+V ({} MiB); torch on an f16 cache",
+            decode.batch,
+            decode.n,
+            decode.h_q,
+            decode.h_kv,
+            decode.d,
+            t.bytes >> 20
+        );
+        let peer_gbps = sdpa_ms.map_or(f64::NAN, |ms| gbps(t.bytes, ms));
+        let c = t.best_config;
+        for (name, ms, shape) in [
+            (
+                format!("decode_attention_{format}"),
+                t.default,
+                shape.clone(),
+            ),
+            (
+                format!("decode_attention_{format}_tuned"),
+                t.best,
+                format!("{shape}, {} warps, splits {}", c.warps, c.splits),
+            ),
+        ] {
+            out.push(record(
+                name,
+                shape,
+                gbps(t.bytes, ms),
+                "torch SDPA (f16 cache)",
+                peer_gbps,
+                ceiling,
+            ));
+        }
+    }
     Ok(out)
+}
+
+/// The decode shape of the benchmark: 16 sequences of 32k tokens, 8 KV heads of 128, 32
+/// query heads (fewer tokens when `opts.bytes` is small, as with `--quick`).
+#[derive(Clone, Copy, Debug)]
+struct DecodeShape {
+    batch: usize,
+    n: usize,
+    h_kv: usize,
+    h_q: usize,
+    d: usize,
+}
+
+impl DecodeShape {
+    fn target(opts: &CudaBenchOptions) -> Self {
+        let n = if opts.bytes >= 256 << 20 { 32768 } else { 2048 };
+        Self {
+            batch: 16,
+            n,
+            h_kv: 8,
+            h_q: 32,
+            d: 128,
+        }
+    }
+}
+
+/// Decode attention over a `format` K and V cache of `shape`, Hadamard-rotated, with the
+/// default configuration and the best of the search space: (milliseconds, cache bytes read,
+/// the configuration).
+fn decode_attention(
+    dev: &Device,
+    format: KvFormat,
+    shape: DecodeShape,
+    opts: &CudaBenchOptions,
+) -> Result<DecodeTimes, Error> {
+    use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq};
+    let DecodeShape {
+        batch,
+        n,
+        h_kv,
+        h_q,
+        d,
+    } = shape;
+    let rot = Rotation::hadamard(d)?;
+    let codec = CudaCodec::new(dev, format, d, Some(&rot))?;
+    let tokens = batch * n;
+    let cache_len = tokens * h_kv * codec.row_bytes();
+    let stream = dev.stream();
+    let mut caches = Vec::new();
+    // Random rows, quantized a chunk at a time.
+    let chunk_tokens = 4096;
+    let chunk = rows_of::<f16>(dev, chunk_tokens * h_kv * d, 5)?;
+    for _ in 0..2 {
+        let mut cache = stream.alloc_zeros::<u8>(cache_len).map_err(cuda_err)?;
+        for start in (0..tokens).step_by(chunk_tokens) {
+            codec.quantize(
+                dev,
+                &chunk,
+                &mut cache,
+                CacheTarget::contiguous(h_kv, start),
+            )?;
+        }
+        caches.push(cache);
+    }
+    let qs = [
+        rows_of::<f16>(dev, batch * h_q * d, 6)?,
+        rows_of::<f16>(dev, batch * h_q * d, 7)?,
+    ];
+    let mut out = stream
+        .alloc_zeros::<f16>(batch * h_q * d)
+        .map_err(cuda_err)?;
+    let layout = CacheLayout::Contiguous { tokens_per_seq: n };
+    let k = CudaKvCache {
+        format,
+        bytes: &caches[0],
+        n_heads: h_kv,
+        dim: d,
+        layout,
+    };
+    let v = CudaKvCache {
+        bytes: &caches[1],
+        ..k
+    };
+    let seqs = vec![
+        DecodeSeq {
+            n_tokens: n,
+            pos: n - 1
+        };
+        batch
+    ];
+    let params = rotq_reference::AttentionParams {
+        causal: true,
+        ..Default::default()
+    };
+    let plan = rotq_reference::RotationPlan {
+        qk: Some(rot),
+        v: None,
+    };
+    let attn = CudaAttention::new(dev, &plan)?;
+    let mut time = |config: DecodeConfig, runs: usize| {
+        let a = attn.clone().with_config(config);
+        rotq_cuda::median_ms(dev, 2, runs, |j| {
+            a.decode(dev, &qs[j % 2], h_q, &k, &v, &seqs, &params, &mut out)
+        })
+    };
+    let default = time(DecodeConfig::default(), opts.runs)?;
+    let mut best = (default, DecodeConfig::default());
+    for config in DecodeConfig::search_space() {
+        if let Ok(ms) = time(config, opts.runs.div_ceil(2)) {
+            if ms < best.0 {
+                best = (ms, config);
+            }
+        }
+    }
+    Ok(DecodeTimes {
+        default,
+        best: best.0,
+        best_config: best.1,
+        bytes: 2 * cache_len,
+    })
+}
+
+/// Milliseconds of the default decode configuration and of the best one, and the cache bytes.
+struct DecodeTimes {
+    default: f64,
+    best: f64,
+    best_config: rotq_cuda::DecodeConfig,
+    bytes: usize,
 }

@@ -305,7 +305,7 @@ impl CudaCodec {
         let geometry = kernel::geometry(transform, self.config, true, self.row_bytes, dev)?;
         let rotate = self.rotation.is_some();
         let (key, src) = kernel::source(transform, geometry, T::ELEM, rotate, Some(self.format));
-        let function = kernel::function(dev, &key, &src, name, geometry)?;
+        let function = kernel::function(dev, &key, &src, name, geometry.smem)?;
         let launch = kernel::launch_config(geometry, n_rows)?;
         Ok(Compiled {
             name,

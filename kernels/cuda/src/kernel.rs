@@ -10,7 +10,8 @@ use rotq_reference::rotation::RotationKind;
 use rotq_reference::{Error, KvFormat, Rotation};
 use serde::{Deserialize, Serialize};
 
-const FORMATS: &str = include_str!("cuda/formats.cuh");
+pub(crate) const FORMATS: &str = include_str!("cuda/formats.cuh");
+pub(crate) const ELEM: &str = include_str!("cuda/elem.cuh");
 const HADAMARD: &str = include_str!("cuda/hadamard.cu");
 
 /// Tuning knobs of the row kernels (rotate, rotate-quantize, dequantize).
@@ -241,25 +242,27 @@ pub(crate) fn source(
     }
     src += FORMATS;
     src += "\n";
+    src += ELEM;
     src += HADAMARD;
     (key, src)
 }
 
-/// The compiled kernel `name` for `key`/`src`, with its shared memory opted in.
+/// The compiled kernel `name` for `key`/`src`, with `smem` bytes of dynamic shared memory
+/// opted in.
 pub(crate) fn function(
     dev: &Device,
     key: &str,
     src: &str,
     name: &str,
-    g: Geometry,
+    smem: usize,
 ) -> Result<CudaFunction> {
     let f = dev.function(key, src, name)?;
-    if g.smem > 48 * 1024 {
+    if smem > 48 * 1024 {
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            g.smem as i32,
+            smem as i32,
         )
-        .context(|| format!("allowing {} bytes of shared memory for {name}", g.smem))?;
+        .context(|| format!("allowing {smem} bytes of shared memory for {name}"))?;
     }
     Ok(f)
 }

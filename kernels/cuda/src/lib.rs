@@ -14,6 +14,9 @@
 //! - [`CudaCodec`]: fused rotate-quantize of f32/f16/bf16 rows into cache blocks of every
 //!   registry format, at a cache position of a contiguous or paged cache (one read of the
 //!   input, one write of the blocks), and dequantize with the inverse rotation.
+//! - [`CudaAttention`]: decode attention for a batch of sequences straight from the quantized
+//!   cache (any formats for K and V, contiguous or paged, GQA, causal, window, soft-cap), Q
+//!   rotated and the output rotated back inside the kernels; split over the cache and merged.
 //!
 //! Every kernel matches the `rotq-reference` oracle (see `tests/`). Quantization uses exact
 //! f32 arithmetic (`--fmad=false`) so that the bytes equal the oracle's quantizer applied to
@@ -21,6 +24,7 @@
 //!
 //! Set `ROTQ_CUDA_LOG=1` to print each module's compile time as it is built.
 
+mod attention;
 mod codec;
 mod device;
 mod error;
@@ -28,6 +32,7 @@ mod kernel;
 mod rotation;
 mod timing;
 
+pub use attention::{CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, MAX_GROUP};
 pub use codec::{CacheTarget, CudaCodec};
 pub use device::{cuda_available, Device, DeviceInfo};
 pub use error::{CudaError, Result};

@@ -126,7 +126,7 @@ impl CudaRotation {
         }
         let g: Geometry = kernel::geometry(&self.transform, self.config, false, 0, dev)?;
         let (key, src) = kernel::source(&self.transform, g, T::ELEM, true, None);
-        let f = kernel::function(dev, &key, &src, "rotate_rows", g)?;
+        let f = kernel::function(dev, &key, &src, "rotate_rows", g.smem)?;
         let cfg = kernel::launch_config(g, n_rows)?;
         let stream = dev.stream();
         let no_signs;

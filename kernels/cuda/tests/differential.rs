@@ -1,92 +1,14 @@
 //! The CUDA kernels against the oracle. Every test needs a GPU; where there is none each
 //! prints `skipped: no CUDA device` and passes.
 
+mod common;
+
+use common::{device, download, random, upload, Elem};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use rotq_cuda::{CacheTarget, CudaCodec, CudaError, CudaRotation, Device, GpuElement, RowConfig};
-use rotq_reference::rotation::SplitMix64;
+use rotq_cuda::{CacheTarget, CudaCodec, CudaError, CudaRotation, Device, RowConfig};
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::{KvFormat, Rotation};
-use std::io::Write;
-use std::sync::OnceLock;
-
-/// The first device, opened once; `None` where there is none, after printing the skip line
-/// once (straight to stderr, which the test harness does not capture).
-fn device() -> Option<&'static Device> {
-    static DEVICE: OnceLock<Option<Device>> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| match Device::open("cuda:0") {
-            Ok(d) => Some(d),
-            Err(e @ (CudaError::NoDriver | CudaError::NoDevice { .. })) => {
-                // On a GPU machine (the bundle's run.sh sets this) a missing device is a failure.
-                if std::env::var_os("ROTQ_REQUIRE_CUDA").is_some() {
-                    panic!("ROTQ_REQUIRE_CUDA is set but there is no CUDA device: {e}");
-                }
-                let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
-                None
-            }
-            Err(e) => panic!("a CUDA device is present but could not be opened: {e}"),
-        })
-        .as_ref()
-}
-
-/// Values with a few large outliers per row (what rotation is for), never all zero.
-fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|i| {
-            let v = (g.next_f64() * 2.0 - 1.0) as f32;
-            if i % 37 == 5 {
-                v * 20.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
-
-trait Elem: GpuElement {
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-    const PRECISION: Precision;
-}
-impl Elem for f32 {
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-    const PRECISION: Precision = Precision::F32;
-}
-impl Elem for f16 {
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    const PRECISION: Precision = Precision::F16;
-}
-impl Elem for bf16 {
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    const PRECISION: Precision = Precision::Bf16;
-}
-
-fn upload<T: Elem>(dev: &Device, x: &[f32]) -> cudarc::driver::CudaSlice<T> {
-    let v: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
-    dev.stream().clone_htod(&v).unwrap()
-}
-
-fn download<T: Elem>(dev: &Device, x: &cudarc::driver::CudaSlice<T>) -> Vec<f32> {
-    let v = dev.stream().clone_dtoh(x).unwrap();
-    v.into_iter().map(T::to_f32).collect()
-}
 
 /// The GPU rotation of `rows` rows (forward, then inverse) against the oracle.
 fn check_rotation<T: Elem>(dev: &Device, r: &Rotation, rows: usize, cfg: RowConfig, seed: u64) {

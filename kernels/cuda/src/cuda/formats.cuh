@@ -663,4 +663,79 @@ RQ_FN void rq_dequantize_fp8_e4m3(const unsigned char* in, float* y) {
     for (int j = 0; j < RQ_QK; ++j) y[j] = rq_e4m3_decode(in[4 + j]) * s;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Four values j .. j + 3 of a 32-value block (j a multiple of 4), each computed exactly as the
+// whole-block dequantizers above compute it: for kernels whose threads each need a few values
+// of a block (attention's weighted sum).
+
+RQ_FN void rq_dequantize4_q8_0(const unsigned char* in, int j, float* y) {
+    float d = rq_f16_to_f32(rq_read_u16(in));
+    for (int e = 0; e < 4; ++e) {
+        int q = in[2 + j + e];
+        if (q >= 128) q -= 256;
+        y[e] = (float)q * d;
+    }
+}
+
+// Nibble of value i (0..31) of a q4_0-style qs[16].
+RQ_FN int rq_nibble(const unsigned char* qs, int i) {
+    int q = qs[i & 15];
+    return i < 16 ? (q & 0x0F) : (q >> 4);
+}
+
+RQ_FN void rq_dequantize4_q4_0(const unsigned char* in, int j, float* y) {
+    float d = rq_f16_to_f32(rq_read_u16(in));
+    for (int e = 0; e < 4; ++e) y[e] = (float)(rq_nibble(in + 2, j + e) - 8) * d;
+}
+
+RQ_FN void rq_dequantize4_q4_1(const unsigned char* in, int j, float* y) {
+    float d = rq_f16_to_f32(rq_read_u16(in));
+    float m = rq_f16_to_f32(rq_read_u16(in + 2));
+    for (int e = 0; e < 4; ++e) y[e] = (float)rq_nibble(in + 4, j + e) * d + m;
+}
+
+RQ_FN void rq_dequantize4_q5_0(const unsigned char* in, int j, float* y) {
+    float d = rq_f16_to_f32(rq_read_u16(in));
+    unsigned int qh = rq_read_u32(in + 2);
+    for (int e = 0; e < 4; ++e) y[e] = (float)(rq_code5(in + 2, qh, j + e) - 16) * d;
+}
+
+RQ_FN void rq_dequantize4_q5_1(const unsigned char* in, int j, float* y) {
+    float d = rq_f16_to_f32(rq_read_u16(in));
+    float m = rq_f16_to_f32(rq_read_u16(in + 2));
+    unsigned int qh = rq_read_u32(in + 4);
+    for (int e = 0; e < 4; ++e) y[e] = (float)rq_code5(in + 4, qh, j + e) * d + m;
+}
+
+RQ_FN void rq_dequantize4_iq4_nl(const unsigned char* in, int j, float* y) {
+    float d = rq_f16_to_f32(rq_read_u16(in));
+    for (int e = 0; e < 4; ++e) y[e] = d * rq_iq4nl_value(rq_nibble(in + 2, j + e));
+}
+
+RQ_FN void rq_dequantize4_q6_0(const unsigned char* in, int j, float* y) {
+    float d = rq_f16_to_f32(rq_read_u16(in));
+    const unsigned char* qh = in + 2;
+    const unsigned char* qs = in + 2 + RQ_QK / 4;
+    for (int e = 0; e < 4; ++e) {
+        int i = j + e, k = i & 15;
+        unsigned int h = ((unsigned int)qh[k % (RQ_QK / 4)] >> (4 * (k / (RQ_QK / 4)))) & 0xFF;
+        unsigned int c = i < 16 ? ((qs[k] & 0x0Fu) | ((h << 4) & 0x30u))
+                                : ((qs[k] >> 4) | ((h << 2) & 0x30u));
+        y[e] = (float)((int)c - 32) * d;
+    }
+}
+
+RQ_FN void rq_dequantize4_int4(const unsigned char* in, int j, float* y) {
+    float s = rq_f16_to_f32(rq_read_u16(in));
+    for (int e = 0; e < 4; ++e) {
+        int i = j + e, q = in[2 + i / 2];
+        y[e] = (float)(((i & 1) ? (q >> 4) : (q & 0x0F)) - 8) * s;
+    }
+}
+
+RQ_FN void rq_dequantize4_fp8_e4m3(const unsigned char* in, int j, float* y) {
+    float s = rq_from_bits(rq_read_u32(in));
+    for (int e = 0; e < 4; ++e) y[e] = rq_e4m3_decode(in[4 + j + e]) * s;
+}
+
 #endif  // RQ_FORMATS_CUH

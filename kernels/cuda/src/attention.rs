@@ -1,0 +1,718 @@
+//! Decode attention straight from a rotated, quantized KV cache (`cuda/attention.cu`).
+//!
+//! One query row per sequence, many sequences of different lengths at once, K and V in any
+//! registry format, contiguous or paged, GQA/MQA, causal, sliding window, soft-cap; Q is rotated
+//! and the output rotated back inside the kernels. The semantics are the oracle's
+//! (`rotq_reference::attention`), including its NaN/Inf rules; arithmetic is f32, so the scale
+//! and soft-cap must be normal f32 numbers.
+//!
+//! The work is split over the cache (flash-decoding): each thread block takes one
+//! (sequence, KV head, slice of the visible tokens) for every query head of the group, and a
+//! second kernel merges the slices. Raw K/V rows are staged in shared memory with `cp.async`
+//! and dequantized in registers; no dequantized copy of the cache is ever written.
+
+use crate::device::Device;
+use crate::error::{Context, CudaError, Result};
+use crate::kernel::{self, Transform, ELEM, FORMATS};
+use crate::rotation::{CudaRotation, GpuElement};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use rotq_reference::hadamard::base_sign;
+use rotq_reference::{AttentionParams, Error, KvFormat, RotationPlan};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+const ATTENTION: &str = include_str!("cuda/attention.cu");
+
+/// The largest query-head group (query heads per KV head) the decode kernel takes.
+pub const MAX_GROUP: usize = 16;
+
+/// Tuning knobs of the decode kernel.
+///
+/// ```
+/// let c = rotq_cuda::DecodeConfig::default();
+/// assert!(rotq_cuda::DecodeConfig::search_space().contains(&c));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DecodeConfig {
+    /// Warps per thread block; each streams its own tiles of 32 tokens (1 to 16, fewer when
+    /// their staging buffers do not fit the shared memory).
+    pub warps: usize,
+    /// Slices of the cache per (sequence, KV head); 0 picks enough thread blocks to fill the
+    /// device about four times over.
+    pub splits: usize,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            warps: 4,
+            splits: 0,
+        }
+    }
+}
+
+impl DecodeConfig {
+    /// Every configuration the autotuner tries.
+    pub fn search_space() -> Vec<Self> {
+        let mut out = Vec::new();
+        for warps in [1, 2, 4, 8] {
+            for splits in [0, 1, 2, 4, 8, 16, 32] {
+                out.push(Self { warps, splits });
+            }
+        }
+        out
+    }
+}
+
+/// How sequences' tokens are laid out in a cache.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheLayout<'a> {
+    /// Sequence `b`'s token `t` is row block `b · tokens_per_seq + t`.
+    Contiguous {
+        /// Capacity of each sequence.
+        tokens_per_seq: usize,
+    },
+    /// Sequence `b`'s token `t` lives in page `table[b · pages_per_seq + t / page_tokens]`,
+    /// slot `t % page_tokens`; page `p` holds row blocks `p · page_tokens ..`.
+    Paged {
+        /// The block table, `pages_per_seq` entries per sequence.
+        table: &'a [u32],
+        /// Entries of the table per sequence.
+        pages_per_seq: usize,
+        /// Tokens per page.
+        page_tokens: usize,
+    },
+}
+
+/// One layer's K or V cache on the device: row `(slot, head)` of `dim` values in `format` at
+/// byte `(slot · n_heads + head) · row_bytes`, where the slot of a token follows `layout`.
+///
+/// ```no_run
+/// use rotq_cuda::{CacheLayout, CudaKvCache, Device};
+/// use rotq_reference::KvFormat;
+/// let dev = Device::open("cuda:0")?;
+/// let bytes = dev.stream().alloc_zeros::<u8>(4 * 1024 * 8 * 72).unwrap();
+/// let layout = CacheLayout::Contiguous { tokens_per_seq: 1024 };
+/// let k = CudaKvCache { format: KvFormat::Q4_0, bytes: &bytes, n_heads: 8, dim: 128, layout };
+/// # Ok::<(), rotq_cuda::CudaError>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct CudaKvCache<'a> {
+    /// The cache format.
+    pub format: KvFormat,
+    /// The whole cache (or page pool).
+    pub bytes: &'a CudaSlice<u8>,
+    /// KV heads per token.
+    pub n_heads: usize,
+    /// Values per row (the head dimension).
+    pub dim: usize,
+    /// Where each sequence's tokens are.
+    pub layout: CacheLayout<'a>,
+}
+
+/// One sequence of a decode batch.
+///
+/// ```
+/// let s = rotq_cuda::DecodeSeq { n_tokens: 100, pos: 99 };
+/// assert_eq!(s.n_tokens, 100);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeSeq {
+    /// Tokens in its cache.
+    pub n_tokens: usize,
+    /// The position of its query (causal masking and the sliding window use it).
+    pub pos: usize,
+}
+
+/// Decode attention for one rotation plan on one device.
+///
+/// ```no_run
+/// use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, DecodeSeq, Device};
+/// use rotq_reference::{AttentionParams, KvFormat, Rotation, RotationPlan};
+/// let dev = Device::open("cuda:0")?;
+/// let plan = RotationPlan { qk: Some(Rotation::hadamard(128)?), v: None };
+/// let attn = CudaAttention::new(&dev, &plan)?;
+/// let s = dev.stream();
+/// let (k_bytes, v_bytes) = (s.alloc_zeros::<u8>(1024 * 8 * 72).unwrap(), s.alloc_zeros::<u8>(1024 * 8 * 72).unwrap());
+/// let layout = CacheLayout::Contiguous { tokens_per_seq: 1024 };
+/// let k = CudaKvCache { format: KvFormat::Q4_0, bytes: &k_bytes, n_heads: 8, dim: 128, layout };
+/// let v = CudaKvCache { bytes: &v_bytes, ..k };
+/// let q = s.clone_htod(&vec![half::f16::from_f32(0.1); 32 * 128]).unwrap();
+/// let mut out = s.alloc_zeros::<half::f16>(32 * 128).unwrap();
+/// let seqs = [DecodeSeq { n_tokens: 1000, pos: 999 }];
+/// let params = AttentionParams { causal: true, ..Default::default() };
+/// attn.decode(&dev, &q, 32, &k, &v, &seqs, &params, &mut out)?;
+/// # Ok::<(), rotq_cuda::CudaError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct CudaAttention {
+    plan: RotationPlan,
+    qk: Option<DeviceRotation>,
+    v: Option<DeviceRotation>,
+    config: DecodeConfig,
+    ordinal: usize,
+}
+
+/// A rotation's kernel arguments: its transform, signs and base-matrix rows on the device.
+#[derive(Clone, Debug)]
+struct DeviceRotation {
+    log_p: i32,
+    m: i32,
+    base: Option<Arc<CudaSlice<u64>>>,
+    signs: Option<Arc<CudaSlice<f32>>>,
+    scale: f32,
+}
+
+impl DeviceRotation {
+    fn new(dev: &Device, rotation: &rotq_reference::Rotation) -> Result<Self> {
+        let r = CudaRotation::new(dev, rotation)?;
+        let t: &Transform = r.transform();
+        let m = t.size.base;
+        let base = if m > 1 {
+            let rows: Vec<u64> = (0..m)
+                .map(|a| {
+                    (0..m)
+                        .filter(|&b| base_sign(m, a, b) < 0.0)
+                        .fold(0u64, |acc, b| acc | (1 << b))
+                })
+                .collect();
+            Some(Arc::new(
+                dev.stream()
+                    .clone_htod(&rows)
+                    .context(|| "uploading a base matrix".into())?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            log_p: t.size.pow2.trailing_zeros() as i32,
+            m: m as i32,
+            base,
+            signs: r.signs().cloned(),
+            scale: r.scale(),
+        })
+    }
+}
+
+/// The kernel arguments of an optional rotation (m = 0: none), with null buffers standing in.
+struct RotArgs {
+    log_p: i32,
+    m: i32,
+    base: Arc<CudaSlice<u64>>,
+    signs: Arc<CudaSlice<f32>>,
+    scale: f32,
+}
+
+impl RotArgs {
+    fn of(dev: &Device, r: Option<&DeviceRotation>) -> Result<Self> {
+        let stream = dev.stream();
+        let null_u64 = || -> Result<Arc<CudaSlice<u64>>> {
+            Ok(Arc::new(
+                stream.null::<u64>().context(|| "a null pointer".into())?,
+            ))
+        };
+        let null_f32 = || -> Result<Arc<CudaSlice<f32>>> {
+            Ok(Arc::new(
+                stream.null::<f32>().context(|| "a null pointer".into())?,
+            ))
+        };
+        Ok(match r {
+            None => Self {
+                log_p: 0,
+                m: 0,
+                base: null_u64()?,
+                signs: null_f32()?,
+                scale: 1.0,
+            },
+            Some(r) => Self {
+                log_p: r.log_p,
+                m: r.m,
+                base: match &r.base {
+                    Some(b) => b.clone(),
+                    None => null_u64()?,
+                },
+                signs: match &r.signs {
+                    Some(s) => s.clone(),
+                    None => null_f32()?,
+                },
+                scale: r.scale,
+            },
+        })
+    }
+}
+
+/// The shape of one compiled decode module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Shape {
+    k_format: KvFormat,
+    v_format: KvFormat,
+    d: usize,
+    d_v: usize,
+    group: usize,
+    warps: usize,
+}
+
+impl Shape {
+    /// Shared memory of the decode kernel, as `attention.cu` lays it out: the group's queries,
+    /// then per warp two stages of 32 raw K and V rows and the tile's weights.
+    fn smem(&self) -> Result<usize> {
+        let stride_words =
+            |f: KvFormat, dim: usize| -> Result<usize> { Ok((f.row_bytes(dim)?.div_ceil(4)) | 1) };
+        let stage =
+            32 * (stride_words(self.k_format, self.d)? + stride_words(self.v_format, self.d_v)?);
+        let warp = 2 * stage + 32 * self.group;
+        Ok(4 * (self.group * self.d + self.warps * warp))
+    }
+
+    fn source<T: GpuElement>(&self) -> (String, String) {
+        let defines = format!(
+            "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
+             #define G {}\n#define WARPS {}\n",
+            T::ELEM,
+            self.k_format.name(),
+            self.v_format.name(),
+            self.d,
+            self.d_v,
+            self.group,
+            self.warps
+        );
+        let key = format!("attention {}", defines.replace('\n', " "));
+        (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
+    }
+}
+
+impl CudaAttention {
+    /// Decode kernels for `plan` (its rotations uploaded; explicit matrices are refused).
+    pub fn new(dev: &Device, plan: &RotationPlan) -> Result<Self> {
+        Ok(Self {
+            plan: plan.clone(),
+            qk: plan
+                .qk
+                .as_ref()
+                .map(|r| DeviceRotation::new(dev, r))
+                .transpose()?,
+            v: plan
+                .v
+                .as_ref()
+                .map(|r| DeviceRotation::new(dev, r))
+                .transpose()?,
+            config: DecodeConfig::default(),
+            ordinal: dev.context().ordinal(),
+        })
+    }
+
+    /// The same kernels with other tuning knobs.
+    pub fn with_config(mut self, config: DecodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The knobs in use.
+    pub fn config(&self) -> DecodeConfig {
+        self.config
+    }
+
+    /// Decode attention for a batch of sequences: `q` is `[seqs.len(), h_q, d]` (unrotated),
+    /// `out` receives `[seqs.len(), h_q, d_v]`. Sequence `b` attends to its first
+    /// `seqs[b].n_tokens` cached tokens (those visible from position `seqs[b].pos`); `k` and `v`
+    /// share one layout. `params.pos_offset` must be 0: positions are per sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode<T: GpuElement>(
+        &self,
+        dev: &Device,
+        q: &CudaSlice<T>,
+        h_q: usize,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        seqs: &[DecodeSeq],
+        params: &AttentionParams,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        for ordinal in [
+            dev.context().ordinal(),
+            q.ordinal(),
+            k.bytes.ordinal(),
+            v.bytes.ordinal(),
+            out.ordinal(),
+        ] {
+            if ordinal != self.ordinal {
+                return Err(CudaError::WrongDevice {
+                    expected: self.ordinal,
+                    actual: ordinal,
+                });
+            }
+        }
+        let checked = self.check(q.len(), h_q, k, v, seqs, params, out.len())?;
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
+        let group = h_q / h_kv;
+        let batch = seqs.len();
+
+        // Warps: as configured, fewer if their buffers do not fit the shared memory.
+        let mut shape = Shape {
+            k_format: k.format,
+            v_format: v.format,
+            d,
+            d_v,
+            group,
+            warps: self.config.warps.clamp(1, 16),
+        };
+        let max_smem = dev.info().max_shared_per_block;
+        while shape.smem()? > max_smem && shape.warps > 1 {
+            shape.warps /= 2;
+        }
+        if shape.smem()? > max_smem {
+            return Err(Error::UnsupportedDim {
+                n: d.max(d_v),
+                what: "CUDA decode attention head",
+                hint: "one warp's staged K/V rows must fit the shared memory",
+            }
+            .into());
+        }
+
+        // Slices of the visible tokens.
+        let longest = checked.longest;
+        let tile = 32 * shape.warps;
+        let most = longest.div_ceil(32).max(1);
+        let splits = match self.config.splits {
+            0 => {
+                let target = 4 * dev.info().multiprocessors.max(1) as usize;
+                target.div_ceil(batch * h_kv)
+            }
+            s => s,
+        }
+        .clamp(1, most.min(1024));
+        let split_tokens = longest.div_ceil(splits).div_ceil(tile).max(1) * tile;
+        let splits = longest.div_ceil(split_tokens).max(1);
+
+        let stream = dev.stream();
+        let up = |what: &'static str, data: &[i64]| {
+            stream
+                .clone_htod(data)
+                .context(|| format!("uploading {what}"))
+        };
+        let lens = up(
+            "sequence lengths",
+            &seqs.iter().map(|s| s.n_tokens as i64).collect::<Vec<_>>(),
+        )?;
+        let pos = up(
+            "positions",
+            &seqs.iter().map(|s| s.pos as i64).collect::<Vec<_>>(),
+        )?;
+        let (table, table_stride, page_tokens) = match k.layout {
+            CacheLayout::Contiguous { tokens_per_seq } => (
+                stream.null::<u32>().context(|| "a null pointer".into())?,
+                0i64,
+                tokens_per_seq.max(1) as i64,
+            ),
+            CacheLayout::Paged {
+                table,
+                pages_per_seq,
+                page_tokens,
+            } => (
+                stream
+                    .clone_htod(&table[..batch * pages_per_seq])
+                    .context(|| "uploading the block table".into())?,
+                pages_per_seq as i64,
+                page_tokens as i64,
+            ),
+        };
+        let n_part = splits * shape.warps;
+        let part_len = (batch * h_q)
+            .checked_mul(n_part * (d_v + 3))
+            .ok_or(CudaError::Input(Error::Overflow("partial results")))?;
+        let mut part = stream
+            .alloc_zeros::<f32>(part_len)
+            .context(|| "allocating the partial results".into())?;
+
+        let (key, src) = shape.source::<T>();
+        let smem = shape.smem()?;
+        let decode = kernel::function(dev, &key, &src, "decode_attention", smem)?;
+        let combine = kernel::function(dev, &key, &src, "decode_combine", 4 * d_v)?;
+        let qrot = RotArgs::of(dev, self.qk.as_ref())?;
+        let vrot = RotArgs::of(dev, self.v.as_ref())?;
+        let grid = |x: usize, y: usize, z: usize| -> Result<(u32, u32, u32)> {
+            let c = |v: usize| {
+                u32::try_from(v).map_err(|_| CudaError::Input(Error::Overflow("grid size")))
+            };
+            Ok((c(x)?, c(y)?, c(z)?))
+        };
+        let (n_heads, causal) = (h_kv as i64, params.causal as i32);
+        let window = params.window.map_or(0, |w| w as i64);
+        let softcap = params.softcap.map_or(0.0, |c| c as f32);
+        let split_tokens = split_tokens as i64;
+        let mut launch = stream.launch_builder(&decode);
+        launch
+            .arg(q)
+            .arg(k.bytes)
+            .arg(v.bytes)
+            .arg(&table)
+            .arg(&table_stride)
+            .arg(&page_tokens)
+            .arg(&lens)
+            .arg(&pos)
+            .arg(&n_heads)
+            .arg(&causal)
+            .arg(&window)
+            .arg(&softcap)
+            .arg(&checked.scale)
+            .arg(&qrot.log_p)
+            .arg(&qrot.m)
+            .arg(qrot.base.as_ref())
+            .arg(qrot.signs.as_ref())
+            .arg(&qrot.scale)
+            .arg(&split_tokens)
+            .arg(&mut part);
+        let cfg = LaunchConfig {
+            grid_dim: grid(h_kv, splits, batch)?,
+            block_dim: (32 * shape.warps as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: `check` verified that every visible token of every sequence maps to whole
+        // rows inside both caches (through the table's entries when paged), that `q` holds
+        // [batch, h_q, d] and that the rotations match d and d_v; the partials buffer holds
+        // [batch, h_q, splits · warps, d_v + 3] floats, the grid's shape.
+        unsafe { launch.launch(cfg) }.context(|| describe("decode_attention", &decode, &key))?;
+
+        let n_part = n_part as i64;
+        let mut launch = stream.launch_builder(&combine);
+        launch
+            .arg(&part)
+            .arg(&n_part)
+            .arg(&vrot.log_p)
+            .arg(&vrot.m)
+            .arg(vrot.base.as_ref())
+            .arg(vrot.signs.as_ref())
+            .arg(&vrot.scale)
+            .arg(out);
+        let cfg = LaunchConfig {
+            grid_dim: grid(h_q, batch, 1)?,
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 4 * d_v as u32,
+        };
+        // SAFETY: reads the partials written above and writes [batch, h_q, d_v] of `out`,
+        // whose length `check` verified.
+        unsafe { launch.launch(cfg) }.context(|| describe("decode_combine", &combine, &key))?;
+        Ok(())
+    }
+
+    /// Validates a decode call; returns the f32 score scale and the longest visible range.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        q_len: usize,
+        h_q: usize,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        seqs: &[DecodeSeq],
+        params: &AttentionParams,
+        out_len: usize,
+    ) -> Result<Checked> {
+        params.validate()?;
+        let shape = |m: String| -> Result<Checked> { Err(Error::Shape(m).into()) };
+        if params.pos_offset != 0 {
+            return Err(Error::InvalidParameter {
+                name: "pos_offset",
+                reason: "decode takes each sequence's query position in DecodeSeq::pos".into(),
+            }
+            .into());
+        }
+        let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
+        if h_kv == 0 || h_q == 0 || h_q % h_kv != 0 {
+            return shape(format!(
+                "h_q {h_q} must be a positive multiple of h_kv {h_kv}"
+            ));
+        }
+        if v.n_heads != h_kv {
+            return shape(format!("V has {} heads but K has {h_kv}", v.n_heads));
+        }
+        let group = h_q / h_kv;
+        if group > MAX_GROUP {
+            return shape(format!(
+                "{group} query heads per KV head; the CUDA decode kernel takes at most {MAX_GROUP}"
+            ));
+        }
+        for (what, dim) in [("K", d), ("V", d_v)] {
+            if dim == 0 || dim % 32 != 0 || dim > 4096 {
+                return Err(Error::UnsupportedDim {
+                    n: dim,
+                    what: if what == "K" {
+                        "CUDA decode K head"
+                    } else {
+                        "CUDA decode V head"
+                    },
+                    hint: "head dimensions must be multiples of 32, at most 4096",
+                }
+                .into());
+            }
+        }
+        self.plan.check_dims(d, d_v)?;
+        let batch = seqs.len();
+        let overflow = |what| CudaError::Input(Error::Overflow(what));
+        for (what, len, dim) in [
+            ("queries [batch, h_q, d]", q_len, d),
+            ("output [batch, h_q, d_v]", out_len, d_v),
+        ] {
+            let expected = batch
+                .checked_mul(h_q)
+                .and_then(|x| x.checked_mul(dim))
+                .ok_or(overflow("query size"))?;
+            if len != expected {
+                return Err(Error::LengthMismatch {
+                    what,
+                    expected,
+                    actual: len,
+                }
+                .into());
+            }
+        }
+        // Every token of every sequence lies in whole rows of both caches.
+        let fits = |x: usize| i64::try_from(x).is_ok();
+        let (capacity, pages) = match (k.layout, v.layout) {
+            (
+                CacheLayout::Contiguous { tokens_per_seq: a },
+                CacheLayout::Contiguous { tokens_per_seq: b },
+            ) if a == b => (a, None),
+            (
+                CacheLayout::Paged {
+                    table: ta,
+                    pages_per_seq: pa,
+                    page_tokens: ka,
+                },
+                CacheLayout::Paged {
+                    table: tb,
+                    pages_per_seq: pb,
+                    page_tokens: kb,
+                },
+            ) if std::ptr::eq(ta, tb) && pa == pb && ka == kb => {
+                if ka == 0 {
+                    return Err(Error::InvalidParameter {
+                        name: "page_tokens",
+                        reason: "a page holds at least one token".into(),
+                    }
+                    .into());
+                }
+                let needed = batch.checked_mul(pa).ok_or(overflow("block table size"))?;
+                if ta.len() < needed {
+                    return Err(Error::LengthMismatch {
+                        what: "block table entries (sequences × pages_per_seq)",
+                        expected: needed,
+                        actual: ta.len(),
+                    }
+                    .into());
+                }
+                (
+                    pa.checked_mul(ka).ok_or(overflow("sequence capacity"))?,
+                    Some((ta, pa, ka)),
+                )
+            }
+            _ => {
+                return shape("K and V must share one layout (the same table)".into());
+            }
+        };
+        if !fits(capacity) {
+            return Err(overflow("sequence capacity"));
+        }
+        for c in [k, v] {
+            let row_bytes = c.format.row_bytes(c.dim)?;
+            let token_bytes = h_kv
+                .checked_mul(row_bytes)
+                .ok_or(overflow("bytes per token"))?;
+            if !fits(c.bytes.len()) {
+                return Err(overflow("cache size"));
+            }
+            match pages {
+                None => {
+                    let needed = batch
+                        .checked_mul(capacity)
+                        .and_then(|x| x.checked_mul(token_bytes))
+                        .ok_or(overflow("cache size"))?;
+                    if c.bytes.len() < needed {
+                        return Err(Error::LengthMismatch {
+                            what: "KV cache bytes (at least sequences × tokens_per_seq × heads × row bytes)",
+                            expected: needed,
+                            actual: c.bytes.len(),
+                        }
+                        .into());
+                    }
+                }
+                Some((table, per_seq, page_tokens)) => {
+                    let page_bytes = page_tokens
+                        .checked_mul(token_bytes)
+                        .ok_or(overflow("page size"))?;
+                    let n_pages = c.bytes.len() / page_bytes;
+                    for (b, s) in seqs.iter().enumerate() {
+                        let used = s.n_tokens.div_ceil(page_tokens);
+                        if let Some(bad) = table[b * per_seq..][..used]
+                            .iter()
+                            .find(|&&p| p as usize >= n_pages)
+                        {
+                            return Err(Error::InvalidParameter {
+                                name: "block table",
+                                reason: format!(
+                                    "sequence {b} uses page {bad}, outside the cache's {n_pages} pages"
+                                ),
+                            }
+                            .into());
+                        }
+                    }
+                }
+            }
+        }
+        let mut longest = 0usize;
+        for (b, s) in seqs.iter().enumerate() {
+            if s.n_tokens > capacity {
+                return shape(format!(
+                    "sequence {b} has {} tokens but the cache holds {capacity} per sequence",
+                    s.n_tokens
+                ));
+            }
+            if !fits(s.pos.checked_add(1).ok_or(overflow("query position"))?) {
+                return Err(overflow("query position"));
+            }
+            let hi = if params.causal {
+                s.n_tokens.min(s.pos + 1)
+            } else {
+                s.n_tokens
+            };
+            let lo = params
+                .window
+                .map_or(0, |w| (s.pos + 1).saturating_sub(w))
+                .min(hi);
+            longest = longest.max(hi - lo);
+        }
+        // The kernels compute in f32: the scale and soft-cap must be normal f32 numbers.
+        let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
+        for (name, v) in [("scale", Some(scale)), ("softcap", params.softcap)] {
+            if let Some(v) = v {
+                let f = v as f32;
+                if !(f.is_finite() && (f.is_normal() || (name == "scale" && v == 0.0))) {
+                    return Err(Error::InvalidParameter {
+                        name,
+                        reason: format!("{v} is not a normal f32 number, which the kernels need"),
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(Checked {
+            scale: scale as f32,
+            longest,
+        })
+    }
+}
+
+struct Checked {
+    scale: f32,
+    longest: usize,
+}
+
+/// What a failed launch was.
+fn describe(name: &str, f: &CudaFunction, key: &str) -> String {
+    format!(
+        "launching {name} ({} registers per thread; {key})",
+        f.num_regs().unwrap_or(-1)
+    )
+}

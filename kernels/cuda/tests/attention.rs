@@ -1,0 +1,610 @@
+//! CUDA decode attention against the oracle on the same cache bytes. Every test needs a GPU;
+//! where there is none each prints `skipped: no CUDA device` and passes.
+
+mod common;
+
+use common::{device, download, random, upload, Elem};
+use half::{bf16, f16};
+use ndarray::Array3;
+use proptest::prelude::*;
+use rotq_cuda::{
+    CacheLayout, CudaAttention, CudaError, CudaKvCache, DecodeConfig, DecodeSeq, Device,
+};
+use rotq_reference::rotation::SplitMix64;
+use rotq_reference::tolerance::tolerance;
+use rotq_reference::tolerance::Op;
+use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
+
+/// One decode batch to check.
+#[derive(Clone, Debug)]
+struct Case {
+    k_format: KvFormat,
+    v_format: KvFormat,
+    d: usize,
+    d_v: usize,
+    h_kv: usize,
+    group: usize,
+    /// (tokens in the cache, query position) per sequence.
+    seqs: Vec<(usize, usize)>,
+    causal: bool,
+    window: Option<usize>,
+    softcap: Option<f64>,
+    /// 0 none, 1 Hadamard on Q/K, 2 randomized on Q/K, 3 Hadamard on Q/K and blocks of 32 on V.
+    plan: u8,
+    /// Tokens per page of a paged cache; `None`: contiguous.
+    page_tokens: Option<usize>,
+    config: DecodeConfig,
+    seed: u64,
+}
+
+impl Case {
+    fn plan(&self) -> RotationPlan {
+        let qk = match self.plan {
+            0 => None,
+            2 => Some(Rotation::randomized(self.d, self.seed).unwrap()),
+            _ => Some(Rotation::hadamard(self.d).unwrap()),
+        };
+        let v = (self.plan == 3).then(|| Rotation::block_hadamard(self.d_v, 32).unwrap());
+        RotationPlan { qk, v }
+    }
+
+    fn params(&self) -> AttentionParams {
+        AttentionParams {
+            causal: self.causal,
+            window: self.window,
+            softcap: self.softcap,
+            ..Default::default()
+        }
+    }
+
+    /// A plain case: q4_0 K, q8_0 V, 128 dims, 2 KV heads of 4 query heads each.
+    fn basic() -> Self {
+        Self {
+            k_format: KvFormat::Q4_0,
+            v_format: KvFormat::Q8_0,
+            d: 128,
+            d_v: 128,
+            h_kv: 2,
+            group: 4,
+            seqs: vec![(100, 99), (37, 36), (1, 0)],
+            causal: true,
+            window: None,
+            softcap: None,
+            plan: 1,
+            page_tokens: None,
+            config: DecodeConfig::default(),
+            seed: 1,
+        }
+    }
+}
+
+/// Rows of one sequence's cache, rotated by `r` in f64, rounded to f32 and quantized.
+fn encode(format: KvFormat, x: &[f32], dim: usize, r: Option<&Rotation>) -> Vec<u8> {
+    if x.is_empty() {
+        return Vec::new();
+    }
+    let mut rows: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    if let Some(r) = r {
+        r.rotate_rows(&mut rows, false).unwrap();
+    }
+    let rows: Vec<f32> = rows.iter().map(|&v| v as f32).collect();
+    let mut out = vec![0u8; x.len() / dim * format.row_bytes(dim).unwrap()];
+    format.quantize_into(&rows, &mut out).unwrap();
+    out
+}
+
+/// The caches of a case, per sequence: (K bytes, V bytes), `n × h_kv` rows each.
+fn sequences(c: &Case, plan: &RotationPlan) -> Vec<(Vec<u8>, Vec<u8>)> {
+    c.seqs
+        .iter()
+        .enumerate()
+        .map(|(b, &(n, _))| {
+            let seed = c.seed ^ (b as u64 * 7919);
+            let k = random(n * c.h_kv * c.d, seed ^ 2);
+            let v = random(n * c.h_kv * c.d_v, seed ^ 3);
+            (
+                encode(c.k_format, &k, c.d, plan.qk.as_ref()),
+                encode(c.v_format, &v, c.d_v, plan.v.as_ref()),
+            )
+        })
+        .collect()
+}
+
+/// The oracle for sequence `b`: its query (as the GPU holds it) against its cache bytes.
+fn oracle(c: &Case, plan: &RotationPlan, q: &[f64], kb: &[u8], vb: &[u8], b: usize) -> Vec<f64> {
+    let (n, pos) = c.seqs[b];
+    let h_q = c.h_kv * c.group;
+    let decode = |f: KvFormat, bytes: &[u8], dim: usize| -> Array3<f64> {
+        let vals = if bytes.is_empty() {
+            Vec::new()
+        } else {
+            f.dequantize_row(bytes).unwrap()
+        };
+        Array3::from_shape_vec((n, c.h_kv, dim), vals.into_iter().map(f64::from).collect()).unwrap()
+    };
+    let mut qr = q.to_vec();
+    if let Some(r) = &plan.qk {
+        r.rotate_rows(&mut qr, false).unwrap();
+    }
+    let qa = Array3::from_shape_vec((1, h_q, c.d), qr).unwrap();
+    let (k, v) = (decode(c.k_format, kb, c.d), decode(c.v_format, vb, c.d_v));
+    let params = AttentionParams {
+        pos_offset: pos,
+        ..c.params()
+    };
+    let out = attention_f64(qa.view(), k.view(), v.view(), &params).unwrap();
+    let mut o: Vec<f64> = out.output.iter().copied().collect();
+    if let Some(r) = &plan.v {
+        r.rotate_rows(&mut o, true).unwrap();
+    }
+    o
+}
+
+/// Lays the sequences' rows into one cache of the case's layout, every other byte 0xFF (NaN
+/// scales in most formats, so a kernel reading a row it should not shows up). Returns the bytes
+/// and, when paged, the block table and pages per sequence.
+fn lay_out(
+    c: &Case,
+    rows: &[&[u8]],
+    row_bytes: usize,
+    capacity: usize,
+) -> (Vec<u8>, Option<(Vec<u32>, usize)>) {
+    let token_bytes = c.h_kv * row_bytes;
+    match c.page_tokens {
+        None => {
+            let mut bytes = vec![0xFFu8; c.seqs.len() * capacity * token_bytes];
+            for (b, r) in rows.iter().enumerate() {
+                bytes[b * capacity * token_bytes..][..r.len()].copy_from_slice(r);
+            }
+            (bytes, None)
+        }
+        Some(pt) => {
+            let per_seq = capacity.div_ceil(pt);
+            let n_pages = c.seqs.len() * per_seq + 3;
+            // Pages dealt in a scrambled order.
+            let mut pages: Vec<u32> = (0..n_pages as u32).collect();
+            let mut g = SplitMix64::new(c.seed ^ 99);
+            for i in (1..pages.len()).rev() {
+                pages.swap(i, (g.next_u64() % (i as u64 + 1)) as usize);
+            }
+            let table: Vec<u32> = pages[..c.seqs.len() * per_seq].to_vec();
+            let mut bytes = vec![0xFFu8; n_pages * pt * token_bytes];
+            for (b, r) in rows.iter().enumerate() {
+                for t in 0..r.len() / token_bytes {
+                    let page = table[b * per_seq + t / pt] as usize;
+                    let slot = page * pt + t % pt;
+                    bytes[slot * token_bytes..][..token_bytes]
+                        .copy_from_slice(&r[t * token_bytes..][..token_bytes]);
+                }
+            }
+            (bytes, Some((table, per_seq)))
+        }
+    }
+}
+
+/// Runs the case on the GPU with Q and output of type `T` and checks it against the oracle.
+fn check<T: Elem>(dev: &Device, c: &Case) {
+    let plan = c.plan();
+    let h_q = c.h_kv * c.group;
+    let batch = c.seqs.len();
+    let per_seq = sequences(c, &plan);
+    let capacity = c.seqs.iter().map(|s| s.0).max().unwrap_or(0) + 5;
+    let krb = c.k_format.row_bytes(c.d).unwrap();
+    let vrb = c.v_format.row_bytes(c.d_v).unwrap();
+    let k_rows: Vec<&[u8]> = per_seq.iter().map(|s| s.0.as_slice()).collect();
+    let v_rows: Vec<&[u8]> = per_seq.iter().map(|s| s.1.as_slice()).collect();
+    let (kb, table) = lay_out(c, &k_rows, krb, capacity);
+    let (vb, _) = lay_out(c, &v_rows, vrb, capacity);
+    let stream = dev.stream();
+    let (kd, vd) = (
+        stream.clone_htod(&kb).unwrap(),
+        stream.clone_htod(&vb).unwrap(),
+    );
+    let layout = match &table {
+        None => CacheLayout::Contiguous {
+            tokens_per_seq: capacity,
+        },
+        Some((table, per_seq)) => CacheLayout::Paged {
+            table,
+            pages_per_seq: *per_seq,
+            page_tokens: c.page_tokens.unwrap(),
+        },
+    };
+    let k = CudaKvCache {
+        format: c.k_format,
+        bytes: &kd,
+        n_heads: c.h_kv,
+        dim: c.d,
+        layout,
+    };
+    let v = CudaKvCache {
+        format: c.v_format,
+        bytes: &vd,
+        dim: c.d_v,
+        ..k
+    };
+    let q = random(batch * h_q * c.d, c.seed ^ 4);
+    let q_held: Vec<f64> = q
+        .iter()
+        .map(|&x| f64::from(T::from_f32(x).to_f32()))
+        .collect();
+    let qd = upload::<T>(dev, &q);
+    let mut out = stream.alloc_zeros::<T>(batch * h_q * c.d_v).unwrap();
+    let seqs: Vec<DecodeSeq> = c
+        .seqs
+        .iter()
+        .map(|&(n_tokens, pos)| DecodeSeq { n_tokens, pos })
+        .collect();
+    let attn = CudaAttention::new(dev, &plan)
+        .unwrap()
+        .with_config(c.config);
+    attn.decode(dev, &qd, h_q, &k, &v, &seqs, &c.params(), &mut out)
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
+    let mut want = Vec::new();
+    for b in 0..batch {
+        let qb = &q_held[b * h_q * c.d..][..h_q * c.d];
+        want.extend(oracle(c, &plan, qb, &per_seq[b].0, &per_seq[b].1, b));
+    }
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.is_nan(),
+            w.is_nan(),
+            "{c:?}: NaN at {i}: got {g}, want {w}"
+        );
+    }
+    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(&got, &want) {
+        panic!("{} {c:?}: {m}", std::any::type_name::<T>());
+    }
+}
+
+/// Every format as K (V q8_0) and as V (K q4_0), with a Hadamard plan, paged and contiguous.
+#[test]
+fn every_format_as_k_and_as_v() {
+    let Some(dev) = device() else { return };
+    for f in KvFormat::ALL {
+        for (k_format, v_format, paged) in
+            [(f, KvFormat::Q8_0, None), (KvFormat::Q4_0, f, Some(16))]
+        {
+            let c = Case {
+                k_format,
+                v_format,
+                page_tokens: paged,
+                plan: 3,
+                ..Case::basic()
+            };
+            check::<f32>(dev, &c);
+        }
+    }
+}
+
+/// Head dimensions 64, 256 and 12·16, and a V head unlike K's.
+#[test]
+fn head_dimensions() {
+    let Some(dev) = device() else { return };
+    for (d, d_v) in [(64, 64), (256, 256), (192, 192), (160, 160), (128, 64)] {
+        let c = Case {
+            d,
+            d_v,
+            plan: if d == d_v { 3 } else { 1 },
+            ..Case::basic()
+        };
+        check::<f32>(dev, &c);
+    }
+}
+
+/// GQA ratios 1, 4, 8 and 16 with f16 and bf16 queries and outputs.
+#[test]
+fn groups_and_half_types() {
+    let Some(dev) = device() else { return };
+    for group in [1, 4, 8, 16] {
+        let c = Case {
+            group,
+            h_kv: 2,
+            ..Case::basic()
+        };
+        check::<f16>(dev, &c);
+        check::<bf16>(dev, &c);
+    }
+}
+
+/// Masks: not causal, causal with the query before the end of its cache, sliding windows, a
+/// soft-cap; empty sequences and empty windows give zeros.
+#[test]
+fn masks_windows_and_softcap() {
+    let Some(dev) = device() else { return };
+    let seqs = vec![(300, 299), (300, 150), (0, 0), (64, 63), (33, 40)];
+    for (causal, window, softcap) in [
+        (false, None, None),
+        (true, None, Some(5.0)),
+        (true, Some(1), None),
+        (true, Some(70), Some(30.0)),
+        (false, Some(100), None),
+    ] {
+        let c = Case {
+            seqs: seqs.clone(),
+            causal,
+            window,
+            softcap,
+            page_tokens: Some(32),
+            ..Case::basic()
+        };
+        check::<f32>(dev, &c);
+    }
+}
+
+/// Every configuration of the search space on one long sequence and a short one.
+#[test]
+fn every_configuration() {
+    let Some(dev) = device() else { return };
+    for config in DecodeConfig::search_space() {
+        let c = Case {
+            seqs: vec![(1500, 1499), (70, 69)],
+            config,
+            plan: 2,
+            ..Case::basic()
+        };
+        check::<f32>(dev, &c);
+    }
+}
+
+/// NaN and infinities: a NaN in a visible V row reaches its heads' outputs, an infinite K value
+/// gives the oracle's infinite or NaN scores, and NaN rows outside the visible range (the
+/// padding of `lay_out`) never matter.
+#[test]
+fn special_values_follow_the_oracle() {
+    let Some(dev) = device() else { return };
+    // f32 caches, so that single values can be planted.
+    let mut c = Case {
+        k_format: KvFormat::F32,
+        v_format: KvFormat::F32,
+        plan: 0,
+        seqs: vec![(50, 49)],
+        ..Case::basic()
+    };
+    for (at, value, in_k) in [
+        (10usize, f32::NAN, false),
+        (3, f32::INFINITY, false),
+        (7, f32::INFINITY, true),
+        (7, f32::NEG_INFINITY, true),
+    ] {
+        c.seed += 1;
+        check_planted(dev, &c, at, value, in_k);
+    }
+}
+
+/// [`check`] on f32 caches where value `at` of K (or V) holds `value`.
+fn check_planted(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
+    let h_q = c.h_kv * c.group;
+    let (n, pos) = c.seqs[0];
+    let mut k = random(n * c.h_kv * c.d, c.seed ^ 2);
+    let mut v = random(n * c.h_kv * c.d_v, c.seed ^ 3);
+    if in_k {
+        k[at] = value;
+    } else {
+        v[at] = value;
+    }
+    let plan = c.plan();
+    let kb: Vec<u8> = k.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let vb: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let stream = dev.stream();
+    let (kd, vd) = (
+        stream.clone_htod(&kb).unwrap(),
+        stream.clone_htod(&vb).unwrap(),
+    );
+    let layout = CacheLayout::Contiguous { tokens_per_seq: n };
+    let kc = CudaKvCache {
+        format: KvFormat::F32,
+        bytes: &kd,
+        n_heads: c.h_kv,
+        dim: c.d,
+        layout,
+    };
+    let vc = CudaKvCache {
+        bytes: &vd,
+        dim: c.d_v,
+        ..kc
+    };
+    let q = random(h_q * c.d, c.seed ^ 4);
+    let qd = upload::<f32>(dev, &q);
+    let mut out = stream.alloc_zeros::<f32>(h_q * c.d_v).unwrap();
+    let attn = CudaAttention::new(dev, &plan).unwrap();
+    attn.decode(
+        dev,
+        &qd,
+        h_q,
+        &kc,
+        &vc,
+        &[DecodeSeq { n_tokens: n, pos }],
+        &c.params(),
+        &mut out,
+    )
+    .unwrap();
+    let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
+    let q64: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
+    let want = oracle(c, &plan, &q64, &kb, &vb, 0);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.is_nan(),
+            w.is_nan(),
+            "{value} at {at} (K: {in_k}): NaN at {i}: got {g}, want {w}"
+        );
+    }
+    if let Err(m) =
+        tolerance(Op::Attention, rotq_reference::tolerance::Precision::F32).check(&got, &want)
+    {
+        panic!("{value} at {at} (K: {in_k}): {m}");
+    }
+}
+
+/// Bad calls are typed errors, before anything runs.
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let Some(dev) = device() else { return };
+    let s = dev.stream();
+    let (d, h_kv, n) = (128, 2, 40);
+    let rb = KvFormat::Q8_0.row_bytes(d).unwrap();
+    let kd = s.alloc_zeros::<u8>(n * h_kv * rb).unwrap();
+    let layout = CacheLayout::Contiguous { tokens_per_seq: n };
+    let k = CudaKvCache {
+        format: KvFormat::Q8_0,
+        bytes: &kd,
+        n_heads: h_kv,
+        dim: d,
+        layout,
+    };
+    let q = s.alloc_zeros::<f32>(8 * d).unwrap();
+    let mut out = s.alloc_zeros::<f32>(8 * d).unwrap();
+    let attn = CudaAttention::new(dev, &RotationPlan::none()).unwrap();
+    let ok = [DecodeSeq {
+        n_tokens: n,
+        pos: n - 1,
+    }];
+    let p = AttentionParams::default();
+    assert!(attn.decode(dev, &q, 8, &k, &k, &ok, &p, &mut out).is_ok());
+    let input = |r: Result<(), CudaError>| matches!(r, Err(CudaError::Input(_)));
+    // Too many tokens for the cache.
+    assert!(input(attn.decode(
+        dev,
+        &q,
+        8,
+        &k,
+        &k,
+        &[DecodeSeq {
+            n_tokens: n + 1,
+            pos: n
+        }],
+        &p,
+        &mut out
+    )));
+    // Query heads not a multiple of KV heads; wrong query length.
+    assert!(input(attn.decode(dev, &q, 7, &k, &k, &ok, &p, &mut out)));
+    let short = s.alloc_zeros::<f32>(8 * d - 1).unwrap();
+    assert!(input(
+        attn.decode(dev, &short, 8, &k, &k, &ok, &p, &mut out)
+    ));
+    // A position offset (positions are per sequence), a NaN scale, a bad soft-cap.
+    for bad in [
+        AttentionParams {
+            pos_offset: 1,
+            ..Default::default()
+        },
+        AttentionParams {
+            scale: Some(f64::NAN),
+            ..Default::default()
+        },
+        AttentionParams {
+            scale: Some(1e-300),
+            ..Default::default()
+        },
+        AttentionParams {
+            softcap: Some(-1.0),
+            ..Default::default()
+        },
+    ] {
+        assert!(
+            input(attn.decode(dev, &q, 8, &k, &k, &ok, &bad, &mut out)),
+            "{bad:?}"
+        );
+    }
+    // A head dimension that is not a multiple of 32, and a group over the limit.
+    let odd = CudaKvCache {
+        format: KvFormat::F16,
+        dim: 48,
+        ..k
+    };
+    assert!(input(
+        attn.decode(dev, &q, 8, &odd, &odd, &ok, &p, &mut out)
+    ));
+    let wide_q = s.alloc_zeros::<f32>(34 * d).unwrap();
+    let mut wide_out = s.alloc_zeros::<f32>(34 * d).unwrap();
+    assert!(input(attn.decode(
+        dev,
+        &wide_q,
+        34,
+        &k,
+        &k,
+        &ok,
+        &p,
+        &mut wide_out
+    )));
+    // A block table entry outside the cache.
+    let table = [0u32, 7];
+    let paged = CudaKvCache {
+        layout: CacheLayout::Paged {
+            table: &table,
+            pages_per_seq: 2,
+            page_tokens: 20,
+        },
+        ..k
+    };
+    assert!(input(
+        attn.decode(dev, &q, 8, &paged, &paged, &ok, &p, &mut out)
+    ));
+    // A plan for another head dimension.
+    let plan = RotationPlan {
+        qk: Some(Rotation::hadamard(64).unwrap()),
+        v: None,
+    };
+    let other = CudaAttention::new(dev, &plan).unwrap();
+    assert!(input(other.decode(dev, &q, 8, &k, &k, &ok, &p, &mut out)));
+}
+
+fn cases() -> impl Strategy<Value = Case> {
+    let formats = proptest::sample::select(KvFormat::ALL.to_vec());
+    (
+        formats.clone(),
+        formats,
+        proptest::sample::select(vec![64usize, 128, 192]),
+        proptest::sample::select(vec![1usize, 4, 8]),
+        proptest::collection::vec((0usize..400, 0usize..450), 1..4),
+        any::<bool>(),
+        proptest::option::of(1usize..200),
+        0u8..4,
+        proptest::option::of(proptest::sample::select(vec![1usize, 16, 32, 50])),
+        proptest::sample::select(DecodeConfig::search_space()),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                k_format,
+                v_format,
+                d,
+                group,
+                seqs,
+                causal,
+                window,
+                plan,
+                page_tokens,
+                config,
+                seed,
+            )| {
+                Case {
+                    k_format,
+                    v_format,
+                    d,
+                    d_v: d,
+                    h_kv: 2,
+                    group,
+                    seqs,
+                    causal,
+                    window,
+                    softcap: None,
+                    plan,
+                    page_tokens,
+                    config,
+                    seed,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn decode_matches_the_oracle(c in cases()) {
+        if let Some(dev) = device() {
+            check::<f32>(dev, &c);
+        }
+    }
+}
