@@ -331,7 +331,10 @@ pub fn run_all(
             (
                 format!("decode_attention_{format}_tuned"),
                 t.best,
-                format!("{shape}, {} warps, splits {}", c.warps, c.splits),
+                format!(
+                    "{shape}, {} warps, splits {}, tensor cores {}",
+                    c.warps, c.splits, c.tensor_cores
+                ),
             ),
         ] {
             out.push(record(

@@ -6,6 +6,14 @@
 //! (`rotq_reference::attention`), including its NaN/Inf rules; arithmetic is f32, so the scale
 //! and soft-cap must be normal f32 numbers.
 //!
+//! With f16/bf16 queries and K/V formats whose values are a scale times a small code (see
+//! [`TENSOR_CORE_K_FORMATS`]), the products run on the tensor cores (`mma.sync` m16n8k16, the
+//! group's query heads as the rows): Q and the softmax weights are rounded to f16/bf16 once,
+//! as in flash attention, within the f16/bf16 tolerance of the oracle. A weight below the
+//! element type's smallest subnormal (a score about 17 below the row's maximum in f16) rounds
+//! to 0, so a NaN or ±Inf in V at such a key gives NaN where the oracle's f64 gives ±Inf (the
+//! f32 kernel has the same rule at f32's underflow, about 87 below).
+//!
 //! The work is split over the cache (flash-decoding): each thread block takes one
 //! (sequence, KV head, slice of the visible tokens) for every query head of the group, and a
 //! second kernel merges the slices. Raw K/V rows are staged in shared memory with `cp.async`
@@ -26,6 +34,31 @@ const ATTENTION: &str = include_str!("cuda/attention.cu");
 /// The largest query-head group (query heads per KV head) the decode kernel takes.
 pub const MAX_GROUP: usize = 16;
 
+/// K formats the tensor-core kernel reads: values are a per-block scale times a code that
+/// f16 and bf16 hold exactly (the scale is applied to the f32 products).
+pub const TENSOR_CORE_K_FORMATS: [KvFormat; 8] = [
+    KvFormat::Q8_0,
+    KvFormat::Q4_0,
+    KvFormat::Q5_0,
+    KvFormat::Iq4Nl,
+    KvFormat::Q6_0,
+    KvFormat::Int4,
+    KvFormat::Fp8E4m3,
+    KvFormat::F16,
+];
+
+/// V formats the tensor-core kernel reads: as for K, with scales that f16 holds (the scale
+/// times the weight is rounded once to the element type).
+pub const TENSOR_CORE_V_FORMATS: [KvFormat; 7] = [
+    KvFormat::Q8_0,
+    KvFormat::Q4_0,
+    KvFormat::Q5_0,
+    KvFormat::Iq4Nl,
+    KvFormat::Q6_0,
+    KvFormat::Int4,
+    KvFormat::F16,
+];
+
 /// Tuning knobs of the decode kernel.
 ///
 /// ```
@@ -40,6 +73,15 @@ pub struct DecodeConfig {
     /// Slices of the cache per (sequence, KV head); 0 picks enough thread blocks to fill the
     /// device about four times over.
     pub splits: usize,
+    /// Use the tensor cores where the call allows it (f16/bf16 queries and K/V formats of
+    /// [`TENSOR_CORE_K_FORMATS`] and [`TENSOR_CORE_V_FORMATS`]); else, and when false, the
+    /// f32 kernel.
+    #[serde(default = "yes")]
+    pub tensor_cores: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for DecodeConfig {
@@ -47,6 +89,7 @@ impl Default for DecodeConfig {
         Self {
             warps: 4,
             splits: 0,
+            tensor_cores: true,
         }
     }
 }
@@ -55,9 +98,15 @@ impl DecodeConfig {
     /// Every configuration the autotuner tries.
     pub fn search_space() -> Vec<Self> {
         let mut out = Vec::new();
-        for warps in [1, 2, 4, 8] {
-            for splits in [0, 1, 2, 4, 8, 16, 32] {
-                out.push(Self { warps, splits });
+        for tensor_cores in [true, false] {
+            for warps in [1, 2, 4, 8] {
+                for splits in [0, 1, 2, 4, 8, 16, 32] {
+                    out.push(Self {
+                        warps,
+                        splits,
+                        tensor_cores,
+                    });
+                }
             }
         }
         out
@@ -250,6 +299,7 @@ struct Shape {
     d_v: usize,
     group: usize,
     warps: usize,
+    tensor_cores: bool,
 }
 
 impl Shape {
@@ -267,14 +317,20 @@ impl Shape {
     fn source<T: GpuElement>(&self) -> (String, String) {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
-             #define G {}\n#define WARPS {}\n",
+             #define G {}\n#define WARPS {}\n#define MMA {}\n#define KFAST {}\n",
             T::ELEM,
             self.k_format.name(),
             self.v_format.name(),
             self.d,
             self.d_v,
             self.group,
-            self.warps
+            self.warps,
+            self.tensor_cores as u32,
+            match self.k_format {
+                KvFormat::Q4_0 => 1,
+                KvFormat::Q8_0 => 2,
+                _ => 0,
+            },
         );
         let key = format!("attention {}", defines.replace('\n', " "));
         (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
@@ -358,6 +414,10 @@ impl CudaAttention {
             d_v,
             group,
             warps: self.config.warps.clamp(1, 16),
+            tensor_cores: self.config.tensor_cores
+                && T::ELEM != 0
+                && TENSOR_CORE_K_FORMATS.contains(&k.format)
+                && TENSOR_CORE_V_FORMATS.contains(&v.format),
         };
         let max_smem = dev.info().max_shared_per_block;
         while shape.smem()? > max_smem && shape.warps > 1 {
@@ -429,7 +489,12 @@ impl CudaAttention {
 
         let (key, src) = shape.source::<T>();
         let smem = shape.smem()?;
-        let decode = kernel::function(dev, &key, &src, "decode_attention", smem)?;
+        let name = if shape.tensor_cores {
+            "decode_attention_mma"
+        } else {
+            "decode_attention"
+        };
+        let decode = kernel::function(dev, &key, &src, name, smem)?;
         let combine = kernel::function(dev, &key, &src, "decode_combine", 4 * d_v)?;
         let qrot = RotArgs::of(dev, self.qk.as_ref())?;
         let vrot = RotArgs::of(dev, self.v.as_ref())?;
@@ -474,7 +539,7 @@ impl CudaAttention {
         // rows inside both caches (through the table's entries when paged), that `q` holds
         // [batch, h_q, d] and that the rotations match d and d_v; the partials buffer holds
         // [batch, h_q, splits · warps, d_v + 3] floats, the grid's shape.
-        unsafe { launch.launch(cfg) }.context(|| describe("decode_attention", &decode, &key))?;
+        unsafe { launch.launch(cfg) }.context(|| describe(name, &decode, &key))?;
 
         let n_part = n_part as i64;
         let mut launch = stream.launch_builder(&combine);

@@ -32,7 +32,10 @@ mod kernel;
 mod rotation;
 mod timing;
 
-pub use attention::{CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, MAX_GROUP};
+pub use attention::{
+    CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, MAX_GROUP,
+    TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS,
+};
 pub use codec::{CacheTarget, CudaCodec};
 pub use device::{cuda_available, Device, DeviceInfo};
 pub use error::{CudaError, Result};

@@ -258,7 +258,8 @@ fn check<T: Elem>(dev: &Device, c: &Case) {
     }
 }
 
-/// Every format as K (V q8_0) and as V (K q4_0), with a Hadamard plan, paged and contiguous.
+/// Every format as K (V q8_0) and as V (K q4_0), with a Hadamard plan, paged and contiguous;
+/// f32 runs the f32 kernel, f16 the tensor cores where the formats allow.
 #[test]
 fn every_format_as_k_and_as_v() {
     let Some(dev) = device() else { return };
@@ -274,6 +275,7 @@ fn every_format_as_k_and_as_v() {
                 ..Case::basic()
             };
             check::<f32>(dev, &c);
+            check::<f16>(dev, &c);
         }
     }
 }
@@ -290,6 +292,7 @@ fn head_dimensions() {
             ..Case::basic()
         };
         check::<f32>(dev, &c);
+        check::<f16>(dev, &c);
     }
 }
 
@@ -330,10 +333,12 @@ fn masks_windows_and_softcap() {
             ..Case::basic()
         };
         check::<f32>(dev, &c);
+        check::<bf16>(dev, &c);
     }
 }
 
-/// Every configuration of the search space on one long sequence and a short one.
+/// Every configuration of the search space on one long sequence and a short one (f16: with
+/// and without the tensor cores).
 #[test]
 fn every_configuration() {
     let Some(dev) = device() else { return };
@@ -344,7 +349,10 @@ fn every_configuration() {
             plan: 2,
             ..Case::basic()
         };
-        check::<f32>(dev, &c);
+        if !config.tensor_cores {
+            check::<f32>(dev, &c);
+        }
+        check::<f16>(dev, &c);
     }
 }
 
@@ -369,12 +377,19 @@ fn special_values_follow_the_oracle() {
         (7, f32::NEG_INFINITY, true),
     ] {
         c.seed += 1;
-        check_planted(dev, &c, at, value, in_k);
+        check_planted::<f32>(dev, &c, at, value, in_k);
+        // f16 caches and queries: the tensor cores.
+        let h = Case {
+            k_format: KvFormat::F16,
+            v_format: KvFormat::F16,
+            ..c.clone()
+        };
+        check_planted::<f16>(dev, &h, at, value, in_k);
     }
 }
 
-/// [`check`] on f32 caches where value `at` of K (or V) holds `value`.
-fn check_planted(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
+/// [`check`] on f32 or f16 caches (`c`'s formats) where value `at` of K (or V) holds `value`.
+fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
     let h_q = c.h_kv * c.group;
     let (n, pos) = c.seqs[0];
     let mut k = random(n * c.h_kv * c.d, c.seed ^ 2);
@@ -385,8 +400,16 @@ fn check_planted(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
         v[at] = value;
     }
     let plan = c.plan();
-    let kb: Vec<u8> = k.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let vb: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let bytes = |x: &[f32]| -> Vec<u8> {
+        if c.k_format == KvFormat::F16 {
+            x.iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect()
+        } else {
+            x.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+    };
+    let (kb, vb) = (bytes(&k), bytes(&v));
     let stream = dev.stream();
     let (kd, vd) = (
         stream.clone_htod(&kb).unwrap(),
@@ -394,7 +417,7 @@ fn check_planted(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
     );
     let layout = CacheLayout::Contiguous { tokens_per_seq: n };
     let kc = CudaKvCache {
-        format: KvFormat::F32,
+        format: c.k_format,
         bytes: &kd,
         n_heads: c.h_kv,
         dim: c.d,
@@ -405,9 +428,14 @@ fn check_planted(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
         dim: c.d_v,
         ..kc
     };
-    let q = random(h_q * c.d, c.seed ^ 4);
-    let qd = upload::<f32>(dev, &q);
-    let mut out = stream.alloc_zeros::<f32>(h_q * c.d_v).unwrap();
+    // Small queries: every weight stays far above the f16 underflow (a weight that rounds to
+    // 0 turns an infinite V value into NaN; see the crate docs).
+    let q: Vec<f32> = random(h_q * c.d, c.seed ^ 4)
+        .into_iter()
+        .map(|x| x * 0.02)
+        .collect();
+    let qd = upload::<T>(dev, &q);
+    let mut out = stream.alloc_zeros::<T>(h_q * c.d_v).unwrap();
     let attn = CudaAttention::new(dev, &plan).unwrap();
     attn.decode(
         dev,
@@ -421,7 +449,10 @@ fn check_planted(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
     )
     .unwrap();
     let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
-    let q64: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
+    let q64: Vec<f64> = q
+        .iter()
+        .map(|&x| f64::from(T::from_f32(x).to_f32()))
+        .collect();
     let want = oracle(c, &plan, &q64, &kb, &vb, 0);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(
@@ -430,9 +461,7 @@ fn check_planted(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
             "{value} at {at} (K: {in_k}): NaN at {i}: got {g}, want {w}"
         );
     }
-    if let Err(m) =
-        tolerance(Op::Attention, rotq_reference::tolerance::Precision::F32).check(&got, &want)
-    {
+    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(&got, &want) {
         panic!("{value} at {at} (K: {in_k}): {m}");
     }
 }
@@ -605,6 +634,7 @@ proptest! {
     fn decode_matches_the_oracle(c in cases()) {
         if let Some(dev) = device() {
             check::<f32>(dev, &c);
+            check::<f16>(dev, &c);
         }
     }
 }

@@ -8,6 +8,7 @@
 //   D, DV    head dimensions of K and V (multiples of 32)
 //   G        query heads per KV head (GQA group; 1 is MHA)
 //   WARPS    warps per thread block
+//   MMA      1: also the tensor-core kernel (ELEM 1 or 2); KFAST 1/2: K is q4_0/q8_0
 //
 // Cache rows: token t of sequence b, KV head h is row `(slot · n_heads + h)` of the cache,
 // where slot = page · page_tokens + t % page_tokens and page = table[b · table_stride +
@@ -61,7 +62,8 @@
 // Values [32c, 32c + 32) of a row, dequantized.
 RQ_FN void k_chunk(const unsigned char* row, int c, float* out) {
 #if K_BS == 32
-    RQ_CAT(rq_dequantize_, KFMT)(row + c * K_BB, out);
+#pragma unroll
+    for (int e = 0; e < 8; e++) RQ_CAT(rq_dequantize4_, KFMT)(row + c * K_BB, 4 * e, out + 4 * e);
 #else
 #pragma unroll
     for (int e = 0; e < 32; e++) RQ_CAT(rq_dequantize_, KFMT)(row + (c * 32 + e) * K_BB, out + e);
@@ -453,3 +455,300 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
     smem_rotate(o, 1, DV, vrot, 1);
     for (int d = threadIdx.x; d < DV; d += blockDim.x) out[row * DV + d] = f32_to_elem(o[d]);
 }
+
+#if MMA
+// ---------------------------------------------------------------------------------------------
+// The same decode attention on the tensor cores, for f16/bf16 queries and outputs and K/V
+// formats whose values are scale x code (formats.cuh's rq_scale_* / rq_code_*). Per warp and
+// tile of 32 tokens, with the G query heads as the 16 rows of the mma (rows beyond G are zero):
+//   S = Q K^T: A = the rotated, scaled queries (f16/bf16, held in registers for the whole
+//     cache), B = K codes (exact in f16/bf16); the f32 product of each 32-value group is
+//     multiplied by its token's scale and summed.
+//   O += P V: A = P times the V scale of the token and group (rounded to f16/bf16),
+//     B = V codes; the rows of S's accumulators are P's A fragments (no shuffles).
+// P and Q are rounded to the element type once, as in flash attention; the softmax, the
+// scales and all sums are f32.
+
+#if ELEM == 1
+#define MMA_TYPE "f16.f16"
+RQ_FN unsigned int pack2(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+#else
+#define MMA_TYPE "bf16.bf16"
+RQ_FN unsigned int pack2(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+#endif
+
+// c += A B for one m16n8k16 tile (A row-major 16x16, B column-major 16x8, C 16x8 f32).
+RQ_FN void mma_16816(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE
+        ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Bytes of one group of 32 values (one block, or 32 blocks of one value).
+#define K_GB (K_BS == 32 ? K_BB : 32 * K_BB)
+#define V_GB (V_BS == 32 ? V_BB : 32 * V_BB)
+#define KSTEPS (D / 16)
+#define NT (DV / 8)
+
+RQ_FN float k_scale(const unsigned char* grp) { return RQ_CAT(rq_scale_, KFMT)(grp); }
+RQ_FN float k_code(const unsigned char* grp, int j) { return RQ_CAT(rq_code_, KFMT)(grp, j); }
+
+// Codes j and j + 1 of a K group (j even), packed for the mma: two bytes at once for q4_0
+// (KFAST 1) and q8_0 (KFAST 2), the format's accessor otherwise.
+RQ_FN unsigned int k_pair(const unsigned char* grp, int j) {
+#if KFAST == 1
+    unsigned int w = *reinterpret_cast<const unsigned short*>(grp + 2 + (j & 15));
+    if (j >= 16) w >>= 4;
+    return pack2((float)((int)(w & 15u) - 8), (float)((int)((w >> 8) & 15u) - 8));
+#elif KFAST == 2
+    unsigned int w = *reinterpret_cast<const unsigned short*>(grp + 2 + j);
+    return pack2((float)(signed char)(w & 0xFFu), (float)(signed char)(w >> 8));
+#else
+    return pack2(k_code(grp, j), k_code(grp, j + 1));
+#endif
+}
+RQ_FN float v_scale(const unsigned char* grp) { return RQ_CAT(rq_scale_, VFMT)(grp); }
+RQ_FN float v_code(const unsigned char* grp, int j) { return RQ_CAT(rq_code_, VFMT)(grp, j); }
+
+RQ_FN float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 1));
+    return fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 2));
+}
+
+RQ_FN float quad_sum(float x) {
+    x += __shfl_xor_sync(FULL_MASK, x, 1);
+    return x + __shfl_xor_sync(FULL_MASK, x, 2);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) decode_attention_mma(
+    const elem_t* q, const unsigned char* kc, const unsigned char* vc, const unsigned int* table,
+    long long table_stride, long long page_tokens, const long long* lens, const long long* pos,
+    long long n_heads, int causal, long long window, float softcap, float score_scale,
+    int q_log_p, int q_m, const unsigned long long* q_base, const float* q_signs, float q_scale,
+    long long split_tokens, float* part) {
+    const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
+    extern __shared__ float4 smem4[];
+    float* qs = reinterpret_cast<float*>(smem4); // [G][D]
+    const int head = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int gr = lane >> 2, tq = lane & 3; // mma group (row) and thread in the group
+    const int n_splits = gridDim.y;
+    const long long h_q = n_heads * G;
+
+    const elem_t* qg = q + ((long long)seq * h_q + (long long)head * G) * D;
+    for (int i = threadIdx.x; i < G * D; i += THREADS) qs[i] = elem_to_f32(qg[i]);
+    __syncthreads();
+    smem_rotate(qs, G, D, qrot, 0);
+    for (int i = threadIdx.x; i < G * D; i += THREADS) qs[i] *= score_scale;
+    __syncthreads();
+
+    // Q as A fragments: rows gr and gr + 8 (query heads; zero past G), columns 16s + 2tq (+1,
+    // +8, +9).
+    unsigned int qa[KSTEPS][4];
+    {
+        const float* r0 = qs + gr * D;
+        const float* r1 = qs + (gr + 8) * D;
+        const bool h0 = gr < G, h1 = gr + 8 < G;
+#pragma unroll
+        for (int s = 0; s < KSTEPS; s++) {
+            int c = 16 * s + 2 * tq;
+            qa[s][0] = pack2(h0 ? r0[c] : 0.0f, h0 ? r0[c + 1] : 0.0f);
+            qa[s][1] = pack2(h1 ? r1[c] : 0.0f, h1 ? r1[c + 1] : 0.0f);
+            qa[s][2] = pack2(h0 ? r0[c + 8] : 0.0f, h0 ? r0[c + 9] : 0.0f);
+            qa[s][3] = pack2(h1 ? r1[c + 8] : 0.0f, h1 ? r1[c + 9] : 0.0f);
+        }
+    }
+
+    long long n = lens[seq], p = pos[seq];
+    long long hi = causal ? (n < p + 1 ? n : p + 1) : n;
+    long long lo = window > 0 ? (p + 1 - window > 0 ? p + 1 - window : 0) : 0;
+    if (lo > hi) lo = hi;
+    long long s_lo = lo + split * split_tokens, s_hi = s_lo + split_tokens;
+    if (s_lo > hi) s_lo = hi;
+    if (s_hi > hi) s_hi = hi;
+
+    unsigned int* wbuf = reinterpret_cast<unsigned int*>(qs + G * D) + warp * WARP_W;
+
+    // Softmax state of this thread's rows gr and gr + 8.
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    bool seen[2] = {false, false};
+    float o[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[i][e] = 0.0f;
+
+    auto row_of = [&](long long t) -> long long {
+        long long page = table ? (long long)table[seq * table_stride + t / page_tokens] : seq;
+        return (page * page_tokens + t % page_tokens) * n_heads + head;
+    };
+
+    long long t0 = s_lo + 32LL * warp;
+    int stage = 0;
+    if (t0 < s_hi) {
+        long long t = t0 + lane;
+        int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
+        stage_tile(wbuf, kc, vc, t < s_hi ? row_of(t) : 0, cnt, lane);
+    }
+    for (; t0 < s_hi; t0 += 32LL * WARPS) {
+        const int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
+        long long next = t0 + 32LL * WARPS;
+        if (next < s_hi) {
+            long long t = next + lane;
+            int ncnt = (int)(s_hi - next < 32 ? s_hi - next : 32);
+            stage_tile(wbuf + (stage ^ 1) * STAGE_W, kc, vc, t < s_hi ? row_of(t) : 0, ncnt, lane);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        __syncwarp();
+        const unsigned char* ks = reinterpret_cast<const unsigned char*>(wbuf + stage * STAGE_W);
+        const unsigned char* vs = ks + 4 * 32 * K_STRIDE_W;
+#define K_ROW_AT(u) (ks + (u) * 4 * K_STRIDE_W)
+#define V_ROW_AT(u) (vs + (u) * 4 * V_STRIDE_W)
+
+        // Scores of 4 n-tiles of 8 tokens: sc[j] holds rows gr (0, 1) and gr + 8 (2, 3) at
+        // tokens 8j + 2tq and 8j + 2tq + 1.
+        float sc[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) sc[j][e] = 0.0f;
+            if (8 * j >= cnt) continue; // warp-uniform
+            const unsigned char* krow = K_ROW_AT(8 * j + gr);
+            const unsigned char* s0row = K_ROW_AT(8 * j + 2 * tq);
+            const unsigned char* s1row = K_ROW_AT(8 * j + 2 * tq + 1);
+            for (int b = 0; b < D / 32; b++) {
+                const unsigned char* grp = krow + b * K_GB;
+                unsigned int b00 = k_pair(grp, 2 * tq);
+                unsigned int b01 = k_pair(grp, 2 * tq + 8);
+                unsigned int b10 = k_pair(grp, 16 + 2 * tq);
+                unsigned int b11 = k_pair(grp, 24 + 2 * tq);
+                float cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma_16816(cb, qa[2 * b], b00, b01);
+                mma_16816(cb, qa[2 * b + 1], b10, b11);
+                float d0 = k_scale(s0row + b * K_GB), d1 = k_scale(s1row + b * K_GB);
+                sc[j][0] = fmaf(d0, cb[0], sc[j][0]);
+                sc[j][1] = fmaf(d1, cb[1], sc[j][1]);
+                sc[j][2] = fmaf(d0, cb[2], sc[j][2]);
+                sc[j][3] = fmaf(d1, cb[3], sc[j][3]);
+            }
+        }
+
+        // Online softmax of rows gr (r = 0) and gr + 8 (r = 1); the four threads of a group hold
+        // a row's 32 scores between them.
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float tmax = NEG_INF;
+            bool nan = false;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float x = sc[j][2 * r + e];
+                    if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+                    bool valid = 8 * j + 2 * tq + e < cnt;
+                    x = valid ? x : NEG_INF;
+                    sc[j][2 * r + e] = x;
+                    tmax = fmaxf(tmax, x);
+                    nan = nan || isnan(x);
+                }
+            tmax = quad_max(tmax);
+            bool any_nan = quad_sum(nan ? 1.0f : 0.0f) > 0.0f;
+            float m_new = fmaxf(m[r], tmax);
+            bool all_inf = m_new == NEG_INF && !any_nan;
+            corr[r] = all_inf ? 1.0f : expf(m[r] - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    bool valid = 8 * j + 2 * tq + e < cnt;
+                    float pr = (valid && !all_inf) ? expf(sc[j][2 * r + e] - m_new) : 0.0f;
+                    sc[j][2 * r + e] = pr;
+                    sum += pr;
+                }
+            sum = quad_sum(sum);
+            if (all_inf) {
+                seen[r] = true;
+            } else {
+                l[r] = l[r] * corr[r] + sum;
+                m[r] = m_new;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+            o[i][0] *= corr[0];
+            o[i][1] *= corr[0];
+            o[i][2] *= corr[1];
+            o[i][3] *= corr[1];
+        }
+
+        // O += P V, 16 tokens at a time: this thread's A entries are tokens 16k + 2tq (+1)
+        // from n-tile 2k and 16k + 8 + 2tq (+1) from n-tile 2k + 1.
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            if (16 * k >= cnt) continue; // warp-uniform
+            const int ta = 16 * k + 2 * tq;
+            const int tok[4] = {ta, ta + 1, ta + 8, ta + 9};
+            bool ok[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) ok[e] = tok[e] < cnt;
+            for (int vb = 0; vb < DV / 32; vb++) {
+                float dv[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) dv[e] = ok[e] ? v_scale(V_ROW_AT(tok[e]) + vb * V_GB) : 0.0f;
+                unsigned int a[4];
+                a[0] = pack2(sc[2 * k][0] * dv[0], sc[2 * k][1] * dv[1]);
+                a[1] = pack2(sc[2 * k][2] * dv[0], sc[2 * k][3] * dv[1]);
+                a[2] = pack2(sc[2 * k + 1][0] * dv[2], sc[2 * k + 1][1] * dv[3]);
+                a[3] = pack2(sc[2 * k + 1][2] * dv[2], sc[2 * k + 1][3] * dv[3]);
+#pragma unroll
+                for (int nn = 0; nn < 4; nn++) {
+                    const int j = 8 * nn + gr; // dimension in the group
+                    float c[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) c[e] = ok[e] ? v_code(V_ROW_AT(tok[e]) + vb * V_GB, j) : 0.0f;
+                    mma_16816(o[4 * vb + nn], a, pack2(c[0], c[1]), pack2(c[2], c[3]));
+                }
+            }
+        }
+#undef K_ROW_AT
+#undef V_ROW_AT
+        __syncwarp();
+        stage ^= 1;
+    }
+
+    // This warp's partial of each query head of the group: rows gr, gr + 8.
+    const long long n_part = (long long)n_splits * WARPS;
+    const long long slot = (long long)split * WARPS + warp;
+    float* base = part + ((long long)seq * h_q + (long long)head * G) * n_part * PART;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = gr + 8 * r;
+        if (row >= G) continue;
+        float* out = base + ((long long)row * n_part + slot) * PART;
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+            out[8 * i + 2 * tq] = o[i][2 * r];
+            out[8 * i + 2 * tq + 1] = o[i][2 * r + 1];
+        }
+        if (tq == 0) {
+            out[DV] = m[r];
+            out[DV + 1] = l[r];
+            out[DV + 2] = seen[r] ? 1.0f : 0.0f;
+        }
+    }
+}
+#endif
