@@ -302,6 +302,15 @@ struct Shape {
     tensor_cores: bool,
 }
 
+/// The kernels' byte-at-once code paths: 1 for q4_0, 2 for q8_0, 0 for the format's accessor.
+fn fast(format: KvFormat) -> u32 {
+    match format {
+        KvFormat::Q4_0 => 1,
+        KvFormat::Q8_0 => 2,
+        _ => 0,
+    }
+}
+
 impl Shape {
     /// Shared memory of the decode kernel, as `attention.cu` lays it out: the group's queries,
     /// then per warp two stages of 32 raw K and V rows and the tile's weights.
@@ -317,7 +326,7 @@ impl Shape {
     fn source<T: GpuElement>(&self) -> (String, String) {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
-             #define G {}\n#define WARPS {}\n#define MMA {}\n#define KFAST {}\n",
+             #define G {}\n#define WARPS {}\n#define MMA {}\n#define KFAST {}\n#define VFAST {}\n",
             T::ELEM,
             self.k_format.name(),
             self.v_format.name(),
@@ -326,11 +335,8 @@ impl Shape {
             self.group,
             self.warps,
             self.tensor_cores as u32,
-            match self.k_format {
-                KvFormat::Q4_0 => 1,
-                KvFormat::Q8_0 => 2,
-                _ => 0,
-            },
+            fast(self.k_format),
+            fast(self.v_format),
         );
         let key = format!("attention {}", defines.replace('\n', " "));
         (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))

@@ -8,7 +8,7 @@
 //   D, DV    head dimensions of K and V (multiples of 32)
 //   G        query heads per KV head (GQA group; 1 is MHA)
 //   WARPS    warps per thread block
-//   MMA      1: also the tensor-core kernel (ELEM 1 or 2); KFAST 1/2: K is q4_0/q8_0
+//   MMA      1: also the tensor-core kernel (ELEM 1 or 2); KFAST, VFAST 1/2: K, V is q4_0/q8_0
 //
 // Cache rows: token t of sequence b, KV head h is row `(slot · n_heads + h)` of the cache,
 // where slot = page · page_tokens + t % page_tokens and page = table[b · table_stride +
@@ -520,6 +520,31 @@ RQ_FN unsigned int k_pair(const unsigned char* grp, int j) {
 RQ_FN float v_scale(const unsigned char* grp) { return RQ_CAT(rq_scale_, VFMT)(grp); }
 RQ_FN float v_code(const unsigned char* grp, int j) { return RQ_CAT(rq_code_, VFMT)(grp, j); }
 
+// Codes j of two V rows' groups (tokens of the same mma column pair), packed for the mma; a
+// token past the tile's end (`ok` false) is code 0. Bytes at once for q4_0 (VFAST 1) and q8_0
+// (VFAST 2).
+RQ_FN unsigned int v_pair(const unsigned char* ga, const unsigned char* gb, bool oka, bool okb,
+                          int j) {
+#if VFAST == 1
+    unsigned int w = (oka ? ga[2 + (j & 15)] : 0x88u) | ((okb ? gb[2 + (j & 15)] : 0x88u) << 8);
+    if (j >= 16) w >>= 4;
+    return pack2((float)((int)(w & 15u) - 8), (float)((int)((w >> 8) & 15u) - 8));
+#elif VFAST == 2
+    int a = oka ? (int)(signed char)ga[2 + j] : 0, b = okb ? (int)(signed char)gb[2 + j] : 0;
+    return pack2((float)a, (float)b);
+#else
+    return pack2(oka ? v_code(ga, j) : 0.0f, okb ? v_code(gb, j) : 0.0f);
+#endif
+}
+
+// e^x with the hardware's approximate exp2 (the tensor-core kernel rounds the weights to
+// f16/bf16 anyway); e^-inf = 0.
+RQ_FN float fast_exp(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+}
+
 RQ_FN float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 1));
     return fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 2));
@@ -668,14 +693,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention_mma(
             bool any_nan = quad_sum(nan ? 1.0f : 0.0f) > 0.0f;
             float m_new = fmaxf(m[r], tmax);
             bool all_inf = m_new == NEG_INF && !any_nan;
-            corr[r] = all_inf ? 1.0f : expf(m[r] - m_new);
+            corr[r] = all_inf ? 1.0f : fast_exp(m[r] - m_new);
             float sum = 0.0f;
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     bool valid = 8 * j + 2 * tq + e < cnt;
-                    float pr = (valid && !all_inf) ? expf(sc[j][2 * r + e] - m_new) : 0.0f;
+                    float pr = (valid && !all_inf) ? fast_exp(sc[j][2 * r + e] - m_new) : 0.0f;
                     sc[j][2 * r + e] = pr;
                     sum += pr;
                 }
@@ -717,10 +742,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention_mma(
 #pragma unroll
                 for (int nn = 0; nn < 4; nn++) {
                     const int j = 8 * nn + gr; // dimension in the group
-                    float c[4];
-#pragma unroll
-                    for (int e = 0; e < 4; e++) c[e] = ok[e] ? v_code(V_ROW_AT(tok[e]) + vb * V_GB, j) : 0.0f;
-                    mma_16816(o[4 * vb + nn], a, pack2(c[0], c[1]), pack2(c[2], c[3]));
+                    const unsigned char* g0 = V_ROW_AT(tok[0]) + vb * V_GB;
+                    const unsigned char* g1 = V_ROW_AT(tok[1]) + vb * V_GB;
+                    const unsigned char* g2 = V_ROW_AT(tok[2]) + vb * V_GB;
+                    const unsigned char* g3 = V_ROW_AT(tok[3]) + vb * V_GB;
+                    mma_16816(o[4 * vb + nn], a, v_pair(g0, g1, ok[0], ok[1], j),
+                              v_pair(g2, g3, ok[2], ok[3], j));
                 }
             }
         }
