@@ -390,6 +390,100 @@ impl CudaAttention {
         params: &AttentionParams,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
+        if params.pos_offset != 0 {
+            return Err(Error::InvalidParameter {
+                name: "pos_offset",
+                reason: "decode takes each sequence's query position in DecodeSeq::pos".into(),
+            }
+            .into());
+        }
+        self.attend(dev, q, h_q, k, v, seqs, false, params, out)
+    }
+
+    /// Attention of `n_q` query rows of one sequence (prefill, or a chunk of it): `q` is
+    /// `[n_q, h_q, d]` (unrotated), query `i` sits at position `params.pos_offset + i`, and the
+    /// sequence's first `n_tokens` tokens are in `k` and `v` (a contiguous cache of this one
+    /// sequence, or a paged cache whose table lists its pages). `out` receives `[n_q, h_q, d_v]`.
+    ///
+    /// Each query row runs as a decode row over the shared cache, so every row reads its
+    /// visible K/V rows again (from L2 when they fit): correct for every shape and option, but
+    /// far from a tiled prefill's speed.
+    ///
+    /// ```no_run
+    /// use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, Device};
+    /// use rotq_reference::{AttentionParams, KvFormat, RotationPlan};
+    /// let dev = Device::open("cuda:0")?;
+    /// let s = dev.stream();
+    /// let bytes = s.alloc_zeros::<u8>(512 * 2 * 136).unwrap();
+    /// let layout = CacheLayout::Contiguous { tokens_per_seq: 512 };
+    /// let k = CudaKvCache { format: KvFormat::Q8_0, bytes: &bytes, n_heads: 2, dim: 128, layout };
+    /// let q = s.clone_htod(&vec![half::f16::from_f32(0.1); 512 * 8 * 128]).unwrap();
+    /// let mut out = s.alloc_zeros::<half::f16>(512 * 8 * 128).unwrap();
+    /// let params = AttentionParams { causal: true, ..Default::default() };
+    /// let attn = CudaAttention::new(&dev, &RotationPlan::none())?;
+    /// attn.prefill(&dev, &q, 512, 8, &k, &k, 512, &params, &mut out)?;
+    /// # Ok::<(), rotq_cuda::CudaError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill<T: GpuElement>(
+        &self,
+        dev: &Device,
+        q: &CudaSlice<T>,
+        n_q: usize,
+        h_q: usize,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        n_tokens: usize,
+        params: &AttentionParams,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        params.validate()?;
+        params
+            .pos_offset
+            .checked_add(n_q)
+            .ok_or(CudaError::Input(Error::Overflow("query positions")))?;
+        let rows: Vec<DecodeSeq> = (0..n_q)
+            .map(|i| DecodeSeq {
+                n_tokens,
+                pos: params.pos_offset + i,
+            })
+            .collect();
+        // One shared cache: a contiguous one is one page of the whole sequence.
+        let one_page = [0u32];
+        fn shared<'a>(c: &CudaKvCache<'a>, one_page: &'a [u32]) -> CudaKvCache<'a> {
+            let layout = match c.layout {
+                CacheLayout::Contiguous { tokens_per_seq } => CacheLayout::Paged {
+                    table: one_page,
+                    pages_per_seq: 1,
+                    page_tokens: tokens_per_seq,
+                },
+                paged => paged,
+            };
+            CudaKvCache { layout, ..*c }
+        }
+        let (ks, vs) = (shared(k, &one_page), shared(v, &one_page));
+        let params = AttentionParams {
+            pos_offset: 0,
+            ..params.clone()
+        };
+        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &params, out)
+    }
+
+    /// Decode rows: `seqs[b]` against sequence b's cache, or, when `shared`, every row against
+    /// the one sequence of a paged `k`/`v` (its table's first `pages_per_seq` entries).
+    #[allow(clippy::too_many_arguments)]
+    fn attend<T: GpuElement>(
+        &self,
+        dev: &Device,
+        q: &CudaSlice<T>,
+        h_q: usize,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        seqs: &[DecodeSeq],
+        shared: bool,
+        params: &AttentionParams,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
         for ordinal in [
             dev.context().ordinal(),
             q.ordinal(),
@@ -404,7 +498,7 @@ impl CudaAttention {
                 });
             }
         }
-        let checked = self.check(q.len(), h_q, k, v, seqs, params, out.len())?;
+        let checked = self.check(q.len(), h_q, k, v, seqs, shared, params, out.len())?;
         if seqs.is_empty() {
             return Ok(());
         }
@@ -477,13 +571,16 @@ impl CudaAttention {
                 table,
                 pages_per_seq,
                 page_tokens,
-            } => (
-                stream
-                    .clone_htod(&table[..batch * pages_per_seq])
-                    .context(|| "uploading the block table".into())?,
-                pages_per_seq as i64,
-                page_tokens as i64,
-            ),
+            } => {
+                let rows = if shared { 1 } else { batch };
+                (
+                    stream
+                        .clone_htod(&table[..rows * pages_per_seq])
+                        .context(|| "uploading the block table".into())?,
+                    if shared { 0 } else { pages_per_seq as i64 },
+                    page_tokens as i64,
+                )
+            }
         };
         let n_part = splits * shape.warps;
         let part_len = (batch * h_q)
@@ -578,18 +675,14 @@ impl CudaAttention {
         k: &CudaKvCache<'_>,
         v: &CudaKvCache<'_>,
         seqs: &[DecodeSeq],
+        shared: bool,
         params: &AttentionParams,
         out_len: usize,
     ) -> Result<Checked> {
         params.validate()?;
         let shape = |m: String| -> Result<Checked> { Err(Error::Shape(m).into()) };
-        if params.pos_offset != 0 {
-            return Err(Error::InvalidParameter {
-                name: "pos_offset",
-                reason: "decode takes each sequence's query position in DecodeSeq::pos".into(),
-            }
-            .into());
-        }
+        // Sequences with a cache of their own (one when they share it).
+        let caches = if shared { 1 } else { seqs.len() };
         let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
         if h_kv == 0 || h_q == 0 || h_q % h_kv != 0 {
             return shape(format!(
@@ -665,7 +758,7 @@ impl CudaAttention {
                     }
                     .into());
                 }
-                let needed = batch.checked_mul(pa).ok_or(overflow("block table size"))?;
+                let needed = caches.checked_mul(pa).ok_or(overflow("block table size"))?;
                 if ta.len() < needed {
                     return Err(Error::LengthMismatch {
                         what: "block table entries (sequences × pages_per_seq)",
@@ -686,6 +779,13 @@ impl CudaAttention {
         if !fits(capacity) {
             return Err(overflow("sequence capacity"));
         }
+        // Before the pages are looked at: a sequence longer than its table would index past it.
+        if let Some((b, s)) = seqs.iter().enumerate().find(|(_, s)| s.n_tokens > capacity) {
+            return shape(format!(
+                "sequence {b} has {} tokens but the cache holds {capacity} per sequence",
+                s.n_tokens
+            ));
+        }
         for c in [k, v] {
             let row_bytes = c.format.row_bytes(c.dim)?;
             let token_bytes = h_kv
@@ -696,7 +796,7 @@ impl CudaAttention {
             }
             match pages {
                 None => {
-                    let needed = batch
+                    let needed = caches
                         .checked_mul(capacity)
                         .and_then(|x| x.checked_mul(token_bytes))
                         .ok_or(overflow("cache size"))?;
@@ -716,7 +816,8 @@ impl CudaAttention {
                     let n_pages = c.bytes.len() / page_bytes;
                     for (b, s) in seqs.iter().enumerate() {
                         let used = s.n_tokens.div_ceil(page_tokens);
-                        if let Some(bad) = table[b * per_seq..][..used]
+                        let row = if shared { 0 } else { b };
+                        if let Some(bad) = table[row * per_seq..][..used]
                             .iter()
                             .find(|&&p| p as usize >= n_pages)
                         {
@@ -733,13 +834,7 @@ impl CudaAttention {
             }
         }
         let mut longest = 0usize;
-        for (b, s) in seqs.iter().enumerate() {
-            if s.n_tokens > capacity {
-                return shape(format!(
-                    "sequence {b} has {} tokens but the cache holds {capacity} per sequence",
-                    s.n_tokens
-                ));
-            }
+        for s in seqs {
             if !fits(s.pos.checked_add(1).ok_or(overflow("query position"))?) {
                 return Err(overflow("query position"));
             }

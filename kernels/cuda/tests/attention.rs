@@ -113,7 +113,22 @@ fn sequences(c: &Case, plan: &RotationPlan) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// The oracle for sequence `b`: its query (as the GPU holds it) against its cache bytes.
 fn oracle(c: &Case, plan: &RotationPlan, q: &[f64], kb: &[u8], vb: &[u8], b: usize) -> Vec<f64> {
     let (n, pos) = c.seqs[b];
+    oracle_rows(c, plan, q, kb, vb, n, pos)
+}
+
+/// The oracle for query rows `q` ([n_q, h_q, d], the first at position `pos`) against `n`
+/// cached tokens.
+fn oracle_rows(
+    c: &Case,
+    plan: &RotationPlan,
+    q: &[f64],
+    kb: &[u8],
+    vb: &[u8],
+    n: usize,
+    pos: usize,
+) -> Vec<f64> {
     let h_q = c.h_kv * c.group;
+    let n_q = q.len() / (h_q * c.d);
     let decode = |f: KvFormat, bytes: &[u8], dim: usize| -> Array3<f64> {
         let vals = if bytes.is_empty() {
             Vec::new()
@@ -126,7 +141,7 @@ fn oracle(c: &Case, plan: &RotationPlan, q: &[f64], kb: &[u8], vb: &[u8], b: usi
     if let Some(r) = &plan.qk {
         r.rotate_rows(&mut qr, false).unwrap();
     }
-    let qa = Array3::from_shape_vec((1, h_q, c.d), qr).unwrap();
+    let qa = Array3::from_shape_vec((n_q, h_q, c.d), qr).unwrap();
     let (k, v) = (decode(c.k_format, kb, c.d), decode(c.v_format, vb, c.d_v));
     let params = AttentionParams {
         pos_offset: pos,
@@ -466,6 +481,117 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
     }
 }
 
+/// Prefill: query rows of one sequence against its cache (the first `seqs` entry: tokens, and
+/// the first query's position), contiguous or paged, every mask option, f32 and f16.
+fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
+    let plan = c.plan();
+    let h_q = c.h_kv * c.group;
+    let (n, pos) = c.seqs[0];
+    let one = Case {
+        seqs: vec![(n, pos)],
+        ..c.clone()
+    };
+    let per_seq = sequences(&one, &plan);
+    let capacity = n + 3;
+    let krb = c.k_format.row_bytes(c.d).unwrap();
+    let vrb = c.v_format.row_bytes(c.d_v).unwrap();
+    let (kb, table) = lay_out(&one, &[&per_seq[0].0], krb, capacity);
+    let (vb, _) = lay_out(&one, &[&per_seq[0].1], vrb, capacity);
+    let stream = dev.stream();
+    let (kd, vd) = (
+        stream.clone_htod(&kb).unwrap(),
+        stream.clone_htod(&vb).unwrap(),
+    );
+    let layout = match &table {
+        None => CacheLayout::Contiguous {
+            tokens_per_seq: capacity,
+        },
+        Some((table, per_seq)) => CacheLayout::Paged {
+            table,
+            pages_per_seq: *per_seq,
+            page_tokens: c.page_tokens.unwrap(),
+        },
+    };
+    let k = CudaKvCache {
+        format: c.k_format,
+        bytes: &kd,
+        n_heads: c.h_kv,
+        dim: c.d,
+        layout,
+    };
+    let v = CudaKvCache {
+        format: c.v_format,
+        bytes: &vd,
+        dim: c.d_v,
+        ..k
+    };
+    let q = random(n_q * h_q * c.d, c.seed ^ 5);
+    let q_held: Vec<f64> = q
+        .iter()
+        .map(|&x| f64::from(T::from_f32(x).to_f32()))
+        .collect();
+    let qd = upload::<T>(dev, &q);
+    let mut out = stream.alloc_zeros::<T>(n_q * h_q * c.d_v).unwrap();
+    let params = AttentionParams {
+        pos_offset: pos,
+        ..c.params()
+    };
+    let attn = CudaAttention::new(dev, &plan)
+        .unwrap()
+        .with_config(c.config);
+    attn.prefill(dev, &qd, n_q, h_q, &k, &v, n, &params, &mut out)
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
+    let want = oracle_rows(c, &plan, &q_held, &per_seq[0].0, &per_seq[0].1, n, pos);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.is_nan(),
+            w.is_nan(),
+            "{c:?}: NaN at {i}: got {g}, want {w}"
+        );
+    }
+    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(&got, &want) {
+        panic!(
+            "prefill n_q={n_q} {} {c:?}: {m}",
+            std::any::type_name::<T>()
+        );
+    }
+}
+
+/// Prefill against the oracle: a fresh prompt (queries at 0..), a chunk at the end of a longer
+/// cache, windows and soft-cap, contiguous and paged.
+#[test]
+fn prefill_matches_the_oracle() {
+    let Some(dev) = device() else { return };
+    for (n_kv, pos, n_q, causal, window, softcap, page_tokens) in [
+        (77usize, 0usize, 77usize, true, None, None, None),
+        (150, 113, 37, true, None, None, Some(16)),
+        (150, 100, 50, true, Some(40), Some(20.0), None),
+        (60, 0, 9, false, None, None, Some(32)),
+        (0, 0, 5, true, None, None, None),
+    ] {
+        for (k_format, v_format, plan) in [
+            (KvFormat::Q8_0, KvFormat::Q8_0, 1u8),
+            (KvFormat::Q4_0, KvFormat::F16, 3),
+            (KvFormat::Q5_1, KvFormat::Q4_1, 2),
+        ] {
+            let c = Case {
+                k_format,
+                v_format,
+                plan,
+                seqs: vec![(n_kv, pos)],
+                causal,
+                window,
+                softcap,
+                page_tokens,
+                ..Case::basic()
+            };
+            check_prefill::<f32>(dev, &c, n_q);
+            check_prefill::<f16>(dev, &c, n_q);
+        }
+    }
+}
+
 /// Bad calls are typed errors, before anything runs.
 #[test]
 fn bad_inputs_are_typed_errors() {
@@ -570,6 +696,48 @@ fn bad_inputs_are_typed_errors() {
     assert!(input(
         attn.decode(dev, &q, 8, &paged, &paged, &ok, &p, &mut out)
     ));
+    // A paged sequence longer than its table.
+    let long = [DecodeSeq {
+        n_tokens: 41,
+        pos: 40,
+    }];
+    let table = [0u32, 1];
+    let paged = CudaKvCache {
+        layout: CacheLayout::Paged {
+            table: &table,
+            pages_per_seq: 2,
+            page_tokens: 20,
+        },
+        ..k
+    };
+    assert!(attn
+        .decode(dev, &q, 8, &paged, &paged, &ok, &p, &mut out)
+        .is_ok());
+    assert!(input(
+        attn.decode(dev, &q, 8, &paged, &paged, &long, &p, &mut out)
+    ));
+    // Prefill: more tokens than the cache holds, a wrong query length, positions that
+    // overflow.
+    assert!(input(attn.prefill(
+        dev,
+        &q,
+        1,
+        8,
+        &k,
+        &k,
+        n + 1,
+        &p,
+        &mut out
+    )));
+    assert!(input(attn.prefill(dev, &q, 2, 8, &k, &k, n, &p, &mut out)));
+    let far = AttentionParams {
+        pos_offset: usize::MAX,
+        ..Default::default()
+    };
+    assert!(input(
+        attn.prefill(dev, &q, 1, 8, &k, &k, n, &far, &mut out)
+    ));
+    assert!(attn.prefill(dev, &q, 1, 8, &k, &k, n, &p, &mut out).is_ok());
     // A plan for another head dimension.
     let plan = RotationPlan {
         qk: Some(Rotation::hadamard(64).unwrap()),
