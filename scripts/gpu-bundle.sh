@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CUDA test executables and the `rotq` CLI (for `rotq bench --device cuda:0`) into
+# Builds the CUDA test executables, the `rotq` CLI (for `rotq bench --device cuda:0`) and
+# `autotune` (for `autotune --device cuda:0`) into
 # one folder, with a run script, ready to carry to a machine that has a GPU but no Rust.
 #
 #   scripts/gpu-bundle.sh [FOLDER]      (default: gpu-bundle, ignored by git)
@@ -11,8 +12,8 @@ out=${1:-gpu-bundle}
 rm -rf "$out"
 mkdir -p "$out"
 
-cargo build --release --locked --bin rotq
-cp target/release/rotq "$out/"
+cargo build --release --locked --bin rotq --bin autotune
+cp target/release/rotq target/release/autotune "$out/"
 # Every test executable of rotq-cuda (its unit tests and tests/*.rs).
 cargo test --release --locked -p rotq-cuda --no-run --message-format=json 2>/dev/null |
     grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' |

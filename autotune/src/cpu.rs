@@ -11,7 +11,7 @@ use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
 
 /// `len` values in [−1, 1) with a few outliers (never all zero).
-fn random(len: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut g = SplitMix64::new(seed);
     (0..len)
         .map(|i| {

@@ -10,7 +10,8 @@
 //! 1. **gates** every candidate: its output on the gate problem must match the oracle within
 //!    the tolerance table, else it is rejected and reported with the mismatch, never chosen;
 //! 2. **times** the default and each gated candidate: a warm-up, then the median of several
-//!    samples, each sample enough calls to last a few milliseconds (wall clock on the CPU);
+//!    samples, each sample enough calls to last a few milliseconds (wall clock on the CPU,
+//!    CUDA events around the calls on a GPU);
 //!    the spread (interquartile range over the median) is kept with the median;
 //! 3. **keeps the default** unless the fastest candidate still beats it when the two are timed
 //!    again, alternately, over five rounds: the median of the per-round time ratios must be
@@ -20,6 +21,7 @@
 //! Results go to the tuning cache of `rotq_reference::tuned`.
 
 pub mod cpu;
+pub mod cuda;
 
 use rotq_reference::rotation::SplitMix64;
 use serde::Serialize;
@@ -45,6 +47,37 @@ pub trait Tunable {
     fn gate(&mut self, config: &Self::Config) -> Result<(), String>;
     /// One timed call with `config` on the timed problem.
     fn run(&mut self, config: &Self::Config);
+    /// The timing of `config` when the kernel times itself (a GPU kernel, with its device's
+    /// events); `None` (the default) times [`Self::run`] with the wall clock.
+    fn timed(&mut self, config: &Self::Config, plan: TimingPlan) -> Option<Timing> {
+        let _ = (config, plan);
+        None
+    }
+}
+
+/// The timing of `config` on `t`: the kernel's own, else the wall clock over [`Tunable::run`].
+fn measure<T: Tunable>(t: &mut T, config: &T::Config, plan: TimingPlan) -> Timing {
+    match t.timed(config, plan) {
+        Some(timing) => timing,
+        None => time(plan.samples, plan.min_sample, || t.run(config)),
+    }
+}
+
+/// The median and interquartile spread of per-call milliseconds.
+pub fn timing_of(mut samples: Vec<f64>) -> Timing {
+    if samples.is_empty() {
+        return Timing {
+            median_ms: f64::NAN,
+            spread: f64::NAN,
+        };
+    }
+    samples.sort_by(f64::total_cmp);
+    let q = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    let median = q(0.5);
+    Timing {
+        median_ms: median,
+        spread: (q(0.75) - q(0.25)) / median,
+    }
 }
 
 /// A median and its spread.
@@ -65,7 +98,7 @@ pub fn time(samples: usize, min_sample: Duration, mut f: impl FnMut()) -> Timing
     let calls = (min_sample.as_secs_f64() / one.as_secs_f64())
         .ceil()
         .clamp(1.0, 1e6) as usize;
-    let mut t: Vec<f64> = (0..samples.max(3))
+    let t: Vec<f64> = (0..samples.max(3))
         .map(|_| {
             let s = Instant::now();
             for _ in 0..calls {
@@ -74,13 +107,7 @@ pub fn time(samples: usize, min_sample: Duration, mut f: impl FnMut()) -> Timing
             s.elapsed().as_secs_f64() * 1e3 / calls as f64
         })
         .collect();
-    t.sort_by(f64::total_cmp);
-    let q = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize];
-    let median = q(0.5);
-    Timing {
-        median_ms: median,
-        spread: (q(0.75) - q(0.25)) / median,
-    }
+    timing_of(t)
 }
 
 /// A candidate the gate rejected, and why.
@@ -157,7 +184,7 @@ pub fn tune<T: Tunable>(
             t.bucket()
         )
     })?;
-    let default = time(plan.samples, plan.min_sample, || t.run(&default_config));
+    let default = measure(t, &default_config, plan);
     let mut best = (default_config.clone(), default);
     let mut out = Outcome {
         kernel: t.kernel(),
@@ -195,7 +222,7 @@ pub fn tune<T: Tunable>(
             });
             continue;
         }
-        let timing = time(plan.samples, plan.min_sample, || t.run(c));
+        let timing = measure(t, c, plan);
         out.tried += 1;
         if timing.median_ms < best.1.median_ms {
             best = (c.clone(), timing);
@@ -217,10 +244,12 @@ pub fn tune<T: Tunable>(
     let rounds = 5;
     let (mut d, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let td = time(plan.samples.div_ceil(2), plan.min_sample, || {
-            t.run(&default_config)
-        });
-        let tb = time(plan.samples.div_ceil(2), plan.min_sample, || t.run(&best.0));
+        let half = TimingPlan {
+            samples: plan.samples.div_ceil(2),
+            ..plan
+        };
+        let td = measure(t, &default_config, half);
+        let tb = measure(t, &best.0, half);
         ratios.push(tb.median_ms / td.median_ms);
         d.push(td);
         b.push(tb);

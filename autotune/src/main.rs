@@ -2,8 +2,7 @@
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use rotq_autotune::cpu::{Decode, Fwht, Quantize};
-use rotq_autotune::{tune, Outcome, TimingPlan, Tunable};
+use rotq_autotune::{cpu, cuda, tune, Outcome, TimingPlan, Tunable};
 use rotq_reference::tuned::{default_path, Loaded, TuneFile};
 use rotq_reference::KvFormat;
 use serde::{Deserialize, Serialize};
@@ -16,15 +15,16 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// `cpu` (CUDA tuning is not built yet).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// `cuda:N` or `cpu` (default: cuda:0 when a GPU is present, else cpu).
+    #[arg(long)]
+    device: Option<String>,
     /// Kernels to tune, comma-separated: fwht, quantize, decode.
     #[arg(long, default_value = "fwht,quantize,decode", value_delimiter = ',')]
     kernels: Vec<String>,
     /// Shapes: a preset (`default`: what the benches use; `small`: a quick run) or a JSON file
     /// like {"fwht": [128], "quantize": [{"format": "q4_0", "dim": 128}],
-    /// "decode": [{"format": "q4_0", "n_kv": 4096, "h_kv": 8}]}.
+    /// "decode": [{"format": "q4_0", "n_kv": 4096, "h_kv": 8, "batch": 16}]} (`batch`, the
+    /// sequences of a decode call, is for GPUs; the CPU tunes one sequence).
     #[arg(long, default_value = "default")]
     shapes: String,
     /// Time budget for the whole run, in seconds, shared by the (kernel, shape) tasks.
@@ -53,6 +53,13 @@ struct DecodeShape {
     format: String,
     n_kv: usize,
     h_kv: usize,
+    /// Sequences per call (GPU only).
+    #[serde(default = "one")]
+    batch: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The shapes to tune, per kernel.
@@ -75,32 +82,51 @@ fn default_bytes() -> usize {
 }
 
 impl Shapes {
-    fn preset(name: &str) -> Result<Self, String> {
+    fn preset(name: &str, gpu: bool) -> Result<Self, String> {
         let q = |format: &str, dim| QuantShape {
             format: format.into(),
             dim,
         };
-        let d = |format: &str, n_kv| DecodeShape {
+        let d = |format: &str, n_kv, batch| DecodeShape {
             format: format.into(),
             n_kv,
             h_kv: 8,
+            batch,
         };
         match name {
+            // A GPU: decode of one short sequence and of a batch of long ones.
+            "default" if gpu => Ok(Self {
+                fwht: vec![128, 4096],
+                quantize: vec![q("q4_0", 128), q("q8_0", 128)],
+                decode: vec![
+                    d("q4_0", 4096, 1),
+                    d("q4_0", 32768, 16),
+                    d("q8_0", 4096, 1),
+                    d("q8_0", 32768, 16),
+                ],
+                bytes: 64 << 20,
+            }),
+            "small" if gpu => Ok(Self {
+                fwht: vec![128],
+                quantize: vec![q("q4_0", 128)],
+                decode: vec![d("q4_0", 2048, 4)],
+                bytes: 16 << 20,
+            }),
             "default" => Ok(Self {
                 fwht: vec![128, 4096],
                 quantize: vec![q("q4_0", 128), q("q8_0", 128)],
                 decode: vec![
-                    d("q4_0", 4096),
-                    d("q4_0", 32768),
-                    d("q8_0", 4096),
-                    d("q8_0", 32768),
+                    d("q4_0", 4096, 1),
+                    d("q4_0", 32768, 1),
+                    d("q8_0", 4096, 1),
+                    d("q8_0", 32768, 1),
                 ],
                 bytes: 64 << 20,
             }),
             "small" => Ok(Self {
                 fwht: vec![128],
                 quantize: vec![q("q4_0", 128)],
-                decode: vec![d("q4_0", 2048), d("q8_0", 2048)],
+                decode: vec![d("q4_0", 2048, 1), d("q8_0", 2048, 1)],
                 bytes: 4 << 20,
             }),
             file => {
@@ -186,7 +212,7 @@ fn run_one<T: Tunable>(
 }
 
 /// Checks every shape before any tuning starts, so that a bad one costs no work.
-fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool) -> Result<(), String> {
+fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool, gpu: bool) -> Result<(), String> {
     let err = |e: rotq_reference::Error| e.to_string();
     if wants("fwht") {
         for &n in &shapes.fwht {
@@ -205,11 +231,17 @@ fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool) -> Result<(), String>
             let fits = d
                 .n_kv
                 .checked_mul(d.h_kv)
+                .and_then(|r| r.checked_mul(d.batch))
                 .and_then(|r| r.checked_mul(row))
                 .is_some_and(|b| b <= 1 << 34);
-            if d.n_kv == 0 || d.h_kv == 0 || !fits {
+            if d.n_kv == 0 || d.h_kv == 0 || d.batch == 0 || !fits {
                 return Err(format!(
-                    "decode shape {d:?}: need n_kv >= 1, h_kv >= 1 and a cache under 16 GiB"
+                    "decode shape {d:?}: need n_kv, h_kv and batch >= 1 and a cache under 16 GiB"
+                ));
+            }
+            if d.batch != 1 && !gpu {
+                return Err(format!(
+                    "decode shape {d:?}: the CPU tunes one sequence (batch 1)"
                 ));
             }
         }
@@ -243,15 +275,29 @@ fn save(
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// A decode task's share of the budget, in units of the others': its search space is about
+/// twice theirs.
+const DECODE_WEIGHT: usize = 2;
+
 fn run(args: Args) -> Result<(), String> {
-    if args.device != "cpu" {
-        return Err(format!(
-            "device `{}`: only `cpu` can be tuned so far (CUDA tuning is not built yet)",
-            args.device
-        ));
-    }
+    let device_name = args.device.clone().unwrap_or_else(|| {
+        if rotq_cuda::cuda_available() {
+            "cuda:0".into()
+        } else {
+            "cpu".into()
+        }
+    });
+    let gpu = device_name != "cpu";
+    let cuda_dev = if gpu {
+        Some(
+            rotq_cuda::Device::open(&device_name)
+                .map_err(|e| format!("device `{device_name}`: {e} (use `cpu` or `cuda:N`)"))?,
+        )
+    } else {
+        None
+    };
     let small = args.shapes == "small";
-    let shapes = Shapes::preset(&args.shapes)?;
+    let shapes = Shapes::preset(&args.shapes, gpu)?;
     for k in &args.kernels {
         if !["fwht", "quantize", "decode"].contains(&k.as_str()) {
             return Err(format!("unknown kernel `{k}`: fwht, quantize or decode"));
@@ -263,13 +309,21 @@ fn run(args: Args) -> Result<(), String> {
         .clone()
         .or_else(default_path)
         .ok_or("no cache path: pass --out, or set ROTQ_TUNE_CACHE or HOME")?;
-    let device = rotq_cpu::tuned::device_identity();
-    let hash = rotq_cpu::tuned::KERNEL_HASH;
+    let (device, hash) = match &cuda_dev {
+        Some(d) => (
+            rotq_cuda::tuned::device_identity(d.info()),
+            rotq_cuda::tuned::kernel_hash(),
+        ),
+        None => (
+            rotq_cpu::tuned::device_identity(),
+            rotq_cpu::tuned::KERNEL_HASH.to_string(),
+        ),
+    };
     // A foreign file is kept: moved aside only when this run saves its first result.
     let mut replace = false;
-    let mut file = match TuneFile::load(&path, &device, hash) {
+    let mut file = match TuneFile::load(&path, &device, &hash) {
         Loaded::Usable(f) => f,
-        Loaded::Missing => TuneFile::new(device.clone(), hash),
+        Loaded::Missing => TuneFile::new(device.clone(), &hash),
         Loaded::Unreadable { reason } => {
             return Err(format!(
                 "cannot read the cache ({reason}); not writing over it"
@@ -281,46 +335,50 @@ fn run(args: Args) -> Result<(), String> {
                 path.display()
             );
             replace = true;
-            TuneFile::new(device.clone(), hash)
+            TuneFile::new(device.clone(), &hash)
         }
         Loaded::Corrupt { reason, kept_at } => {
             eprintln!(
                 "ignoring a corrupt cache ({reason}){}",
                 kept_at.map_or(String::new(), |p| format!("; kept as {}", p.display()))
             );
-            TuneFile::new(device.clone(), hash)
+            TuneFile::new(device.clone(), &hash)
         }
     };
-    validate(&shapes, &wants)?;
-    let tasks = [
-        ("fwht", shapes.fwht.len()),
-        ("quantize", shapes.quantize.len()),
-        ("decode", shapes.decode.len()),
-    ]
-    .iter()
-    .filter(|(k, _)| wants(k))
-    .map(|(_, n)| n)
-    .sum::<usize>();
+    validate(&shapes, &wants, gpu)?;
+    // Tasks, and their weights in the budget.
+    let counts = [
+        ("fwht", shapes.fwht.len(), 1),
+        ("quantize", shapes.quantize.len(), 1),
+        ("decode", shapes.decode.len(), DECODE_WEIGHT),
+    ];
+    let chosen = counts.iter().filter(|(k, _, _)| wants(k));
+    let tasks = chosen.clone().map(|(_, n, _)| n).sum::<usize>();
+    let weights = chosen.map(|(_, n, w)| n * w).sum::<usize>();
     if tasks == 0 {
         return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
     let budget = Duration::from_secs(args.budget_secs);
     let started = std::time::Instant::now();
-    // What a task may spend: the budget left, shared by the tasks left (unused time carries).
+    // What a task of weight `w` may spend: its part of the budget left, shared by the tasks
+    // left in proportion to their weights (unused time carries over).
     let mut done = 0usize;
-    let share =
-        |done: usize| budget.saturating_sub(started.elapsed()) / (tasks - done).max(1) as u32;
-    let per_task = share(0);
-    let plan = if small {
+    let share = |done: usize, w: usize| {
+        budget.saturating_sub(started.elapsed()) * w as u32 / (weights - done).max(1) as u32
+    };
+    let per_task = share(0, 1);
+    // CUDA events time a GPU sample to a microsecond: short samples suffice there, and leave
+    // the budget to the candidates (and their first compilation).
+    let plan = if small || gpu {
         TimingPlan {
-            samples: 5,
+            samples: if gpu { 7 } else { 5 },
             min_sample: Duration::from_millis(5),
         }
     } else {
         TimingPlan::default()
     };
     eprintln!(
-        "tuning {} on {} ({tasks} tasks, {:.0} s each at most)",
+        "tuning {} on {} ({tasks} tasks, about {:.0} s each, twice that for decode)",
         args.kernels.join(", "),
         device.name,
         per_task.as_secs_f64()
@@ -332,31 +390,47 @@ fn run(args: Args) -> Result<(), String> {
     );
     let mut rows = Vec::new();
     let err = |e: rotq_reference::Error| e.to_string();
+    // Tunes one task, records it and saves the cache.
+    macro_rules! task {
+        ($t:expr, $w:expr) => {{
+            let mut t = $t;
+            rows.push(run_one(&mut t, share(done, $w), plan, &bar, &mut file)?);
+            done += $w;
+            save(&mut file, &path, &device, &hash, &mut replace)?;
+            bar.inc(1);
+        }};
+    }
+    // Decode first: the kernel with the most to gain gets the budget while it is whole.
+    if wants("decode") {
+        for d in &shapes.decode {
+            let f = format_of(&d.format)?;
+            match &cuda_dev {
+                Some(dev) => task!(
+                    cuda::Decode::new(dev, f, d.n_kv, d.h_kv, d.batch)?,
+                    DECODE_WEIGHT
+                ),
+                None => task!(
+                    cpu::Decode::new(f, d.n_kv, d.h_kv).map_err(err)?,
+                    DECODE_WEIGHT
+                ),
+            }
+        }
+    }
     if wants("fwht") {
         for &n in &shapes.fwht {
-            let mut t = Fwht::new(n, shapes.bytes).map_err(err)?;
-            rows.push(run_one(&mut t, share(done), plan, &bar, &mut file)?);
-            done += 1;
-            save(&mut file, &path, &device, hash, &mut replace)?;
-            bar.inc(1);
+            match &cuda_dev {
+                Some(dev) => task!(cuda::Fwht::new(dev, n, shapes.bytes)?, 1),
+                None => task!(cpu::Fwht::new(n, shapes.bytes).map_err(err)?, 1),
+            }
         }
     }
     if wants("quantize") {
         for q in &shapes.quantize {
-            let mut t = Quantize::new(format_of(&q.format)?, q.dim, shapes.bytes).map_err(err)?;
-            rows.push(run_one(&mut t, share(done), plan, &bar, &mut file)?);
-            done += 1;
-            save(&mut file, &path, &device, hash, &mut replace)?;
-            bar.inc(1);
-        }
-    }
-    if wants("decode") {
-        for d in &shapes.decode {
-            let mut t = Decode::new(format_of(&d.format)?, d.n_kv, d.h_kv).map_err(err)?;
-            rows.push(run_one(&mut t, share(done), plan, &bar, &mut file)?);
-            done += 1;
-            save(&mut file, &path, &device, hash, &mut replace)?;
-            bar.inc(1);
+            let f = format_of(&q.format)?;
+            match &cuda_dev {
+                Some(dev) => task!(cuda::Quantize::new(dev, f, q.dim, shapes.bytes)?, 1),
+                None => task!(cpu::Quantize::new(f, q.dim, shapes.bytes).map_err(err)?, 1),
+            }
         }
     }
     bar.finish_and_clear();

@@ -228,11 +228,13 @@ fn tuning_on_the_cpu_end_to_end() {
     assert!(file.entries.contains_key("fwht_f32/n=64"));
     assert_eq!(file.entries.len(), 5);
     std::fs::write(&shapes, r#"{"fwht": [64], "typo": 1}"#).unwrap();
-    let o = autotune(&[], Some(&shapes), &out);
+    let o = autotune(&["--device", "cpu"], Some(&shapes), &out);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("typo"));
     // A bad argument is a one-line error.
-    let bad = autotune(&["--device", "cuda:0"], None, &out);
+    let bad = autotune(&["--device", "gpu7"], None, &out);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("only `cpu`"));
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("gpu7") && msg.contains("cuda:N"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
 }

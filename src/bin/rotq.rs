@@ -241,22 +241,39 @@ fn cuda_bench(device: &str, quick: bool) -> Result<Vec<BenchRecord>, Error> {
     bench_cuda::run_all(device, &opts, |what| eprintln!("  {what} ..."))
 }
 
-/// Which kernel configurations are in force, and where they come from.
+/// Which kernel configurations are in force, and where they come from: the CPU's, and each
+/// GPU's.
 fn print_tuning() {
-    use rotq::reference::tuned::Loaded;
     let state = rotq_cpu::tuned::cache();
-    let path = state
-        .path
-        .as_ref()
-        .map_or("(no path: set ROTQ_TUNE_CACHE or HOME)".to_string(), |p| {
-            p.display().to_string()
-        });
     println!();
     println!(
         "CPU kernel configurations (device: {})",
         rotq_cpu::tuned::device_identity().name
     );
-    match &state.loaded {
+    print_cache(state.path.as_deref(), &state.loaded);
+    if rotq_cuda::cuda_available() {
+        for ordinal in 0.. {
+            let Ok(dev) = rotq_cuda::Device::new(ordinal) else {
+                break;
+            };
+            println!();
+            println!(
+                "CUDA kernel configurations (cuda:{ordinal}: {})",
+                dev.info().name
+            );
+            let t = dev.tuning();
+            print_cache(t.path.as_deref(), &t.loaded);
+        }
+    }
+}
+
+/// What a tuning cache holds for this device.
+fn print_cache(path: Option<&std::path::Path>, loaded: &rotq::reference::tuned::Loaded) {
+    use rotq::reference::tuned::Loaded;
+    let path = path.map_or("(no path: set ROTQ_TUNE_CACHE or HOME)".to_string(), |p| {
+        p.display().to_string()
+    });
+    match loaded {
         Loaded::Usable(f) => {
             println!("tuned, from {path}:");
             for (key, e) in &f.entries {

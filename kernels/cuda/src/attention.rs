@@ -199,6 +199,8 @@ pub struct CudaAttention {
     qk: Option<DeviceRotation>,
     v: Option<DeviceRotation>,
     config: DecodeConfig,
+    /// Whether to look up the tuning cache (no explicit `with_config`).
+    tuned: bool,
     ordinal: usize,
 }
 
@@ -359,19 +361,40 @@ impl CudaAttention {
                 .map(|r| DeviceRotation::new(dev, r))
                 .transpose()?,
             config: DecodeConfig::default(),
+            tuned: true,
             ordinal: dev.context().ordinal(),
         })
     }
 
-    /// The same kernels with other tuning knobs.
+    /// The same kernels with other tuning knobs (instead of the tuning cache's).
     pub fn with_config(mut self, config: DecodeConfig) -> Self {
         self.config = config;
+        self.tuned = false;
         self
     }
 
-    /// The knobs in use.
-    pub fn config(&self) -> DecodeConfig {
-        self.config
+    /// The knobs for a call on `dev` with K in `k_format`, `d` dims, `h_kv` KV heads, `group`
+    /// query heads per KV head, `batch` rows and at most `n_kv` visible tokens: the tuning
+    /// cache's, unless [`Self::with_config`] set them, else the default.
+    #[allow(clippy::too_many_arguments)]
+    pub fn config_for(
+        &self,
+        dev: &Device,
+        k_format: KvFormat,
+        d: usize,
+        h_kv: usize,
+        group: usize,
+        n_kv: usize,
+        batch: usize,
+    ) -> DecodeConfig {
+        let tuned = || {
+            dev.tuned(
+                &format!("decode_attention_{k_format}"),
+                &crate::tuned::decode_bucket(d, h_kv, group, n_kv, batch),
+                &DecodeConfig::search_space(),
+            )
+        };
+        self.tuned.then(tuned).flatten().unwrap_or(self.config)
     }
 
     /// Decode attention for a batch of sequences: `q` is `[seqs.len(), h_q, d]` (unrotated),
@@ -506,6 +529,7 @@ impl CudaAttention {
         let group = h_q / h_kv;
         let batch = seqs.len();
 
+        let config = self.config_for(dev, k.format, d, h_kv, group, checked.longest, batch);
         // Warps: as configured, fewer if their buffers do not fit the shared memory.
         let mut shape = Shape {
             k_format: k.format,
@@ -513,8 +537,8 @@ impl CudaAttention {
             d,
             d_v,
             group,
-            warps: self.config.warps.clamp(1, 16),
-            tensor_cores: self.config.tensor_cores
+            warps: config.warps.clamp(1, 16),
+            tensor_cores: config.tensor_cores
                 && T::ELEM != 0
                 && TENSOR_CORE_K_FORMATS.contains(&k.format)
                 && TENSOR_CORE_V_FORMATS.contains(&v.format),
@@ -536,7 +560,7 @@ impl CudaAttention {
         let longest = checked.longest;
         let tile = 32 * shape.warps;
         let most = longest.div_ceil(32).max(1);
-        let splits = match self.config.splits {
+        let splits = match config.splits {
             0 => {
                 let target = 4 * dev.info().multiprocessors.max(1) as usize;
                 target.div_ceil(batch * h_kv)

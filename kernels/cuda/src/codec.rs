@@ -59,6 +59,8 @@ pub struct CudaCodec {
     rotation: Option<CudaRotation>,
     identity: Transform,
     config: RowConfig,
+    /// Whether to look up the tuning cache (no explicit `with_config`).
+    tuned: bool,
     ordinal: usize,
 }
 
@@ -90,14 +92,29 @@ impl CudaCodec {
             rotation,
             identity: Transform::identity(dim)?,
             config: RowConfig::codec_default(),
+            tuned: true,
             ordinal: dev.context().ordinal(),
         })
     }
 
-    /// The same codec with other tuning knobs.
+    /// The same codec with other tuning knobs (instead of the tuning cache's).
     pub fn with_config(mut self, config: RowConfig) -> Self {
         self.config = config;
+        self.tuned = false;
         self
+    }
+
+    /// The knobs of rotate-quantize on `dev`: the tuning cache's, unless
+    /// [`Self::with_config`] set them, else the default.
+    pub fn config_for(&self, dev: &Device) -> RowConfig {
+        let tuned = || {
+            dev.tuned(
+                &format!("rotate_quantize_{}", self.format),
+                &crate::tuned::quantize_bucket(self.dim),
+                &RowConfig::search_space(),
+            )
+        };
+        self.tuned.then(tuned).flatten().unwrap_or(self.config)
     }
 
     /// Bytes of one cache row.
@@ -302,7 +319,12 @@ impl CudaCodec {
         };
         let scale = self.rotation.as_ref().map_or(1.0, CudaRotation::scale);
         let transform = self.transform();
-        let geometry = kernel::geometry(transform, self.config, true, self.row_bytes, dev)?;
+        let config = if name == "rotate_quantize" {
+            self.config_for(dev)
+        } else {
+            self.config
+        };
+        let geometry = kernel::geometry(transform, config, true, self.row_bytes, dev)?;
         let rotate = self.rotation.is_some();
         let (key, src) = kernel::source(transform, geometry, T::ELEM, rotate, Some(self.format));
         let function = kernel::function(dev, &key, &src, name, geometry.smem)?;

@@ -4,6 +4,7 @@ use crate::error::{Context, CudaError, Result};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+use rotq_reference::tuned::{default_path, Loaded, TuneFile};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +42,16 @@ pub struct Device {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    tuning: Tuning,
+}
+
+/// The tuning cache as a device sees it: where it is, and what was found there.
+#[derive(Debug)]
+pub struct Tuning {
+    /// The file looked at (`None`: no path could be formed).
+    pub path: Option<std::path::PathBuf>,
+    /// What was found.
+    pub loaded: Loaded,
 }
 
 impl std::fmt::Debug for Device {
@@ -129,12 +140,41 @@ impl Device {
             )? as usize,
         };
         let stream = ctx.default_stream();
+        let path = default_path();
+        let loaded = match &path {
+            Some(p) => TuneFile::peek(
+                p,
+                &crate::tuned::device_identity(&info),
+                &crate::tuned::kernel_hash(),
+            ),
+            None => Loaded::Missing,
+        };
         Ok(Self {
             ctx,
             stream,
             info,
             modules: Mutex::new(HashMap::new()),
+            tuning: Tuning { path, loaded },
         })
+    }
+
+    /// The tuning cache read when the device was opened.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    /// The tuned configuration of `kernel` at `bucket`, if the cache has one and it is one of
+    /// the kernel's `candidates` (a hand-edited value outside the search space is not trusted).
+    pub(crate) fn tuned<C: serde::de::DeserializeOwned + PartialEq>(
+        &self,
+        kernel: &str,
+        bucket: &str,
+        candidates: &[C],
+    ) -> Option<C> {
+        match &self.tuning.loaded {
+            Loaded::Usable(f) => f.config(kernel, bucket).filter(|c| candidates.contains(c)),
+            _ => None,
+        }
     }
 
     /// What the device is.

@@ -31,14 +31,15 @@ mod error;
 mod kernel;
 mod rotation;
 mod timing;
+pub mod tuned;
 
 pub use attention::{
     CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, MAX_GROUP,
     TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS,
 };
 pub use codec::{CacheTarget, CudaCodec};
-pub use device::{cuda_available, Device, DeviceInfo};
+pub use device::{cuda_available, Device, DeviceInfo, Tuning};
 pub use error::{CudaError, Result};
 pub use kernel::RowConfig;
 pub use rotation::{CudaRotation, GpuElement};
-pub use timing::{copy_bandwidth, median_ms};
+pub use timing::{copy_bandwidth, median_ms, sample_ms};

@@ -40,6 +40,8 @@ pub struct CudaRotation {
     // Shared, so that clones (one per configuration, say) don't copy them on the device.
     signs: Option<Arc<CudaSlice<f32>>>,
     config: RowConfig,
+    /// Whether to look up the tuning cache (no explicit `with_config`).
+    tuned: bool,
     ordinal: usize,
 }
 
@@ -59,14 +61,29 @@ impl CudaRotation {
             transform,
             signs,
             config: RowConfig::default(),
+            tuned: true,
             ordinal: dev.context().ordinal(),
         })
     }
 
-    /// The same rotation with other tuning knobs.
+    /// The same rotation with other tuning knobs (instead of the tuning cache's).
     pub fn with_config(mut self, config: RowConfig) -> Self {
         self.config = config;
+        self.tuned = false;
         self
+    }
+
+    /// The knobs for rows of `T` on `dev`: the tuning cache's, unless [`Self::with_config`]
+    /// set them, else the default.
+    pub fn config_for<T: GpuElement>(&self, dev: &Device) -> RowConfig {
+        let tuned = || {
+            dev.tuned(
+                &crate::tuned::fwht_kernel(T::ELEM),
+                &crate::tuned::fwht_bucket(self.dim()),
+                &RowConfig::search_space(),
+            )
+        };
+        self.tuned.then(tuned).flatten().unwrap_or(self.config)
     }
 
     /// The row length.
@@ -124,7 +141,8 @@ impl CudaRotation {
         if n_rows == 0 {
             return Ok(());
         }
-        let g: Geometry = kernel::geometry(&self.transform, self.config, false, 0, dev)?;
+        let config = self.config_for::<T>(dev);
+        let g: Geometry = kernel::geometry(&self.transform, config, false, 0, dev)?;
         let (key, src) = kernel::source(&self.transform, g, T::ELEM, true, None);
         let f = kernel::function(dev, &key, &src, "rotate_rows", g.smem)?;
         let cfg = kernel::launch_config(g, n_rows)?;

@@ -44,6 +44,50 @@ pub fn median_ms(
     Ok(times[times.len() / 2])
 }
 
+/// Per-call milliseconds of `samples` samples after `warmup` calls of `f(i)`: each sample
+/// times, between one pair of CUDA events, as many calls as last about `min_ms` (judged from
+/// one timed call), so that short kernels are not timed by their launch gaps alone.
+///
+/// ```no_run
+/// let dev = rotq_cuda::Device::open("cuda:0")?;
+/// let per_call = rotq_cuda::sample_ms(&dev, 2, 9, 5.0, |_| Ok(()))?;
+/// assert_eq!(per_call.len(), 9);
+/// # Ok::<(), rotq_cuda::CudaError>(())
+/// ```
+pub fn sample_ms(
+    dev: &Device,
+    warmup: usize,
+    samples: usize,
+    min_ms: f64,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let one = median_ms(dev, warmup, 1, &mut f)?;
+    let calls = (min_ms / one.max(1e-4)).ceil().clamp(1.0, 10_000.0) as usize;
+    let stream = dev.stream();
+    let mut i = warmup + 1;
+    let mut out = Vec::with_capacity(samples.max(1));
+    for _ in 0..samples.max(1) {
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream
+            .record_event(flags)
+            .context(|| "recording an event".into())?;
+        for _ in 0..calls {
+            f(i)?;
+            i += 1;
+        }
+        let end = stream
+            .record_event(flags)
+            .context(|| "recording an event".into())?;
+        end.synchronize()
+            .context(|| "waiting for the timed work".into())?;
+        let ms = start
+            .elapsed_ms(&end)
+            .context(|| "reading an event timer".into())?;
+        out.push(f64::from(ms) / calls as f64);
+    }
+    Ok(out)
+}
+
 /// Device-to-device copy bandwidth over `bytes` (GB/s counting bytes read + written): the
 /// ceiling every memory-bound kernel is measured against.
 pub fn copy_bandwidth(dev: &Device, bytes: usize, runs: usize) -> Result<f64> {

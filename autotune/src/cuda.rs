@@ -1,0 +1,484 @@
+//! The CUDA kernels as [`Tunable`]s: the rotation of f16 rows, fused rotate-quantize from f16
+//! rows and decode attention with f16 queries, each timed with CUDA events (see
+//! [`rotq_cuda::sample_ms`]) on two input buffers used in turn.
+
+use crate::cpu::random;
+use crate::{timing_of, Timing, TimingPlan, Tunable};
+use cudarc::driver::CudaSlice;
+use half::f16;
+use ndarray::Array3;
+use rotq_cuda::{
+    CacheLayout, CacheTarget, CudaAttention, CudaCodec, CudaKvCache, CudaRotation, DecodeConfig,
+    DecodeSeq, Device, RowConfig,
+};
+use rotq_reference::tolerance::{tolerance, Op, Precision};
+use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// `x` as f16 rows on the device.
+fn upload(dev: &Device, x: &[f32]) -> Result<CudaSlice<f16>, String> {
+    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    dev.stream().clone_htod(&h).map_err(err)
+}
+
+/// Samples of `f(i)` under `plan`, as a [`Timing`].
+fn events(dev: &Device, plan: TimingPlan, f: impl FnMut(usize) -> rotq_cuda::Result<()>) -> Timing {
+    let min_ms = plan.min_sample.as_secs_f64() * 1e3;
+    timing_of(rotq_cuda::sample_ms(dev, 2, plan.samples, min_ms, f).unwrap_or_default())
+}
+
+/// The Hadamard rotation of f16 rows of `n`.
+pub struct Fwht<'d> {
+    dev: &'d Device,
+    n: usize,
+    rotation: Rotation,
+    kernel: CudaRotation,
+    bufs: [CudaSlice<f16>; 2],
+}
+
+impl<'d> Fwht<'d> {
+    /// Rows of `n` filling `bytes` (per buffer).
+    pub fn new(dev: &'d Device, n: usize, bytes: usize) -> Result<Self, String> {
+        let rotation = Rotation::hadamard(n).map_err(err)?;
+        let len = (bytes / 2 / n).max(1) * n;
+        Ok(Self {
+            dev,
+            n,
+            kernel: CudaRotation::new(dev, &rotation).map_err(err)?,
+            rotation,
+            bufs: [upload(dev, &random(len, 1))?, upload(dev, &random(len, 2))?],
+        })
+    }
+}
+
+impl Tunable for Fwht<'_> {
+    type Config = RowConfig;
+
+    fn kernel(&self) -> String {
+        rotq_cuda::tuned::fwht_kernel(1)
+    }
+
+    fn bucket(&self) -> String {
+        rotq_cuda::tuned::fwht_bucket(self.n)
+    }
+
+    fn default_config(&self) -> RowConfig {
+        RowConfig::default()
+    }
+
+    fn candidates(&self) -> Vec<RowConfig> {
+        RowConfig::search_space()
+    }
+
+    fn gate(&mut self, config: &RowConfig) -> Result<(), String> {
+        let x = random(37 * self.n, 3);
+        let mut buf = upload(self.dev, &x)?;
+        let kernel = self.kernel.clone().with_config(*config);
+        kernel.forward(self.dev, &mut buf).map_err(err)?;
+        let got: Vec<f64> = self
+            .dev
+            .stream()
+            .clone_dtoh(&buf)
+            .map_err(err)?
+            .into_iter()
+            .map(|v| f64::from(v.to_f32()))
+            .collect();
+        let mut want: Vec<f64> = x
+            .iter()
+            .map(|&v| f64::from(f16::from_f32(v).to_f32()))
+            .collect();
+        self.rotation.rotate_rows(&mut want, false).map_err(err)?;
+        tolerance(Op::Rotation, Precision::F16)
+            .check(&got, &want)
+            .map_err(err)
+    }
+
+    fn run(&mut self, config: &RowConfig) {
+        let kernel = self.kernel.clone().with_config(*config);
+        kernel
+            .forward(self.dev, &mut self.bufs[0])
+            .expect("passed the gate");
+        self.dev.stream().synchronize().expect("the device works");
+    }
+
+    fn timed(&mut self, config: &RowConfig, plan: TimingPlan) -> Option<Timing> {
+        let kernel = self.kernel.clone().with_config(*config);
+        let (dev, bufs) = (self.dev, &mut self.bufs);
+        Some(events(dev, plan, |i| kernel.forward(dev, &mut bufs[i % 2])))
+    }
+}
+
+/// Fused rotate-quantize of f16 rows of `dim` (Hadamard) into `format`.
+pub struct Quantize<'d> {
+    dev: &'d Device,
+    format: KvFormat,
+    dim: usize,
+    codec: CudaCodec,
+    rotation: CudaRotation,
+    bufs: [CudaSlice<f16>; 2],
+    cache: CudaSlice<u8>,
+}
+
+impl<'d> Quantize<'d> {
+    /// Rows of `dim` filling `bytes` (per buffer).
+    pub fn new(
+        dev: &'d Device,
+        format: KvFormat,
+        dim: usize,
+        bytes: usize,
+    ) -> Result<Self, String> {
+        let r = Rotation::hadamard(dim).map_err(err)?;
+        let codec = CudaCodec::new(dev, format, dim, Some(&r)).map_err(err)?;
+        let len = (bytes / 2 / dim).max(1) * dim;
+        let cache = dev
+            .stream()
+            .alloc_zeros::<u8>(len / dim * codec.row_bytes())
+            .map_err(err)?;
+        Ok(Self {
+            dev,
+            format,
+            dim,
+            codec,
+            rotation: CudaRotation::new(dev, &r).map_err(err)?,
+            bufs: [upload(dev, &random(len, 5))?, upload(dev, &random(len, 6))?],
+            cache,
+        })
+    }
+}
+
+impl Tunable for Quantize<'_> {
+    type Config = RowConfig;
+
+    fn kernel(&self) -> String {
+        format!("rotate_quantize_{}", self.format)
+    }
+
+    fn bucket(&self) -> String {
+        rotq_cuda::tuned::quantize_bucket(self.dim)
+    }
+
+    fn default_config(&self) -> RowConfig {
+        RowConfig::codec_default()
+    }
+
+    fn candidates(&self) -> Vec<RowConfig> {
+        RowConfig::search_space()
+    }
+
+    /// The bytes must be the oracle's quantizer applied to the rotation kernel's own rows.
+    fn gate(&mut self, config: &RowConfig) -> Result<(), String> {
+        let rows = 53;
+        let x = random(rows * self.dim, 7);
+        let input = upload(self.dev, &x)?;
+        let s = self.dev.stream();
+        let mut got = s
+            .alloc_zeros::<u8>(rows * self.codec.row_bytes())
+            .map_err(err)?;
+        let codec = self.codec.clone().with_config(*config);
+        codec
+            .quantize(self.dev, &input, &mut got, CacheTarget::contiguous(1, 0))
+            .map_err(err)?;
+        let widened: Vec<f32> = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let mut rotated = s.clone_htod(&widened).map_err(err)?;
+        self.rotation.forward(self.dev, &mut rotated).map_err(err)?;
+        let want = self
+            .format
+            .quantize_row(&s.clone_dtoh(&rotated).map_err(err)?)
+            .map_err(err)?;
+        let got = s.clone_dtoh(&got).map_err(err)?;
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None if got.len() == want.len() => Ok(()),
+            at => Err(format!("bytes differ from the oracle's at {at:?}")),
+        }
+    }
+
+    fn run(&mut self, config: &RowConfig) {
+        let codec = self.codec.clone().with_config(*config);
+        codec
+            .quantize(
+                self.dev,
+                &self.bufs[0],
+                &mut self.cache,
+                CacheTarget::contiguous(1, 0),
+            )
+            .expect("passed the gate");
+        self.dev.stream().synchronize().expect("the device works");
+    }
+
+    fn timed(&mut self, config: &RowConfig, plan: TimingPlan) -> Option<Timing> {
+        let codec = self.codec.clone().with_config(*config);
+        let (dev, bufs, cache) = (self.dev, &self.bufs, &mut self.cache);
+        Some(events(dev, plan, |i| {
+            codec.quantize(dev, &bufs[i % 2], cache, CacheTarget::contiguous(1, 0))
+        }))
+    }
+}
+
+/// Query heads per KV head in the decode problems.
+const GROUP: usize = 4;
+/// Head dimension of the decode problems.
+const D: usize = 128;
+
+/// Decode attention: `batch` sequences of `n_kv` tokens, `h_kv` KV heads × 128, four query
+/// heads per KV head, f16 queries, K (Hadamard-rotated) and V in `format`, a contiguous cache.
+pub struct Decode<'d> {
+    dev: &'d Device,
+    format: KvFormat,
+    n_kv: usize,
+    h_kv: usize,
+    batch: usize,
+    attn: CudaAttention,
+    codec_k: CudaCodec,
+    codec_v: CudaCodec,
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    qs: [CudaSlice<f16>; 2],
+    out: CudaSlice<f16>,
+    /// The gate problem, built on first use: caches, queries, the oracle's output.
+    gate: Option<GateProblem>,
+}
+
+/// Two sequences of 333 tokens and what the oracle makes of them.
+struct GateProblem {
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    q: CudaSlice<f16>,
+    want: Vec<f64>,
+}
+
+/// Sequences and tokens of the gate problem.
+const GATE: (usize, usize) = (2, 333);
+
+impl<'d> Decode<'d> {
+    /// The problem; its caches are filled by the rotate-quantize kernel.
+    pub fn new(
+        dev: &'d Device,
+        format: KvFormat,
+        n_kv: usize,
+        h_kv: usize,
+        batch: usize,
+    ) -> Result<Self, String> {
+        let r = Rotation::hadamard(D).map_err(err)?;
+        let codec_k = CudaCodec::new(dev, format, D, Some(&r)).map_err(err)?;
+        let codec_v = CudaCodec::new(dev, format, D, None).map_err(err)?;
+        let (k, v) = Self::caches(dev, &codec_k, &codec_v, batch * n_kv, h_kv, 10)?;
+        let plan = RotationPlan {
+            qk: Some(r),
+            v: None,
+        };
+        let h_q = h_kv * GROUP;
+        let s = dev.stream();
+        Ok(Self {
+            dev,
+            format,
+            n_kv,
+            h_kv,
+            batch,
+            attn: CudaAttention::new(dev, &plan).map_err(err)?,
+            qs: [
+                upload(dev, &random(batch * h_q * D, 30))?,
+                upload(dev, &random(batch * h_q * D, 31))?,
+            ],
+            out: s.alloc_zeros::<f16>(batch * h_q * D).map_err(err)?,
+            codec_k,
+            codec_v,
+            k,
+            v,
+            gate: None,
+        })
+    }
+
+    /// The gate problem: caches quantized by the kernels, the oracle on their bytes.
+    fn gate_problem(&self) -> Result<GateProblem, String> {
+        let ((batch, n), h_kv) = (GATE, self.h_kv);
+        let h_q = h_kv * GROUP;
+        let (k, v) = Self::caches(self.dev, &self.codec_k, &self.codec_v, batch * n, h_kv, 40)?;
+        let q = random(batch * h_q * D, 41);
+        let s = self.dev.stream();
+        let (kh, vh) = (
+            s.clone_dtoh(&k).map_err(err)?,
+            s.clone_dtoh(&v).map_err(err)?,
+        );
+        let r = Rotation::hadamard(D).map_err(err)?;
+        let mut want = Vec::new();
+        for b in 0..batch {
+            let deq = |bytes: &[u8], row: usize| -> Result<Array3<f64>, String> {
+                let seq = &bytes[b * n * h_kv * row..][..n * h_kv * row];
+                let vals = self.format.dequantize_row(seq).map_err(err)?;
+                Array3::from_shape_vec((n, h_kv, D), vals.into_iter().map(f64::from).collect())
+                    .map_err(err)
+            };
+            let mut qr: Vec<f64> = q[b * h_q * D..][..h_q * D]
+                .iter()
+                .map(|&x| f64::from(f16::from_f32(x).to_f32()))
+                .collect();
+            r.rotate_rows(&mut qr, false).map_err(err)?;
+            let qa = Array3::from_shape_vec((1, h_q, D), qr).map_err(err)?;
+            let params = AttentionParams {
+                pos_offset: n - 1,
+                ..Self::params()
+            };
+            let a = attention_f64(
+                qa.view(),
+                deq(&kh, self.codec_k.row_bytes())?.view(),
+                deq(&vh, self.codec_v.row_bytes())?.view(),
+                &params,
+            )
+            .map_err(err)?;
+            want.extend(a.output.iter().copied());
+        }
+        Ok(GateProblem {
+            k,
+            v,
+            q: upload(self.dev, &q)?,
+            want,
+        })
+    }
+
+    /// K and V caches of `tokens` tokens, quantized from random rows a chunk at a time.
+    fn caches(
+        dev: &Device,
+        ck: &CudaCodec,
+        cv: &CudaCodec,
+        tokens: usize,
+        h_kv: usize,
+        seed: u64,
+    ) -> Result<(CudaSlice<u8>, CudaSlice<u8>), String> {
+        let s = dev.stream();
+        let chunk = 1024usize;
+        let mut k = s
+            .alloc_zeros::<u8>(tokens * h_kv * ck.row_bytes())
+            .map_err(err)?;
+        let mut v = s
+            .alloc_zeros::<u8>(tokens * h_kv * cv.row_bytes())
+            .map_err(err)?;
+        for start in (0..tokens).step_by(chunk) {
+            let n = chunk.min(tokens - start);
+            let rows_k = upload(dev, &random(n * h_kv * D, seed + start as u64))?;
+            let rows_v = upload(dev, &random(n * h_kv * D, seed + 7 + start as u64))?;
+            let at = CacheTarget::contiguous(h_kv, start);
+            ck.quantize(dev, &rows_k, &mut k, at).map_err(err)?;
+            cv.quantize(dev, &rows_v, &mut v, at).map_err(err)?;
+        }
+        Ok((k, v))
+    }
+
+    fn seqs(batch: usize, n_kv: usize) -> Vec<DecodeSeq> {
+        vec![
+            DecodeSeq {
+                n_tokens: n_kv,
+                pos: n_kv - 1,
+            };
+            batch
+        ]
+    }
+
+    fn params() -> AttentionParams {
+        AttentionParams {
+            causal: true,
+            ..Default::default()
+        }
+    }
+
+    fn views<'a>(
+        &self,
+        k: &'a CudaSlice<u8>,
+        v: &'a CudaSlice<u8>,
+        n: usize,
+    ) -> [CudaKvCache<'a>; 2] {
+        let layout = CacheLayout::Contiguous { tokens_per_seq: n };
+        let kc = CudaKvCache {
+            format: self.format,
+            bytes: k,
+            n_heads: self.h_kv,
+            dim: D,
+            layout,
+        };
+        [kc, CudaKvCache { bytes: v, ..kc }]
+    }
+}
+
+impl Tunable for Decode<'_> {
+    type Config = DecodeConfig;
+
+    fn kernel(&self) -> String {
+        format!("decode_attention_{}", self.format)
+    }
+
+    fn bucket(&self) -> String {
+        rotq_cuda::tuned::decode_bucket(D, self.h_kv, GROUP, self.n_kv, self.batch)
+    }
+
+    fn default_config(&self) -> DecodeConfig {
+        DecodeConfig::default()
+    }
+
+    fn candidates(&self) -> Vec<DecodeConfig> {
+        DecodeConfig::search_space()
+    }
+
+    /// Two sequences of 333 tokens against the oracle on the same cache bytes.
+    fn gate(&mut self, config: &DecodeConfig) -> Result<(), String> {
+        if self.gate.is_none() {
+            self.gate = Some(self.gate_problem()?);
+        }
+        let g = self.gate.as_ref().expect("built above");
+        let ((batch, n), h_q) = (GATE, self.h_kv * GROUP);
+        let s = self.dev.stream();
+        let mut out = s.alloc_zeros::<f16>(batch * h_q * D).map_err(err)?;
+        let [k, v] = self.views(&g.k, &g.v, n);
+        let attn = self.attn.clone().with_config(*config);
+        let seqs = Self::seqs(batch, n);
+        attn.decode(
+            self.dev,
+            &g.q,
+            h_q,
+            &k,
+            &v,
+            &seqs,
+            &Self::params(),
+            &mut out,
+        )
+        .map_err(err)?;
+        let got: Vec<f64> = s
+            .clone_dtoh(&out)
+            .map_err(err)?
+            .into_iter()
+            .map(|x| f64::from(x.to_f32()))
+            .collect();
+        tolerance(Op::Attention, Precision::F16)
+            .check(&got, &g.want)
+            .map_err(err)
+    }
+
+    fn run(&mut self, config: &DecodeConfig) {
+        let attn = self.attn.clone().with_config(*config);
+        let [k, v] = self.views(&self.k, &self.v, self.n_kv);
+        let seqs = Self::seqs(self.batch, self.n_kv);
+        attn.decode(
+            self.dev,
+            &self.qs[0],
+            self.h_kv * GROUP,
+            &k,
+            &v,
+            &seqs,
+            &Self::params(),
+            &mut self.out,
+        )
+        .expect("passed the gate");
+        self.dev.stream().synchronize().expect("the device works");
+    }
+
+    fn timed(&mut self, config: &DecodeConfig, plan: TimingPlan) -> Option<Timing> {
+        let attn = self.attn.clone().with_config(*config);
+        let [k, v] = self.views(&self.k, &self.v, self.n_kv);
+        let seqs = Self::seqs(self.batch, self.n_kv);
+        let (dev, qs, out, h_q) = (self.dev, &self.qs, &mut self.out, self.h_kv * GROUP);
+        Some(events(dev, plan, |i| {
+            attn.decode(dev, &qs[i % 2], h_q, &k, &v, &seqs, &Self::params(), out)
+        }))
+    }
+}

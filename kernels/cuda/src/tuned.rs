@@ -1,0 +1,99 @@
+//! Configurations from the tuning cache that `autotune --device cuda:N` writes.
+//!
+//! A [`Device`](crate::Device) reads the cache once, when it is opened (without side
+//! effects: a file for another device, driver or build of these kernels is ignored). A kernel
+//! made without an explicit `with_config` looks up its (kernel, shape bucket) there and uses
+//! what it finds if it is one of its candidates, else its default.
+
+use crate::device::DeviceInfo;
+use rotq_reference::tuned::{bucket, DeviceIdentity};
+
+/// Every source that decides what a configuration means: the CUDA C and the Rust that lays
+/// kernels over threads. A tuning cache written for another build of them is stale.
+const SOURCES: [&str; 10] = [
+    include_str!("cuda/attention.cu"),
+    include_str!("cuda/elem.cuh"),
+    include_str!("cuda/formats.cuh"),
+    include_str!("cuda/hadamard.cu"),
+    include_str!("attention.rs"),
+    include_str!("codec.rs"),
+    include_str!("device.rs"),
+    include_str!("kernel.rs"),
+    include_str!("rotation.rs"),
+    include_str!("tuned.rs"),
+];
+
+/// FNV-1a, 64 bits, over the sources (stable across compilers, unlike std's hasher).
+const fn hash_sources() -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut f = 0;
+    while f < SOURCES.len() {
+        let bytes = SOURCES[f].as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            h = (h ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        f += 1;
+    }
+    h
+}
+
+const HASH: u64 = hash_sources();
+
+/// Hash of the kernels' sources, as tuning caches record it.
+///
+/// ```
+/// assert_eq!(rotq_cuda::tuned::kernel_hash().len(), 16);
+/// ```
+pub fn kernel_hash() -> String {
+    format!("{HASH:016x}")
+}
+
+/// A GPU as tuning caches name it: its name, compute capability and driver.
+///
+/// ```no_run
+/// let dev = rotq_cuda::Device::open("cuda:0")?;
+/// let id = rotq_cuda::tuned::device_identity(dev.info());
+/// assert_eq!(id.compute_capability, Some(dev.info().compute_capability));
+/// # Ok::<(), rotq_cuda::CudaError>(())
+/// ```
+pub fn device_identity(info: &DeviceInfo) -> DeviceIdentity {
+    DeviceIdentity {
+        name: info.name.clone(),
+        compute_capability: Some(info.compute_capability),
+        driver_version: Some(info.driver_version),
+    }
+}
+
+/// The bucket of a rotation of rows of `n`.
+pub fn fwht_bucket(n: usize) -> String {
+    bucket(&[("n", n)])
+}
+
+/// The bucket of rotate-quantize: the row length.
+pub fn quantize_bucket(dim: usize) -> String {
+    bucket(&[("dim", dim)])
+}
+
+/// The bucket of decode attention: head dim, KV heads, query heads per KV head, the longest
+/// visible range and the number of sequences (which decide how the work fills the device).
+pub fn decode_bucket(d: usize, h_kv: usize, group: usize, n_kv: usize, batch: usize) -> String {
+    bucket(&[
+        ("d", d),
+        ("h_kv", h_kv),
+        ("group", group),
+        ("n_kv", n_kv),
+        ("batch", batch),
+    ])
+}
+
+/// The cache's kernel name of a rotation of `T` rows (`fwht_f16`, …).
+pub fn fwht_kernel(elem: u32) -> String {
+    let t = match elem {
+        0 => "f32",
+        1 => "f16",
+        _ => "bf16",
+    };
+    format!("fwht_{t}")
+}
