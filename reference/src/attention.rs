@@ -84,6 +84,31 @@ impl AttentionParams {
         Ok(())
     }
 
+    /// The score scale (default `1/√d`) and the soft-cap as the f32 kernels use them; each must
+    /// be a normal f32 number (the scale may be 0), else `InvalidParameter`.
+    ///
+    /// ```
+    /// use rotq_reference::AttentionParams;
+    /// let (scale, cap) = AttentionParams::default().f32_factors(64).unwrap();
+    /// assert_eq!((scale, cap), (0.125, None));
+    /// assert!(AttentionParams { scale: Some(1e-300), ..Default::default() }.f32_factors(64).is_err());
+    /// ```
+    pub fn f32_factors(&self, d: usize) -> Result<(f32, Option<f32>)> {
+        let scale = self.scale.unwrap_or(1.0 / (d as f64).sqrt());
+        for (name, v) in [("scale", Some(scale)), ("softcap", self.softcap)] {
+            if let Some(v) = v {
+                let f = v as f32;
+                if !(f.is_finite() && (f.is_normal() || (name == "scale" && v == 0.0))) {
+                    return Err(invalid(
+                        name,
+                        format!("{v} is not a normal f32 number, which the f32 kernels need"),
+                    ));
+                }
+            }
+        }
+        Ok((scale as f32, self.softcap.map(|c| c as f32)))
+    }
+
     /// Whether key `j` is visible to query `i`.
     ///
     /// ```

@@ -873,24 +873,8 @@ impl CudaAttention {
                 .min(hi);
             longest = longest.max(hi - lo);
         }
-        // The kernels compute in f32: the scale and soft-cap must be normal f32 numbers.
-        let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
-        for (name, v) in [("scale", Some(scale)), ("softcap", params.softcap)] {
-            if let Some(v) = v {
-                let f = v as f32;
-                if !(f.is_finite() && (f.is_normal() || (name == "scale" && v == 0.0))) {
-                    return Err(Error::InvalidParameter {
-                        name,
-                        reason: format!("{v} is not a normal f32 number, which the kernels need"),
-                    }
-                    .into());
-                }
-            }
-        }
-        Ok(Checked {
-            scale: scale as f32,
-            longest,
-        })
+        let (scale, _) = params.f32_factors(d)?;
+        Ok(Checked { scale, longest })
     }
 }
 

@@ -437,22 +437,7 @@ impl CpuAttention {
         if let Some(r) = &self.qk {
             r.forward_rows(&mut q)?;
         }
-        // The kernels compute in f32: the scale and soft-cap must be normal f32 numbers.
-        let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
-        for (name, v) in [("scale", Some(scale)), ("softcap", params.softcap)] {
-            if let Some(v) = v {
-                let f = v as f32;
-                if !(f.is_finite() && (f.is_normal() || (name == "scale" && v == 0.0))) {
-                    return Err(Error::InvalidParameter {
-                        name,
-                        reason: format!(
-                            "{v} is not a normal f32 number, which the CPU kernels need"
-                        ),
-                    });
-                }
-            }
-        }
-        let scale = scale as f32;
+        let (scale, _) = params.f32_factors(d)?;
         q.iter_mut().for_each(|x| *x *= scale);
         Ok(Problem {
             q,
