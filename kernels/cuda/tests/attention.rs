@@ -4,6 +4,7 @@
 mod common;
 
 use common::{device, download, random, upload, Elem};
+use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ndarray::Array3;
 use proptest::prelude::*;
@@ -197,6 +198,61 @@ fn lay_out(
     }
 }
 
+/// The sequences' caches laid out as the case says and uploaded.
+struct DeviceCaches {
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    /// The block table and its entries per sequence (paged), or none (contiguous).
+    table: Option<(Vec<u32>, usize)>,
+    capacity: usize,
+}
+
+impl DeviceCaches {
+    fn new(dev: &Device, c: &Case, per_seq: &[(Vec<u8>, Vec<u8>)], capacity: usize) -> Self {
+        let krb = c.k_format.row_bytes(c.d).unwrap();
+        let vrb = c.v_format.row_bytes(c.d_v).unwrap();
+        let k_rows: Vec<&[u8]> = per_seq.iter().map(|s| s.0.as_slice()).collect();
+        let v_rows: Vec<&[u8]> = per_seq.iter().map(|s| s.1.as_slice()).collect();
+        let (kb, table) = lay_out(c, &k_rows, krb, capacity);
+        let (vb, _) = lay_out(c, &v_rows, vrb, capacity);
+        let stream = dev.stream();
+        Self {
+            k: stream.clone_htod(&kb).unwrap(),
+            v: stream.clone_htod(&vb).unwrap(),
+            table,
+            capacity,
+        }
+    }
+
+    /// K and V as the kernels take them.
+    fn views(&self, c: &Case) -> (CudaKvCache<'_>, CudaKvCache<'_>) {
+        let layout = match &self.table {
+            None => CacheLayout::Contiguous {
+                tokens_per_seq: self.capacity,
+            },
+            Some((table, per_seq)) => CacheLayout::Paged {
+                table,
+                pages_per_seq: *per_seq,
+                page_tokens: c.page_tokens.unwrap(),
+            },
+        };
+        let k = CudaKvCache {
+            format: c.k_format,
+            bytes: &self.k,
+            n_heads: c.h_kv,
+            dim: c.d,
+            layout,
+        };
+        let v = CudaKvCache {
+            format: c.v_format,
+            bytes: &self.v,
+            dim: c.d_v,
+            ..k
+        };
+        (k, v)
+    }
+}
+
 /// Runs the case on the GPU with Q and output of type `T` and checks it against the oracle.
 fn check<T: Elem>(dev: &Device, c: &Case) {
     let plan = c.plan();
@@ -204,40 +260,9 @@ fn check<T: Elem>(dev: &Device, c: &Case) {
     let batch = c.seqs.len();
     let per_seq = sequences(c, &plan);
     let capacity = c.seqs.iter().map(|s| s.0).max().unwrap_or(0) + 5;
-    let krb = c.k_format.row_bytes(c.d).unwrap();
-    let vrb = c.v_format.row_bytes(c.d_v).unwrap();
-    let k_rows: Vec<&[u8]> = per_seq.iter().map(|s| s.0.as_slice()).collect();
-    let v_rows: Vec<&[u8]> = per_seq.iter().map(|s| s.1.as_slice()).collect();
-    let (kb, table) = lay_out(c, &k_rows, krb, capacity);
-    let (vb, _) = lay_out(c, &v_rows, vrb, capacity);
+    let caches = DeviceCaches::new(dev, c, &per_seq, capacity);
+    let (k, v) = caches.views(c);
     let stream = dev.stream();
-    let (kd, vd) = (
-        stream.clone_htod(&kb).unwrap(),
-        stream.clone_htod(&vb).unwrap(),
-    );
-    let layout = match &table {
-        None => CacheLayout::Contiguous {
-            tokens_per_seq: capacity,
-        },
-        Some((table, per_seq)) => CacheLayout::Paged {
-            table,
-            pages_per_seq: *per_seq,
-            page_tokens: c.page_tokens.unwrap(),
-        },
-    };
-    let k = CudaKvCache {
-        format: c.k_format,
-        bytes: &kd,
-        n_heads: c.h_kv,
-        dim: c.d,
-        layout,
-    };
-    let v = CudaKvCache {
-        format: c.v_format,
-        bytes: &vd,
-        dim: c.d_v,
-        ..k
-    };
     let q = random(batch * h_q * c.d, c.seed ^ 4);
     let q_held: Vec<f64> = q
         .iter()
@@ -493,38 +518,9 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
     };
     let per_seq = sequences(&one, &plan);
     let capacity = n + 3;
-    let krb = c.k_format.row_bytes(c.d).unwrap();
-    let vrb = c.v_format.row_bytes(c.d_v).unwrap();
-    let (kb, table) = lay_out(&one, &[&per_seq[0].0], krb, capacity);
-    let (vb, _) = lay_out(&one, &[&per_seq[0].1], vrb, capacity);
+    let caches = DeviceCaches::new(dev, &one, &per_seq, capacity);
+    let (k, v) = caches.views(c);
     let stream = dev.stream();
-    let (kd, vd) = (
-        stream.clone_htod(&kb).unwrap(),
-        stream.clone_htod(&vb).unwrap(),
-    );
-    let layout = match &table {
-        None => CacheLayout::Contiguous {
-            tokens_per_seq: capacity,
-        },
-        Some((table, per_seq)) => CacheLayout::Paged {
-            table,
-            pages_per_seq: *per_seq,
-            page_tokens: c.page_tokens.unwrap(),
-        },
-    };
-    let k = CudaKvCache {
-        format: c.k_format,
-        bytes: &kd,
-        n_heads: c.h_kv,
-        dim: c.d,
-        layout,
-    };
-    let v = CudaKvCache {
-        format: c.v_format,
-        bytes: &vd,
-        dim: c.d_v,
-        ..k
-    };
     let q = random(n_q * h_q * c.d, c.seed ^ 5);
     let q_held: Vec<f64> = q
         .iter()
