@@ -252,8 +252,9 @@ fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool, gpu: bool) -> Result<
     Ok(())
 }
 
-/// Writes what is tuned so far, merged with what another run may have saved meanwhile (ours
-/// wins where both tuned the same bucket); a foreign file is first moved aside, once.
+/// Writes this device's section as tuned so far, merged with what another run may have saved
+/// for it meanwhile (ours wins where both tuned the same bucket), beside the other devices'
+/// sections; a file of another schema is first moved aside, once.
 fn save(
     file: &mut TuneFile,
     path: &std::path::Path,
@@ -324,6 +325,23 @@ fn run(args: Args) -> Result<(), String> {
     let mut file = match TuneFile::load(&path, &device, &hash) {
         Loaded::Usable(f) => f,
         Loaded::Missing => TuneFile::new(device.clone(), &hash),
+        Loaded::OtherDevices { devices } => {
+            eprintln!(
+                "adding {} to {} (which holds {})",
+                device.name,
+                path.display(),
+                devices.join(", ")
+            );
+            TuneFile::new(device.clone(), &hash)
+        }
+        Loaded::Stale { reason } => {
+            eprintln!(
+                "replacing the entries of {} in {} ({reason})",
+                device.name,
+                path.display()
+            );
+            TuneFile::new(device.clone(), &hash)
+        }
         Loaded::Unreadable { reason } => {
             return Err(format!(
                 "cannot read the cache ({reason}); not writing over it"

@@ -150,6 +150,18 @@ fn an_exhausted_budget_reports_what_was_left() {
 }
 
 /// Runs the `autotune` binary with `args`, `--shapes shapes` when given, and `--out out`.
+/// This machine's CPU section of the cache at `path`.
+fn cpu_section(path: &Path) -> TuneFile {
+    let (device, hash) = (
+        rotq_cpu::tuned::device_identity(),
+        rotq_cpu::tuned::KERNEL_HASH,
+    );
+    match TuneFile::peek(path, &device, hash) {
+        Loaded::Usable(f) => f,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn autotune(args: &[&str], shapes: Option<&Path>, out: &Path) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"));
     cmd.args(args);
@@ -194,17 +206,16 @@ fn tuning_on_the_cpu_end_to_end() {
         assert!(r["default_ms"].as_f64().unwrap() > 0.0);
     }
     // The file is ours and names every task.
-    let text = std::fs::read_to_string(&out).unwrap();
-    let file: TuneFile = serde_json::from_str(&text).unwrap();
+    let file = cpu_section(&out);
     assert_eq!(file.entries.len(), 4);
-    let foreign = DeviceIdentity {
+    let another = DeviceIdentity {
         name: "another".into(),
         compute_capability: None,
         driver_version: None,
     };
     assert!(matches!(
-        TuneFile::load(&out, &foreign, &file.kernel_hash),
-        Loaded::Foreign { .. }
+        TuneFile::load(&out, &another, &file.kernel_hash),
+        Loaded::OtherDevices { .. }
     ));
     // Shapes from a JSON file, for one kernel; merged into the same cache.
     let shapes = dir.path().join("shapes.json");
@@ -224,9 +235,21 @@ fn tuning_on_the_cpu_end_to_end() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
-    let file: TuneFile = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let file = cpu_section(&out);
     assert!(file.entries.contains_key("fwht_f32/n=64"));
     assert_eq!(file.entries.len(), 5);
+    // A file of an older schema is kept beside the new one.
+    let old = r#"{"schema": 1, "device": {}, "entries": {}}"#;
+    std::fs::write(&out, old).unwrap();
+    let o = autotune(
+        &["--device", "cpu", "--kernels", "fwht", "--budget-secs", "2"],
+        Some(&shapes),
+        &out,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let kept = dir.path().join("tuned.json.replaced");
+    assert_eq!(std::fs::read_to_string(kept).unwrap(), old);
+    assert!(cpu_section(&out).entries.contains_key("fwht_f32/n=64"));
     std::fs::write(&shapes, r#"{"fwht": [64], "typo": 1}"#).unwrap();
     let o = autotune(&["--device", "cpu"], Some(&shapes), &out);
     assert!(!o.status.success());

@@ -1,10 +1,12 @@
 //! The tuning cache: which configuration each kernel uses, per device and shape bucket.
 //!
 //! The autotuner writes it; kernels read it. It lives here, in the shared vocabulary, because
-//! both sides need the same schema and neither may depend on the other. The file is JSON:
-//! a schema version, the device's identity, a hash of the kernels' sources, and one entry per
-//! `kernel/bucket` with the chosen configuration and the timings that chose it. A file whose
-//! schema, device or hash differs is ignored (kept where it is); one that cannot be parsed is
+//! both sides need the same schema and neither may depend on the other. The file is JSON: a
+//! schema version and one section per device (the CPU, each GPU), each with the device's
+//! identity, a hash of the kernels' sources, and one entry per `kernel/bucket` with the chosen
+//! configuration and the timings that chose it. [`TuneFile`] is one device's section: saving
+//! it replaces that section and keeps the others. A file of another schema, or a section for
+//! another build of the kernels, is ignored (kept where it is); a file that cannot be parsed is
 //! moved aside to `<name>.corrupt` and ignored. Writes are atomic (a temporary file in the same
 //! folder, then a rename), so a reader never sees half a file.
 
@@ -12,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema version this build reads and writes (2: one section per device).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Which device a cache belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +43,7 @@ pub struct TunedEntry {
     pub rejected: usize,
 }
 
-/// The whole cache file.
+/// One device's section of the cache.
 ///
 /// ```
 /// use rotq_reference::tuned::{DeviceIdentity, TuneFile};
@@ -53,7 +55,8 @@ pub struct TunedEntry {
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TuneFile {
-    /// [`SCHEMA_VERSION`] when written.
+    /// [`SCHEMA_VERSION`] (the file's, when read).
+    #[serde(skip, default = "schema")]
     pub schema: u32,
     /// The device the timings were taken on.
     pub device: DeviceIdentity,
@@ -63,14 +66,36 @@ pub struct TuneFile {
     pub entries: BTreeMap<String, TunedEntry>,
 }
 
+fn schema() -> u32 {
+    SCHEMA_VERSION
+}
+
+/// The file on disk: every device's section.
+#[derive(Debug, Serialize, Deserialize)]
+struct OnDisk {
+    schema: u32,
+    devices: Vec<TuneFile>,
+}
+
 /// What [`TuneFile::load`] found.
 #[derive(Debug)]
 pub enum Loaded {
     /// No file there.
     Missing,
-    /// A file for this device, schema and kernel hash.
+    /// This device's section, for this kernel build.
     Usable(TuneFile),
-    /// A valid file for another device, schema or kernel build: ignored, left in place.
+    /// A file with sections for other devices only (listed): nothing for this one yet.
+    OtherDevices {
+        /// The devices it has sections for.
+        devices: Vec<String>,
+    },
+    /// This device's section, written for another build of the kernels: ignored (and
+    /// replaced when this device is tuned again).
+    Stale {
+        /// Which build it was for.
+        reason: String,
+    },
+    /// A valid file of another schema version: ignored, left in place.
     Foreign {
         /// Why it does not apply.
         reason: String,
@@ -233,32 +258,54 @@ impl TuneFile {
             }
             None => return corrupt("no schema version".into()),
         }
-        let file: TuneFile = match serde_json::from_value(value) {
+        let file: OnDisk = match serde_json::from_value(value) {
             Ok(f) => f,
             Err(e) => return corrupt(e.to_string()),
         };
-        let reason = if &file.device != device {
-            Some(format!(
-                "tuned on {:?}, this is {:?}",
-                file.device.name, device.name
-            ))
-        } else if file.kernel_hash != kernel_hash {
-            Some(format!(
-                "tuned for kernel build {}, this is {kernel_hash} (stale)",
-                file.kernel_hash
-            ))
-        } else {
-            None
+        let Some(ours) = file.devices.iter().find(|s| &s.device == device) else {
+            return Loaded::OtherDevices {
+                devices: file.devices.iter().map(|s| s.device.name.clone()).collect(),
+            };
         };
-        match reason {
-            Some(reason) => Loaded::Foreign { reason },
-            None => Loaded::Usable(file),
+        if ours.kernel_hash != kernel_hash {
+            return Loaded::Stale {
+                reason: format!(
+                    "tuned for kernel build {}, this is {kernel_hash}",
+                    ours.kernel_hash
+                ),
+            };
         }
+        Loaded::Usable(ours.clone())
     }
 
-    /// Writes the cache to `path` atomically (creating its folder).
+    /// Writes this device's section into the cache at `path` atomically (creating its
+    /// folder): the other devices' sections are kept. A file there that is not a cache of this
+    /// schema is an error (it is not written over).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         use std::io::Write;
+        let mut file = match std::fs::read(path) {
+            Ok(bytes) => {
+                let disk: OnDisk = serde_json::from_slice(&bytes)
+                    .ok()
+                    .filter(|d: &OnDisk| d.schema == SCHEMA_VERSION)
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!(
+                            "{} is not a schema {SCHEMA_VERSION} tuning cache; not writing over it",
+                            path.display()
+                        ))
+                    })?;
+                disk
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OnDisk {
+                schema: SCHEMA_VERSION,
+                devices: Vec::new(),
+            },
+            Err(e) => return Err(e),
+        };
+        match file.devices.iter_mut().find(|s| s.device == self.device) {
+            Some(section) => *section = self.clone(),
+            None => file.devices.push(self.clone()),
+        }
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
         if let Some(d) = dir {
             std::fs::create_dir_all(d)?;
@@ -268,7 +315,7 @@ impl TuneFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "tuned.json".into());
         let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
         let result = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(text.as_bytes())?;

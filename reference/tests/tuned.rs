@@ -45,26 +45,71 @@ fn round_trip_through_the_file() {
 }
 
 #[test]
-fn foreign_stale_and_newer_files_are_ignored_and_kept() {
+fn other_devices_stale_sections_and_newer_files_are_ignored_and_kept() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tuned.json");
     sample().save(&path).unwrap();
-    assert!(matches!(
-        TuneFile::load(&path, &device("gpu B"), "hash1"),
-        Loaded::Foreign { .. }
-    ));
-    match TuneFile::load(&path, &device("gpu A"), "hash2") {
-        Loaded::Foreign { reason } => assert!(reason.contains("stale"), "{reason}"),
+    match TuneFile::load(&path, &device("gpu B"), "hash1") {
+        Loaded::OtherDevices { devices } => assert_eq!(devices, ["gpu A"]),
         other => panic!("{other:?}"),
     }
-    let mut newer = sample();
-    newer.schema = SCHEMA_VERSION + 1;
-    newer.save(&path).unwrap();
+    match TuneFile::load(&path, &device("gpu A"), "hash2") {
+        Loaded::Stale { reason } => assert!(reason.contains("hash1"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let newer = format!(r#"{{"schema": {}, "devices": []}}"#, SCHEMA_VERSION + 1);
+    std::fs::write(&path, &newer).unwrap();
     assert!(matches!(
         TuneFile::load(&path, &device("gpu A"), "hash1"),
         Loaded::Foreign { .. }
     ));
-    assert!(path.exists(), "a foreign file is left where it is");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        newer,
+        "left where it is"
+    );
+    // Saving over a file of another schema is refused, not done.
+    assert!(sample().save(&path).is_err());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), newer);
+}
+
+#[test]
+fn devices_share_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let a = sample();
+    let mut b = TuneFile::new(device("gpu B"), "hash9");
+    b.insert(
+        "decode",
+        "n=64",
+        &serde_json::json!({"splits": 2}),
+        1.0,
+        0.5,
+        3,
+        0,
+    );
+    a.save(&path).unwrap();
+    b.save(&path).unwrap();
+    // A again, with another entry: B's section stays.
+    let mut a2 = a.clone();
+    a2.insert(
+        "fwht",
+        "n=4096",
+        &serde_json::json!({"rows": 1}),
+        1.0,
+        1.0,
+        1,
+        0,
+    );
+    a2.save(&path).unwrap();
+    match TuneFile::load(&path, &device("gpu A"), "hash1") {
+        Loaded::Usable(f) => assert_eq!(f, a2),
+        other => panic!("{other:?}"),
+    }
+    match TuneFile::load(&path, &device("gpu B"), "hash9") {
+        Loaded::Usable(f) => assert_eq!(f, b),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

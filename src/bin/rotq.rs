@@ -285,7 +285,13 @@ fn print_cache(path: Option<&std::path::Path>, loaded: &rotq::reference::tuned::
             println!("  anything else: the kernel's default");
         }
         Loaded::Missing => println!("defaults: no tuning cache at {path} (run `autotune`)"),
-        Loaded::Foreign { reason } => println!("defaults: {path} is ignored ({reason})"),
+        Loaded::OtherDevices { devices } => println!(
+            "defaults: {path} has entries for {} only (run `autotune` on this device)",
+            devices.join(", ")
+        ),
+        Loaded::Stale { reason } | Loaded::Foreign { reason } => {
+            println!("defaults: {path} is ignored ({reason})")
+        }
         Loaded::Corrupt { reason, .. } | Loaded::Unreadable { reason } => {
             println!("defaults: {path} is ignored ({reason})")
         }
