@@ -6,6 +6,8 @@ pub mod bench;
 pub mod bench_cuda;
 pub mod eval;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 
 pub use rotq_reference as reference;
