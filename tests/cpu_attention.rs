@@ -610,3 +610,55 @@ fn parameters_the_f32_kernel_cannot_represent_are_errors() {
     // Absurd head dims are refused when the view is made (an empty cache included).
     assert!(KvCacheView::new(KvFormat::F32, &[], 0, 1, 1 << 60).is_err());
 }
+
+/// The kernel handles are `Send + Sync`: one `CpuAttention` serves eight threads at once,
+/// each with its own problem (decode and prefill, different formats), and every thread gets
+/// the oracle's answer.
+#[test]
+fn attention_from_eight_threads_at_once() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<CpuAttention>();
+    shareable::<CacheCodec>();
+    shareable::<rotq_cpu::CpuRotation>();
+    let plan_kind = (1u8, 2u8);
+    let cases: Vec<Case> = (0..8u64)
+        .map(|t| Case {
+            n_q: if t % 2 == 0 { 1 } else { 6 },
+            n_kv: 90 + 7 * t as usize,
+            h_kv: 2,
+            group: 4,
+            d: 64,
+            d_v: 64,
+            k_format: KvFormat::ALL[(3 + t as usize) % KvFormat::ALL.len()],
+            v_format: KvFormat::ALL[(5 + 2 * t as usize) % KvFormat::ALL.len()],
+            params: AttentionParams {
+                causal: true,
+                pos_offset: 84,
+                ..Default::default()
+            },
+            plan_kind,
+            config: AttentionConfig::default(),
+            seed: 500 + t,
+        })
+        .collect();
+    let plan = cases[0].plan(); // the plan depends on the kind and seed 500 only
+    let kernel = CpuAttention::new(&plan, Isa::best());
+    std::thread::scope(|s| {
+        for c in &cases {
+            let (kernel, plan) = (&kernel, &plan);
+            s.spawn(move || {
+                let h_q = c.h_kv * c.group;
+                let q = random(c.n_q * h_q * c.d, c.seed ^ 4, 1.5);
+                let (kb, vb) = caches(c, plan, Isa::best());
+                let k = KvCacheView::new(c.k_format, &kb, c.n_kv, c.h_kv, c.d).unwrap();
+                let v = KvCacheView::new(c.v_format, &vb, c.n_kv, c.h_kv, c.d_v).unwrap();
+                let got = kernel.run(&q, c.n_q, h_q, &k, &v, &c.params).unwrap();
+                let want = oracle(c, plan, &q, &kb, &vb);
+                let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
+                if let Err(m) = tolerance(Op::Attention, Precision::F32).check(&got, &want) {
+                    panic!("{c:?}: {m}");
+                }
+            });
+        }
+    });
+}

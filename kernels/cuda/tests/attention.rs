@@ -802,3 +802,14 @@ proptest! {
         }
     }
 }
+
+/// The CUDA handles can be shared between threads (checked when this file compiles; no GPU
+/// needed).
+#[test]
+fn handles_are_send_and_sync() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Device>();
+    shareable::<CudaAttention>();
+    shareable::<rotq_cuda::CudaRotation>();
+    shareable::<rotq_cuda::CudaCodec>();
+}
