@@ -244,8 +244,15 @@ pub fn attention(data: &[u8]) {
     if let Some(r) = &plan.v {
         r.rotate_rows(&mut want, true).expect("whole rows");
     }
-    let got: Vec<f64> = got.iter().map(|&x| f64::from(x)).collect();
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+    let mut got: Vec<f64> = got.iter().map(|&x| f64::from(x)).collect();
+    // The same rule for infinite V: a key whose f32 weight underflowed to 0 turns an infinite
+    // V value into NaN where the f64 oracle keeps ±Inf (the fuzzer's second find, kept as
+    // `underflowing-weight-times-inf`). Only possible when V holds an infinity.
+    let v_infinite = va.iter().any(|x| x.is_infinite());
+    for (i, (g, w)) in got.iter_mut().zip(want.iter_mut()).enumerate() {
+        if g.is_nan() && w.is_infinite() && v_infinite {
+            (*g, *w) = (0.0, 0.0);
+        }
         assert_eq!(g.is_nan(), w.is_nan(), "NaN at {i}: {g} vs {w}");
     }
     // The f32 kernel's documented rule: a weight below f32's range (a score about 87 below
@@ -271,8 +278,42 @@ pub fn attention(data: &[u8]) {
         }
         return;
     }
-    if let Err(m) = tolerance(Op::Attention, Precision::F32).check(&got, &want) {
-        panic!("{k_format}/{v_format} {params:?} {config:?}: {m}");
+    let tol = tolerance(Op::Attention, Precision::F32);
+    if let Err(m) = tol.check(&got, &want) {
+        // An output that cancels (Σ p·v small beside Σ p·|v|) carries f32 rounding of the
+        // larger sum: measure the error against Σ p·|v| then (the fuzzer's third find, kept
+        // as `cancelling-output`).
+        let abs_v = va.mapv(f64::abs);
+        let scale = crate::reference::attention_f64(qa.view(), ka.view(), abs_v.view(), &params)
+            .expect("a valid problem")
+            .output
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |m, x| m.max(x.abs()))
+            * (d as f64).sqrt();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| g.is_finite() && w.is_finite())
+            .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+        // And scores of huge magnitude carry f32 rounding of up to `ds` (dot products of d
+        // terms, Q rotated in f32), which scales every weight by up to e^(2 ds).
+        let amax = |a: &[f64]| {
+            a.iter()
+                .filter(|x| x.is_finite())
+                .fold(0.0f64, |m, x| m.max(x.abs()))
+        };
+        let (qmax, kmax) = (
+            amax(qa.as_slice().unwrap_or(&[])),
+            amax(ka.as_slice().unwrap_or(&[])),
+        );
+        let ds = (2.0 * d as f64 + 8.0) * f64::from(f32::EPSILON) * d as f64 * qmax * kmax
+            / (d as f64).sqrt();
+        let allowed = (tol.max_abs + (4.0 * ds).exp_m1()) * scale;
+        assert!(
+            worst <= allowed,
+            "{k_format}/{v_format} {params:?} {config:?}: {m}; largest error {worst:e} against Σ p|v| {scale:e}"
+        );
     }
 }
 

@@ -285,8 +285,11 @@ impl TuneFile {
         use std::io::Write;
         let mut file = match std::fs::read(path) {
             Ok(bytes) => {
-                let disk: OnDisk = serde_json::from_slice(&bytes)
+                // Parsed as `read` parses it (through a JSON value), so that what a reader
+                // accepts is what a writer accepts.
+                let disk: OnDisk = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
+                    .and_then(|v| serde_json::from_value(v).ok())
                     .filter(|d: &OnDisk| d.schema == SCHEMA_VERSION)
                     .ok_or_else(|| {
                         std::io::Error::other(format!(

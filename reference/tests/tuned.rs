@@ -203,3 +203,24 @@ fn a_folder_in_the_way_is_unreadable() {
         Loaded::Unreadable { .. }
     ));
 }
+
+/// Found by the `tune_cache` fuzz target: JSON with a repeated key read as usable (the last
+/// value wins) but could not be saved over. Reading and saving now accept the same files.
+#[test]
+fn a_file_that_reads_as_usable_can_be_saved_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let text = r#"{"schema": 2, "devices": [{"device": {"name": "gpu A", "compute_capability": [9, 0], "driver_version": 13000},
+        "kernel_hash": "x", "entries": {}, "kernel_hash": "hash1",
+        "entries": {"fwht/n=128": {"config": {"rows": 2}, "default_ms": 1.0, "tuned_ms": 0.5, "tried": 1, "rejected": 0}}}]}"#;
+    std::fs::write(&path, text).unwrap();
+    let f = match TuneFile::peek(&path, &device("gpu A"), "hash1") {
+        Loaded::Usable(f) => f,
+        other => panic!("{other:?}"),
+    };
+    f.save(&path).unwrap();
+    match TuneFile::load(&path, &device("gpu A"), "hash1") {
+        Loaded::Usable(g) => assert_eq!(f, g),
+        other => panic!("{other:?}"),
+    }
+}
