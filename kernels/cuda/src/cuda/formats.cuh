@@ -679,85 +679,16 @@ RQ_FN float rq_scale16(const unsigned char* p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Four values j .. j + 3 of a 32-value block (j a multiple of 4), each computed exactly as the
-// whole-block dequantizers above compute it: for kernels whose threads each need a few values
-// of a block (attention's weighted sum).
-
-RQ_FN void rq_dequantize4_q8_0(const unsigned char* in, int j, float* y) {
-    float d = rq_scale16(in);
-    for (int e = 0; e < 4; ++e) {
-        int q = in[2 + j + e];
-        if (q >= 128) q -= 256;
-        y[e] = (float)q * d;
-    }
-}
+// Symmetric formats as (scale, code): value j of a block equals scale * code (the same f32
+// product the dequantizers above compute), with codes small enough to be exact in f16 and
+// bf16 (integers up to 127 in magnitude, E4M3 values). Tensor-core kernels multiply codes
+// and apply the scale afterwards (K) or fold it into the other operand (V).
 
 // Nibble of value i (0..31) of a q4_0-style qs[16].
 RQ_FN int rq_nibble(const unsigned char* qs, int i) {
     int q = qs[i & 15];
     return i < 16 ? (q & 0x0F) : (q >> 4);
 }
-
-RQ_FN void rq_dequantize4_q4_0(const unsigned char* in, int j, float* y) {
-    float d = rq_scale16(in);
-    for (int e = 0; e < 4; ++e) y[e] = (float)(rq_nibble(in + 2, j + e) - 8) * d;
-}
-
-RQ_FN void rq_dequantize4_q4_1(const unsigned char* in, int j, float* y) {
-    float d = rq_scale16(in);
-    float m = rq_scale16(in + 2);
-    for (int e = 0; e < 4; ++e) y[e] = (float)rq_nibble(in + 4, j + e) * d + m;
-}
-
-RQ_FN void rq_dequantize4_q5_0(const unsigned char* in, int j, float* y) {
-    float d = rq_scale16(in);
-    unsigned int qh = rq_read_u32(in + 2);
-    for (int e = 0; e < 4; ++e) y[e] = (float)(rq_code5(in + 2, qh, j + e) - 16) * d;
-}
-
-RQ_FN void rq_dequantize4_q5_1(const unsigned char* in, int j, float* y) {
-    float d = rq_scale16(in);
-    float m = rq_scale16(in + 2);
-    unsigned int qh = rq_read_u32(in + 4);
-    for (int e = 0; e < 4; ++e) y[e] = (float)rq_code5(in + 4, qh, j + e) * d + m;
-}
-
-RQ_FN void rq_dequantize4_iq4_nl(const unsigned char* in, int j, float* y) {
-    float d = rq_scale16(in);
-    for (int e = 0; e < 4; ++e) y[e] = d * rq_iq4nl_value(rq_nibble(in + 2, j + e));
-}
-
-RQ_FN void rq_dequantize4_q6_0(const unsigned char* in, int j, float* y) {
-    float d = rq_scale16(in);
-    const unsigned char* qh = in + 2;
-    const unsigned char* qs = in + 2 + RQ_QK / 4;
-    for (int e = 0; e < 4; ++e) {
-        int i = j + e, k = i & 15;
-        unsigned int h = ((unsigned int)qh[k % (RQ_QK / 4)] >> (4 * (k / (RQ_QK / 4)))) & 0xFF;
-        unsigned int c = i < 16 ? ((qs[k] & 0x0Fu) | ((h << 4) & 0x30u))
-                                : ((qs[k] >> 4) | ((h << 2) & 0x30u));
-        y[e] = (float)((int)c - 32) * d;
-    }
-}
-
-RQ_FN void rq_dequantize4_int4(const unsigned char* in, int j, float* y) {
-    float s = rq_scale16(in);
-    for (int e = 0; e < 4; ++e) {
-        int i = j + e, q = in[2 + i / 2];
-        y[e] = (float)(((i & 1) ? (q >> 4) : (q & 0x0F)) - 8) * s;
-    }
-}
-
-RQ_FN void rq_dequantize4_fp8_e4m3(const unsigned char* in, int j, float* y) {
-    float s = rq_from_bits(rq_read_u32(in));
-    for (int e = 0; e < 4; ++e) y[e] = rq_e4m3_decode(in[4 + j + e]) * s;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Symmetric formats as (scale, code): value j of a block equals scale * code (the same f32
-// product the dequantizers above compute), with codes small enough to be exact in f16 and
-// bf16 (integers up to 127 in magnitude, E4M3 values). Tensor-core kernels multiply codes
-// and apply the scale afterwards (K) or fold it into the other operand (V).
 
 RQ_FN float rq_scale_q8_0(const unsigned char* in) { return rq_scale16(in); }
 RQ_FN float rq_code_q8_0(const unsigned char* in, int j) {
@@ -793,5 +724,38 @@ RQ_FN float rq_code_fp8_e4m3(const unsigned char* in, int j) { return rq_e4m3_de
 // f16 rows: `in` is a group of 32 values (blocks of one value), scale 1.
 RQ_FN float rq_scale_f16(const unsigned char* in) { (void)in; return 1.0f; }
 RQ_FN float rq_code_f16(const unsigned char* in, int j) { return rq_scale16(in + 2 * j); }
+
+// ---------------------------------------------------------------------------------------------
+// Four values j .. j + 3 of a 32-value block (j a multiple of 4), each computed exactly as the
+// whole-block dequantizers above compute it: for kernels whose threads each need a few values
+// of a block (attention's weighted sum). Symmetric formats are code times scale; q4_1 and
+// q5_1 add their minimum.
+
+#define RQ_DEQUANTIZE4_SYMMETRIC(FMT)                                              \
+    RQ_FN void rq_dequantize4_##FMT(const unsigned char* in, int j, float* y) {    \
+        float d = rq_scale_##FMT(in);                                              \
+        for (int e = 0; e < 4; ++e) y[e] = rq_code_##FMT(in, j + e) * d;           \
+    }
+
+RQ_DEQUANTIZE4_SYMMETRIC(q8_0)
+RQ_DEQUANTIZE4_SYMMETRIC(q4_0)
+RQ_DEQUANTIZE4_SYMMETRIC(q5_0)
+RQ_DEQUANTIZE4_SYMMETRIC(iq4_nl)
+RQ_DEQUANTIZE4_SYMMETRIC(q6_0)
+RQ_DEQUANTIZE4_SYMMETRIC(int4)
+RQ_DEQUANTIZE4_SYMMETRIC(fp8_e4m3)
+
+RQ_FN void rq_dequantize4_q4_1(const unsigned char* in, int j, float* y) {
+    float d = rq_scale16(in);
+    float m = rq_scale16(in + 2);
+    for (int e = 0; e < 4; ++e) y[e] = (float)rq_nibble(in + 4, j + e) * d + m;
+}
+
+RQ_FN void rq_dequantize4_q5_1(const unsigned char* in, int j, float* y) {
+    float d = rq_scale16(in);
+    float m = rq_scale16(in + 2);
+    unsigned int qh = rq_read_u32(in + 4);
+    for (int e = 0; e < 4; ++e) y[e] = (float)rq_code5(in + 4, qh, j + e) * d + m;
+}
 
 #endif  // RQ_FORMATS_CUH
