@@ -62,6 +62,14 @@ impl<'a> Input<'a> {
     }
 }
 
+/// The largest finite magnitude among `values` (0 when there is none).
+fn max_abs<'a>(values: impl IntoIterator<Item = &'a f64>) -> f64 {
+    values
+        .into_iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0, |m, x| m.max(x.abs()))
+}
+
 /// Same value, or both NaN.
 fn same(a: f32, b: f32) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
@@ -259,16 +267,10 @@ pub fn attention(data: &[u8]) {
     // the row's maximum) is 0. Those weights move an output by at most `floor`, which only
     // matters when the output itself is that small (the keys that dominate have V = 0): the
     // fuzzer's first find, kept in the corpus as `underflowing-weights`.
-    let vmax = va
-        .iter()
-        .filter(|x| x.is_finite())
-        .fold(0.0f64, |m, x| m.max(x.abs()));
+    let vmax = max_abs(&va);
     // (× √d: the output is rotated back, which can gather a row's magnitude into one value.)
     let floor = n_kv as f64 * 1e-37 * vmax * (d as f64).sqrt();
-    let wmax = want
-        .iter()
-        .filter(|x| x.is_finite())
-        .fold(0.0f64, |m, x| m.max(x.abs()));
+    let wmax = max_abs(&want);
     if wmax <= 1e6 * floor {
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -284,13 +286,11 @@ pub fn attention(data: &[u8]) {
         // larger sum: measure the error against Σ p·|v| then (the fuzzer's third find, kept
         // as `cancelling-output`).
         let abs_v = va.mapv(f64::abs);
-        let scale = crate::reference::attention_f64(qa.view(), ka.view(), abs_v.view(), &params)
-            .expect("a valid problem")
-            .output
-            .iter()
-            .filter(|x| x.is_finite())
-            .fold(0.0f64, |m, x| m.max(x.abs()))
-            * (d as f64).sqrt();
+        let scale = max_abs(
+            &crate::reference::attention_f64(qa.view(), ka.view(), abs_v.view(), &params)
+                .expect("a valid problem")
+                .output,
+        ) * (d as f64).sqrt();
         let worst = got
             .iter()
             .zip(&want)
@@ -298,15 +298,7 @@ pub fn attention(data: &[u8]) {
             .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
         // And scores of huge magnitude carry f32 rounding of up to `ds` (dot products of d
         // terms, Q rotated in f32), which scales every weight by up to e^(2 ds).
-        let amax = |a: &[f64]| {
-            a.iter()
-                .filter(|x| x.is_finite())
-                .fold(0.0f64, |m, x| m.max(x.abs()))
-        };
-        let (qmax, kmax) = (
-            amax(qa.as_slice().unwrap_or(&[])),
-            amax(ka.as_slice().unwrap_or(&[])),
-        );
+        let (qmax, kmax) = (max_abs(&qa), max_abs(&ka));
         let ds = (2.0 * d as f64 + 8.0) * f64::from(f32::EPSILON) * d as f64 * qmax * kmax
             / (d as f64).sqrt();
         let allowed = (tol.max_abs + (4.0 * ds).exp_m1()) * scale;

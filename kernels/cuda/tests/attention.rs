@@ -286,15 +286,21 @@ fn check<T: Elem>(dev: &Device, c: &Case) {
         let qb = &q_held[b * h_q * c.d..][..h_q * c.d];
         want.extend(oracle(c, &plan, qb, &per_seq[b].0, &per_seq[b].1, b));
     }
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+    assert_matches::<T>(&got, &want, &format!("{c:?}"));
+}
+
+/// `got` (outputs of type `T`) against the oracle's `want`: NaN in the same places, the rest
+/// within the tolerance table of `T`.
+fn assert_matches<T: Elem>(got: &[f64], want: &[f64], what: &str) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(
             g.is_nan(),
             w.is_nan(),
-            "{c:?}: NaN at {i}: got {g}, want {w}"
+            "{what}: NaN at {i}: got {g}, want {w}"
         );
     }
-    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(&got, &want) {
-        panic!("{} {c:?}: {m}", std::any::type_name::<T>());
+    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(got, want) {
+        panic!("{} {what}: {m}", std::any::type_name::<T>());
     }
 }
 
@@ -494,16 +500,7 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
         .map(|&x| f64::from(T::from_f32(x).to_f32()))
         .collect();
     let want = oracle(c, &plan, &q64, &kb, &vb, 0);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(
-            g.is_nan(),
-            w.is_nan(),
-            "{value} at {at} (K: {in_k}): NaN at {i}: got {g}, want {w}"
-        );
-    }
-    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(&got, &want) {
-        panic!("{value} at {at} (K: {in_k}): {m}");
-    }
+    assert_matches::<T>(&got, &want, &format!("{value} at {at} (K: {in_k})"));
 }
 
 /// Prefill: query rows of one sequence against its cache (the first `seqs` entry: tokens, and
@@ -539,19 +536,7 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
         .unwrap_or_else(|e| panic!("{c:?}: {e}"));
     let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
     let want = oracle_rows(c, &plan, &q_held, &per_seq[0].0, &per_seq[0].1, n, pos);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(
-            g.is_nan(),
-            w.is_nan(),
-            "{c:?}: NaN at {i}: got {g}, want {w}"
-        );
-    }
-    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(&got, &want) {
-        panic!(
-            "prefill n_q={n_q} {} {c:?}: {m}",
-            std::any::type_name::<T>()
-        );
-    }
+    assert_matches::<T>(&got, &want, &format!("prefill n_q={n_q} {c:?}"));
 }
 
 /// Prefill against the oracle: a fresh prompt (queries at 0..), a chunk at the end of a longer
