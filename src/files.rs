@@ -11,7 +11,7 @@ fn check_rows(len: usize, row_len: usize, what: &Path) -> Result<usize, Error> {
     if row_len == 0 {
         return Err(Error::Input("--row-len must be positive".into()));
     }
-    if len == 0 || len % row_len != 0 {
+    if len == 0 || !len.is_multiple_of(row_len) {
         return Err(Error::Input(format!(
             "{}: {len} values are not a whole, non-zero number of rows of {row_len}",
             what.display()

@@ -133,7 +133,7 @@ fn check_edited(c: &Case, edit: impl Fn(&mut [u8], &mut [u8])) {
 fn formats_for(d: usize) -> Vec<KvFormat> {
     KvFormat::ALL
         .into_iter()
-        .filter(|f| d % f.block_size() == 0)
+        .filter(|f| d.is_multiple_of(f.block_size()))
         .collect()
 }
 
@@ -268,8 +268,8 @@ fn decode_in_registers_matches_the_oracle() {
                     params: AttentionParams {
                         causal: true,
                         pos_offset: 202,
-                        window: (seed % 3 == 0).then_some(150),
-                        softcap: (seed % 2 == 0).then_some(20.0),
+                        window: seed.is_multiple_of(3).then_some(150),
+                        softcap: seed.is_multiple_of(2).then_some(20.0),
                         scale: None,
                     },
                     plan_kind: (1, (seed % 3) as u8),

@@ -301,3 +301,36 @@ fn element_formats_are_bit_exact_at_any_row_length() {
         }
     }
 }
+
+/// A cache at any byte alignment (a slice of a larger buffer starting 1 to 7 bytes in) is
+/// written and read exactly as an aligned one: the kernels read and write cache bytes without
+/// assuming their alignment.
+#[test]
+fn caches_at_any_alignment_work_like_aligned_ones() {
+    let data = rows(6, 128, 21);
+    let r = Rotation::hadamard(128).unwrap();
+    for isa in Isa::all_available() {
+        for format in KvFormat::ALL {
+            let codec = CacheCodec::new(format, 128, Some(&r), isa).unwrap();
+            let len = 6 * codec.row_bytes();
+            let mut aligned = vec![0u8; len];
+            codec.quantize(&data, &mut aligned, 0).unwrap();
+            let mut want = vec![0f32; data.len()];
+            codec.dequantize(&aligned, &mut want).unwrap();
+            for shift in 1..8 {
+                let mut buf = vec![0x5Au8; len + 8];
+                let cache = &mut buf[shift..shift + len];
+                codec.quantize(&data, cache, 0).unwrap();
+                assert!(cache == aligned.as_slice(), "{format} on {isa}, shift {shift}");
+                let mut got = vec![0f32; data.len()];
+                codec.dequantize(cache, &mut got).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format} on {isa}, shift {shift}"
+                );
+            }
+        }
+    }
+}

@@ -147,7 +147,12 @@ impl Rotation {
 
     /// Block-diagonal `diag(H_b, …, H_b)`; `b` a power of two (≤ 2^15) dividing `n`.
     pub fn block_hadamard(n: usize, block: usize) -> Result<Self> {
-        if n == 0 || block == 0 || !block.is_power_of_two() || block > MAX_POW2 || n % block != 0 {
+        if n == 0
+            || block == 0
+            || !block.is_power_of_two()
+            || block > MAX_POW2
+            || !n.is_multiple_of(block)
+        {
             return Err(Error::InvalidBlock { n, block });
         }
         Ok(Self {
@@ -300,7 +305,7 @@ impl Rotation {
     /// assert!((rows[0] - 2.0 * s).abs() < 1e-15 && (rows[3] + 2.0 * s).abs() < 1e-15);
     /// ```
     pub fn rotate_rows(&self, data: &mut [f64], inverse: bool) -> Result<()> {
-        if data.len() % self.n != 0 {
+        if !data.len().is_multiple_of(self.n) {
             return Err(Error::LengthMismatch {
                 what: "rows (a multiple of the rotation's dimension)",
                 expected: data.len().div_ceil(self.n) * self.n,

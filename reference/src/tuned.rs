@@ -8,7 +8,10 @@
 //! it replaces that section and keeps the others. A file of another schema, or a section for
 //! another build of the kernels, is ignored (kept where it is); a file that cannot be parsed is
 //! moved aside to `<name>.corrupt` and ignored. Writes are atomic (a temporary file in the same
-//! folder, then a rename), so a reader never sees half a file.
+//! folder, then a rename), so a reader never sees half a file. Saves are serialized by an
+//! advisory lock on a sidecar `<name>.lock` beside the file, so that two processes saving at
+//! once (say `autotune --device cuda:0` and `autotune --device cpu`) both keep their sections;
+//! readers take no lock and never wait (see [`TuneFile::save`]).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -281,7 +284,53 @@ impl TuneFile {
     /// Writes this device's section into the cache at `path` atomically (creating its
     /// folder): the other devices' sections are kept. A file there that is not a cache of this
     /// schema is an error (it is not written over).
+    ///
+    /// Saving reads the file, merges this section in and renames a new file over it. Two
+    /// processes doing that at once (say `autotune --device cuda:0` and `autotune --device
+    /// cpu`) could both read the old file, and the second rename would drop the first one's
+    /// section: a lost update. So the read-merge-write holds an exclusive lock
+    /// ([`std::fs::File::lock`]) on a sidecar file `<name>.lock` in the same folder, from
+    /// before the read until after the rename; a second saver waits for it. The lock file is
+    /// created if missing and never deleted (deleting it would let two savers lock two
+    /// different files). The lock is advisory, and per cache file: it serializes savers that
+    /// go through this function for the same path (in any process, or threads of one), and
+    /// stops nothing else. Readers ([`Self::load`], [`Self::peek`]) take no lock and never
+    /// block: the rename is atomic, so they see the old file or the new one, whole.
+    ///
+    /// ```
+    /// use rotq_reference::tuned::{DeviceIdentity, Loaded, TuneFile};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("tuned.json");
+    /// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
+    /// let gpu = DeviceIdentity { name: "gpu: test".into(), compute_capability: Some((9, 0)), driver_version: Some(13000) };
+    /// // Two savers at once (threads here; separate processes alike): neither section is lost.
+    /// std::thread::scope(|s| {
+    ///     let a = s.spawn(|| TuneFile::new(cpu.clone(), "abc123").save(&path));
+    ///     let b = s.spawn(|| TuneFile::new(gpu.clone(), "abc123").save(&path));
+    ///     a.join().unwrap().and(b.join().unwrap())
+    /// })?;
+    /// assert!(matches!(TuneFile::load(&path, &cpu, "abc123"), Loaded::Usable(_)));
+    /// assert!(matches!(TuneFile::load(&path, &gpu, "abc123"), Loaded::Usable(_)));
+    /// assert!(dir.path().join("tuned.json.lock").exists(), "the lock file stays");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("creating {}: {e}", d.display()))
+            })?;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tuned.json".into());
+        // Held until it is dropped (closing the file releases the lock), after the rename.
+        let _lock = lock_beside(path, &name)?;
+        self.merge_and_write(path, &name)
+    }
+
+    /// [`Self::save`]'s read-merge-write, run under the lock.
+    fn merge_and_write(&self, path: &Path, name: &str) -> std::io::Result<()> {
         use std::io::Write;
         let mut file = match std::fs::read(path) {
             Ok(bytes) => {
@@ -309,14 +358,7 @@ impl TuneFile {
             Some(section) => *section = self.clone(),
             None => file.devices.push(self.clone()),
         }
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-        if let Some(d) = dir {
-            std::fs::create_dir_all(d)?;
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "tuned.json".into());
+        // One saver at a time holds the lock, so one name per process is enough.
         let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
         let result = (|| {
@@ -330,4 +372,23 @@ impl TuneFile {
         }
         result
     }
+}
+
+/// Opens (creating it if missing) the sidecar lock file `<name>.lock` beside `path` and takes
+/// an exclusive lock on it, waiting for any other holder; the lock is released when the
+/// returned file is dropped. See [`TuneFile::save`].
+fn lock_beside(path: &Path, name: &str) -> std::io::Result<std::fs::File> {
+    let lock_path = path.with_file_name(format!("{name}.lock"));
+    let context = |what: &str, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{what} {}: {e}", lock_path.display()))
+    };
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| context("opening the lock file", e))?;
+    lock.lock().map_err(|e| context("locking", e))?;
+    Ok(lock)
 }

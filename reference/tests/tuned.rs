@@ -1,4 +1,4 @@
-//! The tuning cache: round trip, and foreign, stale and corrupt files.
+//! The tuning cache: round trip, foreign, stale and corrupt files, and savers at once.
 
 use rotq_reference::tuned::{bucket, DeviceIdentity, Loaded, TuneFile, SCHEMA_VERSION};
 
@@ -8,6 +8,16 @@ fn device(name: &str) -> DeviceIdentity {
         compute_capability: Some((9, 0)),
         driver_version: Some(13000),
     }
+}
+
+/// The names in `dir`, sorted.
+fn folder(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 fn sample() -> TuneFile {
@@ -39,9 +49,11 @@ fn round_trip_through_the_file() {
         }
         other => panic!("{other:?}"),
     }
-    // No temporary file is left behind.
-    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
-    assert_eq!(names.len(), 1);
+    // No temporary file is left behind: only the cache and its lock file (kept for good).
+    assert_eq!(
+        folder(path.parent().unwrap()),
+        ["tuned.json", "tuned.json.lock"]
+    );
 }
 
 #[test]
@@ -223,4 +235,140 @@ fn a_file_that_reads_as_usable_can_be_saved_over() {
         Loaded::Usable(g) => assert_eq!(f, g),
         other => panic!("{other:?}"),
     }
+}
+
+/// Rounds each saver runs in the tests of savers at once.
+const ROUNDS: usize = 20;
+
+/// Saves `device(name)`'s section at `path` `ROUNDS` times, the entry `k/b` set to the round.
+fn save_rounds(path: &std::path::Path, name: &str) {
+    let mut f = TuneFile::new(device(name), "hash1");
+    for round in 0..ROUNDS {
+        f.insert(
+            "k",
+            "b",
+            &serde_json::json!({ "round": round }),
+            1.0,
+            1.0,
+            1,
+            0,
+        );
+        f.save(path)
+            .unwrap_or_else(|e| panic!("{name}, round {round}: {e}"));
+    }
+}
+
+/// Every saver's section is in the file at `path`, at its last round, and nothing else is
+/// left in the folder but the cache and its lock file.
+fn assert_every_section_kept(path: &std::path::Path, names: &[String]) {
+    for name in names {
+        match TuneFile::load(path, &device(name), "hash1") {
+            Loaded::Usable(f) => {
+                let c: serde_json::Value = f.config("k", "b").unwrap();
+                assert_eq!(c["round"], ROUNDS - 1, "{name}");
+            }
+            other => panic!("{name}'s section: {other:?}"),
+        }
+    }
+    assert_eq!(
+        folder(path.parent().unwrap()),
+        ["tuned.json", "tuned.json.lock"]
+    );
+}
+
+/// Eight savers, each for another device, saving into one file at once (20 times each; each
+/// save opens the lock file itself, so they exclude each other as separate processes would),
+/// with a reader peeking all along: no section is lost, and the reader never sees a broken
+/// file. Without the lock, sections go missing (a lost update) or saves fail.
+#[test]
+fn savers_at_once_keep_every_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let names: Vec<String> = (0..8).map(|i| format!("gpu {i}")).collect();
+    let start = std::sync::Barrier::new(names.len() + 1);
+    std::thread::scope(|s| {
+        let savers: Vec<_> = names
+            .iter()
+            .map(|name| {
+                s.spawn(|| {
+                    start.wait();
+                    save_rounds(&path, name);
+                })
+            })
+            .collect();
+        start.wait();
+        while !savers.iter().all(|h| h.is_finished()) {
+            match TuneFile::peek(&path, &device("gpu 0"), "hash1") {
+                Loaded::Missing | Loaded::OtherDevices { .. } | Loaded::Usable(_) => {}
+                other => panic!("a reader saw {other:?}"),
+            }
+        }
+        for h in savers {
+            h.join().unwrap();
+        }
+    });
+    assert_every_section_kept(&path, &names);
+}
+
+/// Run by [`processes_saving_at_once_keep_every_section`] in child processes (this test
+/// binary again); does nothing in an ordinary test run.
+#[test]
+fn saver_child_process() {
+    let (Some(path), Some(name)) = (
+        std::env::var_os("ROTQ_TEST_SAVE_PATH"),
+        std::env::var("ROTQ_TEST_SAVE_AS").ok(),
+    ) else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    // Start together: wait for the parent's go.
+    let go = path.with_file_name("go");
+    let t0 = std::time::Instant::now();
+    while !go.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "no go");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    save_rounds(&path, &name);
+}
+
+/// Four processes saving their sections into one file at once: none is lost.
+#[test]
+fn processes_saving_at_once_keep_every_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let names: Vec<String> = (0..4).map(|i| format!("process {i}")).collect();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = names
+        .iter()
+        .map(|name| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "saver_child_process",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("ROTQ_TEST_SAVE_PATH", &path)
+                .env("ROTQ_TEST_SAVE_AS", name)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let go = dir.path().join("go");
+    std::fs::write(&go, "").unwrap();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The filter ran the child's one test, not nothing.
+        assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    }
+    std::fs::remove_file(go).unwrap();
+    assert_every_section_kept(&path, &names);
 }

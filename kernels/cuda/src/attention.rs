@@ -7,8 +7,10 @@
 //! and soft-cap must be normal f32 numbers.
 //!
 //! With f16/bf16 queries and K/V formats whose values are a scale times a small code (see
-//! [`TENSOR_CORE_K_FORMATS`]), the products run on the tensor cores (`mma.sync` m16n8k16, the
-//! group's query heads as the rows): Q and the softmax weights are rounded to f16/bf16 once,
+//! [`TENSOR_CORE_K_FORMATS`]), the products run on the tensor cores (`mma.sync` m16n8k16 with
+//! 16 tokens as the rows and the group's query heads as the columns, so a thread's scores are
+//! of the tokens whose codes it read; q4_0 and q8_0 codes become f16 with the exponent-bias
+//! trick, a couple of instructions per pair): Q and the softmax weights are rounded to f16/bf16 once,
 //! as in flash attention, within the f16/bf16 tolerance of the oracle. A weight below the
 //! element type's smallest subnormal (a score about 17 below the row's maximum in f16) rounds
 //! to 0, so a NaN or ±Inf in V at such a key gives NaN where the oracle's f64 gives ±Inf (the
@@ -314,15 +316,23 @@ fn fast(format: KvFormat) -> u32 {
 }
 
 impl Shape {
-    /// Shared memory of the decode kernel, as `attention.cu` lays it out: the group's queries,
-    /// then per warp two stages of 32 raw K and V rows and the tile's weights.
+    /// Shared memory of the decode kernel, as `attention.cu` lays it out: the group's queries
+    /// (f32), then per warp two stages of 32 raw K and V rows (and, for the f32 kernel, the
+    /// tile's weights). The f32 kernel's rows are an odd number of words apart (K_STRIDE_W),
+    /// the tensor-core kernel's an odd number of 16-byte units (K_SB).
     fn smem(&self) -> Result<usize> {
-        let stride_words =
-            |f: KvFormat, dim: usize| -> Result<usize> { Ok((f.row_bytes(dim)?.div_ceil(4)) | 1) };
-        let stage =
-            32 * (stride_words(self.k_format, self.d)? + stride_words(self.v_format, self.d_v)?);
-        let warp = 2 * stage + 32 * self.group;
-        Ok(4 * (self.group * self.d + self.warps * warp))
+        let (k_row, v_row) = (
+            self.k_format.row_bytes(self.d)?,
+            self.v_format.row_bytes(self.d_v)?,
+        );
+        let warp = if self.tensor_cores {
+            let stride = |row: usize| 16 * (row.div_ceil(16) | 1);
+            2 * 32 * (stride(k_row) + stride(v_row))
+        } else {
+            let stride = |row: usize| 4 * (row.div_ceil(4) | 1);
+            2 * 32 * (stride(k_row) + stride(v_row)) + 4 * 32 * self.group
+        };
+        Ok(4 * self.group * self.d + self.warps * warp)
     }
 
     fn source<T: GpuElement>(&self) -> (String, String) {
@@ -708,7 +718,7 @@ impl CudaAttention {
         // Sequences with a cache of their own (one when they share it).
         let caches = if shared { 1 } else { seqs.len() };
         let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
-        if h_kv == 0 || h_q == 0 || h_q % h_kv != 0 {
+        if h_kv == 0 || h_q == 0 || !h_q.is_multiple_of(h_kv) {
             return shape(format!(
                 "h_q {h_q} must be a positive multiple of h_kv {h_kv}"
             ));

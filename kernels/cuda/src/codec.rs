@@ -293,7 +293,7 @@ impl CudaCodec {
     }
 
     fn rows_of(&self, len: usize) -> Result<usize> {
-        if len % self.dim != 0 {
+        if !len.is_multiple_of(self.dim) {
             return Err(Error::RowNotMultipleOfBlock {
                 format: "codec rows",
                 row_len: len,

@@ -129,7 +129,7 @@ impl CudaRotation {
             }
         }
         let n = self.dim();
-        if data.len() % n != 0 {
+        if !data.len().is_multiple_of(n) {
             return Err(Error::RowNotMultipleOfBlock {
                 format: "rotation rows",
                 row_len: data.len(),

@@ -788,6 +788,96 @@ proptest! {
     }
 }
 
+/// Eight threads decode at once on one device, each its own case (K and V formats, contiguous
+/// or paged, rotation plans, f16 and f32), and every result is checked against the oracle.
+#[test]
+fn attention_from_eight_threads_at_once() {
+    let Some(dev) = device() else { return };
+    let all = KvFormat::ALL;
+    let cases: Vec<Case> = (0..8usize)
+        .map(|t| Case {
+            k_format: all[(3 + t) % all.len()],
+            v_format: all[(5 + 2 * t) % all.len()],
+            seqs: vec![(60 + 9 * t, 59 + 9 * t), (33, 20), (1, 0)],
+            plan: (t % 4) as u8,
+            page_tokens: (t % 2 == 1).then_some(16),
+            seed: 900 + t as u64,
+            ..Case::basic()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (t, c) in cases.iter().enumerate() {
+            s.spawn(move || {
+                if t % 2 == 0 {
+                    check::<f16>(dev, c)
+                } else {
+                    check::<f32>(dev, c)
+                }
+            });
+        }
+    });
+}
+
+/// A decode whose partial results cannot fit in the device's memory is
+/// `CudaError::OutOfMemory` (no panic, no launch), and the device works normally afterwards.
+#[test]
+fn out_of_memory_is_a_typed_error() {
+    let Some(dev) = device() else { return };
+    // 40,000 sequences of 32k tokens that share one cache through the block table: the cache
+    // is 2.4 MB per side, but the partial results (16 query heads x 1,024 slices of 131 floats
+    // per sequence, whatever the warps and splits) would take over 340 GB.
+    let (d, group, n, page_tokens, batch) = (128, 16, 32768, 256, 40_000);
+    let rows = random(n * d, 11);
+    let stream = dev.stream();
+    let k_bytes = stream
+        .clone_htod(&encode(KvFormat::Q4_0, &rows, d, None))
+        .unwrap();
+    let v_bytes = stream
+        .clone_htod(&encode(KvFormat::Q4_0, &random(n * d, 12), d, None))
+        .unwrap();
+    let pages = n / page_tokens;
+    let table: Vec<u32> = (0..batch).flat_map(|_| 0..pages as u32).collect();
+    let layout = CacheLayout::Paged {
+        table: &table,
+        pages_per_seq: pages,
+        page_tokens,
+    };
+    let k = CudaKvCache {
+        format: KvFormat::Q4_0,
+        bytes: &k_bytes,
+        n_heads: 1,
+        dim: d,
+        layout,
+    };
+    let v = CudaKvCache {
+        bytes: &v_bytes,
+        ..k
+    };
+    let q = upload::<f16>(dev, &random(batch * group * d, 13));
+    let mut out = stream.alloc_zeros::<f16>(batch * group * d).unwrap();
+    let seqs = vec![
+        DecodeSeq {
+            n_tokens: n,
+            pos: n - 1
+        };
+        batch
+    ];
+    let attn = CudaAttention::new(dev, &RotationPlan::default())
+        .unwrap()
+        .with_config(DecodeConfig {
+            warps: 16,
+            splits: 1024,
+            tensor_cores: true,
+        });
+    let params = AttentionParams::default();
+    match attn.decode(dev, &q, group, &k, &v, &seqs, &params, &mut out) {
+        Err(CudaError::OutOfMemory { what }) => assert!(what.contains("partial"), "{what}"),
+        other => panic!("expected CudaError::OutOfMemory, got {other:?}"),
+    }
+    drop((q, out, k_bytes, v_bytes));
+    check::<f16>(dev, &Case::basic());
+}
+
 /// The CUDA handles can be shared between threads (checked when this file compiles; no GPU
 /// needed).
 #[test]

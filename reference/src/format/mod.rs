@@ -366,7 +366,7 @@ impl KvFormat {
     /// Checks that `row_len` is a positive multiple of the block size.
     pub fn check_row_len(self, row_len: usize) -> Result<()> {
         let block = self.block_size();
-        if row_len == 0 || row_len % block != 0 {
+        if row_len == 0 || !row_len.is_multiple_of(block) {
             return Err(Error::RowNotMultipleOfBlock {
                 format: self.name(),
                 row_len,
@@ -424,7 +424,7 @@ impl KvFormat {
     /// Number of values encoded in `bytes` (a whole number of blocks), or an error.
     pub fn values_in(self, bytes: usize) -> Result<usize> {
         let info = self.info();
-        if bytes == 0 || bytes % info.block_bytes != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(info.block_bytes) {
             return Err(Error::TruncatedBuffer {
                 format: info.name,
                 row_bytes: info.block_bytes,

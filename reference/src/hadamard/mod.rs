@@ -71,7 +71,7 @@ impl HadamardSize {
     pub fn with_base(n: usize, base: usize) -> Result<Self> {
         let fits = (base == 1 || SPECIAL_BASES.contains(&base))
             && n > 0
-            && n % base == 0
+            && n.is_multiple_of(base)
             && (n / base).is_power_of_two()
             && n / base <= MAX_POW2;
         if fits {

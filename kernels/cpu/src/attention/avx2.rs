@@ -233,7 +233,7 @@ impl RowDecoder for Q4_0 {
         let d = scale_at(block);
         let qs = _mm_loadu_si128(block.add(2).cast());
         // Values 0..16 of a block are the low nibbles, 16..32 the high ones.
-        let nib = if c % 2 == 0 {
+        let nib = if c.is_multiple_of(2) {
             qs
         } else {
             _mm_srli_epi16::<4>(qs)

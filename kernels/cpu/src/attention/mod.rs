@@ -156,7 +156,7 @@ enum RegFormat {
 impl RegFormat {
     /// The register format for rows of `dim` values in `format`, if there is one.
     fn of(format: KvFormat, dim: usize) -> Option<Self> {
-        if dim % 32 != 0 {
+        if !dim.is_multiple_of(32) {
             return None;
         }
         match format {
@@ -403,7 +403,7 @@ impl CpuAttention {
         params.validate()?;
         let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
         let shape = |m: String| Err(Error::Shape(m));
-        if h_kv == 0 || h_q == 0 || h_q % h_kv != 0 {
+        if h_kv == 0 || h_q == 0 || !h_q.is_multiple_of(h_kv) {
             return shape(format!(
                 "h_q {h_q} must be a positive multiple of h_kv {h_kv}"
             ));

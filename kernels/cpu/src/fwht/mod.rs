@@ -170,7 +170,7 @@ impl CpuRotation {
     }
 
     fn check_rows(&self, len: usize) -> Result<()> {
-        if len % self.n != 0 {
+        if !len.is_multiple_of(self.n) {
             return Err(Error::LengthMismatch {
                 what: "rows (a multiple of the rotation's dimension)",
                 expected: len.div_ceil(self.n) * self.n,

@@ -292,7 +292,7 @@ impl CacheCodec {
         cache: &mut [u8],
         first_row: usize,
     ) -> Result<()> {
-        if rows.len() % self.dim != 0 {
+        if !rows.len().is_multiple_of(self.dim) {
             return Err(Error::LengthMismatch {
                 what: "rows (a multiple of the row length)",
                 expected: rows.len().div_ceil(self.dim) * self.dim,
@@ -337,7 +337,7 @@ impl CacheCodec {
     /// Dequantizes whole rows of `cache` into `out` (as many rows as `out` holds) and undoes
     /// the rotation.
     pub fn dequantize(&self, cache: &[u8], out: &mut [f32]) -> Result<()> {
-        if out.len() % self.dim != 0 {
+        if !out.len().is_multiple_of(self.dim) {
             return Err(Error::LengthMismatch {
                 what: "output (a multiple of the row length)",
                 expected: out.len().div_ceil(self.dim) * self.dim,

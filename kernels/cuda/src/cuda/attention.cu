@@ -458,16 +458,27 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
 
 #if MMA
 // ---------------------------------------------------------------------------------------------
-// The same decode attention on the tensor cores, for f16/bf16 queries and outputs and K/V
-// formats whose values are scale x code (formats.cuh's rq_scale_* / rq_code_*). Per warp and
-// tile of 32 tokens, with the G query heads as the 16 rows of the mma (rows beyond G are zero):
-//   S = Q K^T: A = the rotated, scaled queries (f16/bf16, held in registers for the whole
-//     cache), B = K codes (exact in f16/bf16); the f32 product of each 32-value group is
-//     multiplied by its token's scale and summed.
-//   O += P V: A = P times the V scale of the token and group (rounded to f16/bf16),
-//     B = V codes; the rows of S's accumulators are P's A fragments (no shuffles).
-// P and Q are rounded to the element type once, as in flash attention; the softmax, the
-// scales and all sums are f32.
+// The same decode attention on the tensor cores (mma.sync m16n8k16), for f16/bf16 queries and
+// outputs and K/V formats whose values are scale x code (formats.cuh's rq_scale_* / rq_code_*).
+// Per warp and tile of 32 tokens (two chunks of 16), with the group's query heads as the 8
+// columns of the mma (two column tiles for groups of 9 to 16):
+//   S^T = K Q^T: A = 16 tokens' K codes (exact in f16/bf16), B = the rotated, scaled queries
+//     (held in registers for the whole cache); each 32-value group's f32 product is multiplied
+//     by its token's scale. Tokens are the rows, so a thread's scores are of the tokens whose
+//     codes it read and their scales are its own.
+//   O^T += V^T P^T: A = 16 dimensions x 16 tokens of V codes, B = the weights times each
+//     token's V scale (rounded to f16/bf16); the weights go from the score layout to the B
+//     layout with movmatrix (an 8x8 transpose in registers).
+// The dot products do not care in which order a group's dimensions are summed, so each format
+// reads its codes in the order its bytes hold them (q4_0: the low and high nibbles of a word at
+// once) and the queries are gathered to match; V's dimensions come out permuted the same way and
+// are put back in place when the partial is stored. q4_0 and q8_0 codes become f16 (q4_0 also
+// bf16) with the exponent-bias trick: a code c placed in the mantissa of 2^10 is 1024 + c, and
+// one packed subtraction leaves c exactly.
+// Raw K and V rows are staged per warp with cp.async in the widest copies the row sizes allow;
+// the rows of tokens past a sequence's end are filled with zeros (scale 0: no NaN from stale
+// bytes). P and Q are rounded to the element type once, as in flash attention; the softmax, the
+// K scales and all sums are f32.
 
 #if ELEM == 1
 #define MMA_TYPE "f16.f16"
@@ -476,6 +487,35 @@ RQ_FN unsigned int pack2(float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+RQ_FN void unpack2(unsigned int x, float& lo, float& hi) {
+    unsigned short a = (unsigned short)(x & 0xFFFFu), b = (unsigned short)(x >> 16);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"(a));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"(b));
+}
+// Codes minus the bias, exactly: x - b per half.
+RQ_FN unsigned int unbias2(unsigned int x, unsigned int b) {
+    unsigned int r;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(b));
+    return r;
+}
+#define MAGIC4 0x64006400u // 1024 in each half: a nibble n below it is 1024 + n
+#define BIAS4 0x64086408u  // 1032: q4_0's code is n - 8
+#define BIAS8 0x64806480u  // 1152: a byte b ^ 0x80 below 1024 is 1152 + b
+// (x & mask) | MAGIC4 in one instruction (the compiler otherwise splits it in two).
+template <unsigned int MASK>
+RQ_FN unsigned int with_magic(unsigned int x) {
+    unsigned int r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "n"(MASK), "r"(MAGIC4));
+    return r;
+}
+// The q4_0 codes (n - 8) of the low and high nibbles of bytes 0 and 2 of x, as pairs: a high
+// nibble kept in place is 1024 + 16n, and (1024 + 16n) / 16 - 72 = n - 8 exactly (one fma).
+RQ_FN void nibbles4(unsigned int x, unsigned int& lo, unsigned int& hi) {
+    lo = unbias2(with_magic<0x000F000Fu>(x), BIAS4);
+    asm("fma.rn.f16x2 %0, %1, %2, %3;"
+        : "=r"(hi)
+        : "r"(with_magic<0x00F000F0u>(x)), "r"(0x2C002C00u), "r"(0xD480D480u));
+}
 #else
 #define MMA_TYPE "bf16.bf16"
 RQ_FN unsigned int pack2(float lo, float hi) {
@@ -483,7 +523,28 @@ RQ_FN unsigned int pack2(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+RQ_FN void unpack2(unsigned int x, float& lo, float& hi) {
+    lo = __uint_as_float(x << 16);
+    hi = __uint_as_float(x & 0xFFFF0000u);
+}
+RQ_FN unsigned int unbias2(unsigned int x, unsigned int b) {
+    unsigned int r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(0x3F803F80u), "r"(b ^ 0x80008000u));
+    return r;
+}
+#define MAGIC4 0x43004300u // 128 in each half (bf16 has 7 mantissa bits: nibbles fit)
+#define BIAS4 0x43084308u  // 136
+// The q4_0 codes of the low and high nibbles of bytes 0 and 2 of x, as pairs (bf16's 7
+// mantissa bits hold a nibble only at the bottom: the high one is shifted down).
+RQ_FN void nibbles4(unsigned int x, unsigned int& lo, unsigned int& hi) {
+    lo = unbias2((x & 0x000F000Fu) | MAGIC4, BIAS4);
+    hi = unbias2(((x >> 4) & 0x000F000Fu) | MAGIC4, BIAS4);
+}
 #endif
+
+// Extraction modes: 1 q4_0, 2 q8_0 (f16 only: a byte needs 8 mantissa bits), 0 the accessors.
+#define KX (KFAST == 1 ? 1 : (KFAST == 2 && ELEM == 1) ? 2 : 0)
+#define VX (VFAST == 1 ? 1 : (VFAST == 2 && ELEM == 1) ? 2 : 0)
 
 // c += A B for one m16n8k16 tile (A row-major 16x16, B column-major 16x8, C 16x8 f32).
 RQ_FN void mma_16816(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
@@ -494,46 +555,203 @@ RQ_FN void mma_16816(float* c, const unsigned int* a, unsigned int b0, unsigned 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The 8x8 16-bit matrix whose row gr, columns 2tq and 2tq + 1 this thread holds, transposed.
+RQ_FN unsigned int transpose8(unsigned int x) {
+    unsigned int r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
 // Bytes of one group of 32 values (one block, or 32 blocks of one value).
 #define K_GB (K_BS == 32 ? K_BB : 32 * K_BB)
 #define V_GB (V_BS == 32 ? V_BB : 32 * V_BB)
-#define KSTEPS (D / 16)
-#define NT (DV / 8)
+#define KB (D / 32)
+#define VB (DV / 32)
+#define NH ((G + 7) / 8)
+// Staged rows: 16-byte aligned, an odd number of 16-byte units apart (fewer bank conflicts).
+#define K_SB (16 * (((K_ROW + 15) / 16) | 1))
+#define V_SB (16 * (((V_ROW + 15) / 16) | 1))
+#define M_STAGES 2
+// Blocks per multiprocessor to keep at least 16 warps resident (128 registers per thread),
+// where that needs no spills: one column tile and head dimensions up to 128.
+#define MINB ((NH == 1 && D <= 128 && DV <= 128 && WARPS <= 16) ? 16 / WARPS : 1)
+#define M_STAGE (32 * (K_SB + V_SB))
+// The widest copy both row sizes allow (the cache buffers are whole allocations, 256-aligned).
+#define CW ((K_ROW % 16 == 0 && V_ROW % 16 == 0)   ? 16 \
+            : (K_ROW % 8 == 0 && V_ROW % 8 == 0) ? 8  \
+            : (K_ROW % 4 == 0 && V_ROW % 4 == 0) ? 4  \
+                                                 : 2)
 
-RQ_FN float k_scale(const unsigned char* grp) { return RQ_CAT(rq_scale_, KFMT)(grp); }
-RQ_FN float k_code(const unsigned char* grp, int j) { return RQ_CAT(rq_code_, KFMT)(grp, j); }
+// One cp.async of N bytes (N = 16 bypasses L1); n < N bytes read, the rest zero-filled.
+// The L2::128B hint has L2 fetch whole 128-byte lines: a warp's rows are short spans of
+// a token's heads, and the neighbouring heads' blocks read the rest of the line (measured:
+// 8-10% faster decode on q4_0).
+#define L2PF ".L2::128B"
+template <int N>
+RQ_FN void cp_async(unsigned char* dst, const unsigned char* src, unsigned int n) {
+    if constexpr (N == 16)
+        asm volatile("cp.async.cg.shared.global" L2PF " [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                     "l"(src), "r"(n));
+    else
+        asm volatile("cp.async.ca.shared.global" L2PF " [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)),
+                     "l"(src), "n"(N), "r"(n));
+}
 
-// Codes j and j + 1 of a K group (j even), packed for the mma: two bytes at once for q4_0
-// (KFAST 1) and q8_0 (KFAST 2), the format's accessor otherwise.
-RQ_FN unsigned int k_pair(const unsigned char* grp, int j) {
-#if KFAST == 1
-    unsigned int w = *reinterpret_cast<const unsigned short*>(grp + 2 + (j & 15));
-    if (j >= 16) w >>= 4;
-    return pack2((float)((int)(w & 15u) - 8), (float)((int)((w >> 8) & 15u) - 8));
-#elif KFAST == 2
-    unsigned int w = *reinterpret_cast<const unsigned short*>(grp + 2 + j);
-    return pack2((float)(signed char)(w & 0xFFu), (float)(signed char)(w >> 8));
+// Starts copying one row per token of the tile (ROW bytes, CW at a time) into `dst`, rows SB
+// bytes apart; rows of tokens from `cnt` on are zero-filled. Lane i holds in `row` the cache
+// row of token i; when `linear` (warp-uniform), token i's row is `first + i * n_heads`, and no
+// row needs to be passed between lanes. Pieces FROM.. of the rows: the lanes take P pieces (a
+// power of two) of 32 / P rows per copy, so that each copy reads whole spans of rows; the
+// remaining pieces follow the same way.
+template <int ROW, int SB, int FROM>
+RQ_FN void stage_rows(unsigned char* dst, const unsigned char* base, long long row,
+                      long long first, long long n_heads, bool linear, int cnt, int lane) {
+    constexpr int W = ROW / CW, LEFT = W - FROM;
+    constexpr int P = LEFT >= 32 ? 32 : LEFT >= 16 ? 16 : LEFT >= 8 ? 8 : LEFT >= 4 ? 4 : LEFT >= 2 ? 2 : 1;
+    constexpr int R = 32 / P;
+    const int r0 = lane / P, piece = FROM + lane % P;
+    unsigned char* d = dst + r0 * SB + piece * CW;
+    if (linear) {
+        const long long stride = n_heads * ROW;
+        const unsigned char* src = base + (first + r0 * n_heads) * ROW + piece * CW;
+#pragma unroll
+        for (int it = 0; it < P; it++)
+            cp_async<CW>(d + it * R * SB, src + it * R * stride, it * R + r0 < cnt ? CW : 0);
+    } else {
+        const unsigned long long mine =
+            reinterpret_cast<unsigned long long>(base + (lane < cnt ? row : 0LL) * ROW);
+#pragma unroll
+        for (int it = 0; it < P; it++) {
+            const unsigned long long src = __shfl_sync(FULL_MASK, mine, it * R + r0);
+            cp_async<CW>(d + it * R * SB,
+                         reinterpret_cast<const unsigned char*>(src) + piece * CW,
+                         it * R + r0 < cnt ? CW : 0);
+        }
+    }
+    if constexpr (FROM + P < W)
+        stage_rows<ROW, SB, FROM + P>(dst, base, row, first, n_heads, linear, cnt, lane);
+}
+
+// Rows whose size is not a multiple of 4 bytes: 2-byte copies by the lanes (synchronous).
+template <int ROW, int SB>
+RQ_FN void stage_rows_2(unsigned char* dst, const unsigned char* base, long long row,
+                        long long first, long long n_heads, bool linear, int cnt, int lane) {
+    constexpr int W = ROW / 2;
+    const long long mine_row = linear ? first + lane * n_heads : row;
+    const unsigned long long mine =
+        reinterpret_cast<unsigned long long>(base + (lane < cnt ? mine_row : 0LL) * ROW);
+    for (int item = lane; item < 32 * W; item += 32) {
+        const int i = item / W, j = item % W;
+        const unsigned short* src =
+            reinterpret_cast<const unsigned short*>(__shfl_sync(FULL_MASK, mine, i));
+        reinterpret_cast<unsigned short*>(dst + i * SB)[j] = i < cnt ? src[j] : (unsigned short)0;
+    }
+}
+
+RQ_FN void stage_tile_mma(unsigned char* st, const unsigned char* kc, const unsigned char* vc,
+                          long long row, long long first, long long n_heads, bool linear,
+                          int cnt, int lane) {
+#if CW >= 4
+    stage_rows<K_ROW, K_SB, 0>(st, kc, row, first, n_heads, linear, cnt, lane);
+    stage_rows<V_ROW, V_SB, 0>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
 #else
-    return pack2(k_code(grp, j), k_code(grp, j + 1));
+    stage_rows_2<K_ROW, K_SB>(st, kc, row, first, n_heads, linear, cnt, lane);
+    stage_rows_2<V_ROW, V_SB>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
 #endif
 }
-RQ_FN float v_scale(const unsigned char* grp) { return RQ_CAT(rq_scale_, VFMT)(grp); }
-RQ_FN float v_code(const unsigned char* grp, int j) { return RQ_CAT(rq_code_, VFMT)(grp, j); }
 
-// Codes j of two V rows' groups (tokens of the same mma column pair), packed for the mma; a
-// token past the tile's end (`ok` false) is code 0. Bytes at once for q4_0 (VFAST 1) and q8_0
-// (VFAST 2).
-RQ_FN unsigned int v_pair(const unsigned char* ga, const unsigned char* gb, bool oka, bool okb,
-                          int j) {
-#if VFAST == 1
-    unsigned int w = (oka ? ga[2 + (j & 15)] : 0x88u) | ((okb ? gb[2 + (j & 15)] : 0x88u) << 8);
-    if (j >= 16) w >>= 4;
-    return pack2((float)((int)(w & 15u) - 8), (float)((int)((w >> 8) & 15u) - 8));
-#elif VFAST == 2
-    int a = oka ? (int)(signed char)ga[2 + j] : 0, b = okb ? (int)(signed char)gb[2 + j] : 0;
-    return pack2((float)a, (float)b);
+// A 32-bit word at a 2-byte aligned address (`aligned`: known 4-byte aligned, a constant).
+RQ_FN unsigned int ld_u32(const unsigned char* p, bool aligned) {
+    if (aligned) return *reinterpret_cast<const unsigned int*>(p);
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+    return __byte_perm(h[0], h[1], 0x5410);
+}
+RQ_FN unsigned int ld_u16(const unsigned char* p) {
+    return *reinterpret_cast<const unsigned short*>(p);
+}
+
+// Which of a K group's dimensions the `e`th value (0, 1) of this thread's code pair `pr` (0..3)
+// is: the query fragments are gathered in the same order.
+RQ_FN int k_dim(int tq, int pr, int e) {
+#if KX == 1
+    return (pr >> 1) * 16 + 4 * tq + (pr & 1) + 2 * e;
 #else
-    return pack2(oka ? v_code(ga, j) : 0.0f, okb ? v_code(gb, j) : 0.0f);
+    return 8 * tq + 2 * pr + e;
+#endif
+}
+
+// Which of a V group's dimensions row r (0..15) of its M-tile mt (0, 1) holds.
+RQ_FN int v_dim(int mt, int r) {
+#if VX == 1
+    return 16 * mt + 2 * (r & 7) + (r >> 3);
+#else
+    return 4 * (r & 7) + 2 * mt + (r >> 3);
+#endif
+}
+
+RQ_FN float k_scale(const unsigned char* grp) { return RQ_CAT(rq_scale_, KFMT)(grp); }
+RQ_FN float v_scale(const unsigned char* grp) { return RQ_CAT(rq_scale_, VFMT)(grp); }
+
+// This thread's four code pairs of one token's K group (`aligned`: its code bytes start 4-byte
+// aligned, a constant of the group index).
+RQ_FN void k_pairs(const unsigned char* grp, int tq, bool aligned, unsigned int* out) {
+#if KX == 1
+    const unsigned int x = ld_u32(grp + 2 + 4 * tq, aligned);
+    nibbles4(x, out[0], out[2]);
+    nibbles4(x >> 8, out[1], out[3]);
+#elif KX == 2
+    const unsigned int w0 = ld_u32(grp + 2 + 8 * tq, aligned) ^ 0x80808080u;
+    const unsigned int w1 = ld_u32(grp + 6 + 8 * tq, aligned) ^ 0x80808080u;
+    out[0] = unbias2(__byte_perm(w0, MAGIC4, 0x7170), BIAS8);
+    out[1] = unbias2(__byte_perm(w0, MAGIC4, 0x7372), BIAS8);
+    out[2] = unbias2(__byte_perm(w1, MAGIC4, 0x7170), BIAS8);
+    out[3] = unbias2(__byte_perm(w1, MAGIC4, 0x7372), BIAS8);
+#else
+    (void)aligned;
+#pragma unroll
+    for (int pr = 0; pr < 4; pr++)
+        out[pr] = pack2(RQ_CAT(rq_code_, KFMT)(grp, k_dim(tq, pr, 0)),
+                        RQ_CAT(rq_code_, KFMT)(grp, k_dim(tq, pr, 1)));
+#endif
+}
+
+// Two tokens' V codes (token a in the low halves) for this thread's rows: out = (M-tile 0,
+// row gr), (0, gr + 8), (1, gr), (1, gr + 8).
+RQ_FN void v_pairs(const unsigned char* ga, const unsigned char* gb, int gr, bool aligned,
+                   unsigned int* out) {
+#if VX == 1
+    (void)aligned;
+    const unsigned int y = __byte_perm(ld_u16(ga + 2 + 2 * gr), ld_u16(gb + 2 + 2 * gr), 0x5410);
+    nibbles4(y, out[0], out[2]);
+    nibbles4(y >> 8, out[1], out[3]);
+#elif VX == 2
+    const unsigned int wa = ld_u32(ga + 2 + 4 * gr, aligned), wb = ld_u32(gb + 2 + 4 * gr, aligned);
+    const unsigned int z0 = __byte_perm(wa, wb, 0x5140) ^ 0x80808080u;
+    const unsigned int z1 = __byte_perm(wa, wb, 0x7362) ^ 0x80808080u;
+    out[0] = unbias2(__byte_perm(z0, MAGIC4, 0x7170), BIAS8);
+    out[1] = unbias2(__byte_perm(z0, MAGIC4, 0x7372), BIAS8);
+    out[2] = unbias2(__byte_perm(z1, MAGIC4, 0x7170), BIAS8);
+    out[3] = unbias2(__byte_perm(z1, MAGIC4, 0x7372), BIAS8);
+#else
+    (void)aligned;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int j = v_dim(e >> 1, gr + 8 * (e & 1));
+        out[e] = pack2(RQ_CAT(rq_code_, VFMT)(ga, j), RQ_CAT(rq_code_, VFMT)(gb, j));
+    }
+#endif
+}
+
+// Weights of two tokens (a low, b high) times their V scales.
+RQ_FN unsigned int v_scaled(unsigned int p, const unsigned char* ga, const unsigned char* gb) {
+#if VX != 0 && ELEM == 1
+    unsigned int r, s = __byte_perm(ld_u16(ga), ld_u16(gb), 0x5410);
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(p), "r"(s));
+    return r;
+#else
+    float lo, hi;
+    unpack2(p, lo, hi);
+    return pack2(lo * v_scale(ga), hi * v_scale(gb));
 #endif
 }
 
@@ -545,17 +763,19 @@ RQ_FN float fast_exp(float x) {
     return y;
 }
 
-RQ_FN float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 1));
-    return fmaxf(x, __shfl_xor_sync(FULL_MASK, x, 2));
+// Reductions over the eight threads that hold one query head's scores (lane bits 2 to 4).
+RQ_FN float col_max(float x) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, o));
+    return x;
+}
+RQ_FN float col_sum(float x) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
+    return x;
 }
 
-RQ_FN float quad_sum(float x) {
-    x += __shfl_xor_sync(FULL_MASK, x, 1);
-    return x + __shfl_xor_sync(FULL_MASK, x, 2);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) decode_attention_mma(
+extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma(
     const elem_t* q, const unsigned char* kc, const unsigned char* vc, const unsigned int* table,
     long long table_stride, long long page_tokens, const long long* lens, const long long* pos,
     long long n_heads, int causal, long long window, float softcap, float score_scale,
@@ -577,21 +797,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention_mma(
     for (int i = threadIdx.x; i < G * D; i += THREADS) qs[i] *= score_scale;
     __syncthreads();
 
-    // Q as A fragments: rows gr and gr + 8 (query heads; zero past G), columns 16s + 2tq (+1,
-    // +8, +9).
-    unsigned int qa[KSTEPS][4];
-    {
-        const float* r0 = qs + gr * D;
-        const float* r1 = qs + (gr + 8) * D;
-        const bool h0 = gr < G, h1 = gr + 8 < G;
+    // Q^T as B fragments: column gr is query head 8h + gr (zero past G); the rows are this
+    // thread's code pairs' dimensions (k_dim) of each group.
+    unsigned int qb[NH][KB][4];
 #pragma unroll
-        for (int s = 0; s < KSTEPS; s++) {
-            int c = 16 * s + 2 * tq;
-            qa[s][0] = pack2(h0 ? r0[c] : 0.0f, h0 ? r0[c + 1] : 0.0f);
-            qa[s][1] = pack2(h1 ? r1[c] : 0.0f, h1 ? r1[c + 1] : 0.0f);
-            qa[s][2] = pack2(h0 ? r0[c + 8] : 0.0f, h0 ? r0[c + 9] : 0.0f);
-            qa[s][3] = pack2(h1 ? r1[c + 8] : 0.0f, h1 ? r1[c + 9] : 0.0f);
-        }
+    for (int h = 0; h < NH; h++) {
+        const int hd = 8 * h + gr;
+        const float* qr = qs + (hd < G ? hd : 0) * D;
+#pragma unroll
+        for (int b = 0; b < KB; b++)
+#pragma unroll
+            for (int pr = 0; pr < 4; pr++)
+                qb[h][b][pr] = hd < G ? pack2(qr[32 * b + k_dim(tq, pr, 0)],
+                                              qr[32 * b + k_dim(tq, pr, 1)])
+                                      : 0u;
     }
 
     long long n = lens[seq], p = pos[seq];
@@ -602,180 +821,219 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention_mma(
     if (s_lo > hi) s_lo = hi;
     if (s_hi > hi) s_hi = hi;
 
-    unsigned int* wbuf = reinterpret_cast<unsigned int*>(qs + G * D) + warp * WARP_W;
+    unsigned char* wbuf =
+        reinterpret_cast<unsigned char*>(qs + G * D) + warp * (M_STAGES * M_STAGE);
 
-    // Softmax state of this thread's rows gr and gr + 8.
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    bool seen[2] = {false, false};
-    float o[NT][4];
+    // Softmax state of this thread's query heads 8h + 2tq + e.
+    float m[NH][2], l[NH][2];
+    bool seen[NH][2];
+    // O^T: M-tile mt (dimensions of group mt / 2, v_dim) x this thread's heads.
+    float o[NH][2 * VB][4];
 #pragma unroll
-    for (int i = 0; i < NT; i++)
+    for (int h = 0; h < NH; h++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) o[i][e] = 0.0f;
+        for (int e = 0; e < 2; e++) {
+            m[h][e] = NEG_INF;
+            l[h][e] = 0.0f;
+            seen[h][e] = false;
+        }
+#pragma unroll
+        for (int i = 0; i < 2 * VB; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[h][i][e] = 0.0f;
+    }
 
+    // The cache row of token t (the host checked that a contiguous sequence's tokens are
+    // below its capacity, and that token positions and pages fit 32 bits).
     auto row_of = [&](long long t) -> long long {
-        long long page = table ? (long long)table[seq * table_stride + t / page_tokens] : seq;
-        return (page * page_tokens + t % page_tokens) * n_heads + head;
+        if (!table) return ((long long)seq * page_tokens + t) * n_heads + head;
+        const unsigned int tt = (unsigned int)t, pt = (unsigned int)page_tokens;
+        const long long page = (long long)table[seq * table_stride + tt / pt];
+        return (page * page_tokens + tt % pt) * n_heads + head;
+    };
+    auto stage = [&](int s, long long t0) {
+        if (t0 < s_hi) {
+            const int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
+            // The tile's rows are evenly spaced unless it spans two pages.
+            const bool linear =
+                !table || (unsigned int)t0 % (unsigned int)page_tokens + cnt <= page_tokens;
+            const long long first = row_of(t0);
+            const long long row = !linear && lane < cnt ? row_of(t0 + lane) : first;
+            stage_tile_mma(wbuf + s * M_STAGE, kc, vc, row, first, n_heads, linear, cnt, lane);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
     };
 
-    long long t0 = s_lo + 32LL * warp;
-    int stage = 0;
-    if (t0 < s_hi) {
-        long long t = t0 + lane;
-        int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
-        stage_tile(wbuf, kc, vc, t < s_hi ? row_of(t) : 0, cnt, lane);
-    }
-    for (; t0 < s_hi; t0 += 32LL * WARPS) {
+    const long long step = 32LL * WARPS;
+    const long long first = s_lo + 32LL * warp;
+#pragma unroll
+    for (int s = 0; s < M_STAGES - 1; s++) stage(s, first + s * step);
+    int cur = 0;
+    for (long long t0 = first; t0 < s_hi; t0 += step) {
+        stage((cur + M_STAGES - 1) % M_STAGES, t0 + (M_STAGES - 1) * step);
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(M_STAGES - 1));
+        __syncwarp();
         const int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
-        long long next = t0 + 32LL * WARPS;
-        if (next < s_hi) {
-            long long t = next + lane;
-            int ncnt = (int)(s_hi - next < 32 ? s_hi - next : 32);
-            stage_tile(wbuf + (stage ^ 1) * STAGE_W, kc, vc, t < s_hi ? row_of(t) : 0, ncnt, lane);
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        }
-        __syncwarp();
-        const unsigned char* ks = reinterpret_cast<const unsigned char*>(wbuf + stage * STAGE_W);
-        const unsigned char* vs = ks + 4 * 32 * K_STRIDE_W;
-#define K_ROW_AT(u) (ks + (u) * 4 * K_STRIDE_W)
-#define V_ROW_AT(u) (vs + (u) * 4 * V_STRIDE_W)
+        const unsigned char* ks = wbuf + cur * M_STAGE;
+        const unsigned char* vs = ks + 32 * K_SB;
 
-        // Scores of 4 n-tiles of 8 tokens: sc[j] holds rows gr (0, 1) and gr + 8 (2, 3) at
-        // tokens 8j + 2tq and 8j + 2tq + 1.
-        float sc[4][4];
+        // Scores: st[h][c] holds tokens 16c + gr (0, 1) and 16c + gr + 8 (2, 3) for heads
+        // 8h + 2tq (0, 2) and 8h + 2tq + 1 (1, 3).
+        float st[NH][2][4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int h = 0; h < NH; h++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) sc[j][e] = 0.0f;
-            if (8 * j >= cnt) continue; // warp-uniform
-            const unsigned char* krow = K_ROW_AT(8 * j + gr);
-            const unsigned char* s0row = K_ROW_AT(8 * j + 2 * tq);
-            const unsigned char* s1row = K_ROW_AT(8 * j + 2 * tq + 1);
-            for (int b = 0; b < D / 32; b++) {
-                const unsigned char* grp = krow + b * K_GB;
-                unsigned int b00 = k_pair(grp, 2 * tq);
-                unsigned int b01 = k_pair(grp, 2 * tq + 8);
-                unsigned int b10 = k_pair(grp, 16 + 2 * tq);
-                unsigned int b11 = k_pair(grp, 24 + 2 * tq);
-                float cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mma_16816(cb, qa[2 * b], b00, b01);
-                mma_16816(cb, qa[2 * b + 1], b10, b11);
-                float d0 = k_scale(s0row + b * K_GB), d1 = k_scale(s1row + b * K_GB);
-                sc[j][0] = fmaf(d0, cb[0], sc[j][0]);
-                sc[j][1] = fmaf(d1, cb[1], sc[j][1]);
-                sc[j][2] = fmaf(d0, cb[2], sc[j][2]);
-                sc[j][3] = fmaf(d1, cb[3], sc[j][3]);
-            }
-        }
-
-        // Online softmax of rows gr (r = 0) and gr + 8 (r = 1); the four threads of a group hold
-        // a row's 32 scores between them.
-        float corr[2];
+            for (int c = 0; c < 2; c++)
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float tmax = NEG_INF;
-            bool nan = false;
+                for (int e = 0; e < 4; e++) st[h][c][e] = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+        for (int c = 0; c < 2; c++) {
+            if (16 * c >= cnt) continue; // warp-uniform
+            const unsigned char* r0 = ks + (16 * c + gr) * K_SB;
+            const unsigned char* r1 = r0 + 8 * K_SB;
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float x = sc[j][2 * r + e];
-                    if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-                    bool valid = 8 * j + 2 * tq + e < cnt;
-                    x = valid ? x : NEG_INF;
-                    sc[j][2 * r + e] = x;
-                    tmax = fmaxf(tmax, x);
-                    nan = nan || isnan(x);
-                }
-            tmax = quad_max(tmax);
-            bool any_nan = quad_sum(nan ? 1.0f : 0.0f) > 0.0f;
-            float m_new = fmaxf(m[r], tmax);
-            bool all_inf = m_new == NEG_INF && !any_nan;
-            corr[r] = all_inf ? 1.0f : fast_exp(m[r] - m_new);
-            float sum = 0.0f;
+            for (int b = 0; b < KB; b++) {
+                const bool aligned = (b * K_GB + 2) % 4 == 0;
+                unsigned int x0[4], x1[4];
+                k_pairs(r0 + b * K_GB, tq, aligned, x0);
+                k_pairs(r1 + b * K_GB, tq, aligned, x1);
+                const float d0 = k_scale(r0 + b * K_GB), d1 = k_scale(r1 + b * K_GB);
+                const unsigned int a0[4] = {x0[0], x1[0], x0[1], x1[1]};
+                const unsigned int a1[4] = {x0[2], x1[2], x0[3], x1[3]};
 #pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    bool valid = 8 * j + 2 * tq + e < cnt;
-                    float pr = (valid && !all_inf) ? fast_exp(sc[j][2 * r + e] - m_new) : 0.0f;
-                    sc[j][2 * r + e] = pr;
-                    sum += pr;
-                }
-            sum = quad_sum(sum);
-            if (all_inf) {
-                seen[r] = true;
-            } else {
-                l[r] = l[r] * corr[r] + sum;
-                m[r] = m_new;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < NT; i++) {
-            o[i][0] *= corr[0];
-            o[i][1] *= corr[0];
-            o[i][2] *= corr[1];
-            o[i][3] *= corr[1];
-        }
-
-        // O += P V, 16 tokens at a time: this thread's A entries are tokens 16k + 2tq (+1)
-        // from n-tile 2k and 16k + 8 + 2tq (+1) from n-tile 2k + 1.
-#pragma unroll
-        for (int k = 0; k < 2; k++) {
-            if (16 * k >= cnt) continue; // warp-uniform
-            const int ta = 16 * k + 2 * tq;
-            const int tok[4] = {ta, ta + 1, ta + 8, ta + 9};
-            bool ok[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) ok[e] = tok[e] < cnt;
-            for (int vb = 0; vb < DV / 32; vb++) {
-                float dv[4];
-#pragma unroll
-                for (int e = 0; e < 4; e++) dv[e] = ok[e] ? v_scale(V_ROW_AT(tok[e]) + vb * V_GB) : 0.0f;
-                unsigned int a[4];
-                a[0] = pack2(sc[2 * k][0] * dv[0], sc[2 * k][1] * dv[1]);
-                a[1] = pack2(sc[2 * k][2] * dv[0], sc[2 * k][3] * dv[1]);
-                a[2] = pack2(sc[2 * k + 1][0] * dv[2], sc[2 * k + 1][1] * dv[3]);
-                a[3] = pack2(sc[2 * k + 1][2] * dv[2], sc[2 * k + 1][3] * dv[3]);
-#pragma unroll
-                for (int nn = 0; nn < 4; nn++) {
-                    const int j = 8 * nn + gr; // dimension in the group
-                    const unsigned char* g0 = V_ROW_AT(tok[0]) + vb * V_GB;
-                    const unsigned char* g1 = V_ROW_AT(tok[1]) + vb * V_GB;
-                    const unsigned char* g2 = V_ROW_AT(tok[2]) + vb * V_GB;
-                    const unsigned char* g3 = V_ROW_AT(tok[3]) + vb * V_GB;
-                    mma_16816(o[4 * vb + nn], a, v_pair(g0, g1, ok[0], ok[1], j),
-                              v_pair(g2, g3, ok[2], ok[3], j));
+                for (int h = 0; h < NH; h++) {
+                    float cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    mma_16816(cb, a0, qb[h][b][0], qb[h][b][1]);
+                    mma_16816(cb, a1, qb[h][b][2], qb[h][b][3]);
+                    st[h][c][0] = fmaf(d0, cb[0], st[h][c][0]);
+                    st[h][c][1] = fmaf(d0, cb[1], st[h][c][1]);
+                    st[h][c][2] = fmaf(d1, cb[2], st[h][c][2]);
+                    st[h][c][3] = fmaf(d1, cb[3], st[h][c][3]);
                 }
             }
         }
-#undef K_ROW_AT
-#undef V_ROW_AT
-        __syncwarp();
-        stage ^= 1;
+
+        // Online softmax per head; the eight threads of a column hold its 32 scores.
+        unsigned int pb[NH][2][2];
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+            float corr[2];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float tmax = NEG_INF, nan = 0.0f;
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+#pragma unroll
+                    for (int u = 0; u < 2; u++) {
+                        float x = st[h][c][2 * u + e];
+                        if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+                        x = 16 * c + gr + 8 * u < cnt ? x : NEG_INF;
+                        st[h][c][2 * u + e] = x;
+                        tmax = fmaxf(tmax, x);
+                        nan = isnan(x) ? 1.0f : nan;
+                    }
+                tmax = col_max(tmax);
+                const float m_new = fmaxf(m[h][e], tmax);
+                // Every visible score so far -Inf, or a NaN among them? (rare: only then the
+                // column is asked)
+                bool all_inf = false;
+                if (__any_sync(FULL_MASK, m_new == NEG_INF))
+                    all_inf = m_new == NEG_INF && col_max(nan) == 0.0f;
+                corr[e] = all_inf ? 1.0f : fast_exp(m[h][e] - m_new);
+                float sum = 0.0f;
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+#pragma unroll
+                    for (int u = 0; u < 2; u++) {
+                        const bool valid = 16 * c + gr + 8 * u < cnt;
+                        const float x = st[h][c][2 * u + e];
+                        const float pr = (valid && !all_inf) ? fast_exp(x - m_new) : 0.0f;
+                        st[h][c][2 * u + e] = pr;
+                        sum += pr;
+                    }
+                // l is this thread's share of the column's sum (summed over the column at
+                // the end): every thread of a column applies the same corrections.
+                if (all_inf) {
+                    seen[h][e] = true;
+                } else {
+                    l[h][e] = l[h][e] * corr[e] + sum;
+                    m[h][e] = m_new;
+                }
+            }
+            // (most tiles leave the maxima as they were: then nothing to rescale)
+            if (__any_sync(FULL_MASK, corr[0] != 1.0f || corr[1] != 1.0f))
+#pragma unroll
+            for (int i = 0; i < 2 * VB; i++) {
+                o[h][i][0] *= corr[0];
+                o[h][i][1] *= corr[1];
+                o[h][i][2] *= corr[0];
+                o[h][i][3] *= corr[1];
+            }
+            // P^T as B fragments: column gr is head 8h + gr, rows tokens 2tq (+1, +8, +9).
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                pb[h][c][0] = transpose8(pack2(st[h][c][0], st[h][c][1]));
+                pb[h][c][1] = transpose8(pack2(st[h][c][2], st[h][c][3]));
+            }
+        }
+
+        // O^T += V^T P^T, 16 tokens at a time: this thread's V codes are of tokens 16c + 2tq
+        // (+1) and 16c + 2tq + 8 (+9).
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            if (16 * c >= cnt) continue; // warp-uniform
+            const unsigned char* va = vs + (16 * c + 2 * tq) * V_SB;
+            const unsigned char* vb = va + 8 * V_SB;
+#pragma unroll
+            for (int b = 0; b < VB; b++) {
+                const bool aligned = (b * V_GB + 2) % 4 == 0;
+                const int off = b * V_GB;
+                unsigned int ra[4], rb[4];
+                v_pairs(va + off, va + V_SB + off, gr, aligned, ra);
+                v_pairs(vb + off, vb + V_SB + off, gr, aligned, rb);
+                const unsigned int a0[4] = {ra[0], ra[1], rb[0], rb[1]};
+                const unsigned int a1[4] = {ra[2], ra[3], rb[2], rb[3]};
+#pragma unroll
+                for (int h = 0; h < NH; h++) {
+                    const unsigned int b0 = v_scaled(pb[h][c][0], va + off, va + V_SB + off);
+                    const unsigned int b1 = v_scaled(pb[h][c][1], vb + off, vb + V_SB + off);
+                    mma_16816(o[h][2 * b], a0, b0, b1);
+                    mma_16816(o[h][2 * b + 1], a1, b0, b1);
+                }
+            }
+        }
+        __syncwarp(); // this stage is refilled next
+        cur = (cur + 1) % M_STAGES;
     }
+    asm volatile("cp.async.wait_group 0;\n" ::);
 
-    // This warp's partial of each query head of the group: rows gr, gr + 8.
+    float l_col[NH][2];
+#pragma unroll
+    for (int h = 0; h < NH; h++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) l_col[h][e] = col_sum(l[h][e]);
+
+    // This warp's partial of each of this thread's query heads, dimensions back in place.
     const long long n_part = (long long)n_splits * WARPS;
     const long long slot = (long long)split * WARPS + warp;
     float* base = part + ((long long)seq * h_q + (long long)head * G) * n_part * PART;
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int row = gr + 8 * r;
-        if (row >= G) continue;
-        float* out = base + ((long long)row * n_part + slot) * PART;
+    for (int h = 0; h < NH; h++)
 #pragma unroll
-        for (int i = 0; i < NT; i++) {
-            out[8 * i + 2 * tq] = o[i][2 * r];
-            out[8 * i + 2 * tq + 1] = o[i][2 * r + 1];
+        for (int e = 0; e < 2; e++) {
+            const int hd = 8 * h + 2 * tq + e;
+            if (hd >= G) continue;
+            float* out = base + ((long long)hd * n_part + slot) * PART;
+#pragma unroll
+            for (int i = 0; i < 2 * VB; i++) {
+                out[32 * (i >> 1) + v_dim(i & 1, gr)] = o[h][i][e];
+                out[32 * (i >> 1) + v_dim(i & 1, gr + 8)] = o[h][i][2 + e];
+            }
+            if (gr == 0) {
+                out[DV] = m[h][e];
+                out[DV + 1] = l_col[h][e];
+                out[DV + 2] = seen[h][e] ? 1.0f : 0.0f;
+            }
         }
-        if (tq == 0) {
-            out[DV] = m[r];
-            out[DV + 1] = l[r];
-            out[DV + 2] = seen[r] ? 1.0f : 0.0f;
-        }
-    }
 }
 #endif
