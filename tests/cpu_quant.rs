@@ -321,7 +321,10 @@ fn caches_at_any_alignment_work_like_aligned_ones() {
                 let mut buf = vec![0x5Au8; len + 8];
                 let cache = &mut buf[shift..shift + len];
                 codec.quantize(&data, cache, 0).unwrap();
-                assert!(cache == aligned.as_slice(), "{format} on {isa}, shift {shift}");
+                assert!(
+                    cache == aligned.as_slice(),
+                    "{format} on {isa}, shift {shift}"
+                );
                 let mut got = vec![0f32; data.len()];
                 codec.dequantize(cache, &mut got).unwrap();
                 assert!(

@@ -571,6 +571,19 @@ fn prefill_matches_the_oracle() {
             check_prefill::<f16>(dev, &c, n_q);
         }
     }
+    // Other groups: the tensor-core kernel takes 8, 8, 2 and 1 query rows per block.
+    for (group, h_kv) in [(1usize, 3usize), (2, 2), (8, 1), (16, 1)] {
+        let c = Case {
+            group,
+            h_kv,
+            seqs: vec![(150, 113)],
+            window: Some(40),
+            page_tokens: Some(16),
+            ..Case::basic()
+        };
+        check_prefill::<f16>(dev, &c, 37);
+        check_prefill::<bf16>(dev, &c, 37);
+    }
 }
 
 /// Bad calls are typed errors, before anything runs.

@@ -9,6 +9,8 @@
 //   G        query heads per KV head (GQA group; 1 is MHA)
 //   WARPS    warps per thread block
 //   MMA      1: also the tensor-core kernel (ELEM 1 or 2); KFAST, VFAST 1/2: K, V is q4_0/q8_0
+//   QR       query rows per thread block of the tensor-core kernel (1 for decode; prefill rows
+//            over one shared cache go QR at a time, so each K/V tile serves all of them)
 //
 // Cache rows: token t of sequence b, KV head h is row `(slot · n_heads + h)` of the cache,
 // where slot = page · page_tokens + t % page_tokens and page = table[b · table_stride +
@@ -213,7 +215,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     long long table_stride, long long page_tokens, const long long* lens, const long long* pos,
     long long n_heads, int causal, long long window, float softcap, float score_scale,
     int q_log_p, int q_m, const unsigned long long* q_base, const float* q_signs, float q_scale,
-    long long split_tokens, float* part) {
+    long long split_tokens, long long n_rows, float* part) {
+    (void)n_rows; // one row per block here
     const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
     extern __shared__ float4 smem4[];
     float* qs = reinterpret_cast<float*>(smem4); // [G][D]
@@ -567,7 +570,9 @@ RQ_FN unsigned int transpose8(unsigned int x) {
 #define V_GB (V_BS == 32 ? V_BB : 32 * V_BB)
 #define KB (D / 32)
 #define VB (DV / 32)
-#define NH ((G + 7) / 8)
+// Columns of the mma: the group's query heads for each of the block's QR query rows.
+#define NCOL (G * QR)
+#define NH ((NCOL + 7) / 8)
 // Staged rows: 16-byte aligned, an odd number of 16-byte units apart (fewer bank conflicts).
 #define K_SB (16 * (((K_ROW + 15) / 16) | 1))
 #define V_SB (16 * (((V_ROW + 15) / 16) | 1))
@@ -780,21 +785,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
     long long table_stride, long long page_tokens, const long long* lens, const long long* pos,
     long long n_heads, int causal, long long window, float softcap, float score_scale,
     int q_log_p, int q_m, const unsigned long long* q_base, const float* q_signs, float q_scale,
-    long long split_tokens, float* part) {
+    long long split_tokens, long long n_rows, float* part) {
     const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
     extern __shared__ float4 smem4[];
-    float* qs = reinterpret_cast<float*>(smem4); // [G][D]
-    const int head = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
+    float* qs = reinterpret_cast<float*>(smem4); // [NCOL][D]
+    // Rows seq .. seq + QR - 1 (those below n_rows); with QR > 1 they share one cache (the
+    // host's shared mode), read through row seq's table.
+    const int head = blockIdx.x, split = blockIdx.y, seq = blockIdx.z * QR;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int gr = lane >> 2, tq = lane & 3; // mma group (row) and thread in the group
     const int n_splits = gridDim.y;
     const long long h_q = n_heads * G;
 
-    const elem_t* qg = q + ((long long)seq * h_q + (long long)head * G) * D;
-    for (int i = threadIdx.x; i < G * D; i += THREADS) qs[i] = elem_to_f32(qg[i]);
+    // Column c is query head c % G of row seq + c / G.
+    for (int i = threadIdx.x; i < NCOL * D; i += THREADS) {
+        const int c = i / D, r = seq + c / G;
+        qs[i] = r < n_rows
+                    ? elem_to_f32(q[((long long)r * h_q + (long long)head * G + c % G) * D + i % D])
+                    : 0.0f;
+    }
     __syncthreads();
-    smem_rotate(qs, G, D, qrot, 0);
-    for (int i = threadIdx.x; i < G * D; i += THREADS) qs[i] *= score_scale;
+    smem_rotate(qs, NCOL, D, qrot, 0);
+    for (int i = threadIdx.x; i < NCOL * D; i += THREADS) qs[i] *= score_scale;
     __syncthreads();
 
     // Q^T as B fragments: column gr is query head 8h + gr (zero past G); the rows are this
@@ -803,26 +815,53 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 #pragma unroll
     for (int h = 0; h < NH; h++) {
         const int hd = 8 * h + gr;
-        const float* qr = qs + (hd < G ? hd : 0) * D;
+        const float* qr = qs + (hd < NCOL ? hd : 0) * D;
 #pragma unroll
         for (int b = 0; b < KB; b++)
 #pragma unroll
             for (int pr = 0; pr < 4; pr++)
-                qb[h][b][pr] = hd < G ? pack2(qr[32 * b + k_dim(tq, pr, 0)],
+                qb[h][b][pr] = hd < NCOL ? pack2(qr[32 * b + k_dim(tq, pr, 0)],
                                               qr[32 * b + k_dim(tq, pr, 1)])
                                       : 0u;
     }
 
-    long long n = lens[seq], p = pos[seq];
-    long long hi = causal ? (n < p + 1 ? n : p + 1) : n;
-    long long lo = window > 0 ? (p + 1 - window > 0 ? p + 1 - window : 0) : 0;
-    if (lo > hi) lo = hi;
+    // Visible tokens [lo, hi) of a row; the block covers the union of its rows' ranges.
+    auto visible = [&](int r, long long& lo, long long& hi) {
+        const long long n = lens[r], p = pos[r];
+        hi = causal ? (n < p + 1 ? n : p + 1) : n;
+        lo = window > 0 ? (p + 1 - window > 0 ? p + 1 - window : 0) : 0;
+        if (lo > hi) lo = hi;
+    };
+    long long lo, hi;
+    visible(seq, lo, hi);
+#pragma unroll
+    for (int r = 1; r < QR; r++) {
+        if (seq + r >= n_rows) break;
+        long long l2, h2;
+        visible(seq + r, l2, h2);
+        if (h2 > l2) {
+            lo = hi > lo ? (l2 < lo ? l2 : lo) : l2;
+            hi = h2 > hi ? h2 : hi;
+        }
+    }
     long long s_lo = lo + split * split_tokens, s_hi = s_lo + split_tokens;
     if (s_lo > hi) s_lo = hi;
     if (s_hi > hi) s_hi = hi;
+    // This split's part of each of this thread's columns' ranges (empty past NCOL or n_rows).
+    long long c_lo[NH][2], c_hi[NH][2];
+#pragma unroll
+    for (int h = 0; h < NH; h++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int col = 8 * h + 2 * tq + e, r = seq + col / G;
+            long long l2 = 0, h2 = 0;
+            if (col < NCOL && r < n_rows) visible(r, l2, h2);
+            c_lo[h][e] = l2 > s_lo ? l2 : s_lo;
+            c_hi[h][e] = h2 < s_hi ? h2 : s_hi;
+        }
 
     unsigned char* wbuf =
-        reinterpret_cast<unsigned char*>(qs + G * D) + warp * (M_STAGES * M_STAGE);
+        reinterpret_cast<unsigned char*>(qs + NCOL * D) + warp * (M_STAGES * M_STAGE);
 
     // Softmax state of this thread's query heads 8h + 2tq + e.
     float m[NH][2], l[NH][2];
@@ -920,32 +959,45 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
             float corr[2];
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                float tmax = NEG_INF, nan = 0.0f;
+                // The column's range in tile offsets (0..32), so the masks compare 32-bit ints.
+                const long long rl = c_lo[h][e] - t0, rh = c_hi[h][e] - t0;
+                const int lo_t = (int)(rl < 0 ? 0 : rl > 32 ? 32 : rl);
+                const int hi_t = (int)(rh < 0 ? 0 : rh > 32 ? 32 : rh);
+                float tmax = NEG_INF, nan = 0.0f, any = 0.0f;
 #pragma unroll
                 for (int c = 0; c < 2; c++)
 #pragma unroll
                     for (int u = 0; u < 2; u++) {
                         float x = st[h][c][2 * u + e];
                         if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-                        x = 16 * c + gr + 8 * u < cnt ? x : NEG_INF;
+                        const int t = 16 * c + gr + 8 * u;
+                        const bool valid = t >= lo_t && t < hi_t;
+                        any = valid ? 1.0f : any;
+                        x = valid ? x : NEG_INF;
                         st[h][c][2 * u + e] = x;
                         tmax = fmaxf(tmax, x);
                         nan = isnan(x) ? 1.0f : nan;
                     }
                 tmax = col_max(tmax);
                 const float m_new = fmaxf(m[h][e], tmax);
-                // Every visible score so far -Inf, or a NaN among them? (rare: only then the
-                // column is asked)
+                // Every score so far -Inf (or none visible in this tile), or a NaN among them?
+                // Rare: only then are the column's threads asked. `all_inf`: the tile adds
+                // nothing; it counts as seen when the column had visible keys in it.
                 bool all_inf = false;
-                if (__any_sync(FULL_MASK, m_new == NEG_INF))
-                    all_inf = m_new == NEG_INF && col_max(nan) == 0.0f;
+                if (__any_sync(FULL_MASK, m_new == NEG_INF)) {
+                    const bool none_nan = col_max(nan) == 0.0f;
+                    const bool any_visible = col_max(any) > 0.0f;
+                    all_inf = m_new == NEG_INF && none_nan;
+                    if (all_inf && any_visible) seen[h][e] = true;
+                }
                 corr[e] = all_inf ? 1.0f : fast_exp(m[h][e] - m_new);
                 float sum = 0.0f;
 #pragma unroll
                 for (int c = 0; c < 2; c++)
 #pragma unroll
                     for (int u = 0; u < 2; u++) {
-                        const bool valid = 16 * c + gr + 8 * u < cnt;
+                        const int t = 16 * c + gr + 8 * u;
+                        const bool valid = t >= lo_t && t < hi_t;
                         const float x = st[h][c][2 * u + e];
                         const float pr = (valid && !all_inf) ? fast_exp(x - m_new) : 0.0f;
                         st[h][c][2 * u + e] = pr;
@@ -953,9 +1005,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
                     }
                 // l is this thread's share of the column's sum (summed over the column at
                 // the end): every thread of a column applies the same corrections.
-                if (all_inf) {
-                    seen[h][e] = true;
-                } else {
+                if (!all_inf) {
                     l[h][e] = l[h][e] * corr[e] + sum;
                     m[h][e] = m_new;
                 }
@@ -1016,14 +1066,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
     // This warp's partial of each of this thread's query heads, dimensions back in place.
     const long long n_part = (long long)n_splits * WARPS;
     const long long slot = (long long)split * WARPS + warp;
-    float* base = part + ((long long)seq * h_q + (long long)head * G) * n_part * PART;
 #pragma unroll
     for (int h = 0; h < NH; h++)
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            const int hd = 8 * h + 2 * tq + e;
-            if (hd >= G) continue;
-            float* out = base + ((long long)hd * n_part + slot) * PART;
+            const int col = 8 * h + 2 * tq + e, r = seq + col / G;
+            if (col >= NCOL || r >= n_rows) continue;
+            float* out = part + (((long long)r * h_q + (long long)head * G + col % G) * n_part + slot) * PART;
 #pragma unroll
             for (int i = 0; i < 2 * VB; i++) {
                 out[32 * (i >> 1) + v_dim(i & 1, gr)] = o[h][i][e];
