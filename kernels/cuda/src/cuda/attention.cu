@@ -519,6 +519,13 @@ RQ_FN void nibbles4(unsigned int x, unsigned int& lo, unsigned int& hi) {
         : "=r"(hi)
         : "r"(with_magic<0x00F000F0u>(x)), "r"(0x2C002C00u), "r"(0xD480D480u));
 }
+// The q8_0 codes (signed bytes) of bytes 0, 1 and of bytes 2, 3 of w, as pairs: a byte b with
+// its top bit flipped, in the mantissa of 1024, is 1152 + b.
+RQ_FN void bytes4(unsigned int w, unsigned int& lo, unsigned int& hi) {
+    w ^= 0x80808080u;
+    lo = unbias2(__byte_perm(w, MAGIC4, 0x7170), BIAS8);
+    hi = unbias2(__byte_perm(w, MAGIC4, 0x7372), BIAS8);
+}
 #else
 #define MMA_TYPE "bf16.bf16"
 RQ_FN unsigned int pack2(float lo, float hi) {
@@ -705,12 +712,8 @@ RQ_FN void k_pairs(const unsigned char* grp, int tq, bool aligned, unsigned int*
     nibbles4(x, out[0], out[2]);
     nibbles4(x >> 8, out[1], out[3]);
 #elif KX == 2
-    const unsigned int w0 = ld_u32(grp + 2 + 8 * tq, aligned) ^ 0x80808080u;
-    const unsigned int w1 = ld_u32(grp + 6 + 8 * tq, aligned) ^ 0x80808080u;
-    out[0] = unbias2(__byte_perm(w0, MAGIC4, 0x7170), BIAS8);
-    out[1] = unbias2(__byte_perm(w0, MAGIC4, 0x7372), BIAS8);
-    out[2] = unbias2(__byte_perm(w1, MAGIC4, 0x7170), BIAS8);
-    out[3] = unbias2(__byte_perm(w1, MAGIC4, 0x7372), BIAS8);
+    bytes4(ld_u32(grp + 2 + 8 * tq, aligned), out[0], out[1]);
+    bytes4(ld_u32(grp + 6 + 8 * tq, aligned), out[2], out[3]);
 #else
     (void)aligned;
 #pragma unroll
@@ -730,13 +733,10 @@ RQ_FN void v_pairs(const unsigned char* ga, const unsigned char* gb, int gr, boo
     nibbles4(y, out[0], out[2]);
     nibbles4(y >> 8, out[1], out[3]);
 #elif VX == 2
+    // Interleave the two tokens' bytes: (a0, b0, a1, b1) and (a2, b2, a3, b3).
     const unsigned int wa = ld_u32(ga + 2 + 4 * gr, aligned), wb = ld_u32(gb + 2 + 4 * gr, aligned);
-    const unsigned int z0 = __byte_perm(wa, wb, 0x5140) ^ 0x80808080u;
-    const unsigned int z1 = __byte_perm(wa, wb, 0x7362) ^ 0x80808080u;
-    out[0] = unbias2(__byte_perm(z0, MAGIC4, 0x7170), BIAS8);
-    out[1] = unbias2(__byte_perm(z0, MAGIC4, 0x7372), BIAS8);
-    out[2] = unbias2(__byte_perm(z1, MAGIC4, 0x7170), BIAS8);
-    out[3] = unbias2(__byte_perm(z1, MAGIC4, 0x7372), BIAS8);
+    bytes4(__byte_perm(wa, wb, 0x5140), out[0], out[1]);
+    bytes4(__byte_perm(wa, wb, 0x7362), out[2], out[3]);
 #else
     (void)aligned;
 #pragma unroll
