@@ -9,6 +9,7 @@
 //!   q5_1, iq4_nl; ik_llama.cpp's q6_0; int4; fp8 e4m3; f32/f16/bf16);
 //! * [`attention`]: dense attention (GQA/MQA, causal with offset, sliding window, soft-cap),
 //!   unquantized and on a rotated, quantized cache;
+//! * [`rope`]: RoPE position shifts, and the context shift of a rotated, quantized K cache;
 //! * [`metrics`] and the one [`tolerance`] table; the one [`Error`];
 //! * [`tuned`]: the tuning cache the autotuner writes and the kernels read.
 //!
@@ -33,6 +34,7 @@ mod error;
 pub mod format;
 pub mod hadamard;
 pub mod metrics;
+pub mod rope;
 pub mod rotation;
 pub mod tolerance;
 pub mod tuned;

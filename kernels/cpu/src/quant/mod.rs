@@ -15,6 +15,7 @@ use crate::isa::Isa;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use rotq_reference::rope::Rope;
 use rotq_reference::{Error, KvFormat, Result, Rotation};
 use serde::{Deserialize, Serialize};
 
@@ -329,6 +330,58 @@ impl CacheCodec {
                         r.apply_row(&mut buf, false);
                     }
                     quantize_row(self.format, &buf, o, self.isa);
+                }
+            });
+        Ok(())
+    }
+
+    /// The context shift of whole rows of `cache` (keys quantized by this codec): every row
+    /// moves by `delta` positions under `rope`. Fused per row, as the oracle's
+    /// [`rotq_reference::rope::shift_cache`] specifies: dequantize, rotate back, shift each
+    /// RoPE pair, rotate again and re-quantize in place. A `cache` that is not whole rows is an
+    /// error and is left untouched.
+    ///
+    /// ```
+    /// use rotq_cpu::{CacheCodec, Isa};
+    /// use rotq_reference::rope::{Rope, RopeVariant};
+    /// use rotq_reference::{KvFormat, Rotation};
+    /// let r = Rotation::hadamard(64).unwrap();
+    /// let codec = CacheCodec::new(KvFormat::Q8_0, 64, Some(&r), Isa::best()).unwrap();
+    /// let rows: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.37).cos()).collect();
+    /// let mut cache = vec![0u8; 4 * codec.row_bytes()];
+    /// codec.quantize(&rows, &mut cache, 0).unwrap();
+    /// codec.shift(&mut cache, &Rope::new(RopeVariant::Normal, 64), -7).unwrap();
+    /// ```
+    pub fn shift(&self, cache: &mut [u8], rope: &Rope, delta: i64) -> Result<()> {
+        rope.check(self.dim)?;
+        if !cache.len().is_multiple_of(self.row_bytes) {
+            return Err(Error::TruncatedBuffer {
+                format: self.format.name(),
+                row_bytes: self.row_bytes,
+                actual: cache.len(),
+            });
+        }
+        let angles = rope.angles(delta);
+        let task = self.rows_per_task();
+        cache
+            .par_chunks_mut(task * self.row_bytes)
+            .for_each(|chunk| {
+                let mut row = vec![0.0f32; self.dim];
+                for rb in chunk.chunks_exact_mut(self.row_bytes) {
+                    dequantize_row(self.format, rb, &mut row, self.isa);
+                    if let Some(r) = &self.rotation {
+                        r.apply_row(&mut row, true);
+                    }
+                    for (i, &(c, s)) in angles.iter().enumerate() {
+                        let (a, b) = rope.pair(i);
+                        let (x, y) = (f64::from(row[a]), f64::from(row[b]));
+                        row[a] = (x * c - y * s) as f32;
+                        row[b] = (x * s + y * c) as f32;
+                    }
+                    if let Some(r) = &self.rotation {
+                        r.apply_row(&mut row, false);
+                    }
+                    quantize_row(self.format, &row, rb, self.isa);
                 }
             });
         Ok(())
