@@ -445,3 +445,29 @@ pub fn tune_cache(data: &[u8]) {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Arbitrary bytes as a model's `config.json`, through [`crate::checkpoint::TransformConfig`]:
+/// parsing answers (a config, none, or a typed error) and never panics; plans built without
+/// weights (Hadamard schemes) are one per layer and fit the model's head dimension, and a
+/// config that parsed once parses again from its own text the same way.
+pub fn transform_config(data: &[u8]) {
+    use crate::checkpoint::TransformConfig;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(Some(config)) = TransformConfig::from_config_json(text) else {
+        return;
+    };
+    let again = TransformConfig::from_config_json(text);
+    assert!(
+        matches!(&again, Ok(Some(c)) if *c == config),
+        "a second parse differs: {again:?}"
+    );
+    let (n_layers, head_dim) = (3, 8);
+    if let Ok(plans) = config.plans(n_layers, head_dim, None) {
+        assert_eq!(plans.len(), n_layers);
+        for plan in &plans {
+            assert!(plan.check_dims(head_dim, head_dim).is_ok());
+        }
+    }
+}

@@ -4,6 +4,9 @@
 
 pub mod bench;
 pub mod bench_cuda;
+/// Checkpoint-driven rotation: a compressed-tensors `transform_config` (from a model's
+/// `config.json`) as a [`RotationPlan`] per attention layer.
+pub mod checkpoint;
 pub mod eval;
 pub mod files;
 #[doc(hidden)]

@@ -46,6 +46,11 @@ fn tune_cache_corpus() {
     replay("tune_cache", rotq::fuzzing::tune_cache);
 }
 
+#[test]
+fn transform_config_corpus() {
+    replay("transform_config", rotq::fuzzing::transform_config);
+}
+
 /// Empty and tiny inputs: refused or handled, never a panic.
 #[test]
 fn empty_and_tiny_inputs_are_refused_not_crashed() {
@@ -55,5 +60,6 @@ fn empty_and_tiny_inputs_are_refused_not_crashed() {
         rotq::fuzzing::rotate_quantize(data);
         rotq::fuzzing::attention(data);
         rotq::fuzzing::tune_cache(data);
+        rotq::fuzzing::transform_config(data);
     }
 }
