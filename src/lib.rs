@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_cuda;
+pub mod cache;
 /// Checkpoint-driven rotation: a compressed-tensors `transform_config` (from a model's
 /// `config.json`) as a [`RotationPlan`] per attention layer.
 pub mod checkpoint;
