@@ -6,6 +6,7 @@ use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, RowConfig, Transform};
 use crate::rotation::{CudaRotation, GpuElement};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use rotq_reference::rope::{Rope, RopeVariant};
 use rotq_reference::{Error, KvFormat, Rotation};
 use std::sync::Arc;
 
@@ -147,6 +148,136 @@ impl CudaCodec {
             .into());
         }
         let n_tokens = n_rows / h;
+        let Some((table, page_tokens)) = self.locate(dev, cache, &target, n_tokens)? else {
+            return Ok(());
+        };
+        let stream = dev.stream();
+        let k = self.compiled::<T>(dev, "rotate_quantize", n_rows)?;
+        let null_table;
+        let table = match &table {
+            Some(t) => t,
+            None => {
+                null_table = stream.null::<u32>().context(|| "a null pointer".into())?;
+                &null_table
+            }
+        };
+        // All fit i64 (checked above).
+        let (rows, heads, start) = (n_rows as i64, h as i64, target.start_pos as i64);
+        let page_tokens = page_tokens as i64;
+        let mut launch = stream.launch_builder(&k.function);
+        launch
+            .arg(input)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(&start)
+            .arg(table)
+            .arg(&page_tokens)
+            .arg(cache)
+            .arg(k.signs.as_ref())
+            .arg(&k.scale);
+        // SAFETY: the kernel reads `n_rows` rows of `dim` values of `input` and writes whole
+        // rows of the cache at positions start_pos..end, each checked above to lie inside
+        // `cache` (contiguous) or in a page of the table that lies inside `cache` (paged).
+        unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
+        Ok(())
+    }
+
+    /// Context shift in place: the keys of the `n_tokens` tokens from `target.start_pos` (all
+    /// heads; contiguous or paged as [`Self::quantize`] writes them) move by `delta` positions
+    /// under `rope`. One kernel per row does what the oracle's
+    /// [`rotq_reference::rope::shift_cache`] specifies: dequantize, rotate back, turn each RoPE
+    /// pair, rotate again, re-quantize. Positions outside the cache are an error before any
+    /// launch.
+    ///
+    /// ```no_run
+    /// use rotq_cuda::{CacheTarget, CudaCodec, Device};
+    /// use rotq_reference::rope::{Rope, RopeVariant};
+    /// use rotq_reference::{KvFormat, Rotation};
+    /// let dev = Device::open("cuda:0")?;
+    /// let codec = CudaCodec::new(&dev, KvFormat::Q4_0, 128, Some(&Rotation::hadamard(128)?))?;
+    /// let mut cache = dev.stream().alloc_zeros::<u8>(1024 * 8 * codec.row_bytes())?;
+    /// // Tokens 64..1024 of a contiguous cache of 8 KV heads move down by 64 positions.
+    /// codec.shift(&dev, &mut cache, CacheTarget::contiguous(8, 64), 960, &Rope::new(RopeVariant::Neox, 128), -64)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn shift(
+        &self,
+        dev: &Device,
+        cache: &mut CudaSlice<u8>,
+        target: CacheTarget<'_>,
+        n_tokens: usize,
+        rope: &Rope,
+        delta: i64,
+    ) -> Result<()> {
+        self.check_device(dev, cache.ordinal())?;
+        rope.check(self.dim)?;
+        let n_rows = n_tokens
+            .checked_mul(target.n_heads)
+            .ok_or(CudaError::Input(Error::Overflow("cache rows")))?;
+        if target.n_heads == 0 {
+            return Err(Error::Shape("a cache target of 0 heads".into()).into());
+        }
+        let Some((table, page_tokens)) = self.locate(dev, cache, &target, n_tokens)? else {
+            return Ok(());
+        };
+        let stream = dev.stream();
+        let angles: Vec<f32> = rope
+            .angles(delta)
+            .into_iter()
+            .flat_map(|(c, s)| [c as f32, s as f32])
+            .collect();
+        let cs = stream
+            .clone_htod(&angles)
+            .context(|| "uploading the RoPE angles".into())?;
+        let k = self.compiled::<f32>(dev, "shift_rows", n_rows)?;
+        let null_table;
+        let table = match &table {
+            Some(t) => t,
+            None => {
+                null_table = stream.null::<u32>().context(|| "a null pointer".into())?;
+                &null_table
+            }
+        };
+        // All fit i64 and i32 (checked by `locate` and `rope.check`).
+        let (rows, heads, start) = (
+            n_rows as i64,
+            target.n_heads as i64,
+            target.start_pos as i64,
+        );
+        let (page_tokens, rot_dims) = (page_tokens as i64, rope.dims as i32);
+        let neox = i32::from(rope.variant == RopeVariant::Neox);
+        let mut launch = stream.launch_builder(&k.function);
+        launch
+            .arg(cache)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(&start)
+            .arg(table)
+            .arg(&page_tokens)
+            .arg(k.signs.as_ref())
+            .arg(&k.scale)
+            .arg(&cs)
+            .arg(&rot_dims)
+            .arg(&neox);
+        // SAFETY: the kernel reads and writes whole rows of the cache at positions
+        // start_pos..start_pos + n_tokens, each checked by `locate` to lie inside `cache`
+        // (contiguous) or in a page of the table inside `cache` (paged); `cs` holds the
+        // rot_dims / 2 (cos, sin) pairs it reads, and rot_dims <= dim (`rope.check`).
+        unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
+        Ok(())
+    }
+
+    /// Checks that the `n_tokens` positions from `target.start_pos` lie inside `cache` (through
+    /// the block table's pages when paged) and uploads the table: (the table or none, tokens per
+    /// page), or `None` when there are no tokens.
+    fn locate(
+        &self,
+        dev: &Device,
+        cache: &CudaSlice<u8>,
+        target: &CacheTarget<'_>,
+        n_tokens: usize,
+    ) -> Result<Option<(Option<CudaSlice<u32>>, usize)>> {
+        let h = target.n_heads;
         let overflow = |what| CudaError::Input(Error::Overflow(what));
         let token_bytes = h
             .checked_mul(self.row_bytes)
@@ -161,10 +292,10 @@ impl CudaCodec {
             return Err(overflow("cache position"));
         }
         if n_tokens == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let stream = dev.stream();
-        let (table, page_tokens) = match target.pages {
+        let located = match target.pages {
             None => {
                 let needed = end.checked_mul(token_bytes).ok_or(overflow("cache size"))?;
                 if needed > cache.len() {
@@ -214,34 +345,7 @@ impl CudaCodec {
                 (Some(t), page_tokens)
             }
         };
-        let k = self.compiled::<T>(dev, "rotate_quantize", n_rows)?;
-        let null_table;
-        let table = match &table {
-            Some(t) => t,
-            None => {
-                null_table = stream.null::<u32>().context(|| "a null pointer".into())?;
-                &null_table
-            }
-        };
-        // All fit i64 (checked above).
-        let (rows, heads, start) = (n_rows as i64, h as i64, target.start_pos as i64);
-        let page_tokens = page_tokens as i64;
-        let mut launch = stream.launch_builder(&k.function);
-        launch
-            .arg(input)
-            .arg(&rows)
-            .arg(&heads)
-            .arg(&start)
-            .arg(table)
-            .arg(&page_tokens)
-            .arg(cache)
-            .arg(k.signs.as_ref())
-            .arg(&k.scale);
-        // SAFETY: the kernel reads `n_rows` rows of `dim` values of `input` and writes whole
-        // rows of the cache at positions start_pos..end, each checked above to lie inside
-        // `cache` (contiguous) or in a page of the table that lies inside `cache` (paged).
-        unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
-        Ok(())
+        Ok(Some(located))
     }
 
     /// Decodes the rows of `cache` (contiguous, whole rows) into `out`, rotating them back.

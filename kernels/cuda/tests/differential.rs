@@ -430,3 +430,127 @@ proptest! {
         }
     }
 }
+
+/// The CUDA context shift against the oracle's `shift_cache` on the same cache bytes, for
+/// formats, rotations, both RoPE pairings, contiguous and paged caches: each shifted row is
+/// within 5% of the oracle's re-quantization error of the exact target (the shifted, rotated
+/// dequantized keys), and every row outside the range keeps its bytes.
+#[test]
+fn context_shift_follows_the_oracle() {
+    use rotq_reference::rope::{shift_cache, Rope, RopeVariant};
+    let Some(dev) = device() else { return };
+    let (d, heads, tokens, start, count) = (128usize, 3usize, 40usize, 7usize, 25usize);
+    let dist = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let to_f64 = |f: KvFormat, b: &[u8]| -> Vec<f64> {
+        f.dequantize_row(b)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    };
+    for (i, format) in [
+        KvFormat::Q8_0,
+        KvFormat::Q4_0,
+        KvFormat::Iq4Nl,
+        KvFormat::F16,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for kind in 0..3u8 {
+            let r = match kind {
+                0 => None,
+                1 => Some(Rotation::hadamard(d).unwrap()),
+                _ => Some(Rotation::randomized(d, 40 + i as u64).unwrap()),
+            };
+            let paged = (i + kind as usize) % 2 == 1;
+            let rope = Rope {
+                freq_base: if paged { 500_000.0 } else { 10_000.0 },
+                ..Rope::new(
+                    if kind == 1 {
+                        RopeVariant::Normal
+                    } else {
+                        RopeVariant::Neox
+                    },
+                    if kind == 2 { d / 2 } else { d },
+                )
+            };
+            let delta = -300 + 97 * i as i64;
+            let codec = CudaCodec::new(dev, format, d, r.as_ref()).unwrap();
+            let rb = codec.row_bytes();
+            // A paged cache: pages of 8 tokens in reverse order.
+            let page = 8;
+            let table: Vec<u32> = (0..tokens.div_ceil(page) as u32).rev().collect();
+            let target = |pos: usize| CacheTarget {
+                n_heads: heads,
+                start_pos: pos,
+                pages: paged.then_some((&table[..], page)),
+            };
+            let slot = |pos: usize| {
+                if paged {
+                    table[pos / page] as usize * page + pos % page
+                } else {
+                    pos
+                }
+            };
+            let x = random(tokens * heads * d, 900 + i as u64 + 10 * kind as u64);
+            let mut cache = dev
+                .stream()
+                .alloc_zeros::<u8>(table.len() * page * heads * rb)
+                .unwrap();
+            codec
+                .quantize(dev, &upload::<f32>(dev, &x), &mut cache, target(0))
+                .unwrap();
+            let before: Vec<u8> = dev.stream().clone_dtoh(&cache).unwrap();
+            codec
+                .shift(dev, &mut cache, target(start), count, &rope, delta)
+                .unwrap();
+            let after: Vec<u8> = dev.stream().clone_dtoh(&cache).unwrap();
+            for pos in 0..tokens {
+                let span = slot(pos) * heads * rb..(slot(pos) + 1) * heads * rb;
+                if !(start..start + count).contains(&pos) {
+                    assert_eq!(
+                        after[span.clone()],
+                        before[span],
+                        "{format}: token {pos} changed"
+                    );
+                    continue;
+                }
+                let mut oracle = before[span.clone()].to_vec();
+                shift_cache(format, &mut oracle, d, r.as_ref(), &rope, delta).unwrap();
+                let mut target = to_f64(format, &before[span.clone()]);
+                if let Some(r) = &r {
+                    r.rotate_rows(&mut target, true).unwrap();
+                }
+                rope.shift_rows_of(&mut target, d, delta).unwrap();
+                if let Some(r) = &r {
+                    r.rotate_rows(&mut target, false).unwrap();
+                }
+                let e_oracle = dist(&to_f64(format, &oracle), &target);
+                let e_gpu = dist(&to_f64(format, &after[span]), &target);
+                let norm = dist(&target, &vec![0.0; target.len()]);
+                assert!(
+                    e_gpu <= 1.05 * e_oracle + 1e-6 * norm,
+                    "{format}, rotation {kind}, paged {paged}, token {pos}: GPU {e_gpu:e}, oracle {e_oracle:e}"
+                );
+            }
+            // Positions past the cache are refused before any launch.
+            assert!(codec
+                .shift(dev, &mut cache, target(tokens - 3), 10, &rope, delta)
+                .is_err());
+            let bad = Rope {
+                dims: d + 2,
+                ..rope
+            };
+            assert!(codec
+                .shift(dev, &mut cache, target(0), 4, &bad, delta)
+                .is_err());
+        }
+    }
+}

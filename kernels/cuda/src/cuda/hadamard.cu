@@ -362,4 +362,81 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) dequantize_row
 #endif
     if (valid) store_values(output + r * N + l.first, v);
 }
+// Context shift of cache rows in place: the `n_rows` (position, head) rows from position
+// `start_pos` on (located as rotate_quantize writes them) are dequantized, rotated back
+// (ROTATE), turned by RoPE, rotated again and re-quantized. RoPE turns pair i of the first
+// `rot_dims` values, (2i, 2i + 1), or (i, i + rot_dims / 2) when `neox`, by the angle whose
+// cosine and sine are cs[2i] and cs[2i + 1].
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) shift_rows(
+    unsigned char* cache, long long n_rows, long long n_heads, long long start_pos,
+    const unsigned int* table, long long page_tokens, const float* signs, float scale,
+    const float* cs, int rot_dims, int neox) {
+    extern __shared__ float4 smem[];
+    float* buf = reinterpret_cast<float*>(smem);
+    Lane l = lane_of(threadIdx.x);
+    long long r = (long long)blockIdx.x * ROWS + l.row_in_block;
+    bool valid = r < n_rows;
+    float* row = buf + l.row_in_block * ROW_STRIDE;
+    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * ROW_STRIDE) +
+                            l.row_in_block * OUT_STRIDE;
+    int t = l.seg * TS + l.ts;
+    unsigned char* at = cache;
+    if (valid) {
+        long long pos = start_pos + r / n_heads;
+        long long head = r % n_heads;
+        long long slot =
+            table ? (long long)table[pos / page_tokens] * page_tokens + pos % page_tokens : pos;
+        at = cache + (slot * n_heads + head) * ROW_BYTES;
+        copy_row(staged, at, t);
+    }
+    sync_row();
+    if (valid) {
+        for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
+            RQ_CAT(rq_dequantize_, FMT)(staged + b * BLOCK_BYTES, row + PAD(b * BLOCK_SIZE));
+        }
+    }
+    sync_row();
+    float v[EPT];
+    smem_get(row, l.first, v);
+    if (!valid) {
+#pragma unroll
+        for (int e = 0; e < EPT; e++) v[e] = 0.0f;
+    }
+#if ROTATE
+    sync_row();
+    rotate_values(v, l, buf, signs, scale, 1);
+#endif
+    // The pairs can lie in different threads' values: turn them in shared memory.
+    sync_row();
+    smem_put(row, l.first, v);
+    sync_row();
+    for (int i = t; i < rot_dims / 2; i += TPR) {
+        const int a = neox ? i : 2 * i, b = neox ? i + rot_dims / 2 : 2 * i + 1;
+        const float x = row[PAD(a)], y = row[PAD(b)], c = cs[2 * i], s = cs[2 * i + 1];
+        row[PAD(a)] = x * c - y * s;
+        row[PAD(b)] = x * s + y * c;
+    }
+    sync_row();
+    smem_get(row, l.first, v);
+#if ROTATE
+    sync_row();
+    rotate_values(v, l, buf, signs, scale, 0);
+#endif
+#if EPT % BLOCK_SIZE == 0
+#pragma unroll
+    for (int k = 0; k < EPT / BLOCK_SIZE; k++) {
+        RQ_CAT(rq_quantize_, FMT)(v + k * BLOCK_SIZE,
+                                  staged + (l.first / BLOCK_SIZE + k) * BLOCK_BYTES);
+    }
+#else
+    sync_row();
+    smem_put(row, l.first, v);
+    sync_row();
+    for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
+        RQ_CAT(rq_quantize_, FMT)(row + PAD(b * BLOCK_SIZE), staged + b * BLOCK_BYTES);
+    }
+#endif
+    sync_row();
+    if (valid) copy_row(at, staged, t);
+}
 #endif
