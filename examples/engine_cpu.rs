@@ -27,6 +27,19 @@ fn rows(n: usize, g: &mut SplitMix64) -> Vec<f32> {
         .collect()
 }
 
+/// A decode query of `H_Q` heads at the newest of `len` positions.
+fn decode_query(g: &mut SplitMix64, len: usize) -> (Vec<f32>, AttentionParams) {
+    let q = (0..H_Q * D)
+        .map(|_| (g.next_f64() * 2.0 - 1.0) as f32)
+        .collect();
+    let p = AttentionParams {
+        causal: true,
+        pos_offset: len - 1,
+        ..Default::default()
+    };
+    (q, p)
+}
+
 /// Relative L2 distance between the cache's attention and exact f64 attention over `k`, `v`.
 fn error(cache: &RotatedKvCache, q: &[f32], k: &[f32], v: &[f32], p: &AttentionParams) -> f64 {
     let n = k.len() / (H_KV * D);
@@ -74,14 +87,7 @@ fn main() -> Result<(), rotq::reference::Error> {
         cache.append(&k, &v)?;
         k_all.extend(&k);
         v_all.extend(&v);
-        let q: Vec<f32> = (0..H_Q * D)
-            .map(|_| (g.next_f64() * 2.0 - 1.0) as f32)
-            .collect();
-        let p = AttentionParams {
-            causal: true,
-            pos_offset: cache.len() - 1,
-            ..Default::default()
-        };
+        let (q, p) = decode_query(&mut g, cache.len());
         let e = error(&cache, &q, &k_all, &v_all, &p);
         println!(
             "decode step {step}: {} tokens, relative L2 error {e:.2e}",
@@ -102,14 +108,7 @@ fn main() -> Result<(), rotq::reference::Error> {
     rope.shift_rows_of(&mut k64, D, -(drop as i64))?;
     k_all = k64.iter().map(|&x| x as f32).collect();
     v_all.drain(..drop * H_KV * D);
-    let q: Vec<f32> = (0..H_Q * D)
-        .map(|_| (g.next_f64() * 2.0 - 1.0) as f32)
-        .collect();
-    let p = AttentionParams {
-        causal: true,
-        pos_offset: cache.len() - 1,
-        ..Default::default()
-    };
+    let (q, p) = decode_query(&mut g, cache.len());
     let shifted = error(&cache, &q, &k_all, &v_all, &p);
     // The same tokens quantized once at their new positions, for comparison.
     let mut fresh = RotatedKvCache::new(spec)?;
