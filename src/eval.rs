@@ -275,3 +275,244 @@ pub fn render_table(rows: &[EvalRow]) -> String {
     }
     s
 }
+
+/// A rotation plan compared by [`evaluate_grid`].
+///
+/// ```
+/// use rotq::eval::PlanKind;
+/// let plan = PlanKind::HadamardAndV.plan(128, 128, 0).unwrap();
+/// assert!(plan.qk.is_some() && plan.v.is_some());
+/// assert!(PlanKind::None.plan(128, 128, 0).unwrap().qk.is_none());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanKind {
+    /// No rotation.
+    None,
+    /// Hadamard on Q and K.
+    Hadamard,
+    /// Randomized Hadamard (seeded signs) on Q and K.
+    Randomized,
+    /// Hadamard on Q and K, and blocks of 32 on V.
+    HadamardAndV,
+}
+
+impl PlanKind {
+    /// Every plan, in the order the table shows them.
+    pub const ALL: [PlanKind; 4] = [
+        PlanKind::None,
+        PlanKind::Hadamard,
+        PlanKind::Randomized,
+        PlanKind::HadamardAndV,
+    ];
+
+    /// The plan's short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlanKind::None => "none",
+            PlanKind::Hadamard => "hadamard",
+            PlanKind::Randomized => "randomized",
+            PlanKind::HadamardAndV => "hadamard+v",
+        }
+    }
+
+    /// The plan for head dimensions `d` (Q, K) and `d_v` (V); `seed` for the randomized one.
+    pub fn plan(self, d: usize, d_v: usize, seed: u64) -> Result<RotationPlan, Error> {
+        Ok(match self {
+            PlanKind::None => RotationPlan::none(),
+            PlanKind::Hadamard => RotationPlan {
+                qk: Some(Rotation::hadamard(d)?),
+                v: None,
+            },
+            PlanKind::Randomized => RotationPlan {
+                qk: Some(Rotation::randomized(d, seed)?),
+                v: None,
+            },
+            PlanKind::HadamardAndV => RotationPlan {
+                qk: Some(Rotation::hadamard(d)?),
+                v: Some(Rotation::block_hadamard(d_v, d_v.min(32))?),
+            },
+        })
+    }
+}
+
+/// The error of one (K format, V format, plan) on one layer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LayerScore {
+    /// Mean KL(exact ‖ quantized) over the layer's attention rows (query, head).
+    pub mean_kld: f64,
+    /// Its 99th percentile.
+    pub p99_kld: f64,
+    /// ‖out − exact‖ / ‖exact‖ of the layer's attention output.
+    pub rel_l2: f64,
+}
+
+/// One line of the grid: a K format, a V format and a plan, over every layer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GridRow {
+    /// K cache format.
+    #[serde(serialize_with = "format_name")]
+    pub k_format: KvFormat,
+    /// V cache format.
+    #[serde(serialize_with = "format_name")]
+    pub v_format: KvFormat,
+    /// Rotation plan.
+    pub plan: PlanKind,
+    /// Mean storage cost of K and V.
+    pub bits_per_value: f64,
+    /// Mean KLD over every attention row of every layer.
+    pub mean_kld: f64,
+    /// 99th percentile of the KLD over every attention row of every layer.
+    pub p99_kld: f64,
+    /// Mean over the layers of their attention-output error.
+    pub rel_l2: f64,
+    /// Per layer.
+    pub layers: Vec<LayerScore>,
+}
+
+/// KL(exact ‖ approx) of each attention row (query, head).
+fn row_klds(exact: &Attention, approx: &Attention) -> Vec<f64> {
+    exact
+        .probs
+        .lanes(Axis(2))
+        .into_iter()
+        .zip(approx.probs.lanes(Axis(2)))
+        .map(|(p, q)| kl_divergence(&p.to_vec(), &q.to_vec()))
+        .collect()
+}
+
+/// The `q`-quantile (0..1) of `x` (nearest rank); 0 for no values.
+fn quantile(mut x: Vec<f64>, q: f64) -> f64 {
+    if x.is_empty() {
+        return 0.0;
+    }
+    x.sort_by(f64::total_cmp);
+    let rank = ((q * x.len() as f64).ceil() as usize).clamp(1, x.len());
+    x[rank - 1]
+}
+
+/// Every K format × V format × plan on every layer, against exact f64 attention (the oracle's
+/// rotated quantized attention), sorted by bits per value, then mean KLD. `progress(done,
+/// total)` is called after each combination.
+///
+/// ```
+/// use rotq::eval::{evaluate_grid, PlanKind, Synthetic};
+/// use rotq::KvFormat;
+/// let layer = Synthetic { n_kv: 64, n_q: 4, ..Default::default() }.generate();
+/// let rows = evaluate_grid(&[layer], &[KvFormat::Q4_0], &[KvFormat::Q8_0],
+///                          &[PlanKind::None, PlanKind::Hadamard], 0, |_, _| {}).unwrap();
+/// assert_eq!(rows.len(), 2);
+/// let (plain, rotated) = (&rows.iter().find(|r| r.plan == PlanKind::None).unwrap(),
+///                         &rows.iter().find(|r| r.plan == PlanKind::Hadamard).unwrap());
+/// assert!(rotated.mean_kld < plain.mean_kld);
+/// ```
+pub fn evaluate_grid(
+    layers: &[Activations],
+    k_formats: &[KvFormat],
+    v_formats: &[KvFormat],
+    plans: &[PlanKind],
+    seed: u64,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<GridRow>, Error> {
+    let exact: Vec<Attention> = layers
+        .iter()
+        .map(|a| attention(a.q.view(), a.k.view(), a.v.view(), &a.params))
+        .collect::<Result<_, _>>()?;
+    let total = k_formats.len() * v_formats.len() * plans.len();
+    let mut rows = Vec::with_capacity(total);
+    for &k_format in k_formats {
+        for &v_format in v_formats {
+            for &kind in plans {
+                let mut scores = Vec::with_capacity(layers.len());
+                let mut all_klds = Vec::new();
+                for (a, ex) in layers.iter().zip(&exact) {
+                    let (d, d_v) = (a.q.dim().2, a.v.dim().2);
+                    let spec = KvCacheSpec {
+                        k_format,
+                        v_format,
+                        plan: kind.plan(d, d_v, seed)?,
+                    };
+                    let got = rotated_quantized_attention(
+                        a.q.view(),
+                        a.k.view(),
+                        a.v.view(),
+                        &a.params,
+                        &spec,
+                    )?;
+                    let klds = row_klds(ex, &got);
+                    let out: Vec<f64> = got.output.iter().copied().collect();
+                    let want: Vec<f64> = ex.output.iter().copied().collect();
+                    scores.push(LayerScore {
+                        mean_kld: klds.iter().sum::<f64>() / klds.len().max(1) as f64,
+                        p99_kld: quantile(klds.clone(), 0.99),
+                        rel_l2: rel_l2(&out, &want),
+                    });
+                    all_klds.extend(klds);
+                }
+                let n = scores.len().max(1) as f64;
+                rows.push(GridRow {
+                    k_format,
+                    v_format,
+                    plan: kind,
+                    bits_per_value: (k_format.bits_per_value() + v_format.bits_per_value()) / 2.0,
+                    mean_kld: all_klds.iter().sum::<f64>() / all_klds.len().max(1) as f64,
+                    p99_kld: quantile(all_klds, 0.99),
+                    rel_l2: scores.iter().map(|s| s.rel_l2).sum::<f64>() / n,
+                    layers: scores,
+                });
+                progress(rows.len(), total);
+            }
+        }
+    }
+    rows.sort_by(|a, b| {
+        a.bits_per_value
+            .total_cmp(&b.bits_per_value)
+            .then(a.mean_kld.total_cmp(&b.mean_kld))
+    });
+    Ok(rows)
+}
+
+/// A fixed-width text table of the grid (one line per row, overall figures).
+pub fn render_grid(rows: &[GridRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<9} {:<9} {:<11} {:>5} | {:>10} {:>10} {:>10}",
+        "K", "V", "plan", "bits", "mean KLD", "p99 KLD", "rel L2"
+    );
+    let _ = writeln!(s, "{}", "-".repeat(74));
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:<9} {:<9} {:<11} {:>5.2} | {:>10.3e} {:>10.3e} {:>10.3e}",
+            r.k_format.name(),
+            r.v_format.name(),
+            r.plan.name(),
+            r.bits_per_value,
+            r.mean_kld,
+            r.p99_kld,
+            r.rel_l2
+        );
+    }
+    s
+}
+
+/// The grid as CSV: one line per row and layer (`layer` = `all` for the overall figures).
+pub fn grid_csv(rows: &[GridRow]) -> String {
+    let mut s =
+        String::from("k_format,v_format,plan,bits_per_value,layer,mean_kld,p99_kld,rel_l2\n");
+    for r in rows {
+        let head = format!(
+            "{},{},{},{}",
+            r.k_format.name(),
+            r.v_format.name(),
+            r.plan.name(),
+            r.bits_per_value
+        );
+        let _ = writeln!(s, "{head},all,{},{},{}", r.mean_kld, r.p99_kld, r.rel_l2);
+        for (i, l) in r.layers.iter().enumerate() {
+            let _ = writeln!(s, "{head},{i},{},{},{}", l.mean_kld, l.p99_kld, l.rel_l2);
+        }
+    }
+    s
+}

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod activations;
 pub mod bench;
 pub mod bench_cuda;
 pub mod cache;

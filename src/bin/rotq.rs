@@ -4,9 +4,13 @@
 #![forbid(unsafe_code)]
 
 use clap::{Args, Parser, Subcommand};
+use rotq::activations::read_activations;
 use rotq::bench::{self, BenchOptions, BenchRecord};
 use rotq::bench_cuda::{self, CudaBenchOptions};
-use rotq::eval::{default_formats, evaluate, render_table, Synthetic};
+use rotq::eval::{
+    default_formats, evaluate, evaluate_grid, grid_csv, render_grid, render_table, PlanKind,
+    Synthetic,
+};
 use rotq::{files, Error, KvFormat, RotationSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +65,16 @@ enum Command {
         /// Print one JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// A safetensors file of per-layer Q, K, V (see `--names`): evaluate every K format x V
+        /// format x rotation plan on them.
+        #[arg(long, conflicts_with = "synthetic")]
+        activations: Option<PathBuf>,
+        /// Tensor names in the activations file: `{layer}` becomes 0, 1, …, `{t}` q, k or v.
+        #[arg(long, default_value = "layers.{layer}.{t}")]
+        names: String,
+        /// Also write the grid (per layer and overall) as CSV to this file.
+        #[arg(long)]
+        csv: Option<PathBuf>,
     },
     /// Time the kernels side by side with their peers and the copy-bandwidth ceiling.
     Bench {
@@ -135,10 +149,47 @@ fn run(command: Command) -> Result<(), Error> {
             seed,
             tokens,
             json,
+            activations,
+            names,
+            csv,
         } => {
+            if let Some(path) = activations {
+                let layers = read_activations(&path, &names)?;
+                let formats = default_formats();
+                let total = formats.len() * formats.len() * PlanKind::ALL.len();
+                eprintln!(
+                    "{}: {} layers; {total} combinations of K format x V format x plan",
+                    path.display(),
+                    layers.len()
+                );
+                let rows = evaluate_grid(
+                    &layers,
+                    &formats,
+                    &formats,
+                    &PlanKind::ALL,
+                    seed,
+                    |done, total| {
+                        if done % 16 == 0 || done == total {
+                            eprint!("\r  {done}/{total}");
+                        }
+                    },
+                )?;
+                eprintln!();
+                if let Some(csv) = csv {
+                    rotq::io::write_atomic(&csv, grid_csv(&rows).as_bytes())?;
+                }
+                if json {
+                    for r in &rows {
+                        println!("{}", serde_json::to_string(r).expect("rows serialize"));
+                    }
+                } else {
+                    print!("{}", render_grid(&rows));
+                }
+                return Ok(());
+            }
             if !synthetic {
                 return Err(Error::Input(
-                    "only --synthetic is supported: reading activation dumps is not implemented yet".into(),
+                    "give --synthetic or --activations FILE".into(),
                 ));
             }
             if tokens == 0 {
