@@ -162,19 +162,23 @@ fn run(command: Command) -> Result<(), Error> {
                     path.display(),
                     layers.len()
                 );
+                // A progress bar on stderr (hidden when stderr is not a terminal).
+                let bar = indicatif::ProgressBar::new(total as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} combinations {elapsed} (eta {eta})",
+                    )
+                    .expect("a valid template"),
+                );
                 let rows = evaluate_grid(
                     &layers,
                     &formats,
                     &formats,
                     &PlanKind::ALL,
                     seed,
-                    |done, total| {
-                        if done % 16 == 0 || done == total {
-                            eprint!("\r  {done}/{total}");
-                        }
-                    },
+                    |done, _| bar.set_position(done as u64),
                 )?;
-                eprintln!();
+                bar.finish_and_clear();
                 if let Some(csv) = csv {
                     rotq::io::write_atomic(&csv, grid_csv(&rows).as_bytes())?;
                 }
