@@ -321,7 +321,10 @@ pub unsafe extern "C" fn rotq_cache_attention(
             .checked_mul(h_q)
             .and_then(|x| x.checked_mul(s.head_dim))
             .ok_or_else(|| invalid("n_q x h_q overflows"))?;
-        let want = n_q * h_q * s.v_dim;
+        let want = n_q
+            .checked_mul(h_q)
+            .and_then(|x| x.checked_mul(s.v_dim))
+            .ok_or_else(|| invalid("n_q x h_q overflows"))?;
         if out_len != want {
             return Err(invalid(format!(
                 "out_len is {out_len}, the output is {want} floats"

@@ -133,14 +133,19 @@ impl Rope {
         }
         let angles = self.angles(delta);
         for row in rows.chunks_exact_mut(dim) {
-            for (i, &(c, s)) in angles.iter().enumerate() {
-                let (a, b) = self.pair(i);
-                let (x, y) = (row[a], row[b]);
-                row[a] = x * c - y * s;
-                row[b] = x * s + y * c;
-            }
+            self.turn(row, &angles);
         }
         Ok(())
+    }
+
+    /// Turns each pair of one row by its angle (`angles` from [`Self::angles`]).
+    fn turn(&self, row: &mut [f64], angles: &[(f64, f64)]) {
+        for (i, &(c, s)) in angles.iter().enumerate() {
+            let (a, b) = self.pair(i);
+            let (x, y) = (row[a], row[b]);
+            row[a] = x * c - y * s;
+            row[b] = x * s + y * c;
+        }
     }
 }
 
@@ -186,6 +191,7 @@ pub fn shift_cache(
             actual: cache.len(),
         });
     }
+    let angles = rope.angles(delta);
     for row in cache.chunks_exact_mut(row_bytes) {
         let mut x: Vec<f64> = format
             .dequantize_row(row)?
@@ -195,7 +201,7 @@ pub fn shift_cache(
         if let Some(r) = rotation {
             r.rotate_rows(&mut x, true)?;
         }
-        rope.shift_rows_of(&mut x, dim, delta)?;
+        rope.turn(&mut x, &angles);
         if let Some(r) = rotation {
             r.rotate_rows(&mut x, false)?;
         }
