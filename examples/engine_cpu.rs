@@ -1,10 +1,14 @@
-//! An engine's flow over one layer's rotated, quantized KV cache on the CPU: a prompt, a few
-//! decode steps, then a context shift (the oldest tokens dropped, the rest moved down), each
-//! step's output compared with exact attention over the unquantized keys and values.
+//! An engine's flow over one layer's rotated, quantized, paged KV cache: a prompt at its
+//! positions, a few decode steps, then a context shift (the oldest tokens dropped, the rest moved down), each step's
+//! output compared with exact attention over the unquantized keys and values.
+//!
+//! The backend comes from `--device` (`cpu`, the default, or `cuda:N`); the calls are the same
+//! on both.
 //!
 //!     cargo run --release --example engine_cpu
+//!     cargo run --release --example engine_cpu -- --device cuda:0
 
-use rotq::cache::{CacheSpec, RotatedKvCache};
+use rotq::cache::{Backend, CacheSpec, Paging, RotatedKvCache};
 use rotq::reference::rope::{Rope, RopeVariant};
 use rotq::reference::rotation::SplitMix64;
 use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
@@ -59,7 +63,36 @@ fn error(cache: &RotatedKvCache, q: &[f32], k: &[f32], v: &[f32], p: &AttentionP
     rotq::reference::metrics::rel_l2(&got, &want)
 }
 
-fn main() -> Result<(), rotq::reference::Error> {
+/// The value of `--device NAME` (or `--device=NAME`), else `cpu`.
+fn device_arg() -> Result<String, rotq::Error> {
+    let mut args = std::env::args().skip(1);
+    let mut device = "cpu".to_string();
+    while let Some(arg) = args.next() {
+        if arg == "--device" {
+            device = args
+                .next()
+                .ok_or_else(|| rotq::Error::Input("--device needs a value".into()))?;
+        } else if let Some(value) = arg.strip_prefix("--device=") {
+            device = value.into();
+        } else {
+            return Err(rotq::Error::Input(format!("unknown argument {arg:?}")));
+        }
+    }
+    Ok(device)
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("engine_cpu: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), rotq::Error> {
+    let backend = Backend::open(&device_arg()?)?;
     let mut g = SplitMix64::new(2026);
     let spec = CacheSpec {
         k_format: KvFormat::Q4_0,
@@ -72,19 +105,24 @@ fn main() -> Result<(), rotq::reference::Error> {
         head_dim: D,
         v_dim: D,
         capacity: 256,
+        // Pages of 16 tokens in a pool, as a paged server keeps them (Paging::Contiguous: one
+        // buffer); the calls and results are the same.
+        paging: Paging::Paged { page_tokens: 16 },
     };
-    let mut cache = RotatedKvCache::new(spec.clone())?;
+    let mut cache = RotatedKvCache::on(spec.clone(), &backend)?;
     // The unquantized keys and values, kept beside the cache to measure its error.
     let (mut k_all, mut v_all) = (rows(200, &mut g), rows(200, &mut g));
-    cache.append(&k_all, &v_all)?;
+    let prompt: Vec<usize> = (0..200).collect();
+    cache.append_at(&k_all, &v_all, &prompt)?;
     println!(
-        "prompt: {} tokens, K q4_0 (Hadamard-rotated), V q8_0",
+        "{}: prompt of {} tokens, K q4_0 (Hadamard-rotated), V q8_0",
+        backend.name(),
         cache.len()
     );
 
     for step in 0..3 {
         let (k, v) = (rows(1, &mut g), rows(1, &mut g));
-        cache.append(&k, &v)?;
+        cache.append(&k, &v)?; // at the next position
         k_all.extend(&k);
         v_all.extend(&v);
         let (q, p) = decode_query(&mut g, cache.len());
@@ -95,12 +133,15 @@ fn main() -> Result<(), rotq::reference::Error> {
         );
     }
 
-    // Context shift: drop the 64 oldest tokens; the rest move down by 64 positions, so their
-    // keys are shifted by -64 under the model's RoPE (the unquantized copy the same way).
+    // Context shift: drop the 64 oldest tokens (4 whole pages, given back without moving a
+    // token); the rest move down by 64 positions, so their keys are shifted by -64 under the
+    // model's RoPE (the unquantized copy the same way), and the cache's positions start at 0
+    // again.
     let rope = Rope::new(RopeVariant::Neox, D);
     let drop = 64;
     cache.remove(0..drop)?;
     cache.shift(0..cache.len(), -(drop as i64), &rope)?;
+    assert_eq!(cache.positions().first(), Some(&0));
     let mut k64: Vec<f64> = k_all[drop * H_KV * D..]
         .iter()
         .map(|&x| f64::from(x))
@@ -111,7 +152,7 @@ fn main() -> Result<(), rotq::reference::Error> {
     let (q, p) = decode_query(&mut g, cache.len());
     let shifted = error(&cache, &q, &k_all, &v_all, &p);
     // The same tokens quantized once at their new positions, for comparison.
-    let mut fresh = RotatedKvCache::new(spec)?;
+    let mut fresh = RotatedKvCache::on(spec, &backend)?;
     fresh.append(&k_all, &v_all)?;
     let once = error(&fresh, &q, &k_all, &v_all, &p);
     println!(

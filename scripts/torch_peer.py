@@ -5,7 +5,9 @@ as ours: the dense rotation `x @ H` that engines use today, and decode attention
 Reads one JSON object from argv[1]:
   {"device": 0, "bytes": B, "runs": R, "cases": [CASE, ...]}
 where CASE is {"id": ID, "kind": "rotate", "dtype": "f16"|"bf16", "n": N} or
-{"id": ID, "kind": "sdpa", "batch": B, "h_q": HQ, "h_kv": HKV, "n": N, "d": D}, and prints one
+{"id": ID, "kind": "sdpa", "batch": B, "h_q": HQ, "h_kv": HKV, "n": N, "d": D} (decode: one
+query per sequence against N cached tokens) or {"id": ID, "kind": "sdpa_prefill", "h_q": HQ,
+"h_kv": HKV, "n": N, "d": D} (causal prefill of N tokens of one sequence), and prints one
 JSON object per case: {"id", "ms"} (median of R timed runs after warm-up, rotating between two
 input buffers; "backend" too for sdpa), or {"id", "error"}.
 """
@@ -70,12 +72,26 @@ def sdpa(spec, case, device):
     raise RuntimeError("; ".join(errors))
 
 
+def sdpa_prefill(spec, case, device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    hq, hkv, n, d = case["h_q"], case["h_kv"], case["n"], case["d"]
+    qs = [torch.randn(1, hq, n, d, dtype=torch.float16, device=device) for _ in range(2)]
+    k = torch.randn(1, hkv, n, d, dtype=torch.float16, device=device)
+    v = torch.randn(1, hkv, n, d, dtype=torch.float16, device=device)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        ms = timed(spec["runs"], lambda i: F.scaled_dot_product_attention(
+            qs[i % 2], k, v, is_causal=True, enable_gqa=True))
+    return {"ms": ms, "backend": "flash"}
+
+
 def main():
     spec = json.loads(sys.argv[1])
     device = torch.device("cuda", spec["device"])
     for case in spec["cases"]:
         try:
-            run = sdpa if case.get("kind") == "sdpa" else rotate
+            run = {"sdpa": sdpa, "sdpa_prefill": sdpa_prefill}.get(case.get("kind"), rotate)
             out = run(spec, case, device)
             out["id"] = case["id"]
             print(json.dumps(out))

@@ -29,8 +29,13 @@ pub struct BenchRecord {
     pub peer_gbps: f64,
     /// `ours_gbps / peer_gbps`.
     pub ratio: f64,
-    /// Copy bandwidth over a buffer of the same size (GB/s).
+    /// Copy bandwidth over a buffer of the same size (GB/s); NaN (`null` in JSON) where the
+    /// work is bound by arithmetic, not memory (prefill attention).
     pub ceiling_gbps: f64,
+    /// The unit of `ours_gbps`, `peer_gbps` and `ceiling_gbps`: `GB/s` (bytes read + written)
+    /// or `TFLOP/s` (prefill attention: 4 · d flops per visible (query, key) pair and head, the
+    /// count FlashAttention's benchmarks use, for ours and the peer alike).
+    pub unit: String,
 }
 
 /// How long to measure.
@@ -169,6 +174,7 @@ pub fn fwht(n: usize, opts: &BenchOptions, ceiling: f64) -> Result<Vec<BenchReco
         peer_gbps: gbps(traffic, s),
         ratio: s / ours_s,
         ceiling_gbps: ceiling,
+        unit: "GB/s".into(),
     })
     .collect())
 }
@@ -209,6 +215,7 @@ pub fn rotate_quantize(
         peer_gbps: gbps(traffic, two_pass_s),
         ratio: two_pass_s / fused_s,
         ceiling_gbps: ceiling,
+        unit: "GB/s".into(),
     })
 }
 
@@ -259,6 +266,7 @@ pub fn decode(format: KvFormat, opts: &BenchOptions) -> Result<BenchRecord, Erro
         peer_gbps: gbps(peer_bytes, peer_s),
         ratio: peer_s / ours_s,
         ceiling_gbps: ceiling,
+        unit: "GB/s".into(),
     })
 }
 

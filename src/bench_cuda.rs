@@ -204,6 +204,7 @@ fn record(
         peer_gbps,
         ratio: ours / peer_gbps,
         ceiling_gbps: ceiling,
+        unit: "GB/s".into(),
     }
 }
 
@@ -239,7 +240,12 @@ pub fn run_all(
         "id": "sdpa", "kind": "sdpa", "batch": decode.batch, "h_q": decode.h_q,
         "h_kv": decode.h_kv, "n": decode.n, "d": decode.d,
     }));
-    progress("torch x @ H and SDPA decode (python3 scripts/torch_peer.py)");
+    let prefill = PrefillShape::target(opts);
+    peer_cases.push(serde_json::json!({
+        "id": "sdpa_prefill", "kind": "sdpa_prefill", "h_q": prefill.h_q,
+        "h_kv": prefill.h_kv, "n": prefill.n, "d": prefill.d,
+    }));
+    progress("torch x @ H, SDPA decode and prefill (python3 scripts/torch_peer.py)");
     let ordinal: usize = info.id.trim_start_matches("cuda:").parse().unwrap_or(0);
     let torch = torch_peer(ordinal, &peer_cases, opts, &mut progress);
     let mut out = Vec::new();
@@ -347,7 +353,156 @@ pub fn run_all(
             ));
         }
     }
+    // Prefill attention: TFLOP/s for both, counted the same way.
+    let sdpa_prefill_ms = torch.get("sdpa_prefill").copied();
+    for format in [KvFormat::Q8_0, KvFormat::Q4_0] {
+        progress(&format!(
+            "prefill attention {format} ({} tokens causal, {} KV heads x {}, {} query heads)",
+            prefill.n, prefill.h_kv, prefill.d, prefill.h_q
+        ));
+        let t = prefill_attention(&dev, format, prefill, opts)?;
+        let flop = prefill.flop();
+        let tflops = |ms: f64| flop / (ms * 1e-3) / 1e12;
+        let peer = sdpa_prefill_ms.map_or(f64::NAN, tflops);
+        let shape = format!(
+            "{} tokens causal, {}/{} heads x {}, {format} K+V; torch on f16",
+            prefill.n, prefill.h_q, prefill.h_kv, prefill.d
+        );
+        let c = t.best_config;
+        for (name, ms, shape) in [
+            (
+                format!("prefill_attention_{format}"),
+                t.default,
+                shape.clone(),
+            ),
+            (
+                format!("prefill_attention_{format}_tuned"),
+                t.best,
+                format!(
+                    "{shape}, {} warps, tiles of {} tokens, flash {}",
+                    c.warps, c.block_n, c.flash
+                ),
+            ),
+        ] {
+            out.push(BenchRecord {
+                kernel: name,
+                shape,
+                ours_gbps: tflops(ms),
+                peer: "torch SDPA flash (f16)".into(),
+                peer_gbps: peer,
+                ratio: tflops(ms) / peer,
+                ceiling_gbps: f64::NAN,
+                unit: "TFLOP/s".into(),
+            });
+        }
+    }
     Ok(out)
+}
+
+/// The prefill shape of the benchmark: 8k tokens of one sequence, causal, 8 KV heads of 128,
+/// 32 query heads (2k tokens with `--quick`).
+#[derive(Clone, Copy, Debug)]
+struct PrefillShape {
+    n: usize,
+    h_kv: usize,
+    h_q: usize,
+    d: usize,
+}
+
+impl PrefillShape {
+    fn target(opts: &CudaBenchOptions) -> Self {
+        let n = if opts.bytes >= 256 << 20 { 8192 } else { 2048 };
+        Self {
+            n,
+            h_kv: 8,
+            h_q: 32,
+            d: 128,
+        }
+    }
+
+    /// Flops of causal attention: 4 · d per visible (query, key) pair and query head.
+    fn flop(&self) -> f64 {
+        let pairs = self.n as f64 * (self.n as f64 + 1.0) / 2.0;
+        4.0 * pairs * self.d as f64 * self.h_q as f64
+    }
+}
+
+/// Causal prefill over a `format` K and V cache of `shape`, Hadamard-rotated, f16 queries,
+/// with the default configuration and the best of the search space.
+fn prefill_attention(
+    dev: &Device,
+    format: KvFormat,
+    shape: PrefillShape,
+    opts: &CudaBenchOptions,
+) -> Result<PrefillTimes, Error> {
+    use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, PrefillConfig};
+    let PrefillShape { n, h_kv, h_q, d } = shape;
+    let rot = Rotation::hadamard(d)?;
+    let codec = CudaCodec::new(dev, format, d, Some(&rot))?;
+    let stream = dev.stream();
+    let rows = rows_of::<f16>(dev, n * h_kv * d, 8)?;
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let mut cache = stream
+            .alloc_zeros::<u8>(n * h_kv * codec.row_bytes())
+            .map_err(cuda_err)?;
+        codec.quantize(dev, &rows, &mut cache, CacheTarget::contiguous(h_kv, 0))?;
+        caches.push(cache);
+    }
+    let qs = [
+        rows_of::<f16>(dev, n * h_q * d, 9)?,
+        rows_of::<f16>(dev, n * h_q * d, 10)?,
+    ];
+    let mut out = stream.alloc_zeros::<f16>(n * h_q * d).map_err(cuda_err)?;
+    let layout = CacheLayout::Contiguous { tokens_per_seq: n };
+    let k = CudaKvCache {
+        format,
+        bytes: &caches[0],
+        n_heads: h_kv,
+        dim: d,
+        layout,
+    };
+    let v = CudaKvCache {
+        bytes: &caches[1],
+        ..k
+    };
+    let params = rotq_reference::AttentionParams {
+        causal: true,
+        ..Default::default()
+    };
+    let plan = rotq_reference::RotationPlan {
+        qk: Some(rot),
+        v: None,
+    };
+    let attn = CudaAttention::new(dev, &plan)?;
+    let runs = opts.runs.div_ceil(4).max(3);
+    let mut time = |config: PrefillConfig| {
+        let a = attn.clone().with_prefill_config(config);
+        rotq_cuda::median_ms(dev, 1, runs, |j| {
+            a.prefill(dev, &qs[j % 2], n, h_q, &k, &v, n, &params, &mut out)
+        })
+    };
+    let default = time(PrefillConfig::default())?;
+    let mut best = (default, PrefillConfig::default());
+    for config in PrefillConfig::search_space() {
+        if let Ok(ms) = time(config) {
+            if ms < best.0 {
+                best = (ms, config);
+            }
+        }
+    }
+    Ok(PrefillTimes {
+        default,
+        best: best.0,
+        best_config: best.1,
+    })
+}
+
+/// Milliseconds of the default prefill configuration and of the best one.
+struct PrefillTimes {
+    default: f64,
+    best: f64,
+    best_config: rotq_cuda::PrefillConfig,
 }
 
 /// The decode shape of the benchmark: 16 sequences of 32k tokens, 8 KV heads of 128, 32

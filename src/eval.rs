@@ -284,7 +284,7 @@ pub fn render_table(rows: &[EvalRow]) -> String {
 /// assert!(plan.qk.is_some() && plan.v.is_some());
 /// assert!(PlanKind::None.plan(128, 128, 0).unwrap().qk.is_none());
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PlanKind {
     /// No rotation.
@@ -316,6 +316,42 @@ impl PlanKind {
         }
     }
 
+    /// The name as a file-name stem (`hadamard+v` becomes `hadamard_v`).
+    ///
+    /// ```
+    /// assert_eq!(rotq::eval::PlanKind::HadamardAndV.file_stem(), "hadamard_v");
+    /// ```
+    pub fn file_stem(self) -> String {
+        self.name().replace('+', "_")
+    }
+
+    /// What the plan does, in words (heatmap titles).
+    pub fn describe(self) -> &'static str {
+        match self {
+            PlanKind::None => "no rotation",
+            PlanKind::Hadamard => "Q and K rotated by the Hadamard transform",
+            PlanKind::Randomized => "Q and K rotated by a randomized Hadamard transform",
+            PlanKind::HadamardAndV => {
+                "Q and K rotated by the Hadamard transform, V by blocks of 32"
+            }
+        }
+    }
+
+    /// The plan whose Q/K rotation this one shares (`hadamard+v` rotates Q and K as
+    /// `hadamard` does), so that both read the same K cache.
+    ///
+    /// ```
+    /// use rotq::eval::PlanKind;
+    /// assert_eq!(PlanKind::HadamardAndV.qk_group(), PlanKind::Hadamard);
+    /// assert_eq!(PlanKind::Randomized.qk_group(), PlanKind::Randomized);
+    /// ```
+    pub fn qk_group(self) -> PlanKind {
+        match self {
+            PlanKind::HadamardAndV => PlanKind::Hadamard,
+            other => other,
+        }
+    }
+
     /// The plan for head dimensions `d` (Q, K) and `d_v` (V); `seed` for the randomized one.
     pub fn plan(self, d: usize, d_v: usize, seed: u64) -> Result<RotationPlan, Error> {
         Ok(match self {
@@ -333,6 +369,28 @@ impl PlanKind {
                 v: Some(Rotation::block_hadamard(d_v, d_v.min(32))?),
             },
         })
+    }
+}
+
+impl std::str::FromStr for PlanKind {
+    type Err = Error;
+
+    /// A plan by its [`PlanKind::name`].
+    ///
+    /// ```
+    /// use rotq::eval::PlanKind;
+    /// assert_eq!("hadamard+v".parse::<PlanKind>().unwrap(), PlanKind::HadamardAndV);
+    /// assert!("hadamard-v".parse::<PlanKind>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self, Error> {
+        PlanKind::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "plan `{s}`: expected one of none, hadamard, randomized, hadamard+v"
+                ))
+            })
     }
 }
 
@@ -370,30 +428,11 @@ pub struct GridRow {
     pub layers: Vec<LayerScore>,
 }
 
-/// KL(exact ‖ approx) of each attention row (query, head).
-fn row_klds(exact: &Attention, approx: &Attention) -> Vec<f64> {
-    exact
-        .probs
-        .lanes(Axis(2))
-        .into_iter()
-        .zip(approx.probs.lanes(Axis(2)))
-        .map(|(p, q)| kl_divergence(&p.to_vec(), &q.to_vec()))
-        .collect()
-}
-
-/// The `q`-quantile (0..1) of `x` (nearest rank); 0 for no values.
-fn quantile(mut x: Vec<f64>, q: f64) -> f64 {
-    if x.is_empty() {
-        return 0.0;
-    }
-    x.sort_by(f64::total_cmp);
-    let rank = ((q * x.len() as f64).ceil() as usize).clamp(1, x.len());
-    x[rank - 1]
-}
-
-/// Every K format × V format × plan on every layer, against exact f64 attention (the oracle's
-/// rotated quantized attention), sorted by bits per value, then mean KLD. `progress(done,
-/// total)` is called after each combination.
+/// Every K format × V format × plan on every layer, with the oracle's own quantization and
+/// attention (the spec's numbers, no kernel involved), against exact f64 attention, sorted by
+/// bits per value, then mean KLD. `progress(done, total)` is called after each (combination,
+/// layer). [`crate::eval_grid::evaluate_grid_with`] runs the same grid on the CPU or CUDA
+/// kernels.
 ///
 /// ```
 /// use rotq::eval::{evaluate_grid, PlanKind, Synthetic};
@@ -412,64 +451,17 @@ pub fn evaluate_grid(
     v_formats: &[KvFormat],
     plans: &[PlanKind],
     seed: u64,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Vec<GridRow>, Error> {
-    let exact: Vec<Attention> = layers
-        .iter()
-        .map(|a| attention(a.q.view(), a.k.view(), a.v.view(), &a.params))
-        .collect::<Result<_, _>>()?;
-    let total = k_formats.len() * v_formats.len() * plans.len();
-    let mut rows = Vec::with_capacity(total);
-    for &k_format in k_formats {
-        for &v_format in v_formats {
-            for &kind in plans {
-                let mut scores = Vec::with_capacity(layers.len());
-                let mut all_klds = Vec::new();
-                for (a, ex) in layers.iter().zip(&exact) {
-                    let (d, d_v) = (a.q.dim().2, a.v.dim().2);
-                    let spec = KvCacheSpec {
-                        k_format,
-                        v_format,
-                        plan: kind.plan(d, d_v, seed)?,
-                    };
-                    let got = rotated_quantized_attention(
-                        a.q.view(),
-                        a.k.view(),
-                        a.v.view(),
-                        &a.params,
-                        &spec,
-                    )?;
-                    let klds = row_klds(ex, &got);
-                    let out: Vec<f64> = got.output.iter().copied().collect();
-                    let want: Vec<f64> = ex.output.iter().copied().collect();
-                    scores.push(LayerScore {
-                        mean_kld: klds.iter().sum::<f64>() / klds.len().max(1) as f64,
-                        p99_kld: quantile(klds.clone(), 0.99),
-                        rel_l2: rel_l2(&out, &want),
-                    });
-                    all_klds.extend(klds);
-                }
-                let n = scores.len().max(1) as f64;
-                rows.push(GridRow {
-                    k_format,
-                    v_format,
-                    plan: kind,
-                    bits_per_value: (k_format.bits_per_value() + v_format.bits_per_value()) / 2.0,
-                    mean_kld: all_klds.iter().sum::<f64>() / all_klds.len().max(1) as f64,
-                    p99_kld: quantile(all_klds, 0.99),
-                    rel_l2: scores.iter().map(|s| s.rel_l2).sum::<f64>() / n,
-                    layers: scores,
-                });
-                progress(rows.len(), total);
-            }
-        }
-    }
-    rows.sort_by(|a, b| {
-        a.bits_per_value
-            .total_cmp(&b.bits_per_value)
-            .then(a.mean_kld.total_cmp(&b.mean_kld))
-    });
-    Ok(rows)
+    let opts = crate::eval_grid::GridOptions {
+        k_formats: k_formats.to_vec(),
+        v_formats: v_formats.to_vec(),
+        plans: plans.to_vec(),
+        seed,
+        backend: crate::eval_backend::Backend::Oracle,
+        check_rows: 0,
+    };
+    Ok(crate::eval_grid::evaluate_grid_with(layers, &opts, progress)?.rows)
 }
 
 /// A fixed-width text table of the grid (one line per row, overall figures).

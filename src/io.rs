@@ -39,7 +39,21 @@ pub fn read_f32(path: &Path) -> Result<Vec<f32>, Error> {
         .collect())
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename), with
+/// the replaced file's permissions, or 0644 for a new file.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("out.bin");
+/// rotq::io::write_atomic(&path, b"abc").unwrap();
+/// assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+/// #[cfg(unix)]
+/// {
+///     use std::os::unix::fs::PermissionsExt;
+///     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+///     assert_eq!(mode & 0o777, 0o644);
+/// }
+/// ```
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let io_err = |source| Error::Io {
         path: path.to_path_buf(),
@@ -54,6 +68,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         .tempfile_in(dir)
         .map_err(io_err)?;
     tmp.write_all(bytes).map_err(io_err)?;
+    // A temporary file is private (0600); the output gets the permissions of the file it
+    // replaces, or the usual 0644 of a new file.
+    match std::fs::metadata(path) {
+        Ok(old) => tmp
+            .as_file()
+            .set_permissions(old.permissions())
+            .map_err(io_err)?,
+        Err(_) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::Permissions::from_mode(0o644);
+                tmp.as_file().set_permissions(mode).map_err(io_err)?;
+            }
+        }
+    }
     tmp.as_file().sync_all().map_err(io_err)?;
     tmp.persist(path).map_err(|e| io_err(e.error))?;
     Ok(())

@@ -10,11 +10,17 @@ pub mod cache;
 /// `config.json`) as a [`RotationPlan`] per attention layer.
 pub mod checkpoint;
 pub mod eval;
+pub mod eval_backend;
+pub mod eval_grid;
 pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod heatmap;
 pub mod io;
+pub mod npy;
+pub mod oracle_check;
 
+pub use rotq_cuda as cuda;
 pub use rotq_reference as reference;
 pub use rotq_reference::{
     attention, rotated_quantized_attention, AttentionParams, KvCacheSpec, KvFormat, Rotation,
@@ -49,4 +55,38 @@ pub enum Error {
     /// The CUDA backend failed (no driver or device, compile, launch, memory).
     #[error(transparent)]
     Cuda(#[from] rotq_cuda::CudaError),
+    /// A `.npy` file that cannot be read as asked (see [`npy::NpyError`]).
+    #[error("{}: {source}", path.display())]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: npy::NpyError,
+    },
+    /// `--device cuda:N` asked for a GPU that cannot be used here.
+    #[error("no CUDA device for {device}: {source}")]
+    NoCudaDevice {
+        /// The device asked for.
+        device: String,
+        /// Why it cannot be opened (no driver, no such device, driver too old, …).
+        source: rotq_cuda::CudaError,
+    },
+    /// A kernel's attention output disagrees with the oracle's on the same cache bytes.
+    #[error("the {backend} kernel disagrees with the oracle on {what}: {mismatch}")]
+    OracleMismatch {
+        /// Which kernels (`cpu`, `cuda:0`).
+        backend: String,
+        /// The combination, layer and rows compared.
+        what: String,
+        /// The measured errors and the tolerance.
+        mismatch: rotq_reference::tolerance::Mismatch,
+    },
+    /// A heatmap could not be drawn or encoded.
+    #[error("heatmap {}: {reason}", path.display())]
+    Plot {
+        /// The PNG being made.
+        path: PathBuf,
+        /// What the plotting or encoding library said.
+        reason: String,
+    },
 }

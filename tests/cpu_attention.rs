@@ -4,7 +4,8 @@
 //! The kernel's own cache bytes are what both sides read: the oracle dequantizes them
 //! (`rotq_reference`), rotates Q in f64, runs dense f64 attention and rotates the output back,
 //! so the comparison isolates the attention arithmetic (quantization is checked by
-//! tests/cpu_quant.rs).
+//! tests/cpu_quant.rs). Every check also reads the same rows from scattered pages of a block
+//! table (`KvCacheView::paged`) and wants the contiguous result's bits.
 
 use ndarray::Array3;
 use proptest::prelude::*;
@@ -103,6 +104,21 @@ fn oracle(c: &Case, plan: &RotationPlan, q: &[f32], kb: &[u8], vb: &[u8]) -> Vec
     o
 }
 
+/// `bytes` (whole tokens of `token_bytes`) moved into a pool of pages of `page_tokens` tokens,
+/// in reverse order after a spare page, every byte not written 0xFF (NaN in f16 and in the
+/// scales, so a read of a wrong page or slot shows): (pool, block table).
+fn paged(bytes: &[u8], token_bytes: usize, page_tokens: usize) -> (Vec<u8>, Vec<u32>) {
+    let page_bytes = page_tokens * token_bytes;
+    let n_pages = (bytes.len() / token_bytes).div_ceil(page_tokens);
+    let mut pool = vec![0xFF; (n_pages + 1) * page_bytes];
+    let table: Vec<u32> = (0..n_pages).map(|i| (n_pages - i) as u32).collect();
+    for (chunk, &page) in bytes.chunks(page_bytes).zip(&table) {
+        let at = page as usize * page_bytes;
+        pool[at..at + chunk.len()].copy_from_slice(chunk);
+    }
+    (pool, table)
+}
+
 fn check(c: &Case) {
     check_edited(c, |_, _| {});
 }
@@ -119,6 +135,27 @@ fn check_edited(c: &Case, edit: impl Fn(&mut [u8], &mut [u8])) {
         let v = KvCacheView::new(c.v_format, &vb, c.n_kv, c.h_kv, c.d_v).unwrap();
         let kernel = CpuAttention::new(&plan, isa).with_config(c.config);
         let got = kernel.run(&q, c.n_q, h_q, &k, &v, &c.params).unwrap();
+        // The same rows in scattered pages (of a size that rarely divides the cache) read
+        // in place give the same bits.
+        let page_tokens = 1 + (c.seed % 23) as usize;
+        let page = |f: KvFormat, b: &[u8], dim: usize| {
+            paged(b, f.row_bytes(dim).unwrap() * c.h_kv, page_tokens)
+        };
+        let ((kp, kt), (vp, vt)) = (page(c.k_format, &kb, c.d), page(c.v_format, &vb, c.d_v));
+        let view = |f, pool, table, dim| {
+            KvCacheView::paged(f, pool, table, page_tokens, c.n_kv, c.h_kv, dim).unwrap()
+        };
+        let (kv, vv) = (
+            view(c.k_format, &kp, &kt, c.d),
+            view(c.v_format, &vp, &vt, c.d_v),
+        );
+        let from_pages = kernel.run(&q, c.n_q, h_q, &kv, &vv, &c.params).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&from_pages),
+            bits(&got),
+            "{isa} {c:?}: paged (pages of {page_tokens})"
+        );
         let want = oracle(c, &plan, &q, &kb, &vb);
         let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -456,6 +493,7 @@ fn non_finite_inputs_follow_the_oracle() {
     }
 }
 
+/// Shapes that do not fit, and paged views whose table does not fit the pool.
 #[test]
 fn bad_shapes_are_errors() {
     let plan = RotationPlan {
@@ -494,6 +532,18 @@ fn bad_shapes_are_errors() {
     );
     assert!(wrong.run(&vec![0.0; 4 * 64], 1, 4, &k, &k, &p).is_err());
     assert!(kernel.run(&[], 0, 4, &k, &k, &p).unwrap().is_empty());
+    // Paged views: pages of no tokens, a table short of the tokens' pages, a page outside
+    // the pool (of 2 pages of 2 tokens).
+    let paged = |table: &[u32], page_tokens, n| {
+        KvCacheView::paged(KvFormat::F32, &kb, table, page_tokens, n, 2, 64).map(|_| ())
+    };
+    assert!(paged(&[1, 0], 2, 4).is_ok());
+    for (table, page_tokens, n) in [(&[1u32, 0][..], 0, 4), (&[1], 2, 3), (&[1, 2], 2, 4)] {
+        assert!(
+            paged(table, page_tokens, n).is_err(),
+            "{table:?} {page_tokens} {n}"
+        );
+    }
 }
 
 #[test]

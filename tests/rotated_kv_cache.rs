@@ -1,17 +1,23 @@
 //! `rotq::cache::RotatedKvCache` against the oracle: appends land as one quantization of all
 //! rows would, attention equals the oracle on the same bytes, removal and context shift act on
-//! the right tokens, and bad calls are typed errors that change nothing.
+//! the right tokens, and bad calls are typed errors that change nothing; each for a contiguous
+//! cache and a paged one (pages of 16 tokens, which divide none of the lengths). A paged and a
+//! contiguous cache fed the same calls hold the same tokens and give the same outputs, whole
+//! pages removed are taken again, and the recorded positions follow every call.
 
 use ndarray::Array3;
-use rotq::cache::{CacheSpec, RotatedKvCache};
+use rotq::cache::{CacheSpec, Paging, RotatedKvCache};
 use rotq::reference::attention::attention_f64;
 use rotq::reference::rope::{shift_cache, Rope, RopeVariant};
 use rotq::reference::rotation::SplitMix64;
 use rotq::reference::tolerance::{tolerance, Op, Precision};
-use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
+use rotq::{AttentionParams, Error, KvFormat, Rotation, RotationPlan};
 
 const H: usize = 2;
 const D: usize = 64;
+
+/// Both layouts: contiguous, and pages of 16 tokens.
+const LAYOUTS: [Paging; 2] = [Paging::Contiguous, Paging::Paged { page_tokens: 16 }];
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut g = SplitMix64::new(seed);
@@ -27,7 +33,7 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn spec(k_format: KvFormat, v_format: KvFormat, capacity: usize) -> CacheSpec {
+fn spec(k_format: KvFormat, v_format: KvFormat, capacity: usize, paging: Paging) -> CacheSpec {
     CacheSpec {
         k_format,
         v_format,
@@ -39,6 +45,7 @@ fn spec(k_format: KvFormat, v_format: KvFormat, capacity: usize) -> CacheSpec {
         head_dim: D,
         v_dim: D,
         capacity,
+        paging,
     }
 }
 
@@ -52,7 +59,7 @@ fn oracle(
     p: &AttentionParams,
 ) -> Vec<f64> {
     let s = cache.spec();
-    let (kb, vb) = cache.bytes();
+    let (kb, vb) = cache.bytes().unwrap();
     let n = cache.len();
     let decode = |f: KvFormat, b: &[u8]| {
         let vals: Vec<f64> = if b.is_empty() {
@@ -76,8 +83,8 @@ fn oracle(
     let qa = Array3::from_shape_vec((n_q, h_q, D), qr).unwrap();
     let out = attention_f64(
         qa.view(),
-        decode(s.k_format, kb).view(),
-        decode(s.v_format, vb).view(),
+        decode(s.k_format, &kb).view(),
+        decode(s.v_format, &vb).view(),
         p,
     )
     .unwrap();
@@ -98,140 +105,402 @@ fn assert_close(got: &[f32], want: &[f64], what: &str) {
     }
 }
 
+fn owned(c: &RotatedKvCache) -> (Vec<u8>, Vec<u8>) {
+    let (k, v) = c.bytes().unwrap();
+    (k.into_owned(), v.into_owned())
+}
+
+/// `n` tokens' rows of K or V.
+fn rows(n: usize, seed: u64) -> Vec<f32> {
+    random(n * H * D, seed)
+}
+
 /// Appending a prompt in three chunks writes the bytes one quantization of all its rows would,
 /// and prefill and decode attention over the cache follow the oracle (GQA, causal).
 #[test]
 fn appends_and_attention_follow_the_oracle() {
-    for (kf, vf) in [
-        (KvFormat::Q4_0, KvFormat::Q8_0),
-        (KvFormat::Iq4Nl, KvFormat::Q5_1),
-    ] {
-        let n = 37;
-        let (k, v) = (random(n * H * D, 1), random(n * H * D, 2));
-        let mut cache = RotatedKvCache::new(spec(kf, vf, 64)).unwrap();
-        for r in [0..5, 5..25, 25..37] {
-            cache
-                .append(
-                    &k[r.start * H * D..r.end * H * D],
-                    &v[r.start * H * D..r.end * H * D],
-                )
-                .unwrap();
-        }
-        assert_eq!(cache.len(), n);
-        let mut whole = RotatedKvCache::new(spec(kf, vf, 64)).unwrap();
-        whole.append(&k, &v).unwrap();
-        assert_eq!(cache.bytes(), whole.bytes());
+    for paging in LAYOUTS {
+        for (kf, vf) in [
+            (KvFormat::Q4_0, KvFormat::Q8_0),
+            (KvFormat::Iq4Nl, KvFormat::Q5_1),
+        ] {
+            let n = 37;
+            let (k, v) = (rows(n, 1), rows(n, 2));
+            let mut cache = RotatedKvCache::new(spec(kf, vf, 64, paging)).unwrap();
+            for r in [0..5, 5..25, 25..37] {
+                cache
+                    .append(
+                        &k[r.start * H * D..r.end * H * D],
+                        &v[r.start * H * D..r.end * H * D],
+                    )
+                    .unwrap();
+            }
+            assert_eq!(cache.len(), n);
+            let mut whole = RotatedKvCache::new(spec(kf, vf, 64, Paging::Contiguous)).unwrap();
+            whole.append(&k, &v).unwrap();
+            assert_eq!(owned(&cache), owned(&whole), "{paging:?}");
 
-        let h_q = 4 * H;
-        for (n_q, pos_offset) in [(6usize, 31usize), (1, 36)] {
-            let q = random(n_q * h_q * D, 3 + n_q as u64);
-            let p = AttentionParams {
-                causal: true,
-                pos_offset,
-                ..Default::default()
-            };
-            let got = cache.attention(&q, n_q, h_q, &p).unwrap();
-            assert_close(
-                &got,
-                &oracle(&cache, &q, n_q, h_q, &p),
-                &format!("{kf}/{vf} n_q {n_q}"),
-            );
+            let h_q = 4 * H;
+            for (n_q, pos_offset) in [(6usize, 31usize), (1, 36)] {
+                let q = random(n_q * h_q * D, 3 + n_q as u64);
+                let p = AttentionParams {
+                    causal: true,
+                    pos_offset,
+                    ..Default::default()
+                };
+                let got = cache.attention(&q, n_q, h_q, &p).unwrap();
+                assert_close(
+                    &got,
+                    &oracle(&cache, &q, n_q, h_q, &p),
+                    &format!("{paging:?} {kf}/{vf} n_q {n_q}"),
+                );
+            }
         }
     }
 }
 
 /// Removing tokens leaves exactly the bytes of a cache that never held them, and attention
-/// over it follows the oracle.
+/// over it follows the oracle: cuts of a few tokens, and of whole pages' worth from a page
+/// boundary or from inside a page.
 #[test]
 fn removal_drops_exactly_those_tokens() {
-    let n = 30;
-    let (k, v) = (random(n * H * D, 11), random(n * H * D, 12));
-    let mut cache = RotatedKvCache::new(spec(KvFormat::Q8_0, KvFormat::Q4_0, 40)).unwrap();
-    cache.append(&k, &v).unwrap();
-    cache.remove(4..13).unwrap();
-    let mut kept = RotatedKvCache::new(spec(KvFormat::Q8_0, KvFormat::Q4_0, 40)).unwrap();
-    let (a, b) = (4 * H * D, 13 * H * D);
-    let (k2, v2) = ([&k[..a], &k[b..]].concat(), [&v[..a], &v[b..]].concat());
-    kept.append(&k2, &v2).unwrap();
-    assert_eq!(cache.len(), 21);
-    assert_eq!(cache.bytes(), kept.bytes());
-    let q = random(2 * H * D, 13);
-    let p = AttentionParams::default();
-    let got = cache.attention(&q, 1, 2 * H, &p).unwrap();
-    assert_close(&got, &oracle(&cache, &q, 1, 2 * H, &p), "after removal");
+    let n = 70;
+    let (k, v) = (rows(n, 11), rows(n, 12));
+    for paging in LAYOUTS {
+        for cut in [4..13, 16..48, 3..19, 50..70, 0..70] {
+            let what = format!("{paging:?} cut {cut:?}");
+            let mut cache =
+                RotatedKvCache::new(spec(KvFormat::Q8_0, KvFormat::Q4_0, 80, paging)).unwrap();
+            cache.append(&k, &v).unwrap();
+            cache.remove(cut.clone()).unwrap();
+            let mut kept =
+                RotatedKvCache::new(spec(KvFormat::Q8_0, KvFormat::Q4_0, 80, paging)).unwrap();
+            let (a, b) = (cut.start * H * D, cut.end * H * D);
+            let (k2, v2) = ([&k[..a], &k[b..]].concat(), [&v[..a], &v[b..]].concat());
+            kept.append(&k2, &v2).unwrap();
+            assert_eq!(cache.len(), n - cut.len(), "{what}");
+            assert_eq!(owned(&cache), owned(&kept), "{what}");
+            let q = random(2 * H * D, 13);
+            let p = AttentionParams::default();
+            let got = cache.attention(&q, 1, 2 * H, &p).unwrap();
+            assert_close(&got, &oracle(&cache, &q, 1, 2 * H, &p), &what);
+        }
+    }
 }
 
-/// A context shift of a range moves only those tokens' keys, as the oracle's `shift_cache`
-/// would within the kernel's f32 rotations (each shifted row within one quantization step of
-/// the oracle's), and leaves V and the other tokens' bytes alone.
+/// A context shift of a range (across a page boundary) moves only those tokens' keys, as the
+/// oracle's `shift_cache` would within the kernel's f32 rotations (each shifted row within one
+/// quantization step of the oracle's), and leaves V and the other tokens' bytes alone.
 #[test]
 fn a_shift_moves_the_range_and_nothing_else() {
-    let n = 20;
-    let (k, v) = (random(n * H * D, 21), random(n * H * D, 22));
-    let mut cache = RotatedKvCache::new(spec(KvFormat::F16, KvFormat::Q8_0, 32)).unwrap();
-    cache.append(&k, &v).unwrap();
-    let (k0, v0) = (cache.bytes().0.to_vec(), cache.bytes().1.to_vec());
+    let n = 30;
+    let (k, v) = (rows(n, 21), rows(n, 22));
+    let (a, b) = (5, 20);
+    for paging in LAYOUTS {
+        let mut cache =
+            RotatedKvCache::new(spec(KvFormat::F16, KvFormat::Q8_0, 32, paging)).unwrap();
+        cache.append(&k, &v).unwrap();
+        let (k0, v0) = owned(&cache);
+        let rope = Rope::new(RopeVariant::Neox, D);
+        cache.shift(a..b, -5, &rope).unwrap();
+        let (k1, v1) = owned(&cache);
+        let rb = KvFormat::F16.row_bytes(D).unwrap() * H;
+        assert_eq!(v1, v0);
+        assert_eq!(&k1[..a * rb], &k0[..a * rb]);
+        assert_eq!(&k1[b * rb..], &k0[b * rb..]);
+        assert_ne!(&k1[a * rb..b * rb], &k0[a * rb..b * rb]);
+        let mut want = k0[a * rb..b * rb].to_vec();
+        let r = Rotation::hadamard(D).unwrap();
+        shift_cache(KvFormat::F16, &mut want, D, Some(&r), &rope, -5).unwrap();
+        let got = KvFormat::F16.dequantize_row(&k1[a * rb..b * rb]).unwrap();
+        let want = KvFormat::F16.dequantize_row(&want).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 2e-3 * (1.0 + w.abs()),
+                "{paging:?}: {g} vs {w}"
+            );
+        }
+        let moved: Vec<usize> = (0..n)
+            .map(|t| if (a..b).contains(&t) { t - 5 } else { t })
+            .collect();
+        assert_eq!(cache.positions(), moved);
+    }
+}
+
+/// A paged cache (pages of 16) and a contiguous one fed the same appends, removals (of a few
+/// tokens, of a whole page, of a page's worth from inside a page) and shifts hold the same
+/// tokens (byte for byte, token by token), record the same positions, and give the same
+/// attention outputs, bit for bit, which follow the oracle.
+#[test]
+fn paged_and_contiguous_caches_agree() {
     let rope = Rope::new(RopeVariant::Neox, D);
-    cache.shift(5..12, -5, &rope).unwrap();
-    let (k1, v1) = cache.bytes();
-    let rb = KvFormat::F16.row_bytes(D).unwrap() * H;
-    assert_eq!(v1, &v0[..]);
-    assert_eq!(&k1[..5 * rb], &k0[..5 * rb]);
-    assert_eq!(&k1[12 * rb..], &k0[12 * rb..]);
-    assert_ne!(&k1[5 * rb..12 * rb], &k0[5 * rb..12 * rb]);
-    let mut want = k0[5 * rb..12 * rb].to_vec();
-    let r = Rotation::hadamard(D).unwrap();
-    shift_cache(KvFormat::F16, &mut want, D, Some(&r), &rope, -5).unwrap();
-    let got = KvFormat::F16.dequantize_row(&k1[5 * rb..12 * rb]).unwrap();
-    let want = KvFormat::F16.dequantize_row(&want).unwrap();
-    for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() <= 2e-3 * (1.0 + w.abs()), "{g} vs {w}");
+    let mut caches =
+        LAYOUTS.map(|p| RotatedKvCache::new(spec(KvFormat::Q4_0, KvFormat::Q8_0, 100, p)).unwrap());
+    let mut seed = 100;
+    let mut step =
+        |what: &str, caches: &mut [RotatedKvCache; 2], act: &dyn Fn(&mut RotatedKvCache)| {
+            for c in caches.iter_mut() {
+                act(c);
+            }
+            let [contiguous, paged] = &*caches;
+            assert_eq!(owned(paged), owned(contiguous), "{what}: bytes");
+            assert_eq!(
+                paged.positions(),
+                contiguous.positions(),
+                "{what}: positions"
+            );
+            seed += 1;
+            let last = contiguous.positions().last().copied().unwrap_or(0);
+            for n_q in [1usize, 5] {
+                let q = random(n_q * 2 * H * D, seed + n_q as u64);
+                let p = AttentionParams {
+                    causal: true,
+                    pos_offset: (last + 1).saturating_sub(n_q),
+                    ..Default::default()
+                };
+                let want = contiguous.attention(&q, n_q, 2 * H, &p).unwrap();
+                assert_eq!(
+                    paged.attention(&q, n_q, 2 * H, &p).unwrap(),
+                    want,
+                    "{what}: attention"
+                );
+                let mut as_index = p.clone();
+                as_index.pos_offset -= contiguous.positions().first().copied().unwrap_or(0);
+                assert_close(&want, &oracle(contiguous, &q, n_q, 2 * H, &as_index), what);
+            }
+        };
+    let append = |n: usize, s: u64| {
+        move |c: &mut RotatedKvCache| c.append(&rows(n, s), &rows(n, s + 1)).unwrap()
+    };
+    step("a prompt of 37", &mut caches, &append(37, 1));
+    step("9 more", &mut caches, &append(9, 3));
+    step("a decode step", &mut caches, &append(1, 5));
+    step("4 removed from the front", &mut caches, &|c| {
+        c.remove(0..4).unwrap()
+    });
+    step("the rest shifted down", &mut caches, &|c| {
+        let len = c.len();
+        c.shift(0..len, -4, &rope).unwrap()
+    });
+    step("a whole page dropped", &mut caches, &|c| {
+        c.remove(16..32).unwrap();
+        let len = c.len();
+        c.shift(16..len, -16, &rope).unwrap()
+    });
+    step(
+        "a page's worth dropped from inside a page",
+        &mut caches,
+        &|c| {
+            c.remove(5..21).unwrap();
+            let len = c.len();
+            c.shift(5..len, -16, &rope).unwrap()
+        },
+    );
+    step("a prefill chunk of 50", &mut caches, &append(50, 7));
+    step("the newest 20 dropped", &mut caches, &|c| {
+        let len = c.len();
+        c.remove(len - 20..len).unwrap()
+    });
+    step("everything dropped", &mut caches, &|c| {
+        let len = c.len();
+        c.remove(0..len).unwrap()
+    });
+    step("a new prompt", &mut caches, &append(40, 9));
+}
+
+/// Pages of a removed whole page's worth go back to the pool and later appends take them: a
+/// cache of 4 pages holds 64 tokens again after a page is dropped from its middle.
+#[test]
+fn whole_pages_removed_are_taken_again() {
+    let paging = Paging::Paged { page_tokens: 16 };
+    let mut cache = RotatedKvCache::new(spec(KvFormat::Q8_0, KvFormat::Q8_0, 64, paging)).unwrap();
+    assert_eq!(cache.capacity(), 64);
+    let (k, v) = (rows(64, 41), rows(64, 42));
+    cache.append(&k[..48 * H * D], &v[..48 * H * D]).unwrap();
+    assert_eq!(cache.block_table(), Some(&[0u32, 1, 2][..]));
+    let (k0, v0) = owned(&cache);
+    cache.remove(16..32).unwrap();
+    assert_eq!(cache.block_table(), Some(&[0u32, 2][..]));
+    // No token moved: the pool still holds the bytes the tokens had.
+    let (pk, _) = cache.pool().unwrap();
+    let tb = KvFormat::Q8_0.row_bytes(D).unwrap() * H;
+    assert_eq!(&pk[..48 * tb], &k0[..]);
+    cache.append(&k[48 * H * D..], &v[48 * H * D..]).unwrap(); // page 1 again
+    assert_eq!(cache.block_table(), Some(&[0u32, 2, 1][..]));
+    assert_eq!(cache.len(), 48);
+    cache.append(&k[..16 * H * D], &v[..16 * H * D]).unwrap(); // the last fresh page
+    assert_eq!(cache.block_table(), Some(&[0u32, 2, 1, 3][..]));
+    assert_eq!(cache.len(), 64);
+    assert!(cache.append(&k[..H * D], &v[..H * D]).is_err()); // full
+    let mut want = k0[..16 * tb].to_vec();
+    want.extend_from_slice(&k0[32 * tb..]);
+    let (k1, v1) = owned(&cache);
+    assert_eq!(&k1[..32 * tb], &want[..]);
+    assert_eq!(&v1[..16 * tb], &v0[..16 * tb]);
+    // A contiguous cache's pool is its one buffer; it has no table.
+    let flat =
+        RotatedKvCache::new(spec(KvFormat::Q8_0, KvFormat::Q8_0, 37, Paging::Contiguous)).unwrap();
+    assert_eq!((flat.block_table(), flat.capacity()), (None, 37));
+    assert_eq!(flat.pool().unwrap().0.len(), 37 * tb);
+}
+
+/// Positions: `append_at` records the engine's, `shift` and `remove` keep them in step, and
+/// attention reads `pos_offset` as a position, so a cache whose tokens sit at 100.. gives what
+/// the same tokens at 0.. give with the query 100 positions earlier. A gap left by a removal
+/// is refused by a causal mask until a shift closes it.
+#[test]
+fn positions_follow_the_calls_and_place_the_mask() {
+    for paging in LAYOUTS {
+        let s = spec(KvFormat::Q8_0, KvFormat::Q8_0, 64, paging);
+        let (k, v) = (rows(30, 51), rows(30, 52));
+        let mut at_0 = RotatedKvCache::new(s.clone()).unwrap();
+        at_0.append(&k, &v).unwrap();
+        let mut at_100 = RotatedKvCache::new(s).unwrap();
+        let positions: Vec<usize> = (100..130).collect();
+        at_100
+            .append_at(&k[..10 * H * D], &v[..10 * H * D], &positions[..10])
+            .unwrap();
+        at_100
+            .append_at(&k[10 * H * D..], &v[10 * H * D..], &positions[10..])
+            .unwrap();
+        assert_eq!(at_100.positions(), positions);
+        assert_eq!(owned(&at_100), owned(&at_0));
+        let q = random(4 * 2 * H * D, 53);
+        for (n_q, p0, window) in [(4usize, 20usize, None), (1, 29, Some(7)), (4, 3, Some(2))] {
+            let p = |base: usize| AttentionParams {
+                causal: true,
+                pos_offset: base + p0,
+                window,
+                ..Default::default()
+            };
+            let q = &q[..n_q * 2 * H * D];
+            assert_eq!(
+                at_100.attention(q, n_q, 2 * H, &p(100)).unwrap(),
+                at_0.attention(q, n_q, 2 * H, &p(0)).unwrap(),
+                "{paging:?} n_q {n_q} from {p0}"
+            );
+        }
+        let decode = |c: &RotatedKvCache, pos: usize| {
+            let p = AttentionParams {
+                causal: true,
+                pos_offset: pos,
+                ..Default::default()
+            };
+            c.attention(&q[..2 * H * D], 1, 2 * H, &p)
+        };
+        // A query before the first token is refused.
+        assert!(decode(&at_100, 99).is_err());
+        // llama.cpp's context shift: keep 4, drop 6, move the rest down.
+        at_100.remove(4..10).unwrap();
+        let gap: Vec<usize> = (100..104).chain(110..130).collect();
+        assert_eq!(at_100.positions(), gap);
+        assert!(matches!(
+            decode(&at_100, 129),
+            Err(Error::Reference(rotq::reference::Error::InvalidParameter {
+                name: "positions",
+                ..
+            }))
+        ));
+        // Without a mask the positions do not matter.
+        let all = AttentionParams::default();
+        at_100.attention(&q[..2 * H * D], 1, 2 * H, &all).unwrap();
+        let rope = Rope::new(RopeVariant::Normal, D);
+        at_100.shift(4..24, -6, &rope).unwrap();
+        assert_eq!(at_100.positions(), (100..124).collect::<Vec<_>>());
+        decode(&at_100, 123).unwrap();
+        // Appends continue from the newest position; an empty cache starts anew.
+        at_100.append(&k[..H * D], &v[..H * D]).unwrap();
+        assert_eq!(at_100.positions().last(), Some(&124));
+        let len = at_100.len();
+        at_100.remove(0..len).unwrap();
+        at_100
+            .append_at(&k[..2 * H * D], &v[..2 * H * D], &[7, 8])
+            .unwrap();
+        at_100.remove(0..2).unwrap();
+        at_100.append(&k[..H * D], &v[..H * D]).unwrap();
+        assert_eq!(at_100.positions(), [0]);
     }
 }
 
 /// Bad calls are typed errors and change nothing: shapes that disagree, a full cache, ranges
-/// outside the tokens held, a plan for another head size.
+/// outside the tokens held, a plan for another head size, positions that do not continue the
+/// cache's or would fall below 0, pages of no tokens.
 #[test]
 fn bad_calls_are_errors_and_change_nothing() {
-    let mut cache = RotatedKvCache::new(spec(KvFormat::Q4_0, KvFormat::Q4_0, 10)).unwrap();
-    let (k, v) = (random(8 * H * D, 31), random(8 * H * D, 32));
-    cache.append(&k, &v).unwrap();
-    let before = (cache.bytes().0.to_vec(), cache.bytes().1.to_vec());
-    assert!(cache.append(&k[..H * D * 3], &v[..H * D * 3]).is_err()); // 8 + 3 > 10
-    assert!(cache.append(&k[..H * D + 1], &v[..H * D]).is_err());
-    assert!(cache.append(&k[..H * D], &v[..H * D - 1]).is_err());
-    assert!(cache.remove(3..9).is_err());
-    #[allow(clippy::reversed_empty_ranges)]
-    let backwards = 5..2;
-    assert!(cache.remove(backwards.clone()).is_err());
-    assert!(cache
-        .shift(backwards, 1, &Rope::new(RopeVariant::Normal, D))
-        .is_err());
-    assert!(cache
-        .shift(0..4, 1, &Rope::new(RopeVariant::Normal, D + 2))
-        .is_err());
-    assert_eq!(cache.len(), 8);
-    assert_eq!((cache.bytes().0.to_vec(), cache.bytes().1.to_vec()), before);
-    assert!(cache
-        .attention(&random(3 * D, 33), 1, 3, &AttentionParams::default())
-        .is_err());
-    let wrong = CacheSpec {
-        plan: RotationPlan {
-            qk: Some(Rotation::hadamard(128).unwrap()),
-            v: None,
-        },
-        ..spec(KvFormat::Q4_0, KvFormat::Q4_0, 10)
-    };
-    assert!(RotatedKvCache::new(wrong).is_err());
-    // More bytes than any machine has: refused, not an abort.
-    assert!(RotatedKvCache::new(CacheSpec {
-        capacity: 1 << 50,
-        ..spec(KvFormat::Q4_0, KvFormat::Q4_0, 1)
-    })
-    .is_err());
-    assert!(RotatedKvCache::new(CacheSpec {
-        capacity: usize::MAX,
-        ..spec(KvFormat::Q4_0, KvFormat::Q4_0, 1)
-    })
-    .is_err());
+    for paging in LAYOUTS {
+        let mut cache =
+            RotatedKvCache::new(spec(KvFormat::Q4_0, KvFormat::Q4_0, 10, paging)).unwrap();
+        let cap = cache.capacity();
+        let (k, v) = (rows(cap, 31), rows(cap, 32));
+        cache.append(&k[..8 * H * D], &v[..8 * H * D]).unwrap();
+        let before = (
+            owned(&cache),
+            cache.positions().to_vec(),
+            cache.block_table().map(<[u32]>::to_vec),
+        );
+        let state = |c: &RotatedKvCache| {
+            (
+                owned(c),
+                c.positions().to_vec(),
+                c.block_table().map(<[u32]>::to_vec),
+            )
+        };
+        let over = (cap - 8 + 1) * H * D; // one token more than fits (10, or 16 when paged)
+        assert!(cache.append(&k[..over], &v[..over]).is_err());
+        assert!(cache.append(&k[..H * D + 1], &v[..H * D]).is_err());
+        assert!(cache.append(&k[..H * D], &v[..H * D - 1]).is_err());
+        let one = (&k[..H * D], &v[..H * D]);
+        for positions in [&[9usize][..], &[7], &[8, 9], &[]] {
+            assert!(
+                cache.append_at(one.0, one.1, positions).is_err(),
+                "{positions:?}"
+            );
+        }
+        assert!(cache.remove(3..9).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 5..2;
+        assert!(cache.remove(backwards.clone()).is_err());
+        assert!(cache
+            .shift(backwards, 1, &Rope::new(RopeVariant::Normal, D))
+            .is_err());
+        assert!(cache
+            .shift(0..4, 1, &Rope::new(RopeVariant::Normal, D + 2))
+            .is_err());
+        assert!(cache
+            .shift(2..4, -3, &Rope::new(RopeVariant::Normal, D))
+            .is_err()); // position 2 would move to -1
+        assert_eq!(cache.len(), 8);
+        assert_eq!(state(&cache), before);
+        assert!(cache
+            .attention(&random(3 * D, 33), 1, 3, &AttentionParams::default())
+            .is_err());
+        let wrong = CacheSpec {
+            plan: RotationPlan {
+                qk: Some(Rotation::hadamard(128).unwrap()),
+                v: None,
+            },
+            ..spec(KvFormat::Q4_0, KvFormat::Q4_0, 10, paging)
+        };
+        assert!(RotatedKvCache::new(wrong).is_err());
+        // More bytes than any machine has: refused, not an abort.
+        for capacity in [1 << 50, usize::MAX] {
+            assert!(
+                RotatedKvCache::new(spec(KvFormat::Q4_0, KvFormat::Q4_0, capacity, paging))
+                    .is_err()
+            );
+        }
+    }
+    let no_pages = spec(
+        KvFormat::Q4_0,
+        KvFormat::Q4_0,
+        10,
+        Paging::Paged { page_tokens: 0 },
+    );
+    assert!(matches!(
+        RotatedKvCache::new(no_pages),
+        Err(Error::Reference(rotq::reference::Error::InvalidParameter {
+            name: "page_tokens",
+            ..
+        }))
+    ));
 }

@@ -1,6 +1,6 @@
 //! The CUDA kernels as [`Tunable`]s: the rotation of f16 rows, fused rotate-quantize from f16
-//! rows and decode attention with f16 queries, each timed with CUDA events (see
-//! [`rotq_cuda::sample_ms`]) on two input buffers used in turn.
+//! rows, decode attention and prefill attention with f16 queries, each timed with CUDA events
+//! (see [`rotq_cuda::sample_ms`]) on two input buffers used in turn.
 
 use crate::cpu::random;
 use crate::{timing_of, Timing, TimingPlan, Tunable};
@@ -9,7 +9,7 @@ use half::f16;
 use ndarray::Array3;
 use rotq_cuda::{
     CacheLayout, CacheTarget, CudaAttention, CudaCodec, CudaKvCache, CudaRotation, DecodeConfig,
-    DecodeSeq, Device, RowConfig,
+    DecodeSeq, Device, PrefillConfig, RowConfig,
 };
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
@@ -217,10 +217,10 @@ impl Tunable for Quantize<'_> {
     }
 }
 
-/// Query heads per KV head in the decode problems.
-const GROUP: usize = 4;
-/// Head dimension of the decode problems.
-const D: usize = 128;
+/// Query heads per KV head in the attention problems.
+pub const GROUP: usize = 4;
+/// Head dimension of the attention problems.
+pub const D: usize = 128;
 
 /// Decode attention: `batch` sequences of `n_kv` tokens, `h_kv` KV heads × 128, four query
 /// heads per KV head, f16 queries, K (Hadamard-rotated) and V in `format`, a contiguous cache.
@@ -389,16 +389,27 @@ impl<'d> Decode<'d> {
         v: &'a CudaSlice<u8>,
         n: usize,
     ) -> [CudaKvCache<'a>; 2] {
-        let layout = CacheLayout::Contiguous { tokens_per_seq: n };
-        let kc = CudaKvCache {
-            format: self.format,
-            bytes: k,
-            n_heads: self.h_kv,
-            dim: D,
-            layout,
-        };
-        [kc, CudaKvCache { bytes: v, ..kc }]
+        views(self.format, self.h_kv, k, v, n)
     }
+}
+
+/// Contiguous K and V caches of `h_kv` heads × [`D`] in `format`, `n` tokens per sequence.
+fn views<'a>(
+    format: KvFormat,
+    h_kv: usize,
+    k: &'a CudaSlice<u8>,
+    v: &'a CudaSlice<u8>,
+    n: usize,
+) -> [CudaKvCache<'a>; 2] {
+    let layout = CacheLayout::Contiguous { tokens_per_seq: n };
+    let kc = CudaKvCache {
+        format,
+        bytes: k,
+        n_heads: h_kv,
+        dim: D,
+        layout,
+    };
+    [kc, CudaKvCache { bytes: v, ..kc }]
 }
 
 impl Tunable for Decode<'_> {
@@ -479,6 +490,194 @@ impl Tunable for Decode<'_> {
         let (dev, qs, out, h_q) = (self.dev, &self.qs, &mut self.out, self.h_kv * GROUP);
         Some(events(dev, plan, |i| {
             attn.decode(dev, &qs[i % 2], h_q, &k, &v, &seqs, &Self::params(), out)
+        }))
+    }
+}
+
+/// Query rows and cached tokens of the prefill gate problem: a causal prompt of 150 tokens.
+const PREFILL_GATE: usize = 150;
+
+/// Prefill attention: one sequence of `n` tokens, its whole prompt as query rows (query `i` at
+/// position `i`, causal), `h_kv` KV heads × 128, four query heads per KV head, f16 queries, K
+/// (Hadamard-rotated) and V in `format`, a contiguous cache.
+pub struct Prefill<'d> {
+    dev: &'d Device,
+    format: KvFormat,
+    n: usize,
+    h_kv: usize,
+    attn: CudaAttention,
+    codec_k: CudaCodec,
+    codec_v: CudaCodec,
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    qs: [CudaSlice<f16>; 2],
+    out: CudaSlice<f16>,
+    /// The gate problem, built on first use: caches, queries, the oracle's output.
+    gate: Option<GateProblem>,
+}
+
+impl<'d> Prefill<'d> {
+    /// The problem; its caches are filled by the rotate-quantize kernel.
+    pub fn new(dev: &'d Device, format: KvFormat, n: usize, h_kv: usize) -> Result<Self, String> {
+        let r = Rotation::hadamard(D).map_err(err)?;
+        let codec_k = CudaCodec::new(dev, format, D, Some(&r)).map_err(err)?;
+        let codec_v = CudaCodec::new(dev, format, D, None).map_err(err)?;
+        let (k, v) = Decode::caches(dev, &codec_k, &codec_v, n, h_kv, 60)?;
+        let plan = RotationPlan {
+            qk: Some(r),
+            v: None,
+        };
+        let rows = n * h_kv * GROUP * D;
+        Ok(Self {
+            dev,
+            format,
+            n,
+            h_kv,
+            attn: CudaAttention::new(dev, &plan).map_err(err)?,
+            qs: [
+                upload(dev, &random(rows, 70))?,
+                upload(dev, &random(rows, 71))?,
+            ],
+            out: dev.stream().alloc_zeros::<f16>(rows).map_err(err)?,
+            codec_k,
+            codec_v,
+            k,
+            v,
+            gate: None,
+        })
+    }
+
+    /// The gate problem: a prompt of [`PREFILL_GATE`] tokens quantized by the kernels, the
+    /// oracle on the same cache bytes.
+    fn gate_problem(&self) -> Result<GateProblem, String> {
+        let (n, h_kv) = (PREFILL_GATE, self.h_kv);
+        let h_q = h_kv * GROUP;
+        let (k, v) = Decode::caches(self.dev, &self.codec_k, &self.codec_v, n, h_kv, 80)?;
+        let q = random(n * h_q * D, 81);
+        let s = self.dev.stream();
+        let deq = |bytes: &CudaSlice<u8>| -> Result<Array3<f64>, String> {
+            let vals = self
+                .format
+                .dequantize_row(&s.clone_dtoh(bytes).map_err(err)?)
+                .map_err(err)?;
+            Array3::from_shape_vec((n, h_kv, D), vals.into_iter().map(f64::from).collect())
+                .map_err(err)
+        };
+        let mut qr: Vec<f64> = q
+            .iter()
+            .map(|&x| f64::from(f16::from_f32(x).to_f32()))
+            .collect();
+        Rotation::hadamard(D)
+            .map_err(err)?
+            .rotate_rows(&mut qr, false)
+            .map_err(err)?;
+        let qa = Array3::from_shape_vec((n, h_q, D), qr).map_err(err)?;
+        let a = attention_f64(
+            qa.view(),
+            deq(&k)?.view(),
+            deq(&v)?.view(),
+            &Decode::params(),
+        )
+        .map_err(err)?;
+        Ok(GateProblem {
+            k,
+            v,
+            q: upload(self.dev, &q)?,
+            want: a.output.iter().copied().collect(),
+        })
+    }
+}
+
+impl Tunable for Prefill<'_> {
+    type Config = PrefillConfig;
+
+    fn kernel(&self) -> String {
+        format!("prefill_attention_{}", self.format)
+    }
+
+    fn bucket(&self) -> String {
+        rotq_cuda::tuned::prefill_bucket(D, self.h_kv, GROUP, self.n, self.n)
+    }
+
+    fn default_config(&self) -> PrefillConfig {
+        PrefillConfig::default()
+    }
+
+    fn candidates(&self) -> Vec<PrefillConfig> {
+        PrefillConfig::search_space()
+    }
+
+    /// A causal prompt of 150 tokens against the oracle on the same cache bytes.
+    ///
+    /// `prefill` takes the flash kernel only when `h_kv · ⌈rows · group / (16 · warps)⌉` thread
+    /// blocks reach `min_blocks` (0: the device's multiprocessor count). The gate's 150 rows
+    /// make 40 or 80 blocks at 8 KV heads (warps 8 or 4), fewer than a large GPU's
+    /// multiprocessors (132 on an H100), so with the candidate as it is the call would run the
+    /// decode kernel and the gate would not check the flash kernel at all. It runs the candidate with `min_blocks: 1`
+    /// instead: the same kernel (warps, tile) that the timed problem, thousands of blocks,
+    /// runs, on a problem small enough for the f64 oracle, with partial row blocks (600 rows
+    /// per KV head) and a partial last tile (150 tokens). A candidate with `flash: false`
+    /// runs the decode kernel either way.
+    fn gate(&mut self, config: &PrefillConfig) -> Result<(), String> {
+        if self.gate.is_none() {
+            self.gate = Some(self.gate_problem()?);
+        }
+        let g = self.gate.as_ref().expect("built above");
+        let (n, h_q) = (PREFILL_GATE, self.h_kv * GROUP);
+        let s = self.dev.stream();
+        let mut out = s.alloc_zeros::<f16>(n * h_q * D).map_err(err)?;
+        let [k, v] = views(self.format, self.h_kv, &g.k, &g.v, n);
+        let attn = self.attn.clone().with_prefill_config(PrefillConfig {
+            min_blocks: 1,
+            ..*config
+        });
+        attn.prefill(
+            self.dev,
+            &g.q,
+            n,
+            h_q,
+            &k,
+            &v,
+            n,
+            &Decode::params(),
+            &mut out,
+        )
+        .map_err(err)?;
+        let got: Vec<f64> = s
+            .clone_dtoh(&out)
+            .map_err(err)?
+            .into_iter()
+            .map(|x| f64::from(x.to_f32()))
+            .collect();
+        tolerance(Op::Attention, Precision::F16)
+            .check(&got, &g.want)
+            .map_err(err)
+    }
+
+    fn run(&mut self, config: &PrefillConfig) {
+        let attn = self.attn.clone().with_prefill_config(*config);
+        let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n);
+        attn.prefill(
+            self.dev,
+            &self.qs[0],
+            self.n,
+            self.h_kv * GROUP,
+            &k,
+            &v,
+            self.n,
+            &Decode::params(),
+            &mut self.out,
+        )
+        .expect("passed the gate");
+        self.dev.stream().synchronize().expect("the device works");
+    }
+
+    fn timed(&mut self, config: &PrefillConfig, plan: TimingPlan) -> Option<Timing> {
+        let attn = self.attn.clone().with_prefill_config(*config);
+        let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n);
+        let (dev, qs, out, n, h_q) = (self.dev, &self.qs, &mut self.out, self.n, self.h_kv * GROUP);
+        Some(events(dev, plan, |i| {
+            attn.prefill(dev, &qs[i % 2], n, h_q, &k, &v, n, &Decode::params(), out)
         }))
     }
 }

@@ -18,13 +18,19 @@ struct Args {
     /// `cuda:N` or `cpu` (default: cuda:0 when a GPU is present, else cpu).
     #[arg(long)]
     device: Option<String>,
-    /// Kernels to tune, comma-separated: fwht, quantize, decode.
-    #[arg(long, default_value = "fwht,quantize,decode", value_delimiter = ',')]
+    /// Kernels to tune, comma-separated: fwht, quantize, decode, prefill (prefill: GPUs only).
+    #[arg(
+        long,
+        default_value = "fwht,quantize,decode,prefill",
+        value_delimiter = ','
+    )]
     kernels: Vec<String>,
     /// Shapes: a preset (`default`: what the benches use; `small`: a quick run) or a JSON file
     /// like {"fwht": [128], "quantize": [{"format": "q4_0", "dim": 128}],
-    /// "decode": [{"format": "q4_0", "n_kv": 4096, "h_kv": 8, "batch": 16}]} (`batch`, the
-    /// sequences of a decode call, is for GPUs; the CPU tunes one sequence).
+    /// "decode": [{"format": "q4_0", "n_kv": 4096, "h_kv": 8, "batch": 16}],
+    /// "prefill": [{"format": "q8_0", "n": 4096, "h_kv": 8}]} (`batch`, the sequences of a
+    /// decode call, is for GPUs; the CPU tunes one sequence; prefill, a causal prompt of `n`
+    /// tokens, is tuned on GPUs only, the CPU skips it).
     #[arg(long, default_value = "default")]
     shapes: String,
     /// Time budget for the whole run, in seconds, shared by the (kernel, shape) tasks.
@@ -62,6 +68,16 @@ fn one() -> usize {
     1
 }
 
+/// A prefill shape (GPU only): one causal prompt of `n` tokens, all of them query rows, head
+/// dim 128, four query heads per KV head.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrefillShape {
+    format: String,
+    n: usize,
+    h_kv: usize,
+}
+
 /// The shapes to tune, per kernel.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +88,9 @@ struct Shapes {
     quantize: Vec<QuantShape>,
     #[serde(default)]
     decode: Vec<DecodeShape>,
+    /// Prefill shapes (tuned on GPUs only).
+    #[serde(default)]
+    prefill: Vec<PrefillShape>,
     /// Bytes of rows per buffer for the FWHT and rotate-quantize timings.
     #[serde(default = "default_bytes")]
     bytes: usize,
@@ -93,8 +112,14 @@ impl Shapes {
             h_kv: 8,
             batch,
         };
+        let p = |format: &str, n| PrefillShape {
+            format: format.into(),
+            n,
+            h_kv: 8,
+        };
         match name {
-            // A GPU: decode of one short sequence and of a batch of long ones.
+            // A GPU: decode of one short sequence and of a batch of long ones, prefill of a
+            // 4096-token prompt. The CPU has no prefill kernel to tune (no prefill shapes).
             "default" if gpu => Ok(Self {
                 fwht: vec![128, 4096],
                 quantize: vec![q("q4_0", 128), q("q8_0", 128)],
@@ -104,12 +129,14 @@ impl Shapes {
                     d("q8_0", 4096, 1),
                     d("q8_0", 32768, 16),
                 ],
+                prefill: vec![p("q8_0", 4096), p("q4_0", 4096)],
                 bytes: 64 << 20,
             }),
             "small" if gpu => Ok(Self {
                 fwht: vec![128],
                 quantize: vec![q("q4_0", 128)],
                 decode: vec![d("q4_0", 2048, 4)],
+                prefill: vec![p("q8_0", 1024)],
                 bytes: 16 << 20,
             }),
             "default" => Ok(Self {
@@ -121,12 +148,14 @@ impl Shapes {
                     d("q8_0", 4096, 1),
                     d("q8_0", 32768, 1),
                 ],
+                prefill: Vec::new(),
                 bytes: 64 << 20,
             }),
             "small" => Ok(Self {
                 fwht: vec![128],
                 quantize: vec![q("q4_0", 128)],
                 decode: vec![d("q4_0", 2048, 1), d("q8_0", 2048, 1)],
+                prefill: Vec::new(),
                 bytes: 4 << 20,
             }),
             file => {
@@ -246,6 +275,38 @@ fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool, gpu: bool) -> Result<
             }
         }
     }
+    // (The CPU skips prefill shapes: see `run`.)
+    if wants("prefill") && gpu {
+        for p in &shapes.prefill {
+            let format = format_of(&p.format)?;
+            format.row_bytes(cuda::D).map_err(err)?;
+            if !(rotq_cuda::TENSOR_CORE_K_FORMATS.contains(&format)
+                && rotq_cuda::TENSOR_CORE_V_FORMATS.contains(&format))
+            {
+                let names: Vec<String> = rotq_cuda::TENSOR_CORE_V_FORMATS
+                    .iter()
+                    .filter(|f| rotq_cuda::TENSOR_CORE_K_FORMATS.contains(f))
+                    .map(|f| f.to_string())
+                    .collect();
+                return Err(format!(
+                    "prefill shape {p:?}: the flash prefill kernel reads {} (other formats \
+                     run the decode kernel: tune them as decode)",
+                    names.join(", ")
+                ));
+            }
+            // Each query buffer (two, and the output) under 4 GiB; the flash kernel's token
+            // offsets are 32-bit.
+            let fits =
+                p.n.checked_mul(p.h_kv)
+                    .and_then(|r| r.checked_mul(cuda::GROUP * cuda::D * 2))
+                    .is_some_and(|b| b <= 1 << 32);
+            if p.n == 0 || p.h_kv == 0 || !fits || p.n > (i32::MAX / 2) as usize {
+                return Err(format!(
+                    "prefill shape {p:?}: need n and h_kv >= 1 and queries under 4 GiB"
+                ));
+            }
+        }
+    }
     if shapes.bytes == 0 || shapes.bytes > 1 << 34 {
         return Err(format!("bytes {}: between 1 and 16 GiB", shapes.bytes));
     }
@@ -279,6 +340,10 @@ fn save(
 /// A decode task's share of the budget, in units of the others': its search space is about
 /// twice theirs.
 const DECODE_WEIGHT: usize = 2;
+/// A prefill task's share, as decode's: its space is only 4 configurations, but each is a
+/// flash kernel to compile (on a first run, a second or so each) and its calls take
+/// milliseconds (a 4096-token prompt), so that one unit could leave candidates untried.
+const PREFILL_WEIGHT: usize = 2;
 
 fn run(args: Args) -> Result<(), String> {
     let device_name = args.device.clone().unwrap_or_else(|| {
@@ -300,11 +365,22 @@ fn run(args: Args) -> Result<(), String> {
     let small = args.shapes == "small";
     let shapes = Shapes::preset(&args.shapes, gpu)?;
     for k in &args.kernels {
-        if !["fwht", "quantize", "decode"].contains(&k.as_str()) {
-            return Err(format!("unknown kernel `{k}`: fwht, quantize or decode"));
+        if !["fwht", "quantize", "decode", "prefill"].contains(&k.as_str()) {
+            return Err(format!(
+                "unknown kernel `{k}`: fwht, quantize, decode or prefill"
+            ));
         }
     }
     let wants = |k: &str| args.kernels.iter().any(|x| x == k);
+    // The CPU has no prefill kernel of its own to tune (no `prefill_attention_*` entries):
+    // prefill shapes from a file are skipped there, with a note.
+    let prefill_shapes = if gpu { shapes.prefill.len() } else { 0 };
+    if !gpu && wants("prefill") && !shapes.prefill.is_empty() {
+        eprintln!(
+            "skipping {} prefill shape(s): prefill is tuned on GPUs only",
+            shapes.prefill.len()
+        );
+    }
     let path = args
         .out
         .clone()
@@ -369,11 +445,19 @@ fn run(args: Args) -> Result<(), String> {
         ("fwht", shapes.fwht.len(), 1),
         ("quantize", shapes.quantize.len(), 1),
         ("decode", shapes.decode.len(), DECODE_WEIGHT),
+        ("prefill", prefill_shapes, PREFILL_WEIGHT),
     ];
     let chosen = counts.iter().filter(|(k, _, _)| wants(k));
     let tasks = chosen.clone().map(|(_, n, _)| n).sum::<usize>();
     let weights = chosen.map(|(_, n, w)| n * w).sum::<usize>();
     if tasks == 0 {
+        if !gpu && wants("prefill") {
+            return Err(
+                "nothing to tune: no shapes for the kernels asked for (prefill is tuned on GPUs \
+                 only)"
+                    .into(),
+            );
+        }
         return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
     let budget = Duration::from_secs(args.budget_secs);
@@ -396,10 +480,15 @@ fn run(args: Args) -> Result<(), String> {
         TimingPlan::default()
     };
     eprintln!(
-        "tuning {} on {} ({tasks} tasks, about {:.0} s each, twice that for decode)",
+        "tuning {} on {} ({tasks} tasks, about {:.0} s each, twice that for decode{})",
         args.kernels.join(", "),
         device.name,
-        per_task.as_secs_f64()
+        per_task.as_secs_f64(),
+        if prefill_shapes > 0 && wants("prefill") {
+            " and prefill"
+        } else {
+            ""
+        }
     );
     let bar = ProgressBar::new(tasks as u64);
     bar.set_style(
@@ -449,6 +538,13 @@ fn run(args: Args) -> Result<(), String> {
                 Some(dev) => task!(cuda::Quantize::new(dev, f, q.dim, shapes.bytes)?, 1),
                 None => task!(cpu::Quantize::new(f, q.dim, shapes.bytes).map_err(err)?, 1),
             }
+        }
+    }
+    // Prefill last: its few candidates take what the faster tasks left of their shares.
+    if let (true, Some(dev)) = (wants("prefill"), &cuda_dev) {
+        for p in &shapes.prefill {
+            let f = format_of(&p.format)?;
+            task!(cuda::Prefill::new(dev, f, p.n, p.h_kv)?, PREFILL_WEIGHT);
         }
     }
     bar.finish_and_clear();

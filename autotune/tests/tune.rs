@@ -217,15 +217,21 @@ fn tuning_on_the_cpu_end_to_end() {
         TuneFile::load(&out, &another, &file.kernel_hash),
         Loaded::OtherDevices { .. }
     ));
-    // Shapes from a JSON file, for one kernel; merged into the same cache.
+    // Shapes from a JSON file, for one kernel; merged into the same cache. The CPU has no
+    // prefill kernel to tune: prefill shapes are skipped, with a note.
     let shapes = dir.path().join("shapes.json");
-    std::fs::write(&shapes, r#"{"fwht": [64], "bytes": 1048576}"#).unwrap();
+    let prefill = r#""prefill": [{"format": "q8_0", "n": 256, "h_kv": 2}]"#;
+    std::fs::write(
+        &shapes,
+        format!(r#"{{"fwht": [64], {prefill}, "bytes": 1048576}}"#),
+    )
+    .unwrap();
     let o = autotune(
         &[
             "--device",
             "cpu",
             "--kernels",
-            "fwht",
+            "fwht,prefill",
             "--budget-secs",
             "2",
             "--json",
@@ -234,6 +240,7 @@ fn tuning_on_the_cpu_end_to_end() {
         &out,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("prefill is tuned on GPUs only"));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
     let file = cpu_section(&out);
     assert!(file.entries.contains_key("fwht_f32/n=64"));
@@ -260,4 +267,34 @@ fn tuning_on_the_cpu_end_to_end() {
     let msg = String::from_utf8_lossy(&bad.stderr);
     assert!(msg.contains("gpu7") && msg.contains("cuda:N"), "{msg}");
     assert_eq!(msg.lines().count(), 1, "{msg}");
+}
+
+/// Asking the CPU for prefill alone is a clear error; kernel names and the prefill shape's
+/// fields are checked (all before any tuning).
+#[test]
+fn the_cpu_has_no_prefill_to_tune() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned.json");
+    let o = autotune(&["--device", "cpu", "--kernels", "prefill"], None, &out);
+    assert!(!o.status.success());
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        msg.contains("nothing to tune") && msg.contains("GPUs only"),
+        "{msg}"
+    );
+    let o = autotune(&["--device", "cpu", "--kernels", "prefil"], None, &out);
+    assert!(!o.status.success());
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(msg.contains("decode or prefill"), "{msg}");
+    let shapes = dir.path().join("shapes.json");
+    std::fs::write(
+        &shapes,
+        r#"{"prefill": [{"format": "q8_0", "n_kv": 256, "h_kv": 2}]}"#,
+    )
+    .unwrap();
+    let o = autotune(&["--device", "cpu"], Some(&shapes), &out);
+    assert!(!o.status.success());
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(msg.contains("n_kv"), "{msg}");
+    assert!(!out.exists(), "nothing was tuned, nothing written");
 }

@@ -1,6 +1,6 @@
-/* The rotq C API from C: a cache of Hadamard-rotated q4_0 keys and q8_0 values, a prompt,
- * one decode step checked against exact attention computed here in double precision, a
- * context shift, a removal, and an error message.
+/* The rotq C API from C: a paged cache (pages of 16 tokens) of Hadamard-rotated q4_0 keys and
+ * q8_0 values, a prompt at its positions, one decode step checked against exact attention
+ * computed here in double precision, a context shift, a removal, and an error message.
  *
  *   bash scripts/c-example.sh        (builds librotq_capi.a, compiles this file, runs it) */
 #include "rotq.h"
@@ -23,7 +23,9 @@ static int check(enum RotqStatus status, const char *what) {
 }
 
 int main(void) {
-    struct RotqCacheSpec spec = {"q4_0", "q8_0", 1, 0, 0, H_KV, D, D, 64};
+    /* K, V formats, Hadamard on Q/K, no V rotation, seed, heads, head_dim, v_dim, capacity,
+     * tokens per page (0: a contiguous cache). */
+    struct RotqCacheSpec spec = {"q4_0", "q8_0", 1, 0, 0, H_KV, D, D, 64, 16};
     struct RotqCache *cache = NULL;
     if (check(rotq_cache_new(&spec, &cache), "rotq_cache_new")) return 1;
 
@@ -33,7 +35,9 @@ int main(void) {
         v[i] = cosf(0.11f * (float)i);
     }
     for (int i = 0; i < H_Q * D; i++) q[i] = 0.3f * sinf(0.05f * (float)i + 1.0f);
-    if (check(rotq_cache_append(cache, k, v, N), "rotq_cache_append")) return 1;
+    size_t positions[N];
+    for (size_t t = 0; t < N; t++) positions[t] = t;
+    if (check(rotq_cache_append_at(cache, k, v, N, positions), "rotq_cache_append_at")) return 1;
 
     /* Decode: the query at position N - 1 sees every token. */
     struct RotqAttentionParams params = {true, N - 1, 0, 0.0, 0.0};

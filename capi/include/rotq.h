@@ -32,8 +32,15 @@ enum RotqStatus {
 };
 
 /**
- * An opaque cache handle: create it with [`rotq_cache_new`], free it with
- * [`rotq_cache_free`].
+ * An opaque backend handle (the CPU or one CUDA device): open it with [`rotq_backend_open`]
+ * once, make every layer's cache on it with [`rotq_cache_new_on`] (they share the device's
+ * compiled kernels), free it with [`rotq_backend_free`], before or after the caches.
+ */
+struct RotqBackend;
+
+/**
+ * An opaque cache handle: create it with [`rotq_cache_new`] or [`rotq_cache_new_on`], free
+ * it with [`rotq_cache_free`].
  */
 struct RotqCache;
 
@@ -78,6 +85,11 @@ struct RotqCacheSpec {
    * Tokens the cache can hold.
    */
   size_t capacity;
+  /**
+   * 0: a contiguous cache; else a paged one, of pages of this many tokens (the capacity
+   * rounded up to whole pages). A C initializer that stops before it leaves it 0.
+   */
+  size_t page_tokens;
 };
 
 /**
@@ -133,12 +145,41 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Creates an empty cache as `spec` says and stores its handle in `*out`.
+ * Opens a backend by name: "cpu", or a CUDA device, "cuda" (device 0) or "cuda:N". A device
+ * that is not there (no driver, no such device) is an error whose message says so.
+ *
+ * # Safety
+ * `name` is a NUL-terminated string and `out` a valid pointer.
+ */
+enum RotqStatus rotq_backend_open(const char *name, struct RotqBackend **out);
+
+/**
+ * Frees a backend (null is ignored). Caches made on it keep working.
+ *
+ * # Safety
+ * `backend` is null or a handle from [`rotq_backend_open`] not yet freed.
+ */
+void rotq_backend_free(struct RotqBackend *backend);
+
+/**
+ * Creates an empty cache as `spec` says, on the CPU, and stores its handle in `*out`.
  *
  * # Safety
  * `spec` and `out` are valid pointers; the spec's format names are NUL-terminated strings.
  */
 enum RotqStatus rotq_cache_new(const struct RotqCacheSpec *spec, struct RotqCache **out);
+
+/**
+ * Creates an empty cache as `spec` says on `backend` (null: the CPU) and stores its handle in
+ * `*out`. The calls on the cache are the same on every backend.
+ *
+ * # Safety
+ * `spec` and `out` are valid pointers; the spec's format names are NUL-terminated strings;
+ * `backend` is null or a live handle from [`rotq_backend_open`].
+ */
+enum RotqStatus rotq_cache_new_on(const struct RotqCacheSpec *spec,
+                                  const struct RotqBackend *backend,
+                                  struct RotqCache **out);
 
 /**
  * Frees a cache (null is ignored).
@@ -158,7 +199,8 @@ size_t rotq_cache_len(const struct RotqCache *cache);
 
 /**
  * Appends `n_tokens` tokens: `k` holds `n_tokens × n_heads × head_dim` floats (unrotated),
- * `v` holds `n_tokens × n_heads × v_dim`. They are rotated and quantized in one pass.
+ * `v` holds `n_tokens × n_heads × v_dim`. They are rotated and quantized in one pass, at the
+ * positions after the newest token's (from 0 in an empty cache).
  *
  * # Safety
  * `cache` is a live handle; `k` and `v` point to that many readable floats.
@@ -167,6 +209,21 @@ enum RotqStatus rotq_cache_append(struct RotqCache *cache,
                                   const float *k,
                                   const float *v,
                                   size_t n_tokens);
+
+/**
+ * [`rotq_cache_append`] at the engine's positions: `positions` holds `n_tokens` of them,
+ * which must continue the newest token's position one by one (an empty cache takes any first
+ * position).
+ *
+ * # Safety
+ * `cache` is a live handle; `k` and `v` point to as many readable floats as
+ * [`rotq_cache_append`] reads, and `positions` to `n_tokens` readable positions.
+ */
+enum RotqStatus rotq_cache_append_at(struct RotqCache *cache,
+                                     const float *k,
+                                     const float *v,
+                                     size_t n_tokens,
+                                     const size_t *positions);
 
 /**
  * Attention of `n_q` query rows (`q`: `n_q × h_q × head_dim` floats, unrotated; `h_q` a

@@ -1,5 +1,7 @@
 //! The C API's bad calls: null pointers, unknown names and codes, lengths that do not match,
-//! ranges outside the cache. Each is a status and a message, the cache unchanged.
+//! ranges outside the cache, backends that are not there, positions that do not continue the
+//! cache's. Each is a status and a message, the cache unchanged. And a paged cache answers as a
+//! contiguous one.
 
 use rotq_capi::*;
 use std::ffi::CStr;
@@ -23,6 +25,7 @@ fn spec() -> RotqCacheSpec {
         head_dim: 64,
         v_dim: 64,
         capacity: 16,
+        page_tokens: 0,
     }
 }
 
@@ -147,4 +150,110 @@ fn bad_calls_are_statuses_with_messages() {
         rotq_cache_free(cache);
         rotq_cache_free(null_mut());
     }
+}
+
+/// Backends: "cpu" opens anywhere and makes caches like `rotq_cache_new`; a name that is no
+/// backend, or a CUDA device that is not there, is a status and a message; caches outlive
+/// the backend handle.
+#[test]
+fn backends_open_by_name() {
+    let (mut backend, mut cache) = (null_mut(), null_mut());
+    // SAFETY (every call below): the pointers are valid or deliberately null, the lengths
+    // match the buffers passed, and the handles are live until freed.
+    unsafe {
+        assert_eq!(
+            rotq_backend_open(null(), &mut backend),
+            RotqStatus::InvalidArgument
+        );
+        assert_eq!(
+            rotq_backend_open(c"tpu:0".as_ptr(), &mut backend),
+            RotqStatus::Error
+        );
+        assert!(last_error().contains("tpu:0") && backend.is_null());
+        if !rotq::cuda::cuda_available() {
+            assert_eq!(
+                rotq_backend_open(c"cuda:0".as_ptr(), &mut backend),
+                RotqStatus::Error
+            );
+            assert!(last_error().contains("CUDA"), "{}", last_error());
+        }
+        assert_eq!(
+            rotq_backend_open(c"cpu".as_ptr(), &mut backend),
+            RotqStatus::Ok
+        );
+        assert_eq!(
+            rotq_cache_new_on(&spec(), backend, &mut cache),
+            RotqStatus::Ok
+        );
+        rotq_backend_free(backend);
+        rotq_backend_free(null_mut());
+        let kv = vec![0.5f32; 3 * 2 * 64];
+        assert_eq!(
+            rotq_cache_append(cache, kv.as_ptr(), kv.as_ptr(), 3),
+            RotqStatus::Ok
+        );
+        assert_eq!(rotq_cache_len(cache), 3);
+        rotq_cache_free(cache);
+        // A null backend is the CPU.
+        assert_eq!(
+            rotq_cache_new_on(&spec(), null(), &mut cache),
+            RotqStatus::Ok
+        );
+        rotq_cache_free(cache);
+    }
+}
+
+/// A paged cache (pages of 3 tokens) fed the same appends at the engine's positions gives the
+/// contiguous cache's outputs; positions that do not continue the newest token's, or a null
+/// positions pointer, are refused.
+#[test]
+fn paged_caches_and_positions() {
+    let kv: Vec<f32> = (0..10 * 2 * 64).map(|i| (i as f32 * 0.7).cos()).collect();
+    let q = vec![0.25f32; 4 * 64];
+    let p = RotqAttentionParams {
+        causal: true,
+        pos_offset: 109,
+        window: 0,
+        softcap: 0.0,
+        scale: 0.0,
+    };
+    let positions: Vec<usize> = (100..110).collect();
+    let outputs = [0, 3].map(|page_tokens| {
+        let mut cache = null_mut();
+        let mut out = vec![0f32; 4 * 64];
+        // SAFETY (every call below): valid pointers or deliberately null ones, lengths that
+        // match the buffers, a handle live until freed.
+        unsafe {
+            let spec = RotqCacheSpec {
+                page_tokens,
+                ..spec()
+            };
+            assert_eq!(rotq_cache_new(&spec, &mut cache), RotqStatus::Ok);
+            let (first, rest) = (4 * 2 * 64, positions[4..].as_ptr());
+            assert_eq!(
+                rotq_cache_append_at(cache, kv.as_ptr(), kv.as_ptr(), 4, positions.as_ptr()),
+                RotqStatus::Ok
+            );
+            for (bad, status) in [
+                (positions.as_ptr(), RotqStatus::Error), // 100.. again, not 104..
+                (null(), RotqStatus::InvalidArgument),
+            ] {
+                assert_eq!(
+                    rotq_cache_append_at(cache, kv.as_ptr(), kv.as_ptr(), 6, bad),
+                    status
+                );
+                assert!(last_error().contains("position"), "{}", last_error());
+            }
+            let (k, v) = (kv[first..].as_ptr(), kv[first..].as_ptr());
+            assert_eq!(rotq_cache_append_at(cache, k, v, 6, rest), RotqStatus::Ok);
+            assert_eq!(rotq_cache_len(cache), 10);
+            assert_eq!(
+                rotq_cache_attention(cache, q.as_ptr(), 1, 4, &p, out.as_mut_ptr(), out.len()),
+                RotqStatus::Ok
+            );
+            rotq_cache_free(cache);
+        }
+        out
+    });
+    assert_eq!(outputs[0], outputs[1]);
 }

@@ -8,9 +8,10 @@ use rotq::activations::read_activations;
 use rotq::bench::{self, BenchOptions, BenchRecord};
 use rotq::bench_cuda::{self, CudaBenchOptions};
 use rotq::eval::{
-    default_formats, evaluate, evaluate_grid, grid_csv, render_grid, render_table, PlanKind,
-    Synthetic,
+    default_formats, evaluate, grid_csv, render_grid, render_table, PlanKind, Synthetic,
 };
+use rotq::eval_backend::{Backend, Runner};
+use rotq::eval_grid::{evaluate_grid_on, GridOptions};
 use rotq::{files, Error, KvFormat, RotationSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,16 +66,40 @@ enum Command {
         /// Print one JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
-        /// A safetensors file of per-layer Q, K, V (see `--names`): evaluate every K format x V
-        /// format x rotation plan on them.
+        /// A safetensors file, or a folder of `.npy` files, of per-layer Q, K, V (see
+        /// `--names`; docs/eval.md): evaluate every K format x V format x rotation plan on them.
         #[arg(long, conflicts_with = "synthetic")]
         activations: Option<PathBuf>,
-        /// Tensor names in the activations file: `{layer}` becomes 0, 1, …, `{t}` q, k or v.
+        /// Tensor names in the activations (a folder holds NAME.npy): `{layer}` becomes 0, 1, …,
+        /// `{t}` q, k or v.
         #[arg(long, default_value = "layers.{layer}.{t}")]
         names: String,
         /// Also write the grid (per layer and overall) as CSV to this file.
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Write heatmap PNGs into this folder: K format x V format, per plan, of the mean KLD
+        /// ratio to f16/f16 without rotation (kld-PLAN.png) and of the output error
+        /// (rel_l2-PLAN.png).
+        #[arg(long, requires = "activations")]
+        heatmaps: Option<PathBuf>,
+        /// Where the rotate-quantize and attention kernels run: cpu (default), cuda:N, or
+        /// oracle (the spec itself, no kernel).
+        #[arg(long, requires = "activations")]
+        device: Option<String>,
+        /// Query rows per layer and combination whose kernel output is checked against the
+        /// oracle on the same cache bytes (0: no check).
+        #[arg(long, default_value_t = 2, requires = "activations")]
+        check_rows: usize,
+        /// K cache formats, comma-separated (default: every format but f32).
+        #[arg(long, value_delimiter = ',', requires = "activations")]
+        k_formats: Vec<String>,
+        /// V cache formats, comma-separated (default: every format but f32).
+        #[arg(long, value_delimiter = ',', requires = "activations")]
+        v_formats: Vec<String>,
+        /// Rotation plans, comma-separated: none, hadamard, randomized, hadamard+v (default:
+        /// all).
+        #[arg(long, value_delimiter = ',', requires = "activations")]
+        plans: Vec<String>,
     },
     /// Time the kernels side by side with their peers and the copy-bandwidth ceiling.
     Bench {
@@ -152,48 +177,62 @@ fn run(command: Command) -> Result<(), Error> {
             activations,
             names,
             csv,
+            heatmaps,
+            device,
+            check_rows,
+            k_formats,
+            v_formats,
+            plans,
         } => {
             if let Some(path) = activations {
-                let layers = read_activations(&path, &names)?;
-                let formats = default_formats();
-                let total = formats.len() * formats.len() * PlanKind::ALL.len();
-                eprintln!(
-                    "{}: {} layers; {total} combinations of K format x V format x plan",
-                    path.display(),
-                    layers.len()
-                );
-                // A progress bar on stderr (hidden when stderr is not a terminal).
-                let bar = indicatif::ProgressBar::new(total as u64);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:30} {pos}/{len} combinations {elapsed} (eta {eta})",
-                    )
-                    .expect("a valid template"),
-                );
-                let rows = evaluate_grid(
-                    &layers,
-                    &formats,
-                    &formats,
-                    &PlanKind::ALL,
-                    seed,
-                    |done, _| bar.set_position(done as u64),
-                )?;
-                bar.finish_and_clear();
-                if let Some(csv) = csv {
-                    rotq::io::write_atomic(&csv, grid_csv(&rows).as_bytes())?;
-                }
-                if json {
-                    for r in &rows {
-                        println!("{}", serde_json::to_string(r).expect("rows serialize"));
+                let parse_formats = |list: &[String]| -> Result<Vec<KvFormat>, Error> {
+                    if list.is_empty() {
+                        return Ok(default_formats());
                     }
-                } else {
-                    print!("{}", render_grid(&rows));
-                }
-                return Ok(());
+                    list.iter()
+                        .map(|f| f.trim().parse().map_err(Error::from))
+                        .collect()
+                };
+                let opts = GridOptions {
+                    k_formats: parse_formats(&k_formats)?,
+                    v_formats: parse_formats(&v_formats)?,
+                    plans: if plans.is_empty() {
+                        PlanKind::ALL.to_vec()
+                    } else {
+                        plans
+                            .iter()
+                            .map(|p| p.trim().parse())
+                            .collect::<Result<_, _>>()?
+                    },
+                    seed,
+                    backend: device.as_deref().unwrap_or("cpu").parse()?,
+                    check_rows,
+                };
+                let eval = EvalRun {
+                    path,
+                    names,
+                    opts,
+                    json,
+                    csv,
+                    heatmaps,
+                };
+                return eval_activations(&eval);
             }
             if !synthetic {
                 return Err(Error::Input(
                     "give --synthetic or --activations FILE".into(),
+                ));
+            }
+            if heatmaps.is_some()
+                || device.is_some()
+                || !k_formats.is_empty()
+                || !v_formats.is_empty()
+                || !plans.is_empty()
+            {
+                return Err(Error::Input(
+                    "--heatmaps, --device, --k-formats, --v-formats and --plans go with \
+                     --activations (the grid), not --synthetic"
+                        .into(),
                 ));
             }
             if tokens == 0 {
@@ -254,6 +293,104 @@ fn run(command: Command) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// What `rotq eval --activations` was asked to do.
+struct EvalRun {
+    path: PathBuf,
+    names: String,
+    opts: GridOptions,
+    json: bool,
+    csv: Option<PathBuf>,
+    heatmaps: Option<PathBuf>,
+}
+
+/// `rotq eval --activations`: the grid on the chosen kernels, checked by the oracle, as a
+/// table (or JSON lines), CSV and heatmaps.
+fn eval_activations(run: &EvalRun) -> Result<(), Error> {
+    let opts = &run.opts;
+    if run.heatmaps.is_some()
+        && !(opts.k_formats.contains(&KvFormat::F16)
+            && opts.v_formats.contains(&KvFormat::F16)
+            && opts.plans.contains(&PlanKind::None))
+    {
+        return Err(Error::Input(
+            "--heatmaps needs f16 among --k-formats and --v-formats and `none` among --plans \
+             (f16/f16 without rotation is the heatmaps' baseline)"
+                .into(),
+        ));
+    }
+    // Open the device first: a missing GPU fails before large inputs are read.
+    let runner = Runner::open(opts.backend)?;
+    let layers = read_activations(&run.path, &run.names)?;
+    let combos = opts.k_formats.len() * opts.v_formats.len() * opts.plans.len();
+    let shape = |a: &rotq::eval::Activations| {
+        format!(
+            "Q {:?}, K {:?}, V {:?}",
+            a.q.shape(),
+            a.k.shape(),
+            a.v.shape()
+        )
+    };
+    let first = layers.first().map(shape).unwrap_or_default();
+    eprintln!(
+        "{}: {} layers (layer 0: {first}); {combos} combinations of K format x V format x plan \
+         on {}",
+        run.path.display(),
+        layers.len(),
+        opts.backend
+    );
+    // A progress bar on stderr (hidden when stderr is not a terminal).
+    let bar = indicatif::ProgressBar::new((combos * layers.len()) as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} combination-layers {elapsed} (eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    let report = evaluate_grid_on(&runner, &layers, opts, |done, _| {
+        bar.set_position(done as u64)
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if let Some(csv) = &run.csv {
+        rotq::io::write_atomic(csv, grid_csv(&report.rows).as_bytes())?;
+        eprintln!("wrote {}", csv.display());
+    }
+    if let Some(dir) = &run.heatmaps {
+        let name = run.path.file_name().map_or_else(
+            || run.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let source = format!(
+            "{name}: {} layers, {first} in layer 0; kernels: {}",
+            layers.len(),
+            opts.backend
+        );
+        let files = rotq::heatmap::grid_heatmaps(&report.rows, dir, &source)?;
+        eprintln!("wrote {} heatmaps into {}", files.len(), dir.display());
+    }
+    let check = match &report.check {
+        Some(c) => c.line(),
+        None if opts.backend == Backend::Oracle => {
+            "oracle check: not needed (--device oracle runs the oracle itself)".to_string()
+        }
+        None => "oracle check: skipped (--check-rows 0)".to_string(),
+    };
+    if run.json {
+        for r in &report.rows {
+            println!("{}", serde_json::to_string(r).map_err(json_err)?);
+        }
+        eprintln!("{check}");
+    } else {
+        print!("{}", render_grid(&report.rows));
+        println!();
+        println!("{check}");
+    }
+    Ok(())
+}
+
+fn json_err(e: serde_json::Error) -> Error {
+    Error::Input(format!("JSON: {e}"))
 }
 
 /// The CPU benchmarks, with a line on what is measured.
@@ -359,16 +496,19 @@ fn print_records(records: &[BenchRecord], json: bool) {
         if json {
             println!("{}", serde_json::to_string(r).expect("records serialize"));
         } else {
+            let ceiling = if r.ceiling_gbps.is_finite() {
+                format!(
+                    "ceiling {:>7.2} {} ({:>3.0}%)",
+                    r.ceiling_gbps,
+                    r.unit,
+                    100.0 * r.ours_gbps / r.ceiling_gbps
+                )
+            } else {
+                "ceiling: compute-bound".to_string()
+            };
             println!(
-                "{:<26} {:>8.2} GB/s  vs {:<36} {:>8.2} GB/s  x{:<6.2} ceiling {:>7.2} GB/s ({:>3.0}%)  [{}]",
-                r.kernel,
-                r.ours_gbps,
-                r.peer,
-                r.peer_gbps,
-                r.ratio,
-                r.ceiling_gbps,
-                100.0 * r.ours_gbps / r.ceiling_gbps,
-                r.shape
+                "{:<26} {:>8.2} {}  vs {:<36} {:>8.2} {}  x{:<6.2} {ceiling}  [{}]",
+                r.kernel, r.ours_gbps, r.unit, r.peer, r.peer_gbps, r.unit, r.ratio, r.shape
             );
         }
     }

@@ -20,6 +20,16 @@
 //! (sequence, KV head, slice of the visible tokens) for every query head of the group, and a
 //! second kernel merges the slices. Raw K/V rows are staged in shared memory with `cp.async`
 //! and dequantized in registers; no dequantized copy of the cache is ever written.
+//!
+//! Prefill ([`CudaAttention::prefill`]) has a flash-attention kernel of its own: a thread block
+//! takes 64 or 128 (position, query head) rows of one KV head and walks the visible tokens in
+//! tiles of 32 or 64; all its threads copy each tile's raw rows into shared memory once
+//! (`cp.async`, double-buffered) and turn them into f16/bf16 values (scale × code, rounded
+//! once) in shared memory, which every warp then reads with `ldmatrix` for S = Q Kᵀ and
+//! O += P V on the tensor cores. A tile whose values f16 cannot hold to its precision (a
+//! scale far outside the usual range) takes exact codes and f32 scales instead, as the decode
+//! kernel does; a V value that is not finite reaches only the rows that see its token. See
+//! [`PrefillConfig`] for its knobs.
 
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
@@ -115,6 +125,59 @@ impl DecodeConfig {
     }
 }
 
+/// Tuning knobs of the prefill flash-attention kernel.
+///
+/// ```
+/// let c = rotq_cuda::PrefillConfig::default();
+/// assert!(rotq_cuda::PrefillConfig::search_space().contains(&c));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PrefillConfig {
+    /// Warps per thread block, 16 query rows each (a row is one query head of one position).
+    pub warps: usize,
+    /// Tokens per K/V tile (32 or 64): each tile is copied and turned into codes once for
+    /// all the block's rows.
+    pub block_n: usize,
+    /// Use the flash kernel where the call allows it (f16/bf16 queries, tensor-core formats,
+    /// enough row blocks to fill the device); else, and when false, the decode kernel takes
+    /// the rows over the shared cache.
+    #[serde(default = "yes")]
+    pub flash: bool,
+    /// The fewest thread blocks (row blocks × KV heads) for which the flash kernel runs; 0:
+    /// the device's multiprocessor count (with fewer, the split decode kernel keeps more of
+    /// the device busy).
+    #[serde(default)]
+    pub min_blocks: usize,
+}
+
+impl Default for PrefillConfig {
+    fn default() -> Self {
+        Self {
+            warps: 8,
+            block_n: 64,
+            flash: true,
+            min_blocks: 0,
+        }
+    }
+}
+
+impl PrefillConfig {
+    /// Every configuration the autotuner tries.
+    pub fn search_space() -> Vec<Self> {
+        let mut out = Vec::new();
+        for warps in [4, 8] {
+            for block_n in [32, 64] {
+                out.push(Self {
+                    warps,
+                    block_n,
+                    ..Self::default()
+                });
+            }
+        }
+        out
+    }
+}
+
 /// How sequences' tokens are laid out in a cache.
 #[derive(Clone, Copy, Debug)]
 pub enum CacheLayout<'a> {
@@ -201,8 +264,11 @@ pub struct CudaAttention {
     qk: Option<DeviceRotation>,
     v: Option<DeviceRotation>,
     config: DecodeConfig,
+    prefill: PrefillConfig,
     /// Whether to look up the tuning cache (no explicit `with_config`).
     tuned: bool,
+    /// Likewise for prefill (no explicit `with_prefill_config`).
+    prefill_tuned: bool,
     ordinal: usize,
 }
 
@@ -359,6 +425,78 @@ impl Shape {
     }
 }
 
+/// The shape of one compiled prefill (flash) module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FlashShape {
+    /// The queries' and output's element type (`GpuElement::ELEM`).
+    elem: u32,
+    k_format: KvFormat,
+    v_format: KvFormat,
+    d: usize,
+    d_v: usize,
+    group: usize,
+    warps: usize,
+    block_n: usize,
+}
+
+impl FlashShape {
+    /// Shared memory of the flash kernel, as `attention.cu` lays it out (F_SMEM): two stages
+    /// of raw rows (F_KSB, F_VSB apart), the codes (rows of
+    /// d + 8 values), K scales (f32), V scales (f16 for f16 queries, else f32) and a word per
+    /// warp; the queries and outputs (f32 rows) reuse that space.
+    fn smem(&self) -> Result<usize> {
+        let (k_row, v_row) = (
+            self.k_format.row_bytes(self.d)?,
+            self.v_format.row_bytes(self.d_v)?,
+        );
+        // F_KSB: odd 16-byte units for 16-byte copies (both rows multiples of 16), else odd
+        // 8-byte units.
+        let wide = k_row % 16 == 0 && v_row % 16 == 0;
+        let stride = |row: usize| {
+            if wide {
+                16 * (row.div_ceil(16) | 1)
+            } else {
+                8 * (row.div_ceil(8) | 1)
+            }
+        };
+        let n = self.block_n;
+        let vsc = if self.elem == 1 { 2 } else { 4 };
+        let tiles = 2 * n * (stride(k_row) + stride(v_row))
+            + 2 * n * (self.d + 8 + self.d_v + 8)
+            + 4 * n * (self.d / 32)
+            + vsc * n * (self.d_v / 32)
+            + 8 * self.warps;
+        let rows = 4 * 16 * self.warps * self.d.max(self.d_v);
+        // (F_QSMEM: blocks of 8 warps keep the queries in shared memory.)
+        let queries = if self.warps >= 8 {
+            2 * 16 * self.warps * (self.d + 8)
+        } else {
+            0
+        };
+        Ok(tiles.max(rows) + queries)
+    }
+
+    fn source(&self) -> (String, String) {
+        let defines = format!(
+            "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
+             #define G {}\n#define WARPS {}\n#define MMA 1\n#define KFAST {}\n#define VFAST {}\n\
+             #define QR 1\n#define FLASH 1\n#define BN {}\n",
+            self.elem,
+            self.k_format.name(),
+            self.v_format.name(),
+            self.d,
+            self.d_v,
+            self.group,
+            self.warps,
+            fast(self.k_format),
+            fast(self.v_format),
+            self.block_n,
+        );
+        let key = format!("attention {}", defines.replace('\n', " "));
+        (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
+    }
+}
+
 impl CudaAttention {
     /// Decode kernels for `plan` (its rotations uploaded; explicit matrices are refused).
     pub fn new(dev: &Device, plan: &RotationPlan) -> Result<Self> {
@@ -375,7 +513,9 @@ impl CudaAttention {
                 .map(|r| DeviceRotation::new(dev, r))
                 .transpose()?,
             config: DecodeConfig::default(),
+            prefill: PrefillConfig::default(),
             tuned: true,
+            prefill_tuned: true,
             ordinal: dev.context().ordinal(),
         })
     }
@@ -385,6 +525,40 @@ impl CudaAttention {
         self.config = config;
         self.tuned = false;
         self
+    }
+
+    /// The same kernels with other prefill knobs (instead of the tuning cache's).
+    pub fn with_prefill_config(mut self, config: PrefillConfig) -> Self {
+        self.prefill = config;
+        self.prefill_tuned = false;
+        self
+    }
+
+    /// The prefill knobs for a call on `dev` with K in `k_format`, `d` dims, `h_kv` KV heads,
+    /// `group` query heads per KV head, `n_q` query rows and `n_kv` cached tokens: the tuning
+    /// cache's, unless [`Self::with_prefill_config`] set them, else the default.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_config_for(
+        &self,
+        dev: &Device,
+        k_format: KvFormat,
+        d: usize,
+        h_kv: usize,
+        group: usize,
+        n_q: usize,
+        n_kv: usize,
+    ) -> PrefillConfig {
+        let tuned = || {
+            dev.tuned(
+                &format!("prefill_attention_{k_format}"),
+                &crate::tuned::prefill_bucket(d, h_kv, group, n_q, n_kv),
+                &PrefillConfig::search_space(),
+            )
+        };
+        self.prefill_tuned
+            .then(tuned)
+            .flatten()
+            .unwrap_or(self.prefill)
     }
 
     /// The knobs for a call on `dev` with K in `k_format`, `d` dims, `h_kv` KV heads, `group`
@@ -442,11 +616,13 @@ impl CudaAttention {
     /// sequence's first `n_tokens` tokens are in `k` and `v` (a contiguous cache of this one
     /// sequence, or a paged cache whose table lists its pages). `out` receives `[n_q, h_q, d_v]`.
     ///
-    /// The rows run through the decode kernel over the shared cache. On the tensor cores a
-    /// thread block takes up to 16 query-head columns (e.g. 4 rows of a group of 4), so each
-    /// K/V tile is read and dequantized once for all of them; the f32 kernel takes one row per
-    /// block. Correct for every shape and option, but not yet a tiled flash-attention prefill:
-    /// 8k tokens causal with q8_0 run at about a fifth of torch SDPA's f16 rate on an H100.
+    /// With f16/bf16 queries and tensor-core formats, and enough query rows to give every
+    /// multiprocessor a thread block, the rows run through the flash kernel: a block takes
+    /// `16 · warps` (position, query head) rows of one KV head and walks the visible tokens in
+    /// tiles of [`PrefillConfig::block_n`], each tile copied and turned into f16/bf16 codes once
+    /// for all its rows, the products on the tensor cores. Otherwise (few rows, f32 queries,
+    /// other formats, or [`PrefillConfig::flash`] false) they run through the decode kernel
+    /// over the shared cache, split over the cache.
     ///
     /// ```no_run
     /// use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, Device};
@@ -501,11 +677,184 @@ impl CudaAttention {
             CudaKvCache { layout, ..*c }
         }
         let (ks, vs) = (shared(k, &one_page), shared(v, &one_page));
+        // (The flash kernel's token offsets are 32-bit.)
+        let short = |x: usize| x <= (i32::MAX / 2) as usize;
+        // Bad head counts are left to `check` (through either kernel's path).
+        let group = h_q.checked_div(k.n_heads).unwrap_or(1).max(1);
+        let config = self.prefill_config_for(dev, k.format, k.dim, k.n_heads, group, n_q, n_tokens);
+        let blocks = k.n_heads * (n_q * group).div_ceil(16 * config.warps.max(1));
+        let flash = config.flash
+            && T::ELEM != 0
+            && short(n_tokens)
+            && params.pos_offset.checked_add(n_q).is_some_and(short)
+            && TENSOR_CORE_K_FORMATS.contains(&k.format)
+            && TENSOR_CORE_V_FORMATS.contains(&v.format)
+            && blocks
+                >= match config.min_blocks {
+                    0 => dev.info().multiprocessors as usize,
+                    b => b,
+                };
+        if flash {
+            return self.flash(dev, config, q, n_q, h_q, k, &ks, &vs, n_tokens, params, out);
+        }
         let params = AttentionParams {
             pos_offset: 0,
             ..params.clone()
         };
         self.attend(dev, q, h_q, &ks, &vs, &rows, true, &params, out)
+    }
+
+    /// Prefill through the flash kernel (see [`Self::prefill`]); `ks`/`vs` are the caches as
+    /// one shared sequence, `k` the caller's (whether it is contiguous).
+    #[allow(clippy::too_many_arguments)]
+    fn flash<T: GpuElement>(
+        &self,
+        dev: &Device,
+        config: PrefillConfig,
+        q: &CudaSlice<T>,
+        n_q: usize,
+        h_q: usize,
+        k: &CudaKvCache<'_>,
+        ks: &CudaKvCache<'_>,
+        vs: &CudaKvCache<'_>,
+        n_tokens: usize,
+        params: &AttentionParams,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        for ordinal in [
+            dev.context().ordinal(),
+            q.ordinal(),
+            ks.bytes.ordinal(),
+            vs.bytes.ordinal(),
+            out.ordinal(),
+        ] {
+            if ordinal != self.ordinal {
+                return Err(CudaError::WrongDevice {
+                    expected: self.ordinal,
+                    actual: ordinal,
+                });
+            }
+        }
+        let rows: Vec<DecodeSeq> = (0..n_q)
+            .map(|i| DecodeSeq {
+                n_tokens,
+                pos: params.pos_offset + i,
+            })
+            .collect();
+        let unshifted = AttentionParams {
+            pos_offset: 0,
+            ..params.clone()
+        };
+        let checked = self.check(q.len(), h_q, ks, vs, &rows, true, &unshifted, out.len())?;
+        if n_q == 0 {
+            return Ok(());
+        }
+        let (d, d_v, h_kv) = (ks.dim, vs.dim, ks.n_heads);
+        let group = h_q / h_kv;
+        let mut shape = FlashShape {
+            elem: T::ELEM,
+            k_format: ks.format,
+            v_format: vs.format,
+            d,
+            d_v,
+            group,
+            warps: config.warps.clamp(1, 8),
+            block_n: if config.block_n <= 32 { 32 } else { 64 },
+        };
+        let max_smem = dev.info().max_shared_per_block;
+        while shape.smem()? > max_smem && shape.block_n > 32 {
+            shape.block_n = 32;
+        }
+        while shape.smem()? > max_smem && shape.warps > 1 {
+            shape.warps /= 2;
+        }
+        if shape.smem()? > max_smem {
+            return Err(Error::UnsupportedDim {
+                n: d.max(d_v),
+                what: "CUDA prefill attention head",
+                hint: "a K/V tile of 32 tokens and 16 query rows must fit the shared memory",
+            }
+            .into());
+        }
+        let stream = dev.stream();
+        let (table, page_tokens) = match (k.layout, ks.layout) {
+            (CacheLayout::Contiguous { .. }, _) => (
+                stream.null::<u32>().context(|| "a null pointer".into())?,
+                1i64,
+            ),
+            (
+                _,
+                CacheLayout::Paged {
+                    table,
+                    pages_per_seq,
+                    page_tokens,
+                },
+            ) => (
+                stream
+                    .clone_htod(&table[..pages_per_seq])
+                    .context(|| "uploading the block table".into())?,
+                page_tokens as i64,
+            ),
+            _ => unreachable!("the shared cache is paged"),
+        };
+        let (key, src) = shape.source();
+        let smem = shape.smem()?;
+        let name = "prefill_attention_flash";
+        let kernel = kernel::function(dev, &key, &src, name, smem)?;
+        let qrot = RotArgs::of(dev, self.qk.as_ref())?;
+        let vrot = RotArgs::of(dev, self.v.as_ref())?;
+        let blocks = (n_q * group).div_ceil(16 * shape.warps);
+        let grid_x =
+            u32::try_from(blocks).map_err(|_| CudaError::Input(Error::Overflow("grid size")))?;
+        let as_i64 = |x: usize| x as i64;
+        let (n_tokens, pos_offset, n_q_i, n_heads) = (
+            as_i64(n_tokens),
+            as_i64(params.pos_offset),
+            as_i64(n_q),
+            as_i64(h_kv),
+        );
+        let causal = params.causal as i32;
+        let window = params.window.map_or(0, |w| w as i64);
+        let softcap = params.softcap.map_or(0.0, |c| c as f32);
+        let mut launch = stream.launch_builder(&kernel);
+        launch
+            .arg(q)
+            .arg(ks.bytes)
+            .arg(vs.bytes)
+            .arg(&table)
+            .arg(&page_tokens)
+            .arg(&n_tokens)
+            .arg(&pos_offset)
+            .arg(&n_q_i)
+            .arg(&n_heads)
+            .arg(&causal)
+            .arg(&window)
+            .arg(&softcap)
+            .arg(&checked.scale)
+            .arg(&qrot.log_p)
+            .arg(&qrot.m)
+            .arg(qrot.base.as_ref())
+            .arg(qrot.signs.as_ref())
+            .arg(&qrot.scale)
+            .arg(&vrot.log_p)
+            .arg(&vrot.m)
+            .arg(vrot.base.as_ref())
+            .arg(vrot.signs.as_ref())
+            .arg(&vrot.scale)
+            .arg(out);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x, h_kv as u32, 1),
+            block_dim: (32 * shape.warps as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: `check` verified that the sequence's tokens below `n_tokens` map to whole
+        // rows inside both caches (through the table's first `pages_per_seq` entries when
+        // paged; a contiguous cache's token t is row block t), that `q` holds [n_q, h_q, d] and
+        // `out` [n_q, h_q, d_v], and that the rotations match d and d_v. The kernel reads only
+        // tokens below the visible ranges' end (at most `n_tokens`) and writes only rows below
+        // n_q · group of its KV head.
+        unsafe { launch.launch(cfg) }.context(|| describe(name, &kernel, &key))?;
+        Ok(())
     }
 
     /// Decode rows: `seqs[b]` against sequence b's cache, or, when `shared`, every row against

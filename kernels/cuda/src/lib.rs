@@ -34,7 +34,7 @@ mod timing;
 pub mod tuned;
 
 pub use attention::{
-    CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, MAX_GROUP,
+    CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, PrefillConfig, MAX_GROUP,
     TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS,
 };
 pub use codec::{CacheTarget, CudaCodec};

@@ -88,6 +88,18 @@ pub fn decode_bucket(d: usize, h_kv: usize, group: usize, n_kv: usize, batch: us
     ])
 }
 
+/// The bucket of prefill attention: head dim, KV heads, query heads per KV head, the query
+/// rows and the cached tokens of the call.
+pub fn prefill_bucket(d: usize, h_kv: usize, group: usize, n_q: usize, n_kv: usize) -> String {
+    bucket(&[
+        ("d", d),
+        ("h_kv", h_kv),
+        ("group", group),
+        ("n_q", n_q),
+        ("n_kv", n_kv),
+    ])
+}
+
 /// The cache's kernel name of a rotation of `T` rows (`fwht_f16`, …).
 pub fn fwht_kernel(elem: u32) -> String {
     let t = match elem {

@@ -10,10 +10,11 @@ use ndarray::Array3;
 use proptest::prelude::*;
 use rotq_cuda::{
     CacheLayout, CudaAttention, CudaError, CudaKvCache, DecodeConfig, DecodeSeq, Device,
+    PrefillConfig,
 };
 use rotq_reference::rotation::SplitMix64;
 use rotq_reference::tolerance::tolerance;
-use rotq_reference::tolerance::Op;
+use rotq_reference::tolerance::{Op, Precision};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
 
 /// One decode batch to check.
@@ -416,11 +417,16 @@ fn special_values_follow_the_oracle() {
         seqs: vec![(50, 49)],
         ..Case::basic()
     };
+    // Token 20's values start at 20 · h_kv · d.
+    let t20 = 20 * c.h_kv * c.d;
     for (at, value, in_k) in [
         (10usize, f32::NAN, false),
         (3, f32::INFINITY, false),
         (7, f32::INFINITY, true),
         (7, f32::NEG_INFINITY, true),
+        (t20 + 5, f32::INFINITY, false),
+        (t20 + 9, f32::NAN, false),
+        (t20 + 3, f32::NEG_INFINITY, true),
     ] {
         c.seed += 1;
         check_planted::<f32>(dev, &c, at, value, in_k);
@@ -501,6 +507,39 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
         .collect();
     let want = oracle(c, &plan, &q64, &kb, &vb, 0);
     assert_matches::<T>(&got, &want, &format!("{value} at {at} (K: {in_k})"));
+
+    // Prefill of every position: rows before the planted token must not see it, including in
+    // the flash kernel, whose blocks hold rows on both sides of it.
+    let q: Vec<f32> = random(n * h_q * c.d, c.seed ^ 6)
+        .into_iter()
+        .map(|x| x * 0.02)
+        .collect();
+    let qd = upload::<T>(dev, &q);
+    let mut out = stream.alloc_zeros::<T>(n * h_q * c.d_v).unwrap();
+    let q64: Vec<f64> = q
+        .iter()
+        .map(|&x| f64::from(T::from_f32(x).to_f32()))
+        .collect();
+    let want = oracle_rows(c, &plan, &q64, &kb, &vb, n, 0);
+    for flash in [false, true] {
+        let prefill = PrefillConfig {
+            flash,
+            min_blocks: 1,
+            ..PrefillConfig::default()
+        };
+        let attn = CudaAttention::new(dev, &plan)
+            .unwrap()
+            .with_prefill_config(prefill);
+        let params = AttentionParams {
+            pos_offset: 0,
+            ..c.params()
+        };
+        attn.prefill(dev, &qd, n, h_q, &kc, &vc, n, &params, &mut out)
+            .unwrap();
+        let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
+        let what = format!("prefill (flash {flash}): {value} at {at} (K: {in_k})");
+        assert_matches::<T>(&got, &want, &what);
+    }
 }
 
 /// Prefill: query rows of one sequence against its cache (the first `seqs` entry: tokens, and
@@ -529,14 +568,33 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
         pos_offset: pos,
         ..c.params()
     };
-    let attn = CudaAttention::new(dev, &plan)
-        .unwrap()
-        .with_config(c.config);
-    attn.prefill(dev, &qd, n_q, h_q, &k, &v, n, &params, &mut out)
-        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
     let want = oracle_rows(c, &plan, &q_held, &per_seq[0].0, &per_seq[0].1, n, pos);
-    assert_matches::<T>(&got, &want, &format!("prefill n_q={n_q} {c:?}"));
+    // The split decode kernel over the shared cache, and the flash kernel in each of its shapes.
+    let mut configs = vec![PrefillConfig {
+        flash: false,
+        ..PrefillConfig::default()
+    }];
+    // (f32 queries never take the flash kernel.)
+    if !matches!(T::PRECISION, Precision::F32) {
+        for (warps, block_n) in [(4, 64), (8, 32)] {
+            configs.push(PrefillConfig {
+                warps,
+                block_n,
+                min_blocks: 1,
+                ..PrefillConfig::default()
+            });
+        }
+    }
+    for prefill in configs {
+        let attn = CudaAttention::new(dev, &plan)
+            .unwrap()
+            .with_config(c.config)
+            .with_prefill_config(prefill);
+        attn.prefill(dev, &qd, n_q, h_q, &k, &v, n, &params, &mut out)
+            .unwrap_or_else(|e| panic!("{c:?} {prefill:?}: {e}"));
+        let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
+        assert_matches::<T>(&got, &want, &format!("prefill n_q={n_q} {prefill:?} {c:?}"));
+    }
 }
 
 /// Prefill against the oracle: a fresh prompt (queries at 0..), a chunk at the end of a longer

@@ -394,7 +394,8 @@ unsafe fn weighted_sum_in<D: RowDecoder>(
     let step = v.n_heads * v.row_bytes;
     let mut t0 = tokens.start;
     while t0 < tokens.end {
-        let n = (tokens.end - t0).min(SPAN);
+        // Within one page of a paged view, where rows follow each other by `step`.
+        let n = (tokens.end - t0).min(SPAN).min(v.run_from(t0));
         for (i, wi) in wt[..n].iter_mut().enumerate() {
             for (r, x) in wi.iter_mut().enumerate() {
                 *x = w[r * stride + t0 - tokens.start + i];
@@ -410,7 +411,8 @@ unsafe fn weighted_sum_in<D: RowDecoder>(
             }
             let mut row = first;
             for wi in &wt[..n] {
-                // SAFETY: `row` is row (t, head) for a t in `tokens`, inside the view.
+                // SAFETY: `row` is row (t, head) for a t in `tokens`, inside the view (the n
+                // tokens from t0 lie in one page, `step` apart).
                 let x = D::decode16(row, c);
                 row = row.wrapping_add(step);
                 for (pair, wr) in a.chunks_exact_mut(2).zip(wi) {

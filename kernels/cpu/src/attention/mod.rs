@@ -10,6 +10,9 @@
 //! Slices of one query block are merged afterwards (flash-decoding); the output is then
 //! divided by `l` and, when V was rotated, rotated back by `R_vᵀ` row by row.
 //!
+//! A cache is a [`KvCacheView`]: contiguous, or paged (a pool of pages and a block table, the
+//! CUDA kernels' paged layout), read in place either way; a paged row costs one table lookup.
+//!
 //! Decode (one query row per task) with groups of four query heads skips the L1 tile for
 //! q4_0, q8_0 and f16 rows on AVX2: each 16-value chunk is dequantized in registers and used
 //! at once by the four heads, for the scores and for the weighted sum of V. With a single query
@@ -33,8 +36,10 @@ use std::ops::Range;
 /// The largest head dimension a cache view accepts (a bound on every per-task buffer).
 pub const MAX_HEAD_DIM: usize = 1 << 16;
 
-/// One layer's K or V cache: row `(token, head)` of `dim` values in `format` at byte
-/// `(token · n_heads + head) · row_bytes`.
+/// One layer's K or V cache of one sequence: row `(token, head)` of `dim` values in `format`
+/// at byte `(slot · n_heads + head) · row_bytes`, where a contiguous view ([`Self::new`]) puts
+/// token `t` at slot `t` and a paged view ([`Self::paged`]) at slot
+/// `table[t / page_tokens] · page_tokens + t % page_tokens` of a pool of pages.
 ///
 /// ```
 /// use rotq_cpu::KvCacheView;
@@ -52,6 +57,9 @@ pub struct KvCacheView<'a> {
     n_heads: usize,
     dim: usize,
     row_bytes: usize,
+    /// `Some((table, page_tokens))` for a paged view, its table checked to cover `n_tokens`
+    /// with pages inside `bytes`.
+    pages: Option<(&'a [u32], usize)>,
 }
 
 impl<'a> KvCacheView<'a> {
@@ -63,14 +71,7 @@ impl<'a> KvCacheView<'a> {
         n_heads: usize,
         dim: usize,
     ) -> Result<Self> {
-        if dim > MAX_HEAD_DIM {
-            return Err(Error::UnsupportedDim {
-                n: dim,
-                what: "KV cache head",
-                hint: "head dimensions up to 65536 are supported",
-            });
-        }
-        let row_bytes = format.row_bytes(dim)?;
+        let row_bytes = Self::row_bytes_of(format, dim)?;
         let expected = n_tokens
             .checked_mul(n_heads)
             .and_then(|r| r.checked_mul(row_bytes))
@@ -89,7 +90,85 @@ impl<'a> KvCacheView<'a> {
             n_heads,
             dim,
             row_bytes,
+            pages: None,
         })
+    }
+
+    /// A sequence of `n_tokens` tokens in a pool of pages: `pool` holds pages of
+    /// `page_tokens × n_heads` rows (page `p` from byte `p · page_tokens · n_heads ·
+    /// row_bytes`), and the sequence's token `t` is in page `table[t / page_tokens]`, slot
+    /// `t % page_tokens` (the layout of `rotq_cuda::CacheLayout::Paged`). A zero
+    /// `page_tokens`, a table shorter than the tokens' pages, or a page outside the pool is an
+    /// error. The kernels read the pages in place: each row costs one table lookup more than
+    /// in a contiguous view.
+    ///
+    /// ```
+    /// use rotq_cpu::KvCacheView;
+    /// use rotq_reference::KvFormat;
+    /// // 3 pages of 4 tokens x 2 heads of 32 q8_0 values (34 bytes); 6 tokens in pages 2, 0.
+    /// let pool = vec![0u8; 3 * 4 * 2 * 34];
+    /// let k = KvCacheView::paged(KvFormat::Q8_0, &pool, &[2, 0], 4, 6, 2, 32).unwrap();
+    /// assert_eq!(k.n_tokens(), 6);
+    /// assert!(KvCacheView::paged(KvFormat::Q8_0, &pool, &[2, 3], 4, 6, 2, 32).is_err());
+    /// assert!(KvCacheView::paged(KvFormat::Q8_0, &pool, &[2], 4, 6, 2, 32).is_err());
+    /// assert!(KvCacheView::paged(KvFormat::Q8_0, &pool, &[2, 0], 0, 6, 2, 32).is_err());
+    /// ```
+    pub fn paged(
+        format: KvFormat,
+        pool: &'a [u8],
+        table: &'a [u32],
+        page_tokens: usize,
+        n_tokens: usize,
+        n_heads: usize,
+        dim: usize,
+    ) -> Result<Self> {
+        let row_bytes = Self::row_bytes_of(format, dim)?;
+        if page_tokens == 0 {
+            return Err(Error::InvalidParameter {
+                name: "page_tokens",
+                reason: "a page holds at least one token".into(),
+            });
+        }
+        let page_bytes = page_tokens
+            .checked_mul(n_heads)
+            .and_then(|r| r.checked_mul(row_bytes))
+            .ok_or(Error::Overflow("page size"))?;
+        let used = n_tokens.div_ceil(page_tokens);
+        let Some(table) = table.get(..used) else {
+            return Err(Error::LengthMismatch {
+                what: "block table entries (at least) for the tokens",
+                expected: used,
+                actual: table.len(),
+            });
+        };
+        // Pages of no bytes (no heads) all fit.
+        let n_pages = pool.len().checked_div(page_bytes).unwrap_or(usize::MAX);
+        if let Some(bad) = table.iter().find(|&&p| p as usize >= n_pages) {
+            return Err(Error::InvalidParameter {
+                name: "block table",
+                reason: format!("page {bad} is outside the pool's {n_pages} pages"),
+            });
+        }
+        Ok(Self {
+            format,
+            bytes: pool,
+            n_tokens,
+            n_heads,
+            dim,
+            row_bytes,
+            pages: Some((table, page_tokens)),
+        })
+    }
+
+    fn row_bytes_of(format: KvFormat, dim: usize) -> Result<usize> {
+        if dim > MAX_HEAD_DIM {
+            return Err(Error::UnsupportedDim {
+                n: dim,
+                what: "KV cache head",
+                hint: "head dimensions up to 65536 are supported",
+            });
+        }
+        format.row_bytes(dim)
     }
 
     /// Cached tokens.
@@ -97,8 +176,30 @@ impl<'a> KvCacheView<'a> {
         self.n_tokens
     }
 
+    /// Byte offset of row `(token, head)`, for `token < n_tokens` (a paged view's table
+    /// covers those tokens).
+    #[inline(always)]
+    fn offset(&self, token: usize, head: usize) -> usize {
+        let slot = match self.pages {
+            None => token,
+            Some((table, page_tokens)) => {
+                table[token / page_tokens] as usize * page_tokens + token % page_tokens
+            }
+        };
+        (slot * self.n_heads + head) * self.row_bytes
+    }
+
+    /// Tokens from `token` on that lie one after the other (a stride of `n_heads` rows): the
+    /// rest of its page (unbounded in a contiguous view).
+    #[cfg(target_arch = "x86_64")]
+    fn run_from(&self, token: usize) -> usize {
+        self.pages.map_or(usize::MAX, |(_, page_tokens)| {
+            page_tokens - token % page_tokens
+        })
+    }
+
     fn row(&self, token: usize, head: usize) -> &'a [u8] {
-        let at = (token * self.n_heads + head) * self.row_bytes;
+        let at = self.offset(token, head);
         &self.bytes[at..at + self.row_bytes]
     }
 
@@ -106,8 +207,7 @@ impl<'a> KvCacheView<'a> {
     /// `head < n_heads` (the SIMD loops check that once per slice, not once per row).
     #[cfg(target_arch = "x86_64")]
     fn row_ptr(&self, token: usize, head: usize) -> *const u8 {
-        let at = (token * self.n_heads + head) * self.row_bytes;
-        self.bytes.as_ptr().wrapping_add(at)
+        self.bytes.as_ptr().wrapping_add(self.offset(token, head))
     }
 
     /// Asks the CPU to start loading row `(token, head)` (if it exists) into cache.

@@ -117,10 +117,12 @@ RQ_FN void smem_rotate(float* x, int rows, int n, Rot r, int inverse) {
         for (int i = threadIdx.x; i < total; i += blockDim.x) x[i] *= r.signs[i % n];
         __syncthreads();
     }
-    for (int h = 1; h < p; h <<= 1) {
-        for (int k = threadIdx.x; k < total / 2; k += blockDim.x) {
-            int seg = k / (p / 2), j = k % (p / 2);
-            int i = seg * p + (j / h) * 2 * h + (j % h);
+    // Butterflies by shifts and masks (p and h are powers of two).
+    for (int log_h = 0; log_h < r.log_p; log_h++) {
+        const unsigned int h = 1u << log_h;
+        for (unsigned int k = threadIdx.x; k < (unsigned int)total / 2; k += blockDim.x) {
+            const unsigned int seg = k >> (r.log_p - 1), j = k & ((unsigned int)p / 2 - 1);
+            const unsigned int i = (seg << r.log_p) + ((j >> log_h) << (log_h + 1)) + (j & (h - 1));
             float a = x[i], b = x[i + h];
             x[i] = a + b;
             x[i + h] = a - b;
@@ -768,6 +770,13 @@ RQ_FN float fast_exp(float x) {
     return y;
 }
 
+// 2^x with the hardware's approximate exp2; 2^-inf = 0.
+RQ_FN float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Reductions over the eight threads that hold one query head's scores (lane bits 2 to 4).
 RQ_FN float col_max(float x) {
 #pragma unroll
@@ -1085,4 +1094,666 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
             }
         }
 }
+#ifndef FLASH
+#define FLASH 0
+#endif
+#if FLASH
+// ---------------------------------------------------------------------------------------------
+// Prefill flash attention on the tensor cores: many query rows of one sequence against its
+// cache (contiguous, or paged through `table`). A thread block takes BM = 16 · WARPS rows of one
+// KV head, a row being one (query position, query head of the group) pair, so the group's heads
+// share every K/V load; each warp owns 16 of the rows. The block walks the visible tokens in
+// tiles of BN:
+//   - all threads copy the tile's raw K and V rows into shared memory with cp.async (the next
+//     tile's copy in flight while the block works on this one);
+//   - they turn the raw rows into codes (f16/bf16, exact) and scales, once for the whole block:
+//     K codes [BN][D], V codes [BN][DV], K scales (f32) and V scales;
+//   - each warp computes S = Q K^T for its rows (A: the rotated, scaled queries, held in
+//     registers; B: K codes read with ldmatrix), multiplying each 32-dimension group's f32
+//     product by its token's K scale, then an online softmax per row, then O += P V with the V
+//     scale of each 32-dimension group folded into P (B: V codes read with ldmatrix.trans).
+// The output rows are divided by l, rotated back (V rotation) in shared memory and stored.
+// The numerics are the decode tensor-core kernel's: Q and P rounded to the element type once,
+// codes exact, scales and sums in f32. A non-finite V value (an Inf scale, an f16 row's Inf or
+// NaN) would poison, through 0 · Inf in the mma, rows for which its token is masked: such tokens'
+// codes are zeroed for the mma and their values added to the rows that see them in f32.
+
+#define BM (16 * WARPS)
+// Raw rows: an odd number of 8-byte units apart (16-byte units for 16-byte copies), so that
+// lanes reading the same word of consecutive rows meet at most two to a bank.
+#define F_KSB (CW >= 16 ? K_SB : 8 * (((K_ROW + 7) / 8) | 1))
+#define F_VSB (CW >= 16 ? V_SB : 8 * (((V_ROW + 7) / 8) | 1))
+#define F_STAGE (BN * (F_KSB + F_VSB))
+// Code rows: D + 8 values apart, an odd number of 16-byte units (conflict-free ldmatrix).
+#define KCS (D + 8)
+#define VCS (DV + 8)
+#define F_CODES (2 * F_STAGE)
+#define F_KSC (F_CODES + 2 * BN * (KCS + VCS))
+#define F_VSC (F_KSC + 4 * BN * KB)
+#if ELEM == 1
+#define VSC_BYTES 2
+#else
+#define VSC_BYTES 4
+#endif
+#define F_BAD (F_VSC + VSC_BYTES * BN * VB)
+#define F_TILES (F_BAD + 8 * WARPS)
+// The queries (before the loop) and the outputs (after it) reuse the tiles' space.
+#define F_ROWS (4 * BM * (D > DV ? D : DV))
+// Blocks of 8 warps keep the queries in shared memory as the element type (rows of D + 8,
+// read with ldmatrix at each tile), after the tiles, and take 128 registers per thread, for two
+// blocks (16 warps) per multiprocessor; blocks of 4 hold them in registers (measured on an
+// H100, 8k tokens causal: 8 warps x tiles of 64 this way 131 TFLOP/s, 4 warps x 32 with the
+// queries in registers and three blocks per multiprocessor 116, either the other way 90-111).
+#define F_QSMEM (WARPS >= 8)
+#define F_QS (F_TILES > F_ROWS ? F_TILES : F_ROWS)
+#define F_SMEM (F_QS + (F_QSMEM ? 2 * BM * KCS : 0))
+// Enough blocks per multiprocessor for 12 warps where the registers allow it.
+#define F_MINB (D > 128 || DV > 128 ? 1 : WARPS == 4 ? 3 : WARPS >= 8 ? 2 : 1)
+
+// ldmatrix x4 (and transposed) at a shared-memory address.
+RQ_FN void ldsm_x4(unsigned int* r, unsigned int a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+RQ_FN void ldsm_x4_t(unsigned int* r, unsigned int a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// Copies the raw rows of tokens [t0, t0 + BN) (ROW bytes each, rows SB apart) into `dst`, all
+// threads taking CW-byte pieces; rows of tokens from `hi` on are zero-filled.
+template <int ROW, int SB>
+RQ_FN void flash_stage_rows(unsigned char* dst, const unsigned char* base, const unsigned int* table,
+                            long long page_tokens, long long n_heads, int head, long long t0,
+                            long long hi) {
+    constexpr unsigned int W = ROW / CW;
+    const unsigned int cnt = hi - t0 < BN ? (unsigned int)(hi - t0) : BN;
+#if CW >= 4
+    if constexpr (W <= THREADS) {
+        // Each thread keeps one piece of a row and steps R rows at a time: the addresses
+        // advance by constants (no division or page lookup per piece without a table).
+        constexpr unsigned int R = THREADS / W;
+        if (threadIdx.x >= R * W) return; // (a few threads idle)
+        const unsigned int tok0 = threadIdx.x / W, piece = threadIdx.x - tok0 * W;
+        unsigned char* d = dst + tok0 * SB + piece * CW;
+        if (!table) {
+            const long long stride = n_heads * ROW;
+            const unsigned char* src = base + ((t0 + tok0) * n_heads + head) * ROW + piece * CW;
+#pragma unroll 4
+            for (unsigned int tok = tok0; tok < BN; tok += R, src += R * stride, d += R * SB)
+                cp_async<CW>(d, src, tok < cnt ? CW : 0);
+        } else {
+#pragma unroll 2
+            for (unsigned int tok = tok0; tok < BN; tok += R, d += R * SB) {
+                const long long t = tok < cnt ? t0 + tok : t0;
+                const long long slot = (long long)table[t / page_tokens] * page_tokens + t % page_tokens;
+                cp_async<CW>(d, base + (slot * n_heads + head) * ROW + piece * CW, tok < cnt ? CW : 0);
+            }
+        }
+    } else
+#endif
+    for (unsigned int p = threadIdx.x; p < BN * W; p += THREADS) {
+        const unsigned int tok = p / W, piece = p - tok * W;
+        const bool live = tok < cnt;
+        const long long t = live ? t0 + tok : t0;
+        const long long slot =
+            table ? (long long)table[t / page_tokens] * page_tokens + t % page_tokens : t;
+        const unsigned char* src = base + (slot * n_heads + head) * ROW;
+        unsigned char* d = dst + tok * SB + piece * CW;
+#if CW >= 4
+        cp_async<CW>(d, src + piece * CW, live ? CW : 0);
+#else
+        *reinterpret_cast<unsigned short*>(d) =
+            live ? reinterpret_cast<const unsigned short*>(src)[piece] : (unsigned short)0;
+#endif
+    }
+}
+
+// Word w (0, 1, ...) of the code bytes that start 2 bytes into `grp`: one aligned load per word
+// (and one more) when `grp` is 4-byte aligned (the codes then are not), else direct loads.
+struct CodeWords {
+    const unsigned char* grp;
+    bool aligned; // the codes are 4-byte aligned
+    unsigned int prev;
+    RQ_FN CodeWords(const unsigned char* g, bool codes_aligned) : grp(g), aligned(codes_aligned), prev(0) {
+        if (!aligned) prev = *reinterpret_cast<const unsigned int*>(grp);
+    }
+    RQ_FN unsigned int next(int w) {
+        if (aligned) return *reinterpret_cast<const unsigned int*>(grp + 2 + 4 * w);
+        const unsigned int nx = *reinterpret_cast<const unsigned int*>(grp + 4 + 4 * w);
+        const unsigned int r = __byte_perm(prev, nx, 0x5432);
+        prev = nx;
+        return r;
+    }
+};
+
+// The 32 codes of one group as 16 pairs, in order (pair i = values 2i, 2i + 1); `bad` is set
+// when a code is not finite (only the f16 format's can be).
+template <int X, int FMT_K>
+RQ_FN void group_codes(const unsigned char* grp, bool aligned, unsigned int* pairs, bool& bad) {
+    if constexpr (X == 1) {
+        // q4_0: byte j holds values j (low nibble) and j + 16 (high).
+        CodeWords cw(grp, aligned);
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            const unsigned int x = __byte_perm(cw.next(w), 0, 0x3120);
+            nibbles4(x, pairs[2 * w], pairs[8 + 2 * w]);
+            nibbles4(x >> 8, pairs[2 * w + 1], pairs[8 + 2 * w + 1]);
+        }
+    } else if constexpr (X == 2) {
+#if ELEM == 1
+        CodeWords cw(grp, aligned);
+#pragma unroll
+        for (int w = 0; w < 8; w++) bytes4(cw.next(w), pairs[2 * w], pairs[2 * w + 1]);
+#endif
+    } else {
+        (void)aligned;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            float a, b;
+            if constexpr (FMT_K) {
+                a = RQ_CAT(rq_code_, KFMT)(grp, 2 * i);
+                b = RQ_CAT(rq_code_, KFMT)(grp, 2 * i + 1);
+            } else {
+                a = RQ_CAT(rq_code_, VFMT)(grp, 2 * i);
+                b = RQ_CAT(rq_code_, VFMT)(grp, 2 * i + 1);
+            }
+            bad = bad || !rq_is_finite(a) || !rq_is_finite(b);
+            pairs[i] = pack2(a, b);
+        }
+    }
+}
+
+// Whether a value's rounding to the element type loses more than that rounding's relative
+// error: outside f16's normal range (or not finite) for f16, not finite for bf16.
+RQ_FN bool off_range(float v) {
+#if ELEM == 1
+    const float a = fabsf(v);
+    return !(a <= 65504.0f) || (a != 0.0f && a < 6.103515625e-05f);
+#else
+    return !rq_is_finite(v);
+#endif
+}
+
+// One group's 32 values as 16 element pairs: codes (exact) when !VALUES, else scale · code
+// rounded once. `bad`: a code is not finite; `wild`: a finite value (K: any value) that the
+// element type does not hold to its precision (`off_range`), so the tile takes codes instead.
+template <int X, int IS_K, bool VALUES>
+RQ_FN void group_pairs(const unsigned char* grp, bool aligned, float d, unsigned int* pairs, bool& bad,
+                       bool& wild) {
+    group_codes<X, IS_K>(grp, aligned, pairs, bad);
+    if constexpr (VALUES) {
+#if ELEM == 1
+        if constexpr (X != 0) {
+            // Codes of at most 8 (q4_0) or 128 (q8_0) in magnitude, an f16 scale.
+            const float a = fabsf(d);
+            const bool in = d == 0.0f || (a >= 6.103515625e-05f && a <= (X == 1 ? 8188.0f : 511.0f));
+            wild = wild || ((IS_K || rq_is_finite(d)) && !in);
+            const unsigned int d2 = pack2(d, d);
+#pragma unroll
+            for (int i = 0; i < 16; i++) asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(pairs[i]) : "r"(pairs[i]), "r"(d2));
+        } else
+#endif
+        {
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                float a, b;
+                unpack2(pairs[i], a, b);
+                const float va = a * d, vb = b * d;
+                const bool inputs = IS_K || (rq_is_finite(d) && rq_is_finite(a) && rq_is_finite(b));
+                wild = wild || (inputs && (off_range(va) || off_range(vb)));
+                pairs[i] = pack2(va, vb);
+            }
+        }
+    }
+}
+
+// The tile's raw rows (`raw`) as K and V values (VALUES) or codes and scales, a (token,
+// 32-value group) per step, the lanes of a warp on one group of consecutive tokens (so the
+// group's alignment, and the code path, is the same for the whole warp); V groups that are not finite are zeroed and their tokens' bits set
+// in `mine`.
+template <bool VALUES>
+RQ_FN void flash_extract(const unsigned char* raw, unsigned char* sm, unsigned long long& mine,
+                         bool& wild) {
+    elem_t* kcodes = reinterpret_cast<elem_t*>(sm + F_CODES);
+    elem_t* vcodes = kcodes + BN * KCS;
+    for (int u = threadIdx.x; u < BN * KB; u += THREADS) {
+        const int tok = u % BN, b = u / BN; // a warp's lanes: one group of 32 tokens
+        const unsigned char* grp = raw + tok * F_KSB + b * K_GB;
+        const float d = k_scale(grp);
+        unsigned int pr[16];
+        bool bad = false;
+        group_pairs<KX, 1, VALUES>(grp, (b * K_GB + 2) % 4 == 0, d, pr, bad, wild);
+        uint4* dst = reinterpret_cast<uint4*>(kcodes + tok * KCS + 32 * b);
+#pragma unroll
+        for (int i = 0; i < 4; i++) dst[i] = make_uint4(pr[4 * i], pr[4 * i + 1], pr[4 * i + 2], pr[4 * i + 3]);
+        if (!VALUES) reinterpret_cast<float*>(sm + F_KSC)[b * BN + tok] = d;
+    }
+    for (int u = threadIdx.x; u < BN * VB; u += THREADS) {
+        const int tok = u % BN, b = u / BN;
+        const unsigned char* grp = raw + BN * F_KSB + tok * F_VSB + b * V_GB;
+        const float d = v_scale(grp);
+        unsigned int pr[16];
+        bool bad = false;
+        group_pairs<VX, 0, VALUES>(grp, (b * V_GB + 2) % 4 == 0, d, pr, bad, wild);
+        if (bad || !rq_is_finite(d)) {
+            mine |= 1ull << tok;
+#pragma unroll
+            for (int i = 0; i < 16; i++) pr[i] = 0u;
+        }
+        uint4* dst = reinterpret_cast<uint4*>(vcodes + tok * VCS + 32 * b);
+#pragma unroll
+        for (int i = 0; i < 4; i++) dst[i] = make_uint4(pr[4 * i], pr[4 * i + 1], pr[4 * i + 2], pr[4 * i + 3]);
+        if (!VALUES) {
+            const float ds = rq_is_finite(d) ? d : 0.0f;
+#if ELEM == 1
+            reinterpret_cast<elem_t*>(sm + F_VSC)[b * BN + tok] = f32_to_elem(ds);
+#else
+            reinterpret_cast<float*>(sm + F_VSC)[b * BN + tok] = ds;
+#endif
+        }
+    }
+}
+
+// qa0, qa1: this warp's query A fragments of K group b (dimensions 32b .. 32b + 31).
+#if F_QSMEM
+#define QFRAGS(b)                          \
+    unsigned int qa0[4], qa1[4];           \
+    ldsm_x4(qa0, q_lane + 2 * (32 * (b))); \
+    ldsm_x4(qa1, q_lane + 2 * (32 * (b) + 16))
+#else
+#define QFRAGS(b)                          \
+    const unsigned int* qa0 = qa[2 * (b)]; \
+    const unsigned int* qa1 = qa[2 * (b) + 1]
+#endif
+
+extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_flash(
+    const elem_t* q, const unsigned char* kc, const unsigned char* vc, const unsigned int* table,
+    long long page_tokens, long long n_tokens, long long pos_offset, long long n_q,
+    long long n_heads, int causal, long long window, float softcap, float score_scale,
+    int q_log_p, int q_m, const unsigned long long* q_base, const float* q_signs, float q_scale,
+    int v_log_p, int v_m, const unsigned long long* v_base, const float* v_signs, float v_scale_r,
+    elem_t* out) {
+    extern __shared__ float4 smem4[];
+    unsigned char* sm = reinterpret_cast<unsigned char*>(smem4);
+    float* rows_f = reinterpret_cast<float*>(sm);
+    elem_t* kcodes = reinterpret_cast<elem_t*>(sm + F_CODES);
+    elem_t* vcodes = kcodes + BN * KCS;
+    float* ksc = reinterpret_cast<float*>(sm + F_KSC);
+    unsigned long long* badw = reinterpret_cast<unsigned long long*>(sm + F_BAD);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int gr = lane >> 2, tq = lane & 3;
+    const int head = blockIdx.y;
+    // Long (late) row blocks first: under a causal mask they have the most tokens.
+    const long long rb = (long long)gridDim.x - 1 - blockIdx.x;
+    const long long h_q = n_heads * G;
+    const long long n_rows = n_q * G;
+
+    // Visible tokens [lo, hi) of query i (both grow with i).
+    auto visible = [&](long long i, long long& lo, long long& hi) {
+        const long long p = pos_offset + i;
+        hi = causal ? (n_tokens < p + 1 ? n_tokens : p + 1) : n_tokens;
+        lo = window > 0 ? (p + 1 - window > 0 ? p + 1 - window : 0) : 0;
+        if (lo > hi) lo = hi;
+        if (i >= n_q) lo = hi = 0;
+    };
+
+    // The block's queries, rotated and scaled, then this warp's as A fragments.
+    {
+        const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
+        for (int x = threadIdx.x; x < BM * D; x += THREADS) {
+            const long long r = rb * BM + x / D;
+            rows_f[x] = r < n_rows ? elem_to_f32(q[((r / G) * h_q + (long long)head * G + r % G) * D + x % D])
+                                   : 0.0f;
+        }
+        __syncthreads();
+        smem_rotate(rows_f, BM, D, qrot, 0);
+    }
+    // Scores in units of log2: the queries carry log2(e), and so does the soft-cap.
+    const float qscale = score_scale * 1.4426950408889634f, cap = softcap * 1.4426950408889634f;
+#if F_QSMEM
+    // This warp's rows as A fragments come from shared memory, with ldmatrix, at each tile.
+    elem_t* qsm = reinterpret_cast<elem_t*>(sm + F_QS);
+    for (int x = threadIdx.x; x < BM * D; x += THREADS) qsm[(x / D) * KCS + x % D] = f32_to_elem(rows_f[x] * qscale);
+    const unsigned int q_lane =
+        smem_addr(qsm) + 2 * ((16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * KCS + 8 * (lane >> 4));
+#else
+    unsigned int qa[D / 16][4];
+    {
+        const float* r0 = rows_f + (16 * warp + gr) * D;
+        const float* r1 = r0 + 8 * D;
+#pragma unroll
+        for (int k = 0; k < D / 16; k++) {
+            const int c = 16 * k + 2 * tq;
+            qa[k][0] = pack2(r0[c] * qscale, r0[c + 1] * qscale);
+            qa[k][1] = pack2(r1[c] * qscale, r1[c + 1] * qscale);
+            qa[k][2] = pack2(r0[c + 8] * qscale, r0[c + 9] * qscale);
+            qa[k][3] = pack2(r1[c + 8] * qscale, r1[c + 9] * qscale);
+        }
+    }
+#endif
+    __syncthreads(); // the tiles reuse the queries' space
+
+    // This thread's rows (16 · warp + gr + 8ρ) and their visible ranges; the block's range.
+    long long r_lo[2], r_hi[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) visible((rb * BM + 16 * warp + gr + 8 * u) / G, r_lo[u], r_hi[u]);
+    // Clamped to hi, lo still grows with the query: the first row's lo is the smallest.
+    long long b_lo, b_hi, last_lo, first_hi;
+    {
+        const long long first = rb * BM / G;
+        long long last = (rb * BM + BM - 1) / G;
+        if (last >= n_q) last = n_q - 1;
+        visible(first, b_lo, first_hi);
+        visible(last, last_lo, b_hi);
+        if (b_hi < b_lo) b_hi = b_lo;
+    }
+
+    float m[2], l[2];
+    bool seen[2];
+    float o[DV / 8][4];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        m[u] = NEG_INF;
+        l[u] = 0.0f;
+        seen[u] = false;
+    }
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
+
+    auto stage = [&](int s, long long t0) {
+        if (t0 < b_hi) {
+            unsigned char* dst = sm + s * F_STAGE;
+            flash_stage_rows<K_ROW, F_KSB>(dst, kc, table, page_tokens, n_heads, head, t0, b_hi);
+            flash_stage_rows<V_ROW, F_VSB>(dst + BN * F_KSB, vc, table, page_tokens, n_heads, head, t0, b_hi);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    // This lane's ldmatrix row addresses in the code tiles: K rows are tokens (8 per matrix,
+    // matrices 8 dimensions apart); V rows are tokens too, read transposed.
+    const unsigned int k_lane = smem_addr(kcodes) + 2 * ((lane & 7) * KCS + 8 * (lane >> 3));
+    const unsigned int v_lane = smem_addr(vcodes) + 2 * (((lane & 7) + 8 * ((lane >> 3) & 1)) * VCS + 8 * (lane >> 4));
+    int cur = 0;
+    stage(0, b_lo);
+    // Token offsets from b_lo fit 32 bits (the host sends longer caches to the decode kernel):
+    // the per-tile range tests are 32-bit.
+    auto rel = [&](long long t) -> int { return (int)(t < b_lo ? 0 : t > b_hi ? b_hi - b_lo : t - b_lo); };
+    const int span = (int)(b_hi - b_lo), full_lo = rel(last_lo), full_hi = rel(first_hi);
+    int row_lo[2], row_hi[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        row_lo[u] = rel(r_lo[u]);
+        row_hi[u] = rel(r_hi[u]);
+    }
+    for (int off = 0; off < span; off += BN) {
+        const long long t0 = b_lo + off;
+        stage(cur ^ 1, t0 + BN);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        __syncthreads(); // this tile's rows landed; every warp is done with the last codes
+
+        // Raw rows to values (or, for a tile with values the element type does not hold, to
+        // codes and scales: `wild`, rare).
+        bool wild = false;
+        {
+            const unsigned char* raw = sm + cur * F_STAGE;
+            unsigned long long mine = 0;
+            flash_extract<true>(raw, sm, mine, wild);
+            const unsigned int lo_w = __reduce_or_sync(FULL_MASK, (unsigned int)mine);
+            const unsigned int hi_w = __reduce_or_sync(FULL_MASK, (unsigned int)(mine >> 32));
+            if (lane == 0) badw[warp] = ((unsigned long long)hi_w << 32) | lo_w;
+            wild = __syncthreads_or(wild) != 0;
+            if (wild) {
+                bool unused = false;
+                flash_extract<false>(raw, sm, mine, unused);
+                __syncthreads();
+            }
+        }
+
+        // S = Q K^T: s[j] holds tokens 8j + 2tq (+1) of rows gr (0, 1) and gr + 8 (2, 3).
+        float s[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = 0.0f;
+        if (!wild) {
+#pragma unroll
+            for (int b = 0; b < KB; b++) {
+                QFRAGS(b);
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++) {
+                    unsigned int kb[4];
+                    ldsm_x4(kb, k_lane + 2 * (8 * j * KCS + 32 * b));
+                    mma_16816(s[j], qa0, kb[0], kb[1]);
+                    mma_16816(s[j], qa1, kb[2], kb[3]);
+                }
+            }
+        } else {
+#pragma unroll
+        for (int b = 0; b < KB; b++) {
+            QFRAGS(b);
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                unsigned int kb[4];
+                ldsm_x4(kb, k_lane + 2 * (8 * j * KCS + 32 * b));
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma_16816(c, qa0, kb[0], kb[1]);
+                mma_16816(c, qa1, kb[2], kb[3]);
+                const float2 d = *reinterpret_cast<const float2*>(ksc + b * BN + 8 * j + 2 * tq);
+                s[j][0] = fmaf(d.x, c[0], s[j][0]);
+                s[j][1] = fmaf(d.y, c[1], s[j][1]);
+                s[j][2] = fmaf(d.x, c[2], s[j][2]);
+                s[j][3] = fmaf(d.y, c[3], s[j][3]);
+            }
+        }
+        }
+
+        // Online softmax per row; the four threads of a row (a quad) hold its BN scores, in
+        // units of log2 (the queries carry log2(e)): p = 2^(s - m). Tiles inside every row's
+        // range (most of them) skip the masks; a key masked out scores -Inf, so its p is 0.
+        const bool full = off >= full_lo && off + BN <= full_hi;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            // The row's range in tile offsets (0..BN), wanted only at the ranges' edges.
+            int lo_t = 0, hi_t = BN;
+            if (!full) {
+                lo_t = min(max(row_lo[u] - off, 0), BN);
+                hi_t = min(max(row_hi[u] - off, 0), BN);
+            }
+            float tmax = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float x = s[j][2 * u + e];
+                    if (cap > 0.0f) x = cap * tanhf(x / cap);
+                    if (!full) {
+                        const int t = 8 * j + 2 * tq + e;
+                        x = t >= lo_t && t < hi_t ? x : NEG_INF;
+                    }
+                    s[j][2 * u + e] = x;
+                    tmax = fmaxf(tmax, x);
+                }
+            tmax = fmaxf(tmax, __shfl_xor_sync(FULL_MASK, tmax, 1));
+            tmax = fmaxf(tmax, __shfl_xor_sync(FULL_MASK, tmax, 2));
+            const float m_new = fmaxf(m[u], tmax);
+            // Every score so far -Inf (or none visible), or a NaN among them? Rare: only then
+            // are the row's threads asked. `all_inf`: the tile adds nothing; it counts as seen
+            // when the row had visible keys in it.
+            bool all_inf = false;
+            if (__any_sync(FULL_MASK, m_new == NEG_INF)) {
+                float nan = 0.0f, any = 0.0f;
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int t = 8 * j + 2 * tq + e;
+                        nan = isnan(s[j][2 * u + e]) ? 1.0f : nan;
+                        any = full || (t >= lo_t && t < hi_t) ? 1.0f : any;
+                    }
+                nan = fmaxf(nan, __shfl_xor_sync(FULL_MASK, nan, 1));
+                nan = fmaxf(nan, __shfl_xor_sync(FULL_MASK, nan, 2));
+                any = fmaxf(any, __shfl_xor_sync(FULL_MASK, any, 1));
+                any = fmaxf(any, __shfl_xor_sync(FULL_MASK, any, 2));
+                all_inf = m_new == NEG_INF && nan == 0.0f;
+                if (all_inf && any > 0.0f) seen[u] = true;
+            }
+            const float corr = all_inf ? 1.0f : fast_exp2(m[u] - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float pr = all_inf ? 0.0f : fast_exp2(s[j][2 * u + e] - m_new);
+                    s[j][2 * u + e] = pr;
+                    sum += pr;
+                }
+            if (!all_inf) {
+                l[u] = l[u] * corr + sum;
+                m[u] = m_new;
+            }
+            if (__any_sync(FULL_MASK, corr != 1.0f))
+#pragma unroll
+                for (int n = 0; n < DV / 8; n++) {
+                    o[n][2 * u] *= corr;
+                    o[n][2 * u + 1] *= corr;
+                }
+        }
+
+        // O += P V, 16 tokens at a time (for codes, with each V group's scales folded into P).
+        if (!wild) {
+#pragma unroll
+            for (int k = 0; k < BN / 16; k++) {
+                const unsigned int pa[4] = {pack2(s[2 * k][0], s[2 * k][1]), pack2(s[2 * k][2], s[2 * k][3]),
+                                            pack2(s[2 * k + 1][0], s[2 * k + 1][1]),
+                                            pack2(s[2 * k + 1][2], s[2 * k + 1][3])};
+#pragma unroll
+                for (int nn = 0; nn < DV / 16; nn++) {
+                    unsigned int vb[4];
+                    ldsm_x4_t(vb, v_lane + 2 * (16 * k * VCS + 16 * nn));
+                    mma_16816(o[2 * nn], pa, vb[0], vb[1]);
+                    mma_16816(o[2 * nn + 1], pa, vb[2], vb[3]);
+                }
+            }
+        } else
+#pragma unroll
+        for (int k = 0; k < BN / 16; k++) {
+#if ELEM == 1
+            unsigned int pa[4];
+#endif
+            float pf[8];
+            pf[0] = s[2 * k][0], pf[1] = s[2 * k][1], pf[2] = s[2 * k][2], pf[3] = s[2 * k][3];
+            pf[4] = s[2 * k + 1][0], pf[5] = s[2 * k + 1][1], pf[6] = s[2 * k + 1][2], pf[7] = s[2 * k + 1][3];
+#if ELEM == 1
+            pa[0] = pack2(pf[0], pf[1]);
+            pa[1] = pack2(pf[2], pf[3]);
+            pa[2] = pack2(pf[4], pf[5]);
+            pa[3] = pack2(pf[6], pf[7]);
+#endif
+#pragma unroll
+            for (int b = 0; b < VB; b++) {
+                unsigned int a[4];
+#if ELEM == 1
+                const elem_t* vsc = reinterpret_cast<const elem_t*>(sm + F_VSC) + b * BN + 16 * k + 2 * tq;
+                const unsigned int d01 = *reinterpret_cast<const unsigned int*>(vsc);
+                const unsigned int d89 = *reinterpret_cast<const unsigned int*>(vsc + 8);
+                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[0]) : "r"(pa[0]), "r"(d01));
+                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[1]) : "r"(pa[1]), "r"(d01));
+                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[2]) : "r"(pa[2]), "r"(d89));
+                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[3]) : "r"(pa[3]), "r"(d89));
+#else
+                const float* vsc = reinterpret_cast<const float*>(sm + F_VSC) + b * BN + 16 * k + 2 * tq;
+                const float2 d01 = *reinterpret_cast<const float2*>(vsc);
+                const float2 d89 = *reinterpret_cast<const float2*>(vsc + 8);
+                a[0] = pack2(pf[0] * d01.x, pf[1] * d01.y);
+                a[1] = pack2(pf[2] * d01.x, pf[3] * d01.y);
+                a[2] = pack2(pf[4] * d89.x, pf[5] * d89.y);
+                a[3] = pack2(pf[6] * d89.x, pf[7] * d89.y);
+#endif
+#pragma unroll
+                for (int np = 0; np < 2; np++) {
+                    unsigned int vb[4];
+                    ldsm_x4_t(vb, v_lane + 2 * (16 * k * VCS + 32 * b + 16 * np));
+                    mma_16816(o[4 * b + 2 * np], a, vb[0], vb[1]);
+                    mma_16816(o[4 * b + 2 * np + 1], a, vb[2], vb[3]);
+                }
+            }
+        }
+
+        // Tokens whose V is not finite (rare): their values, in f32, to the rows that see them.
+        unsigned long long bad = 0;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) bad |= badw[w];
+        while (bad) {
+            const int tt = __ffsll((long long)bad) - 1;
+            bad &= bad - 1;
+            const long long t = t0 + tt;
+            const long long slot =
+                table ? (long long)table[t / page_tokens] * page_tokens + t % page_tokens : t;
+            const unsigned char* vrow = vc + (slot * n_heads + head) * V_ROW;
+            // The weights of token tt: held by the quad's thread (tt % 8) / 2; each thread
+            // offers its own by selects (no indexing, which would put s in local memory).
+            float p[2];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                float mine = 0.0f;
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) mine = 8 * j + 2 * tq + e == tt ? s[j][2 * u + e] : mine;
+                p[u] = __shfl_sync(FULL_MASK, mine, (lane & ~3) | ((tt & 7) >> 1));
+            }
+            // Only the groups that were zeroed (a scale or a code not finite) are added here.
+#pragma unroll
+            for (int b = 0; b < VB; b++) {
+                const unsigned char* g = vrow + b * V_GB;
+                const float d = v_scale(g);
+                bool zeroed = !rq_is_finite(d);
+                for (int j = 0; j < 32; j++) zeroed = zeroed || !rq_is_finite(RQ_CAT(rq_code_, VFMT)(g, j));
+                if (!zeroed) continue;
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    if (t < r_lo[u] || t >= r_hi[u]) continue;
+#pragma unroll
+                    for (int n = 4 * b; n < 4 * b + 4; n++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int j = 8 * (n % 4) + 2 * tq + e;
+                            o[n][2 * u + e] += p[u] * (RQ_CAT(rq_code_, VFMT)(g, j) * d);
+                        }
+                }
+            }
+        }
+        cur ^= 1;
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads(); // the outputs reuse the tiles' space
+
+    // Rows divided by l (0 for a row that saw no key), rotated back, stored.
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        float lr = l[u];
+        lr += __shfl_xor_sync(FULL_MASK, lr, 1);
+        lr += __shfl_xor_sync(FULL_MASK, lr, 2);
+        const bool live = m[u] != NEG_INF || isnan(lr) || seen[u];
+        float* dst = rows_f + (16 * warp + gr + 8 * u) * DV;
+#pragma unroll
+        for (int n = 0; n < DV / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) dst[8 * n + 2 * tq + e] = live ? o[n][2 * u + e] / lr : 0.0f;
+    }
+    __syncthreads();
+    const Rot vrot = {v_log_p, v_m, v_base, v_signs, v_scale_r};
+    smem_rotate(rows_f, BM, DV, vrot, 1);
+    for (int x = threadIdx.x; x < BM * DV; x += THREADS) {
+        const long long r = rb * BM + x / DV;
+        if (r < n_rows) out[((r / G) * h_q + (long long)head * G + r % G) * DV + x % DV] = f32_to_elem(rows_f[x]);
+    }
+}
+#endif
+
 #endif
