@@ -721,20 +721,13 @@ impl CudaAttention {
         params: &AttentionParams,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
-        for ordinal in [
+        self.on_device(&[
             dev.context().ordinal(),
             q.ordinal(),
             ks.bytes.ordinal(),
             vs.bytes.ordinal(),
             out.ordinal(),
-        ] {
-            if ordinal != self.ordinal {
-                return Err(CudaError::WrongDevice {
-                    expected: self.ordinal,
-                    actual: ordinal,
-                });
-            }
-        }
+        ])?;
         let rows: Vec<DecodeSeq> = (0..n_q)
             .map(|i| DecodeSeq {
                 n_tokens,
@@ -872,20 +865,13 @@ impl CudaAttention {
         params: &AttentionParams,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
-        for ordinal in [
+        self.on_device(&[
             dev.context().ordinal(),
             q.ordinal(),
             k.bytes.ordinal(),
             v.bytes.ordinal(),
             out.ordinal(),
-        ] {
-            if ordinal != self.ordinal {
-                return Err(CudaError::WrongDevice {
-                    expected: self.ordinal,
-                    actual: ordinal,
-                });
-            }
-        }
+        ])?;
         let checked = self.check(q.len(), h_q, k, v, seqs, shared, params, out.len())?;
         if seqs.is_empty() {
             return Ok(());
@@ -1076,6 +1062,17 @@ impl CudaAttention {
         // whose length `check` verified.
         unsafe { launch.launch(cfg) }.context(|| describe("decode_combine", &combine, &key))?;
         Ok(())
+    }
+
+    /// Every buffer of a call (their devices' ordinals) is on this attention's device.
+    fn on_device(&self, ordinals: &[usize]) -> Result<()> {
+        match ordinals.iter().find(|&&o| o != self.ordinal) {
+            Some(&actual) => Err(CudaError::WrongDevice {
+                expected: self.ordinal,
+                actual,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Validates a decode call; returns the f32 score scale and the longest visible range.
