@@ -770,13 +770,11 @@ impl CudaAttention {
             .into());
         }
         let stream = dev.stream();
+        // The caller's paged cache through its table; a contiguous one (shared as one page)
+        // without: token t is row block t.
         let (table, page_tokens) = match (k.layout, ks.layout) {
-            (CacheLayout::Contiguous { .. }, _) => (
-                stream.null::<u32>().context(|| "a null pointer".into())?,
-                1i64,
-            ),
             (
-                _,
+                CacheLayout::Paged { .. },
                 CacheLayout::Paged {
                     table,
                     pages_per_seq,
@@ -788,7 +786,10 @@ impl CudaAttention {
                     .context(|| "uploading the block table".into())?,
                 page_tokens as i64,
             ),
-            _ => unreachable!("the shared cache is paged"),
+            _ => (
+                stream.null::<u32>().context(|| "a null pointer".into())?,
+                1i64,
+            ),
         };
         let (key, src) = shape.source();
         let smem = shape.smem()?;
