@@ -694,30 +694,30 @@ impl CudaAttention {
                     0 => dev.info().multiprocessors as usize,
                     b => b,
                 };
-        if flash {
-            return self.flash(dev, config, q, n_q, h_q, k, &ks, &vs, n_tokens, params, out);
-        }
-        let params = AttentionParams {
+        // Each row carries its position: the kernels' checks see no offset.
+        let unshifted = AttentionParams {
             pos_offset: 0,
             ..params.clone()
         };
-        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &params, out)
+        if flash {
+            return self.flash(dev, config, q, h_q, k, (&ks, &vs, &rows), &unshifted, out);
+        }
+        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, out)
     }
 
-    /// Prefill through the flash kernel (see [`Self::prefill`]); `ks`/`vs` are the caches as
-    /// one shared sequence, `k` the caller's (whether it is contiguous).
+    /// Prefill through the flash kernel (see [`Self::prefill`]): `(ks, vs, rows)` are the
+    /// caches as one shared sequence and the query rows (consecutive positions) as
+    /// [`Self::prefill`] built them, `params` without the offset; `k` is the caller's cache
+    /// (whether it is contiguous).
     #[allow(clippy::too_many_arguments)]
     fn flash<T: GpuElement>(
         &self,
         dev: &Device,
         config: PrefillConfig,
         q: &CudaSlice<T>,
-        n_q: usize,
         h_q: usize,
         k: &CudaKvCache<'_>,
-        ks: &CudaKvCache<'_>,
-        vs: &CudaKvCache<'_>,
-        n_tokens: usize,
+        (ks, vs, rows): (&CudaKvCache<'_>, &CudaKvCache<'_>, &[DecodeSeq]),
         params: &AttentionParams,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
@@ -728,20 +728,11 @@ impl CudaAttention {
             vs.bytes.ordinal(),
             out.ordinal(),
         ])?;
-        let rows: Vec<DecodeSeq> = (0..n_q)
-            .map(|i| DecodeSeq {
-                n_tokens,
-                pos: params.pos_offset + i,
-            })
-            .collect();
-        let unshifted = AttentionParams {
-            pos_offset: 0,
-            ..params.clone()
-        };
-        let checked = self.check(q.len(), h_q, ks, vs, &rows, true, &unshifted, out.len())?;
-        if n_q == 0 {
+        let checked = self.check(q.len(), h_q, ks, vs, rows, true, params, out.len())?;
+        let Some(first) = rows.first() else {
             return Ok(());
-        }
+        };
+        let (n_q, n_tokens, pos_offset) = (rows.len(), first.n_tokens, first.pos);
         let (d, d_v, h_kv) = (ks.dim, vs.dim, ks.n_heads);
         let group = h_q / h_kv;
         let mut shape = FlashShape {
@@ -803,7 +794,7 @@ impl CudaAttention {
         let as_i64 = |x: usize| x as i64;
         let (n_tokens, pos_offset, n_q_i, n_heads) = (
             as_i64(n_tokens),
-            as_i64(params.pos_offset),
+            as_i64(pos_offset),
             as_i64(n_q),
             as_i64(h_kv),
         );
