@@ -241,12 +241,29 @@ pub struct Decode<'d> {
     gate: Option<GateProblem>,
 }
 
-/// Two sequences of 333 tokens and what the oracle makes of them.
+/// A gate problem (decode: two sequences of 333 tokens; prefill: a prompt): its caches and
+/// queries, and what the oracle makes of them.
 struct GateProblem {
     k: CudaSlice<u8>,
     v: CudaSlice<u8>,
     q: CudaSlice<f16>,
     want: Vec<f64>,
+}
+
+impl GateProblem {
+    /// The kernel's f16 output against the oracle's, within the attention tolerance of f16.
+    fn check(&self, dev: &Device, out: &CudaSlice<f16>) -> Result<(), String> {
+        let got: Vec<f64> = dev
+            .stream()
+            .clone_dtoh(out)
+            .map_err(err)?
+            .into_iter()
+            .map(|x| f64::from(x.to_f32()))
+            .collect();
+        tolerance(Op::Attention, Precision::F16)
+            .check(&got, &self.want)
+            .map_err(err)
+    }
 }
 
 /// Sequences and tokens of the gate problem.
@@ -261,14 +278,12 @@ impl<'d> Decode<'d> {
         h_kv: usize,
         batch: usize,
     ) -> Result<Self, String> {
-        let r = Rotation::hadamard(D).map_err(err)?;
-        let codec_k = CudaCodec::new(dev, format, D, Some(&r)).map_err(err)?;
-        let codec_v = CudaCodec::new(dev, format, D, None).map_err(err)?;
-        let (k, v) = Self::caches(dev, &codec_k, &codec_v, batch * n_kv, h_kv, 10)?;
-        let plan = RotationPlan {
-            qk: Some(r),
-            v: None,
-        };
+        let Setup {
+            attn,
+            codec_k,
+            codec_v,
+        } = Setup::new(dev, format)?;
+        let (k, v) = caches(dev, &codec_k, &codec_v, batch * n_kv, h_kv, 10)?;
         let h_q = h_kv * GROUP;
         let s = dev.stream();
         Ok(Self {
@@ -277,7 +292,7 @@ impl<'d> Decode<'d> {
             n_kv,
             h_kv,
             batch,
-            attn: CudaAttention::new(dev, &plan).map_err(err)?,
+            attn,
             qs: [
                 upload(dev, &random(batch * h_q * D, 30))?,
                 upload(dev, &random(batch * h_q * D, 31))?,
@@ -295,7 +310,7 @@ impl<'d> Decode<'d> {
     fn gate_problem(&self) -> Result<GateProblem, String> {
         let ((batch, n), h_kv) = (GATE, self.h_kv);
         let h_q = h_kv * GROUP;
-        let (k, v) = Self::caches(self.dev, &self.codec_k, &self.codec_v, batch * n, h_kv, 40)?;
+        let (k, v) = caches(self.dev, &self.codec_k, &self.codec_v, batch * n, h_kv, 40)?;
         let q = random(batch * h_q * D, 41);
         let s = self.dev.stream();
         let (kh, vh) = (
@@ -319,7 +334,7 @@ impl<'d> Decode<'d> {
             let qa = Array3::from_shape_vec((1, h_q, D), qr).map_err(err)?;
             let params = AttentionParams {
                 pos_offset: n - 1,
-                ..Self::params()
+                ..causal()
             };
             let a = attention_f64(
                 qa.view(),
@@ -338,34 +353,6 @@ impl<'d> Decode<'d> {
         })
     }
 
-    /// K and V caches of `tokens` tokens, quantized from random rows a chunk at a time.
-    fn caches(
-        dev: &Device,
-        ck: &CudaCodec,
-        cv: &CudaCodec,
-        tokens: usize,
-        h_kv: usize,
-        seed: u64,
-    ) -> Result<(CudaSlice<u8>, CudaSlice<u8>), String> {
-        let s = dev.stream();
-        let chunk = 1024usize;
-        let mut k = s
-            .alloc_zeros::<u8>(tokens * h_kv * ck.row_bytes())
-            .map_err(err)?;
-        let mut v = s
-            .alloc_zeros::<u8>(tokens * h_kv * cv.row_bytes())
-            .map_err(err)?;
-        for start in (0..tokens).step_by(chunk) {
-            let n = chunk.min(tokens - start);
-            let rows_k = upload(dev, &random(n * h_kv * D, seed + start as u64))?;
-            let rows_v = upload(dev, &random(n * h_kv * D, seed + 7 + start as u64))?;
-            let at = CacheTarget::contiguous(h_kv, start);
-            ck.quantize(dev, &rows_k, &mut k, at).map_err(err)?;
-            cv.quantize(dev, &rows_v, &mut v, at).map_err(err)?;
-        }
-        Ok((k, v))
-    }
-
     fn seqs(batch: usize, n_kv: usize) -> Vec<DecodeSeq> {
         vec![
             DecodeSeq {
@@ -375,21 +362,66 @@ impl<'d> Decode<'d> {
             batch
         ]
     }
+}
 
-    fn params() -> AttentionParams {
-        AttentionParams {
-            causal: true,
-            ..Default::default()
-        }
+/// K and V caches of `tokens` tokens, quantized from random rows a chunk at a time.
+fn caches(
+    dev: &Device,
+    ck: &CudaCodec,
+    cv: &CudaCodec,
+    tokens: usize,
+    h_kv: usize,
+    seed: u64,
+) -> Result<(CudaSlice<u8>, CudaSlice<u8>), String> {
+    let s = dev.stream();
+    let chunk = 1024usize;
+    let mut k = s
+        .alloc_zeros::<u8>(tokens * h_kv * ck.row_bytes())
+        .map_err(err)?;
+    let mut v = s
+        .alloc_zeros::<u8>(tokens * h_kv * cv.row_bytes())
+        .map_err(err)?;
+    for start in (0..tokens).step_by(chunk) {
+        let n = chunk.min(tokens - start);
+        let rows_k = upload(dev, &random(n * h_kv * D, seed + start as u64))?;
+        let rows_v = upload(dev, &random(n * h_kv * D, seed + 7 + start as u64))?;
+        let at = CacheTarget::contiguous(h_kv, start);
+        ck.quantize(dev, &rows_k, &mut k, at).map_err(err)?;
+        cv.quantize(dev, &rows_v, &mut v, at).map_err(err)?;
     }
+    Ok((k, v))
+}
 
-    fn views<'a>(
-        &self,
-        k: &'a CudaSlice<u8>,
-        v: &'a CudaSlice<u8>,
-        n: usize,
-    ) -> [CudaKvCache<'a>; 2] {
-        views(self.format, self.h_kv, k, v, n)
+/// Causal attention, no window or soft-cap: the problems' parameters.
+fn causal() -> AttentionParams {
+    AttentionParams {
+        causal: true,
+        ..Default::default()
+    }
+}
+
+/// The attention under tuning: K rotated by the Hadamard transform, V not, and the codecs that
+/// fill its caches.
+struct Setup {
+    attn: CudaAttention,
+    codec_k: CudaCodec,
+    codec_v: CudaCodec,
+}
+
+impl Setup {
+    fn new(dev: &Device, format: KvFormat) -> Result<Self, String> {
+        let r = Rotation::hadamard(D).map_err(err)?;
+        let codec_k = CudaCodec::new(dev, format, D, Some(&r)).map_err(err)?;
+        let codec_v = CudaCodec::new(dev, format, D, None).map_err(err)?;
+        let plan = RotationPlan {
+            qk: Some(r),
+            v: None,
+        };
+        Ok(Self {
+            attn: CudaAttention::new(dev, &plan).map_err(err)?,
+            codec_k,
+            codec_v,
+        })
     }
 }
 
@@ -440,34 +472,17 @@ impl Tunable for Decode<'_> {
         let ((batch, n), h_q) = (GATE, self.h_kv * GROUP);
         let s = self.dev.stream();
         let mut out = s.alloc_zeros::<f16>(batch * h_q * D).map_err(err)?;
-        let [k, v] = self.views(&g.k, &g.v, n);
+        let [k, v] = views(self.format, self.h_kv, &g.k, &g.v, n);
         let attn = self.attn.clone().with_config(*config);
         let seqs = Self::seqs(batch, n);
-        attn.decode(
-            self.dev,
-            &g.q,
-            h_q,
-            &k,
-            &v,
-            &seqs,
-            &Self::params(),
-            &mut out,
-        )
-        .map_err(err)?;
-        let got: Vec<f64> = s
-            .clone_dtoh(&out)
-            .map_err(err)?
-            .into_iter()
-            .map(|x| f64::from(x.to_f32()))
-            .collect();
-        tolerance(Op::Attention, Precision::F16)
-            .check(&got, &g.want)
-            .map_err(err)
+        attn.decode(self.dev, &g.q, h_q, &k, &v, &seqs, &causal(), &mut out)
+            .map_err(err)?;
+        g.check(self.dev, &out)
     }
 
     fn run(&mut self, config: &DecodeConfig) {
         let attn = self.attn.clone().with_config(*config);
-        let [k, v] = self.views(&self.k, &self.v, self.n_kv);
+        let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n_kv);
         let seqs = Self::seqs(self.batch, self.n_kv);
         attn.decode(
             self.dev,
@@ -476,7 +491,7 @@ impl Tunable for Decode<'_> {
             &k,
             &v,
             &seqs,
-            &Self::params(),
+            &causal(),
             &mut self.out,
         )
         .expect("passed the gate");
@@ -485,11 +500,11 @@ impl Tunable for Decode<'_> {
 
     fn timed(&mut self, config: &DecodeConfig, plan: TimingPlan) -> Option<Timing> {
         let attn = self.attn.clone().with_config(*config);
-        let [k, v] = self.views(&self.k, &self.v, self.n_kv);
+        let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n_kv);
         let seqs = Self::seqs(self.batch, self.n_kv);
         let (dev, qs, out, h_q) = (self.dev, &self.qs, &mut self.out, self.h_kv * GROUP);
         Some(events(dev, plan, |i| {
-            attn.decode(dev, &qs[i % 2], h_q, &k, &v, &seqs, &Self::params(), out)
+            attn.decode(dev, &qs[i % 2], h_q, &k, &v, &seqs, &causal(), out)
         }))
     }
 }
@@ -519,21 +534,19 @@ pub struct Prefill<'d> {
 impl<'d> Prefill<'d> {
     /// The problem; its caches are filled by the rotate-quantize kernel.
     pub fn new(dev: &'d Device, format: KvFormat, n: usize, h_kv: usize) -> Result<Self, String> {
-        let r = Rotation::hadamard(D).map_err(err)?;
-        let codec_k = CudaCodec::new(dev, format, D, Some(&r)).map_err(err)?;
-        let codec_v = CudaCodec::new(dev, format, D, None).map_err(err)?;
-        let (k, v) = Decode::caches(dev, &codec_k, &codec_v, n, h_kv, 60)?;
-        let plan = RotationPlan {
-            qk: Some(r),
-            v: None,
-        };
+        let Setup {
+            attn,
+            codec_k,
+            codec_v,
+        } = Setup::new(dev, format)?;
+        let (k, v) = caches(dev, &codec_k, &codec_v, n, h_kv, 60)?;
         let rows = n * h_kv * GROUP * D;
         Ok(Self {
             dev,
             format,
             n,
             h_kv,
-            attn: CudaAttention::new(dev, &plan).map_err(err)?,
+            attn,
             qs: [
                 upload(dev, &random(rows, 70))?,
                 upload(dev, &random(rows, 71))?,
@@ -552,7 +565,7 @@ impl<'d> Prefill<'d> {
     fn gate_problem(&self) -> Result<GateProblem, String> {
         let (n, h_kv) = (PREFILL_GATE, self.h_kv);
         let h_q = h_kv * GROUP;
-        let (k, v) = Decode::caches(self.dev, &self.codec_k, &self.codec_v, n, h_kv, 80)?;
+        let (k, v) = caches(self.dev, &self.codec_k, &self.codec_v, n, h_kv, 80)?;
         let q = random(n * h_q * D, 81);
         let s = self.dev.stream();
         let deq = |bytes: &CudaSlice<u8>| -> Result<Array3<f64>, String> {
@@ -572,13 +585,8 @@ impl<'d> Prefill<'d> {
             .rotate_rows(&mut qr, false)
             .map_err(err)?;
         let qa = Array3::from_shape_vec((n, h_q, D), qr).map_err(err)?;
-        let a = attention_f64(
-            qa.view(),
-            deq(&k)?.view(),
-            deq(&v)?.view(),
-            &Decode::params(),
-        )
-        .map_err(err)?;
+        let a =
+            attention_f64(qa.view(), deq(&k)?.view(), deq(&v)?.view(), &causal()).map_err(err)?;
         Ok(GateProblem {
             k,
             v,
@@ -631,27 +639,9 @@ impl Tunable for Prefill<'_> {
             min_blocks: 1,
             ..*config
         });
-        attn.prefill(
-            self.dev,
-            &g.q,
-            n,
-            h_q,
-            &k,
-            &v,
-            n,
-            &Decode::params(),
-            &mut out,
-        )
-        .map_err(err)?;
-        let got: Vec<f64> = s
-            .clone_dtoh(&out)
-            .map_err(err)?
-            .into_iter()
-            .map(|x| f64::from(x.to_f32()))
-            .collect();
-        tolerance(Op::Attention, Precision::F16)
-            .check(&got, &g.want)
-            .map_err(err)
+        attn.prefill(self.dev, &g.q, n, h_q, &k, &v, n, &causal(), &mut out)
+            .map_err(err)?;
+        g.check(self.dev, &out)
     }
 
     fn run(&mut self, config: &PrefillConfig) {
@@ -665,7 +655,7 @@ impl Tunable for Prefill<'_> {
             &k,
             &v,
             self.n,
-            &Decode::params(),
+            &causal(),
             &mut self.out,
         )
         .expect("passed the gate");
@@ -677,7 +667,7 @@ impl Tunable for Prefill<'_> {
         let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n);
         let (dev, qs, out, n, h_q) = (self.dev, &self.qs, &mut self.out, self.n, self.h_kv * GROUP);
         Some(events(dev, plan, |i| {
-            attn.prefill(dev, &qs[i % 2], n, h_q, &k, &v, n, &Decode::params(), out)
+            attn.prefill(dev, &qs[i % 2], n, h_q, &k, &v, n, &causal(), out)
         }))
     }
 }
