@@ -15,13 +15,15 @@
 //! passes, unless `ROTQ_REQUIRE_CUDA` is set (the GPU bundle's run.sh sets it), which makes
 //! that a failure. The sequence also runs on the CPU alone, so its checks run everywhere.
 
+mod common;
+
+use common::{random, LAYOUTS};
 use half::f16;
 use ndarray::Array3;
 use rotq::cache::{Backend, CacheSpec, Paging, RotatedKvCache};
 use rotq::cuda::CudaError;
 use rotq::reference::attention::attention_f64;
 use rotq::reference::rope::{shift_cache, Rope, RopeVariant};
-use rotq::reference::rotation::SplitMix64;
 use rotq::reference::tolerance::{tolerance, Op, Precision};
 use rotq::{AttentionParams, Error, KvFormat, Rotation, RotationPlan};
 use std::io::Write;
@@ -45,24 +47,6 @@ fn cuda() -> Option<Backend> {
             Err(e) => panic!("a CUDA device is present but could not be opened: {e}"),
         })
         .clone()
-}
-
-/// Both layouts: contiguous, and pages of 16 tokens.
-const LAYOUTS: [Paging; 2] = [Paging::Contiguous, Paging::Paged { page_tokens: 16 }];
-
-/// Values with a few large outliers (what rotation is for).
-fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|i| {
-            let v = (g.next_f64() * 2.0 - 1.0) as f32;
-            if i % 31 == 7 {
-                v * 20.0
-            } else {
-                v
-            }
-        })
-        .collect()
 }
 
 /// One cache configuration and its attention options.

@@ -5,33 +5,18 @@
 //! contiguous cache fed the same calls hold the same tokens and give the same outputs, whole
 //! pages removed are taken again, and the recorded positions follow every call.
 
+mod common;
+
+use common::{random, LAYOUTS};
 use ndarray::Array3;
 use rotq::cache::{CacheSpec, Paging, RotatedKvCache};
 use rotq::reference::attention::attention_f64;
 use rotq::reference::rope::{shift_cache, Rope, RopeVariant};
-use rotq::reference::rotation::SplitMix64;
 use rotq::reference::tolerance::{tolerance, Op, Precision};
 use rotq::{AttentionParams, Error, KvFormat, Rotation, RotationPlan};
 
 const H: usize = 2;
 const D: usize = 64;
-
-/// Both layouts: contiguous, and pages of 16 tokens.
-const LAYOUTS: [Paging; 2] = [Paging::Contiguous, Paging::Paged { page_tokens: 16 }];
-
-fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|i| {
-            let v = (g.next_f64() * 2.0 - 1.0) as f32;
-            if i % 31 == 7 {
-                v * 20.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
 
 fn spec(k_format: KvFormat, v_format: KvFormat, capacity: usize, paging: Paging) -> CacheSpec {
     CacheSpec {
