@@ -379,8 +379,8 @@ pub fn run_all(
                 format!("prefill_attention_{format}_tuned"),
                 t.best,
                 format!(
-                    "{shape}, {} warps, tiles of {} tokens, flash {}",
-                    c.warps, c.block_n, c.flash
+                    "{shape}, {} warps x {} row tiles, tiles of {} tokens, flash {}",
+                    c.warps, c.m_tiles, c.block_n, c.flash
                 ),
             ),
         ] {

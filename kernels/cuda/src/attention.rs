@@ -22,11 +22,13 @@
 //! and dequantized in registers; no dequantized copy of the cache is ever written.
 //!
 //! Prefill ([`CudaAttention::prefill`]) has a flash-attention kernel of its own: a thread block
-//! takes 64 or 128 (position, query head) rows of one KV head and walks the visible tokens in
+//! takes 64 to 256 (position, query head) rows of one KV head and walks the visible tokens in
 //! tiles of 32 or 64; all its threads copy each tile's raw rows into shared memory once
 //! (`cp.async`, double-buffered) and turn them into f16/bf16 values (scale × code, rounded
 //! once) in shared memory, which every warp then reads with `ldmatrix` for S = Q Kᵀ and
-//! O += P V on the tensor cores. A tile whose values f16 cannot hold to its precision (a
+//! O += P V on the tensor cores. The online softmax keeps a row's running maximum until a
+//! tile's exceeds it by more than 8 in log₂ units, so weights reach at most 2⁸ (well inside
+//! f16) and most tiles rescale nothing. A tile whose values f16 cannot hold to its precision (a
 //! scale far outside the usual range) takes exact codes and f32 scales instead, as the decode
 //! kernel does; a V value that is not finite reaches only the rows that see its token. See
 //! [`PrefillConfig`] for its knobs.
@@ -96,6 +98,10 @@ fn yes() -> bool {
     true
 }
 
+fn one() -> usize {
+    1
+}
+
 impl Default for DecodeConfig {
     fn default() -> Self {
         Self {
@@ -133,11 +139,18 @@ impl DecodeConfig {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PrefillConfig {
-    /// Warps per thread block, 16 query rows each (a row is one query head of one position).
+    /// Warps per thread block, `16 · m_tiles` query rows each (a row is one query head of
+    /// one position).
     pub warps: usize,
     /// Tokens per K/V tile (32 or 64): each tile is copied and turned into codes once for
     /// all the block's rows.
     pub block_n: usize,
+    /// Row tiles of 16 per warp (1 or 2): with 2, each K/V fragment a warp reads from shared
+    /// memory feeds two products and each tile's conversion serves twice the rows, at the
+    /// cost of twice the registers for scores and outputs (head dimensions up to 128; larger
+    /// ones take 1).
+    #[serde(default = "one")]
+    pub m_tiles: usize,
     /// Use the flash kernel where the call allows it (f16/bf16 queries, tensor-core formats,
     /// enough row blocks to fill the device); else, and when false, the decode kernel takes
     /// the rows over the shared cache.
@@ -155,6 +168,7 @@ impl Default for PrefillConfig {
         Self {
             warps: 8,
             block_n: 64,
+            m_tiles: 1,
             flash: true,
             min_blocks: 0,
         }
@@ -173,8 +187,26 @@ impl PrefillConfig {
                     ..Self::default()
                 });
             }
+            // (Two row tiles with tiles of 64 tokens spill registers.)
+            out.push(Self {
+                warps,
+                block_n: 32,
+                m_tiles: 2,
+                ..Self::default()
+            });
         }
         out
+    }
+
+    /// The row tiles per warp the kernel takes for head dimensions `d` (K) and `d_v` (V):
+    /// two only where asked and both are at most 128 (larger ones would not fit the
+    /// registers).
+    fn m_tiles_for(&self, d: usize, d_v: usize) -> usize {
+        if self.m_tiles >= 2 && d <= 128 && d_v <= 128 {
+            2
+        } else {
+            1
+        }
     }
 }
 
@@ -437,13 +469,15 @@ struct FlashShape {
     group: usize,
     warps: usize,
     block_n: usize,
+    m_tiles: usize,
 }
 
 impl FlashShape {
     /// Shared memory of the flash kernel, as `attention.cu` lays it out (F_SMEM): two stages
     /// of raw rows (F_KSB, F_VSB apart), the codes (rows of
     /// d + 8 values), K scales (f32), V scales (f16 for f16 queries, else f32) and a word per
-    /// warp; the queries and outputs (f32 rows) reuse that space.
+    /// warp; the queries and outputs (f32 rows) reuse that space. Blocks of 8 warps and blocks
+    /// with two row tiles per warp keep the queries in shared memory too (F_QSMEM).
     fn smem(&self) -> Result<usize> {
         let (k_row, v_row) = (
             self.k_format.row_bytes(self.d)?,
@@ -466,10 +500,10 @@ impl FlashShape {
             + 4 * n * (self.d / 32)
             + vsc * n * (self.d_v / 32)
             + 8 * self.warps;
-        let rows = 4 * 16 * self.warps * self.d.max(self.d_v);
-        // (F_QSMEM: blocks of 8 warps keep the queries in shared memory.)
-        let queries = if self.warps >= 8 {
-            2 * 16 * self.warps * (self.d + 8)
+        let block_rows = 16 * self.m_tiles * self.warps;
+        let rows = 4 * block_rows * self.d.max(self.d_v);
+        let queries = if self.warps >= 8 || self.m_tiles >= 2 {
+            2 * block_rows * (self.d + 8)
         } else {
             0
         };
@@ -480,7 +514,7 @@ impl FlashShape {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
              #define G {}\n#define WARPS {}\n#define MMA 1\n#define KFAST {}\n#define VFAST {}\n\
-             #define QR 1\n#define FLASH 1\n#define BN {}\n",
+             #define QR 1\n#define FLASH 1\n#define BN {}\n#define MT {}\n",
             self.elem,
             self.k_format.name(),
             self.v_format.name(),
@@ -491,6 +525,7 @@ impl FlashShape {
             fast(self.k_format),
             fast(self.v_format),
             self.block_n,
+            self.m_tiles,
         );
         let key = format!("attention {}", defines.replace('\n', " "));
         (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
@@ -618,7 +653,7 @@ impl CudaAttention {
     ///
     /// With f16/bf16 queries and tensor-core formats, and enough query rows to give every
     /// multiprocessor a thread block, the rows run through the flash kernel: a block takes
-    /// `16 · warps` (position, query head) rows of one KV head and walks the visible tokens in
+    /// `16 · m_tiles · warps` (position, query head) rows of one KV head and walks the visible tokens in
     /// tiles of [`PrefillConfig::block_n`], each tile copied and turned into f16/bf16 codes once
     /// for all its rows, the products on the tensor cores. Otherwise (few rows, f32 queries,
     /// other formats, or [`PrefillConfig::flash`] false) they run through the decode kernel
@@ -679,13 +714,22 @@ impl CudaAttention {
         let (ks, vs) = (shared(k, &one_page), shared(v, &one_page));
         // (The flash kernel's token offsets are 32-bit.)
         let short = |x: usize| x <= (i32::MAX / 2) as usize;
+        // (Its offsets within a tile of 64 tokens' rows of every head are 32-bit too.)
+        let tile_fits = |c: &CudaKvCache<'_>| {
+            c.format
+                .row_bytes(c.dim)
+                .is_ok_and(|r| c.n_heads.saturating_mul(r).saturating_mul(64) <= u32::MAX as usize)
+        };
         // Bad head counts are left to `check` (through either kernel's path).
         let group = h_q.checked_div(k.n_heads).unwrap_or(1).max(1);
         let config = self.prefill_config_for(dev, k.format, k.dim, k.n_heads, group, n_q, n_tokens);
-        let blocks = k.n_heads * (n_q * group).div_ceil(16 * config.warps.max(1));
+        let block_rows = 16 * config.warps.clamp(1, 8) * config.m_tiles_for(k.dim, v.dim);
+        let blocks = k.n_heads * (n_q * group).div_ceil(block_rows);
         let flash = config.flash
             && T::ELEM != 0
             && short(n_tokens)
+            && tile_fits(k)
+            && tile_fits(v)
             && params.pos_offset.checked_add(n_q).is_some_and(short)
             && TENSOR_CORE_K_FORMATS.contains(&k.format)
             && TENSOR_CORE_V_FORMATS.contains(&v.format)
@@ -744,10 +788,14 @@ impl CudaAttention {
             group,
             warps: config.warps.clamp(1, 8),
             block_n: if config.block_n <= 32 { 32 } else { 64 },
+            m_tiles: config.m_tiles_for(d, d_v),
         };
         let max_smem = dev.info().max_shared_per_block;
         while shape.smem()? > max_smem && shape.block_n > 32 {
             shape.block_n = 32;
+        }
+        if shape.smem()? > max_smem {
+            shape.m_tiles = 1;
         }
         while shape.smem()? > max_smem && shape.warps > 1 {
             shape.warps /= 2;
@@ -788,7 +836,7 @@ impl CudaAttention {
         let kernel = kernel::function(dev, &key, &src, name, smem)?;
         let qrot = RotArgs::of(dev, self.qk.as_ref())?;
         let vrot = RotArgs::of(dev, self.v.as_ref())?;
-        let blocks = (n_q * group).div_ceil(16 * shape.warps);
+        let blocks = (n_q * group).div_ceil(16 * shape.m_tiles * shape.warps);
         let grid_x =
             u32::try_from(blocks).map_err(|_| CudaError::Input(Error::Overflow("grid size")))?;
         let as_i64 = |x: usize| x as i64;

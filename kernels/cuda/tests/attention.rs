@@ -521,9 +521,11 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
         .map(|&x| f64::from(T::from_f32(x).to_f32()))
         .collect();
     let want = oracle_rows(c, &plan, &q64, &kb, &vb, n, 0);
-    for flash in [false, true] {
+    for (flash, block_n, m_tiles) in [(false, 64, 1), (true, 64, 1), (true, 32, 2)] {
         let prefill = PrefillConfig {
             flash,
+            m_tiles,
+            block_n,
             min_blocks: 1,
             ..PrefillConfig::default()
         };
@@ -537,7 +539,7 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
         attn.prefill(dev, &qd, n, h_q, &kc, &vc, n, &params, &mut out)
             .unwrap();
         let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
-        let what = format!("prefill (flash {flash}): {value} at {at} (K: {in_k})");
+        let what = format!("prefill {prefill:?}: {value} at {at} (K: {in_k})");
         assert_matches::<T>(&got, &want, &what);
     }
 }
@@ -576,10 +578,11 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
     }];
     // (f32 queries never take the flash kernel.)
     if !matches!(T::PRECISION, Precision::F32) {
-        for (warps, block_n) in [(4, 64), (8, 32)] {
+        for (warps, block_n, m_tiles) in [(4, 64, 1), (8, 32, 1), (4, 32, 2)] {
             configs.push(PrefillConfig {
                 warps,
                 block_n,
+                m_tiles,
                 min_blocks: 1,
                 ..PrefillConfig::default()
             });
@@ -938,7 +941,7 @@ fn out_of_memory_is_a_typed_error() {
         .with_config(DecodeConfig {
             warps: 16,
             splits: 1024,
-            tensor_cores: true,
+            ..DecodeConfig::default()
         });
     let params = AttentionParams::default();
     match attn.decode(dev, &q, group, &k, &v, &seqs, &params, &mut out) {

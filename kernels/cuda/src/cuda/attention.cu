@@ -153,6 +153,56 @@ RQ_FN void smem_rotate(float* x, int rows, int n, Rot r, int inverse) {
     __syncthreads();
 }
 
+// smem_rotate for rows of N values (a multiple of 32), each warp taking whole rows: a lane
+// holds N / 32 consecutive values, the butterflies within them are in registers and the rest
+// go across lanes with shuffles, so there is no block-wide barrier per stage (and the same sums
+// in the same order as smem_rotate). Whole power-of-two transforms only (m = 1); others go to
+// smem_rotate. Every thread of the block calls it (it synchronizes).
+template <int N>
+RQ_FN void warp_rotate(float* x, int rows, Rot r, int inverse) {
+    if (r.m != 1) {
+        smem_rotate(x, rows, N, r, inverse);
+        return;
+    }
+    constexpr int V = N / 32;
+    const int lane = threadIdx.x % 32, p = 1 << r.log_p;
+    for (int row = threadIdx.x / 32; row < rows; row += blockDim.x / 32) {
+        float* xr = x + row * N + lane * V;
+        float v[V];
+#pragma unroll
+        for (int i = 0; i < V; i++) v[i] = xr[i];
+        if (r.signs && !inverse)
+#pragma unroll
+            for (int i = 0; i < V; i++) v[i] *= r.signs[lane * V + i];
+#pragma unroll
+        for (int h = 1; h < V; h <<= 1) {
+            if (h >= p) break;
+#pragma unroll
+            for (int i = 0; i < V; i++)
+                if (!(i & h)) {
+                    const float a = v[i], b = v[i + h];
+                    v[i] = a + b;
+                    v[i + h] = a - b;
+                }
+        }
+        for (int lm = 1; lm < 32 && lm * V < p; lm <<= 1) {
+            const bool upper = lane & lm; // this lane holds the pairs' second halves
+#pragma unroll
+            for (int i = 0; i < V; i++) {
+                const float o = __shfl_xor_sync(FULL_MASK, v[i], lm);
+                v[i] = upper ? o - v[i] : v[i] + o;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+            float y = v[i] * r.scale;
+            if (r.signs && inverse) y *= r.signs[lane * V + i];
+            xr[i] = y;
+        }
+    }
+    __syncthreads();
+}
+
 RQ_FN unsigned int smem_addr(const void* p) {
     return (unsigned int)__cvta_generic_to_shared(p);
 }
@@ -610,6 +660,15 @@ RQ_FN void cp_async(unsigned char* dst, const unsigned char* src, unsigned int n
         asm volatile("cp.async.ca.shared.global" L2PF " [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)),
                      "l"(src), "n"(N), "r"(n));
 }
+// The same, all N bytes read (no size operand, nothing to compute per copy).
+template <int N>
+RQ_FN void cp_async_all(unsigned char* dst, const unsigned char* src) {
+    if constexpr (N == 16)
+        asm volatile("cp.async.cg.shared.global" L2PF " [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+    else
+        asm volatile("cp.async.ca.shared.global" L2PF " [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                     "n"(N));
+}
 
 // Starts copying one row per token of the tile (ROW bytes, CW at a time) into `dst`, rows SB
 // bytes apart; rows of tokens from `cnt` on are zero-filled. Lane i holds in `row` the cache
@@ -626,11 +685,17 @@ RQ_FN void stage_rows(unsigned char* dst, const unsigned char* base, long long r
     const int r0 = lane / P, piece = FROM + lane % P;
     unsigned char* d = dst + r0 * SB + piece * CW;
     if (linear) {
-        const long long stride = n_heads * ROW;
+        // (The source advances by a constant; a whole tile, the usual case, needs no sizes.)
+        const long long step = (long long)R * n_heads * ROW;
         const unsigned char* src = base + (first + r0 * n_heads) * ROW + piece * CW;
+        if (cnt >= 32) {
 #pragma unroll
-        for (int it = 0; it < P; it++)
-            cp_async<CW>(d + it * R * SB, src + it * R * stride, it * R + r0 < cnt ? CW : 0);
+            for (int it = 0; it < P; it++, src += step) cp_async_all<CW>(d + it * R * SB, src);
+        } else {
+#pragma unroll
+            for (int it = 0; it < P; it++, src += step)
+                cp_async<CW>(d + it * R * SB, src, it * R + r0 < cnt ? CW : 0);
+        }
     } else {
         const unsigned long long mine =
             reinterpret_cast<unsigned long long>(base + (lane < cnt ? row : 0LL) * ROW);
@@ -857,14 +922,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
     if (s_lo > hi) s_lo = hi;
     if (s_hi > hi) s_hi = hi;
     // This split's part of each of this thread's columns' ranges (empty past NCOL or n_rows).
+    // (`c_live`: a real column; padding columns' results are never stored.)
     long long c_lo[NH][2], c_hi[NH][2];
+    bool c_live[NH][2];
 #pragma unroll
     for (int h = 0; h < NH; h++)
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             const int col = 8 * h + 2 * tq + e, r = seq + col / G;
             long long l2 = 0, h2 = 0;
-            if (col < NCOL && r < n_rows) visible(r, l2, h2);
+            c_live[h][e] = col < NCOL && r < n_rows;
+            if (c_live[h][e]) visible(r, l2, h2);
             c_lo[h][e] = l2 > s_lo ? l2 : s_lo;
             c_hi[h][e] = h2 < s_hi ? h2 : s_hi;
         }
@@ -961,7 +1029,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
             }
         }
 
-        // Online softmax per head; the eight threads of a column hold its 32 scores.
+        // Online softmax per head; the eight threads of a column hold its 32 scores. A tile
+        // inside every live column's range (most of them) needs no masks. (The soft-cap is
+        // one loop of its own: per score, its test would be a branch.)
+        if (softcap > 0.0f)
+#pragma unroll
+            for (int h = 0; h < NH; h++)
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) st[h][c][e] = softcap * tanhf(st[h][c][e] / softcap);
+        bool full = true;
+#pragma unroll
+        for (int h = 0; h < NH; h++)
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                full = full && (!c_live[h][e] || (c_lo[h][e] <= t0 && t0 + 32 <= c_hi[h][e]));
+        full = __all_sync(FULL_MASK, full);
         unsigned int pb[NH][2][2];
 #pragma unroll
         for (int h = 0; h < NH; h++) {
@@ -969,24 +1053,31 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 // The column's range in tile offsets (0..32), so the masks compare 32-bit ints.
-                const long long rl = c_lo[h][e] - t0, rh = c_hi[h][e] - t0;
-                const int lo_t = (int)(rl < 0 ? 0 : rl > 32 ? 32 : rl);
-                const int hi_t = (int)(rh < 0 ? 0 : rh > 32 ? 32 : rh);
-                float tmax = NEG_INF, nan = 0.0f, any = 0.0f;
+                int lo_t = 0, hi_t = 32;
+                if (!full) {
+                    const long long rl = c_lo[h][e] - t0, rh = c_hi[h][e] - t0;
+                    lo_t = (int)(rl < 0 ? 0 : rl > 32 ? 32 : rl);
+                    hi_t = (int)(rh < 0 ? 0 : rh > 32 ? 32 : rh);
+                }
+                float tmax = NEG_INF;
+                if (full) {
 #pragma unroll
-                for (int c = 0; c < 2; c++)
+                    for (int c = 0; c < 2; c++)
 #pragma unroll
-                    for (int u = 0; u < 2; u++) {
-                        float x = st[h][c][2 * u + e];
-                        if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-                        const int t = 16 * c + gr + 8 * u;
-                        const bool valid = t >= lo_t && t < hi_t;
-                        any = valid ? 1.0f : any;
-                        x = valid ? x : NEG_INF;
-                        st[h][c][2 * u + e] = x;
-                        tmax = fmaxf(tmax, x);
-                        nan = isnan(x) ? 1.0f : nan;
-                    }
+                        for (int u = 0; u < 2; u++) {
+                            tmax = fmaxf(tmax, st[h][c][2 * u + e]);
+                        }
+                } else {
+#pragma unroll
+                    for (int c = 0; c < 2; c++)
+#pragma unroll
+                        for (int u = 0; u < 2; u++) {
+                            const int t = 16 * c + gr + 8 * u;
+                            const float x = t >= lo_t && t < hi_t ? st[h][c][2 * u + e] : NEG_INF;
+                            st[h][c][2 * u + e] = x;
+                            tmax = fmaxf(tmax, x);
+                        }
+                }
                 tmax = col_max(tmax);
                 const float m_new = fmaxf(m[h][e], tmax);
                 // Every score so far -Inf (or none visible in this tile), or a NaN among them?
@@ -994,6 +1085,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
                 // nothing; it counts as seen when the column had visible keys in it.
                 bool all_inf = false;
                 if (__any_sync(FULL_MASK, m_new == NEG_INF)) {
+                    float nan = 0.0f, any = 0.0f;
+#pragma unroll
+                    for (int c = 0; c < 2; c++)
+#pragma unroll
+                        for (int u = 0; u < 2; u++) {
+                            const int t = 16 * c + gr + 8 * u;
+                            nan = isnan(st[h][c][2 * u + e]) ? 1.0f : nan;
+                            any = t >= lo_t && t < hi_t ? 1.0f : any;
+                        }
                     const bool none_nan = col_max(nan) == 0.0f;
                     const bool any_visible = col_max(any) > 0.0f;
                     all_inf = m_new == NEG_INF && none_nan;
@@ -1001,17 +1101,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
                 }
                 corr[e] = all_inf ? 1.0f : fast_exp(m[h][e] - m_new);
                 float sum = 0.0f;
+                if (full) {
+                    // (All -Inf: every weight e^(-Inf - 0) = 0, with no test per score.)
+                    const float m_use = all_inf ? 0.0f : m_new;
 #pragma unroll
-                for (int c = 0; c < 2; c++)
+                    for (int c = 0; c < 2; c++)
 #pragma unroll
-                    for (int u = 0; u < 2; u++) {
-                        const int t = 16 * c + gr + 8 * u;
-                        const bool valid = t >= lo_t && t < hi_t;
-                        const float x = st[h][c][2 * u + e];
-                        const float pr = (valid && !all_inf) ? fast_exp(x - m_new) : 0.0f;
-                        st[h][c][2 * u + e] = pr;
-                        sum += pr;
-                    }
+                        for (int u = 0; u < 2; u++) {
+                            const float pr = fast_exp(st[h][c][2 * u + e] - m_use);
+                            st[h][c][2 * u + e] = pr;
+                            sum += pr;
+                        }
+                } else {
+#pragma unroll
+                    for (int c = 0; c < 2; c++)
+#pragma unroll
+                        for (int u = 0; u < 2; u++) {
+                            const int t = 16 * c + gr + 8 * u;
+                            const bool valid = t >= lo_t && t < hi_t;
+                            const float x = st[h][c][2 * u + e];
+                            const float pr = (valid && !all_inf) ? fast_exp(x - m_new) : 0.0f;
+                            st[h][c][2 * u + e] = pr;
+                            sum += pr;
+                        }
+                }
                 // l is this thread's share of the column's sum (summed over the column at
                 // the end): every thread of a column applies the same corrections.
                 if (!all_inf) {
@@ -1118,7 +1231,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 // NaN) would poison, through 0 · Inf in the mma, rows for which its token is masked: such tokens'
 // codes are zeroed for the mma and their values added to the rows that see them in f32.
 
-#define BM (16 * WARPS)
+#ifndef MT
+#define MT 1
+#endif
+// Rows per warp: MT m-tiles of 16, so that each K/V fragment read from shared memory feeds MT
+// products (and a block's tile conversion serves 16 · MT · WARPS rows).
+#define WR (16 * MT)
+#define BM (WR * WARPS)
 // Raw rows: an odd number of 8-byte units apart (16-byte units for 16-byte copies), so that
 // lanes reading the same word of consecutive rows meet at most two to a bank.
 #define F_KSB (CW >= 16 ? K_SB : 8 * (((K_ROW + 7) / 8) | 1))
@@ -1139,16 +1258,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 #define F_TILES (F_BAD + 8 * WARPS)
 // The queries (before the loop) and the outputs (after it) reuse the tiles' space.
 #define F_ROWS (4 * BM * (D > DV ? D : DV))
-// Blocks of 8 warps keep the queries in shared memory as the element type (rows of D + 8,
-// read with ldmatrix at each tile), after the tiles, and take 128 registers per thread, for two
-// blocks (16 warps) per multiprocessor; blocks of 4 hold them in registers (measured on an
-// H100, 8k tokens causal: 8 warps x tiles of 64 this way 131 TFLOP/s, 4 warps x 32 with the
-// queries in registers and three blocks per multiprocessor 116, either the other way 90-111).
-#define F_QSMEM (WARPS >= 8)
+// Blocks of 8 warps (and blocks of two m-tiles per warp) keep the queries in shared memory as
+// the element type (rows of D + 8, read with ldmatrix at each tile), after the tiles, and take
+// 128 registers per thread, for two blocks (16 warps) per multiprocessor; blocks of 4 warps and
+// one m-tile hold them in registers. Measured on an H100, 8k tokens causal, q8_0: 8 warps x
+// tiles of 64 this way 188-191 TFLOP/s; 4 warps 149-157; two m-tiles 154-158; 8 warps with
+// 255 registers and one block per multiprocessor 148.
+#define F_QSMEM (WARPS >= 8 || MT >= 2)
 #define F_QS (F_TILES > F_ROWS ? F_TILES : F_ROWS)
 #define F_SMEM (F_QS + (F_QSMEM ? 2 * BM * KCS : 0))
-// Enough blocks per multiprocessor for 12 warps where the registers allow it.
-#define F_MINB (D > 128 || DV > 128 ? 1 : WARPS == 4 ? 3 : WARPS >= 8 ? 2 : 1)
+// Enough blocks per multiprocessor for 12 or 16 warps where the registers allow it; two
+// m-tiles per warp hold twice the scores and outputs (up to 255 registers).
+#define F_MINB (D > 128 || DV > 128 ? 1 : MT >= 2 ? (WARPS >= 8 ? 1 : 2) : WARPS == 4 ? 3 : WARPS >= 8 ? 2 : 1)
 
 // ldmatrix x4 (and transposed) at a shared-memory address.
 RQ_FN void ldsm_x4(unsigned int* r, unsigned int a) {
@@ -1179,11 +1300,22 @@ RQ_FN void flash_stage_rows(unsigned char* dst, const unsigned char* base, const
         const unsigned int tok0 = threadIdx.x / W, piece = threadIdx.x - tok0 * W;
         unsigned char* d = dst + tok0 * SB + piece * CW;
         if (!table) {
-            const long long stride = n_heads * ROW;
-            const unsigned char* src = base + ((t0 + tok0) * n_heads + head) * ROW + piece * CW;
-#pragma unroll 4
-            for (unsigned int tok = tok0; tok < BN; tok += R, src += R * stride, d += R * SB)
-                cp_async<CW>(d, src, tok < cnt ? CW : 0);
+            // The tile's first row, then 32-bit offsets (the host checked that BN rows of all
+            // heads span less than 4 GiB); a whole tile (the usual case) needs no sizes.
+            const unsigned char* tile = base + (t0 * n_heads + head) * ROW;
+            const unsigned int stride = (unsigned int)n_heads * ROW;
+            unsigned int so = tok0 * stride + piece * CW;
+            if (cnt == BN) {
+#pragma unroll
+                for (unsigned int i = 0; i < (BN + R - 1) / R; i++, so += R * stride, d += R * SB)
+                    if (tok0 + i * R < BN) cp_async_all<CW>(d, tile + so);
+            } else {
+#pragma unroll
+                for (unsigned int i = 0; i < (BN + R - 1) / R; i++, so += R * stride, d += R * SB) {
+                    const unsigned int tok = tok0 + i * R;
+                    if (tok < BN) cp_async<CW>(d, tile + (tok < cnt ? so : 0u), tok < cnt ? CW : 0);
+                }
+            }
         } else {
 #pragma unroll 2
             for (unsigned int tok = tok0; tok < BN; tok += R, d += R * SB) {
@@ -1211,19 +1343,19 @@ RQ_FN void flash_stage_rows(unsigned char* dst, const unsigned char* base, const
     }
 }
 
-// Word w (0, 1, ...) of the code bytes that start 2 bytes into `grp`: one aligned load per word
-// (and one more) when `grp` is 4-byte aligned (the codes then are not), else direct loads.
+// Word w (0, 1, ...) of the code bytes that start 2 bytes into `grp` (2-byte aligned): aligned
+// loads only, each word put together from two by a byte permutation whose selector says
+// whether the codes are 4-byte aligned (the same instructions either way; the word after the
+// codes is read too, and ignored when they are aligned).
 struct CodeWords {
-    const unsigned char* grp;
-    bool aligned; // the codes are 4-byte aligned
-    unsigned int prev;
-    RQ_FN CodeWords(const unsigned char* g, bool codes_aligned) : grp(g), aligned(codes_aligned), prev(0) {
-        if (!aligned) prev = *reinterpret_cast<const unsigned int*>(grp);
-    }
+    const unsigned int* base;
+    unsigned int sel, prev;
+    RQ_FN CodeWords(const unsigned char* g, bool codes_aligned)
+        : base(reinterpret_cast<const unsigned int*>(codes_aligned ? g + 2 : g)),
+          sel(codes_aligned ? 0x3210u : 0x5432u), prev(base[0]) {}
     RQ_FN unsigned int next(int w) {
-        if (aligned) return *reinterpret_cast<const unsigned int*>(grp + 2 + 4 * w);
-        const unsigned int nx = *reinterpret_cast<const unsigned int*>(grp + 4 + 4 * w);
-        const unsigned int r = __byte_perm(prev, nx, 0x5432);
+        const unsigned int nx = base[w + 1];
+        const unsigned int r = __byte_perm(prev, nx, sel);
         prev = nx;
         return r;
     }
@@ -1357,16 +1489,25 @@ RQ_FN void flash_extract(const unsigned char* raw, unsigned char* sm, unsigned l
     }
 }
 
+// Eight values (f32, 16-byte aligned) times `scale`, as eight elements in 16 bytes.
+RQ_FN uint4 pack8(const float* x, float scale) {
+    const float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+    return make_uint4(pack2(a.x * scale, a.y * scale), pack2(a.z * scale, a.w * scale), pack2(b.x * scale, b.y * scale),
+                      pack2(b.z * scale, b.w * scale));
+}
+
 // qa0, qa1: this warp's query A fragments of K group b (dimensions 32b .. 32b + 31).
 #if F_QSMEM
-#define QFRAGS(b)                          \
-    unsigned int qa0[4], qa1[4];           \
-    ldsm_x4(qa0, q_lane + 2 * (32 * (b))); \
-    ldsm_x4(qa1, q_lane + 2 * (32 * (b) + 16))
+#define QFRAGS(b)                                                   \
+    unsigned int qa0[MT][4], qa1[MT][4];                            \
+    _Pragma("unroll") for (int mt = 0; mt < MT; mt++) {             \
+        ldsm_x4(qa0[mt], q_lane + 2 * (16 * mt * KCS + 32 * (b)));      \
+        ldsm_x4(qa1[mt], q_lane + 2 * (16 * mt * KCS + 32 * (b) + 16)); \
+    }
 #else
-#define QFRAGS(b)                          \
-    const unsigned int* qa0 = qa[2 * (b)]; \
-    const unsigned int* qa1 = qa[2 * (b) + 1]
+#define QFRAGS(b)                                \
+    const unsigned int(*qa0)[4] = &qa[2 * (b)];     \
+    const unsigned int(*qa1)[4] = &qa[2 * (b) + 1]
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_flash(
@@ -1403,22 +1544,33 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
     // The block's queries, rotated and scaled, then this warp's as A fragments.
     {
         const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
-        for (int x = threadIdx.x; x < BM * D; x += THREADS) {
-            const long long r = rb * BM + x / D;
-            rows_f[x] = r < n_rows ? elem_to_f32(q[((r / G) * h_q + (long long)head * G + r % G) * D + x % D])
-                                   : 0.0f;
+        // Eight values (16 bytes) at a time: a query row is D values, a multiple of 32.
+#pragma unroll 4
+        for (int x = threadIdx.x; x < BM * D / 8; x += THREADS) {
+            const int row = x / (D / 8), c = 8 * (x % (D / 8));
+            const long long r = rb * BM + row;
+            uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+            if (r < n_rows)
+                raw = *reinterpret_cast<const uint4*>(q + ((r / G) * h_q + (long long)head * G + r % G) * D + c);
+            const elem_t* v = reinterpret_cast<const elem_t*>(&raw);
+            float4* dst = reinterpret_cast<float4*>(rows_f + row * D + c);
+            dst[0] = make_float4(elem_to_f32(v[0]), elem_to_f32(v[1]), elem_to_f32(v[2]), elem_to_f32(v[3]));
+            dst[1] = make_float4(elem_to_f32(v[4]), elem_to_f32(v[5]), elem_to_f32(v[6]), elem_to_f32(v[7]));
         }
         __syncthreads();
-        smem_rotate(rows_f, BM, D, qrot, 0);
+        warp_rotate<D>(rows_f, BM, qrot, 0);
     }
     // Scores in units of log2: the queries carry log2(e), and so does the soft-cap.
     const float qscale = score_scale * 1.4426950408889634f, cap = softcap * 1.4426950408889634f;
 #if F_QSMEM
     // This warp's rows as A fragments come from shared memory, with ldmatrix, at each tile.
     elem_t* qsm = reinterpret_cast<elem_t*>(sm + F_QS);
-    for (int x = threadIdx.x; x < BM * D; x += THREADS) qsm[(x / D) * KCS + x % D] = f32_to_elem(rows_f[x] * qscale);
+    for (int x = threadIdx.x; x < BM * D / 8; x += THREADS) {
+        const int row = x / (D / 8), c = 8 * (x % (D / 8));
+        *reinterpret_cast<uint4*>(qsm + row * KCS + c) = pack8(rows_f + row * D + c, qscale);
+    }
     const unsigned int q_lane =
-        smem_addr(qsm) + 2 * ((16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * KCS + 8 * (lane >> 4));
+        smem_addr(qsm) + 2 * ((WR * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * KCS + 8 * (lane >> 4));
 #else
     unsigned int qa[D / 16][4];
     {
@@ -1436,10 +1588,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
 #endif
     __syncthreads(); // the tiles reuse the queries' space
 
-    // This thread's rows (16 · warp + gr + 8ρ) and their visible ranges; the block's range.
-    long long r_lo[2], r_hi[2];
+    // This thread's rows (WR · warp + 16 · mt + gr + 8u) and their visible ranges; the block's
+    // range.
+    long long r_lo[MT][2], r_hi[MT][2];
 #pragma unroll
-    for (int u = 0; u < 2; u++) visible((rb * BM + 16 * warp + gr + 8 * u) / G, r_lo[u], r_hi[u]);
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+            visible((rb * BM + WR * warp + 16 * mt + gr + 8 * u) / G, r_lo[mt][u], r_hi[mt][u]);
     // Clamped to hi, lo still grows with the query: the first row's lo is the smallest.
     long long b_lo, b_hi, last_lo, first_hi;
     {
@@ -1451,19 +1607,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
         if (b_hi < b_lo) b_hi = b_lo;
     }
 
-    float m[2], l[2];
-    bool seen[2];
-    float o[DV / 8][4];
+    float m[MT][2], l[MT][2];
+    bool seen[MT][2];
+    float o[MT][DV / 8][4];
 #pragma unroll
-    for (int u = 0; u < 2; u++) {
-        m[u] = NEG_INF;
-        l[u] = 0.0f;
-        seen[u] = false;
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            m[mt][u] = NEG_INF;
+            l[mt][u] = 0.0f;
+            seen[mt][u] = false;
+        }
+#pragma unroll
+        for (int n = 0; n < DV / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[mt][n][e] = 0.0f;
     }
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
 
     auto stage = [&](int s, long long t0) {
         if (t0 < b_hi) {
@@ -1478,20 +1637,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
     // matrices 8 dimensions apart); V rows are tokens too, read transposed.
     const unsigned int k_lane = smem_addr(kcodes) + 2 * ((lane & 7) * KCS + 8 * (lane >> 3));
     const unsigned int v_lane = smem_addr(vcodes) + 2 * (((lane & 7) + 8 * ((lane >> 3) & 1)) * VCS + 8 * (lane >> 4));
-    int cur = 0;
     stage(0, b_lo);
     // Token offsets from b_lo fit 32 bits (the host sends longer caches to the decode kernel):
     // the per-tile range tests are 32-bit.
     auto rel = [&](long long t) -> int { return (int)(t < b_lo ? 0 : t > b_hi ? b_hi - b_lo : t - b_lo); };
     const int span = (int)(b_hi - b_lo), full_lo = rel(last_lo), full_hi = rel(first_hi);
-    int row_lo[2], row_hi[2];
+    int row_lo[MT][2], row_hi[MT][2];
 #pragma unroll
-    for (int u = 0; u < 2; u++) {
-        row_lo[u] = rel(r_lo[u]);
-        row_hi[u] = rel(r_hi[u]);
-    }
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            row_lo[mt][u] = rel(r_lo[mt][u]);
+            row_hi[mt][u] = rel(r_hi[mt][u]);
+        }
     for (int off = 0; off < span; off += BN) {
         const long long t0 = b_lo + off;
+        const int cur = (off / BN) & 1; // this tile's stage (a counter would take a register)
         stage(cur ^ 1, t0 + BN);
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads(); // this tile's rows landed; every warp is done with the last codes
@@ -1514,12 +1675,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
             }
         }
 
-        // S = Q K^T: s[j] holds tokens 8j + 2tq (+1) of rows gr (0, 1) and gr + 8 (2, 3).
-        float s[BN / 8][4];
+        // S = Q K^T: s[mt][j] holds tokens 8j + 2tq (+1) of m-tile mt's rows gr (0, 1) and
+        // gr + 8 (2, 3). Each K fragment feeds the MT m-tiles.
+        float s[MT][BN / 8][4];
 #pragma unroll
-        for (int j = 0; j < BN / 8; j++)
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) s[j][e] = 0.0f;
+            for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[mt][j][e] = 0.0f;
         if (!wild) {
 #pragma unroll
             for (int b = 0; b < KB; b++) {
@@ -1528,59 +1692,75 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
                 for (int j = 0; j < BN / 8; j++) {
                     unsigned int kb[4];
                     ldsm_x4(kb, k_lane + 2 * (8 * j * KCS + 32 * b));
-                    mma_16816(s[j], qa0, kb[0], kb[1]);
-                    mma_16816(s[j], qa1, kb[2], kb[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_16816(s[mt][j], qa0[mt], kb[0], kb[1]);
+                        mma_16816(s[mt][j], qa1[mt], kb[2], kb[3]);
+                    }
                 }
             }
         } else {
 #pragma unroll
-        for (int b = 0; b < KB; b++) {
-            QFRAGS(b);
+            for (int b = 0; b < KB; b++) {
+                QFRAGS(b);
 #pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                unsigned int kb[4];
-                ldsm_x4(kb, k_lane + 2 * (8 * j * KCS + 32 * b));
-                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mma_16816(c, qa0, kb[0], kb[1]);
-                mma_16816(c, qa1, kb[2], kb[3]);
-                const float2 d = *reinterpret_cast<const float2*>(ksc + b * BN + 8 * j + 2 * tq);
-                s[j][0] = fmaf(d.x, c[0], s[j][0]);
-                s[j][1] = fmaf(d.y, c[1], s[j][1]);
-                s[j][2] = fmaf(d.x, c[2], s[j][2]);
-                s[j][3] = fmaf(d.y, c[3], s[j][3]);
+                for (int j = 0; j < BN / 8; j++) {
+                    unsigned int kb[4];
+                    ldsm_x4(kb, k_lane + 2 * (8 * j * KCS + 32 * b));
+                    const float2 d = *reinterpret_cast<const float2*>(ksc + b * BN + 8 * j + 2 * tq);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma_16816(c, qa0[mt], kb[0], kb[1]);
+                        mma_16816(c, qa1[mt], kb[2], kb[3]);
+                        s[mt][j][0] = fmaf(d.x, c[0], s[mt][j][0]);
+                        s[mt][j][1] = fmaf(d.y, c[1], s[mt][j][1]);
+                        s[mt][j][2] = fmaf(d.x, c[2], s[mt][j][2]);
+                        s[mt][j][3] = fmaf(d.y, c[3], s[mt][j][3]);
+                    }
+                }
             }
-        }
         }
 
         // Online softmax per row; the four threads of a row (a quad) hold its BN scores, in
         // units of log2 (the queries carry log2(e)): p = 2^(s - m). Tiles inside every row's
         // range (most of them) skip the masks; a key masked out scores -Inf, so its p is 0.
         const bool full = off >= full_lo && off + BN <= full_hi;
+        // (The soft-cap is one loop of its own: per score, its test would be a branch.)
+        if (cap > 0.0f)
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s[mt][j][e] = cap * tanhf(s[mt][j][e] / cap);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             // The row's range in tile offsets (0..BN), wanted only at the ranges' edges.
             int lo_t = 0, hi_t = BN;
             if (!full) {
-                lo_t = min(max(row_lo[u] - off, 0), BN);
-                hi_t = min(max(row_hi[u] - off, 0), BN);
+                lo_t = min(max(row_lo[mt][u] - off, 0), BN);
+                hi_t = min(max(row_hi[mt][u] - off, 0), BN);
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int t = 8 * j + 2 * tq + e;
+                        if (t < lo_t || t >= hi_t) s[mt][j][2 * u + e] = NEG_INF;
+                    }
             }
-            float tmax = NEG_INF;
+            // (Four running maxima: shorter chains of dependent instructions.)
+            float mx[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};
 #pragma unroll
             for (int j = 0; j < BN / 8; j++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float x = s[j][2 * u + e];
-                    if (cap > 0.0f) x = cap * tanhf(x / cap);
-                    if (!full) {
-                        const int t = 8 * j + 2 * tq + e;
-                        x = t >= lo_t && t < hi_t ? x : NEG_INF;
-                    }
-                    s[j][2 * u + e] = x;
-                    tmax = fmaxf(tmax, x);
-                }
+                for (int e = 0; e < 2; e++) mx[(2 * j + e) % 4] = fmaxf(mx[(2 * j + e) % 4], s[mt][j][2 * u + e]);
+            float tmax = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
             tmax = fmaxf(tmax, __shfl_xor_sync(FULL_MASK, tmax, 1));
             tmax = fmaxf(tmax, __shfl_xor_sync(FULL_MASK, tmax, 2));
-            const float m_new = fmaxf(m[u], tmax);
+            const float m_new = fmaxf(m[mt][u], tmax);
             // Every score so far -Inf (or none visible), or a NaN among them? Rare: only then
             // are the row's threads asked. `all_inf`: the tile adds nothing; it counts as seen
             // when the row had visible keys in it.
@@ -1592,7 +1772,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         const int t = 8 * j + 2 * tq + e;
-                        nan = isnan(s[j][2 * u + e]) ? 1.0f : nan;
+                        nan = isnan(s[mt][j][2 * u + e]) ? 1.0f : nan;
                         any = full || (t >= lo_t && t < hi_t) ? 1.0f : any;
                     }
                 nan = fmaxf(nan, __shfl_xor_sync(FULL_MASK, nan, 1));
@@ -1600,86 +1780,102 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
                 any = fmaxf(any, __shfl_xor_sync(FULL_MASK, any, 1));
                 any = fmaxf(any, __shfl_xor_sync(FULL_MASK, any, 2));
                 all_inf = m_new == NEG_INF && nan == 0.0f;
-                if (all_inf && any > 0.0f) seen[u] = true;
+                if (all_inf && any > 0.0f) seen[mt][u] = true;
             }
-            const float corr = all_inf ? 1.0f : fast_exp2(m[u] - m_new);
-            float sum = 0.0f;
+            // The running maximum stays unless this tile's exceeds it by more than 8 (in log2
+            // units): weights then reach at most 2^8, well inside f16, and most tiles rescale
+            // nothing. (A first finite maximum always replaces -Inf. A `wild` tile multiplies
+            // the weights by V scales in f16, so there they stay at most 1.)
+            const float m_keep = m_new - m[mt][u] <= (wild ? 0.0f : 8.0f) ? m[mt][u] : m_new;
+            const float corr = all_inf ? 1.0f : fast_exp2(m[mt][u] - m_keep);
+            // (All -Inf: every weight 2^(-Inf - 0) = 0, with no test per score.)
+            const float m_use = all_inf ? 0.0f : m_keep;
+            float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int j = 0; j < BN / 8; j++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    const float pr = all_inf ? 0.0f : fast_exp2(s[j][2 * u + e] - m_new);
-                    s[j][2 * u + e] = pr;
-                    sum += pr;
+                    const float pr = fast_exp2(s[mt][j][2 * u + e] - m_use);
+                    s[mt][j][2 * u + e] = pr;
+                    sums[(2 * j + e) % 4] += pr;
                 }
+            const float sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
             if (!all_inf) {
-                l[u] = l[u] * corr + sum;
-                m[u] = m_new;
+                l[mt][u] = l[mt][u] * corr + sum;
+                m[mt][u] = m_keep;
             }
             if (__any_sync(FULL_MASK, corr != 1.0f))
 #pragma unroll
                 for (int n = 0; n < DV / 8; n++) {
-                    o[n][2 * u] *= corr;
-                    o[n][2 * u + 1] *= corr;
+                    o[mt][n][2 * u] *= corr;
+                    o[mt][n][2 * u + 1] *= corr;
                 }
         }
 
-        // O += P V, 16 tokens at a time (for codes, with each V group's scales folded into P).
+        // O += P V, 16 tokens at a time (for codes, with each V group's scales folded into P);
+        // each V fragment feeds the MT m-tiles.
         if (!wild) {
 #pragma unroll
             for (int k = 0; k < BN / 16; k++) {
-                const unsigned int pa[4] = {pack2(s[2 * k][0], s[2 * k][1]), pack2(s[2 * k][2], s[2 * k][3]),
-                                            pack2(s[2 * k + 1][0], s[2 * k + 1][1]),
-                                            pack2(s[2 * k + 1][2], s[2 * k + 1][3])};
+                unsigned int pa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    pa[mt][0] = pack2(s[mt][2 * k][0], s[mt][2 * k][1]);
+                    pa[mt][1] = pack2(s[mt][2 * k][2], s[mt][2 * k][3]);
+                    pa[mt][2] = pack2(s[mt][2 * k + 1][0], s[mt][2 * k + 1][1]);
+                    pa[mt][3] = pack2(s[mt][2 * k + 1][2], s[mt][2 * k + 1][3]);
+                }
 #pragma unroll
                 for (int nn = 0; nn < DV / 16; nn++) {
                     unsigned int vb[4];
                     ldsm_x4_t(vb, v_lane + 2 * (16 * k * VCS + 16 * nn));
-                    mma_16816(o[2 * nn], pa, vb[0], vb[1]);
-                    mma_16816(o[2 * nn + 1], pa, vb[2], vb[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_16816(o[mt][2 * nn], pa[mt], vb[0], vb[1]);
+                        mma_16816(o[mt][2 * nn + 1], pa[mt], vb[2], vb[3]);
+                    }
                 }
             }
         } else
 #pragma unroll
         for (int k = 0; k < BN / 16; k++) {
-#if ELEM == 1
-            unsigned int pa[4];
-#endif
-            float pf[8];
-            pf[0] = s[2 * k][0], pf[1] = s[2 * k][1], pf[2] = s[2 * k][2], pf[3] = s[2 * k][3];
-            pf[4] = s[2 * k + 1][0], pf[5] = s[2 * k + 1][1], pf[6] = s[2 * k + 1][2], pf[7] = s[2 * k + 1][3];
-#if ELEM == 1
-            pa[0] = pack2(pf[0], pf[1]);
-            pa[1] = pack2(pf[2], pf[3]);
-            pa[2] = pack2(pf[4], pf[5]);
-            pa[3] = pack2(pf[6], pf[7]);
-#endif
 #pragma unroll
             for (int b = 0; b < VB; b++) {
-                unsigned int a[4];
+                unsigned int a[MT][4];
 #if ELEM == 1
                 const elem_t* vsc = reinterpret_cast<const elem_t*>(sm + F_VSC) + b * BN + 16 * k + 2 * tq;
                 const unsigned int d01 = *reinterpret_cast<const unsigned int*>(vsc);
                 const unsigned int d89 = *reinterpret_cast<const unsigned int*>(vsc + 8);
-                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[0]) : "r"(pa[0]), "r"(d01));
-                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[1]) : "r"(pa[1]), "r"(d01));
-                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[2]) : "r"(pa[2]), "r"(d89));
-                asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[3]) : "r"(pa[3]), "r"(d89));
 #else
                 const float* vsc = reinterpret_cast<const float*>(sm + F_VSC) + b * BN + 16 * k + 2 * tq;
                 const float2 d01 = *reinterpret_cast<const float2*>(vsc);
                 const float2 d89 = *reinterpret_cast<const float2*>(vsc + 8);
-                a[0] = pack2(pf[0] * d01.x, pf[1] * d01.y);
-                a[1] = pack2(pf[2] * d01.x, pf[3] * d01.y);
-                a[2] = pack2(pf[4] * d89.x, pf[5] * d89.y);
-                a[3] = pack2(pf[6] * d89.x, pf[7] * d89.y);
 #endif
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    const float* p0 = s[mt][2 * k];
+                    const float* p1 = s[mt][2 * k + 1];
+#if ELEM == 1
+                    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[mt][0]) : "r"(pack2(p0[0], p0[1])), "r"(d01));
+                    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[mt][1]) : "r"(pack2(p0[2], p0[3])), "r"(d01));
+                    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[mt][2]) : "r"(pack2(p1[0], p1[1])), "r"(d89));
+                    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(a[mt][3]) : "r"(pack2(p1[2], p1[3])), "r"(d89));
+#else
+                    a[mt][0] = pack2(p0[0] * d01.x, p0[1] * d01.y);
+                    a[mt][1] = pack2(p0[2] * d01.x, p0[3] * d01.y);
+                    a[mt][2] = pack2(p1[0] * d89.x, p1[1] * d89.y);
+                    a[mt][3] = pack2(p1[2] * d89.x, p1[3] * d89.y);
+#endif
+                }
 #pragma unroll
                 for (int np = 0; np < 2; np++) {
                     unsigned int vb[4];
                     ldsm_x4_t(vb, v_lane + 2 * (16 * k * VCS + 32 * b + 16 * np));
-                    mma_16816(o[4 * b + 2 * np], a, vb[0], vb[1]);
-                    mma_16816(o[4 * b + 2 * np + 1], a, vb[2], vb[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_16816(o[mt][4 * b + 2 * np], a[mt], vb[0], vb[1]);
+                        mma_16816(o[mt][4 * b + 2 * np + 1], a[mt], vb[2], vb[3]);
+                    }
                 }
             }
         }
@@ -1697,16 +1893,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
             const unsigned char* vrow = vc + (slot * n_heads + head) * V_ROW;
             // The weights of token tt: held by the quad's thread (tt % 8) / 2; each thread
             // offers its own by selects (no indexing, which would put s in local memory).
-            float p[2];
+            float p[MT][2];
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                float mine = 0.0f;
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int j = 0; j < BN / 8; j++)
+                for (int u = 0; u < 2; u++) {
+                    float mine = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < 2; e++) mine = 8 * j + 2 * tq + e == tt ? s[j][2 * u + e] : mine;
-                p[u] = __shfl_sync(FULL_MASK, mine, (lane & ~3) | ((tt & 7) >> 1));
-            }
+                    for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) mine = 8 * j + 2 * tq + e == tt ? s[mt][j][2 * u + e] : mine;
+                    p[mt][u] = __shfl_sync(FULL_MASK, mine, (lane & ~3) | ((tt & 7) >> 1));
+                }
             // Only the groups that were zeroed (a scale or a code not finite) are added here.
 #pragma unroll
             for (int b = 0; b < VB; b++) {
@@ -1716,42 +1914,48 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
                 for (int j = 0; j < 32; j++) zeroed = zeroed || !rq_is_finite(RQ_CAT(rq_code_, VFMT)(g, j));
                 if (!zeroed) continue;
 #pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    if (t < r_lo[u] || t >= r_hi[u]) continue;
+                for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                    for (int n = 4 * b; n < 4 * b + 4; n++)
+                    for (int u = 0; u < 2; u++) {
+                        if (tt + off < row_lo[mt][u] || tt + off >= row_hi[mt][u]) continue;
 #pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            const int j = 8 * (n % 4) + 2 * tq + e;
-                            o[n][2 * u + e] += p[u] * (RQ_CAT(rq_code_, VFMT)(g, j) * d);
-                        }
-                }
+                        for (int n = 4 * b; n < 4 * b + 4; n++)
+#pragma unroll
+                            for (int e = 0; e < 2; e++) {
+                                const int j = 8 * (n % 4) + 2 * tq + e;
+                                o[mt][n][2 * u + e] += p[mt][u] * (RQ_CAT(rq_code_, VFMT)(g, j) * d);
+                            }
+                    }
             }
         }
-        cur ^= 1;
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads(); // the outputs reuse the tiles' space
 
     // Rows divided by l (0 for a row that saw no key), rotated back, stored.
 #pragma unroll
-    for (int u = 0; u < 2; u++) {
-        float lr = l[u];
-        lr += __shfl_xor_sync(FULL_MASK, lr, 1);
-        lr += __shfl_xor_sync(FULL_MASK, lr, 2);
-        const bool live = m[u] != NEG_INF || isnan(lr) || seen[u];
-        float* dst = rows_f + (16 * warp + gr + 8 * u) * DV;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int n = 0; n < DV / 8; n++)
+        for (int u = 0; u < 2; u++) {
+            float lr = l[mt][u];
+            lr += __shfl_xor_sync(FULL_MASK, lr, 1);
+            lr += __shfl_xor_sync(FULL_MASK, lr, 2);
+            const bool live = m[mt][u] != NEG_INF || isnan(lr) || seen[mt][u];
+            float* dst = rows_f + (WR * warp + 16 * mt + gr + 8 * u) * DV;
 #pragma unroll
-            for (int e = 0; e < 2; e++) dst[8 * n + 2 * tq + e] = live ? o[n][2 * u + e] / lr : 0.0f;
-    }
+            for (int n = 0; n < DV / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) dst[8 * n + 2 * tq + e] = live ? o[mt][n][2 * u + e] / lr : 0.0f;
+        }
     __syncthreads();
     const Rot vrot = {v_log_p, v_m, v_base, v_signs, v_scale_r};
-    smem_rotate(rows_f, BM, DV, vrot, 1);
-    for (int x = threadIdx.x; x < BM * DV; x += THREADS) {
-        const long long r = rb * BM + x / DV;
-        if (r < n_rows) out[((r / G) * h_q + (long long)head * G + r % G) * DV + x % DV] = f32_to_elem(rows_f[x]);
+    warp_rotate<DV>(rows_f, BM, vrot, 1);
+    for (int x = threadIdx.x; x < BM * DV / 8; x += THREADS) {
+        const int row = x / (DV / 8), c = 8 * (x % (DV / 8));
+        const long long r = rb * BM + row;
+        if (r < n_rows)
+            *reinterpret_cast<uint4*>(out + ((r / G) * h_q + (long long)head * G + r % G) * DV + c) =
+                pack8(rows_f + row * DV + c, 1.0f);
     }
 }
 #endif
