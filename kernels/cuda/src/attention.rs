@@ -507,7 +507,8 @@ impl FlashShape {
         } else {
             0
         };
-        Ok(tiles.max(rows) + queries)
+        // (The queries start 16-byte aligned.)
+        Ok(tiles.max(rows).next_multiple_of(16) + queries)
     }
 
     fn source(&self) -> (String, String) {

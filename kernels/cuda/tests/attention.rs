@@ -327,7 +327,8 @@ fn every_format_as_k_and_as_v() {
     }
 }
 
-/// Head dimensions 64, 256 and 12·16, and a V head unlike K's.
+/// Head dimensions 64, 256, 12·16 and 5·32, and a V head unlike K's, in decode and in
+/// prefill (whose kernel rotates rows of 192 or 160 by blocks of 32 its own way).
 #[test]
 fn head_dimensions() {
     let Some(dev) = device() else { return };
@@ -340,6 +341,7 @@ fn head_dimensions() {
         };
         check::<f32>(dev, &c);
         check::<f16>(dev, &c);
+        check_prefill::<f16>(dev, &c, 9);
     }
 }
 
@@ -597,6 +599,55 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
             .unwrap_or_else(|e| panic!("{c:?} {prefill:?}: {e}"));
         let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
         assert_matches::<T>(&got, &want, &format!("prefill n_q={n_q} {prefill:?} {c:?}"));
+    }
+}
+
+/// Odd warp counts in the flash kernel: its queries sit after the tiles' space, which ends on
+/// an 8-byte boundary when the warp count is odd; they are moved to 16 bytes (they are stored
+/// and read 16 bytes at a time).
+#[test]
+fn prefill_with_odd_warp_counts() {
+    let Some(dev) = device() else { return };
+    let c = Case {
+        k_format: KvFormat::Q8_0,
+        v_format: KvFormat::Q8_0,
+        seqs: vec![(150, 113)],
+        ..Case::basic()
+    };
+    let plan = c.plan();
+    let h_q = c.h_kv * c.group;
+    let n_q = 37;
+    let (n, pos) = c.seqs[0];
+    let per_seq = sequences(&c, &plan);
+    let caches = DeviceCaches::new(dev, &c, &per_seq, n + 3);
+    let (k, v) = caches.views(&c);
+    let q = random(n_q * h_q * c.d, 17);
+    let q_held: Vec<f64> = q
+        .iter()
+        .map(|&x| f64::from(f16::from_f32(x).to_f32()))
+        .collect();
+    let qd = upload::<f16>(dev, &q);
+    let mut out = dev.stream().alloc_zeros::<f16>(n_q * h_q * c.d_v).unwrap();
+    let params = AttentionParams {
+        pos_offset: pos,
+        ..c.params()
+    };
+    let want = oracle_rows(&c, &plan, &q_held, &per_seq[0].0, &per_seq[0].1, n, pos);
+    for (warps, m_tiles) in [(1, 2), (3, 2), (3, 1), (5, 1)] {
+        let prefill = PrefillConfig {
+            warps,
+            block_n: 32,
+            m_tiles,
+            min_blocks: 1,
+            ..PrefillConfig::default()
+        };
+        let attn = CudaAttention::new(dev, &plan)
+            .unwrap()
+            .with_prefill_config(prefill);
+        attn.prefill(dev, &qd, n_q, h_q, &k, &v, n, &params, &mut out)
+            .unwrap();
+        let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
+        assert_matches::<f16>(&got, &want, &format!("{prefill:?}"));
     }
 }
 

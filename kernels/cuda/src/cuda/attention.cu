@@ -156,15 +156,16 @@ RQ_FN void smem_rotate(float* x, int rows, int n, Rot r, int inverse) {
 // smem_rotate for rows of N values (a multiple of 32), each warp taking whole rows: a lane
 // holds N / 32 consecutive values, the butterflies within them are in registers and the rest
 // go across lanes with shuffles, so there is no block-wide barrier per stage (and the same sums
-// in the same order as smem_rotate). Whole power-of-two transforms only (m = 1); others go to
-// smem_rotate. Every thread of the block calls it (it synchronizes).
+// in the same order as smem_rotate). Power-of-two transforms (m = 1) of rows whose share per
+// lane is a power of two, so that segments start on lane boundaries; others go to smem_rotate.
+// Every thread of the block calls it (it synchronizes).
 template <int N>
 RQ_FN void warp_rotate(float* x, int rows, Rot r, int inverse) {
-    if (r.m != 1) {
+    constexpr int V = N / 32;
+    if (r.m != 1 || (V & (V - 1)) != 0) {
         smem_rotate(x, rows, N, r, inverse);
         return;
     }
-    constexpr int V = N / 32;
     const int lane = threadIdx.x % 32, p = 1 << r.log_p;
     for (int row = threadIdx.x / 32; row < rows; row += blockDim.x / 32) {
         float* xr = x + row * N + lane * V;
@@ -1265,7 +1266,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 // tiles of 64 this way 188-191 TFLOP/s; 4 warps 149-157; two m-tiles 154-158; 8 warps with
 // 255 registers and one block per multiprocessor 148.
 #define F_QSMEM (WARPS >= 8 || MT >= 2)
-#define F_QS (F_TILES > F_ROWS ? F_TILES : F_ROWS)
+// (16-byte aligned: the queries are stored and read 16 bytes at a time.)
+#define F_QS (((F_TILES > F_ROWS ? F_TILES : F_ROWS) + 15) / 16 * 16)
 #define F_SMEM (F_QS + (F_QSMEM ? 2 * BM * KCS : 0))
 // Enough blocks per multiprocessor for 12 or 16 warps where the registers allow it; two
 // m-tiles per warp hold twice the scores and outputs (up to 255 registers).
