@@ -549,6 +549,28 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
 /// Prefill: query rows of one sequence against its cache (the first `seqs` entry: tokens, and
 /// the first query's position), contiguous or paged, every mask option, f32 and f16.
 fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
+    // The split decode kernel over the shared cache, and the flash kernel in each of its shapes.
+    let mut configs = vec![PrefillConfig {
+        flash: false,
+        ..PrefillConfig::default()
+    }];
+    // (f32 queries never take the flash kernel.)
+    if !matches!(T::PRECISION, Precision::F32) {
+        for (warps, block_n, m_tiles) in [(4, 64, 1), (8, 32, 1), (4, 32, 2)] {
+            configs.push(PrefillConfig {
+                warps,
+                block_n,
+                m_tiles,
+                min_blocks: 1,
+                ..PrefillConfig::default()
+            });
+        }
+    }
+    check_prefill_configs::<T>(dev, c, n_q, &configs);
+}
+
+/// [`check_prefill`] with the given prefill configurations.
+fn check_prefill_configs<T: Elem>(dev: &Device, c: &Case, n_q: usize, configs: &[PrefillConfig]) {
     let plan = c.plan();
     let h_q = c.h_kv * c.group;
     let (n, pos) = c.seqs[0];
@@ -573,24 +595,7 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
         ..c.params()
     };
     let want = oracle_rows(c, &plan, &q_held, &per_seq[0].0, &per_seq[0].1, n, pos);
-    // The split decode kernel over the shared cache, and the flash kernel in each of its shapes.
-    let mut configs = vec![PrefillConfig {
-        flash: false,
-        ..PrefillConfig::default()
-    }];
-    // (f32 queries never take the flash kernel.)
-    if !matches!(T::PRECISION, Precision::F32) {
-        for (warps, block_n, m_tiles) in [(4, 64, 1), (8, 32, 1), (4, 32, 2)] {
-            configs.push(PrefillConfig {
-                warps,
-                block_n,
-                m_tiles,
-                min_blocks: 1,
-                ..PrefillConfig::default()
-            });
-        }
-    }
-    for prefill in configs {
+    for &prefill in configs {
         let attn = CudaAttention::new(dev, &plan)
             .unwrap()
             .with_config(c.config)
@@ -614,41 +619,17 @@ fn prefill_with_odd_warp_counts() {
         seqs: vec![(150, 113)],
         ..Case::basic()
     };
-    let plan = c.plan();
-    let h_q = c.h_kv * c.group;
-    let n_q = 37;
-    let (n, pos) = c.seqs[0];
-    let per_seq = sequences(&c, &plan);
-    let caches = DeviceCaches::new(dev, &c, &per_seq, n + 3);
-    let (k, v) = caches.views(&c);
-    let q = random(n_q * h_q * c.d, 17);
-    let q_held: Vec<f64> = q
-        .iter()
-        .map(|&x| f64::from(f16::from_f32(x).to_f32()))
-        .collect();
-    let qd = upload::<f16>(dev, &q);
-    let mut out = dev.stream().alloc_zeros::<f16>(n_q * h_q * c.d_v).unwrap();
-    let params = AttentionParams {
-        pos_offset: pos,
-        ..c.params()
-    };
-    let want = oracle_rows(&c, &plan, &q_held, &per_seq[0].0, &per_seq[0].1, n, pos);
-    for (warps, m_tiles) in [(1, 2), (3, 2), (3, 1), (5, 1)] {
-        let prefill = PrefillConfig {
+    let configs: Vec<PrefillConfig> = [(1, 2), (3, 2), (3, 1), (5, 1)]
+        .into_iter()
+        .map(|(warps, m_tiles)| PrefillConfig {
             warps,
             block_n: 32,
             m_tiles,
             min_blocks: 1,
             ..PrefillConfig::default()
-        };
-        let attn = CudaAttention::new(dev, &plan)
-            .unwrap()
-            .with_prefill_config(prefill);
-        attn.prefill(dev, &qd, n_q, h_q, &k, &v, n, &params, &mut out)
-            .unwrap();
-        let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
-        assert_matches::<f16>(&got, &want, &format!("{prefill:?}"));
-    }
+        })
+        .collect();
+    check_prefill_configs::<f16>(dev, &c, 37, &configs);
 }
 
 /// Prefill against the oracle: a fresh prompt (queries at 0..), a chunk at the end of a longer
