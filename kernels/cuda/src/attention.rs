@@ -37,7 +37,7 @@ use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, Transform, ELEM, FORMATS};
 use crate::rotation::{CudaRotation, GpuElement};
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use rotq_reference::hadamard::base_sign;
 use rotq_reference::{AttentionParams, Error, KvFormat, RotationPlan};
 use serde::{Deserialize, Serialize};
@@ -355,6 +355,17 @@ struct RotArgs {
 }
 
 impl RotArgs {
+    /// Pushes the kernel's five `Rot` parameters (log_p, m, base, signs, scale), in the order
+    /// `attention.cu` declares them.
+    fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+        launch
+            .arg(&self.log_p)
+            .arg(&self.m)
+            .arg(self.base.as_ref())
+            .arg(self.signs.as_ref())
+            .arg(&self.scale);
+    }
+
     fn of(dev: &Device, r: Option<&DeviceRotation>) -> Result<Self> {
         let stream = dev.stream();
         let null_u64 = || -> Result<Arc<CudaSlice<u64>>> {
@@ -864,18 +875,10 @@ impl CudaAttention {
             .arg(&causal)
             .arg(&window)
             .arg(&softcap)
-            .arg(&checked.scale)
-            .arg(&qrot.log_p)
-            .arg(&qrot.m)
-            .arg(qrot.base.as_ref())
-            .arg(qrot.signs.as_ref())
-            .arg(&qrot.scale)
-            .arg(&vrot.log_p)
-            .arg(&vrot.m)
-            .arg(vrot.base.as_ref())
-            .arg(vrot.signs.as_ref())
-            .arg(&vrot.scale)
-            .arg(out);
+            .arg(&checked.scale);
+        qrot.push(&mut launch);
+        vrot.push(&mut launch);
+        launch.arg(out);
         let cfg = LaunchConfig {
             grid_dim: (grid_x, h_kv as u32, 1),
             block_dim: (32 * shape.warps as u32, 1, 1),
@@ -1060,15 +1063,9 @@ impl CudaAttention {
             .arg(&causal)
             .arg(&window)
             .arg(&softcap)
-            .arg(&checked.scale)
-            .arg(&qrot.log_p)
-            .arg(&qrot.m)
-            .arg(qrot.base.as_ref())
-            .arg(qrot.signs.as_ref())
-            .arg(&qrot.scale)
-            .arg(&split_tokens)
-            .arg(&n_rows)
-            .arg(&mut part);
+            .arg(&checked.scale);
+        qrot.push(&mut launch);
+        launch.arg(&split_tokens).arg(&n_rows).arg(&mut part);
         let cfg = LaunchConfig {
             grid_dim: grid(h_kv, splits, batch.div_ceil(rows))?,
             block_dim: (32 * shape.warps as u32, 1, 1),
@@ -1085,15 +1082,9 @@ impl CudaAttention {
 
         let n_part = n_part as i64;
         let mut launch = stream.launch_builder(&combine);
-        launch
-            .arg(&part)
-            .arg(&n_part)
-            .arg(&vrot.log_p)
-            .arg(&vrot.m)
-            .arg(vrot.base.as_ref())
-            .arg(vrot.signs.as_ref())
-            .arg(&vrot.scale)
-            .arg(out);
+        launch.arg(&part).arg(&n_part);
+        vrot.push(&mut launch);
+        launch.arg(out);
         let cfg = LaunchConfig {
             grid_dim: grid(h_q, batch, 1)?,
             block_dim: (128, 1, 1),
