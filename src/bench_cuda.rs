@@ -108,39 +108,66 @@ fn cuda_err(e: cudarc::driver::DriverError) -> Error {
     })
 }
 
-/// GB/s of the default configuration and of the best one of the search space (with it).
-struct Sweep {
+/// A kernel measured with its default configuration and with the fastest one of its search
+/// space (milliseconds, or a rate after [`Tuned::map`]).
+struct Tuned<C> {
     default: f64,
     best: f64,
-    best_config: RowConfig,
+    best_config: C,
 }
 
-/// Times `run(config, i)` for the default configuration `first` and every one of the search space;
-/// `bytes` moved per call. Configurations a shape can't use are skipped.
+impl<C> Tuned<C> {
+    /// Both measurements through `f` (milliseconds to a rate).
+    fn map(self, f: impl Fn(f64) -> f64) -> Self {
+        Self {
+            default: f(self.default),
+            best: f(self.best),
+            ..self
+        }
+    }
+}
+
+/// Milliseconds of `default` and of the fastest of `space`: `time(config, is_default)`.
+/// Configurations a shape can't use (an error) are skipped; the default's error is returned.
+fn tune<C: Copy>(
+    default: C,
+    space: Vec<C>,
+    mut time: impl FnMut(C, bool) -> rotq_cuda::Result<f64>,
+) -> Result<Tuned<C>, Error> {
+    let default_ms = time(default, true)?;
+    let mut best = (default_ms, default);
+    for config in space {
+        if let Ok(ms) = time(config, false) {
+            if ms < best.0 {
+                best = (ms, config);
+            }
+        }
+    }
+    Ok(Tuned {
+        default: default_ms,
+        best: best.0,
+        best_config: best.1,
+    })
+}
+
+/// GB/s of `run(config, i)` for the default configuration `first` and the best of the search
+/// space; `bytes` moved per call.
 fn sweep(
     dev: &Device,
     opts: &CudaBenchOptions,
     bytes: usize,
     first: RowConfig,
     mut run: impl FnMut(RowConfig, usize) -> rotq_cuda::Result<()>,
-) -> Result<Sweep, Error> {
-    let default = gbps(
-        bytes,
-        rotq_cuda::median_ms(dev, 3, opts.runs, |i| run(first, i))?,
-    );
-    let mut best = (default, first);
-    for cfg in RowConfig::search_space() {
-        if let Ok(ms) = rotq_cuda::median_ms(dev, 2, opts.runs.div_ceil(2), |i| run(cfg, i)) {
-            if gbps(bytes, ms) > best.0 {
-                best = (gbps(bytes, ms), cfg);
-            }
-        }
-    }
-    Ok(Sweep {
-        default,
-        best: best.0,
-        best_config: best.1,
-    })
+) -> Result<Tuned<RowConfig>, Error> {
+    let t = tune(first, RowConfig::search_space(), |cfg, is_default| {
+        let (warmup, runs) = if is_default {
+            (3, opts.runs)
+        } else {
+            (2, opts.runs.div_ceil(2))
+        };
+        rotq_cuda::median_ms(dev, warmup, runs, |i| run(cfg, i))
+    })?;
+    Ok(t.map(|ms| gbps(bytes, ms)))
 }
 
 /// FWHT over rows of `n` of type `T` (GB/s read + written).
@@ -148,7 +175,7 @@ fn fwht<T: GpuElement + Element + Default>(
     dev: &Device,
     n: usize,
     opts: &CudaBenchOptions,
-) -> Result<Sweep, Error> {
+) -> Result<Tuned<RowConfig>, Error> {
     let len = opts.bytes / 2 / n * n;
     let mut bufs = [rows_of::<T>(dev, len, 1)?, rows_of::<T>(dev, len, 2)?];
     let rot = CudaRotation::new(dev, &Rotation::hadamard(n)?)?;
@@ -163,7 +190,7 @@ fn rotate_quantize(
     format: KvFormat,
     n: usize,
     opts: &CudaBenchOptions,
-) -> Result<Sweep, Error> {
+) -> Result<Tuned<RowConfig>, Error> {
     let len = opts.bytes / 2 / n * n;
     let rows = len / n;
     let bufs = [rows_of::<f16>(dev, len, 3)?, rows_of::<f16>(dev, len, 4)?];
@@ -316,7 +343,7 @@ pub fn run_all(
             "decode attention {format} ({} x {} tokens, {} KV heads x {}, {} query heads)",
             decode.batch, decode.n, decode.h_kv, decode.d, decode.h_q
         ));
-        let t = decode_attention(&dev, format, decode, opts)?;
+        let (t, bytes) = decode_attention(&dev, format, decode, opts)?;
         let shape = format!(
             "{} seqs x {} tokens, {}/{} heads x {}, {format} K+V ({} MiB); torch on an f16 cache",
             decode.batch,
@@ -324,9 +351,9 @@ pub fn run_all(
             decode.h_q,
             decode.h_kv,
             decode.d,
-            t.bytes >> 20
+            bytes >> 20
         );
-        let peer_gbps = sdpa_ms.map_or(f64::NAN, |ms| gbps(t.bytes, ms));
+        let peer_gbps = sdpa_ms.map_or(f64::NAN, |ms| gbps(bytes, ms));
         let c = t.best_config;
         for (name, ms, shape) in [
             (
@@ -346,7 +373,7 @@ pub fn run_all(
             out.push(record(
                 name,
                 shape,
-                gbps(t.bytes, ms),
+                gbps(bytes, ms),
                 "torch SDPA (f16 cache)",
                 peer_gbps,
                 ceiling,
@@ -427,6 +454,80 @@ impl PrefillShape {
     }
 }
 
+/// The attention benchmarks' inputs: K and V caches of `tokens` random rows, Hadamard-rotated
+/// and quantized to `format` (a chunk of `chunk` tokens at a time, the same chunk each time),
+/// and the kernels for that rotation with causal masking.
+struct AttentionSetup {
+    format: KvFormat,
+    h_kv: usize,
+    d: usize,
+    caches: [cudarc::driver::CudaSlice<u8>; 2],
+    attn: rotq_cuda::CudaAttention,
+    params: rotq_reference::AttentionParams,
+}
+
+impl AttentionSetup {
+    fn new(
+        dev: &Device,
+        format: KvFormat,
+        (h_kv, d): (usize, usize),
+        tokens: usize,
+        chunk: usize,
+        seed: u64,
+    ) -> Result<Self, Error> {
+        let rot = Rotation::hadamard(d)?;
+        let codec = CudaCodec::new(dev, format, d, Some(&rot))?;
+        let rows = rows_of::<f16>(dev, chunk * h_kv * d, seed)?;
+        let fill = || -> Result<_, Error> {
+            let mut cache = dev
+                .stream()
+                .alloc_zeros::<u8>(tokens * h_kv * codec.row_bytes())
+                .map_err(cuda_err)?;
+            for start in (0..tokens).step_by(chunk) {
+                codec.quantize(dev, &rows, &mut cache, CacheTarget::contiguous(h_kv, start))?;
+            }
+            Ok(cache)
+        };
+        let caches = [fill()?, fill()?];
+        let plan = rotq_reference::RotationPlan {
+            qk: Some(rot),
+            v: None,
+        };
+        Ok(Self {
+            format,
+            h_kv,
+            d,
+            caches,
+            attn: rotq_cuda::CudaAttention::new(dev, &plan)?,
+            params: rotq_reference::AttentionParams {
+                causal: true,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// K and V as contiguous caches of `tokens_per_seq` tokens per sequence.
+    fn views(&self, tokens_per_seq: usize) -> [rotq_cuda::CudaKvCache<'_>; 2] {
+        let k = rotq_cuda::CudaKvCache {
+            format: self.format,
+            bytes: &self.caches[0],
+            n_heads: self.h_kv,
+            dim: self.d,
+            layout: rotq_cuda::CacheLayout::Contiguous { tokens_per_seq },
+        };
+        let v = rotq_cuda::CudaKvCache {
+            bytes: &self.caches[1],
+            ..k
+        };
+        [k, v]
+    }
+
+    /// Bytes of K and V together.
+    fn bytes(&self) -> usize {
+        self.caches.iter().map(|c| c.len()).sum()
+    }
+}
+
 /// Causal prefill over a `format` K and V cache of `shape`, Hadamard-rotated, f16 queries,
 /// with the default configuration and the best of the search space.
 fn prefill_attention(
@@ -434,75 +535,30 @@ fn prefill_attention(
     format: KvFormat,
     shape: PrefillShape,
     opts: &CudaBenchOptions,
-) -> Result<PrefillTimes, Error> {
-    use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, PrefillConfig};
+) -> Result<Tuned<rotq_cuda::PrefillConfig>, Error> {
+    use rotq_cuda::PrefillConfig;
     let PrefillShape { n, h_kv, h_q, d } = shape;
-    let rot = Rotation::hadamard(d)?;
-    let codec = CudaCodec::new(dev, format, d, Some(&rot))?;
-    let stream = dev.stream();
-    let rows = rows_of::<f16>(dev, n * h_kv * d, 8)?;
-    let mut caches = Vec::new();
-    for _ in 0..2 {
-        let mut cache = stream
-            .alloc_zeros::<u8>(n * h_kv * codec.row_bytes())
-            .map_err(cuda_err)?;
-        codec.quantize(dev, &rows, &mut cache, CacheTarget::contiguous(h_kv, 0))?;
-        caches.push(cache);
-    }
+    let setup = AttentionSetup::new(dev, format, (h_kv, d), n, n, 8)?;
+    let [k, v] = setup.views(n);
     let qs = [
         rows_of::<f16>(dev, n * h_q * d, 9)?,
         rows_of::<f16>(dev, n * h_q * d, 10)?,
     ];
-    let mut out = stream.alloc_zeros::<f16>(n * h_q * d).map_err(cuda_err)?;
-    let layout = CacheLayout::Contiguous { tokens_per_seq: n };
-    let k = CudaKvCache {
-        format,
-        bytes: &caches[0],
-        n_heads: h_kv,
-        dim: d,
-        layout,
-    };
-    let v = CudaKvCache {
-        bytes: &caches[1],
-        ..k
-    };
-    let params = rotq_reference::AttentionParams {
-        causal: true,
-        ..Default::default()
-    };
-    let plan = rotq_reference::RotationPlan {
-        qk: Some(rot),
-        v: None,
-    };
-    let attn = CudaAttention::new(dev, &plan)?;
+    let mut out = dev
+        .stream()
+        .alloc_zeros::<f16>(n * h_q * d)
+        .map_err(cuda_err)?;
     let runs = opts.runs.div_ceil(4).max(3);
-    let mut time = |config: PrefillConfig| {
-        let a = attn.clone().with_prefill_config(config);
-        rotq_cuda::median_ms(dev, 1, runs, |j| {
-            a.prefill(dev, &qs[j % 2], n, h_q, &k, &v, n, &params, &mut out)
-        })
-    };
-    let default = time(PrefillConfig::default())?;
-    let mut best = (default, PrefillConfig::default());
-    for config in PrefillConfig::search_space() {
-        if let Ok(ms) = time(config) {
-            if ms < best.0 {
-                best = (ms, config);
-            }
-        }
-    }
-    Ok(PrefillTimes {
-        default,
-        best: best.0,
-        best_config: best.1,
-    })
-}
-
-/// Milliseconds of the default prefill configuration and of the best one.
-struct PrefillTimes {
-    default: f64,
-    best: f64,
-    best_config: rotq_cuda::PrefillConfig,
+    tune(
+        PrefillConfig::default(),
+        PrefillConfig::search_space(),
+        |config, _| {
+            let a = setup.attn.clone().with_prefill_config(config);
+            rotq_cuda::median_ms(dev, 1, runs, |j| {
+                a.prefill(dev, &qs[j % 2], n, h_q, &k, &v, n, &setup.params, &mut out)
+            })
+        },
+    )
 }
 
 /// The decode shape of the benchmark: 16 sequences of 32k tokens, 8 KV heads of 128, 32
@@ -530,15 +586,14 @@ impl DecodeShape {
 }
 
 /// Decode attention over a `format` K and V cache of `shape`, Hadamard-rotated, with the
-/// default configuration and the best of the search space: (milliseconds, cache bytes read,
-/// the configuration).
+/// default configuration and the best of the search space, and the cache bytes read.
 fn decode_attention(
     dev: &Device,
     format: KvFormat,
     shape: DecodeShape,
     opts: &CudaBenchOptions,
-) -> Result<DecodeTimes, Error> {
-    use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq};
+) -> Result<(Tuned<rotq_cuda::DecodeConfig>, usize), Error> {
+    use rotq_cuda::{DecodeConfig, DecodeSeq};
     let DecodeShape {
         batch,
         n,
@@ -546,46 +601,17 @@ fn decode_attention(
         h_q,
         d,
     } = shape;
-    let rot = Rotation::hadamard(d)?;
-    let codec = CudaCodec::new(dev, format, d, Some(&rot))?;
-    let tokens = batch * n;
-    let cache_len = tokens * h_kv * codec.row_bytes();
-    let stream = dev.stream();
-    let mut caches = Vec::new();
-    // Random rows, quantized a chunk at a time.
-    let chunk_tokens = 4096;
-    let chunk = rows_of::<f16>(dev, chunk_tokens * h_kv * d, 5)?;
-    for _ in 0..2 {
-        let mut cache = stream.alloc_zeros::<u8>(cache_len).map_err(cuda_err)?;
-        for start in (0..tokens).step_by(chunk_tokens) {
-            codec.quantize(
-                dev,
-                &chunk,
-                &mut cache,
-                CacheTarget::contiguous(h_kv, start),
-            )?;
-        }
-        caches.push(cache);
-    }
+    // Random rows, quantized 4,096 tokens at a time.
+    let setup = AttentionSetup::new(dev, format, (h_kv, d), batch * n, 4096, 5)?;
+    let [k, v] = setup.views(n);
     let qs = [
         rows_of::<f16>(dev, batch * h_q * d, 6)?,
         rows_of::<f16>(dev, batch * h_q * d, 7)?,
     ];
-    let mut out = stream
+    let mut out = dev
+        .stream()
         .alloc_zeros::<f16>(batch * h_q * d)
         .map_err(cuda_err)?;
-    let layout = CacheLayout::Contiguous { tokens_per_seq: n };
-    let k = CudaKvCache {
-        format,
-        bytes: &caches[0],
-        n_heads: h_kv,
-        dim: d,
-        layout,
-    };
-    let v = CudaKvCache {
-        bytes: &caches[1],
-        ..k
-    };
     let seqs = vec![
         DecodeSeq {
             n_tokens: n,
@@ -593,42 +619,20 @@ fn decode_attention(
         };
         batch
     ];
-    let params = rotq_reference::AttentionParams {
-        causal: true,
-        ..Default::default()
-    };
-    let plan = rotq_reference::RotationPlan {
-        qk: Some(rot),
-        v: None,
-    };
-    let attn = CudaAttention::new(dev, &plan)?;
-    let mut time = |config: DecodeConfig, runs: usize| {
-        let a = attn.clone().with_config(config);
-        rotq_cuda::median_ms(dev, 2, runs, |j| {
-            a.decode(dev, &qs[j % 2], h_q, &k, &v, &seqs, &params, &mut out)
-        })
-    };
-    let default = time(DecodeConfig::default(), opts.runs)?;
-    let mut best = (default, DecodeConfig::default());
-    for config in DecodeConfig::search_space() {
-        if let Ok(ms) = time(config, opts.runs.div_ceil(2)) {
-            if ms < best.0 {
-                best = (ms, config);
-            }
-        }
-    }
-    Ok(DecodeTimes {
-        default,
-        best: best.0,
-        best_config: best.1,
-        bytes: 2 * cache_len,
-    })
-}
-
-/// Milliseconds of the default decode configuration and of the best one, and the cache bytes.
-struct DecodeTimes {
-    default: f64,
-    best: f64,
-    best_config: rotq_cuda::DecodeConfig,
-    bytes: usize,
+    let t = tune(
+        DecodeConfig::default(),
+        DecodeConfig::search_space(),
+        |config, is_default| {
+            let a = setup.attn.clone().with_config(config);
+            let runs = if is_default {
+                opts.runs
+            } else {
+                opts.runs.div_ceil(2)
+            };
+            rotq_cuda::median_ms(dev, 2, runs, |j| {
+                a.decode(dev, &qs[j % 2], h_q, &k, &v, &seqs, &setup.params, &mut out)
+            })
+        },
+    )?;
+    Ok((t, setup.bytes()))
 }

@@ -617,12 +617,12 @@ impl Tunable for Prefill<'_> {
 
     /// A causal prompt of 150 tokens against the oracle on the same cache bytes.
     ///
-    /// `prefill` takes the flash kernel only when `h_kv · ⌈rows · group / (16 · warps)⌉` thread
-    /// blocks reach `min_blocks` (0: the device's multiprocessor count). The gate's 150 rows
-    /// make 40 or 80 blocks at 8 KV heads (warps 8 or 4), fewer than a large GPU's
+    /// `prefill` takes the flash kernel only when `h_kv · ⌈rows · group / (16 · m_tiles · warps)⌉`
+    /// thread blocks reach `min_blocks` (0: the device's multiprocessor count). The gate's 150
+    /// rows make 24 to 80 blocks at 8 KV heads, fewer than a large GPU's
     /// multiprocessors (132 on an H100), so with the candidate as it is the call would run the
     /// decode kernel and the gate would not check the flash kernel at all. It runs the candidate with `min_blocks: 1`
-    /// instead: the same kernel (warps, tile) that the timed problem, thousands of blocks,
+    /// instead: the same kernel (warps, row tiles, tile) that the timed problem, thousands of blocks,
     /// runs, on a problem small enough for the f64 oracle, with partial row blocks (600 rows
     /// per KV head) and a partial last tile (150 tokens). A candidate with `flash: false`
     /// runs the decode kernel either way.
