@@ -18,7 +18,8 @@
 //!
 //! The work is split over the cache (flash-decoding): each thread block takes one
 //! (sequence, KV head, slice of the visible tokens) for every query head of the group, and a
-//! second kernel merges the slices. Raw K/V rows are staged in shared memory with `cp.async`
+//! second kernel merges the slices. With [`DecodeConfig::pairs`] a tensor-core block takes two
+//! adjacent KV heads, so that a token's two rows are copied together in 16-byte units. Raw K/V rows are staged in shared memory with `cp.async`
 //! and dequantized in registers; no dequantized copy of the cache is ever written.
 //!
 //! Prefill ([`CudaAttention::prefill`]) has a flash-attention kernel of its own: a thread block
@@ -92,6 +93,15 @@ pub struct DecodeConfig {
     /// f32 kernel.
     #[serde(default = "yes")]
     pub tensor_cores: bool,
+    /// Let a block of the tensor-core kernel take two KV heads, its warps alternating
+    /// between them, where the call allows it (an even number of KV heads and of warps, and
+    /// rows whose pairs are whole 16-byte units, as q4_0's and q8_0's at 128 dimensions): a
+    /// token's two adjacent rows then move as 16-byte copies, the K rows by one warp of each
+    /// pair and the V rows by the other, where one q4_0 row takes 8-byte copies. Each tile
+    /// then waits for both warps of its pair. (Absent in a saved configuration: false, the
+    /// kernel as it was before the knob.)
+    #[serde(default)]
+    pub pairs: bool,
 }
 
 fn yes() -> bool {
@@ -108,6 +118,7 @@ impl Default for DecodeConfig {
             warps: 4,
             splits: 0,
             tensor_cores: true,
+            pairs: true,
         }
     }
 }
@@ -116,13 +127,17 @@ impl DecodeConfig {
     /// Every configuration the autotuner tries.
     pub fn search_space() -> Vec<Self> {
         let mut out = Vec::new();
-        for tensor_cores in [true, false] {
+        for (tensor_cores, pairs) in [(true, true), (true, false), (false, false)] {
             for warps in [1, 2, 4, 8] {
+                if pairs && warps == 1 {
+                    continue; // (one warp cannot pair)
+                }
                 for splits in [0, 1, 2, 4, 8, 16, 32] {
                     out.push(Self {
                         warps,
                         splits,
                         tensor_cores,
+                        pairs,
                     });
                 }
             }
@@ -415,6 +430,9 @@ struct Shape {
     tensor_cores: bool,
     /// Query rows per thread block (the tensor-core kernel's QR; 1 for decode).
     rows: usize,
+    /// The tensor-core kernel's PAIR: a block takes two KV heads, whose rows of a token are
+    /// adjacent and copied together (see [`Shape::pairs`]).
+    pair: bool,
 }
 
 /// The kernels' byte-at-once code paths: 1 for q4_0, 2 for q8_0, 0 for the format's accessor.
@@ -427,30 +445,63 @@ fn fast(format: KvFormat) -> u32 {
 }
 
 impl Shape {
-    /// Shared memory of the decode kernel, as `attention.cu` lays it out: the group's queries
-    /// (f32), then per warp two stages of 32 raw K and V rows (and, for the f32 kernel, the
-    /// tile's weights). The f32 kernel's rows are an odd number of words apart (K_STRIDE_W),
-    /// the tensor-core kernel's an odd number of 16-byte units (K_SB).
-    fn smem(&self) -> Result<usize> {
+    /// Whether the tensor-core kernel can take KV heads in pairs (PAIR) with `h_kv` heads: an
+    /// even number of heads and of warps (two per stream of tiles), and two heads' rows a
+    /// whole number of 16-byte copies whose halves start 4-byte aligned. Then a token's two
+    /// rows move as 16-byte copies of whole sectors, where one q4_0 row (72 bytes) alone
+    /// takes 8-byte copies that leave parts of sectors unread.
+    fn pairs(&self, h_kv: usize) -> Result<bool> {
         let (k_row, v_row) = (
             self.k_format.row_bytes(self.d)?,
             self.v_format.row_bytes(self.d_v)?,
         );
-        let warp = if self.tensor_cores {
+        Ok(self.tensor_cores
+            && h_kv.is_multiple_of(2)
+            && self.warps.is_multiple_of(2)
+            && (2 * k_row).is_multiple_of(16)
+            && (2 * v_row).is_multiple_of(16))
+    }
+
+    /// KV heads per thread block (2 with PAIR).
+    fn heads(&self) -> usize {
+        if self.pair {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Streams of tiles per KV head in a block (each leaves its own partials).
+    fn streams(&self) -> usize {
+        self.warps / self.heads()
+    }
+
+    /// Shared memory of the decode kernel, as `attention.cu` lays it out: the block's heads'
+    /// queries (f32), then per stream of tiles two stages of 32 raw K and V rows (and, for the
+    /// f32 kernel, the tile's weights). The f32 kernel's rows are an odd number of words apart
+    /// (K_STRIDE_W), the tensor-core kernel's (each the block's heads' rows of a token) an odd
+    /// number of 16-byte units (K_SB).
+    fn smem(&self) -> Result<usize> {
+        let heads = self.heads();
+        let (k_row, v_row) = (
+            heads * self.k_format.row_bytes(self.d)?,
+            heads * self.v_format.row_bytes(self.d_v)?,
+        );
+        let stream = if self.tensor_cores {
             let stride = |row: usize| 16 * (row.div_ceil(16) | 1);
             2 * 32 * (stride(k_row) + stride(v_row))
         } else {
             let stride = |row: usize| 4 * (row.div_ceil(4) | 1);
             2 * 32 * (stride(k_row) + stride(v_row)) + 4 * 32 * self.group
         };
-        Ok(4 * self.group * self.rows * self.d + self.warps * warp)
+        Ok(4 * heads * self.group * self.rows * self.d + self.streams() * stream)
     }
 
     fn source<T: GpuElement>(&self) -> (String, String) {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
              #define G {}\n#define WARPS {}\n#define MMA {}\n#define KFAST {}\n#define VFAST {}\n\
-             #define QR {}\n",
+             #define QR {}\n#define PAIR {}\n",
             T::ELEM,
             self.k_format.name(),
             self.v_format.name(),
@@ -462,6 +513,7 @@ impl Shape {
             fast(self.k_format),
             fast(self.v_format),
             self.rows,
+            self.pair as u32,
         );
         let key = format!("attention {}", defines.replace('\n', " "));
         (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
@@ -946,10 +998,13 @@ impl CudaAttention {
             warps: config.warps.clamp(1, 16),
             tensor_cores,
             rows,
+            pair: false,
         };
         let max_smem = dev.info().max_shared_per_block;
+        shape.pair = config.pairs && shape.pairs(h_kv)?;
         while shape.smem()? > max_smem && shape.warps > 1 {
             shape.warps /= 2;
+            shape.pair = config.pairs && shape.pairs(h_kv)?;
         }
         if shape.smem()? > max_smem {
             return Err(Error::UnsupportedDim {
@@ -971,12 +1026,12 @@ impl CudaAttention {
             })
             .max()
             .unwrap_or(0);
-        let tile = 32 * shape.warps;
+        let tile = 32 * shape.streams();
         let most = longest.div_ceil(32).max(1);
         let splits = match config.splits {
             0 => {
                 let target = 4 * dev.info().multiprocessors.max(1) as usize;
-                target.div_ceil(batch * h_kv)
+                target.div_ceil(batch * (h_kv / shape.heads()))
             }
             s => s,
         }
@@ -1019,7 +1074,7 @@ impl CudaAttention {
                 )
             }
         };
-        let n_part = splits * shape.warps;
+        let n_part = splits * shape.streams();
         let part_len = (batch * h_q)
             .checked_mul(n_part * (d_v + 3))
             .ok_or(CudaError::Input(Error::Overflow("partial results")))?;
@@ -1067,14 +1122,14 @@ impl CudaAttention {
         qrot.push(&mut launch);
         launch.arg(&split_tokens).arg(&n_rows).arg(&mut part);
         let cfg = LaunchConfig {
-            grid_dim: grid(h_kv, splits, batch.div_ceil(rows))?,
+            grid_dim: grid(h_kv / shape.heads(), splits, batch.div_ceil(rows))?,
             block_dim: (32 * shape.warps as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: `check` verified that every visible token of every sequence maps to whole
         // rows inside both caches (through the table's entries when paged), that `q` holds
         // [batch, h_q, d] and that the rotations match d and d_v; the partials buffer holds
-        // [batch, h_q, splits · warps, d_v + 3] floats, the grid's shape (a block's rows past
+        // [batch, h_q, splits · streams, d_v + 3] floats, the grid's shape (a block's rows past
         // `n_rows` are neither read nor written). With `rows` > 1 the rows share one cache
         // whose tokens below the rows' common length are all valid, so the union of their
         // visible ranges is too.

@@ -360,6 +360,57 @@ fn groups_and_half_types() {
     }
 }
 
+/// Paired KV heads (`DecodeConfig::pairs`) against the oracle with several pairs per token
+/// (4 and 6 KV heads: a wrong pair or head offset shows), contiguous and paged caches (tiles
+/// across page boundaries), warps 2 to 8, formats whose pairs of rows are whole 16-byte units
+/// (q4_0, q8_0, and q5_0 with q6_0 through the formats' accessors) and 64 dimensions, where
+/// they are not (q4_0's 36-byte rows: single heads), decode and prefill rows through the
+/// decode kernel.
+#[test]
+fn paired_heads() {
+    let Some(dev) = device() else { return };
+    for (k_format, v_format, d) in [
+        (KvFormat::Q4_0, KvFormat::Q4_0, 128),
+        (KvFormat::Q8_0, KvFormat::Q4_0, 128),
+        (KvFormat::Q5_0, KvFormat::Q6_0, 128),
+        (KvFormat::Q4_0, KvFormat::Q8_0, 64),
+    ] {
+        for (h_kv, warps, page_tokens) in [(4, 2, None), (6, 4, Some(16)), (4, 8, Some(50))] {
+            let c = Case {
+                k_format,
+                v_format,
+                d,
+                d_v: d,
+                h_kv,
+                seqs: vec![(300, 299), (77, 60), (33, 32)],
+                page_tokens,
+                config: DecodeConfig {
+                    warps,
+                    splits: 2,
+                    pairs: true,
+                    ..DecodeConfig::default()
+                },
+                ..Case::basic()
+            };
+            check::<f16>(dev, &c);
+            // (The last 21 positions of the first sequence as prefill rows.)
+            let rows = Case {
+                seqs: vec![(300, 279)],
+                ..c
+            };
+            check_prefill_configs::<f16>(
+                dev,
+                &rows,
+                21,
+                &[PrefillConfig {
+                    flash: false,
+                    ..PrefillConfig::default()
+                }],
+            );
+        }
+    }
+}
+
 /// Masks: not causal, causal with the query before the end of its cache, sliding windows, a
 /// soft-cap; empty sequences and empty windows give zeros.
 #[test]

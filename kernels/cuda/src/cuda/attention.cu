@@ -533,8 +533,13 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
 // one packed subtraction leaves c exactly.
 // Raw K and V rows are staged per warp with cp.async in the widest copies the row sizes allow;
 // the rows of tokens past a sequence's end are filled with zeros (scale 0: no NaN from stale
-// bytes). P and Q are rounded to the element type once, as in flash attention; the softmax, the
-// K scales and all sums are f32.
+// bytes). With PAIR (host-defined, 0 in the flash modules) a block takes two KV heads 2x and
+// 2x + 1, whose rows of a token are adjacent: warps 2s and 2s + 1 take the same tiles (stream
+// s), one head each, and share each staged tile of both heads' rows, the even warp copying the
+// K rows and the odd one the V rows, 16 bytes at a time (q4_0's 72-byte rows alone allow
+// 8-byte copies, twice as many); a barrier of the two warps per tile replaces the warp's own.
+// P and Q are rounded to the element type once, as in flash attention; the softmax, the K
+// scales and all sums are f32.
 
 #if ELEM == 1
 #define MMA_TYPE "f16.f16"
@@ -625,6 +630,15 @@ RQ_FN unsigned int transpose8(unsigned int x) {
     return r;
 }
 
+#ifndef PAIR
+#define PAIR 0
+#endif
+// KV heads per block, and streams of tiles per head (a pair's two warps share a stream).
+#define HEADS (PAIR ? 2 : 1)
+#define STREAMS (WARPS / HEADS)
+// A staged row: the block's heads' rows of one token.
+#define PK_ROW (HEADS * K_ROW)
+#define PV_ROW (HEADS * V_ROW)
 // Bytes of one group of 32 values (one block, or 32 blocks of one value).
 #define K_GB (K_BS == 32 ? K_BB : 32 * K_BB)
 #define V_GB (V_BS == 32 ? V_BB : 32 * V_BB)
@@ -634,27 +648,31 @@ RQ_FN unsigned int transpose8(unsigned int x) {
 #define NCOL (G * QR)
 #define NH ((NCOL + 7) / 8)
 // Staged rows: 16-byte aligned, an odd number of 16-byte units apart (fewer bank conflicts).
-#define K_SB (16 * (((K_ROW + 15) / 16) | 1))
-#define V_SB (16 * (((V_ROW + 15) / 16) | 1))
-#define M_STAGES 2
+#define K_SB (16 * (((PK_ROW + 15) / 16) | 1))
+#define V_SB (16 * (((PV_ROW + 15) / 16) | 1))
+#define M_STAGES 2 // (the loop alternates between them: cur ^ 1)
 // Blocks per multiprocessor to keep at least 16 warps resident (128 registers per thread),
 // where that needs no spills: one column tile and head dimensions up to 128.
 #define MINB ((NH == 1 && D <= 128 && DV <= 128 && WARPS <= 16) ? 16 / WARPS : 1)
 #define M_STAGE (32 * (K_SB + V_SB))
 // The widest copy both row sizes allow (the cache buffers are whole allocations, 256-aligned).
-#define CW ((K_ROW % 16 == 0 && V_ROW % 16 == 0)   ? 16 \
-            : (K_ROW % 8 == 0 && V_ROW % 8 == 0) ? 8  \
-            : (K_ROW % 4 == 0 && V_ROW % 4 == 0) ? 4  \
-                                                 : 2)
+#define CW ((PK_ROW % 16 == 0 && PV_ROW % 16 == 0)   ? 16 \
+            : (PK_ROW % 8 == 0 && PV_ROW % 8 == 0) ? 8  \
+            : (PK_ROW % 4 == 0 && PV_ROW % 4 == 0) ? 4  \
+                                                   : 2)
 
-// One cp.async of N bytes (N = 16 bypasses L1); n < N bytes read, the rest zero-filled.
+// One cp.async of N bytes; n < N bytes read, the rest zero-filled. With CG (16 bytes only) it
+// bypasses L1: the flash kernel's tiles. The decode kernel's copies go through L1 (.ca) at
+// every size: its rows are not multiples of 32 bytes, so the pieces of a row share sectors,
+// and the one a later copy needs is often in L1 already (measured with paired heads on q4_0:
+// 16-byte copies through L1 1,980-2,037 GB/s, bypassing it 1,620-1,715).
 // The L2::128B hint has L2 fetch whole 128-byte lines: a warp's rows are short spans of
 // a token's heads, and the neighbouring heads' blocks read the rest of the line (measured:
 // 8-10% faster decode on q4_0).
 #define L2PF ".L2::128B"
-template <int N>
+template <int N, bool CG = (N == 16)>
 RQ_FN void cp_async(unsigned char* dst, const unsigned char* src, unsigned int n) {
-    if constexpr (N == 16)
+    if constexpr (CG)
         asm volatile("cp.async.cg.shared.global" L2PF " [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
                      "l"(src), "r"(n));
     else
@@ -662,9 +680,9 @@ RQ_FN void cp_async(unsigned char* dst, const unsigned char* src, unsigned int n
                      "l"(src), "n"(N), "r"(n));
 }
 // The same, all N bytes read (no size operand, nothing to compute per copy).
-template <int N>
+template <int N, bool CG = (N == 16)>
 RQ_FN void cp_async_all(unsigned char* dst, const unsigned char* src) {
-    if constexpr (N == 16)
+    if constexpr (CG)
         asm volatile("cp.async.cg.shared.global" L2PF " [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
     else
         asm volatile("cp.async.ca.shared.global" L2PF " [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -691,11 +709,11 @@ RQ_FN void stage_rows(unsigned char* dst, const unsigned char* base, long long r
         const unsigned char* src = base + (first + r0 * n_heads) * ROW + piece * CW;
         if (cnt >= 32) {
 #pragma unroll
-            for (int it = 0; it < P; it++, src += step) cp_async_all<CW>(d + it * R * SB, src);
+            for (int it = 0; it < P; it++, src += step) cp_async_all<CW, false>(d + it * R * SB, src);
         } else {
 #pragma unroll
             for (int it = 0; it < P; it++, src += step)
-                cp_async<CW>(d + it * R * SB, src, it * R + r0 < cnt ? CW : 0);
+                cp_async<CW, false>(d + it * R * SB, src, it * R + r0 < cnt ? CW : 0);
         }
     } else {
         const unsigned long long mine =
@@ -703,9 +721,9 @@ RQ_FN void stage_rows(unsigned char* dst, const unsigned char* base, long long r
 #pragma unroll
         for (int it = 0; it < P; it++) {
             const unsigned long long src = __shfl_sync(FULL_MASK, mine, it * R + r0);
-            cp_async<CW>(d + it * R * SB,
-                         reinterpret_cast<const unsigned char*>(src) + piece * CW,
-                         it * R + r0 < cnt ? CW : 0);
+            cp_async<CW, false>(d + it * R * SB,
+                                reinterpret_cast<const unsigned char*>(src) + piece * CW,
+                                it * R + r0 < cnt ? CW : 0);
         }
     }
     if constexpr (FROM + P < W)
@@ -728,15 +746,19 @@ RQ_FN void stage_rows_2(unsigned char* dst, const unsigned char* base, long long
     }
 }
 
+// Copies a tile's staged rows (row indices in units of PK_ROW / PV_ROW): the K and the V
+// rows, or with PAIR only the K rows (`part` 0) or the V rows (`part` 1).
 RQ_FN void stage_tile_mma(unsigned char* st, const unsigned char* kc, const unsigned char* vc,
                           long long row, long long first, long long n_heads, bool linear,
-                          int cnt, int lane) {
+                          int cnt, int lane, int part) {
 #if CW >= 4
-    stage_rows<K_ROW, K_SB, 0>(st, kc, row, first, n_heads, linear, cnt, lane);
-    stage_rows<V_ROW, V_SB, 0>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
+    if (!PAIR || part == 0) stage_rows<PK_ROW, K_SB, 0>(st, kc, row, first, n_heads, linear, cnt, lane);
+    if (!PAIR || part == 1)
+        stage_rows<PV_ROW, V_SB, 0>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
 #else
-    stage_rows_2<K_ROW, K_SB>(st, kc, row, first, n_heads, linear, cnt, lane);
-    stage_rows_2<V_ROW, V_SB>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
+    (void)part;
+    stage_rows_2<PK_ROW, K_SB>(st, kc, row, first, n_heads, linear, cnt, lane);
+    stage_rows_2<PV_ROW, V_SB>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
 #endif
 }
 
@@ -855,6 +877,18 @@ RQ_FN float col_sum(float x) {
     return x;
 }
 
+// The barrier of the two warps of stream s (barrier s + 1; immediate ids, so that the kernel
+// declares only the barriers it uses).
+template <int N>
+RQ_FN void pair_sync(int s) {
+    if constexpr (N > 0) {
+        if (s == N - 1)
+            asm volatile("bar.sync %0, 64;\n" ::"n"(N));
+        else
+            pair_sync<N - 1>(s);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma(
     const elem_t* q, const unsigned char* kc, const unsigned char* vc, const unsigned int* table,
     long long table_stride, long long page_tokens, const long long* lens, const long long* pos,
@@ -863,25 +897,27 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
     long long split_tokens, long long n_rows, float* part) {
     const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
     extern __shared__ float4 smem4[];
-    float* qs = reinterpret_cast<float*>(smem4); // [NCOL][D]
+    float* qs = reinterpret_cast<float*>(smem4); // [HEADS][NCOL][D]
     // Rows seq .. seq + QR - 1 (those below n_rows); with QR > 1 they share one cache (the
     // host's shared mode), read through row seq's table.
-    const int head = blockIdx.x, split = blockIdx.y, seq = blockIdx.z * QR;
+    const int split = blockIdx.y, seq = blockIdx.z * QR;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int gr = lane >> 2, tq = lane & 3; // mma group (row) and thread in the group
+    // This warp's KV head (its place `hh` among the block's heads) and its stream of tiles.
+    const int hh = PAIR ? warp & 1 : 0, stream = PAIR ? warp >> 1 : warp;
+    const int head = blockIdx.x * HEADS + hh;
     const int n_splits = gridDim.y;
     const long long h_q = n_heads * G;
 
-    // Column c is query head c % G of row seq + c / G.
-    for (int i = threadIdx.x; i < NCOL * D; i += THREADS) {
-        const int c = i / D, r = seq + c / G;
-        qs[i] = r < n_rows
-                    ? elem_to_f32(q[((long long)r * h_q + (long long)head * G + c % G) * D + i % D])
-                    : 0.0f;
+    // Column c of head slot k is query head c % G of row seq + c / G, of KV head x·HEADS + k.
+    for (int i = threadIdx.x; i < HEADS * NCOL * D; i += THREADS) {
+        const int k = i / (NCOL * D), c = i / D % NCOL, r = seq + c / G;
+        const long long qh = (long long)(blockIdx.x * HEADS + k) * G + c % G;
+        qs[i] = r < n_rows ? elem_to_f32(q[((long long)r * h_q + qh) * D + i % D]) : 0.0f;
     }
     __syncthreads();
-    smem_rotate(qs, NCOL, D, qrot, 0);
-    for (int i = threadIdx.x; i < NCOL * D; i += THREADS) qs[i] *= score_scale;
+    smem_rotate(qs, HEADS * NCOL, D, qrot, 0);
+    for (int i = threadIdx.x; i < HEADS * NCOL * D; i += THREADS) qs[i] *= score_scale;
     __syncthreads();
 
     // Q^T as B fragments: column gr is query head 8h + gr (zero past G); the rows are this
@@ -890,7 +926,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 #pragma unroll
     for (int h = 0; h < NH; h++) {
         const int hd = 8 * h + gr;
-        const float* qr = qs + (hd < NCOL ? hd : 0) * D;
+        const float* qr = qs + (hh * NCOL + (hd < NCOL ? hd : 0)) * D;
 #pragma unroll
         for (int b = 0; b < KB; b++)
 #pragma unroll
@@ -938,8 +974,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
             c_hi[h][e] = h2 < s_hi ? h2 : s_hi;
         }
 
+    // The stream's stages (shared by the warps of a pair).
     unsigned char* wbuf =
-        reinterpret_cast<unsigned char*>(qs + NCOL * D) + warp * (M_STAGES * M_STAGE);
+        reinterpret_cast<unsigned char*>(qs + HEADS * NCOL * D) + stream * (M_STAGES * M_STAGE);
 
     // Softmax state of this thread's query heads 8h + 2tq + e.
     float m[NH][2], l[NH][2];
@@ -960,13 +997,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
             for (int e = 0; e < 4; e++) o[h][i][e] = 0.0f;
     }
 
-    // The cache row of token t (the host checked that a contiguous sequence's tokens are
-    // below its capacity, and that token positions and pages fit 32 bits).
+    // The staged row of token t: the cache row of the block's first head, in units of the
+    // staged rows (HEADS rows of the cache; the host checked that a contiguous sequence's tokens
+    // are below its capacity, and that token positions and pages fit 32 bits).
+    const long long s_heads = n_heads / HEADS, s_head = blockIdx.x;
     auto row_of = [&](long long t) -> long long {
-        if (!table) return ((long long)seq * page_tokens + t) * n_heads + head;
+        if (!table) return ((long long)seq * page_tokens + t) * s_heads + s_head;
         const unsigned int tt = (unsigned int)t, pt = (unsigned int)page_tokens;
         const long long page = (long long)table[seq * table_stride + tt / pt];
-        return (page * page_tokens + tt % pt) * n_heads + head;
+        return (page * page_tokens + tt % pt) * s_heads + s_head;
     };
     auto stage = [&](int s, long long t0) {
         if (t0 < s_hi) {
@@ -976,23 +1015,27 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
                 !table || (unsigned int)t0 % (unsigned int)page_tokens + cnt <= page_tokens;
             const long long first = row_of(t0);
             const long long row = !linear && lane < cnt ? row_of(t0 + lane) : first;
-            stage_tile_mma(wbuf + s * M_STAGE, kc, vc, row, first, n_heads, linear, cnt, lane);
+            stage_tile_mma(wbuf + s * M_STAGE, kc, vc, row, first, s_heads, linear, cnt, lane, hh);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
 
-    const long long step = 32LL * WARPS;
-    const long long first = s_lo + 32LL * warp;
-#pragma unroll
-    for (int s = 0; s < M_STAGES - 1; s++) stage(s, first + s * step);
+    // Each iteration waits for its tile's copies and for the stream's other warp (its copies,
+    // and its reads of the stage refilled next), then starts the next tile's copy.
+    const long long step = 32LL * STREAMS;
+    const long long first = s_lo + 32LL * stream;
+    stage(0, first);
     int cur = 0;
     for (long long t0 = first; t0 < s_hi; t0 += step) {
-        stage((cur + M_STAGES - 1) % M_STAGES, t0 + (M_STAGES - 1) * step);
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(M_STAGES - 1));
-        __syncwarp();
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        if (PAIR)
+            pair_sync<STREAMS>(stream);
+        else
+            __syncwarp();
+        stage(cur ^ 1, t0 + step);
         const int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
-        const unsigned char* ks = wbuf + cur * M_STAGE;
-        const unsigned char* vs = ks + 32 * K_SB;
+        const unsigned char* ks = wbuf + cur * M_STAGE + hh * K_ROW;
+        const unsigned char* vs = wbuf + cur * M_STAGE + 32 * K_SB + hh * V_ROW;
 
         // Scores: st[h][c] holds tokens 16c + gr (0, 1) and 16c + gr + 8 (2, 3) for heads
         // 8h + 2tq (0, 2) and 8h + 2tq + 1 (1, 3).
@@ -1175,8 +1218,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
                 }
             }
         }
-        __syncwarp(); // this stage is refilled next
-        cur = (cur + 1) % M_STAGES;
+        cur ^= 1;
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
 
@@ -1187,8 +1229,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
         for (int e = 0; e < 2; e++) l_col[h][e] = col_sum(l[h][e]);
 
     // This warp's partial of each of this thread's query heads, dimensions back in place.
-    const long long n_part = (long long)n_splits * WARPS;
-    const long long slot = (long long)split * WARPS + warp;
+    const long long n_part = (long long)n_splits * STREAMS;
+    const long long slot = (long long)split * STREAMS + stream;
 #pragma unroll
     for (int h = 0; h < NH; h++)
 #pragma unroll
