@@ -83,7 +83,8 @@ pub const TENSOR_CORE_V_FORMATS: [KvFormat; 7] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DecodeConfig {
     /// Warps per thread block; each streams its own tiles of 32 tokens (1 to 16, fewer when
-    /// their staging buffers do not fit the shared memory).
+    /// their staging buffers do not fit the shared memory). With [`Self::pairs`] in effect,
+    /// the two warps of each pair stream the same tiles, one KV head each.
     pub warps: usize,
     /// Slices of the cache per (sequence, KV head); 0 picks enough thread blocks to fill the
     /// device about four times over.
