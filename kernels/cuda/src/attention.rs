@@ -19,8 +19,9 @@
 //! The work is split over the cache (flash-decoding): each thread block takes one
 //! (sequence, KV head, slice of the visible tokens) for every query head of the group, and a
 //! second kernel merges the slices. With [`DecodeConfig::pairs`] a tensor-core block takes two
-//! adjacent KV heads, so that a token's two rows are copied together in 16-byte units. Raw K/V rows are staged in shared memory with `cp.async`
-//! and dequantized in registers; no dequantized copy of the cache is ever written.
+//! adjacent KV heads, so that a token's two rows are copied together in 16-byte units. Raw K/V
+//! rows are staged in shared memory with `cp.async` and dequantized in registers; no
+//! dequantized copy of the cache is ever written.
 //!
 //! Prefill ([`CudaAttention::prefill`]) has a flash-attention kernel of its own: a thread block
 //! takes 64 to 256 (position, query head) rows of one KV head and walks the visible tokens in
@@ -448,9 +449,9 @@ fn fast(format: KvFormat) -> u32 {
 impl Shape {
     /// Whether the tensor-core kernel can take KV heads in pairs (PAIR) with `h_kv` heads: an
     /// even number of heads and of warps (two per stream of tiles), and two heads' rows a
-    /// whole number of 16-byte copies whose halves start 4-byte aligned. Then a token's two
-    /// rows move as 16-byte copies of whole sectors, where one q4_0 row (72 bytes) alone
-    /// takes 8-byte copies that leave parts of sectors unread.
+    /// whole number of 16-byte copies (so each row is 8-byte aligned). Then a token's two
+    /// rows move as 16-byte copies, where one q4_0 row (72 bytes) alone takes twice as many
+    /// 8-byte copies.
     fn pairs(&self, h_kv: usize) -> Result<bool> {
         let (k_row, v_row) = (
             self.k_format.row_bytes(self.d)?,
