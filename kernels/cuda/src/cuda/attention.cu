@@ -663,9 +663,10 @@ RQ_FN unsigned int transpose8(unsigned int x) {
 
 // One cp.async of N bytes; n < N bytes read, the rest zero-filled. With CG (16 bytes only) it
 // bypasses L1: the flash kernel's tiles. The decode kernel's copies go through L1 (.ca) at
-// every size: its rows are not multiples of 32 bytes, so the pieces of a row share sectors,
-// and the one a later copy needs is often in L1 already (measured with paired heads on q4_0:
-// 16-byte copies through L1 1,980-2,037 GB/s, bypassing it 1,620-1,715).
+// every size. Measured with paired heads on q4_0 (4 warps, 8 splits): through L1 1,980-2,037
+// GB/s against single heads' 1,662-1,726 in the same run; bypassing it 1,664-1,667 against
+// 1,690-1,746. (Likely because its rows are not multiples of 32 bytes: the pieces of a row
+// share sectors, and the one a later copy needs is then in L1 already.)
 // The L2::128B hint has L2 fetch whole 128-byte lines: a warp's rows are short spans of
 // a token's heads, and the neighbouring heads' blocks read the rest of the line (measured:
 // 8-10% faster decode on q4_0).
