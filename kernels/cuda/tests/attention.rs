@@ -362,10 +362,11 @@ fn groups_and_half_types() {
 
 /// Paired KV heads (`DecodeConfig::pairs`) against the oracle with several pairs per token
 /// (4 and 6 KV heads: a wrong pair or head offset shows), contiguous and paged caches (tiles
-/// across page boundaries), warps 2 to 8, formats whose pairs of rows are whole 16-byte units
-/// (q4_0, q8_0, and q5_0 with q6_0 through the formats' accessors) and 64 dimensions, where
-/// they are not (q4_0's 36-byte rows: single heads), decode and prefill rows through the
-/// decode kernel.
+/// across page boundaries), warps 2 to 16 (3 and 8 pairs per block too), formats whose pairs
+/// of rows are whole 16-byte units (q4_0, q8_0, and q5_0 with q6_0 through the formats'
+/// accessors) and 64 dimensions, where they are not (q4_0's 36-byte rows: single heads); an
+/// odd number of KV heads (single heads) and the knob off; decode and prefill rows through
+/// the decode kernel.
 #[test]
 fn paired_heads() {
     let Some(dev) = device() else { return };
@@ -375,7 +376,15 @@ fn paired_heads() {
         (KvFormat::Q5_0, KvFormat::Q6_0, 128),
         (KvFormat::Q4_0, KvFormat::Q8_0, 64),
     ] {
-        for (h_kv, warps, page_tokens) in [(4, 2, None), (6, 4, Some(16)), (4, 8, Some(50))] {
+        for (h_kv, warps, page_tokens, pairs) in [
+            (4, 2, None, true),
+            (6, 4, Some(16), true),
+            (4, 8, Some(50), true),
+            (4, 16, None, true),
+            (6, 6, Some(16), true),
+            (3, 4, Some(16), true),
+            (4, 4, Some(16), false),
+        ] {
             let c = Case {
                 k_format,
                 v_format,
@@ -387,7 +396,7 @@ fn paired_heads() {
                 config: DecodeConfig {
                     warps,
                     splits: 2,
-                    pairs: true,
+                    pairs,
                     ..DecodeConfig::default()
                 },
                 ..Case::basic()

@@ -531,9 +531,9 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
 // are put back in place when the partial is stored. q4_0 and q8_0 codes become f16 (q4_0 also
 // bf16) with the exponent-bias trick: a code c placed in the mantissa of 2^10 is 1024 + c, and
 // one packed subtraction leaves c exactly.
-// Raw K and V rows are staged per warp with cp.async in the widest copies the row sizes allow;
-// the rows of tokens past a sequence's end are filled with zeros (scale 0: no NaN from stale
-// bytes). With PAIR (host-defined, 0 in the flash modules) a block takes two KV heads 2x and
+// Raw K and V rows are staged per warp (per pair of warps with PAIR, below) with cp.async in
+// the widest copies the row sizes allow; the rows of tokens past a sequence's end are filled
+// with zeros (scale 0: no NaN from stale bytes). With PAIR (host-defined, 0 in the flash modules) a block takes two KV heads 2x and
 // 2x + 1, whose rows of a token are adjacent: warps 2s and 2s + 1 take the same tiles (stream
 // s), one head each, and share each staged tile of both heads' rows, the even warp copying the
 // K rows and the odd one the V rows, 16 bytes at a time (q4_0's 72-byte rows alone allow
@@ -639,6 +639,11 @@ RQ_FN unsigned int transpose8(unsigned int x) {
 // A staged row: the block's heads' rows of one token.
 #define PK_ROW (HEADS * K_ROW)
 #define PV_ROW (HEADS * V_ROW)
+// (The host pairs only where this holds: the second head's rows then start 8-byte aligned, as
+// the code-word loads assume.)
+#if PAIR && (WARPS % 2 != 0 || PK_ROW % 16 != 0 || PV_ROW % 16 != 0)
+#error "PAIR needs an even number of warps and pairs of rows that are whole 16-byte units"
+#endif
 // Bytes of one group of 32 values (one block, or 32 blocks of one value).
 #define K_GB (K_BS == 32 ? K_BB : 32 * K_BB)
 #define V_GB (V_BS == 32 ? V_BB : 32 * V_BB)
@@ -651,6 +656,7 @@ RQ_FN unsigned int transpose8(unsigned int x) {
 #define K_SB (16 * (((PK_ROW + 15) / 16) | 1))
 #define V_SB (16 * (((PV_ROW + 15) / 16) | 1))
 #define M_STAGES 2 // (the loop alternates between them: cur ^ 1)
+static_assert(M_STAGES == 2, "the decode loop alternates between two stages");
 // Blocks per multiprocessor to keep at least 16 warps resident (128 registers per thread),
 // where that needs no spills: one column tile and head dimensions up to 128.
 #define MINB ((NH == 1 && D <= 128 && DV <= 128 && WARPS <= 16) ? 16 / WARPS : 1)
@@ -1029,7 +1035,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
     int cur = 0;
     for (long long t0 = first; t0 < s_hi; t0 += step) {
         asm volatile("cp.async.wait_group 0;\n" ::);
-        if (PAIR)
+        if constexpr (PAIR)
             pair_sync<STREAMS>(stream);
         else
             __syncwarp();
