@@ -1151,31 +1151,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
                     if (all_inf && any_visible) seen[h][e] = true;
                 }
                 corr[e] = all_inf ? 1.0f : fast_exp(m[h][e] - m_new);
+                // One loop for full and masked tiles: masked scores are -Inf by now, so their
+                // weights are e^-Inf = 0; with every score -Inf (all_inf) each weight is
+                // e^(-Inf - 0) = 0, with no test per score.
                 float sum = 0.0f;
-                if (full) {
-                    // (All -Inf: every weight e^(-Inf - 0) = 0, with no test per score.)
-                    const float m_use = all_inf ? 0.0f : m_new;
+                const float m_use = all_inf ? 0.0f : m_new;
 #pragma unroll
-                    for (int c = 0; c < 2; c++)
+                for (int c = 0; c < 2; c++)
 #pragma unroll
-                        for (int u = 0; u < 2; u++) {
-                            const float pr = fast_exp(st[h][c][2 * u + e] - m_use);
-                            st[h][c][2 * u + e] = pr;
-                            sum += pr;
-                        }
-                } else {
-#pragma unroll
-                    for (int c = 0; c < 2; c++)
-#pragma unroll
-                        for (int u = 0; u < 2; u++) {
-                            const int t = 16 * c + gr + 8 * u;
-                            const bool valid = t >= lo_t && t < hi_t;
-                            const float x = st[h][c][2 * u + e];
-                            const float pr = (valid && !all_inf) ? fast_exp(x - m_new) : 0.0f;
-                            st[h][c][2 * u + e] = pr;
-                            sum += pr;
-                        }
-                }
+                    for (int u = 0; u < 2; u++) {
+                        const float pr = fast_exp(st[h][c][2 * u + e] - m_use);
+                        st[h][c][2 * u + e] = pr;
+                        sum += pr;
+                    }
                 // l is this thread's share of the column's sum (summed over the column at
                 // the end): every thread of a column applies the same corrections.
                 if (!all_inf) {
