@@ -884,6 +884,26 @@ RQ_FN float col_sum(float x) {
     return x;
 }
 
+// The online softmax's starting state for R row (or column) tiles of a thread, two values
+// each: max -Inf, sum 0, nothing seen, and N output fragments of four zeros per tile (the
+// decode and the flash kernel).
+template <int R, int N>
+RQ_FN void softmax_start(float (&m)[R][2], float (&l)[R][2], bool (&seen)[R][2], float (&o)[R][N][4]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            m[r][e] = NEG_INF;
+            l[r][e] = 0.0f;
+            seen[r][e] = false;
+        }
+#pragma unroll
+        for (int n = 0; n < N; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[r][n][e] = 0.0f;
+    }
+}
+
 // The barrier of the two warps of stream s (barrier s + 1; immediate ids, so that the kernel
 // declares only the barriers it uses).
 template <int N>
@@ -990,19 +1010,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
     bool seen[NH][2];
     // O^T: M-tile mt (dimensions of group mt / 2, v_dim) x this thread's heads.
     float o[NH][2 * VB][4];
-#pragma unroll
-    for (int h = 0; h < NH; h++) {
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            m[h][e] = NEG_INF;
-            l[h][e] = 0.0f;
-            seen[h][e] = false;
-        }
-#pragma unroll
-        for (int i = 0; i < 2 * VB; i++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) o[h][i][e] = 0.0f;
-    }
+    softmax_start(m, l, seen, o);
 
     // The staged row of token t: the cache row of the block's first head, in units of the
     // staged rows (HEADS rows of the cache; the host checked that a contiguous sequence's tokens
@@ -1649,19 +1657,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
     float m[MT][2], l[MT][2];
     bool seen[MT][2];
     float o[MT][DV / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-            m[mt][u] = NEG_INF;
-            l[mt][u] = 0.0f;
-            seen[mt][u] = false;
-        }
-#pragma unroll
-        for (int n = 0; n < DV / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) o[mt][n][e] = 0.0f;
-    }
+    softmax_start(m, l, seen, o);
 
     auto stage = [&](int s, long long t0) {
         if (t0 < b_hi) {
