@@ -1005,10 +1005,13 @@ impl CudaAttention {
             pair: false,
         };
         let max_smem = dev.info().max_shared_per_block;
-        shape.pair = config.pairs && shape.pairs(h_kv)?;
-        while shape.smem()? > max_smem && shape.warps > 1 {
-            shape.warps /= 2;
+        // (Pairing depends on the warp count: decided again at each.)
+        loop {
             shape.pair = config.pairs && shape.pairs(h_kv)?;
+            if shape.smem()? <= max_smem || shape.warps == 1 {
+                break;
+            }
+            shape.warps /= 2;
         }
         if shape.smem()? > max_smem {
             return Err(Error::UnsupportedDim {

@@ -888,7 +888,8 @@ RQ_FN float col_sum(float x) {
 // each: max -Inf, sum 0, nothing seen, and N output fragments of four zeros per tile (the
 // decode and the flash kernel).
 template <int R, int N>
-RQ_FN void softmax_start(float (&m)[R][2], float (&l)[R][2], bool (&seen)[R][2], float (&o)[R][N][4]) {
+RQ_FN void softmax_start(float (&m)[R][2], float (&l)[R][2], bool (&seen)[R][2],
+                         float (&o)[R][N][4]) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
 #pragma unroll
