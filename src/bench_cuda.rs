@@ -365,8 +365,8 @@ pub fn run_all(
                 format!("decode_attention_{format}_tuned"),
                 t.best,
                 format!(
-                    "{shape}, {} warps, splits {}, tensor cores {}, pairs {}",
-                    c.warps, c.splits, c.tensor_cores, c.pairs
+                    "{shape}, {} warps, splits {}, tensor cores {}, pairs {}, split V {}",
+                    c.warps, c.splits, c.tensor_cores, c.pairs, c.split_v
                 ),
             ),
         ] {

@@ -106,6 +106,12 @@ pub struct DecodeConfig {
     /// rates were within run-to-run noise of before, not compared in the same run.)
     #[serde(default)]
     pub pairs: bool,
+    /// Stage one tile of V rows per stream of tiles instead of two (the tensor-core kernel):
+    /// a tile's V rows are copied when it starts and waited for before its weighted sum, one
+    /// more barrier per tile, and three quarters of the shared memory, which leaves more of
+    /// it to L1 or lets more warps fit. (Absent in a saved configuration: false.)
+    #[serde(default)]
+    pub split_v: bool,
 }
 
 fn yes() -> bool {
@@ -123,6 +129,7 @@ impl Default for DecodeConfig {
             splits: 0,
             tensor_cores: true,
             pairs: true,
+            split_v: false,
         }
     }
 }
@@ -131,7 +138,12 @@ impl DecodeConfig {
     /// Every configuration the autotuner tries.
     pub fn search_space() -> Vec<Self> {
         let mut out = Vec::new();
-        for (tensor_cores, pairs) in [(true, true), (true, false), (false, false)] {
+        for (tensor_cores, pairs, split_v) in [
+            (true, true, false),
+            (true, true, true),
+            (true, false, false),
+            (false, false, false),
+        ] {
             for warps in [1, 2, 4, 8] {
                 if pairs && warps == 1 {
                     continue; // (one warp cannot pair)
@@ -142,6 +154,7 @@ impl DecodeConfig {
                         splits,
                         tensor_cores,
                         pairs,
+                        split_v,
                     });
                 }
             }
@@ -437,6 +450,8 @@ struct Shape {
     /// The tensor-core kernel's PAIR: a block takes two KV heads, whose rows of a token are
     /// adjacent and copied together (see [`Shape::pairs`]).
     pair: bool,
+    /// The tensor-core kernel's SPLITV: one stage of V rows instead of two.
+    split_v: bool,
 }
 
 /// The kernels' byte-at-once code paths: 1 for q4_0, 2 for q8_0, 0 for the format's accessor.
@@ -493,7 +508,8 @@ impl Shape {
         );
         let stream = if self.tensor_cores {
             let stride = |row: usize| 16 * (row.div_ceil(16) | 1);
-            2 * 32 * (stride(k_row) + stride(v_row))
+            let v_stages = if self.split_v { 1 } else { 2 };
+            32 * (2 * stride(k_row) + v_stages * stride(v_row))
         } else {
             let stride = |row: usize| 4 * (row.div_ceil(4) | 1);
             2 * 32 * (stride(k_row) + stride(v_row)) + 4 * 32 * self.group
@@ -505,7 +521,7 @@ impl Shape {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
              #define G {}\n#define WARPS {}\n#define MMA {}\n#define KFAST {}\n#define VFAST {}\n\
-             #define QR {}\n#define PAIR {}\n",
+             #define QR {}\n#define PAIR {}\n#define SPLITV {}\n",
             T::ELEM,
             self.k_format.name(),
             self.v_format.name(),
@@ -518,6 +534,7 @@ impl Shape {
             fast(self.v_format),
             self.rows,
             self.pair as u32,
+            self.split_v as u32,
         );
         let key = format!("attention {}", defines.replace('\n', " "));
         (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
@@ -1003,6 +1020,7 @@ impl CudaAttention {
             tensor_cores,
             rows,
             pair: false,
+            split_v: tensor_cores && config.split_v,
         };
         let max_smem = dev.info().max_shared_per_block;
         // (Pairing depends on the warp count: decided again at each.)

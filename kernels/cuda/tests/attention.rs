@@ -365,8 +365,9 @@ fn groups_and_half_types() {
 /// across page boundaries), warps 2 to 16 (3 and 8 pairs per block too), formats whose pairs
 /// of rows are whole 16-byte units (q4_0, q8_0, and q5_0 with q6_0 through the formats'
 /// accessors) and 64 dimensions, where they are not (q4_0's 36-byte rows: single heads); an
-/// odd number of KV heads (single heads) and the knob off; decode and prefill rows through
-/// the decode kernel.
+/// odd number of KV heads (single heads) and the knob off; one stage of V rows
+/// (`DecodeConfig::split_v`) with and without pairs; decode and prefill rows through the
+/// decode kernel.
 #[test]
 fn paired_heads() {
     let Some(dev) = device() else { return };
@@ -376,14 +377,17 @@ fn paired_heads() {
         (KvFormat::Q5_0, KvFormat::Q6_0, 128),
         (KvFormat::Q4_0, KvFormat::Q8_0, 64),
     ] {
-        for (h_kv, warps, page_tokens, pairs) in [
-            (4, 2, None, true),
-            (6, 4, Some(16), true),
-            (4, 8, Some(50), true),
-            (4, 16, None, true),
-            (6, 6, Some(16), true),
-            (3, 4, Some(16), true),
-            (4, 4, Some(16), false),
+        for (h_kv, warps, page_tokens, pairs, split_v) in [
+            (4, 2, None, true, false),
+            (6, 4, Some(16), true, false),
+            (4, 8, Some(50), true, false),
+            (4, 16, None, true, false),
+            (6, 6, Some(16), true, false),
+            (3, 4, Some(16), true, false),
+            (4, 4, Some(16), false, false),
+            (4, 4, Some(16), true, true),
+            (6, 2, None, true, true),
+            (3, 2, None, false, true),
         ] {
             let c = Case {
                 k_format,
@@ -397,6 +401,7 @@ fn paired_heads() {
                     warps,
                     splits: 2,
                     pairs,
+                    split_v,
                     ..DecodeConfig::default()
                 },
                 ..Case::basic()

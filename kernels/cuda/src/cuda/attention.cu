@@ -661,6 +661,14 @@ static_assert(M_STAGES == 2, "the decode loop alternates between two stages");
 // where that needs no spills: one column tile and head dimensions up to 128.
 #define MINB ((NH == 1 && D <= 128 && DV <= 128 && WARPS <= 16) ? 16 / WARPS : 1)
 #define M_STAGE (32 * (K_SB + V_SB))
+// SPLITV (host-defined): a stream stages two tiles of K rows but one of V rows (three quarters
+// of the shared memory, so more warps fit where the rows are long): the V rows of a tile are
+// copied when the tile starts, after the last tile's weighted sum, and waited for before its
+// own (one more barrier per tile).
+#ifndef SPLITV
+#define SPLITV 0
+#endif
+#define STREAM_BYTES (SPLITV ? 32 * (2 * K_SB + V_SB) : M_STAGES * M_STAGE)
 // The widest copy both row sizes allow (the cache buffers are whole allocations, 256-aligned).
 #define CW ((PK_ROW % 16 == 0 && PV_ROW % 16 == 0)   ? 16 \
             : (PK_ROW % 8 == 0 && PV_ROW % 8 == 0) ? 8  \
@@ -753,19 +761,17 @@ RQ_FN void stage_rows_2(unsigned char* dst, const unsigned char* base, long long
     }
 }
 
-// Copies a tile's staged rows (row indices in units of PK_ROW / PV_ROW): the K and the V
-// rows, or with PAIR only the K rows (`part` 0) or the V rows (`part` 1).
-RQ_FN void stage_tile_mma(unsigned char* st, const unsigned char* kc, const unsigned char* vc,
-                          long long row, long long first, long long n_heads, bool linear,
-                          int cnt, int lane, int part) {
+// Copies a tile's staged rows (row indices in units of PK_ROW / PV_ROW): its K rows to `kd`
+// where `do_k`, its V rows to `vd` where `do_v` (warp-uniform).
+RQ_FN void stage_tile_mma(unsigned char* kd, unsigned char* vd, const unsigned char* kc,
+                          const unsigned char* vc, long long row, long long first,
+                          long long n_heads, bool linear, int cnt, int lane, bool do_k, bool do_v) {
 #if CW >= 4
-    if (!PAIR || part == 0) stage_rows<PK_ROW, K_SB, 0>(st, kc, row, first, n_heads, linear, cnt, lane);
-    if (!PAIR || part == 1)
-        stage_rows<PV_ROW, V_SB, 0>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
+    if (do_k) stage_rows<PK_ROW, K_SB, 0>(kd, kc, row, first, n_heads, linear, cnt, lane);
+    if (do_v) stage_rows<PV_ROW, V_SB, 0>(vd, vc, row, first, n_heads, linear, cnt, lane);
 #else
-    (void)part;
-    stage_rows_2<PK_ROW, K_SB>(st, kc, row, first, n_heads, linear, cnt, lane);
-    stage_rows_2<PV_ROW, V_SB>(st + 32 * K_SB, vc, row, first, n_heads, linear, cnt, lane);
+    if (do_k) stage_rows_2<PK_ROW, K_SB>(kd, kc, row, first, n_heads, linear, cnt, lane);
+    if (do_v) stage_rows_2<PV_ROW, V_SB>(vd, vc, row, first, n_heads, linear, cnt, lane);
 #endif
 }
 
@@ -1004,7 +1010,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 
     // The stream's stages (shared by the warps of a pair).
     unsigned char* wbuf =
-        reinterpret_cast<unsigned char*>(qs + HEADS * NCOL * D) + stream * (M_STAGES * M_STAGE);
+        reinterpret_cast<unsigned char*>(qs + HEADS * NCOL * D) + stream * STREAM_BYTES;
 
     // Softmax state of this thread's query heads 8h + 2tq + e.
     float m[NH][2], l[NH][2];
@@ -1023,7 +1029,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
         const long long page = (long long)table[seq * table_stride + tt / pt];
         return (page * page_tokens + tt % pt) * s_heads + s_head;
     };
-    auto stage = [&](int s, long long t0) {
+    // Starts copying tile t0's K rows to `kd` (where do_k) and V rows to `vd` (where do_v):
+    // one commit group. With PAIR the even warp copies K, the odd one V.
+    auto stage = [&](unsigned char* kd, unsigned char* vd, long long t0, bool do_k, bool do_v) {
         if (t0 < s_hi) {
             const int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
             // The tile's rows are evenly spaced unless it spans two pages.
@@ -1031,27 +1039,37 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
                 !table || (unsigned int)t0 % (unsigned int)page_tokens + cnt <= page_tokens;
             const long long first = row_of(t0);
             const long long row = !linear && lane < cnt ? row_of(t0 + lane) : first;
-            stage_tile_mma(wbuf + s * M_STAGE, kc, vc, row, first, s_heads, linear, cnt, lane, hh);
+            stage_tile_mma(kd, vd, kc, vc, row, first, s_heads, linear, cnt, lane,
+                           do_k && (!PAIR || hh == 0), do_v && (!PAIR || hh == 1));
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
-
-    // Each iteration waits for its tile's copies and for the stream's other warp (its copies,
-    // and its reads of the stage refilled next), then starts the next tile's copy.
-    const long long step = 32LL * STREAMS;
-    const long long first = s_lo + 32LL * stream;
-    stage(0, first);
-    int cur = 0;
-    for (long long t0 = first; t0 < s_hi; t0 += step) {
-        asm volatile("cp.async.wait_group 0;\n" ::);
+    // The stream's other warp (PAIR), or this warp's lanes.
+    auto sync = [&]() {
         if constexpr (PAIR)
             pair_sync<STREAMS>(stream);
         else
             __syncwarp();
-        stage(cur ^ 1, t0 + step);
+    };
+    // Stage s's K rows, and V rows (SPLITV: the one V stage).
+    auto k_stage = [&](int s) { return wbuf + s * (SPLITV ? 32 * K_SB : M_STAGE); };
+    auto v_stage = [&](int s) { return SPLITV ? wbuf + 2 * 32 * K_SB : k_stage(s) + 32 * K_SB; };
+
+    // Each iteration waits for its tile's copies and for the stream's other warp (its copies,
+    // and its reads of the stages refilled next), then starts the next tile's copy (SPLITV:
+    // this tile's V rows and the next tile's K rows).
+    const long long step = 32LL * STREAMS;
+    const long long first = s_lo + 32LL * stream;
+    stage(k_stage(0), v_stage(0), first, true, !SPLITV);
+    int cur = 0;
+    for (long long t0 = first; t0 < s_hi; t0 += step) {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        sync();
+        if (SPLITV) stage(nullptr, v_stage(0), t0, false, true);
+        stage(k_stage(cur ^ 1), v_stage(cur ^ 1), t0 + step, true, !SPLITV);
         const int cnt = (int)(s_hi - t0 < 32 ? s_hi - t0 : 32);
-        const unsigned char* ks = wbuf + cur * M_STAGE + hh * K_ROW;
-        const unsigned char* vs = wbuf + cur * M_STAGE + 32 * K_SB + hh * V_ROW;
+        const unsigned char* ks = k_stage(cur) + hh * K_ROW;
+        const unsigned char* vs = v_stage(cur) + hh * V_ROW;
 
         // Scores: st[h][c] holds tokens 16c + gr (0, 1) and 16c + gr + 8 (2, 3) for heads
         // 8h + 2tq (0, 2) and 8h + 2tq + 1 (1, 3).
@@ -1197,6 +1215,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
             }
         }
 
+        if (SPLITV) {
+            // (This tile's V rows: all but the newest group, the next tile's K rows.)
+            asm volatile("cp.async.wait_group 1;\n" ::);
+            sync();
+        }
         // O^T += V^T P^T, 16 tokens at a time: this thread's V codes are of tokens 16c + 2tq
         // (+1) and 16c + 2tq + 8 (+9).
 #pragma unroll
