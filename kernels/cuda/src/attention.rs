@@ -144,10 +144,15 @@ impl DecodeConfig {
             (true, false, false),
             (false, false, false),
         ] {
-            for warps in [1, 2, 4, 8] {
-                if pairs && warps == 1 {
-                    continue; // (one warp cannot pair)
-                }
+            // Paired blocks also take 6, 12 and 16 warps (3, 6, 8 pairs): with one V stage
+            // (split_v), 16 warps of q4_0 fit on a multiprocessor in one block or two, and
+            // fewer splits then fill the device.
+            let counts: &[usize] = if pairs {
+                &[2, 4, 6, 8, 12, 16]
+            } else {
+                &[1, 2, 4, 8]
+            };
+            for &warps in counts {
                 for splits in [0, 1, 2, 4, 8, 16, 32] {
                     out.push(Self {
                         warps,
@@ -1070,14 +1075,16 @@ impl CudaAttention {
                 .clone_htod(data)
                 .context(|| format!("uploading {what}"))
         };
-        let lens = up(
-            "sequence lengths",
-            &seqs.iter().map(|s| s.n_tokens as i64).collect::<Vec<_>>(),
+        // Lengths, then positions: one upload (each one is a few microseconds of a call).
+        let meta = up(
+            "sequence lengths and positions",
+            &seqs
+                .iter()
+                .map(|s| s.n_tokens as i64)
+                .chain(seqs.iter().map(|s| s.pos as i64))
+                .collect::<Vec<_>>(),
         )?;
-        let pos = up(
-            "positions",
-            &seqs.iter().map(|s| s.pos as i64).collect::<Vec<_>>(),
-        )?;
+        let (lens, pos) = (meta.slice(..batch), meta.slice(batch..));
         let (table, table_stride, page_tokens) = match k.layout {
             CacheLayout::Contiguous { tokens_per_seq } => (
                 stream.null::<u32>().context(|| "a null pointer".into())?,
@@ -1103,8 +1110,11 @@ impl CudaAttention {
         let part_len = (batch * h_q)
             .checked_mul(n_part * (d_v + 3))
             .ok_or(CudaError::Input(Error::Overflow("partial results")))?;
-        let mut part = stream
-            .alloc_zeros::<f32>(part_len)
+        // SAFETY: left unset (zeroing it would be one more operation per call): the decode
+        // kernel writes every partial of the grid (each block's streams, all their query
+        // heads and rows below `n_rows`, outputs and m, l, seen) before `decode_combine`,
+        // after it on the stream, reads any.
+        let mut part = unsafe { stream.alloc::<f32>(part_len) }
             .context(|| "allocating the partial results".into())?;
 
         let (key, src) = shape.source::<T>();
