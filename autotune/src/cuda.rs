@@ -463,6 +463,27 @@ impl Tunable for Decode<'_> {
         DecodeConfig::search_space()
     }
 
+    /// The winners measured on an H100 (16 x 32k and 1 x 4k tokens, 8 KV heads x 128, q4_0
+    /// and q8_0): paired blocks of 6 or 16 warps, with and without split V, and 8 single-head
+    /// warps.
+    fn leads(&self) -> Vec<DecodeConfig> {
+        let c = |warps, splits, pairs, split_v| DecodeConfig {
+            warps,
+            splits,
+            tensor_cores: true,
+            pairs,
+            split_v,
+        };
+        vec![
+            c(6, 4, true, true),
+            c(6, 2, true, true),
+            c(16, 4, true, false),
+            c(16, 2, true, true),
+            c(8, 1, false, false),
+            c(4, 8, true, true),
+        ]
+    }
+
     /// Two sequences of 333 tokens against the oracle on the same cache bytes.
     fn gate(&mut self, config: &DecodeConfig) -> Result<(), String> {
         if self.gate.is_none() {

@@ -2,10 +2,12 @@
 //!
 //! A kernel takes part by implementing [`Tunable`]: its default configuration, its candidates
 //! for a shape, a run on a gate problem (compared with the oracle) and a timed run. [`tune`]
-//! walks the candidates until the time budget runs out: all of them, in order, when there are
-//! at most [`EXHAUSTIVE`]; otherwise in a fixed pseudo-random order (a random search, so that a
-//! budget too small for the whole space still samples all of it evenly). Candidates left when
-//! the budget runs out are reported as untried. Each candidate is:
+//! walks the candidates until the time budget runs out: first the kernel's leads
+//! ([`Tunable::leads`], configurations that won on devices measured before), then the rest: all
+//! of them, in order, when there are at most [`EXHAUSTIVE`]; otherwise in a fixed pseudo-random
+//! order (a random search, so that a budget too small for the whole space still samples all of
+//! it evenly). Candidates left when the budget runs out are reported as untried. Each candidate
+//! is:
 //!
 //! 1. **gates** every candidate: its output on the gate problem must match the oracle within
 //!    the tolerance table, else it is rejected and reported with the mismatch, never chosen;
@@ -43,6 +45,12 @@ pub trait Tunable {
     fn default_config(&self) -> Self::Config;
     /// The candidates, in the order to try them.
     fn candidates(&self) -> Vec<Self::Config>;
+    /// Candidates to try before the others, in this order: configurations that won on devices
+    /// measured before, so that a budget too small for a large space still reaches them.
+    /// Leads that are not candidates (or are the default) are ignored. Default: none.
+    fn leads(&self) -> Vec<Self::Config> {
+        Vec::new()
+    }
     /// Runs `config` on the gate problem; `Err` describes how it disagrees with the oracle.
     fn gate(&mut self, config: &Self::Config) -> Result<(), String>;
     /// One timed call with `config` on the timed problem.
@@ -209,6 +217,16 @@ pub fn tune<T: Tunable>(
             candidates.swap(i, j);
         }
     }
+    // The leads first, in their order.
+    let mut order: Vec<T::Config> = Vec::with_capacity(candidates.len());
+    for lead in t.leads() {
+        if candidates.contains(&lead) && !order.contains(&lead) {
+            order.push(lead);
+        }
+    }
+    candidates.retain(|c| !order.contains(c));
+    order.append(&mut candidates);
+    let candidates = order;
     for (i, c) in candidates.iter().enumerate() {
         if start.elapsed() > budget {
             out.untried = candidates.len() - i;

@@ -337,12 +337,14 @@ fn save(
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// A decode task's share of the budget, in units of the others': its search space is about
-/// twice theirs.
-const DECODE_WEIGHT: usize = 2;
-/// A prefill task's share, as decode's: its space is only 4 configurations, but each is a
-/// flash kernel to compile (on a first run, a second or so each) and its calls take
-/// milliseconds (a 4096-token prompt), so that one unit could leave candidates untried.
+/// A decode task's share of the budget, in units of the others': its search spaces are the
+/// largest (140 configurations on CUDA, each a kernel to compile on a first run; 480 on the
+/// CPU), against 24 for the row kernels. (A space larger than the share allows is sampled at
+/// random, and the untried candidates are reported: `--budget-secs` buys more of them.)
+const DECODE_WEIGHT: usize = 4;
+/// A prefill task's share: its space is only 4 configurations, but each is a flash kernel to
+/// compile (on a first run, a second or so each) and its calls take milliseconds (a
+/// 4096-token prompt), so that one unit could leave candidates untried.
 const PREFILL_WEIGHT: usize = 2;
 
 fn run(args: Args) -> Result<(), String> {
@@ -480,14 +482,15 @@ fn run(args: Args) -> Result<(), String> {
         TimingPlan::default()
     };
     eprintln!(
-        "tuning {} on {} ({tasks} tasks, about {:.0} s each, twice that for decode{})",
+        "tuning {} on {} ({tasks} tasks, about {:.0} s each, {DECODE_WEIGHT}x that for \
+         decode{})",
         args.kernels.join(", "),
         device.name,
         per_task.as_secs_f64(),
         if prefill_shapes > 0 && wants("prefill") {
-            " and prefill"
+            format!(", {PREFILL_WEIGHT}x for prefill")
         } else {
-            ""
+            String::new()
         }
     );
     let bar = ProgressBar::new(tasks as u64);

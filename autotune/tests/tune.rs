@@ -149,6 +149,52 @@ fn an_exhausted_budget_reports_what_was_left() {
     assert_eq!(o.chosen, 0);
 }
 
+/// A space larger than EXHAUSTIVE: the kernel's leads are tried first, in their order (a
+/// lead that is not a candidate, or the default, is skipped), then the rest, each once.
+#[test]
+fn leads_come_first_then_the_rest_once_each() {
+    struct Order {
+        gated: Vec<u32>,
+    }
+    impl Tunable for Order {
+        type Config = u32;
+        fn kernel(&self) -> String {
+            "order".into()
+        }
+        fn bucket(&self) -> String {
+            "n=1".into()
+        }
+        fn default_config(&self) -> u32 {
+            0
+        }
+        fn candidates(&self) -> Vec<u32> {
+            (0..40).collect()
+        }
+        fn leads(&self) -> Vec<u32> {
+            vec![37, 0, 500, 5, 37]
+        }
+        fn gate(&mut self, c: &u32) -> Result<(), String> {
+            self.gated.push(*c);
+            Ok(())
+        }
+        fn run(&mut self, c: &u32) {
+            std::hint::black_box(c);
+        }
+    }
+    let mut t = Order { gated: Vec::new() };
+    let plan = TimingPlan {
+        samples: 1,
+        min_sample: Duration::from_micros(50),
+    };
+    let o = tune(&mut t, Duration::from_secs(60), plan, |_| {}).unwrap();
+    // The default's own gate, then 37 and 5, then the other 37 candidates.
+    assert_eq!(&t.gated[..3], &[0, 37, 5], "{:?}", t.gated);
+    let mut rest = t.gated[1..].to_vec();
+    rest.sort_unstable();
+    assert_eq!(rest, (1..40).collect::<Vec<_>>());
+    assert_eq!((o.tried, o.untried), (39, 0));
+}
+
 /// Runs the `autotune` binary with `args`, `--shapes shapes` when given, and `--out out`.
 /// This machine's CPU section of the cache at `path`.
 fn cpu_section(path: &Path) -> TuneFile {
