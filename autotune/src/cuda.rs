@@ -464,8 +464,8 @@ impl Tunable for Decode<'_> {
     }
 
     /// The winners measured on an H100 (16 x 32k and 1 x 4k tokens, 8 KV heads x 128, q4_0
-    /// and q8_0): paired blocks of 6 or 16 warps, with and without split V, and 8 single-head
-    /// warps.
+    /// and q8_0): paired blocks of 4, 6 or 16 warps, with and without split V, and 8
+    /// single-head warps.
     fn leads(&self) -> Vec<DecodeConfig> {
         let c = |warps, splits, pairs, split_v| DecodeConfig {
             warps,

@@ -338,7 +338,7 @@ fn save(
 }
 
 /// A decode task's share of the budget, in units of the others': its search spaces are the
-/// largest (140 configurations on CUDA, each a kernel to compile on a first run; 480 on the
+/// largest (140 configurations on CUDA, about 20 kernels to compile on a first run; 90 on the
 /// CPU), against 24 for the row kernels. (A space larger than the share allows is sampled at
 /// random, and the untried candidates are reported: `--budget-secs` buys more of them.)
 const DECODE_WEIGHT: usize = 4;
@@ -481,16 +481,23 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         TimingPlan::default()
     };
+    // (The weights of the kinds of task this run has.)
+    let mut heavier = Vec::new();
+    if !shapes.decode.is_empty() && wants("decode") {
+        heavier.push(format!("{DECODE_WEIGHT}x that for decode"));
+    }
+    if prefill_shapes > 0 && wants("prefill") {
+        heavier.push(format!("{PREFILL_WEIGHT}x for prefill"));
+    }
     eprintln!(
-        "tuning {} on {} ({tasks} tasks, about {:.0} s each, {DECODE_WEIGHT}x that for \
-         decode{})",
+        "tuning {} on {} ({tasks} tasks, about {:.0} s each{})",
         args.kernels.join(", "),
         device.name,
         per_task.as_secs_f64(),
-        if prefill_shapes > 0 && wants("prefill") {
-            format!(", {PREFILL_WEIGHT}x for prefill")
-        } else {
+        if heavier.is_empty() {
             String::new()
+        } else {
+            format!(", {}", heavier.join(", "))
         }
     );
     let bar = ProgressBar::new(tasks as u64);

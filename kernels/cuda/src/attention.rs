@@ -108,8 +108,9 @@ pub struct DecodeConfig {
     pub pairs: bool,
     /// Stage one tile of V rows per stream of tiles instead of two (the tensor-core kernel):
     /// a tile's V rows are copied when it starts and waited for before its weighted sum, one
-    /// more barrier per tile, and three quarters of the shared memory, which leaves more of
-    /// it to L1 or lets more warps fit. (Absent in a saved configuration: false.)
+    /// more barrier per tile, and three quarters of the staging memory where K and V rows are
+    /// the same size, which leaves more of the shared memory to L1 or lets more warps fit.
+    /// (Absent in a saved configuration: false.)
     #[serde(default)]
     pub split_v: bool,
 }

@@ -662,9 +662,9 @@ static_assert(M_STAGES == 2, "the decode loop alternates between two stages");
 #define MINB ((NH == 1 && D <= 128 && DV <= 128 && WARPS <= 16) ? 16 / WARPS : 1)
 #define M_STAGE (32 * (K_SB + V_SB))
 // SPLITV (host-defined): a stream stages two tiles of K rows but one of V rows (three quarters
-// of the shared memory, so more warps fit where the rows are long): the V rows of a tile are
-// copied when the tile starts, after the last tile's weighted sum, and waited for before its
-// own (one more barrier per tile).
+// of the staging memory where K and V rows are the same size, so more warps fit where the rows
+// are long): the V rows of a tile are copied when the tile starts, after the last tile's
+// weighted sum, and waited for before its own (one more barrier per tile).
 #ifndef SPLITV
 #define SPLITV 0
 #endif
