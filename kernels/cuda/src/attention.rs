@@ -101,9 +101,7 @@ pub struct DecodeConfig {
     /// token's two adjacent rows then move as 16-byte copies, the K rows by one warp of each
     /// pair and the V rows by the other, where one q4_0 row takes 8-byte copies. Each tile
     /// then waits for both warps of its pair. (Absent in a saved configuration: false, single
-    /// heads. The single-head kernel changed with the knob too: it now waits for a tile's
-    /// copies before starting the next tile's, and its 16-byte copies go through L1; its
-    /// rates were within run-to-run noise of before, not compared in the same run.)
+    /// heads.)
     #[serde(default)]
     pub pairs: bool,
     /// Stage one tile of V rows per stream of tiles instead of two (the tensor-core kernel):

@@ -533,11 +533,12 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
 // one packed subtraction leaves c exactly.
 // Raw K and V rows are staged per warp (per pair of warps with PAIR, below) with cp.async in
 // the widest copies the row sizes allow; the rows of tokens past a sequence's end are filled
-// with zeros (scale 0: no NaN from stale bytes). With PAIR (host-defined, 0 in the flash modules) a block takes two KV heads 2x and
-// 2x + 1, whose rows of a token are adjacent: warps 2s and 2s + 1 take the same tiles (stream
-// s), one head each, and share each staged tile of both heads' rows, the even warp copying the
-// K rows and the odd one the V rows, 16 bytes at a time (q4_0's 72-byte rows alone allow
-// 8-byte copies, twice as many); a barrier of the two warps per tile replaces the warp's own.
+// with zeros (scale 0: no NaN from stale bytes). With PAIR (host-defined, 0 in the flash
+// modules) a block takes two KV heads 2x and 2x + 1, whose rows of a token are adjacent: warps
+// 2s and 2s + 1 take the same tiles (stream s), one head each, and share each staged tile of
+// both heads' rows, the even warp copying the K rows and the odd one the V rows, 16 bytes at a
+// time (q4_0's 72-byte rows alone allow 8-byte copies, twice as many); a barrier of the two
+// warps per tile replaces the warp's own.
 // P and Q are rounded to the element type once, as in flash attention; the softmax, the K
 // scales and all sums are f32.
 
