@@ -35,7 +35,7 @@
 //! kernel does; a V value that is not finite reaches only the rows that see its token. See
 //! [`PrefillConfig`] for its knobs.
 
-use crate::device::Device;
+use crate::device::{Device, SM90A};
 use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, Transform, ELEM, FORMATS};
 use crate::rotation::{CudaRotation, GpuElement};
@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 const ATTENTION: &str = include_str!("cuda/attention.cu");
+const FLASH_KERNEL: &str = "prefill_attention_flash";
 
 /// The largest query-head group (query heads per KV head) the decode kernel takes.
 pub const MAX_GROUP: usize = 16;
@@ -184,7 +185,7 @@ pub struct PrefillConfig {
     /// Row tiles of 16 per warp (1 or 2): with 2, each K/V fragment a warp reads from shared
     /// memory feeds two products and each tile's conversion serves twice the rows, at the
     /// cost of twice the registers for scores and outputs (head dimensions up to 128; larger
-    /// ones take 1).
+    /// ones take 1). Warp-specialized blocks always take 2.
     #[serde(default = "one")]
     pub m_tiles: usize,
     /// Use the flash kernel where the call allows it (f16/bf16 queries, tensor-core formats,
@@ -197,6 +198,19 @@ pub struct PrefillConfig {
     /// the device busy).
     #[serde(default)]
     pub min_blocks: usize,
+    /// Warp-specialized blocks where the device allows them (compute capability 9.0, 8 warps,
+    /// head dimensions up to 128): the 8 warps only compute, two row tiles each, while a
+    /// warpgroup of four more copies and converts the tiles into two buffers, and `setmaxnreg`
+    /// moves registers from the converting warps to the computing ones. Elsewhere, and when
+    /// false, every warp does both in turn. (Saved configurations without it keep their plain
+    /// blocks.)
+    ///
+    /// Why: with every warp converting, a block's warps stop at a barrier each tile and hold
+    /// 128 registers (two blocks per multiprocessor), too few to keep the next fragments'
+    /// loads in flight; on an H100 (8k tokens causal, q8_0) the specialized blocks ran at
+    /// 202–213 TFLOP/s against 184–190.
+    #[serde(default)]
+    pub specialized: bool,
 }
 
 impl Default for PrefillConfig {
@@ -207,6 +221,7 @@ impl Default for PrefillConfig {
             m_tiles: 1,
             flash: true,
             min_blocks: 0,
+            specialized: true,
         }
     }
 }
@@ -214,13 +229,17 @@ impl Default for PrefillConfig {
 impl PrefillConfig {
     /// Every configuration the autotuner tries.
     pub fn search_space() -> Vec<Self> {
+        let plain = Self {
+            specialized: false,
+            ..Self::default()
+        };
         let mut out = Vec::new();
         for warps in [4, 8] {
             for block_n in [32, 64] {
                 out.push(Self {
                     warps,
                     block_n,
-                    ..Self::default()
+                    ..plain
                 });
             }
             // (Two row tiles with tiles of 64 tokens spill registers.)
@@ -228,17 +247,36 @@ impl PrefillConfig {
                 warps,
                 block_n: 32,
                 m_tiles: 2,
+                ..plain
+            });
+        }
+        // Warp-specialized blocks (on other devices, the plain blocks of 8 warps again).
+        for block_n in [32, 64] {
+            out.push(Self {
+                block_n,
                 ..Self::default()
             });
         }
         out
     }
 
+    /// Whether the flash kernel takes warp-specialized blocks on `dev` for head dimensions
+    /// `d` (K) and `d_v` (V): where asked, on compute capability 9.0 (`setmaxnreg` is
+    /// sm_90a's), heads up to 128 and blocks of 8 warps (the registers are divided for two
+    /// consumer warpgroups).
+    fn specialized_on(&self, dev: &Device, d: usize, d_v: usize) -> bool {
+        self.specialized
+            && dev.info().compute_capability == (9, 0)
+            && d <= 128
+            && d_v <= 128
+            && self.warps == 8
+    }
+
     /// The row tiles per warp the kernel takes for head dimensions `d` (K) and `d_v` (V):
-    /// two only where asked and both are at most 128 (larger ones would not fit the
-    /// registers).
-    fn m_tiles_for(&self, d: usize, d_v: usize) -> usize {
-        if self.m_tiles >= 2 && d <= 128 && d_v <= 128 {
+    /// two where asked or in warp-specialized blocks (`ws`), and both are at most 128 (larger
+    /// ones would not fit the registers).
+    fn m_tiles_for(&self, d: usize, d_v: usize, ws: bool) -> usize {
+        if (ws || self.m_tiles >= 2) && d <= 128 && d_v <= 128 {
             2
         } else {
             1
@@ -558,6 +596,8 @@ struct FlashShape {
     warps: usize,
     block_n: usize,
     m_tiles: usize,
+    /// Warp-specialized (`WS`): a producer warpgroup besides the `warps` consumers.
+    ws: bool,
 }
 
 impl FlashShape {
@@ -583,14 +623,23 @@ impl FlashShape {
         };
         let n = self.block_n;
         let vsc = if self.elem == 1 { 2 } else { 4 };
+        // (With WS, two code buffers, the producers' four words of bad-V bits per buffer and
+        // two flags.)
+        let (buffers, bad_words, flags) = if self.ws {
+            (2, 4, 8)
+        } else {
+            (1, self.warps, 0)
+        };
         let tiles = 2 * n * (stride(k_row) + stride(v_row))
-            + 2 * n * (self.d + 8 + self.d_v + 8)
-            + 4 * n * (self.d / 32)
-            + vsc * n * (self.d_v / 32)
-            + 8 * self.warps;
+            + buffers
+                * (2 * n * (self.d + 8 + self.d_v + 8)
+                    + 4 * n * (self.d / 32)
+                    + vsc * n * (self.d_v / 32)
+                    + 8 * bad_words)
+            + flags;
         let block_rows = 16 * self.m_tiles * self.warps;
         let rows = 4 * block_rows * self.d.max(self.d_v);
-        let queries = if self.warps >= 8 || self.m_tiles >= 2 {
+        let queries = if self.warps >= 8 || self.m_tiles >= 2 || self.ws {
             2 * block_rows * (self.d + 8)
         } else {
             0
@@ -599,11 +648,50 @@ impl FlashShape {
         Ok(tiles.max(rows).next_multiple_of(16) + queries)
     }
 
+    /// The shape of the flash kernel that `plan` ([`CudaAttention::prefill_plan`]) runs.
+    fn of<T: GpuElement>(
+        plan: &PrefillConfig,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        group: usize,
+    ) -> Self {
+        Self {
+            elem: T::ELEM,
+            k_format: k.format,
+            v_format: v.format,
+            d: k.dim,
+            d_v: v.dim,
+            group,
+            warps: plan.warps,
+            block_n: plan.block_n,
+            m_tiles: plan.m_tiles,
+            ws: plan.specialized,
+        }
+    }
+
+    /// This shape as what a prefill call with `asked` ran.
+    fn config(&self, asked: PrefillConfig) -> PrefillConfig {
+        PrefillConfig {
+            warps: self.warps,
+            block_n: self.block_n,
+            m_tiles: self.m_tiles,
+            flash: true,
+            specialized: self.ws,
+            ..asked
+        }
+    }
+
+    /// Registers per thread of warp-specialized blocks (`REGS_ALL` in `attention.cu`): the
+    /// launch bound's share of the multiprocessor's 65,536, in units of 8.
+    fn registers(&self) -> i32 {
+        (65536 / (32 * (self.warps + 4)) / 8 * 8) as i32
+    }
+
     fn source(&self) -> (String, String) {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
              #define G {}\n#define WARPS {}\n#define MMA 1\n#define KFAST {}\n#define VFAST {}\n\
-             #define QR 1\n#define FLASH 1\n#define BN {}\n#define MT {}\n",
+             #define QR 1\n#define FLASH 1\n#define BN {}\n#define MT {}\n#define WS {}\n{}",
             self.elem,
             self.k_format.name(),
             self.v_format.name(),
@@ -615,6 +703,8 @@ impl FlashShape {
             fast(self.v_format),
             self.block_n,
             self.m_tiles,
+            self.ws as u32,
+            if self.ws { SM90A } else { "" },
         );
         let key = format!("attention {}", defines.replace('\n', " "));
         (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
@@ -801,6 +891,49 @@ impl CudaAttention {
             CudaKvCache { layout, ..*c }
         }
         let (ks, vs) = (shared(k, &one_page), shared(v, &one_page));
+        // Each row carries its position: the kernels' checks see no offset.
+        let unshifted = AttentionParams {
+            pos_offset: 0,
+            ..params.clone()
+        };
+        // (Bad inputs are typed errors before any kernel is compiled.)
+        self.check(q.len(), h_q, &ks, &vs, &rows, true, &unshifted, out.len())?;
+        let plan = self.prefill_plan::<T>(dev, n_q, h_q, k, v, n_tokens, params.pos_offset)?;
+        if plan.flash {
+            let shape = FlashShape::of::<T>(&plan, k, v, h_q / k.n_heads);
+            return self.flash(dev, shape, q, h_q, k, (&ks, &vs, &rows), &unshifted, out);
+        }
+        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, out)
+    }
+
+    /// What [`Self::prefill`] runs for these arguments, as a configuration: `flash: false`
+    /// for the decode kernel; else the flash kernel's warps, tile, row tiles and whether its
+    /// blocks are warp-specialized, as the device's limits left them (a configuration asks;
+    /// this says what ran, for benches and logs).
+    ///
+    /// ```no_run
+    /// use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, Device};
+    /// use rotq_reference::{KvFormat, RotationPlan};
+    /// let dev = Device::open("cuda:0")?;
+    /// let bytes = dev.stream().alloc_zeros::<u8>(8192 * 8 * 136).unwrap();
+    /// let layout = CacheLayout::Contiguous { tokens_per_seq: 8192 };
+    /// let k = CudaKvCache { format: KvFormat::Q8_0, bytes: &bytes, n_heads: 8, dim: 128, layout };
+    /// let attn = CudaAttention::new(&dev, &RotationPlan::none())?;
+    /// let ran = attn.prefill_plan::<half::f16>(&dev, 8192, 32, &k, &k, 8192, 0)?;
+    /// println!("{ran:?}");
+    /// # Ok::<(), rotq_cuda::CudaError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_plan<T: GpuElement>(
+        &self,
+        dev: &Device,
+        n_q: usize,
+        h_q: usize,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        n_tokens: usize,
+        pos_offset: usize,
+    ) -> Result<PrefillConfig> {
         // (The flash kernel's token offsets are 32-bit.)
         let short = |x: usize| x <= (i32::MAX / 2) as usize;
         // (Its offsets within a tile of 64 tokens' rows of every head are 32-bit too.)
@@ -812,14 +945,17 @@ impl CudaAttention {
         // Bad head counts are left to `check` (through either kernel's path).
         let group = h_q.checked_div(k.n_heads).unwrap_or(1).max(1);
         let config = self.prefill_config_for(dev, k.format, k.dim, k.n_heads, group, n_q, n_tokens);
-        let block_rows = 16 * config.warps.clamp(1, 8) * config.m_tiles_for(k.dim, v.dim);
+        let ws = config.specialized_on(dev, k.dim, v.dim);
+        let block_rows = 16 * config.warps.clamp(1, 8) * config.m_tiles_for(k.dim, v.dim, ws);
         let blocks = k.n_heads * (n_q * group).div_ceil(block_rows);
         let flash = config.flash
             && T::ELEM != 0
+            && k.dim.is_multiple_of(32)
+            && v.dim.is_multiple_of(32)
             && short(n_tokens)
             && tile_fits(k)
             && tile_fits(v)
-            && params.pos_offset.checked_add(n_q).is_some_and(short)
+            && pos_offset.checked_add(n_q).is_some_and(short)
             && TENSOR_CORE_K_FORMATS.contains(&k.format)
             && TENSOR_CORE_V_FORMATS.contains(&v.format)
             && blocks
@@ -827,15 +963,63 @@ impl CudaAttention {
                     0 => dev.info().multiprocessors as usize,
                     b => b,
                 };
-        // Each row carries its position: the kernels' checks see no offset.
-        let unshifted = AttentionParams {
-            pos_offset: 0,
-            ..params.clone()
-        };
-        if flash {
-            return self.flash(dev, config, q, h_q, k, (&ks, &vs, &rows), &unshifted, out);
+        if !flash {
+            return Ok(PrefillConfig {
+                flash: false,
+                ..config
+            });
         }
-        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, out)
+        let (d, d_v) = (k.dim, v.dim);
+        let mut shape = FlashShape {
+            elem: T::ELEM,
+            k_format: k.format,
+            v_format: v.format,
+            d,
+            d_v,
+            group,
+            warps: config.warps.clamp(1, 8),
+            block_n: if config.block_n <= 32 { 32 } else { 64 },
+            m_tiles: config.m_tiles_for(d, d_v, false),
+            ws: false,
+        };
+        let max_smem = dev.info().max_shared_per_block;
+        // Warp-specialized blocks where they fit, compile (NVRTC knows sm_90a) and the kernel
+        // holds the registers its roles divide (else the consumers' share could never be
+        // granted); the plain blocks else.
+        if ws {
+            let specialized = FlashShape {
+                ws: true,
+                m_tiles: config.m_tiles_for(d, d_v, true),
+                ..shape
+            };
+            let smem = specialized.smem()?;
+            if smem <= max_smem {
+                let (key, src) = specialized.source();
+                let registers = kernel::function(dev, &key, &src, FLASH_KERNEL, smem)
+                    .ok()
+                    .and_then(|f| f.num_regs().ok());
+                if registers == Some(specialized.registers()) {
+                    return Ok(specialized.config(config));
+                }
+            }
+        }
+        while shape.smem()? > max_smem && shape.block_n > 32 {
+            shape.block_n = 32;
+        }
+        if shape.smem()? > max_smem {
+            shape.m_tiles = 1;
+        }
+        while shape.smem()? > max_smem && shape.warps > 1 {
+            shape.warps /= 2;
+        }
+        if shape.smem()? > max_smem {
+            return Err(too_large(
+                d.max(d_v),
+                "CUDA prefill attention head",
+                "a K/V tile of 32 tokens and 16 query rows must fit the shared memory",
+            ));
+        }
+        Ok(shape.config(config))
     }
 
     /// Prefill through the flash kernel (see [`Self::prefill`]): `(ks, vs, rows)` are the
@@ -846,7 +1030,7 @@ impl CudaAttention {
     fn flash<T: GpuElement>(
         &self,
         dev: &Device,
-        config: PrefillConfig,
+        shape: FlashShape,
         q: &CudaSlice<T>,
         h_q: usize,
         k: &CudaKvCache<'_>,
@@ -866,37 +1050,8 @@ impl CudaAttention {
             return Ok(());
         };
         let (n_q, n_tokens, pos_offset) = (rows.len(), first.n_tokens, first.pos);
-        let (d, d_v, h_kv) = (ks.dim, vs.dim, ks.n_heads);
+        let h_kv = ks.n_heads;
         let group = h_q / h_kv;
-        let mut shape = FlashShape {
-            elem: T::ELEM,
-            k_format: ks.format,
-            v_format: vs.format,
-            d,
-            d_v,
-            group,
-            warps: config.warps.clamp(1, 8),
-            block_n: if config.block_n <= 32 { 32 } else { 64 },
-            m_tiles: config.m_tiles_for(d, d_v),
-        };
-        let max_smem = dev.info().max_shared_per_block;
-        while shape.smem()? > max_smem && shape.block_n > 32 {
-            shape.block_n = 32;
-        }
-        if shape.smem()? > max_smem {
-            shape.m_tiles = 1;
-        }
-        while shape.smem()? > max_smem && shape.warps > 1 {
-            shape.warps /= 2;
-        }
-        if shape.smem()? > max_smem {
-            return Err(Error::UnsupportedDim {
-                n: d.max(d_v),
-                what: "CUDA prefill attention head",
-                hint: "a K/V tile of 32 tokens and 16 query rows must fit the shared memory",
-            }
-            .into());
-        }
         let stream = dev.stream();
         // The caller's paged cache through its table; a contiguous one (shared as one page)
         // without: token t is row block t.
@@ -921,7 +1076,7 @@ impl CudaAttention {
         };
         let (key, src) = shape.source();
         let smem = shape.smem()?;
-        let name = "prefill_attention_flash";
+        let name = FLASH_KERNEL;
         let kernel = kernel::function(dev, &key, &src, name, smem)?;
         let qrot = RotArgs::of(dev, self.qk.as_ref())?;
         let vrot = RotArgs::of(dev, self.v.as_ref())?;
@@ -958,7 +1113,7 @@ impl CudaAttention {
         launch.arg(out);
         let cfg = LaunchConfig {
             grid_dim: (grid_x, h_kv as u32, 1),
-            block_dim: (32 * shape.warps as u32, 1, 1),
+            block_dim: (32 * (shape.warps + 4 * shape.ws as usize) as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: `check` verified that the sequence's tokens below `n_tokens` map to whole
@@ -1036,12 +1191,11 @@ impl CudaAttention {
             shape.warps /= 2;
         }
         if shape.smem()? > max_smem {
-            return Err(Error::UnsupportedDim {
-                n: d.max(d_v),
-                what: "CUDA decode attention head",
-                hint: "one warp's staged K/V rows must fit the shared memory",
-            }
-            .into());
+            return Err(too_large(
+                d.max(d_v),
+                "CUDA decode attention head",
+                "one warp's staged K/V rows must fit the shared memory",
+            ));
         }
 
         // Slices of the visible tokens (of the union of each block's rows' ranges).
@@ -1399,6 +1553,11 @@ struct Checked {
 }
 
 /// What a failed launch was.
+/// A head dimension `n` whose smallest block does not fit the device's shared memory.
+fn too_large(n: usize, what: &'static str, hint: &'static str) -> CudaError {
+    Error::UnsupportedDim { n, what, hint }.into()
+}
+
 fn describe(name: &str, f: &CudaFunction, key: &str) -> String {
     format!(
         "launching {name} ({} registers per thread; {key})",

@@ -8,6 +8,10 @@ use rotq_reference::tuned::{default_path, Loaded, TuneFile};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// A line in a kernel's source that asks for sm_90's architecture-specific target (sm_90a) on
+/// devices of compute capability 9.0.
+pub(crate) const SM90A: &str = "#define RQ_SM90A 1\n";
+
 /// What a device is, read once when it is opened.
 ///
 /// ```no_run
@@ -231,11 +235,17 @@ impl Device {
             return Err(CudaError::NoNvrtc);
         }
         let (major, minor) = self.info.compute_capability;
+        // Sources that use sm_90's architecture-specific instructions (`setmaxnreg`) say so.
+        let specific = if source.contains(SM90A) && (major, minor) == (9, 0) {
+            "a"
+        } else {
+            ""
+        };
         let opts = CompileOptions {
             // Exact f32 rounding: no fused multiply-adds, so quantized bytes match the oracle.
             fmad: Some(false),
             options: vec![
-                format!("--gpu-architecture=sm_{major}{minor}"),
+                format!("--gpu-architecture=sm_{major}{minor}{specific}"),
                 "--std=c++17".into(),
             ],
             ..Default::default()

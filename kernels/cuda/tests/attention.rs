@@ -588,12 +588,18 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
         .map(|&x| f64::from(T::from_f32(x).to_f32()))
         .collect();
     let want = oracle_rows(c, &plan, &q64, &kb, &vb, n, 0);
-    for (flash, block_n, m_tiles) in [(false, 64, 1), (true, 64, 1), (true, 32, 2)] {
+    for (flash, block_n, m_tiles, specialized) in [
+        (false, 64, 1, false),
+        (true, 64, 1, false),
+        (true, 32, 2, false),
+        (true, 64, 2, true),
+    ] {
         let prefill = PrefillConfig {
             flash,
             m_tiles,
             block_n,
             min_blocks: 1,
+            specialized,
             ..PrefillConfig::default()
         };
         let attn = CudaAttention::new(dev, &plan)
@@ -619,14 +625,21 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
         flash: false,
         ..PrefillConfig::default()
     }];
-    // (f32 queries never take the flash kernel.)
+    // (f32 queries never take the flash kernel. Warp-specialized blocks run on devices of
+    // compute capability 9.0 only; elsewhere those configurations take the others' kernel.)
     if !matches!(T::PRECISION, Precision::F32) {
-        for (warps, block_n, m_tiles) in [(4, 64, 1), (8, 32, 1), (4, 32, 2)] {
+        for (warps, block_n, m_tiles, specialized) in [
+            (4, 64, 1, false),
+            (8, 32, 1, false),
+            (4, 32, 2, false),
+            (8, 64, 1, true),
+        ] {
             configs.push(PrefillConfig {
                 warps,
                 block_n,
                 m_tiles,
                 min_blocks: 1,
+                specialized,
                 ..PrefillConfig::default()
             });
         }
@@ -634,8 +647,14 @@ fn check_prefill<T: Elem>(dev: &Device, c: &Case, n_q: usize) {
     check_prefill_configs::<T>(dev, c, n_q, &configs);
 }
 
-/// [`check_prefill`] with the given prefill configurations.
-fn check_prefill_configs<T: Elem>(dev: &Device, c: &Case, n_q: usize, configs: &[PrefillConfig]) {
+/// [`check_prefill`] with the given prefill configurations; returns what each ran
+/// ([`CudaAttention::prefill_plan`]).
+fn check_prefill_configs<T: Elem>(
+    dev: &Device,
+    c: &Case,
+    n_q: usize,
+    configs: &[PrefillConfig],
+) -> Vec<PrefillConfig> {
     let plan = c.plan();
     let h_q = c.h_kv * c.group;
     let (n, pos) = c.seqs[0];
@@ -660,6 +679,7 @@ fn check_prefill_configs<T: Elem>(dev: &Device, c: &Case, n_q: usize, configs: &
         ..c.params()
     };
     let want = oracle_rows(c, &plan, &q_held, &per_seq[0].0, &per_seq[0].1, n, pos);
+    let mut ran = Vec::new();
     for &prefill in configs {
         let attn = CudaAttention::new(dev, &plan)
             .unwrap()
@@ -668,7 +688,74 @@ fn check_prefill_configs<T: Elem>(dev: &Device, c: &Case, n_q: usize, configs: &
         attn.prefill(dev, &qd, n_q, h_q, &k, &v, n, &params, &mut out)
             .unwrap_or_else(|e| panic!("{c:?} {prefill:?}: {e}"));
         let got: Vec<f64> = download(dev, &out).into_iter().map(f64::from).collect();
-        assert_matches::<T>(&got, &want, &format!("prefill n_q={n_q} {prefill:?} {c:?}"));
+        let what = attn
+            .prefill_plan::<T>(dev, n_q, h_q, &k, &v, n, pos)
+            .unwrap();
+        assert_matches::<T>(
+            &got,
+            &want,
+            &format!("prefill n_q={n_q} {prefill:?} (ran {what:?}) {c:?}"),
+        );
+        ran.push(what);
+    }
+    ran
+}
+
+/// Warp-specialized flash blocks (devices of compute capability 9.0; elsewhere the same
+/// configuration runs plain blocks): formats with and without the fast conversions, MHA and
+/// GQA, fresh prompts and chunks at the end of a longer cache, windows, soft-cap, paged
+/// caches, partial row blocks and tiles, f16 and bf16 — each against the oracle. The target
+/// shape (q8_0, 128-dimension heads, groups of 4) must actually take them there.
+#[test]
+fn warp_specialized_prefill_matches_the_oracle() {
+    let Some(dev) = device() else { return };
+    let hopper = dev.info().compute_capability == (9, 0);
+    let config = PrefillConfig {
+        min_blocks: 1,
+        ..PrefillConfig::default()
+    };
+    assert!(config.specialized && config.warps == 8);
+    use KvFormat::{F16, Q4_0, Q8_0};
+    let cases = [
+        // (K, V, plan, group, KV heads, (tokens, first position), query rows, window, soft-cap, page)
+        (Q8_0, Q8_0, 1, 4, 2, (300, 0), 300, None, None, None),
+        (
+            Q4_0,
+            Q4_0,
+            3,
+            4,
+            2,
+            (400, 250),
+            150,
+            Some(100),
+            None,
+            Some(16),
+        ),
+        (Q8_0, Q4_0, 2, 1, 3, (200, 100), 100, None, Some(20.0), None),
+        (Q4_0, F16, 1, 8, 1, (150, 113), 37, None, None, Some(32)),
+    ];
+    for (i, (k_format, v_format, plan, group, h_kv, seq, n_q, window, softcap, page)) in
+        cases.into_iter().enumerate()
+    {
+        let c = Case {
+            k_format,
+            v_format,
+            plan,
+            group,
+            h_kv,
+            seqs: vec![seq],
+            window,
+            softcap,
+            page_tokens: page,
+            seed: 40 + i as u64,
+            ..Case::basic()
+        };
+        let ran = check_prefill_configs::<f16>(dev, &c, n_q, &[config]);
+        check_prefill_configs::<bf16>(dev, &c, n_q, &[config]);
+        println!("{k_format}/{v_format} group {group}: ran {:?}", ran[0]);
+        if i == 0 {
+            assert_eq!(ran[0].specialized, hopper, "{:?}", ran[0]);
+        }
     }
 }
 

@@ -1296,6 +1296,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 //     registers; B: K codes read with ldmatrix), multiplying each 32-dimension group's f32
 //     product by its token's K scale, then an online softmax per row, then O += P V with the V
 //     scale of each 32-dimension group folded into P (B: V codes read with ldmatrix.trans).
+// With WS (below), the copies and the conversion are a producer warpgroup's, into two code
+// buffers taken in turn, while the other warps only compute.
 // The output rows are divided by l, rotated back (V rotation) in shared memory and stored.
 // The numerics are the decode tensor-core kernel's: Q and P rounded to the element type once,
 // codes exact, scales and sums in f32. A non-finite V value (an Inf scale, an f16 row's Inf or
@@ -1305,6 +1307,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 #ifndef MT
 #define MT 1
 #endif
+// WS 1: warp-specialized blocks (sm_90a): WARPS consumer warps compute, and a producer
+// warpgroup of P_THREADS threads copies and converts the tiles into two code buffers, the
+// roles meeting at named barriers; `setmaxnreg` moves registers from the producers (which
+// need few) to the consumers (two m-tiles of scores and outputs each).
+#ifndef WS
+#define WS 0
+#endif
+#if WS
+#define P_THREADS 128
+#else
+#define P_THREADS 0
+#endif
+#define ALL_THREADS (THREADS + P_THREADS)
 // Rows per warp: MT m-tiles of 16, so that each K/V fragment read from shared memory feeds MT
 // products (and a block's tile conversion serves 16 · MT · WARPS rows).
 #define WR (16 * MT)
@@ -1317,16 +1332,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 // Code rows: D + 8 values apart, an odd number of 16-byte units (conflict-free ldmatrix).
 #define KCS (D + 8)
 #define VCS (DV + 8)
+// Buffers of codes (and their scales and flags): one, or two with a producer warpgroup (WS)
+// filling one while the other is read.
+#define F_NCB (WS ? 2 : 1)
+#define F_CBUF (2 * BN * (KCS + VCS))
 #define F_CODES (2 * F_STAGE)
-#define F_KSC (F_CODES + 2 * BN * (KCS + VCS))
-#define F_VSC (F_KSC + 4 * BN * KB)
+#define F_KSC (F_CODES + F_NCB * F_CBUF)
+#define F_KSCB (4 * BN * KB)
+#define F_VSC (F_KSC + F_NCB * F_KSCB)
 #if ELEM == 1
 #define VSC_BYTES 2
 #else
 #define VSC_BYTES 4
 #endif
-#define F_BAD (F_VSC + VSC_BYTES * BN * VB)
-#define F_TILES (F_BAD + 8 * WARPS)
+#define F_VSCB (VSC_BYTES * BN * VB)
+// Per buffer, a word of bad-V token bits per converting warp (and with WS, the wild flag).
+#define F_BAD (F_VSC + F_NCB * F_VSCB)
+#define F_NBW (WS ? P_THREADS / 32 : WARPS)
+#define F_TILES (F_BAD + F_NCB * 8 * F_NBW + (WS ? 8 : 0))
 // The queries (before the loop) and the outputs (after it) reuse the tiles' space.
 #define F_ROWS (4 * BM * (D > DV ? D : DV))
 // Blocks of 8 warps (and blocks of two m-tiles per warp) keep the queries in shared memory as
@@ -1335,13 +1358,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 // one m-tile hold them in registers. Measured on an H100, 8k tokens causal, q8_0: 8 warps x
 // tiles of 64 this way 188-191 TFLOP/s; 4 warps 149-157; two m-tiles 154-158; 8 warps with
 // 255 registers and one block per multiprocessor 148.
-#define F_QSMEM (WARPS >= 8 || MT >= 2)
+#define F_QSMEM (WARPS >= 8 || MT >= 2 || WS)
 // (16-byte aligned: the queries are stored and read 16 bytes at a time.)
 #define F_QS (((F_TILES > F_ROWS ? F_TILES : F_ROWS) + 15) / 16 * 16)
 #define F_SMEM (F_QS + (F_QSMEM ? 2 * BM * KCS : 0))
 // Enough blocks per multiprocessor for 12 or 16 warps where the registers allow it; two
 // m-tiles per warp hold twice the scores and outputs (up to 255 registers).
-#define F_MINB (D > 128 || DV > 128 ? 1 : MT >= 2 ? (WARPS >= 8 ? 1 : 2) : WARPS == 4 ? 3 : WARPS >= 8 ? 2 : 1)
+#define F_MINB (WS || D > 128 || DV > 128 ? 1 : MT >= 2 ? (WARPS >= 8 ? 1 : 2) : WARPS == 4 ? 3 : WARPS >= 8 ? 2 : 1)
 
 // ldmatrix x4 (and transposed) at a shared-memory address.
 RQ_FN void ldsm_x4(unsigned int* r, unsigned int a) {
@@ -1357,19 +1380,19 @@ RQ_FN void ldsm_x4_t(unsigned int* r, unsigned int a) {
 
 // Copies the raw rows of tokens [t0, t0 + BN) (ROW bytes each, rows SB apart) into `dst`, all
 // threads taking CW-byte pieces; rows of tokens from `hi` on are zero-filled.
-template <int ROW, int SB>
+template <int ROW, int SB, int NT>
 RQ_FN void flash_stage_rows(unsigned char* dst, const unsigned char* base, const unsigned int* table,
                             long long page_tokens, long long n_heads, int head, long long t0,
-                            long long hi) {
+                            long long hi, unsigned int tid) {
     constexpr unsigned int W = ROW / CW;
     const unsigned int cnt = hi - t0 < BN ? (unsigned int)(hi - t0) : BN;
 #if CW >= 4
-    if constexpr (W <= THREADS) {
+    if constexpr (W <= NT) {
         // Each thread keeps one piece of a row and steps R rows at a time: the addresses
         // advance by constants (no division or page lookup per piece without a table).
-        constexpr unsigned int R = THREADS / W;
-        if (threadIdx.x >= R * W) return; // (a few threads idle)
-        const unsigned int tok0 = threadIdx.x / W, piece = threadIdx.x - tok0 * W;
+        constexpr unsigned int R = NT / W;
+        if (tid >= R * W) return; // (a few threads idle)
+        const unsigned int tok0 = tid / W, piece = tid - tok0 * W;
         unsigned char* d = dst + tok0 * SB + piece * CW;
         if (!table) {
             // The tile's first row, then 32-bit offsets (the host checked that BN rows of all
@@ -1398,7 +1421,7 @@ RQ_FN void flash_stage_rows(unsigned char* dst, const unsigned char* base, const
         }
     } else
 #endif
-    for (unsigned int p = threadIdx.x; p < BN * W; p += THREADS) {
+    for (unsigned int p = tid; p < BN * W; p += NT) {
         const unsigned int tok = p / W, piece = p - tok * W;
         const bool live = tok < cnt;
         const long long t = live ? t0 + tok : t0;
@@ -1518,12 +1541,12 @@ RQ_FN void group_pairs(const unsigned char* grp, bool aligned, float d, unsigned
 // 32-value group) per step, the lanes of a warp on one group of consecutive tokens (so the
 // group's alignment, and the code path, is the same for the whole warp); V groups that are not finite are zeroed and their tokens' bits set
 // in `mine`.
-template <bool VALUES>
-RQ_FN void flash_extract(const unsigned char* raw, unsigned char* sm, unsigned long long& mine,
-                         bool& wild) {
-    elem_t* kcodes = reinterpret_cast<elem_t*>(sm + F_CODES);
+template <bool VALUES, int NT>
+RQ_FN void flash_extract(const unsigned char* raw, unsigned char* sm, int buf, unsigned long long& mine,
+                         bool& wild, int tid) {
+    elem_t* kcodes = reinterpret_cast<elem_t*>(sm + F_CODES + buf * F_CBUF);
     elem_t* vcodes = kcodes + BN * KCS;
-    for (int u = threadIdx.x; u < BN * KB; u += THREADS) {
+    for (int u = tid; u < BN * KB; u += NT) {
         const int tok = u % BN, b = u / BN; // a warp's lanes: one group of 32 tokens
         const unsigned char* grp = raw + tok * F_KSB + b * K_GB;
         const float d = k_scale(grp);
@@ -1533,9 +1556,9 @@ RQ_FN void flash_extract(const unsigned char* raw, unsigned char* sm, unsigned l
         uint4* dst = reinterpret_cast<uint4*>(kcodes + tok * KCS + 32 * b);
 #pragma unroll
         for (int i = 0; i < 4; i++) dst[i] = make_uint4(pr[4 * i], pr[4 * i + 1], pr[4 * i + 2], pr[4 * i + 3]);
-        if (!VALUES) reinterpret_cast<float*>(sm + F_KSC)[b * BN + tok] = d;
+        if (!VALUES) reinterpret_cast<float*>(sm + F_KSC + buf * F_KSCB)[b * BN + tok] = d;
     }
-    for (int u = threadIdx.x; u < BN * VB; u += THREADS) {
+    for (int u = tid; u < BN * VB; u += NT) {
         const int tok = u % BN, b = u / BN;
         const unsigned char* grp = raw + BN * F_KSB + tok * F_VSB + b * V_GB;
         const float d = v_scale(grp);
@@ -1553,9 +1576,9 @@ RQ_FN void flash_extract(const unsigned char* raw, unsigned char* sm, unsigned l
         if (!VALUES) {
             const float ds = rq_is_finite(d) ? d : 0.0f;
 #if ELEM == 1
-            reinterpret_cast<elem_t*>(sm + F_VSC)[b * BN + tok] = f32_to_elem(ds);
+            reinterpret_cast<elem_t*>(sm + F_VSC + buf * F_VSCB)[b * BN + tok] = f32_to_elem(ds);
 #else
-            reinterpret_cast<float*>(sm + F_VSC)[b * BN + tok] = ds;
+            reinterpret_cast<float*>(sm + F_VSC + buf * F_VSCB)[b * BN + tok] = ds;
 #endif
         }
     }
@@ -1582,7 +1605,39 @@ RQ_FN uint4 pack8(const float* x, float scale) {
     const unsigned int(*qa1)[4] = &qa[2 * (b) + 1]
 #endif
 
-extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_flash(
+#if WS
+// Named barriers (0 is __syncthreads): the producers among themselves, the consumers among
+// themselves, and per code buffer b, FULL + b (the producers filled it) and EMPTY + b (the
+// consumers are done with it).
+#define BAR_P 1
+#define BAR_C 2
+#define BAR_FULL 3
+#define BAR_EMPTY 5
+#define BAR_DONE 7
+// Registers per thread of each role after `setmaxnreg` (multiples of 8). The block starts and
+// ends with REGS_ALL each (the launch bound's share): the pool the roles divide holds
+// ALL_THREADS · REGS_ALL only when the kernel uses all of them, which the host checks (with
+// fewer, the consumers' request could never be met).
+#define REGS_ALL (65536 / ALL_THREADS / 8 * 8)
+#define REGS_P 40
+#define REGS_C ((REGS_ALL * ALL_THREADS - P_THREADS * REGS_P) / THREADS / 8 * 8)
+static_assert(WARPS == 8, "warp-specialized blocks have two consumer warpgroups");
+static_assert(REGS_P <= REGS_ALL && REGS_ALL <= REGS_C && REGS_C <= 256, "setmaxnreg's bounds");
+RQ_FN void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+RQ_FN void bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+// Whether `v` holds for any of the n threads meeting at barrier id.
+RQ_FN bool bar_or(int id, int n, bool v) {
+    unsigned int r;
+    asm volatile("{\n .reg .pred p, q;\n setp.ne.u32 q, %1, 0;\n bar.red.or.pred p, %2, %3, q;\n"
+                 " selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(r)
+                 : "r"((unsigned int)v), "r"(id), "r"(n)
+                 : "memory");
+    return r != 0;
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(ALL_THREADS, F_MINB) prefill_attention_flash(
     const elem_t* q, const unsigned char* kc, const unsigned char* vc, const unsigned int* table,
     long long page_tokens, long long n_tokens, long long pos_offset, long long n_q,
     long long n_heads, int causal, long long window, float softcap, float score_scale,
@@ -1618,7 +1673,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
         const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
         // Eight values (16 bytes) at a time: a query row is D values, a multiple of 32.
 #pragma unroll 4
-        for (int x = threadIdx.x; x < BM * D / 8; x += THREADS) {
+        for (int x = threadIdx.x; x < BM * D / 8; x += ALL_THREADS) {
             const int row = x / (D / 8), c = 8 * (x % (D / 8));
             const long long r = rb * BM + row;
             uint4 raw = make_uint4(0u, 0u, 0u, 0u);
@@ -1637,7 +1692,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
 #if F_QSMEM
     // This warp's rows as A fragments come from shared memory, with ldmatrix, at each tile.
     elem_t* qsm = reinterpret_cast<elem_t*>(sm + F_QS);
-    for (int x = threadIdx.x; x < BM * D / 8; x += THREADS) {
+    for (int x = threadIdx.x; x < BM * D / 8; x += ALL_THREADS) {
         const int row = x / (D / 8), c = 8 * (x % (D / 8));
         *reinterpret_cast<uint4*>(qsm + row * KCS + c) = pack8(rows_f + row * D + c, qscale);
     }
@@ -1660,15 +1715,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
 #endif
     __syncthreads(); // the tiles reuse the queries' space
 
-    // This thread's rows (WR · warp + 16 · mt + gr + 8u) and their visible ranges; the block's
-    // range.
-    long long r_lo[MT][2], r_hi[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int u = 0; u < 2; u++)
-            visible((rb * BM + WR * warp + 16 * mt + gr + 8 * u) / G, r_lo[mt][u], r_hi[mt][u]);
-    // Clamped to hi, lo still grows with the query: the first row's lo is the smallest.
+    // The block's range of tokens. Clamped to hi, lo still grows with the query: the first
+    // row's lo is the smallest.
     long long b_lo, b_hi, last_lo, first_hi;
     {
         const long long first = rb * BM / G;
@@ -1678,30 +1726,84 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
         visible(last, last_lo, b_hi);
         if (b_hi < b_lo) b_hi = b_lo;
     }
+    // Token offsets from b_lo fit 32 bits (the host sends longer caches to the decode kernel):
+    // the per-tile range tests are 32-bit.
+    auto rel = [&](long long t) -> int { return (int)(t < b_lo ? 0 : t > b_hi ? b_hi - b_lo : t - b_lo); };
+    const int span = (int)(b_hi - b_lo);
 
+    // Copies the raw rows of the tile at t0 into stage s (the threads that convert: all, or the
+    // producers).
+    auto stage = [&](int s, long long t0) {
+        constexpr int NT = WS ? P_THREADS : THREADS;
+        const unsigned int tid = WS ? threadIdx.x - THREADS : threadIdx.x;
+        if (t0 < b_hi) {
+            unsigned char* dst = sm + s * F_STAGE;
+            flash_stage_rows<K_ROW, F_KSB, NT>(dst, kc, table, page_tokens, n_heads, head, t0, b_hi, tid);
+            flash_stage_rows<V_ROW, F_VSB, NT>(dst + BN * F_KSB, vc, table, page_tokens, n_heads, head, t0,
+                                                b_hi, tid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+#if WS
+    // The producers: for each tile, wait for its rows (copied a tile ahead) and for the
+    // consumers to be done with its code buffer (the tile two before), convert it there, and
+    // tell the consumers.
+    int* wflag = reinterpret_cast<int*>(sm + F_BAD + F_NCB * 8 * F_NBW);
+    if (warp >= WARPS) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS_P));
+        const int ptid = threadIdx.x - THREADS;
+        stage(0, b_lo);
+        for (int off = 0; off < span; off += BN) {
+            const int cur = (off / BN) & 1;
+            asm volatile("cp.async.wait_group 0;\n" ::);
+            bar_sync(BAR_P, P_THREADS); // this tile's rows landed; the last tile's are converted
+            stage(cur ^ 1, b_lo + off + BN);
+            if (off >= 2 * BN) bar_sync(BAR_EMPTY + cur, ALL_THREADS);
+            const unsigned char* raw = sm + cur * F_STAGE;
+            unsigned long long mine = 0;
+            bool wild = false;
+            flash_extract<true, P_THREADS>(raw, sm, cur, mine, wild, ptid);
+            const unsigned int lo_w = __reduce_or_sync(FULL_MASK, (unsigned int)mine);
+            const unsigned int hi_w = __reduce_or_sync(FULL_MASK, (unsigned int)(mine >> 32));
+            if (lane == 0) badw[cur * F_NBW + warp - WARPS] = ((unsigned long long)hi_w << 32) | lo_w;
+            wild = bar_or(BAR_P, P_THREADS, wild);
+            if (wild) {
+                bool unused = false;
+                flash_extract<false, P_THREADS>(raw, sm, cur, mine, unused, ptid);
+            }
+            if (ptid == 0) wflag[cur] = wild;
+            bar_arrive(BAR_FULL + cur, ALL_THREADS);
+        }
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        // The consumers give their extra registers back before the end (waiting at a barrier
+        // takes no issue slots; a `setmaxnreg.inc` that cannot be met yet retries).
+        bar_sync(BAR_DONE, ALL_THREADS);
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS_ALL));
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS_C));
+#endif
+    // This thread's rows (WR · warp + 16 · mt + gr + 8u) and their visible ranges.
+    long long r_lo[MT][2], r_hi[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+            visible((rb * BM + WR * warp + 16 * mt + gr + 8 * u) / G, r_lo[mt][u], r_hi[mt][u]);
     float m[MT][2], l[MT][2];
     bool seen[MT][2];
     float o[MT][DV / 8][4];
     softmax_start(m, l, seen, o);
 
-    auto stage = [&](int s, long long t0) {
-        if (t0 < b_hi) {
-            unsigned char* dst = sm + s * F_STAGE;
-            flash_stage_rows<K_ROW, F_KSB>(dst, kc, table, page_tokens, n_heads, head, t0, b_hi);
-            flash_stage_rows<V_ROW, F_VSB>(dst + BN * F_KSB, vc, table, page_tokens, n_heads, head, t0, b_hi);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
-
-    // This lane's ldmatrix row addresses in the code tiles: K rows are tokens (8 per matrix,
-    // matrices 8 dimensions apart); V rows are tokens too, read transposed.
-    const unsigned int k_lane = smem_addr(kcodes) + 2 * ((lane & 7) * KCS + 8 * (lane >> 3));
-    const unsigned int v_lane = smem_addr(vcodes) + 2 * (((lane & 7) + 8 * ((lane >> 3) & 1)) * VCS + 8 * (lane >> 4));
+    // This lane's ldmatrix row addresses in the (first) code tiles: K rows are tokens (8 per
+    // matrix, matrices 8 dimensions apart); V rows are tokens too, read transposed.
+    const unsigned int k_lane0 = smem_addr(kcodes) + 2 * ((lane & 7) * KCS + 8 * (lane >> 3));
+    const unsigned int v_lane0 =
+        smem_addr(vcodes) + 2 * (((lane & 7) + 8 * ((lane >> 3) & 1)) * VCS + 8 * (lane >> 4));
+#if !WS
     stage(0, b_lo);
-    // Token offsets from b_lo fit 32 bits (the host sends longer caches to the decode kernel):
-    // the per-tile range tests are 32-bit.
-    auto rel = [&](long long t) -> int { return (int)(t < b_lo ? 0 : t > b_hi ? b_hi - b_lo : t - b_lo); };
-    const int span = (int)(b_hi - b_lo), full_lo = rel(last_lo), full_hi = rel(first_hi);
+#endif
+    const int full_lo = rel(last_lo), full_hi = rel(first_hi);
     int row_lo[MT][2], row_hi[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -1713,6 +1815,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
     for (int off = 0; off < span; off += BN) {
         const long long t0 = b_lo + off;
         const int cur = (off / BN) & 1; // this tile's stage (a counter would take a register)
+#if WS
+        // The producers converted this tile into code buffer `cur`.
+        bar_sync(BAR_FULL + cur, ALL_THREADS);
+        const bool wild = wflag[cur] != 0;
+        const int buf = cur;
+#else
         stage(cur ^ 1, t0 + BN);
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads(); // this tile's rows landed; every warp is done with the last codes
@@ -1723,17 +1831,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
         {
             const unsigned char* raw = sm + cur * F_STAGE;
             unsigned long long mine = 0;
-            flash_extract<true>(raw, sm, mine, wild);
+            flash_extract<true, THREADS>(raw, sm, 0, mine, wild, threadIdx.x);
             const unsigned int lo_w = __reduce_or_sync(FULL_MASK, (unsigned int)mine);
             const unsigned int hi_w = __reduce_or_sync(FULL_MASK, (unsigned int)(mine >> 32));
             if (lane == 0) badw[warp] = ((unsigned long long)hi_w << 32) | lo_w;
             wild = __syncthreads_or(wild) != 0;
             if (wild) {
                 bool unused = false;
-                flash_extract<false>(raw, sm, mine, unused);
+                flash_extract<false, THREADS>(raw, sm, 0, mine, unused, threadIdx.x);
                 __syncthreads();
             }
         }
+        const int buf = 0;
+#endif
+        const unsigned int k_lane = k_lane0 + buf * F_CBUF, v_lane = v_lane0 + buf * F_CBUF;
 
         // S = Q K^T: s[mt][j] holds tokens 8j + 2tq (+1) of m-tile mt's rows gr (0, 1) and
         // gr + 8 (2, 3). Each K fragment feeds the MT m-tiles.
@@ -1767,7 +1878,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
                 for (int j = 0; j < BN / 8; j++) {
                     unsigned int kb[4];
                     ldsm_x4(kb, k_lane + 2 * (8 * j * KCS + 32 * b));
-                    const float2 d = *reinterpret_cast<const float2*>(ksc + b * BN + 8 * j + 2 * tq);
+                    const float2 d = *reinterpret_cast<const float2*>(ksc + buf * (F_KSCB / 4) + b * BN + 8 * j + 2 * tq);
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
                         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1903,11 +2014,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
             for (int b = 0; b < VB; b++) {
                 unsigned int a[MT][4];
 #if ELEM == 1
-                const elem_t* vsc = reinterpret_cast<const elem_t*>(sm + F_VSC) + b * BN + 16 * k + 2 * tq;
+                const elem_t* vsc = reinterpret_cast<const elem_t*>(sm + F_VSC + buf * F_VSCB) + b * BN + 16 * k + 2 * tq;
                 const unsigned int d01 = *reinterpret_cast<const unsigned int*>(vsc);
                 const unsigned int d89 = *reinterpret_cast<const unsigned int*>(vsc + 8);
 #else
-                const float* vsc = reinterpret_cast<const float*>(sm + F_VSC) + b * BN + 16 * k + 2 * tq;
+                const float* vsc = reinterpret_cast<const float*>(sm + F_VSC + buf * F_VSCB) + b * BN + 16 * k + 2 * tq;
                 const float2 d01 = *reinterpret_cast<const float2*>(vsc);
                 const float2 d89 = *reinterpret_cast<const float2*>(vsc + 8);
 #endif
@@ -1943,7 +2054,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
         // Tokens whose V is not finite (rare): their values, in f32, to the rows that see them.
         unsigned long long bad = 0;
 #pragma unroll
-        for (int w = 0; w < WARPS; w++) bad |= badw[w];
+        for (int w = 0; w < F_NBW; w++) bad |= badw[buf * F_NBW + w];
         while (bad) {
             const int tt = __ffsll((long long)bad) - 1;
             bad &= bad - 1;
@@ -1988,9 +2099,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
                     }
             }
         }
+#if WS
+        // Code buffer `cur` is free for the tile two on (when there is one).
+        if (off + 2 * BN < span) bar_arrive(BAR_EMPTY + cur, ALL_THREADS);
+#endif
     }
+#if WS
+    bar_sync(BAR_C, THREADS); // the outputs reuse the tiles' space (the producers are done)
+#else
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads(); // the outputs reuse the tiles' space
+#endif
 
     // Rows divided by l (0 for a row that saw no key), rotated back, stored.
 #pragma unroll
@@ -2007,10 +2126,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, F_MINB) prefill_attention_
 #pragma unroll
                 for (int e = 0; e < 2; e++) dst[8 * n + 2 * tq + e] = live ? o[mt][n][2 * u + e] / lr : 0.0f;
         }
+#if WS
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS_ALL));
+        bar_arrive(BAR_DONE, ALL_THREADS);
+    }
+#endif
     __syncthreads();
     const Rot vrot = {v_log_p, v_m, v_base, v_signs, v_scale_r};
     warp_rotate<DV>(rows_f, BM, vrot, 1);
-    for (int x = threadIdx.x; x < BM * DV / 8; x += THREADS) {
+    for (int x = threadIdx.x; x < BM * DV / 8; x += ALL_THREADS) {
         const int row = x / (DV / 8), c = 8 * (x % (DV / 8));
         const long long r = rb * BM + row;
         if (r < n_rows)
