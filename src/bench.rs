@@ -38,6 +38,38 @@ pub struct BenchRecord {
     pub unit: String,
 }
 
+/// A group of benchmarks, for `rotq bench --only`.
+///
+/// ```
+/// use rotq::bench::Section;
+/// assert!(Section::Decode.wanted(None) && Section::Decode.wanted(Some(Section::Decode)));
+/// assert!(!Section::Fwht.wanted(Some(Section::Prefill)));
+/// assert!(Section::Fwht.on_cpu() && !Section::Prefill.on_cpu());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Hadamard transforms (FWHT).
+    Fwht,
+    /// Fused rotate-quantize into the cache.
+    Quantize,
+    /// Decode attention.
+    Decode,
+    /// Prefill attention (GPU only).
+    Prefill,
+}
+
+impl Section {
+    /// Whether a run limited to `only` (None: every section) includes this one.
+    pub fn wanted(self, only: Option<Section>) -> bool {
+        only.is_none_or(|o| o == self)
+    }
+
+    /// Whether the CPU benchmarks have this section (prefill is GPU-only).
+    pub fn on_cpu(self) -> bool {
+        self != Section::Prefill
+    }
+}
+
 /// How long to measure.
 #[derive(Clone, Copy, Debug)]
 pub struct BenchOptions {
@@ -270,25 +302,32 @@ pub fn decode(format: KvFormat, opts: &BenchOptions) -> Result<BenchRecord, Erro
     })
 }
 
-/// Every CPU benchmark, in order.
+/// Every CPU benchmark of `only`'s section (None: all of them), in order.
 pub fn run_all(
     opts: &BenchOptions,
+    only: Option<Section>,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<BenchRecord>, Error> {
     progress("copy bandwidth");
     let ceiling = copy_bandwidth(opts.bytes, opts.runs);
     let mut out = Vec::new();
-    for n in [128, 4096] {
-        progress(&format!("fwht n = {n}"));
-        out.extend(fwht(n, opts, ceiling)?);
+    if Section::Fwht.wanted(only) {
+        for n in [128, 4096] {
+            progress(&format!("fwht n = {n}"));
+            out.extend(fwht(n, opts, ceiling)?);
+        }
     }
-    for f in [KvFormat::Q4_0, KvFormat::Q8_0] {
-        progress(&format!("rotate-quantize {f}"));
-        out.push(rotate_quantize(f, opts, ceiling)?);
+    if Section::Quantize.wanted(only) {
+        for f in [KvFormat::Q4_0, KvFormat::Q8_0] {
+            progress(&format!("rotate-quantize {f}"));
+            out.push(rotate_quantize(f, opts, ceiling)?);
+        }
     }
-    for f in [KvFormat::Q4_0, KvFormat::Q8_0] {
-        progress(&format!("decode attention {f}"));
-        out.push(decode(f, opts)?);
+    if Section::Decode.wanted(only) {
+        for f in [KvFormat::Q4_0, KvFormat::Q8_0] {
+            progress(&format!("decode attention {f}"));
+            out.push(decode(f, opts)?);
+        }
     }
     Ok(out)
 }

@@ -3,7 +3,7 @@
 //! all in one run. Timed with CUDA events: warm-up, then the median of many runs, rotating
 //! between two input buffers.
 
-use crate::bench::{random, BenchRecord};
+use crate::bench::{random, BenchRecord, Section};
 use crate::Error;
 use half::{bf16, f16};
 use rotq_cpu::Element;
@@ -235,10 +235,12 @@ fn record(
     }
 }
 
-/// Every GPU benchmark on `device` (`cuda:N`), in order.
+/// Every GPU benchmark of `only`'s section (None: all of them) on `device` (`cuda:N`), in
+/// order.
 pub fn run_all(
     device: &str,
     opts: &CudaBenchOptions,
+    only: Option<Section>,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<BenchRecord>, Error> {
     let dev = Device::open(device)?;
@@ -257,21 +259,30 @@ pub fn run_all(
     let cases: Vec<(&str, usize)> = ["f16", "bf16"]
         .into_iter()
         .flat_map(|d| sizes.iter().map(move |&n| (d, n)))
+        .filter(|_| Section::Fwht.wanted(only))
         .collect();
+    // The cache formats of a section's benchmarks (none when it is not run).
+    let formats = |section: Section, list: [KvFormat; 2]| {
+        list.into_iter().filter(move |_| section.wanted(only))
+    };
     let decode = DecodeShape::target(opts);
     let mut peer_cases: Vec<serde_json::Value> = cases
         .iter()
         .map(|(d, n)| serde_json::json!({"id": format!("{d}/{n}"), "kind": "rotate", "dtype": d, "n": n}))
         .collect();
-    peer_cases.push(serde_json::json!({
-        "id": "sdpa", "kind": "sdpa", "batch": decode.batch, "h_q": decode.h_q,
-        "h_kv": decode.h_kv, "n": decode.n, "d": decode.d,
-    }));
+    if Section::Decode.wanted(only) {
+        peer_cases.push(serde_json::json!({
+            "id": "sdpa", "kind": "sdpa", "batch": decode.batch, "h_q": decode.h_q,
+            "h_kv": decode.h_kv, "n": decode.n, "d": decode.d,
+        }));
+    }
     let prefill = PrefillShape::target(opts);
-    peer_cases.push(serde_json::json!({
-        "id": "sdpa_prefill", "kind": "sdpa_prefill", "h_q": prefill.h_q,
-        "h_kv": prefill.h_kv, "n": prefill.n, "d": prefill.d,
-    }));
+    if Section::Prefill.wanted(only) {
+        peer_cases.push(serde_json::json!({
+            "id": "sdpa_prefill", "kind": "sdpa_prefill", "h_q": prefill.h_q,
+            "h_kv": prefill.h_kv, "n": prefill.n, "d": prefill.d,
+        }));
+    }
     progress("torch x @ H, SDPA decode and prefill (python3 scripts/torch_peer.py)");
     let ordinal: usize = info.id.trim_start_matches("cuda:").parse().unwrap_or(0);
     let torch = torch_peer(ordinal, &peer_cases, opts, &mut progress);
@@ -311,7 +322,7 @@ pub fn run_all(
             ceiling,
         ));
     }
-    for format in [KvFormat::Q4_0, KvFormat::Q8_0] {
+    for format in formats(Section::Quantize, [KvFormat::Q4_0, KvFormat::Q8_0]) {
         progress(&format!("rotate-quantize f16 -> {format}"));
         let s = rotate_quantize(&dev, format, 128, opts)?;
         let shape = format!("{} rows x 128 f16 -> {format}", opts.bytes / 256);
@@ -338,7 +349,7 @@ pub fn run_all(
     }
     // Decode attention: rates over our cache's bytes for both, so the ratio is the speed-up.
     let sdpa_ms = torch.get("sdpa").copied();
-    for format in [KvFormat::Q4_0, KvFormat::Q8_0] {
+    for format in formats(Section::Decode, [KvFormat::Q4_0, KvFormat::Q8_0]) {
         progress(&format!(
             "decode attention {format} ({} x {} tokens, {} KV heads x {}, {} query heads)",
             decode.batch, decode.n, decode.h_kv, decode.d, decode.h_q
@@ -382,12 +393,12 @@ pub fn run_all(
     }
     // Prefill attention: TFLOP/s for both, counted the same way.
     let sdpa_prefill_ms = torch.get("sdpa_prefill").copied();
-    for format in [KvFormat::Q8_0, KvFormat::Q4_0] {
+    for format in formats(Section::Prefill, [KvFormat::Q8_0, KvFormat::Q4_0]) {
         progress(&format!(
             "prefill attention {format} ({} tokens causal, {} KV heads x {}, {} query heads)",
             prefill.n, prefill.h_kv, prefill.d, prefill.h_q
         ));
-        let t = prefill_attention(&dev, format, prefill, opts)?;
+        let (t, [ran_default, ran_best]) = prefill_attention(&dev, format, prefill, opts)?;
         let flop = prefill.flop();
         let tflops = |ms: f64| flop / (ms * 1e-3) / 1e12;
         let peer = sdpa_prefill_ms.map_or(f64::NAN, tflops);
@@ -395,20 +406,27 @@ pub fn run_all(
             "{} tokens causal, {}/{} heads x {}, {format} K+V; torch on f16",
             prefill.n, prefill.h_q, prefill.h_kv, prefill.d
         );
-        let c = t.best_config;
+        // (What ran, which the device's limits may have changed from what was asked.)
+        let ran = |c: rotq_cuda::PrefillConfig| {
+            if c.flash {
+                format!(
+                    "{shape}, ran {} warps x {} row tiles, tiles of {} tokens, specialized {}",
+                    c.warps, c.m_tiles, c.block_n, c.specialized
+                )
+            } else {
+                format!("{shape}, ran the decode kernel")
+            }
+        };
         for (name, ms, shape) in [
             (
                 format!("prefill_attention_{format}"),
                 t.default,
-                shape.clone(),
+                ran(ran_default),
             ),
             (
                 format!("prefill_attention_{format}_tuned"),
                 t.best,
-                format!(
-                    "{shape}, {} warps x {} row tiles, tiles of {} tokens, flash {}",
-                    c.warps, c.m_tiles, c.block_n, c.flash
-                ),
+                ran(ran_best),
             ),
         ] {
             out.push(BenchRecord {
@@ -535,7 +553,13 @@ fn prefill_attention(
     format: KvFormat,
     shape: PrefillShape,
     opts: &CudaBenchOptions,
-) -> Result<Tuned<rotq_cuda::PrefillConfig>, Error> {
+) -> Result<
+    (
+        Tuned<rotq_cuda::PrefillConfig>,
+        [rotq_cuda::PrefillConfig; 2],
+    ),
+    Error,
+> {
     use rotq_cuda::PrefillConfig;
     let PrefillShape { n, h_kv, h_q, d } = shape;
     let setup = AttentionSetup::new(dev, format, (h_kv, d), n, n, 8)?;
@@ -549,7 +573,7 @@ fn prefill_attention(
         .alloc_zeros::<f16>(n * h_q * d)
         .map_err(cuda_err)?;
     let runs = opts.runs.div_ceil(4).max(3);
-    tune(
+    let t = tune(
         PrefillConfig::default(),
         PrefillConfig::search_space(),
         |config, _| {
@@ -558,7 +582,14 @@ fn prefill_attention(
                 a.prefill(dev, &qs[j % 2], n, h_q, &k, &v, n, &setup.params, &mut out)
             })
         },
-    )
+    )?;
+    let ran = |config| {
+        let a = setup.attn.clone().with_prefill_config(config);
+        a.prefill_plan::<f16>(dev, n, h_q, &k, &v, n, 0)
+            .map_err(Error::from)
+    };
+    let plans = [ran(PrefillConfig::default())?, ran(t.best_config)?];
+    Ok((t, plans))
 }
 
 /// The decode shape of the benchmark: 16 sequences of 32k tokens, 8 KV heads of 128, 32

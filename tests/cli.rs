@@ -250,3 +250,22 @@ fn eval_and_info_print_what_they_say() {
     }
     assert!(rotq(&["--help"]).status.success());
 }
+
+#[test]
+fn bench_runs_only_the_section_asked_for() {
+    let out = rotq_ok(&["bench", "--quick", "--only", "quantize", "--json"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let kernels: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kernel"].to_string())
+        .collect();
+    assert_eq!(kernels.len(), 2, "{text}");
+    assert!(
+        kernels.iter().all(|k| k.contains("rotate_quantize")),
+        "{kernels:?}"
+    );
+    // The CPU has no prefill benchmark: a one-line error, not an empty table.
+    let out = rotq(&["bench", "--quick", "--only", "prefill"]);
+    assert_one_line_failure(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prefill"));
+}

@@ -3,9 +3,9 @@
 
 #![forbid(unsafe_code)]
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use rotq::activations::read_activations;
-use rotq::bench::{self, BenchOptions, BenchRecord};
+use rotq::bench::{self, BenchOptions, BenchRecord, Section};
 use rotq::bench_cuda::{self, CudaBenchOptions};
 use rotq::eval::{
     default_formats, evaluate, grid_csv, render_grid, render_table, PlanKind, Synthetic,
@@ -112,6 +112,9 @@ enum Command {
         /// Smaller buffers and fewer runs (a quick look, not a measurement).
         #[arg(long)]
         quick: bool,
+        /// Only this group of benchmarks (the copy ceiling is always measured).
+        #[arg(long, value_enum)]
+        only: Option<Section>,
     },
     /// List the KV-cache formats of the registry.
     Info,
@@ -261,11 +264,19 @@ fn run(command: Command) -> Result<(), Error> {
             device,
             json,
             quick,
+            only,
         } => {
             let records = if device.starts_with("cuda") {
-                cuda_bench(&device, quick)?
+                cuda_bench(&device, quick, only)?
             } else if device == "cpu" {
-                cpu_bench(quick)?
+                if let Some(s) = only.filter(|s| !s.on_cpu()) {
+                    let name = s.to_possible_value().map(|v| v.get_name().to_string());
+                    return Err(Error::Input(format!(
+                        "the CPU has no `{}` benchmark (it is a GPU one: --device cuda:N)",
+                        name.unwrap_or_default()
+                    )));
+                }
+                cpu_bench(quick, only)?
             } else {
                 return Err(Error::Input(format!(
                     "device `{device}`: expected `cpu` or `cuda:N`"
@@ -394,7 +405,7 @@ fn json_err(e: serde_json::Error) -> Error {
 }
 
 /// The CPU benchmarks, with a line on what is measured.
-fn cpu_bench(quick: bool) -> Result<Vec<BenchRecord>, Error> {
+fn cpu_bench(quick: bool, only: Option<Section>) -> Result<Vec<BenchRecord>, Error> {
     let opts = if quick {
         BenchOptions {
             bytes: 8 << 20,
@@ -412,11 +423,11 @@ fn cpu_bench(quick: bool) -> Result<Vec<BenchRecord>, Error> {
         opts.tokens,
         opts.runs
     );
-    bench::run_all(&opts, |what| eprintln!("  timing {what} ..."))
+    bench::run_all(&opts, only, |what| eprintln!("  timing {what} ..."))
 }
 
 /// The GPU benchmarks on `device` (`cuda:N`), with a line on what is measured.
-fn cuda_bench(device: &str, quick: bool) -> Result<Vec<BenchRecord>, Error> {
+fn cuda_bench(device: &str, quick: bool, only: Option<Section>) -> Result<Vec<BenchRecord>, Error> {
     let opts = if quick {
         CudaBenchOptions {
             bytes: 32 << 20,
@@ -430,7 +441,7 @@ fn cuda_bench(device: &str, quick: bool) -> Result<Vec<BenchRecord>, Error> {
         opts.bytes >> 20,
         opts.runs
     );
-    bench_cuda::run_all(device, &opts, |what| eprintln!("  {what} ..."))
+    bench_cuda::run_all(device, &opts, only, |what| eprintln!("  {what} ..."))
 }
 
 /// Which kernel configurations are in force, and where they come from: the CPU's, and each
