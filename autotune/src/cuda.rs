@@ -638,15 +638,16 @@ impl Tunable for Prefill<'_> {
 
     /// A causal prompt of 150 tokens against the oracle on the same cache bytes.
     ///
-    /// `prefill` takes the flash kernel only when `h_kv · ⌈rows · group / (16 · m_tiles · warps)⌉`
-    /// thread blocks reach `min_blocks` (0: the device's multiprocessor count). The gate's 150
-    /// rows make 24 to 80 blocks at 8 KV heads, fewer than a large GPU's
+    /// `prefill` takes the flash kernel only when `h_kv · ⌈rows · group / (16 · m_tiles ·
+    /// warps)⌉` thread blocks reach `min_blocks` (0: the device's multiprocessor count). The
+    /// gate's 150 rows make 24 to 80 blocks at 8 KV heads, fewer than a large GPU's
     /// multiprocessors (132 on an H100), so with the candidate as it is the call would run the
-    /// decode kernel and the gate would not check the flash kernel at all. It runs the candidate with `min_blocks: 1`
-    /// instead: the same kernel (warps, row tiles, tile) that the timed problem, thousands of blocks,
-    /// runs, on a problem small enough for the f64 oracle, with partial row blocks (600 rows
-    /// per KV head) and a partial last tile (150 tokens). A candidate with `flash: false`
-    /// runs the decode kernel either way.
+    /// decode kernel and the gate would not check the flash kernel at all. It runs the
+    /// candidate with `min_blocks: 1` instead: the same kernel (warps, row tiles, tile,
+    /// specialized or not) that the timed problem, thousands of blocks, runs, on a problem
+    /// small enough for the f64 oracle, with partial row blocks (600 rows per KV head) and a
+    /// partial last tile (150 tokens). A candidate with `flash: false` runs the decode kernel
+    /// either way.
     fn gate(&mut self, config: &PrefillConfig) -> Result<(), String> {
         if self.gate.is_none() {
             self.gate = Some(self.gate_problem()?);

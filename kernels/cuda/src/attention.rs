@@ -208,7 +208,7 @@ pub struct PrefillConfig {
     /// Why: with every warp converting, a block's warps stop at a barrier each tile and hold
     /// 128 registers (two blocks per multiprocessor), too few to keep the next fragments'
     /// loads in flight; on an H100 (8k tokens causal, q8_0) the specialized blocks ran at
-    /// 202–213 TFLOP/s against 184–190.
+    /// 202–213 TFLOP/s against 182–190.
     #[serde(default)]
     pub specialized: bool,
 }
@@ -602,10 +602,12 @@ struct FlashShape {
 
 impl FlashShape {
     /// Shared memory of the flash kernel, as `attention.cu` lays it out (F_SMEM): two stages
-    /// of raw rows (F_KSB, F_VSB apart), the codes (rows of
-    /// d + 8 values), K scales (f32), V scales (f16 for f16 queries, else f32) and a word per
-    /// warp; the queries and outputs (f32 rows) reuse that space. Blocks of 8 warps and blocks
-    /// with two row tiles per warp keep the queries in shared memory too (F_QSMEM).
+    /// of raw rows (F_KSB, F_VSB apart), the codes (rows of d + 8 values), K scales (f32), V
+    /// scales (f16 for f16 queries, else f32) and a word of bad-V bits per warp; warp-specialized
+    /// blocks have two buffers of codes and scales, four words (one per producer warp) per
+    /// buffer and two flags. The queries and outputs (f32 rows) reuse that space. Blocks of 8
+    /// warps, with two row tiles per warp or warp-specialized keep the queries in shared memory
+    /// too (F_QSMEM).
     fn smem(&self) -> Result<usize> {
         let (k_row, v_row) = (
             self.k_format.row_bytes(self.d)?,
@@ -897,11 +899,13 @@ impl CudaAttention {
             ..params.clone()
         };
         // (Bad inputs are typed errors before any kernel is compiled.)
-        self.check(q.len(), h_q, &ks, &vs, &rows, true, &unshifted, out.len())?;
+        self.on_device(dev, q, k, v, out)?;
+        let checked = self.check(q.len(), h_q, &ks, &vs, &rows, true, &unshifted, out.len())?;
         let plan = self.prefill_plan::<T>(dev, n_q, h_q, k, v, n_tokens, params.pos_offset)?;
         if plan.flash {
             let shape = FlashShape::of::<T>(&plan, k, v, h_q / k.n_heads);
-            return self.flash(dev, shape, q, h_q, k, (&ks, &vs, &rows), &unshifted, out);
+            let rows = (&ks, &vs, rows.as_slice());
+            return self.flash(dev, shape, q, h_q, k, rows, &unshifted, checked.scale, out);
         }
         self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, out)
     }
@@ -909,7 +913,8 @@ impl CudaAttention {
     /// What [`Self::prefill`] runs for these arguments, as a configuration: `flash: false`
     /// for the decode kernel; else the flash kernel's warps, tile, row tiles and whether its
     /// blocks are warp-specialized, as the device's limits left them (a configuration asks;
-    /// this says what ran, for benches and logs).
+    /// this says what ran, for benches and logs). It does not validate the arguments (that is
+    /// [`Self::prefill`]'s first step) and may compile the flash kernel.
     ///
     /// ```no_run
     /// use rotq_cuda::{CacheLayout, CudaAttention, CudaKvCache, Device};
@@ -945,9 +950,18 @@ impl CudaAttention {
         // Bad head counts are left to `check` (through either kernel's path).
         let group = h_q.checked_div(k.n_heads).unwrap_or(1).max(1);
         let config = self.prefill_config_for(dev, k.format, k.dim, k.n_heads, group, n_q, n_tokens);
-        let ws = config.specialized_on(dev, k.dim, v.dim);
-        let block_rows = 16 * config.warps.clamp(1, 8) * config.m_tiles_for(k.dim, v.dim, ws);
-        let blocks = k.n_heads * (n_q * group).div_ceil(block_rows);
+        // Thread blocks of plain or warp-specialized rows (twice as many rows per block), and
+        // the fewest that take the flash kernel: the plain blocks decide whether it runs, the
+        // specialized ones run only where they too reach that count.
+        let blocks = |ws: bool| {
+            let rows = 16 * config.warps.clamp(1, 8) * config.m_tiles_for(k.dim, v.dim, ws);
+            k.n_heads * (n_q * group).div_ceil(rows)
+        };
+        let enough = match config.min_blocks {
+            0 => dev.info().multiprocessors as usize,
+            b => b,
+        };
+        let ws = config.specialized_on(dev, k.dim, v.dim) && blocks(true) >= enough;
         let flash = config.flash
             && T::ELEM != 0
             && k.dim.is_multiple_of(32)
@@ -958,11 +972,7 @@ impl CudaAttention {
             && pos_offset.checked_add(n_q).is_some_and(short)
             && TENSOR_CORE_K_FORMATS.contains(&k.format)
             && TENSOR_CORE_V_FORMATS.contains(&v.format)
-            && blocks
-                >= match config.min_blocks {
-                    0 => dev.info().multiprocessors as usize,
-                    b => b,
-                };
+            && blocks(false) >= enough;
         if !flash {
             return Ok(PrefillConfig {
                 flash: false,
@@ -1024,8 +1034,8 @@ impl CudaAttention {
 
     /// Prefill through the flash kernel (see [`Self::prefill`]): `(ks, vs, rows)` are the
     /// caches as one shared sequence and the query rows (consecutive positions) as
-    /// [`Self::prefill`] built them, `params` without the offset; `k` is the caller's cache
-    /// (whether it is contiguous).
+    /// [`Self::prefill`] built them (and checked, with `params` without the offset, giving
+    /// `score_scale`); `k` is the caller's cache (whether it is contiguous).
     #[allow(clippy::too_many_arguments)]
     fn flash<T: GpuElement>(
         &self,
@@ -1036,16 +1046,9 @@ impl CudaAttention {
         k: &CudaKvCache<'_>,
         (ks, vs, rows): (&CudaKvCache<'_>, &CudaKvCache<'_>, &[DecodeSeq]),
         params: &AttentionParams,
+        score_scale: f32,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
-        self.on_device(&[
-            dev.context().ordinal(),
-            q.ordinal(),
-            ks.bytes.ordinal(),
-            vs.bytes.ordinal(),
-            out.ordinal(),
-        ])?;
-        let checked = self.check(q.len(), h_q, ks, vs, rows, true, params, out.len())?;
         let Some(first) = rows.first() else {
             return Ok(());
         };
@@ -1107,7 +1110,7 @@ impl CudaAttention {
             .arg(&causal)
             .arg(&window)
             .arg(&softcap)
-            .arg(&checked.scale);
+            .arg(&score_scale);
         qrot.push(&mut launch);
         vrot.push(&mut launch);
         launch.arg(out);
@@ -1141,13 +1144,7 @@ impl CudaAttention {
         params: &AttentionParams,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
-        self.on_device(&[
-            dev.context().ordinal(),
-            q.ordinal(),
-            k.bytes.ordinal(),
-            v.bytes.ordinal(),
-            out.ordinal(),
-        ])?;
+        self.on_device(dev, q, k, v, out)?;
         let checked = self.check(q.len(), h_q, k, v, seqs, shared, params, out.len())?;
         if seqs.is_empty() {
             return Ok(());
@@ -1339,8 +1336,22 @@ impl CudaAttention {
         Ok(())
     }
 
-    /// Every buffer of a call (their devices' ordinals) is on this attention's device.
-    fn on_device(&self, ordinals: &[usize]) -> Result<()> {
+    /// The device and every buffer of a call are this attention's device.
+    fn on_device<T>(
+        &self,
+        dev: &Device,
+        q: &CudaSlice<T>,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        out: &CudaSlice<T>,
+    ) -> Result<()> {
+        let ordinals = [
+            dev.context().ordinal(),
+            q.ordinal(),
+            k.bytes.ordinal(),
+            v.bytes.ordinal(),
+            out.ordinal(),
+        ];
         match ordinals.iter().find(|&&o| o != self.ordinal) {
             Some(&actual) => Err(CudaError::WrongDevice {
                 expected: self.ordinal,
@@ -1552,12 +1563,12 @@ struct Checked {
     ranges: Vec<(usize, usize)>,
 }
 
-/// What a failed launch was.
 /// A head dimension `n` whose smallest block does not fit the device's shared memory.
 fn too_large(n: usize, what: &'static str, hint: &'static str) -> CudaError {
     Error::UnsupportedDim { n, what, hint }.into()
 }
 
+/// What a failed launch was.
 fn describe(name: &str, f: &CudaFunction, key: &str) -> String {
     format!(
         "launching {name} ({} registers per thread; {key})",

@@ -46,6 +46,10 @@ pub struct Device {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    /// NVRTC's logs of the sources it rejected, by key: asked again, the same source fails at
+    /// once instead of being compiled again (a caller that falls back on failure, like the
+    /// prefill's sm_90a kernel on an older toolkit, would otherwise pay NVRTC at every call).
+    rejected: Mutex<HashMap<String, String>>,
     tuning: Tuning,
 }
 
@@ -158,6 +162,7 @@ impl Device {
             stream,
             info,
             modules: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
             tuning: Tuning { path, loaded },
         })
     }
@@ -208,9 +213,26 @@ impl Device {
         let module = match cached {
             Some(m) => m,
             None => {
+                let rejected = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(log) = rejected.get(key) {
+                    return Err(CudaError::Compile {
+                        kernel: key.to_string(),
+                        log: log.clone(),
+                    });
+                }
+                drop(rejected);
                 // Compiled outside the lock, so threads compile different modules at once;
                 // when two compile the same one, the first stored wins.
-                let m = self.compile(key, source)?;
+                let m = match self.compile(key, source) {
+                    Err(CudaError::Compile { kernel, log }) => {
+                        self.rejected
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key.to_string(), log.clone());
+                        return Err(CudaError::Compile { kernel, log });
+                    }
+                    other => other?,
+                };
                 self.modules
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

@@ -704,8 +704,9 @@ fn check_prefill_configs<T: Elem>(
 /// Warp-specialized flash blocks (devices of compute capability 9.0; elsewhere the same
 /// configuration runs plain blocks): formats with and without the fast conversions, MHA and
 /// GQA, fresh prompts and chunks at the end of a longer cache, windows, soft-cap, paged
-/// caches, partial row blocks and tiles, f16 and bf16 — each against the oracle. The target
-/// shape (q8_0, 128-dimension heads, groups of 4) must actually take them there.
+/// caches, partial row blocks and tiles, f16 and bf16 — each against the oracle; with f16
+/// queries each must actually have taken them there (on an H100 every one of these shapes
+/// does; bf16's are printed).
 #[test]
 fn warp_specialized_prefill_matches_the_oracle() {
     let Some(dev) = device() else { return };
@@ -751,11 +752,16 @@ fn warp_specialized_prefill_matches_the_oracle() {
             ..Case::basic()
         };
         let ran = check_prefill_configs::<f16>(dev, &c, n_q, &[config]);
-        check_prefill_configs::<bf16>(dev, &c, n_q, &[config]);
-        println!("{k_format}/{v_format} group {group}: ran {:?}", ran[0]);
-        if i == 0 {
-            assert_eq!(ran[0].specialized, hopper, "{:?}", ran[0]);
-        }
+        let ran_bf16 = check_prefill_configs::<bf16>(dev, &c, n_q, &[config]);
+        println!(
+            "{k_format}/{v_format} group {group}, bf16: ran {:?}",
+            ran_bf16[0]
+        );
+        let r = ran[0];
+        assert_eq!(
+            r.specialized, hopper,
+            "{k_format}/{v_format} group {group}: {r:?}"
+        );
     }
 }
 

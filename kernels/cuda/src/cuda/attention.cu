@@ -1288,8 +1288,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 // KV head, a row being one (query position, query head of the group) pair, so the group's heads
 // share every K/V load; each warp owns 16 of the rows. The block walks the visible tokens in
 // tiles of BN:
-//   - all threads copy the tile's raw K and V rows into shared memory with cp.async (the next
-//     tile's copy in flight while the block works on this one);
+//   - the block's threads copy the tile's raw K and V rows into shared memory with cp.async
+//     (the next tile's copy in flight while the block works on this one);
 //   - they turn the raw rows into codes (f16/bf16, exact) and scales, once for the whole block:
 //     K codes [BN][D], V codes [BN][DV], K scales (f32) and V scales;
 //   - each warp computes S = Q K^T for its rows (A: the rotated, scaled queries, held in
@@ -1357,13 +1357,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB) decode_attention_mma
 // 128 registers per thread, for two blocks (16 warps) per multiprocessor; blocks of 4 warps and
 // one m-tile hold them in registers. Measured on an H100, 8k tokens causal, q8_0: 8 warps x
 // tiles of 64 this way 188-191 TFLOP/s; 4 warps 149-157; two m-tiles 154-158; 8 warps with
-// 255 registers and one block per multiprocessor 148.
+// 255 registers and one block per multiprocessor 148. Warp-specialized blocks (one per
+// multiprocessor, 232 registers per computing thread) keep them in shared memory too.
 #define F_QSMEM (WARPS >= 8 || MT >= 2 || WS)
 // (16-byte aligned: the queries are stored and read 16 bytes at a time.)
 #define F_QS (((F_TILES > F_ROWS ? F_TILES : F_ROWS) + 15) / 16 * 16)
 #define F_SMEM (F_QS + (F_QSMEM ? 2 * BM * KCS : 0))
 // Enough blocks per multiprocessor for 12 or 16 warps where the registers allow it; two
-// m-tiles per warp hold twice the scores and outputs (up to 255 registers).
+// m-tiles per warp hold twice the scores and outputs (up to 255 registers). Warp-specialized
+// blocks: one of 12 warps, 168 registers each at the launch (see REGS_ALL).
 #define F_MINB (WS || D > 128 || DV > 128 ? 1 : MT >= 2 ? (WARPS >= 8 ? 1 : 2) : WARPS == 4 ? 3 : WARPS >= 8 ? 2 : 1)
 
 // ldmatrix x4 (and transposed) at a shared-memory address.
