@@ -342,7 +342,7 @@ fn save(
 /// CPU), against 24 for the row kernels. (A space larger than the share allows is sampled at
 /// random, and the untried candidates are reported: `--budget-secs` buys more of them.)
 const DECODE_WEIGHT: usize = 4;
-/// A prefill task's share: its space is only 4 configurations, but each is a flash kernel to
+/// A prefill task's share: its space is only 8 configurations, but each is a flash kernel to
 /// compile (on a first run, a second or so each) and its calls take milliseconds (a
 /// 4096-token prompt), so that one unit could leave candidates untried.
 const PREFILL_WEIGHT: usize = 2;

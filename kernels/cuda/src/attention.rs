@@ -824,7 +824,9 @@ impl CudaAttention {
             }
             .into());
         }
-        self.attend(dev, q, h_q, k, v, seqs, false, params, out)
+        self.on_device(dev, q, k, v, out)?;
+        let checked = self.check(q.len(), h_q, k, v, seqs, false, params, out.len())?;
+        self.attend(dev, q, h_q, k, v, seqs, false, params, checked, out)
     }
 
     /// Attention of `n_q` query rows of one sequence (prefill, or a chunk of it): `q` is
@@ -907,7 +909,7 @@ impl CudaAttention {
             let rows = (&ks, &vs, rows.as_slice());
             return self.flash(dev, shape, q, h_q, k, rows, &unshifted, checked.scale, out);
         }
-        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, out)
+        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, checked, out)
     }
 
     /// What [`Self::prefill`] runs for these arguments, as a configuration: `flash: false`
@@ -1130,7 +1132,9 @@ impl CudaAttention {
     }
 
     /// Decode rows: `seqs[b]` against sequence b's cache, or, when `shared`, every row against
-    /// the one sequence of a paged `k`/`v` (its table's first `pages_per_seq` entries).
+    /// the one sequence of a paged `k`/`v` (its table's first `pages_per_seq` entries), the
+    /// call's buffers on this device and its inputs `checked` (see [`Self::check`]) by the
+    /// caller.
     #[allow(clippy::too_many_arguments)]
     fn attend<T: GpuElement>(
         &self,
@@ -1142,10 +1146,9 @@ impl CudaAttention {
         seqs: &[DecodeSeq],
         shared: bool,
         params: &AttentionParams,
+        checked: Checked,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
-        self.on_device(dev, q, k, v, out)?;
-        let checked = self.check(q.len(), h_q, k, v, seqs, shared, params, out.len())?;
         if seqs.is_empty() {
             return Ok(());
         }
