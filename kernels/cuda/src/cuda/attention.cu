@@ -1586,6 +1586,28 @@ RQ_FN void flash_extract(const unsigned char* raw, unsigned char* sm, int buf, u
     }
 }
 
+// Turns a tile's raw rows (`raw`) into code buffer `buf`, the NT converting threads (this one
+// `tid` of them) sharing the work: values, or for a tile whose values the element type does
+// not hold (`wild`, rare) codes and scales. Each converting warp leaves its tokens' bad-V bits
+// in badw[buf · F_NBW + its index]; `any` ORs a flag over the converting threads (at a barrier
+// of theirs). Returns whether the tile is wild.
+template <int NT, class Any>
+RQ_FN bool flash_convert(const unsigned char* raw, unsigned char* sm, unsigned long long* badw, int buf,
+                         int tid, Any any) {
+    unsigned long long mine = 0;
+    bool wild = false;
+    flash_extract<true, NT>(raw, sm, buf, mine, wild, tid);
+    const unsigned int lo_w = __reduce_or_sync(FULL_MASK, (unsigned int)mine);
+    const unsigned int hi_w = __reduce_or_sync(FULL_MASK, (unsigned int)(mine >> 32));
+    if (tid % 32 == 0) badw[buf * F_NBW + tid / 32] = ((unsigned long long)hi_w << 32) | lo_w;
+    wild = any(wild);
+    if (wild) {
+        bool unused = false;
+        flash_extract<false, NT>(raw, sm, buf, mine, unused, tid);
+    }
+    return wild;
+}
+
 // Eight values (f32, 16-byte aligned) times `scale`, as eight elements in 16 bytes.
 RQ_FN uint4 pack8(const float* x, float scale) {
     const float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
@@ -1762,18 +1784,8 @@ extern "C" __global__ void __launch_bounds__(ALL_THREADS, F_MINB) prefill_attent
             bar_sync(BAR_P, P_THREADS); // this tile's rows landed; the last tile's are converted
             stage(cur ^ 1, b_lo + off + BN);
             if (off >= 2 * BN) bar_sync(BAR_EMPTY + cur, ALL_THREADS);
-            const unsigned char* raw = sm + cur * F_STAGE;
-            unsigned long long mine = 0;
-            bool wild = false;
-            flash_extract<true, P_THREADS>(raw, sm, cur, mine, wild, ptid);
-            const unsigned int lo_w = __reduce_or_sync(FULL_MASK, (unsigned int)mine);
-            const unsigned int hi_w = __reduce_or_sync(FULL_MASK, (unsigned int)(mine >> 32));
-            if (lane == 0) badw[cur * F_NBW + warp - WARPS] = ((unsigned long long)hi_w << 32) | lo_w;
-            wild = bar_or(BAR_P, P_THREADS, wild);
-            if (wild) {
-                bool unused = false;
-                flash_extract<false, P_THREADS>(raw, sm, cur, mine, unused, ptid);
-            }
+            const bool wild = flash_convert<P_THREADS>(sm + cur * F_STAGE, sm, badw, cur, ptid,
+                                                       [](bool w) { return bar_or(BAR_P, P_THREADS, w); });
             if (ptid == 0) wflag[cur] = wild;
             bar_arrive(BAR_FULL + cur, ALL_THREADS);
         }
@@ -1829,21 +1841,9 @@ extern "C" __global__ void __launch_bounds__(ALL_THREADS, F_MINB) prefill_attent
 
         // Raw rows to values (or, for a tile with values the element type does not hold, to
         // codes and scales: `wild`, rare).
-        bool wild = false;
-        {
-            const unsigned char* raw = sm + cur * F_STAGE;
-            unsigned long long mine = 0;
-            flash_extract<true, THREADS>(raw, sm, 0, mine, wild, threadIdx.x);
-            const unsigned int lo_w = __reduce_or_sync(FULL_MASK, (unsigned int)mine);
-            const unsigned int hi_w = __reduce_or_sync(FULL_MASK, (unsigned int)(mine >> 32));
-            if (lane == 0) badw[warp] = ((unsigned long long)hi_w << 32) | lo_w;
-            wild = __syncthreads_or(wild) != 0;
-            if (wild) {
-                bool unused = false;
-                flash_extract<false, THREADS>(raw, sm, 0, mine, unused, threadIdx.x);
-                __syncthreads();
-            }
-        }
+        const bool wild = flash_convert<THREADS>(sm + cur * F_STAGE, sm, badw, 0, threadIdx.x,
+                                                 [](bool w) { return __syncthreads_or(w) != 0; });
+        if (wild) __syncthreads();
         const int buf = 0;
 #endif
         const unsigned int k_lane = k_lane0 + buf * F_CBUF, v_lane = v_lane0 + buf * F_CBUF;
