@@ -34,8 +34,8 @@ mod timing;
 pub mod tuned;
 
 pub use attention::{
-    CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, PrefillConfig, MAX_GROUP,
-    TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS,
+    auto_splits, CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq, PrefillConfig,
+    MAX_GROUP, MIN_AUTO_SPLIT_TOKENS, TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS,
 };
 pub use codec::{CacheTarget, CudaCodec};
 pub use device::{cuda_available, Device, DeviceInfo, Tuning};

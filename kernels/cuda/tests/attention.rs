@@ -9,8 +9,8 @@ use half::{bf16, f16};
 use ndarray::Array3;
 use proptest::prelude::*;
 use rotq_cuda::{
-    CacheLayout, CudaAttention, CudaError, CudaKvCache, DecodeConfig, DecodeSeq, Device,
-    PrefillConfig,
+    auto_splits, CacheLayout, CudaAttention, CudaError, CudaKvCache, DecodeConfig, DecodeSeq,
+    Device, PrefillConfig, MIN_AUTO_SPLIT_TOKENS,
 };
 use rotq_reference::rotation::SplitMix64;
 use rotq_reference::tolerance::tolerance;
@@ -1049,6 +1049,32 @@ proptest! {
             check::<f32>(dev, &c);
             check::<f16>(dev, &c);
         }
+    }
+}
+
+proptest! {
+    /// Automatic splits (no device needed): a power of two; above one only while the blocks
+    /// stay within two per multiprocessor and every slice keeps its minimum of tokens; and the
+    /// largest such (twice as many would break one of the two).
+    #[test]
+    fn automatic_splits_fill_the_device_with_long_slices(
+        sms in 1usize..300,
+        units in prop_oneof![0usize..16, 0usize..3000],
+        longest in prop_oneof![0usize..20_000, 0usize..2_000_000],
+    ) {
+        let s = auto_splits(sms, units, longest);
+        prop_assert!(s.is_power_of_two());
+        // (No units counts as one.)
+        let units = units.max(1);
+        if s > 1 {
+            prop_assert!(s * units <= 2 * sms, "{s} x {units} blocks on {sms}");
+            prop_assert!(longest / s >= MIN_AUTO_SPLIT_TOKENS, "{longest} tokens in {s}");
+        }
+        let twice = 2 * s;
+        prop_assert!(
+            twice * units > 2 * sms || longest / twice < MIN_AUTO_SPLIT_TOKENS,
+            "{twice} slices of {longest} tokens, {units} units, {sms} multiprocessors"
+        );
     }
 }
 
