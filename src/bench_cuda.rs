@@ -283,9 +283,26 @@ pub fn run_all(
             "h_kv": prefill.h_kv, "n": prefill.n, "d": prefill.d,
         }));
     }
-    progress("torch x @ H, SDPA decode and prefill (python3 scripts/torch_peer.py)");
-    let ordinal: usize = info.id.trim_start_matches("cuda:").parse().unwrap_or(0);
-    let torch = torch_peer(ordinal, &peer_cases, opts, &mut progress);
+    // The peers of the sections asked for (none for the quantizers: their peer is the copy).
+    let peers: Vec<&str> = [
+        ("x @ H", Section::Fwht),
+        ("SDPA decode", Section::Decode),
+        ("SDPA prefill", Section::Prefill),
+    ]
+    .into_iter()
+    .filter(|(_, section)| section.wanted(only))
+    .map(|(name, _)| name)
+    .collect();
+    let torch = if peers.is_empty() {
+        HashMap::new()
+    } else {
+        progress(&format!(
+            "torch {} (python3 scripts/torch_peer.py)",
+            peers.join(", ")
+        ));
+        let ordinal: usize = info.id.trim_start_matches("cuda:").parse().unwrap_or(0);
+        torch_peer(ordinal, &peer_cases, opts, &mut progress)
+    };
     let mut out = Vec::new();
     let peer = "torch x @ H (dense)";
     for &(dtype, n) in &cases {

@@ -125,11 +125,11 @@ fn one() -> usize {
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        // Paired blocks of 6 warps with split V, automatic splits: within 14% of the best of
-        // the search space on every decode shape of a sweep on an H100 (1 to 128 sequences of
-        // 1k to 32k tokens, q4_0 and q8_0, 8 and 32 KV heads), 1.07-2.06x the previous default
-        // (4 warps, no split V) except on many short sequences (256 x 512 tokens: 0.89-0.93x).
-        // README, "Decode attention".
+        // Paired blocks of 6 warps with split V, automatic splits: within 14% of the best
+        // configuration of a sweep on an H100 (paired blocks of 2 to 8 warps, split V or not,
+        // 1 to 64 splits; 1 to 128 sequences of 1k to 32k tokens, q4_0 and q8_0, 8 and 32 KV
+        // heads) on every shape, 1.07-2.06x the previous default (4 warps, no split V) except
+        // on many short sequences (256 x 512 tokens: 0.89-0.93x). README, "Decode attention".
         Self {
             warps: 6,
             splits: 0,
@@ -174,16 +174,19 @@ impl DecodeConfig {
     }
 }
 
-/// The shortest slice of the cache that [`auto_splits`] makes: shorter slices left each
-/// stream of tiles too few tiles to keep its copies ahead (on an H100, one sequence of 32k
-/// tokens ran best at 32 slices, about 0.75× that at 64).
+/// The tokens per slice below which [`auto_splits`] makes no more slices: shorter slices left
+/// each stream of tiles too few tiles to keep its copies ahead (on an H100, with the default 6
+/// warps, one sequence of 32k tokens ran best at 32 slices, about 0.75× that at 64). The
+/// launch rounds slices up to whole tiles of its streams, so the last one may be shorter.
 pub const MIN_AUTO_SPLIT_TOKENS: usize = 1024;
 
 /// The slices per (sequence, KV head) that [`DecodeConfig::splits`] 0 stands for, for a device
-/// of `multiprocessors`, a call of `units` thread blocks per slice of the cache (sequences ×
-/// blocks of KV heads) and `longest` visible tokens: about two blocks per multiprocessor (one wave; more
-/// blocks only shortened the slices, fewer left bandwidth unused), no slice shorter than
-/// [`MIN_AUTO_SPLIT_TOKENS`], rounded down to a power of two.
+/// of `multiprocessors`, a call of `units` thread blocks per slice of the cache (blocks of
+/// rows × blocks of KV heads) and `longest` visible tokens: about two blocks per
+/// multiprocessor (one wave at the default 6 warps; more blocks only shortened the slices,
+/// fewer left bandwidth unused), no more slices than [`MIN_AUTO_SPLIT_TOKENS`] allows, rounded
+/// down to a power of two. Fitted to the default configuration; other warp counts take the
+/// same rule, and `autotune` (or explicit splits) fits them better.
 ///
 /// ```
 /// use rotq_cuda::auto_splits;
@@ -195,7 +198,7 @@ pub const MIN_AUTO_SPLIT_TOKENS: usize = 1024;
 /// assert_eq!(auto_splits(132, 512, 1024), 1);
 /// ```
 pub fn auto_splits(multiprocessors: usize, units: usize, longest: usize) -> usize {
-    let blocks = (2 * multiprocessors.max(1)) / units.max(1);
+    let blocks = multiprocessors.max(1).saturating_mul(2) / units.max(1);
     let most = longest / MIN_AUTO_SPLIT_TOKENS;
     let s = blocks.min(most).max(1);
     // (The largest power of two not above s.)

@@ -1,5 +1,6 @@
-//! CUDA decode attention against the oracle on the same cache bytes. Every test needs a GPU;
-//! where there is none each prints `skipped: no CUDA device` and passes.
+//! CUDA decode attention against the oracle on the same cache bytes. Every test but the one of
+//! `auto_splits` (host arithmetic) needs a GPU; where there is none each prints `skipped: no
+//! CUDA device` and passes.
 
 mod common;
 
@@ -1075,6 +1076,31 @@ proptest! {
             twice * units > 2 * sms || longest / twice < MIN_AUTO_SPLIT_TOKENS,
             "{twice} slices of {longest} tokens, {units} units, {sms} multiprocessors"
         );
+    }
+}
+
+/// The default configuration on sequences long enough for several automatic slices (the other
+/// tests' sequences take one), contiguous and paged, against the oracle.
+#[test]
+fn automatic_splits_match_the_oracle() {
+    let Some(dev) = device() else { return };
+    for page_tokens in [None, Some(64)] {
+        let c = Case {
+            k_format: KvFormat::Q8_0,
+            v_format: KvFormat::Q4_0,
+            seqs: vec![(4500, 4499), (2100, 1800), (5, 4)],
+            page_tokens,
+            ..Case::basic()
+        };
+        // (The 2 KV heads take one paired block per sequence and slice.)
+        let sms = dev.info().multiprocessors as usize;
+        let splits = auto_splits(sms, c.seqs.len(), 4500);
+        assert!(
+            splits > 1 || sms < 3,
+            "{splits} slices on {sms} multiprocessors"
+        );
+        check::<f16>(dev, &c);
+        check::<bf16>(dev, &c);
     }
 }
 
