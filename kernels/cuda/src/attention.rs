@@ -47,6 +47,8 @@ use std::sync::Arc;
 
 const ATTENTION: &str = include_str!("cuda/attention.cu");
 const FLASH_KERNEL: &str = "prefill_attention_flash";
+/// The producer warps of a warp-specialized flash block (`P_THREADS / 32` in `attention.cu`).
+const PRODUCER_WARPS: usize = 4;
 
 /// The largest query-head group (query heads per KV head) the decode kernel takes.
 pub const MAX_GROUP: usize = 16;
@@ -665,7 +667,7 @@ impl FlashShape {
         // (With WS, two code buffers, the producers' four words of bad-V bits per buffer and
         // two flags.)
         let (buffers, bad_words, flags) = if self.ws {
-            (2, 4, 8)
+            (2, PRODUCER_WARPS, 8)
         } else {
             (1, self.warps, 0)
         };
@@ -687,27 +689,6 @@ impl FlashShape {
         Ok(tiles.max(rows).next_multiple_of(16) + queries)
     }
 
-    /// The shape of the flash kernel that `plan` ([`CudaAttention::prefill_plan`]) runs.
-    fn of<T: GpuElement>(
-        plan: &PrefillConfig,
-        k: &CudaKvCache<'_>,
-        v: &CudaKvCache<'_>,
-        group: usize,
-    ) -> Self {
-        Self {
-            elem: T::ELEM,
-            k_format: k.format,
-            v_format: v.format,
-            d: k.dim,
-            d_v: v.dim,
-            group,
-            warps: plan.warps,
-            block_n: plan.block_n,
-            m_tiles: plan.m_tiles,
-            ws: plan.specialized,
-        }
-    }
-
     /// This shape as what a prefill call with `asked` ran.
     fn config(&self, asked: PrefillConfig) -> PrefillConfig {
         PrefillConfig {
@@ -723,7 +704,7 @@ impl FlashShape {
     /// Registers per thread of warp-specialized blocks (`REGS_ALL` in `attention.cu`): the
     /// launch bound's share of the multiprocessor's 65,536, in units of 8.
     fn registers(&self) -> i32 {
-        (65536 / (32 * (self.warps + 4)) / 8 * 8) as i32
+        (65536 / (32 * (self.warps + PRODUCER_WARPS)) / 8 * 8) as i32
     }
 
     fn source(&self) -> (String, String) {
@@ -940,9 +921,8 @@ impl CudaAttention {
         // (Bad inputs are typed errors before any kernel is compiled.)
         self.on_device(dev, q, k, v, out)?;
         let checked = self.check(q.len(), h_q, &ks, &vs, &rows, true, &unshifted, out.len())?;
-        let plan = self.prefill_plan::<T>(dev, n_q, h_q, k, v, n_tokens, params.pos_offset)?;
-        if plan.flash {
-            let shape = FlashShape::of::<T>(&plan, k, v, h_q / k.n_heads);
+        let (_, flash) = self.route::<T>(dev, n_q, h_q, k, v, n_tokens, params.pos_offset)?;
+        if let Some(shape) = flash {
             let rows = (&ks, &vs, rows.as_slice());
             return self.flash(dev, shape, q, h_q, k, rows, &unshifted, checked.scale, out);
         }
@@ -978,6 +958,30 @@ impl CudaAttention {
         n_tokens: usize,
         pos_offset: usize,
     ) -> Result<PrefillConfig> {
+        let (asked, flash) = self.route::<T>(dev, n_q, h_q, k, v, n_tokens, pos_offset)?;
+        Ok(match flash {
+            Some(shape) => shape.config(asked),
+            None => PrefillConfig {
+                flash: false,
+                ..asked
+            },
+        })
+    }
+
+    /// [`Self::prefill`]'s route: the configuration asked for (with [`Self::with_prefill_config`]
+    /// or from the tuning cache), and the flash kernel's shape as the device's limits leave
+    /// it, or `None` for the decode kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn route<T: GpuElement>(
+        &self,
+        dev: &Device,
+        n_q: usize,
+        h_q: usize,
+        k: &CudaKvCache<'_>,
+        v: &CudaKvCache<'_>,
+        n_tokens: usize,
+        pos_offset: usize,
+    ) -> Result<(PrefillConfig, Option<FlashShape>)> {
         // (The flash kernel's token offsets are 32-bit.)
         let short = |x: usize| x <= (i32::MAX / 2) as usize;
         // (Its offsets within a tile of 64 tokens' rows of every head are 32-bit too.)
@@ -1013,10 +1017,7 @@ impl CudaAttention {
             && TENSOR_CORE_V_FORMATS.contains(&v.format)
             && blocks(false) >= enough;
         if !flash {
-            return Ok(PrefillConfig {
-                flash: false,
-                ..config
-            });
+            return Ok((config, None));
         }
         let (d, d_v) = (k.dim, v.dim);
         let mut shape = FlashShape {
@@ -1048,7 +1049,7 @@ impl CudaAttention {
                     .ok()
                     .and_then(|f| f.num_regs().ok());
                 if registers == Some(specialized.registers()) {
-                    return Ok(specialized.config(config));
+                    return Ok((config, Some(specialized)));
                 }
             }
         }
@@ -1068,7 +1069,7 @@ impl CudaAttention {
                 "a K/V tile of 32 tokens and 16 query rows must fit the shared memory",
             ));
         }
-        Ok(shape.config(config))
+        Ok((config, Some(shape)))
     }
 
     /// Prefill through the flash kernel (see [`Self::prefill`]): `(ks, vs, rows)` are the
@@ -1155,7 +1156,11 @@ impl CudaAttention {
         launch.arg(out);
         let cfg = LaunchConfig {
             grid_dim: (grid_x, h_kv as u32, 1),
-            block_dim: (32 * (shape.warps + 4 * shape.ws as usize) as u32, 1, 1),
+            block_dim: (
+                32 * (shape.warps + PRODUCER_WARPS * shape.ws as usize) as u32,
+                1,
+                1,
+            ),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: `check` verified that the sequence's tokens below `n_tokens` map to whole
