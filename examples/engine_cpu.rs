@@ -10,32 +10,33 @@
 
 use rotq::cache::{Backend, CacheSpec, Paging, RotatedKvCache};
 use rotq::reference::rope::{Rope, RopeVariant};
-use rotq::reference::rotation::SplitMix64;
 use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
+use rotq_testkit::data::Rows;
 
 const H_KV: usize = 4;
 const H_Q: usize = 16;
 const D: usize = 128;
 
-/// Rows with a few outlier channels, as LLM keys have.
-fn rows(n: usize, g: &mut SplitMix64) -> Vec<f32> {
-    (0..n * H_KV * D)
-        .map(|i| {
-            let v = (g.next_f64() * 2.0 - 1.0) as f32;
-            if i % D == 7 || i % D == 90 {
-                v * 8.0
-            } else {
-                v
-            }
-        })
-        .collect()
+/// Test data: each call draws from the next seed.
+struct Data(u64);
+
+impl Data {
+    fn next(&mut self) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+/// Rows with an outlier channel 8 times larger than the others, as LLM keys have.
+fn rows(n: usize, g: &mut Data) -> Vec<f32> {
+    Rows::uniform(1.0)
+        .every(D, 7, 8.0)
+        .f32s(n * H_KV * D, g.next())
 }
 
 /// A decode query of `H_Q` heads at the newest of `len` positions.
-fn decode_query(g: &mut SplitMix64, len: usize) -> (Vec<f32>, AttentionParams) {
-    let q = (0..H_Q * D)
-        .map(|_| (g.next_f64() * 2.0 - 1.0) as f32)
-        .collect();
+fn decode_query(g: &mut Data, len: usize) -> (Vec<f32>, AttentionParams) {
+    let q = Rows::uniform(1.0).f32s(H_Q * D, g.next());
     let p = AttentionParams {
         causal: true,
         pos_offset: len - 1,
@@ -64,18 +65,16 @@ fn error(cache: &RotatedKvCache, q: &[f32], k: &[f32], v: &[f32], p: &AttentionP
 }
 
 /// The value of `--device NAME` (or `--device=NAME`), else `cpu`.
-fn device_arg() -> Result<String, rotq::Error> {
+fn device_arg() -> Result<String, String> {
     let mut args = std::env::args().skip(1);
     let mut device = "cpu".to_string();
     while let Some(arg) = args.next() {
         if arg == "--device" {
-            device = args
-                .next()
-                .ok_or_else(|| rotq::Error::Input("--device needs a value".into()))?;
+            device = args.next().ok_or("--device needs a value")?;
         } else if let Some(value) = arg.strip_prefix("--device=") {
             device = value.into();
         } else {
-            return Err(rotq::Error::Input(format!("unknown argument {arg:?}")));
+            return Err(format!("unknown argument {arg:?}"));
         }
     }
     Ok(device)
@@ -91,9 +90,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run() -> Result<(), rotq::Error> {
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let backend = Backend::open(&device_arg()?)?;
-    let mut g = SplitMix64::new(2026);
+    let mut g = Data(2026);
     let spec = CacheSpec {
         k_format: KvFormat::Q4_0,
         v_format: KvFormat::Q8_0,

@@ -70,17 +70,21 @@
 //! ```
 
 mod cpu;
+#[cfg(feature = "cuda")]
 mod cuda;
 mod pages;
 
 use crate::reference::rope::Rope;
 use crate::reference::{AttentionParams, Error as InputError, KvFormat, RotationPlan};
 use crate::Error;
+#[cfg(feature = "cuda")]
 use cudarc::driver::CudaSlice;
 use pages::Pages;
+#[cfg(feature = "cuda")]
 use rotq_cuda::{Device, GpuElement};
 use std::borrow::Cow;
 use std::ops::Range;
+#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 /// Where a cache's bytes live and which kernels run on them.
@@ -93,6 +97,8 @@ use std::sync::Arc;
 /// assert_eq!(Backend::open("cpu")?.name(), "cpu");
 /// assert!(Backend::open("tpu:0").is_err());
 /// // Where no CUDA driver or device is, opening one is an error that says so.
+/// // Where no CUDA driver or device is (or the build has no `cuda` feature), it says so.
+/// # #[cfg(feature = "cuda")]
 /// if !rotq::cuda::cuda_available() {
 ///     assert!(Backend::open("cuda:0").is_err());
 /// }
@@ -104,6 +110,7 @@ pub enum Backend {
     #[default]
     Cpu,
     /// Device memory and the CUDA kernels of this device.
+    #[cfg(feature = "cuda")]
     Cuda(Arc<Device>),
 }
 
@@ -113,9 +120,18 @@ impl Backend {
     pub fn open(name: &str) -> Result<Self, Error> {
         match name {
             "cpu" => Ok(Self::Cpu),
+            #[cfg(feature = "cuda")]
             _ if name == "cuda" || name.starts_with("cuda:") => {
                 Ok(Self::Cuda(Arc::new(Device::open(name)?)))
             }
+            #[cfg(not(feature = "cuda"))]
+            _ if name == "cuda" || name.starts_with("cuda:") => Err(InputError::InvalidParameter {
+                name: "device",
+                reason: format!(
+                    "{name:?}: this build of rotq has no CUDA backend (feature `cuda`)"
+                ),
+            }
+            .into()),
             _ => Err(InputError::InvalidParameter {
                 name: "device",
                 reason: format!("{name:?} is not cpu, cuda or cuda:N"),
@@ -132,6 +148,7 @@ impl Backend {
     pub fn name(&self) -> String {
         match self {
             Self::Cpu => "cpu".into(),
+            #[cfg(feature = "cuda")]
             Self::Cuda(dev) => dev.info().id.clone(),
         }
     }
@@ -249,6 +266,7 @@ pub struct RotatedKvCache {
 #[derive(Debug)]
 enum Store {
     Cpu(cpu::CpuStore),
+    #[cfg(feature = "cuda")]
     Cuda(cuda::CudaStore),
 }
 
@@ -301,6 +319,7 @@ impl RotatedKvCache {
             .ok_or(InputError::Overflow("cache rows"))?;
         let store = match backend {
             Backend::Cpu => Store::Cpu(cpu::CpuStore::new(&spec, rows)?),
+            #[cfg(feature = "cuda")]
             Backend::Cuda(dev) => Store::Cuda(cuda::CudaStore::new(dev.clone(), &spec, rows)?),
         };
         Ok(Self {
@@ -467,6 +486,7 @@ impl RotatedKvCache {
         self.read(0..self.capacity())
     }
 
+    #[cfg(feature = "cuda")]
     /// The K and V buffers of a CUDA cache in device memory, for the `rotq-cuda` kernels with
     /// a `CacheLayout` built from [`Self::block_table`] (at least one byte each, even for no
     /// capacity). A cache on the CPU refuses it.
@@ -500,6 +520,7 @@ impl RotatedKvCache {
                 let (k, v) = s.read(slots);
                 Ok((Cow::Borrowed(k), Cow::Borrowed(v)))
             }
+            #[cfg(feature = "cuda")]
             Store::Cuda(s) => {
                 let (k, v) = s.read(slots)?;
                 Ok((Cow::Owned(k), Cow::Owned(v)))
@@ -552,10 +573,12 @@ impl RotatedKvCache {
     ) -> Result<(), Error> {
         self.append_rows(k.len(), v.len(), positions, |s, pages, tokens| match s {
             Store::Cpu(s) => s.append(k, v, pages, tokens),
+            #[cfg(feature = "cuda")]
             Store::Cuda(s) => s.append_host(k, v, pages, tokens),
         })
     }
 
+    #[cfg(feature = "cuda")]
     /// [`Self::append`] from rows already on the cache's CUDA device (f32, f16 or bf16; the
     /// kernels rotate in f32). A cache on the CPU refuses it.
     ///
@@ -578,6 +601,7 @@ impl RotatedKvCache {
         self.append_device_rows(k, v, None)
     }
 
+    #[cfg(feature = "cuda")]
     /// [`Self::append_at`] from rows already on the cache's CUDA device, as
     /// [`Self::append_device`].
     ///
@@ -600,6 +624,7 @@ impl RotatedKvCache {
         self.append_device_rows(k, v, Some(positions))
     }
 
+    #[cfg(feature = "cuda")]
     fn append_device_rows<T: GpuElement>(
         &mut self,
         k: &CudaSlice<T>,
@@ -706,16 +731,20 @@ impl RotatedKvCache {
         h_q: usize,
         params: &AttentionParams,
     ) -> Result<Vec<f32>, Error> {
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
         let out_len = self.check_query(q.len(), n_q, h_q, params)?;
         let params = self.kernel_params(params)?;
         let (spec, pages, len) = (&self.spec, &self.pages, self.len());
         match &self.store {
             Store::Cpu(s) => s.attention(q, n_q, h_q, &params, spec, pages, len),
+            #[cfg(feature = "cuda")]
             Store::Cuda(_) if out_len == 0 || len == 0 => Ok(vec![0.0; out_len]),
+            #[cfg(feature = "cuda")]
             Store::Cuda(s) => s.attention_host(q, n_q, h_q, &params, spec, pages, len),
         }
     }
 
+    #[cfg(feature = "cuda")]
     /// [`Self::attention`] with the queries and the output on the cache's CUDA device (f32,
     /// f16 or bf16: f16/bf16 queries may run on the tensor cores). `out` must hold
     /// `[n_q, h_q, v_dim]`. A cache on the CPU refuses it.
@@ -808,6 +837,7 @@ impl RotatedKvCache {
             .collect::<Result<Vec<_>, _>>()?;
         match &mut self.store {
             Store::Cpu(s) => s.shift(&self.pages, tokens.clone(), delta, rope)?,
+            #[cfg(feature = "cuda")]
             Store::Cuda(s) => s.shift(&self.pages, tokens.clone(), delta, rope)?,
         }
         self.positions[tokens].copy_from_slice(&positions);
@@ -835,6 +865,7 @@ impl RotatedKvCache {
         let moves = pages.remove(tokens.clone(), self.len());
         match &mut self.store {
             Store::Cpu(s) => s.remove(&moves),
+            #[cfg(feature = "cuda")]
             Store::Cuda(s) => s.remove(&moves)?,
         }
         self.pages = pages;
@@ -977,6 +1008,7 @@ fn first_gap(positions: &[usize]) -> Option<usize> {
 }
 
 /// The error of a device-buffer `call` on a cache on the CPU.
+#[cfg(feature = "cuda")]
 fn needs_cuda(call: &'static str) -> Error {
     InputError::InvalidParameter {
         name: call,

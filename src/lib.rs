@@ -1,92 +1,58 @@
-#![doc = include_str!("../README.md")]
-#![deny(missing_docs)]
+//! # rotq: rotated quantized KV caches for inference engines
+//!
+//! Multiplying Q and K by the same orthonormal matrix `R` (a Hadamard transform) leaves every
+//! attention score unchanged but spreads K's outlier channels over all of them, so a 4- or
+//! 8-bit cache of the rotated K loses far less; V may be rotated too, the output being rotated
+//! back. This crate is what an engine depends on:
+//!
+//! - [`cache::RotatedKvCache`]: one layer's cache on the CPU or a CUDA device — append keys and
+//!   values (rotated and quantized in one pass), attend (prefill or decode), shift positions
+//!   (context shift), drop tokens; contiguous or paged.
+//! - [`checkpoint`]: the rotations a compressed-tensors checkpoint (SpinQuant R3) asks for.
+//! - The vocabulary and the oracle ([`reference`]: [`Rotation`], [`KvFormat`],
+//!   [`AttentionParams`], the tolerance table) and the kernels ([`cpu`], and [`cuda`] with the
+//!   default feature `cuda`).
+//!
+//! Build without the CUDA backend with `default-features = false`. The C ABI is the crate
+//! `rotq-capi`; the command-line tools (`rotq`, `autotune`) live in their own crates and are
+//! not dependencies of this one.
+//!
+//! ```
+//! use rotq::cache::{Backend, CacheSpec, Paging, RotatedKvCache};
+//! use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
+//! let spec = CacheSpec {
+//!     k_format: KvFormat::Q4_0,
+//!     v_format: KvFormat::Q8_0,
+//!     plan: RotationPlan { qk: Some(Rotation::hadamard(64)?), v: None },
+//!     n_heads: 2,
+//!     head_dim: 64,
+//!     v_dim: 64,
+//!     capacity: 256,
+//!     paging: Paging::Paged { page_tokens: 16 },
+//! };
+//! let mut cache = RotatedKvCache::on(spec, &Backend::open("cpu")?)?;
+//! let rows = |n: usize| (0..n * 2 * 64).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>();
+//! cache.append(&rows(10), &rows(10))?; // a prompt of 10 tokens
+//! let q = rows(1); // one decode step, 2 query heads
+//! let params = AttentionParams { causal: true, pos_offset: 9, ..Default::default() };
+//! let out = cache.attention(&q, 1, 2, &params)?;
+//! assert_eq!(out.len(), 2 * 64);
+//! # Ok::<(), rotq::Error>(())
+//! ```
 #![forbid(unsafe_code)]
 
-pub mod activations;
-pub mod bench;
-pub mod bench_cuda;
 pub mod cache;
 /// Checkpoint-driven rotation: a compressed-tensors `transform_config` (from a model's
 /// `config.json`) as a [`RotationPlan`] per attention layer.
 pub mod checkpoint;
-pub mod eval;
-pub mod eval_backend;
-pub mod eval_grid;
-pub mod files;
-#[doc(hidden)]
-pub mod fuzzing;
-pub mod heatmap;
-pub mod io;
-pub mod npy;
-pub mod oracle_check;
+mod error;
 
+pub use error::Error;
+pub use rotq_cpu as cpu;
+#[cfg(feature = "cuda")]
 pub use rotq_cuda as cuda;
 pub use rotq_reference as reference;
 pub use rotq_reference::{
     attention, rotated_quantized_attention, AttentionParams, KvCacheSpec, KvFormat, Rotation,
     RotationPlan, RotationSpec,
 };
-
-use std::path::PathBuf;
-
-/// Errors of the facade: the oracle's, plus file and input errors.
-///
-/// ```
-/// let err = rotq::io::read_f32(std::path::Path::new("/no/such/file.f32")).unwrap_err();
-/// assert!(err.to_string().starts_with("/no/such/file.f32: "));
-/// ```
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// Bad input to the oracle (shape, format, rotation, …).
-    #[error(transparent)]
-    Reference(#[from] rotq_reference::Error),
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What the system said.
-        source: std::io::Error,
-    },
-    /// Input data that does not fit the request (lengths, sizes).
-    #[error("{0}")]
-    Input(String),
-    /// The CUDA backend failed (no driver or device, compile, launch, memory).
-    #[error(transparent)]
-    Cuda(#[from] rotq_cuda::CudaError),
-    /// A `.npy` file that cannot be read as asked (see [`npy::NpyError`]).
-    #[error("{}: {source}", path.display())]
-    Npy {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        source: npy::NpyError,
-    },
-    /// `--device cuda:N` asked for a GPU that cannot be used here.
-    #[error("no CUDA device for {device}: {source}")]
-    NoCudaDevice {
-        /// The device asked for.
-        device: String,
-        /// Why it cannot be opened (no driver, no such device, driver too old, …).
-        source: rotq_cuda::CudaError,
-    },
-    /// A kernel's attention output disagrees with the oracle's on the same cache bytes.
-    #[error("the {backend} kernel disagrees with the oracle on {what}: {mismatch}")]
-    OracleMismatch {
-        /// Which kernels (`cpu`, `cuda:0`).
-        backend: String,
-        /// The combination, layer and rows compared.
-        what: String,
-        /// The measured errors and the tolerance.
-        mismatch: rotq_reference::tolerance::Mismatch,
-    },
-    /// A heatmap could not be drawn or encoded.
-    #[error("heatmap {}: {reason}", path.display())]
-    Plot {
-        /// The PNG being made.
-        path: PathBuf,
-        /// What the plotting or encoding library said.
-        reason: String,
-    },
-}

@@ -1,6 +1,6 @@
 //! Replays every fuzz target's corpus (`fuzz/corpus/<target>/`: the seeds, and every input a
 //! fuzzer found worth keeping, crashes included once fixed) through the same checks the
-//! targets run (`rotq::fuzzing`), so that `cargo test` guards what fuzzing found.
+//! targets run (`rotq_testkit::fuzzing`), so that `cargo test` guards what fuzzing found.
 
 use std::path::Path;
 
@@ -23,43 +23,43 @@ fn replay(target: &str, check: fn(&[u8])) {
 
 #[test]
 fn dequantize_corpus() {
-    replay("dequantize", rotq::fuzzing::dequantize);
+    replay("dequantize", rotq_testkit::fuzzing::dequantize);
 }
 
 #[test]
 fn rotation_corpus() {
-    replay("rotation", rotq::fuzzing::rotation);
+    replay("rotation", rotq_testkit::fuzzing::rotation);
 }
 
 #[test]
 fn rotate_quantize_corpus() {
-    replay("rotate_quantize", rotq::fuzzing::rotate_quantize);
+    replay("rotate_quantize", rotq_testkit::fuzzing::rotate_quantize);
 }
 
 #[test]
 fn attention_corpus() {
-    replay("attention", rotq::fuzzing::attention);
+    replay("attention", rotq_testkit::fuzzing::attention);
 }
 
 #[test]
 fn tune_cache_corpus() {
-    replay("tune_cache", rotq::fuzzing::tune_cache);
+    replay("tune_cache", rotq_testkit::fuzzing::tune_cache);
 }
 
 #[test]
 fn transform_config_corpus() {
-    replay("transform_config", rotq::fuzzing::transform_config);
+    replay("transform_config", rotq_testkit::fuzzing::transform_config);
 }
 
 /// Empty and tiny inputs: refused or handled, never a panic.
 #[test]
 fn empty_and_tiny_inputs_are_refused_not_crashed() {
     for data in [&[][..], &[0], &[4, 1], &[3; 35][..]] {
-        rotq::fuzzing::dequantize(data);
-        rotq::fuzzing::rotation(data);
-        rotq::fuzzing::rotate_quantize(data);
-        rotq::fuzzing::attention(data);
-        rotq::fuzzing::tune_cache(data);
-        rotq::fuzzing::transform_config(data);
+        rotq_testkit::fuzzing::dequantize(data);
+        rotq_testkit::fuzzing::rotation(data);
+        rotq_testkit::fuzzing::rotate_quantize(data);
+        rotq_testkit::fuzzing::attention(data);
+        rotq_testkit::fuzzing::tune_cache(data);
+        rotq_testkit::fuzzing::transform_config(data);
     }
 }

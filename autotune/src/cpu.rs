@@ -1,28 +1,18 @@
 //! The CPU kernels as [`Tunable`]s: the batched FWHT, rotate-quantize and decode attention.
 
-use crate::Tunable;
+use crate::{err, Tunable};
 use ndarray::Array3;
 use rotq_cpu::{
     AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
     QuantizeConfig,
 };
-use rotq_reference::rotation::SplitMix64;
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
+use rotq_testkit::data::Rows;
 
-/// `len` values in [−1, 1) with a few outliers (never all zero).
+/// `len` values in [−1, 1) with an outlier 8 times larger every 41 (never all zero).
 pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|i| {
-            let v = (g.next_f64() * 2.0 - 1.0) as f32;
-            if i % 41 == 3 {
-                8.0 * v
-            } else {
-                v
-            }
-        })
-        .collect()
+    Rows::uniform(1.0).every(41, 3, 8.0).f32s(len, seed)
 }
 
 /// The batched f32 Hadamard rotation of rows of `n`.
@@ -32,7 +22,6 @@ pub struct Fwht {
     rotation: Rotation,
     /// Two buffers of rows, used in turn.
     bufs: [Vec<f32>; 2],
-    calls: usize,
 }
 
 impl Fwht {
@@ -45,7 +34,6 @@ impl Fwht {
             kernel: CpuRotation::new(&rotation, Isa::best()),
             rotation,
             bufs: [random(len, 1), random(len, 2)],
-            calls: 0,
         })
     }
 }
@@ -87,13 +75,9 @@ impl Tunable for Fwht {
             .map_err(|m| m.to_string())
     }
 
-    fn run(&mut self, config: &FwhtConfig) {
+    fn run(&mut self, config: &FwhtConfig, i: usize) -> Result<(), String> {
         let kernel = self.kernel.clone().with_config(*config);
-        self.calls += 1;
-        let buf = &mut self.bufs[self.calls % 2];
-        kernel
-            .forward_rows(buf)
-            .expect("the buffers hold whole rows");
+        kernel.forward_rows(&mut self.bufs[i % 2]).map_err(err)
     }
 }
 
@@ -108,7 +92,6 @@ pub struct Decode {
     q: Vec<f32>,
     /// Two (K, V) cache pairs, used in turn, so that one call's cache is not the next one's.
     caches: [(Vec<u8>, Vec<u8>); 2],
-    calls: usize,
     /// The gate problem: (n_kv, q, K bytes, V bytes).
     gate: (usize, Vec<f32>, Vec<u8>, Vec<u8>),
 }
@@ -149,7 +132,6 @@ impl Decode {
             kernel: CpuAttention::new(&plan, Isa::best()),
             q: random(h_kv * GROUP * d, 30),
             caches: pairs,
-            calls: 0,
             gate: (gate_n, random(h_kv * GROUP * d, 31), gk, gv),
         })
     }
@@ -191,7 +173,6 @@ impl Tunable for Decode {
     fn gate(&mut self, config: &AttentionConfig) -> Result<(), String> {
         let (n, q, kb, vb) = &self.gate;
         let (h_kv, d, h_q) = (self.h_kv, self.d, self.h_kv * GROUP);
-        let err = |e: rotq_reference::Error| e.to_string();
         let k = KvCacheView::new(self.format, kb, *n, h_kv, d).map_err(err)?;
         let v = KvCacheView::new(self.format, vb, *n, h_kv, d).map_err(err)?;
         let params = Self::params(*n);
@@ -220,19 +201,19 @@ impl Tunable for Decode {
             .map_err(|m| m.to_string())
     }
 
-    fn run(&mut self, config: &AttentionConfig) {
+    fn run(&mut self, config: &AttentionConfig, i: usize) -> Result<(), String> {
         let (h_kv, d) = (self.h_kv, self.d);
-        self.calls += 1;
-        let (kb, vb) = &self.caches[self.calls % 2];
-        let k = KvCacheView::new(self.format, kb, self.n_kv, h_kv, d).expect("built to fit");
-        let v = KvCacheView::new(self.format, vb, self.n_kv, h_kv, d).expect("built to fit");
+        let (kb, vb) = &self.caches[i % 2];
+        let k = KvCacheView::new(self.format, kb, self.n_kv, h_kv, d).map_err(err)?;
+        let v = KvCacheView::new(self.format, vb, self.n_kv, h_kv, d).map_err(err)?;
         let out = self
             .kernel
             .clone()
             .with_config(*config)
             .run(&self.q, 1, h_kv * GROUP, &k, &v, &Self::params(self.n_kv))
-            .expect("built to fit");
+            .map_err(err)?;
         std::hint::black_box(out);
+        Ok(())
     }
 }
 
@@ -244,7 +225,6 @@ pub struct Quantize {
     rotation: CpuRotation,
     bufs: [Vec<f32>; 2],
     cache: Vec<u8>,
-    calls: usize,
 }
 
 impl Quantize {
@@ -261,7 +241,6 @@ impl Quantize {
             rotation: CpuRotation::new(&r, Isa::best()),
             bufs: [random(len, 5), random(len, 6)],
             cache,
-            calls: 0,
         })
     }
 }
@@ -309,11 +288,10 @@ impl Tunable for Quantize {
         }
     }
 
-    fn run(&mut self, config: &QuantizeConfig) {
+    fn run(&mut self, config: &QuantizeConfig, i: usize) -> Result<(), String> {
         let codec = self.codec.clone().with_config(*config);
-        self.calls += 1;
         codec
-            .quantize(&self.bufs[self.calls % 2], &mut self.cache, 0)
-            .expect("the buffers hold whole rows");
+            .quantize(&self.bufs[i % 2], &mut self.cache, 0)
+            .map_err(err)
     }
 }

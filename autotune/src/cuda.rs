@@ -1,9 +1,10 @@
 //! The CUDA kernels as [`Tunable`]s: the rotation of f16 rows, fused rotate-quantize from f16
-//! rows, decode attention and prefill attention with f16 queries, each timed with CUDA events
-//! (see [`rotq_cuda::sample_ms`]) on two input buffers used in turn.
+//! rows, decode attention and prefill attention with f16 queries. Each `run` only launches its
+//! kernel, on two input buffers used in turn; the tuner times them with CUDA events on the
+//! device's stream ([`crate::timing::EventClock`]).
 
 use crate::cpu::random;
-use crate::{timing_of, Timing, TimingPlan, Tunable};
+use crate::{err, Tunable};
 use cudarc::driver::CudaSlice;
 use half::f16;
 use ndarray::Array3;
@@ -14,20 +15,10 @@ use rotq_cuda::{
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
 /// `x` as f16 rows on the device.
 fn upload(dev: &Device, x: &[f32]) -> Result<CudaSlice<f16>, String> {
     let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
     dev.stream().clone_htod(&h).map_err(err)
-}
-
-/// Samples of `f(i)` under `plan`, as a [`Timing`].
-fn events(dev: &Device, plan: TimingPlan, f: impl FnMut(usize) -> rotq_cuda::Result<()>) -> Timing {
-    let min_ms = plan.min_sample.as_secs_f64() * 1e3;
-    timing_of(rotq_cuda::sample_ms(dev, 2, plan.samples, min_ms, f).unwrap_or_default())
 }
 
 /// The Hadamard rotation of f16 rows of `n`.
@@ -96,18 +87,9 @@ impl Tunable for Fwht<'_> {
             .map_err(err)
     }
 
-    fn run(&mut self, config: &RowConfig) {
+    fn run(&mut self, config: &RowConfig, i: usize) -> Result<(), String> {
         let kernel = self.kernel.clone().with_config(*config);
-        kernel
-            .forward(self.dev, &mut self.bufs[0])
-            .expect("passed the gate");
-        self.dev.stream().synchronize().expect("the device works");
-    }
-
-    fn timed(&mut self, config: &RowConfig, plan: TimingPlan) -> Option<Timing> {
-        let kernel = self.kernel.clone().with_config(*config);
-        let (dev, bufs) = (self.dev, &mut self.bufs);
-        Some(events(dev, plan, |i| kernel.forward(dev, &mut bufs[i % 2])))
+        kernel.forward(self.dev, &mut self.bufs[i % 2]).map_err(err)
     }
 }
 
@@ -195,25 +177,12 @@ impl Tunable for Quantize<'_> {
         }
     }
 
-    fn run(&mut self, config: &RowConfig) {
+    fn run(&mut self, config: &RowConfig, i: usize) -> Result<(), String> {
         let codec = self.codec.clone().with_config(*config);
+        let target = CacheTarget::contiguous(1, 0);
         codec
-            .quantize(
-                self.dev,
-                &self.bufs[0],
-                &mut self.cache,
-                CacheTarget::contiguous(1, 0),
-            )
-            .expect("passed the gate");
-        self.dev.stream().synchronize().expect("the device works");
-    }
-
-    fn timed(&mut self, config: &RowConfig, plan: TimingPlan) -> Option<Timing> {
-        let codec = self.codec.clone().with_config(*config);
-        let (dev, bufs, cache) = (self.dev, &self.bufs, &mut self.cache);
-        Some(events(dev, plan, |i| {
-            codec.quantize(dev, &bufs[i % 2], cache, CacheTarget::contiguous(1, 0))
-        }))
+            .quantize(self.dev, &self.bufs[i % 2], &mut self.cache, target)
+            .map_err(err)
     }
 }
 
@@ -501,32 +470,13 @@ impl Tunable for Decode<'_> {
         g.check(self.dev, &out)
     }
 
-    fn run(&mut self, config: &DecodeConfig) {
+    fn run(&mut self, config: &DecodeConfig, i: usize) -> Result<(), String> {
         let attn = self.attn.clone().with_config(*config);
         let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n_kv);
         let seqs = Self::seqs(self.batch, self.n_kv);
-        attn.decode(
-            self.dev,
-            &self.qs[0],
-            self.h_kv * GROUP,
-            &k,
-            &v,
-            &seqs,
-            &causal(),
-            &mut self.out,
-        )
-        .expect("passed the gate");
-        self.dev.stream().synchronize().expect("the device works");
-    }
-
-    fn timed(&mut self, config: &DecodeConfig, plan: TimingPlan) -> Option<Timing> {
-        let attn = self.attn.clone().with_config(*config);
-        let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n_kv);
-        let seqs = Self::seqs(self.batch, self.n_kv);
-        let (dev, qs, out, h_q) = (self.dev, &self.qs, &mut self.out, self.h_kv * GROUP);
-        Some(events(dev, plan, |i| {
-            attn.decode(dev, &qs[i % 2], h_q, &k, &v, &seqs, &causal(), out)
-        }))
+        let (q, h_q) = (&self.qs[i % 2], self.h_kv * GROUP);
+        attn.decode(self.dev, q, h_q, &k, &v, &seqs, &causal(), &mut self.out)
+            .map_err(err)
     }
 }
 
@@ -666,30 +616,11 @@ impl Tunable for Prefill<'_> {
         g.check(self.dev, &out)
     }
 
-    fn run(&mut self, config: &PrefillConfig) {
+    fn run(&mut self, config: &PrefillConfig, i: usize) -> Result<(), String> {
         let attn = self.attn.clone().with_prefill_config(*config);
         let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n);
-        attn.prefill(
-            self.dev,
-            &self.qs[0],
-            self.n,
-            self.h_kv * GROUP,
-            &k,
-            &v,
-            self.n,
-            &causal(),
-            &mut self.out,
-        )
-        .expect("passed the gate");
-        self.dev.stream().synchronize().expect("the device works");
-    }
-
-    fn timed(&mut self, config: &PrefillConfig, plan: TimingPlan) -> Option<Timing> {
-        let attn = self.attn.clone().with_prefill_config(*config);
-        let [k, v] = views(self.format, self.h_kv, &self.k, &self.v, self.n);
-        let (dev, qs, out, n, h_q) = (self.dev, &self.qs, &mut self.out, self.n, self.h_kv * GROUP);
-        Some(events(dev, plan, |i| {
-            attn.prefill(dev, &qs[i % 2], n, h_q, &k, &v, n, &causal(), out)
-        }))
+        let (q, n, h_q) = (&self.qs[i % 2], self.n, self.h_kv * GROUP);
+        attn.prefill(self.dev, q, n, h_q, &k, &v, n, &causal(), &mut self.out)
+            .map_err(err)
     }
 }

@@ -11,10 +11,10 @@
 //!
 //! 1. **gates** every candidate: its output on the gate problem must match the oracle within
 //!    the tolerance table, else it is rejected and reported with the mismatch, never chosen;
-//! 2. **times** the default and each gated candidate: a warm-up, then the median of several
-//!    samples, each sample enough calls to last a few milliseconds (wall clock on the CPU,
-//!    CUDA events around the calls on a GPU);
-//!    the spread (interquartile range over the median) is kept with the median;
+//! 2. **times** the default and each gated candidate ([`timing`]): a warm-up, then the median
+//!    of several samples, each sample enough calls to last a few milliseconds, read from the
+//!    clock the caller gives (the wall clock on the CPU, CUDA events on a GPU, a fake clock
+//!    in tests); the spread (interquartile range over the median) is kept with the median;
 //! 3. **keeps the default** unless the fastest candidate still beats it when the two are timed
 //!    again, alternately, over five rounds: the median of the per-round time ratios must be
 //!    below 1 by more than their interquartile range (and 2%). Picking the fastest of many
@@ -24,11 +24,13 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod timing;
 
 use rotq_reference::rotation::SplitMix64;
 use serde::Serialize;
 use std::fmt::Debug;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+pub use timing::{Clock, Timing, TimingPlan};
 
 /// Spaces up to this size are searched exhaustively in order; larger ones at random.
 pub const EXHAUSTIVE: usize = 32;
@@ -53,69 +55,25 @@ pub trait Tunable {
     }
     /// Runs `config` on the gate problem; `Err` describes how it disagrees with the oracle.
     fn gate(&mut self, config: &Self::Config) -> Result<(), String>;
-    /// One timed call with `config` on the timed problem.
-    fn run(&mut self, config: &Self::Config);
-    /// The timing of `config` when the kernel times itself (a GPU kernel, with its device's
-    /// events); `None` (the default) times [`Self::run`] with the wall clock.
-    fn timed(&mut self, config: &Self::Config, plan: TimingPlan) -> Option<Timing> {
-        let _ = (config, plan);
-        None
-    }
+    /// One call with `config` on the timed problem; `i` counts the calls, so that the kernel
+    /// can alternate between input buffers. On a GPU the call is only launched: the tuner's
+    /// clock (CUDA events on the kernel's stream) times the device's work.
+    fn run(&mut self, config: &Self::Config, i: usize) -> Result<(), String>;
 }
 
-/// The timing of `config` on `t`: the kernel's own, else the wall clock over [`Tunable::run`].
-fn measure<T: Tunable>(t: &mut T, config: &T::Config, plan: TimingPlan) -> Timing {
-    match t.timed(config, plan) {
-        Some(timing) => timing,
-        None => time(plan.samples, plan.min_sample, || t.run(config)),
-    }
+/// An error as the tuner reports it.
+pub(crate) fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
 }
 
-/// The median and interquartile spread of per-call milliseconds.
-pub fn timing_of(mut samples: Vec<f64>) -> Timing {
-    if samples.is_empty() {
-        return Timing {
-            median_ms: f64::NAN,
-            spread: f64::NAN,
-        };
-    }
-    samples.sort_by(f64::total_cmp);
-    let q = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
-    let median = q(0.5);
-    Timing {
-        median_ms: median,
-        spread: (q(0.75) - q(0.25)) / median,
-    }
-}
-
-/// A median and its spread.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Timing {
-    /// Median milliseconds per call.
-    pub median_ms: f64,
-    /// Interquartile range over the median (0.05 = ±5% noise).
-    pub spread: f64,
-}
-
-/// Times `f`: one warm-up, then `samples` samples of enough calls to last `min_sample`.
-pub fn time(samples: usize, min_sample: Duration, mut f: impl FnMut()) -> Timing {
-    f();
-    let start = Instant::now();
-    f();
-    let one = start.elapsed().max(Duration::from_nanos(1));
-    let calls = (min_sample.as_secs_f64() / one.as_secs_f64())
-        .ceil()
-        .clamp(1.0, 1e6) as usize;
-    let t: Vec<f64> = (0..samples.max(3))
-        .map(|_| {
-            let s = Instant::now();
-            for _ in 0..calls {
-                f();
-            }
-            s.elapsed().as_secs_f64() * 1e3 / calls as f64
-        })
-        .collect();
-    timing_of(t)
+/// The timing of `config` on `t`, on `clock`.
+fn measure<T: Tunable, C: Clock>(
+    t: &mut T,
+    clock: &mut C,
+    config: &T::Config,
+    plan: TimingPlan,
+) -> Result<Timing, String> {
+    timing::time(clock, plan, |i| t.run(config, i)).map_err(|e| e.to_string())
 }
 
 /// A candidate the gate rejected, and why.
@@ -155,35 +113,20 @@ impl<C> Outcome<C> {
     }
 }
 
-/// How long to time each candidate.
-#[derive(Clone, Copy, Debug)]
-pub struct TimingPlan {
-    /// Samples per candidate.
-    pub samples: usize,
-    /// Least duration of one sample.
-    pub min_sample: Duration,
-}
-
-impl Default for TimingPlan {
-    fn default() -> Self {
-        Self {
-            samples: 9,
-            min_sample: Duration::from_millis(20),
-        }
-    }
-}
-
-/// Tunes `t` within `budget` (see the crate docs); `progress` hears each step.
+/// Tunes `t` within `budget` of `clock`'s time (see the crate docs), timing on `clock`;
+/// `progress` hears each step.
 ///
-/// The default must pass the gate itself: a kernel whose default disagrees with the oracle is
-/// an error, not something to tune around.
-pub fn tune<T: Tunable>(
+/// The default must pass the gate itself, and run: a kernel whose default disagrees with the
+/// oracle or fails is an error, not something to tune around. A candidate that fails when
+/// timed is rejected with the reason.
+pub fn tune<T: Tunable, C: Clock>(
     t: &mut T,
+    clock: &mut C,
     budget: Duration,
     plan: TimingPlan,
     mut progress: impl FnMut(&str),
 ) -> Result<Outcome<T::Config>, String> {
-    let start = Instant::now();
+    let start = clock.elapsed();
     let default_config = t.default_config();
     t.gate(&default_config).map_err(|e| {
         format!(
@@ -192,7 +135,8 @@ pub fn tune<T: Tunable>(
             t.bucket()
         )
     })?;
-    let default = measure(t, &default_config, plan);
+    let default = measure(t, clock, &default_config, plan)
+        .map_err(|e| format!("{} {}: the default fails: {e}", t.kernel(), t.bucket()))?;
     let mut best = (default_config.clone(), default);
     let mut out = Outcome {
         kernel: t.kernel(),
@@ -228,7 +172,7 @@ pub fn tune<T: Tunable>(
     order.append(&mut candidates);
     let candidates = order;
     for (i, c) in candidates.iter().enumerate() {
-        if start.elapsed() > budget {
+        if clock.elapsed().saturating_sub(start) > budget {
             out.untried = candidates.len() - i;
             break;
         }
@@ -240,7 +184,18 @@ pub fn tune<T: Tunable>(
             });
             continue;
         }
-        let timing = measure(t, c, plan);
+        let timing = match measure(t, clock, c, plan) {
+            Ok(timing) => timing,
+            Err(e) => {
+                let reason = format!("failed when timed: {e}");
+                progress(&format!("rejected {c:?}: {reason}"));
+                out.rejected.push(Rejected {
+                    config: c.clone(),
+                    reason,
+                });
+                continue;
+            }
+        };
         out.tried += 1;
         if timing.median_ms < best.1.median_ms {
             best = (c.clone(), timing);
@@ -266,8 +221,8 @@ pub fn tune<T: Tunable>(
             samples: plan.samples.div_ceil(2),
             ..plan
         };
-        let td = measure(t, &default_config, half);
-        let tb = measure(t, &best.0, half);
+        let td = measure(t, clock, &default_config, half)?;
+        let tb = measure(t, clock, &best.0, half)?;
         ratios.push(tb.median_ms / td.median_ms);
         d.push(td);
         b.push(tb);

@@ -2,7 +2,8 @@
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use rotq_autotune::{cpu, cuda, tune, Outcome, TimingPlan, Tunable};
+use rotq_autotune::timing::{EventClock, WallClock};
+use rotq_autotune::{cpu, cuda, tune, Clock, Outcome, TimingPlan, Tunable};
 use rotq_reference::tuned::{default_path, Loaded, TuneFile};
 use rotq_reference::KvFormat;
 use serde::{Deserialize, Serialize};
@@ -209,8 +210,9 @@ impl<C: Serialize> From<&Outcome<C>> for Row {
 }
 
 /// Tunes one task and records it; returns its report row.
-fn run_one<T: Tunable>(
+fn run_one<T: Tunable, C: Clock>(
     t: &mut T,
+    clock: &mut C,
     budget: Duration,
     plan: TimingPlan,
     bar: &ProgressBar,
@@ -218,7 +220,7 @@ fn run_one<T: Tunable>(
 ) -> Result<Row, String> {
     let label = format!("{} {}", t.kernel(), t.bucket());
     bar.set_message(label.clone());
-    let o = tune(t, budget, plan, |m| {
+    let o = tune(t, clock, budget, plan, |m| {
         bar.set_message(format!("{label}: {m}"))
     })?;
     for r in &o.rejected {
@@ -477,6 +479,7 @@ fn run(args: Args) -> Result<(), String> {
         TimingPlan {
             samples: if gpu { 7 } else { 5 },
             min_sample: Duration::from_millis(5),
+            ..TimingPlan::default()
         }
     } else {
         TimingPlan::default()
@@ -508,14 +511,26 @@ fn run(args: Args) -> Result<(), String> {
     let mut rows = Vec::new();
     let err = |e: rotq_reference::Error| e.to_string();
     // Tunes one task, records it and saves the cache.
+    // The CPU's kernels are timed by the wall clock, a GPU's by CUDA events on its stream.
+    let mut wall = WallClock::new();
+    let mut events = cuda_dev
+        .as_ref()
+        .map(|d| EventClock::new(d.stream().clone()));
     macro_rules! task {
-        ($t:expr, $w:expr) => {{
+        ($t:expr, $w:expr, $clock:expr) => {{
             let mut t = $t;
-            rows.push(run_one(&mut t, share(done, $w), plan, &bar, &mut file)?);
+            let budget = share(done, $w);
+            rows.push(run_one(&mut t, $clock, budget, plan, &bar, &mut file)?);
             done += $w;
             save(&mut file, &path, &device, &hash, &mut replace)?;
             bar.inc(1);
         }};
+    }
+    // (A GPU task is only made where `cuda_dev`, and so its clock, is.)
+    macro_rules! gpu_clock {
+        () => {
+            events.as_mut().ok_or("no GPU clock")?
+        };
     }
     // Decode first: the kernel with the most to gain gets the budget while it is whole.
     if wants("decode") {
@@ -524,11 +539,13 @@ fn run(args: Args) -> Result<(), String> {
             match &cuda_dev {
                 Some(dev) => task!(
                     cuda::Decode::new(dev, f, d.n_kv, d.h_kv, d.batch)?,
-                    DECODE_WEIGHT
+                    DECODE_WEIGHT,
+                    gpu_clock!()
                 ),
                 None => task!(
                     cpu::Decode::new(f, d.n_kv, d.h_kv).map_err(err)?,
-                    DECODE_WEIGHT
+                    DECODE_WEIGHT,
+                    &mut wall
                 ),
             }
         }
@@ -536,8 +553,8 @@ fn run(args: Args) -> Result<(), String> {
     if wants("fwht") {
         for &n in &shapes.fwht {
             match &cuda_dev {
-                Some(dev) => task!(cuda::Fwht::new(dev, n, shapes.bytes)?, 1),
-                None => task!(cpu::Fwht::new(n, shapes.bytes).map_err(err)?, 1),
+                Some(dev) => task!(cuda::Fwht::new(dev, n, shapes.bytes)?, 1, gpu_clock!()),
+                None => task!(cpu::Fwht::new(n, shapes.bytes).map_err(err)?, 1, &mut wall),
             }
         }
     }
@@ -545,8 +562,16 @@ fn run(args: Args) -> Result<(), String> {
         for q in &shapes.quantize {
             let f = format_of(&q.format)?;
             match &cuda_dev {
-                Some(dev) => task!(cuda::Quantize::new(dev, f, q.dim, shapes.bytes)?, 1),
-                None => task!(cpu::Quantize::new(f, q.dim, shapes.bytes).map_err(err)?, 1),
+                Some(dev) => task!(
+                    cuda::Quantize::new(dev, f, q.dim, shapes.bytes)?,
+                    1,
+                    gpu_clock!()
+                ),
+                None => task!(
+                    cpu::Quantize::new(f, q.dim, shapes.bytes).map_err(err)?,
+                    1,
+                    &mut wall
+                ),
             }
         }
     }
@@ -554,7 +579,11 @@ fn run(args: Args) -> Result<(), String> {
     if let (true, Some(dev)) = (wants("prefill"), &cuda_dev) {
         for p in &shapes.prefill {
             let f = format_of(&p.format)?;
-            task!(cuda::Prefill::new(dev, f, p.n, p.h_kv)?, PREFILL_WEIGHT);
+            task!(
+                cuda::Prefill::new(dev, f, p.n, p.h_kv)?,
+                PREFILL_WEIGHT,
+                gpu_clock!()
+            );
         }
     }
     bar.finish_and_clear();

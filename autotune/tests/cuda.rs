@@ -2,6 +2,7 @@
 //! binary tunes prefill end to end. Where no GPU opens each test prints `skipped: no CUDA
 //! device` and passes (with `ROTQ_REQUIRE_CUDA` set, it fails instead).
 
+use rotq_autotune::timing::EventClock;
 use rotq_autotune::{cuda, tune, TimingPlan, Tunable};
 use rotq_cuda::{CudaError, Device, PrefillConfig};
 use rotq_reference::KvFormat;
@@ -42,10 +43,14 @@ fn every_prefill_candidate_passes_the_gate_and_is_timed() {
             t.gate(&c).unwrap_or_else(|e| panic!("{format} {c:?}: {e}"));
         }
         let plan = TimingPlan {
+            warmup: 2,
             samples: 5,
             min_sample: Duration::from_millis(2),
         };
-        let o = tune(&mut t, Duration::from_secs(120), plan, |_| {}).unwrap();
+        // (The budget, counted on the wall clock, only guards against a hang: the assertion
+        // below is that every candidate was tried.)
+        let mut clock = EventClock::new(dev.stream().clone());
+        let o = tune(&mut t, &mut clock, Duration::from_secs(600), plan, |_| {}).unwrap();
         assert!(o.rejected.is_empty(), "{o:?}");
         let others = PrefillConfig::search_space().len() - 1;
         assert_eq!((o.tried, o.untried), (others, 0), "{o:?}");

@@ -1,4 +1,4 @@
-//! Fuzz target: see `rotq::fuzzing::attention`.
+//! Fuzz target: see `rotq_testkit::fuzzing::attention`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq::fuzzing::attention(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq_testkit::fuzzing::attention(data));

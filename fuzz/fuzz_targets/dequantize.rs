@@ -1,4 +1,4 @@
-//! Fuzz target: see `rotq::fuzzing::dequantize`.
+//! Fuzz target: see `rotq_testkit::fuzzing::dequantize`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq::fuzzing::dequantize(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq_testkit::fuzzing::dequantize(data));

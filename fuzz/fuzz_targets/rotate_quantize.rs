@@ -1,4 +1,4 @@
-//! Fuzz target: see `rotq::fuzzing::rotate_quantize`.
+//! Fuzz target: see `rotq_testkit::fuzzing::rotate_quantize`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq::fuzzing::rotate_quantize(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq_testkit::fuzzing::rotate_quantize(data));

@@ -1,4 +1,4 @@
-//! Fuzz target: see `rotq::fuzzing::rotation`.
+//! Fuzz target: see `rotq_testkit::fuzzing::rotation`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq::fuzzing::rotation(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq_testkit::fuzzing::rotation(data));

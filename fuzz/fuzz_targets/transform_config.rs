@@ -1,4 +1,4 @@
-//! Fuzz target: see `rotq::fuzzing::transform_config`.
+//! Fuzz target: see `rotq_testkit::fuzzing::transform_config`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq::fuzzing::transform_config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq_testkit::fuzzing::transform_config(data));

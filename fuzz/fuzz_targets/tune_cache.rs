@@ -1,4 +1,4 @@
-//! Fuzz target: see `rotq::fuzzing::tune_cache`.
+//! Fuzz target: see `rotq_testkit::fuzzing::tune_cache`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq::fuzzing::tune_cache(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rotq_testkit::fuzzing::tune_cache(data));

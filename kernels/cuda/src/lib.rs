@@ -30,7 +30,6 @@ mod device;
 mod error;
 mod kernel;
 mod rotation;
-mod timing;
 pub mod tuned;
 
 pub use attention::{
@@ -42,4 +41,3 @@ pub use device::{cuda_available, Device, DeviceInfo, Tuning};
 pub use error::{CudaError, Result};
 pub use kernel::RowConfig;
 pub use rotation::{CudaRotation, GpuElement};
-pub use timing::{copy_bandwidth, median_ms, sample_ms};

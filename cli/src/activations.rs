@@ -1,0 +1,278 @@
+//! Activation dumps for `rotq eval`: per-layer Q, K and V read from a safetensors file or from
+//! a folder of `.npy` files.
+//!
+//! The expected tensors, for each layer `L` (0, 1, … until a layer is missing), are named by a
+//! template whose `{layer}` becomes `L` and `{t}` becomes `q`, `k` or `v` (default
+//! `layers.{layer}.{t}`). Shapes: Q `[n_q, h_q, d]`, K `[n_kv, h_kv, d]`, V `[n_kv, h_kv, d_v]`,
+//! the keys after RoPE as the cache would hold them, and the queries at the last `n_q`
+//! positions (causal). In a safetensors file the dtypes f32, f16 or bf16 are read; in a folder,
+//! tensor `NAME` is the file `NAME.npy` (little-endian f32, f16 or f64, C order; see
+//! [`crate::npy`]), so the default template reads `layers.0.q.npy`, `layers.0.k.npy`, ….
+//!
+//! ```
+//! use rotq_cli::activations::read_activations;
+//! let err = read_activations(std::path::Path::new("/no/such.safetensors"), "layers.{layer}.{t}");
+//! assert!(err.is_err());
+//! ```
+
+use crate::eval::Activations;
+use crate::Error;
+use half::{bf16, f16};
+use ndarray::Array3;
+use rotq_reference::AttentionParams;
+use safetensors::{Dtype, SafeTensors};
+use std::path::Path;
+
+/// The name of tensor `t` (`q`, `k` or `v`) of `layer` under `template`.
+///
+/// ```
+/// assert_eq!(rotq_cli::activations::tensor_name("model.{layer}.attn_{t}", 3, "k"), "model.3.attn_k");
+/// ```
+pub fn tensor_name(template: &str, layer: usize, t: &str) -> String {
+    template
+        .replace("{layer}", &layer.to_string())
+        .replace("{t}", t)
+}
+
+/// Reads every layer's Q, K and V from `path`: a safetensors file, or a folder of `.npy` files
+/// (names from `template`, see the module docs). A missing file, a template without `{layer}`
+/// and `{t}`, no layer 0, a layer with only some of its tensors, a tensor of another rank or
+/// dtype, or shapes that do not fit together are errors naming the tensor (or its file).
+///
+/// ```
+/// use rotq_cli::activations::read_activations;
+/// use rotq_cli::npy::{write, NpyDtype};
+/// let dir = tempfile::tempdir().unwrap();
+/// for (t, h) in [("q", 4), ("k", 2), ("v", 2)] {
+///     let n = 8 * h * 32;
+///     let data: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+///     let file = dir.path().join(format!("layers.0.{t}.npy"));
+///     write(&file, &[8, h, 32], &data, NpyDtype::F16).unwrap();
+/// }
+/// let layers = read_activations(dir.path(), "layers.{layer}.{t}").unwrap();
+/// assert_eq!(layers.len(), 1);
+/// assert_eq!(layers[0].q.dim(), (8, 4, 32));
+/// ```
+pub fn read_activations(path: &Path, template: &str) -> Result<Vec<Activations>, Error> {
+    if !template.contains("{layer}") || !template.contains("{t}") {
+        return Err(Error::Input(format!(
+            "the tensor name template `{template}` needs both {{layer}} and {{t}}"
+        )));
+    }
+    if path.is_dir() {
+        let file = |name: &str| path.join(format!("{name}.npy"));
+        return read_layers(
+            |name| Ok(file(name).is_file()),
+            |name| crate::npy::read3(&file(name)),
+            |name| file(name).display().to_string(),
+            path,
+            template,
+        );
+    }
+    let bytes = crate::io::read_bytes(path)?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Input(format!("{}: not a safetensors file: {e}", path.display())))?;
+    read_layers(
+        |name| Ok(file.tensor(name).is_ok()),
+        |name| array(&file, name),
+        |name| name.to_string(),
+        path,
+        template,
+    )
+}
+
+/// Layers 0, 1, … until one has none of its tensors: `present(name)` says whether a tensor
+/// exists, `load(name)` reads it, `label(name)` is how errors call it.
+fn read_layers(
+    present: impl Fn(&str) -> Result<bool, Error>,
+    load: impl Fn(&str) -> Result<Array3<f32>, Error>,
+    label: impl Fn(&str) -> String,
+    path: &Path,
+    template: &str,
+) -> Result<Vec<Activations>, Error> {
+    let mut layers = Vec::new();
+    for layer in 0.. {
+        let names = ["q", "k", "v"].map(|t| tensor_name(template, layer, t));
+        let mut count = 0;
+        for n in &names {
+            count += usize::from(present(n)?);
+        }
+        if count == 0 {
+            break;
+        }
+        if count < 3 {
+            return Err(Error::Input(format!(
+                "layer {layer} has only some of {}, {} and {}",
+                label(&names[0]),
+                label(&names[1]),
+                label(&names[2])
+            )));
+        }
+        let [q, k, v] = names.clone().map(|n| load(&n));
+        let (q, k, v) = (q?, k?, v?);
+        let ((n_q, h_q, d), (n_kv, h_kv, dk), (n_v, h_v, _)) = (q.dim(), k.dim(), v.dim());
+        if dk != d || n_v != n_kv || h_v != h_kv || h_kv == 0 || h_q % h_kv != 0 || n_q > n_kv {
+            return Err(Error::Input(format!(
+                "layer {layer}: shapes Q {:?} ({}), K {:?} ({}), V {:?} ({}) do not fit (Q [n_q, \
+                 h_q, d] with n_q <= n_kv and h_q a multiple of h_kv, K [n_kv, h_kv, d], V \
+                 [n_kv, h_kv, d_v])",
+                q.dim(),
+                label(&names[0]),
+                k.dim(),
+                label(&names[1]),
+                v.dim(),
+                label(&names[2])
+            )));
+        }
+        layers.push(Activations {
+            q,
+            k,
+            v,
+            params: AttentionParams {
+                causal: true,
+                pos_offset: n_kv - n_q,
+                ..Default::default()
+            },
+        });
+    }
+    if layers.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no tensor {} (the template is `{template}`)",
+            path.display(),
+            label(&tensor_name(template, 0, "q"))
+        )));
+    }
+    Ok(layers)
+}
+
+/// One tensor as `[a, b, c]` f32.
+fn array(file: &SafeTensors<'_>, name: &str) -> Result<Array3<f32>, Error> {
+    let t = file
+        .tensor(name)
+        .map_err(|e| Error::Input(format!("{name}: {e}")))?;
+    let shape = t.shape();
+    if shape.len() != 3 {
+        return Err(Error::Input(format!(
+            "{name}: shape {shape:?}, want [tokens, heads, dim]"
+        )));
+    }
+    let data = t.data();
+    let values: Vec<f32> = match t.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(Error::Input(format!(
+                "{name}: dtype {other:?}, want f32, f16 or bf16"
+            )))
+        }
+    };
+    Array3::from_shape_vec((shape[0], shape[1], shape[2]), values)
+        .map_err(|e| Error::Input(format!("{name}: {e}")))
+}
+
+/// How [`write_safetensors`] stores values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpDtype {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16 (what model dumps usually hold).
+    F16,
+}
+
+/// Writes `layers` to a safetensors file at `path` under the names of `template`, in `dtype`,
+/// atomically: the layout [`read_activations`] reads.
+///
+/// ```
+/// use rotq_cli::activations::{read_activations, write_safetensors, DumpDtype};
+/// use rotq_cli::eval::Synthetic;
+/// let layer = Synthetic { n_kv: 16, n_q: 2, d: 32, ..Default::default() }.generate();
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("acts.safetensors");
+/// write_safetensors(&path, &[layer.clone()], "layers.{layer}.{t}", DumpDtype::F32).unwrap();
+/// assert_eq!(read_activations(&path, "layers.{layer}.{t}").unwrap()[0].k, layer.k);
+/// ```
+pub fn write_safetensors(
+    path: &Path,
+    layers: &[Activations],
+    template: &str,
+    dtype: DumpDtype,
+) -> Result<(), Error> {
+    let mut owned = Vec::new();
+    for (i, a) in layers.iter().enumerate() {
+        for (t, x) in [("q", &a.q), ("k", &a.k), ("v", &a.v)] {
+            let bytes: Vec<u8> = match dtype {
+                DumpDtype::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                DumpDtype::F16 => x
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            };
+            owned.push((tensor_name(template, i, t), x.shape().to_vec(), bytes));
+        }
+    }
+    let st = match dtype {
+        DumpDtype::F32 => Dtype::F32,
+        DumpDtype::F16 => Dtype::F16,
+    };
+    let views = owned
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(st, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Input(format!("{name}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// Writes `layers` as `.npy` files into the folder `dir` (created if missing, with any
+/// sub-folders the template names), tensor `NAME` of `template` as `NAME.npy`: the layout [`read_activations`] reads from a folder.
+///
+/// ```
+/// use rotq_cli::activations::{read_activations, write_npy_folder};
+/// use rotq_cli::eval::Synthetic;
+/// use rotq_cli::npy::NpyDtype;
+/// let layer = Synthetic { n_kv: 16, n_q: 2, d: 32, ..Default::default() }.generate();
+/// let dir = tempfile::tempdir().unwrap();
+/// write_npy_folder(dir.path(), &[layer.clone()], "L{layer}_{t}", NpyDtype::F32).unwrap();
+/// assert!(dir.path().join("L0_q.npy").is_file());
+/// assert_eq!(read_activations(dir.path(), "L{layer}_{t}").unwrap()[0].v, layer.v);
+/// ```
+pub fn write_npy_folder(
+    dir: &Path,
+    layers: &[Activations],
+    template: &str,
+    dtype: crate::npy::NpyDtype,
+) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for (i, a) in layers.iter().enumerate() {
+        for (t, x) in [("q", &a.q), ("k", &a.k), ("v", &a.v)] {
+            let path = dir.join(format!("{}.npy", tensor_name(template, i, t)));
+            // A template with `/` names files in sub-folders.
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+            }
+            let values: Vec<f32> = x.iter().copied().collect();
+            crate::npy::write(&path, x.shape(), &values, dtype)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! The K format × V format × rotation plan grid of `rotq eval --activations`, run on a backend
+//! (CPU kernels by default, a CUDA device, or the oracle) and scored against exact f64
+//! attention.
+//!
+//! For each layer, each plan's Q/K rotation and each K format, the backend rotates and
+//! quantizes K once; the attention probabilities those cache bytes imply are computed in f64
+//! (softmax of `scale · (R q)·k̂` over the visible keys) and compared with the exact ones: the
+//! KL divergence of every `(head, query)` row. Those do not depend on V. Then, for each V
+//! format (and V rotation), the backend quantizes V and runs its attention on both caches; the
+//! output is compared with the exact output (relative L2), and a sample of its rows with the
+//! oracle on the same bytes ([`crate::oracle_check`]).
+//!
+//! ```
+//! use rotq_cli::eval::{PlanKind, Synthetic};
+//! use rotq_cli::eval_grid::{evaluate_grid_with, GridOptions};
+//! use rotq::KvFormat;
+//! let layer = Synthetic { n_kv: 64, n_q: 4, ..Default::default() }.generate();
+//! let opts = GridOptions {
+//!     k_formats: vec![KvFormat::Q4_0],
+//!     v_formats: vec![KvFormat::Q8_0],
+//!     plans: vec![PlanKind::None, PlanKind::Hadamard],
+//!     ..Default::default()
+//! };
+//! let report = evaluate_grid_with(&[layer], &opts, |_, _| {}).unwrap();
+//! assert_eq!(report.rows.len(), 2);
+//! assert_eq!(report.check.unwrap().comparisons, 2); // CPU kernels, checked by the oracle
+//! ```
+
+use crate::eval::{default_formats, Activations, GridRow, LayerScore, PlanKind};
+use crate::eval_backend::{cache_klds, dequantize, rotate_queries, Backend, Runner};
+use crate::oracle_check::{oracle_rows, pick_rows, sample_rows, OracleCheck};
+use crate::Error;
+use ndarray::Array3;
+use rotq_reference::metrics::rel_l2;
+use rotq_reference::{attention, KvFormat};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+
+/// What [`evaluate_grid_with`] runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridOptions {
+    /// K cache formats.
+    pub k_formats: Vec<KvFormat>,
+    /// V cache formats.
+    pub v_formats: Vec<KvFormat>,
+    /// Rotation plans.
+    pub plans: Vec<PlanKind>,
+    /// Seed of the randomized plan's signs.
+    pub seed: u64,
+    /// Where the quantization and attention run.
+    pub backend: Backend,
+    /// Query rows per layer and combination whose output the oracle checks (0: none).
+    pub check_rows: usize,
+}
+
+impl Default for GridOptions {
+    /// Every format but f32 for K and V, every plan, seed 0, the CPU kernels, 2 rows checked.
+    fn default() -> Self {
+        Self {
+            k_formats: default_formats(),
+            v_formats: default_formats(),
+            plans: PlanKind::ALL.to_vec(),
+            seed: 0,
+            backend: Backend::Cpu,
+            check_rows: 2,
+        }
+    }
+}
+
+/// The grid and the oracle's check of the kernels that made it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridReport {
+    /// One row per K format × V format × plan, sorted by bits per value, then mean KLD.
+    pub rows: Vec<GridRow>,
+    /// The check (`None` for the oracle backend, or with `check_rows` 0).
+    pub check: Option<OracleCheck>,
+}
+
+/// The `q`-quantile (0..1) of `x` (nearest rank); 0 for no values.
+pub(crate) fn quantile(mut x: Vec<f64>, q: f64) -> f64 {
+    if x.is_empty() {
+        return 0.0;
+    }
+    x.sort_by(f64::total_cmp);
+    let rank = ((q * x.len() as f64).ceil() as usize).clamp(1, x.len());
+    x[rank - 1]
+}
+
+fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}
+
+/// Runs the grid of `opts` on every layer (see the module docs). `progress(done, total)` is
+/// called after each (combination, layer); `total` is layers × K formats × V formats × plans.
+/// A kernel output that disagrees with the oracle is [`Error::OracleMismatch`].
+pub fn evaluate_grid_with(
+    layers: &[Activations],
+    opts: &GridOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<GridReport, Error> {
+    let runner = Runner::open(opts.backend)?;
+    evaluate_grid_on(&runner, layers, opts, progress)
+}
+
+/// [`evaluate_grid_with`] on a backend already opened (`opts.backend` is ignored): open it
+/// first to fail fast, e.g. on a missing GPU, before reading large inputs.
+///
+/// ```
+/// use rotq_cli::eval::Synthetic;
+/// use rotq_cli::eval_backend::{Backend, Runner};
+/// use rotq_cli::eval_grid::{evaluate_grid_on, GridOptions};
+/// use rotq::KvFormat;
+/// let runner = Runner::open(Backend::Oracle).unwrap();
+/// let layer = Synthetic { n_kv: 32, n_q: 2, d: 32, ..Default::default() }.generate();
+/// let opts = GridOptions { k_formats: vec![KvFormat::Q8_0], v_formats: vec![KvFormat::Q8_0], ..Default::default() };
+/// let report = evaluate_grid_on(&runner, &[layer], &opts, |_, _| {}).unwrap();
+/// assert_eq!(report.rows.len(), 4); // one per plan
+/// assert!(report.check.is_none()); // the oracle is not checked against itself
+/// ```
+pub fn evaluate_grid_on(
+    runner: &Runner,
+    layers: &[Activations],
+    opts: &GridOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<GridReport, Error> {
+    let backend = runner.backend();
+    let mut check = (backend != Backend::Oracle && opts.check_rows > 0)
+        .then(|| OracleCheck::new(&backend.to_string(), runner.precision(), opts.check_rows));
+    let (nk, nv, np) = (opts.k_formats.len(), opts.v_formats.len(), opts.plans.len());
+    let total = layers.len() * nk * nv * np;
+    let at = |ki: usize, vi: usize, pi: usize| (ki * nv + vi) * np + pi;
+    let mut scores: Vec<Vec<LayerScore>> = vec![Vec::with_capacity(layers.len()); nk * nv * np];
+    // Every row's KLD, over all layers, per (K format, Q/K rotation).
+    let mut klds: HashMap<(usize, PlanKind), Vec<f64>> = HashMap::new();
+    let mut done = 0;
+    for (li, layer) in layers.iter().enumerate() {
+        let (n_q, h_q, d) = layer.q.dim();
+        let (n_kv, h_kv, d_v) = layer.v.dim();
+        let exact = attention(
+            layer.q.view(),
+            layer.k.view(),
+            layer.v.view(),
+            &layer.params,
+        )?;
+        let exact_out: Vec<f64> = exact.output.iter().copied().collect();
+        let rows = sample_rows(n_q, opts.check_rows);
+        // V caches by (format, rotated): bytes and, for the check, values.
+        let mut v_caches: HashMap<(KvFormat, bool), (Vec<u8>, Array3<f64>)> = HashMap::new();
+        // Plans that rotate Q and K alike share the K caches (and the probabilities).
+        let mut groups: Vec<PlanKind> = Vec::new();
+        for g in opts.plans.iter().map(|p| p.qk_group()) {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        for group in groups {
+            let qk = group.plan(d, d_v, opts.seed)?.qk;
+            let q_rot = rotate_queries(layer.q.view(), qk.as_ref())?;
+            for (ki, &kf) in opts.k_formats.iter().enumerate() {
+                let kb = runner.quantize(layer.k.view(), kf, qk.as_ref())?;
+                let kd = dequantize(kf, &kb, (n_kv, h_kv, d))?;
+                let layer_klds = cache_klds(&exact.probs, &q_rot, &kd, &layer.params);
+                let (mean_kld, p99_kld) = (mean(&layer_klds), quantile(layer_klds.clone(), 0.99));
+                klds.entry((ki, group)).or_default().extend(layer_klds);
+                for (pi, &kind) in opts.plans.iter().enumerate() {
+                    if kind.qk_group() != group {
+                        continue;
+                    }
+                    let plan = kind.plan(d, d_v, opts.seed)?;
+                    for (vi, &vf) in opts.v_formats.iter().enumerate() {
+                        let key = (vf, plan.v.is_some());
+                        let (vb, vd) = match v_caches.entry(key) {
+                            Entry::Occupied(e) => e.into_mut(),
+                            Entry::Vacant(e) => {
+                                let vb = runner.quantize(layer.v.view(), vf, plan.v.as_ref())?;
+                                let vd = dequantize(vf, &vb, (n_kv, h_kv, d_v))?;
+                                e.insert((vb, vd))
+                            }
+                        };
+                        let out = runner.attention(layer, &plan, (kf, &kb), (vf, vb))?;
+                        if let Some(c) = check.as_mut() {
+                            let want = oracle_rows(
+                                &q_rot,
+                                &kd,
+                                vd,
+                                plan.v.as_ref(),
+                                &layer.params,
+                                &rows,
+                            )?;
+                            let got = pick_rows(&out, h_q * d_v, &rows);
+                            c.compare(
+                                || {
+                                    format!(
+                                        "K {kf}, V {vf}, plan {}, layer {li}, query rows {rows:?}",
+                                        kind.name()
+                                    )
+                                },
+                                &got,
+                                &want,
+                            )?;
+                        }
+                        scores[at(ki, vi, pi)].push(LayerScore {
+                            mean_kld,
+                            p99_kld,
+                            rel_l2: rel_l2(&out, &exact_out),
+                        });
+                        done += 1;
+                        progress(done, total);
+                    }
+                }
+            }
+        }
+    }
+    let overall: HashMap<(usize, PlanKind), (f64, f64)> = klds
+        .into_iter()
+        .map(|(key, x)| (key, (mean(&x), quantile(x, 0.99))))
+        .collect();
+    let mut rows = Vec::with_capacity(nk * nv * np);
+    for (ki, &k_format) in opts.k_formats.iter().enumerate() {
+        for (vi, &v_format) in opts.v_formats.iter().enumerate() {
+            for (pi, &plan) in opts.plans.iter().enumerate() {
+                let layer_scores = std::mem::take(&mut scores[at(ki, vi, pi)]);
+                let (mean_kld, p99_kld) = overall
+                    .get(&(ki, plan.qk_group()))
+                    .copied()
+                    .unwrap_or((0.0, 0.0));
+                let rel: Vec<f64> = layer_scores.iter().map(|s| s.rel_l2).collect();
+                rows.push(GridRow {
+                    k_format,
+                    v_format,
+                    plan,
+                    bits_per_value: (k_format.bits_per_value() + v_format.bits_per_value()) / 2.0,
+                    mean_kld,
+                    p99_kld,
+                    rel_l2: mean(&rel),
+                    layers: layer_scores,
+                });
+            }
+        }
+    }
+    rows.sort_by(|a, b| {
+        a.bits_per_value
+            .total_cmp(&b.bits_per_value)
+            .then(a.mean_kld.total_cmp(&b.mean_kld))
+            .then(a.rel_l2.total_cmp(&b.rel_l2))
+    });
+    Ok(GridReport { rows, check })
+}

@@ -1,0 +1,557 @@
+//! The `rotq` command line: quantize, dequantize and rotate raw little-endian f32 files,
+//! measure format quality, and list the formats.
+
+#![forbid(unsafe_code)]
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rotq::{KvFormat, RotationSpec};
+use rotq_cli::activations::read_activations;
+use rotq_cli::bench::{self, BenchOptions, BenchRecord, Section};
+use rotq_cli::bench_cuda::{self, CudaBenchOptions};
+use rotq_cli::eval::{
+    default_formats, evaluate, grid_csv, render_grid, render_table, PlanKind, Synthetic,
+};
+use rotq_cli::eval_backend::{Backend, Runner};
+use rotq_cli::eval_grid::{evaluate_grid_on, GridOptions};
+use rotq_cli::{files, Error};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "rotq",
+    version,
+    about = "Rotated quantized KV caches: formats, rotations, quality"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize a raw f32 file (rows of --row-len values) into a format's blocks, laid out as
+    /// ggml lays them out in memory.
+    Quantize(FormatFiles),
+    /// Dequantize a file of format blocks back to raw little-endian f32.
+    Dequantize(FormatFiles),
+    /// Rotate every row of --dim values of a raw f32 file.
+    Rotate {
+        /// hadamard, randomized:SEED or block:B.
+        #[arg(long)]
+        rotation: String,
+        /// Row length (the head dimension).
+        #[arg(long)]
+        dim: usize,
+        /// Apply the inverse rotation.
+        #[arg(long)]
+        inverse: bool,
+        /// Raw little-endian f32 input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Raw f32 output (written atomically).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Attention error and KL divergence of every format, with and without rotation.
+    Eval {
+        /// Use synthetic activations with LLM-like outlier channels in K.
+        #[arg(long)]
+        synthetic: bool,
+        /// Generator seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Cached tokens.
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// A safetensors file, or a folder of `.npy` files, of per-layer Q, K, V (see
+        /// `--names`; docs/eval.md): evaluate every K format x V format x rotation plan on them.
+        #[arg(long, conflicts_with = "synthetic")]
+        activations: Option<PathBuf>,
+        /// Tensor names in the activations (a folder holds NAME.npy): `{layer}` becomes 0, 1, …,
+        /// `{t}` q, k or v.
+        #[arg(long, default_value = "layers.{layer}.{t}")]
+        names: String,
+        /// Also write the grid (per layer and overall) as CSV to this file.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Write heatmap PNGs into this folder: K format x V format, per plan, of the mean KLD
+        /// ratio to f16/f16 without rotation (kld-PLAN.png) and of the output error
+        /// (rel_l2-PLAN.png).
+        #[arg(long, requires = "activations")]
+        heatmaps: Option<PathBuf>,
+        /// Where the rotate-quantize and attention kernels run: cpu (default), cuda:N, or
+        /// oracle (the spec itself, no kernel).
+        #[arg(long, requires = "activations")]
+        device: Option<String>,
+        /// Query rows per layer and combination whose kernel output is checked against the
+        /// oracle on the same cache bytes (0: no check).
+        #[arg(long, default_value_t = 2, requires = "activations")]
+        check_rows: usize,
+        /// K cache formats, comma-separated (default: every format but f32).
+        #[arg(long, value_delimiter = ',', requires = "activations")]
+        k_formats: Vec<String>,
+        /// V cache formats, comma-separated (default: every format but f32).
+        #[arg(long, value_delimiter = ',', requires = "activations")]
+        v_formats: Vec<String>,
+        /// Rotation plans, comma-separated: none, hadamard, randomized, hadamard+v (default:
+        /// all).
+        #[arg(long, value_delimiter = ',', requires = "activations")]
+        plans: Vec<String>,
+    },
+    /// Time the kernels side by side with their peers and the copy-bandwidth ceiling.
+    Bench {
+        /// `cpu`, or `cuda:N` (a GPU; runs PyTorch's dense `x @ H` as the peer when python3 has torch).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Smaller buffers and fewer runs (a quick look, not a measurement).
+        #[arg(long)]
+        quick: bool,
+        /// Only this group of benchmarks (the copy ceiling is always measured).
+        #[arg(long, value_enum)]
+        only: Option<Section>,
+    },
+    /// List the KV-cache formats of the registry.
+    Info,
+}
+
+/// The arguments shared by `quantize` and `dequantize`.
+#[derive(Args)]
+struct FormatFiles {
+    /// Format name (see `rotq info`).
+    #[arg(long)]
+    format: String,
+    /// Values per row; a multiple of the format's block size.
+    #[arg(long)]
+    row_len: usize,
+    /// Input file (raw little-endian f32 for quantize, format blocks for dequantize).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output file (written atomically).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+fn run(command: Command) -> Result<(), Error> {
+    match command {
+        Command::Quantize(a) => {
+            let format: KvFormat = a.format.parse()?;
+            let rows = files::quantize(format, a.row_len, &a.input, &a.output)?;
+            eprintln!(
+                "quantized {rows} rows of {} to {format}: {}",
+                a.row_len,
+                a.output.display()
+            );
+        }
+        Command::Dequantize(a) => {
+            let format: KvFormat = a.format.parse()?;
+            let rows = files::dequantize(format, a.row_len, &a.input, &a.output)?;
+            eprintln!(
+                "dequantized {rows} rows of {} from {format}: {}",
+                a.row_len,
+                a.output.display()
+            );
+        }
+        Command::Rotate {
+            rotation,
+            dim,
+            inverse,
+            input,
+            output,
+        } => {
+            let spec: RotationSpec = rotation.parse()?;
+            let rows = files::rotate(spec, dim, inverse, &input, &output)?;
+            let dir = if inverse { "inverse " } else { "" };
+            eprintln!(
+                "applied {dir}{spec} to {rows} rows of {dim}: {}",
+                output.display()
+            );
+        }
+        Command::Eval {
+            synthetic,
+            seed,
+            tokens,
+            json,
+            activations,
+            names,
+            csv,
+            heatmaps,
+            device,
+            check_rows,
+            k_formats,
+            v_formats,
+            plans,
+        } => {
+            if let Some(path) = activations {
+                let parse_formats = |list: &[String]| -> Result<Vec<KvFormat>, Error> {
+                    if list.is_empty() {
+                        return Ok(default_formats());
+                    }
+                    list.iter()
+                        .map(|f| f.trim().parse().map_err(Error::from))
+                        .collect()
+                };
+                let opts = GridOptions {
+                    k_formats: parse_formats(&k_formats)?,
+                    v_formats: parse_formats(&v_formats)?,
+                    plans: if plans.is_empty() {
+                        PlanKind::ALL.to_vec()
+                    } else {
+                        plans
+                            .iter()
+                            .map(|p| p.trim().parse())
+                            .collect::<Result<_, _>>()?
+                    },
+                    seed,
+                    backend: device.as_deref().unwrap_or("cpu").parse()?,
+                    check_rows,
+                };
+                let eval = EvalRun {
+                    path,
+                    names,
+                    opts,
+                    json,
+                    csv,
+                    heatmaps,
+                };
+                return eval_activations(&eval);
+            }
+            if !synthetic {
+                return Err(Error::Input(
+                    "give --synthetic or --activations FILE".into(),
+                ));
+            }
+            if heatmaps.is_some()
+                || device.is_some()
+                || !k_formats.is_empty()
+                || !v_formats.is_empty()
+                || !plans.is_empty()
+            {
+                return Err(Error::Input(
+                    "--heatmaps, --device, --k-formats, --v-formats and --plans go with \
+                     --activations (the grid), not --synthetic"
+                        .into(),
+                ));
+            }
+            if tokens == 0 {
+                return Err(Error::Input("--tokens must be positive".into()));
+            }
+            let config = Synthetic {
+                n_kv: tokens,
+                n_q: tokens.min(16),
+                seed,
+                ..Default::default()
+            };
+            eprintln!(
+                "synthetic activations: {} tokens, {} queries, {} KV heads x {} query heads per KV head, d = {}, {} outlier channels of offset ~{} in K (seed {seed})",
+                config.n_kv, config.n_q, config.h_kv, config.group, config.d, config.outlier_channels, config.outlier_magnitude
+            );
+            let rows = evaluate(&config.generate(), &default_formats())?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r).expect("rows serialize"));
+                }
+            } else {
+                print!("{}", render_table(&rows));
+            }
+        }
+        Command::Bench {
+            device,
+            json,
+            quick,
+            only,
+        } => {
+            let records = if device.starts_with("cuda") {
+                cuda_bench(&device, quick, only)?
+            } else if device == "cpu" {
+                if let Some(s) = only.filter(|s| !s.on_cpu()) {
+                    let name = s.to_possible_value().map(|v| v.get_name().to_string());
+                    return Err(Error::Input(format!(
+                        "the CPU has no `{}` benchmark (it is a GPU one: --device cuda:N)",
+                        name.unwrap_or_default()
+                    )));
+                }
+                cpu_bench(quick, only)?
+            } else {
+                return Err(Error::Input(format!(
+                    "device `{device}`: expected `cpu` or `cuda:N`"
+                )));
+            };
+            print_records(&records, json);
+        }
+        Command::Info => {
+            println!(
+                "{:<9} {:>5} {:>6} {:>5}  origin",
+                "format", "block", "bytes", "bits"
+            );
+            for f in KvFormat::ALL {
+                let i = f.info();
+                println!(
+                    "{:<9} {:>5} {:>6} {:>5.2}  {}",
+                    i.name,
+                    i.block_size,
+                    i.block_bytes,
+                    f.bits_per_value(),
+                    i.origin
+                );
+            }
+            print_tuning();
+        }
+    }
+    Ok(())
+}
+
+/// What `rotq eval --activations` was asked to do.
+struct EvalRun {
+    path: PathBuf,
+    names: String,
+    opts: GridOptions,
+    json: bool,
+    csv: Option<PathBuf>,
+    heatmaps: Option<PathBuf>,
+}
+
+/// `rotq eval --activations`: the grid on the chosen kernels, checked by the oracle, as a
+/// table (or JSON lines), CSV and heatmaps.
+fn eval_activations(run: &EvalRun) -> Result<(), Error> {
+    let opts = &run.opts;
+    if run.heatmaps.is_some()
+        && !(opts.k_formats.contains(&KvFormat::F16)
+            && opts.v_formats.contains(&KvFormat::F16)
+            && opts.plans.contains(&PlanKind::None))
+    {
+        return Err(Error::Input(
+            "--heatmaps needs f16 among --k-formats and --v-formats and `none` among --plans \
+             (f16/f16 without rotation is the heatmaps' baseline)"
+                .into(),
+        ));
+    }
+    // Open the device first: a missing GPU fails before large inputs are read.
+    let runner = Runner::open(opts.backend)?;
+    let layers = read_activations(&run.path, &run.names)?;
+    let combos = opts.k_formats.len() * opts.v_formats.len() * opts.plans.len();
+    let shape = |a: &rotq_cli::eval::Activations| {
+        format!(
+            "Q {:?}, K {:?}, V {:?}",
+            a.q.shape(),
+            a.k.shape(),
+            a.v.shape()
+        )
+    };
+    let first = layers.first().map(shape).unwrap_or_default();
+    eprintln!(
+        "{}: {} layers (layer 0: {first}); {combos} combinations of K format x V format x plan \
+         on {}",
+        run.path.display(),
+        layers.len(),
+        opts.backend
+    );
+    // A progress bar on stderr (hidden when stderr is not a terminal).
+    let bar = indicatif::ProgressBar::new((combos * layers.len()) as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} combination-layers {elapsed} (eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    let report = evaluate_grid_on(&runner, &layers, opts, |done, _| {
+        bar.set_position(done as u64)
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if let Some(csv) = &run.csv {
+        rotq_cli::io::write_atomic(csv, grid_csv(&report.rows).as_bytes())?;
+        eprintln!("wrote {}", csv.display());
+    }
+    if let Some(dir) = &run.heatmaps {
+        let name = run.path.file_name().map_or_else(
+            || run.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let source = format!(
+            "{name}: {} layers, {first} in layer 0; kernels: {}",
+            layers.len(),
+            opts.backend
+        );
+        let files = rotq_cli::heatmap::grid_heatmaps(&report.rows, dir, &source)?;
+        eprintln!("wrote {} heatmaps into {}", files.len(), dir.display());
+    }
+    let check = match &report.check {
+        Some(c) => c.line(),
+        None if opts.backend == Backend::Oracle => {
+            "oracle check: not needed (--device oracle runs the oracle itself)".to_string()
+        }
+        None => "oracle check: skipped (--check-rows 0)".to_string(),
+    };
+    if run.json {
+        for r in &report.rows {
+            println!("{}", serde_json::to_string(r).map_err(json_err)?);
+        }
+        eprintln!("{check}");
+    } else {
+        print!("{}", render_grid(&report.rows));
+        println!();
+        println!("{check}");
+    }
+    Ok(())
+}
+
+fn json_err(e: serde_json::Error) -> Error {
+    Error::Input(format!("JSON: {e}"))
+}
+
+/// The CPU benchmarks, with a line on what is measured.
+fn cpu_bench(quick: bool, only: Option<Section>) -> Result<Vec<BenchRecord>, Error> {
+    let opts = if quick {
+        BenchOptions {
+            bytes: 8 << 20,
+            tokens: 4096,
+            runs: 3,
+        }
+    } else {
+        BenchOptions::default()
+    };
+    eprintln!(
+        "cpu: {} threads, {} ; buffers of {} MiB, {} tokens; median of {} runs",
+        rayon::current_num_threads(),
+        rotq_cpu::Isa::best(),
+        opts.bytes >> 20,
+        opts.tokens,
+        opts.runs
+    );
+    bench::run_all(&opts, only, |what| eprintln!("  timing {what} ..."))
+}
+
+/// The GPU benchmarks on `device` (`cuda:N`), with a line on what is measured.
+fn cuda_bench(device: &str, quick: bool, only: Option<Section>) -> Result<Vec<BenchRecord>, Error> {
+    let opts = if quick {
+        CudaBenchOptions {
+            bytes: 32 << 20,
+            runs: 5,
+        }
+    } else {
+        CudaBenchOptions::default()
+    };
+    eprintln!(
+        "{device}: buffers of {} MiB; median of {} runs (CUDA events)",
+        opts.bytes >> 20,
+        opts.runs
+    );
+    bench_cuda::run_all(device, &opts, only, |what| eprintln!("  {what} ..."))
+}
+
+/// Which kernel configurations are in force, and where they come from: the CPU's, and each
+/// GPU's.
+fn print_tuning() {
+    let state = rotq_cpu::tuned::cache();
+    println!();
+    println!(
+        "CPU kernel configurations (device: {})",
+        rotq_cpu::tuned::device_identity().name
+    );
+    print_cache(state.path.as_deref(), &state.loaded);
+    if rotq_cuda::cuda_available() {
+        for ordinal in 0.. {
+            let Ok(dev) = rotq_cuda::Device::new(ordinal) else {
+                break;
+            };
+            println!();
+            println!(
+                "CUDA kernel configurations (cuda:{ordinal}: {})",
+                dev.info().name
+            );
+            let t = dev.tuning();
+            print_cache(t.path.as_deref(), &t.loaded);
+        }
+    }
+}
+
+/// What a tuning cache holds for this device.
+fn print_cache(path: Option<&std::path::Path>, loaded: &rotq::reference::tuned::Loaded) {
+    use rotq::reference::tuned::Loaded;
+    let path = path.map_or("(no path: set ROTQ_TUNE_CACHE or HOME)".to_string(), |p| {
+        p.display().to_string()
+    });
+    match loaded {
+        Loaded::Usable(f) => {
+            println!("tuned, from {path}:");
+            for (key, e) in &f.entries {
+                println!(
+                    "  {key:<56} {}  ({:.3} ms -> {:.3} ms)",
+                    e.config, e.default_ms, e.tuned_ms
+                );
+            }
+            println!("  anything else: the kernel's default");
+        }
+        Loaded::Missing => println!("defaults: no tuning cache at {path} (run `autotune`)"),
+        Loaded::OtherDevices { devices } => println!(
+            "defaults: {path} has entries for {} only (run `autotune` on this device)",
+            devices.join(", ")
+        ),
+        Loaded::Stale { reason } | Loaded::Foreign { reason } => {
+            println!("defaults: {path} is ignored ({reason})")
+        }
+        Loaded::Corrupt { reason, .. } | Loaded::Unreadable { reason } => {
+            println!("defaults: {path} is ignored ({reason})")
+        }
+    }
+}
+
+/// One JSON object per line, or a table with the ratio and the share of the ceiling.
+fn print_records(records: &[BenchRecord], json: bool) {
+    for r in records {
+        if json {
+            println!("{}", serde_json::to_string(r).expect("records serialize"));
+        } else {
+            let ceiling = if r.ceiling_gbps.is_finite() {
+                format!(
+                    "ceiling {:>7.2} {} ({:>3.0}%)",
+                    r.ceiling_gbps,
+                    r.unit,
+                    100.0 * r.ours_gbps / r.ceiling_gbps
+                )
+            } else {
+                "ceiling: compute-bound".to_string()
+            };
+            println!(
+                "{:<26} {:>8.2} {}  vs {:<36} {:>8.2} {}  x{:<6.2} {ceiling}  [{}]",
+                r.kernel, r.ours_gbps, r.unit, r.peer, r.peer_gbps, r.unit, r.ratio, r.shape
+            );
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            print!("{e}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: the message without clap's usage block, whitespace collapsed.
+            let text = e.to_string();
+            let message = text
+                .split("\n\nUsage")
+                .next()
+                .and_then(|m| m.split("\n\nFor more information").next())
+                .unwrap_or(&text);
+            let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("{line} (see rotq --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

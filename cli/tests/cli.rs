@@ -1,0 +1,271 @@
+//! The `rotq` CLI end to end: round trips for every format and rotation, ggml's bytes, and
+//! bad input (one-line error, non-zero exit, no output written).
+
+use rotq::reference::rotation::SplitMix64;
+use rotq::KvFormat;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn rotq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rotq"))
+        .args(args)
+        .output()
+        .expect("the rotq binary runs")
+}
+
+/// `CMD --format F --row-len N --input IN --output OUT`.
+fn codec_args<'a>(
+    cmd: &'a str,
+    format: &'a str,
+    row_len: &'a str,
+    input: &'a Path,
+    output: &'a Path,
+) -> Vec<&'a str> {
+    vec![
+        cmd,
+        "--format",
+        format,
+        "--row-len",
+        row_len,
+        "--input",
+        s(input),
+        "--output",
+        s(output),
+    ]
+}
+
+/// Runs rotq and asserts that it succeeded.
+fn rotq_ok(args: &[&str]) -> Output {
+    let out = rotq(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_values(path: &Path, values: &[f32]) {
+    std::fs::write(
+        path,
+        values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+}
+
+fn read_values(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn random_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut g = SplitMix64::new(seed);
+    (0..n)
+        .map(|_| ((g.next_f64() - 0.5) * 8.0) as f32)
+        .collect()
+}
+
+fn assert_one_line_failure(out: &Output) {
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "stderr: {err}");
+    assert!(err.starts_with("error"), "stderr: {err}");
+}
+
+#[test]
+fn every_format_round_trips_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    let values = random_values(256 * 3, 1);
+    write_values(&x, &values);
+    for format in KvFormat::ALL {
+        let (q, y) = (
+            dir.path().join(format!("x.{format}")),
+            dir.path().join(format!("y.{format}.f32")),
+        );
+        rotq_ok(&codec_args("quantize", format.name(), "256", &x, &q));
+        let bytes = std::fs::read(&q).unwrap();
+        assert_eq!(bytes.len(), 3 * format.row_bytes(256).unwrap());
+        assert_eq!(bytes, format.quantize_row(&values).unwrap(), "{format}");
+        rotq_ok(&codec_args("dequantize", format.name(), "256", &q, &y));
+        let back = read_values(&y);
+        assert_eq!(back, format.dequantize_row(&bytes).unwrap(), "{format}");
+        if format == KvFormat::F32 {
+            assert_eq!(back, values);
+        }
+    }
+}
+
+#[test]
+fn quantize_writes_ggml_bytes() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../reference/tests/data/ggml");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["q4_0", "q8_0", "iq4_nl"] {
+        let out_path = dir.path().join(name);
+        rotq_ok(&codec_args(
+            "quantize",
+            name,
+            "128",
+            &data.join("input.f32"),
+            &out_path,
+        ));
+        let golden = std::fs::read(data.join(format!("{name}.bin"))).unwrap();
+        assert_eq!(std::fs::read(&out_path).unwrap(), golden, "{name}");
+    }
+}
+
+#[test]
+fn rotations_round_trip_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    let values = random_values(96 * 5, 2);
+    write_values(&x, &values);
+    let (y, z) = (dir.path().join("y"), dir.path().join("z"));
+    for (rotation, dim) in [
+        ("hadamard", "96"),
+        ("randomized:42", "96"),
+        ("block:32", "96"),
+        ("hadamard", "32"),
+    ] {
+        let args = |input, output| {
+            vec![
+                "rotate",
+                "--rotation",
+                rotation,
+                "--dim",
+                dim,
+                "--input",
+                s(input),
+                "--output",
+                s(output),
+            ]
+        };
+        rotq_ok(&args(&x, &y));
+        let rotated = read_values(&y);
+        assert_ne!(rotated, values);
+        let norm = |v: &[f32]| v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
+        assert!(
+            (norm(&rotated) / norm(&values) - 1.0).abs() < 1e-6,
+            "{rotation}"
+        );
+        rotq_ok(&[args(&y, &z), vec!["--inverse"]].concat());
+        let back = read_values(&z);
+        assert!(
+            back.iter().zip(&values).all(|(a, b)| (a - b).abs() < 1e-5),
+            "{rotation}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_fails_in_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    write_values(&x, &random_values(100, 3));
+    let out_path = dir.path().join("out.bin");
+    let missing = dir.path().join("missing.f32");
+    let rotate = |rotation, dim| {
+        vec![
+            "rotate",
+            "--rotation",
+            rotation,
+            "--dim",
+            dim,
+            "--input",
+            s(&x),
+            "--output",
+            s(&out_path),
+        ]
+    };
+    let cases: Vec<Vec<&str>> = vec![
+        codec_args("quantize", "q4_0", "32", &missing, &out_path),
+        codec_args("quantize", "q4_0", "32", &x, &out_path), // 100 % 32 != 0
+        codec_args("quantize", "q4_0", "50", &x, &out_path), // 50 % 32 != 0
+        codec_args("quantize", "q9_9", "100", &x, &out_path),
+        codec_args("quantize", "f16", "0", &x, &out_path),
+        codec_args("dequantize", "q4_0", "32", &x, &out_path), // 400 % 18 != 0
+        rotate("hadamard", "100"),
+        rotate("hadamard", "64"),
+        rotate("spin:3", "4"),
+        rotate("none", "4"),
+        vec!["eval"],
+        vec!["quantize", "--format", "q4_0"], // missing arguments (clap)
+    ];
+    for args in &cases {
+        let out = rotq(args);
+        assert_one_line_failure(&out);
+        assert!(!out_path.exists(), "{args:?} left an output");
+        // No temporary files are left behind either.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{args:?}: {leftovers:?}");
+    }
+    // A failing run does not touch an existing output.
+    std::fs::write(&out_path, b"keep me").unwrap();
+    let out = rotq(&codec_args("quantize", "q4_0", "32", &x, &out_path));
+    assert_one_line_failure(&out);
+    assert_eq!(std::fs::read(&out_path).unwrap(), b"keep me");
+    // An output in a folder that does not exist is a one-line error too.
+    let nowhere = dir.path().join("no/such/dir/out.bin");
+    let out = rotq(&codec_args("quantize", "f32", "4", &x, &nowhere));
+    assert_one_line_failure(&out);
+}
+
+#[test]
+fn eval_and_info_print_what_they_say() {
+    let out = rotq_ok(&["eval", "--synthetic", "--tokens", "64", "--json"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2 * 11); // every format but f32, K only and K+V
+    for line in &lines {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in [
+            "rel_l2_plain",
+            "rel_l2_rotated",
+            "kld_plain",
+            "kld_rotated",
+            "bits_per_value",
+        ] {
+            assert!(row[key].as_f64().unwrap().is_finite(), "{line}");
+        }
+    }
+    let table = rotq(&["eval", "--synthetic", "--tokens", "64"]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("q4_0") && table.contains("KLD plain"));
+    let info = String::from_utf8(rotq(&["info"]).stdout).unwrap();
+    for f in KvFormat::ALL {
+        assert!(info.contains(f.name()), "{f}");
+    }
+    assert!(rotq(&["--help"]).status.success());
+}
+
+#[test]
+fn bench_runs_only_the_section_asked_for() {
+    let out = rotq_ok(&["bench", "--quick", "--only", "quantize", "--json"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let kernels: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kernel"].to_string())
+        .collect();
+    assert_eq!(kernels.len(), 2, "{text}");
+    assert!(
+        kernels.iter().all(|k| k.contains("rotate_quantize")),
+        "{kernels:?}"
+    );
+    // The CPU has no prefill benchmark: a one-line error, not an empty table.
+    let out = rotq(&["bench", "--quick", "--only", "prefill"]);
+    assert_one_line_failure(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prefill"));
+}
