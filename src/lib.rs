@@ -56,3 +56,8 @@ pub use rotq_reference::{
     attention, rotated_quantized_attention, AttentionParams, KvCacheSpec, KvFormat, Rotation,
     RotationPlan, RotationSpec,
 };
+
+/// The README's Rust code, compiled and run as a doctest so that the guide stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
