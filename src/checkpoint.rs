@@ -226,6 +226,7 @@ impl TransformLocation {
 ///                         inverse: false, ignore: vec![] };
 /// assert_eq!(a.location.as_str(), "q_attn");
 /// ```
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransformArgs {
     /// Module names, `re:` patterns or class names.
@@ -247,6 +248,7 @@ pub struct TransformArgs {
 /// assert_eq!(cfg.groups["R3"].kind, "random-hadamard");
 /// assert_eq!(cfg.groups["R3"].apply[0].targets, ["Attention"]);
 /// ```
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransformScheme {
     /// The `type`, normalized (lower case, `-` for `_` and spaces).
@@ -271,6 +273,7 @@ pub struct TransformScheme {
 ///     assert_eq!(plans.len(), 32);
 /// }
 /// ```
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransformConfig {
     /// Scheme by group name (`config_groups`).

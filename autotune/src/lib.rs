@@ -77,6 +77,7 @@ fn measure<T: Tunable, C: Clock>(
 }
 
 /// A candidate the gate rejected, and why.
+#[non_exhaustive]
 #[derive(Clone, Debug, Serialize)]
 pub struct Rejected<C> {
     /// The candidate.
@@ -86,6 +87,7 @@ pub struct Rejected<C> {
 }
 
 /// What tuning one kernel at one bucket found.
+#[non_exhaustive]
 #[derive(Clone, Debug, Serialize)]
 pub struct Outcome<C> {
     /// The kernel.

@@ -394,9 +394,10 @@ unsafe fn append(
         let (k, v) = unsafe { (slice(k, kn, "k")?, slice(v, vn, "v")?) };
         match positions {
             None => c.0.append(k, v),
-            // SAFETY: the caller guarantees `n_tokens` readable positions (null refused).
             Some(p) => {
-                c.0.append_at(k, v, unsafe { slice(p, n_tokens, "positions")? })
+                // SAFETY: the caller guarantees `n_tokens` readable positions (null refused).
+                let positions = unsafe { slice(p, n_tokens, "positions")? };
+                c.0.append_at(k, v, positions)
             }
         }
         .map_err(refused)

@@ -32,7 +32,7 @@ fn spec() -> RotqCacheSpec {
 #[test]
 fn bad_calls_are_statuses_with_messages() {
     let mut cache = null_mut();
-    // SAFETY (every call below): the pointers are valid or deliberately null, the lengths
+    // SAFETY: (every call below) the pointers are valid or deliberately null, the lengths
     // match the buffers passed, and the handle is live until freed at the end.
     unsafe {
         assert_eq!(
@@ -158,7 +158,7 @@ fn bad_calls_are_statuses_with_messages() {
 #[test]
 fn backends_open_by_name() {
     let (mut backend, mut cache) = (null_mut(), null_mut());
-    // SAFETY (every call below): the pointers are valid or deliberately null, the lengths
+    // SAFETY: (every call below) the pointers are valid or deliberately null, the lengths
     // match the buffers passed, and the handles are live until freed.
     unsafe {
         assert_eq!(
@@ -221,7 +221,7 @@ fn paged_caches_and_positions() {
     let outputs = [0, 3].map(|page_tokens| {
         let mut cache = null_mut();
         let mut out = vec![0f32; 4 * 64];
-        // SAFETY (every call below): valid pointers or deliberately null ones, lengths that
+        // SAFETY: (every call below) valid pointers or deliberately null ones, lengths that
         // match the buffers, a handle live until freed.
         unsafe {
             let spec = RotqCacheSpec {

@@ -2,6 +2,9 @@
 //! data, with throughput in bytes read + written (see `rotq_cli::bench` for the conventions and
 //! `rotq bench --device cpu` for the same comparisons as one table of ratios).
 
+// criterion_group! and criterion_main! define public items without docs.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rotq::{KvFormat, Rotation, RotationPlan};
 use rotq_cli::bench::{dense_rotation, parallel_copy, random};

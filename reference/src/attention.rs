@@ -130,6 +130,7 @@ fn invalid(name: &'static str, reason: String) -> Error {
 }
 
 /// The result of dense attention.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention {
     /// `[n_q, h_q, d_v]`.
@@ -139,6 +140,7 @@ pub struct Attention {
 }
 
 /// The sizes of one attention problem.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
     /// Query rows.

@@ -26,7 +26,6 @@
 //! r.inverse_in_place(&mut y).unwrap();
 //! assert!((y[3] - 40.0).abs() < 1.0);
 //! ```
-#![deny(missing_docs)]
 #![deny(unsafe_code)]
 
 pub mod attention;

@@ -62,6 +62,7 @@ pub struct Tolerance {
 }
 
 /// What a comparison measured, when it failed.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Mismatch {
     /// Measured relative L2 error.

@@ -38,6 +38,7 @@ pub fn device_identity() -> DeviceIdentity {
 }
 
 /// The cache as this process sees it: where it is, and what was found there.
+#[non_exhaustive]
 #[derive(Debug)]
 pub struct CacheState {
     /// The file looked at (`None`: no path could be formed).

@@ -19,6 +19,7 @@ pub(crate) const SM90A: &str = "#define RQ_SM90A 1\n";
 /// println!("{} sm_{}{}", dev.info().name, dev.info().compute_capability.0, dev.info().compute_capability.1);
 /// # Ok::<(), rotq_cuda::CudaError>(())
 /// ```
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceInfo {
     /// `cuda:N`.
@@ -54,6 +55,7 @@ pub struct Device {
 }
 
 /// The tuning cache as a device sees it: where it is, and what was found there.
+#[non_exhaustive]
 #[derive(Debug)]
 pub struct Tuning {
     /// The file looked at (`None`: no path could be formed).

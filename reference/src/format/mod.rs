@@ -86,6 +86,7 @@ pub enum KvFormat {
 }
 
 /// What the registry knows of a format.
+#[non_exhaustive]
 #[derive(Debug)]
 pub struct FormatInfo {
     /// The format.

@@ -35,6 +35,7 @@ pub const SPECIAL_BASES: [usize; 4] = [12, 20, 28, 40];
 /// assert_eq!((s.base, s.pow2), (12, 8));
 /// assert!(HadamardSize::new(100).is_err());
 /// ```
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HadamardSize {
     /// `n`, the transform length.

@@ -6,9 +6,13 @@ use std::ops::Range;
 
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
-    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    // SAFETY: only called from this module's kernels, which run with the target features these
+    // intrinsics need and pass pointers and indices within the slices their callers gave them.
+    unsafe {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
 }
 
 /// `out[j · stride + t] = q_j · k_t`: blocks of four query rows × two keys keep eight
@@ -21,56 +25,60 @@ unsafe fn hsum(v: __m256) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn score_tile(q: &[f32], keys: &[f32], d: usize, out: &mut [f32], stride: usize) {
-    let (rows, n_t) = (q.len() / d, keys.len() / d);
-    let d8 = d / 8 * 8;
-    let (pq, pk) = (q.as_ptr(), keys.as_ptr());
-    // SAFETY (whole body): rows j < rows, keys t < n_t and columns i < d, so every access
-    // is inside `q`, `keys` or `out` (of the documented sizes).
-    let scalar_tail =
-        |j: usize, t: usize| -> f32 { (d8..d).map(|i| q[j * d + i] * keys[t * d + i]).sum() };
-    let mut j = 0;
-    while j + 4 <= rows {
-        let mut t = 0;
-        while t + 2 <= n_t {
-            let mut a = [_mm256_setzero_ps(); 8];
-            for i in (0..d8).step_by(8) {
-                let k0 = _mm256_loadu_ps(pk.add(t * d + i));
-                let k1 = _mm256_loadu_ps(pk.add((t + 1) * d + i));
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // intrinsic and pointer access below.
+    unsafe {
+        let (rows, n_t) = (q.len() / d, keys.len() / d);
+        let d8 = d / 8 * 8;
+        let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+        // SAFETY: (whole body) rows j < rows, keys t < n_t and columns i < d, so every access
+        // is inside `q`, `keys` or `out` (of the documented sizes).
+        let scalar_tail =
+            |j: usize, t: usize| -> f32 { (d8..d).map(|i| q[j * d + i] * keys[t * d + i]).sum() };
+        let mut j = 0;
+        while j + 4 <= rows {
+            let mut t = 0;
+            while t + 2 <= n_t {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for i in (0..d8).step_by(8) {
+                    let k0 = _mm256_loadu_ps(pk.add(t * d + i));
+                    let k1 = _mm256_loadu_ps(pk.add((t + 1) * d + i));
+                    for r in 0..4 {
+                        let qv = _mm256_loadu_ps(pq.add((j + r) * d + i));
+                        a[2 * r] = _mm256_fmadd_ps(qv, k0, a[2 * r]);
+                        a[2 * r + 1] = _mm256_fmadd_ps(qv, k1, a[2 * r + 1]);
+                    }
+                }
+                // Horizontal sums of the eight accumulators at once: lane r of `sums` is a[r].
+                let h01 = _mm256_hadd_ps(a[0], a[1]);
+                let h23 = _mm256_hadd_ps(a[2], a[3]);
+                let h45 = _mm256_hadd_ps(a[4], a[5]);
+                let h67 = _mm256_hadd_ps(a[6], a[7]);
+                let h0123 = _mm256_hadd_ps(h01, h23);
+                let h4567 = _mm256_hadd_ps(h45, h67);
+                let sums = _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(h0123, h4567),
+                    _mm256_permute2f128_ps::<0x31>(h0123, h4567),
+                );
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
                 for r in 0..4 {
-                    let qv = _mm256_loadu_ps(pq.add((j + r) * d + i));
-                    a[2 * r] = _mm256_fmadd_ps(qv, k0, a[2 * r]);
-                    a[2 * r + 1] = _mm256_fmadd_ps(qv, k1, a[2 * r + 1]);
+                    out[(j + r) * stride + t] = lanes[2 * r] + scalar_tail(j + r, t);
+                    out[(j + r) * stride + t + 1] = lanes[2 * r + 1] + scalar_tail(j + r, t + 1);
+                }
+                t += 2;
+            }
+            if t < n_t {
+                for r in 0..4 {
+                    out[(j + r) * stride + t] = dot(&q[(j + r) * d..][..d], &keys[t * d..][..d]);
                 }
             }
-            // Horizontal sums of the eight accumulators at once: lane r of `sums` is a[r].
-            let h01 = _mm256_hadd_ps(a[0], a[1]);
-            let h23 = _mm256_hadd_ps(a[2], a[3]);
-            let h45 = _mm256_hadd_ps(a[4], a[5]);
-            let h67 = _mm256_hadd_ps(a[6], a[7]);
-            let h0123 = _mm256_hadd_ps(h01, h23);
-            let h4567 = _mm256_hadd_ps(h45, h67);
-            let sums = _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(h0123, h4567),
-                _mm256_permute2f128_ps::<0x31>(h0123, h4567),
-            );
-            let mut lanes = [0.0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
-            for r in 0..4 {
-                out[(j + r) * stride + t] = lanes[2 * r] + scalar_tail(j + r, t);
-                out[(j + r) * stride + t + 1] = lanes[2 * r + 1] + scalar_tail(j + r, t + 1);
-            }
-            t += 2;
+            j += 4;
         }
-        if t < n_t {
-            for r in 0..4 {
-                out[(j + r) * stride + t] = dot(&q[(j + r) * d..][..d], &keys[t * d..][..d]);
+        for r in j..rows {
+            for t in 0..n_t {
+                out[r * stride + t] = dot(&q[r * d..][..d], &keys[t * d..][..d]);
             }
-        }
-        j += 4;
-    }
-    for r in j..rows {
-        for t in 0..n_t {
-            out[r * stride + t] = dot(&q[r * d..][..d], &keys[t * d..][..d]);
         }
     }
 }
@@ -78,58 +86,65 @@ pub(super) unsafe fn score_tile(q: &[f32], keys: &[f32], d: usize, out: &mut [f3
 /// `Σ a·b` with one 8-lane accumulator.
 #[inline(always)]
 unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let d8 = a.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..d8).step_by(8) {
-        // SAFETY: i + 8 <= d8 <= a.len() == b.len().
-        acc = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            acc,
-        );
+    // SAFETY: only called from this module's kernels, which run with the target features these
+    // intrinsics need and pass pointers and indices within the slices their callers gave them.
+    unsafe {
+        let d8 = a.len() / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..d8).step_by(8) {
+            // SAFETY: i + 8 <= d8 <= a.len() == b.len().
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            );
+        }
+        hsum(acc) + (d8..a.len()).map(|i| a[i] * b[i]).sum::<f32>()
     }
-    hsum(acc) + (d8..a.len()).map(|i| a[i] * b[i]).sum::<f32>()
 }
 
 /// `exp(x)` for 8 lanes (Cephes' single-precision polynomial, ~1 ulp): 0 below the
 /// smallest normal result (and for −Inf), +Inf above the largest, NaN kept.
 #[inline(always)]
 unsafe fn exp8(x: __m256) -> __m256 {
-    let hi = _mm256_set1_ps(88.376_26);
-    let lo = _mm256_set1_ps(-87.336_55);
-    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        xc,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_359_4), xc);
-    let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    // SAFETY: only called from this module's kernels, which run with the target features these
+    // intrinsics need and pass pointers and indices within the slices their callers gave them.
+    unsafe {
+        let hi = _mm256_set1_ps(88.376_26);
+        let lo = _mm256_set1_ps(-87.336_55);
+        let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_359_4), xc);
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(k),
+            _mm256_set1_epi32(127),
+        ));
+        let v = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+        let v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
+        let v = _mm256_blendv_ps(
+            v,
+            _mm256_set1_ps(f32::INFINITY),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi),
+        );
+        _mm256_blendv_ps(v, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
     }
-    let y = _mm256_add_ps(
-        _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-        _mm256_set1_ps(1.0),
-    );
-    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(k),
-        _mm256_set1_epi32(127),
-    ));
-    let v = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-    let v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
-    let v = _mm256_blendv_ps(
-        v,
-        _mm256_set1_ps(f32::INFINITY),
-        _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi),
-    );
-    _mm256_blendv_ps(v, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
 }
 
 /// `row[i] ← exp(row[i] − m)`, returning the sum.
@@ -139,22 +154,26 @@ unsafe fn exp8(x: __m256) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
-    let n8 = row.len() / 8 * 8;
-    let mv = _mm256_set1_ps(m);
-    let mut sum = _mm256_setzero_ps();
-    let p = row.as_mut_ptr();
-    // SAFETY: i + 8 <= n8 <= row.len().
-    for i in (0..n8).step_by(8) {
-        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
-        _mm256_storeu_ps(p.add(i), e);
-        sum = _mm256_add_ps(sum, e);
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // intrinsic and pointer access below.
+    unsafe {
+        let n8 = row.len() / 8 * 8;
+        let mv = _mm256_set1_ps(m);
+        let mut sum = _mm256_setzero_ps();
+        let p = row.as_mut_ptr();
+        // SAFETY: i + 8 <= n8 <= row.len().
+        for i in (0..n8).step_by(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+            _mm256_storeu_ps(p.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let mut total = hsum(sum);
+        for v in &mut row[n8..] {
+            *v = (*v - m).exp();
+            total += *v;
+        }
+        total
     }
-    let mut total = hsum(sum);
-    for v in &mut row[n8..] {
-        *v = (*v - m).exp();
-        total += *v;
-    }
-    total
 }
 
 /// `acc += Σ_t w[t] · rows[t]`, 64 columns at a time held in registers across the rows.
@@ -164,40 +183,44 @@ pub(super) unsafe fn exp_shifted(row: &mut [f32], m: f32) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32]) {
-    let d = acc.len();
-    let pa = acc.as_mut_ptr();
-    let pr = rows.as_ptr();
-    let mut c = 0;
-    // SAFETY (all loops): column c + 8·j + 8 <= d and row t < w.len(), so every access is
-    // inside `acc` or `rows`.
-    while c + 64 <= d {
-        let mut r = [_mm256_setzero_ps(); 8];
-        for (j, rj) in r.iter_mut().enumerate() {
-            *rj = _mm256_loadu_ps(pa.add(c + 8 * j));
-        }
-        for (t, wt) in w.iter().enumerate() {
-            let wv = _mm256_set1_ps(*wt);
-            let row = pr.add(t * d + c);
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // intrinsic and pointer access below.
+    unsafe {
+        let d = acc.len();
+        let pa = acc.as_mut_ptr();
+        let pr = rows.as_ptr();
+        let mut c = 0;
+        // SAFETY: (all loops) column c + 8·j + 8 <= d and row t < w.len(), so every access is
+        // inside `acc` or `rows`.
+        while c + 64 <= d {
+            let mut r = [_mm256_setzero_ps(); 8];
             for (j, rj) in r.iter_mut().enumerate() {
-                *rj = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * j)), *rj);
+                *rj = _mm256_loadu_ps(pa.add(c + 8 * j));
             }
+            for (t, wt) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(*wt);
+                let row = pr.add(t * d + c);
+                for (j, rj) in r.iter_mut().enumerate() {
+                    *rj = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * j)), *rj);
+                }
+            }
+            for (j, rj) in r.iter().enumerate() {
+                _mm256_storeu_ps(pa.add(c + 8 * j), *rj);
+            }
+            c += 64;
         }
-        for (j, rj) in r.iter().enumerate() {
-            _mm256_storeu_ps(pa.add(c + 8 * j), *rj);
+        while c + 8 <= d {
+            let mut r = _mm256_loadu_ps(pa.add(c));
+            for (t, wt) in w.iter().enumerate() {
+                r = _mm256_fmadd_ps(_mm256_set1_ps(*wt), _mm256_loadu_ps(pr.add(t * d + c)), r);
+            }
+            _mm256_storeu_ps(pa.add(c), r);
+            c += 8;
         }
-        c += 64;
-    }
-    while c + 8 <= d {
-        let mut r = _mm256_loadu_ps(pa.add(c));
-        for (t, wt) in w.iter().enumerate() {
-            r = _mm256_fmadd_ps(_mm256_set1_ps(*wt), _mm256_loadu_ps(pr.add(t * d + c)), r);
-        }
-        _mm256_storeu_ps(pa.add(c), r);
-        c += 8;
-    }
-    for col in c..d {
-        for (t, wt) in w.iter().enumerate() {
-            acc[col] += wt * rows[t * d + col];
+        for col in c..d {
+            for (t, wt) in w.iter().enumerate() {
+                acc[col] += wt * rows[t * d + col];
+            }
         }
     }
 }
@@ -205,9 +228,13 @@ pub(super) unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32]) {
 /// Broadcasts the f16 scale stored at `p` (F16C; `half`'s conversion would dispatch per call).
 #[inline(always)]
 unsafe fn scale_at(p: *const u8) -> __m256 {
-    // SAFETY: the caller guarantees two readable bytes at `p`.
-    let bits = p.cast::<u16>().read_unaligned();
-    _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+    // SAFETY: only called from this module's kernels, which run with the target features these
+    // intrinsics need and pass pointers and indices within the slices their callers gave them.
+    unsafe {
+        // SAFETY: the caller guarantees two readable bytes at `p`.
+        let bits = p.cast::<u16>().read_unaligned();
+        _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+    }
 }
 
 /// A cache row format decoded in registers: values are exact, as the oracle dequantizes them
@@ -228,48 +255,60 @@ struct F16;
 impl RowDecoder for Q4_0 {
     #[inline(always)]
     unsafe fn decode16(row: *const u8, c: usize) -> [__m256; 2] {
-        // SAFETY: block c / 2 (18 bytes) of the row is whole.
-        let block = row.add(18 * (c / 2));
-        let d = scale_at(block);
-        let qs = _mm_loadu_si128(block.add(2).cast());
-        // Values 0..16 of a block are the low nibbles, 16..32 the high ones.
-        let nib = if c.is_multiple_of(2) {
-            qs
-        } else {
-            _mm_srli_epi16::<4>(qs)
-        };
-        let codes = _mm_sub_epi8(_mm_and_si128(nib, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
-        let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
-        let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)));
-        [_mm256_mul_ps(lo, d), _mm256_mul_ps(hi, d)]
+        // SAFETY: only called from this module's kernels, which run with the target features these
+        // intrinsics need and pass pointers and indices within the slices their callers gave them.
+        unsafe {
+            // SAFETY: block c / 2 (18 bytes) of the row is whole.
+            let block = row.add(18 * (c / 2));
+            let d = scale_at(block);
+            let qs = _mm_loadu_si128(block.add(2).cast());
+            // Values 0..16 of a block are the low nibbles, 16..32 the high ones.
+            let nib = if c.is_multiple_of(2) {
+                qs
+            } else {
+                _mm_srli_epi16::<4>(qs)
+            };
+            let codes = _mm_sub_epi8(_mm_and_si128(nib, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
+            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)));
+            [_mm256_mul_ps(lo, d), _mm256_mul_ps(hi, d)]
+        }
     }
 }
 
 impl RowDecoder for Q8_0 {
     #[inline(always)]
     unsafe fn decode16(row: *const u8, c: usize) -> [__m256; 2] {
-        // SAFETY: block c / 2 (34 bytes) of the row is whole.
-        let block = row.add(34 * (c / 2));
-        let d = scale_at(block);
-        let qs = block.add(2 + 16 * (c % 2));
-        let lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.cast()));
-        let hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(8).cast()));
-        [
-            _mm256_mul_ps(_mm256_cvtepi32_ps(lo), d),
-            _mm256_mul_ps(_mm256_cvtepi32_ps(hi), d),
-        ]
+        // SAFETY: only called from this module's kernels, which run with the target features these
+        // intrinsics need and pass pointers and indices within the slices their callers gave them.
+        unsafe {
+            // SAFETY: block c / 2 (34 bytes) of the row is whole.
+            let block = row.add(34 * (c / 2));
+            let d = scale_at(block);
+            let qs = block.add(2 + 16 * (c % 2));
+            let lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.cast()));
+            let hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(8).cast()));
+            [
+                _mm256_mul_ps(_mm256_cvtepi32_ps(lo), d),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(hi), d),
+            ]
+        }
     }
 }
 
 impl RowDecoder for F16 {
     #[inline(always)]
     unsafe fn decode16(row: *const u8, c: usize) -> [__m256; 2] {
-        // SAFETY: values 16·c .. 16·c + 16 (32 bytes from 32·c) are in the row.
-        let p = row.add(32 * c);
-        [
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-            _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
-        ]
+        // SAFETY: only called from this module's kernels, which run with the target features these
+        // intrinsics need and pass pointers and indices within the slices their callers gave them.
+        unsafe {
+            // SAFETY: values 16·c .. 16·c + 16 (32 bytes from 32·c) are in the row.
+            let p = row.add(32 * c);
+            [
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
+            ]
+        }
     }
 }
 
@@ -294,11 +333,15 @@ pub(super) unsafe fn fused_scores(
     out: &mut [f32],
     stride: usize,
 ) {
-    // SAFETY: the caller's contract, passed on.
-    match f {
-        RegFormat::Q4_0 => scores_in::<Q4_0>(q, k, v, head, tokens, out, stride),
-        RegFormat::Q8_0 => scores_in::<Q8_0>(q, k, v, head, tokens, out, stride),
-        RegFormat::F16 => scores_in::<F16>(q, k, v, head, tokens, out, stride),
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // intrinsic and pointer access below.
+    unsafe {
+        // SAFETY: the caller's contract, passed on.
+        match f {
+            RegFormat::Q4_0 => scores_in::<Q4_0>(q, k, v, head, tokens, out, stride),
+            RegFormat::Q8_0 => scores_in::<Q8_0>(q, k, v, head, tokens, out, stride),
+            RegFormat::F16 => scores_in::<F16>(q, k, v, head, tokens, out, stride),
+        }
     }
 }
 
@@ -314,37 +357,41 @@ unsafe fn scores_in<D: RowDecoder>(
     out: &mut [f32],
     stride: usize,
 ) {
-    let d = k.dim;
-    let pq = q.as_ptr();
-    for t in tokens.clone() {
-        k.prefetch(t + PREFETCH_TOKENS, head);
-        // The weighted sum reads this token's V row next: start loading it now.
-        v.prefetch(t, head);
-        let row = k.row_ptr(t, head);
-        // Two accumulators per row: eight independent FMA chains hide the FMA latency.
-        let mut a = [_mm256_setzero_ps(); 8];
-        for c in (0..d / 16).step_by(2) {
-            // A whole block per step, so each half's decoding is known at compile time.
-            for (c, v) in [(c, D::decode16(row, c)), (c + 1, D::decode16(row, c + 1))] {
-                for (r, pair) in a.chunks_exact_mut(2).enumerate() {
-                    // SAFETY: r < 4 and 16·c + 16 <= d, inside q's four rows.
-                    let qr = pq.add(r * d + 16 * c);
-                    pair[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qr), v[0], pair[0]);
-                    pair[1] = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(8)), v[1], pair[1]);
+    // SAFETY: only called from this module's kernels, which run with the target features these
+    // intrinsics need and pass pointers and indices within the slices their callers gave them.
+    unsafe {
+        let d = k.dim;
+        let pq = q.as_ptr();
+        for t in tokens.clone() {
+            k.prefetch(t + PREFETCH_TOKENS, head);
+            // The weighted sum reads this token's V row next: start loading it now.
+            v.prefetch(t, head);
+            let row = k.row_ptr(t, head);
+            // Two accumulators per row: eight independent FMA chains hide the FMA latency.
+            let mut a = [_mm256_setzero_ps(); 8];
+            for c in (0..d / 16).step_by(2) {
+                // A whole block per step, so each half's decoding is known at compile time.
+                for (c, v) in [(c, D::decode16(row, c)), (c + 1, D::decode16(row, c + 1))] {
+                    for (r, pair) in a.chunks_exact_mut(2).enumerate() {
+                        // SAFETY: r < 4 and 16·c + 16 <= d, inside q's four rows.
+                        let qr = pq.add(r * d + 16 * c);
+                        pair[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qr), v[0], pair[0]);
+                        pair[1] = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(8)), v[1], pair[1]);
+                    }
                 }
             }
-        }
-        let row_sum = |r: usize| _mm256_add_ps(a[2 * r], a[2 * r + 1]);
-        // Lane r of `s` is the sum of row r's accumulators.
-        let h = _mm256_hadd_ps(
-            _mm256_hadd_ps(row_sum(0), row_sum(1)),
-            _mm256_hadd_ps(row_sum(2), row_sum(3)),
-        );
-        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        let mut lanes = [0.0f32; 4];
-        _mm_storeu_ps(lanes.as_mut_ptr(), s);
-        for (r, x) in lanes.into_iter().enumerate() {
-            out[r * stride + t - tokens.start] = x;
+            let row_sum = |r: usize| _mm256_add_ps(a[2 * r], a[2 * r + 1]);
+            // Lane r of `s` is the sum of row r's accumulators.
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(row_sum(0), row_sum(1)),
+                _mm256_hadd_ps(row_sum(2), row_sum(3)),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let mut lanes = [0.0f32; 4];
+            _mm_storeu_ps(lanes.as_mut_ptr(), s);
+            for (r, x) in lanes.into_iter().enumerate() {
+                out[r * stride + t - tokens.start] = x;
+            }
         }
     }
 }
@@ -368,11 +415,15 @@ pub(super) unsafe fn fused_weighted_sum(
     head: usize,
     tokens: Range<usize>,
 ) {
-    // SAFETY: the caller's contract, passed on.
-    match f {
-        RegFormat::Q4_0 => weighted_sum_in::<Q4_0>(acc, w, stride, v, head, tokens),
-        RegFormat::Q8_0 => weighted_sum_in::<Q8_0>(acc, w, stride, v, head, tokens),
-        RegFormat::F16 => weighted_sum_in::<F16>(acc, w, stride, v, head, tokens),
+    // SAFETY: the caller upholds this function's `# Safety` contract, which covers every
+    // intrinsic and pointer access below.
+    unsafe {
+        // SAFETY: the caller's contract, passed on.
+        match f {
+            RegFormat::Q4_0 => weighted_sum_in::<Q4_0>(acc, w, stride, v, head, tokens),
+            RegFormat::Q8_0 => weighted_sum_in::<Q8_0>(acc, w, stride, v, head, tokens),
+            RegFormat::F16 => weighted_sum_in::<F16>(acc, w, stride, v, head, tokens),
+        }
     }
 }
 
@@ -386,47 +437,51 @@ unsafe fn weighted_sum_in<D: RowDecoder>(
     head: usize,
     tokens: Range<usize>,
 ) {
-    let d = v.dim;
-    let pa = acc.as_mut_ptr();
-    // The four rows' weights token-major, so one pointer reaches a token's four weights.
-    const SPAN: usize = 256;
-    let mut wt = [[0.0f32; 4]; SPAN];
-    let step = v.n_heads * v.row_bytes;
-    let mut t0 = tokens.start;
-    while t0 < tokens.end {
-        // Within one page of a paged view, where rows follow each other by `step`.
-        let n = (tokens.end - t0).min(SPAN).min(v.run_from(t0));
-        for (i, wi) in wt[..n].iter_mut().enumerate() {
-            for (r, x) in wi.iter_mut().enumerate() {
-                *x = w[r * stride + t0 - tokens.start + i];
-            }
-        }
-        let first = v.row_ptr(t0, head);
-        for c in 0..d / 16 {
-            let mut a = [_mm256_setzero_ps(); 8];
-            for (r, pair) in a.chunks_exact_mut(2).enumerate() {
-                // SAFETY: r < 4 and 16·c + 16 <= d, inside acc's four rows.
-                pair[0] = _mm256_loadu_ps(pa.add(r * d + 16 * c));
-                pair[1] = _mm256_loadu_ps(pa.add(r * d + 16 * c + 8));
-            }
-            let mut row = first;
-            for wi in &wt[..n] {
-                // SAFETY: `row` is row (t, head) for a t in `tokens`, inside the view (the n
-                // tokens from t0 lie in one page, `step` apart).
-                let x = D::decode16(row, c);
-                row = row.wrapping_add(step);
-                for (pair, wr) in a.chunks_exact_mut(2).zip(wi) {
-                    let wr = _mm256_broadcast_ss(wr);
-                    pair[0] = _mm256_fmadd_ps(wr, x[0], pair[0]);
-                    pair[1] = _mm256_fmadd_ps(wr, x[1], pair[1]);
+    // SAFETY: only called from this module's kernels, which run with the target features these
+    // intrinsics need and pass pointers and indices within the slices their callers gave them.
+    unsafe {
+        let d = v.dim;
+        let pa = acc.as_mut_ptr();
+        // The four rows' weights token-major, so one pointer reaches a token's four weights.
+        const SPAN: usize = 256;
+        let mut wt = [[0.0f32; 4]; SPAN];
+        let step = v.n_heads * v.row_bytes;
+        let mut t0 = tokens.start;
+        while t0 < tokens.end {
+            // Within one page of a paged view, where rows follow each other by `step`.
+            let n = (tokens.end - t0).min(SPAN).min(v.run_from(t0));
+            for (i, wi) in wt[..n].iter_mut().enumerate() {
+                for (r, x) in wi.iter_mut().enumerate() {
+                    *x = w[r * stride + t0 - tokens.start + i];
                 }
             }
-            for (r, pair) in a.chunks_exact(2).enumerate() {
-                // SAFETY: as for the loads above.
-                _mm256_storeu_ps(pa.add(r * d + 16 * c), pair[0]);
-                _mm256_storeu_ps(pa.add(r * d + 16 * c + 8), pair[1]);
+            let first = v.row_ptr(t0, head);
+            for c in 0..d / 16 {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for (r, pair) in a.chunks_exact_mut(2).enumerate() {
+                    // SAFETY: r < 4 and 16·c + 16 <= d, inside acc's four rows.
+                    pair[0] = _mm256_loadu_ps(pa.add(r * d + 16 * c));
+                    pair[1] = _mm256_loadu_ps(pa.add(r * d + 16 * c + 8));
+                }
+                let mut row = first;
+                for wi in &wt[..n] {
+                    // SAFETY: `row` is row (t, head) for a t in `tokens`, inside the view (the n
+                    // tokens from t0 lie in one page, `step` apart).
+                    let x = D::decode16(row, c);
+                    row = row.wrapping_add(step);
+                    for (pair, wr) in a.chunks_exact_mut(2).zip(wi) {
+                        let wr = _mm256_broadcast_ss(wr);
+                        pair[0] = _mm256_fmadd_ps(wr, x[0], pair[0]);
+                        pair[1] = _mm256_fmadd_ps(wr, x[1], pair[1]);
+                    }
+                }
+                for (r, pair) in a.chunks_exact(2).enumerate() {
+                    // SAFETY: as for the loads above.
+                    _mm256_storeu_ps(pa.add(r * d + 16 * c), pair[0]);
+                    _mm256_storeu_ps(pa.add(r * d + 16 * c + 8), pair[1]);
+                }
             }
+            t0 += n;
         }
-        t0 += n;
     }
 }

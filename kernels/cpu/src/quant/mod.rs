@@ -155,12 +155,12 @@ pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], is
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
-        // SAFETY (every Avx2 arm): Isa::Avx2 is only used when the CPU has it, and the
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: (every Avx2 arm) Isa::Avx2 is only used when the CPU has it, and the
         // callers pass whole rows (2 bytes per value, or whole blocks).
-        #[cfg(target_arch = "x86_64")]
         (KvFormat::F16, Isa::Avx2) => unsafe { avx2::dequantize_f16(bytes, out) },
-        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         (KvFormat::Bf16, Isa::Avx2) => unsafe { avx2::dequantize_bf16(bytes, out) },
         (KvFormat::F16, _) => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
