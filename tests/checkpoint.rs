@@ -4,8 +4,8 @@
 use ndarray::Array2;
 use proptest::prelude::*;
 use rotq::checkpoint::{CheckpointError, TransformConfig};
-use rotq::reference::rotation::SplitMix64;
 use rotq::{Rotation, RotationPlan};
+use rotq_testkit::data::Rows;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::Path;
@@ -31,12 +31,11 @@ fn parse(json: &str) -> TransformConfig {
     TransformConfig::from_config_json(json).unwrap().unwrap()
 }
 
-/// A random orthogonal d×d matrix: a product of Householder reflections of random vectors.
+/// A random orthogonal d×d matrix, as a checkpoint may store one (no Hadamard structure): a
+/// product of Householder reflections of random vectors, uniform in [-½, ½).
 fn orthogonal(d: usize, seed: u64) -> Array2<f64> {
-    let mut g = SplitMix64::new(seed);
     let mut q = Array2::<f64>::eye(d);
-    for _ in 0..d {
-        let v: Vec<f64> = (0..d).map(|_| g.next_f64() - 0.5).collect();
+    for v in Rows::uniform(0.5).f64s(d * d, seed).chunks(d) {
         let norm2: f64 = v.iter().map(|x| x * x).sum();
         let h = Array2::from_shape_fn((d, d), |(i, j)| {
             f64::from(u8::from(i == j)) - 2.0 * v[i] * v[j] / norm2
@@ -99,11 +98,12 @@ fn row_times(x: &[f64], a: &Array2<f64>) -> Vec<f64> {
 
 /// Checks that `r` maps x to x·A for random x, within `tol`.
 fn assert_applies(r: &Rotation, a: &Array2<f64>, seed: u64, tol: f64) {
-    let mut g = SplitMix64::new(seed);
-    for _ in 0..4 {
-        let x: Vec<f64> = (0..a.nrows()).map(|_| g.next_f64() * 2.0 - 1.0).collect();
-        let want = row_times(&x, a);
-        let mut got = x.clone();
+    for x in Rows::uniform(1.0)
+        .f64s(4 * a.nrows(), seed)
+        .chunks(a.nrows())
+    {
+        let want = row_times(x, a);
+        let mut got = x.to_vec();
         r.forward_in_place(&mut got).unwrap();
         for (w, v) in want.iter().zip(&got) {
             assert!((w - v).abs() <= tol, "{w} vs {v}");

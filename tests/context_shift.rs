@@ -4,24 +4,14 @@
 
 use proptest::prelude::*;
 use rotq::reference::rope::{shift_cache, Rope, RopeVariant};
-use rotq::reference::rotation::SplitMix64;
 use rotq::{KvFormat, Rotation};
 use rotq_cpu::{CacheCodec, Isa};
+use rotq_testkit::data::Rows;
+use rotq_testkit::rotations::RotationKind;
 
-/// Keys with a few large outliers (what rotation is for), never all zero.
-fn keys(len: usize, seed: u64) -> Vec<f64> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|i| {
-            let v = g.next_f64() * 2.0 - 1.0;
-            if i % 29 == 3 {
-                v * 25.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
+/// Keys with a few large outliers (what rotation is for): uniform in [-1, 1), every 29th value
+/// 25 times larger.
+const KEYS: Rows = Rows::uniform(1.0).every(29, 3, 25.0);
 
 fn rotated(x: &[f64], r: Option<&Rotation>) -> Vec<f64> {
     let mut y = x.to_vec();
@@ -78,14 +68,6 @@ fn rope_of(variant: bool, dims: usize, base: f64, scale: f64) -> Rope {
     }
 }
 
-fn rotation_of(kind: u8, d: usize, seed: u64) -> Option<Rotation> {
-    match kind {
-        0 => None,
-        1 => Some(Rotation::hadamard(d).unwrap()),
-        _ => Some(Rotation::randomized(d, seed).unwrap()),
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -102,15 +84,15 @@ proptest! {
         neox in any::<bool>(),
         big_base in any::<bool>(),
         scale in prop::sample::select(vec![1.0f64, 0.25]),
-        kind in 0u8..3,
+        kind in prop::sample::select(vec![RotationKind::None, RotationKind::Hadamard, RotationKind::Randomized]),
         delta in -5000i64..5000,
         seed in any::<u64>(),
     ) {
         let format = FORMATS[f];
         let rope = rope_of(neox, if half { d / 2 } else { d }, if big_base { 500_000.0 } else { 10_000.0 }, scale);
-        let r = rotation_of(kind, d, seed);
+        let r = kind.build(d, seed);
         let n_rows = 6;
-        let x = keys(n_rows * d, seed);
+        let x = KEYS.f64s(n_rows * d, seed);
         let rx = rotated(&x, r.as_ref());
         let mut cache = quantized(format, &rx);
         let e_orig = distance(&dequantized(format, &cache), &rx);
@@ -126,7 +108,7 @@ proptest! {
         let norm = distance(&rx, &vec![0.0; rx.len()]);
         prop_assert!(
             err <= 3.0 * e_orig.max(e_ref) + 1e-9 * norm,
-            "{format} d {d} {rope:?} rotation {kind} delta {delta}: error {err:e}, one quantization {e_ref:e}"
+            "{format} d {d} {rope:?} rotation {kind:?} delta {delta}: error {err:e}, one quantization {e_ref:e}"
         );
     }
 }
@@ -143,10 +125,10 @@ fn the_cpu_shift_follows_the_oracle() {
         for (i, format) in FORMATS.into_iter().enumerate() {
             for kind in 0u8..3 {
                 let seed = 77 + i as u64 + 10 * kind as u64;
-                let r = rotation_of(kind, d, seed);
+                let r = RotationKind::nth(kind.into()).build(d, seed);
                 let rope = rope_of(i % 2 == 0, d, 10_000.0, 1.0);
                 let delta = -1234 + 411 * i as i64;
-                let x = keys(n_rows * d, seed);
+                let x = KEYS.f64s(n_rows * d, seed);
                 let start = quantized(format, &rotated(&x, r.as_ref()));
                 // The exact target: the start's keys, unrotated, shifted, rotated (f64).
                 let mut target = dequantized(format, &start);
@@ -181,7 +163,7 @@ fn a_shift_and_its_inverse_return_the_keys() {
     let r = Rotation::hadamard(d).unwrap();
     let rope = rope_of(true, d, 1_000_000.0, 1.0);
     for format in FORMATS {
-        let rx = rotated(&keys(8 * d, 5), Some(&r));
+        let rx = rotated(&KEYS.f64s(8 * d, 5), Some(&r));
         let start = quantized(format, &rx);
         let e_one = distance(&dequantized(format, &start), &rx);
         let codec = CacheCodec::new(format, d, Some(&r), Isa::best()).unwrap();
@@ -201,7 +183,7 @@ fn a_shift_and_its_inverse_return_the_keys() {
 #[test]
 fn a_zero_shift_of_an_exact_format_changes_nothing() {
     let d = 64;
-    let x = keys(5 * d, 9);
+    let x = KEYS.f64s(5 * d, 9);
     let start = quantized(KvFormat::F32, &x);
     let rope = Rope::new(RopeVariant::Normal, d);
     let mut oracle = start.clone();
@@ -219,7 +201,7 @@ fn a_zero_shift_of_an_exact_format_changes_nothing() {
 fn bad_shifts_are_errors_and_touch_nothing() {
     let d = 64;
     let r = Rotation::hadamard(d).unwrap();
-    let start = quantized(KvFormat::Q8_0, &rotated(&keys(3 * d, 4), Some(&r)));
+    let start = quantized(KvFormat::Q8_0, &rotated(&KEYS.f64s(3 * d, 4), Some(&r)));
     let codec = CacheCodec::new(KvFormat::Q8_0, d, Some(&r), Isa::best()).unwrap();
     let good = Rope::new(RopeVariant::Neox, d);
     let bad_ropes = [

@@ -10,17 +10,13 @@
 use ndarray::Array3;
 use proptest::prelude::*;
 use rotq::reference::attention_f64;
-use rotq::reference::rotation::SplitMix64;
-use rotq::reference::tolerance::{tolerance, Op, Precision};
+use rotq::reference::tolerance::{Op, Precision};
 use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
 use rotq_cpu::{AttentionConfig, CacheCodec, CpuAttention, DecodeRequest, Isa, KvCacheView};
-
-fn random(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale)
-        .collect()
-}
+use rotq_testkit::data::Rows;
+use rotq_testkit::layout::scatter;
+use rotq_testkit::oracle::assert_matches_f32;
+use rotq_testkit::rotations::RotationKind;
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -33,29 +29,16 @@ struct Case {
     k_format: KvFormat,
     v_format: KvFormat,
     params: AttentionParams,
-    plan_kind: (u8, u8),
+    /// The rotations of Q and K, and of V.
+    plan_kind: (RotationKind, RotationKind),
     config: AttentionConfig,
     seed: u64,
 }
 
-fn rotation(kind: u8, d: usize, seed: u64) -> Option<Rotation> {
-    match kind % 5 {
-        0 => None,
-        1 => Some(Rotation::hadamard(d).unwrap()),
-        2 => Some(Rotation::randomized(d, seed).unwrap()),
-        3 => Some(Rotation::block_hadamard(d, 16.min(d & d.wrapping_neg())).unwrap()),
-        _ => {
-            Some(Rotation::matrix(Rotation::randomized(d, seed ^ 7).unwrap().to_matrix()).unwrap())
-        }
-    }
-}
-
 impl Case {
     fn plan(&self) -> RotationPlan {
-        RotationPlan {
-            qk: rotation(self.plan_kind.0, self.d, self.seed),
-            v: rotation(self.plan_kind.1, self.d_v, self.seed ^ 1),
-        }
+        let (qk, v) = self.plan_kind;
+        RotationKind::plan(qk, v, self.d, self.d_v, self.seed)
     }
 }
 
@@ -68,10 +51,14 @@ fn caches(c: &Case, plan: &RotationPlan, isa: Isa) -> (Vec<u8>, Vec<u8>) {
         vec![0u8; rows * kc.row_bytes()],
         vec![0u8; rows * vc.row_bytes()],
     );
-    kc.quantize(&random(rows * c.d, c.seed ^ 2, 2.0), &mut kb, 0)
+    kc.quantize(&Rows::uniform(2.0).f32s(rows * c.d, c.seed ^ 2), &mut kb, 0)
         .unwrap();
-    vc.quantize(&random(rows * c.d_v, c.seed ^ 3, 1.0), &mut vb, 0)
-        .unwrap();
+    vc.quantize(
+        &Rows::uniform(1.0).f32s(rows * c.d_v, c.seed ^ 3),
+        &mut vb,
+        0,
+    )
+    .unwrap();
     (kb, vb)
 }
 
@@ -104,21 +91,6 @@ fn oracle(c: &Case, plan: &RotationPlan, q: &[f32], kb: &[u8], vb: &[u8]) -> Vec
     o
 }
 
-/// `bytes` (whole tokens of `token_bytes`) moved into a pool of pages of `page_tokens` tokens,
-/// in reverse order after a spare page, every byte not written 0xFF (NaN in f16 and in the
-/// scales, so a read of a wrong page or slot shows): (pool, block table).
-fn paged(bytes: &[u8], token_bytes: usize, page_tokens: usize) -> (Vec<u8>, Vec<u32>) {
-    let page_bytes = page_tokens * token_bytes;
-    let n_pages = (bytes.len() / token_bytes).div_ceil(page_tokens);
-    let mut pool = vec![0xFF; (n_pages + 1) * page_bytes];
-    let table: Vec<u32> = (0..n_pages).map(|i| (n_pages - i) as u32).collect();
-    for (chunk, &page) in bytes.chunks(page_bytes).zip(&table) {
-        let at = page as usize * page_bytes;
-        pool[at..at + chunk.len()].copy_from_slice(chunk);
-    }
-    (pool, table)
-}
-
 fn check(c: &Case) {
     check_edited(c, |_, _| {});
 }
@@ -127,7 +99,7 @@ fn check(c: &Case) {
 fn check_edited(c: &Case, edit: impl Fn(&mut [u8], &mut [u8])) {
     let plan = c.plan();
     let h_q = c.h_kv * c.group;
-    let q = random(c.n_q * h_q * c.d, c.seed ^ 4, 1.5);
+    let q = Rows::uniform(1.5).f32s(c.n_q * h_q * c.d, c.seed ^ 4);
     for isa in Isa::all_available() {
         let (mut kb, mut vb) = caches(c, &plan, isa);
         edit(&mut kb, &mut vb);
@@ -139,7 +111,7 @@ fn check_edited(c: &Case, edit: impl Fn(&mut [u8], &mut [u8])) {
         // in place give the same bits.
         let page_tokens = 1 + (c.seed % 23) as usize;
         let page = |f: KvFormat, b: &[u8], dim: usize| {
-            paged(b, f.row_bytes(dim).unwrap() * c.h_kv, page_tokens)
+            scatter(b, f.row_bytes(dim).unwrap() * c.h_kv, page_tokens)
         };
         let ((kp, kt), (vp, vt)) = (page(c.k_format, &kb, c.d), page(c.v_format, &vb, c.d_v));
         let view = |f, pool, table, dim| {
@@ -157,13 +129,13 @@ fn check_edited(c: &Case, edit: impl Fn(&mut [u8], &mut [u8])) {
             "{isa} {c:?}: paged (pages of {page_tokens})"
         );
         let want = oracle(c, &plan, &q, &kb, &vb);
-        let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.is_nan(), w.is_nan(), "{isa} {c:?}: NaN at {i}");
-        }
-        if let Err(m) = tolerance(Op::Attention, Precision::F32).check(&got, &want) {
-            panic!("{isa} {c:?}: {m}");
-        }
+        assert_matches_f32(
+            &got,
+            &want,
+            Op::Attention,
+            Precision::F32,
+            &format!("{isa} {c:?}"),
+        );
     }
 }
 
@@ -196,7 +168,7 @@ fn cases() -> impl Strategy<Value = Case> {
             proptest::option::of(1usize..40),
             proptest::option::of(1.0f64..30.0),
         ),
-        (0u8..4, 0u8..4),
+        (0usize..4, 0usize..4).prop_map(|(qk, v)| (RotationKind::nth(qk), RotationKind::nth(v))),
         (
             proptest::sample::select(vec![1usize, 7, 16, 64, 128]),
             proptest::sample::select(vec![1usize, 3, 16, 64]),
@@ -269,7 +241,7 @@ fn every_format_pair_and_plan() {
                     pos_offset: 72,
                     ..Default::default()
                 },
-                plan_kind: ((i % 4) as u8, (j % 4) as u8),
+                plan_kind: (RotationKind::nth(i % 4), RotationKind::nth(j % 4)),
                 config: AttentionConfig::default(),
                 seed: (i * 12 + j) as u64,
             });
@@ -309,7 +281,10 @@ fn decode_in_registers_matches_the_oracle() {
                         softcap: seed.is_multiple_of(2).then_some(20.0),
                         scale: None,
                     },
-                    plan_kind: (1, (seed % 3) as u8),
+                    plan_kind: (
+                        RotationKind::Hadamard,
+                        RotationKind::nth((seed % 3) as usize),
+                    ),
                     config: AttentionConfig {
                         kv_splits: (seed % 4) as usize,
                         ..AttentionConfig::default()
@@ -350,7 +325,7 @@ fn decode_in_registers_keeps_special_values() {
                     pos_offset: n_kv - 1,
                     ..Default::default()
                 },
-                plan_kind: (0, 0),
+                plan_kind: (RotationKind::None, RotationKind::None),
                 config: AttentionConfig::default(),
                 seed: token as u64,
             };
@@ -387,7 +362,7 @@ fn decode_batch_equals_one_run_per_sequence() {
                 pos_offset: n_kv.saturating_sub(1),
                 ..Default::default()
             },
-            plan_kind: (1, 1),
+            plan_kind: (RotationKind::Hadamard, RotationKind::Hadamard),
             config: AttentionConfig::default(),
             seed: s as u64,
         })
@@ -396,7 +371,7 @@ fn decode_batch_equals_one_run_per_sequence() {
         .iter()
         .map(|c| {
             let (kb, vb) = caches(c, &plan, Isa::best());
-            (random(8 * 128, c.seed, 1.0), kb, vb)
+            (Rows::uniform(1.0).f32s(8 * 128, c.seed), kb, vb)
         })
         .collect();
     let requests: Vec<DecodeRequest> = seqs
@@ -413,10 +388,7 @@ fn decode_batch_equals_one_run_per_sequence() {
     let batch = kernel.decode_batch(&requests).unwrap();
     for ((c, (q, kb, vb)), got) in seqs.iter().zip(&data).zip(&batch) {
         let want = oracle(c, &plan, q, kb, vb);
-        let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
-        tolerance(Op::Attention, Precision::F32)
-            .check(&got, &want)
-            .unwrap();
+        assert_matches_f32(got, &want, Op::Attention, Precision::F32, &format!("{c:?}"));
     }
 }
 
@@ -439,7 +411,7 @@ fn non_finite_inputs_follow_the_oracle() {
             pos_offset: 40,
             ..Default::default()
         },
-        plan_kind: (0, 0),
+        plan_kind: (RotationKind::None, RotationKind::None),
         config: AttentionConfig {
             block_n: 16,
             block_m: 1,
@@ -464,10 +436,14 @@ fn non_finite_inputs_follow_the_oracle() {
             },
             ..base.clone()
         };
-        let mut k = random(n_kv * d, 5, 1.0);
+        let mut k = Rows::uniform(1.0).f32s(n_kv * d, 5);
         k[token * d..(token + 1) * d].fill(value);
-        let v = random(n_kv * d, 6, 1.0);
-        let q: Vec<f32> = random(3 * 2 * d, 7, 1.0).iter().map(|x| x.abs()).collect();
+        let v = Rows::uniform(1.0).f32s(n_kv * d, 6);
+        let q: Vec<f32> = Rows::uniform(1.0)
+            .f32s(3 * 2 * d, 7)
+            .iter()
+            .map(|x| x.abs())
+            .collect();
         let to_bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
         let (kb, vb) = (to_bytes(&k), to_bytes(&v));
         let want = oracle(&base, &plan, &q, &kb, &vb);
@@ -478,17 +454,8 @@ fn non_finite_inputs_follow_the_oracle() {
                 .with_config(base.config)
                 .run(&q, 3, 2, &kv, &vv, &base.params)
                 .unwrap();
-            let got: Vec<f64> = got.iter().map(|x| f64::from(*x)).collect();
-            for (g, w) in got.iter().zip(&want) {
-                assert_eq!(
-                    g.is_nan(),
-                    w.is_nan(),
-                    "token {token} value {value} on {isa}"
-                );
-            }
-            tolerance(Op::Attention, Precision::F32)
-                .check(&got, &want)
-                .unwrap();
+            let what = format!("token {token} value {value} on {isa}");
+            assert_matches_f32(&got, &want, Op::Attention, Precision::F32, &what);
         }
     }
 }
@@ -553,9 +520,9 @@ fn non_finite_values_in_v_reach_the_output_from_any_slice() {
     let (n_kv, d) = (32usize, 16usize);
     let plan = RotationPlan::none();
     for bad_v in [f32::NAN, f32::INFINITY] {
-        let mut k = random(n_kv * d, 1, 1.0);
+        let mut k = Rows::uniform(1.0).f32s(n_kv * d, 1);
         k[..16 * d].fill(f32::NEG_INFINITY);
-        let mut v = random(n_kv * d, 2, 1.0);
+        let mut v = Rows::uniform(1.0).f32s(n_kv * d, 2);
         v[0] = bad_v;
         let q = vec![0.5f32; d];
         let to_bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
@@ -570,7 +537,7 @@ fn non_finite_values_in_v_reach_the_output_from_any_slice() {
             k_format: KvFormat::F32,
             v_format: KvFormat::F32,
             params: AttentionParams::default(),
-            plan_kind: (0, 0),
+            plan_kind: (RotationKind::None, RotationKind::None),
             config: AttentionConfig::default(),
             seed: 0,
         };
@@ -606,7 +573,8 @@ fn non_finite_values_in_v_reach_the_output_from_any_slice() {
 fn parameters_the_f32_kernel_cannot_represent_are_errors() {
     let plan = RotationPlan::none();
     let kernel = CpuAttention::new(&plan, Isa::best());
-    let kb = random(8 * 16, 1, 1.0)
+    let kb = Rows::uniform(1.0)
+        .f32s(8 * 16, 1)
         .iter()
         .flat_map(|f| f.to_le_bytes())
         .collect::<Vec<u8>>();
@@ -670,7 +638,7 @@ fn attention_from_eight_threads_at_once() {
     shareable::<CpuAttention>();
     shareable::<CacheCodec>();
     shareable::<rotq_cpu::CpuRotation>();
-    let plan_kind = (1u8, 2u8);
+    let plan_kind = (RotationKind::Hadamard, RotationKind::Randomized);
     let cases: Vec<Case> = (0..8u64)
         .map(|t| Case {
             n_q: if t % 2 == 0 { 1 } else { 6 },
@@ -698,16 +666,19 @@ fn attention_from_eight_threads_at_once() {
             let (kernel, plan) = (&kernel, &plan);
             s.spawn(move || {
                 let h_q = c.h_kv * c.group;
-                let q = random(c.n_q * h_q * c.d, c.seed ^ 4, 1.5);
+                let q = Rows::uniform(1.5).f32s(c.n_q * h_q * c.d, c.seed ^ 4);
                 let (kb, vb) = caches(c, plan, Isa::best());
                 let k = KvCacheView::new(c.k_format, &kb, c.n_kv, c.h_kv, c.d).unwrap();
                 let v = KvCacheView::new(c.v_format, &vb, c.n_kv, c.h_kv, c.d_v).unwrap();
                 let got = kernel.run(&q, c.n_q, h_q, &k, &v, &c.params).unwrap();
                 let want = oracle(c, plan, &q, &kb, &vb);
-                let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
-                if let Err(m) = tolerance(Op::Attention, Precision::F32).check(&got, &want) {
-                    panic!("{c:?}: {m}");
-                }
+                assert_matches_f32(
+                    &got,
+                    &want,
+                    Op::Attention,
+                    Precision::F32,
+                    &format!("{c:?}"),
+                );
             });
         }
     });

@@ -2,27 +2,11 @@
 
 use half::{bf16, f16};
 use proptest::prelude::*;
-use rotq::reference::rotation::SplitMix64;
 use rotq::reference::tolerance::{tolerance, Op, Precision};
 use rotq::{KvFormat, Rotation};
 use rotq_cpu::{CacheCodec, CpuRotation, Isa, QuantizeConfig};
-
-/// Rows with a per-block magnitude spread, outliers, exact zeros and the odd tie.
-fn rows(n_rows: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..n_rows * dim)
-        .map(|i| {
-            let scale = 2f32.powi((g.next_u64() % 24) as i32 - 12);
-            let v = ((g.next_f64() - 0.5) * 2.0) as f32 * scale;
-            match g.next_u64() % 64 {
-                0 => 0.0,
-                1 => 40.0 * scale,
-                2 => (i % 17) as f32 + 0.5,
-                _ => v,
-            }
-        })
-        .collect()
-}
+use rotq_testkit::data::Rows;
+use rotq_testkit::oracle::{assert_matches, assert_matches_f32};
 
 fn oracle_bytes(format: KvFormat, rows: &[f32]) -> Vec<u8> {
     if rows.is_empty() {
@@ -42,7 +26,7 @@ fn unrotated_quantization_is_byte_exact_for_every_format() {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    let mut special = rows(8, 128, 5);
+    let mut special = Rows::stress().f32s(8 * 128, 5);
     special[3] = f32::NAN;
     special[200] = f32::INFINITY;
     special[300] = f32::NEG_INFINITY;
@@ -57,7 +41,7 @@ fn unrotated_quantization_is_byte_exact_for_every_format() {
         .for_each(|(i, v)| *v = (i as f32 - 15.5) * 1e-36);
     for isa in Isa::all_available() {
         for format in KvFormat::ALL {
-            for data in [&golden, &special, &rows(64, 256, 1)] {
+            for data in [&golden, &special, &Rows::stress().f32s(64 * 256, 1)] {
                 let codec = CacheCodec::new(format, 128, None, isa).unwrap();
                 let mut cache = vec![0u8; data.len() / 128 * codec.row_bytes()];
                 codec.quantize(data, &mut cache, 0).unwrap();
@@ -98,8 +82,9 @@ fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: Q
     let mut exact: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
     r.rotate_rows(&mut exact, false).unwrap();
     let got: Vec<f64> = rotated.iter().map(|v| f64::from(*v)).collect();
+    let what = format!("{format} {r} on {isa}");
     for (g, w) in got.chunks(dim).zip(exact.chunks(dim)) {
-        tolerance(Op::Rotation, Precision::F32).check(g, w).unwrap();
+        assert_matches(g, w, Op::Rotation, Precision::F32, &what);
     }
     let oracle_rotated: Vec<f32> = exact.iter().map(|v| *v as f32).collect();
     let oracle = oracle_bytes(format, &oracle_rotated);
@@ -146,17 +131,20 @@ fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: Q
     };
     let mut want: Vec<f64> = decoded.iter().map(|v| f64::from(*v)).collect();
     r.rotate_rows(&mut want, true).unwrap();
-    let back: Vec<f64> = back.iter().map(|v| f64::from(*v)).collect();
-    tolerance(Op::Rotation, Precision::F32)
-        .check(&back, &want)
-        .unwrap();
+    assert_matches_f32(
+        &back,
+        &want,
+        Op::Rotation,
+        Precision::F32,
+        &format!("{what}: dequantized"),
+    );
 }
 
 #[test]
 fn fused_rotate_quantize_matches_the_oracle_for_every_format_and_rotation() {
     for isa in Isa::all_available() {
         for dim in [64usize, 96, 128, 160, 192, 256] {
-            let data = rows(33, dim, dim as u64);
+            let data = Rows::stress().f32s(33 * dim, dim as u64);
             let rots = [
                 Rotation::hadamard(dim).unwrap(),
                 Rotation::randomized(dim, 11).unwrap(),
@@ -183,7 +171,7 @@ proptest! {
         format in proptest::sample::select(KvFormat::ALL.to_vec()),
         seed in any::<u64>(),
     ) {
-        let data = rows(n_rows, dim, seed);
+        let data = Rows::stress().f32s(n_rows * dim, seed);
         let r = Rotation::randomized(dim, seed).unwrap();
         for isa in Isa::all_available() {
             check_fused(format, &r, &data, isa, QuantizeConfig { rows_per_task });
@@ -197,7 +185,9 @@ fn rows_land_at_the_offset_and_nowhere_else() {
     let codec = CacheCodec::new(KvFormat::Q4_0, 128, Some(&r), Isa::best()).unwrap();
     let rb = codec.row_bytes();
     let mut cache = vec![0xAAu8; 10 * rb];
-    codec.quantize(&rows(3, 128, 2), &mut cache, 4).unwrap();
+    codec
+        .quantize(&Rows::stress().f32s(3 * 128, 2), &mut cache, 4)
+        .unwrap();
     assert!(cache[..4 * rb]
         .iter()
         .chain(&cache[7 * rb..])
@@ -205,10 +195,12 @@ fn rows_land_at_the_offset_and_nowhere_else() {
     assert!(cache[4 * rb..7 * rb].iter().any(|b| *b != 0xAA));
     // Too small a cache, a ragged input, an offset past the end: errors, cache untouched.
     let before = cache.clone();
-    assert!(codec.quantize(&rows(3, 128, 2), &mut cache, 8).is_err());
+    assert!(codec
+        .quantize(&Rows::stress().f32s(3 * 128, 2), &mut cache, 8)
+        .is_err());
     assert!(codec.quantize(&vec![0f32; 100], &mut cache, 0).is_err());
     assert!(codec
-        .quantize(&rows(1, 128, 2), &mut cache, usize::MAX)
+        .quantize(&Rows::stress().f32s(128, 2), &mut cache, usize::MAX)
         .is_err());
     assert_eq!(cache, before);
     assert!(codec
@@ -220,7 +212,7 @@ fn rows_land_at_the_offset_and_nowhere_else() {
 
 #[test]
 fn half_precision_inputs_quantize_like_their_f32_values() {
-    let data = rows(16, 128, 9);
+    let data = Rows::stress().f32s(16 * 128, 9);
     let r = Rotation::randomized(128, 4).unwrap();
     for isa in Isa::all_available() {
         let codec = CacheCodec::new(KvFormat::Q8_0, 128, Some(&r), isa).unwrap();
@@ -266,7 +258,7 @@ fn element_formats_are_bit_exact_at_any_row_length() {
     ];
     for isa in Isa::all_available() {
         for dim in [1usize, 3, 12, 13, 20, 33] {
-            let mut data = rows(7, dim, dim as u64);
+            let mut data = Rows::stress().f32s(7 * dim, dim as u64);
             let len = data.len();
             for (i, v) in specials.iter().enumerate() {
                 data[(i * 5) % len] = *v;
@@ -307,7 +299,7 @@ fn element_formats_are_bit_exact_at_any_row_length() {
 /// assuming their alignment.
 #[test]
 fn caches_at_any_alignment_work_like_aligned_ones() {
-    let data = rows(6, 128, 21);
+    let data = Rows::stress().f32s(6 * 128, 21);
     let r = Rotation::hadamard(128).unwrap();
     for isa in Isa::all_available() {
         for format in KvFormat::ALL {

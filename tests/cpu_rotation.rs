@@ -4,17 +4,10 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use rotq::reference::hadamard::{HadamardSize, MAX_POW2};
-use rotq::reference::rotation::SplitMix64;
-use rotq::reference::tolerance::{tolerance, Op, Precision};
+use rotq::reference::tolerance::{Op, Precision};
 use rotq::Rotation;
 use rotq_cpu::{CpuRotation, FwhtConfig, Isa};
-
-fn random_rows(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale)
-        .collect()
-}
+use rotq_testkit::{data::Rows, oracle::assert_matches, rotations::RotationKind};
 
 /// The oracle's rotation of each row (f64), inverse when asked.
 fn oracle(r: &Rotation, rows: &[f32], inverse: bool) -> Vec<f64> {
@@ -24,7 +17,6 @@ fn oracle(r: &Rotation, rows: &[f32], inverse: bool) -> Vec<f64> {
 }
 
 fn check(r: &Rotation, rows: &[f32], isa: Isa, config: FwhtConfig) {
-    let t = tolerance(Op::Rotation, Precision::F32);
     let kernel = CpuRotation::new(r, isa).with_config(config);
     assert_eq!(kernel.isa(), isa);
     for inverse in [false, true] {
@@ -37,19 +29,20 @@ fn check(r: &Rotation, rows: &[f32], isa: Isa, config: FwhtConfig) {
         let want = oracle(r, rows, inverse);
         let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
         // Row by row, so a wrong row cannot hide among many right ones.
+        let what = format!("{r} on {isa} (inverse {inverse})");
         for (g, w) in got.chunks(r.dim()).zip(want.chunks(r.dim())) {
-            if let Err(m) = t.check(g, w) {
-                panic!("{r} on {isa} (inverse {inverse}): {m}");
-            }
+            assert_matches(g, w, Op::Rotation, Precision::F32, &what);
         }
     }
 }
 
+/// The rotations of `n` the kernels run: Hadamard and randomized first, then blocks of 1, 8
+/// and 64 where they divide `n`, and an explicit matrix while `n` ≤ 256 (it costs n² a row).
 fn rotations(n: usize, seed: u64) -> Vec<Rotation> {
-    let mut v = vec![
-        Rotation::hadamard(n).unwrap(),
-        Rotation::randomized(n, seed).unwrap(),
-    ];
+    let mut v: Vec<Rotation> = [RotationKind::Hadamard, RotationKind::Randomized]
+        .into_iter()
+        .flat_map(|kind| kind.build(n, seed))
+        .collect();
     let low = n & n.wrapping_neg();
     for b in [1usize, 8, 64] {
         if b <= low {
@@ -57,7 +50,7 @@ fn rotations(n: usize, seed: u64) -> Vec<Rotation> {
         }
     }
     if n <= 256 {
-        v.push(Rotation::matrix(Rotation::randomized(n, seed ^ 9).unwrap().to_matrix()).unwrap());
+        v.extend(RotationKind::Matrix.build(n, seed));
     }
     v
 }
@@ -69,7 +62,7 @@ fn every_size_up_to_4096_matches_the_oracle() {
         .collect();
     for isa in Isa::all_available() {
         for &n in &sizes {
-            let rows = random_rows(3 * n, n as u64, 3.0);
+            let rows = Rows::uniform(3.0).f32s(3 * n, n as u64);
             for r in rotations(n, n as u64) {
                 check(&r, &rows, isa, FwhtConfig::for_dim(n));
             }
@@ -81,7 +74,7 @@ fn every_size_up_to_4096_matches_the_oracle() {
 fn the_largest_sizes_match_the_oracle() {
     for isa in Isa::all_available() {
         for n in [MAX_POW2, 12 * 2048, 40 * 512, 28 * 1024] {
-            let rows = random_rows(n, 7, 1.0);
+            let rows = Rows::uniform(1.0).f32s(n, 7);
             for r in rotations(n, 3).into_iter().take(2) {
                 check(&r, &rows, isa, FwhtConfig::for_dim(n));
             }
@@ -100,7 +93,7 @@ proptest! {
         seed in any::<u64>(),
         log_scale in -20i32..20,
     ) {
-        let data = random_rows(rows * n, seed, 2f32.powi(log_scale));
+        let data = Rows::uniform(2f32.powi(log_scale)).f32s(rows * n, seed);
         for isa in Isa::all_available() {
             for r in rotations(n, seed) {
                 check(&r, &data, isa, FwhtConfig { rows_per_task });
@@ -113,7 +106,7 @@ proptest! {
 fn half_precision_storage_matches_the_oracle() {
     for isa in Isa::all_available() {
         for n in [64usize, 96, 128, 4096] {
-            let rows = random_rows(4 * n, n as u64, 4.0);
+            let rows = Rows::uniform(4.0).f32s(4 * n, n as u64);
             let rotations = [
                 Rotation::randomized(n, 1).unwrap(),
                 Rotation::block_hadamard(n, 32).unwrap(),
@@ -129,12 +122,9 @@ fn half_precision_storage_matches_the_oracle() {
                 kernel.rows(&mut b, inverse).unwrap();
                 let got_h: Vec<f64> = h.iter().map(|v| f64::from(v.to_f32())).collect();
                 let got_b: Vec<f64> = b.iter().map(|v| f64::from(v.to_f32())).collect();
-                tolerance(Op::Rotation, Precision::F16)
-                    .check(&got_h, &want_h)
-                    .unwrap();
-                tolerance(Op::Rotation, Precision::Bf16)
-                    .check(&got_b, &want_b)
-                    .unwrap();
+                let what = format!("{r} on {isa} (inverse {inverse})");
+                assert_matches(&got_h, &want_h, Op::Rotation, Precision::F16, &what);
+                assert_matches(&got_b, &want_b, Op::Rotation, Precision::Bf16, &what);
             }
         }
     }

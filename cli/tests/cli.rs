@@ -1,8 +1,8 @@
 //! The `rotq` CLI end to end: round trips for every format and rotation, ggml's bytes, and
 //! bad input (one-line error, non-zero exit, no output written).
 
-use rotq::reference::rotation::SplitMix64;
 use rotq::KvFormat;
+use rotq_testkit::data::Rows;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -68,13 +68,6 @@ fn read_values(path: &Path) -> Vec<f32> {
         .collect()
 }
 
-fn random_values(n: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..n)
-        .map(|_| ((g.next_f64() - 0.5) * 8.0) as f32)
-        .collect()
-}
-
 fn assert_one_line_failure(out: &Output) {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -86,7 +79,7 @@ fn assert_one_line_failure(out: &Output) {
 fn every_format_round_trips_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x.f32");
-    let values = random_values(256 * 3, 1);
+    let values = Rows::uniform(4.0).f32s(256 * 3, 1);
     write_values(&x, &values);
     for format in KvFormat::ALL {
         let (q, y) = (
@@ -128,7 +121,7 @@ fn quantize_writes_ggml_bytes() {
 fn rotations_round_trip_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x.f32");
-    let values = random_values(96 * 5, 2);
+    let values = Rows::uniform(4.0).f32s(96 * 5, 2);
     write_values(&x, &values);
     let (y, z) = (dir.path().join("y"), dir.path().join("z"));
     for (rotation, dim) in [
@@ -171,7 +164,7 @@ fn rotations_round_trip_through_the_cli() {
 fn bad_input_fails_in_one_line_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x.f32");
-    write_values(&x, &random_values(100, 3));
+    write_values(&x, &Rows::uniform(4.0).f32s(100, 3));
     let out_path = dir.path().join("out.bin");
     let missing = dir.path().join("missing.f32");
     let rotate = |rotation, dim| {

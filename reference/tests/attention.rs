@@ -4,13 +4,14 @@
 use ndarray::{s, Array3, Axis};
 use proptest::prelude::*;
 use rotq_reference::metrics::{kl_divergence, rel_l2};
-use rotq_reference::rotation::SplitMix64;
-use rotq_reference::tolerance::{tolerance, Op, Precision};
+use rotq_reference::tolerance::{Op, Precision};
 use rotq_reference::*;
+use rotq_testkit::{data::Rows, oracle::assert_matches, rotations::RotationKind};
 
+/// Uniform values in `[-scale, scale)` of this shape (the test kit's seeded rows).
 fn random(shape: (usize, usize, usize), seed: u64, scale: f32) -> Array3<f32> {
-    let mut g = SplitMix64::new(seed);
-    Array3::from_shape_fn(shape, |_| ((g.next_f64() - 0.5) * 2.0) as f32 * scale)
+    let (a, b, c) = shape;
+    Array3::from_shape_vec(shape, Rows::uniform(scale).f32s(a * b * c, seed)).unwrap()
 }
 
 fn flat(a: &Array3<f64>) -> Vec<f64> {
@@ -27,15 +28,6 @@ fn f32_cache(plan: RotationPlan) -> KvCacheSpec {
 
 /// Head dims with a Hadamard (so every rotation kind applies) and a block of 16.
 const DIMS: [usize; 7] = [16, 32, 48, 64, 80, 96, 128];
-
-fn rotation(kind: u8, d: usize, seed: u64) -> Rotation {
-    match kind % 4 {
-        0 => Rotation::hadamard(d).unwrap(),
-        1 => Rotation::randomized(d, seed).unwrap(),
-        2 => Rotation::block_hadamard(d, 16).unwrap(),
-        _ => Rotation::matrix(Rotation::randomized(d, seed ^ 5).unwrap().to_matrix()).unwrap(),
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -101,22 +93,26 @@ proptest! {
     /// (R q)·(R k) = q·k: Q+K rotation with an f32 cache leaves attention unchanged, for every
     /// rotation kind; and V rotation with the output rotated back equals no V rotation.
     #[test]
-    fn rotation_leaves_attention_unchanged(case in cases(), kind_qk in 0u8..4, kind_v in 0u8..4) {
+    fn rotation_leaves_attention_unchanged(
+        case in cases(),
+        kind_qk in proptest::sample::select(RotationKind::ROTATING.to_vec()),
+        kind_v in proptest::sample::select(RotationKind::ROTATING.to_vec()),
+    ) {
         let (q, k, v) = case.qkv();
         let exact = attention(q.view(), k.view(), v.view(), &case.params).unwrap();
-        let tol = tolerance(Op::Attention, Precision::F32);
         let plans = [
-            RotationPlan { qk: Some(rotation(kind_qk, case.d, case.seed)), v: None },
-            RotationPlan { qk: None, v: Some(rotation(kind_v, case.d_v, case.seed)) },
+            RotationPlan { qk: kind_qk.build(case.d, case.seed), v: None },
+            RotationPlan { qk: None, v: kind_v.build(case.d_v, case.seed) },
             RotationPlan {
-                qk: Some(rotation(kind_qk, case.d, case.seed)),
-                v: Some(rotation(kind_v, case.d_v, case.seed ^ 3)),
+                qk: kind_qk.build(case.d, case.seed),
+                v: kind_v.build(case.d_v, case.seed ^ 3),
             },
         ];
-        for plan in plans {
-            let rotated = rotated_quantized_attention(q.view(), k.view(), v.view(), &case.params, &f32_cache(plan.clone())).unwrap();
-            prop_assert!(tol.check(&flat(&rotated.output), &flat(&exact.output)).is_ok(), "{:?}", plan);
-            prop_assert!(tol.check(&flat(&rotated.probs), &flat(&exact.probs)).is_ok());
+        for (i, plan) in plans.into_iter().enumerate() {
+            let rotated = rotated_quantized_attention(q.view(), k.view(), v.view(), &case.params, &f32_cache(plan)).unwrap();
+            let what = format!("plan {i} (QK {kind_qk:?}, V {kind_v:?})");
+            assert_matches(&flat(&rotated.output), &flat(&exact.output), Op::Attention, Precision::F32, &what);
+            assert_matches(&flat(&rotated.probs), &flat(&exact.probs), Op::Attention, Precision::F32, &what);
         }
         // No rotation and an f32 cache is bit-for-bit plain attention.
         let none = rotated_quantized_attention(q.view(), k.view(), v.view(), &case.params, &f32_cache(RotationPlan::none())).unwrap();

@@ -5,6 +5,7 @@ use proptest::prelude::*;
 use rotq_reference::hadamard::{self, HadamardSize, MAX_POW2, SPECIAL_BASES};
 use rotq_reference::rotation::{random_signs, SplitMix64};
 use rotq_reference::{Error, Rotation, RotationSpec};
+use rotq_testkit::data::Rows;
 
 /// Every supported size up to `limit`.
 fn sizes_up_to(limit: usize) -> Vec<usize> {
@@ -368,11 +369,6 @@ fn any_rotation() -> impl Strategy<Value = Rotation> {
     })
 }
 
-fn vector(n: usize, seed: u64, scale: f64) -> Vec<f64> {
-    let mut g = SplitMix64::new(seed);
-    (0..n).map(|_| (g.next_f64() - 0.5) * scale).collect()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -381,8 +377,9 @@ proptest! {
         r in any_rotation(), seed in any::<u64>(), log_scale in -30i32..30,
     ) {
         let n = r.dim();
-        let scale = 2f64.powi(log_scale);
-        let (x, z) = (vector(n, seed, scale), vector(n, seed ^ 1, 1.0));
+        // x of half-width 2^(log_scale - 1), z of half-width 1/2.
+        let x = Rows::uniform(2f32.powi(log_scale - 1)).f64s(n, seed);
+        let z = Rows::uniform(0.5).f64s(n, seed ^ 1);
         let (mut y, mut w) = (x.clone(), z.clone());
         r.forward_in_place(&mut y).unwrap();
         r.forward_in_place(&mut w).unwrap();
@@ -400,7 +397,7 @@ proptest! {
     #[test]
     fn forward_is_linear(r in any_rotation(), seed in any::<u64>(), a in -4.0f64..4.0) {
         let n = r.dim();
-        let (x, z) = (vector(n, seed, 1.0), vector(n, seed ^ 7, 1.0));
+        let (x, z) = (Rows::uniform(0.5).f64s(n, seed), Rows::uniform(0.5).f64s(n, seed ^ 7));
         let mut combo: Vec<f64> = x.iter().zip(&z).map(|(p, q)| a * p + q).collect();
         let (mut rx, mut rz) = (x, z);
         r.forward_in_place(&mut rx).unwrap();
@@ -419,7 +416,7 @@ fn the_largest_sizes_invert() {
             Rotation::hadamard(n).unwrap(),
             Rotation::randomized(n, 5).unwrap(),
         ] {
-            let x = vector(n, 3, 2.0);
+            let x = Rows::uniform(1.0).f64s(n, 3);
             let mut y = x.clone();
             r.forward_in_place(&mut y).unwrap();
             r.inverse_in_place(&mut y).unwrap();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{device, download, random, upload, Elem};
+use common::{device, download, upload, Elem, ROWS};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use ndarray::Array3;
@@ -14,9 +14,9 @@ use rotq_cuda::{
     Device, PrefillConfig, MIN_AUTO_SPLIT_TOKENS,
 };
 use rotq_reference::rotation::SplitMix64;
-use rotq_reference::tolerance::tolerance;
 use rotq_reference::tolerance::{Op, Precision};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
+use rotq_testkit::rotations::RotationKind;
 
 /// One decode batch to check.
 #[derive(Clone, Debug)]
@@ -43,12 +43,15 @@ struct Case {
 impl Case {
     fn plan(&self) -> RotationPlan {
         let qk = match self.plan {
-            0 => None,
-            2 => Some(Rotation::randomized(self.d, self.seed).unwrap()),
-            _ => Some(Rotation::hadamard(self.d).unwrap()),
+            0 => RotationKind::None,
+            2 => RotationKind::Randomized,
+            _ => RotationKind::Hadamard,
         };
         let v = (self.plan == 3).then(|| Rotation::block_hadamard(self.d_v, 32).unwrap());
-        RotationPlan { qk, v }
+        RotationPlan {
+            qk: qk.build(self.d, self.seed),
+            v,
+        }
     }
 
     fn params(&self) -> AttentionParams {
@@ -103,8 +106,8 @@ fn sequences(c: &Case, plan: &RotationPlan) -> Vec<(Vec<u8>, Vec<u8>)> {
         .enumerate()
         .map(|(b, &(n, _))| {
             let seed = c.seed ^ (b as u64 * 7919);
-            let k = random(n * c.h_kv * c.d, seed ^ 2);
-            let v = random(n * c.h_kv * c.d_v, seed ^ 3);
+            let k = ROWS.f32s(n * c.h_kv * c.d, seed ^ 2);
+            let v = ROWS.f32s(n * c.h_kv * c.d_v, seed ^ 3);
             (
                 encode(c.k_format, &k, c.d, plan.qk.as_ref()),
                 encode(c.v_format, &v, c.d_v, plan.v.as_ref()),
@@ -265,7 +268,7 @@ fn check<T: Elem>(dev: &Device, c: &Case) {
     let caches = DeviceCaches::new(dev, c, &per_seq, capacity);
     let (k, v) = caches.views(c);
     let stream = dev.stream();
-    let q = random(batch * h_q * c.d, c.seed ^ 4);
+    let q = ROWS.f32s(batch * h_q * c.d, c.seed ^ 4);
     let q_held: Vec<f64> = q
         .iter()
         .map(|&x| f64::from(T::from_f32(x).to_f32()))
@@ -292,18 +295,10 @@ fn check<T: Elem>(dev: &Device, c: &Case) {
 }
 
 /// `got` (outputs of type `T`) against the oracle's `want`: NaN in the same places, the rest
-/// within the tolerance table of `T`.
+/// within the tolerance table of `T` (the test kit's comparison, named by the type).
 fn assert_matches<T: Elem>(got: &[f64], want: &[f64], what: &str) {
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(
-            g.is_nan(),
-            w.is_nan(),
-            "{what}: NaN at {i}: got {g}, want {w}"
-        );
-    }
-    if let Err(m) = tolerance(Op::Attention, T::PRECISION).check(got, want) {
-        panic!("{} {what}: {m}", std::any::type_name::<T>());
-    }
+    let what = format!("{} {what}", std::any::type_name::<T>());
+    rotq_testkit::oracle::assert_matches(got, want, Op::Attention, T::PRECISION, &what);
 }
 
 /// Every format as K (V q8_0) and as V (K q4_0), with a Hadamard plan, paged and contiguous;
@@ -512,8 +507,8 @@ fn special_values_follow_the_oracle() {
 fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: bool) {
     let h_q = c.h_kv * c.group;
     let (n, pos) = c.seqs[0];
-    let mut k = random(n * c.h_kv * c.d, c.seed ^ 2);
-    let mut v = random(n * c.h_kv * c.d_v, c.seed ^ 3);
+    let mut k = ROWS.f32s(n * c.h_kv * c.d, c.seed ^ 2);
+    let mut v = ROWS.f32s(n * c.h_kv * c.d_v, c.seed ^ 3);
     if in_k {
         k[at] = value;
     } else {
@@ -550,7 +545,8 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
     };
     // Small queries: every weight stays far above the f16 underflow (a weight that rounds to
     // 0 turns an infinite V value into NaN; see the crate docs).
-    let q: Vec<f32> = random(h_q * c.d, c.seed ^ 4)
+    let q: Vec<f32> = ROWS
+        .f32s(h_q * c.d, c.seed ^ 4)
         .into_iter()
         .map(|x| x * 0.02)
         .collect();
@@ -578,7 +574,8 @@ fn check_planted<T: Elem>(dev: &Device, c: &Case, at: usize, value: f32, in_k: b
 
     // Prefill of every position: rows before the planted token must not see it, including in
     // the flash kernel, whose blocks hold rows on both sides of it.
-    let q: Vec<f32> = random(n * h_q * c.d, c.seed ^ 6)
+    let q: Vec<f32> = ROWS
+        .f32s(n * h_q * c.d, c.seed ^ 6)
         .into_iter()
         .map(|x| x * 0.02)
         .collect();
@@ -668,7 +665,7 @@ fn check_prefill_configs<T: Elem>(
     let caches = DeviceCaches::new(dev, &one, &per_seq, capacity);
     let (k, v) = caches.views(c);
     let stream = dev.stream();
-    let q = random(n_q * h_q * c.d, c.seed ^ 5);
+    let q = ROWS.f32s(n_q * h_q * c.d, c.seed ^ 5);
     let q_held: Vec<f64> = q
         .iter()
         .map(|&x| f64::from(T::from_f32(x).to_f32()))
@@ -1143,13 +1140,13 @@ fn out_of_memory_is_a_typed_error() {
     // is 2.4 MB per side, but the partial results (16 query heads x 1,024 slices of 131 floats
     // per sequence, whatever the warps and splits) would take over 340 GB.
     let (d, group, n, page_tokens, batch) = (128, 16, 32768, 256, 40_000);
-    let rows = random(n * d, 11);
+    let rows = ROWS.f32s(n * d, 11);
     let stream = dev.stream();
     let k_bytes = stream
         .clone_htod(&encode(KvFormat::Q4_0, &rows, d, None))
         .unwrap();
     let v_bytes = stream
-        .clone_htod(&encode(KvFormat::Q4_0, &random(n * d, 12), d, None))
+        .clone_htod(&encode(KvFormat::Q4_0, &ROWS.f32s(n * d, 12), d, None))
         .unwrap();
     let pages = n / page_tokens;
     let table: Vec<u32> = (0..batch).flat_map(|_| 0..pages as u32).collect();
@@ -1169,7 +1166,7 @@ fn out_of_memory_is_a_typed_error() {
         bytes: &v_bytes,
         ..k
     };
-    let q = upload::<f16>(dev, &random(batch * group * d, 13));
+    let q = upload::<f16>(dev, &ROWS.f32s(batch * group * d, 13));
     let mut out = stream.alloc_zeros::<f16>(batch * group * d).unwrap();
     let seqs = vec![
         DecodeSeq {

@@ -3,17 +3,19 @@
 
 mod common;
 
-use common::{device, download, random, upload, Elem};
+use common::{device, download, upload, Elem, ROWS};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use rotq_cuda::{CacheTarget, CudaCodec, CudaError, CudaRotation, Device, RowConfig};
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::{KvFormat, Rotation};
+use rotq_testkit::oracle::assert_matches;
+use rotq_testkit::rotations::RotationKind;
 
 /// The GPU rotation of `rows` rows (forward, then inverse) against the oracle.
 fn check_rotation<T: Elem>(dev: &Device, r: &Rotation, rows: usize, cfg: RowConfig, seed: u64) {
     let n = r.dim();
-    let x = random(rows * n, seed);
+    let x = ROWS.f32s(rows * n, seed);
     // The oracle rotates exactly what the GPU holds (the input rounded to T).
     let held: Vec<f64> = x
         .iter()
@@ -25,16 +27,15 @@ fn check_rotation<T: Elem>(dev: &Device, r: &Rotation, rows: usize, cfg: RowConf
     let mut buf = upload::<T>(dev, &x);
     rot.forward(dev, &mut buf).unwrap();
     let got: Vec<f64> = download(dev, &buf).into_iter().map(f64::from).collect();
-    let tol = tolerance(Op::Rotation, T::PRECISION);
-    if let Err(m) = tol.check(&got, &want) {
-        panic!(
-            "forward {r:?} n={n} rows={rows} {cfg:?} {}: {m}",
-            std::any::type_name::<T>()
-        );
-    }
+    let what = format!(
+        "forward {r} n={n} rows={rows} {cfg:?} {}",
+        std::any::type_name::<T>()
+    );
+    assert_matches(&got, &want, Op::Rotation, T::PRECISION, &what);
     rot.inverse(dev, &mut buf).unwrap();
     let back: Vec<f64> = download(dev, &buf).into_iter().map(f64::from).collect();
     // Two roundings of T on the way: twice the tolerance.
+    let tol = tolerance(Op::Rotation, T::PRECISION);
     let tol2 = rotq_reference::tolerance::Tolerance {
         rel_l2: 2.0 * tol.rel_l2,
         max_abs: 2.0 * tol.max_abs,
@@ -106,7 +107,7 @@ fn check_quantize_with<T: Elem>(
 ) {
     let (tokens, heads) = (5usize, 3usize);
     let rows = tokens * heads;
-    let x = random(rows * n, seed);
+    let x = ROWS.f32s(rows * n, seed);
     let codec = CudaCodec::new(dev, format, n, r).unwrap().with_config(cfg);
     let rb = codec.row_bytes();
     let start = 2usize;
@@ -173,9 +174,9 @@ fn check_quantize_with<T: Elem>(
     if let Some(r) = r {
         r.rotate_rows(&mut oracle, true).unwrap();
     }
-    if let Err(m) = tolerance(Op::Rotation, Precision::F32).check(&got_back, &oracle) {
-        panic!("dequantize {format} n={n} rotation={r:?}: {m}");
-    }
+    let rotation = r.map_or("none".to_string(), |r| r.to_string());
+    let what = format!("dequantize {format} n={n} rotation {rotation}");
+    assert_matches(&got_back, &oracle, Op::Rotation, Precision::F32, &what);
 }
 
 /// Each format at four (dimension, rotation) pairs: no rotation, Sylvester, randomized m·2^k
@@ -281,7 +282,7 @@ fn dequantize_into_half_types() {
         let (n, rows) = (128usize, 9usize);
         let r = Rotation::randomized(n, 5).unwrap();
         let codec = CudaCodec::new(dev, KvFormat::Q5_1, n, Some(&r)).unwrap();
-        let mut rotated: Vec<f64> = random(rows * n, 6).into_iter().map(f64::from).collect();
+        let mut rotated: Vec<f64> = ROWS.f32s(rows * n, 6).into_iter().map(f64::from).collect();
         r.rotate_rows(&mut rotated, false).unwrap();
         let rotated: Vec<f32> = rotated.into_iter().map(|v| v as f32).collect();
         let bytes = KvFormat::Q5_1.quantize_row(&rotated).unwrap();
@@ -296,9 +297,8 @@ fn dequantize_into_half_types() {
             .map(f64::from)
             .collect();
         r.rotate_rows(&mut want, true).unwrap();
-        tolerance(Op::Rotation, T::PRECISION)
-            .check(&got, &want)
-            .unwrap();
+        let what = std::any::type_name::<T>();
+        assert_matches(&got, &want, Op::Rotation, T::PRECISION, what);
     }
     check::<f16>(dev);
     check::<bf16>(dev);
@@ -311,7 +311,7 @@ fn paged_cache_holds_the_contiguous_rows() {
     let r = Rotation::hadamard(n).unwrap();
     let codec = CudaCodec::new(dev, KvFormat::Q4_0, n, Some(&r)).unwrap();
     let rb = codec.row_bytes();
-    let x = random(tokens * heads * n, 11);
+    let x = ROWS.f32s(tokens * heads * n, 11);
     let input = upload::<bf16>(dev, &x);
     let start = 3;
     let mut flat = dev
@@ -400,7 +400,7 @@ fn bad_inputs_are_typed_errors() {
         elems_per_thread: usize::MAX,
         rows_per_block: usize::MAX,
     };
-    let mut rows = upload::<f32>(dev, &random(3 * 128, 1));
+    let mut rows = upload::<f32>(dev, &ROWS.f32s(3 * 128, 1));
     CudaRotation::new(dev, &r)
         .unwrap()
         .with_config(huge)
@@ -464,11 +464,7 @@ fn context_shift_follows_the_oracle() {
     .enumerate()
     {
         for kind in 0..3u8 {
-            let r = match kind {
-                0 => None,
-                1 => Some(Rotation::hadamard(d).unwrap()),
-                _ => Some(Rotation::randomized(d, 40 + i as u64).unwrap()),
-            };
+            let r = RotationKind::nth(kind.into()).build(d, 40 + i as u64);
             let paged = (i + kind as usize) % 2 == 1;
             let rope = Rope {
                 freq_base: if paged { 500_000.0 } else { 10_000.0 },
@@ -499,7 +495,7 @@ fn context_shift_follows_the_oracle() {
                     pos
                 }
             };
-            let x = random(tokens * heads * d, 900 + i as u64 + 10 * kind as u64);
+            let x = ROWS.f32s(tokens * heads * d, 900 + i as u64 + 10 * kind as u64);
             let mut cache = dev
                 .stream()
                 .alloc_zeros::<u8>(table.len() * page * heads * rb)

@@ -1,12 +1,12 @@
-//! Helpers shared by the CUDA test files: the device (or the skip line), random data, the
-//! element types.
+//! What the CUDA test files share: the device (or the skip line), the test data, the element
+//! types.
 
 #![allow(dead_code)] // each test file uses its own part
 
 use half::{bf16, f16};
 use rotq_cuda::{CudaError, Device, GpuElement};
-use rotq_reference::rotation::SplitMix64;
 use rotq_reference::tolerance::Precision;
+use rotq_testkit::data::Rows;
 use std::io::Write;
 use std::sync::OnceLock;
 
@@ -30,20 +30,9 @@ pub fn device() -> Option<&'static Device> {
         .as_ref()
 }
 
-/// Values with a few large outliers per row (what rotation is for), never all zero.
-pub fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|i| {
-            let v = (g.next_f64() * 2.0 - 1.0) as f32;
-            if i % 37 == 5 {
-                v * 20.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
+/// The test data: uniform in [-1, 1) with an outlier 20 times larger every 37 values (what
+/// rotation is for), never all zero.
+pub const ROWS: Rows = Rows::uniform(1.0).every(37, 5, 20.0);
 
 pub trait Elem: GpuElement {
     fn from_f32(v: f32) -> Self;
