@@ -222,6 +222,11 @@ pub enum Paging {
 
 /// One layer's K and V caches on one [`Backend`] (see the module docs).
 ///
+/// **Threads.** A cache is `Send` and `Sync`: it may move to another thread, and threads may
+/// share `&cache` to read it at once (`attention`, `bytes`, `positions`, …). The calls that
+/// change it (`append`, `shift`, `remove`) take `&mut self`: to share one cache between
+/// threads that change it, put it behind a `RwLock`, as the C API's handles do.
+///
 /// ```
 /// use rotq::cache::{CacheSpec, RotatedKvCache};
 /// use rotq::KvFormat;

@@ -503,9 +503,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// A spec whose sizes wrap `usize` in any product (a token's values or bytes, a page's
-    /// bytes, the pages, the capacity's bytes; computed here in u128) is refused when the cache is made, with
-    /// `Error::Overflow`; one whose products fit is a cache whose calls answer without a
-    /// panic. Capacities are 0 or at least 2⁴⁰ tokens, so a spec that fits allocates nothing.
+    /// bytes, the pages, the capacity's bytes; computed here in u128) is refused when the cache
+    /// is made, with `Error::Overflow`; one whose products fit is a cache whose calls answer
+    /// without a panic. Capacities are 0 or at least 2⁴⁰ tokens, so a spec that fits allocates
+    /// nothing.
     #[test]
     fn sizes_that_overflow_are_refused_when_the_cache_is_made(
         n_heads in huge(),
@@ -516,7 +517,8 @@ proptest! {
         capacity in prop_oneof![Just(0usize), (1usize << 40)..=usize::MAX],
         page_tokens in prop_oneof![Just(0usize), 1usize..=usize::MAX],
     ) {
-        let (head_dim, v_dim) = (k_blocks * k_format.block_size(), v_blocks * v_format.block_size());
+        let head_dim = k_blocks * k_format.block_size();
+        let v_dim = v_blocks * v_format.block_size();
         let paging = match page_tokens {
             0 => Paging::Contiguous,
             page_tokens => Paging::Paged { page_tokens },
@@ -609,7 +611,10 @@ fn head_dims_the_kernels_cannot_take_are_refused_when_the_cache_is_made() {
     };
     let refused = |e: Error, n: usize, sizes: &str| {
         assert!(
-            matches!(e, Error::Reference(rotq::reference::Error::UnsupportedDim { n: m, .. }) if m == n),
+            matches!(
+                e,
+                Error::Reference(rotq::reference::Error::UnsupportedDim { n: m, .. }) if m == n
+            ),
             "{e}"
         );
         assert!(e.to_string().contains(sizes), "{e}");
@@ -665,6 +670,111 @@ fn head_dims_the_kernels_cannot_take_are_refused_when_the_cache_is_made() {
         }
         for (head_dim, v_dim) in [(96, 96), (4096, 4096)] {
             assert!(RotatedKvCache::on(spec(head_dim, v_dim), &backend).is_ok());
+        }
+    }
+}
+
+// A cache may move to another thread, and `&cache` be shared by threads that read it at once
+// (attention, bytes, positions); changing it takes `&mut`.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<RotatedKvCache>();
+};
+
+/// Runs `work(thread)` on 8 threads at once (released together) and returns their results.
+fn on_eight_threads<T: Send>(work: impl Fn(u64) -> T + Sync) -> Vec<T> {
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (start, work) = (&start, &work);
+                s.spawn(move || {
+                    start.wait();
+                    work(t)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    /// 8 threads, each with a cache of its own (both layouts, two pairs of formats), append
+    /// their own fresh rows in chunks, run prefill and decode attention after each and remove
+    /// a few tokens, all at once: every output follows the oracle on the cache's bytes, and the
+    /// bytes and outputs equal those of the same calls made on one thread.
+    #[test]
+    fn caches_on_eight_threads_at_once_follow_the_oracle(seed in any::<u64>()) {
+        let run = |t: u64| {
+            let paging = LAYOUTS[t as usize % 2];
+            let formats = [(KvFormat::Q4_0, KvFormat::Q8_0), (KvFormat::Iq4Nl, KvFormat::F16)];
+            let (kf, vf) = formats[t as usize / 2 % 2];
+            let mut cache = RotatedKvCache::new(spec(kf, vf, 48, paging)).unwrap();
+            let seed = seed ^ (t + 1).wrapping_mul(0x9E37_79B9);
+            let mut outputs = Vec::new();
+            for (i, n) in [5usize, 17, 1, 9].into_iter().enumerate() {
+                let s = seed.wrapping_add(10 * i as u64);
+                cache.append(&rows(n, s), &rows(n, s + 1)).unwrap();
+                let (n_q, h_q) = (3, 2 * H);
+                let q = random(n_q * h_q * D, s + 2);
+                let p = AttentionParams {
+                    causal: true,
+                    pos_offset: cache.len() - n_q,
+                    ..Default::default()
+                };
+                let out = cache.attention(&q, n_q, h_q, &p).unwrap();
+                outputs.push((out, oracle(&cache, &q, n_q, h_q, &p)));
+            }
+            cache.remove(2..6).unwrap();
+            let q = random(2 * H * D, seed + 99);
+            let p = AttentionParams::default();
+            let out = cache.attention(&q, 1, 2 * H, &p).unwrap();
+            outputs.push((out, oracle(&cache, &q, 1, 2 * H, &p)));
+            (owned(&cache), outputs)
+        };
+        let together = on_eight_threads(run);
+        for (t, got) in (0..8).zip(&together) {
+            for (i, (out, want)) in got.1.iter().enumerate() {
+                assert_close(out, want, &format!("thread {t}, call {i}"));
+            }
+            prop_assert!(got == &run(t), "thread {t}: differs from the calls made alone");
+        }
+    }
+
+    /// One cache read by 8 threads at once through `&cache`: each runs its own queries (prefill
+    /// and decode, causal or not, GQA) on fresh random rows, and every output follows the
+    /// oracle and equals the same call made alone.
+    #[test]
+    fn attention_on_one_cache_from_eight_threads_follows_the_oracle(seed in any::<u64>()) {
+        for paging in LAYOUTS {
+            let n = 70;
+            let spec = spec(KvFormat::Q4_0, KvFormat::Q8_0, n, paging);
+            let mut cache = RotatedKvCache::new(spec).unwrap();
+            cache.append(&rows(n, seed), &rows(n, seed ^ 1)).unwrap();
+            let cache = &cache;
+            let call = |t: u64| {
+                let (n_q, h_q) = (1 + t as usize % 4, H << (t % 3));
+                let q = random(n_q * h_q * D, seed.wrapping_add(t + 2));
+                let p = AttentionParams {
+                    causal: t.is_multiple_of(2),
+                    pos_offset: n - n_q,
+                    ..Default::default()
+                };
+                (q, n_q, h_q, p)
+            };
+            let run = |t: u64| {
+                let (q, n_q, h_q, p) = call(t);
+                cache.attention(&q, n_q, h_q, &p).unwrap()
+            };
+            let together = on_eight_threads(run);
+            for (t, got) in (0..8).zip(&together) {
+                let (q, n_q, h_q, p) = call(t);
+                let what = format!("{paging:?} thread {t}");
+                assert_close(got, &oracle(cache, &q, n_q, h_q, &p), &what);
+                prop_assert!(got == &run(t), "{what}: differs from the call made alone");
+            }
         }
     }
 }
