@@ -239,6 +239,11 @@ pub enum Paging {
 
 /// One layer's K and V caches on one [`Backend`] (see the module docs).
 ///
+/// **Threads.** A cache is `Send` and `Sync`: it may move to another thread, and threads may
+/// share `&cache` to read it at once (`attention`, `bytes`, `positions`, …). The calls that
+/// change it (`append`, `shift`, `remove`) take `&mut self`: to share one cache between
+/// threads that change it, put it behind a `RwLock`, as the C API's handles do.
+///
 /// ```
 /// use rotq::cache::{CacheSpec, RotatedKvCache};
 /// use rotq::KvFormat;
@@ -285,16 +290,25 @@ impl RotatedKvCache {
     }
 
     /// An empty cache on `backend`, its buffers allocated for `spec.capacity` tokens (on a
-    /// CUDA device, in device memory). What the backend's kernels cannot do (a format,
-    /// dimension or plan), a page of no tokens, or memory that cannot be had, is an error.
+    /// CUDA device, in device memory). What the backend's kernels cannot do (a format or plan,
+    /// a head dimension the attention kernels do not take: over 65536 on the CPU, not a
+    /// multiple of 32 or over 4096 on CUDA), a page of no tokens, sizes that overflow `usize`
+    /// (`Error::Overflow`: a token's values or bytes, a page's, the buffers'), or memory that
+    /// cannot be had, is an error; the calls on a cache made never overflow.
     ///
     /// ```
     /// use rotq::cache::{Backend, CacheSpec, RotatedKvCache};
     /// use rotq::KvFormat;
     /// let spec = CacheSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::F16,
     ///     n_heads: 2, head_dim: 64, v_dim: 64, capacity: 16, ..Default::default() };
-    /// let cache = RotatedKvCache::on(spec, &Backend::Cpu)?;
+    /// let cache = RotatedKvCache::on(spec.clone(), &Backend::Cpu)?;
     /// assert_eq!(cache.backend().name(), "cpu");
+    /// // 2^59 heads of 64 values: a token's size overflows.
+    /// let huge = CacheSpec { n_heads: 1 << 59, capacity: 0, ..spec.clone() };
+    /// assert!(RotatedKvCache::on(huge, &Backend::Cpu).is_err());
+    /// // No attention kernel takes rows of 100,000 values.
+    /// let wide = CacheSpec { head_dim: 100_000, v_dim: 100_000, k_format: KvFormat::F16, ..spec };
+    /// assert!(RotatedKvCache::on(wide, &Backend::Cpu).is_err());
     /// # Ok::<(), rotq::Error>(())
     /// ```
     pub fn on(spec: CacheSpec, backend: &Backend) -> Result<Self, Error> {
@@ -313,6 +327,7 @@ impl RotatedKvCache {
             }
         }
         let pages = Pages::new(spec.paging, spec.capacity)?;
+        check_sizes(&spec, &pages)?;
         let rows = pages
             .slots()
             .checked_mul(spec.n_heads)
@@ -708,8 +723,9 @@ impl RotatedKvCache {
     /// token's). With a causal mask or a window the tokens must sit at consecutive positions,
     /// and the first query not before the first token (else an error; see the module docs).
     /// Returns `[n_q, h_q, v_dim]`; a row that sees no token is zeros. On CUDA one row runs
-    /// the decode kernel and several the prefill kernels, with the CUDA kernels' limits (head
-    /// dimensions multiples of 32, at most 16 query heads per KV head).
+    /// the decode kernel and several the prefill kernels, with the CUDA kernels' limits (at
+    /// most 16 query heads per KV head; their head dimensions were checked when the cache was
+    /// made).
     ///
     /// ```
     /// # use rotq::cache::{CacheSpec, RotatedKvCache};
@@ -878,17 +894,21 @@ impl RotatedKvCache {
     /// tokens of the same count that fit the cache.
     fn tokens_to_append(&self, k_len: usize, v_len: usize) -> Result<usize, Error> {
         let (h, d, dv) = (self.spec.n_heads, self.spec.head_dim, self.spec.v_dim);
-        if !k_len.is_multiple_of(h * d) {
+        // Neither product overflows nor is 0: `check_sizes` and `on` saw to it.
+        let (kt, vt) = (h * d, h * dv);
+        if !k_len.is_multiple_of(kt) {
             return Err(InputError::Shape(format!(
                 "keys of {k_len} values are not whole tokens of {h} heads x {d}"
             ))
             .into());
         }
-        let n = k_len / (h * d);
-        if v_len != n * h * dv {
+        let n = k_len / kt;
+        let want = n
+            .checked_mul(vt)
+            .ok_or(InputError::Overflow("values to append"))?;
+        if v_len != want {
             return Err(InputError::Shape(format!(
-                "{n} tokens of keys but {v_len} values of V (want {})",
-                n * h * dv
+                "{n} tokens of keys but {v_len} values of V (want {want})"
             ))
             .into());
         }
@@ -997,6 +1017,41 @@ impl RotatedKvCache {
         }
         Ok(())
     }
+}
+
+/// Checks every size the cache computes from `spec` laid out in `pages`: a token's keys and
+/// values (`n_heads × head_dim`, `n_heads × v_dim`), its bytes (`n_heads × row_bytes`), a
+/// page's and the buffers' (tokens per page and token slots `×` those). Once these fit a
+/// `usize`, so does every size a call computes from them.
+fn check_sizes(spec: &CacheSpec, pages: &Pages) -> Result<(), Error> {
+    let product =
+        |what: &'static str, a: usize, b: usize| a.checked_mul(b).ok_or(InputError::Overflow(what));
+    let h = spec.n_heads;
+    product("a token's keys (n_heads x head_dim)", h, spec.head_dim)?;
+    product("a token's values (n_heads x v_dim)", h, spec.v_dim)?;
+    let k_bytes = product(
+        "a token's key bytes",
+        h,
+        spec.k_format.row_bytes(spec.head_dim)?,
+    )?;
+    let v_bytes = product(
+        "a token's value bytes",
+        h,
+        spec.v_format.row_bytes(spec.v_dim)?,
+    )?;
+    // The pool holds at least one page: its bytes bound a page's.
+    let slots = pages.slots().max(pages.page_tokens());
+    product(
+        "the cache's key bytes (tokens x token bytes)",
+        slots,
+        k_bytes,
+    )?;
+    product(
+        "the cache's value bytes (tokens x token bytes)",
+        slots,
+        v_bytes,
+    )?;
+    Ok(())
 }
 
 /// The first of `positions` that is not the one after its predecessor, if any.

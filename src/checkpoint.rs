@@ -226,7 +226,6 @@ impl TransformLocation {
 ///                         inverse: false, ignore: vec![] };
 /// assert_eq!(a.location.as_str(), "q_attn");
 /// ```
-#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransformArgs {
     /// Module names, `re:` patterns or class names.
@@ -248,7 +247,6 @@ pub struct TransformArgs {
 /// assert_eq!(cfg.groups["R3"].kind, "random-hadamard");
 /// assert_eq!(cfg.groups["R3"].apply[0].targets, ["Attention"]);
 /// ```
-#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransformScheme {
     /// The `type`, normalized (lower case, `-` for `_` and spaces).
@@ -273,7 +271,6 @@ pub struct TransformScheme {
 ///     assert_eq!(plans.len(), 32);
 /// }
 /// ```
-#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransformConfig {
     /// Scheme by group name (`config_groups`).

@@ -9,6 +9,7 @@ mod common;
 
 use common::{random, LAYOUTS};
 use ndarray::Array3;
+use proptest::prelude::*;
 use rotq::cache::{CacheSpec, Paging, RotatedKvCache};
 use rotq::reference::attention::attention_f64;
 use rotq::reference::rope::{shift_cache, Rope, RopeVariant};
@@ -488,4 +489,292 @@ fn bad_calls_are_errors_and_change_nothing() {
             ..
         }))
     ));
+}
+
+/// Huge `usize` values: powers of two (whose products wrap to exactly 0) and any value from 2²⁴.
+fn huge() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        (24u32..usize::BITS).prop_map(|k| 1usize << k),
+        (1usize << 24)..=usize::MAX,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A spec whose sizes wrap `usize` in any product (a token's values or bytes, a page's
+    /// bytes, the pages, the capacity's bytes; computed here in u128) is refused when the cache
+    /// is made, with `Error::Overflow`; one whose products fit is a cache whose calls answer
+    /// without a panic. Capacities are 0 or at least 2⁴⁰ tokens, so a spec that fits allocates
+    /// nothing.
+    #[test]
+    fn sizes_that_overflow_are_refused_when_the_cache_is_made(
+        n_heads in huge(),
+        k_blocks in 1usize..=2048,
+        v_blocks in 1usize..=2048,
+        k_format in proptest::sample::select(KvFormat::ALL.to_vec()),
+        v_format in proptest::sample::select(KvFormat::ALL.to_vec()),
+        capacity in prop_oneof![Just(0usize), (1usize << 40)..=usize::MAX],
+        page_tokens in prop_oneof![Just(0usize), 1usize..=usize::MAX],
+    ) {
+        let head_dim = k_blocks * k_format.block_size();
+        let v_dim = v_blocks * v_format.block_size();
+        let paging = match page_tokens {
+            0 => Paging::Contiguous,
+            page_tokens => Paging::Paged { page_tokens },
+        };
+        let wide = |x: usize| x as u128;
+        // The pool's tokens, at least one page's.
+        let slots = match paging {
+            Paging::Contiguous => Some(wide(capacity.max(1))),
+            Paging::Paged { page_tokens } => {
+                let pages = capacity.div_ceil(page_tokens);
+                (pages <= u32::MAX as usize).then(|| wide(pages.max(1)) * wide(page_tokens))
+            }
+        };
+        let token_bytes = |format: KvFormat, dim: usize| {
+            wide(n_heads) * wide(dim / format.block_size()) * wide(format.block_bytes())
+        };
+        let sizes = [
+            wide(n_heads) * wide(head_dim),
+            wide(n_heads) * wide(v_dim),
+            token_bytes(k_format, head_dim),
+            token_bytes(v_format, v_dim),
+        ];
+        let fits = slots.is_some_and(|slots| {
+            let max = wide(usize::MAX);
+            sizes.iter().all(|&s| s <= max)
+                && slots * sizes[2] <= max
+                && slots * sizes[3] <= max
+        });
+        let spec = CacheSpec {
+            k_format,
+            v_format,
+            plan: RotationPlan::none(),
+            n_heads,
+            head_dim,
+            v_dim,
+            capacity,
+            paging,
+        };
+        match RotatedKvCache::new(spec) {
+            Err(Error::Reference(rotq::reference::Error::Overflow(_))) => prop_assert!(!fits),
+            Err(e) => prop_assert!(false, "not an overflow error: {e}"),
+            Ok(mut cache) => {
+                prop_assert!(fits, "an overflowing spec was accepted");
+                prop_assert!(cache.append(&[], &[]).is_ok());
+                prop_assert!(cache.append(&[1.0], &[1.0]).is_err());
+                let e = cache.attention(&[], 0, n_heads, &AttentionParams::default());
+                prop_assert!(e.is_ok(), "{:?}", e.err());
+            }
+        }
+    }
+}
+
+/// The sizes of a spec that wrap `usize` exactly to 0 (2⁵⁹ heads of 32 values) used to make
+/// a cache whose `append` divided by zero: now the cache is refused.
+#[test]
+fn a_token_size_that_wraps_to_zero_is_refused() {
+    let spec = CacheSpec {
+        k_format: KvFormat::Q8_0,
+        v_format: KvFormat::Q8_0,
+        n_heads: 1 << 59,
+        head_dim: 32,
+        v_dim: 32,
+        capacity: 0,
+        ..Default::default()
+    };
+    let e = RotatedKvCache::new(spec).expect_err("refused");
+    assert!(
+        matches!(e, Error::Reference(rotq::reference::Error::Overflow(_))),
+        "{e}"
+    );
+    assert!(e.to_string().contains("overflow"), "{e}");
+}
+
+/// A head dimension the CPU attention kernels cannot take (over `MAX_HEAD_DIM`, for K or V)
+/// is refused when the cache is made, naming the sizes they take; the largest they take
+/// makes a cache whose attention follows the oracle. On a CUDA backend (where there is one)
+/// the CUDA kernels' limits apply: multiples of 32, at most 4096.
+#[test]
+fn head_dims_the_kernels_cannot_take_are_refused_when_the_cache_is_made() {
+    use rotq::cache::Backend;
+    use rotq_cpu::attention::MAX_HEAD_DIM;
+    let spec = |head_dim: usize, v_dim: usize| CacheSpec {
+        k_format: KvFormat::F32,
+        v_format: KvFormat::F32,
+        n_heads: 1,
+        head_dim,
+        v_dim,
+        capacity: 3,
+        ..Default::default()
+    };
+    let refused = |e: Error, n: usize, sizes: &str| {
+        assert!(
+            matches!(
+                e,
+                Error::Reference(rotq::reference::Error::UnsupportedDim { n: m, .. }) if m == n
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(sizes), "{e}");
+    };
+    for (head_dim, v_dim, bad) in [
+        (100_000, 64, 100_000),
+        (64, 100_000, 100_000),
+        (MAX_HEAD_DIM + 1, 64, MAX_HEAD_DIM + 1),
+    ] {
+        refused(
+            RotatedKvCache::new(spec(head_dim, v_dim)).expect_err("refused"),
+            bad,
+            "65536",
+        );
+    }
+    // The largest K and V rows: three tokens, attention against the oracle on the f32 rows.
+    let d = MAX_HEAD_DIM;
+    let mut cache = RotatedKvCache::new(spec(d, d)).unwrap();
+    let (k, v, q) = (random(3 * d, 41), random(3 * d, 42), random(2 * d, 43));
+    cache.append(&k, &v).unwrap();
+    let p = AttentionParams::default();
+    let got = cache.attention(&q, 1, 2, &p).unwrap();
+    let f64s = |x: &[f32], n: usize| {
+        Array3::from_shape_vec(
+            (n, x.len() / n / d, d),
+            x.iter().map(|&v| f64::from(v)).collect(),
+        )
+        .unwrap()
+    };
+    let want = attention_f64(
+        f64s(&q, 1).view(),
+        f64s(&k, 3).view(),
+        f64s(&v, 3).view(),
+        &p,
+    )
+    .unwrap()
+    .output;
+    assert_close(&got, want.as_slice().unwrap(), "head_dim 65536");
+
+    if rotq::cuda::cuda_available() {
+        let backend = Backend::open("cuda:0").unwrap();
+        for (head_dim, v_dim, bad) in [(48, 64, 48), (64, 4128, 4128), (8192, 8192, 8192)] {
+            let spec = CacheSpec {
+                k_format: KvFormat::F16,
+                v_format: KvFormat::F16,
+                ..spec(head_dim, v_dim)
+            };
+            refused(
+                RotatedKvCache::on(spec, &backend).expect_err("refused"),
+                bad,
+                "multiples of 32",
+            );
+        }
+        for (head_dim, v_dim) in [(96, 96), (4096, 4096)] {
+            assert!(RotatedKvCache::on(spec(head_dim, v_dim), &backend).is_ok());
+        }
+    }
+}
+
+// A cache may move to another thread, and `&cache` be shared by threads that read it at once
+// (attention, bytes, positions); changing it takes `&mut`.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<RotatedKvCache>();
+};
+
+/// Runs `work(thread)` on 8 threads at once (released together) and returns their results.
+fn on_eight_threads<T: Send>(work: impl Fn(u64) -> T + Sync) -> Vec<T> {
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (start, work) = (&start, &work);
+                s.spawn(move || {
+                    start.wait();
+                    work(t)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    /// 8 threads, each with a cache of its own (both layouts, two pairs of formats), append
+    /// their own fresh rows in chunks, run prefill and decode attention after each and remove
+    /// a few tokens, all at once: every output follows the oracle on the cache's bytes, and the
+    /// bytes and outputs equal those of the same calls made on one thread.
+    #[test]
+    fn caches_on_eight_threads_at_once_follow_the_oracle(seed in any::<u64>()) {
+        let run = |t: u64| {
+            let paging = LAYOUTS[t as usize % 2];
+            let formats = [(KvFormat::Q4_0, KvFormat::Q8_0), (KvFormat::Iq4Nl, KvFormat::F16)];
+            let (kf, vf) = formats[t as usize / 2 % 2];
+            let mut cache = RotatedKvCache::new(spec(kf, vf, 48, paging)).unwrap();
+            let seed = seed ^ (t + 1).wrapping_mul(0x9E37_79B9);
+            let mut outputs = Vec::new();
+            for (i, n) in [5usize, 17, 1, 9].into_iter().enumerate() {
+                let s = seed.wrapping_add(10 * i as u64);
+                cache.append(&rows(n, s), &rows(n, s + 1)).unwrap();
+                let (n_q, h_q) = (3, 2 * H);
+                let q = random(n_q * h_q * D, s + 2);
+                let p = AttentionParams {
+                    causal: true,
+                    pos_offset: cache.len() - n_q,
+                    ..Default::default()
+                };
+                let out = cache.attention(&q, n_q, h_q, &p).unwrap();
+                outputs.push((out, oracle(&cache, &q, n_q, h_q, &p)));
+            }
+            cache.remove(2..6).unwrap();
+            let q = random(2 * H * D, seed + 99);
+            let p = AttentionParams::default();
+            let out = cache.attention(&q, 1, 2 * H, &p).unwrap();
+            outputs.push((out, oracle(&cache, &q, 1, 2 * H, &p)));
+            (owned(&cache), outputs)
+        };
+        let together = on_eight_threads(run);
+        for (t, got) in (0..8).zip(&together) {
+            for (i, (out, want)) in got.1.iter().enumerate() {
+                assert_close(out, want, &format!("thread {t}, call {i}"));
+            }
+            prop_assert!(got == &run(t), "thread {t}: differs from the calls made alone");
+        }
+    }
+
+    /// One cache read by 8 threads at once through `&cache`: each runs its own queries (prefill
+    /// and decode, causal or not, GQA) on fresh random rows, and every output follows the
+    /// oracle and equals the same call made alone.
+    #[test]
+    fn attention_on_one_cache_from_eight_threads_follows_the_oracle(seed in any::<u64>()) {
+        for paging in LAYOUTS {
+            let n = 70;
+            let spec = spec(KvFormat::Q4_0, KvFormat::Q8_0, n, paging);
+            let mut cache = RotatedKvCache::new(spec).unwrap();
+            cache.append(&rows(n, seed), &rows(n, seed ^ 1)).unwrap();
+            let cache = &cache;
+            let call = |t: u64| {
+                let (n_q, h_q) = (1 + t as usize % 4, H << (t % 3));
+                let q = random(n_q * h_q * D, seed.wrapping_add(t + 2));
+                let p = AttentionParams {
+                    causal: t.is_multiple_of(2),
+                    pos_offset: n - n_q,
+                    ..Default::default()
+                };
+                (q, n_q, h_q, p)
+            };
+            let run = |t: u64| {
+                let (q, n_q, h_q, p) = call(t);
+                cache.attention(&q, n_q, h_q, &p).unwrap()
+            };
+            let together = on_eight_threads(run);
+            for (t, got) in (0..8).zip(&together) {
+                let (q, n_q, h_q, p) = call(t);
+                let what = format!("{paging:?} thread {t}");
+                assert_close(got, &oracle(cache, &q, n_q, h_q, &p), &what);
+                prop_assert!(got == &run(t), "{what}: differs from the call made alone");
+            }
+        }
+    }
 }

@@ -1,3 +1,13 @@
+/* The rotq C API: one layer's rotated, quantized KV cache behind an opaque handle.
+ *
+ * Threads: every function may be called from any thread, and several threads may use one
+ * handle at once. A cache handle holds a read-write lock: calls that change the cache (append,
+ * shift, remove) take turns, each whole, while reads (attention, length) run side by side; a
+ * call waits for its turn, it never fails for being concurrent. A backend handle is read-only.
+ * Free a handle only once no other call on it runs or will start. After a panic inside a call
+ * that changed a cache (a bug), every call on that cache returns ROTQ_STATUS_PANIC: free it.
+ * rotq_last_error() is per thread. Each function's "Threads:" line says the rest. */
+
 #ifndef ROTQ_H
 #define ROTQ_H
 
@@ -26,7 +36,8 @@ enum RotqStatus {
    */
   ROTQ_STATUS_ERROR = 2,
   /**
-   * A bug inside the library (see [`rotq_last_error`]); the handle should be dropped.
+   * A bug inside the library (see [`rotq_last_error`]); the handle should be freed. Every
+   * later call on a cache that a panic interrupted while changing it is `Panic` too.
    */
   ROTQ_STATUS_PANIC = 3,
 };
@@ -34,13 +45,15 @@ enum RotqStatus {
 /**
  * An opaque backend handle (the CPU or one CUDA device): open it with [`rotq_backend_open`]
  * once, make every layer's cache on it with [`rotq_cache_new_on`] (they share the device's
- * compiled kernels), free it with [`rotq_backend_free`], before or after the caches.
+ * compiled kernels), free it with [`rotq_backend_free`], before or after the caches. Several
+ * threads may make caches on one at once.
  */
 struct RotqBackend;
 
 /**
  * An opaque cache handle: create it with [`rotq_cache_new`] or [`rotq_cache_new_on`], free
- * it with [`rotq_cache_free`].
+ * it with [`rotq_cache_free`]. Several threads may use one at once: a lock inside serialises
+ * the calls that change it (see the crate docs).
  */
 struct RotqCache;
 
@@ -148,6 +161,8 @@ extern "C" {
  * Opens a backend by name: "cpu", or a CUDA device, "cuda" (device 0) or "cuda:N". A device
  * that is not there (no driver, no such device) is an error whose message says so.
  *
+ * Threads: any thread, several at once (each gets its own handle).
+ *
  * # Safety
  * `name` is a NUL-terminated string and `out` a valid pointer.
  */
@@ -156,13 +171,18 @@ enum RotqStatus rotq_backend_open(const char *name, struct RotqBackend **out);
 /**
  * Frees a backend (null is ignored). Caches made on it keep working.
  *
+ * Threads: any thread, once no [`rotq_cache_new_on`] on this backend runs or will start.
+ *
  * # Safety
- * `backend` is null or a handle from [`rotq_backend_open`] not yet freed.
+ * `backend` is null or a handle from [`rotq_backend_open`] not yet freed, which no other
+ * call uses now or later.
  */
 void rotq_backend_free(struct RotqBackend *backend);
 
 /**
  * Creates an empty cache as `spec` says, on the CPU, and stores its handle in `*out`.
+ *
+ * Threads: any thread, several at once.
  *
  * # Safety
  * `spec` and `out` are valid pointers; the spec's format names are NUL-terminated strings.
@@ -171,7 +191,10 @@ enum RotqStatus rotq_cache_new(const struct RotqCacheSpec *spec, struct RotqCach
 
 /**
  * Creates an empty cache as `spec` says on `backend` (null: the CPU) and stores its handle in
- * `*out`. The calls on the cache are the same on every backend.
+ * `*out`. The calls on the cache are the same on every backend. A spec whose sizes overflow,
+ * or whose head dimensions the backend's attention kernels do not take, is an error.
+ *
+ * Threads: any thread, several at once, on one backend or several.
  *
  * # Safety
  * `spec` and `out` are valid pointers; the spec's format names are NUL-terminated strings;
@@ -184,13 +207,20 @@ enum RotqStatus rotq_cache_new_on(const struct RotqCacheSpec *spec,
 /**
  * Frees a cache (null is ignored).
  *
+ * Threads: any thread, once no other call on this cache runs or will start (as `free`).
+ *
  * # Safety
- * `cache` is null or a handle from [`rotq_cache_new`] not yet freed.
+ * `cache` is null or a handle from [`rotq_cache_new`] not yet freed, which no other call uses
+ * now or later.
  */
 void rotq_cache_free(struct RotqCache *cache);
 
 /**
- * Tokens in the cache (0 for a null handle).
+ * Tokens in the cache (0 for a null handle; for a cache a panic left unusable, the count it
+ * recorded).
+ *
+ * Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]; it waits
+ * for a call that changes the cache, so the count is before or after that call, never between.
  *
  * # Safety
  * `cache` is null or a live handle.
@@ -201,6 +231,10 @@ size_t rotq_cache_len(const struct RotqCache *cache);
  * Appends `n_tokens` tokens: `k` holds `n_tokens × n_heads × head_dim` floats (unrotated),
  * `v` holds `n_tokens × n_heads × v_dim`. They are rotated and quantized in one pass, at the
  * positions after the newest token's (from 0 in an empty cache).
+ *
+ * Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]: appends
+ * from several threads take turns, each whole (its tokens stay together, in the order of the
+ * turns).
  *
  * # Safety
  * `cache` is a live handle; `k` and `v` point to that many readable floats.
@@ -214,6 +248,9 @@ enum RotqStatus rotq_cache_append(struct RotqCache *cache,
  * [`rotq_cache_append`] at the engine's positions: `positions` holds `n_tokens` of them,
  * which must continue the newest token's position one by one (an empty cache takes any first
  * position).
+ *
+ * Threads: as [`rotq_cache_append`]. The positions are checked in the call's turn, so racing
+ * threads must agree on who appends where (else one is refused, and nothing of it written).
  *
  * # Safety
  * `cache` is a live handle; `k` and `v` point to as many readable floats as
@@ -230,6 +267,10 @@ enum RotqStatus rotq_cache_append_at(struct RotqCache *cache,
  * multiple of the KV heads) against every token held; writes `n_q × h_q × v_dim` floats to
  * `out`, whose length `out_len` must be exactly that.
  *
+ * Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]:
+ * attention calls run side by side; one waits for a call that changes the cache, so it sees
+ * the cache before or after that call, never between.
+ *
  * # Safety
  * `cache` is a live handle, `params` a valid pointer, `q` points to `n_q × h_q × head_dim`
  * readable floats and `out` to `out_len` writable ones.
@@ -245,6 +286,9 @@ enum RotqStatus rotq_cache_attention(const struct RotqCache *cache,
 /**
  * Context shift: the keys of tokens `[start, end)` move by `delta` positions under `rope`.
  *
+ * Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]; it runs
+ * alone, in its turn (the range is checked against the tokens held then).
+ *
  * # Safety
  * `cache` is a live handle and `rope` a valid pointer.
  */
@@ -257,6 +301,8 @@ enum RotqStatus rotq_cache_shift(struct RotqCache *cache,
 /**
  * Drops tokens `[start, end)`, moving the later ones down.
  *
+ * Threads: as [`rotq_cache_shift`].
+ *
  * # Safety
  * `cache` is a live handle.
  */
@@ -265,6 +311,9 @@ enum RotqStatus rotq_cache_remove(struct RotqCache *cache, size_t start, size_t 
 /**
  * The message of this thread's last failed call ("" after a success). The string stays valid
  * until this thread's next call into rotq.
+ *
+ * Threads: any thread; each thread has its own message, so a call on another thread never
+ * changes it.
  */
 const char *rotq_last_error(void);
 

@@ -11,6 +11,18 @@
 //! pointer to less memory than the lengths say. A panic inside is caught and reported as
 //! [`RotqStatus::Panic`]; it never unwinds into C.
 //!
+//! **Threads.** Every call may be made from any thread, and several threads may use one handle
+//! at once: a cache handle holds a read-write lock, so calls that change the cache (append,
+//! shift, remove) run one at a time and wait for each other and for the reads, while reads
+//! (attention, length) run side by side. A call waits rather than failing: an engine has no
+//! better thing to do than retry, and an uncontended lock is two atomic operations, little
+//! beside an append or an attention. A backend handle is read-only and shared freely.
+//! Two rules remain the caller's, as for `free` in C: free a handle only once no other call on
+//! it is running or will start, and do not free a backend while a `rotq_cache_new_on` on it
+//! runs (caches made on it keep working after). A panic while a call changed a cache (a bug)
+//! leaves the cache unusable: every later call on it is [`RotqStatus::Panic`] with a message
+//! that says so, and the handle should be freed. [`rotq_last_error`] is per thread.
+//!
 //! This crate is the one place outside the kernels with `unsafe`: reading what C hands over
 //! through raw pointers. Each block says what it relies on.
 //!
@@ -38,7 +50,6 @@
 //! // SAFETY: a live handle, freed once.
 //! unsafe { rotq_cache_free(cache) };
 //! ```
-#![deny(missing_docs)]
 
 use rotq::cache::{Backend, CacheSpec, Paging, RotatedKvCache};
 use rotq::reference::rope::{Rope, RopeVariant};
@@ -46,6 +57,7 @@ use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The outcome of a call.
 #[repr(C)]
@@ -57,18 +69,28 @@ pub enum RotqStatus {
     InvalidArgument = 1,
     /// The library refused the call (shapes, formats, capacity; see [`rotq_last_error`]).
     Error = 2,
-    /// A bug inside the library (see [`rotq_last_error`]); the handle should be dropped.
+    /// A bug inside the library (see [`rotq_last_error`]); the handle should be freed. Every
+    /// later call on a cache that a panic interrupted while changing it is `Panic` too.
     Panic = 3,
 }
 
 /// An opaque cache handle: create it with [`rotq_cache_new`] or [`rotq_cache_new_on`], free
-/// it with [`rotq_cache_free`].
-pub struct RotqCache(RotatedKvCache);
+/// it with [`rotq_cache_free`]. Several threads may use one at once: a lock inside serialises
+/// the calls that change it (see the crate docs).
+pub struct RotqCache(RwLock<RotatedKvCache>);
 
 /// An opaque backend handle (the CPU or one CUDA device): open it with [`rotq_backend_open`]
 /// once, make every layer's cache on it with [`rotq_cache_new_on`] (they share the device's
-/// compiled kernels), free it with [`rotq_backend_free`], before or after the caches.
+/// compiled kernels), free it with [`rotq_backend_free`], before or after the caches. Several
+/// threads may make caches on one at once.
 pub struct RotqBackend(Backend);
+
+// Both handles may be used from several threads at once: checked when this crate builds.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<RotqCache>();
+    shared::<RotqBackend>();
+};
 
 /// What a cache holds. Formats are registry names ("q4_0", "q8_0", "iq4_nl", "f16", …).
 #[repr(C)]
@@ -168,6 +190,40 @@ fn refused(e: impl std::fmt::Display) -> (RotqStatus, String) {
     (RotqStatus::Error, e.to_string())
 }
 
+/// What a call on a cache that an earlier panic left half-changed gets.
+fn poisoned<T>(_: T) -> (RotqStatus, String) {
+    (
+        RotqStatus::Panic,
+        "this cache is unusable: an earlier call panicked while changing it (a bug in rotq); \
+         free it"
+            .into(),
+    )
+}
+
+/// The cache behind `cache`, for reading (other readers may run at once).
+///
+/// # Safety
+/// `cache` is null or a live handle.
+unsafe fn read<'a>(
+    cache: *const RotqCache,
+) -> Result<RwLockReadGuard<'a, RotatedKvCache>, (RotqStatus, String)> {
+    // SAFETY: null or a live handle (the caller's guarantee).
+    let c = unsafe { cache.as_ref() }.ok_or_else(|| invalid("cache is null"))?;
+    c.0.read().map_err(poisoned)
+}
+
+/// The cache behind `cache`, for changing it (alone).
+///
+/// # Safety
+/// `cache` is null or a live handle.
+unsafe fn write<'a>(
+    cache: *const RotqCache,
+) -> Result<RwLockWriteGuard<'a, RotatedKvCache>, (RotqStatus, String)> {
+    // SAFETY: null or a live handle (the caller's guarantee).
+    let c = unsafe { cache.as_ref() }.ok_or_else(|| invalid("cache is null"))?;
+    c.0.write().map_err(poisoned)
+}
+
 /// A C string as a format name.
 ///
 /// # Safety
@@ -205,6 +261,8 @@ unsafe fn slice<'a, T>(
 /// Opens a backend by name: "cpu", or a CUDA device, "cuda" (device 0) or "cuda:N". A device
 /// that is not there (no driver, no such device) is an error whose message says so.
 ///
+/// Threads: any thread, several at once (each gets its own handle).
+///
 /// # Safety
 /// `name` is a NUL-terminated string and `out` a valid pointer.
 #[no_mangle]
@@ -229,8 +287,11 @@ pub unsafe extern "C" fn rotq_backend_open(
 
 /// Frees a backend (null is ignored). Caches made on it keep working.
 ///
+/// Threads: any thread, once no [`rotq_cache_new_on`] on this backend runs or will start.
+///
 /// # Safety
-/// `backend` is null or a handle from [`rotq_backend_open`] not yet freed.
+/// `backend` is null or a handle from [`rotq_backend_open`] not yet freed, which no other
+/// call uses now or later.
 #[no_mangle]
 pub unsafe extern "C" fn rotq_backend_free(backend: *mut RotqBackend) {
     if !backend.is_null() {
@@ -240,6 +301,8 @@ pub unsafe extern "C" fn rotq_backend_free(backend: *mut RotqBackend) {
 }
 
 /// Creates an empty cache as `spec` says, on the CPU, and stores its handle in `*out`.
+///
+/// Threads: any thread, several at once.
 ///
 /// # Safety
 /// `spec` and `out` are valid pointers; the spec's format names are NUL-terminated strings.
@@ -253,7 +316,10 @@ pub unsafe extern "C" fn rotq_cache_new(
 }
 
 /// Creates an empty cache as `spec` says on `backend` (null: the CPU) and stores its handle in
-/// `*out`. The calls on the cache are the same on every backend.
+/// `*out`. The calls on the cache are the same on every backend. A spec whose sizes overflow,
+/// or whose head dimensions the backend's attention kernels do not take, is an error.
+///
+/// Threads: any thread, several at once, on one backend or several.
 ///
 /// # Safety
 /// `spec` and `out` are valid pointers; the spec's format names are NUL-terminated strings;
@@ -304,15 +370,18 @@ pub unsafe extern "C" fn rotq_cache_new_on(
         let backend = unsafe { backend.as_ref() }.map_or(&Backend::Cpu, |b| &b.0);
         let cache = RotatedKvCache::on(spec, backend).map_err(refused)?;
         // SAFETY: `out` is non-null and the caller guarantees it is writable.
-        unsafe { *out = Box::into_raw(Box::new(RotqCache(cache))) };
+        unsafe { *out = Box::into_raw(Box::new(RotqCache(RwLock::new(cache)))) };
         Ok(())
     })
 }
 
 /// Frees a cache (null is ignored).
 ///
+/// Threads: any thread, once no other call on this cache runs or will start (as `free`).
+///
 /// # Safety
-/// `cache` is null or a handle from [`rotq_cache_new`] not yet freed.
+/// `cache` is null or a handle from [`rotq_cache_new`] not yet freed, which no other call uses
+/// now or later.
 #[no_mangle]
 pub unsafe extern "C" fn rotq_cache_free(cache: *mut RotqCache) {
     if !cache.is_null() {
@@ -321,19 +390,32 @@ pub unsafe extern "C" fn rotq_cache_free(cache: *mut RotqCache) {
     }
 }
 
-/// Tokens in the cache (0 for a null handle).
+/// Tokens in the cache (0 for a null handle; for a cache a panic left unusable, the count it
+/// recorded).
+///
+/// Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]; it waits
+/// for a call that changes the cache, so the count is before or after that call, never between.
 ///
 /// # Safety
 /// `cache` is null or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn rotq_cache_len(cache: *const RotqCache) -> usize {
     // SAFETY: null or a live handle (the caller's guarantee).
-    unsafe { cache.as_ref() }.map_or(0, |c| c.0.len())
+    unsafe { cache.as_ref() }.map_or(0, |c| {
+        // A count is a plain number, safe to read even after a panic.
+        c.0.read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    })
 }
 
 /// Appends `n_tokens` tokens: `k` holds `n_tokens × n_heads × head_dim` floats (unrotated),
 /// `v` holds `n_tokens × n_heads × v_dim`. They are rotated and quantized in one pass, at the
 /// positions after the newest token's (from 0 in an empty cache).
+///
+/// Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]: appends
+/// from several threads take turns, each whole (its tokens stay together, in the order of the
+/// turns).
 ///
 /// # Safety
 /// `cache` is a live handle; `k` and `v` point to that many readable floats.
@@ -351,6 +433,9 @@ pub unsafe extern "C" fn rotq_cache_append(
 /// [`rotq_cache_append`] at the engine's positions: `positions` holds `n_tokens` of them,
 /// which must continue the newest token's position one by one (an empty cache takes any first
 /// position).
+///
+/// Threads: as [`rotq_cache_append`]. The positions are checked in the call's turn, so racing
+/// threads must agree on who appends where (else one is refused, and nothing of it written).
 ///
 /// # Safety
 /// `cache` is a live handle; `k` and `v` point to as many readable floats as
@@ -380,24 +465,23 @@ unsafe fn append(
 ) -> RotqStatus {
     guard(|| {
         // SAFETY: null or a live handle (the caller's guarantee).
-        let c = unsafe { cache.as_mut() }.ok_or_else(|| invalid("cache is null"))?;
-        let s = c.0.spec();
-        let (kn, vn) = (
+        let mut c = unsafe { write(cache) }?;
+        let s = c.spec();
+        let floats = |dim: usize| {
             n_tokens
-                .checked_mul(s.n_heads * s.head_dim)
-                .ok_or_else(|| invalid("n_tokens overflows"))?,
-            n_tokens
-                .checked_mul(s.n_heads * s.v_dim)
-                .ok_or_else(|| invalid("n_tokens overflows"))?,
-        );
+                .checked_mul(s.n_heads)
+                .and_then(|x| x.checked_mul(dim))
+                .ok_or_else(|| invalid("n_tokens overflows"))
+        };
+        let (kn, vn) = (floats(s.head_dim)?, floats(s.v_dim)?);
         // SAFETY: the caller guarantees `kn` and `vn` readable floats.
         let (k, v) = unsafe { (slice(k, kn, "k")?, slice(v, vn, "v")?) };
         match positions {
-            None => c.0.append(k, v),
+            None => c.append(k, v),
             Some(p) => {
                 // SAFETY: the caller guarantees `n_tokens` readable positions (null refused).
                 let positions = unsafe { slice(p, n_tokens, "positions")? };
-                c.0.append_at(k, v, positions)
+                c.append_at(k, v, positions)
             }
         }
         .map_err(refused)
@@ -407,6 +491,10 @@ unsafe fn append(
 /// Attention of `n_q` query rows (`q`: `n_q × h_q × head_dim` floats, unrotated; `h_q` a
 /// multiple of the KV heads) against every token held; writes `n_q × h_q × v_dim` floats to
 /// `out`, whose length `out_len` must be exactly that.
+///
+/// Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]:
+/// attention calls run side by side; one waits for a call that changes the cache, so it sees
+/// the cache before or after that call, never between.
 ///
 /// # Safety
 /// `cache` is a live handle, `params` a valid pointer, `q` points to `n_q × h_q × head_dim`
@@ -423,12 +511,9 @@ pub unsafe extern "C" fn rotq_cache_attention(
 ) -> RotqStatus {
     guard(|| {
         // SAFETY: null or a live handle / valid params (the caller's guarantee).
-        let (c, p) = unsafe { (cache.as_ref(), params.as_ref()) };
-        let (c, p) = (
-            c.ok_or_else(|| invalid("cache is null"))?,
-            p.ok_or_else(|| invalid("params is null"))?,
-        );
-        let s = c.0.spec();
+        let (c, p) = unsafe { (read(cache)?, params.as_ref()) };
+        let p = p.ok_or_else(|| invalid("params is null"))?;
+        let s = c.spec();
         let qn = n_q
             .checked_mul(h_q)
             .and_then(|x| x.checked_mul(s.head_dim))
@@ -455,7 +540,7 @@ pub unsafe extern "C" fn rotq_cache_attention(
             window: (p.window > 0).then_some(p.window),
             softcap: opt(p.softcap),
         };
-        let result = c.0.attention(q, n_q, h_q, &params).map_err(refused)?;
+        let result = c.attention(q, n_q, h_q, &params).map_err(refused)?;
         if want > 0 {
             // SAFETY: `out` is non-null and the caller guarantees `out_len` (= want) writable floats.
             unsafe { std::slice::from_raw_parts_mut(out, want) }.copy_from_slice(&result);
@@ -465,6 +550,9 @@ pub unsafe extern "C" fn rotq_cache_attention(
 }
 
 /// Context shift: the keys of tokens `[start, end)` move by `delta` positions under `rope`.
+///
+/// Threads: any thread, at once with any call on this cache but [`rotq_cache_free`]; it runs
+/// alone, in its turn (the range is checked against the tokens held then).
 ///
 /// # Safety
 /// `cache` is a live handle and `rope` a valid pointer.
@@ -478,11 +566,8 @@ pub unsafe extern "C" fn rotq_cache_shift(
 ) -> RotqStatus {
     guard(|| {
         // SAFETY: null or a live handle / valid rope (the caller's guarantee).
-        let (c, r) = unsafe { (cache.as_mut(), rope.as_ref()) };
-        let (c, r) = (
-            c.ok_or_else(|| invalid("cache is null"))?,
-            r.ok_or_else(|| invalid("rope is null"))?,
-        );
+        let (mut c, r) = unsafe { (write(cache)?, rope.as_ref()) };
+        let r = r.ok_or_else(|| invalid("rope is null"))?;
         let variant = match r.neox {
             0 => RopeVariant::Normal,
             1 => RopeVariant::Neox,
@@ -492,7 +577,7 @@ pub unsafe extern "C" fn rotq_cache_shift(
         let rope = Rope {
             variant,
             dims: if r.dims == 0 {
-                c.0.spec().head_dim
+                c.spec().head_dim
             } else {
                 r.dims
             },
@@ -502,11 +587,13 @@ pub unsafe extern "C" fn rotq_cache_shift(
         if start > end {
             return Err(invalid(format!("start {start} is past end {end}")));
         }
-        c.0.shift(start..end, delta, &rope).map_err(refused)
+        c.shift(start..end, delta, &rope).map_err(refused)
     })
 }
 
 /// Drops tokens `[start, end)`, moving the later ones down.
+///
+/// Threads: as [`rotq_cache_shift`].
 ///
 /// # Safety
 /// `cache` is a live handle.
@@ -518,17 +605,102 @@ pub unsafe extern "C" fn rotq_cache_remove(
 ) -> RotqStatus {
     guard(|| {
         // SAFETY: null or a live handle (the caller's guarantee).
-        let c = unsafe { cache.as_mut() }.ok_or_else(|| invalid("cache is null"))?;
+        let mut c = unsafe { write(cache) }?;
         if start > end {
             return Err(invalid(format!("start {start} is past end {end}")));
         }
-        c.0.remove(start..end).map_err(refused)
+        c.remove(start..end).map_err(refused)
     })
 }
 
 /// The message of this thread's last failed call ("" after a success). The string stays valid
 /// until this thread's next call into rotq.
+///
+/// Threads: any thread; each thread has its own message, so a call on another thread never
+/// changes it.
 #[no_mangle]
 pub extern "C" fn rotq_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr::null_mut;
+
+    fn last_error() -> String {
+        // SAFETY: rotq_last_error returns a NUL-terminated string valid until the next call.
+        unsafe { CStr::from_ptr(rotq_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// A panic while a call changes a cache (simulated: the lock is held by a panicking
+    /// thread) leaves it unusable: every later call is `Panic` with a message saying so, none
+    /// reads the half-changed cache; its length still reads, and it frees.
+    #[test]
+    fn a_cache_a_panic_left_half_changed_is_refused() {
+        let spec = RotqCacheSpec {
+            k_format: c"q8_0".as_ptr(),
+            v_format: c"q8_0".as_ptr(),
+            qk_rotation: 1,
+            v_block: 0,
+            seed: 0,
+            n_heads: 1,
+            head_dim: 32,
+            v_dim: 32,
+            capacity: 8,
+            page_tokens: 0,
+        };
+        let mut cache = null_mut();
+        let kv: Vec<f32> = (0..2 * 32).map(|i| (i as f32 * 0.7).sin()).collect();
+        // SAFETY: (every call below) a valid spec and out pointer, a live handle until freed,
+        // buffers of the lengths passed.
+        unsafe {
+            assert_eq!(rotq_cache_new(&spec, &mut cache), RotqStatus::Ok);
+            assert_eq!(
+                rotq_cache_append(cache, kv.as_ptr(), kv.as_ptr(), 2),
+                RotqStatus::Ok
+            );
+            let handle = &*cache;
+            let panicked = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let _changing = handle.0.write().unwrap();
+                    panic!("a bug while changing the cache");
+                })
+                .join()
+            });
+            assert!(panicked.is_err());
+            assert_eq!(
+                rotq_cache_append(cache, kv.as_ptr(), kv.as_ptr(), 2),
+                RotqStatus::Panic
+            );
+            assert!(last_error().contains("unusable"), "{}", last_error());
+            let q = [0.5f32; 32];
+            let mut out = [0f32; 32];
+            let p = RotqAttentionParams {
+                causal: false,
+                pos_offset: 0,
+                window: 0,
+                softcap: 0.0,
+                scale: 0.0,
+            };
+            assert_eq!(
+                rotq_cache_attention(cache, q.as_ptr(), 1, 1, &p, out.as_mut_ptr(), 32),
+                RotqStatus::Panic
+            );
+            assert!(out.iter().all(|&x| x == 0.0));
+            let rope = RotqRope {
+                neox: 0,
+                dims: 0,
+                freq_base: 0.0,
+                freq_scale: 0.0,
+            };
+            assert_eq!(rotq_cache_shift(cache, 0, 1, 1, &rope), RotqStatus::Panic);
+            assert_eq!(rotq_cache_remove(cache, 0, 1), RotqStatus::Panic);
+            assert!(last_error().contains("unusable"), "{}", last_error());
+            assert_eq!(rotq_cache_len(cache), 2);
+            rotq_cache_free(cache);
+        }
+    }
 }

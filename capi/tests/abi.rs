@@ -257,3 +257,60 @@ fn paged_caches_and_positions() {
     });
     assert_eq!(outputs[0], outputs[1]);
 }
+
+/// Specs whose sizes wrap `usize` (a token's values or bytes, the capacity's bytes) are
+/// refused by `rotq_cache_new` with `ERROR` and a message that says so, never a cache whose
+/// calls then panic; so are head dimensions the attention kernels cannot take.
+#[test]
+fn specs_too_large_are_errors_not_panics() {
+    let huge = [
+        (1usize << 59, 64, 0),
+        (1 << 58, 64, 0),
+        (usize::MAX, 32, 0),
+        (usize::MAX / 3, 64, 1),
+        (1 << 40, 64, 1 << 30),
+        (2, 64, usize::MAX),
+    ];
+    for (n_heads, head_dim, capacity) in huge {
+        for page_tokens in [0, 16] {
+            let spec = RotqCacheSpec {
+                n_heads,
+                head_dim,
+                v_dim: head_dim,
+                capacity,
+                page_tokens,
+                qk_rotation: 0,
+                v_block: 0,
+                ..spec()
+            };
+            let mut cache = null_mut();
+            // SAFETY: a valid spec with NUL-terminated names and a valid out pointer.
+            let status = unsafe { rotq_cache_new(&spec, &mut cache) };
+            let what = format!("{n_heads} heads of {head_dim}, {capacity} tokens");
+            assert_eq!(status, RotqStatus::Error, "{what}: {}", last_error());
+            assert!(
+                last_error().contains("overflow"),
+                "{what}: {}",
+                last_error()
+            );
+            assert!(cache.is_null());
+        }
+    }
+    let mut cache = null_mut();
+    for (head_dim, v_dim) in [(100_000, 64), (64, 100_000)] {
+        let spec = RotqCacheSpec {
+            k_format: c"f16".as_ptr(),
+            v_format: c"f16".as_ptr(),
+            qk_rotation: 0,
+            v_block: 0,
+            head_dim,
+            v_dim,
+            ..spec()
+        };
+        // SAFETY: a valid spec with NUL-terminated names and a valid out pointer.
+        let status = unsafe { rotq_cache_new(&spec, &mut cache) };
+        assert_eq!(status, RotqStatus::Error);
+        assert!(last_error().contains("65536"), "{}", last_error());
+        assert!(cache.is_null());
+    }
+}

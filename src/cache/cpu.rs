@@ -6,11 +6,11 @@ use super::CacheSpec;
 use crate::reference::rope::Rope;
 use crate::reference::{AttentionParams, Error as InputError, KvFormat};
 use crate::Error;
+use rotq_cpu::attention::MAX_HEAD_DIM;
 use rotq_cpu::{CacheCodec, CpuAttention, Isa, KvCacheView};
 use std::ops::Range;
 
 /// K and V bytes in host memory, with their codecs and the attention kernels.
-#[derive(Debug)]
 pub(super) struct CpuStore {
     n_heads: usize,
     k: Vec<u8>,
@@ -20,10 +20,44 @@ pub(super) struct CpuStore {
     attention: CpuAttention,
 }
 
+/// The buffers' lengths, not their bytes (a cache may hold gigabytes).
+impl std::fmt::Debug for CpuStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuStore")
+            .field("n_heads", &self.n_heads)
+            .field("k_bytes", &self.k.len())
+            .field("v_bytes", &self.v.len())
+            .field("k_codec", &self.k_codec)
+            .field("v_codec", &self.v_codec)
+            .field("attention", &self.attention)
+            .finish()
+    }
+}
+
+// The hint below names the CPU kernels' limit.
+const _: () = assert!(MAX_HEAD_DIM == 1 << 16);
+
+/// Refuses a head dimension (K or V) over what the CPU attention kernels take.
+fn check_head_dims(spec: &CacheSpec) -> Result<(), Error> {
+    match [spec.head_dim, spec.v_dim]
+        .into_iter()
+        .find(|&d| d > MAX_HEAD_DIM)
+    {
+        Some(n) => Err(InputError::UnsupportedDim {
+            n,
+            what: "a KV cache head on the CPU",
+            hint: "the CPU attention kernels take head dimensions from 1 to 65536",
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
 impl CpuStore {
     /// Buffers of `rows` rows each, allocated up front: a capacity the machine cannot hold is
-    /// an error, not an abort.
+    /// an error, not an abort; so is a head dimension the attention kernels cannot take.
     pub(super) fn new(spec: &CacheSpec, rows: usize) -> Result<Self, Error> {
+        check_head_dims(spec)?;
         let isa = Isa::best();
         let k_codec = CacheCodec::new(spec.k_format, spec.head_dim, spec.plan.qk.as_ref(), isa)?;
         let v_codec = CacheCodec::new(spec.v_format, spec.v_dim, spec.plan.v.as_ref(), isa)?;

@@ -32,9 +32,32 @@ pub(super) struct CudaStore {
     attention: CudaAttention,
 }
 
+/// The largest head dimension the CUDA attention kernels take, in steps of [`HEAD_DIM_STEP`]
+/// (rotq-cuda's decode and prefill checks refuse any other before a launch).
+const MAX_HEAD_DIM: usize = 4096;
+/// The CUDA attention kernels take head dimensions that are multiples of this.
+const HEAD_DIM_STEP: usize = 32;
+
+/// Refuses a head dimension (K or V) the CUDA attention kernels cannot take.
+fn check_head_dims(spec: &CacheSpec) -> Result<(), Error> {
+    let bad = |d: usize| !d.is_multiple_of(HEAD_DIM_STEP) || d > MAX_HEAD_DIM;
+    match [spec.head_dim, spec.v_dim].into_iter().find(|&d| bad(d)) {
+        Some(n) => Err(InputError::UnsupportedDim {
+            n,
+            what: "a KV cache head on CUDA",
+            hint: "the CUDA attention kernels take head dimensions that are multiples of 32, \
+                   from 32 to 4096",
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
 impl CudaStore {
-    /// Buffers of `rows` rows each, zeroed, in device memory.
+    /// Buffers of `rows` rows each, zeroed, in device memory; a head dimension the attention
+    /// kernels cannot take is an error.
     pub(super) fn new(dev: Arc<Device>, spec: &CacheSpec, rows: usize) -> Result<Self, Error> {
+        check_head_dims(spec)?;
         let k_codec = CudaCodec::new(&dev, spec.k_format, spec.head_dim, spec.plan.qk.as_ref())
             .map_err(cuda)?;
         let v_codec =

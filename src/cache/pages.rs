@@ -76,6 +76,11 @@ impl Pages {
         })
     }
 
+    /// Tokens per page (a contiguous cache: its capacity, at least 1).
+    pub fn page_tokens(&self) -> usize {
+        self.page_tokens
+    }
+
     /// Token slots of the pool (whole pages).
     pub fn slots(&self) -> usize {
         self.n_pages * self.page_tokens

@@ -86,6 +86,9 @@ enum Plan {
 
 /// A rotation ready to run on rows of f32, f16 or bf16.
 ///
+/// `Send` and `Sync`: threads may share one rotation and rotate their own rows at once (each
+/// thread has its own scratch space).
+///
 /// ```
 /// use rotq_cpu::{CpuRotation, Isa};
 /// use rotq_reference::Rotation;

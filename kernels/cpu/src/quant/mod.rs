@@ -192,6 +192,9 @@ pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], is
 
 /// Rotate-quantize (and its inverse) for one format, rotation and row length.
 ///
+/// `Send` and `Sync`: threads may share one codec and encode into, decode from and shift
+/// their own buffers at once.
+///
 /// ```
 /// use rotq_cpu::{CacheCodec, Isa};
 /// use rotq_reference::{KvFormat, Rotation};
