@@ -9,6 +9,18 @@
 //! (another dtype or byte order, Fortran order, object arrays, a file shorter or longer than
 //! its shape says) is an [`NpyError`].
 //!
+//! **Why not a crate.** The maintained readers (`npyz` 0.9, which reads f16, and
+//! `ndarray-npy` 0.10) parse the header with `py_literal` 0.4, a PEG grammar without
+//! memoization that parses every nested list, tuple or dict twice: a header whose `descr`
+//! nests 22 lists deep (a 100-byte file) takes 26 s to be refused, and each level doubles
+//! that, so a small corrupt file would hang `rotq eval`. `npyz` also panics with overflow
+//! checks on (debug builds) when the shape's element count overflows `u64`, allocates the
+//! header length a file claims (up to 4 GiB) before reading it, and rejects Python 2's `3L`.
+//! Guarding against all of that would take the header scanning this module does anyway, so
+//! the header is read here, in one pass, by a cursor that never backtracks; the tests
+//! `deeply_nested_headers_are_refused_without_backtracking` and
+//! `absurd_shapes_are_refused_before_allocating` (cli/tests/npy.rs) hold it there.
+//!
 //! ```
 //! use rotq_cli::npy::{encode, parse, NpyDtype};
 //! let bytes = encode(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], NpyDtype::F16).unwrap();

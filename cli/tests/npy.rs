@@ -251,3 +251,78 @@ fn activation_folders_read_back_and_errors_name_the_file() {
         .to_string();
     assert!(e.contains("layers.0.q.npy"), "{e}");
 }
+
+/// Parses `bytes` on another thread and returns its result; a parse still running after a
+/// minute fails the test (a guard against a parser that backtracks exponentially, not a
+/// timing assertion: a correct parser answers in microseconds).
+fn parse_guarded(bytes: Vec<u8>) -> Result<rotq_cli::npy::NpyArray, NpyError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(parse(&bytes)));
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the parser did not finish a 200-byte header")
+}
+
+#[test]
+fn deeply_nested_headers_are_refused_without_backtracking() {
+    // A PEG grammar for Python literals without memoization (the one the `.npy` crates use)
+    // parses each nesting level twice: 22 levels took 26 s, 64 would take millennia.
+    let depth = 64;
+    let open = |c: &str| c.repeat(depth);
+    let cases = [
+        format!(
+            "{{'descr': {}{}, 'fortran_order': False, 'shape': (2,), }}",
+            open("["),
+            open("]")
+        ),
+        format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': {}2{}, }}",
+            open("("),
+            open(",)")
+        ),
+        format!(
+            "{{'descr': '<f4', 'fortran_order': {}1{}, 'shape': (2,), }}",
+            open("{1: "),
+            open("}")
+        ),
+    ];
+    for (i, header) in cases.iter().enumerate() {
+        let e = parse_guarded(handmade(1, header, &f32_bytes(&[1.0, 2.0]))).unwrap_err();
+        match i {
+            0 => assert!(matches!(e, NpyError::UnsupportedDtype(_)), "{e:?}"),
+            _ => assert!(matches!(e, NpyError::BadHeader(_)), "{i}: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn absurd_shapes_are_refused_before_allocating() {
+    let header = |shape: &str| {
+        handmade(
+            2,
+            &format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"),
+            &f32_bytes(&[1.0; 4]),
+        )
+    };
+    // Element counts that overflow: typed errors, never a panic (not even with overflow checks).
+    for shape in [
+        "(4294967296, 4294967296, 2)",
+        "(18446744073709551616,)",
+        "(4611686018427387904,)",
+    ] {
+        match parse(&header(shape)) {
+            Err(NpyError::BadHeader(m)) => assert!(
+                m.contains("overflow") || m.contains("dimension"),
+                "{shape}: {m}"
+            ),
+            other => panic!("{shape}: {other:?}"),
+        }
+    }
+    // A count that fits but is far beyond the file: truncated, checked before any value is read.
+    match parse(&header("(1000000000, 1000, 64)")) {
+        Err(NpyError::Truncated { needed, found, .. }) => {
+            assert_eq!(needed, 128 + 4 * 64_000_000_000_000);
+            assert_eq!(found, 128 + 16);
+        }
+        other => panic!("{other:?}"),
+    }
+}

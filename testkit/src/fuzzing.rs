@@ -7,58 +7,190 @@
 //! unsupported size, a truncated buffer) are fine; the point is that they are refused, not
 //! that they succeed.
 //!
+//! The bytes are decoded with [`arbitrary::Unstructured`] into one problem type per target
+//! (`DequantizeProblem`, …): a `u8` or `u16` (little-endian) per field, `choose` for one of a
+//! list, `int_in_range` for a small count, and zeros once the bytes run out. The committed
+//! corpora (`fuzz/corpus/<target>/`), whose named inputs are fuzzer finds, were written for
+//! that layout; this module's tests check that every corpus file still decodes to the problem
+//! it did when it was found, so a change to the decoding (or to `arbitrary`'s encoding, which
+//! is no stability promise) cannot quietly turn the finds into other problems.
+//!
 //! ```
 //! rotq_testkit::fuzzing::dequantize(&[3, 1, 2, 3]); // a too-short q4_0 block: refused, no panic
 //! ```
 
+use arbitrary::{Arbitrary, Unstructured};
 use ndarray::{Array3, ArrayView1, Axis};
 use rotq_cpu::{AttentionConfig, CacheCodec, CpuAttention, CpuRotation, Isa, KvCacheView};
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::tuned::{DeviceIdentity, Loaded, TuneFile};
 use rotq_reference::{AttentionParams, KvFormat, Rotation, RotationPlan};
 
-/// Reads a problem's fields from the fuzzer's bytes; past the end it reads zeros.
-struct Input<'a> {
-    data: &'a [u8],
-    at: usize,
+/// A value in [-512, 512) in steps of 1/64 from two bytes, or, when `special`, NaN or ±Inf
+/// for one two-byte pattern in 97.
+fn value(u: &mut Unstructured<'_>, special: bool) -> arbitrary::Result<f32> {
+    let raw = u16::arbitrary(u)?;
+    if special && raw.is_multiple_of(97) {
+        return Ok([f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(raw as usize / 97) % 3]);
+    }
+    Ok(f32::from(raw as i16) / 64.0)
 }
 
-impl<'a> Input<'a> {
-    fn new(data: &'a [u8]) -> Self {
-        Self { data, at: 0 }
-    }
+fn values(u: &mut Unstructured<'_>, n: usize, special: bool) -> arbitrary::Result<Vec<f32>> {
+    (0..n).map(|_| value(u, special)).collect()
+}
 
-    fn byte(&mut self) -> u8 {
-        let b = self.data.get(self.at).copied().unwrap_or(0);
-        self.at += 1;
-        b
-    }
+/// Decodes `data` as a `T`. Decoding cannot fail (every choice list is non-empty and missing
+/// bytes read as zeros), so an error here is a bug in a decoder.
+fn decode<'a, T: Arbitrary<'a>>(data: &'a [u8]) -> T {
+    T::arbitrary_take_rest(Unstructured::new(data)).expect("decoding never fails")
+}
 
-    fn u16(&mut self) -> u16 {
-        u16::from(self.byte()) | (u16::from(self.byte()) << 8)
-    }
+/// The `dequantize` target's problem: a format, then the rest of the bytes as its cache.
+#[derive(Debug, PartialEq)]
+struct DequantizeProblem<'a> {
+    format: KvFormat,
+    bytes: &'a [u8],
+}
 
-    /// One of `items`.
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.byte() as usize % items.len()]
+impl<'a> Arbitrary<'a> for DequantizeProblem<'a> {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        Ok(Self {
+            format: *u.choose(&KvFormat::ALL)?,
+            bytes: u.bytes(u.len())?,
+        })
     }
+}
 
-    /// A value in [-512, 512) in steps of 1/64, or, when `special`, sometimes NaN or ±Inf.
-    fn value(&mut self, special: bool) -> f32 {
-        let raw = self.u16();
-        if special && raw.is_multiple_of(97) {
-            return [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(raw as usize / 97) % 3];
-        }
-        f32::from(raw as i16) / 64.0
+/// The `rotation` target's problem: a rotation's kind (Hadamard, block Hadamard, randomized),
+/// size, block and seed, and rows to rotate.
+#[derive(Debug, PartialEq)]
+struct RotationProblem {
+    kind: u8,
+    n: usize,
+    block: usize,
+    seed: u64,
+    rows: usize,
+    x: Vec<f32>,
+}
+
+impl<'a> Arbitrary<'a> for RotationProblem {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let kind = u.int_in_range(0..=2u8)?;
+        let n = usize::from(u16::arbitrary(u)? % 1100);
+        let block = 1usize << u.int_in_range(0..=10u8)?;
+        let seed = if kind == 2 {
+            u8::arbitrary(u)?.into()
+        } else {
+            0
+        };
+        let rows = u.int_in_range(1..=3usize)?;
+        let x = values(u, rows * n, false)?;
+        Ok(Self {
+            kind,
+            n,
+            block,
+            seed,
+            rows,
+            x,
+        })
     }
+}
 
-    fn values(&mut self, n: usize, special: bool) -> Vec<f32> {
-        (0..n).map(|_| self.value(special)).collect()
+/// The `rotate_quantize` target's problem: a format, a head dimension, whether to rotate,
+/// rows (with NaN and ±Inf now and then) and the cache row they go to.
+#[derive(Debug, PartialEq)]
+struct RotateQuantizeProblem {
+    format: KvFormat,
+    dim: usize,
+    rotate: bool,
+    rows: usize,
+    start: usize,
+    x: Vec<f32>,
+}
+
+impl<'a> Arbitrary<'a> for RotateQuantizeProblem {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let format = *u.choose(&KvFormat::ALL)?;
+        let dim = *u.choose(&[32usize, 64, 96, 128, 160, 256])?;
+        let rotate = bool::arbitrary(u)?;
+        let rows = u.int_in_range(1..=4usize)?;
+        let start = u.int_in_range(0..=2usize)?;
+        let x = values(u, rows * dim, true)?;
+        Ok(Self {
+            format,
+            dim,
+            rotate,
+            rows,
+            start,
+            x,
+        })
     }
+}
 
-    /// The bytes not read yet.
-    fn rest(&self) -> &'a [u8] {
-        self.data.get(self.at..).unwrap_or(&[])
+/// The `attention` target's problem. `flags` bits: 1 causal, 2 a window, 4 a soft-cap of 30,
+/// 8 Q and K rotated (Hadamard), 16 V rotated (randomized), 32 and 64 NaN and ±Inf now and
+/// then in K and in V.
+#[derive(Debug, PartialEq)]
+struct AttentionProblem {
+    k_format: KvFormat,
+    v_format: KvFormat,
+    d: usize,
+    n_q: usize,
+    n_kv: usize,
+    h_kv: usize,
+    group: usize,
+    flags: u8,
+    params: AttentionParams,
+    config: AttentionConfig,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl<'a> Arbitrary<'a> for AttentionProblem {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let (k_format, v_format) = (*u.choose(&KvFormat::ALL)?, *u.choose(&KvFormat::ALL)?);
+        let d = *u.choose(&[32usize, 64])?;
+        let n_q = u.int_in_range(1..=3usize)?;
+        let n_kv = u.int_in_range(0..=39usize)?;
+        let h_kv = u.int_in_range(1..=2usize)?;
+        let group = u.int_in_range(1..=4usize)?;
+        let flags = u8::arbitrary(u)?;
+        let params = AttentionParams {
+            causal: flags & 1 == 1,
+            pos_offset: u.int_in_range(0..=47usize)?,
+            window: match flags & 2 == 2 {
+                true => Some(u.int_in_range(1..=20usize)?),
+                false => None,
+            },
+            softcap: (flags & 4 == 4).then_some(30.0),
+            scale: None,
+        };
+        let config = AttentionConfig {
+            block_n: *u.choose(&[1usize, 7, 16, 64])?,
+            block_m: *u.choose(&[1usize, 2, 16])?,
+            kv_splits: *u.choose(&[0usize, 1, 3])?,
+            heads_per_task: *u.choose(&[0usize, 1])?,
+        };
+        let q = values(u, n_q * h_kv * group * d, false)?;
+        let k = values(u, n_kv * h_kv * d, flags & 32 == 32)?;
+        let v = values(u, n_kv * h_kv * d, flags & 64 == 64)?;
+        Ok(Self {
+            k_format,
+            v_format,
+            d,
+            n_q,
+            n_kv,
+            h_kv,
+            group,
+            flags,
+            params,
+            config,
+            q,
+            k,
+            v,
+        })
     }
 }
 
@@ -84,9 +216,7 @@ fn same(a: f32, b: f32) -> bool {
 /// that is not whole blocks; otherwise the CPU kernels on every instruction set give the
 /// oracle's values exactly.
 pub fn dequantize(data: &[u8]) {
-    let mut inp = Input::new(data);
-    let format = inp.pick(&KvFormat::ALL);
-    let bytes = inp.rest();
+    let DequantizeProblem { format, bytes } = decode(data);
     let oracle = format.dequantize_row(bytes);
     let Ok(n) = format.values_in(bytes.len()) else {
         assert!(oracle.is_err(), "{format}: {} bytes decoded", bytes.len());
@@ -112,18 +242,20 @@ pub fn dequantize(data: &[u8]) {
 /// to arbitrary rows by the CPU kernels: forward and inverse within the tolerance of the
 /// oracle.
 pub fn rotation(data: &[u8]) {
-    let mut inp = Input::new(data);
-    let kind = inp.byte() % 3;
-    let n = usize::from(inp.u16() % 1100);
-    let block = 1usize << (inp.byte() % 11);
+    let RotationProblem {
+        kind,
+        n,
+        block,
+        seed,
+        x,
+        ..
+    } = decode(data);
     let rotation = match kind {
         0 => Rotation::hadamard(n),
         1 => Rotation::block_hadamard(n, block),
-        _ => Rotation::randomized(n, u64::from(inp.byte())),
+        _ => Rotation::randomized(n, seed),
     };
     let Ok(r) = rotation else { return };
-    let rows = 1 + usize::from(inp.byte() % 3);
-    let x = inp.values(rows * n, false);
     let mut want: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
     r.rotate_rows(&mut want, false).expect("whole rows");
     let tol = tolerance(Op::Rotation, Precision::F32);
@@ -156,13 +288,14 @@ pub fn rotation(data: &[u8]) {
 /// Rows (with NaN and ±Inf now and then) rotated and quantized by the CPU kernels: the bytes
 /// equal the oracle's quantizer applied to the kernel's own rotated rows.
 pub fn rotate_quantize(data: &[u8]) {
-    let mut inp = Input::new(data);
-    let format = inp.pick(&KvFormat::ALL);
-    let dim = inp.pick(&[32usize, 64, 96, 128, 160, 256]);
-    let rotate = inp.byte() % 2 == 1;
-    let rows = 1 + usize::from(inp.byte() % 4);
-    let start = usize::from(inp.byte() % 3);
-    let x = inp.values(rows * dim, true);
+    let RotateQuantizeProblem {
+        format,
+        dim,
+        rotate,
+        rows,
+        start,
+        x,
+    } = decode(data);
     let r = rotate.then(|| Rotation::hadamard(dim).expect("a supported size"));
     for isa in Isa::all_available() {
         let codec = CacheCodec::new(format, dim, r.as_ref(), isa).expect("whole blocks");
@@ -191,35 +324,26 @@ pub fn rotate_quantize(data: &[u8]) {
 /// the bytes) on caches the CPU codec wrote: the CPU kernel against the oracle on the same
 /// bytes, within the tolerance table and with NaN in the same places.
 pub fn attention(data: &[u8]) {
-    let mut inp = Input::new(data);
-    let (k_format, v_format) = (inp.pick(&KvFormat::ALL), inp.pick(&KvFormat::ALL));
-    let d = inp.pick(&[32usize, 64]);
-    let n_q = 1 + usize::from(inp.byte() % 3);
-    let n_kv = usize::from(inp.byte() % 40);
-    let h_kv = 1 + usize::from(inp.byte() % 2);
-    let group = 1 + usize::from(inp.byte() % 4);
+    let AttentionProblem {
+        k_format,
+        v_format,
+        d,
+        n_q,
+        n_kv,
+        h_kv,
+        group,
+        flags,
+        params,
+        config,
+        q,
+        k,
+        v,
+    } = decode(data);
     let h_q = h_kv * group;
-    let flags = inp.byte();
-    let params = AttentionParams {
-        causal: flags & 1 == 1,
-        pos_offset: usize::from(inp.byte() % 48),
-        window: (flags & 2 == 2).then(|| 1 + usize::from(inp.byte() % 20)),
-        softcap: (flags & 4 == 4).then_some(30.0),
-        scale: None,
-    };
     let plan = RotationPlan {
         qk: (flags & 8 == 8).then(|| Rotation::hadamard(d).expect("a supported size")),
         v: (flags & 16 == 16).then(|| Rotation::randomized(d, 5).expect("a supported size")),
     };
-    let config = AttentionConfig {
-        block_n: inp.pick(&[1usize, 7, 16, 64]),
-        block_m: inp.pick(&[1usize, 2, 16]),
-        kv_splits: inp.pick(&[0usize, 1, 3]),
-        heads_per_task: inp.pick(&[0usize, 1]),
-    };
-    let q = inp.values(n_q * h_q * d, false);
-    let k = inp.values(n_kv * h_kv * d, flags & 32 == 32);
-    let v = inp.values(n_kv * h_kv * d, flags & 64 == 64);
     let isa = Isa::best();
     let kc = CacheCodec::new(k_format, d, plan.qk.as_ref(), isa).expect("whole blocks");
     let vc = CacheCodec::new(v_format, d, plan.v.as_ref(), isa).expect("whole blocks");
@@ -468,6 +592,186 @@ pub fn transform_config(data: &[u8]) {
         assert_eq!(plans.len(), n_layers);
         for plan in &plans {
             assert!(plan.check_dims(head_dim, head_dim).is_ok());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// The reader the corpora were written with, before `arbitrary`: a byte, a little-endian
+    /// `u16`, `byte % len` for a choice or a count, zeros past the end. Kept as the reference
+    /// the decoders must agree with on every corpus file.
+    struct Legacy<'a> {
+        data: &'a [u8],
+        at: usize,
+    }
+
+    impl<'a> Legacy<'a> {
+        fn byte(&mut self) -> u8 {
+            let b = self.data.get(self.at).copied().unwrap_or(0);
+            self.at += 1;
+            b
+        }
+        fn u16(&mut self) -> u16 {
+            u16::from(self.byte()) | (u16::from(self.byte()) << 8)
+        }
+        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+            items[self.byte() as usize % items.len()]
+        }
+        fn values(&mut self, n: usize, special: bool) -> Vec<f32> {
+            let one = |raw: u16| match special && raw.is_multiple_of(97) {
+                true => [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(raw as usize / 97) % 3],
+                false => f32::from(raw as i16) / 64.0,
+            };
+            (0..n).map(|_| one(self.u16())).collect()
+        }
+        fn rest(&self) -> &'a [u8] {
+            self.data.get(self.at..).unwrap_or(&[])
+        }
+    }
+
+    fn legacy_dequantize(data: &[u8]) -> DequantizeProblem<'_> {
+        let mut l = Legacy { data, at: 0 };
+        let format = l.pick(&KvFormat::ALL);
+        DequantizeProblem {
+            format,
+            bytes: l.rest(),
+        }
+    }
+
+    fn legacy_rotation(data: &[u8]) -> RotationProblem {
+        let mut l = Legacy { data, at: 0 };
+        let kind = l.byte() % 3;
+        let n = usize::from(l.u16() % 1100);
+        let block = 1usize << (l.byte() % 11);
+        let seed = if kind == 2 { u64::from(l.byte()) } else { 0 };
+        let rows = 1 + usize::from(l.byte() % 3);
+        let x = l.values(rows * n, false);
+        RotationProblem {
+            kind,
+            n,
+            block,
+            seed,
+            rows,
+            x,
+        }
+    }
+
+    fn legacy_rotate_quantize(data: &[u8]) -> RotateQuantizeProblem {
+        let mut l = Legacy { data, at: 0 };
+        let format = l.pick(&KvFormat::ALL);
+        let dim = l.pick(&[32usize, 64, 96, 128, 160, 256]);
+        let rotate = l.byte() % 2 == 1;
+        let rows = 1 + usize::from(l.byte() % 4);
+        let start = usize::from(l.byte() % 3);
+        let x = l.values(rows * dim, true);
+        RotateQuantizeProblem {
+            format,
+            dim,
+            rotate,
+            rows,
+            start,
+            x,
+        }
+    }
+
+    fn legacy_attention(data: &[u8]) -> AttentionProblem {
+        let mut l = Legacy { data, at: 0 };
+        let (k_format, v_format) = (l.pick(&KvFormat::ALL), l.pick(&KvFormat::ALL));
+        let d = l.pick(&[32usize, 64]);
+        let n_q = 1 + usize::from(l.byte() % 3);
+        let n_kv = usize::from(l.byte() % 40);
+        let h_kv = 1 + usize::from(l.byte() % 2);
+        let group = 1 + usize::from(l.byte() % 4);
+        let flags = l.byte();
+        let params = AttentionParams {
+            causal: flags & 1 == 1,
+            pos_offset: usize::from(l.byte() % 48),
+            window: (flags & 2 == 2).then(|| 1 + usize::from(l.byte() % 20)),
+            softcap: (flags & 4 == 4).then_some(30.0),
+            scale: None,
+        };
+        let config = AttentionConfig {
+            block_n: l.pick(&[1usize, 7, 16, 64]),
+            block_m: l.pick(&[1usize, 2, 16]),
+            kv_splits: l.pick(&[0usize, 1, 3]),
+            heads_per_task: l.pick(&[0usize, 1]),
+        };
+        let q = l.values(n_q * h_kv * group * d, false);
+        let k = l.values(n_kv * h_kv * d, flags & 32 == 32);
+        let v = l.values(n_kv * h_kv * d, flags & 64 == 64);
+        AttentionProblem {
+            k_format,
+            v_format,
+            d,
+            n_q,
+            n_kv,
+            h_kv,
+            group,
+            flags,
+            params,
+            config,
+            q,
+            k,
+            v,
+        }
+    }
+
+    /// Every file of `fuzz/corpus/<target>/`, by name.
+    fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus")
+            .join(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| {
+                let path = e.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&path).unwrap())
+            })
+            .collect();
+        files.sort();
+        assert!(files.len() > 100, "{target}: {} files", files.len());
+        files
+    }
+
+    /// Bits-exact equality of decoded values (NaN included), through their `Debug` text.
+    fn same_problem<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    #[test]
+    fn every_corpus_file_decodes_as_it_did_before_arbitrary() {
+        // Short and empty inputs too: past the end both read zeros.
+        let tiny: Vec<(String, Vec<u8>)> = [&[][..], &[7], &[200, 1], &[3; 35]]
+            .iter()
+            .map(|d| (format!("{d:?}"), d.to_vec()))
+            .collect();
+        for (name, data) in corpus("dequantize").iter().chain(&tiny) {
+            let new: DequantizeProblem = decode(data);
+            assert_eq!(new, legacy_dequantize(data), "dequantize/{name}");
+        }
+        for (name, data) in corpus("rotation").iter().chain(&tiny) {
+            let new: RotationProblem = decode(data);
+            assert!(
+                same_problem(&new, &legacy_rotation(data)),
+                "rotation/{name}"
+            );
+        }
+        for (name, data) in corpus("rotate_quantize").iter().chain(&tiny) {
+            let new: RotateQuantizeProblem = decode(data);
+            let old = legacy_rotate_quantize(data);
+            assert!(same_problem(&new, &old), "rotate_quantize/{name}");
+        }
+        for (name, data) in corpus("attention").iter().chain(&tiny) {
+            let new: AttentionProblem = decode(data);
+            assert!(
+                same_problem(&new, &legacy_attention(data)),
+                "attention/{name}"
+            );
         }
     }
 }
