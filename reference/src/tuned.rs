@@ -7,14 +7,26 @@
 //! configuration and the timings that chose it. [`TuneFile`] is one device's section: saving
 //! it replaces that section and keeps the others. A file of another schema, or a section for
 //! another build of the kernels, is ignored (kept where it is); a file that cannot be parsed is
-//! moved aside to `<name>.corrupt` and ignored. Writes are atomic (a temporary file in the same
-//! folder, then a rename), so a reader never sees half a file. Saves are serialized by an
+//! moved aside to `<name>.corrupt` and ignored.
+//!
+//! Writes are atomic: a temporary file of a random name, created exclusively in the cache's
+//! folder (so never through a link planted there), written, flushed to disk, renamed over the
+//! cache, and the folder flushed; a reader never sees half a file. Saves are serialized by an
 //! advisory lock on a sidecar `<name>.lock` beside the file, so that two processes saving at
 //! once (say `autotune --device cuda:0` and `autotune --device cpu`) both keep their sections;
 //! readers take no lock and never wait (see [`TuneFile::save`]).
+//!
+//! The cache and its lock file are regular files at the path named, never symbolic links:
+//! reading, saving and locking refuse a link there with an error naming it, and create nothing
+//! where it points. Writing through a link would put the file wherever anyone who can write
+//! the folder (a shared cache folder) points it, and replacing the link by a file would
+//! silently cut the user's link; a cache kept elsewhere is named by its own path
+//! (`ROTQ_TUNE_CACHE`).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// The schema version this build reads and writes (2: one section per device).
@@ -129,7 +141,8 @@ pub fn aside_path(path: &Path, what: &str) -> PathBuf {
     let base = format!("{}.{what}", path.display());
     let mut candidate = PathBuf::from(&base);
     let mut n = 1;
-    while candidate.exists() {
+    // A dangling link is not a free name either.
+    while candidate.symlink_metadata().is_ok() {
         candidate = PathBuf::from(format!("{base}.{n}"));
         n += 1;
     }
@@ -225,45 +238,35 @@ impl TuneFile {
     }
 
     fn read(path: &Path, device: &DeviceIdentity, kernel_hash: &str, move_aside: bool) -> Loaded {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
+        let bytes = match read_cache(path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Loaded::Missing,
             Err(e) => {
                 return Loaded::Unreadable {
-                    reason: format!("{}: {e}", path.display()),
+                    reason: e.to_string(),
                 }
             }
         };
-        let corrupt = |reason: String| {
-            // Never lose it: move it aside for inspection, then carry on without it.
-            let kept_at = if move_aside {
-                let aside = aside_path(path, "corrupt");
-                std::fs::rename(path, &aside).ok().map(|_| aside)
-            } else {
-                None
-            };
-            Loaded::Corrupt {
-                reason: format!("{}: {reason}", path.display()),
-                kept_at,
-            }
-        };
-        // The schema first: a newer build may lay the rest out differently.
-        let value: serde_json::Value = match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(e) => return corrupt(e.to_string()),
-        };
-        match value.get("schema").and_then(|s| s.as_u64()) {
-            Some(v) if v == u64::from(SCHEMA_VERSION) => {}
-            Some(v) => {
+        let file = match parse(&bytes) {
+            Parsed::Ours(file) => file,
+            Parsed::Foreign(v) => {
                 return Loaded::Foreign {
                     reason: format!("schema {v} (this build reads {SCHEMA_VERSION})"),
                 }
             }
-            None => return corrupt("no schema version".into()),
-        }
-        let file: OnDisk = match serde_json::from_value(value) {
-            Ok(f) => f,
-            Err(e) => return corrupt(e.to_string()),
+            Parsed::Corrupt(reason) => {
+                // Never lose it: move it aside for inspection, then carry on without it.
+                let kept_at = if move_aside {
+                    let aside = aside_path(path, "corrupt");
+                    std::fs::rename(path, &aside).ok().map(|_| aside)
+                } else {
+                    None
+                };
+                return Loaded::Corrupt {
+                    reason: format!("{}: {reason}", path.display()),
+                    kept_at,
+                };
+            }
         };
         let Some(ours) = file.devices.iter().find(|s| &s.device == device) else {
             return Loaded::OtherDevices {
@@ -297,6 +300,12 @@ impl TuneFile {
     /// stops nothing else. Readers ([`Self::load`], [`Self::peek`]) take no lock and never
     /// block: the rename is atomic, so they see the old file or the new one, whole.
     ///
+    /// Neither the cache, its lock file nor the temporary file is ever opened through a
+    /// symbolic link: a link at the cache or lock path is an error naming it (see the module
+    /// docs for why), and the temporary file has a random name and is created exclusively.
+    /// Errors name the user's paths (the cache, its lock file or its folder), never the
+    /// temporary file's.
+    ///
     /// ```
     /// use rotq_reference::tuned::{DeviceIdentity, Loaded, TuneFile};
     /// let dir = tempfile::tempdir()?;
@@ -315,80 +324,228 @@ impl TuneFile {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(d).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("creating {}: {e}", d.display()))
-            })?;
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "tuned.json".into());
-        // Held until it is dropped (closing the file releases the lock), after the rename.
-        let _lock = lock_beside(path, &name)?;
-        self.merge_and_write(path, &name)
-    }
-
-    /// [`Self::save`]'s read-merge-write, run under the lock.
-    fn merge_and_write(&self, path: &Path, name: &str) -> std::io::Result<()> {
-        use std::io::Write;
-        let mut file = match std::fs::read(path) {
-            Ok(bytes) => {
-                // Parsed as `read` parses it (through a JSON value), so that what a reader
-                // accepts is what a writer accepts.
-                let disk: OnDisk = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| serde_json::from_value(v).ok())
-                    .filter(|d: &OnDisk| d.schema == SCHEMA_VERSION)
-                    .ok_or_else(|| {
-                        std::io::Error::other(format!(
-                            "{} is not a schema {SCHEMA_VERSION} tuning cache; not writing over it",
-                            path.display()
-                        ))
-                    })?;
-                disk
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OnDisk {
-                schema: SCHEMA_VERSION,
-                devices: Vec::new(),
-            },
-            Err(e) => return Err(e),
-        };
-        match file.devices.iter_mut().find(|s| s.device == self.device) {
-            Some(section) => *section = self.clone(),
-            None => file.devices.push(self.clone()),
-        }
-        // One saver at a time holds the lock, so one name per process is enough.
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        let lock = SaveLock::acquire(path)?;
+        lock.save(self)
     }
 }
 
-/// Opens (creating it if missing) the sidecar lock file `<name>.lock` beside `path` and takes
-/// an exclusive lock on it, waiting for any other holder; the lock is released when the
-/// returned file is dropped. See [`TuneFile::save`].
-fn lock_beside(path: &Path, name: &str) -> std::io::Result<std::fs::File> {
-    let lock_path = path.with_file_name(format!("{name}.lock"));
-    let context = |what: &str, e: std::io::Error| {
-        std::io::Error::new(e.kind(), format!("{what} {}: {e}", lock_path.display()))
+/// The largest cache file read (a real one is a few KiB): a larger one is corrupt, and memory
+/// stays bounded whatever lies at the path.
+const MAX_BYTES: u64 = 16 << 20;
+
+/// The exclusive save lock of one cache file (see [`TuneFile::save`]), held until dropped.
+#[derive(Debug)]
+struct SaveLock {
+    /// The cache file.
+    path: PathBuf,
+    /// The open lock file: closing it releases the lock.
+    _file: File,
+}
+
+impl SaveLock {
+    /// Creates the cache's folder, opens (creating it if missing) the lock file `<name>.lock`
+    /// beside `path` and takes an exclusive lock on it, waiting for any other holder. A lock
+    /// path that is a symbolic link or not a regular file is an error naming it.
+    fn acquire(path: &Path) -> std::io::Result<Self> {
+        let name = path.file_name().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{}: not a file path", path.display()),
+            )
+        })?;
+        let folder = folder_of(path);
+        std::fs::create_dir_all(&folder)
+            .map_err(|e| in_context(e, &folder, "creating the tuning cache's folder"))?;
+        let mut lock_name = name.to_os_string();
+        lock_name.push(".lock");
+        let lock_path = path.with_file_name(lock_name);
+        let what = "the tuning cache's lock file";
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        let file = open_no_follow(&mut options, &lock_path)
+            .map_err(|e| refused_or(e, &lock_path, what))?;
+        check_regular(&file, &lock_path, what)?;
+        file.lock()
+            .map_err(|e| in_context(e, &lock_path, "locking"))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    /// [`TuneFile::save`]'s read-merge-write, under this lock.
+    fn save(&self, section: &TuneFile) -> std::io::Result<()> {
+        let path = &self.path;
+        let mut file = match read_cache(path)? {
+            None => OnDisk {
+                schema: SCHEMA_VERSION,
+                devices: Vec::new(),
+            },
+            Some(bytes) => match parse(&bytes) {
+                Parsed::Ours(file) => file,
+                Parsed::Foreign(v) => return Err(not_ours(path, &format!("schema {v}"))),
+                Parsed::Corrupt(why) => return Err(not_ours(path, &why)),
+            },
+        };
+        match file.devices.iter_mut().find(|s| s.device == section.device) {
+            Some(ours) => *ours = section.clone(),
+            None => file.devices.push(section.clone()),
+        }
+        let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
+        write_atomically(path, text.as_bytes())
+    }
+}
+
+/// What a cache file's bytes are.
+enum Parsed {
+    /// A cache of this schema.
+    Ours(OnDisk),
+    /// A valid file of another schema (a newer build may lay the rest out differently).
+    Foreign(u64),
+    /// Not a cache: why.
+    Corrupt(String),
+}
+
+/// Parses a cache file's bytes. Reading and saving parse alike (through a JSON value), so
+/// that what a reader accepts, a writer accepts.
+fn parse(bytes: &[u8]) -> Parsed {
+    if bytes.len() as u64 > MAX_BYTES {
+        return Parsed::Corrupt(format!("larger than {} MiB", MAX_BYTES >> 20));
+    }
+    let value: serde_json::Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return Parsed::Corrupt(e.to_string()),
     };
-    let lock = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(|e| context("opening the lock file", e))?;
-    lock.lock().map_err(|e| context("locking", e))?;
-    Ok(lock)
+    match value.get("schema").and_then(|s| s.as_u64()) {
+        Some(v) if v == u64::from(SCHEMA_VERSION) => {}
+        Some(v) => return Parsed::Foreign(v),
+        None => return Parsed::Corrupt("no schema version".into()),
+    }
+    match serde_json::from_value(value) {
+        Ok(file) => Parsed::Ours(file),
+        Err(e) => Parsed::Corrupt(e.to_string()),
+    }
+}
+
+/// The refusal to write over the file at `path`, which is not a cache of this schema.
+fn not_ours(path: &Path, why: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!(
+            "{}: not a schema {SCHEMA_VERSION} tuning cache ({why}); not writing over it",
+            path.display()
+        ),
+    )
+}
+
+/// The folder `path` is in (`.` for a bare file name).
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `e`, saying what was being done to which of the user's paths.
+fn in_context(e: std::io::Error, path: &Path, doing: &str) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{doing} {}: {e}", path.display()))
+}
+
+/// Opens `path` with `options`, not following a symbolic link at its last component (and not
+/// blocking on a FIFO: what is not a regular file is refused after opening).
+fn open_no_follow(options: &mut OpenOptions, path: &Path) -> std::io::Result<File> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    options.open(path)
+}
+
+/// The error of opening `path` (`what`): a clear refusal when a symbolic link is there.
+fn refused_or(e: std::io::Error, path: &Path, what: &str) -> std::io::Error {
+    if path.symlink_metadata().is_ok_and(|m| m.is_symlink()) {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{}: {what} is a symbolic link; rotq reads and writes it only as a regular file, \
+                 never through a link (name the file itself, or remove the link)",
+                path.display()
+            ),
+        )
+    } else {
+        in_context(e, path, &format!("opening {what}"))
+    }
+}
+
+/// An error unless the open `file` at `path` (`what`) is a regular file.
+fn check_regular(file: &File, path: &Path, what: &str) -> std::io::Result<()> {
+    let meta = file
+        .metadata()
+        .map_err(|e| in_context(e, path, &format!("reading {what}")))?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: {what} is not a regular file", path.display()),
+        ))
+    }
+}
+
+/// The bytes of the cache at `path` (at most [`MAX_BYTES`] + 1), `None` if there is none; an
+/// error naming `path` if it is a symbolic link, not a regular file, or cannot be read.
+fn read_cache(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    let what = "the tuning cache";
+    let file = match open_no_follow(OpenOptions::new().read(true), path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(refused_or(e, path, what)),
+    };
+    check_regular(&file, path, what)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| in_context(e, path, "reading"))?;
+    Ok(Some(bytes))
+}
+
+/// Replaces the file at `path` by `bytes` atomically: a temporary file of a random name,
+/// created exclusively (`O_EXCL`: never through a link) in the same folder, written and
+/// flushed, renamed over `path`, then the folder flushed so that the rename survives a crash.
+/// Errors name `path`, not the temporary file; on an error the temporary file is removed.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let folder = folder_of(path);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let context = |doing: &'static str| move |e| in_context(e, path, doing);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .make_in(&folder, |p| {
+            OpenOptions::new().write(true).create_new(true).open(p)
+        })
+        .map_err(context("creating a temporary file beside"))?;
+    tmp.as_file_mut()
+        .write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(context("writing"))?;
+    tmp.persist(path)
+        .map_err(|e| in_context(e.error, path, "replacing"))?;
+    sync_folder(&folder).map_err(|e| in_context(e, &folder, "flushing the folder"))
+}
+
+/// Flushes `folder`'s entries to disk (a rename lives in the folder). File systems that cannot
+/// flush a folder say so, and are let be.
+fn sync_folder(folder: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    match File::open(folder).and_then(|d| d.sync_all()) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) => {}
+        other => return other,
+    }
+    let _ = folder;
+    Ok(())
 }

@@ -372,3 +372,99 @@ fn processes_saving_at_once_keep_every_section() {
     std::fs::remove_file(go).unwrap();
     assert_every_section_kept(&path, &names);
 }
+
+/// A symbolic link planted at the name the temporary file used to have (`.<name>.tmp-<pid>`)
+/// is not followed: the file it points to is untouched.
+#[test]
+fn a_symlink_at_a_temporary_name_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let path = cache.join("tuned.json");
+    let planted = cache.join(format!(".tuned.json.tmp-{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    sample().save(&path).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(planted.symlink_metadata().unwrap().is_symlink());
+}
+
+/// A lock path that is a symbolic link is refused with an error naming it; nothing is
+/// created or changed where it points.
+#[test]
+fn a_lock_path_that_is_a_symlink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let lock = dir.path().join("tuned.json.lock");
+    let target = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, &lock).unwrap();
+    let e = sample().save(&path).unwrap_err().to_string();
+    assert!(e.contains(&lock.display().to_string()), "{e}");
+    assert!(e.contains("symbolic link"), "{e}");
+    assert!(!target.exists(), "nothing created through the link");
+    assert!(!path.exists(), "nothing written");
+    // Through a link to an existing file: that file is left as it was.
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::write(&target, "precious").unwrap();
+    std::os::unix::fs::symlink(&target, &lock).unwrap();
+    assert!(sample().save(&path).is_err());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+}
+
+/// A cache path that is a symbolic link is refused, when saving and when reading, with an
+/// error naming it: nothing is written through the link, and the link is not replaced.
+#[test]
+fn a_cache_path_that_is_a_symlink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.json");
+    sample().save(&real).unwrap();
+    let before = std::fs::read(&real).unwrap();
+    let link = dir.path().join("tuned.json");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut other = sample();
+    other.insert(
+        "fwht",
+        "n=8",
+        &serde_json::json!({"rows": 1}),
+        1.0,
+        1.0,
+        1,
+        0,
+    );
+    let e = other.save(&link).unwrap_err().to_string();
+    assert!(
+        e.contains(&link.display().to_string()) && e.contains("symbolic link"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&real).unwrap(), before);
+    assert!(link.symlink_metadata().unwrap().is_symlink());
+    match TuneFile::peek(&link, &device("gpu A"), "hash1") {
+        Loaded::Unreadable { reason } => assert!(reason.contains("symbolic link"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // A dangling link: nothing is created where it points.
+    let gone = dir.path().join("gone.json");
+    let dangling = dir.path().join("dangling.json");
+    std::os::unix::fs::symlink(&gone, &dangling).unwrap();
+    assert!(sample().save(&dangling).is_err());
+    assert!(!gone.exists());
+}
+
+/// A FIFO or a folder at the cache path is not a regular file: reading says so at once (no
+/// wait for a writer), saving refuses.
+#[test]
+fn a_cache_path_that_is_not_a_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("tuned.json");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if !made.is_ok_and(|s| s.success()) {
+        return; // no mkfifo here
+    }
+    match TuneFile::peek(&fifo, &device("gpu A"), "hash1") {
+        Loaded::Unreadable { reason } => assert!(reason.contains("not a regular file"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let e = sample().save(&fifo).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}
