@@ -313,28 +313,28 @@ fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool, gpu: bool) -> Result<
     Ok(())
 }
 
-/// Writes this device's section as tuned so far, merged with what another run may have saved
-/// for it meanwhile (ours wins where both tuned the same bucket), beside the other devices'
-/// sections; a file of another schema is first moved aside, once.
+/// Saves this run's entries not saved yet and forgets them: the cache merges them entry by
+/// entry under its lock, so entries another run saved meanwhile are kept (and this run never
+/// writes back entries it did not tune). A file of another schema is first moved aside, once.
 fn save(
-    file: &mut TuneFile,
+    new: &mut TuneFile,
     path: &std::path::Path,
-    device: &rotq_reference::tuned::DeviceIdentity,
-    hash: &str,
     replace: &mut bool,
+    bar: &ProgressBar,
 ) -> Result<(), String> {
     if std::mem::take(replace) && path.exists() {
         let aside = rotq_reference::tuned::aside_path(path, "replaced");
         std::fs::rename(path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
         eprintln!("kept the earlier cache as {}", aside.display());
     }
-    if let Loaded::Usable(theirs) = TuneFile::peek(path, device, hash) {
-        for (k, e) in theirs.entries {
-            file.entries.entry(k).or_insert(e);
-        }
-    }
-    file.save(path)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+    let waiting = || {
+        let note = format!("waiting for another run's save to {}", path.display());
+        bar.suspend(|| eprintln!("{note}"));
+    };
+    new.save_with(path, waiting)
+        .map_err(|e| format!("cannot write the tuning cache: {e}"))?;
+    new.entries.clear();
+    Ok(())
 }
 
 /// A decode task's share of the budget, in units of the others': its search spaces are the
@@ -400,9 +400,8 @@ fn run(args: Args) -> Result<(), String> {
     };
     // A foreign file is kept: moved aside only when this run saves its first result.
     let mut replace = false;
-    let mut file = match TuneFile::load(&path, &device, &hash) {
-        Loaded::Usable(f) => f,
-        Loaded::Missing => TuneFile::new(device.clone(), &hash),
+    match TuneFile::load(&path, &device, &hash) {
+        Loaded::Usable(_) | Loaded::Missing => {}
         Loaded::OtherDevices { devices } => {
             eprintln!(
                 "adding {} to {} (which holds {})",
@@ -410,7 +409,6 @@ fn run(args: Args) -> Result<(), String> {
                 path.display(),
                 devices.join(", ")
             );
-            TuneFile::new(device.clone(), &hash)
         }
         Loaded::Stale { reason } => {
             eprintln!(
@@ -418,7 +416,6 @@ fn run(args: Args) -> Result<(), String> {
                 device.name,
                 path.display()
             );
-            TuneFile::new(device.clone(), &hash)
         }
         Loaded::Unreadable { reason } => {
             return Err(format!(
@@ -431,16 +428,16 @@ fn run(args: Args) -> Result<(), String> {
                 path.display()
             );
             replace = true;
-            TuneFile::new(device.clone(), &hash)
         }
         Loaded::Corrupt { reason, kept_at } => {
             eprintln!(
                 "ignoring a corrupt cache ({reason}){}",
                 kept_at.map_or(String::new(), |p| format!("; kept as {}", p.display()))
             );
-            TuneFile::new(device.clone(), &hash)
         }
-    };
+    }
+    // This run's entries not saved yet.
+    let mut file = TuneFile::new(device.clone(), &hash);
     validate(&shapes, &wants, gpu)?;
     // Tasks, and their weights in the budget.
     let counts = [
@@ -513,7 +510,7 @@ fn run(args: Args) -> Result<(), String> {
             let mut t = $t;
             rows.push(run_one(&mut t, share(done, $w), plan, &bar, &mut file)?);
             done += $w;
-            save(&mut file, &path, &device, &hash, &mut replace)?;
+            save(&mut file, &path, &mut replace, &bar)?;
             bar.inc(1);
         }};
     }

@@ -344,3 +344,70 @@ fn the_cpu_has_no_prefill_to_tune() {
     assert!(msg.contains("n_kv"), "{msg}");
     assert!(!out.exists(), "nothing was tuned, nothing written");
 }
+
+/// Another run saves an entry while this one is tuning: this run's later saves keep it (it
+/// saves only the entries it tuned, merged under the lock, never a copy of what it read at
+/// its start). The test holds the cache's lock, so that the run's first save waits; the
+/// run's "waiting" note is the barrier (no timing): the other save happens then.
+#[test]
+fn a_run_keeps_entries_another_run_saves_meanwhile() {
+    use rotq_reference::tuned::SaveLock;
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned.json");
+    let (device, hash) = (
+        rotq_cpu::tuned::device_identity(),
+        rotq_cpu::tuned::KERNEL_HASH,
+    );
+    let other = |v: u32| {
+        let mut f = TuneFile::new(device.clone(), hash);
+        f.insert(
+            "other_kernel",
+            "x=1",
+            &serde_json::json!({ "v": v }),
+            1.0,
+            1.0,
+            1,
+            0,
+        );
+        f
+    };
+    // What the run reads at its start.
+    other(0).save(&out).unwrap();
+    let shapes = dir.path().join("shapes.json");
+    std::fs::write(&shapes, r#"{"fwht": [64, 128], "bytes": 65536}"#).unwrap();
+    let lock = SaveLock::acquire(&out, || {}).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
+        .args(["--device", "cpu", "--kernels", "fwht", "--budget-secs", "1"])
+        .arg("--shapes")
+        .arg(&shapes)
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let _ = lines.send(line.unwrap());
+        }
+    });
+    let mut said = String::new();
+    while !said.contains("waiting for another run's save") {
+        // A guard against hanging only.
+        let line = heard
+            .recv_timeout(Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("{e}: {said}"));
+        said.push_str(&line);
+        said.push('\n');
+    }
+    // The other run's save, while this run waits.
+    lock.save(&other(1)).unwrap();
+    drop(lock);
+    assert!(child.wait().unwrap().success(), "{said}");
+    let file = cpu_section(&out);
+    assert_eq!(file.entries["other_kernel/x=1"].config["v"], 1);
+    assert!(file.entries.contains_key("fwht_f32/n=64"));
+    assert!(file.entries.contains_key("fwht_f32/n=128"));
+}

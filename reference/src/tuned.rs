@@ -284,21 +284,25 @@ impl TuneFile {
         Loaded::Usable(ours.clone())
     }
 
-    /// Writes this device's section into the cache at `path` atomically (creating its
-    /// folder): the other devices' sections are kept. A file there that is not a cache of this
-    /// schema is an error (it is not written over).
+    /// Writes this section's entries into the cache at `path` atomically (creating its
+    /// folder), merged entry by entry: this device's other entries, and the other devices'
+    /// sections, are kept; where the file already has an entry for one of this section's
+    /// `kernel/bucket` keys, this section's wins. A file there that is not a cache of this
+    /// schema is an error (it is not written over). A caller that saves as it goes (the
+    /// autotuner, after each task) saves its new entries only: re-saving entries it read
+    /// earlier would overwrite what another saver wrote for them since.
     ///
-    /// Saving reads the file, merges this section in and renames a new file over it. Two
-    /// processes doing that at once (say `autotune --device cuda:0` and `autotune --device
-    /// cpu`) could both read the old file, and the second rename would drop the first one's
-    /// section: a lost update. So the read-merge-write holds an exclusive lock
-    /// ([`std::fs::File::lock`]) on a sidecar file `<name>.lock` in the same folder, from
-    /// before the read until after the rename; a second saver waits for it. The lock file is
-    /// created if missing and never deleted (deleting it would let two savers lock two
-    /// different files). The lock is advisory, and per cache file: it serializes savers that
-    /// go through this function for the same path (in any process, or threads of one), and
-    /// stops nothing else. Readers ([`Self::load`], [`Self::peek`]) take no lock and never
-    /// block: the rename is atomic, so they see the old file or the new one, whole.
+    /// Saving reads the file, merges these entries in and renames a new file over it. Two
+    /// processes doing that at once (say two `autotune` runs) could both read the old file, and
+    /// the second rename would drop the first one's entries: a lost update. So the whole
+    /// read-merge-write holds an exclusive lock ([`std::fs::File::lock`]) on a sidecar file
+    /// `<name>.lock` in the same folder, from before the read until after the rename; a second
+    /// saver waits for it ([`SaveLock`] holds it; [`Self::save_with`] says when a save waits).
+    /// The lock file is created if missing and never deleted (deleting it would let two savers
+    /// lock two different files). The lock is advisory, and per cache file: it serializes
+    /// savers that go through this function for the same path (in any process, or threads of
+    /// one), and stops nothing else. Readers ([`Self::load`], [`Self::peek`]) take no lock and
+    /// never block: the rename is atomic, so they see the old file or the new one, whole.
     ///
     /// Neither the cache, its lock file nor the temporary file is ever opened through a
     /// symbolic link: a link at the cache or lock path is an error naming it (see the module
@@ -324,8 +328,22 @@ impl TuneFile {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let lock = SaveLock::acquire(path)?;
-        lock.save(self)
+        self.save_with(path, || {})
+    }
+
+    /// [`Self::save`], calling `waiting` first if another saver holds the lock (so that a
+    /// caller can say why it waits).
+    ///
+    /// ```
+    /// use rotq_reference::tuned::{DeviceIdentity, TuneFile};
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("tuned.json");
+    /// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
+    /// TuneFile::new(cpu, "abc123").save_with(&path, || eprintln!("waiting for another save"))?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn save_with(&self, path: &Path, waiting: impl FnOnce()) -> std::io::Result<()> {
+        SaveLock::acquire(path, waiting)?.save(self)
     }
 }
 
@@ -333,9 +351,22 @@ impl TuneFile {
 /// stays bounded whatever lies at the path.
 const MAX_BYTES: u64 = 16 << 20;
 
-/// The exclusive save lock of one cache file (see [`TuneFile::save`]), held until dropped.
+/// The exclusive save lock of one cache file (see [`TuneFile::save`]), held until dropped:
+/// [`TuneFile::save`] in two steps, for a caller that must know when it holds the lock.
+///
+/// ```
+/// use rotq_reference::tuned::{DeviceIdentity, SaveLock, TuneFile};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("tuned.json");
+/// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
+/// let lock = SaveLock::acquire(&path, || {})?;
+/// // Another saver of `path` waits here, until `lock` is dropped.
+/// lock.save(&TuneFile::new(cpu, "abc123"))?;
+/// drop(lock);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
-struct SaveLock {
+pub struct SaveLock {
     /// The cache file.
     path: PathBuf,
     /// The open lock file: closing it releases the lock.
@@ -344,9 +375,10 @@ struct SaveLock {
 
 impl SaveLock {
     /// Creates the cache's folder, opens (creating it if missing) the lock file `<name>.lock`
-    /// beside `path` and takes an exclusive lock on it, waiting for any other holder. A lock
-    /// path that is a symbolic link or not a regular file is an error naming it.
-    fn acquire(path: &Path) -> std::io::Result<Self> {
+    /// beside `path` and takes an exclusive lock on it; if another saver holds it, calls
+    /// `waiting`, then waits for it. A lock path that is a symbolic link or not a regular file
+    /// is an error naming it.
+    pub fn acquire(path: &Path, waiting: impl FnOnce()) -> std::io::Result<Self> {
         let name = path.file_name().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -365,16 +397,25 @@ impl SaveLock {
         let file = open_no_follow(&mut options, &lock_path)
             .map_err(|e| refused_or(e, &lock_path, what))?;
         check_regular(&file, &lock_path, what)?;
-        file.lock()
-            .map_err(|e| in_context(e, &lock_path, "locking"))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                waiting();
+                file.lock()
+                    .map_err(|e| in_context(e, &lock_path, "locking"))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(in_context(e, &lock_path, "locking"))
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             _file: file,
         })
     }
 
-    /// [`TuneFile::save`]'s read-merge-write, under this lock.
-    fn save(&self, section: &TuneFile) -> std::io::Result<()> {
+    /// [`TuneFile::save`]'s read-merge-write of `section`, under this lock.
+    pub fn save(&self, section: &TuneFile) -> std::io::Result<()> {
         let path = &self.path;
         let mut file = match read_cache(path)? {
             None => OnDisk {
@@ -388,6 +429,11 @@ impl SaveLock {
             },
         };
         match file.devices.iter_mut().find(|s| s.device == section.device) {
+            // Entry by entry: this section's win, the file's others stay.
+            Some(ours) if ours.kernel_hash == section.kernel_hash => {
+                ours.entries.extend(section.entries.clone())
+            }
+            // Entries for another build of the kernels are stale: replaced.
             Some(ours) => *ours = section.clone(),
             None => file.devices.push(section.clone()),
         }

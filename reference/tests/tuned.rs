@@ -1,6 +1,6 @@
 //! The tuning cache: round trip, foreign, stale and corrupt files, and savers at once.
 
-use rotq_reference::tuned::{bucket, DeviceIdentity, Loaded, TuneFile, SCHEMA_VERSION};
+use rotq_reference::tuned::{bucket, DeviceIdentity, Loaded, SaveLock, TuneFile, SCHEMA_VERSION};
 
 fn device(name: &str) -> DeviceIdentity {
     DeviceIdentity {
@@ -412,6 +412,48 @@ fn a_lock_path_that_is_a_symlink_is_refused() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
 }
 
+/// A saver that read the cache before another one saved (two `autotune` runs of one device)
+/// keeps the other's entries: saving merges entry by entry.
+#[test]
+fn a_save_keeps_the_entries_another_saver_wrote_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    // A reads the cache (there is none yet) and tunes.
+    let mut a = match TuneFile::load(&path, &device("gpu A"), "hash1") {
+        Loaded::Missing => TuneFile::new(device("gpu A"), "hash1"),
+        other => panic!("{other:?}"),
+    };
+    a.insert(
+        "fwht",
+        "n=128",
+        &serde_json::json!({"by": "a"}),
+        1.0,
+        1.0,
+        1,
+        0,
+    );
+    // B, on the same device, saves meanwhile.
+    let mut b = TuneFile::new(device("gpu A"), "hash1");
+    b.insert(
+        "decode",
+        "n=64",
+        &serde_json::json!({"by": "b"}),
+        1.0,
+        1.0,
+        1,
+        0,
+    );
+    b.save(&path).unwrap();
+    a.save(&path).unwrap();
+    match TuneFile::load(&path, &device("gpu A"), "hash1") {
+        Loaded::Usable(f) => {
+            let keys: Vec<&String> = f.entries.keys().collect();
+            assert_eq!(keys, ["decode/n=64", "fwht/n=128"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A cache path that is a symbolic link is refused, when saving and when reading, with an
 /// error naming it: nothing is written through the link, and the link is not replaced.
 #[test]
@@ -467,4 +509,83 @@ fn a_cache_path_that_is_not_a_regular_file_is_refused() {
     }
     let e = sample().save(&fifo).unwrap_err().to_string();
     assert!(e.contains("not a regular file"), "{e}");
+}
+
+/// Saver A holds the lock (it has read the file and is about to write), saver B tries to
+/// save meanwhile and finds the lock taken (its `waiting` call is the barrier: no timing),
+/// then A writes and lets go, then B merges into what A wrote: both entries are kept, and
+/// for the key both wrote, B's, the later, wins.
+#[test]
+fn a_saver_waiting_for_the_lock_merges_into_what_the_holder_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let entry = |f: &mut TuneFile, key: &str, by: &str| {
+        f.insert(key, "b", &serde_json::json!({ "by": by }), 1.0, 1.0, 1, 0);
+    };
+    let mut a = TuneFile::new(device("gpu A"), "hash1");
+    entry(&mut a, "only_a", "a");
+    entry(&mut a, "both", "a");
+    let mut b = TuneFile::new(device("gpu A"), "hash1");
+    entry(&mut b, "only_b", "b");
+    entry(&mut b, "both", "b");
+    let a_lock = SaveLock::acquire(&path, || panic!("nobody else holds it")).unwrap();
+    let (waits, waiting) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let saver_b = s.spawn(|| b.save_with(&path, move || waits.send(()).unwrap()));
+        // A guard against hanging only: B reports the wait at once.
+        waiting
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("B finds the lock taken");
+        a_lock.save(&a).unwrap();
+        drop(a_lock);
+        saver_b.join().unwrap().unwrap();
+    });
+    match TuneFile::load(&path, &device("gpu A"), "hash1") {
+        Loaded::Usable(f) => {
+            let by = |key: &str| {
+                let c: serde_json::Value = f.config(key, "b").unwrap();
+                c["by"].as_str().unwrap().to_string()
+            };
+            assert_eq!(f.entries.len(), 3);
+            assert_eq!(
+                (by("only_a"), by("only_b"), by("both")),
+                ("a".into(), "b".into(), "b".into())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 48, ..Default::default() })]
+
+    /// Two savers of one device, each saving random entries (keys from a small set, so that
+    /// they overlap) in a random interleaving: the file holds the union of everything saved,
+    /// each key with the value of the last save that wrote it.
+    #[test]
+    fn saves_in_any_interleaving_keep_the_union_with_the_last_writer_winning(
+        saves in proptest::collection::vec(
+            (proptest::bool::ANY, proptest::collection::btree_map(0u8..8, 0u32..1000, 0..5)),
+            1..8,
+        )
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tuned.json");
+        let mut expected = std::collections::BTreeMap::new();
+        for (by_b, entries) in &saves {
+            let mut f = TuneFile::new(device("gpu A"), "hash1");
+            for (k, v) in entries {
+                let value = serde_json::json!({ "saver": if *by_b { "b" } else { "a" }, "v": v });
+                f.insert(&format!("k{k}"), "b", &value, 1.0, 1.0, 1, 0);
+                expected.insert(format!("k{k}/b"), value);
+            }
+            f.save(&path).unwrap();
+        }
+        let found = match TuneFile::load(&path, &device("gpu A"), "hash1") {
+            Loaded::Usable(f) => f.entries.into_iter().map(|(k, e)| (k, e.config)).collect(),
+            Loaded::Missing => std::collections::BTreeMap::new(),
+            other => panic!("{other:?}"),
+        };
+        proptest::prop_assert_eq!(found, expected);
+    }
 }
