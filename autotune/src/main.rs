@@ -3,7 +3,7 @@
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rotq_autotune::{cpu, cuda, tune, Outcome, TimingPlan, Tunable};
-use rotq_reference::tuned::{default_path, Loaded, TuneFile};
+use rotq_reference::tuned::{default_path, Loaded, TuneFile, TunedEntry};
 use rotq_reference::KvFormat;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -208,13 +208,15 @@ impl<C: Serialize> From<&Outcome<C>> for Row {
     }
 }
 
-/// Tunes one task and records it; returns its report row.
+/// Tunes one task and records it, with the hash of its kernel's sources (`source_hash`);
+/// returns its report row.
 fn run_one<T: Tunable>(
     t: &mut T,
     budget: Duration,
     plan: TimingPlan,
     bar: &ProgressBar,
     file: &mut TuneFile,
+    source_hash: fn(&str) -> String,
 ) -> Result<Row, String> {
     let label = format!("{} {}", t.kernel(), t.bucket());
     bar.set_message(label.clone());
@@ -228,15 +230,15 @@ fn run_one<T: Tunable>(
         ));
     }
     let row = Row::from(&o);
-    file.insert(
-        &o.kernel,
-        &o.bucket,
-        &row.config,
-        o.default.median_ms,
-        o.chosen_timing.median_ms,
-        o.tried,
-        o.rejected.len(),
-    );
+    let entry = TunedEntry {
+        config: row.config.clone(),
+        source_hash: source_hash(&o.kernel),
+        default_ms: o.default.median_ms,
+        tuned_ms: o.chosen_timing.median_ms,
+        tried: o.tried,
+        rejected: o.rejected.len(),
+    };
+    file.insert(&o.kernel, &o.bucket, entry);
     Ok(row)
 }
 
@@ -388,19 +390,19 @@ fn run(args: Args) -> Result<(), String> {
         .clone()
         .or_else(default_path)
         .ok_or("no cache path: pass --out, or set ROTQ_TUNE_CACHE or HOME")?;
-    let (device, hash) = match &cuda_dev {
+    let (device, source_hash): (_, fn(&str) -> String) = match &cuda_dev {
         Some(d) => (
             rotq_cuda::tuned::device_identity(d.info()),
-            rotq_cuda::tuned::kernel_hash(),
+            rotq_cuda::tuned::source_hash,
         ),
         None => (
             rotq_cpu::tuned::device_identity(),
-            rotq_cpu::tuned::KERNEL_HASH.to_string(),
+            rotq_cpu::tuned::source_hash,
         ),
     };
     // A foreign file is kept: moved aside only when this run saves its first result.
     let mut replace = false;
-    match TuneFile::load(&path, &device, &hash) {
+    match TuneFile::load(&path, &device) {
         Loaded::Usable(_) | Loaded::Missing => {}
         Loaded::OtherDevices { devices } => {
             eprintln!(
@@ -408,13 +410,6 @@ fn run(args: Args) -> Result<(), String> {
                 device.name,
                 path.display(),
                 devices.join(", ")
-            );
-        }
-        Loaded::Stale { reason } => {
-            eprintln!(
-                "replacing the entries of {} in {} ({reason})",
-                device.name,
-                path.display()
             );
         }
         Loaded::Unreadable { reason } => {
@@ -437,7 +432,7 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     // This run's entries not saved yet.
-    let mut file = TuneFile::new(device.clone(), &hash);
+    let mut file = TuneFile::new(device.clone());
     validate(&shapes, &wants, gpu)?;
     // Tasks, and their weights in the budget.
     let counts = [
@@ -508,7 +503,14 @@ fn run(args: Args) -> Result<(), String> {
     macro_rules! task {
         ($t:expr, $w:expr) => {{
             let mut t = $t;
-            rows.push(run_one(&mut t, share(done, $w), plan, &bar, &mut file)?);
+            rows.push(run_one(
+                &mut t,
+                share(done, $w),
+                plan,
+                &bar,
+                &mut file,
+                source_hash,
+            )?);
             done += $w;
             save(&mut file, &path, &mut replace, &bar)?;
             bar.inc(1);

@@ -198,11 +198,7 @@ fn leads_come_first_then_the_rest_once_each() {
 /// Runs the `autotune` binary with `args`, `--shapes shapes` when given, and `--out out`.
 /// This machine's CPU section of the cache at `path`.
 fn cpu_section(path: &Path) -> TuneFile {
-    let (device, hash) = (
-        rotq_cpu::tuned::device_identity(),
-        rotq_cpu::tuned::KERNEL_HASH,
-    );
-    match TuneFile::peek(path, &device, hash) {
+    match TuneFile::peek(path, &rotq_cpu::tuned::device_identity()) {
         Loaded::Usable(f) => f,
         other => panic!("{other:?}"),
     }
@@ -260,7 +256,7 @@ fn tuning_on_the_cpu_end_to_end() {
         driver_version: None,
     };
     assert!(matches!(
-        TuneFile::load(&out, &another, &file.kernel_hash),
+        TuneFile::load(&out, &another),
         Loaded::OtherDevices { .. }
     ));
     // Shapes from a JSON file, for one kernel; merged into the same cache. The CPU has no
@@ -355,21 +351,17 @@ fn a_run_keeps_entries_another_run_saves_meanwhile() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tuned.json");
-    let (device, hash) = (
-        rotq_cpu::tuned::device_identity(),
-        rotq_cpu::tuned::KERNEL_HASH,
-    );
     let other = |v: u32| {
-        let mut f = TuneFile::new(device.clone(), hash);
-        f.insert(
-            "other_kernel",
-            "x=1",
-            &serde_json::json!({ "v": v }),
-            1.0,
-            1.0,
-            1,
-            0,
-        );
+        let mut f = TuneFile::new(rotq_cpu::tuned::device_identity());
+        let entry = rotq_reference::tuned::TunedEntry {
+            config: serde_json::json!({ "v": v }),
+            source_hash: "h".into(),
+            default_ms: 1.0,
+            tuned_ms: 1.0,
+            tried: 1,
+            rejected: 0,
+        };
+        f.insert("other_kernel", "x=1", entry);
         f
     };
     // What the run reads at its start.
@@ -383,6 +375,7 @@ fn a_run_keeps_entries_another_run_saves_meanwhile() {
         .arg(&shapes)
         .arg("--out")
         .arg(&out)
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

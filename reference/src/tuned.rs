@@ -3,11 +3,13 @@
 //! The autotuner writes it; kernels read it. It lives here, in the shared vocabulary, because
 //! both sides need the same schema and neither may depend on the other. The file is JSON: a
 //! schema version and one section per device (the CPU, each GPU), each with the device's
-//! identity, a hash of the kernels' sources, and one entry per `kernel/bucket` with the chosen
-//! configuration and the timings that chose it. [`TuneFile`] is one device's section: saving
-//! it replaces that section and keeps the others. A file of another schema, or a section for
-//! another build of the kernels, is ignored (kept where it is); a file that cannot be parsed is
-//! moved aside to `<name>.corrupt` and ignored.
+//! identity and one entry per `kernel/bucket` with the chosen configuration, the hash of that
+//! kernel's sources and the timings that chose it. [`TuneFile`] is one device's section:
+//! saving it merges its entries into the file and keeps everything else. An entry is in force
+//! only if it was tuned for the current sources of its kernel and is one of the kernel's
+//! configurations ([`TunedEntry::in_force`]): editing one kernel leaves the other kernels'
+//! entries in force. A file of another schema is ignored (kept where it is); a file that
+//! cannot be parsed is moved aside to `<name>.corrupt` and ignored.
 //!
 //! Writes are atomic: a temporary file of a random name, created exclusively in the cache's
 //! folder (so never through a link planted there), written, flushed to disk, renamed over the
@@ -29,8 +31,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-/// The schema version this build reads and writes (2: one section per device).
-pub const SCHEMA_VERSION: u32 = 2;
+/// The schema version this build reads and writes (3: one section per device, a source hash
+/// per entry).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Which device a cache belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +51,9 @@ pub struct DeviceIdentity {
 pub struct TunedEntry {
     /// The chosen configuration (the kernel's `Config`, as JSON).
     pub config: serde_json::Value,
+    /// Hash of the sources of the kernel it was tuned for (its crate's
+    /// `tuned::source_hash(kernel)`): when they change, the entry is stale.
+    pub source_hash: String,
     /// Median milliseconds of the default configuration.
     pub default_ms: f64,
     /// Median milliseconds of the chosen one.
@@ -58,14 +64,99 @@ pub struct TunedEntry {
     pub rejected: usize,
 }
 
+/// Why a kernel does not use a tuned entry (see [`TunedEntry::in_force`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// Tuned for other sources of the kernel (it was edited since): its timings say nothing
+    /// about the kernel as it is.
+    Stale {
+        /// The hash the entry was tuned for.
+        tuned_for: String,
+        /// The kernel's hash now.
+        current: String,
+    },
+    /// The configuration does not parse as the kernel's.
+    Unparsable {
+        /// What the parser said.
+        reason: String,
+    },
+    /// A configuration of the kernel's type, but not one of those it runs (edited by hand, or
+    /// from a wider search space of another build): not trusted.
+    OutsideSpace,
+    /// No kernel of this device has that name.
+    UnknownKernel,
+}
+
+impl std::fmt::Display for Ignored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stale { tuned_for, current } => write!(
+                f,
+                "stale: tuned for kernel sources {tuned_for}, these are {current}"
+            ),
+            Self::Unparsable { reason } => {
+                write!(f, "not a configuration of this kernel: {reason}")
+            }
+            Self::OutsideSpace => write!(f, "outside the kernel's search space"),
+            Self::UnknownKernel => write!(f, "no such kernel on this device"),
+        }
+    }
+}
+
+impl std::error::Error for Ignored {}
+
+impl TunedEntry {
+    /// The entry's configuration, if a kernel whose sources hash to `source_hash` and that
+    /// runs the configurations `valid` accepts would use it; else why not. Kernels look their
+    /// configuration up through this, and tools that report the cache (`rotq info`) ask it
+    /// too, so that what is reported in force is what the kernels use.
+    ///
+    /// ```
+    /// use rotq_reference::tuned::{Ignored, TunedEntry};
+    /// let entry = TunedEntry {
+    ///     config: serde_json::json!(64), source_hash: "abc".into(),
+    ///     default_ms: 1.0, tuned_ms: 0.8, tried: 9, rejected: 0,
+    /// };
+    /// let space = [32u32, 64, 128];
+    /// assert_eq!(entry.in_force("abc", |c: &u32| space.contains(c)), Ok(64));
+    /// assert_eq!(entry.in_force("abc", |c: &u32| *c < 64), Err(Ignored::OutsideSpace));
+    /// assert!(matches!(entry.in_force("def", |_: &u32| true), Err(Ignored::Stale { .. })));
+    /// ```
+    pub fn in_force<C: serde::de::DeserializeOwned>(
+        &self,
+        source_hash: &str,
+        valid: impl FnOnce(&C) -> bool,
+    ) -> Result<C, Ignored> {
+        if self.source_hash != source_hash {
+            return Err(Ignored::Stale {
+                tuned_for: self.source_hash.clone(),
+                current: source_hash.to_string(),
+            });
+        }
+        let config: C =
+            serde_json::from_value(self.config.clone()).map_err(|e| Ignored::Unparsable {
+                reason: e.to_string(),
+            })?;
+        if valid(&config) {
+            Ok(config)
+        } else {
+            Err(Ignored::OutsideSpace)
+        }
+    }
+}
+
 /// One device's section of the cache.
 ///
 /// ```
-/// use rotq_reference::tuned::{DeviceIdentity, TuneFile};
+/// use rotq_reference::tuned::{DeviceIdentity, TuneFile, TunedEntry};
 /// let dev = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
-/// let mut file = TuneFile::new(dev, "abc123");
-/// file.insert("fwht", "n=128", &serde_json::json!({"rows_per_task": 64}), 1.0, 0.8, 9, 0);
-/// let c: serde_json::Value = file.config("fwht", "n=128").unwrap();
+/// let mut file = TuneFile::new(dev);
+/// let config = serde_json::json!({"rows_per_task": 64});
+/// file.insert("fwht", "n=128", TunedEntry {
+///     config, source_hash: "abc123".into(), default_ms: 1.0, tuned_ms: 0.8, tried: 9, rejected: 0,
+/// });
+/// let entry = file.entry("fwht", "n=128").unwrap();
+/// let c: serde_json::Value = entry.in_force("abc123", |_| true).unwrap();
 /// assert_eq!(c["rows_per_task"], 64);
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,8 +166,6 @@ pub struct TuneFile {
     pub schema: u32,
     /// The device the timings were taken on.
     pub device: DeviceIdentity,
-    /// Hash of the kernels' sources: a change to any kernel invalidates the file.
-    pub kernel_hash: String,
     /// `kernel/bucket` → entry.
     pub entries: BTreeMap<String, TunedEntry>,
 }
@@ -97,26 +186,20 @@ struct OnDisk {
 pub enum Loaded {
     /// No file there.
     Missing,
-    /// This device's section, for this kernel build.
+    /// This device's section (each entry in force or not: see [`TunedEntry::in_force`]).
     Usable(TuneFile),
     /// A file with sections for other devices only (listed): nothing for this one yet.
     OtherDevices {
         /// The devices it has sections for.
         devices: Vec<String>,
     },
-    /// This device's section, written for another build of the kernels: ignored (and
-    /// replaced when this device is tuned again).
-    Stale {
-        /// Which build it was for.
-        reason: String,
-    },
     /// A valid file of another schema version: ignored, left in place.
     Foreign {
         /// Why it does not apply.
         reason: String,
     },
-    /// A file that exists but could not be read (permissions, a folder): ignored, and not to
-    /// be written over.
+    /// A file that exists but could not be read (permissions, a folder, a symbolic link):
+    /// ignored, and not to be written over.
     Unreadable {
         /// What the system said.
         reason: String,
@@ -128,6 +211,15 @@ pub enum Loaded {
         /// Where the bad file now is, if it was moved.
         kept_at: Option<PathBuf>,
     },
+}
+
+/// The kernel and the bucket of a `kernel/bucket` key (kernel names have no `/`).
+///
+/// ```
+/// assert_eq!(rotq_reference::tuned::split_key("fwht_f32/n=128"), Some(("fwht_f32", "n=128")));
+/// ```
+pub fn split_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('/')
 }
 
 /// A free name beside `path` for a file moved aside: `tuned.json.<what>`, else
@@ -180,12 +272,11 @@ pub fn default_path() -> Option<PathBuf> {
 }
 
 impl TuneFile {
-    /// An empty cache for `device` and the kernel build `kernel_hash`.
-    pub fn new(device: DeviceIdentity, kernel_hash: &str) -> Self {
+    /// An empty section for `device`.
+    pub fn new(device: DeviceIdentity) -> Self {
         Self {
             schema: SCHEMA_VERSION,
             device,
-            kernel_hash: kernel_hash.to_string(),
             entries: BTreeMap::new(),
         }
     }
@@ -195,49 +286,30 @@ impl TuneFile {
     }
 
     /// Records the configuration chosen for `kernel` at `bucket`.
-    #[allow(clippy::too_many_arguments)] // one entry's fields
-    pub fn insert(
-        &mut self,
-        kernel: &str,
-        bucket: &str,
-        config: &serde_json::Value,
-        default_ms: f64,
-        tuned_ms: f64,
-        tried: usize,
-        rejected: usize,
-    ) {
-        self.entries.insert(
-            Self::key(kernel, bucket),
-            TunedEntry {
-                config: config.clone(),
-                default_ms,
-                tuned_ms,
-                tried,
-                rejected,
-            },
-        );
+    pub fn insert(&mut self, kernel: &str, bucket: &str, entry: TunedEntry) {
+        self.entries.insert(Self::key(kernel, bucket), entry);
     }
 
-    /// The configuration recorded for `kernel` at `bucket`, if any and if it parses as `C`.
-    pub fn config<C: serde::de::DeserializeOwned>(&self, kernel: &str, bucket: &str) -> Option<C> {
-        let entry = self.entries.get(&Self::key(kernel, bucket))?;
-        serde_json::from_value(entry.config.clone()).ok()
+    /// The entry recorded for `kernel` at `bucket`, if any (whether it is in force is
+    /// [`TunedEntry::in_force`]'s to say).
+    pub fn entry(&self, kernel: &str, bucket: &str) -> Option<&TunedEntry> {
+        self.entries.get(&Self::key(kernel, bucket))
     }
 
-    /// Reads the cache at `path` for `device` and `kernel_hash` (see [`Loaded`]); a corrupt
-    /// file is moved aside to a free `<name>.corrupt…` name (what the autotuner does before
-    /// writing anew).
-    pub fn load(path: &Path, device: &DeviceIdentity, kernel_hash: &str) -> Loaded {
-        Self::read(path, device, kernel_hash, true)
+    /// Reads `device`'s section of the cache at `path` (see [`Loaded`]); a corrupt file is
+    /// moved aside to a free `<name>.corrupt…` name (what the autotuner does before writing
+    /// anew).
+    pub fn load(path: &Path, device: &DeviceIdentity) -> Loaded {
+        Self::read(path, device, true)
     }
 
     /// [`Self::load`] without side effects: a corrupt file is reported and left in place
     /// (what kernels do when they look up their configuration).
-    pub fn peek(path: &Path, device: &DeviceIdentity, kernel_hash: &str) -> Loaded {
-        Self::read(path, device, kernel_hash, false)
+    pub fn peek(path: &Path, device: &DeviceIdentity) -> Loaded {
+        Self::read(path, device, false)
     }
 
-    fn read(path: &Path, device: &DeviceIdentity, kernel_hash: &str, move_aside: bool) -> Loaded {
+    fn read(path: &Path, device: &DeviceIdentity, move_aside: bool) -> Loaded {
         let bytes = match read_cache(path) {
             Ok(Some(b)) => b,
             Ok(None) => return Loaded::Missing,
@@ -273,14 +345,6 @@ impl TuneFile {
                 devices: file.devices.iter().map(|s| s.device.name.clone()).collect(),
             };
         };
-        if ours.kernel_hash != kernel_hash {
-            return Loaded::Stale {
-                reason: format!(
-                    "tuned for kernel build {}, this is {kernel_hash}",
-                    ours.kernel_hash
-                ),
-            };
-        }
         Loaded::Usable(ours.clone())
     }
 
@@ -318,12 +382,12 @@ impl TuneFile {
     /// let gpu = DeviceIdentity { name: "gpu: test".into(), compute_capability: Some((9, 0)), driver_version: Some(13000) };
     /// // Two savers at once (threads here; separate processes alike): neither section is lost.
     /// std::thread::scope(|s| {
-    ///     let a = s.spawn(|| TuneFile::new(cpu.clone(), "abc123").save(&path));
-    ///     let b = s.spawn(|| TuneFile::new(gpu.clone(), "abc123").save(&path));
+    ///     let a = s.spawn(|| TuneFile::new(cpu.clone()).save(&path));
+    ///     let b = s.spawn(|| TuneFile::new(gpu.clone()).save(&path));
     ///     a.join().unwrap().and(b.join().unwrap())
     /// })?;
-    /// assert!(matches!(TuneFile::load(&path, &cpu, "abc123"), Loaded::Usable(_)));
-    /// assert!(matches!(TuneFile::load(&path, &gpu, "abc123"), Loaded::Usable(_)));
+    /// assert!(matches!(TuneFile::load(&path, &cpu), Loaded::Usable(_)));
+    /// assert!(matches!(TuneFile::load(&path, &gpu), Loaded::Usable(_)));
     /// assert!(dir.path().join("tuned.json.lock").exists(), "the lock file stays");
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -339,7 +403,7 @@ impl TuneFile {
     /// let dir = tempfile::tempdir()?;
     /// let path = dir.path().join("tuned.json");
     /// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
-    /// TuneFile::new(cpu, "abc123").save_with(&path, || eprintln!("waiting for another save"))?;
+    /// TuneFile::new(cpu).save_with(&path, || eprintln!("waiting for another save"))?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn save_with(&self, path: &Path, waiting: impl FnOnce()) -> std::io::Result<()> {
@@ -361,7 +425,7 @@ const MAX_BYTES: u64 = 16 << 20;
 /// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
 /// let lock = SaveLock::acquire(&path, || {})?;
 /// // Another saver of `path` waits here, until `lock` is dropped.
-/// lock.save(&TuneFile::new(cpu, "abc123"))?;
+/// lock.save(&TuneFile::new(cpu))?;
 /// drop(lock);
 /// # Ok::<(), std::io::Error>(())
 /// ```
@@ -430,11 +494,7 @@ impl SaveLock {
         };
         match file.devices.iter_mut().find(|s| s.device == section.device) {
             // Entry by entry: this section's win, the file's others stay.
-            Some(ours) if ours.kernel_hash == section.kernel_hash => {
-                ours.entries.extend(section.entries.clone())
-            }
-            // Entries for another build of the kernels are stale: replaced.
-            Some(ours) => *ours = section.clone(),
+            Some(ours) => ours.entries.extend(section.entries.clone()),
             None => file.devices.push(section.clone()),
         }
         let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;

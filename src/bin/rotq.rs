@@ -492,7 +492,7 @@ fn print_cache(path: Option<&std::path::Path>, loaded: &rotq::reference::tuned::
             "defaults: {path} has entries for {} only (run `autotune` on this device)",
             devices.join(", ")
         ),
-        Loaded::Stale { reason } | Loaded::Foreign { reason } => {
+        Loaded::Foreign { reason } => {
             println!("defaults: {path} is ignored ({reason})")
         }
         Loaded::Corrupt { reason, .. } | Loaded::Unreadable { reason } => {

@@ -1,15 +1,16 @@
 //! Configurations from the tuning cache that `autotune --device cuda:N` writes.
 //!
 //! A [`Device`](crate::Device) reads the cache once, when it is opened (without side
-//! effects: a file for another device, driver or build of these kernels is ignored). A kernel
-//! made without an explicit `with_config` looks up its (kernel, shape bucket) there and uses
-//! what it finds if it is one of its candidates, else its default.
+//! effects: a file for another device or driver is ignored). A kernel made without an
+//! explicit `with_config` looks up its (kernel, shape bucket) there and uses what it finds if
+//! that is in force: tuned for the kernel's current sources ([`source_hash`]) and one of its
+//! candidates; else its default.
 
 use crate::device::DeviceInfo;
-use rotq_reference::tuned::{bucket, DeviceIdentity};
+use rotq_reference::tuned::{bucket, DeviceIdentity, Ignored, TunedEntry};
 
 /// Every source that decides what a configuration means: the CUDA C and the Rust that lays
-/// kernels over threads. A tuning cache written for another build of them is stale.
+/// kernels over threads. An entry tuned for other sources is stale.
 const SOURCES: [&str; 10] = [
     include_str!("cuda/attention.cu"),
     include_str!("cuda/elem.cuh"),
@@ -41,13 +42,26 @@ const fn hash_sources() -> u64 {
 
 const HASH: u64 = hash_sources();
 
-/// Hash of the kernels' sources, as tuning caches record it.
+/// Hash of the sources of `kernel`, as tuning cache entries record it: for now every kernel's
+/// is the hash of all the sources above, so that editing any kernel makes every entry stale.
 ///
 /// ```
-/// assert_eq!(rotq_cuda::tuned::kernel_hash().len(), 16);
+/// assert_eq!(rotq_cuda::tuned::source_hash("fwht_f16").len(), 16);
 /// ```
-pub fn kernel_hash() -> String {
+pub fn source_hash(kernel: &str) -> String {
+    let _ = kernel;
     format!("{HASH:016x}")
+}
+
+/// `entry`'s configuration if it is in force for `kernel`, whose configurations are
+/// `candidates`: tuned for its current sources, and one of them (a hand-edited value outside
+/// the search space is not trusted); else why not.
+pub(crate) fn in_force<C: serde::de::DeserializeOwned + PartialEq>(
+    entry: &TunedEntry,
+    kernel: &str,
+    candidates: &[C],
+) -> Result<C, Ignored> {
+    entry.in_force(&source_hash(kernel), |c| candidates.contains(c))
 }
 
 /// A GPU as tuning caches name it: its name, compute capability and driver.
