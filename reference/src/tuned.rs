@@ -83,8 +83,8 @@ pub enum Ignored {
     /// A configuration of the kernel's type, but not one of those it runs (edited by hand, or
     /// from a wider search space of another build): not trusted.
     OutsideSpace,
-    /// No kernel of this device has that name.
-    UnknownKernel,
+    /// No kernel of this device looks this `kernel/bucket` key up.
+    UnknownKey,
 }
 
 impl std::fmt::Display for Ignored {
@@ -98,7 +98,7 @@ impl std::fmt::Display for Ignored {
                 write!(f, "not a configuration of this kernel: {reason}")
             }
             Self::OutsideSpace => write!(f, "outside the kernel's search space"),
-            Self::UnknownKernel => write!(f, "no such kernel on this device"),
+            Self::UnknownKey => write!(f, "no kernel of this device looks this key up"),
         }
     }
 }
@@ -211,6 +211,32 @@ pub enum Loaded {
         /// Where the bad file now is, if it was moved.
         kept_at: Option<PathBuf>,
     },
+}
+
+/// Milliseconds in few digits, for people: three decimals from 0.001 to a million, else three
+/// significant digits and an exponent, so that a hand-edited `1e308` in a cache prints as
+/// `1.000e308`, not as 309 digits (`{}` of an `f64` never uses an exponent). Padding and
+/// alignment apply (`{:>8}`).
+///
+/// ```
+/// use rotq_reference::tuned::Millis;
+/// assert_eq!(Millis(0.1234).to_string(), "0.123");
+/// assert_eq!(Millis(1e308).to_string(), "1.000e308");
+/// assert_eq!(format!("{:>8}", Millis(2.0)), "   2.000");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Millis(pub f64);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let x = self.0;
+        let text = if x == 0.0 || !x.is_finite() || (1e-3..1e6).contains(&x.abs()) {
+            format!("{x:.3}")
+        } else {
+            format!("{x:.3e}")
+        };
+        f.pad(&text)
+    }
 }
 
 /// The kernel and the bucket of a `kernel/bucket` key (kernel names have no `/`).

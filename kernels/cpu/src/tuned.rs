@@ -8,8 +8,9 @@
 
 use crate::isa::Isa;
 use rotq_reference::tuned::{
-    bucket, default_path, DeviceIdentity, Ignored, Loaded, TuneFile, TunedEntry,
+    bucket, default_path, split_key, DeviceIdentity, Ignored, Loaded, TuneFile, TunedEntry,
 };
+use rotq_reference::KvFormat;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -93,6 +94,45 @@ fn in_force<C: serde::de::DeserializeOwned + PartialEq>(
     candidates: &[C],
 ) -> Result<C, Ignored> {
     entry.in_force(&source_hash(kernel), |c| candidates.contains(c))
+}
+
+/// Whether the cache's entry `key` (`kernel/bucket`) is in force: what the kernel does with
+/// it when it looks its configuration up, through the same test ([`TunedEntry::in_force`]
+/// against its search space); else why not. For reports such as `rotq info`. (The row
+/// rotation's space depends on the row length: the bucket's is taken, which is exact for the
+/// powers of two the bucket is named for.)
+///
+/// ```
+/// use rotq_reference::tuned::{Ignored, TunedEntry};
+/// let entry = TunedEntry {
+///     config: serde_json::json!({ "rows_per_task": 7 }),
+///     source_hash: rotq_cpu::tuned::source_hash("rotate_quantize_q4_0"),
+///     default_ms: 1.0, tuned_ms: 0.9, tried: 7, rejected: 0,
+/// };
+/// let status = rotq_cpu::tuned::entry_status("rotate_quantize_q4_0/dim=128", &entry);
+/// assert_eq!(status, Err(Ignored::OutsideSpace));
+/// ```
+pub fn entry_status(key: &str, entry: &TunedEntry) -> Result<(), Ignored> {
+    use crate::{AttentionConfig, FwhtConfig, QuantizeConfig};
+    let (kernel, bucket) = split_key(key).ok_or(Ignored::UnknownKey)?;
+    let format_of = |prefix: &str| {
+        kernel
+            .strip_prefix(prefix)
+            .is_some_and(|f| f.parse::<KvFormat>().is_ok())
+    };
+    if kernel == "fwht_f32" {
+        let n = bucket
+            .strip_prefix("n=")
+            .and_then(|n| n.parse().ok())
+            .ok_or(Ignored::UnknownKey)?;
+        in_force(entry, kernel, &FwhtConfig::search_space(n)).map(drop)
+    } else if format_of("rotate_quantize_") {
+        in_force(entry, kernel, &QuantizeConfig::search_space()).map(drop)
+    } else if format_of("decode_attention_") {
+        in_force(entry, kernel, &AttentionConfig::search_space()).map(drop)
+    } else {
+        Err(Ignored::UnknownKey)
+    }
 }
 
 /// The tuned configuration of `kernel` at `bucket`, if the cache has one in force.

@@ -6,7 +6,7 @@ use rotq_cpu::{
     AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
     QuantizeConfig,
 };
-use rotq_reference::tuned::{Loaded, TuneFile, TunedEntry};
+use rotq_reference::tuned::{Ignored, Loaded, TuneFile, TunedEntry};
 use rotq_reference::{KvFormat, Rotation, RotationPlan};
 
 /// An entry of `config` for `kernel`, tuned for its current sources.
@@ -62,6 +62,16 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
     std::env::set_var("ROTQ_TUNE_CACHE", &path);
 
     assert!(matches!(rotq_cpu::tuned::cache().loaded, Loaded::Usable(_)));
+    // What reports say of each entry is what the kernels below do with it.
+    let status = |key: &str| rotq_cpu::tuned::entry_status(key, &file.entries[key]);
+    assert_eq!(status("fwht_f32/n=64"), Ok(()));
+    assert_eq!(status(&format!("decode_attention_q8_0/{bucket}")), Ok(()));
+    assert_eq!(status(&format!("rotate_quantize_q4_0/{qb}")), Ok(()));
+    assert_eq!(status("fwht_f32/n=512"), Err(Ignored::OutsideSpace));
+    assert!(matches!(
+        status("fwht_f32/n=256"),
+        Err(Ignored::Stale { .. })
+    ));
     let r = Rotation::hadamard(64).unwrap();
     assert_eq!(CpuRotation::new(&r, Isa::best()).config(), fwht);
     let r512 = Rotation::hadamard(512).unwrap();

@@ -7,7 +7,8 @@
 //! candidates; else its default.
 
 use crate::device::DeviceInfo;
-use rotq_reference::tuned::{bucket, DeviceIdentity, Ignored, TunedEntry};
+use rotq_reference::tuned::{bucket, split_key, DeviceIdentity, Ignored, TunedEntry};
+use rotq_reference::KvFormat;
 
 /// Every source that decides what a configuration means: the CUDA C and the Rust that lays
 /// kernels over threads. An entry tuned for other sources is stale.
@@ -62,6 +63,39 @@ pub(crate) fn in_force<C: serde::de::DeserializeOwned + PartialEq>(
     candidates: &[C],
 ) -> Result<C, Ignored> {
     entry.in_force(&source_hash(kernel), |c| candidates.contains(c))
+}
+
+/// Whether a GPU's cache entry `key` (`kernel/bucket`) is in force: what the kernel does with
+/// it when it looks its configuration up, through the same test ([`TunedEntry::in_force`]
+/// against its search space); else why not. For reports such as `rotq info`.
+///
+/// ```
+/// use rotq_reference::tuned::{Ignored, TunedEntry};
+/// let entry = TunedEntry {
+///     config: Default::default(), // JSON null: not a configuration
+///     source_hash: rotq_cuda::tuned::source_hash("fwht_f16"),
+///     default_ms: 1.0, tuned_ms: 0.9, tried: 7, rejected: 0,
+/// };
+/// let status = rotq_cuda::tuned::entry_status("fwht_f16/n=128", &entry);
+/// assert!(matches!(status, Err(Ignored::Unparsable { .. })));
+/// ```
+pub fn entry_status(key: &str, entry: &TunedEntry) -> Result<(), Ignored> {
+    use crate::{DecodeConfig, PrefillConfig, RowConfig};
+    let (kernel, _bucket) = split_key(key).ok_or(Ignored::UnknownKey)?;
+    let format_of = |prefix: &str| {
+        kernel
+            .strip_prefix(prefix)
+            .is_some_and(|f| f.parse::<KvFormat>().is_ok())
+    };
+    if ["fwht_f32", "fwht_f16", "fwht_bf16"].contains(&kernel) || format_of("rotate_quantize_") {
+        in_force(entry, kernel, &RowConfig::search_space()).map(drop)
+    } else if format_of("decode_attention_") {
+        in_force(entry, kernel, &DecodeConfig::search_space()).map(drop)
+    } else if format_of("prefill_attention_") {
+        in_force(entry, kernel, &PrefillConfig::search_space()).map(drop)
+    } else {
+        Err(Ignored::UnknownKey)
+    }
 }
 
 /// A GPU as tuning caches name it: its name, compute capability and driver.
