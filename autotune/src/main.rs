@@ -3,7 +3,7 @@
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rotq_autotune::{cpu, cuda, tune, Outcome, TimingPlan, Tunable};
-use rotq_reference::tuned::{default_path, Loaded, TuneFile, TunedEntry};
+use rotq_reference::tuned::{default_path, Loaded, Millis, TuneFile, TunedEntry};
 use rotq_reference::KvFormat;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -317,24 +317,14 @@ fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool, gpu: bool) -> Result<
 
 /// Saves this run's entries not saved yet and forgets them: the cache merges them entry by
 /// entry under its lock, so entries another run saved meanwhile are kept (and this run never
-/// writes back entries it did not tune). A file of another schema is first moved aside, once.
-fn save(
-    new: &mut TuneFile,
-    path: &std::path::Path,
-    replace: &mut bool,
-    bar: &ProgressBar,
-) -> Result<(), String> {
-    if std::mem::take(replace) && path.exists() {
-        let aside = rotq_reference::tuned::aside_path(path, "replaced");
-        std::fs::rename(path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
-        eprintln!("kept the earlier cache as {}", aside.display());
-    }
+/// writes back entries it did not tune).
+fn save(new: &mut TuneFile, path: &std::path::Path, bar: &ProgressBar) -> Result<(), String> {
     let waiting = || {
         let note = format!("waiting for another run's save to {}", path.display());
         bar.suspend(|| eprintln!("{note}"));
     };
     new.save_with(path, waiting)
-        .map_err(|e| format!("cannot write the tuning cache: {e}"))?;
+        .map_err(|e| format!("cannot write the tuning cache {}: {e}", path.display()))?;
     new.entries.clear();
     Ok(())
 }
@@ -400,7 +390,7 @@ fn run(args: Args) -> Result<(), String> {
             rotq_cpu::tuned::source_hash,
         ),
     };
-    // A foreign file is kept: moved aside only when this run saves its first result.
+    // A foreign file is kept: moved aside once the run is known to have work to do.
     let mut replace = false;
     match TuneFile::load(&path, &device) {
         Loaded::Usable(_) | Loaded::Missing => {}
@@ -454,6 +444,14 @@ fn run(args: Args) -> Result<(), String> {
         }
         return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
+    if replace && path.exists() {
+        let aside = rotq_reference::tuned::aside_path(&path, "replaced");
+        std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("kept the earlier cache as {}", aside.display());
+    }
+    // Before any tuning: a cache that cannot be written costs no work.
+    TuneFile::check_writable(&path)
+        .map_err(|e| format!("cannot write the tuning cache {}: {e}", path.display()))?;
     let budget = Duration::from_secs(args.budget_secs);
     let started = std::time::Instant::now();
     // What a task of weight `w` may spend: its part of the budget left, shared by the tasks
@@ -512,7 +510,7 @@ fn run(args: Args) -> Result<(), String> {
                 source_hash,
             )?);
             done += $w;
-            save(&mut file, &path, &mut replace, &bar)?;
+            save(&mut file, &path, &bar)?;
             bar.inc(1);
         }};
     }
@@ -568,12 +566,12 @@ fn run(args: Args) -> Result<(), String> {
         );
         for r in &rows {
             println!(
-                "{:<22} {:<32} {:>8.3}ms±{:>2.0}% {:>8.3}ms±{:>2.0}% {:>7.2}x {:>6} {:>8} {:>8}  {}",
+                "{:<22} {:<32} {:>8}ms±{:>2.0}% {:>8}ms±{:>2.0}% {:>7.2}x {:>6} {:>8} {:>8}  {}",
                 r.kernel,
                 r.bucket,
-                r.default_ms,
+                Millis(r.default_ms),
                 50.0 * r.default_spread,
-                r.tuned_ms,
+                Millis(r.tuned_ms),
                 50.0 * r.tuned_spread,
                 r.speedup,
                 r.tried,

@@ -341,6 +341,30 @@ fn the_cpu_has_no_prefill_to_tune() {
     assert!(!out.exists(), "nothing was tuned, nothing written");
 }
 
+/// A cache that cannot be written (its lock path a folder; the cache a symbolic link) is
+/// reported at once, in one line naming the cache, before any tuning.
+#[test]
+fn an_unwritable_cache_is_reported_before_any_tuning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned.json");
+    std::fs::create_dir(dir.path().join("tuned.json.lock")).unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere.json"), &link).unwrap();
+    for out in [&out, &link] {
+        let o = autotune(
+            &["--device", "cpu", "--kernels", "fwht", "--budget-secs", "1"],
+            None,
+            out,
+        );
+        assert!(!o.status.success());
+        let msg = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        assert!(msg.contains(&out.display().to_string()), "{msg}");
+        assert!(!out.exists());
+    }
+    assert!(!dir.path().join("elsewhere.json").exists());
+}
+
 /// Another run saves an entry while this one is tuning: this run's later saves keep it (it
 /// saves only the entries it tuned, merged under the lock, never a copy of what it read at
 /// its start). The test holds the cache's lock, so that the run's first save waits; the

@@ -435,6 +435,34 @@ impl TuneFile {
     pub fn save_with(&self, path: &Path, waiting: impl FnOnce()) -> std::io::Result<()> {
         SaveLock::acquire(path, waiting)?.save(self)
     }
+
+    /// Checks that [`Self::save`] could write the cache at `path`, changing nothing but
+    /// creating its folder and lock file (which stays: see [`Self::save`]): the lock file can
+    /// be opened and locked (or another saver holds it, and will let it go: this never waits),
+    /// a temporary file created beside the cache (and removed at once), and whatever is at
+    /// `path` is absent or a cache of this schema. The error names the path at fault. The
+    /// autotuner asks before it tunes anything, so that a cache it cannot write costs no work.
+    ///
+    /// ```
+    /// use rotq_reference::tuned::TuneFile;
+    /// let dir = tempfile::tempdir()?;
+    /// TuneFile::check_writable(&dir.path().join("tuned.json"))?;
+    /// std::fs::write(dir.path().join("x.json"), "not a cache")?;
+    /// assert!(TuneFile::check_writable(&dir.path().join("x.json")).is_err());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn check_writable(path: &Path) -> std::io::Result<()> {
+        // Lockable: a lock another saver holds now will be let go (no need to wait for it).
+        let (lock, lock_path) = open_lock(path)?;
+        match lock.try_lock() {
+            Ok(()) | Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(in_context(e, &lock_path, "locking"))
+            }
+        }
+        read_ours(path)?;
+        temp_beside(path).map(drop)
+    }
 }
 
 /// The largest cache file read (a real one is a few KiB): a larger one is corrupt, and memory
@@ -469,24 +497,7 @@ impl SaveLock {
     /// `waiting`, then waits for it. A lock path that is a symbolic link or not a regular file
     /// is an error naming it.
     pub fn acquire(path: &Path, waiting: impl FnOnce()) -> std::io::Result<Self> {
-        let name = path.file_name().ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{}: not a file path", path.display()),
-            )
-        })?;
-        let folder = folder_of(path);
-        std::fs::create_dir_all(&folder)
-            .map_err(|e| in_context(e, &folder, "creating the tuning cache's folder"))?;
-        let mut lock_name = name.to_os_string();
-        lock_name.push(".lock");
-        let lock_path = path.with_file_name(lock_name);
-        let what = "the tuning cache's lock file";
-        let mut options = OpenOptions::new();
-        options.read(true).write(true).create(true).truncate(false);
-        let file = open_no_follow(&mut options, &lock_path)
-            .map_err(|e| refused_or(e, &lock_path, what))?;
-        check_regular(&file, &lock_path, what)?;
+        let (file, lock_path) = open_lock(path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -507,17 +518,10 @@ impl SaveLock {
     /// [`TuneFile::save`]'s read-merge-write of `section`, under this lock.
     pub fn save(&self, section: &TuneFile) -> std::io::Result<()> {
         let path = &self.path;
-        let mut file = match read_cache(path)? {
-            None => OnDisk {
-                schema: SCHEMA_VERSION,
-                devices: Vec::new(),
-            },
-            Some(bytes) => match parse(&bytes) {
-                Parsed::Ours(file) => file,
-                Parsed::Foreign(v) => return Err(not_ours(path, &format!("schema {v}"))),
-                Parsed::Corrupt(why) => return Err(not_ours(path, &why)),
-            },
-        };
+        let mut file = read_ours(path)?.unwrap_or(OnDisk {
+            schema: SCHEMA_VERSION,
+            devices: Vec::new(),
+        });
         match file.devices.iter_mut().find(|s| s.device == section.device) {
             // Entry by entry: this section's win, the file's others stay.
             Some(ours) => ours.entries.extend(section.entries.clone()),
@@ -526,6 +530,31 @@ impl SaveLock {
         let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
         write_atomically(path, text.as_bytes())
     }
+}
+
+/// Creates the folder of the cache at `path` and opens (creating it if missing) its lock file
+/// `<name>.lock`, refusing one that is a symbolic link or not a regular file; returns it and
+/// its path.
+fn open_lock(path: &Path) -> std::io::Result<(File, PathBuf)> {
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not a file path", path.display()),
+        )
+    })?;
+    let folder = folder_of(path);
+    std::fs::create_dir_all(&folder)
+        .map_err(|e| in_context(e, &folder, "creating the tuning cache's folder"))?;
+    let mut lock_name = name.to_os_string();
+    lock_name.push(".lock");
+    let lock_path = path.with_file_name(lock_name);
+    let what = "the tuning cache's lock file";
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    let file = open_no_follow(&mut options, &lock_path)
+        .map_err(|e| refused_or(e, &lock_path, what, "remove the link"))?;
+    check_regular(&file, &lock_path, what)?;
+    Ok((file, lock_path))
 }
 
 /// What a cache file's bytes are.
@@ -559,15 +588,24 @@ fn parse(bytes: &[u8]) -> Parsed {
     }
 }
 
-/// The refusal to write over the file at `path`, which is not a cache of this schema.
-fn not_ours(path: &Path, why: &str) -> std::io::Error {
-    std::io::Error::new(
+/// The cache at `path` if it is one of this schema, `None` if there is none; an error
+/// naming `path` for anything else there (a saver does not write over it).
+fn read_ours(path: &Path) -> std::io::Result<Option<OnDisk>> {
+    let Some(bytes) = read_cache(path)? else {
+        return Ok(None);
+    };
+    let why = match parse(&bytes) {
+        Parsed::Ours(file) => return Ok(Some(file)),
+        Parsed::Foreign(v) => format!("schema {v}"),
+        Parsed::Corrupt(why) => why,
+    };
+    Err(std::io::Error::new(
         std::io::ErrorKind::InvalidData,
         format!(
             "{}: not a schema {SCHEMA_VERSION} tuning cache ({why}); not writing over it",
             path.display()
         ),
-    )
+    ))
 }
 
 /// The folder `path` is in (`.` for a bare file name).
@@ -594,14 +632,15 @@ fn open_no_follow(options: &mut OpenOptions, path: &Path) -> std::io::Result<Fil
     options.open(path)
 }
 
-/// The error of opening `path` (`what`): a clear refusal when a symbolic link is there.
-fn refused_or(e: std::io::Error, path: &Path, what: &str) -> std::io::Error {
+/// The error of opening `path` (`what`): a clear refusal, with `advice`, when a symbolic link
+/// is there.
+fn refused_or(e: std::io::Error, path: &Path, what: &str, advice: &str) -> std::io::Error {
     if path.symlink_metadata().is_ok_and(|m| m.is_symlink()) {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
-                "{}: {what} is a symbolic link; rotq reads and writes it only as a regular file, \
-                 never through a link (name the file itself, or remove the link)",
+                "{}: {what} is a symbolic link; rotq opens it only as a regular file, never \
+                 through a link ({advice})",
                 path.display()
             ),
         )
@@ -632,7 +671,7 @@ fn read_cache(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     let file = match open_no_follow(OpenOptions::new().read(true), path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(refused_or(e, path, what)),
+        Err(e) => return Err(refused_or(e, path, what, "name the file itself")),
     };
     check_regular(&file, path, what)?;
     let mut bytes = Vec::new();
@@ -647,23 +686,28 @@ fn read_cache(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 /// flushed, renamed over `path`, then the folder flushed so that the rename survives a crash.
 /// Errors name `path`, not the temporary file; on an error the temporary file is removed.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let folder = folder_of(path);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let context = |doing: &'static str| move |e| in_context(e, path, doing);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .make_in(&folder, |p| {
-            OpenOptions::new().write(true).create_new(true).open(p)
-        })
-        .map_err(context("creating a temporary file beside"))?;
+    let mut tmp = temp_beside(path)?;
     tmp.as_file_mut()
         .write_all(bytes)
         .and_then(|()| tmp.as_file().sync_all())
-        .map_err(context("writing"))?;
+        .map_err(|e| in_context(e, path, "writing"))?;
     tmp.persist(path)
         .map_err(|e| in_context(e.error, path, "replacing"))?;
+    let folder = folder_of(path);
     sync_folder(&folder).map_err(|e| in_context(e, &folder, "flushing the folder"))
+}
+
+/// A new temporary file of a random name beside `path` (`.<name>.<random>.tmp`), created
+/// exclusively, removed when dropped unless persisted. Errors name `path`.
+fn temp_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .make_in(folder_of(path), |p| {
+            OpenOptions::new().write(true).create_new(true).open(p)
+        })
+        .map_err(|e| in_context(e, path, "creating a temporary file beside"))
 }
 
 /// Flushes `folder`'s entries to disk (a rename lives in the folder). File systems that cannot

@@ -603,3 +603,54 @@ fn a_stale_entry_is_ignored_and_the_others_stay_in_force() {
     assert!(sample().save(&path).is_err());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), schema2);
 }
+
+/// `check_writable` finds, changing nothing, each thing that would stop a save: a folder that
+/// cannot be created, a lock path that is a folder or a link, a cache path that is a link, a
+/// file of another schema or no cache at all. Each error names the user's path (the cache,
+/// its lock file or the folder in the way), never a temporary file.
+#[test]
+fn check_writable_names_what_is_in_the_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = dir.path().join("ok").join("tuned.json");
+    TuneFile::check_writable(&ok).unwrap();
+    assert_eq!(folder(ok.parent().unwrap()), ["tuned.json.lock"]);
+    sample().save(&ok).unwrap();
+    TuneFile::check_writable(&ok).unwrap();
+
+    let case = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        (d.join("tuned.json"), d)
+    };
+    let mut refused = Vec::new();
+    // A file where the folder should be.
+    let blocker = dir.path().join("blocker");
+    std::fs::write(&blocker, "").unwrap();
+    refused.push((blocker.join("tuned.json"), blocker.clone()));
+    // The lock path is a folder; a link.
+    let (p, d) = case("lock-folder");
+    std::fs::create_dir(d.join("tuned.json.lock")).unwrap();
+    refused.push((p, d.join("tuned.json.lock")));
+    let (p, d) = case("lock-link");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), d.join("tuned.json.lock")).unwrap();
+    refused.push((p, d.join("tuned.json.lock")));
+    // The cache is a link; of another schema; not a cache.
+    let (p, _) = case("cache-link");
+    std::os::unix::fs::symlink(&ok, &p).unwrap();
+    refused.push((p.clone(), p));
+    let (p, _) = case("schema-2");
+    std::fs::write(&p, r#"{"schema": 2, "devices": []}"#).unwrap();
+    refused.push((p.clone(), p));
+    let (p, _) = case("not-a-cache");
+    std::fs::write(&p, "1e308").unwrap();
+    refused.push((p.clone(), p));
+    for (path, named) in refused {
+        let before = std::fs::read(&path).ok();
+        let e = TuneFile::check_writable(&path).unwrap_err().to_string();
+        assert!(e.contains(&named.display().to_string()), "{e}");
+        // (The temporary files' names start so.)
+        assert!(!e.contains(".tuned.json.") && e.lines().count() == 1, "{e}");
+        assert_eq!(std::fs::read(&path).ok(), before, "{e}");
+    }
+    assert!(!dir.path().join("elsewhere").exists());
+}
