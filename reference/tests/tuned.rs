@@ -654,3 +654,25 @@ fn check_writable_names_what_is_in_the_way() {
     }
     assert!(!dir.path().join("elsewhere").exists());
 }
+
+/// A cache file far larger than any real one (1 GiB, sparse) is corrupt after reading at most
+/// 16 MiB of it: memory stays bounded whatever lies at the path, and the file is kept.
+#[test]
+fn an_oversized_file_is_corrupt_and_read_no_further() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    match TuneFile::peek(&path, &device("gpu A")) {
+        Loaded::Corrupt { reason, kept_at } => {
+            assert!(reason.contains("larger than 16 MiB"), "{reason}");
+            assert!(kept_at.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = sample().save(&path).unwrap_err().to_string();
+    assert!(e.contains("larger than 16 MiB"), "{e}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
+}
