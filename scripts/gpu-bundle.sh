@@ -27,8 +27,10 @@ copy_tests() {
 }
 # Every test executable of rotq-cuda (its unit tests and tests/*.rs).
 copy_tests -p rotq-cuda
-# The facade's cache on both backends (tests/cache_backends.rs).
+# The engine library's cache on both backends (tests/cache_backends.rs).
 copy_tests -p rotq --test cache_backends
+# The CUDA tunables under the tuner, timed with CUDA events (autotune/tests/cuda.rs).
+copy_tests -p rotq-autotune --test cuda
 strip "$out"/* 2>/dev/null || true
 
 cat > "$out/run.sh" <<'RUN'

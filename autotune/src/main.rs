@@ -4,7 +4,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rotq_autotune::timing::{EventClock, WallClock};
 use rotq_autotune::{cpu, cuda, tune, Clock, Outcome, TimingPlan, Tunable};
-use rotq_reference::tuned::{default_path, Loaded, TuneFile};
+use rotq_reference::tuned::{default_path, Loaded, Millis, TuneFile, TunedEntry};
 use rotq_reference::KvFormat;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -209,7 +209,8 @@ impl<C: Serialize> From<&Outcome<C>> for Row {
     }
 }
 
-/// Tunes one task and records it; returns its report row.
+/// Tunes one task and records it, with the hash of its kernel's sources (`source_hash`);
+/// returns its report row.
 fn run_one<T: Tunable, C: Clock>(
     t: &mut T,
     clock: &mut C,
@@ -217,6 +218,7 @@ fn run_one<T: Tunable, C: Clock>(
     plan: TimingPlan,
     bar: &ProgressBar,
     file: &mut TuneFile,
+    source_hash: fn(&str) -> String,
 ) -> Result<Row, String> {
     let label = format!("{} {}", t.kernel(), t.bucket());
     bar.set_message(label.clone());
@@ -230,15 +232,15 @@ fn run_one<T: Tunable, C: Clock>(
         ));
     }
     let row = Row::from(&o);
-    file.insert(
-        &o.kernel,
-        &o.bucket,
-        &row.config,
-        o.default.median_ms,
-        o.chosen_timing.median_ms,
-        o.tried,
-        o.rejected.len(),
-    );
+    let entry = TunedEntry {
+        config: row.config.clone(),
+        source_hash: source_hash(&o.kernel),
+        default_ms: o.default.median_ms,
+        tuned_ms: o.chosen_timing.median_ms,
+        tried: o.tried,
+        rejected: o.rejected.len(),
+    };
+    file.insert(&o.kernel, &o.bucket, entry);
     Ok(row)
 }
 
@@ -315,28 +317,18 @@ fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool, gpu: bool) -> Result<
     Ok(())
 }
 
-/// Writes this device's section as tuned so far, merged with what another run may have saved
-/// for it meanwhile (ours wins where both tuned the same bucket), beside the other devices'
-/// sections; a file of another schema is first moved aside, once.
-fn save(
-    file: &mut TuneFile,
-    path: &std::path::Path,
-    device: &rotq_reference::tuned::DeviceIdentity,
-    hash: &str,
-    replace: &mut bool,
-) -> Result<(), String> {
-    if std::mem::take(replace) && path.exists() {
-        let aside = rotq_reference::tuned::aside_path(path, "replaced");
-        std::fs::rename(path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
-        eprintln!("kept the earlier cache as {}", aside.display());
-    }
-    if let Loaded::Usable(theirs) = TuneFile::peek(path, device, hash) {
-        for (k, e) in theirs.entries {
-            file.entries.entry(k).or_insert(e);
-        }
-    }
-    file.save(path)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+/// Saves this run's entries not saved yet and forgets them: the cache merges them entry by
+/// entry under its lock, so entries another run saved meanwhile are kept (and this run never
+/// writes back entries it did not tune).
+fn save(new: &mut TuneFile, path: &std::path::Path, bar: &ProgressBar) -> Result<(), String> {
+    let waiting = || {
+        let note = format!("waiting for another run's save to {}", path.display());
+        bar.suspend(|| eprintln!("{note}"));
+    };
+    new.save_with(path, waiting)
+        .map_err(|e| format!("cannot write the tuning cache {}: {e}", path.display()))?;
+    new.entries.clear();
+    Ok(())
 }
 
 /// A decode task's share of the budget, in units of the others': its search spaces are the
@@ -390,21 +382,20 @@ fn run(args: Args) -> Result<(), String> {
         .clone()
         .or_else(default_path)
         .ok_or("no cache path: pass --out, or set ROTQ_TUNE_CACHE or HOME")?;
-    let (device, hash) = match &cuda_dev {
+    let (device, source_hash): (_, fn(&str) -> String) = match &cuda_dev {
         Some(d) => (
             rotq_cuda::tuned::device_identity(d.info()),
-            rotq_cuda::tuned::kernel_hash(),
+            rotq_cuda::tuned::source_hash,
         ),
         None => (
             rotq_cpu::tuned::device_identity(),
-            rotq_cpu::tuned::KERNEL_HASH.to_string(),
+            rotq_cpu::tuned::source_hash,
         ),
     };
-    // A foreign file is kept: moved aside only when this run saves its first result.
+    // A foreign file is kept: moved aside once the run is known to have work to do.
     let mut replace = false;
-    let mut file = match TuneFile::load(&path, &device, &hash) {
-        Loaded::Usable(f) => f,
-        Loaded::Missing => TuneFile::new(device.clone(), &hash),
+    match TuneFile::load(&path, &device) {
+        Loaded::Usable(_) | Loaded::Missing => {}
         Loaded::OtherDevices { devices } => {
             eprintln!(
                 "adding {} to {} (which holds {})",
@@ -412,15 +403,6 @@ fn run(args: Args) -> Result<(), String> {
                 path.display(),
                 devices.join(", ")
             );
-            TuneFile::new(device.clone(), &hash)
-        }
-        Loaded::Stale { reason } => {
-            eprintln!(
-                "replacing the entries of {} in {} ({reason})",
-                device.name,
-                path.display()
-            );
-            TuneFile::new(device.clone(), &hash)
         }
         Loaded::Unreadable { reason } => {
             return Err(format!(
@@ -433,16 +415,16 @@ fn run(args: Args) -> Result<(), String> {
                 path.display()
             );
             replace = true;
-            TuneFile::new(device.clone(), &hash)
         }
         Loaded::Corrupt { reason, kept_at } => {
             eprintln!(
                 "ignoring a corrupt cache ({reason}){}",
                 kept_at.map_or(String::new(), |p| format!("; kept as {}", p.display()))
             );
-            TuneFile::new(device.clone(), &hash)
         }
-    };
+    }
+    // This run's entries not saved yet.
+    let mut file = TuneFile::new(device.clone());
     validate(&shapes, &wants, gpu)?;
     // Tasks, and their weights in the budget.
     let counts = [
@@ -464,6 +446,14 @@ fn run(args: Args) -> Result<(), String> {
         }
         return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
+    if replace && path.exists() {
+        let aside = rotq_reference::tuned::aside_path(&path, "replaced");
+        std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("kept the earlier cache as {}", aside.display());
+    }
+    // Before any tuning: a cache that cannot be written costs no work.
+    TuneFile::check_writable(&path)
+        .map_err(|e| format!("cannot write the tuning cache {}: {e}", path.display()))?;
     let budget = Duration::from_secs(args.budget_secs);
     let started = std::time::Instant::now();
     // What a task of weight `w` may spend: its part of the budget left, shared by the tasks
@@ -520,9 +510,17 @@ fn run(args: Args) -> Result<(), String> {
         ($t:expr, $w:expr, $clock:expr) => {{
             let mut t = $t;
             let budget = share(done, $w);
-            rows.push(run_one(&mut t, $clock, budget, plan, &bar, &mut file)?);
+            rows.push(run_one(
+                &mut t,
+                $clock,
+                budget,
+                plan,
+                &bar,
+                &mut file,
+                source_hash,
+            )?);
             done += $w;
-            save(&mut file, &path, &device, &hash, &mut replace)?;
+            save(&mut file, &path, &bar)?;
             bar.inc(1);
         }};
     }
@@ -598,12 +596,12 @@ fn run(args: Args) -> Result<(), String> {
         );
         for r in &rows {
             println!(
-                "{:<22} {:<32} {:>8.3}ms±{:>2.0}% {:>8.3}ms±{:>2.0}% {:>7.2}x {:>6} {:>8} {:>8}  {}",
+                "{:<22} {:<32} {:>8}ms±{:>2.0}% {:>8}ms±{:>2.0}% {:>7.2}x {:>6} {:>8} {:>8}  {}",
                 r.kernel,
                 r.bucket,
-                r.default_ms,
+                Millis(r.default_ms),
                 50.0 * r.default_spread,
-                r.tuned_ms,
+                Millis(r.tuned_ms),
                 50.0 * r.tuned_spread,
                 r.speedup,
                 r.tried,

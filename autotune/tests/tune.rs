@@ -316,11 +316,7 @@ fn leads_come_first_then_the_rest_once_each() {
 /// Runs the `autotune` binary with `args`, `--shapes shapes` when given, and `--out out`.
 /// This machine's CPU section of the cache at `path`.
 fn cpu_section(path: &Path) -> TuneFile {
-    let (device, hash) = (
-        rotq_cpu::tuned::device_identity(),
-        rotq_cpu::tuned::KERNEL_HASH,
-    );
-    match TuneFile::peek(path, &device, hash) {
+    match TuneFile::peek(path, &rotq_cpu::tuned::device_identity()) {
         Loaded::Usable(f) => f,
         other => panic!("{other:?}"),
     }
@@ -378,7 +374,7 @@ fn tuning_on_the_cpu_end_to_end() {
         driver_version: None,
     };
     assert!(matches!(
-        TuneFile::load(&out, &another, &file.kernel_hash),
+        TuneFile::load(&out, &another),
         Loaded::OtherDevices { .. }
     ));
     // Shapes from a JSON file, for one kernel; merged into the same cache. The CPU has no
@@ -461,4 +457,92 @@ fn the_cpu_has_no_prefill_to_tune() {
     let msg = String::from_utf8_lossy(&o.stderr);
     assert!(msg.contains("n_kv"), "{msg}");
     assert!(!out.exists(), "nothing was tuned, nothing written");
+}
+
+/// A cache that cannot be written (its lock path a folder; the cache a symbolic link) is
+/// reported at once, in one line naming the cache, before any tuning.
+#[test]
+fn an_unwritable_cache_is_reported_before_any_tuning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned.json");
+    std::fs::create_dir(dir.path().join("tuned.json.lock")).unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere.json"), &link).unwrap();
+    for out in [&out, &link] {
+        let o = autotune(
+            &["--device", "cpu", "--kernels", "fwht", "--budget-secs", "1"],
+            None,
+            out,
+        );
+        assert!(!o.status.success());
+        let msg = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        assert!(msg.contains(&out.display().to_string()), "{msg}");
+        assert!(!out.exists());
+    }
+    assert!(!dir.path().join("elsewhere.json").exists());
+}
+
+/// Another run saves an entry while this one is tuning: this run's later saves keep it (it
+/// saves only the entries it tuned, merged under the lock, never a copy of what it read at
+/// its start). The test holds the cache's lock, so that the run's first save waits; the
+/// run's "waiting" note is the barrier (no timing): the other save happens then.
+#[test]
+fn a_run_keeps_entries_another_run_saves_meanwhile() {
+    use rotq_reference::tuned::SaveLock;
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned.json");
+    let other = |v: u32| {
+        let mut f = TuneFile::new(rotq_cpu::tuned::device_identity());
+        let entry = rotq_reference::tuned::TunedEntry {
+            config: serde_json::json!({ "v": v }),
+            source_hash: "h".into(),
+            default_ms: 1.0,
+            tuned_ms: 1.0,
+            tried: 1,
+            rejected: 0,
+        };
+        f.insert("other_kernel", "x=1", entry);
+        f
+    };
+    // What the run reads at its start.
+    other(0).save(&out).unwrap();
+    let shapes = dir.path().join("shapes.json");
+    std::fs::write(&shapes, r#"{"fwht": [64, 128], "bytes": 65536}"#).unwrap();
+    let lock = SaveLock::acquire(&out, || {}).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_autotune"))
+        .args(["--device", "cpu", "--kernels", "fwht", "--budget-secs", "1"])
+        .arg("--shapes")
+        .arg(&shapes)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let _ = lines.send(line.unwrap());
+        }
+    });
+    let mut said = String::new();
+    while !said.contains("waiting for another run's save") {
+        // A guard against hanging only.
+        let line = heard
+            .recv_timeout(Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("{e}: {said}"));
+        said.push_str(&line);
+        said.push('\n');
+    }
+    // The other run's save, while this run waits.
+    lock.save(&other(1)).unwrap();
+    drop(lock);
+    assert!(child.wait().unwrap().success(), "{said}");
+    let file = cpu_section(&out);
+    assert_eq!(file.entries["other_kernel/x=1"].config["v"], 1);
+    assert!(file.entries.contains_key("fwht_f32/n=64"));
+    assert!(file.entries.contains_key("fwht_f32/n=128"));
 }

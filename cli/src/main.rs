@@ -14,6 +14,7 @@ use rotq_cli::eval::{
 use rotq_cli::eval_backend::{Backend, Runner};
 use rotq_cli::eval_grid::{evaluate_grid_on, GridOptions};
 use rotq_cli::{files, Error};
+use rotq_reference::tuned::{Ignored, Loaded, Millis, TunedEntry};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -454,7 +455,11 @@ fn print_tuning() {
         "CPU kernel configurations (device: {})",
         rotq_cpu::tuned::device_identity().name
     );
-    print_cache(state.path.as_deref(), &state.loaded);
+    print_cache(
+        state.path.as_deref(),
+        &state.loaded,
+        rotq_cpu::tuned::entry_status,
+    );
     if rotq_cuda::cuda_available() {
         for ordinal in 0.. {
             let Ok(dev) = rotq_cuda::Device::new(ordinal) else {
@@ -466,14 +471,17 @@ fn print_tuning() {
                 dev.info().name
             );
             let t = dev.tuning();
-            print_cache(t.path.as_deref(), &t.loaded);
+            print_cache(t.path.as_deref(), &t.loaded, rotq_cuda::tuned::entry_status);
         }
     }
 }
 
-/// What a tuning cache holds for this device.
-fn print_cache(path: Option<&std::path::Path>, loaded: &rotq::reference::tuned::Loaded) {
-    use rotq::reference::tuned::Loaded;
+/// Whether a tuning cache entry is in force (`rotq_cpu::tuned::entry_status`, or CUDA's).
+type EntryStatus = fn(&str, &TunedEntry) -> Result<(), Ignored>;
+
+/// What a tuning cache holds for this device, each entry in force or ignored (`status`: the
+/// kernels' own test).
+fn print_cache(path: Option<&std::path::Path>, loaded: &Loaded, status: EntryStatus) {
     let path = path.map_or("(no path: set ROTQ_TUNE_CACHE or HOME)".to_string(), |p| {
         p.display().to_string()
     });
@@ -481,10 +489,11 @@ fn print_cache(path: Option<&std::path::Path>, loaded: &rotq::reference::tuned::
         Loaded::Usable(f) => {
             println!("tuned, from {path}:");
             for (key, e) in &f.entries {
-                println!(
-                    "  {key:<56} {}  ({:.3} ms -> {:.3} ms)",
-                    e.config, e.default_ms, e.tuned_ms
-                );
+                let (ms, to) = (Millis(e.default_ms), Millis(e.tuned_ms));
+                match status(key, e) {
+                    Ok(()) => println!("  {key:<56} {}  ({ms} ms -> {to} ms)", e.config),
+                    Err(why) => println!("  {key:<56} {}  ignored: {why}", e.config),
+                }
             }
             println!("  anything else: the kernel's default");
         }
@@ -493,7 +502,7 @@ fn print_cache(path: Option<&std::path::Path>, loaded: &rotq::reference::tuned::
             "defaults: {path} has entries for {} only (run `autotune` on this device)",
             devices.join(", ")
         ),
-        Loaded::Stale { reason } | Loaded::Foreign { reason } => {
+        Loaded::Foreign { reason } => {
             println!("defaults: {path} is ignored ({reason})")
         }
         Loaded::Corrupt { reason, .. } | Loaded::Unreadable { reason } => {

@@ -262,3 +262,66 @@ fn bench_runs_only_the_section_asked_for() {
     assert_one_line_failure(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("prefill"));
 }
+
+/// `rotq info` lists the CPU's tuned entries, says which the kernels ignore and why (a value
+/// outside the search space, an entry for other sources of its kernel), and prints timings
+/// in few digits, even absurd ones.
+#[test]
+fn info_marks_tuned_entries_the_kernels_ignore() {
+    use rotq::reference::tuned::{TuneFile, TunedEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let mut file = TuneFile::new(rotq_cpu::tuned::device_identity());
+    let entry = |kernel: &str, config, default_ms, tuned_ms| TunedEntry {
+        config,
+        source_hash: rotq_cpu::tuned::source_hash(kernel),
+        default_ms,
+        tuned_ms,
+        tried: 3,
+        rejected: 0,
+    };
+    let good = serde_json::to_value(rotq_cpu::QuantizeConfig::search_space()[0]).unwrap();
+    let q4 = "rotate_quantize_q4_0";
+    file.insert(q4, "dim=128", entry(q4, good, 2.0, 1.0));
+    let odd = serde_json::json!({ "rows_per_task": 7 });
+    let q8 = "rotate_quantize_q8_0";
+    file.insert(q8, "dim=128", entry(q8, odd, 1e308, 1e-300));
+    let mut stale = entry(
+        "fwht_f32",
+        serde_json::json!({ "rows_per_task": 1 }),
+        1.0,
+        1.0,
+    );
+    stale.source_hash = "0123456789abcdef".into();
+    file.insert("fwht_f32", "n=1024", stale);
+    file.save(&path).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rotq"))
+        .arg("info")
+        .env("ROTQ_TUNE_CACHE", &path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_string()
+    };
+    let in_force = line("rotate_quantize_q4_0/dim=128");
+    assert!(!in_force.contains("ignored"), "{in_force}");
+    let ignored = line("rotate_quantize_q8_0/dim=128");
+    assert!(
+        ignored.contains("ignored") && ignored.contains("search space"),
+        "{ignored}"
+    );
+    let stale = line("fwht_f32/n=1024");
+    assert!(stale.contains("ignored: stale"), "{stale}");
+    // No number runs to hundreds of digits.
+    let longest_digits = text
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest_digits < 20, "{text}");
+}

@@ -1,5 +1,8 @@
-//! Hashes this crate's sources into `ROTQ_CPU_KERNEL_HASH`: a tuning cache written for
-//! another build of the kernels is stale and must not be trusted.
+//! Hashes this crate's sources for the tuning cache: an entry tuned for other sources of its
+//! kernel is stale and must not be trusted. One hash per kernel family, over its module's
+//! files and the instruction-set dispatch they all use (`ROTQ_CPU_HASH_FWHT`, `_QUANT`,
+//! `_ATTENTION`), so that editing one family leaves the others' entries in force; and one
+//! over every source (`ROTQ_CPU_KERNEL_HASH`), for names of no family.
 
 use std::path::{Path, PathBuf};
 
@@ -17,16 +20,12 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut all = Vec::new();
-    let d = root.join("src");
-    println!("cargo:rerun-if-changed={}", d.display());
-    files(&d, &mut all);
-    all.sort();
-    // FNV-1a, 64 bits: stable across compilers, unlike std's hasher.
+/// FNV-1a, 64 bits, over the names (relative to `root`) and contents of `paths`, sorted:
+/// stable across compilers, unlike std's hasher.
+fn hash(root: &Path, mut paths: Vec<PathBuf>) -> String {
+    paths.sort();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in &all {
+    for p in &paths {
         let name = p
             .strip_prefix(root)
             .unwrap_or(p)
@@ -36,5 +35,26 @@ fn main() {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    println!("cargo:rustc-env=ROTQ_CPU_KERNEL_HASH={h:016x}");
+    format!("{h:016x}")
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("src");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let mut all = Vec::new();
+    files(&src, &mut all);
+    println!("cargo:rustc-env=ROTQ_CPU_KERNEL_HASH={}", hash(root, all));
+    for (family, dir) in [
+        ("FWHT", "fwht"),
+        ("QUANT", "quant"),
+        ("ATTENTION", "attention"),
+    ] {
+        let mut family_files = vec![src.join("isa.rs")];
+        files(&src.join(dir), &mut family_files);
+        println!(
+            "cargo:rustc-env=ROTQ_CPU_HASH_{family}={}",
+            hash(root, family_files)
+        );
+    }
 }

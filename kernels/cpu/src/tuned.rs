@@ -1,17 +1,43 @@
 //! Configurations from the tuning cache that `autotune --device cpu` writes.
 //!
 //! A kernel made without an explicit `with_config` looks up its (kernel, shape bucket) in the
-//! cache (see `rotq_reference::tuned` for where it lives) and uses what it finds, else its
-//! default. The cache is read once per process, without side effects: a file for another
-//! machine or another build of these kernels ([`KERNEL_HASH`]) is ignored.
+//! cache (see `rotq_reference::tuned` for where it lives) and uses what it finds if that is in
+//! force: tuned for the kernel's current sources ([`source_hash`]) and one of its candidates;
+//! else its default. The cache is read once per process, without side effects: a file for
+//! another machine is ignored.
 
 use crate::isa::Isa;
-use rotq_reference::tuned::{bucket, default_path, DeviceIdentity, Loaded, TuneFile};
+use rotq_reference::tuned::{
+    bucket, default_path, split_key, DeviceIdentity, Ignored, Loaded, TuneFile, TunedEntry,
+};
+use rotq_reference::KvFormat;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-/// Hash of this crate's sources; tuning caches record it.
-pub const KERNEL_HASH: &str = env!("ROTQ_CPU_KERNEL_HASH");
+/// Hash of the sources of `kernel`'s family, as tuning cache entries record it: `fwht_*` the
+/// rotation's module, `rotate_quantize_*` quantization's, `decode_attention_*` attention's,
+/// each with the instruction-set dispatch; a name of no family, every source of the crate.
+/// Editing one family makes its entries stale and leaves the others' in force. (A module a
+/// family calls, such as the rotation inside rotate-quantize, changes its speed but not what
+/// its configuration means, and is left out of its hash.)
+///
+/// ```
+/// use rotq_cpu::tuned::source_hash;
+/// assert_eq!(source_hash("rotate_quantize_q4_0"), source_hash("rotate_quantize_q8_0"));
+/// assert_ne!(source_hash("fwht_f32"), source_hash("decode_attention_q4_0"));
+/// ```
+pub fn source_hash(kernel: &str) -> String {
+    let family = [
+        ("fwht_", env!("ROTQ_CPU_HASH_FWHT")),
+        ("rotate_quantize_", env!("ROTQ_CPU_HASH_QUANT")),
+        ("decode_attention_", env!("ROTQ_CPU_HASH_ATTENTION")),
+    ];
+    family
+        .iter()
+        .find(|(prefix, _)| kernel.starts_with(prefix))
+        .map_or(env!("ROTQ_CPU_KERNEL_HASH"), |(_, hash)| hash)
+        .to_string()
+}
 
 /// This machine as tuning caches name it: CPU model and instruction set. (Not the thread
 /// count: a run with fewer threads would otherwise make the cache foreign; tuned configs
@@ -53,22 +79,71 @@ pub fn cache() -> &'static CacheState {
     STATE.get_or_init(|| {
         let path = default_path();
         let loaded = match &path {
-            Some(p) => TuneFile::peek(p, &device_identity(), KERNEL_HASH),
+            Some(p) => TuneFile::peek(p, &device_identity()),
             None => Loaded::Missing,
         };
         CacheState { path, loaded }
     })
 }
 
-/// The tuned configuration of `kernel` at `bucket`, if the cache has one and it is one of
-/// the kernel's `candidates` (a hand-edited value outside the search space is not trusted).
+/// `entry`'s configuration if it is in force for `kernel`, whose configurations are
+/// `candidates`: tuned for its current sources, and one of them (a hand-edited value outside
+/// the search space is not trusted); else why not.
+fn in_force<C: serde::de::DeserializeOwned + PartialEq>(
+    entry: &TunedEntry,
+    kernel: &str,
+    candidates: &[C],
+) -> Result<C, Ignored> {
+    entry.in_force(&source_hash(kernel), |c| candidates.contains(c))
+}
+
+/// Whether the cache's entry `key` (`kernel/bucket`) is in force: what the kernel does with
+/// it when it looks its configuration up, through the same test ([`TunedEntry::in_force`]
+/// against its search space); else why not. For reports such as `rotq info`. (The row
+/// rotation's space depends on the row length: the bucket's is taken, which is exact for the
+/// powers of two the bucket is named for.)
+///
+/// ```
+/// use rotq_reference::tuned::{Ignored, TunedEntry};
+/// let entry = TunedEntry {
+///     config: serde_json::json!({ "rows_per_task": 7 }),
+///     source_hash: rotq_cpu::tuned::source_hash("rotate_quantize_q4_0"),
+///     default_ms: 1.0, tuned_ms: 0.9, tried: 7, rejected: 0,
+/// };
+/// let status = rotq_cpu::tuned::entry_status("rotate_quantize_q4_0/dim=128", &entry);
+/// assert_eq!(status, Err(Ignored::OutsideSpace));
+/// ```
+pub fn entry_status(key: &str, entry: &TunedEntry) -> Result<(), Ignored> {
+    use crate::{AttentionConfig, FwhtConfig, QuantizeConfig};
+    let (kernel, bucket) = split_key(key).ok_or(Ignored::UnknownKey)?;
+    let format_of = |prefix: &str| {
+        kernel
+            .strip_prefix(prefix)
+            .is_some_and(|f| f.parse::<KvFormat>().is_ok())
+    };
+    if kernel == "fwht_f32" {
+        let n = bucket
+            .strip_prefix("n=")
+            .and_then(|n| n.parse().ok())
+            .ok_or(Ignored::UnknownKey)?;
+        in_force(entry, kernel, &FwhtConfig::search_space(n)).map(drop)
+    } else if format_of("rotate_quantize_") {
+        in_force(entry, kernel, &QuantizeConfig::search_space()).map(drop)
+    } else if format_of("decode_attention_") {
+        in_force(entry, kernel, &AttentionConfig::search_space()).map(drop)
+    } else {
+        Err(Ignored::UnknownKey)
+    }
+}
+
+/// The tuned configuration of `kernel` at `bucket`, if the cache has one in force.
 pub(crate) fn lookup<C: serde::de::DeserializeOwned + PartialEq>(
     kernel: &str,
     bucket: &str,
     candidates: &[C],
 ) -> Option<C> {
     match &cache().loaded {
-        Loaded::Usable(f) => f.config(kernel, bucket).filter(|c| candidates.contains(c)),
+        Loaded::Usable(f) => in_force(f.entry(kernel, bucket)?, kernel, candidates).ok(),
         _ => None,
     }
 }

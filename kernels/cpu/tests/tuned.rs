@@ -1,30 +1,34 @@
 //! Kernels made without an explicit configuration take the tuning cache's (one process, so
 //! one scenario: the cache is read once).
 
-use rotq_cpu::tuned::{decode_bucket, device_identity, fwht_bucket, quantize_bucket, KERNEL_HASH};
+use rotq_cpu::tuned::{decode_bucket, device_identity, fwht_bucket, quantize_bucket, source_hash};
 use rotq_cpu::{
     AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
     QuantizeConfig,
 };
-use rotq_reference::tuned::{Loaded, TuneFile};
+use rotq_reference::tuned::{Ignored, Loaded, TuneFile, TunedEntry};
 use rotq_reference::{KvFormat, Rotation, RotationPlan};
+
+/// An entry of `config` for `kernel`, tuned for its current sources.
+fn entry(kernel: &str, config: impl serde::Serialize) -> TunedEntry {
+    TunedEntry {
+        config: serde_json::to_value(config).unwrap(),
+        source_hash: source_hash(kernel),
+        default_ms: 1.0,
+        tuned_ms: 0.5,
+        tried: 3,
+        rejected: 0,
+    }
+}
 
 #[test]
 fn kernels_use_the_tuned_configuration_of_their_bucket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tuned.json");
-    let mut file = TuneFile::new(device_identity(), KERNEL_HASH);
+    let mut file = TuneFile::new(device_identity());
     let fwht = FwhtConfig::search_space(64)[0];
     assert_ne!(fwht, FwhtConfig::for_dim(64));
-    file.insert(
-        "fwht_f32",
-        &fwht_bucket(64),
-        &serde_json::to_value(fwht).unwrap(),
-        1.0,
-        0.5,
-        3,
-        0,
-    );
+    file.insert("fwht_f32", &fwht_bucket(64), entry("fwht_f32", fwht));
     let att = AttentionConfig {
         block_n: 32,
         block_m: 4,
@@ -36,11 +40,7 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
     file.insert(
         "decode_attention_q8_0",
         &bucket,
-        &serde_json::to_value(att).unwrap(),
-        1.0,
-        0.5,
-        3,
-        0,
+        entry("decode_attention_q8_0", att),
     );
     let quant = QuantizeConfig { rows_per_task: 16 };
     assert!(QuantizeConfig::search_space().contains(&quant));
@@ -48,33 +48,42 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
     file.insert(
         "rotate_quantize_q4_0",
         &qb,
-        &serde_json::to_value(quant).unwrap(),
-        1.0,
-        0.5,
-        3,
-        0,
+        entry("rotate_quantize_q4_0", quant),
     );
     // A value outside the search space (say, edited by hand) is not trusted.
     let odd = FwhtConfig { rows_per_task: 7 };
-    file.insert(
-        "fwht_f32",
-        &fwht_bucket(512),
-        &serde_json::to_value(odd).unwrap(),
-        1.0,
-        0.5,
-        3,
-        0,
-    );
+    file.insert("fwht_f32", &fwht_bucket(512), entry("fwht_f32", odd));
+    // An entry tuned for other sources of the rotation (since edited) is stale: ignored,
+    // while the other families' entries stay in force.
+    let mut stale = entry("fwht_f32", FwhtConfig::search_space(256)[0]);
+    stale.source_hash = "0123456789abcdef".into();
+    file.insert("fwht_f32", &fwht_bucket(256), stale);
     file.save(&path).unwrap();
     std::env::set_var("ROTQ_TUNE_CACHE", &path);
 
     assert!(matches!(rotq_cpu::tuned::cache().loaded, Loaded::Usable(_)));
+    // What reports say of each entry is what the kernels below do with it.
+    let status = |key: &str| rotq_cpu::tuned::entry_status(key, &file.entries[key]);
+    assert_eq!(status("fwht_f32/n=64"), Ok(()));
+    assert_eq!(status(&format!("decode_attention_q8_0/{bucket}")), Ok(()));
+    assert_eq!(status(&format!("rotate_quantize_q4_0/{qb}")), Ok(()));
+    assert_eq!(status("fwht_f32/n=512"), Err(Ignored::OutsideSpace));
+    assert!(matches!(
+        status("fwht_f32/n=256"),
+        Err(Ignored::Stale { .. })
+    ));
     let r = Rotation::hadamard(64).unwrap();
     assert_eq!(CpuRotation::new(&r, Isa::best()).config(), fwht);
     let r512 = Rotation::hadamard(512).unwrap();
     assert_eq!(
         CpuRotation::new(&r512, Isa::best()).config(),
         FwhtConfig::for_dim(512)
+    );
+    let r256 = Rotation::hadamard(256).unwrap();
+    assert_ne!(FwhtConfig::search_space(256)[0], FwhtConfig::for_dim(256));
+    assert_eq!(
+        CpuRotation::new(&r256, Isa::best()).config(),
+        FwhtConfig::for_dim(256)
     );
     // Another length, or an explicit configuration, is not affected.
     let r128 = Rotation::hadamard(128).unwrap();

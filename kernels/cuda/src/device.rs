@@ -152,11 +152,7 @@ impl Device {
         let stream = ctx.default_stream();
         let path = default_path();
         let loaded = match &path {
-            Some(p) => TuneFile::peek(
-                p,
-                &crate::tuned::device_identity(&info),
-                &crate::tuned::kernel_hash(),
-            ),
+            Some(p) => TuneFile::peek(p, &crate::tuned::device_identity(&info)),
             None => Loaded::Missing,
         };
         Ok(Self {
@@ -174,8 +170,8 @@ impl Device {
         &self.tuning
     }
 
-    /// The tuned configuration of `kernel` at `bucket`, if the cache has one and it is one of
-    /// the kernel's `candidates` (a hand-edited value outside the search space is not trusted).
+    /// The tuned configuration of `kernel` at `bucket`, if the cache has one in force (see
+    /// [`crate::tuned::source_hash`]; a value outside `candidates` is not trusted).
     pub(crate) fn tuned<C: serde::de::DeserializeOwned + PartialEq>(
         &self,
         kernel: &str,
@@ -183,7 +179,9 @@ impl Device {
         candidates: &[C],
     ) -> Option<C> {
         match &self.tuning.loaded {
-            Loaded::Usable(f) => f.config(kernel, bucket).filter(|c| candidates.contains(c)),
+            Loaded::Usable(f) => {
+                crate::tuned::in_force(f.entry(kernel, bucket)?, kernel, candidates).ok()
+            }
             _ => None,
         }
     }

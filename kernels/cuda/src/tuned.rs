@@ -1,15 +1,17 @@
 //! Configurations from the tuning cache that `autotune --device cuda:N` writes.
 //!
 //! A [`Device`](crate::Device) reads the cache once, when it is opened (without side
-//! effects: a file for another device, driver or build of these kernels is ignored). A kernel
-//! made without an explicit `with_config` looks up its (kernel, shape bucket) there and uses
-//! what it finds if it is one of its candidates, else its default.
+//! effects: a file for another device or driver is ignored). A kernel made without an
+//! explicit `with_config` looks up its (kernel, shape bucket) there and uses what it finds if
+//! that is in force: tuned for the kernel's current sources ([`source_hash`]) and one of its
+//! candidates; else its default.
 
 use crate::device::DeviceInfo;
-use rotq_reference::tuned::{bucket, DeviceIdentity};
+use rotq_reference::tuned::{bucket, split_key, DeviceIdentity, Ignored, TunedEntry};
+use rotq_reference::KvFormat;
 
 /// Every source that decides what a configuration means: the CUDA C and the Rust that lays
-/// kernels over threads. A tuning cache written for another build of them is stale.
+/// kernels over threads. An entry tuned for other sources is stale.
 const SOURCES: [&str; 10] = [
     include_str!("cuda/attention.cu"),
     include_str!("cuda/elem.cuh"),
@@ -41,13 +43,59 @@ const fn hash_sources() -> u64 {
 
 const HASH: u64 = hash_sources();
 
-/// Hash of the kernels' sources, as tuning caches record it.
+/// Hash of the sources of `kernel`, as tuning cache entries record it: for now every kernel's
+/// is the hash of all the sources above, so that editing any kernel makes every entry stale.
 ///
 /// ```
-/// assert_eq!(rotq_cuda::tuned::kernel_hash().len(), 16);
+/// assert_eq!(rotq_cuda::tuned::source_hash("fwht_f16").len(), 16);
 /// ```
-pub fn kernel_hash() -> String {
+pub fn source_hash(kernel: &str) -> String {
+    let _ = kernel;
     format!("{HASH:016x}")
+}
+
+/// `entry`'s configuration if it is in force for `kernel`, whose configurations are
+/// `candidates`: tuned for its current sources, and one of them (a hand-edited value outside
+/// the search space is not trusted); else why not.
+pub(crate) fn in_force<C: serde::de::DeserializeOwned + PartialEq>(
+    entry: &TunedEntry,
+    kernel: &str,
+    candidates: &[C],
+) -> Result<C, Ignored> {
+    entry.in_force(&source_hash(kernel), |c| candidates.contains(c))
+}
+
+/// Whether a GPU's cache entry `key` (`kernel/bucket`) is in force: what the kernel does with
+/// it when it looks its configuration up, through the same test ([`TunedEntry::in_force`]
+/// against its search space); else why not. For reports such as `rotq info`.
+///
+/// ```
+/// use rotq_reference::tuned::{Ignored, TunedEntry};
+/// let entry = TunedEntry {
+///     config: Default::default(), // JSON null: not a configuration
+///     source_hash: rotq_cuda::tuned::source_hash("fwht_f16"),
+///     default_ms: 1.0, tuned_ms: 0.9, tried: 7, rejected: 0,
+/// };
+/// let status = rotq_cuda::tuned::entry_status("fwht_f16/n=128", &entry);
+/// assert!(matches!(status, Err(Ignored::Unparsable { .. })));
+/// ```
+pub fn entry_status(key: &str, entry: &TunedEntry) -> Result<(), Ignored> {
+    use crate::{DecodeConfig, PrefillConfig, RowConfig};
+    let (kernel, _bucket) = split_key(key).ok_or(Ignored::UnknownKey)?;
+    let format_of = |prefix: &str| {
+        kernel
+            .strip_prefix(prefix)
+            .is_some_and(|f| f.parse::<KvFormat>().is_ok())
+    };
+    if ["fwht_f32", "fwht_f16", "fwht_bf16"].contains(&kernel) || format_of("rotate_quantize_") {
+        in_force(entry, kernel, &RowConfig::search_space()).map(drop)
+    } else if format_of("decode_attention_") {
+        in_force(entry, kernel, &DecodeConfig::search_space()).map(drop)
+    } else if format_of("prefill_attention_") {
+        in_force(entry, kernel, &PrefillConfig::search_space()).map(drop)
+    } else {
+        Err(Ignored::UnknownKey)
+    }
 }
 
 /// A GPU as tuning caches name it: its name, compute capability and driver.
