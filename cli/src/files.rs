@@ -1,27 +1,147 @@
 //! The file commands of the `rotq` CLI, as functions: quantize, dequantize and rotate raw
-//! little-endian files. Each validates everything before it writes, and writes atomically.
+//! little-endian files.
+//!
+//! Each streams: it reads, converts and writes [`CHUNK_BYTES`](crate::io::CHUNK_BYTES) of
+//! input at a time (whole blocks or rows), so its memory is bounded whatever the size of the
+//! file: about 12 MiB of buffers for `quantize` and `dequantize` (input, values, output of one
+//! chunk), 16 MiB for `rotate` (the values are rotated in f64), or, for a row of more than
+//! 4 MiB (`--dim` above 2^20), one row's worth: 16 bytes per value of the row. Everything that
+//! can be checked before reading is checked first (the format, the row length, a file's size
+//! against whole rows); an input whose size is only known at the end (standard input, a pipe)
+//! is checked there, and its output discarded (or, for standard output and devices, reported as
+//! incomplete). Outputs are written as [`crate::io`] describes: atomically, never over the input.
 
-use crate::io::{read_bytes, read_f32, write_atomic, write_f32_atomic};
+use crate::io::{Input, Output, CHUNK_BYTES};
 use crate::Error;
 use rotq_reference::{KvFormat, RotationSpec};
 use std::path::Path;
 
-/// Checks that `len` values form a whole, non-zero number of rows of `row_len`.
-fn check_rows(len: usize, row_len: usize, what: &Path) -> Result<usize, Error> {
-    if row_len == 0 {
-        return Err(Error::Input("--row-len must be positive".into()));
+/// How far a file command has got: bytes of input read, and the input's size when known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Input bytes read and converted so far.
+    pub done: u64,
+    /// The input's size (`None`: a pipe or standard input, known only at the end).
+    pub total: Option<u64>,
+}
+
+/// How a command's input splits into independent units (blocks or rows) and rows.
+struct Layout {
+    /// Bytes of one input unit (the unit of conversion: a block, or a row for rotations).
+    unit_in: usize,
+    /// Bytes of one output unit.
+    unit_out: usize,
+    /// Bytes of one input row (a whole number of units).
+    row_in: u64,
+    /// The rows, in words, for errors ("rows of 32 f32 values (128 bytes each)").
+    rows: String,
+}
+
+impl Layout {
+    /// Units per chunk: as many as fit in [`CHUNK_BYTES`] of input and of output, at least one.
+    fn units_per_chunk(&self) -> usize {
+        (CHUNK_BYTES / self.unit_in.max(self.unit_out)).max(1)
     }
-    if len == 0 || !len.is_multiple_of(row_len) {
-        return Err(Error::Input(format!(
-            "{}: {len} values are not a whole, non-zero number of rows of {row_len}",
-            what.display()
-        )));
+
+    fn not_whole_rows(&self, input: &Path, bytes: u64) -> Error {
+        Error::Input(format!(
+            "{}: {bytes} bytes are not a whole, non-zero number of {}",
+            input.display(),
+            self.rows
+        ))
     }
-    Ok(len / row_len)
+
+    fn check_len(&self, input: &Path, bytes: u64) -> Result<u64, Error> {
+        if bytes == 0 || !bytes.is_multiple_of(self.row_in) {
+            return Err(self.not_whole_rows(input, bytes));
+        }
+        Ok(bytes / self.row_in)
+    }
+}
+
+/// Bytes of `n` values of `size` bytes, or an error naming the option that asked for them.
+fn bytes_of(n: usize, size: usize, option: &str) -> Result<usize, Error> {
+    n.checked_mul(size).ok_or_else(|| {
+        Error::Input(format!(
+            "{option} {n}: a row of that many values does not fit in memory"
+        ))
+    })
+}
+
+/// Writes `values` little-endian into `out` (resized to fit them).
+fn put_f32(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = f32>) {
+    out.resize(values.len() * 4, 0);
+    for (o, v) in out.chunks_exact_mut(4).zip(values) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Streams `input` to `output` chunk by chunk, `convert` turning whole units of input into
+/// their output (appended to the `Vec`, which is cleared before each chunk). Returns the rows.
+fn stream(
+    layout: &Layout,
+    input: &Path,
+    output: &Path,
+    progress: &mut dyn FnMut(Progress),
+    mut convert: impl FnMut(&[u8], &mut Vec<u8>) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let mut input = Input::open(input)?;
+    let total = input.len();
+    if let Some(len) = total {
+        // A regular file: refused for its size before anything is read or written.
+        layout.check_len(input.name(), len)?;
+    }
+    let mut output = Output::create(output, &input)?;
+    let chunk = layout.units_per_chunk() * layout.unit_in;
+    let (mut buf, mut out) = (vec![0u8; chunk], Vec::with_capacity(chunk));
+    // Input bytes read but not converted yet: a partial unit at the end of a read.
+    let (mut held, mut done) = (0usize, 0u64);
+    loop {
+        let space = buf.len() - held; // positive: `held` is less than one unit
+        let n = input.read_chunk(&mut buf[held..])?;
+        done += n as u64;
+        let available = held + n;
+        let whole = available - available % layout.unit_in;
+        if whole > 0 {
+            out.clear();
+            convert(&buf[..whole], &mut out)?;
+            output.write_all(&out)?;
+            // What did not make a whole unit moves to the front.
+            buf.copy_within(whole..available, 0);
+            progress(Progress { done, total });
+        }
+        held = available - whole;
+        if n < space {
+            break; // `read_chunk` stops short only at the end of the input
+        }
+    }
+    let checked = layout
+        .check_len(input.name(), done)
+        .and_then(|rows| match total {
+            Some(len) if len != done => Err(Error::Input(format!(
+                "{}: changed while it was read ({len} bytes, then {done})",
+                input.name().display()
+            ))),
+            _ => Ok(rows),
+        });
+    match checked {
+        Ok(rows) => {
+            output.commit()?;
+            Ok(rows)
+        }
+        // An atomic output is discarded with its temporary file; the others have the rows
+        // converted so far.
+        Err(e) if output.is_atomic() => Err(e),
+        Err(e) => Err(Error::Input(format!(
+            "{e}; what was written to {} is incomplete",
+            output.name().display()
+        ))),
+    }
 }
 
 /// Quantizes a raw f32 file of rows of `row_len` into `format`'s blocks, laid out exactly as
-/// ggml lays them out in memory (rows back to back). Returns the number of rows.
+/// ggml lays them out in memory (rows back to back). `input` or `output` may be `-` (standard
+/// input or output). `progress` is called after each chunk. Returns the number of rows.
 ///
 /// ```
 /// use rotq::KvFormat;
@@ -30,7 +150,7 @@ fn check_rows(len: usize, row_len: usize, what: &Path) -> Result<usize, Error> {
 /// let (x, q) = (dir.path().join("x.f32"), dir.path().join("x.q8_0"));
 /// let values: Vec<f32> = (0..64).map(|i| i as f32 / 8.0).collect();
 /// rotq_cli::io::write_f32_atomic(&x, &values).unwrap();
-/// assert_eq!(files::quantize(KvFormat::Q8_0, 32, &x, &q).unwrap(), 2);
+/// assert_eq!(files::quantize(KvFormat::Q8_0, 32, &x, &q, &mut |_| {}).unwrap(), 2);
 /// assert_eq!(std::fs::metadata(&q).unwrap().len(), 2 * 34);
 /// ```
 pub fn quantize(
@@ -38,39 +158,69 @@ pub fn quantize(
     row_len: usize,
     input: &Path,
     output: &Path,
-) -> Result<usize, Error> {
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, Error> {
     format.check_row_len(row_len)?;
-    let values = read_f32(input)?;
-    let rows = check_rows(values.len(), row_len, input)?;
-    let bytes = format.quantize_row(&values)?;
-    write_atomic(output, &bytes)?;
-    Ok(rows)
+    let row_in = bytes_of(row_len, 4, "--row-len")?;
+    let layout = Layout {
+        unit_in: format.block_size() * 4,
+        unit_out: format.block_bytes(),
+        row_in: row_in as u64,
+        rows: format!("rows of {row_len} f32 values ({row_in} bytes each)"),
+    };
+    let mut values = Vec::new();
+    stream(&layout, input, output, progress, |bytes, out| {
+        values.clear();
+        values.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        out.resize(format.row_bytes(values.len())?, 0);
+        format.quantize_into(&values, out)?;
+        Ok(())
+    })
 }
 
 /// Dequantizes a file of `format` rows (each `row_len` values) back to raw f32.
-/// Returns the number of rows.
+/// `input` or `output` may be `-`. Returns the number of rows.
+///
+/// ```
+/// use rotq::KvFormat;
+/// use rotq_cli::files;
+/// let dir = tempfile::tempdir().unwrap();
+/// let (x, q, y) = (dir.path().join("x"), dir.path().join("q"), dir.path().join("y"));
+/// let values: Vec<f32> = (0..128).map(|i| i as f32 / 4.0).collect(); // exact in f16
+/// rotq_cli::io::write_f32_atomic(&x, &values).unwrap();
+/// files::quantize(KvFormat::F16, 64, &x, &q, &mut |_| {}).unwrap();
+/// assert_eq!(files::dequantize(KvFormat::F16, 64, &q, &y, &mut |_| {}).unwrap(), 2);
+/// assert_eq!(rotq_cli::io::read_f32(&y).unwrap(), values);
+/// ```
 pub fn dequantize(
     format: KvFormat,
     row_len: usize,
     input: &Path,
     output: &Path,
-) -> Result<usize, Error> {
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, Error> {
     let row_bytes = format.row_bytes(row_len)?;
-    let bytes = read_bytes(input)?;
-    if bytes.is_empty() || bytes.len() % row_bytes != 0 {
-        return Err(Error::Input(format!(
-            "{}: {} bytes are not a whole, non-zero number of {format} rows of {row_len} values ({row_bytes} bytes each)",
-            input.display(),
-            bytes.len()
-        )));
-    }
-    let values = format.dequantize_row(&bytes)?;
-    write_f32_atomic(output, &values)?;
-    Ok(bytes.len() / row_bytes)
+    let layout = Layout {
+        unit_in: format.block_bytes(),
+        unit_out: format.block_size() * 4,
+        row_in: row_bytes as u64,
+        rows: format!("{format} rows of {row_len} values ({row_bytes} bytes each)"),
+    };
+    let mut values = Vec::new();
+    stream(&layout, input, output, progress, |bytes, out| {
+        values.resize(format.values_in(bytes.len())?, 0.0);
+        format.dequantize_into(bytes, &mut values)?;
+        put_f32(out, values.iter().copied());
+        Ok(())
+    })
 }
 
 /// Rotates every row of `dim` values of a raw f32 file (in f64, rounded to f32 on output).
-/// Returns the number of rows.
+/// `input` or `output` may be `-`. Returns the number of rows.
 ///
 /// ```
 /// use rotq::RotationSpec;
@@ -78,8 +228,8 @@ pub fn dequantize(
 /// let dir = tempfile::tempdir().unwrap();
 /// let (x, y, z) = (dir.path().join("x"), dir.path().join("y"), dir.path().join("z"));
 /// rotq_cli::io::write_f32_atomic(&x, &[1.0, 2.0, 3.0, 4.0]).unwrap();
-/// files::rotate(RotationSpec::Randomized(3), 4, false, &x, &y).unwrap();
-/// files::rotate(RotationSpec::Randomized(3), 4, true, &y, &z).unwrap();
+/// files::rotate(RotationSpec::Randomized(3), 4, false, &x, &y, &mut |_| {}).unwrap();
+/// files::rotate(RotationSpec::Randomized(3), 4, true, &y, &z, &mut |_| {}).unwrap();
 /// let back = rotq_cli::io::read_f32(&z).unwrap();
 /// assert!(back.iter().zip([1.0, 2.0, 3.0, 4.0]).all(|(a, b)| (a - b).abs() < 1e-6));
 /// ```
@@ -89,15 +239,28 @@ pub fn rotate(
     inverse: bool,
     input: &Path,
     output: &Path,
-) -> Result<usize, Error> {
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, Error> {
     let rotation = spec.build(dim)?.ok_or_else(|| {
         Error::Input("--rotation none leaves the data as it is: nothing to write".into())
     })?;
-    let values = read_f32(input)?;
-    let rows = check_rows(values.len(), dim, input)?;
-    let mut data: Vec<f64> = values.iter().map(|v| f64::from(*v)).collect();
-    rotation.rotate_rows(&mut data, inverse)?;
-    let out: Vec<f32> = data.iter().map(|v| *v as f32).collect();
-    write_f32_atomic(output, &out)?;
-    Ok(rows)
+    let row_in = bytes_of(dim, 4, "--dim")?;
+    let layout = Layout {
+        unit_in: row_in,
+        unit_out: row_in,
+        row_in: row_in as u64,
+        rows: format!("rows of {dim} f32 values ({row_in} bytes each)"),
+    };
+    let mut data = Vec::new();
+    stream(&layout, input, output, progress, |bytes, out| {
+        data.clear();
+        data.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        );
+        rotation.rotate_rows(&mut data, inverse)?;
+        put_f32(out, data.iter().map(|v| *v as f32));
+        Ok(())
+    })
 }

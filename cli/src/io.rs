@@ -1,22 +1,444 @@
-//! Raw little-endian files and atomic writes.
+//! Raw little-endian files: read and written in bounded chunks, written atomically, never over
+//! the input.
 //!
-//! Every file rotq writes goes to a temporary file in the destination's folder first and is
-//! renamed over the destination only once complete, so a failure never leaves a partial or
-//! truncated output behind (and never clobbers an existing file with half of a new one).
+//! Where an output goes depends on what its path is:
+//!
+//! - a regular file, or nothing yet: a temporary file with a random name is created exclusively
+//!   in the destination's folder, written, fsynced, renamed over the destination, and the folder
+//!   is fsynced. A failure at any point leaves the destination as it was (never half of a new
+//!   file). A symlink at the destination is replaced by the new file; its target is not written.
+//! - a character device or a FIFO (`/dev/null`, a named pipe): it cannot be replaced atomically
+//!   and must not be replaced at all (a device file turned into a regular file breaks whatever
+//!   uses it), so it is opened and written directly, like `-` (standard output).
+//! - anything else (a folder, a block device, a socket): refused.
+//!
+//! An output that is the input (the same path, or another path to the same file: a symlink, a
+//! hard link, `./x` for `x`, standard input or output redirected from or to the input file) is
+//! refused before anything is read or written. Errors name the paths as the user gave them,
+//! never a temporary file's.
 
 use crate::Error;
-use std::io::Write;
-use std::path::Path;
+use std::fs::{File, Metadata};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
 
-/// Reads a whole file.
-pub fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+/// Bytes a file command reads, converts or writes at a time. The buffers of one chunk (input,
+/// values, output) bound the memory of `quantize`, `dequantize` and `rotate`, whatever the
+/// size of the file.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// The path that means standard input (for `--input`) or standard output (for `--output`).
+pub const STDIO: &str = "-";
+
+/// How errors name standard input and output.
+const STDIN_NAME: &str = "standard input";
+const STDOUT_NAME: &str = "standard output";
+
+fn is_stdio(path: &Path) -> bool {
+    path.as_os_str() == STDIO
 }
 
-/// Reads a file of little-endian f32 values.
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which file an open file or path is: device and inode on Unix (equal for every path to one
+/// file: symlinks, hard links, `./x`); elsewhere only canonical paths are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(m: &Metadata) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &Metadata) -> Option<FileId> {
+        None
+    }
+}
+
+/// What standard input or output is connected to, when that can be known.
+#[cfg(unix)]
+fn stdio_metadata(fd: std::os::fd::BorrowedFd<'_>) -> Option<Metadata> {
+    let owned = fd.try_clone_to_owned().ok()?;
+    File::from(owned).metadata().ok()
+}
+
+#[cfg(unix)]
+fn stdin_metadata() -> Option<Metadata> {
+    use std::os::fd::AsFd;
+    stdio_metadata(std::io::stdin().as_fd())
+}
+
+#[cfg(unix)]
+fn stdout_metadata() -> Option<Metadata> {
+    use std::os::fd::AsFd;
+    stdio_metadata(std::io::stdout().as_fd())
+}
+
+#[cfg(not(unix))]
+fn stdin_metadata() -> Option<Metadata> {
+    None
+}
+
+#[cfg(not(unix))]
+fn stdout_metadata() -> Option<Metadata> {
+    None
+}
+
+/// A file being read from start to end: a file, or standard input for `-`.
+///
+/// ```
+/// use rotq_cli::io::Input;
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("x.bin");
+/// std::fs::write(&path, b"abcdef").unwrap();
+/// let mut input = Input::open(&path).unwrap();
+/// assert_eq!(input.len(), Some(6));
+/// let mut buf = [0u8; 4];
+/// assert_eq!(input.read_chunk(&mut buf).unwrap(), 4);
+/// assert_eq!(input.read_chunk(&mut buf).unwrap(), 2);
+/// assert_eq!(input.read_chunk(&mut buf).unwrap(), 0);
+/// ```
+pub struct Input {
+    name: PathBuf,
+    reader: Box<dyn Read>,
+    len: Option<u64>,
+    id: Option<FileId>,
+    canonical: Option<PathBuf>,
+    stdin: bool,
+}
+
+impl Input {
+    /// Opens `path` (`-`: standard input). Nothing is read yet.
+    pub fn open(path: &Path) -> Result<Input, Error> {
+        if is_stdio(path) {
+            // Standard input may be a file read from an offset: its length says nothing about
+            // what is left to read, so it is only known at the end.
+            let id = stdin_metadata()
+                .filter(Metadata::is_file)
+                .and_then(|m| FileId::of(&m));
+            return Ok(Input {
+                name: PathBuf::from(STDIN_NAME),
+                reader: Box::new(std::io::stdin().lock()),
+                len: None,
+                id,
+                canonical: None,
+                stdin: true,
+            });
+        }
+        let file = File::open(path).map_err(io_error(path))?;
+        let meta = file.metadata().map_err(io_error(path))?;
+        if meta.is_dir() {
+            return Err(Error::Input(format!(
+                "{}: is a folder, not a file",
+                path.display()
+            )));
+        }
+        Ok(Input {
+            name: path.to_path_buf(),
+            len: meta.is_file().then_some(meta.len()),
+            id: if meta.is_file() {
+                FileId::of(&meta)
+            } else {
+                None
+            },
+            canonical: std::fs::canonicalize(path).ok(),
+            stdin: false,
+            reader: Box::new(file),
+        })
+    }
+
+    /// The input as errors name it: the path given, or `standard input`.
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// The size of a regular file, known before reading; `None` for a pipe or a device.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> Option<u64> {
+        self.len
+    }
+
+    /// Fills `buf` as far as the input goes; returns the bytes read (less than `buf.len()`
+    /// only at the end of the input).
+    pub fn read_chunk(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(&self.name)(e)),
+            }
+        }
+        Ok(filled)
+    }
+}
+
+/// A file being written: atomically to a regular file, directly to standard output (`-`), a
+/// character device or a FIFO (see the module's documentation).
+///
+/// ```
+/// use rotq_cli::io::{Input, Output};
+/// let dir = tempfile::tempdir().unwrap();
+/// let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+/// std::fs::write(&x, b"in").unwrap();
+/// let input = Input::open(&x).unwrap();
+/// let mut out = Output::create(&y, &input).unwrap();
+/// out.write_all(b"out").unwrap();
+/// assert!(!y.exists()); // nothing there until commit
+/// out.commit().unwrap();
+/// assert_eq!(std::fs::read(&y).unwrap(), b"out");
+/// // The input itself, by another path, is refused.
+/// let same = dir.path().join(".").join("x");
+/// assert!(Output::create(&same, &input).is_err());
+/// ```
+pub struct Output {
+    name: PathBuf,
+    sink: Sink,
+}
+
+enum Sink {
+    /// A temporary file, renamed over the destination on commit.
+    Atomic(AtomicFile),
+    /// A character device or FIFO, written directly.
+    Direct(File),
+    Stdout(std::io::StdoutLock<'static>),
+}
+
+impl Output {
+    /// Prepares the output `path` (`-`: standard output) for the data read from `input`:
+    /// refuses the input itself and paths that are neither regular files, character devices
+    /// nor FIFOs; creates the temporary file of an atomic write.
+    pub fn create(path: &Path, input: &Input) -> Result<Output, Error> {
+        let refuse_input = |output: String| {
+            let input = if input.stdin {
+                STDIN_NAME.to_string()
+            } else {
+                format!("--input {}", input.name.display())
+            };
+            Error::Input(format!(
+                "{output} is the same file as {input}: refusing to overwrite the input"
+            ))
+        };
+        if is_stdio(path) {
+            let meta = stdout_metadata();
+            if let Some(m) = meta.filter(Metadata::is_file) {
+                if input.id.is_some() && FileId::of(&m) == input.id {
+                    return Err(refuse_input(STDOUT_NAME.to_string()));
+                }
+            }
+            return Ok(Output {
+                name: PathBuf::from(STDOUT_NAME),
+                sink: Sink::Stdout(std::io::stdout().lock()),
+            });
+        }
+        // Follows symlinks: what the path leads to decides (a symlink itself is replaced).
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            // Nothing there (or a dangling symlink): a new file.
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(io_error(path)(e)),
+        };
+        if let Some(m) = &meta {
+            let same_id = m.is_file() && input.id.is_some() && FileId::of(m) == input.id;
+            let same_path =
+                input.canonical.is_some() && std::fs::canonicalize(path).ok() == input.canonical;
+            if same_id || same_path {
+                return Err(refuse_input(format!("--output {}", path.display())));
+            }
+        }
+        let sink = match meta {
+            None => Sink::Atomic(AtomicFile::new(path)?),
+            Some(m) if m.is_file() => Sink::Atomic(AtomicFile::new(path)?),
+            Some(m) if m.is_dir() => {
+                return Err(Error::Input(format!(
+                    "--output {}: is a folder, not a file",
+                    path.display()
+                )))
+            }
+            Some(m) if is_stream(&m) => {
+                // No create, no truncate: the device or FIFO that is there is written.
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io_error(path))?;
+                Sink::Direct(file)
+            }
+            Some(_) => {
+                return Err(Error::Input(format!(
+                    "--output {}: neither a regular file, a character device nor a FIFO; \
+                     rotq writes only those (or - for standard output)",
+                    path.display()
+                )))
+            }
+        };
+        Ok(Output {
+            name: path.to_path_buf(),
+            sink,
+        })
+    }
+
+    /// The output as errors name it: the path given, or `standard output`.
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// Whether a failure leaves the destination untouched (false: a device, FIFO or standard
+    /// output, which have what was written so far).
+    pub fn is_atomic(&self) -> bool {
+        matches!(self.sink, Sink::Atomic(_))
+    }
+
+    /// Writes all of `bytes`.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let result = match &mut self.sink {
+            Sink::Atomic(f) => return f.write_all(bytes),
+            Sink::Direct(f) => f.write_all(bytes),
+            Sink::Stdout(s) => s.write_all(bytes),
+        };
+        result.map_err(io_error(&self.name))
+    }
+
+    /// Completes the output: renames an atomic write into place, flushes the others.
+    pub fn commit(self) -> Result<(), Error> {
+        let result = match self.sink {
+            Sink::Atomic(f) => return f.commit(),
+            Sink::Direct(mut f) => f.flush(),
+            Sink::Stdout(mut s) => s.flush(),
+        };
+        result.map_err(io_error(&self.name))
+    }
+}
+
+#[cfg(unix)]
+fn is_stream(m: &Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    m.file_type().is_char_device() || m.file_type().is_fifo()
+}
+
+#[cfg(not(unix))]
+fn is_stream(_: &Metadata) -> bool {
+    false
+}
+
+/// A file written to a temporary in its folder and renamed into place by [`AtomicFile::commit`];
+/// dropped without a commit, the temporary is removed and the destination left as it was.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("out.bin");
+/// let mut f = rotq_cli::io::AtomicFile::new(&path).unwrap();
+/// f.write_all(b"abc").unwrap();
+/// f.commit().unwrap();
+/// assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+/// ```
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: tempfile::NamedTempFile,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file (random name, exclusive create, in `path`'s folder).
+    pub fn new(path: &Path) -> Result<AtomicFile, Error> {
+        let dir = folder_of(path);
+        let tmp = tempfile::Builder::new()
+            .prefix(".rotq-")
+            .tempfile_in(dir)
+            .map_err(|e| io_error(path)(without_temporary_path(e)))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+        })
+    }
+
+    /// Appends `bytes` to the temporary file.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        // Through the `File`: `NamedTempFile`'s own `Write` names the temporary in its errors.
+        self.tmp
+            .as_file_mut()
+            .write_all(bytes)
+            .map_err(io_error(&self.path))
+    }
+
+    /// Gives the file the permissions of the file it replaces (0644 for a new one: a temporary
+    /// file is private), syncs it, renames it over the destination and syncs the folder.
+    pub fn commit(self) -> Result<(), Error> {
+        let err = io_error(&self.path);
+        let file = self.tmp.as_file();
+        match std::fs::metadata(&self.path) {
+            Ok(old) => file.set_permissions(old.permissions()).map_err(&err)?,
+            Err(_) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::Permissions::from_mode(0o644);
+                    file.set_permissions(mode).map_err(&err)?;
+                }
+            }
+        }
+        file.sync_all().map_err(&err)?;
+        self.tmp.persist(&self.path).map_err(|e| err(e.error))?;
+        sync_folder(folder_of(&self.path)).map_err(&err)
+    }
+}
+
+/// The folder a path's file is in (`.` for a bare name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes a rename in `dir` durable.
+#[cfg(unix)]
+fn sync_folder(dir: &Path) -> std::io::Result<()> {
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        // Some file systems cannot sync a folder; the rename is done all the same.
+        Err(e) if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::Unsupported) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(not(unix))]
+fn sync_folder(_: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// tempfile appends ` at path "<temporary>"` to its errors; the user never named that path,
+/// so the message keeps only what the system said.
+fn without_temporary_path(e: std::io::Error) -> std::io::Error {
+    if e.get_ref().is_none() {
+        return e;
+    }
+    let text = e.to_string();
+    match text.rfind(" at path ") {
+        Some(i) => std::io::Error::new(e.kind(), text[..i].to_string()),
+        None => e,
+    }
+}
+
+/// Reads a whole file (for files that are small by nature: activation dumps are read into
+/// memory anyway; the file commands stream instead).
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(io_error(path))
+}
+
+/// Reads a whole file of little-endian f32 values.
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
@@ -39,8 +461,8 @@ pub fn read_f32(path: &Path) -> Result<Vec<f32>, Error> {
         .collect())
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename), with
-/// the replaced file's permissions, or 0644 for a new file.
+/// Writes `bytes` to `path` atomically (see [`AtomicFile`]), with the replaced file's
+/// permissions, or 0644 for a new file.
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
@@ -55,38 +477,9 @@ pub fn read_f32(path: &Path) -> Result<Vec<f32>, Error> {
 /// }
 /// ```
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let io_err = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".rotq-")
-        .tempfile_in(dir)
-        .map_err(io_err)?;
-    tmp.write_all(bytes).map_err(io_err)?;
-    // A temporary file is private (0600); the output gets the permissions of the file it
-    // replaces, or the usual 0644 of a new file.
-    match std::fs::metadata(path) {
-        Ok(old) => tmp
-            .as_file()
-            .set_permissions(old.permissions())
-            .map_err(io_err)?,
-        Err(_) => {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::Permissions::from_mode(0o644);
-                tmp.as_file().set_permissions(mode).map_err(io_err)?;
-            }
-        }
-    }
-    tmp.as_file().sync_all().map_err(io_err)?;
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
-    Ok(())
+    let mut file = AtomicFile::new(path)?;
+    file.write_all(bytes)?;
+    file.commit()
 }
 
 /// Writes f32 values little-endian, atomically.

@@ -33,10 +33,17 @@ struct Cli {
 enum Command {
     /// Quantize a raw f32 file (rows of --row-len values) into a format's blocks, laid out as
     /// ggml lays them out in memory.
+    ///
+    /// Streams 4 MiB of input at a time: about 12 MiB of memory for a file of any size.
     Quantize(FormatFiles),
     /// Dequantize a file of format blocks back to raw little-endian f32.
+    ///
+    /// Streams 4 MiB at a time: about 12 MiB of memory for a file of any size.
     Dequantize(FormatFiles),
     /// Rotate every row of --dim values of a raw f32 file.
+    ///
+    /// Streams 4 MiB of rows at a time: about 16 MiB of memory for a file of any size (16
+    /// bytes per value of one row for rows over 4 MiB).
     Rotate {
         /// hadamard, randomized:SEED or block:B.
         #[arg(long)]
@@ -47,10 +54,11 @@ enum Command {
         /// Apply the inverse rotation.
         #[arg(long)]
         inverse: bool,
-        /// Raw little-endian f32 input.
+        /// Raw little-endian f32 input; - for standard input.
         #[arg(long)]
         input: PathBuf,
-        /// Raw f32 output (written atomically).
+        /// Raw f32 output: a file (written atomically, never the input), - for standard
+        /// output, or a character device or FIFO (written directly).
         #[arg(long)]
         output: PathBuf,
     },
@@ -122,6 +130,58 @@ enum Command {
     Info,
 }
 
+/// Input at least this large gets a progress bar (when stderr is a terminal).
+const PROGRESS_MIN_BYTES: u64 = 64 << 20;
+
+/// Runs a file command with a progress bar on stderr, drawn only when stderr is a terminal and
+/// the input is large (at least [`PROGRESS_MIN_BYTES`], or of unknown size: a pipe), and
+/// cleared at the end: never mixed into piped or redirected output.
+fn with_progress<T>(
+    run: impl FnOnce(&mut dyn FnMut(files::Progress)) -> Result<T, Error>,
+) -> Result<T, Error> {
+    use std::io::IsTerminal;
+    let show = std::io::stderr().is_terminal();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut update = |p: files::Progress| {
+        if !show {
+            return;
+        }
+        if bar.is_none() && p.total.is_none_or(|t| t >= PROGRESS_MIN_BYTES) {
+            let (new, template) = match p.total {
+                Some(t) => (
+                    indicatif::ProgressBar::new(t),
+                    "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} (eta {eta})",
+                ),
+                None => (
+                    indicatif::ProgressBar::new_spinner(),
+                    "{spinner} {bytes} {binary_bytes_per_sec}",
+                ),
+            };
+            if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+                new.set_style(style);
+            }
+            bar = Some(new);
+        }
+        if let Some(b) = &bar {
+            b.set_position(p.done);
+        }
+    };
+    let result = run(&mut update);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    result
+}
+
+/// A file argument as messages show it (`-` is standard output).
+fn shown(path: &std::path::Path) -> String {
+    if path.as_os_str() == rotq_cli::io::STDIO {
+        "standard output".into()
+    } else {
+        path.display().to_string()
+    }
+}
+
 /// The arguments shared by `quantize` and `dequantize`.
 #[derive(Args)]
 struct FormatFiles {
@@ -131,10 +191,12 @@ struct FormatFiles {
     /// Values per row; a multiple of the format's block size.
     #[arg(long)]
     row_len: usize,
-    /// Input file (raw little-endian f32 for quantize, format blocks for dequantize).
+    /// Input file (raw little-endian f32 for quantize, format blocks for dequantize); - for
+    /// standard input.
     #[arg(long)]
     input: PathBuf,
-    /// Output file (written atomically).
+    /// Output: a file (written atomically, never the input), - for standard output, or a
+    /// character device or FIFO (written directly).
     #[arg(long)]
     output: PathBuf,
 }
@@ -143,20 +205,22 @@ fn run(command: Command) -> Result<(), Error> {
     match command {
         Command::Quantize(a) => {
             let format: KvFormat = a.format.parse()?;
-            let rows = files::quantize(format, a.row_len, &a.input, &a.output)?;
+            let rows =
+                with_progress(|p| files::quantize(format, a.row_len, &a.input, &a.output, p))?;
             eprintln!(
                 "quantized {rows} rows of {} to {format}: {}",
                 a.row_len,
-                a.output.display()
+                shown(&a.output)
             );
         }
         Command::Dequantize(a) => {
             let format: KvFormat = a.format.parse()?;
-            let rows = files::dequantize(format, a.row_len, &a.input, &a.output)?;
+            let rows =
+                with_progress(|p| files::dequantize(format, a.row_len, &a.input, &a.output, p))?;
             eprintln!(
                 "dequantized {rows} rows of {} from {format}: {}",
                 a.row_len,
-                a.output.display()
+                shown(&a.output)
             );
         }
         Command::Rotate {
@@ -167,11 +231,11 @@ fn run(command: Command) -> Result<(), Error> {
             output,
         } => {
             let spec: RotationSpec = rotation.parse()?;
-            let rows = files::rotate(spec, dim, inverse, &input, &output)?;
+            let rows = with_progress(|p| files::rotate(spec, dim, inverse, &input, &output, p))?;
             let dir = if inverse { "inverse " } else { "" };
             eprintln!(
                 "applied {dir}{spec} to {rows} rows of {dim}: {}",
-                output.display()
+                shown(&output)
             );
         }
         Command::Eval {

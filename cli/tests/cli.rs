@@ -83,7 +83,7 @@ fn every_format_round_trips_through_the_cli() {
     write_values(&x, &values);
     for format in KvFormat::ALL {
         let (q, y) = (
-            dir.path().join(format!("x.{format}")),
+            dir.path().join(format!("q.{format}")),
             dir.path().join(format!("y.{format}.f32")),
         );
         rotq_ok(&codec_args("quantize", format.name(), "256", &x, &q));

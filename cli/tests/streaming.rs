@@ -1,0 +1,438 @@
+//! The file commands stream: bounded memory whatever the file size, `-` for standard input and
+//! output, outputs that are the input refused, devices and FIFOs written directly (never
+//! replaced), sizes checked before reading, and errors that name the user's paths.
+
+use rotq::{KvFormat, RotationSpec};
+use rotq_testkit::data::Rows;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn rotq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rotq"))
+        .args(args)
+        .output()
+        .expect("the rotq binary runs")
+}
+
+/// Runs rotq with `stdin` as its standard input; returns its output.
+fn rotq_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rotq"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the rotq binary runs");
+    let mut pipe = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    // A thread writes while the output is read: neither pipe can fill up and block.
+    let writer = std::thread::spawn(move || {
+        // rotq may stop reading early (an error); a broken pipe is then expected.
+        let _ = pipe.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
+}
+
+/// A failure with one line on stderr that starts with `error` (not a panic, not an abort).
+fn assert_one_line_failure(out: &Output, what: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
+    assert!(err.starts_with("error: "), "{what}: {err}");
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn from_f32_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The files in `dir`, by name (to see that nothing, not even a temporary, was left).
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// What `rotq rotate` must write: every row rotated in f64, rounded to f32.
+fn rotated(values: &[f32], spec: RotationSpec, dim: usize, inverse: bool) -> Vec<f32> {
+    let rotation = spec.build(dim).unwrap().unwrap();
+    let mut data: Vec<f64> = values.iter().map(|v| f64::from(*v)).collect();
+    rotation.rotate_rows(&mut data, inverse).unwrap();
+    data.iter().map(|v| *v as f32).collect()
+}
+
+/// Files of several 4 MiB chunks, whose rows do not line up with the chunks (96 values), give
+/// the bytes of the whole-buffer conversion, for every format and through `-` both ways.
+#[test]
+fn large_files_and_standard_streams_give_the_whole_buffer_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("input");
+    let (dim, rows) = (96, 30_001); // 11.5 MB: three chunks and a bit
+    let values = Rows::stress().f32s(dim * rows, 21);
+    std::fs::write(&x, f32_bytes(&values)).unwrap();
+    for format in KvFormat::ALL {
+        let want = format.quantize_row(&values).unwrap();
+        let q = dir.path().join(format!("x.{format}"));
+        let args = |input: &str, output: &str| {
+            let v = ["quantize", "--format", format.name(), "--row-len", "96"];
+            let mut v: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+            v.extend([
+                "--input".into(),
+                input.into(),
+                "--output".into(),
+                output.into(),
+            ]);
+            v
+        };
+        let run = |a: Vec<String>, stdin: Option<&[u8]>| {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            match stdin {
+                Some(bytes) => rotq_with_stdin(&a, bytes),
+                None => rotq(&a),
+            }
+        };
+        let out = run(args(s(&x), s(&q)), None);
+        assert_ok(&out, format.name());
+        assert!(std::fs::read(&q).unwrap() == want, "{format}: file to file");
+        let out = run(args("-", "-"), Some(&f32_bytes(&values)));
+        assert_ok(&out, format.name());
+        assert!(out.stdout == want, "{format}: standard input to output");
+        assert!(stderr(&out).contains("standard output"), "{}", stderr(&out));
+        // Back through dequantize, standard input to a file.
+        let y = dir.path().join(format!("y.{format}"));
+        let a = ["dequantize", "--format", format.name(), "--row-len", "96"];
+        let out = rotq_with_stdin(
+            &[&a[..], &["--input", "-", "--output", s(&y)]].concat(),
+            &want,
+        );
+        assert_ok(&out, format.name());
+        let back = from_f32_bytes(&std::fs::read(&y).unwrap());
+        assert!(
+            back == format.dequantize_row(&want).unwrap(),
+            "{format}: dequantize"
+        );
+    }
+    for (rotation, spec) in [
+        ("randomized:7", RotationSpec::Randomized(7)),
+        ("block:32", RotationSpec::Block(32)),
+    ] {
+        for inverse in [false, true] {
+            let mut a = vec!["rotate", "--rotation", rotation, "--dim", "96"];
+            if inverse {
+                a.push("--inverse");
+            }
+            let out = rotq(&[&a[..], &["--input", s(&x), "--output", "-"]].concat());
+            assert_ok(&out, rotation);
+            let want = rotated(&values, spec, dim, inverse);
+            assert!(from_f32_bytes(&out.stdout) == want, "{rotation} {inverse}");
+        }
+    }
+}
+
+/// The input itself, by whatever path, is refused with a one-line error and left as it was:
+/// the same path, `./x`, an absolute path through `..`, a symlink, a hard link, and standard
+/// output appended to the input or standard input read from the output.
+#[test]
+fn an_output_that_is_the_input_is_refused_and_the_input_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    let original = f32_bytes(&Rows::outliers().f32s(32 * 4, 3));
+    std::fs::write(&x, &original).unwrap();
+    let mut others = vec![
+        x.clone(),
+        dir.path().join(".").join("x.f32"),
+        dir.path()
+            .join("..")
+            .join(dir.path().file_name().unwrap())
+            .join("x.f32"),
+    ];
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("link.f32");
+        std::os::unix::fs::symlink("x.f32", &link).unwrap();
+        others.push(link);
+    }
+    let hard = dir.path().join("hard.f32");
+    if std::fs::hard_link(&x, &hard).is_ok() {
+        others.push(hard);
+    }
+    let before = names(dir.path());
+    let commands = [
+        vec!["quantize", "--format", "q8_0", "--row-len", "32"],
+        vec!["dequantize", "--format", "f32", "--row-len", "32"],
+        vec!["rotate", "--rotation", "hadamard", "--dim", "32"],
+    ];
+    for command in &commands {
+        for other in &others {
+            let args = [&command[..], &["--input", s(&x), "--output", s(other)]].concat();
+            let out = rotq(&args);
+            assert_one_line_failure(&out, &format!("{args:?}"));
+            assert!(stderr(&out).contains("same file"), "{}", stderr(&out));
+            assert!(stderr(&out).contains(s(other)), "{}", stderr(&out));
+            // And the other way round: the other path as input, `x` as output.
+            let args = [&command[..], &["--input", s(other), "--output", s(&x)]].concat();
+            assert_one_line_failure(&rotq(&args), &format!("{args:?}"));
+            assert_eq!(std::fs::read(&x).unwrap(), original, "{args:?}");
+            assert_eq!(names(dir.path()), before, "{args:?}");
+        }
+        // Standard output appended to the input.
+        let append = std::fs::OpenOptions::new().append(true).open(&x).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_rotq"))
+            .args([&command[..], &["--input", s(&x), "--output", "-"]].concat())
+            .stdout(append)
+            .output()
+            .unwrap();
+        assert_one_line_failure(&out, "standard output appended to the input");
+        // Standard input read from the output.
+        let out = Command::new(env!("CARGO_BIN_EXE_rotq"))
+            .args([&command[..], &["--input", "-", "--output", s(&x)]].concat())
+            .stdin(std::fs::File::open(&x).unwrap())
+            .output()
+            .unwrap();
+        assert_one_line_failure(&out, "standard input read from the output");
+        assert_eq!(std::fs::read(&x).unwrap(), original, "{command:?}");
+        assert_eq!(names(dir.path()), before, "{command:?}");
+    }
+}
+
+/// A character device (a copy of `/dev/null`) and a FIFO are written directly: the right bytes
+/// arrive, and they stay what they were (never replaced by a regular file). A folder is refused.
+#[cfg(unix)]
+#[test]
+fn devices_and_fifos_are_written_directly_and_never_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    let values = Rows::outliers().f32s(64 * 8, 4);
+    std::fs::write(&x, f32_bytes(&values)).unwrap();
+    let quantize = |output: &Path| {
+        let a = [
+            "quantize",
+            "--format",
+            "q4_0",
+            "--row-len",
+            "64",
+            "--input",
+            s(&x),
+        ];
+        rotq(&[&a[..], &["--output", s(output)]].concat())
+    };
+    match null_device(dir.path()) {
+        Ok(null) => {
+            assert_ok(&quantize(&null), &null.display().to_string());
+            let m = std::fs::symlink_metadata(&null).unwrap();
+            assert!(
+                m.file_type().is_char_device(),
+                "{} was replaced",
+                null.display()
+            );
+        }
+        Err(why) => eprintln!("skipped the character device: {why}"),
+    }
+    let fifo = dir.path().join("fifo");
+    match Command::new("mkfifo").arg(&fifo).status() {
+        Ok(st) if st.success() => {
+            // The reader opens the FIFO while rotq writes into it.
+            let reader = {
+                let fifo = fifo.clone();
+                std::thread::spawn(move || std::fs::read(fifo).unwrap())
+            };
+            assert_ok(&quantize(&fifo), "FIFO");
+            let got = reader.join().unwrap();
+            assert!(
+                got == KvFormat::Q4_0.quantize_row(&values).unwrap(),
+                "FIFO bytes"
+            );
+            let m = std::fs::symlink_metadata(&fifo).unwrap();
+            assert!(m.file_type().is_fifo(), "the FIFO was replaced");
+        }
+        _ => eprintln!("skipped the FIFO: no mkfifo here"),
+    }
+    let out = quantize(dir.path());
+    assert_one_line_failure(&out, "a folder");
+    assert!(stderr(&out).contains("folder"), "{}", stderr(&out));
+}
+
+/// A character device that discards what is written, safe to write through the CLI: a private
+/// copy of `/dev/null` (device 1, 3) in `dir` where this process may make one (as root), so
+/// that a regression that replaces its output replaces the copy, not the system's `/dev/null`;
+/// else `/dev/null` itself, when this process cannot create files in `/dev` (a regression
+/// then fails to create its temporary there instead of replacing `/dev/null`).
+#[cfg(unix)]
+fn null_device(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let copy = dir.join("null");
+    let made = Command::new("mknod")
+        .arg(&copy)
+        .args(["c", "1", "3"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    if made && std::fs::OpenOptions::new().write(true).open(&copy).is_ok() {
+        return Ok(copy);
+    }
+    let _ = std::fs::remove_file(&copy);
+    if tempfile::tempfile_in("/dev").is_ok() {
+        return Err("/dev is writable here and no private device could be made".into());
+    }
+    match std::fs::metadata("/dev/null") {
+        Ok(_) => Ok("/dev/null".into()),
+        Err(e) => Err(format!("no /dev/null ({e})")),
+    }
+}
+
+/// Input that is not whole rows: from a file, refused before anything is read (the file is
+/// 1 TiB and sparse, and rotq runs under a CPU-time limit of a few seconds that reading it
+/// would exceed); from standard input, found at the end: a file output is not written (no
+/// temporary left either), and standard output is reported incomplete.
+#[test]
+fn input_that_is_not_whole_rows_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (big, out_path) = (dir.path().join("big.f32"), dir.path().join("out"));
+    let file = std::fs::File::create(&big).unwrap();
+    let size = (1u64 << 40) + 4;
+    match (file.set_len(size), prlimit()) {
+        (Ok(()), Some(prlimit)) => {
+            let out = Command::new(prlimit)
+                .args(["--cpu=5", "--", env!("CARGO_BIN_EXE_rotq"), "quantize"])
+                .args(["--format", "q8_0", "--row-len", "32", "--input", s(&big)])
+                .args(["--output", s(&out_path)])
+                .output()
+                .unwrap();
+            assert_one_line_failure(&out, "1 TiB + 4 bytes");
+            let err = stderr(&out);
+            assert!(
+                err.contains(&format!("{size} bytes are not a whole")),
+                "{err}"
+            );
+        }
+        (Err(e), _) => eprintln!("skipped the 1 TiB file: {e}"),
+        (_, None) => eprintln!("skipped the 1 TiB file: no prlimit here"),
+    }
+    drop(file);
+    std::fs::remove_file(&big).unwrap();
+    // 100 rows of 32 values and 3 values more, through standard input.
+    let partial = f32_bytes(&Rows::uniform(2.0).f32s(32 * 100 + 3, 5));
+    let q = [
+        "quantize",
+        "--format",
+        "q8_0",
+        "--row-len",
+        "32",
+        "--input",
+        "-",
+    ];
+    let out = rotq_with_stdin(&[&q[..], &["--output", s(&out_path)]].concat(), &partial);
+    assert_one_line_failure(&out, "standard input to a file");
+    assert!(stderr(&out).contains("standard input"), "{}", stderr(&out));
+    assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+    let out = rotq_with_stdin(&[&q[..], &["--output", "-"]].concat(), &partial);
+    assert_one_line_failure(&out, "standard input to standard output");
+    assert!(stderr(&out).contains("incomplete"), "{}", stderr(&out));
+    // Nothing at all on standard input: no rows.
+    let out = rotq_with_stdin(&[&q[..], &["--output", "-"]].concat(), &[]);
+    assert_one_line_failure(&out, "empty standard input");
+}
+
+/// `prlimit` (util-linux), if this machine has it.
+fn prlimit() -> Option<&'static str> {
+    let ok = Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some("prlimit")
+}
+
+/// A 3 GiB input quantizes within a 128 MiB address-space limit: memory does not grow with
+/// the file. The file is sparse (it costs no disk), so its values are zeros: this test is for
+/// the size and memory property only; the bytes are checked on real data above. Standard
+/// error has the summary line only (no progress bar when it is not a terminal).
+#[test]
+fn a_multi_gib_file_quantizes_in_bounded_memory() {
+    let Some(prlimit) = prlimit() else {
+        eprintln!("skipped: no prlimit here");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (x, q) = (dir.path().join("x.f32"), dir.path().join("x.q4_0"));
+    let size = 3u64 << 30;
+    if let Err(e) = std::fs::File::create(&x).and_then(|f| f.set_len(size)) {
+        eprintln!("skipped: no sparse file of 3 GiB here ({e})");
+        return;
+    }
+    let limit = 128u64 << 20;
+    let out = Command::new(prlimit)
+        .arg(format!("--as={limit}"))
+        .args([
+            "--",
+            env!("CARGO_BIN_EXE_rotq"),
+            "quantize",
+            "--format",
+            "q4_0",
+        ])
+        .args(["--row-len", "128", "--input", s(&x), "--output", s(&q)])
+        .output()
+        .unwrap();
+    assert_ok(&out, "3 GiB under a 128 MiB address-space limit");
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    let rows = size / (128 * 4);
+    assert_eq!(std::fs::metadata(&q).unwrap().len(), rows * 4 * 18);
+    assert!(
+        stderr(&out).contains(&format!("quantized {rows} rows")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Errors name the paths the user gave, never rotq's temporary files.
+#[test]
+fn errors_name_the_users_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    std::fs::write(&x, f32_bytes(&Rows::uniform(1.0).f32s(64, 6))).unwrap();
+    let nowhere = dir.path().join("no").join("such").join("out.bin");
+    let a = [
+        "quantize",
+        "--format",
+        "q8_0",
+        "--row-len",
+        "32",
+        "--input",
+        s(&x),
+    ];
+    let out = rotq(&[&a[..], &["--output", s(&nowhere)]].concat());
+    assert_one_line_failure(&out, "an output in a missing folder");
+    let err = stderr(&out);
+    assert!(err.contains(s(&nowhere)), "{err}");
+    assert!(!err.contains(".rotq-"), "{err}");
+    let out = rotq(
+        &["quantize", "--format", "q8_0", "--row-len", "32"]
+            .into_iter()
+            .chain(["--input", s(dir.path()), "--output", "-"])
+            .collect::<Vec<_>>(),
+    );
+    assert_one_line_failure(&out, "a folder as input");
+}
