@@ -86,6 +86,60 @@ impl Normal {
 }
 
 impl Synthetic {
+    /// Bytes that [`evaluate`] holds at its peak on these activations, or `None` when the
+    /// sizes overflow 64 bits: Q, K, V in f32; the exact attention probabilities (f64) kept
+    /// while each format runs with its own probabilities, its dequantized K and V (f64) and
+    /// rotated Q; the outputs. About 24 bytes per K/V value and 16 per attention probability.
+    ///
+    /// ```
+    /// let s = rotq_cli::eval::Synthetic { n_kv: 1024, ..Default::default() };
+    /// let kv = 1024 * 4 * 128; // K or V values
+    /// assert!(s.memory_needed().unwrap() > 24 * kv);
+    /// assert_eq!(rotq_cli::eval::Synthetic { n_kv: usize::MAX, ..s }.memory_needed(), None);
+    /// ```
+    pub fn memory_needed(&self) -> Option<u64> {
+        let n = |x: usize| u64::try_from(x).ok();
+        let h_q = n(self.h_kv)?.checked_mul(n(self.group)?)?;
+        let kv = n(self.n_kv)?
+            .checked_mul(n(self.h_kv)?)?
+            .checked_mul(n(self.d)?)?;
+        let q = n(self.n_q)?.checked_mul(h_q)?.checked_mul(n(self.d)?)?;
+        let probs = h_q.checked_mul(n(self.n_q)?)?.checked_mul(n(self.n_kv)?)?;
+        // K, V: f32 inputs (8) + dequantized f64 caches (16); Q: f32 input, f64 rotated copy,
+        // f64 outputs and their flattened copies (44); probabilities: exact and approximate.
+        kv.checked_mul(24)?
+            .checked_add(q.checked_mul(44)?)?
+            .checked_add(probs.checked_mul(16)?)
+    }
+
+    /// Checks, before anything is allocated, that [`evaluate`] on these activations fits in the
+    /// memory available (on Linux: `MemAvailable` and the address-space limit; elsewhere only
+    /// that the sizes fit in 64 bits). Returns the bytes it needs.
+    ///
+    /// ```
+    /// use rotq_cli::eval::Synthetic;
+    /// assert!(Synthetic { n_kv: 64, ..Default::default() }.check_memory().is_ok());
+    /// let err = Synthetic { n_kv: usize::MAX, ..Default::default() }.check_memory().unwrap_err();
+    /// assert!(err.to_string().contains("overflow"), "{err}");
+    /// ```
+    pub fn check_memory(&self) -> Result<u64, Error> {
+        let Some(needed) = self.memory_needed() else {
+            return Err(Error::Input(
+                "the evaluation's sizes overflow 64 bits (it would need more than 16 EiB of \
+                 memory)"
+                    .into(),
+            ));
+        };
+        match available_memory() {
+            Some(available) if needed > available => Err(Error::Input(format!(
+                "the evaluation needs about {} of memory; {} is available",
+                human_bytes(needed),
+                human_bytes(available)
+            ))),
+            _ => Ok(needed),
+        }
+    }
+
     /// Draws the activations (deterministic for a given configuration).
     pub fn generate(&self) -> Activations {
         let mut g = Normal(SplitMix64::new(self.seed));
@@ -120,6 +174,58 @@ impl Synthetic {
             },
         }
     }
+}
+
+/// Memory this process can still take: the smaller of the system's available memory and the
+/// address-space limit (Linux; `None` where neither can be read).
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let available = meminfo.as_deref().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    });
+    let limits = std::fs::read_to_string("/proc/self/limits").ok();
+    let address_space = limits.as_deref().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("Max address space"))?;
+        // "Max address space  <soft>  <hard>  bytes"; "unlimited" parses to nothing.
+        line["Max address space".len()..]
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
+    match (available, address_space) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A byte count with three significant digits (`1.23 TiB`).
+///
+/// ```
+/// assert_eq!(rotq_cli::eval::human_bytes(3 << 29), "1.50 GiB");
+/// assert_eq!(rotq_cli::eval::human_bytes(1000), "1000 B");
+/// ```
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let digits = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{value:.digits$} {}", UNITS[unit])
 }
 
 /// Which caches hold the format under test.

@@ -313,6 +313,10 @@ fn run(command: Command) -> Result<(), Error> {
                 seed,
                 ..Default::default()
             };
+            // Refused before anything is allocated, with the memory it would take.
+            config
+                .check_memory()
+                .map_err(|e| Error::Input(format!("--tokens {tokens}: {e}")))?;
             eprintln!(
                 "synthetic activations: {} tokens, {} queries, {} KV heads x {} query heads per KV head, d = {}, {} outlier channels of offset ~{} in K (seed {seed})",
                 config.n_kv, config.n_q, config.h_kv, config.group, config.d, config.outlier_channels, config.outlier_magnitude

@@ -1,6 +1,7 @@
 //! The file commands stream: bounded memory whatever the file size, `-` for standard input and
 //! output, outputs that are the input refused, devices and FIFOs written directly (never
-//! replaced), sizes checked before reading, and errors that name the user's paths.
+//! replaced), sizes checked before reading, and errors that name the user's paths. `eval`
+//! refuses sizes it cannot hold before allocating them.
 
 use rotq::{KvFormat, RotationSpec};
 use rotq_testkit::data::Rows;
@@ -435,4 +436,18 @@ fn errors_name_the_users_paths() {
             .collect::<Vec<_>>(),
     );
     assert_one_line_failure(&out, "a folder as input");
+}
+
+/// `eval --synthetic` with more tokens than memory can hold (or than 64 bits can count) is a
+/// one-line error naming the memory needed, before anything is allocated (not a panic or an
+/// allocation abort).
+#[test]
+fn eval_refuses_sizes_it_cannot_hold() {
+    for (tokens, needs) in [("18446744073709551615", "EiB"), ("100000000", "TiB")] {
+        let out = rotq(&["eval", "--synthetic", "--tokens", tokens]);
+        assert_one_line_failure(&out, tokens);
+        let err = stderr(&out);
+        assert!(err.contains(needs) && err.contains("memory"), "{err}");
+        assert!(err.contains(&format!("--tokens {tokens}")), "{err}");
+    }
 }
