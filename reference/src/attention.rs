@@ -91,6 +91,9 @@ impl AttentionParams {
     /// use rotq_reference::AttentionParams;
     /// let (scale, cap) = AttentionParams::default().f32_factors(64).unwrap();
     /// assert_eq!((scale, cap), (0.125, None));
+    /// let err = AttentionParams { scale: Some(1e300), ..Default::default() }.f32_factors(64);
+    /// // (Floats are printed in scientific notation: never hundreds of digits.)
+    /// assert!(err.unwrap_err().to_string().contains("1e300 is not a normal f32"));
     /// assert!(AttentionParams { scale: Some(1e-300), ..Default::default() }.f32_factors(64).is_err());
     /// ```
     pub fn f32_factors(&self, d: usize) -> Result<(f32, Option<f32>)> {
@@ -101,7 +104,7 @@ impl AttentionParams {
                 if !(f.is_finite() && (f.is_normal() || (name == "scale" && v == 0.0))) {
                     return Err(invalid(
                         name,
-                        format!("{v} is not a normal f32 number, which the f32 kernels need"),
+                        format!("{v:e} is not a normal f32 number, which the f32 kernels need"),
                     ));
                 }
             }
