@@ -299,16 +299,12 @@ impl PrefillConfig {
         out
     }
 
-    /// Whether the flash kernel takes warp-specialized blocks on `dev` for head dimensions
-    /// `d` (K) and `d_v` (V): where asked, on compute capability 9.0 (`setmaxnreg` is
-    /// sm_90a's), heads up to 128 and blocks of 8 warps (the registers are divided for two
-    /// consumer warpgroups).
-    fn specialized_on(&self, dev: &Device, d: usize, d_v: usize) -> bool {
-        self.specialized
-            && dev.info().compute_capability == (9, 0)
-            && d <= 128
-            && d_v <= 128
-            && self.warps == 8
+    /// Whether the flash kernel takes warp-specialized blocks on a device of compute capability
+    /// `cc` for head dimensions `d` (K) and `d_v` (V): where asked, on compute capability 9.0
+    /// (`setmaxnreg` is sm_90a's), heads up to 128 and blocks of 8 warps (the registers are
+    /// divided for two consumer warpgroups).
+    pub(crate) fn specialized_on(&self, cc: (u32, u32), d: usize, d_v: usize) -> bool {
+        self.specialized && cc == (9, 0) && d <= 128 && d_v <= 128 && self.warps == 8
     }
 
     /// The row tiles per warp the kernel takes for head dimensions `d` (K) and `d_v` (V):
@@ -518,7 +514,7 @@ impl RotArgs {
 
 /// The shape of one compiled decode module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Shape {
+pub(crate) struct Shape {
     k_format: KvFormat,
     v_format: KvFormat,
     d: usize,
@@ -544,7 +540,67 @@ fn fast(format: KvFormat) -> u32 {
     }
 }
 
+/// What decides a decode module's shape besides its configuration: the element type of the
+/// queries, the caches' formats and head dimensions, the group, the KV heads and whether the
+/// rows share one cache (prefill through the decode kernel).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DecodeCall {
+    pub elem: u32,
+    pub k_format: KvFormat,
+    pub v_format: KvFormat,
+    pub d: usize,
+    pub d_v: usize,
+    pub group: usize,
+    pub h_kv: usize,
+    pub shared: bool,
+}
+
 impl Shape {
+    /// The module `config` asks for on `call`, with fewer warps where their buffers do not fit
+    /// `max_smem` bytes of shared memory.
+    pub(crate) fn fit(config: DecodeConfig, call: DecodeCall, max_smem: usize) -> Result<Self> {
+        let tensor_cores = config.tensor_cores
+            && call.elem != 0
+            && TENSOR_CORE_K_FORMATS.contains(&call.k_format)
+            && TENSOR_CORE_V_FORMATS.contains(&call.v_format);
+        // Rows over one shared cache (prefill) go up to 16 query-head columns per block on the
+        // tensor cores, so each K/V tile is read and dequantized once for all of them.
+        let rows = if call.shared && tensor_cores {
+            (MAX_GROUP / call.group).clamp(1, 8)
+        } else {
+            1
+        };
+        // Warps: as configured, fewer if their buffers do not fit the shared memory.
+        let mut shape = Shape {
+            k_format: call.k_format,
+            v_format: call.v_format,
+            d: call.d,
+            d_v: call.d_v,
+            group: call.group,
+            warps: config.warps.clamp(1, 16),
+            tensor_cores,
+            rows,
+            pair: false,
+            split_v: tensor_cores && config.split_v,
+        };
+        // (Pairing depends on the warp count: decided again at each.)
+        loop {
+            shape.pair = config.pairs && shape.pairs(call.h_kv)?;
+            if shape.smem()? <= max_smem || shape.warps == 1 {
+                break;
+            }
+            shape.warps /= 2;
+        }
+        if shape.smem()? > max_smem {
+            return Err(too_large(
+                call.d.max(call.d_v),
+                "CUDA decode attention head",
+                "one warp's staged K/V rows must fit the shared memory",
+            ));
+        }
+        Ok(shape)
+    }
+
     /// Whether the tensor-core kernel can take KV heads in pairs (PAIR) with `h_kv` heads: an
     /// even number of heads and of warps (two per stream of tiles), and two heads' rows a
     /// whole number of 16-byte copies (so each row is 8-byte aligned). Then a token's two
@@ -598,7 +654,7 @@ impl Shape {
         Ok(4 * heads * self.group * self.rows * self.d + self.streams() * stream)
     }
 
-    fn source<T: GpuElement>(&self) -> (String, String) {
+    pub(crate) fn source<T: GpuElement>(&self) -> (String, String) {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
              #define G {}\n#define WARPS {}\n#define MMA {}\n#define KFAST {}\n#define VFAST {}\n\
@@ -624,7 +680,7 @@ impl Shape {
 
 /// The shape of one compiled prefill (flash) module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FlashShape {
+pub(crate) struct FlashShape {
     /// The queries' and output's element type (`GpuElement::ELEM`).
     elem: u32,
     k_format: KvFormat,
@@ -640,6 +696,63 @@ struct FlashShape {
 }
 
 impl FlashShape {
+    /// The plain blocks `config` asks for: queries of `elem`, K and V in `k_format` and
+    /// `v_format` of `d` and `d_v` dimensions, `group` query heads per KV head.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn asked(
+        config: PrefillConfig,
+        elem: u32,
+        k_format: KvFormat,
+        v_format: KvFormat,
+        d: usize,
+        d_v: usize,
+        group: usize,
+    ) -> Self {
+        FlashShape {
+            elem,
+            k_format,
+            v_format,
+            d,
+            d_v,
+            group,
+            warps: config.warps.clamp(1, 8),
+            block_n: if config.block_n <= 32 { 32 } else { 64 },
+            m_tiles: config.m_tiles_for(d, d_v, false),
+            ws: false,
+        }
+    }
+
+    /// The warp-specialized blocks of the same call.
+    pub(crate) fn specialized(&self, config: PrefillConfig) -> Self {
+        FlashShape {
+            ws: true,
+            m_tiles: config.m_tiles_for(self.d, self.d_v, true),
+            ..*self
+        }
+    }
+
+    /// These plain blocks with smaller tiles, one row tile, then fewer warps until they fit
+    /// `max_smem` bytes of shared memory.
+    pub(crate) fn fit(mut self, max_smem: usize) -> Result<Self> {
+        while self.smem()? > max_smem && self.block_n > 32 {
+            self.block_n = 32;
+        }
+        if self.smem()? > max_smem {
+            self.m_tiles = 1;
+        }
+        while self.smem()? > max_smem && self.warps > 1 {
+            self.warps /= 2;
+        }
+        if self.smem()? > max_smem {
+            return Err(too_large(
+                self.d.max(self.d_v),
+                "CUDA prefill attention head",
+                "a K/V tile of 32 tokens and 16 query rows must fit the shared memory",
+            ));
+        }
+        Ok(self)
+    }
+
     /// Shared memory of the flash kernel, as `attention.cu` lays it out (F_SMEM): two stages
     /// of raw rows (F_KSB, F_VSB apart), the codes (rows of d + 8 values), K scales (f32), V
     /// scales (f16 for f16 queries, else f32) and a word of bad-V bits per warp; warp-specialized
@@ -707,7 +820,7 @@ impl FlashShape {
         (65536 / (32 * (self.warps + PRODUCER_WARPS)) / 8 * 8) as i32
     }
 
-    fn source(&self) -> (String, String) {
+    pub(crate) fn source(&self) -> (String, String) {
         let defines = format!(
             "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
              #define G {}\n#define WARPS {}\n#define MMA 1\n#define KFAST {}\n#define VFAST {}\n\
@@ -1004,7 +1117,8 @@ impl CudaAttention {
             0 => dev.info().multiprocessors as usize,
             b => b,
         };
-        let ws = config.specialized_on(dev, k.dim, v.dim) && blocks(true) >= enough;
+        let ws = config.specialized_on(dev.info().compute_capability, k.dim, v.dim)
+            && blocks(true) >= enough;
         let flash = config.flash
             && T::ELEM != 0
             && k.dim.is_multiple_of(32)
@@ -1019,29 +1133,13 @@ impl CudaAttention {
         if !flash {
             return Ok((config, None));
         }
-        let (d, d_v) = (k.dim, v.dim);
-        let mut shape = FlashShape {
-            elem: T::ELEM,
-            k_format: k.format,
-            v_format: v.format,
-            d,
-            d_v,
-            group,
-            warps: config.warps.clamp(1, 8),
-            block_n: if config.block_n <= 32 { 32 } else { 64 },
-            m_tiles: config.m_tiles_for(d, d_v, false),
-            ws: false,
-        };
+        let shape = FlashShape::asked(config, T::ELEM, k.format, v.format, k.dim, v.dim, group);
         let max_smem = dev.info().max_shared_per_block;
         // Warp-specialized blocks where they fit, compile (NVRTC knows sm_90a) and the kernel
         // holds the registers its roles divide (else the consumers' share could never be
         // granted); the plain blocks else.
         if ws {
-            let specialized = FlashShape {
-                ws: true,
-                m_tiles: config.m_tiles_for(d, d_v, true),
-                ..shape
-            };
+            let specialized = shape.specialized(config);
             let smem = specialized.smem()?;
             if smem <= max_smem {
                 let (key, src) = specialized.source();
@@ -1053,23 +1151,7 @@ impl CudaAttention {
                 }
             }
         }
-        while shape.smem()? > max_smem && shape.block_n > 32 {
-            shape.block_n = 32;
-        }
-        if shape.smem()? > max_smem {
-            shape.m_tiles = 1;
-        }
-        while shape.smem()? > max_smem && shape.warps > 1 {
-            shape.warps /= 2;
-        }
-        if shape.smem()? > max_smem {
-            return Err(too_large(
-                d.max(d_v),
-                "CUDA prefill attention head",
-                "a K/V tile of 32 tokens and 16 query rows must fit the shared memory",
-            ));
-        }
-        Ok((config, Some(shape)))
+        Ok((config, Some(shape.fit(max_smem)?)))
     }
 
     /// Prefill through the flash kernel (see [`Self::prefill`]): `(ks, vs, rows)` are the
@@ -1199,46 +1281,18 @@ impl CudaAttention {
         let batch = seqs.len();
 
         let config = self.config_for(dev, k.format, d, h_kv, group, checked.longest, batch);
-        let tensor_cores = config.tensor_cores
-            && T::ELEM != 0
-            && TENSOR_CORE_K_FORMATS.contains(&k.format)
-            && TENSOR_CORE_V_FORMATS.contains(&v.format);
-        // Rows over one shared cache (prefill) go up to 16 query-head columns per block on the
-        // tensor cores, so each K/V tile is read and dequantized once for all of them.
-        let rows = if shared && tensor_cores {
-            (MAX_GROUP / group).clamp(1, 8)
-        } else {
-            1
-        };
-        // Warps: as configured, fewer if their buffers do not fit the shared memory.
-        let mut shape = Shape {
+        let call = DecodeCall {
+            elem: T::ELEM,
             k_format: k.format,
             v_format: v.format,
             d,
             d_v,
             group,
-            warps: config.warps.clamp(1, 16),
-            tensor_cores,
-            rows,
-            pair: false,
-            split_v: tensor_cores && config.split_v,
+            h_kv,
+            shared,
         };
-        let max_smem = dev.info().max_shared_per_block;
-        // (Pairing depends on the warp count: decided again at each.)
-        loop {
-            shape.pair = config.pairs && shape.pairs(h_kv)?;
-            if shape.smem()? <= max_smem || shape.warps == 1 {
-                break;
-            }
-            shape.warps /= 2;
-        }
-        if shape.smem()? > max_smem {
-            return Err(too_large(
-                d.max(d_v),
-                "CUDA decode attention head",
-                "one warp's staged K/V rows must fit the shared memory",
-            ));
-        }
+        let shape = Shape::fit(config, call, dev.info().max_shared_per_block)?;
+        let rows = shape.rows;
 
         // Slices of the visible tokens (of the union of each block's rows' ranges).
         let longest = checked

@@ -129,13 +129,14 @@ pub(crate) struct Geometry {
 }
 
 /// Lays `t` over threads for `cfg`; `smem_always` when the kernel stages rows in shared memory
-/// whatever the transform (quantize, dequantize), with `staged_bytes` of encoded row each.
+/// whatever the transform (quantize, dequantize), with `staged_bytes` of encoded row each, in
+/// at most `max_smem` bytes of shared memory per block.
 pub(crate) fn geometry(
     t: &Transform,
     cfg: RowConfig,
     smem_always: bool,
     staged_bytes: usize,
-    dev: &Device,
+    max_smem: usize,
 ) -> Result<Geometry> {
     let (m, p, units) = (t.size.base, t.size.pow2, t.units);
     let too_big = || -> CudaError {
@@ -180,7 +181,7 @@ pub(crate) fn geometry(
     } else {
         0
     };
-    if let Some(fit) = dev.info().max_shared_per_block.checked_div(row_smem) {
+    if let Some(fit) = max_smem.checked_div(row_smem) {
         let fit = fit / step * step;
         if fit == 0 {
             return Err(too_big());

@@ -26,6 +26,8 @@
 
 mod attention;
 mod codec;
+#[cfg(test)]
+mod cubins;
 mod device;
 mod error;
 mod kernel;
