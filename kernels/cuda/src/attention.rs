@@ -1,4 +1,6 @@
-//! Decode attention straight from a rotated, quantized KV cache (`cuda/attention.cu`).
+//! Decode and prefill attention straight from a rotated, quantized KV cache (`cuda/decode.cu`,
+//! `cuda/decode_mma.cu`, `cuda/flash.cu`; their modules are built by `decode_module.rs` and
+//! `flash_module.rs`).
 //!
 //! One query row per sequence, many sequences of different lengths at once, K and V in any
 //! registry format, contiguous or paged, GQA/MQA, causal, sliding window, soft-cap; Q is rotated
@@ -35,9 +37,11 @@
 //! kernel does; a V value that is not finite reaches only the rows that see its token. See
 //! [`PrefillConfig`] for its knobs.
 
-use crate::device::{Device, SM90A};
+use crate::decode_module::{DecodeCall, Shape};
+use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
-use crate::kernel::{self, Transform, ELEM, FORMATS};
+use crate::flash_module::FlashShape;
+use crate::kernel::{self, Transform};
 use crate::rotation::{CudaRotation, GpuElement};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use rotq_reference::hadamard::base_sign;
@@ -45,10 +49,7 @@ use rotq_reference::{AttentionParams, Error, KvFormat, RotationPlan};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-const ATTENTION: &str = include_str!("cuda/attention.cu");
 const FLASH_KERNEL: &str = "prefill_attention_flash";
-/// The producer warps of a warp-specialized flash block (`P_THREADS / 32` in `attention.cu`).
-const PRODUCER_WARPS: usize = 4;
 
 /// The largest query-head group (query heads per KV head) the decode kernel takes.
 pub const MAX_GROUP: usize = 16;
@@ -299,22 +300,18 @@ impl PrefillConfig {
         out
     }
 
-    /// Whether the flash kernel takes warp-specialized blocks on `dev` for head dimensions
-    /// `d` (K) and `d_v` (V): where asked, on compute capability 9.0 (`setmaxnreg` is
-    /// sm_90a's), heads up to 128 and blocks of 8 warps (the registers are divided for two
-    /// consumer warpgroups).
-    fn specialized_on(&self, dev: &Device, d: usize, d_v: usize) -> bool {
-        self.specialized
-            && dev.info().compute_capability == (9, 0)
-            && d <= 128
-            && d_v <= 128
-            && self.warps == 8
+    /// Whether the flash kernel takes warp-specialized blocks on a device of compute capability
+    /// `cc` for head dimensions `d` (K) and `d_v` (V): where asked, on compute capability 9.0
+    /// (`setmaxnreg` is sm_90a's), heads up to 128 and blocks of 8 warps (the registers are
+    /// divided for two consumer warpgroups).
+    pub(crate) fn specialized_on(&self, cc: (u32, u32), d: usize, d_v: usize) -> bool {
+        self.specialized && cc == (9, 0) && d <= 128 && d_v <= 128 && self.warps == 8
     }
 
     /// The row tiles per warp the kernel takes for head dimensions `d` (K) and `d_v` (V):
     /// two where asked or in warp-specialized blocks (`ws`), and both are at most 128 (larger
     /// ones would not fit the registers).
-    fn m_tiles_for(&self, d: usize, d_v: usize, ws: bool) -> usize {
+    pub(crate) fn m_tiles_for(&self, d: usize, d_v: usize, ws: bool) -> usize {
         if (ws || self.m_tiles >= 2) && d <= 128 && d_v <= 128 {
             2
         } else {
@@ -469,7 +466,7 @@ struct RotArgs {
 
 impl RotArgs {
     /// Pushes the kernel's five `Rot` parameters (log_p, m, base, signs, scale), in the order
-    /// `attention.cu` declares them.
+    /// the kernels declare them.
     fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
         launch
             .arg(&self.log_p)
@@ -513,221 +510,6 @@ impl RotArgs {
                 scale: r.scale,
             },
         })
-    }
-}
-
-/// The shape of one compiled decode module.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Shape {
-    k_format: KvFormat,
-    v_format: KvFormat,
-    d: usize,
-    d_v: usize,
-    group: usize,
-    warps: usize,
-    tensor_cores: bool,
-    /// Query rows per thread block (the tensor-core kernel's QR; 1 for decode).
-    rows: usize,
-    /// The tensor-core kernel's PAIR: a block takes two KV heads, whose rows of a token are
-    /// adjacent and copied together (see [`Shape::pairs`]).
-    pair: bool,
-    /// The tensor-core kernel's SPLITV: one stage of V rows instead of two.
-    split_v: bool,
-}
-
-/// The kernels' byte-at-once code paths: 1 for q4_0, 2 for q8_0, 0 for the format's accessor.
-fn fast(format: KvFormat) -> u32 {
-    match format {
-        KvFormat::Q4_0 => 1,
-        KvFormat::Q8_0 => 2,
-        _ => 0,
-    }
-}
-
-impl Shape {
-    /// Whether the tensor-core kernel can take KV heads in pairs (PAIR) with `h_kv` heads: an
-    /// even number of heads and of warps (two per stream of tiles), and two heads' rows a
-    /// whole number of 16-byte copies (so each row is 8-byte aligned). Then a token's two
-    /// rows move as 16-byte copies, where one q4_0 row (72 bytes) alone takes twice as many
-    /// 8-byte copies.
-    fn pairs(&self, h_kv: usize) -> Result<bool> {
-        let (k_row, v_row) = (
-            self.k_format.row_bytes(self.d)?,
-            self.v_format.row_bytes(self.d_v)?,
-        );
-        Ok(self.tensor_cores
-            && h_kv.is_multiple_of(2)
-            && self.warps.is_multiple_of(2)
-            && (2 * k_row).is_multiple_of(16)
-            && (2 * v_row).is_multiple_of(16))
-    }
-
-    /// KV heads per thread block (2 with PAIR).
-    fn heads(&self) -> usize {
-        if self.pair {
-            2
-        } else {
-            1
-        }
-    }
-
-    /// Streams of tiles per KV head in a block (each leaves its own partials).
-    fn streams(&self) -> usize {
-        self.warps / self.heads()
-    }
-
-    /// Shared memory of the decode kernel, as `attention.cu` lays it out: the block's heads'
-    /// queries (f32), then per stream of tiles two stages of 32 raw K and V rows (and, for the
-    /// f32 kernel, the tile's weights). The f32 kernel's rows are an odd number of words apart
-    /// (K_STRIDE_W), the tensor-core kernel's (each the block's heads' rows of a token) an odd
-    /// number of 16-byte units (K_SB).
-    fn smem(&self) -> Result<usize> {
-        let heads = self.heads();
-        let (k_row, v_row) = (
-            heads * self.k_format.row_bytes(self.d)?,
-            heads * self.v_format.row_bytes(self.d_v)?,
-        );
-        let stream = if self.tensor_cores {
-            let stride = |row: usize| 16 * (row.div_ceil(16) | 1);
-            let v_stages = if self.split_v { 1 } else { 2 };
-            32 * (2 * stride(k_row) + v_stages * stride(v_row))
-        } else {
-            let stride = |row: usize| 4 * (row.div_ceil(4) | 1);
-            2 * 32 * (stride(k_row) + stride(v_row)) + 4 * 32 * self.group
-        };
-        Ok(4 * heads * self.group * self.rows * self.d + self.streams() * stream)
-    }
-
-    fn source<T: GpuElement>(&self) -> (String, String) {
-        let defines = format!(
-            "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
-             #define G {}\n#define WARPS {}\n#define MMA {}\n#define KFAST {}\n#define VFAST {}\n\
-             #define QR {}\n#define PAIR {}\n#define SPLITV {}\n",
-            T::ELEM,
-            self.k_format.name(),
-            self.v_format.name(),
-            self.d,
-            self.d_v,
-            self.group,
-            self.warps,
-            self.tensor_cores as u32,
-            fast(self.k_format),
-            fast(self.v_format),
-            self.rows,
-            self.pair as u32,
-            self.split_v as u32,
-        );
-        let key = format!("attention {}", defines.replace('\n', " "));
-        (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
-    }
-}
-
-/// The shape of one compiled prefill (flash) module.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FlashShape {
-    /// The queries' and output's element type (`GpuElement::ELEM`).
-    elem: u32,
-    k_format: KvFormat,
-    v_format: KvFormat,
-    d: usize,
-    d_v: usize,
-    group: usize,
-    warps: usize,
-    block_n: usize,
-    m_tiles: usize,
-    /// Warp-specialized (`WS`): a producer warpgroup besides the `warps` consumers.
-    ws: bool,
-}
-
-impl FlashShape {
-    /// Shared memory of the flash kernel, as `attention.cu` lays it out (F_SMEM): two stages
-    /// of raw rows (F_KSB, F_VSB apart), the codes (rows of d + 8 values), K scales (f32), V
-    /// scales (f16 for f16 queries, else f32) and a word of bad-V bits per warp; warp-specialized
-    /// blocks have two buffers of codes and scales, four words (one per producer warp) per
-    /// buffer and two flags. The queries and outputs (f32 rows) reuse that space. Blocks of 8
-    /// warps, with two row tiles per warp or warp-specialized keep the queries in shared memory
-    /// too (F_QSMEM).
-    fn smem(&self) -> Result<usize> {
-        let (k_row, v_row) = (
-            self.k_format.row_bytes(self.d)?,
-            self.v_format.row_bytes(self.d_v)?,
-        );
-        // F_KSB: odd 16-byte units for 16-byte copies (both rows multiples of 16), else odd
-        // 8-byte units.
-        let wide = k_row % 16 == 0 && v_row % 16 == 0;
-        let stride = |row: usize| {
-            if wide {
-                16 * (row.div_ceil(16) | 1)
-            } else {
-                8 * (row.div_ceil(8) | 1)
-            }
-        };
-        let n = self.block_n;
-        let vsc = if self.elem == 1 { 2 } else { 4 };
-        // (With WS, two code buffers, the producers' four words of bad-V bits per buffer and
-        // two flags.)
-        let (buffers, bad_words, flags) = if self.ws {
-            (2, PRODUCER_WARPS, 8)
-        } else {
-            (1, self.warps, 0)
-        };
-        let tiles = 2 * n * (stride(k_row) + stride(v_row))
-            + buffers
-                * (2 * n * (self.d + 8 + self.d_v + 8)
-                    + 4 * n * (self.d / 32)
-                    + vsc * n * (self.d_v / 32)
-                    + 8 * bad_words)
-            + flags;
-        let block_rows = 16 * self.m_tiles * self.warps;
-        let rows = 4 * block_rows * self.d.max(self.d_v);
-        let queries = if self.warps >= 8 || self.m_tiles >= 2 || self.ws {
-            2 * block_rows * (self.d + 8)
-        } else {
-            0
-        };
-        // (The queries start 16-byte aligned.)
-        Ok(tiles.max(rows).next_multiple_of(16) + queries)
-    }
-
-    /// This shape as what a prefill call with `asked` ran.
-    fn config(&self, asked: PrefillConfig) -> PrefillConfig {
-        PrefillConfig {
-            warps: self.warps,
-            block_n: self.block_n,
-            m_tiles: self.m_tiles,
-            flash: true,
-            specialized: self.ws,
-            ..asked
-        }
-    }
-
-    /// Registers per thread of warp-specialized blocks (`REGS_ALL` in `attention.cu`): the
-    /// launch bound's share of the multiprocessor's 65,536, in units of 8.
-    fn registers(&self) -> i32 {
-        (65536 / (32 * (self.warps + PRODUCER_WARPS)) / 8 * 8) as i32
-    }
-
-    fn source(&self) -> (String, String) {
-        let defines = format!(
-            "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define D {}\n#define DV {}\n\
-             #define G {}\n#define WARPS {}\n#define MMA 1\n#define KFAST {}\n#define VFAST {}\n\
-             #define QR 1\n#define FLASH 1\n#define BN {}\n#define MT {}\n#define WS {}\n{}",
-            self.elem,
-            self.k_format.name(),
-            self.v_format.name(),
-            self.d,
-            self.d_v,
-            self.group,
-            self.warps,
-            fast(self.k_format),
-            fast(self.v_format),
-            self.block_n,
-            self.m_tiles,
-            self.ws as u32,
-            if self.ws { SM90A } else { "" },
-        );
-        let key = format!("attention {}", defines.replace('\n', " "));
-        (key, format!("{defines}{FORMATS}\n{ELEM}{ATTENTION}"))
     }
 }
 
@@ -1004,7 +786,8 @@ impl CudaAttention {
             0 => dev.info().multiprocessors as usize,
             b => b,
         };
-        let ws = config.specialized_on(dev, k.dim, v.dim) && blocks(true) >= enough;
+        let ws = config.specialized_on(dev.info().compute_capability, k.dim, v.dim)
+            && blocks(true) >= enough;
         let flash = config.flash
             && T::ELEM != 0
             && k.dim.is_multiple_of(32)
@@ -1019,57 +802,25 @@ impl CudaAttention {
         if !flash {
             return Ok((config, None));
         }
-        let (d, d_v) = (k.dim, v.dim);
-        let mut shape = FlashShape {
-            elem: T::ELEM,
-            k_format: k.format,
-            v_format: v.format,
-            d,
-            d_v,
-            group,
-            warps: config.warps.clamp(1, 8),
-            block_n: if config.block_n <= 32 { 32 } else { 64 },
-            m_tiles: config.m_tiles_for(d, d_v, false),
-            ws: false,
-        };
+        let shape = FlashShape::asked(config, T::ELEM, k.format, v.format, k.dim, v.dim, group);
         let max_smem = dev.info().max_shared_per_block;
         // Warp-specialized blocks where they fit, compile (NVRTC knows sm_90a) and the kernel
         // holds the registers its roles divide (else the consumers' share could never be
         // granted); the plain blocks else.
         if ws {
-            let specialized = FlashShape {
-                ws: true,
-                m_tiles: config.m_tiles_for(d, d_v, true),
-                ..shape
-            };
+            let specialized = shape.specialized(config);
             let smem = specialized.smem()?;
             if smem <= max_smem {
-                let (key, src) = specialized.source();
+                let (key, src) = specialized.source()?;
                 let registers = kernel::function(dev, &key, &src, FLASH_KERNEL, smem)
                     .ok()
                     .and_then(|f| f.num_regs().ok());
-                if registers == Some(specialized.registers()) {
+                if registers == Some(specialized.layout()?.registers as i32) {
                     return Ok((config, Some(specialized)));
                 }
             }
         }
-        while shape.smem()? > max_smem && shape.block_n > 32 {
-            shape.block_n = 32;
-        }
-        if shape.smem()? > max_smem {
-            shape.m_tiles = 1;
-        }
-        while shape.smem()? > max_smem && shape.warps > 1 {
-            shape.warps /= 2;
-        }
-        if shape.smem()? > max_smem {
-            return Err(too_large(
-                d.max(d_v),
-                "CUDA prefill attention head",
-                "a K/V tile of 32 tokens and 16 query rows must fit the shared memory",
-            ));
-        }
-        Ok((config, Some(shape)))
+        Ok((config, Some(shape.fit(max_smem)?)))
     }
 
     /// Prefill through the flash kernel (see [`Self::prefill`]): `(ks, vs, rows)` are the
@@ -1117,13 +868,13 @@ impl CudaAttention {
                 1i64,
             ),
         };
-        let (key, src) = shape.source();
+        let (key, src) = shape.source()?;
         let smem = shape.smem()?;
         let name = FLASH_KERNEL;
         let kernel = kernel::function(dev, &key, &src, name, smem)?;
         let qrot = RotArgs::of(dev, self.qk.as_ref())?;
         let vrot = RotArgs::of(dev, self.v.as_ref())?;
-        let blocks = (n_q * group).div_ceil(16 * shape.m_tiles * shape.warps);
+        let blocks = (n_q * group).div_ceil(shape.block_rows());
         let grid_x =
             u32::try_from(blocks).map_err(|_| CudaError::Input(Error::Overflow("grid size")))?;
         let as_i64 = |x: usize| x as i64;
@@ -1156,11 +907,7 @@ impl CudaAttention {
         launch.arg(out);
         let cfg = LaunchConfig {
             grid_dim: (grid_x, h_kv as u32, 1),
-            block_dim: (
-                32 * (shape.warps + PRODUCER_WARPS * shape.ws as usize) as u32,
-                1,
-                1,
-            ),
+            block_dim: (shape.threads() as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: `check` verified that the sequence's tokens below `n_tokens` map to whole
@@ -1199,46 +946,19 @@ impl CudaAttention {
         let batch = seqs.len();
 
         let config = self.config_for(dev, k.format, d, h_kv, group, checked.longest, batch);
-        let tensor_cores = config.tensor_cores
-            && T::ELEM != 0
-            && TENSOR_CORE_K_FORMATS.contains(&k.format)
-            && TENSOR_CORE_V_FORMATS.contains(&v.format);
-        // Rows over one shared cache (prefill) go up to 16 query-head columns per block on the
-        // tensor cores, so each K/V tile is read and dequantized once for all of them.
-        let rows = if shared && tensor_cores {
-            (MAX_GROUP / group).clamp(1, 8)
-        } else {
-            1
-        };
-        // Warps: as configured, fewer if their buffers do not fit the shared memory.
-        let mut shape = Shape {
+        let call = DecodeCall {
+            elem: T::ELEM,
             k_format: k.format,
             v_format: v.format,
             d,
             d_v,
             group,
-            warps: config.warps.clamp(1, 16),
-            tensor_cores,
-            rows,
-            pair: false,
-            split_v: tensor_cores && config.split_v,
+            h_kv,
+            shared,
         };
-        let max_smem = dev.info().max_shared_per_block;
-        // (Pairing depends on the warp count: decided again at each.)
-        loop {
-            shape.pair = config.pairs && shape.pairs(h_kv)?;
-            if shape.smem()? <= max_smem || shape.warps == 1 {
-                break;
-            }
-            shape.warps /= 2;
-        }
-        if shape.smem()? > max_smem {
-            return Err(too_large(
-                d.max(d_v),
-                "CUDA decode attention head",
-                "one warp's staged K/V rows must fit the shared memory",
-            ));
-        }
+        let shape = Shape::fit(config, call, dev.info().max_shared_per_block)?;
+        let layout = shape.layout()?;
+        let rows = shape.rows;
 
         // Slices of the visible tokens (of the union of each block's rows' ranges).
         let longest = checked
@@ -1304,7 +1024,7 @@ impl CudaAttention {
         };
         let n_part = splits * shape.streams();
         let part_len = (batch * h_q)
-            .checked_mul(n_part * (d_v + 3))
+            .checked_mul(n_part * layout.part_floats)
             .ok_or(CudaError::Input(Error::Overflow("partial results")))?;
         // SAFETY: left unset (zeroing it would be one more operation per call): the decode
         // kernel writes every partial of the grid (each block's streams, all their query
@@ -1313,15 +1033,15 @@ impl CudaAttention {
         let mut part = unsafe { stream.alloc::<f32>(part_len) }
             .context(|| "allocating the partial results".into())?;
 
-        let (key, src) = shape.source::<T>();
-        let smem = shape.smem()?;
+        let (key, src) = shape.source()?;
+        let smem = layout.smem;
         let name = if shape.tensor_cores {
             "decode_attention_mma"
         } else {
             "decode_attention"
         };
         let decode = kernel::function(dev, &key, &src, name, smem)?;
-        let combine = kernel::function(dev, &key, &src, "decode_combine", 4 * d_v)?;
+        let combine = kernel::function(dev, &key, &src, "decode_combine", layout.combine_smem)?;
         let qrot = RotArgs::of(dev, self.qk.as_ref())?;
         let vrot = RotArgs::of(dev, self.v.as_ref())?;
         let grid = |x: usize, y: usize, z: usize| -> Result<(u32, u32, u32)> {
@@ -1374,7 +1094,7 @@ impl CudaAttention {
         let cfg = LaunchConfig {
             grid_dim: grid(h_q, batch, 1)?,
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 4 * d_v as u32,
+            shared_mem_bytes: layout.combine_smem as u32,
         };
         // SAFETY: reads the partials written above and writes [batch, h_q, d_v] of `out`,
         // whose length `check` verified.
@@ -1607,11 +1327,6 @@ struct Checked {
     longest: usize,
     /// Each row's visible tokens [lo, hi).
     ranges: Vec<(usize, usize)>,
-}
-
-/// A head dimension `n` whose smallest block does not fit the device's shared memory.
-fn too_large(n: usize, what: &'static str, hint: &'static str) -> CudaError {
-    Error::UnsupportedDim { n, what, hint }.into()
 }
 
 /// What a failed launch was.

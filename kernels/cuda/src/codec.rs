@@ -428,7 +428,13 @@ impl CudaCodec {
         } else {
             self.config
         };
-        let geometry = kernel::geometry(transform, config, true, self.row_bytes, dev)?;
+        let geometry = kernel::geometry(
+            transform,
+            config,
+            true,
+            self.row_bytes,
+            dev.info().max_shared_per_block,
+        )?;
         let rotate = self.rotation.is_some();
         let (key, src) = kernel::source(transform, geometry, T::ELEM, rotate, Some(self.format));
         let function = kernel::function(dev, &key, &src, name, geometry.smem)?;

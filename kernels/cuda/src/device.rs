@@ -12,6 +12,22 @@ use std::sync::{Arc, Mutex};
 /// devices of compute capability 9.0.
 pub(crate) const SM90A: &str = "#define RQ_SM90A 1\n";
 
+/// NVRTC's options for `source` on a device of compute capability `(major, minor)`.
+pub(crate) fn nvrtc_options((major, minor): (u32, u32), source: &str) -> Vec<String> {
+    // Sources that use sm_90's architecture-specific instructions (`setmaxnreg`) say so.
+    let specific = if source.contains(SM90A) && (major, minor) == (9, 0) {
+        "a"
+    } else {
+        ""
+    };
+    vec![
+        // Exact f32 rounding: no fused multiply-adds, so quantized bytes match the oracle.
+        "--fmad=false".into(),
+        format!("--gpu-architecture=sm_{major}{minor}{specific}"),
+        "--std=c++17".into(),
+    ]
+}
+
 /// What a device is, read once when it is opened.
 ///
 /// ```no_run
@@ -256,20 +272,8 @@ impl Device {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(CudaError::NoNvrtc);
         }
-        let (major, minor) = self.info.compute_capability;
-        // Sources that use sm_90's architecture-specific instructions (`setmaxnreg`) say so.
-        let specific = if source.contains(SM90A) && (major, minor) == (9, 0) {
-            "a"
-        } else {
-            ""
-        };
         let opts = CompileOptions {
-            // Exact f32 rounding: no fused multiply-adds, so quantized bytes match the oracle.
-            fmad: Some(false),
-            options: vec![
-                format!("--gpu-architecture=sm_{major}{minor}{specific}"),
-                "--std=c++17".into(),
-            ],
+            options: nvrtc_options(self.info.compute_capability, source),
             ..Default::default()
         };
         let started = std::time::Instant::now();

@@ -14,6 +14,53 @@ pub(crate) const FORMATS: &str = include_str!("cuda/formats.cuh");
 pub(crate) const ELEM: &str = include_str!("cuda/elem.cuh");
 const HADAMARD: &str = include_str!("cuda/hadamard.cu");
 
+/// How the tensor-core kernels turn a format's codes into f16/bf16 pairs (`RQ_K_CODES`,
+/// `RQ_V_CODES` in their sources): 1 q4_0's nibbles, 2 q8_0's bytes (f16 only: a byte needs 8
+/// mantissa bits), 0 the format's accessor.
+pub(crate) fn code_path(format: KvFormat, elem: u32) -> u32 {
+    match (format, elem) {
+        (KvFormat::Q4_0, _) => 1,
+        (KvFormat::Q8_0, 1) => 2,
+        _ => 0,
+    }
+}
+
+/// A traits struct of constants for a module's source: the numbers the host computed once
+/// (shapes, shared-memory offsets, launch bounds), which the CUDA C reads and checks with
+/// `static_assert`s instead of deriving them again.
+pub(crate) struct Traits {
+    text: String,
+}
+
+impl Traits {
+    /// An empty struct `name`, introduced by a comment saying where it comes from. Its
+    /// constants are enumerators: NVRTC gives `static constexpr` variables storage in the
+    /// module (a global each), enumerators none.
+    pub fn new(name: &str, from: &str) -> Self {
+        Self {
+            text: format!(
+                "// Emitted by rotq-cuda ({from}).\nstruct {name} {{\n    enum : int {{\n"
+            ),
+        }
+    }
+
+    /// An integer constant.
+    pub fn int(&mut self, name: &str, value: usize, doc: &str) -> &mut Self {
+        self.text += &format!("        {name} = {value}, // {doc}\n");
+        self
+    }
+
+    /// A yes/no constant (1 or 0).
+    pub fn flag(&mut self, name: &str, value: bool, doc: &str) -> &mut Self {
+        self.int(name, value as usize, doc)
+    }
+
+    /// The struct's source.
+    pub fn finish(&self) -> String {
+        format!("{}    }};\n}};\n", self.text)
+    }
+}
+
 /// Tuning knobs of the row kernels (rotate, rotate-quantize, dequantize).
 ///
 /// ```
@@ -125,17 +172,23 @@ pub(crate) struct Geometry {
     pub ept: usize,
     pub rows: usize,
     pub threads: usize,
+    /// A row in shared memory, in floats: 4 floats of padding per 32 values (see PAD in
+    /// hadamard.cu), rounded up to whole float4s.
+    pub row_stride: usize,
+    /// An encoded row staged after the float rows, in bytes (16-byte aligned; 0 when none).
+    pub out_stride: usize,
     pub smem: usize,
 }
 
 /// Lays `t` over threads for `cfg`; `smem_always` when the kernel stages rows in shared memory
-/// whatever the transform (quantize, dequantize), with `staged_bytes` of encoded row each.
+/// whatever the transform (quantize, dequantize), with `staged_bytes` of encoded row each, in
+/// at most `max_smem` bytes of shared memory per block.
 pub(crate) fn geometry(
     t: &Transform,
     cfg: RowConfig,
     smem_always: bool,
     staged_bytes: usize,
-    dev: &Device,
+    max_smem: usize,
 ) -> Result<Geometry> {
     let (m, p, units) = (t.size.base, t.size.pow2, t.units);
     let too_big = || -> CudaError {
@@ -172,15 +225,14 @@ pub(crate) fn geometry(
     }
     let mut rows = wanted.min(most).div_ceil(step) * step;
     let needs_smem = smem_always || m > 1 || p / ept > 32;
-    // Shared-memory rows carry 4 floats of padding per 32 values (see PAD in hadamard.cu).
-    let padded = (t.n() + 4 * (t.n() / 32)).div_ceil(4) * 4;
-    // Encoded rows staged after the float rows, 16-byte aligned (OUT_STRIDE in hadamard.cu).
+    let row_stride = (t.n() + 4 * (t.n() / 32)).div_ceil(4) * 4;
+    let out_stride = staged_bytes.div_ceil(16) * 16;
     let row_smem = if needs_smem {
-        4 * padded + staged_bytes.div_ceil(16) * 16
+        4 * row_stride + out_stride
     } else {
         0
     };
-    if let Some(fit) = dev.info().max_shared_per_block.checked_div(row_smem) {
+    if let Some(fit) = max_smem.checked_div(row_smem) {
         let fit = fit / step * step;
         if fit == 0 {
             return Err(too_big());
@@ -191,6 +243,8 @@ pub(crate) fn geometry(
         ept,
         rows,
         threads: rows * tpr,
+        row_stride,
+        out_stride,
         smem: rows * row_smem,
     })
 }
@@ -225,7 +279,21 @@ pub(crate) fn source(
         defines += &format!("#define FMT {}\n", f.name());
     }
     let key = defines.replace('\n', " ");
-    let mut src = defines;
+    let mut traits = Traits::new("RowTraits", "kernel.rs: this module's layout");
+    traits
+        .int("kThreads", g.threads, "threads per block")
+        .int(
+            "kRowStride",
+            g.row_stride,
+            "rows in shared memory apart, in floats",
+        )
+        .int("kOutStride", g.out_stride, "encoded rows apart, in bytes")
+        .int(
+            "kMinBlocks",
+            (1024 / g.threads).max(1),
+            "launch bounds' blocks per SM: at least 1024 threads",
+        );
+    let mut src = defines + &traits.finish();
     if m > 1 {
         let rows: Vec<String> = (0..m)
             .map(|a| {

@@ -26,8 +26,12 @@
 
 mod attention;
 mod codec;
+#[cfg(test)]
+mod cubins;
+mod decode_module;
 mod device;
 mod error;
+mod flash_module;
 mod kernel;
 mod rotation;
 pub mod tuned;

@@ -142,7 +142,13 @@ impl CudaRotation {
             return Ok(());
         }
         let config = self.config_for::<T>(dev);
-        let g: Geometry = kernel::geometry(&self.transform, config, false, 0, dev)?;
+        let g: Geometry = kernel::geometry(
+            &self.transform,
+            config,
+            false,
+            0,
+            dev.info().max_shared_per_block,
+        )?;
         let (key, src) = kernel::source(&self.transform, g, T::ELEM, true, None);
         let f = kernel::function(dev, &key, &src, "rotate_rows", g.smem)?;
         let cfg = kernel::launch_config(g, n_rows)?;

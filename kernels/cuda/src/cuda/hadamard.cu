@@ -1,5 +1,6 @@
 // rotq CUDA kernels: Hadamard transforms over rows, fused rotate-quantize into a KV cache, and
-// dequantize (+ inverse rotation). Compiled at run time by NVRTC; the host defines, per module:
+// dequantize (+ inverse rotation). Compiled at run time by NVRTC; the host defines, per module
+// (and emits the layout it computed as RowTraits, see below):
 //
 //   ELEM     0 f32, 1 f16, 2 bf16: the element type of the rows read (rotate, rotate-quantize)
 //            or written (dequantize)
@@ -30,11 +31,15 @@
 // Shared-memory rows put 4 floats of padding after every 32 values, so that the threads of a
 // warp storing or loading their EPT consecutive values as float4s hit different banks.
 #define PAD(i) ((i) + 4 * ((i) >> 5))
-#define ROW_STRIDE ((PAD(N) + 3) / 4 * 4)
-#define THREADS (ROWS * TPR)
-// Ask for registers that let at least 1024 threads (32 warps) share an SM: enough loads in
-// flight to keep the memory system busy.
-#define MIN_BLOCKS (1024 / THREADS > 0 ? 1024 / THREADS : 1)
+// The host's layout (RowTraits, from kernel.rs): a block's kThreads threads, its rows in shared
+// memory kRowStride floats apart, each followed (rotate-quantize, dequantize, shift) by the
+// encoded rows kOutStride bytes apart, and launch bounds that let at least 1024 threads (32
+// warps) share an SM: enough loads in flight to keep the memory system busy.
+static_assert(RowTraits::kThreads == ROWS * TPR, "the rows' threads");
+static_assert(RowTraits::kRowStride >= PAD(N) && RowTraits::kRowStride % 4 == 0,
+              "a padded row, in whole float4s");
+static_assert(RowTraits::kMinBlocks == (1024 / RowTraits::kThreads > 0 ? 1024 / RowTraits::kThreads : 1),
+              "blocks for 1024 threads per SM");
 
 // 16-byte loads and stores when a thread's values and every row start are 16-byte aligned.
 #define VEC ((EPT * sizeof(elem_t)) % 16 == 0 && (N * sizeof(elem_t)) % 16 == 0)
@@ -126,7 +131,7 @@ RQ_FN float base_sign(int a, int b) {
 #endif
 
 // The unnormalized transform of every segment and unit of the block's rows, in place on the
-// threads' registers `v`. `buf` is the block's shared memory (ROWS * ROW_STRIDE floats) when WARPS > 1
+// threads' registers `v`. `buf` is the block's shared memory (ROWS * RowTraits::kRowStride floats) when WARPS > 1
 // or M > 1; every thread of the block must call this (it synchronizes).
 RQ_FN void transform(float* v, const Lane& l, float* buf, int inverse) {
     // Bits of the index inside a thread.
@@ -152,7 +157,7 @@ RQ_FN void transform(float* v, const Lane& l, float* buf, int inverse) {
         }
     }
 #if WARPS > 1 || M > 1
-    float* row = buf + l.row_in_block * ROW_STRIDE;
+    float* row = buf + l.row_in_block * RowTraits::kRowStride;
     smem_put(row, l.first, v);
     __syncthreads();
 #if WARPS > 1
@@ -228,7 +233,7 @@ RQ_FN void rotate_values(float* v, const Lane& l, float* buf, const float* signs
 }
 
 // Rotates `n_rows` rows of N values in place.
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_rows(elem_t* data, long long n_rows, const float* signs,
+extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) rotate_rows(elem_t* data, long long n_rows, const float* signs,
                                        float scale, int inverse) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
@@ -255,7 +260,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_rows(el
 #define ROW_BYTES ((N / BLOCK_SIZE) * BLOCK_BYTES)
 // Encoded rows are staged in shared memory, after the float rows, so that global memory is
 // read and written by consecutive threads in 4-byte words (or bytes), not block by block.
-#define OUT_STRIDE ((ROW_BYTES + 15) / 16 * 16)
+static_assert(RowTraits::kOutStride >= ROW_BYTES && RowTraits::kOutStride % 16 == 0,
+              "encoded rows 16-byte aligned");
 #define WORDS (ROW_BYTES % 4 == 0)
 
 // Waits for the threads of this row: a warp barrier when the row's threads are one aligned
@@ -282,7 +288,7 @@ RQ_FN void copy_row(unsigned char* dst, const unsigned char* src, int t) {
 // them into the cache. Row (token i, head h) goes to cache position pos = start_pos + i: with a
 // block table, to page table[pos / page_tokens], slot pos % page_tokens; without one, to row
 // pos. Cache rows are (position, head) rows of ROW_BYTES.
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_quantize(const elem_t* input, long long n_rows, long long n_heads,
+extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) rotate_quantize(const elem_t* input, long long n_rows, long long n_heads,
                                            long long start_pos, const unsigned int* table,
                                            long long page_tokens, unsigned char* cache,
                                            const float* signs, float scale) {
@@ -301,9 +307,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_quantiz
 #if ROTATE
     rotate_values(v, l, buf, signs, scale, 0);
 #endif
-    float* row = buf + l.row_in_block * ROW_STRIDE;
-    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * ROW_STRIDE) +
-                            l.row_in_block * OUT_STRIDE;
+    float* row = buf + l.row_in_block * RowTraits::kRowStride;
+    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * RowTraits::kRowStride) +
+                            l.row_in_block * RowTraits::kOutStride;
     int t = l.seg * TS + l.ts;
 #if EPT % BLOCK_SIZE == 0
     // Each thread holds whole blocks: it encodes them from its registers.
@@ -331,16 +337,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) rotate_quantiz
 }
 
 // Dequantizes `n_rows` cache rows into rows of elem_t, rotated back when ROTATE.
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) dequantize_rows(const unsigned char* cache, long long n_rows,
+extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) dequantize_rows(const unsigned char* cache, long long n_rows,
                                            elem_t* output, const float* signs, float scale) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
     Lane l = lane_of(threadIdx.x);
     long long r = (long long)blockIdx.x * ROWS + l.row_in_block;
     bool valid = r < n_rows;
-    float* row = buf + l.row_in_block * ROW_STRIDE;
-    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * ROW_STRIDE) +
-                            l.row_in_block * OUT_STRIDE;
+    float* row = buf + l.row_in_block * RowTraits::kRowStride;
+    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * RowTraits::kRowStride) +
+                            l.row_in_block * RowTraits::kOutStride;
     int t = l.seg * TS + l.ts;
     if (valid) copy_row(staged, cache + r * ROW_BYTES, t);
     sync_row();
@@ -367,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) dequantize_row
 // (ROTATE), turned by RoPE, rotated again and re-quantized. RoPE turns pair i of the first
 // `rot_dims` values, (2i, 2i + 1), or (i, i + rot_dims / 2) when `neox`, by the angle whose
 // cosine and sine are cs[2i] and cs[2i + 1].
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) shift_rows(
+extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) shift_rows(
     unsigned char* cache, long long n_rows, long long n_heads, long long start_pos,
     const unsigned int* table, long long page_tokens, const float* signs, float scale,
     const float* cs, int rot_dims, int neox) {
@@ -376,9 +382,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) shift_rows(
     Lane l = lane_of(threadIdx.x);
     long long r = (long long)blockIdx.x * ROWS + l.row_in_block;
     bool valid = r < n_rows;
-    float* row = buf + l.row_in_block * ROW_STRIDE;
-    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * ROW_STRIDE) +
-                            l.row_in_block * OUT_STRIDE;
+    float* row = buf + l.row_in_block * RowTraits::kRowStride;
+    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * RowTraits::kRowStride) +
+                            l.row_in_block * RowTraits::kOutStride;
     int t = l.seg * TS + l.ts;
     unsigned char* at = cache;
     if (valid) {
