@@ -32,25 +32,12 @@ pub(super) struct CudaStore {
     attention: CudaAttention,
 }
 
-/// The largest head dimension the CUDA attention kernels take, in steps of [`HEAD_DIM_STEP`]
-/// (rotq-cuda's decode and prefill checks refuse any other before a launch).
-const MAX_HEAD_DIM: usize = 4096;
-/// The CUDA attention kernels take head dimensions that are multiples of this.
-const HEAD_DIM_STEP: usize = 32;
-
-/// Refuses a head dimension (K or V) the CUDA attention kernels cannot take.
+/// Refuses a head dimension (K or V) the CUDA attention kernels cannot take, as they would at
+/// the first attention call.
 fn check_head_dims(spec: &CacheSpec) -> Result<(), Error> {
-    let bad = |d: usize| !d.is_multiple_of(HEAD_DIM_STEP) || d > MAX_HEAD_DIM;
-    match [spec.head_dim, spec.v_dim].into_iter().find(|&d| bad(d)) {
-        Some(n) => Err(InputError::UnsupportedDim {
-            n,
-            what: "a KV cache head on CUDA",
-            hint: "the CUDA attention kernels take head dimensions that are multiples of 32, \
-                   from 32 to 4096",
-        }
-        .into()),
-        None => Ok(()),
-    }
+    rotq_cuda::check_head_dim(spec.head_dim, "a KV cache's K head on CUDA")?;
+    rotq_cuda::check_head_dim(spec.v_dim, "a KV cache's V head on CUDA")?;
+    Ok(())
 }
 
 impl CudaStore {

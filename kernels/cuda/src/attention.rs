@@ -54,6 +54,34 @@ const FLASH_KERNEL: &str = "prefill_attention_flash";
 /// The largest query-head group (query heads per KV head) the decode kernel takes.
 pub const MAX_GROUP: usize = 16;
 
+/// The largest head dimension (K or V) the attention kernels take.
+pub const MAX_HEAD_DIM: usize = 4096;
+
+/// The attention kernels take head dimensions (K and V) that are multiples of this: a warp's
+/// lanes split a row evenly.
+pub const HEAD_DIM_STEP: usize = 32;
+
+/// Refuses a head dimension the attention kernels cannot take (0, not a multiple of
+/// [`HEAD_DIM_STEP`], or over [`MAX_HEAD_DIM`]); `what` names it in the error. The one test,
+/// run by the kernels before a launch and by a cache when it is made.
+///
+/// ```
+/// assert!(rotq_cuda::check_head_dim(128, "K head").is_ok());
+/// assert!(rotq_cuda::check_head_dim(100, "K head").is_err());
+/// assert!(rotq_cuda::check_head_dim(8192, "K head").is_err());
+/// ```
+pub fn check_head_dim(dim: usize, what: &'static str) -> std::result::Result<(), Error> {
+    if dim == 0 || !dim.is_multiple_of(HEAD_DIM_STEP) || dim > MAX_HEAD_DIM {
+        return Err(Error::UnsupportedDim {
+            n: dim,
+            what,
+            hint: "the CUDA attention kernels take head dimensions that are multiples of 32, \
+                   from 32 to 4096",
+        });
+    }
+    Ok(())
+}
+
 /// K formats the tensor-core kernel reads: values are a per-block scale times a code that
 /// f16 and bf16 hold exactly (the scale is applied to the f32 products).
 pub const TENSOR_CORE_K_FORMATS: [KvFormat; 8] = [
@@ -1159,20 +1187,8 @@ impl CudaAttention {
                 "{group} query heads per KV head; the CUDA decode kernel takes at most {MAX_GROUP}"
             ));
         }
-        for (what, dim) in [("K", d), ("V", d_v)] {
-            if dim == 0 || dim % 32 != 0 || dim > 4096 {
-                return Err(Error::UnsupportedDim {
-                    n: dim,
-                    what: if what == "K" {
-                        "CUDA decode K head"
-                    } else {
-                        "CUDA decode V head"
-                    },
-                    hint: "head dimensions must be multiples of 32, at most 4096",
-                }
-                .into());
-            }
-        }
+        check_head_dim(d, "CUDA decode K head")?;
+        check_head_dim(d_v, "CUDA decode V head")?;
         self.plan.check_dims(d, d_v)?;
         let batch = seqs.len();
         let overflow = |what| CudaError::Input(Error::Overflow(what));
