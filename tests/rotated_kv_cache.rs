@@ -15,6 +15,7 @@ use rotq::reference::attention::attention_f64;
 use rotq::reference::rope::{shift_cache, Rope, RopeVariant};
 use rotq::reference::tolerance::{tolerance, Op, Precision};
 use rotq::{AttentionParams, Error, KvFormat, Rotation, RotationPlan};
+use rotq_testkit::threads::at_once;
 
 const H: usize = 2;
 const D: usize = 64;
@@ -654,7 +655,7 @@ fn head_dims_the_kernels_cannot_take_are_refused_when_the_cache_is_made() {
     .output;
     assert_close(&got, want.as_slice().unwrap(), "head_dim 65536");
 
-    if rotq::cuda::cuda_available() {
+    if cuda_here() {
         let backend = Backend::open("cuda:0").unwrap();
         for (head_dim, v_dim, bad) in [(48, 64, 48), (64, 4128, 4128), (8192, 8192, 8192)] {
             let spec = CacheSpec {
@@ -680,23 +681,6 @@ const _: () = {
     const fn shared<T: Send + Sync>() {}
     shared::<RotatedKvCache>();
 };
-
-/// Runs `work(thread)` on 8 threads at once (released together) and returns their results.
-fn on_eight_threads<T: Send>(work: impl Fn(u64) -> T + Sync) -> Vec<T> {
-    let start = std::sync::Barrier::new(8);
-    std::thread::scope(|s| {
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let (start, work) = (&start, &work);
-                s.spawn(move || {
-                    start.wait();
-                    work(t)
-                })
-            })
-            .collect();
-        threads.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(6))]
@@ -734,7 +718,7 @@ proptest! {
             outputs.push((out, oracle(&cache, &q, 1, 2 * H, &p)));
             (owned(&cache), outputs)
         };
-        let together = on_eight_threads(run);
+        let together = at_once(8, run);
         for (t, got) in (0..8).zip(&together) {
             for (i, (out, want)) in got.1.iter().enumerate() {
                 assert_close(out, want, &format!("thread {t}, call {i}"));
@@ -768,7 +752,7 @@ proptest! {
                 let (q, n_q, h_q, p) = call(t);
                 cache.attention(&q, n_q, h_q, &p).unwrap()
             };
-            let together = on_eight_threads(run);
+            let together = at_once(8, run);
             for (t, got) in (0..8).zip(&together) {
                 let (q, n_q, h_q, p) = call(t);
                 let what = format!("{paging:?} thread {t}");
@@ -777,4 +761,12 @@ proptest! {
             }
         }
     }
+}
+
+/// Whether a CUDA device can be used here: never in a build without the `cuda` feature.
+fn cuda_here() -> bool {
+    #[cfg(feature = "cuda")]
+    return rotq::cuda::cuda_available();
+    #[cfg(not(feature = "cuda"))]
+    return false;
 }

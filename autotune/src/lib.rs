@@ -218,33 +218,35 @@ pub fn tune<T: Tunable, C: Clock>(
     progress("confirming the best against the default");
     let rounds = 5;
     let (mut d, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let half = TimingPlan {
-            samples: plan.samples.div_ceil(2),
-            ..plan
-        };
-        let td = measure(t, clock, &default_config, half)?;
-        let tb = measure(t, clock, &best.0, half)?;
-        ratios.push(tb.median_ms / td.median_ms);
-        d.push(td);
-        b.push(tb);
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], (v[v.len() * 3 / 4] - v[v.len() / 4]).abs())
+    let half = TimingPlan {
+        samples: plan.samples.div_ceil(2),
+        ..plan
     };
-    let (ratio, ratio_iqr) = median(ratios);
-    let noise = ratio_iqr.max(0.02);
+    for _ in 0..rounds {
+        let pair = measure(t, clock, &default_config, half)
+            .and_then(|td| Ok((td, measure(t, clock, &best.0, half)?)));
+        let (td, tb) = match pair {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Not confirmed: the default stays.
+                progress(&format!("keeping the default: re-timing failed: {e}"));
+                return Ok(out);
+            }
+        };
+        ratios.push(tb.median_ms / td.median_ms);
+        d.push(td.median_ms);
+        b.push(tb.median_ms);
+    }
+    let [r1, ratio, r3] = timing::quartiles(ratios);
+    let noise = (r3 - r1).max(0.02);
     if ratio < 1.0 - noise {
-        let (dm, _) = median(d.iter().map(|x| x.median_ms).collect());
-        let (bm, _) = median(b.iter().map(|x| x.median_ms).collect());
         out.default = Timing {
-            median_ms: dm,
+            median_ms: timing::quartiles(d)[1],
             spread: default.spread,
         };
         out.chosen = best.0;
         out.chosen_timing = Timing {
-            median_ms: bm,
+            median_ms: timing::quartiles(b)[1],
             spread: best.1.spread,
         };
     }

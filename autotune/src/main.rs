@@ -463,11 +463,11 @@ fn run(args: Args) -> Result<(), String> {
         budget.saturating_sub(started.elapsed()) * w as u32 / (weights - done).max(1) as u32
     };
     let per_task = share(0, 1);
-    // CUDA events time a GPU sample to a microsecond: short samples suffice there, and leave
-    // the budget to the candidates (and their first compilation).
-    let plan = if small || gpu {
+    let plan = if gpu {
+        TimingPlan::gpu()
+    } else if small {
         TimingPlan {
-            samples: if gpu { 7 } else { 5 },
+            samples: 5,
             min_sample: Duration::from_millis(5),
             ..TimingPlan::default()
         }

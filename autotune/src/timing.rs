@@ -181,8 +181,8 @@ impl Clock for FakeClock {
     }
 }
 
-/// How long to time a kernel: the tuner's default is 2 warm-up calls, then 9 samples of at
-/// least 20 ms each.
+/// How long to time a kernel: the tuner's default (the CPU's) is 1 warm-up call, then 9
+/// samples of at least 20 ms each; [`TimingPlan::gpu`] is a GPU's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TimingPlan {
     /// Untimed calls first (compiles, caches, clocks ramping up).
@@ -191,21 +191,41 @@ pub struct TimingPlan {
     pub samples: usize,
     /// Least duration of one sample.
     pub min_sample: Duration,
+    /// Most calls in one sample, whatever one call took (a call timed at 0 would ask for
+    /// infinitely many).
+    pub max_calls: usize,
 }
 
 impl Default for TimingPlan {
     fn default() -> Self {
         Self {
-            warmup: 2,
+            warmup: 1,
             samples: 9,
             min_sample: Duration::from_millis(20),
+            max_calls: 1_000_000,
         }
     }
 }
 
-/// Most calls in one sample, whatever one call took (a call timed at 0 would ask for
-/// infinitely many).
-pub const MAX_CALLS_PER_SAMPLE: usize = 100_000;
+impl TimingPlan {
+    /// A GPU's plan: 2 warm-up launches (the first compiles and loads the kernel), 7 samples of
+    /// at least 5 ms (CUDA events time a sample to a microsecond, so short samples leave the
+    /// budget to the candidates), at most 10,000 launches a sample, so that a kernel of a
+    /// microsecond or two is not timed by the host's launch rate alone.
+    ///
+    /// ```
+    /// let p = rotq_autotune::timing::TimingPlan::gpu();
+    /// assert_eq!((p.warmup, p.samples, p.max_calls), (2, 7, 10_000));
+    /// ```
+    pub fn gpu() -> Self {
+        Self {
+            warmup: 2,
+            samples: 7,
+            min_sample: Duration::from_millis(5),
+            max_calls: 10_000,
+        }
+    }
+}
 
 /// A median and its spread.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -224,21 +244,31 @@ impl Timing {
     /// assert_eq!(t.median_ms, 2.0);
     /// assert_eq!(t.spread, 0.0);
     /// ```
-    pub fn of(mut samples: Vec<f64>) -> Self {
-        if samples.is_empty() {
-            return Self {
-                median_ms: f64::NAN,
-                spread: f64::NAN,
-            };
-        }
-        samples.sort_by(f64::total_cmp);
-        let q = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
-        let median = q(0.5);
+    pub fn of(samples: Vec<f64>) -> Self {
+        let [q1, median, q3] = quartiles(samples);
         Self {
             median_ms: median,
-            spread: (q(0.75) - q(0.25)) / median,
+            spread: (q3 - q1) / median,
         }
     }
+}
+
+/// The lower quartile, the median and the upper quartile of `v` (each the value at the rounded
+/// rank `(len − 1) · p`, so the upper one of two middles); NaN for no values. The one rule for
+/// every median rotq reports.
+///
+/// ```
+/// assert_eq!(rotq_autotune::timing::quartiles(vec![5.0, 1.0, 4.0, 2.0, 3.0]), [2.0, 3.0, 4.0]);
+/// assert_eq!(rotq_autotune::timing::quartiles(vec![1.0, 2.0])[1], 2.0);
+/// assert!(rotq_autotune::timing::quartiles(vec![])[1].is_nan());
+/// ```
+pub fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
+    if v.is_empty() {
+        return [f64::NAN; 3];
+    }
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    [q(0.25), q(0.5), q(0.75)]
 }
 
 /// Per-call milliseconds of `plan.samples` samples of `f(i)` (`i` counts calls, so that a
@@ -250,7 +280,7 @@ impl Timing {
 /// use rotq_autotune::timing::{sample, FakeClock, TimingPlan};
 /// use std::time::Duration;
 /// let clock = FakeClock::new();
-/// let plan = TimingPlan { warmup: 1, samples: 4, min_sample: Duration::from_millis(10) };
+/// let plan = TimingPlan { min_sample: Duration::from_millis(10), samples: 4, ..Default::default() };
 /// let k = clock.clone();
 /// let per_call = sample(&mut clock.clone(), plan, |_| { k.advance(3.0); Ok::<(), String>(()) }).unwrap();
 /// assert_eq!(per_call, vec![3.0; 4]); // 4 samples of 4 calls (12 ms >= 10 ms)
@@ -277,12 +307,11 @@ pub fn sample<C: Clock, E: Display>(
         clock.ms_between(&start, &end)?
     };
     let min_ms = plan.min_sample.as_secs_f64() * 1e3;
+    let most = plan.max_calls.max(1);
     let calls = if one > 0.0 {
-        (min_ms / one)
-            .ceil()
-            .clamp(1.0, MAX_CALLS_PER_SAMPLE as f64) as usize
+        (min_ms / one).ceil().clamp(1.0, most as f64) as usize
     } else {
-        MAX_CALLS_PER_SAMPLE
+        most
     };
     let mut out = Vec::with_capacity(plan.samples.max(3));
     for _ in 0..plan.samples.max(3) {
@@ -372,7 +401,6 @@ pub fn paired<C: Clock, E: Display>(
 }
 
 /// The median of `v` (the upper one of an even count).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    quartiles(v)[1]
 }

@@ -43,9 +43,9 @@ fn every_prefill_candidate_passes_the_gate_and_is_timed() {
             t.gate(&c).unwrap_or_else(|e| panic!("{format} {c:?}: {e}"));
         }
         let plan = TimingPlan {
-            warmup: 2,
             samples: 5,
             min_sample: Duration::from_millis(2),
+            ..TimingPlan::gpu()
         };
         // (The budget, counted on the wall clock, only guards against a hang: the assertion
         // below is that every candidate was tried.)

@@ -90,9 +90,9 @@ impl Tunable for Toy {
 
 fn plan() -> TimingPlan {
     TimingPlan {
-        warmup: 1,
         samples: 5,
         min_sample: Duration::from_millis(25),
+        ..TimingPlan::default()
     }
 }
 
@@ -240,6 +240,55 @@ fn a_candidate_that_fails_when_timed_is_rejected() {
     assert!(o.rejected[0].reason.contains("launch failed"), "{o:?}");
 }
 
+/// A candidate that wins the search but fails while it is confirmed leaves the default in
+/// place (and is no error: the run goes on).
+#[test]
+fn a_candidate_failing_in_the_confirmation_keeps_the_default() {
+    struct Flaky(Toy, usize);
+    impl Tunable for Flaky {
+        type Config = u32;
+        fn kernel(&self) -> String {
+            self.0.kernel()
+        }
+        fn bucket(&self) -> String {
+            self.0.bucket()
+        }
+        fn default_config(&self) -> u32 {
+            self.0.default_config()
+        }
+        fn candidates(&self) -> Vec<u32> {
+            vec![0, 3]
+        }
+        fn gate(&mut self, c: &u32) -> Result<(), String> {
+            self.0.gate(c)
+        }
+        fn run(&mut self, c: &u32, i: usize) -> Result<(), String> {
+            if *c == 3 {
+                // Its search timing takes 1 + 1 + 5 samples of 25 calls: past that, it fails.
+                self.1 += 1;
+                if self.1 > 130 {
+                    return Err("device lost".into());
+                }
+            }
+            self.0.run(c, i)
+        }
+    }
+    let mut t = Flaky(Toy::with_costs(4, 0.0, [10.0, 1.0, 40.0, 1.0]), 0);
+    let mut steps = Vec::new();
+    let mut clock = t.0.clock.clone();
+    let o = tune(&mut t, &mut clock, Duration::from_secs(30), plan(), |m| {
+        steps.push(m.to_string())
+    })
+    .unwrap();
+    assert_eq!(o.chosen, 0, "{o:?}");
+    assert!(
+        steps
+            .iter()
+            .any(|m| m.contains("re-timing failed: device lost")),
+        "{steps:?}"
+    );
+}
+
 /// The budget is read from the clock: with 300 ms of fake time, the default's timing and the
 /// first candidate's use it up and the rest are reported as untried.
 #[test]
@@ -296,6 +345,7 @@ fn leads_come_first_then_the_rest_once_each() {
         warmup: 0,
         samples: 1,
         min_sample: Duration::from_millis(1),
+        ..TimingPlan::default()
     };
     let o = tune(
         &mut t,

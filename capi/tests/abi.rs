@@ -170,7 +170,7 @@ fn backends_open_by_name() {
             RotqStatus::Error
         );
         assert!(last_error().contains("tpu:0") && backend.is_null());
-        if !rotq::cuda::cuda_available() {
+        if !cuda_here() {
             assert_eq!(
                 rotq_backend_open(c"cuda:0".as_ptr(), &mut backend),
                 RotqStatus::Error
@@ -313,4 +313,12 @@ fn specs_too_large_are_errors_not_panics() {
         assert!(last_error().contains("65536"), "{}", last_error());
         assert!(cache.is_null());
     }
+}
+
+/// Whether a CUDA device can be used here: never in a build without the `cuda` feature.
+fn cuda_here() -> bool {
+    #[cfg(feature = "cuda")]
+    return rotq::cuda::cuda_available();
+    #[cfg(not(feature = "cuda"))]
+    return false;
 }

@@ -9,10 +9,10 @@
 
 use ndarray::Array3;
 use rotq::reference::attention::attention_f64;
-use rotq::reference::rotation::SplitMix64;
 use rotq::reference::tolerance::{tolerance, Op, Precision};
 use rotq::AttentionParams;
 use rotq_capi::*;
+use rotq_testkit::data::Rows;
 use std::ffi::CStr;
 use std::sync::Barrier;
 
@@ -35,10 +35,7 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|_| (g.next_f64() * 2.0 - 1.0) as f32)
-        .collect()
+    Rows::uniform(1.0).f32s(len, seed)
 }
 
 fn last_error() -> String {

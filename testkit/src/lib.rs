@@ -1,10 +1,11 @@
 //! What rotq's tests share, so that each concept has one place: the seeded test data
 //! ([`data`]), the rotations a test runs for ([`rotations`]), how a cache's rows are laid out
-//! in pages ([`layout`]), and the comparison with the oracle under the tolerance table
-//! ([`oracle`]). With the feature `fuzzing`, the properties the fuzz targets check
+//! in pages ([`layout`]), the comparison with the oracle under the tolerance table
+//! ([`oracle`]), and work run on several threads at once ([`threads`]). With the feature `fuzzing`, the properties the fuzz targets check
 //! (`fuzzing`), which the corpus replay test runs too.
 //!
-//! A dev-dependency only (`publish = false`).
+//! Not published (`publish = false`): a dev-dependency of the library crates, and a
+//! dependency of the tools (the autotuner and the benchmarks draw their data from it).
 //!
 //! ```
 //! use rotq_testkit::{data::Rows, oracle::assert_matches, rotations::RotationKind};
@@ -24,3 +25,4 @@ pub mod fuzzing;
 pub mod layout;
 pub mod oracle;
 pub mod rotations;
+pub mod threads;

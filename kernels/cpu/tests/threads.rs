@@ -4,9 +4,11 @@
 
 use proptest::prelude::*;
 use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, Isa, KvCacheView};
-use rotq_reference::rotation::SplitMix64;
 use rotq_reference::tolerance::{tolerance, Op, Precision};
-use rotq_reference::{KvFormat, Rotation};
+use rotq_reference::KvFormat;
+use rotq_testkit::data::Rows;
+use rotq_testkit::rotations::RotationKind;
+use rotq_testkit::threads::at_once;
 
 const THREADS: u64 = 8;
 
@@ -20,53 +22,13 @@ const _: () = {
     shared::<KvCacheView<'static>>();
 };
 
-/// Rows of values in [-1, 1) scaled by powers of two from 2⁻⁸ to 2⁸, and an outlier now and
-/// then.
+/// Rows that stress the kernels: magnitudes over 2⁻¹²..2¹², zeros, outliers and ties.
 fn rows(len: usize, seed: u64) -> Vec<f32> {
-    let mut g = SplitMix64::new(seed);
-    (0..len)
-        .map(|_| {
-            let scale = 2f32.powi((g.next_u64() % 17) as i32 - 8);
-            let v = (g.next_f64() * 2.0 - 1.0) as f32 * scale;
-            if g.next_u64().is_multiple_of(50) {
-                v * 40.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
-
-/// A rotation of `dim` of each kind the kernels run: Hadamard, randomized, block-diagonal and
-/// an explicit matrix.
-fn rotation(kind: u8, dim: usize, seed: u64) -> Rotation {
-    match kind {
-        0 => Rotation::hadamard(dim).unwrap(),
-        1 => Rotation::randomized(dim, seed).unwrap(),
-        2 => Rotation::block_hadamard(dim, 32).unwrap(),
-        _ => Rotation::matrix(Rotation::randomized(dim, seed).unwrap().to_matrix()).unwrap(),
-    }
+    Rows::stress().f32s(len, seed)
 }
 
 fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| f64::from(v)).collect()
-}
-
-/// Runs `work(thread)` on 8 threads at once (released together) and returns their results.
-fn on_eight_threads<T: Send>(work: impl Fn(u64) -> T + Sync) -> Vec<T> {
-    let start = std::sync::Barrier::new(THREADS as usize);
-    std::thread::scope(|s| {
-        let threads: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let (start, work) = (&start, &work);
-                s.spawn(move || {
-                    start.wait();
-                    work(t)
-                })
-            })
-            .collect();
-        threads.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 proptest! {
@@ -78,11 +40,11 @@ proptest! {
     #[test]
     fn one_rotation_from_eight_threads_follows_the_oracle(
         dim in proptest::sample::select(vec![64usize, 96, 128, 256]),
-        kind in 0u8..4,
+        kind in proptest::sample::select(RotationKind::ROTATING.to_vec()),
         n_rows in 1usize..200,
         seed in any::<u64>(),
     ) {
-        let r = rotation(kind, dim, seed);
+        let r = kind.build(dim, seed).unwrap();
         let kernel = CpuRotation::new(&r, Isa::best());
         let input = |t: u64| rows(n_rows * dim, seed ^ (t + 1).wrapping_mul(0x9E37_79B9));
         let run = |t: u64| {
@@ -92,7 +54,7 @@ proptest! {
             kernel.inverse_rows(&mut inverse).unwrap();
             (forward, inverse)
         };
-        let together = on_eight_threads(run);
+        let together = at_once(THREADS, run);
         let tol = tolerance(Op::Rotation, Precision::F32);
         for (t, got) in (0..THREADS).zip(&together) {
             prop_assert!(got == &run(t), "thread {t}: differs from the call made alone");
@@ -116,11 +78,11 @@ proptest! {
     fn one_codec_from_eight_threads_follows_the_oracle(
         dim in proptest::sample::select(vec![64usize, 96, 128, 256]),
         format in proptest::sample::select(KvFormat::ALL.to_vec()),
-        kind in 0u8..4,
+        kind in proptest::sample::select(RotationKind::ROTATING.to_vec()),
         n_rows in 1usize..100,
         seed in any::<u64>(),
     ) {
-        let r = rotation(kind, dim, seed);
+        let r = kind.build(dim, seed).unwrap();
         let codec = CacheCodec::new(format, dim, Some(&r), Isa::best()).unwrap();
         let rb = codec.row_bytes();
         let input = |t: u64| rows(n_rows * dim, seed ^ (t + 1).wrapping_mul(0x85EB_CA6B));
@@ -132,7 +94,7 @@ proptest! {
             codec.dequantize(&cache[t as usize * rb..], &mut back).unwrap();
             (cache, back)
         };
-        let together = on_eight_threads(run);
+        let together = at_once(THREADS, run);
         let tol = tolerance(Op::Rotation, Precision::F32);
         let kernel = CpuRotation::new(&r, Isa::best());
         for (t, (cache, back)) in (0..THREADS).zip(&together) {
