@@ -161,17 +161,10 @@ impl TunedEntry {
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TuneFile {
-    /// [`SCHEMA_VERSION`] (the file's, when read).
-    #[serde(skip, default = "schema")]
-    pub schema: u32,
     /// The device the timings were taken on.
     pub device: DeviceIdentity,
     /// `kernel/bucket` → entry.
     pub entries: BTreeMap<String, TunedEntry>,
-}
-
-fn schema() -> u32 {
-    SCHEMA_VERSION
 }
 
 /// The file on disk: every device's section.
@@ -301,7 +294,6 @@ impl TuneFile {
     /// An empty section for `device`.
     pub fn new(device: DeviceIdentity) -> Self {
         Self {
-            schema: SCHEMA_VERSION,
             device,
             entries: BTreeMap::new(),
         }
