@@ -17,6 +17,13 @@
 //! nothing else. Readers take no lock and never block: the rename is atomic, so they see the
 //! old file or the new one, whole.
 //!
+//! **Files are moved aside under the lock too.** A corrupt file ([`load`]) or one of another
+//! schema ([`replace_foreign`]) is moved aside only while holding the lock, after reading it
+//! again there: another run may have moved it already and saved a cache of this schema in its
+//! place, which is then merged into, not moved. The move never replaces anything: the file is
+//! linked to a free name (`<name>.corrupt`, else `.corrupt.1`, …), which fails if the name is
+//! taken, and only then unlinked from the cache path.
+//!
 //! **Writes are atomic**: a temporary file of a random name, created exclusively in the
 //! cache's folder, written, flushed to disk, renamed over the cache, and the folder flushed; a
 //! reader never sees half a file. Errors name the user's paths (the cache, its lock file or
@@ -87,7 +94,8 @@ pub fn save_with(section: &TuneFile, path: &Path, waiting: impl FnOnce()) -> std
 
 /// Reads `device`'s section of the cache at `path`, as `TuneFile::peek` does, but moves a
 /// corrupt file aside to a free `<name>.corrupt…` name (what the autotuner does before
-/// writing anew).
+/// writing anew), under the save lock, after reading it again there (see the module docs).
+/// If the lock cannot be taken, the file stays where it is (`kept_at: None`).
 ///
 /// ```
 /// use rotq_reference::tuned::{DeviceIdentity, Loaded};
@@ -103,34 +111,39 @@ pub fn save_with(section: &TuneFile, path: &Path, waiting: impl FnOnce()) -> std
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub fn load(path: &Path, device: &DeviceIdentity) -> Loaded {
-    match TuneFile::peek(path, device) {
-        Loaded::Corrupt { reason, .. } => {
-            // Never lose it: move it aside for inspection, then carry on without it.
-            let aside = aside_path(path, "corrupt");
-            let kept_at = std::fs::rename(path, &aside).ok().map(|_| aside);
-            Loaded::Corrupt { reason, kept_at }
-        }
-        other => other,
+    load_with(path, device, || {})
+}
+
+/// [`load`], calling `waiting` first if it must move a corrupt file aside and another saver
+/// holds the lock.
+pub fn load_with(path: &Path, device: &DeviceIdentity, waiting: impl FnOnce()) -> Loaded {
+    let found = TuneFile::peek(path, device);
+    if !matches!(found, Loaded::Corrupt { .. }) {
+        return found;
+    }
+    match SaveLock::acquire(path, waiting) {
+        Ok(lock) => lock.load(device),
+        Err(_) => found,
     }
 }
 
-/// A free name beside `path` for a file moved aside: `tuned.json.<what>`, else
-/// `tuned.json.<what>.1`, `.2`, … (never over an earlier one).
+/// Moves a file of another schema at `path` aside to a free `<name>.replaced…` name, under
+/// the save lock, after reading it again there: if it is gone, or is now a cache of this
+/// schema (another run replaced it first), nothing is moved, and saves merge into it. Returns
+/// where it went. Calls `waiting` first if another saver holds the lock.
 ///
 /// ```
-/// let p = rotq_autotune::cache::aside_path(std::path::Path::new("/nonexistent/tuned.json"), "corrupt");
-/// assert!(p.to_string_lossy().ends_with("tuned.json.corrupt"));
+/// use rotq_autotune::cache;
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("tuned.json");
+/// std::fs::write(&path, r#"{"schema": 2, "devices": []}"#)?;
+/// let aside = cache::replace_foreign(&path, || {})?.expect("moved");
+/// assert!(aside.ends_with("tuned.json.replaced") && !path.exists());
+/// assert_eq!(cache::replace_foreign(&path, || {})?, None, "nothing left to move");
+/// # Ok::<(), std::io::Error>(())
 /// ```
-pub fn aside_path(path: &Path, what: &str) -> PathBuf {
-    let base = format!("{}.{what}", path.display());
-    let mut candidate = PathBuf::from(&base);
-    let mut n = 1;
-    // A dangling link is not a free name either.
-    while candidate.symlink_metadata().is_ok() {
-        candidate = PathBuf::from(format!("{base}.{n}"));
-        n += 1;
-    }
-    candidate
+pub fn replace_foreign(path: &Path, waiting: impl FnOnce()) -> std::io::Result<Option<PathBuf>> {
+    SaveLock::acquire(path, waiting)?.replace_foreign()
 }
 
 /// Checks that [`save`] could write the cache at `path`, changing nothing but creating its
@@ -159,8 +172,9 @@ pub fn check_writable(path: &Path) -> std::io::Result<()> {
     temp_beside(path).map(drop)
 }
 
-/// The exclusive save lock of one cache file (see the module docs), held until dropped:
-/// [`save`] in two steps, for a caller that must know when it holds the lock.
+/// The exclusive save lock of one cache file (see the module docs), held until dropped: the
+/// steps of [`save`], [`load`] and [`replace_foreign`] for a caller that must know when it
+/// holds the lock.
 ///
 /// ```
 /// use rotq_autotune::cache::SaveLock;
@@ -216,6 +230,56 @@ impl SaveLock {
             None => file.devices.push(section.clone()),
         }
         write_atomically(path, file.to_json().as_bytes())
+    }
+
+    /// [`load`], under this lock: reads the file again and moves it aside if it is corrupt.
+    pub fn load(&self, device: &DeviceIdentity) -> Loaded {
+        match TuneFile::peek(&self.path, device) {
+            Loaded::Corrupt { reason, .. } => Loaded::Corrupt {
+                reason,
+                kept_at: move_aside(&self.path, "corrupt").ok(),
+            },
+            other => other,
+        }
+    }
+
+    /// [`replace_foreign`], under this lock.
+    pub fn replace_foreign(&self) -> std::io::Result<Option<PathBuf>> {
+        match read(&self.path)? {
+            Contents::Foreign { .. } => move_aside(&self.path, "replaced").map(Some),
+            Contents::Missing | Contents::Ours(_) | Contents::Corrupt { .. } => Ok(None),
+        }
+    }
+}
+
+/// Moves the file at `path` to the first free name of `<name>.<what>`, `<name>.<what>.1`,
+/// `.2`, …, never over anything there: a hard link to the new name, which fails if it is
+/// taken (by anything, a dangling link included), then the old name removed. (A rename would
+/// replace a file created at the new name after it was seen free.) Returns the new path.
+/// Called under the save lock only, after reading the file there again.
+fn move_aside(path: &Path, what: &str) -> std::io::Result<PathBuf> {
+    let mut n = 0u64;
+    loop {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(format!(".{what}"));
+        if n > 0 {
+            name.push(format!(".{n}"));
+        }
+        let aside = PathBuf::from(name);
+        match std::fs::hard_link(path, &aside) {
+            Ok(()) => {
+                std::fs::remove_file(path).map_err(|e| in_context(e, path, "removing"))?;
+                return Ok(aside);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) => {
+                let (from, to) = (path.display(), aside.display());
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("moving {from} aside to {to}: {e}"),
+                ));
+            }
+        }
     }
 }
 

@@ -392,7 +392,8 @@ fn run(args: Args) -> Result<(), String> {
             rotq_cpu::tuned::source_hash,
         ),
     };
-    // A foreign file is kept: moved aside once the run is known to have work to do.
+    // A foreign file is kept: moved aside once the run is known to have work to do. (A corrupt
+    // one is moved aside now.)
     let mut replace = false;
     match cache::load(&path, &device) {
         Loaded::Usable(_) | Loaded::Missing => {}
@@ -446,10 +447,14 @@ fn run(args: Args) -> Result<(), String> {
         }
         return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
-    if replace && path.exists() {
-        let aside = cache::aside_path(&path, "replaced");
-        std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
-        eprintln!("kept the earlier cache as {}", aside.display());
+    // Under the save lock, if it is still there and still foreign: another run may have
+    // replaced it first, and then its cache is merged into, not moved.
+    if replace {
+        let aside = cache::replace_foreign(&path, || {})
+            .map_err(|e| format!("cannot keep the earlier cache: {e}"))?;
+        if let Some(aside) = aside {
+            eprintln!("kept the earlier cache as {}", aside.display());
+        }
     }
     // Before any tuning: a cache that cannot be written costs no work.
     cache::check_writable(&path)

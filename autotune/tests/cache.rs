@@ -1,5 +1,5 @@
 //! The tuning cache's writer, with its reader: round trip, foreign and corrupt files, stale
-//! entries, links, and savers at once.
+//! entries, links, savers at once, and files moved aside under the lock.
 
 use rotq_autotune::cache::{self, SaveLock};
 use rotq_reference::tuned::{
@@ -660,6 +660,144 @@ fn an_oversized_file_is_corrupt_and_read_no_further() {
     let e = cache::save(&sample(), &path).unwrap_err().to_string();
     assert!(e.contains("larger than 16 MiB"), "{e}");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
+}
+
+/// Two runs upgrading a cache of another schema both find it foreign. A moves it aside (under
+/// the lock) and saves its first entry while B waits for the lock (its `waiting` call is the
+/// barrier: no timing); B, reading the file again under the lock, finds A's cache of this
+/// schema and moves nothing: its entry is merged in, A's kept, and the foreign file kept once.
+/// Moving without reading again (as when the move was decided before the lock) would move
+/// A's new cache aside as `.replaced.1`, and A's entry out of the cache.
+#[test]
+fn runs_replacing_a_foreign_file_keep_each_others_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    let schema2 = r#"{"schema": 2, "devices": []}"#;
+    std::fs::write(&path, schema2).unwrap();
+    for run in ["gpu A", "gpu B"] {
+        assert!(matches!(
+            TuneFile::peek(&path, &device(run)),
+            Loaded::Foreign { .. }
+        ));
+    }
+    let mut a = TuneFile::new(device("gpu A"));
+    a.insert("fwht", "n=128", entry(serde_json::json!({"by": "a"})));
+    let mut b = TuneFile::new(device("gpu A"));
+    b.insert("decode", "n=64", entry(serde_json::json!({"by": "b"})));
+    let a_lock = SaveLock::acquire(&path, || panic!("nobody else holds it")).unwrap();
+    let (waits, waiting) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let run_b = s.spawn(|| {
+            let moved = cache::replace_foreign(&path, move || waits.send(()).unwrap())?;
+            cache::save(&b, &path)?;
+            Ok::<_, std::io::Error>(moved)
+        });
+        // A guard against hanging only: B reports the wait at once.
+        waiting
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("B finds the lock taken");
+        let moved = a_lock.replace_foreign().unwrap();
+        assert_eq!(moved, Some(dir.path().join("tuned.json.replaced")));
+        a_lock.save(&a).unwrap();
+        drop(a_lock);
+        assert_eq!(run_b.join().unwrap().unwrap(), None, "B moves nothing");
+    });
+    match TuneFile::peek(&path, &device("gpu A")) {
+        Loaded::Usable(f) => {
+            let keys: Vec<&String> = f.entries.keys().collect();
+            assert_eq!(keys, ["decode/n=64", "fwht/n=128"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("tuned.json.replaced")).unwrap(),
+        schema2
+    );
+    assert_eq!(
+        folder(dir.path()),
+        ["tuned.json", "tuned.json.lock", "tuned.json.replaced"]
+    );
+    // A run that finds nothing foreign any more (B, later, sequentially) moves nothing.
+    assert_eq!(cache::replace_foreign(&path, || {}).unwrap(), None);
+}
+
+/// Two runs find the cache corrupt. A moves it aside and saves its entry under the lock while
+/// B waits for it (the `waiting` call is the barrier); B, reading again under the lock, finds
+/// A's cache and uses it, moving nothing. Moving without reading again would put A's cache
+/// aside as `.corrupt.1`.
+#[test]
+fn a_loader_waiting_for_the_lock_does_not_move_what_the_holder_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    std::fs::write(&path, "{ truncated").unwrap();
+    let a_lock = SaveLock::acquire(&path, || panic!("nobody else holds it")).unwrap();
+    let (waits, waiting) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let run_b =
+            s.spawn(|| cache::load_with(&path, &device("gpu A"), move || waits.send(()).unwrap()));
+        waiting
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("B finds the lock taken");
+        match a_lock.load(&device("gpu A")) {
+            Loaded::Corrupt {
+                kept_at: Some(aside),
+                ..
+            } => assert_eq!(aside, dir.path().join("tuned.json.corrupt")),
+            other => panic!("{other:?}"),
+        }
+        a_lock.save(&sample()).unwrap();
+        drop(a_lock);
+        match run_b.join().unwrap() {
+            Loaded::Usable(f) => assert_eq!(f, sample()),
+            other => panic!("B: {other:?}"),
+        }
+    });
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("tuned.json.corrupt")).unwrap(),
+        "{ truncated"
+    );
+    assert_eq!(
+        folder(dir.path()),
+        ["tuned.json", "tuned.json.corrupt", "tuned.json.lock"]
+    );
+}
+
+/// A file moved aside never goes over anything at the names it tries: an earlier file kept
+/// there, a folder, (on Unix) a dangling link, whose target is not created. It takes the first
+/// free name.
+#[test]
+fn moving_aside_never_replaces_what_is_at_the_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tuned.json");
+    std::fs::write(&path, "bad").unwrap();
+    std::fs::write(dir.path().join("tuned.json.corrupt"), "earlier").unwrap();
+    std::fs::create_dir(dir.path().join("tuned.json.corrupt.1")).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(
+        dir.path().join("target"),
+        dir.path().join("tuned.json.corrupt.2"),
+    )
+    .unwrap();
+    let free = dir.path().join(if cfg!(unix) {
+        "tuned.json.corrupt.3"
+    } else {
+        "tuned.json.corrupt.2"
+    });
+    match cache::load(&path, &device("gpu A")) {
+        Loaded::Corrupt {
+            kept_at: Some(aside),
+            ..
+        } => assert_eq!(aside, free),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read_to_string(&free).unwrap(), "bad");
+    assert!(!path.exists());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("tuned.json.corrupt")).unwrap(),
+        "earlier"
+    );
+    assert!(dir.path().join("tuned.json.corrupt.1").is_dir());
+    assert!(!dir.path().join("target").exists());
 }
 
 /// Every input of the `tune_cache` fuzz corpus (`fuzz/corpus/tune_cache/`), through the
