@@ -20,8 +20,9 @@
 //!    below 1 by more than their interquartile range (and 2%). Picking the fastest of many
 //!    noisy timings flatters the winner; the paired rounds are what decide.
 //!
-//! Results go to the tuning cache of `rotq_reference::tuned`.
+//! Results go to the tuning cache ([`cache`] writes it; its schema is `rotq_reference::tuned`).
 
+pub mod cache;
 pub mod cpu;
 pub mod cuda;
 pub mod timing;

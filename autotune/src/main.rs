@@ -3,7 +3,7 @@
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rotq_autotune::timing::{EventClock, WallClock};
-use rotq_autotune::{cpu, cuda, tune, Clock, Outcome, TimingPlan, Tunable};
+use rotq_autotune::{cache, cpu, cuda, tune, Clock, Outcome, TimingPlan, Tunable};
 use rotq_reference::tuned::{default_path, Loaded, Millis, TuneFile, TunedEntry};
 use rotq_reference::KvFormat;
 use serde::{Deserialize, Serialize};
@@ -325,7 +325,7 @@ fn save(new: &mut TuneFile, path: &std::path::Path, bar: &ProgressBar) -> Result
         let note = format!("waiting for another run's save to {}", path.display());
         bar.suspend(|| eprintln!("{note}"));
     };
-    new.save_with(path, waiting)
+    cache::save_with(new, path, waiting)
         .map_err(|e| format!("cannot write the tuning cache {}: {e}", path.display()))?;
     new.entries.clear();
     Ok(())
@@ -392,9 +392,10 @@ fn run(args: Args) -> Result<(), String> {
             rotq_cpu::tuned::source_hash,
         ),
     };
-    // A foreign file is kept: moved aside once the run is known to have work to do.
+    // A foreign file is kept: moved aside once the run is known to have work to do. (A corrupt
+    // one is moved aside now.)
     let mut replace = false;
-    match TuneFile::load(&path, &device) {
+    match cache::load(&path, &device) {
         Loaded::Usable(_) | Loaded::Missing => {}
         Loaded::OtherDevices { devices } => {
             eprintln!(
@@ -446,13 +447,17 @@ fn run(args: Args) -> Result<(), String> {
         }
         return Err("nothing to tune: no shapes for the kernels asked for".into());
     }
-    if replace && path.exists() {
-        let aside = rotq_reference::tuned::aside_path(&path, "replaced");
-        std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
-        eprintln!("kept the earlier cache as {}", aside.display());
+    // Under the save lock, if it is still there and still foreign: another run may have
+    // replaced it first, and then its cache is merged into, not moved.
+    if replace {
+        let aside = cache::replace_foreign(&path, || {})
+            .map_err(|e| format!("cannot keep the earlier cache: {e}"))?;
+        if let Some(aside) = aside {
+            eprintln!("kept the earlier cache as {}", aside.display());
+        }
     }
     // Before any tuning: a cache that cannot be written costs no work.
-    TuneFile::check_writable(&path)
+    cache::check_writable(&path)
         .map_err(|e| format!("cannot write the tuning cache {}: {e}", path.display()))?;
     let budget = Duration::from_secs(args.budget_secs);
     let started = std::time::Instant::now();

@@ -424,7 +424,7 @@ fn tuning_on_the_cpu_end_to_end() {
         driver_version: None,
     };
     assert!(matches!(
-        TuneFile::load(&out, &another),
+        rotq_autotune::cache::load(&out, &another),
         Loaded::OtherDevices { .. }
     ));
     // Shapes from a JSON file, for one kernel; merged into the same cache. The CPU has no
@@ -509,16 +509,22 @@ fn the_cpu_has_no_prefill_to_tune() {
     assert!(!out.exists(), "nothing was tuned, nothing written");
 }
 
-/// A cache that cannot be written (its lock path a folder; the cache a symbolic link) is
-/// reported at once, in one line naming the cache, before any tuning.
+/// A cache that cannot be written (its lock path a folder; on Unix, the cache a symbolic
+/// link) is reported at once, in one line naming the cache, before any tuning.
 #[test]
 fn an_unwritable_cache_is_reported_before_any_tuning() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tuned.json");
     std::fs::create_dir(dir.path().join("tuned.json.lock")).unwrap();
-    let link = dir.path().join("link.json");
-    std::os::unix::fs::symlink(dir.path().join("elsewhere.json"), &link).unwrap();
-    for out in [&out, &link] {
+    #[cfg_attr(not(unix), allow(unused_mut))]
+    let mut refused = vec![out];
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere.json"), &link).unwrap();
+        refused.push(link);
+    }
+    for out in &refused {
         let o = autotune(
             &["--device", "cpu", "--kernels", "fwht", "--budget-secs", "1"],
             None,
@@ -539,7 +545,7 @@ fn an_unwritable_cache_is_reported_before_any_tuning() {
 /// run's "waiting" note is the barrier (no timing): the other save happens then.
 #[test]
 fn a_run_keeps_entries_another_run_saves_meanwhile() {
-    use rotq_reference::tuned::SaveLock;
+    use rotq_autotune::cache::SaveLock;
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tuned.json");
@@ -557,7 +563,7 @@ fn a_run_keeps_entries_another_run_saves_meanwhile() {
         f
     };
     // What the run reads at its start.
-    other(0).save(&out).unwrap();
+    rotq_autotune::cache::save(&other(0), &out).unwrap();
     let shapes = dir.path().join("shapes.json");
     std::fs::write(&shapes, r#"{"fwht": [64, 128], "bytes": 65536}"#).unwrap();
     let lock = SaveLock::acquire(&out, || {}).unwrap();

@@ -268,7 +268,7 @@ fn bench_runs_only_the_section_asked_for() {
 /// in few digits, even absurd ones.
 #[test]
 fn info_marks_tuned_entries_the_kernels_ignore() {
-    use rotq::reference::tuned::{TuneFile, TunedEntry};
+    use rotq::reference::tuned::{CacheFile, TuneFile, TunedEntry};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tuned.json");
     let mut file = TuneFile::new(rotq_cpu::tuned::device_identity());
@@ -294,7 +294,7 @@ fn info_marks_tuned_entries_the_kernels_ignore() {
     );
     stale.source_hash = "0123456789abcdef".into();
     file.insert("fwht_f32", "n=1024", stale);
-    file.save(&path).unwrap();
+    std::fs::write(&path, CacheFile::new(vec![file]).to_json()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_rotq"))
         .arg("info")
         .env("ROTQ_TUNE_CACHE", &path)

@@ -1,34 +1,30 @@
-//! The tuning cache: which configuration each kernel uses, per device and shape bucket.
+//! The tuning cache's schema, and its reading: which configuration each kernel uses, per
+//! device and shape bucket.
 //!
-//! The autotuner writes it; kernels read it. It lives here, in the shared vocabulary, because
-//! both sides need the same schema and neither may depend on the other. The file is JSON: a
-//! schema version and one section per device (the CPU, each GPU), each with the device's
-//! identity and one entry per `kernel/bucket` with the chosen configuration, the hash of that
-//! kernel's sources and the timings that chose it. [`TuneFile`] is one device's section:
-//! saving it merges its entries into the file and keeps everything else. An entry is in force
-//! only if it was tuned for the current sources of its kernel and is one of the kernel's
-//! configurations ([`TunedEntry::in_force`]): editing one kernel leaves the other kernels'
-//! entries in force. A file of another schema is ignored (kept where it is); a file that
-//! cannot be parsed is moved aside to `<name>.corrupt` and ignored.
+//! The autotuner writes the cache (`rotq_autotune::cache`: saving, its lock, moving a bad file
+//! aside); kernels read it. The schema lives here, in the shared vocabulary, because both
+//! sides need it and neither may depend on the other; the writing lives with the tuner, its
+//! only writer, so that an engine, which only reads, compiles nothing a writer needs. The
+//! file is JSON ([`CacheFile`]): a schema version and one section per device (the CPU, each
+//! GPU), each with the device's identity and one entry per `kernel/bucket` with the chosen
+//! configuration, the hash of that kernel's sources and the timings that chose it.
+//! [`TuneFile`] is one device's section. An entry is in force only if it was tuned for the
+//! current sources of its kernel and is one of the kernel's configurations
+//! ([`TunedEntry::in_force`]): editing one kernel leaves the other kernels' entries in force.
+//! A file of another schema is ignored, a file that cannot be parsed reported corrupt; reading
+//! ([`TuneFile::peek`], [`read`]) changes nothing, and never waits for a writer (writes are
+//! atomic renames: a reader sees the old file or the new one, whole).
 //!
-//! Writes are atomic: a temporary file of a random name, created exclusively in the cache's
-//! folder (so never through a link planted there), written, flushed to disk, renamed over the
-//! cache, and the folder flushed; a reader never sees half a file. Saves are serialized by an
-//! advisory lock on a sidecar `<name>.lock` beside the file, so that two processes saving at
-//! once (say `autotune --device cuda:0` and `autotune --device cpu`) both keep their sections;
-//! readers take no lock and never wait (see [`TuneFile::save`]).
-//!
-//! The cache and its lock file are regular files at the path named, never symbolic links:
-//! reading, saving and locking refuse a link there with an error naming it, and create nothing
-//! where it points. Writing through a link would put the file wherever anyone who can write
-//! the folder (a shared cache folder) points it, and replacing the link by a file would
-//! silently cut the user's link; a cache kept elsewhere is named by its own path
-//! (`ROTQ_TUNE_CACHE`).
+//! The cache is a regular file at the path named, never read through a symbolic link: a link
+//! there, or anything but a regular file (a FIFO, a folder), is refused with an error naming
+//! it, and at most 16 MiB of it is read. On Unix the file opened is checked to be the one
+//! found at the path, so that a link put there between the check and the open is refused too;
+//! elsewhere such a link is followed (for reading only): the guarantee is Unix's.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The schema version this build reads and writes (3: one section per device, a source hash
@@ -161,27 +157,74 @@ impl TunedEntry {
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TuneFile {
-    /// [`SCHEMA_VERSION`] (the file's, when read).
-    #[serde(skip, default = "schema")]
-    pub schema: u32,
     /// The device the timings were taken on.
     pub device: DeviceIdentity,
     /// `kernel/bucket` → entry.
     pub entries: BTreeMap<String, TunedEntry>,
 }
 
-fn schema() -> u32 {
-    SCHEMA_VERSION
+/// The whole file: every device's section.
+///
+/// ```
+/// use rotq_reference::tuned::{read, CacheFile, Contents, DeviceIdentity, TuneFile};
+/// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
+/// let file = CacheFile::new(vec![TuneFile::new(cpu)]);
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("tuned.json");
+/// std::fs::write(&path, file.to_json())?;
+/// assert!(matches!(read(&path)?, Contents::Ours(f) if f == file));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheFile {
+    /// [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// One section per device.
+    pub devices: Vec<TuneFile>,
 }
 
-/// The file on disk: every device's section.
-#[derive(Debug, Serialize, Deserialize)]
-struct OnDisk {
-    schema: u32,
-    devices: Vec<TuneFile>,
+impl CacheFile {
+    /// A file of this schema holding `devices`.
+    pub fn new(devices: Vec<TuneFile>) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            devices,
+        }
+    }
+
+    /// The file's text, as it is written (indented JSON, for people who read it).
+    pub fn to_json(&self) -> String {
+        // Maps with string keys, strings and numbers: serializing cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The section of `device`, if the file has one.
+    pub fn section(&self, device: &DeviceIdentity) -> Option<&TuneFile> {
+        self.devices.iter().find(|s| &s.device == device)
+    }
 }
 
-/// What [`TuneFile::load`] found.
+/// What [`read`] found at a cache path.
+#[derive(Debug)]
+pub enum Contents {
+    /// No file there.
+    Missing,
+    /// A cache of this schema.
+    Ours(CacheFile),
+    /// A valid file of another schema version (a newer build may lay the rest out
+    /// differently).
+    Foreign {
+        /// Its schema version.
+        schema: u64,
+    },
+    /// Not a cache: too large, not JSON, no schema version, or not laid out as this schema's.
+    Corrupt {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// What [`TuneFile::peek`] found for one device.
 #[derive(Debug)]
 pub enum Loaded {
     /// No file there.
@@ -204,11 +247,12 @@ pub enum Loaded {
         /// What the system said.
         reason: String,
     },
-    /// A file that could not be parsed: ignored; moved aside by [`TuneFile::load`].
+    /// A file that could not be parsed: ignored.
     Corrupt {
         /// What was wrong.
         reason: String,
-        /// Where the bad file now is, if it was moved.
+        /// Where the bad file now is, if it was moved aside: reading never moves it (`None`);
+        /// the autotuner's `rotq_autotune::cache::load` does, before writing anew.
         kept_at: Option<PathBuf>,
     },
 }
@@ -248,25 +292,6 @@ pub fn split_key(key: &str) -> Option<(&str, &str)> {
     key.split_once('/')
 }
 
-/// A free name beside `path` for a file moved aside: `tuned.json.<what>`, else
-/// `tuned.json.<what>.1`, `.2`, … (never over an earlier one).
-///
-/// ```
-/// let p = rotq_reference::tuned::aside_path(std::path::Path::new("/nonexistent/tuned.json"), "corrupt");
-/// assert!(p.to_string_lossy().ends_with("tuned.json.corrupt"));
-/// ```
-pub fn aside_path(path: &Path, what: &str) -> PathBuf {
-    let base = format!("{}.{what}", path.display());
-    let mut candidate = PathBuf::from(&base);
-    let mut n = 1;
-    // A dangling link is not a free name either.
-    while candidate.symlink_metadata().is_ok() {
-        candidate = PathBuf::from(format!("{base}.{n}"));
-        n += 1;
-    }
-    candidate
-}
-
 /// Shape bucket of a problem: each size rounded up to a power of two, e.g.
 /// `bucket(&[("d", 96), ("n_kv", 3000)]) == "d=128,n_kv=4096"`.
 ///
@@ -301,7 +326,6 @@ impl TuneFile {
     /// An empty section for `device`.
     pub fn new(device: DeviceIdentity) -> Self {
         Self {
-            schema: SCHEMA_VERSION,
             device,
             entries: BTreeMap::new(),
         }
@@ -322,297 +346,82 @@ impl TuneFile {
         self.entries.get(&Self::key(kernel, bucket))
     }
 
-    /// Reads `device`'s section of the cache at `path` (see [`Loaded`]); a corrupt file is
-    /// moved aside to a free `<name>.corrupt…` name (what the autotuner does before writing
-    /// anew).
-    pub fn load(path: &Path, device: &DeviceIdentity) -> Loaded {
-        Self::read(path, device, true)
-    }
-
-    /// [`Self::load`] without side effects: a corrupt file is reported and left in place
-    /// (what kernels do when they look up their configuration).
-    pub fn peek(path: &Path, device: &DeviceIdentity) -> Loaded {
-        Self::read(path, device, false)
-    }
-
-    fn read(path: &Path, device: &DeviceIdentity, move_aside: bool) -> Loaded {
-        let bytes = match read_cache(path) {
-            Ok(Some(b)) => b,
-            Ok(None) => return Loaded::Missing,
-            Err(e) => {
-                return Loaded::Unreadable {
-                    reason: e.to_string(),
-                }
-            }
-        };
-        let file = match parse(&bytes) {
-            Parsed::Ours(file) => file,
-            Parsed::Foreign(v) => {
-                return Loaded::Foreign {
-                    reason: format!("schema {v} (this build reads {SCHEMA_VERSION})"),
-                }
-            }
-            Parsed::Corrupt(reason) => {
-                // Never lose it: move it aside for inspection, then carry on without it.
-                let kept_at = if move_aside {
-                    let aside = aside_path(path, "corrupt");
-                    std::fs::rename(path, &aside).ok().map(|_| aside)
-                } else {
-                    None
-                };
-                return Loaded::Corrupt {
-                    reason: format!("{}: {reason}", path.display()),
-                    kept_at,
-                };
-            }
-        };
-        let Some(ours) = file.devices.iter().find(|s| &s.device == device) else {
-            return Loaded::OtherDevices {
-                devices: file.devices.iter().map(|s| s.device.name.clone()).collect(),
-            };
-        };
-        Loaded::Usable(ours.clone())
-    }
-
-    /// Writes this section's entries into the cache at `path` atomically (creating its
-    /// folder), merged entry by entry: this device's other entries, and the other devices'
-    /// sections, are kept; where the file already has an entry for one of this section's
-    /// `kernel/bucket` keys, this section's wins. A file there that is not a cache of this
-    /// schema is an error (it is not written over). A caller that saves as it goes (the
-    /// autotuner, after each task) saves its new entries only: re-saving entries it read
-    /// earlier would overwrite what another saver wrote for them since.
-    ///
-    /// Saving reads the file, merges these entries in and renames a new file over it. Two
-    /// processes doing that at once (say two `autotune` runs) could both read the old file, and
-    /// the second rename would drop the first one's entries: a lost update. So the whole
-    /// read-merge-write holds an exclusive lock ([`std::fs::File::lock`]) on a sidecar file
-    /// `<name>.lock` in the same folder, from before the read until after the rename; a second
-    /// saver waits for it ([`SaveLock`] holds it; [`Self::save_with`] says when a save waits).
-    /// The lock file is created if missing and never deleted (deleting it would let two savers
-    /// lock two different files). The lock is advisory, and per cache file: it serializes
-    /// savers that go through this function for the same path (in any process, or threads of
-    /// one), and stops nothing else. Readers ([`Self::load`], [`Self::peek`]) take no lock and
-    /// never block: the rename is atomic, so they see the old file or the new one, whole.
-    ///
-    /// Neither the cache, its lock file nor the temporary file is ever opened through a
-    /// symbolic link: a link at the cache or lock path is an error naming it (see the module
-    /// docs for why), and the temporary file has a random name and is created exclusively.
-    /// Errors name the user's paths (the cache, its lock file or its folder), never the
-    /// temporary file's.
+    /// Reads `device`'s section of the cache at `path` (see [`Loaded`]), without side effects:
+    /// a corrupt file is reported and left in place (what kernels do when they look up their
+    /// configuration). Never waits: see the module docs.
     ///
     /// ```
     /// use rotq_reference::tuned::{DeviceIdentity, Loaded, TuneFile};
-    /// let dir = tempfile::tempdir()?;
-    /// let path = dir.path().join("tuned.json");
     /// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
-    /// let gpu = DeviceIdentity { name: "gpu: test".into(), compute_capability: Some((9, 0)), driver_version: Some(13000) };
-    /// // Two savers at once (threads here; separate processes alike): neither section is lost.
-    /// std::thread::scope(|s| {
-    ///     let a = s.spawn(|| TuneFile::new(cpu.clone()).save(&path));
-    ///     let b = s.spawn(|| TuneFile::new(gpu.clone()).save(&path));
-    ///     a.join().unwrap().and(b.join().unwrap())
-    /// })?;
-    /// assert!(matches!(TuneFile::load(&path, &cpu), Loaded::Usable(_)));
-    /// assert!(matches!(TuneFile::load(&path, &gpu), Loaded::Usable(_)));
-    /// assert!(dir.path().join("tuned.json.lock").exists(), "the lock file stays");
-    /// # Ok::<(), std::io::Error>(())
+    /// let path = std::path::Path::new("/nonexistent/tuned.json");
+    /// assert!(matches!(TuneFile::peek(path, &cpu), Loaded::Missing));
     /// ```
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        self.save_with(path, || {})
-    }
-
-    /// [`Self::save`], calling `waiting` first if another saver holds the lock (so that a
-    /// caller can say why it waits).
-    ///
-    /// ```
-    /// use rotq_reference::tuned::{DeviceIdentity, TuneFile};
-    /// let dir = tempfile::tempdir()?;
-    /// let path = dir.path().join("tuned.json");
-    /// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
-    /// TuneFile::new(cpu).save_with(&path, || eprintln!("waiting for another save"))?;
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
-    pub fn save_with(&self, path: &Path, waiting: impl FnOnce()) -> std::io::Result<()> {
-        SaveLock::acquire(path, waiting)?.save(self)
-    }
-
-    /// Checks that [`Self::save`] could write the cache at `path`, changing nothing but
-    /// creating its folder and lock file (which stays: see [`Self::save`]): the lock file can
-    /// be opened and locked (or another saver holds it, and will let it go: this never waits),
-    /// a temporary file created beside the cache (and removed at once), and whatever is at
-    /// `path` is absent or a cache of this schema. The error names the path at fault. The
-    /// autotuner asks before it tunes anything, so that a cache it cannot write costs no work.
-    ///
-    /// ```
-    /// use rotq_reference::tuned::TuneFile;
-    /// let dir = tempfile::tempdir()?;
-    /// TuneFile::check_writable(&dir.path().join("tuned.json"))?;
-    /// std::fs::write(dir.path().join("x.json"), "not a cache")?;
-    /// assert!(TuneFile::check_writable(&dir.path().join("x.json")).is_err());
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
-    pub fn check_writable(path: &Path) -> std::io::Result<()> {
-        // Lockable: a lock another saver holds now will be let go (no need to wait for it).
-        let (lock, lock_path) = open_lock(path)?;
-        match lock.try_lock() {
-            Ok(()) | Err(std::fs::TryLockError::WouldBlock) => {}
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(in_context(e, &lock_path, "locking"))
-            }
+    pub fn peek(path: &Path, device: &DeviceIdentity) -> Loaded {
+        match read(path) {
+            Ok(Contents::Missing) => Loaded::Missing,
+            Ok(Contents::Ours(file)) => match file.section(device) {
+                Some(ours) => Loaded::Usable(ours.clone()),
+                None => Loaded::OtherDevices {
+                    devices: file.devices.into_iter().map(|s| s.device.name).collect(),
+                },
+            },
+            Ok(Contents::Foreign { schema }) => Loaded::Foreign {
+                reason: format!("schema {schema} (this build reads {SCHEMA_VERSION})"),
+            },
+            Ok(Contents::Corrupt { reason }) => Loaded::Corrupt {
+                reason: format!("{}: {reason}", path.display()),
+                kept_at: None,
+            },
+            Err(e) => Loaded::Unreadable {
+                reason: e.to_string(),
+            },
         }
-        read_ours(path)?;
-        temp_beside(path).map(drop)
     }
+}
+
+/// Reads the whole cache at `path`, without side effects (what [`TuneFile::peek`] reads, and
+/// what the autotuner merges its entries into). An error, naming `path`, if something is there
+/// that cannot be read: a symbolic link, not a regular file, or no permission.
+///
+/// ```
+/// use rotq_reference::tuned::{read, Contents};
+/// assert!(matches!(read(std::path::Path::new("/nonexistent/tuned.json"))?, Contents::Missing));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn read(path: &Path) -> std::io::Result<Contents> {
+    Ok(match read_cache(path)? {
+        None => Contents::Missing,
+        Some(bytes) => parse(&bytes),
+    })
 }
 
 /// The largest cache file read (a real one is a few KiB): a larger one is corrupt, and memory
 /// stays bounded whatever lies at the path.
 const MAX_BYTES: u64 = 16 << 20;
 
-/// The exclusive save lock of one cache file (see [`TuneFile::save`]), held until dropped:
-/// [`TuneFile::save`] in two steps, for a caller that must know when it holds the lock.
-///
-/// ```
-/// use rotq_reference::tuned::{DeviceIdentity, SaveLock, TuneFile};
-/// let dir = tempfile::tempdir()?;
-/// let path = dir.path().join("tuned.json");
-/// let cpu = DeviceIdentity { name: "cpu: test".into(), compute_capability: None, driver_version: None };
-/// let lock = SaveLock::acquire(&path, || {})?;
-/// // Another saver of `path` waits here, until `lock` is dropped.
-/// lock.save(&TuneFile::new(cpu))?;
-/// drop(lock);
-/// # Ok::<(), std::io::Error>(())
-/// ```
-#[derive(Debug)]
-pub struct SaveLock {
-    /// The cache file.
-    path: PathBuf,
-    /// The open lock file: closing it releases the lock.
-    _file: File,
-}
+/// How often the file at a cache path may be found replaced between the check and the open
+/// (a writer's rename: rare, and over at once) before reading gives up.
+const OPEN_ATTEMPTS: usize = 8;
 
-impl SaveLock {
-    /// Creates the cache's folder, opens (creating it if missing) the lock file `<name>.lock`
-    /// beside `path` and takes an exclusive lock on it; if another saver holds it, calls
-    /// `waiting`, then waits for it. A lock path that is a symbolic link or not a regular file
-    /// is an error naming it.
-    pub fn acquire(path: &Path, waiting: impl FnOnce()) -> std::io::Result<Self> {
-        let (file, lock_path) = open_lock(path)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                waiting();
-                file.lock()
-                    .map_err(|e| in_context(e, &lock_path, "locking"))?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(in_context(e, &lock_path, "locking"))
-            }
-        }
-        Ok(Self {
-            path: path.to_path_buf(),
-            _file: file,
-        })
-    }
-
-    /// [`TuneFile::save`]'s read-merge-write of `section`, under this lock.
-    pub fn save(&self, section: &TuneFile) -> std::io::Result<()> {
-        let path = &self.path;
-        let mut file = read_ours(path)?.unwrap_or(OnDisk {
-            schema: SCHEMA_VERSION,
-            devices: Vec::new(),
-        });
-        match file.devices.iter_mut().find(|s| s.device == section.device) {
-            // Entry by entry: this section's win, the file's others stay.
-            Some(ours) => ours.entries.extend(section.entries.clone()),
-            None => file.devices.push(section.clone()),
-        }
-        let text = serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?;
-        write_atomically(path, text.as_bytes())
-    }
-}
-
-/// Creates the folder of the cache at `path` and opens (creating it if missing) its lock file
-/// `<name>.lock`, refusing one that is a symbolic link or not a regular file; returns it and
-/// its path.
-fn open_lock(path: &Path) -> std::io::Result<(File, PathBuf)> {
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{}: not a file path", path.display()),
-        )
-    })?;
-    let folder = folder_of(path);
-    std::fs::create_dir_all(&folder)
-        .map_err(|e| in_context(e, &folder, "creating the tuning cache's folder"))?;
-    let mut lock_name = name.to_os_string();
-    lock_name.push(".lock");
-    let lock_path = path.with_file_name(lock_name);
-    let what = "the tuning cache's lock file";
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
-    let file = open_no_follow(&mut options, &lock_path)
-        .map_err(|e| refused_or(e, &lock_path, what, "remove the link"))?;
-    check_regular(&file, &lock_path, what)?;
-    Ok((file, lock_path))
-}
-
-/// What a cache file's bytes are.
-enum Parsed {
-    /// A cache of this schema.
-    Ours(OnDisk),
-    /// A valid file of another schema (a newer build may lay the rest out differently).
-    Foreign(u64),
-    /// Not a cache: why.
-    Corrupt(String),
-}
-
-/// Parses a cache file's bytes. Reading and saving parse alike (through a JSON value), so
-/// that what a reader accepts, a writer accepts.
-fn parse(bytes: &[u8]) -> Parsed {
+/// Parses a cache file's bytes. Reading and writing go through this one parse (through a JSON
+/// value), so that what a reader accepts, the writer accepts.
+fn parse(bytes: &[u8]) -> Contents {
+    let corrupt = |reason: String| Contents::Corrupt { reason };
     if bytes.len() as u64 > MAX_BYTES {
-        return Parsed::Corrupt(format!("larger than {} MiB", MAX_BYTES >> 20));
+        return corrupt(format!("larger than {} MiB", MAX_BYTES >> 20));
     }
     let value: serde_json::Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
-        Err(e) => return Parsed::Corrupt(e.to_string()),
+        Err(e) => return corrupt(e.to_string()),
     };
     match value.get("schema").and_then(|s| s.as_u64()) {
         Some(v) if v == u64::from(SCHEMA_VERSION) => {}
-        Some(v) => return Parsed::Foreign(v),
-        None => return Parsed::Corrupt("no schema version".into()),
+        Some(schema) => return Contents::Foreign { schema },
+        None => return corrupt("no schema version".into()),
     }
     match serde_json::from_value(value) {
-        Ok(file) => Parsed::Ours(file),
-        Err(e) => Parsed::Corrupt(e.to_string()),
-    }
-}
-
-/// The cache at `path` if it is one of this schema, `None` if there is none; an error
-/// naming `path` for anything else there (a saver does not write over it).
-fn read_ours(path: &Path) -> std::io::Result<Option<OnDisk>> {
-    let Some(bytes) = read_cache(path)? else {
-        return Ok(None);
-    };
-    let why = match parse(&bytes) {
-        Parsed::Ours(file) => return Ok(Some(file)),
-        Parsed::Foreign(v) => format!("schema {v}"),
-        Parsed::Corrupt(why) => why,
-    };
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        format!(
-            "{}: not a schema {SCHEMA_VERSION} tuning cache ({why}); not writing over it",
-            path.display()
-        ),
-    ))
-}
-
-/// The folder `path` is in (`.` for a bare file name).
-fn folder_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+        Ok(file) => Contents::Ours(file),
+        Err(e) => corrupt(e.to_string()),
     }
 }
 
@@ -621,107 +430,72 @@ fn in_context(e: std::io::Error, path: &Path, doing: &str) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{doing} {}: {e}", path.display()))
 }
 
-/// Opens `path` with `options`, not following a symbolic link at its last component (and not
-/// blocking on a FIFO: what is not a regular file is refused after opening).
-fn open_no_follow(options: &mut OpenOptions, path: &Path) -> std::io::Result<File> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
-    }
-    options.open(path)
-}
-
-/// The error of opening `path` (`what`): a clear refusal, with `advice`, when a symbolic link
-/// is there.
-fn refused_or(e: std::io::Error, path: &Path, what: &str, advice: &str) -> std::io::Error {
-    if path.symlink_metadata().is_ok_and(|m| m.is_symlink()) {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "{}: {what} is a symbolic link; rotq opens it only as a regular file, never \
-                 through a link ({advice})",
-                path.display()
-            ),
-        )
-    } else {
-        in_context(e, path, &format!("opening {what}"))
-    }
-}
-
-/// An error unless the open `file` at `path` (`what`) is a regular file.
-fn check_regular(file: &File, path: &Path, what: &str) -> std::io::Result<()> {
-    let meta = file
-        .metadata()
-        .map_err(|e| in_context(e, path, &format!("reading {what}")))?;
-    if meta.is_file() {
-        Ok(())
-    } else {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{}: {what} is not a regular file", path.display()),
-        ))
-    }
+/// An error naming `path`, refusing it (`why`).
+fn refused(path: &Path, why: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{}: the tuning cache {why}", path.display()),
+    )
 }
 
 /// The bytes of the cache at `path` (at most [`MAX_BYTES`] + 1), `None` if there is none; an
 /// error naming `path` if it is a symbolic link, not a regular file, or cannot be read.
+///
+/// What is at the path is checked first (`lstat`, which does not follow a link), so that a
+/// link is not opened and a FIFO not waited on; then it is opened (plainly: the flags that
+/// would refuse a link or a FIFO at the open itself need `libc`, which an engine should not
+/// compile for a read), and on Unix the open file must be the one checked (device and inode),
+/// else something was put there in between: a writer's rename is tried again, a link refused
+/// when checked again. (A FIFO put there in that instant can make the open wait.)
 fn read_cache(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
-    let what = "the tuning cache";
-    let file = match open_no_follow(OpenOptions::new().read(true), path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(refused_or(e, path, what, "name the file itself")),
-    };
-    check_regular(&file, path, what)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| in_context(e, path, "reading"))?;
-    Ok(Some(bytes))
-}
-
-/// Replaces the file at `path` by `bytes` atomically: a temporary file of a random name,
-/// created exclusively (`O_EXCL`: never through a link) in the same folder, written and
-/// flushed, renamed over `path`, then the folder flushed so that the rename survives a crash.
-/// Errors name `path`, not the temporary file; on an error the temporary file is removed.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = temp_beside(path)?;
-    tmp.as_file_mut()
-        .write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| in_context(e, path, "writing"))?;
-    tmp.persist(path)
-        .map_err(|e| in_context(e.error, path, "replacing"))?;
-    let folder = folder_of(path);
-    sync_folder(&folder).map_err(|e| in_context(e, &folder, "flushing the folder"))
-}
-
-/// A new temporary file of a random name beside `path` (`.<name>.<random>.tmp`), created
-/// exclusively, removed when dropped unless persisted. Errors name `path`.
-fn temp_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .make_in(folder_of(path), |p| {
-            OpenOptions::new().write(true).create_new(true).open(p)
-        })
-        .map_err(|e| in_context(e, path, "creating a temporary file beside"))
-}
-
-/// Flushes `folder`'s entries to disk (a rename lives in the folder). File systems that cannot
-/// flush a folder say so, and are let be.
-fn sync_folder(folder: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    match File::open(folder).and_then(|d| d.sync_all()) {
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
-            ) => {}
-        other => return other,
+    for _ in 0..OPEN_ATTEMPTS {
+        let found = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(in_context(e, path, "reading")),
+        };
+        if found.is_symlink() {
+            return Err(refused(
+                path,
+                "is a symbolic link; rotq reads it only as a regular file, never through a \
+                 link (name the file itself)",
+            ));
+        }
+        if !found.is_file() {
+            return Err(refused(path, "is not a regular file"));
+        }
+        let file = match File::open(path) {
+            Ok(f) => f,
+            // Moved away since the check (say, aside by the autotuner): none there now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(in_context(e, path, "reading")),
+        };
+        let opened = file
+            .metadata()
+            .map_err(|e| in_context(e, path, "reading"))?;
+        if !same_file(&found, &opened) {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| in_context(e, path, "reading"))?;
+        return Ok(Some(bytes));
     }
-    let _ = folder;
-    Ok(())
+    Err(refused(path, "kept changing while it was being opened"))
+}
+
+/// Whether `opened` (the metadata of an open file) is the regular file `found` (checked at
+/// its path before the open): the same device and inode on Unix; elsewhere, a regular file.
+fn same_file(found: &std::fs::Metadata, opened: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        opened.is_file() && (found.dev(), found.ino()) == (opened.dev(), opened.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = found;
+        opened.is_file()
+    }
 }

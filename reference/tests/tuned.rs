@@ -1,8 +1,9 @@
-//! The tuning cache: round trip, foreign and corrupt files, stale entries, links, and savers
-//! at once.
+//! The tuning cache's reading (the writer, `rotq_autotune::cache`, is tested with it in
+//! autotune/tests/cache.rs): what the schema writes reads back, what is not a cache of this
+//! schema is reported and left as it is, links and other files are refused.
 
 use rotq_reference::tuned::{
-    bucket, DeviceIdentity, Ignored, Loaded, SaveLock, TuneFile, TunedEntry, SCHEMA_VERSION,
+    bucket, read, CacheFile, Contents, DeviceIdentity, Loaded, TuneFile, TunedEntry, SCHEMA_VERSION,
 };
 
 fn device(name: &str) -> DeviceIdentity {
@@ -13,666 +14,126 @@ fn device(name: &str) -> DeviceIdentity {
     }
 }
 
-/// The names in `dir`, sorted.
-fn folder(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// An entry with `config`, tuned for the kernel sources `hash1`.
-fn entry(config: serde_json::Value) -> TunedEntry {
-    TunedEntry {
-        config,
-        source_hash: "hash1".into(),
-        default_ms: 2.0,
-        tuned_ms: 1.5,
-        tried: 12,
-        rejected: 1,
-    }
-}
-
-/// The configuration of `kernel` at `bucket` in `f`, as a kernel of the sources `hash1` that
-/// runs any configuration would take it.
-fn config(f: &TuneFile, kernel: &str, bucket: &str) -> Option<serde_json::Value> {
-    f.entry(kernel, bucket)?.in_force("hash1", |_| true).ok()
-}
-
-fn sample() -> TuneFile {
-    let mut f = TuneFile::new(device("gpu A"));
+/// A section of `name` with one entry.
+fn section(name: &str) -> TuneFile {
+    let mut f = TuneFile::new(device(name));
     f.insert(
         "fwht",
         &bucket(&[("n", 100)]),
-        entry(serde_json::json!({"rows": 4})),
+        TunedEntry {
+            config: serde_json::json!({"rows": 4}),
+            source_hash: "hash1".into(),
+            default_ms: 2.0,
+            tuned_ms: 1.5,
+            tried: 12,
+            rejected: 1,
+        },
     );
     f
-}
-
-#[test]
-fn round_trip_through_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sub").join("tuned.json");
-    let f = sample();
-    f.save(&path).unwrap();
-    match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Usable(g) => {
-            assert_eq!(g, f);
-            assert_eq!(config(&g, "fwht", "n=128").unwrap()["rows"], 4);
-            assert!(config(&g, "fwht", "n=256").is_none());
-        }
-        other => panic!("{other:?}"),
-    }
-    // No temporary file is left behind: only the cache and its lock file (kept for good).
-    assert_eq!(
-        folder(path.parent().unwrap()),
-        ["tuned.json", "tuned.json.lock"]
-    );
-}
-
-#[test]
-fn other_devices_and_newer_files_are_ignored_and_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    sample().save(&path).unwrap();
-    match TuneFile::load(&path, &device("gpu B")) {
-        Loaded::OtherDevices { devices } => assert_eq!(devices, ["gpu A"]),
-        other => panic!("{other:?}"),
-    }
-    let newer = format!(r#"{{"schema": {}, "devices": []}}"#, SCHEMA_VERSION + 1);
-    std::fs::write(&path, &newer).unwrap();
-    assert!(matches!(
-        TuneFile::load(&path, &device("gpu A")),
-        Loaded::Foreign { .. }
-    ));
-    assert_eq!(
-        std::fs::read_to_string(&path).unwrap(),
-        newer,
-        "left where it is"
-    );
-    // Saving over a file of another schema is refused, not done.
-    assert!(sample().save(&path).is_err());
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), newer);
-}
-
-#[test]
-fn devices_share_one_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    let a = sample();
-    let mut b = TuneFile::new(device("gpu B"));
-    b.insert("decode", "n=64", entry(serde_json::json!({"splits": 2})));
-    a.save(&path).unwrap();
-    b.save(&path).unwrap();
-    // A again, with another entry: B's section stays.
-    let mut a2 = a.clone();
-    a2.insert("fwht", "n=4096", entry(serde_json::json!({"rows": 1})));
-    a2.save(&path).unwrap();
-    match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Usable(f) => assert_eq!(f, a2),
-        other => panic!("{other:?}"),
-    }
-    match TuneFile::load(&path, &device("gpu B")) {
-        Loaded::Usable(f) => assert_eq!(f, b),
-        other => panic!("{other:?}"),
-    }
-}
-
-#[test]
-fn a_corrupt_file_is_moved_aside_not_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    std::fs::write(&path, "{ \"schema\": 1, truncated").unwrap();
-    match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Corrupt {
-            kept_at: Some(aside),
-            ..
-        } => {
-            assert_eq!(
-                std::fs::read_to_string(aside).unwrap(),
-                "{ \"schema\": 1, truncated"
-            );
-            assert!(!path.exists());
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(matches!(
-        TuneFile::load(&path, &device("gpu A")),
-        Loaded::Missing
-    ));
 }
 
 #[test]
 fn buckets_round_up_to_powers_of_two() {
     assert_eq!(bucket(&[("d", 128), ("n_kv", 32768)]), "d=128,n_kv=32768");
     assert_eq!(bucket(&[("d", 80), ("n_kv", 0)]), "d=128,n_kv=1");
+    assert_eq!(bucket(&[("n", usize::MAX)]), format!("n={}", usize::MAX));
 }
 
+/// The file as the schema writes it reads back whole; a device with no section is told which
+/// devices have one; what is not a cache of this schema is reported as such, and every read
+/// leaves the file as it was.
 #[test]
-fn peek_leaves_a_corrupt_file_and_a_second_one_gets_its_own_name() {
+fn reading_reports_what_is_there_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tuned.json");
-    std::fs::write(&path, [0xffu8, 0xfe, 0x00]).unwrap(); // not even UTF-8
+    assert!(matches!(read(&path).unwrap(), Contents::Missing));
     assert!(matches!(
         TuneFile::peek(&path, &device("gpu A")),
-        Loaded::Corrupt { kept_at: None, .. }
+        Loaded::Missing
     ));
-    assert!(path.exists(), "peek moves nothing");
-    assert!(matches!(
-        TuneFile::load(&path, &device("gpu A")),
-        Loaded::Corrupt {
-            kept_at: Some(_),
-            ..
-        }
-    ));
-    std::fs::write(&path, "{}").unwrap(); // no schema: corrupt too
-    match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Corrupt {
-            kept_at: Some(aside),
-            ..
-        } => {
-            assert!(
-                aside.to_string_lossy().ends_with(".corrupt.1"),
-                "{}",
-                aside.display()
-            );
-        }
+    let file = CacheFile::new(vec![section("gpu A"), section("gpu B")]);
+    std::fs::write(&path, file.to_json()).unwrap();
+    assert!(matches!(read(&path).unwrap(), Contents::Ours(f) if f == file));
+    match TuneFile::peek(&path, &device("gpu B")) {
+        Loaded::Usable(f) => assert_eq!(f, section("gpu B")),
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        std::fs::read(path.with_extension("json.corrupt")).unwrap(),
-        [0xffu8, 0xfe, 0x00]
-    );
-}
-
-#[test]
-fn a_newer_schema_with_another_layout_is_foreign_not_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    std::fs::write(
-        &path,
-        format!(r#"{{"schema": {}, "devices": []}}"#, SCHEMA_VERSION + 1),
-    )
-    .unwrap();
-    assert!(matches!(
-        TuneFile::load(&path, &device("gpu A")),
-        Loaded::Foreign { .. }
-    ));
-    assert!(path.exists());
-}
-
-#[test]
-fn a_folder_in_the_way_is_unreadable() {
-    let dir = tempfile::tempdir().unwrap();
-    assert!(matches!(
-        TuneFile::load(dir.path(), &device("gpu A")),
-        Loaded::Unreadable { .. }
-    ));
-}
-
-/// Found by the `tune_cache` fuzz target: JSON with a repeated key read as usable (the last
-/// value wins) but could not be saved over. Reading and saving now accept the same files.
-#[test]
-fn a_file_that_reads_as_usable_can_be_saved_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    let text = r#"{"schema": 3, "devices": [{"device": {"name": "gpu A", "compute_capability": [9, 0], "driver_version": 13000},
-        "entries": {},
-        "entries": {"fwht/n=128": {"config": {"rows": 2}, "source_hash": "x", "source_hash": "hash1",
-            "default_ms": 1.0, "tuned_ms": 0.5, "tried": 1, "rejected": 0}}}]}"#;
-    std::fs::write(&path, text).unwrap();
-    let f = match TuneFile::peek(&path, &device("gpu A")) {
-        Loaded::Usable(f) => f,
-        other => panic!("{other:?}"),
-    };
-    f.save(&path).unwrap();
-    match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Usable(g) => assert_eq!(f, g),
+    match TuneFile::peek(&path, &device("gpu C")) {
+        Loaded::OtherDevices { devices } => assert_eq!(devices, ["gpu A", "gpu B"]),
         other => panic!("{other:?}"),
     }
-}
-
-/// Rounds each saver runs in the tests of savers at once.
-const ROUNDS: usize = 20;
-
-/// Saves `device(name)`'s section at `path` `ROUNDS` times, the entry `k/b` set to the round.
-fn save_rounds(path: &std::path::Path, name: &str) {
-    let mut f = TuneFile::new(device(name));
-    for round in 0..ROUNDS {
-        f.insert("k", "b", entry(serde_json::json!({ "round": round })));
-        f.save(path)
-            .unwrap_or_else(|e| panic!("{name}, round {round}: {e}"));
-    }
-}
-
-/// Every saver's section is in the file at `path`, at its last round, and nothing else is
-/// left in the folder but the cache and its lock file.
-fn assert_every_section_kept(path: &std::path::Path, names: &[String]) {
-    for name in names {
-        match TuneFile::load(path, &device(name)) {
-            Loaded::Usable(f) => {
-                assert_eq!(config(&f, "k", "b").unwrap()["round"], ROUNDS - 1, "{name}");
+    let newer = format!(r#"{{"schema": {}, "devices": 7}}"#, SCHEMA_VERSION + 1);
+    let cases: [(&[u8], &str); 5] = [
+        (newer.as_bytes(), "foreign"),
+        (b"{ \"schema\": 3, truncated", "corrupt"),
+        (b"{}", "corrupt"),
+        (&[0xff, 0xfe, 0x00], "corrupt"),
+        (br#"{"schema": 3, "devices": [{"device": {}}]}"#, "corrupt"),
+    ];
+    for (bytes, kind) in cases {
+        std::fs::write(&path, bytes).unwrap();
+        let found = TuneFile::peek(&path, &device("gpu A"));
+        match (&found, read(&path).unwrap(), kind) {
+            (Loaded::Foreign { .. }, Contents::Foreign { schema }, "foreign") => {
+                assert_eq!(schema, u64::from(SCHEMA_VERSION) + 1)
             }
-            other => panic!("{name}'s section: {other:?}"),
-        }
-    }
-    assert_eq!(
-        folder(path.parent().unwrap()),
-        ["tuned.json", "tuned.json.lock"]
-    );
-}
-
-/// Eight savers, each for another device, saving into one file at once (20 times each; each
-/// save opens the lock file itself, so they exclude each other as separate processes would),
-/// with a reader peeking all along: no section is lost, and the reader never sees a broken
-/// file. Without the lock, sections go missing (a lost update) or saves fail.
-#[test]
-fn savers_at_once_keep_every_section() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    let names: Vec<String> = (0..8).map(|i| format!("gpu {i}")).collect();
-    let start = std::sync::Barrier::new(names.len() + 1);
-    std::thread::scope(|s| {
-        let savers: Vec<_> = names
-            .iter()
-            .map(|name| {
-                s.spawn(|| {
-                    start.wait();
-                    save_rounds(&path, name);
-                })
-            })
-            .collect();
-        start.wait();
-        while !savers.iter().all(|h| h.is_finished()) {
-            match TuneFile::peek(&path, &device("gpu 0")) {
-                Loaded::Missing | Loaded::OtherDevices { .. } | Loaded::Usable(_) => {}
-                other => panic!("a reader saw {other:?}"),
+            (Loaded::Corrupt { reason, kept_at }, Contents::Corrupt { .. }, "corrupt") => {
+                assert!(reason.contains(&path.display().to_string()), "{reason}");
+                assert!(kept_at.is_none(), "reading moves nothing");
             }
+            (_, contents, _) => panic!("{kind}: {found:?}, {contents:?}"),
         }
-        for h in savers {
-            h.join().unwrap();
-        }
-    });
-    assert_every_section_kept(&path, &names);
-}
-
-/// Run by [`processes_saving_at_once_keep_every_section`] in child processes (this test
-/// binary again); does nothing in an ordinary test run.
-#[test]
-fn saver_child_process() {
-    let (Some(path), Some(name)) = (
-        std::env::var_os("ROTQ_TEST_SAVE_PATH"),
-        std::env::var("ROTQ_TEST_SAVE_AS").ok(),
-    ) else {
-        return;
-    };
-    let path = std::path::PathBuf::from(path);
-    // Start together: wait for the parent's go.
-    let go = path.with_file_name("go");
-    let t0 = std::time::Instant::now();
-    while !go.exists() {
-        assert!(t0.elapsed().as_secs() < 60, "no go");
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "left as it was");
     }
-    save_rounds(&path, &name);
-}
-
-/// Four processes saving their sections into one file at once: none is lost.
-#[test]
-fn processes_saving_at_once_keep_every_section() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    let names: Vec<String> = (0..4).map(|i| format!("process {i}")).collect();
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = names
-        .iter()
-        .map(|name| {
-            std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "saver_child_process",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("ROTQ_TEST_SAVE_PATH", &path)
-                .env("ROTQ_TEST_SAVE_AS", name)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let go = dir.path().join("go");
-    std::fs::write(&go, "").unwrap();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The filter ran the child's one test, not nothing.
-        assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
-    }
-    std::fs::remove_file(go).unwrap();
-    assert_every_section_kept(&path, &names);
-}
-
-/// A symbolic link planted at the name the temporary file used to have (`.<name>.tmp-<pid>`)
-/// is not followed: the file it points to is untouched.
-#[test]
-fn a_symlink_at_a_temporary_name_is_not_followed() {
-    let dir = tempfile::tempdir().unwrap();
-    let victim = dir.path().join("victim");
-    std::fs::write(&victim, "precious").unwrap();
-    let cache = dir.path().join("cache");
-    std::fs::create_dir(&cache).unwrap();
-    let path = cache.join("tuned.json");
-    let planted = cache.join(format!(".tuned.json.tmp-{}", std::process::id()));
-    std::os::unix::fs::symlink(&victim, &planted).unwrap();
-    sample().save(&path).unwrap();
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
-    assert!(planted.symlink_metadata().unwrap().is_symlink());
-}
-
-/// A lock path that is a symbolic link is refused with an error naming it; nothing is
-/// created or changed where it points.
-#[test]
-fn a_lock_path_that_is_a_symlink_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    let lock = dir.path().join("tuned.json.lock");
-    let target = dir.path().join("elsewhere");
-    std::os::unix::fs::symlink(&target, &lock).unwrap();
-    let e = sample().save(&path).unwrap_err().to_string();
-    assert!(e.contains(&lock.display().to_string()), "{e}");
-    assert!(e.contains("symbolic link"), "{e}");
-    assert!(!target.exists(), "nothing created through the link");
-    assert!(!path.exists(), "nothing written");
-    // Through a link to an existing file: that file is left as it was.
-    std::fs::remove_file(&lock).unwrap();
-    std::fs::write(&target, "precious").unwrap();
-    std::os::unix::fs::symlink(&target, &lock).unwrap();
-    assert!(sample().save(&path).is_err());
-    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
-}
-
-/// A saver that read the cache before another one saved (two `autotune` runs of one device)
-/// keeps the other's entries: saving merges entry by entry.
-#[test]
-fn a_save_keeps_the_entries_another_saver_wrote_meanwhile() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    // A reads the cache (there is none yet) and tunes.
-    let mut a = match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Missing => TuneFile::new(device("gpu A")),
-        other => panic!("{other:?}"),
-    };
-    a.insert("fwht", "n=128", entry(serde_json::json!({"by": "a"})));
-    // B, on the same device, saves meanwhile.
-    let mut b = TuneFile::new(device("gpu A"));
-    b.insert("decode", "n=64", entry(serde_json::json!({"by": "b"})));
-    b.save(&path).unwrap();
-    a.save(&path).unwrap();
-    match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Usable(f) => {
-            let keys: Vec<&String> = f.entries.keys().collect();
-            assert_eq!(keys, ["decode/n=64", "fwht/n=128"]);
-        }
-        other => panic!("{other:?}"),
-    }
-}
-
-/// A cache path that is a symbolic link is refused, when saving and when reading, with an
-/// error naming it: nothing is written through the link, and the link is not replaced.
-#[test]
-fn a_cache_path_that_is_a_symlink_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let real = dir.path().join("real.json");
-    sample().save(&real).unwrap();
-    let before = std::fs::read(&real).unwrap();
-    let link = dir.path().join("tuned.json");
-    std::os::unix::fs::symlink(&real, &link).unwrap();
-    let mut other = sample();
-    other.insert("fwht", "n=8", entry(serde_json::json!({"rows": 1})));
-    let e = other.save(&link).unwrap_err().to_string();
-    assert!(
-        e.contains(&link.display().to_string()) && e.contains("symbolic link"),
-        "{e}"
-    );
-    assert_eq!(std::fs::read(&real).unwrap(), before);
-    assert!(link.symlink_metadata().unwrap().is_symlink());
-    match TuneFile::peek(&link, &device("gpu A")) {
-        Loaded::Unreadable { reason } => assert!(reason.contains("symbolic link"), "{reason}"),
-        other => panic!("{other:?}"),
-    }
-    // A dangling link: nothing is created where it points.
-    let gone = dir.path().join("gone.json");
-    let dangling = dir.path().join("dangling.json");
-    std::os::unix::fs::symlink(&gone, &dangling).unwrap();
-    assert!(sample().save(&dangling).is_err());
-    assert!(!gone.exists());
-}
-
-/// A FIFO or a folder at the cache path is not a regular file: reading says so at once (no
-/// wait for a writer), saving refuses.
-#[test]
-fn a_cache_path_that_is_not_a_regular_file_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("tuned.json");
-    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
-    if !made.is_ok_and(|s| s.success()) {
-        return; // no mkfifo here
-    }
-    match TuneFile::peek(&fifo, &device("gpu A")) {
+    // A folder in the way: unreadable, not a regular file.
+    match TuneFile::peek(dir.path(), &device("gpu A")) {
         Loaded::Unreadable { reason } => assert!(reason.contains("not a regular file"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    let e = sample().save(&fifo).unwrap_err().to_string();
-    assert!(e.contains("not a regular file"), "{e}");
 }
 
-/// Saver A holds the lock (it has read the file and is about to write), saver B tries to
-/// save meanwhile and finds the lock taken (its `waiting` call is the barrier: no timing),
-/// then A writes and lets go, then B merges into what A wrote: both entries are kept, and
-/// for the key both wrote, B's, the later, wins.
+/// A file far larger than any cache (1 GiB, sparse) is corrupt after reading at most 16 MiB.
 #[test]
-fn a_saver_waiting_for_the_lock_merges_into_what_the_holder_wrote() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    let entry = |f: &mut TuneFile, key: &str, by: &str| {
-        f.insert(key, "b", entry(serde_json::json!({ "by": by })));
-    };
-    let mut a = TuneFile::new(device("gpu A"));
-    entry(&mut a, "only_a", "a");
-    entry(&mut a, "both", "a");
-    let mut b = TuneFile::new(device("gpu A"));
-    entry(&mut b, "only_b", "b");
-    entry(&mut b, "both", "b");
-    let a_lock = SaveLock::acquire(&path, || panic!("nobody else holds it")).unwrap();
-    let (waits, waiting) = std::sync::mpsc::channel();
-    std::thread::scope(|s| {
-        let saver_b = s.spawn(|| b.save_with(&path, move || waits.send(()).unwrap()));
-        // A guard against hanging only: B reports the wait at once.
-        waiting
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("B finds the lock taken");
-        a_lock.save(&a).unwrap();
-        drop(a_lock);
-        saver_b.join().unwrap().unwrap();
-    });
-    match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Usable(f) => {
-            let by = |key: &str| {
-                config(&f, key, "b").unwrap()["by"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            };
-            assert_eq!(f.entries.len(), 3);
-            assert_eq!(
-                (by("only_a"), by("only_b"), by("both")),
-                ("a".into(), "b".into(), "b".into())
-            );
-        }
-        other => panic!("{other:?}"),
-    }
-}
-
-proptest::proptest! {
-    #![proptest_config(proptest::test_runner::Config { cases: 48, ..Default::default() })]
-
-    /// Two savers of one device, each saving random entries (keys from a small set, so that
-    /// they overlap) in a random interleaving: the file holds the union of everything saved,
-    /// each key with the value of the last save that wrote it.
-    #[test]
-    fn saves_in_any_interleaving_keep_the_union_with_the_last_writer_winning(
-        saves in proptest::collection::vec(
-            (proptest::bool::ANY, proptest::collection::btree_map(0u8..8, 0u32..1000, 0..5)),
-            1..8,
-        )
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tuned.json");
-        let mut expected = std::collections::BTreeMap::new();
-        for (by_b, entries) in &saves {
-            let mut f = TuneFile::new(device("gpu A"));
-            for (k, v) in entries {
-                let value = serde_json::json!({ "saver": if *by_b { "b" } else { "a" }, "v": v });
-                f.insert(&format!("k{k}"), "b", entry(value.clone()));
-                expected.insert(format!("k{k}/b"), value);
-            }
-            f.save(&path).unwrap();
-        }
-        let found = match TuneFile::load(&path, &device("gpu A")) {
-            Loaded::Usable(f) => f.entries.into_iter().map(|(k, e)| (k, e.config)).collect(),
-            Loaded::Missing => std::collections::BTreeMap::new(),
-            other => panic!("{other:?}"),
-        };
-        proptest::prop_assert_eq!(found, expected);
-    }
-}
-
-/// Each entry carries the hash of its own kernel's sources: an entry tuned for other sources
-/// of its kernel is stale and ignored, and the other kernels' entries stay in force. A file of
-/// the schema before (one hash for every kernel) is foreign: ignored, kept, not written over.
-#[test]
-fn a_stale_entry_is_ignored_and_the_others_stay_in_force() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tuned.json");
-    let mut f = TuneFile::new(device("gpu A"));
-    f.insert("fwht", "n=128", entry(serde_json::json!(4)));
-    let mut edited = entry(serde_json::json!(8));
-    edited.source_hash = "hash0".into();
-    f.insert("decode", "n=128", edited);
-    f.save(&path).unwrap();
-    let f = match TuneFile::load(&path, &device("gpu A")) {
-        Loaded::Usable(f) => f,
-        other => panic!("{other:?}"),
-    };
-    // The kernels' current hashes: fwht's is still hash1, decode's is now hash1 too.
-    let any = |_: &u32| true;
-    assert_eq!(
-        f.entry("fwht", "n=128").unwrap().in_force("hash1", any),
-        Ok(4)
-    );
-    assert_eq!(
-        f.entry("decode", "n=128").unwrap().in_force("hash1", any),
-        Err(Ignored::Stale {
-            tuned_for: "hash0".into(),
-            current: "hash1".into()
-        })
-    );
-    // A value of another type than the kernel's configuration is not trusted either.
-    assert!(matches!(
-        f.entry("fwht", "n=128")
-            .unwrap()
-            .in_force::<String>("hash1", |_| true),
-        Err(Ignored::Unparsable { .. })
-    ));
-    let schema2 = r#"{"schema": 2, "devices": [{"device": {"name": "gpu A", "compute_capability": [9, 0], "driver_version": 13000},
-        "kernel_hash": "hash1", "entries": {}}]}"#;
-    std::fs::write(&path, schema2).unwrap();
-    assert!(matches!(
-        TuneFile::load(&path, &device("gpu A")),
-        Loaded::Foreign { .. }
-    ));
-    assert!(sample().save(&path).is_err());
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), schema2);
-}
-
-/// `check_writable` finds, changing nothing, each thing that would stop a save: a folder that
-/// cannot be created, a lock path that is a folder or a link, a cache path that is a link, a
-/// file of another schema or no cache at all. Each error names the user's path (the cache,
-/// its lock file or the folder in the way), never a temporary file.
-#[test]
-fn check_writable_names_what_is_in_the_way() {
-    let dir = tempfile::tempdir().unwrap();
-    let ok = dir.path().join("ok").join("tuned.json");
-    TuneFile::check_writable(&ok).unwrap();
-    assert_eq!(folder(ok.parent().unwrap()), ["tuned.json.lock"]);
-    sample().save(&ok).unwrap();
-    TuneFile::check_writable(&ok).unwrap();
-
-    let case = |name: &str| {
-        let d = dir.path().join(name);
-        std::fs::create_dir(&d).unwrap();
-        (d.join("tuned.json"), d)
-    };
-    let mut refused = Vec::new();
-    // A file where the folder should be.
-    let blocker = dir.path().join("blocker");
-    std::fs::write(&blocker, "").unwrap();
-    refused.push((blocker.join("tuned.json"), blocker.clone()));
-    // The lock path is a folder; a link.
-    let (p, d) = case("lock-folder");
-    std::fs::create_dir(d.join("tuned.json.lock")).unwrap();
-    refused.push((p, d.join("tuned.json.lock")));
-    let (p, d) = case("lock-link");
-    std::os::unix::fs::symlink(dir.path().join("elsewhere"), d.join("tuned.json.lock")).unwrap();
-    refused.push((p, d.join("tuned.json.lock")));
-    // The cache is a link; of another schema; not a cache.
-    let (p, _) = case("cache-link");
-    std::os::unix::fs::symlink(&ok, &p).unwrap();
-    refused.push((p.clone(), p));
-    let (p, _) = case("schema-2");
-    std::fs::write(&p, r#"{"schema": 2, "devices": []}"#).unwrap();
-    refused.push((p.clone(), p));
-    let (p, _) = case("not-a-cache");
-    std::fs::write(&p, "1e308").unwrap();
-    refused.push((p.clone(), p));
-    for (path, named) in refused {
-        let before = std::fs::read(&path).ok();
-        let e = TuneFile::check_writable(&path).unwrap_err().to_string();
-        assert!(e.contains(&named.display().to_string()), "{e}");
-        // (The temporary files' names start so.)
-        assert!(!e.contains(".tuned.json.") && e.lines().count() == 1, "{e}");
-        assert_eq!(std::fs::read(&path).ok(), before, "{e}");
-    }
-    assert!(!dir.path().join("elsewhere").exists());
-}
-
-/// A cache file far larger than any real one (1 GiB, sparse) is corrupt after reading at most
-/// 16 MiB of it: memory stays bounded whatever lies at the path, and the file is kept.
-#[test]
-fn an_oversized_file_is_corrupt_and_read_no_further() {
+fn an_oversized_file_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tuned.json");
     std::fs::File::create(&path)
         .unwrap()
         .set_len(1 << 30)
         .unwrap();
-    match TuneFile::peek(&path, &device("gpu A")) {
-        Loaded::Corrupt { reason, kept_at } => {
-            assert!(reason.contains("larger than 16 MiB"), "{reason}");
-            assert!(kept_at.is_none());
-        }
+    match read(&path).unwrap() {
+        Contents::Corrupt { reason } => assert!(reason.contains("larger than 16 MiB"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    let e = sample().save(&path).unwrap_err().to_string();
-    assert!(e.contains("larger than 16 MiB"), "{e}");
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
+}
+
+/// A link at the cache path (to a cache, or dangling) is refused, naming the path, and a FIFO
+/// is refused without waiting for a writer.
+#[cfg(unix)] // links and FIFOs as Unix has them
+#[test]
+fn links_and_fifos_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.json");
+    std::fs::write(&real, CacheFile::new(vec![section("gpu A")]).to_json()).unwrap();
+    let link = dir.path().join("tuned.json");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let dangling = dir.path().join("dangling.json");
+    std::os::unix::fs::symlink(dir.path().join("gone"), &dangling).unwrap();
+    for path in [&link, &dangling] {
+        let e = read(path).unwrap_err().to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("symbolic link"),
+            "{e}"
+        );
+        match TuneFile::peek(path, &device("gpu A")) {
+            Loaded::Unreadable { reason } => assert!(reason.contains("symbolic link"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let fifo = dir.path().join("fifo.json");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        let e = read(&fifo).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
 }

@@ -6,7 +6,7 @@ use rotq_cpu::{
     AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
     QuantizeConfig,
 };
-use rotq_reference::tuned::{Ignored, Loaded, TuneFile, TunedEntry};
+use rotq_reference::tuned::{CacheFile, Ignored, Loaded, TuneFile, TunedEntry};
 use rotq_reference::{KvFormat, Rotation, RotationPlan};
 
 /// An entry of `config` for `kernel`, tuned for its current sources.
@@ -58,7 +58,8 @@ fn kernels_use_the_tuned_configuration_of_their_bucket() {
     let mut stale = entry("fwht_f32", FwhtConfig::search_space(256)[0]);
     stale.source_hash = "0123456789abcdef".into();
     file.insert("fwht_f32", &fwht_bucket(256), stale);
-    file.save(&path).unwrap();
+    // (The tuner's writer is rotq-autotune's; the file's text is the schema's.)
+    std::fs::write(&path, CacheFile::new(vec![file.clone()]).to_json()).unwrap();
     std::env::set_var("ROTQ_TUNE_CACHE", &path);
 
     assert!(matches!(rotq_cpu::tuned::cache().loaded, Loaded::Usable(_)));
