@@ -2,28 +2,15 @@
 //! table, JSON, CSV and heatmap PNGs (valid, of the documented size, not blank), the oracle
 //! check's line, `--device` errors, and bad option combinations failing before any work.
 
+mod common;
+
+use common::{assert_ok, assert_one_line_error, rotq, s, stderr};
 use rotq_cli::activations::{write_npy_folder, write_safetensors, DumpDtype};
 use rotq_cli::eval::Synthetic;
 use rotq_cli::heatmap::heatmap_size;
 use rotq_cli::npy::NpyDtype;
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn rotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(args)
-        .output()
-        .expect("the rotq binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn layers() -> Vec<rotq_cli::eval::Activations> {
     (1..=2)
@@ -77,7 +64,7 @@ fn an_npy_folder_gives_json_csv_heatmaps_and_the_check_line() {
     args.extend(["--heatmaps", s(&maps)]);
     args.extend(FORMATS.iter().chain(&V_FORMATS).chain(&PLANS));
     let out = rotq(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ok(&out, &format!("{args:?}"));
     let err = stderr(&out);
     assert!(
         err.contains("oracle check (cpu): 36 comparisons of 2 query rows"),
@@ -138,7 +125,7 @@ fn a_safetensors_dump_gives_the_table_and_the_check_line() {
     args.extend(FORMATS.iter().chain(&PLANS));
     args.extend(["--v-formats", "f16", "--check-rows", "4"]);
     let out = rotq(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ok(&out, &format!("{args:?}"));
     let table = String::from_utf8(out.stdout).unwrap();
     assert_eq!(table.lines().filter(|l| l.contains(" f16 ")).count(), 6);
     let last = table.lines().last().unwrap();
@@ -149,7 +136,7 @@ fn a_safetensors_dump_gives_the_table_and_the_check_line() {
     // The oracle backend has nothing to check.
     args.extend(["--device", "oracle"]);
     let out = rotq(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ok(&out, &format!("{args:?}"));
     assert!(String::from_utf8(out.stdout)
         .unwrap()
         .contains("not needed"));
@@ -158,9 +145,8 @@ fn a_safetensors_dump_gives_the_table_and_the_check_line() {
 /// One line on stderr, a failure status, and nothing written.
 fn assert_fails(args: &[&str], needle: &str, not_written: &Path) {
     let out = rotq(args);
-    assert!(!out.status.success(), "{args:?}");
+    assert_one_line_error(&out, &format!("{args:?}"));
     let err = stderr(&out);
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains(needle), "{args:?}: {err}");
     assert!(!not_written.exists(), "{}", not_written.display());
 }

@@ -2,6 +2,9 @@
 //! and 3.0), a typed error naming the file for each way a file can be wrong, and activation
 //! folders of `.npy` files.
 
+mod common;
+
+use common::f32_bytes;
 use rotq_cli::activations::{read_activations, write_npy_folder};
 use rotq_cli::eval::Synthetic;
 use rotq_cli::npy::{encode, parse, read3, write, NpyDtype, NpyError};
@@ -25,10 +28,6 @@ fn handmade(major: u8, header: &str, values: &[u8]) -> Vec<u8> {
     out.extend_from_slice(h.as_bytes());
     out.extend_from_slice(values);
     out
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 #[test]

@@ -3,70 +3,16 @@
 //! replaced), sizes checked before reading, and errors that name the user's paths. `eval`
 //! refuses sizes it cannot hold before allocating them.
 
+mod common;
+
+use common::{
+    assert_ok, assert_one_line_failure, f32_bytes, from_f32_bytes, prlimit, rotq, rotq_with_stdin,
+    s, stderr,
+};
 use rotq::{KvFormat, RotationSpec};
 use rotq_testkit::data::Rows;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
-fn rotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(args)
-        .output()
-        .expect("the rotq binary runs")
-}
-
-/// Runs rotq with `stdin` as its standard input; returns its output.
-fn rotq_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the rotq binary runs");
-    let mut pipe = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    // A thread writes while the output is read: neither pipe can fill up and block.
-    let writer = std::thread::spawn(move || {
-        // rotq may stop reading early (an error); a broken pipe is then expected.
-        let _ = pipe.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what}: {}", stderr(out));
-}
-
-/// A failure with one line on stderr that starts with `error` (not a panic, not an abort).
-fn assert_one_line_failure(out: &Output, what: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
-    assert!(err.starts_with("error: "), "{what}: {err}");
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn from_f32_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+use std::process::{Command, Stdio};
 
 /// The files in `dir`, by name (to see that nothing, not even a temporary, was left).
 fn names(dir: &Path) -> Vec<String> {
@@ -356,15 +302,6 @@ fn input_that_is_not_whole_rows_is_refused() {
     // Nothing at all on standard input: no rows.
     let out = rotq_with_stdin(&[&q[..], &["--output", "-"]].concat(), &[]);
     assert_one_line_failure(&out, "empty standard input");
-}
-
-/// `prlimit` (util-linux), if this machine has it.
-fn prlimit() -> Option<&'static str> {
-    let ok = Command::new("prlimit")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then_some("prlimit")
 }
 
 /// A 3 GiB input quantizes within a 128 MiB address-space limit: memory does not grow with
