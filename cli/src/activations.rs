@@ -158,10 +158,7 @@ fn array(file: &SafeTensors<'_>, name: &str) -> Result<Array3<f32>, Error> {
     }
     let data = t.data();
     let values: Vec<f32> = match t.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        Dtype::F32 => crate::io::decode_f32(data).collect(),
         Dtype::F16 => data
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())

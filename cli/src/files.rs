@@ -11,7 +11,7 @@
 //! is checked there, and its output discarded (or, for standard output and devices, reported as
 //! incomplete). Outputs are written as [`crate::io`] describes: atomically, never over the input.
 
-use crate::io::{Input, Output, CHUNK_BYTES};
+use crate::io::{decode_f32, encode_f32, Input, Output, CHUNK_BYTES};
 use crate::Error;
 use rotq_reference::{KvFormat, RotationSpec};
 use std::path::Path;
@@ -66,14 +66,6 @@ fn bytes_of(n: usize, size: usize, option: &str) -> Result<usize, Error> {
             "{option} {n}: a row of that many values does not fit in memory"
         ))
     })
-}
-
-/// Writes `values` little-endian into `out` (resized to fit them).
-fn put_f32(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = f32>) {
-    out.resize(values.len() * 4, 0);
-    for (o, v) in out.chunks_exact_mut(4).zip(values) {
-        o.copy_from_slice(&v.to_le_bytes());
-    }
 }
 
 /// Streams `input` to `output` chunk by chunk, `convert` turning whole units of input into
@@ -171,11 +163,7 @@ pub fn quantize(
     let mut values = Vec::new();
     stream(&layout, input, output, progress, |bytes, out| {
         values.clear();
-        values.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
+        values.extend(decode_f32(bytes));
         out.resize(format.row_bytes(values.len())?, 0);
         format.quantize_into(&values, out)?;
         Ok(())
@@ -214,7 +202,7 @@ pub fn dequantize(
     stream(&layout, input, output, progress, |bytes, out| {
         values.resize(format.values_in(bytes.len())?, 0.0);
         format.dequantize_into(bytes, &mut values)?;
-        put_f32(out, values.iter().copied());
+        encode_f32(values.iter().copied(), out);
         Ok(())
     })
 }
@@ -254,13 +242,9 @@ pub fn rotate(
     let mut data = Vec::new();
     stream(&layout, input, output, progress, |bytes, out| {
         data.clear();
-        data.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        );
+        data.extend(decode_f32(bytes).map(f64::from));
         rotation.rotate_rows(&mut data, inverse)?;
-        put_f32(out, data.iter().map(|v| *v as f32));
+        encode_f32(data.iter().map(|v| *v as f32), out);
         Ok(())
     })
 }

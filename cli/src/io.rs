@@ -455,10 +455,35 @@ pub fn read_f32(path: &Path) -> Result<Vec<f32>, Error> {
             bytes.len()
         )));
     }
-    Ok(bytes
+    Ok(decode_f32(&bytes).collect())
+}
+
+/// The little-endian f32 values of `bytes` (a trailing part of a value is ignored).
+///
+/// ```
+/// let bytes = [0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0];
+/// let values: Vec<f32> = rotq_cli::io::decode_f32(&bytes).collect();
+/// assert_eq!(values, [1.5, -2.0]);
+/// ```
+pub fn decode_f32(bytes: &[u8]) -> impl ExactSizeIterator<Item = f32> + '_ {
+    bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+}
+
+/// Writes `values` little-endian into `out`, which is resized to hold exactly them (a buffer
+/// reused chunk after chunk).
+///
+/// ```
+/// let mut out = vec![9; 100];
+/// rotq_cli::io::encode_f32([1.5f32, -2.0].into_iter(), &mut out);
+/// assert_eq!(out, [0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]);
+/// ```
+pub fn encode_f32(values: impl ExactSizeIterator<Item = f32>, out: &mut Vec<u8>) {
+    out.resize(values.len() * 4, 0);
+    for (o, v) in out.chunks_exact_mut(4).zip(values) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
 }
 
 /// Writes `bytes` to `path` atomically (see [`AtomicFile`]), with the replaced file's
@@ -484,6 +509,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 
 /// Writes f32 values little-endian, atomically.
 pub fn write_f32_atomic(path: &Path, values: &[f32]) -> Result<(), Error> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut bytes = Vec::new();
+    encode_f32(values.iter().copied(), &mut bytes);
     write_atomic(path, &bytes)
 }

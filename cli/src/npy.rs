@@ -240,10 +240,7 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        NpyDtype::F32 => values
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        NpyDtype::F32 => crate::io::decode_f32(values).collect(),
         NpyDtype::F64 => values
             .chunks_exact(8)
             .map(|c| {
