@@ -6,7 +6,10 @@
 //! - a regular file, or nothing yet: a temporary file with a random name is created exclusively
 //!   in the destination's folder, written, fsynced, renamed over the destination, and the folder
 //!   is fsynced. A failure at any point leaves the destination as it was (never half of a new
-//!   file). A symlink at the destination is replaced by the new file; its target is not written.
+//!   file; a process killed before the rename leaves its hidden `.rotq-*` temporary). The new
+//!   file has the permissions of the file it replaces, or 0666 less the umask, as
+//!   `File::create` gives. A symlink at the destination is replaced by the new file; its target
+//!   is not written.
 //! - a character device or a FIFO (`/dev/null`, a named pipe): it cannot be replaced atomically
 //!   and must not be replaced at all (a device file turned into a regular file breaks whatever
 //!   uses it), so it is opened and written directly, like `-` (standard output).
@@ -338,6 +341,9 @@ fn is_stream(_: &Metadata) -> bool {
 /// A file written to a temporary in its folder and renamed into place by [`AtomicFile::commit`];
 /// dropped without a commit, the temporary is removed and the destination left as it was.
 ///
+/// The new file has the permissions of the file it replaces, or, for a new file, those
+/// `File::create` would give it: 0666 less the umask (0644 under the usual umask 022).
+///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("out.bin");
@@ -352,13 +358,24 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Creates the temporary file (random name, exclusive create, in `path`'s folder).
+    /// Creates the temporary file (random name, exclusive create, in `path`'s folder), with
+    /// the permissions the file will have (see the type's documentation).
     pub fn new(path: &Path) -> Result<AtomicFile, Error> {
-        let dir = folder_of(path);
+        let err = io_error(path);
+        // Read now, so that the data is never readable by more than the replaced file was.
+        let replaced = std::fs::metadata(path)
+            .ok()
+            .filter(Metadata::is_file)
+            .map(|m| m.permissions());
+        // Created here rather than by `tempfile_in`, whose errors name the temporary file: the
+        // user never named it, so errors name `path`.
         let tmp = tempfile::Builder::new()
             .prefix(".rotq-")
-            .tempfile_in(dir)
-            .map_err(|e| io_error(path)(without_temporary_path(e)))?;
+            .make_in(folder_of(path), |tmp| create_new(tmp, replaced.is_none()))
+            .map_err(&err)?;
+        if let Some(permissions) = replaced {
+            tmp.as_file().set_permissions(permissions).map_err(&err)?;
+        }
         Ok(AtomicFile {
             path: path.to_path_buf(),
             tmp,
@@ -367,33 +384,35 @@ impl AtomicFile {
 
     /// Appends `bytes` to the temporary file.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        // Through the `File`: `NamedTempFile`'s own `Write` names the temporary in its errors.
         self.tmp
             .as_file_mut()
             .write_all(bytes)
             .map_err(io_error(&self.path))
     }
 
-    /// Gives the file the permissions of the file it replaces (0644 for a new one: a temporary
-    /// file is private), syncs it, renames it over the destination and syncs the folder.
+    /// Syncs the file, renames it over the destination and syncs the folder.
     pub fn commit(self) -> Result<(), Error> {
         let err = io_error(&self.path);
-        let file = self.tmp.as_file();
-        match std::fs::metadata(&self.path) {
-            Ok(old) => file.set_permissions(old.permissions()).map_err(&err)?,
-            Err(_) => {
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    let mode = std::fs::Permissions::from_mode(0o644);
-                    file.set_permissions(mode).map_err(&err)?;
-                }
-            }
-        }
-        file.sync_all().map_err(&err)?;
+        self.tmp.as_file().sync_all().map_err(&err)?;
         self.tmp.persist(&self.path).map_err(|e| err(e.error))?;
         sync_folder(folder_of(&self.path)).map_err(&err)
     }
+}
+
+/// Creates the file `path`, failing if anything (a symlink included) is there. `public`: with
+/// the mode `File::create` uses, 0666, which the system reduces by the umask (a new file);
+/// else private to the owner until its permissions are set (a file that replaces another).
+fn create_new(path: &Path, public: bool) -> std::io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if public { 0o666 } else { 0o600 });
+    }
+    #[cfg(not(unix))]
+    let _ = public;
+    options.open(path)
 }
 
 /// The folder a path's file is in (`.` for a bare name).
@@ -417,19 +436,6 @@ fn sync_folder(dir: &Path) -> std::io::Result<()> {
 #[cfg(not(unix))]
 fn sync_folder(_: &Path) -> std::io::Result<()> {
     Ok(())
-}
-
-/// tempfile appends ` at path "<temporary>"` to its errors; the user never named that path,
-/// so the message keeps only what the system said.
-fn without_temporary_path(e: std::io::Error) -> std::io::Error {
-    if e.get_ref().is_none() {
-        return e;
-    }
-    let text = e.to_string();
-    match text.rfind(" at path ") {
-        Some(i) => std::io::Error::new(e.kind(), text[..i].to_string()),
-        None => e,
-    }
 }
 
 /// Reads a whole file (for files that are small by nature: activation dumps are read into
@@ -487,7 +493,7 @@ pub fn encode_f32(values: impl ExactSizeIterator<Item = f32>, out: &mut Vec<u8>)
 }
 
 /// Writes `bytes` to `path` atomically (see [`AtomicFile`]), with the replaced file's
-/// permissions, or 0644 for a new file.
+/// permissions, or as `File::create` would make a new file (0666 less the umask).
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
@@ -497,8 +503,10 @@ pub fn encode_f32(values: impl ExactSizeIterator<Item = f32>, out: &mut Vec<u8>)
 /// #[cfg(unix)]
 /// {
 ///     use std::os::unix::fs::PermissionsExt;
-///     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-///     assert_eq!(mode & 0o777, 0o644);
+///     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+///     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+///     rotq_cli::io::write_atomic(&path, b"new").unwrap();
+///     assert_eq!(mode(&path) & 0o777, 0o640); // the replaced file's
 /// }
 /// ```
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {

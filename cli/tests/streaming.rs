@@ -345,6 +345,44 @@ fn a_multi_gib_file_quantizes_in_bounded_memory() {
     );
 }
 
+/// A new output file gets the permissions `File::create` would give it, 0666 less the umask
+/// (0600 under umask 077, 0664 under 002); a file that is replaced keeps its permissions.
+#[cfg(unix)]
+#[test]
+fn outputs_honour_the_umask_and_keep_replaced_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    std::fs::write(&x, f32_bytes(&Rows::outliers().f32s(32 * 4, 9))).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // rotq in a child process with `umask` set by the shell that execs it.
+    let quantize_with_umask = |umask: &str, output: &Path| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\"")])
+            .arg(env!("CARGO_BIN_EXE_rotq"))
+            .args(["quantize", "--format", "q8_0", "--row-len", "32"])
+            .args(["--input", s(&x), "--output", s(output)])
+            .output()
+            .unwrap();
+        assert_ok(&out, &format!("umask {umask}"));
+    };
+    for (umask, want) in [("077", "600"), ("002", "664"), ("022", "644")] {
+        let new = dir.path().join(format!("new-{umask}"));
+        quantize_with_umask(umask, &new);
+        assert_eq!(
+            format!("{:o}", mode(&new)),
+            want,
+            "a new file under umask {umask}"
+        );
+    }
+    let replaced = dir.path().join("replaced");
+    std::fs::write(&replaced, b"old").unwrap();
+    std::fs::set_permissions(&replaced, std::fs::Permissions::from_mode(0o640)).unwrap();
+    quantize_with_umask("077", &replaced);
+    assert_eq!(format!("{:o}", mode(&replaced)), "640", "a replaced file");
+    assert_ne!(std::fs::read(&replaced).unwrap(), b"old");
+}
+
 /// Errors name the paths the user gave, never rotq's temporary files.
 #[test]
 fn errors_name_the_users_paths() {
