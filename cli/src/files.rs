@@ -8,8 +8,9 @@
 //! 4 MiB (`--dim` above 2^20), one row's worth: 16 bytes per value of the row. Everything that
 //! can be checked before reading is checked first (the format, the row length, a file's size
 //! against whole rows); an input whose size is only known at the end (standard input, a pipe)
-//! is checked there, and its output discarded (or, for standard output and devices, reported as
-//! incomplete). Outputs are written as [`crate::io`] describes: atomically, never over the input.
+//! is checked there. On any failure, a file output is discarded; standard output, a device or a
+//! FIFO keeps what was written, and the error says it is incomplete. Outputs are written as
+//! [`crate::io`] describes: atomically, never over the input.
 
 use crate::io::{decode_f32, encode_f32, Input, Output, CHUNK_BYTES};
 use crate::Error;
@@ -75,15 +76,35 @@ fn stream(
     input: &Path,
     output: &Path,
     progress: &mut dyn FnMut(Progress),
-    mut convert: impl FnMut(&[u8], &mut Vec<u8>) -> Result<(), Error>,
+    convert: impl FnMut(&[u8], &mut Vec<u8>) -> Result<(), Error>,
 ) -> Result<u64, Error> {
     let mut input = Input::open(input)?;
-    let total = input.len();
-    if let Some(len) = total {
+    if let Some(len) = input.len() {
         // A regular file: refused for its size before anything is read or written.
         layout.check_len(input.name(), len)?;
     }
     let mut output = Output::create(output, &input)?;
+    match convert_all(layout, &mut input, &mut output, progress, convert) {
+        Ok(rows) => {
+            output.commit()?;
+            Ok(rows)
+        }
+        // Whatever failed, mid-stream or at the end: an atomic output is discarded with its
+        // temporary file; the others have the rows converted so far, and the error says so.
+        Err(e) => Err(output.fail(e)),
+    }
+}
+
+/// The loop of [`stream`]: reads, converts and writes every chunk, then checks the input's
+/// length. Returns the rows.
+fn convert_all(
+    layout: &Layout,
+    input: &mut Input,
+    output: &mut Output,
+    progress: &mut dyn FnMut(Progress),
+    mut convert: impl FnMut(&[u8], &mut Vec<u8>) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let total = input.len();
     let chunk = layout.units_per_chunk() * layout.unit_in;
     let (mut buf, mut out) = (vec![0u8; chunk], Vec::with_capacity(chunk));
     // Input bytes read but not converted yet: a partial unit at the end of a read.
@@ -107,27 +128,13 @@ fn stream(
             break; // `read_chunk` stops short only at the end of the input
         }
     }
-    let checked = layout
-        .check_len(input.name(), done)
-        .and_then(|rows| match total {
-            Some(len) if len != done => Err(Error::Input(format!(
-                "{}: changed while it was read ({len} bytes, then {done})",
-                input.name().display()
-            ))),
-            _ => Ok(rows),
-        });
-    match checked {
-        Ok(rows) => {
-            output.commit()?;
-            Ok(rows)
-        }
-        // An atomic output is discarded with its temporary file; the others have the rows
-        // converted so far.
-        Err(e) if output.is_atomic() => Err(e),
-        Err(e) => Err(Error::Input(format!(
-            "{e}; what was written to {} is incomplete",
-            output.name().display()
+    let rows = layout.check_len(input.name(), done)?;
+    match total {
+        Some(len) if len != done => Err(Error::Input(format!(
+            "{}: changed while it was read ({len} bytes, then {done})",
+            input.name().display()
         ))),
+        _ => Ok(rows),
     }
 }
 

@@ -12,7 +12,8 @@
 //!   is not written.
 //! - a character device or a FIFO (`/dev/null`, a named pipe): it cannot be replaced atomically
 //!   and must not be replaced at all (a device file turned into a regular file breaks whatever
-//!   uses it), so it is opened and written directly, like `-` (standard output).
+//!   uses it), so it is opened and written directly, like `-` (standard output). What was
+//!   written stays there when a command fails, and the error says it is incomplete.
 //! - anything else (a folder, a block device, a socket): refused.
 //!
 //! An output that is the input (the same path, or another path to the same file: a symlink, a
@@ -212,6 +213,8 @@ impl Input {
 pub struct Output {
     name: PathBuf,
     sink: Sink,
+    /// Whether bytes went to a sink that keeps them whatever happens next (not an atomic one).
+    written_directly: bool,
 }
 
 enum Sink {
@@ -247,6 +250,7 @@ impl Output {
             return Ok(Output {
                 name: PathBuf::from(STDOUT_NAME),
                 sink: Sink::Stdout(std::io::stdout().lock()),
+                written_directly: false,
             });
         }
         // Follows symlinks: what the path leads to decides (a symlink itself is replaced).
@@ -292,18 +296,13 @@ impl Output {
         Ok(Output {
             name: path.to_path_buf(),
             sink,
+            written_directly: false,
         })
     }
 
     /// The output as errors name it: the path given, or `standard output`.
     pub fn name(&self) -> &Path {
         &self.name
-    }
-
-    /// Whether a failure leaves the destination untouched (false: a device, FIFO or standard
-    /// output, which have what was written so far).
-    pub fn is_atomic(&self) -> bool {
-        matches!(self.sink, Sink::Atomic(_))
     }
 
     /// Writes all of `bytes`.
@@ -313,18 +312,55 @@ impl Output {
             Sink::Direct(f) => f.write_all(bytes),
             Sink::Stdout(s) => s.write_all(bytes),
         };
+        // Even a write that fails may have written some of the bytes.
+        self.written_directly |= !bytes.is_empty();
         result.map_err(io_error(&self.name))
     }
 
     /// Completes the output: renames an atomic write into place, flushes the others.
     pub fn commit(self) -> Result<(), Error> {
-        let result = match self.sink {
+        let Output {
+            name,
+            sink,
+            written_directly,
+        } = self;
+        let result = match sink {
             Sink::Atomic(f) => return f.commit(),
             Sink::Direct(mut f) => f.flush(),
             Sink::Stdout(mut s) => s.flush(),
         };
-        result.map_err(io_error(&self.name))
+        result.map_err(|e| incomplete(io_error(&name)(e), &name, written_directly))
     }
+
+    /// Abandons the output after `error`, and returns the error to report: an atomic output is
+    /// discarded (its destination stays as it was); standard output, a device or a FIFO keeps
+    /// what was written, and once anything was, the error says that it is incomplete.
+    ///
+    /// ```
+    /// use rotq_cli::{io::{Input, Output}, Error};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+    /// std::fs::write(&x, b"in").unwrap();
+    /// let mut out = Output::create(&y, &Input::open(&x).unwrap()).unwrap();
+    /// out.write_all(b"half").unwrap();
+    /// let e = out.fail(Error::Input("bad input".into()));
+    /// assert_eq!(e.to_string(), "bad input"); // nothing at y: nothing incomplete
+    /// assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
+    /// ```
+    pub fn fail(self, error: Error) -> Error {
+        incomplete(error, &self.name, self.written_directly)
+    }
+}
+
+/// `error`, saying that what `output` has is incomplete when anything was `written` to it.
+fn incomplete(error: Error, output: &Path, written: bool) -> Error {
+    if !written {
+        return error;
+    }
+    Error::Input(format!(
+        "{error}; what was written to {} is incomplete",
+        output.display()
+    ))
 }
 
 #[cfg(unix)]

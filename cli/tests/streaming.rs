@@ -345,6 +345,87 @@ fn a_multi_gib_file_quantizes_in_bounded_memory() {
     );
 }
 
+/// A failure after bytes went to standard output or a FIFO (here: the reader goes away after
+/// a few bytes, so a write mid-stream fails) is a one-line error that says the output is
+/// incomplete; the bytes that did arrive are the right ones.
+#[cfg(unix)]
+#[test]
+fn a_failure_mid_stream_says_a_direct_output_is_incomplete() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    // 12 MB: three chunks of input, 3.2 MB of output, far more than a pipe holds.
+    let values = Rows::outliers().f32s(32 * 100_000, 8);
+    std::fs::write(&x, f32_bytes(&values)).unwrap();
+    let want = KvFormat::Q8_0.quantize_row(&values).unwrap();
+    let args = |output: &str| {
+        let a = ["quantize", "--format", "q8_0", "--row-len", "32"];
+        let mut v: Vec<String> = a.iter().map(|a| a.to_string()).collect();
+        v.extend([
+            "--input".into(),
+            s(&x).into(),
+            "--output".into(),
+            output.into(),
+        ]);
+        v
+    };
+    // Reads the first 1000 bytes of `from`, then closes it.
+    let read_prefix = |mut from: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut prefix = vec![0u8; 1000];
+            from.read_exact(&mut prefix).unwrap();
+            prefix
+        })
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rotq"))
+        .args(args("-"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader = read_prefix(Box::new(child.stdout.take().unwrap()));
+    let prefix = reader.join().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_one_line_failure(&out, "standard output closed early");
+    let err = stderr(&out);
+    assert!(
+        err.contains("what was written to standard output is incomplete"),
+        "{err}"
+    );
+    assert!(
+        prefix == want[..1000],
+        "the bytes written before the failure"
+    );
+
+    let fifo = dir.path().join("fifo");
+    match Command::new("mkfifo").arg(&fifo).status() {
+        Ok(st) if st.success() => {
+            let opened = {
+                let fifo = fifo.clone();
+                std::thread::spawn(move || std::fs::File::open(fifo).unwrap())
+            };
+            let child = Command::new(env!("CARGO_BIN_EXE_rotq"))
+                .args(args(s(&fifo)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let reader = read_prefix(Box::new(opened.join().unwrap()));
+            let prefix = reader.join().unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert_one_line_failure(&out, "a FIFO closed early");
+            let err = stderr(&out);
+            let note = format!("what was written to {} is incomplete", s(&fifo));
+            assert!(err.contains(&note), "{err}");
+            assert!(
+                prefix == want[..1000],
+                "the bytes written before the failure"
+            );
+        }
+        _ => eprintln!("skipped the FIFO: no mkfifo here"),
+    }
+}
+
 /// A new output file gets the permissions `File::create` would give it, 0666 less the umask
 /// (0600 under umask 077, 0664 under 002); a file that is replaced keeps its permissions.
 #[cfg(unix)]
