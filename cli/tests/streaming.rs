@@ -305,44 +305,83 @@ fn input_that_is_not_whole_rows_is_refused() {
 }
 
 /// A 3 GiB input quantizes within a 128 MiB address-space limit: memory does not grow with
-/// the file. The file is sparse (it costs no disk), so its values are zeros: this test is for
-/// the size and memory property only; the bytes are checked on real data above. Standard
-/// error has the summary line only (no progress bar when it is not a terminal).
+/// the input. The input is seeded values (never zeros), generated chunk by chunk into rotq's
+/// standard input while its standard output is read back: the output has the size of every
+/// row quantized, and sampled chunks (the first two, one in the middle, the last) are the
+/// oracle's bytes for the same values. Standard error has the summary line only (no progress
+/// bar when it is not a terminal).
 #[test]
-fn a_multi_gib_file_quantizes_in_bounded_memory() {
+fn a_multi_gib_input_quantizes_in_bounded_memory() {
+    use std::io::{Read, Write};
     let Some(prlimit) = prlimit() else {
         eprintln!("skipped: no prlimit here");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (x, q) = (dir.path().join("x.f32"), dir.path().join("x.q4_0"));
-    let size = 3u64 << 30;
-    if let Err(e) = std::fs::File::create(&x).and_then(|f| f.set_len(size)) {
-        eprintln!("skipped: no sparse file of 3 GiB here ({e})");
-        return;
-    }
+    let format = KvFormat::Q4_0;
+    // 768 chunks of 4 MiB of f32 values: 3 GiB, written as they are drawn.
+    let (chunk_values, chunks) = (1usize << 20, 768u64);
+    let values = move |c: u64| Rows::outliers().f32s(chunk_values, 1000 + c);
+    let size = chunks * chunk_values as u64 * 4;
     let limit = 128u64 << 20;
-    let out = Command::new(prlimit)
+    let mut child = Command::new(prlimit)
         .arg(format!("--as={limit}"))
+        .args(["--", env!("CARGO_BIN_EXE_rotq"), "quantize", "--format"])
         .args([
-            "--",
-            env!("CARGO_BIN_EXE_rotq"),
-            "quantize",
-            "--format",
-            "q4_0",
+            format.name(),
+            "--row-len",
+            "128",
+            "--input",
+            "-",
+            "--output",
+            "-",
         ])
-        .args(["--row-len", "128", "--input", s(&x), "--output", s(&q)])
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_ok(&out, "3 GiB under a 128 MiB address-space limit");
-    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
-    let rows = size / (128 * 4);
-    assert_eq!(std::fs::metadata(&q).unwrap().len(), rows * 4 * 18);
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        for c in 0..chunks {
+            // rotq stopping early is reported below by its status.
+            if stdin.write_all(&f32_bytes(&values(c))).is_err() {
+                return;
+            }
+        }
+    });
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr_pipe.read_to_string(&mut text).unwrap();
+        text
+    });
+    // The output, chunk by chunk (each input chunk is whole rows, so whole output blocks).
+    let mut stdout = child.stdout.take().unwrap();
+    let chunk_out = format.row_bytes(chunk_values).unwrap();
+    let (mut buf, mut total) = (vec![0u8; chunk_out], 0u64);
+    let sampled = [0, 1, chunks / 2, chunks - 1];
+    for c in 0..chunks {
+        if stdout.read_exact(&mut buf).is_err() {
+            break;
+        }
+        total += chunk_out as u64;
+        if sampled.contains(&c) {
+            let want = format.quantize_row(&values(c)).unwrap();
+            assert!(buf == want, "chunk {c} differs from the oracle's bytes");
+        }
+    }
+    total += stdout.read_to_end(&mut Vec::new()).unwrap() as u64;
+    writer.join().unwrap();
+    let status = child.wait().unwrap();
+    let err = errors.join().unwrap();
     assert!(
-        stderr(&out).contains(&format!("quantized {rows} rows")),
-        "{}",
-        stderr(&out)
+        status.success(),
+        "3 GiB under a 128 MiB address-space limit: {err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let rows = size / (128 * 4);
+    assert_eq!(total, rows * 4 * 18);
+    assert!(err.contains(&format!("quantized {rows} rows")), "{err}");
 }
 
 /// A failure after bytes went to standard output or a FIFO (here: the reader goes away after
