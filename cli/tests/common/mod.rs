@@ -89,6 +89,25 @@ pub fn from_f32_bytes(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// A `.npy` file with a hand-written header, as NumPy writes it (version `major`.0, padded to 64).
+pub fn handmade_npy(major: u8, header: &str, values: &[u8]) -> Vec<u8> {
+    let len_bytes = if major == 1 { 2 } else { 4 };
+    let mut h = header.to_string();
+    let unpadded = 6 + 2 + len_bytes + h.len() + 1;
+    h.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    h.push('\n');
+    let mut out = b"\x93NUMPY".to_vec();
+    out.extend_from_slice(&[major, 0]);
+    if major == 1 {
+        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(values);
+    out
+}
+
 /// `prlimit` (util-linux), if this machine has it.
 pub fn prlimit() -> Option<&'static str> {
     let ok = Command::new("prlimit")
