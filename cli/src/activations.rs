@@ -15,13 +15,16 @@
 //! assert!(err.is_err());
 //! ```
 
-use crate::eval::Activations;
+use crate::eval::{Activations, LayerShape};
+use crate::npy::NpyError;
 use crate::Error;
 use half::{bf16, f16};
 use ndarray::Array3;
 use rotq_reference::AttentionParams;
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 /// The name of tensor `t` (`q`, `k` or `v`) of `layer` under `template`.
 ///
@@ -38,6 +41,7 @@ pub fn tensor_name(template: &str, layer: usize, t: &str) -> String {
 /// (names from `template`, see the module docs). A missing file, a template without `{layer}`
 /// and `{t}`, no layer 0, a layer with only some of its tensors, a tensor of another rank or
 /// dtype, or shapes that do not fit together are errors naming the tensor (or its file).
+/// [`Dump::open`] then [`Dump::read`], for a caller that looks at the shapes in between.
 ///
 /// ```
 /// use rotq_cli::activations::read_activations;
@@ -54,49 +58,240 @@ pub fn tensor_name(template: &str, layer: usize, t: &str) -> String {
 /// assert_eq!(layers[0].q.dim(), (8, 4, 32));
 /// ```
 pub fn read_activations(path: &Path, template: &str) -> Result<Vec<Activations>, Error> {
-    if !template.contains("{layer}") || !template.contains("{t}") {
-        return Err(Error::Input(format!(
-            "the tensor name template `{template}` needs both {{layer}} and {{t}}"
-        )));
+    Dump::open(path, template)?.read()
+}
+
+/// An activation dump whose headers have been read and checked: the shapes of every layer,
+/// known before any value is read, so that `rotq eval` can refuse a dump it could not hold
+/// (see [`crate::eval_grid::memory_needed`]) without reading it.
+///
+/// ```
+/// use rotq_cli::activations::{write_safetensors, Dump, DumpDtype};
+/// use rotq_cli::eval::Synthetic;
+/// let layer = Synthetic { n_kv: 16, n_q: 2, d: 32, ..Default::default() }.generate();
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("acts.safetensors");
+/// write_safetensors(&path, &[layer.clone()], "layers.{layer}.{t}", DumpDtype::F16).unwrap();
+/// let dump = Dump::open(&path, "layers.{layer}.{t}").unwrap();
+/// assert_eq!(dump.layers(), &[layer.shape()]);
+/// assert_eq!(dump.reading_bytes(), std::fs::metadata(&path).unwrap().len());
+/// assert_eq!(dump.read().unwrap()[0].shape(), layer.shape());
+/// ```
+#[derive(Clone, Debug)]
+pub struct Dump {
+    path: PathBuf,
+    template: String,
+    /// A folder of `.npy` files (else a safetensors file).
+    folder: bool,
+    layers: Vec<LayerShape>,
+    reading: u64,
+}
+
+impl Dump {
+    /// Reads and checks the headers of the dump at `path` (see [`read_activations`] for what
+    /// is checked); no value is read.
+    pub fn open(path: &Path, template: &str) -> Result<Dump, Error> {
+        if !template.contains("{layer}") || !template.contains("{t}") {
+            return Err(Error::Input(format!(
+                "the tensor name template `{template}` needs both {{layer}} and {{t}}"
+            )));
+        }
+        let folder = path.is_dir();
+        let (layers, reading) = if folder {
+            let file = |name: &str| npy_file(path, name);
+            let layers = layer_shapes(
+                |name| file(name).is_file(),
+                |name| {
+                    let file = file(name);
+                    let header = crate::npy::read_header(&file)?;
+                    match header.shape[..] {
+                        [n, heads, d] => Ok((n, heads, d)),
+                        _ => Err(Error::Npy {
+                            path: file,
+                            source: NpyError::Rank {
+                                shape: header.shape,
+                                want: 3,
+                            },
+                        }),
+                    }
+                },
+                |name| file(name).display().to_string(),
+                path,
+                template,
+            )?;
+            // Each file is read whole, then converted.
+            let mut largest = 0;
+            for layer in 0..layers.len() {
+                for t in ["q", "k", "v"] {
+                    let name = tensor_name(template, layer, t);
+                    let len = file_len(&file(&name))?;
+                    largest = largest.max(len);
+                }
+            }
+            (layers, largest)
+        } else {
+            let meta = safetensors_metadata(path)?;
+            let layers = layer_shapes(
+                |name| meta.info(name).is_some(),
+                |name| {
+                    let info = meta
+                        .info(name)
+                        .ok_or_else(|| Error::Input(format!("{name}: no such tensor")))?;
+                    let [n, heads, d] = info.shape[..] else {
+                        return Err(rank_error(name, &info.shape));
+                    };
+                    check_dtype(name, info.dtype)?;
+                    Ok((n, heads, d))
+                },
+                |name| name.to_string(),
+                path,
+                template,
+            )?;
+            // The file is read whole.
+            (layers, file_len(path)?)
+        };
+        Ok(Dump {
+            path: path.to_path_buf(),
+            template: template.to_string(),
+            folder,
+            layers,
+            reading,
+        })
     }
-    if path.is_dir() {
-        let file = |name: &str| path.join(format!("{name}.npy"));
-        return read_layers(
-            |name| Ok(file(name).is_file()),
-            |name| crate::npy::read3(&file(name)),
-            |name| file(name).display().to_string(),
+
+    /// The shapes of every layer, from the headers.
+    pub fn layers(&self) -> &[LayerShape] {
+        &self.layers
+    }
+
+    /// Bytes that [`Dump::read`] holds at once beside the values it returns: the whole
+    /// safetensors file, or the largest `.npy` file.
+    pub fn reading_bytes(&self) -> u64 {
+        self.reading
+    }
+
+    /// Reads the values: Q, K, V of every layer in f32. A tensor whose shape is no longer the
+    /// one its header had when the dump was opened is an error.
+    pub fn read(&self) -> Result<Vec<Activations>, Error> {
+        let names = |layer| ["q", "k", "v"].map(|t| tensor_name(&self.template, layer, t));
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut add = |shape: &LayerShape, [q, k, v]: [Array3<f32>; 3]| {
+            let read = LayerShape {
+                q: q.dim(),
+                k: k.dim(),
+                v: v.dim(),
+            };
+            if read != *shape {
+                return Err(Error::Input(format!(
+                    "{}: changed while it was read (shapes {shape:?}, then {read:?})",
+                    self.path.display(),
+                )));
+            }
+            layers.push(Activations {
+                q,
+                k,
+                v,
+                params: AttentionParams {
+                    causal: true,
+                    // The headers were checked: n_q <= n_kv.
+                    pos_offset: shape.k.0 - shape.q.0,
+                    ..Default::default()
+                },
+            });
+            Ok(())
+        };
+        if self.folder {
+            for (layer, shape) in self.layers.iter().enumerate() {
+                let [q, k, v] = names(layer).map(|n| crate::npy::read3(&npy_file(&self.path, &n)));
+                add(shape, [q?, k?, v?])?;
+            }
+        } else {
+            let bytes = crate::io::read_bytes(&self.path)?;
+            let file =
+                SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(&self.path, e))?;
+            for (layer, shape) in self.layers.iter().enumerate() {
+                let [q, k, v] = names(layer).map(|n| array(&file, &n));
+                add(shape, [q?, k?, v?])?;
+            }
+        }
+        Ok(layers)
+    }
+}
+
+/// The file of tensor `name` in the folder `dir`.
+fn npy_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.npy"))
+}
+
+fn file_len(path: &Path) -> Result<u64, Error> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn not_safetensors(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::Input(format!("{}: not a safetensors file: {why}", path.display()))
+}
+
+/// The header of the safetensors file at `path`, read alone (8 bytes of length, then the JSON
+/// header) and checked against the file's length; no value is read.
+fn safetensors_metadata(path: &Path) -> Result<Metadata, Error> {
+    // safetensors' own limit on the header.
+    const MAX_HEADER: u64 = 100_000_000;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    if len < 8 {
+        return Err(not_safetensors(
             path,
-            template,
-        );
+            format!("{len} bytes, less than a header"),
+        ));
     }
-    let bytes = crate::io::read_bytes(path)?;
-    let file = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Input(format!("{}: not a safetensors file: {e}", path.display())))?;
-    read_layers(
-        |name| Ok(file.tensor(name).is_ok()),
-        |name| array(&file, name),
-        |name| name.to_string(),
-        path,
-        template,
-    )
+    file.read_exact(&mut n).map_err(io)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(not_safetensors(
+            path,
+            format!("a header of {n} bytes in a file of {len}"),
+        ));
+    }
+    let mut header = Vec::new();
+    (&mut file).take(n).read_to_end(&mut header).map_err(io)?;
+    let meta: Metadata = serde_json::from_slice(&header).map_err(|e| not_safetensors(path, e))?;
+    let data = len - 8 - n;
+    if meta.data_len() as u64 != data {
+        return Err(not_safetensors(
+            path,
+            format!(
+                "its header describes {} bytes of tensors, the file has {data}",
+                meta.data_len()
+            ),
+        ));
+    }
+    Ok(meta)
 }
 
 /// Layers 0, 1, … until one has none of its tensors: `present(name)` says whether a tensor
-/// exists, `load(name)` reads it, `label(name)` is how errors call it.
-fn read_layers(
-    present: impl Fn(&str) -> Result<bool, Error>,
-    load: impl Fn(&str) -> Result<Array3<f32>, Error>,
+/// exists, `shape(name)` gives its shape from its header, `label(name)` is how errors call it.
+/// Checks that each layer has all three tensors and that their shapes fit together.
+fn layer_shapes(
+    present: impl Fn(&str) -> bool,
+    shape: impl Fn(&str) -> Result<(usize, usize, usize), Error>,
     label: impl Fn(&str) -> String,
     path: &Path,
     template: &str,
-) -> Result<Vec<Activations>, Error> {
+) -> Result<Vec<LayerShape>, Error> {
     let mut layers = Vec::new();
     for layer in 0.. {
         let names = ["q", "k", "v"].map(|t| tensor_name(template, layer, t));
-        let mut count = 0;
-        for n in &names {
-            count += usize::from(present(n)?);
-        }
+        let count = names.iter().filter(|n| present(n)).count();
         if count == 0 {
             break;
         }
@@ -108,32 +303,20 @@ fn read_layers(
                 label(&names[2])
             )));
         }
-        let [q, k, v] = names.clone().map(|n| load(&n));
+        let [q, k, v] = names.clone().map(|n| shape(&n));
         let (q, k, v) = (q?, k?, v?);
-        let ((n_q, h_q, d), (n_kv, h_kv, dk), (n_v, h_v, _)) = (q.dim(), k.dim(), v.dim());
+        let ((n_q, h_q, d), (n_kv, h_kv, dk), (n_v, h_v, _)) = (q, k, v);
         if dk != d || n_v != n_kv || h_v != h_kv || h_kv == 0 || h_q % h_kv != 0 || n_q > n_kv {
             return Err(Error::Input(format!(
-                "layer {layer}: shapes Q {:?} ({}), K {:?} ({}), V {:?} ({}) do not fit (Q [n_q, \
-                 h_q, d] with n_q <= n_kv and h_q a multiple of h_kv, K [n_kv, h_kv, d], V \
-                 [n_kv, h_kv, d_v])",
-                q.dim(),
+                "layer {layer}: shapes Q {q:?} ({}), K {k:?} ({}), V {v:?} ({}) do not fit (Q \
+                 [n_q, h_q, d] with n_q <= n_kv and h_q a multiple of h_kv, K [n_kv, h_kv, d], \
+                 V [n_kv, h_kv, d_v])",
                 label(&names[0]),
-                k.dim(),
                 label(&names[1]),
-                v.dim(),
                 label(&names[2])
             )));
         }
-        layers.push(Activations {
-            q,
-            k,
-            v,
-            params: AttentionParams {
-                causal: true,
-                pos_offset: n_kv - n_q,
-                ..Default::default()
-            },
-        });
+        layers.push(LayerShape { q, k, v });
     }
     if layers.is_empty() {
         return Err(Error::Input(format!(
@@ -145,6 +328,21 @@ fn read_layers(
     Ok(layers)
 }
 
+fn rank_error(name: &str, shape: &[usize]) -> Error {
+    Error::Input(format!(
+        "{name}: shape {shape:?}, want [tokens, heads, dim]"
+    ))
+}
+
+fn check_dtype(name: &str, dtype: Dtype) -> Result<(), Error> {
+    match dtype {
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => Ok(()),
+        other => Err(Error::Input(format!(
+            "{name}: dtype {other:?}, want f32, f16 or bf16"
+        ))),
+    }
+}
+
 /// One tensor as `[a, b, c]` f32.
 fn array(file: &SafeTensors<'_>, name: &str) -> Result<Array3<f32>, Error> {
     let t = file
@@ -152,16 +350,11 @@ fn array(file: &SafeTensors<'_>, name: &str) -> Result<Array3<f32>, Error> {
         .map_err(|e| Error::Input(format!("{name}: {e}")))?;
     let shape = t.shape();
     if shape.len() != 3 {
-        return Err(Error::Input(format!(
-            "{name}: shape {shape:?}, want [tokens, heads, dim]"
-        )));
+        return Err(rank_error(name, shape));
     }
+    check_dtype(name, t.dtype())?;
     let data = t.data();
     let values: Vec<f32> = match t.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
         Dtype::F16 => data
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -170,11 +363,7 @@ fn array(file: &SafeTensors<'_>, name: &str) -> Result<Array3<f32>, Error> {
             .chunks_exact(2)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        other => {
-            return Err(Error::Input(format!(
-                "{name}: dtype {other:?}, want f32, f16 or bf16"
-            )))
-        }
+        _ => crate::io::decode_f32(data).collect(),
     };
     Array3::from_shape_vec((shape[0], shape[1], shape[2]), values)
         .map_err(|e| Error::Input(format!("{name}: {e}")))

@@ -86,6 +86,22 @@ impl Normal {
 }
 
 impl Synthetic {
+    /// The shapes of the activations [`Synthetic::generate`] draws.
+    ///
+    /// ```
+    /// let s = rotq_cli::eval::Synthetic { n_kv: 64, n_q: 4, ..Default::default() };
+    /// assert_eq!(s.shape().q, (4, 16, 128));
+    /// assert_eq!(s.shape(), s.generate().shape());
+    /// ```
+    pub fn shape(&self) -> LayerShape {
+        let kv = (self.n_kv, self.h_kv, self.d);
+        LayerShape {
+            q: (self.n_q, self.h_kv.saturating_mul(self.group), self.d),
+            k: kv,
+            v: kv,
+        }
+    }
+
     /// Bytes that [`evaluate`] holds at its peak on these activations, or `None` when the
     /// sizes overflow 64 bits: Q, K, V in f32; the exact attention probabilities (f64) kept
     /// while each format runs with its own probabilities, its dequantized K and V (f64) and
@@ -98,23 +114,19 @@ impl Synthetic {
     /// assert_eq!(rotq_cli::eval::Synthetic { n_kv: usize::MAX, ..s }.memory_needed(), None);
     /// ```
     pub fn memory_needed(&self) -> Option<u64> {
-        let n = |x: usize| u64::try_from(x).ok();
-        let h_q = n(self.h_kv)?.checked_mul(n(self.group)?)?;
-        let kv = n(self.n_kv)?
-            .checked_mul(n(self.h_kv)?)?
-            .checked_mul(n(self.d)?)?;
-        let q = n(self.n_q)?.checked_mul(h_q)?.checked_mul(n(self.d)?)?;
-        let probs = h_q.checked_mul(n(self.n_q)?)?.checked_mul(n(self.n_kv)?)?;
-        // K, V: f32 inputs (8) + dequantized f64 caches (16); Q: f32 input, f64 rotated copy,
-        // f64 outputs and their flattened copies (44); probabilities: exact and approximate.
-        kv.checked_mul(24)?
-            .checked_add(q.checked_mul(44)?)?
-            .checked_add(probs.checked_mul(16)?)
+        let s = self.shape().sizes()?;
+        // K, V: f32 inputs + dequantized f64 caches (12 each); Q: f32 input and f64 rotated
+        // copy (12); outputs: f64, and their flattened copies (32); probabilities: exact and
+        // approximate (16).
+        s.k.checked_add(s.v)?
+            .checked_add(s.q)?
+            .checked_mul(12)?
+            .checked_add(s.out.checked_mul(32)?)?
+            .checked_add(s.probs.checked_mul(16)?)
     }
 
     /// Checks, before anything is allocated, that [`evaluate`] on these activations fits in the
-    /// memory available (on Linux: `MemAvailable` and the address-space limit; elsewhere only
-    /// that the sizes fit in 64 bits). Returns the bytes it needs.
+    /// memory available (see [`check_memory`]). Returns the bytes it needs.
     ///
     /// ```
     /// use rotq_cli::eval::Synthetic;
@@ -123,21 +135,7 @@ impl Synthetic {
     /// assert!(err.to_string().contains("overflow"), "{err}");
     /// ```
     pub fn check_memory(&self) -> Result<u64, Error> {
-        let Some(needed) = self.memory_needed() else {
-            return Err(Error::Input(
-                "the evaluation's sizes overflow 64 bits (it would need more than 16 EiB of \
-                 memory)"
-                    .into(),
-            ));
-        };
-        match available_memory() {
-            Some(available) if needed > available => Err(Error::Input(format!(
-                "the evaluation needs about {} of memory; {} is available",
-                human_bytes(needed),
-                human_bytes(available)
-            ))),
-            _ => Ok(needed),
-        }
+        check_memory(self.memory_needed())
     }
 
     /// Draws the activations (deterministic for a given configuration).
@@ -173,6 +171,95 @@ impl Synthetic {
                 ..Default::default()
             },
         }
+    }
+}
+
+/// The shapes of one layer's activations, `[tokens, heads, dim]` each: Q `[n_q, h_q, d]`, K
+/// `[n_kv, h_kv, d]`, V `[n_kv, h_kv, d_v]`. They decide an evaluation's memory, and are known
+/// from a dump's headers before any value is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    /// Q's shape.
+    pub q: (usize, usize, usize),
+    /// K's shape.
+    pub k: (usize, usize, usize),
+    /// V's shape.
+    pub v: (usize, usize, usize),
+}
+
+/// How many values of each kind a layer has (see [`LayerShape::sizes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerSizes {
+    /// Values of Q.
+    pub q: u64,
+    /// Values of K.
+    pub k: u64,
+    /// Values of V.
+    pub v: u64,
+    /// Values of the attention output, `n_q · h_q · d_v`.
+    pub out: u64,
+    /// Attention probabilities, `h_q · n_q · n_kv`.
+    pub probs: u64,
+}
+
+impl LayerShape {
+    /// The value counts of this layer, or `None` when one overflows 64 bits.
+    ///
+    /// ```
+    /// use rotq_cli::eval::LayerShape;
+    /// let s = LayerShape { q: (2, 8, 64), k: (10, 4, 64), v: (10, 4, 32) };
+    /// let n = s.sizes().unwrap();
+    /// assert_eq!((n.q, n.k, n.v, n.out, n.probs), (1024, 2560, 1280, 512, 160));
+    /// ```
+    pub fn sizes(&self) -> Option<LayerSizes> {
+        let n = |x: usize| u64::try_from(x).ok();
+        let count = |(a, b, c): (usize, usize, usize)| n(a)?.checked_mul(n(b)?)?.checked_mul(n(c)?);
+        let ((n_q, h_q, _), (n_kv, _, _), (_, _, d_v)) = (self.q, self.k, self.v);
+        Some(LayerSizes {
+            q: count(self.q)?,
+            k: count(self.k)?,
+            v: count(self.v)?,
+            out: count((n_q, h_q, d_v))?,
+            probs: count((h_q, n_q, n_kv))?,
+        })
+    }
+}
+
+impl Activations {
+    /// The shapes of Q, K and V.
+    pub fn shape(&self) -> LayerShape {
+        LayerShape {
+            q: self.q.dim(),
+            k: self.k.dim(),
+            v: self.v.dim(),
+        }
+    }
+}
+
+/// Checks that an evaluation needing `needed` bytes (`None`: more than 64 bits can count) fits
+/// in the memory available: on Linux `MemAvailable` and the address-space limit; elsewhere only
+/// that the sizes fit in 64 bits. Returns the bytes needed; the error names them and what is
+/// available.
+///
+/// ```
+/// use rotq_cli::eval::check_memory;
+/// assert_eq!(check_memory(Some(1 << 20)).unwrap(), 1 << 20);
+/// assert!(check_memory(None).unwrap_err().to_string().contains("overflow"));
+/// ```
+pub fn check_memory(needed: Option<u64>) -> Result<u64, Error> {
+    let Some(needed) = needed else {
+        return Err(Error::Input(
+            "the evaluation's sizes overflow 64 bits (it would need more than 16 EiB of memory)"
+                .into(),
+        ));
+    };
+    match available_memory() {
+        Some(available) if needed > available => Err(Error::Input(format!(
+            "the evaluation needs about {} of memory; {} is available",
+            human_bytes(needed),
+            human_bytes(available)
+        ))),
+        _ => Ok(needed),
     }
 }
 

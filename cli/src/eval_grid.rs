@@ -26,7 +26,7 @@
 //! assert_eq!(report.check.unwrap().comparisons, 2); // CPU kernels, checked by the oracle
 //! ```
 
-use crate::eval::{default_formats, Activations, GridRow, LayerScore, PlanKind};
+use crate::eval::{default_formats, Activations, GridRow, LayerScore, LayerShape, PlanKind};
 use crate::eval_backend::{cache_klds, dequantize, rotate_queries, Backend, Runner};
 use crate::oracle_check::{oracle_rows, pick_rows, sample_rows, OracleCheck};
 use crate::Error;
@@ -74,6 +74,74 @@ pub struct GridReport {
     pub rows: Vec<GridRow>,
     /// The check (`None` for the oracle backend, or with `check_rows` 0).
     pub check: Option<OracleCheck>,
+}
+
+/// Bytes that reading a dump of layers of these shapes and running [`evaluate_grid_on`] with
+/// `opts` hold at their peak, or `None` when the sizes overflow 64 bits; `reading` is what
+/// reading the dump holds beside the values (the file, or its largest `.npy` file). Compare it
+/// with the memory available with [`crate::eval::check_memory`].
+///
+/// Every layer's Q, K and V are held in f32 throughout (4 bytes a value); reading holds the
+/// file besides. The grid then works on one layer at a time, and holds at most: the exact
+/// attention's f64 copies of Q, K and V (8 each), its probabilities (8) and output (8) and the
+/// output's copy (8); Q rotated in f64 (8); one K cache (its bytes, at most 4 a value, its f32
+/// input and its f64 values: 16); every V cache of the layer (bytes and f64 values, 12 a value,
+/// one per V format and V rotation) and V's f32 copy (4); the backend's output (12) and its
+/// copy of Q (4); and, on the oracle backend, the oracle's f64 Q, K, V, probabilities and
+/// output again. The KL divergences of every attention row of every layer are kept for each K
+/// format and Q/K rotation (16 bytes a row, with the copy their quantile sorts).
+///
+/// ```
+/// use rotq_cli::eval::{check_memory, LayerShape};
+/// use rotq_cli::eval_grid::{memory_needed, GridOptions};
+/// let layer = LayerShape { q: (32, 16, 128), k: (512, 4, 128), v: (512, 4, 128) };
+/// let opts = GridOptions::default();
+/// let one = memory_needed(&[layer], &opts, 0).unwrap();
+/// assert!(memory_needed(&[layer; 3], &opts, 0).unwrap() > one); // every layer is held
+/// assert_eq!(one >> 20, 82); // MiB, most of it the 22 V caches (11 formats, 2 rotations)
+/// assert!(check_memory(Some(one)).is_ok());
+/// let huge = LayerShape { k: (usize::MAX, 4, 128), ..layer };
+/// assert_eq!(memory_needed(&[huge], &opts, 0), None);
+/// ```
+pub fn memory_needed(layers: &[LayerShape], opts: &GridOptions, reading: u64) -> Option<u64> {
+    let n = |x: usize| u64::try_from(x).ok();
+    // V caches held at once per layer: one per V format and V rotation (with, without).
+    let rotates_v = |p: &PlanKind| *p == PlanKind::HadamardAndV;
+    let v_rotations =
+        u64::from(opts.plans.iter().any(rotates_v)) + u64::from(!opts.plans.iter().all(rotates_v));
+    let v_caches = n(opts.v_formats.len())?.checked_mul(v_rotations)?;
+    let mut groups: Vec<&str> = opts.plans.iter().map(|p| p.qk_group().name()).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let kld_sets = n(opts.k_formats.len())?.checked_mul(n(groups.len())?)?;
+    // (values, bytes a value), summed.
+    let bytes = |parts: &[(u64, u64)]| {
+        parts
+            .iter()
+            .try_fold(0u64, |sum, &(n, b)| sum.checked_add(n.checked_mul(b)?))
+    };
+    let (mut inputs, mut working, mut rows) = (0u64, reading, 0u64);
+    for layer in layers {
+        let s = layer.sizes()?;
+        let qkv = s.q.checked_add(s.k)?.checked_add(s.v)?;
+        inputs = inputs.checked_add(qkv.checked_mul(4)?)?;
+        rows = rows.checked_add(n(layer.q.0)?.checked_mul(n(layer.q.1)?)?)?;
+        let mut w = bytes(&[
+            (qkv, 8),                         // exact attention's f64 copies
+            (s.probs, 8),                     // its probabilities
+            (s.out, 28),                      // its output, the copy, the backend's
+            (s.q, 12),                        // Q rotated, the backend's copy
+            (s.k, 16),                        // one K cache: bytes, f32 copy, f64 values
+            (s.v, v_caches.checked_mul(12)?), // every V cache: bytes, f64 values
+            (s.v, 4),                         // V's f32 copy
+        ])?;
+        if opts.backend == Backend::Oracle {
+            w = w.checked_add(bytes(&[(qkv, 8), (s.probs, 8), (s.out, 8)])?)?;
+        }
+        working = working.max(w);
+    }
+    let klds = bytes(&[(rows, kld_sets.checked_mul(16)?)])?;
+    inputs.checked_add(working)?.checked_add(klds)
 }
 
 /// The `q`-quantile (0..1) of `x` (nearest rank); 0 for no values.

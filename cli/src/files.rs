@@ -8,10 +8,11 @@
 //! 4 MiB (`--dim` above 2^20), one row's worth: 16 bytes per value of the row. Everything that
 //! can be checked before reading is checked first (the format, the row length, a file's size
 //! against whole rows); an input whose size is only known at the end (standard input, a pipe)
-//! is checked there, and its output discarded (or, for standard output and devices, reported as
-//! incomplete). Outputs are written as [`crate::io`] describes: atomically, never over the input.
+//! is checked there. On any failure, a file output is discarded; standard output, a device or a
+//! FIFO keeps what was written, and the error says it is incomplete. Outputs are written as
+//! [`crate::io`] describes: atomically, never over the input.
 
-use crate::io::{Input, Output, CHUNK_BYTES};
+use crate::io::{decode_f32, encode_f32, Input, Output, CHUNK_BYTES};
 use crate::Error;
 use rotq_reference::{KvFormat, RotationSpec};
 use std::path::Path;
@@ -68,14 +69,6 @@ fn bytes_of(n: usize, size: usize, option: &str) -> Result<usize, Error> {
     })
 }
 
-/// Writes `values` little-endian into `out` (resized to fit them).
-fn put_f32(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = f32>) {
-    out.resize(values.len() * 4, 0);
-    for (o, v) in out.chunks_exact_mut(4).zip(values) {
-        o.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
 /// Streams `input` to `output` chunk by chunk, `convert` turning whole units of input into
 /// their output (appended to the `Vec`, which is cleared before each chunk). Returns the rows.
 fn stream(
@@ -83,15 +76,35 @@ fn stream(
     input: &Path,
     output: &Path,
     progress: &mut dyn FnMut(Progress),
-    mut convert: impl FnMut(&[u8], &mut Vec<u8>) -> Result<(), Error>,
+    convert: impl FnMut(&[u8], &mut Vec<u8>) -> Result<(), Error>,
 ) -> Result<u64, Error> {
     let mut input = Input::open(input)?;
-    let total = input.len();
-    if let Some(len) = total {
+    if let Some(len) = input.len() {
         // A regular file: refused for its size before anything is read or written.
         layout.check_len(input.name(), len)?;
     }
     let mut output = Output::create(output, &input)?;
+    match convert_all(layout, &mut input, &mut output, progress, convert) {
+        Ok(rows) => {
+            output.commit()?;
+            Ok(rows)
+        }
+        // Whatever failed, mid-stream or at the end: an atomic output is discarded with its
+        // temporary file; the others have the rows converted so far, and the error says so.
+        Err(e) => Err(output.fail(e)),
+    }
+}
+
+/// The loop of [`stream`]: reads, converts and writes every chunk, then checks the input's
+/// length. Returns the rows.
+fn convert_all(
+    layout: &Layout,
+    input: &mut Input,
+    output: &mut Output,
+    progress: &mut dyn FnMut(Progress),
+    mut convert: impl FnMut(&[u8], &mut Vec<u8>) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let total = input.len();
     let chunk = layout.units_per_chunk() * layout.unit_in;
     let (mut buf, mut out) = (vec![0u8; chunk], Vec::with_capacity(chunk));
     // Input bytes read but not converted yet: a partial unit at the end of a read.
@@ -115,27 +128,13 @@ fn stream(
             break; // `read_chunk` stops short only at the end of the input
         }
     }
-    let checked = layout
-        .check_len(input.name(), done)
-        .and_then(|rows| match total {
-            Some(len) if len != done => Err(Error::Input(format!(
-                "{}: changed while it was read ({len} bytes, then {done})",
-                input.name().display()
-            ))),
-            _ => Ok(rows),
-        });
-    match checked {
-        Ok(rows) => {
-            output.commit()?;
-            Ok(rows)
-        }
-        // An atomic output is discarded with its temporary file; the others have the rows
-        // converted so far.
-        Err(e) if output.is_atomic() => Err(e),
-        Err(e) => Err(Error::Input(format!(
-            "{e}; what was written to {} is incomplete",
-            output.name().display()
+    let rows = layout.check_len(input.name(), done)?;
+    match total {
+        Some(len) if len != done => Err(Error::Input(format!(
+            "{}: changed while it was read ({len} bytes, then {done})",
+            input.name().display()
         ))),
+        _ => Ok(rows),
     }
 }
 
@@ -171,11 +170,7 @@ pub fn quantize(
     let mut values = Vec::new();
     stream(&layout, input, output, progress, |bytes, out| {
         values.clear();
-        values.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
+        values.extend(decode_f32(bytes));
         out.resize(format.row_bytes(values.len())?, 0);
         format.quantize_into(&values, out)?;
         Ok(())
@@ -214,7 +209,7 @@ pub fn dequantize(
     stream(&layout, input, output, progress, |bytes, out| {
         values.resize(format.values_in(bytes.len())?, 0.0);
         format.dequantize_into(bytes, &mut values)?;
-        put_f32(out, values.iter().copied());
+        encode_f32(values.iter().copied(), out);
         Ok(())
     })
 }
@@ -254,13 +249,9 @@ pub fn rotate(
     let mut data = Vec::new();
     stream(&layout, input, output, progress, |bytes, out| {
         data.clear();
-        data.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        );
+        data.extend(decode_f32(bytes).map(f64::from));
         rotation.rotate_rows(&mut data, inverse)?;
-        put_f32(out, data.iter().map(|v| *v as f32));
+        encode_f32(data.iter().map(|v| *v as f32), out);
         Ok(())
     })
 }

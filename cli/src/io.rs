@@ -6,10 +6,14 @@
 //! - a regular file, or nothing yet: a temporary file with a random name is created exclusively
 //!   in the destination's folder, written, fsynced, renamed over the destination, and the folder
 //!   is fsynced. A failure at any point leaves the destination as it was (never half of a new
-//!   file). A symlink at the destination is replaced by the new file; its target is not written.
+//!   file; a process killed before the rename leaves its hidden `.rotq-*` temporary). The new
+//!   file has the permissions of the file it replaces, or 0666 less the umask, as
+//!   `File::create` gives. A symlink at the destination is replaced by the new file; its target
+//!   is not written.
 //! - a character device or a FIFO (`/dev/null`, a named pipe): it cannot be replaced atomically
 //!   and must not be replaced at all (a device file turned into a regular file breaks whatever
-//!   uses it), so it is opened and written directly, like `-` (standard output).
+//!   uses it), so it is opened and written directly, like `-` (standard output). What was
+//!   written stays there when a command fails, and the error says it is incomplete.
 //! - anything else (a folder, a block device, a socket): refused.
 //!
 //! An output that is the input (the same path, or another path to the same file: a symlink, a
@@ -209,6 +213,8 @@ impl Input {
 pub struct Output {
     name: PathBuf,
     sink: Sink,
+    /// Whether bytes went to a sink that keeps them whatever happens next (not an atomic one).
+    written_directly: bool,
 }
 
 enum Sink {
@@ -244,6 +250,7 @@ impl Output {
             return Ok(Output {
                 name: PathBuf::from(STDOUT_NAME),
                 sink: Sink::Stdout(std::io::stdout().lock()),
+                written_directly: false,
             });
         }
         // Follows symlinks: what the path leads to decides (a symlink itself is replaced).
@@ -289,18 +296,13 @@ impl Output {
         Ok(Output {
             name: path.to_path_buf(),
             sink,
+            written_directly: false,
         })
     }
 
     /// The output as errors name it: the path given, or `standard output`.
     pub fn name(&self) -> &Path {
         &self.name
-    }
-
-    /// Whether a failure leaves the destination untouched (false: a device, FIFO or standard
-    /// output, which have what was written so far).
-    pub fn is_atomic(&self) -> bool {
-        matches!(self.sink, Sink::Atomic(_))
     }
 
     /// Writes all of `bytes`.
@@ -310,18 +312,55 @@ impl Output {
             Sink::Direct(f) => f.write_all(bytes),
             Sink::Stdout(s) => s.write_all(bytes),
         };
+        // Even a write that fails may have written some of the bytes.
+        self.written_directly |= !bytes.is_empty();
         result.map_err(io_error(&self.name))
     }
 
     /// Completes the output: renames an atomic write into place, flushes the others.
     pub fn commit(self) -> Result<(), Error> {
-        let result = match self.sink {
+        let Output {
+            name,
+            sink,
+            written_directly,
+        } = self;
+        let result = match sink {
             Sink::Atomic(f) => return f.commit(),
             Sink::Direct(mut f) => f.flush(),
             Sink::Stdout(mut s) => s.flush(),
         };
-        result.map_err(io_error(&self.name))
+        result.map_err(|e| incomplete(io_error(&name)(e), &name, written_directly))
     }
+
+    /// Abandons the output after `error`, and returns the error to report: an atomic output is
+    /// discarded (its destination stays as it was); standard output, a device or a FIFO keeps
+    /// what was written, and once anything was, the error says that it is incomplete.
+    ///
+    /// ```
+    /// use rotq_cli::{io::{Input, Output}, Error};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+    /// std::fs::write(&x, b"in").unwrap();
+    /// let mut out = Output::create(&y, &Input::open(&x).unwrap()).unwrap();
+    /// out.write_all(b"half").unwrap();
+    /// let e = out.fail(Error::Input("bad input".into()));
+    /// assert_eq!(e.to_string(), "bad input"); // nothing at y: nothing incomplete
+    /// assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
+    /// ```
+    pub fn fail(self, error: Error) -> Error {
+        incomplete(error, &self.name, self.written_directly)
+    }
+}
+
+/// `error`, saying that what `output` has is incomplete when anything was `written` to it.
+fn incomplete(error: Error, output: &Path, written: bool) -> Error {
+    if !written {
+        return error;
+    }
+    Error::Input(format!(
+        "{error}; what was written to {} is incomplete",
+        output.display()
+    ))
 }
 
 #[cfg(unix)]
@@ -338,6 +377,9 @@ fn is_stream(_: &Metadata) -> bool {
 /// A file written to a temporary in its folder and renamed into place by [`AtomicFile::commit`];
 /// dropped without a commit, the temporary is removed and the destination left as it was.
 ///
+/// The new file has the permissions of the file it replaces, or, for a new file, those
+/// `File::create` would give it: 0666 less the umask (0644 under the usual umask 022).
+///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("out.bin");
@@ -352,13 +394,24 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Creates the temporary file (random name, exclusive create, in `path`'s folder).
+    /// Creates the temporary file (random name, exclusive create, in `path`'s folder), with
+    /// the permissions the file will have (see the type's documentation).
     pub fn new(path: &Path) -> Result<AtomicFile, Error> {
-        let dir = folder_of(path);
+        let err = io_error(path);
+        // Read now, so that the data is never readable by more than the replaced file was.
+        let replaced = std::fs::metadata(path)
+            .ok()
+            .filter(Metadata::is_file)
+            .map(|m| m.permissions());
+        // Created here rather than by `tempfile_in`, whose errors name the temporary file: the
+        // user never named it, so errors name `path`.
         let tmp = tempfile::Builder::new()
             .prefix(".rotq-")
-            .tempfile_in(dir)
-            .map_err(|e| io_error(path)(without_temporary_path(e)))?;
+            .make_in(folder_of(path), |tmp| create_new(tmp, replaced.is_none()))
+            .map_err(&err)?;
+        if let Some(permissions) = replaced {
+            tmp.as_file().set_permissions(permissions).map_err(&err)?;
+        }
         Ok(AtomicFile {
             path: path.to_path_buf(),
             tmp,
@@ -367,33 +420,35 @@ impl AtomicFile {
 
     /// Appends `bytes` to the temporary file.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        // Through the `File`: `NamedTempFile`'s own `Write` names the temporary in its errors.
         self.tmp
             .as_file_mut()
             .write_all(bytes)
             .map_err(io_error(&self.path))
     }
 
-    /// Gives the file the permissions of the file it replaces (0644 for a new one: a temporary
-    /// file is private), syncs it, renames it over the destination and syncs the folder.
+    /// Syncs the file, renames it over the destination and syncs the folder.
     pub fn commit(self) -> Result<(), Error> {
         let err = io_error(&self.path);
-        let file = self.tmp.as_file();
-        match std::fs::metadata(&self.path) {
-            Ok(old) => file.set_permissions(old.permissions()).map_err(&err)?,
-            Err(_) => {
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    let mode = std::fs::Permissions::from_mode(0o644);
-                    file.set_permissions(mode).map_err(&err)?;
-                }
-            }
-        }
-        file.sync_all().map_err(&err)?;
+        self.tmp.as_file().sync_all().map_err(&err)?;
         self.tmp.persist(&self.path).map_err(|e| err(e.error))?;
         sync_folder(folder_of(&self.path)).map_err(&err)
     }
+}
+
+/// Creates the file `path`, failing if anything (a symlink included) is there. `public`: with
+/// the mode `File::create` uses, 0666, which the system reduces by the umask (a new file);
+/// else private to the owner until its permissions are set (a file that replaces another).
+fn create_new(path: &Path, public: bool) -> std::io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if public { 0o666 } else { 0o600 });
+    }
+    #[cfg(not(unix))]
+    let _ = public;
+    options.open(path)
 }
 
 /// The folder a path's file is in (`.` for a bare name).
@@ -419,19 +474,6 @@ fn sync_folder(_: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// tempfile appends ` at path "<temporary>"` to its errors; the user never named that path,
-/// so the message keeps only what the system said.
-fn without_temporary_path(e: std::io::Error) -> std::io::Error {
-    if e.get_ref().is_none() {
-        return e;
-    }
-    let text = e.to_string();
-    match text.rfind(" at path ") {
-        Some(i) => std::io::Error::new(e.kind(), text[..i].to_string()),
-        None => e,
-    }
-}
-
 /// Reads a whole file (for files that are small by nature: activation dumps are read into
 /// memory anyway; the file commands stream instead).
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
@@ -455,14 +497,39 @@ pub fn read_f32(path: &Path) -> Result<Vec<f32>, Error> {
             bytes.len()
         )));
     }
-    Ok(bytes
+    Ok(decode_f32(&bytes).collect())
+}
+
+/// The little-endian f32 values of `bytes` (a trailing part of a value is ignored).
+///
+/// ```
+/// let bytes = [0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0];
+/// let values: Vec<f32> = rotq_cli::io::decode_f32(&bytes).collect();
+/// assert_eq!(values, [1.5, -2.0]);
+/// ```
+pub fn decode_f32(bytes: &[u8]) -> impl ExactSizeIterator<Item = f32> + '_ {
+    bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+}
+
+/// Writes `values` little-endian into `out`, which is resized to hold exactly them (a buffer
+/// reused chunk after chunk).
+///
+/// ```
+/// let mut out = vec![9; 100];
+/// rotq_cli::io::encode_f32([1.5f32, -2.0].into_iter(), &mut out);
+/// assert_eq!(out, [0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]);
+/// ```
+pub fn encode_f32(values: impl ExactSizeIterator<Item = f32>, out: &mut Vec<u8>) {
+    out.resize(values.len() * 4, 0);
+    for (o, v) in out.chunks_exact_mut(4).zip(values) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
 }
 
 /// Writes `bytes` to `path` atomically (see [`AtomicFile`]), with the replaced file's
-/// permissions, or 0644 for a new file.
+/// permissions, or as `File::create` would make a new file (0666 less the umask).
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
@@ -472,8 +539,10 @@ pub fn read_f32(path: &Path) -> Result<Vec<f32>, Error> {
 /// #[cfg(unix)]
 /// {
 ///     use std::os::unix::fs::PermissionsExt;
-///     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-///     assert_eq!(mode & 0o777, 0o644);
+///     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+///     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+///     rotq_cli::io::write_atomic(&path, b"new").unwrap();
+///     assert_eq!(mode(&path) & 0o777, 0o640); // the replaced file's
 /// }
 /// ```
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -484,6 +553,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 
 /// Writes f32 values little-endian, atomically.
 pub fn write_f32_atomic(path: &Path, values: &[f32]) -> Result<(), Error> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut bytes = Vec::new();
+    encode_f32(values.iter().copied(), &mut bytes);
     write_atomic(path, &bytes)
 }

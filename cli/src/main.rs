@@ -5,14 +5,15 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rotq::{KvFormat, RotationSpec};
-use rotq_cli::activations::read_activations;
+use rotq_cli::activations::Dump;
 use rotq_cli::bench::{self, BenchOptions, BenchRecord, Section};
 use rotq_cli::bench_cuda::{self, CudaBenchOptions};
 use rotq_cli::eval::{
-    default_formats, evaluate, grid_csv, render_grid, render_table, PlanKind, Synthetic,
+    check_memory, default_formats, evaluate, grid_csv, render_grid, render_table, PlanKind,
+    Synthetic,
 };
 use rotq_cli::eval_backend::{Backend, Runner};
-use rotq_cli::eval_grid::{evaluate_grid_on, GridOptions};
+use rotq_cli::eval_grid::{evaluate_grid_on, memory_needed, GridOptions};
 use rotq_cli::{files, Error};
 use rotq_reference::tuned::{Ignored, Loaded, Millis, TunedEntry};
 use std::path::PathBuf;
@@ -403,7 +404,12 @@ fn eval_activations(run: &EvalRun) -> Result<(), Error> {
     }
     // Open the device first: a missing GPU fails before large inputs are read.
     let runner = Runner::open(opts.backend)?;
-    let layers = read_activations(&run.path, &run.names)?;
+    // The headers first: a dump too large for this machine is refused before it is read, with
+    // the memory it would take.
+    let dump = Dump::open(&run.path, &run.names)?;
+    check_memory(memory_needed(dump.layers(), opts, dump.reading_bytes()))
+        .map_err(|e| Error::Input(format!("{}: {e}", run.path.display())))?;
+    let layers = dump.read()?;
     let combos = opts.k_formats.len() * opts.v_formats.len() * opts.plans.len();
     let shape = |a: &rotq_cli::eval::Activations| {
         format!(

@@ -164,24 +164,33 @@ pub struct NpyArray {
     pub data: Vec<f32>,
 }
 
-/// Parses the bytes of a `.npy` file.
-///
-/// ```
-/// use rotq_cli::npy::{encode, parse, NpyDtype, NpyError};
-/// let mut bytes = encode(&[4], &[1.0, 2.0, 3.0, 4.0], NpyDtype::F32).unwrap();
-/// bytes.pop();
-/// assert!(matches!(parse(&bytes), Err(NpyError::Truncated { .. })));
-/// ```
-pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+/// What a `.npy` header says: the array's shape and dtype, and where its values start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NpyHeader {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// The dtype of the values.
+    pub dtype: NpyDtype,
+    /// Bytes before the values: magic, version, header length and header.
+    pub data_start: usize,
+}
+
+/// The longest preamble: magic (6), version (2) and a 4-byte header length.
+const PREAMBLE: usize = 12;
+
+/// Where the header of a file starting with `head` lies: its start, its end (the values' start)
+/// and whether it is UTF-8 (version 3) rather than ASCII. `head` holds the first
+/// `min(PREAMBLE, file_len)` bytes at least; errors count `file_len` bytes.
+fn header_span(head: &[u8], file_len: usize) -> Result<(usize, usize, bool), NpyError> {
+    if head.len() < MAGIC.len() || &head[..MAGIC.len()] != MAGIC {
         return Err(NpyError::NotNpy);
     }
     let truncated = |what: &str, needed: usize| NpyError::Truncated {
         what: what.into(),
         needed,
-        found: bytes.len(),
+        found: file_len,
     };
-    let (major, minor) = match bytes.get(6..8) {
+    let (major, minor) = match head.get(6..8) {
         Some(v) => (v[0], v[1]),
         None => return Err(truncated("the version", 8)),
     };
@@ -192,7 +201,7 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
         _ => return Err(NpyError::UnsupportedVersion { major, minor }),
     };
     let start = 8 + len_bytes;
-    let len_field = bytes
+    let len_field = head
         .get(8..start)
         .ok_or_else(|| truncated("the header length", start))?;
     let header_len = len_field
@@ -202,7 +211,20 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
     let data_start = start
         .checked_add(header_len)
         .ok_or_else(|| NpyError::BadHeader("header length overflows".into()))?;
-    let header = bytes
+    Ok((start, data_start, utf8))
+}
+
+/// Parses the header of a file of `file_len` bytes that starts with `head` (which holds the
+/// whole header, or the whole file), and checks that the file holds exactly the values its
+/// shape says, before any of them is read.
+fn parse_header(head: &[u8], file_len: usize) -> Result<NpyHeader, NpyError> {
+    let (start, data_start, utf8) = header_span(head, file_len)?;
+    let truncated = |what: &str, needed: usize| NpyError::Truncated {
+        what: what.into(),
+        needed,
+        found: file_len,
+    };
+    let header = head
         .get(start..data_start)
         .ok_or_else(|| truncated("the header", data_start))?;
     let header = if utf8 {
@@ -220,30 +242,45 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .and_then(|n| n.checked_mul(h.dtype.size()))
         .ok_or_else(|| NpyError::BadHeader(format!("shape {:?} overflows", h.shape)))?;
-    let values = &bytes[data_start..];
-    if values.len() < count {
+    let values = file_len.saturating_sub(data_start);
+    if values < count {
         return Err(truncated(
             &format!("the values of shape {:?} ({})", h.shape, h.dtype),
-            data_start + count,
+            data_start.saturating_add(count),
         ));
     }
-    if values.len() > count {
+    if values > count {
         return Err(NpyError::ShapeMismatch {
             shape: h.shape,
             dtype: h.dtype,
             expected: count,
-            found: values.len(),
+            found: values,
         });
     }
+    Ok(NpyHeader {
+        shape: h.shape,
+        dtype: h.dtype,
+        data_start,
+    })
+}
+
+/// Parses the bytes of a `.npy` file.
+///
+/// ```
+/// use rotq_cli::npy::{encode, parse, NpyDtype, NpyError};
+/// let mut bytes = encode(&[4], &[1.0, 2.0, 3.0, 4.0], NpyDtype::F32).unwrap();
+/// bytes.pop();
+/// assert!(matches!(parse(&bytes), Err(NpyError::Truncated { .. })));
+/// ```
+pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
+    let h = parse_header(bytes, bytes.len())?;
+    let values = &bytes[h.data_start..];
     let data = match h.dtype {
         NpyDtype::F16 => values
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        NpyDtype::F32 => values
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        NpyDtype::F32 => crate::io::decode_f32(values).collect(),
         NpyDtype::F64 => values
             .chunks_exact(8)
             .map(|c| {
@@ -330,6 +367,43 @@ pub fn read(path: &Path) -> Result<NpyArray, Error> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Reads the header of the `.npy` file at `path`, and only the header: the shape and dtype of
+/// a file of any size, checked as [`parse`] checks them (the file's length included) before
+/// any value is read. Errors name the file.
+///
+/// ```
+/// use rotq_cli::npy::{read_header, write, NpyDtype};
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("k.npy");
+/// write(&path, &[2, 1, 2], &[1.0, 2.0, 3.0, 4.0], NpyDtype::F16).unwrap();
+/// let h = read_header(&path).unwrap();
+/// assert_eq!((h.shape, h.dtype), (vec![2, 1, 2], NpyDtype::F16));
+/// assert_eq!(std::fs::metadata(&path).unwrap().len(), h.data_start as u64 + 8);
+/// ```
+pub fn read_header(path: &Path) -> Result<NpyHeader, Error> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let npy = |source| Error::Npy {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let file_len = usize::try_from(file_len).unwrap_or(usize::MAX);
+    let mut head = Vec::new();
+    let mut read_to = |head: &mut Vec<u8>, end: usize| {
+        let more = end.saturating_sub(head.len()) as u64;
+        (&mut file).take(more).read_to_end(head).map_err(io)
+    };
+    read_to(&mut head, PREAMBLE)?;
+    let (_, data_start, _) = header_span(&head, file_len).map_err(npy)?;
+    read_to(&mut head, data_start)?;
+    parse_header(&head, file_len).map_err(npy)
 }
 
 /// Reads a 3-D array (`[tokens, heads, dim]` for `rotq eval`); another rank is

@@ -1,17 +1,13 @@
 //! The `rotq` CLI end to end: round trips for every format and rotation, ggml's bytes, and
 //! bad input (one-line error, non-zero exit, no output written).
 
+mod common;
+
+use common::{assert_one_line_error, f32_bytes, from_f32_bytes, rotq, rotq_ok, s, stderr};
 use rotq::KvFormat;
 use rotq_testkit::data::Rows;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn rotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(args)
-        .output()
-        .expect("the rotq binary runs")
-}
+use std::process::Command;
 
 /// `CMD --format F --row-len N --input IN --output OUT`.
 fn codec_args<'a>(
@@ -34,45 +30,12 @@ fn codec_args<'a>(
     ]
 }
 
-/// Runs rotq and asserts that it succeeded.
-fn rotq_ok(args: &[&str]) -> Output {
-    let out = rotq(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn write_values(path: &Path, values: &[f32]) {
-    std::fs::write(
-        path,
-        values
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
-    .unwrap();
+    std::fs::write(path, f32_bytes(values)).unwrap();
 }
 
 fn read_values(path: &Path) -> Vec<f32> {
-    std::fs::read(path)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn assert_one_line_failure(out: &Output) {
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "stderr: {err}");
-    assert!(err.starts_with("error"), "stderr: {err}");
+    from_f32_bytes(&std::fs::read(path).unwrap())
 }
 
 #[test]
@@ -196,7 +159,7 @@ fn bad_input_fails_in_one_line_and_writes_nothing() {
     ];
     for args in &cases {
         let out = rotq(args);
-        assert_one_line_failure(&out);
+        assert_one_line_error(&out, &format!("{args:?}"));
         assert!(!out_path.exists(), "{args:?} left an output");
         // No temporary files are left behind either.
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -208,12 +171,12 @@ fn bad_input_fails_in_one_line_and_writes_nothing() {
     // A failing run does not touch an existing output.
     std::fs::write(&out_path, b"keep me").unwrap();
     let out = rotq(&codec_args("quantize", "q4_0", "32", &x, &out_path));
-    assert_one_line_failure(&out);
+    assert_one_line_error(&out, "an existing output");
     assert_eq!(std::fs::read(&out_path).unwrap(), b"keep me");
     // An output in a folder that does not exist is a one-line error too.
     let nowhere = dir.path().join("no/such/dir/out.bin");
     let out = rotq(&codec_args("quantize", "f32", "4", &x, &nowhere));
-    assert_one_line_failure(&out);
+    assert_one_line_error(&out, "an output in a missing folder");
 }
 
 #[test]
@@ -259,8 +222,8 @@ fn bench_runs_only_the_section_asked_for() {
     );
     // The CPU has no prefill benchmark: a one-line error, not an empty table.
     let out = rotq(&["bench", "--quick", "--only", "prefill"]);
-    assert_one_line_failure(&out);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("prefill"));
+    assert_one_line_error(&out, "--only prefill on the CPU");
+    assert!(stderr(&out).contains("prefill"));
 }
 
 /// `rotq info` lists the CPU's tuned entries, says which the kernels ignore and why (a value

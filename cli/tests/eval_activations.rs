@@ -1,6 +1,9 @@
 //! `rotq eval --activations`: per-layer Q, K, V read from a safetensors dump the test writes,
 //! the K format × V format × plan grid on them, and the errors of bad dumps.
 
+mod common;
+
+use common::{rotq_ok, s};
 use half::{bf16, f16};
 use rotq::KvFormat;
 use rotq_cli::activations::read_activations;
@@ -8,7 +11,6 @@ use rotq_cli::eval::{evaluate_grid, grid_csv, Activations, PlanKind, Synthetic};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::Path;
-use std::process::Command;
 
 fn layer(seed: u64) -> Activations {
     Synthetic {
@@ -151,18 +153,7 @@ fn the_cli_evaluates_a_dump() {
     let path = dir.path().join("acts.safetensors");
     write_dump(&path, &[layer(4)], None);
     let csv = dir.path().join("grid.csv");
-    let out = Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(["eval", "--activations"])
-        .arg(&path)
-        .arg("--csv")
-        .arg(&csv)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = rotq_ok(&["eval", "--activations", s(&path), "--csv", s(&csv)]);
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(
         table.contains("hadamard+v") && table.contains("q4_0"),

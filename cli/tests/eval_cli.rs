@@ -2,28 +2,16 @@
 //! table, JSON, CSV and heatmap PNGs (valid, of the documented size, not blank), the oracle
 //! check's line, `--device` errors, and bad option combinations failing before any work.
 
+mod common;
+
+use common::{assert_ok, assert_one_line_error, assert_one_line_failure, rotq, s, stderr};
 use rotq_cli::activations::{write_npy_folder, write_safetensors, DumpDtype};
 use rotq_cli::eval::Synthetic;
 use rotq_cli::heatmap::heatmap_size;
 use rotq_cli::npy::NpyDtype;
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn rotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(args)
-        .output()
-        .expect("the rotq binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Command;
 
 fn layers() -> Vec<rotq_cli::eval::Activations> {
     (1..=2)
@@ -77,7 +65,7 @@ fn an_npy_folder_gives_json_csv_heatmaps_and_the_check_line() {
     args.extend(["--heatmaps", s(&maps)]);
     args.extend(FORMATS.iter().chain(&V_FORMATS).chain(&PLANS));
     let out = rotq(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ok(&out, &format!("{args:?}"));
     let err = stderr(&out);
     assert!(
         err.contains("oracle check (cpu): 36 comparisons of 2 query rows"),
@@ -138,7 +126,7 @@ fn a_safetensors_dump_gives_the_table_and_the_check_line() {
     args.extend(FORMATS.iter().chain(&PLANS));
     args.extend(["--v-formats", "f16", "--check-rows", "4"]);
     let out = rotq(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ok(&out, &format!("{args:?}"));
     let table = String::from_utf8(out.stdout).unwrap();
     assert_eq!(table.lines().filter(|l| l.contains(" f16 ")).count(), 6);
     let last = table.lines().last().unwrap();
@@ -149,7 +137,7 @@ fn a_safetensors_dump_gives_the_table_and_the_check_line() {
     // The oracle backend has nothing to check.
     args.extend(["--device", "oracle"]);
     let out = rotq(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ok(&out, &format!("{args:?}"));
     assert!(String::from_utf8(out.stdout)
         .unwrap()
         .contains("not needed"));
@@ -158,9 +146,8 @@ fn a_safetensors_dump_gives_the_table_and_the_check_line() {
 /// One line on stderr, a failure status, and nothing written.
 fn assert_fails(args: &[&str], needle: &str, not_written: &Path) {
     let out = rotq(args);
-    assert!(!out.status.success(), "{args:?}");
+    assert_one_line_error(&out, &format!("{args:?}"));
     let err = stderr(&out);
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains(needle), "{args:?}: {err}");
     assert!(!not_written.exists(), "{}", not_written.display());
 }
@@ -201,4 +188,82 @@ fn bad_devices_and_options_fail_in_one_line_before_any_work() {
         "go with --activations",
         &maps,
     );
+}
+
+/// Creates `path` with `header` at its start and `len` bytes in all, the rest a hole: a file
+/// of any size that costs no disk. Its values are never read (the test is that they are not).
+fn sparse_file(path: &Path, header: &[u8], len: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(header).unwrap();
+    f.set_len(len).unwrap();
+}
+
+/// A dump whose headers claim more than this machine can hold (K and V of 2^22 tokens, 8 heads
+/// of 128: 8 GiB each in f16, and 2^39 attention probabilities) is refused from its headers,
+/// with the memory it would need, before any value is read or allocated: rotq runs under an
+/// address-space limit of 1 GiB and a CPU-time limit of 10 s, which reading 16 GiB of values
+/// would exceed. Both a safetensors file and a folder of `.npy` files; nothing is written.
+#[test]
+fn a_dump_too_large_for_memory_is_refused_from_its_headers() {
+    let Some(prlimit) = common::prlimit() else {
+        eprintln!("skipped: no prlimit here");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (n_q, h_q, n_kv, h_kv, d) = (4096u64, 32u64, 1u64 << 22, 8u64, 128u64);
+    let shapes = [
+        ("q", [n_q, h_q, d]),
+        ("k", [n_kv, h_kv, d]),
+        ("v", [n_kv, h_kv, d]),
+    ];
+    let csv = dir.path().join("grid.csv");
+    let eval = |path: &Path| {
+        Command::new(prlimit)
+            .args(["--as=1073741824", "--cpu=10", "--"])
+            .arg(env!("CARGO_BIN_EXE_rotq"))
+            .args(["eval", "--activations", s(path), "--csv", s(&csv)])
+            .output()
+            .unwrap()
+    };
+    let check = |path: &Path, out: &std::process::Output| {
+        assert_one_line_failure(out, &path.display().to_string());
+        let err = stderr(out);
+        assert!(
+            err.contains(s(path)) && err.contains("the evaluation needs about"),
+            "{err}"
+        );
+        assert!(err.contains(" TiB of memory"), "{err}");
+        assert!(!csv.exists());
+    };
+
+    // safetensors: an 8-byte header length, the JSON header, then 16 GiB of f16 values.
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (t, shape) in shapes {
+        let bytes = shape.iter().product::<u64>() * 2;
+        header.insert(
+            format!("layers.0.{t}"),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut head = (json.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(&json);
+    let path = dir.path().join("huge.safetensors");
+    sparse_file(&path, &head, head.len() as u64 + offset);
+    check(&path, &eval(&path));
+
+    // A folder of .npy files: each a header, then its f16 values.
+    let folder = dir.path().join("huge");
+    std::fs::create_dir(&folder).unwrap();
+    for (t, [n, h, d]) in shapes {
+        let header =
+            format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({n}, {h}, {d}), }}");
+        let head = common::handmade_npy(1, &header, &[]);
+        let len = head.len() as u64 + n * h * d * 2;
+        sparse_file(&folder.join(format!("layers.0.{t}.npy")), &head, len);
+    }
+    check(&folder, &eval(&folder));
 }

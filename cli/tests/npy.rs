@@ -2,34 +2,14 @@
 //! and 3.0), a typed error naming the file for each way a file can be wrong, and activation
 //! folders of `.npy` files.
 
+mod common;
+
+use common::{f32_bytes, handmade_npy as handmade};
 use rotq_cli::activations::{read_activations, write_npy_folder};
 use rotq_cli::eval::Synthetic;
 use rotq_cli::npy::{encode, parse, read3, write, NpyDtype, NpyError};
 use rotq_cli::Error;
 use std::path::Path;
-
-/// A file with a hand-written header, as NumPy writes it (version `major`.0, padded to 64).
-fn handmade(major: u8, header: &str, values: &[u8]) -> Vec<u8> {
-    let len_bytes = if major == 1 { 2 } else { 4 };
-    let mut h = header.to_string();
-    let unpadded = 6 + 2 + len_bytes + h.len() + 1;
-    h.push_str(&" ".repeat((64 - unpadded % 64) % 64));
-    h.push('\n');
-    let mut out = b"\x93NUMPY".to_vec();
-    out.extend_from_slice(&[major, 0]);
-    if major == 1 {
-        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    } else {
-        out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    }
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(values);
-    out
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
 
 #[test]
 fn every_dtype_round_trips() {

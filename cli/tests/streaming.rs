@@ -3,70 +3,16 @@
 //! replaced), sizes checked before reading, and errors that name the user's paths. `eval`
 //! refuses sizes it cannot hold before allocating them.
 
+mod common;
+
+use common::{
+    assert_ok, assert_one_line_failure, f32_bytes, from_f32_bytes, prlimit, rotq, rotq_with_stdin,
+    s, stderr,
+};
 use rotq::{KvFormat, RotationSpec};
 use rotq_testkit::data::Rows;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
-fn rotq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(args)
-        .output()
-        .expect("the rotq binary runs")
-}
-
-/// Runs rotq with `stdin` as its standard input; returns its output.
-fn rotq_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rotq"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the rotq binary runs");
-    let mut pipe = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    // A thread writes while the output is read: neither pipe can fill up and block.
-    let writer = std::thread::spawn(move || {
-        // rotq may stop reading early (an error); a broken pipe is then expected.
-        let _ = pipe.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what}: {}", stderr(out));
-}
-
-/// A failure with one line on stderr that starts with `error` (not a panic, not an abort).
-fn assert_one_line_failure(out: &Output, what: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
-    assert!(err.starts_with("error: "), "{what}: {err}");
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn from_f32_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+use std::process::{Command, Stdio};
 
 /// The files in `dir`, by name (to see that nothing, not even a temporary, was left).
 fn names(dir: &Path) -> Vec<String> {
@@ -358,54 +304,203 @@ fn input_that_is_not_whole_rows_is_refused() {
     assert_one_line_failure(&out, "empty standard input");
 }
 
-/// `prlimit` (util-linux), if this machine has it.
-fn prlimit() -> Option<&'static str> {
-    let ok = Command::new("prlimit")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then_some("prlimit")
-}
-
 /// A 3 GiB input quantizes within a 128 MiB address-space limit: memory does not grow with
-/// the file. The file is sparse (it costs no disk), so its values are zeros: this test is for
-/// the size and memory property only; the bytes are checked on real data above. Standard
-/// error has the summary line only (no progress bar when it is not a terminal).
+/// the input. The input is seeded values (never zeros), generated chunk by chunk into rotq's
+/// standard input while its standard output is read back: the output has the size of every
+/// row quantized, and sampled chunks (the first two, one in the middle, the last) are the
+/// oracle's bytes for the same values. Standard error has the summary line only (no progress
+/// bar when it is not a terminal).
 #[test]
-fn a_multi_gib_file_quantizes_in_bounded_memory() {
+fn a_multi_gib_input_quantizes_in_bounded_memory() {
+    use std::io::{Read, Write};
     let Some(prlimit) = prlimit() else {
         eprintln!("skipped: no prlimit here");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (x, q) = (dir.path().join("x.f32"), dir.path().join("x.q4_0"));
-    let size = 3u64 << 30;
-    if let Err(e) = std::fs::File::create(&x).and_then(|f| f.set_len(size)) {
-        eprintln!("skipped: no sparse file of 3 GiB here ({e})");
-        return;
-    }
+    let format = KvFormat::Q4_0;
+    // 768 chunks of 4 MiB of f32 values: 3 GiB, written as they are drawn.
+    let (chunk_values, chunks) = (1usize << 20, 768u64);
+    let values = move |c: u64| Rows::outliers().f32s(chunk_values, 1000 + c);
+    let size = chunks * chunk_values as u64 * 4;
     let limit = 128u64 << 20;
-    let out = Command::new(prlimit)
+    let mut child = Command::new(prlimit)
         .arg(format!("--as={limit}"))
+        .args(["--", env!("CARGO_BIN_EXE_rotq"), "quantize", "--format"])
         .args([
-            "--",
-            env!("CARGO_BIN_EXE_rotq"),
-            "quantize",
-            "--format",
-            "q4_0",
+            format.name(),
+            "--row-len",
+            "128",
+            "--input",
+            "-",
+            "--output",
+            "-",
         ])
-        .args(["--row-len", "128", "--input", s(&x), "--output", s(&q)])
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_ok(&out, "3 GiB under a 128 MiB address-space limit");
-    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
-    let rows = size / (128 * 4);
-    assert_eq!(std::fs::metadata(&q).unwrap().len(), rows * 4 * 18);
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        for c in 0..chunks {
+            // rotq stopping early is reported below by its status.
+            if stdin.write_all(&f32_bytes(&values(c))).is_err() {
+                return;
+            }
+        }
+    });
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr_pipe.read_to_string(&mut text).unwrap();
+        text
+    });
+    // The output, chunk by chunk (each input chunk is whole rows, so whole output blocks).
+    let mut stdout = child.stdout.take().unwrap();
+    let chunk_out = format.row_bytes(chunk_values).unwrap();
+    let (mut buf, mut total) = (vec![0u8; chunk_out], 0u64);
+    let sampled = [0, 1, chunks / 2, chunks - 1];
+    for c in 0..chunks {
+        if stdout.read_exact(&mut buf).is_err() {
+            break;
+        }
+        total += chunk_out as u64;
+        if sampled.contains(&c) {
+            let want = format.quantize_row(&values(c)).unwrap();
+            assert!(buf == want, "chunk {c} differs from the oracle's bytes");
+        }
+    }
+    total += stdout.read_to_end(&mut Vec::new()).unwrap() as u64;
+    writer.join().unwrap();
+    let status = child.wait().unwrap();
+    let err = errors.join().unwrap();
     assert!(
-        stderr(&out).contains(&format!("quantized {rows} rows")),
-        "{}",
-        stderr(&out)
+        status.success(),
+        "3 GiB under a 128 MiB address-space limit: {err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let rows = size / (128 * 4);
+    assert_eq!(total, rows * 4 * 18);
+    assert!(err.contains(&format!("quantized {rows} rows")), "{err}");
+}
+
+/// A failure after bytes went to standard output or a FIFO (here: the reader goes away after
+/// a few bytes, so a write mid-stream fails) is a one-line error that says the output is
+/// incomplete; the bytes that did arrive are the right ones.
+#[cfg(unix)]
+#[test]
+fn a_failure_mid_stream_says_a_direct_output_is_incomplete() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    // 12 MB: three chunks of input, 3.2 MB of output, far more than a pipe holds.
+    let values = Rows::outliers().f32s(32 * 100_000, 8);
+    std::fs::write(&x, f32_bytes(&values)).unwrap();
+    let want = KvFormat::Q8_0.quantize_row(&values).unwrap();
+    let args = |output: &str| {
+        let a = ["quantize", "--format", "q8_0", "--row-len", "32"];
+        let mut v: Vec<String> = a.iter().map(|a| a.to_string()).collect();
+        v.extend([
+            "--input".into(),
+            s(&x).into(),
+            "--output".into(),
+            output.into(),
+        ]);
+        v
+    };
+    // Reads the first 1000 bytes of `from`, then closes it.
+    let read_prefix = |mut from: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut prefix = vec![0u8; 1000];
+            from.read_exact(&mut prefix).unwrap();
+            prefix
+        })
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rotq"))
+        .args(args("-"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader = read_prefix(Box::new(child.stdout.take().unwrap()));
+    let prefix = reader.join().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_one_line_failure(&out, "standard output closed early");
+    let err = stderr(&out);
+    assert!(
+        err.contains("what was written to standard output is incomplete"),
+        "{err}"
+    );
+    assert!(
+        prefix == want[..1000],
+        "the bytes written before the failure"
+    );
+
+    let fifo = dir.path().join("fifo");
+    match Command::new("mkfifo").arg(&fifo).status() {
+        Ok(st) if st.success() => {
+            let opened = {
+                let fifo = fifo.clone();
+                std::thread::spawn(move || std::fs::File::open(fifo).unwrap())
+            };
+            let child = Command::new(env!("CARGO_BIN_EXE_rotq"))
+                .args(args(s(&fifo)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let reader = read_prefix(Box::new(opened.join().unwrap()));
+            let prefix = reader.join().unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert_one_line_failure(&out, "a FIFO closed early");
+            let err = stderr(&out);
+            let note = format!("what was written to {} is incomplete", s(&fifo));
+            assert!(err.contains(&note), "{err}");
+            assert!(
+                prefix == want[..1000],
+                "the bytes written before the failure"
+            );
+        }
+        _ => eprintln!("skipped the FIFO: no mkfifo here"),
+    }
+}
+
+/// A new output file gets the permissions `File::create` would give it, 0666 less the umask
+/// (0600 under umask 077, 0664 under 002); a file that is replaced keeps its permissions.
+#[cfg(unix)]
+#[test]
+fn outputs_honour_the_umask_and_keep_replaced_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.f32");
+    std::fs::write(&x, f32_bytes(&Rows::outliers().f32s(32 * 4, 9))).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // rotq in a child process with `umask` set by the shell that execs it.
+    let quantize_with_umask = |umask: &str, output: &Path| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\"")])
+            .arg(env!("CARGO_BIN_EXE_rotq"))
+            .args(["quantize", "--format", "q8_0", "--row-len", "32"])
+            .args(["--input", s(&x), "--output", s(output)])
+            .output()
+            .unwrap();
+        assert_ok(&out, &format!("umask {umask}"));
+    };
+    for (umask, want) in [("077", "600"), ("002", "664"), ("022", "644")] {
+        let new = dir.path().join(format!("new-{umask}"));
+        quantize_with_umask(umask, &new);
+        assert_eq!(
+            format!("{:o}", mode(&new)),
+            want,
+            "a new file under umask {umask}"
+        );
+    }
+    let replaced = dir.path().join("replaced");
+    std::fs::write(&replaced, b"old").unwrap();
+    std::fs::set_permissions(&replaced, std::fs::Permissions::from_mode(0o640)).unwrap();
+    quantize_with_umask("077", &replaced);
+    assert_eq!(format!("{:o}", mode(&replaced)), "640", "a replaced file");
+    assert_ne!(std::fs::read(&replaced).unwrap(), b"old");
 }
 
 /// Errors name the paths the user gave, never rotq's temporary files.
