@@ -8,6 +8,11 @@
 # New inputs go to a scratch copy of the corpus; set FUZZ_KEEP=1 to add them to
 # fuzz/corpus/<target> instead (then `cargo test --test fuzz_corpus` replays them). A crash
 # leaves its input as fuzz/artifacts/<target>/crash-* and makes the script fail.
+#
+# FUZZ_MERGE=1 then minimizes fuzz/corpus/<target> with what a run that failed nothing found
+# (libFuzzer's -set_cover_merge=1): every named file (a seed or a kept find: a regression
+# input) stays, and of the hash-named ones a small set (a greedy set cover) that keeps all
+# their coverage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-30}
@@ -41,6 +46,18 @@ for t in "${targets[@]}"; do
     if ls "fuzz/artifacts/$t"/crash-* "fuzz/artifacts/$t"/leak-* "fuzz/artifacts/$t"/timeout-* >/dev/null 2>&1; then
         echo "$t: failing inputs in fuzz/artifacts/$t"
         status=1
+    elif [ "${FUZZ_MERGE:-0}" = 1 ]; then
+        merged=$(mktemp -d)
+        found=("$corpus")
+        [ "$work" = "$corpus" ] || found+=("$work")
+        find "$corpus" -maxdepth 1 -type f -regextype posix-extended ! -regex '.*/[0-9a-f]{40}' \
+            -exec cp {} "$merged" \;
+        "fuzz/target/$host/release/$t" -set_cover_merge=1 "$merged" "${found[@]}" -max_len=8192 \
+            -timeout=20 -rss_limit_mb=4096 2>&1 | grep -E "^MERGE-OUTER: [0-9]+ new files"
+        find "$corpus" -maxdepth 1 -type f -delete
+        cp "$merged"/* "$corpus"/
+        rm -r "$merged"
+        echo "$t: $(find "$corpus" -type f | wc -l) files after merging"
     fi
 done
 exit $status
