@@ -738,7 +738,9 @@ mod tests {
             })
             .collect();
         files.sort();
-        assert!(files.len() > 100, "{target}: {} files", files.len());
+        // (Guards against a wrong path or an emptied corpus passing vacuously; the minimized
+        // corpora hold 73 to 634 files.)
+        assert!(files.len() >= 50, "{target}: {} files", files.len());
         files
     }
 
