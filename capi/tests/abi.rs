@@ -3,16 +3,11 @@
 //! cache's. Each is a status and a message, the cache unchanged. And a paged cache answers as a
 //! contiguous one.
 
-use rotq_capi::*;
-use std::ffi::CStr;
-use std::ptr::{null, null_mut};
+mod common;
+use common::last_error;
 
-fn last_error() -> String {
-    // SAFETY: rotq_last_error returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(rotq_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
+use rotq_capi::*;
+use std::ptr::{null, null_mut};
 
 fn spec() -> RotqCacheSpec {
     RotqCacheSpec {

@@ -7,13 +7,15 @@
 //! does not depend on the order: each thread's attention, run at once with the others', equals
 //! the oracle's over all the rows.
 
+mod common;
+use common::last_error;
+
 use ndarray::Array3;
 use rotq::reference::attention::attention_f64;
 use rotq::reference::tolerance::{tolerance, Op, Precision};
 use rotq::AttentionParams;
 use rotq_capi::*;
 use rotq_testkit::data::Rows;
-use std::ffi::CStr;
 use std::sync::Barrier;
 
 const THREADS: usize = 8;
@@ -36,13 +38,6 @@ unsafe impl Sync for Shared {}
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
     Rows::uniform(1.0).f32s(len, seed)
-}
-
-fn last_error() -> String {
-    // SAFETY: rotq_last_error returns a NUL-terminated string valid until the next call.
-    unsafe { CStr::from_ptr(rotq_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 fn params() -> RotqAttentionParams {

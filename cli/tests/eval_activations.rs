@@ -3,27 +3,14 @@
 
 mod common;
 
-use common::{rotq_ok, s};
+use common::{rotq_ok, s, small_layer as layer};
 use half::{bf16, f16};
 use rotq::KvFormat;
 use rotq_cli::activations::read_activations;
-use rotq_cli::eval::{evaluate_grid, grid_csv, Activations, PlanKind, Synthetic};
+use rotq_cli::eval::{evaluate_grid, grid_csv, Activations, PlanKind};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::Path;
-
-fn layer(seed: u64) -> Activations {
-    Synthetic {
-        n_kv: 96,
-        n_q: 4,
-        h_kv: 2,
-        group: 2,
-        d: 64,
-        seed,
-        ..Default::default()
-    }
-    .generate()
-}
 
 /// The bytes of `x` in `dtype` (f16 or bf16).
 fn encode(x: &ndarray::Array3<f32>, dtype: Dtype) -> Vec<u8> {

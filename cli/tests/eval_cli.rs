@@ -6,7 +6,6 @@ mod common;
 
 use common::{assert_ok, assert_one_line_error, assert_one_line_failure, rotq, s, stderr};
 use rotq_cli::activations::{write_npy_folder, write_safetensors, DumpDtype};
-use rotq_cli::eval::Synthetic;
 use rotq_cli::heatmap::heatmap_size;
 use rotq_cli::npy::NpyDtype;
 use std::collections::HashSet;
@@ -14,20 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn layers() -> Vec<rotq_cli::eval::Activations> {
-    (1..=2)
-        .map(|seed| {
-            Synthetic {
-                n_kv: 96,
-                n_q: 4,
-                h_kv: 2,
-                group: 2,
-                d: 64,
-                seed,
-                ..Default::default()
-            }
-            .generate()
-        })
-        .collect()
+    (1..=2).map(common::small_layer).collect()
 }
 
 const FORMATS: [&str; 2] = ["--k-formats", "f16,q8_0,q4_0"];

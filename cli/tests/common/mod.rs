@@ -116,3 +116,18 @@ pub fn prlimit() -> Option<&'static str> {
         .is_ok_and(|o| o.status.success());
     ok.then_some("prlimit")
 }
+
+/// A small synthetic layer for the eval tests: 96 cached tokens, 4 queries, 2 KV heads of 64
+/// values with 2 query heads each, from `seed`.
+pub fn small_layer(seed: u64) -> rotq_cli::eval::Activations {
+    rotq_cli::eval::Synthetic {
+        n_kv: 96,
+        n_q: 4,
+        h_kv: 2,
+        group: 2,
+        d: 64,
+        seed,
+        ..Default::default()
+    }
+    .generate()
+}
