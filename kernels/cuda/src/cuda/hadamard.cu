@@ -36,8 +36,10 @@
 // encoded rows kOutStride bytes apart, and launch bounds that let at least 1024 threads (32
 // warps) share an SM: enough loads in flight to keep the memory system busy.
 static_assert(RowTraits::kThreads == ROWS * TPR, "the rows' threads");
-static_assert(RowTraits::kRowStride >= PAD(N) && RowTraits::kRowStride % 4 == 0,
-              "a padded row, in whole float4s");
+static_assert(RowTraits::kRowStride == (PAD(N) + 3) / 4 * 4, "a padded row, in whole float4s");
+#ifndef FMT
+static_assert(RowTraits::kOutStride == 0, "no encoded rows without a format");
+#endif
 static_assert(RowTraits::kMinBlocks == (1024 / RowTraits::kThreads > 0 ? 1024 / RowTraits::kThreads : 1),
               "blocks for 1024 threads per SM");
 
@@ -260,8 +262,8 @@ extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMi
 #define ROW_BYTES ((N / BLOCK_SIZE) * BLOCK_BYTES)
 // Encoded rows are staged in shared memory, after the float rows, so that global memory is
 // read and written by consecutive threads in 4-byte words (or bytes), not block by block.
-static_assert(RowTraits::kOutStride >= ROW_BYTES && RowTraits::kOutStride % 16 == 0,
-              "encoded rows 16-byte aligned");
+static_assert(RowTraits::kOutStride == (ROW_BYTES + 15) / 16 * 16,
+              "encoded rows, in whole 16-byte units");
 #define WORDS (ROW_BYTES % 4 == 0)
 
 // Waits for the threads of this row: a warp barrier when the row's threads are one aligned
