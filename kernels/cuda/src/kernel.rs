@@ -14,17 +14,6 @@ pub(crate) const FORMATS: &str = include_str!("cuda/formats.cuh");
 pub(crate) const ELEM: &str = include_str!("cuda/elem.cuh");
 const HADAMARD: &str = include_str!("cuda/hadamard.cu");
 
-/// How the tensor-core kernels turn a format's codes into f16/bf16 pairs (`RQ_K_CODES`,
-/// `RQ_V_CODES` in their sources): 1 q4_0's nibbles, 2 q8_0's bytes (f16 only: a byte needs 8
-/// mantissa bits), 0 the format's accessor.
-pub(crate) fn code_path(format: KvFormat, elem: u32) -> u32 {
-    match (format, elem) {
-        (KvFormat::Q4_0, _) => 1,
-        (KvFormat::Q8_0, 1) => 2,
-        _ => 0,
-    }
-}
-
 /// A traits struct of constants for a module's source: the numbers the host computed once
 /// (shapes, shared-memory offsets, launch bounds), which the CUDA C reads and checks with
 /// `static_assert`s instead of deriving them again.
