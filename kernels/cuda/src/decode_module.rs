@@ -4,11 +4,11 @@
 //! source carries it as the `DecodeTraits` struct), and its source.
 
 use crate::attention::{DecodeConfig, MAX_GROUP, TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS};
+use crate::attention_module::{self, format_defines, odd_units, widest_copy};
 use crate::error::{CudaError, Result};
-use crate::kernel::{code_path, Traits, ELEM, FORMATS};
+use crate::kernel::Traits;
 use rotq_reference::{Error, KvFormat};
 
-pub(crate) const COMMON: &str = include_str!("cuda/common.cuh");
 const DECODE: &str = include_str!("cuda/decode.cu");
 const DECODE_MMA: &str = include_str!("cuda/decode_mma.cu");
 
@@ -84,11 +84,6 @@ pub(crate) struct DecodeLayout {
     pub part_floats: usize,
     /// The dynamic shared memory of `decode_combine` (one merged f32 row).
     pub combine_smem: usize,
-}
-
-/// `row` rounded up to an odd number of `unit`s.
-fn odd_units(row: usize, unit: usize) -> usize {
-    unit * (row.div_ceil(unit) | 1)
 }
 
 impl Shape {
@@ -192,10 +187,7 @@ impl Shape {
         } else {
             2 * tile_bytes
         };
-        let copy_bytes = [16, 8, 4]
-            .into_iter()
-            .find(|&w| staged_k.is_multiple_of(w) && staged_v.is_multiple_of(w))
-            .unwrap_or(2);
+        let copy_bytes = widest_copy(staged_k, staged_v);
         // Enough blocks per multiprocessor to keep at least 16 warps resident (128 registers
         // per thread), where that needs no spills: one column tile of 8 query heads and head
         // dimensions up to 128.
@@ -343,21 +335,15 @@ impl Shape {
                 "decode_combine's dynamic shared memory",
             );
         let defines = format!(
-            "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define RQ_K_CODES {}\n\
-             #define RQ_V_CODES {}\n#define RQ_TENSOR_CORES {}\n",
-            self.elem,
-            self.k_format.name(),
-            self.v_format.name(),
-            code_path(self.k_format, self.elem),
-            code_path(self.v_format, self.elem),
+            "{}#define RQ_TENSOR_CORES {}\n",
+            format_defines(self.elem, self.k_format, self.v_format),
             self.tensor_cores as u32,
         );
         let key = format!("decode {self:?}");
         let mma = if self.tensor_cores { DECODE_MMA } else { "" };
-        let traits = t.finish();
         Ok((
             key,
-            format!("{defines}{traits}{FORMATS}\n{ELEM}{COMMON}{DECODE}{mma}"),
+            attention_module::source(&defines, &t.finish(), &[DECODE, mma]),
         ))
     }
 }

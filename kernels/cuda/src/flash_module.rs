@@ -5,10 +5,10 @@
 //! source.
 
 use crate::attention::PrefillConfig;
-use crate::decode_module::COMMON;
+use crate::attention_module::{self, format_defines, odd_units, widest_copy};
 use crate::device::SM90A;
 use crate::error::{CudaError, Result};
-use crate::kernel::{code_path, Traits, ELEM, FORMATS};
+use crate::kernel::Traits;
 use rotq_reference::{Error, KvFormat};
 
 const FLASH: &str = include_str!("cuda/flash.cu");
@@ -172,13 +172,9 @@ impl FlashShape {
             self.k_format.row_bytes(self.d)?,
             self.v_format.row_bytes(self.d_v)?,
         );
-        let copy_bytes = [16, 8, 4]
-            .into_iter()
-            .find(|&w| k_row.is_multiple_of(w) && v_row.is_multiple_of(w))
-            .unwrap_or(2);
+        let copy_bytes = widest_copy(k_row, v_row);
         let unit = if copy_bytes == 16 { 16 } else { 8 };
-        let odd = |row: usize| unit * (row.div_ceil(unit) | 1);
-        let (k_raw_stride, v_raw_stride) = (odd(k_row), odd(v_row));
+        let (k_raw_stride, v_raw_stride) = (odd_units(k_row, unit), odd_units(v_row, unit));
         let n = self.block_n;
         let stage_bytes = n * (k_raw_stride + v_raw_stride);
         let (k_code_stride, v_code_stride) = (self.d + 8, self.d_v + 8);
@@ -386,23 +382,17 @@ impl FlashShape {
                 "a consumer's, after setmaxnreg",
             );
         let defines = format!(
-            "#define ELEM {}\n#define KFMT {}\n#define VFMT {}\n#define RQ_K_CODES {}\n\
-             #define RQ_V_CODES {}\n#define RQ_TENSOR_CORES 1\n#define RQ_WARP_SPECIALIZED {}\n\
+            "{}#define RQ_TENSOR_CORES 1\n#define RQ_WARP_SPECIALIZED {}\n\
              #define RQ_QUERIES_IN_SMEM {}\n{}",
-            self.elem,
-            self.k_format.name(),
-            self.v_format.name(),
-            code_path(self.k_format, self.elem),
-            code_path(self.v_format, self.elem),
+            format_defines(self.elem, self.k_format, self.v_format),
             self.ws as u32,
             l.queries_in_smem as u32,
             if self.ws { SM90A } else { "" },
         );
         let key = format!("flash {self:?}");
-        let traits = t.finish();
         Ok((
             key,
-            format!("{defines}{traits}{FORMATS}\n{ELEM}{COMMON}{FLASH}"),
+            attention_module::source(&defines, &t.finish(), &[FLASH]),
         ))
     }
 }

@@ -1,5 +1,5 @@
 //! The shared machinery of the row kernels (`cuda/hadamard.cu`): how a rotation maps onto
-//! threads, the defines each module is compiled with, and launching.
+//! threads, the defines and traits each module is compiled with, and launching.
 
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
@@ -13,17 +13,6 @@ use serde::{Deserialize, Serialize};
 pub(crate) const FORMATS: &str = include_str!("cuda/formats.cuh");
 pub(crate) const ELEM: &str = include_str!("cuda/elem.cuh");
 const HADAMARD: &str = include_str!("cuda/hadamard.cu");
-
-/// How the tensor-core kernels turn a format's codes into f16/bf16 pairs (`RQ_K_CODES`,
-/// `RQ_V_CODES` in their sources): 1 q4_0's nibbles, 2 q8_0's bytes (f16 only: a byte needs 8
-/// mantissa bits), 0 the format's accessor.
-pub(crate) fn code_path(format: KvFormat, elem: u32) -> u32 {
-    match (format, elem) {
-        (KvFormat::Q4_0, _) => 1,
-        (KvFormat::Q8_0, 1) => 2,
-        _ => 0,
-    }
-}
 
 /// A traits struct of constants for a module's source: the numbers the host computed once
 /// (shapes, shared-memory offsets, launch bounds), which the CUDA C reads and checks with
@@ -166,16 +155,30 @@ impl Transform {
     }
 }
 
-/// How a transform is laid over threads, and with what resources.
+/// How a transform is laid over threads, and with what resources. A row is `units · m`
+/// segments of `p` values (see [`Transform`]); each of a segment's `segment_threads` threads
+/// holds `ept` consecutive values of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Geometry {
+    /// Values per thread (a power of two dividing `p`).
     pub ept: usize,
+    /// Rows per block.
     pub rows: usize,
+    /// Threads per block (whole warps).
     pub threads: usize,
+    /// Threads per segment (`p / ept`), and per row (`units · m · segment_threads`).
+    pub segment_threads: usize,
+    pub row_threads: usize,
+    /// Lanes of a warp that a segment's butterflies cross with shuffles (`segment_threads`,
+    /// at most 32), and the warps they then cross through shared memory.
+    pub lanes: usize,
+    pub segment_warps: usize,
     /// A row in shared memory, in floats: 4 floats of padding per 32 values (see PAD in
     /// hadamard.cu), rounded up to whole float4s.
     pub row_stride: usize,
-    /// An encoded row staged after the float rows, in bytes (16-byte aligned; 0 when none).
+    /// An encoded row, in bytes (0 when none), and how far apart such rows are staged after
+    /// the float rows (16-byte aligned).
+    pub row_bytes: usize,
     pub out_stride: usize,
     pub smem: usize,
 }
@@ -200,18 +203,20 @@ pub(crate) fn geometry(
         .into()
     };
     let mut ept = cfg.elems_per_thread.clamp(1, 64).next_power_of_two().min(p);
-    loop {
+    // Each thread takes ept / warps groups of values that differ in the warp bits: at least one.
+    let (lanes, warps) = loop {
         let ts = p / ept;
-        let warps = (ts / 32).max(1);
+        let lanes = ts.min(32);
+        let warps = ts / lanes;
         let fits = units * m * ts <= 1024 && warps <= ept;
         if fits {
-            break;
+            break (lanes, warps);
         }
         if ept >= p || ept >= 64 {
             return Err(too_big());
         }
         ept *= 2;
-    }
+    };
     let tpr = units * m * (p / ept);
     let step = 32 / gcd(tpr, 32); // rows · tpr must fill whole warps
     let wanted = match cfg.rows_per_block {
@@ -224,7 +229,8 @@ pub(crate) fn geometry(
         return Err(too_big());
     }
     let mut rows = wanted.min(most).div_ceil(step) * step;
-    let needs_smem = smem_always || m > 1 || p / ept > 32;
+    // The base matrix and the warp bits of the butterflies go through shared memory.
+    let needs_smem = smem_always || m > 1 || warps > 1;
     let row_stride = (t.n() + 4 * (t.n() / 32)).div_ceil(4) * 4;
     let out_stride = staged_bytes.div_ceil(16) * 16;
     let row_smem = if needs_smem {
@@ -243,7 +249,12 @@ pub(crate) fn geometry(
         ept,
         rows,
         threads: rows * tpr,
+        segment_threads: p / ept,
+        row_threads: tpr,
+        lanes,
+        segment_warps: warps,
         row_stride,
+        row_bytes: staged_bytes,
         out_stride,
         smem: rows * row_smem,
     })
@@ -257,7 +268,9 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// The defines and source of one module, and its cache key.
+/// The cache key and source of one module: the element type, the base of the transform, the
+/// direction of the codec kernels and the format as defines (the preprocessor picks types,
+/// code and functions by them), the sizes and layout as `RowTraits`.
 pub(crate) fn source(
     t: &Transform,
     g: Geometry,
@@ -267,25 +280,61 @@ pub(crate) fn source(
 ) -> (String, String) {
     let (m, p) = (t.size.base, t.size.pow2);
     let mut defines = format!(
-        "#define ELEM {elem}\n#define LOG_P {}\n#define M {m}\n#define UNITS {}\n#define EPT {}\n\
-         #define ROWS {}\n#define ROTATE {}\n",
-        p.trailing_zeros(),
-        t.units,
-        g.ept,
-        g.rows,
-        rotate as u32,
+        "#define ELEM {elem}\n#define M {m}\n#define ROTATE {}\n",
+        rotate as u32
     );
     if let Some(f) = format {
         defines += &format!("#define FMT {}\n", f.name());
     }
-    let key = defines.replace('\n', " ");
+    let key = format!(
+        "rows elem {elem}, {} x {m} x {p} values, {} per thread, {} rows per block, rotate {}, \
+         format {}",
+        t.units,
+        g.ept,
+        g.rows,
+        rotate as u32,
+        format.map_or("none", |f| f.name()),
+    );
+    // The thread's values as stored: 16-byte loads and stores when they and every row start
+    // are 16-byte aligned.
+    let elem_bytes = if elem == 0 { 4 } else { 2 };
     let mut traits = Traits::new("RowTraits", "kernel.rs: this module's layout");
     traits
+        .int("kBlockRows", g.rows, "rows per block")
+        .int("kUnits", t.units, "transform units per row")
+        .int(
+            "kSegmentValues",
+            p,
+            "values per segment (M segments a unit)",
+        )
+        .int("kUnitValues", m * p, "values per transform unit")
+        .int("kRowValues", t.n(), "values per row")
+        .int("kValuesPerThread", g.ept, "a thread's consecutive values")
+        .int("kSegmentThreads", g.segment_threads, "threads per segment")
+        .int("kRowThreads", g.row_threads, "threads per row")
+        .int("kLanes", g.lanes, "a segment's lanes in a warp")
+        .int("kSegmentWarps", g.segment_warps, "a segment's warps")
         .int("kThreads", g.threads, "threads per block")
+        .flag(
+            "kVectorized",
+            (g.ept * elem_bytes).is_multiple_of(16) && (t.n() * elem_bytes).is_multiple_of(16),
+            "16-byte loads and stores of the values",
+        )
+        .int(
+            "kPackWords",
+            (g.ept * elem_bytes).div_ceil(16),
+            "a thread's values, in 16-byte words",
+        )
         .int(
             "kRowStride",
             g.row_stride,
             "rows in shared memory apart, in floats",
+        )
+        .int("kRowBytes", g.row_bytes, "an encoded row (0: none)")
+        .flag(
+            "kWordCopies",
+            g.row_bytes.is_multiple_of(4),
+            "encoded rows copied in 4-byte words",
         )
         .int("kOutStride", g.out_stride, "encoded rows apart, in bytes")
         .int(
@@ -346,7 +395,7 @@ pub(crate) fn launch_config(g: Geometry, n_rows: usize) -> Result<LaunchConfig> 
     })
 }
 
-/// What a failed launch was: the kernel, its shape and resources, its defines.
+/// What a failed launch was: the kernel, its shape and resources, its module.
 pub(crate) fn describe(name: &str, f: &CudaFunction, g: Geometry, key: &str) -> String {
     format!(
         "launching {name} ({} threads, {} registers each, {} bytes of shared memory; {key})",

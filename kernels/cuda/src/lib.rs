@@ -25,6 +25,7 @@
 //! Set `ROTQ_CUDA_LOG=1` to print each module's compile time as it is built.
 
 mod attention;
+mod attention_module;
 mod codec;
 #[cfg(test)]
 mod cubins;

@@ -13,7 +13,7 @@ use rotq_reference::KvFormat;
 /// Every source that decides what a configuration means, by file: the CUDA C and the Rust that
 /// builds the modules, lays kernels over threads and launches them. A tuning cache written for
 /// another build of them is stale.
-const SOURCES: [(&str, &str); 15] = [
+const SOURCES: [(&str, &str); 16] = [
     ("cuda/common.cuh", include_str!("cuda/common.cuh")),
     ("cuda/decode.cu", include_str!("cuda/decode.cu")),
     ("cuda/decode_mma.cu", include_str!("cuda/decode_mma.cu")),
@@ -22,6 +22,7 @@ const SOURCES: [(&str, &str); 15] = [
     ("cuda/formats.cuh", include_str!("cuda/formats.cuh")),
     ("cuda/hadamard.cu", include_str!("cuda/hadamard.cu")),
     ("attention.rs", include_str!("attention.rs")),
+    ("attention_module.rs", include_str!("attention_module.rs")),
     ("codec.rs", include_str!("codec.rs")),
     ("decode_module.rs", include_str!("decode_module.rs")),
     ("device.rs", include_str!("device.rs")),
@@ -56,6 +57,7 @@ const FAMILIES: [(&str, &[&str]); 4] = [
             "cuda/decode.cu",
             "cuda/decode_mma.cu",
             "decode_module.rs",
+            "attention_module.rs",
             "attention.rs",
         ],
     ),
@@ -66,6 +68,7 @@ const FAMILIES: [(&str, &[&str]); 4] = [
             "cuda/decode.cu",
             "cuda/decode_mma.cu",
             "decode_module.rs",
+            "attention_module.rs",
             "cuda/flash.cu",
             "flash_module.rs",
             "attention.rs",
@@ -301,6 +304,7 @@ mod tests {
             "cuda/decode.cu",
             "cuda/decode_mma.cu",
             "cuda/common.cuh",
+            "attention_module.rs",
             "attention.rs",
         ] {
             assert_eq!(changed_by(f), attention, "{f}");

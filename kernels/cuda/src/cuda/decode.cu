@@ -52,6 +52,12 @@ struct Decode : DecodeTraits {
     static_assert(kVStrideWords % 2 == 1 && 4 * kVStrideWords >= kVRowBytes, "V stride");
     static_assert(kStageWords == 32 * (kKStrideWords + kVStrideWords), "a stage: 32 K, 32 V rows");
     static_assert(kWarpWords == 2 * kStageWords + 32 * G, "two stages and a tile's weights");
+    static_assert(kTensorCores == (RQ_TENSOR_CORES != 0), "the host's two words agree");
+    // The f32 kernel (launched when !kTensorCores) takes one query row and one KV head per
+    // block, its warps each a stream of tiles with two stages of K and V rows.
+    static_assert(kTensorCores ||
+                      (kQueryRows == 1 && !kPairs && !kSplitV && kHeads == 1 && kStreams == kWarps),
+                  "the f32 kernel: one row and one KV head per block, a stream per warp");
     static_assert(kTensorCores || kQueryBytes == 4 * G * D, "the f32 kernel's queries");
     static_assert(kTensorCores || kSmemBytes == kQueryBytes + kWarps * 4 * kWarpWords,
                   "the f32 kernel's shared memory: the queries, then each warp's share");

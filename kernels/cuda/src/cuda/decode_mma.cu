@@ -36,7 +36,9 @@ struct DecodeMma : Decode {
     enum : int { kColumns = G * kQueryRows };
     enum : int { kColumnTiles = (kColumns + 7) / 8 };
 
-    static_assert(kStreams * kHeads == kWarps && (kHeads == 1 || kHeads == 2), "streams");
+    static_assert(kTensorCores, "decode_mma.cu is in tensor-core modules only");
+    static_assert(kHeads == (kPairs ? 2 : 1), "two KV heads per block with kPairs, else one");
+    static_assert(kStreams * kHeads == kWarps, "streams");
     // (The host pairs only where this holds: the second head's rows then start 8-byte aligned,
     // as the code-word loads assume.)
     static_assert(!kPairs ||
@@ -63,8 +65,8 @@ struct DecodeMma : Decode {
                                      ? 16 / kWarps
                                      : 1),
                   "the launch bounds' blocks");
-    static_assert(!kTensorCores || kQueryBytes == 4 * kHeads * kColumns * D, "the queries");
-    static_assert(!kTensorCores || kSmemBytes == kQueryBytes + kStreams * kStreamBytes,
+    static_assert(kQueryBytes == 4 * kHeads * kColumns * D, "the queries");
+    static_assert(kSmemBytes == kQueryBytes + kStreams * kStreamBytes,
                   "the shared memory: the queries, then each stream's stages");
 };
 

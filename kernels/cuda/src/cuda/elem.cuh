@@ -29,4 +29,3 @@ RQ_FN elem_t f32_to_elem(float v) {
     return h;
 }
 #endif
-

@@ -55,6 +55,10 @@ struct Flash : FlashTraits {
     static_assert(kVRowBytes == DV / VFormat::kBlockSize * VFormat::kBlockBytes, "V row size");
     static_assert(kWarpSpecialized == (RQ_WARP_SPECIALIZED != 0), "the host's two words agree");
     static_assert(kQueriesInSmem == (RQ_QUERIES_IN_SMEM != 0), "the host's two words agree");
+    // Blocks of 8 warps, of two row tiles per warp or warp-specialized keep their queries in
+    // shared memory; the others hold them in registers.
+    static_assert(kQueriesInSmem == (kWarps >= 8 || kRowTiles >= 2 || kWarpSpecialized),
+                  "queries in shared memory");
     static_assert(!kWarpSpecialized || (kWarps == 8 && kProducerThreads == 128),
                   "warp-specialized blocks: two consumer warpgroups and one producer warpgroup");
     static_assert(kWarpSpecialized || kProducerThreads == 0, "producers only when specialized");
@@ -111,7 +115,15 @@ struct Flash : FlashTraits {
                       (kProducerRegisters % 8 == 0 && kProducerRegisters <= kRegisters &&
                        kRegisters <= kConsumerRegisters && kConsumerRegisters <= 256),
                   "setmaxnreg's bounds");
-    static_assert(kMinBlocks >= 1, "blocks per multiprocessor");
+    // Blocks per multiprocessor: 12 or 16 warps where the registers allow it (head dimensions
+    // up to 128), two row tiles per warp holding twice the scores and outputs; one
+    // warp-specialized block of 12 warps.
+    static_assert(kMinBlocks == ((kWarpSpecialized || D > 128 || DV > 128) ? 1
+                                 : kRowTiles >= 2                          ? (kWarps >= 8 ? 1 : 2)
+                                 : kWarps == 4                             ? 3
+                                 : kWarps >= 8                             ? 2
+                                                                           : 1),
+                  "the launch bounds' blocks");
 };
 
 // Copies the raw rows of tokens [t0, t0 + Flash::kBlockN) (ROW bytes each, rows SB apart) into

@@ -270,17 +270,29 @@ RQ_FN float rq_inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
 // ---------------------------------------------------------------------------------------------
 // f32, f16, bf16 (one value per block)
 
-RQ_FN void rq_quantize_f32(const float* x, unsigned char* out) { rq_write_u32(out, rq_as_bits(x[0])); }
+RQ_FN void rq_quantize_f32(const float* x, unsigned char* out) {
+    rq_write_u32(out, rq_as_bits(x[0]));
+}
 
-RQ_FN void rq_dequantize_f32(const unsigned char* in, float* y) { y[0] = rq_from_bits(rq_read_u32(in)); }
+RQ_FN void rq_dequantize_f32(const unsigned char* in, float* y) {
+    y[0] = rq_from_bits(rq_read_u32(in));
+}
 
-RQ_FN void rq_quantize_f16(const float* x, unsigned char* out) { rq_write_u16(out, rq_f32_to_f16(x[0])); }
+RQ_FN void rq_quantize_f16(const float* x, unsigned char* out) {
+    rq_write_u16(out, rq_f32_to_f16(x[0]));
+}
 
-RQ_FN void rq_dequantize_f16(const unsigned char* in, float* y) { y[0] = rq_f16_to_f32(rq_read_u16(in)); }
+RQ_FN void rq_dequantize_f16(const unsigned char* in, float* y) {
+    y[0] = rq_f16_to_f32(rq_read_u16(in));
+}
 
-RQ_FN void rq_quantize_bf16(const float* x, unsigned char* out) { rq_write_u16(out, rq_f32_to_bf16(x[0])); }
+RQ_FN void rq_quantize_bf16(const float* x, unsigned char* out) {
+    rq_write_u16(out, rq_f32_to_bf16(x[0]));
+}
 
-RQ_FN void rq_dequantize_bf16(const unsigned char* in, float* y) { y[0] = rq_bf16_to_f32(rq_read_u16(in)); }
+RQ_FN void rq_dequantize_bf16(const unsigned char* in, float* y) {
+    y[0] = rq_bf16_to_f32(rq_read_u16(in));
+}
 
 // ---------------------------------------------------------------------------------------------
 // q8_0: d f16, qs i8[32]; value qs[j] * d
@@ -298,7 +310,8 @@ RQ_FN void rq_quantize_q8_0(const float* x, unsigned char* out) {
     float d = amax / 127.0f;
     float id = rq_inverse(d);
     rq_write_u16(out, rq_f32_to_f16(d));
-    for (int j = 0; j < RQ_QK; ++j) out[2 + j] = (unsigned char)(rq_trunc_i8(rq_round_away(x[j] * id)) & 0xFF);
+    for (int j = 0; j < RQ_QK; ++j)
+        out[2 + j] = (unsigned char)(rq_trunc_i8(rq_round_away(x[j] * id)) & 0xFF);
 }
 
 RQ_FN void rq_dequantize_q8_0(const unsigned char* in, float* y) {
@@ -430,7 +443,8 @@ RQ_FN void rq_quantize_q5_1(const float* x, unsigned char* out) {
     rq_write_u16(out + 2, rq_f32_to_f16(mn));
     unsigned char codes[RQ_QK];
     // (uint8_t)(x0 + 0.5f): no clamp, as in ggml.
-    for (int j = 0; j < RQ_QK; ++j) codes[j] = (unsigned char)(rq_trunc_i8((x[j] - mn) * id + 0.5f) & 0xFF);
+    for (int j = 0; j < RQ_QK; ++j)
+        codes[j] = (unsigned char)(rq_trunc_i8((x[j] - mn) * id + 0.5f) & 0xFF);
     rq_pack5(codes, out + 4);
 }
 
@@ -556,7 +570,8 @@ RQ_FN void rq_quantize_q6_0(const float* x, unsigned char* out) {
         unsigned int c1 = (unsigned int)((t1 < 63 ? t1 : 63) & 0xFF);
         qs[j] = (unsigned char)(((c0 & 0x0F) | ((c1 & 0x0F) << 4)) & 0xFF);
         unsigned int h = ((c0 >> 4) | ((c1 >> 4) << 2)) & 0xFF;
-        qh[j % (RQ_QK / 4)] = (unsigned char)((qh[j % (RQ_QK / 4)] | (h << (4 * (j / (RQ_QK / 4))))) & 0xFF);
+        qh[j % (RQ_QK / 4)] =
+            (unsigned char)((qh[j % (RQ_QK / 4)] | (h << (4 * (j / (RQ_QK / 4))))) & 0xFF);
         float q0 = (float)c0 - 32.0f, q1 = (float)c1 - 32.0f;
         sumqx += w0 * x[j] * q0 + w1 * x[j + RQ_QK / 2] * q1;
         sumq2 += w0 * q0 * q0 + w1 * q1 * q1;
@@ -599,7 +614,8 @@ RQ_FN void rq_quantize_int4(const float* x, unsigned char* out) {
     float id = rq_inverse(s);
     rq_write_u16(out, rq_f32_to_f16(s));
     for (int i = 0; i < RQ_QK / 2; ++i)
-        out[2 + i] = (unsigned char)(rq_int4_code(x[2 * i] * id) | (rq_int4_code(x[2 * i + 1] * id) << 4));
+        out[2 + i] =
+            (unsigned char)(rq_int4_code(x[2 * i] * id) | (rq_int4_code(x[2 * i + 1] * id) << 4));
 }
 
 RQ_FN void rq_dequantize_int4(const unsigned char* in, float* y) {
@@ -630,9 +646,9 @@ RQ_FN unsigned char rq_e4m3_encode(float v) {
     } else if (a < 0.015625f) {
         code = (unsigned int)(int)rq_rintf(a * 512.0f);  // 0..8, exact scaling
     } else {
-        int e = (int)(abits >> 23) - 127;                      // -6..8
+        int e = (int)(abits >> 23) - 127;                           // -6..8
         float p = rq_from_bits((unsigned int)(3 - e + 127) << 23);  // 2^(3-e)
-        int r = (int)rq_rintf(a * p);                          // 8..16, exact scaling
+        int r = (int)rq_rintf(a * p);                               // 8..16, exact scaling
         code = (unsigned int)(((e + 7) << 3) + (r - 8));
     }
     return (unsigned char)(sign | code);
@@ -696,20 +712,25 @@ RQ_FN float rq_code_q8_0(const unsigned char* in, int j) {
     return (float)(q >= 128 ? q - 256 : q);
 }
 RQ_FN float rq_scale_q4_0(const unsigned char* in) { return rq_scale16(in); }
-RQ_FN float rq_code_q4_0(const unsigned char* in, int j) { return (float)(rq_nibble(in + 2, j) - 8); }
+RQ_FN float rq_code_q4_0(const unsigned char* in, int j) {
+    return (float)(rq_nibble(in + 2, j) - 8);
+}
 RQ_FN float rq_scale_q5_0(const unsigned char* in) { return rq_scale16(in); }
 RQ_FN float rq_code_q5_0(const unsigned char* in, int j) {
     return (float)(rq_code5(in + 2, rq_read_u32(in + 2), j) - 16);
 }
 RQ_FN float rq_scale_iq4_nl(const unsigned char* in) { return rq_scale16(in); }
-RQ_FN float rq_code_iq4_nl(const unsigned char* in, int j) { return rq_iq4nl_value(rq_nibble(in + 2, j)); }
+RQ_FN float rq_code_iq4_nl(const unsigned char* in, int j) {
+    return rq_iq4nl_value(rq_nibble(in + 2, j));
+}
 RQ_FN float rq_scale_q6_0(const unsigned char* in) { return rq_scale16(in); }
 RQ_FN float rq_code_q6_0(const unsigned char* in, int j) {
     const unsigned char* qh = in + 2;
     const unsigned char* qs = in + 2 + RQ_QK / 4;
     int k = j & 15;
     unsigned int h = ((unsigned int)qh[k % (RQ_QK / 4)] >> (4 * (k / (RQ_QK / 4)))) & 0xFF;
-    unsigned int c = j < 16 ? ((qs[k] & 0x0Fu) | ((h << 4) & 0x30u)) : ((qs[k] >> 4) | ((h << 2) & 0x30u));
+    unsigned int c =
+        j < 16 ? ((qs[k] & 0x0Fu) | ((h << 4) & 0x30u)) : ((qs[k] >> 4) | ((h << 2) & 0x30u));
     return (float)((int)c - 32);
 }
 RQ_FN float rq_scale_int4(const unsigned char* in) { return rq_scale16(in); }
@@ -722,7 +743,10 @@ RQ_FN float rq_scale_fp8_e4m3(const unsigned char* in) {
 }
 RQ_FN float rq_code_fp8_e4m3(const unsigned char* in, int j) { return rq_e4m3_decode(in[4 + j]); }
 // f16 rows: `in` is a group of 32 values (blocks of one value), scale 1.
-RQ_FN float rq_scale_f16(const unsigned char* in) { (void)in; return 1.0f; }
+RQ_FN float rq_scale_f16(const unsigned char* in) {
+    (void)in;
+    return 1.0f;
+}
 RQ_FN float rq_code_f16(const unsigned char* in, int j) { return rq_scale16(in + 2 * j); }
 
 // ---------------------------------------------------------------------------------------------
@@ -731,10 +755,10 @@ RQ_FN float rq_code_f16(const unsigned char* in, int j) { return rq_scale16(in +
 // of a block (attention's weighted sum). Symmetric formats are code times scale; q4_1 and
 // q5_1 add their minimum.
 
-#define RQ_DEQUANTIZE4_SYMMETRIC(FMT)                                              \
-    RQ_FN void rq_dequantize4_##FMT(const unsigned char* in, int j, float* y) {    \
-        float d = rq_scale_##FMT(in);                                              \
-        for (int e = 0; e < 4; ++e) y[e] = rq_code_##FMT(in, j + e) * d;           \
+#define RQ_DEQUANTIZE4_SYMMETRIC(FMT)                                           \
+    RQ_FN void rq_dequantize4_##FMT(const unsigned char* in, int j, float* y) { \
+        float d = rq_scale_##FMT(in);                                           \
+        for (int e = 0; e < 4; ++e) y[e] = rq_code_##FMT(in, j + e) * d;        \
     }
 
 RQ_DEQUANTIZE4_SYMMETRIC(q8_0)

@@ -1,116 +1,145 @@
 // rotq CUDA kernels: Hadamard transforms over rows, fused rotate-quantize into a KV cache, and
-// dequantize (+ inverse rotation). Compiled at run time by NVRTC; the host defines, per module
-// (and emits the layout it computed as RowTraits, see below):
+// dequantize (+ inverse rotation). Compiled at run time by NVRTC; the host emits the module's
+// sizes and layout as RowTraits (kernel.rs; see Rows below) and defines what the preprocessor
+// chooses by:
 //
 //   ELEM     0 f32, 1 f16, 2 bf16: the element type of the rows read (rotate, rotate-quantize)
-//            or written (dequantize)
-//   LOG_P    log2 of the power-of-two factor P of one transform unit (M * P values)
-//   M        base of the unit: 1 (Sylvester) or 12, 20, 28, 40 (then HAD_ROWS is defined)
-//   UNITS    transform units per row (block-diagonal rotations; 1 otherwise)
-//   EPT      values per thread (a power of two dividing P)
-//   ROWS     rows per thread block
-//   ROTATE   0: no transform (dequantize only), 1: transform
-//   FMT      a format name of formats.cuh (rotate-quantize and dequantize modules only)
+//            or written (dequantize) (elem.cuh's elem_t)
+//   M        base of the transform unit: 1 (Sylvester) or 12, 20, 28, 40 (then HAD_ROWS holds
+//            the base matrix, and the code that mixes a unit's segments by it is compiled)
+//   ROTATE   0: no transform (dequantize only), 1: transform (the codec kernels)
+//   FMT      a format name of formats.cuh (rotate-quantize and dequantize modules only): its
+//            functions are named after it, and the codec kernels exist only with it
 //
-// A row is UNITS * M segments of P values; each thread holds EPT consecutive values of one
-// segment in registers. Butterflies run in registers (the low log2 EPT bits), then across the
-// lanes of a warp with shuffles, then across warps through shared memory, where each thread
+// A row is kUnits transform units of M segments of kSegmentValues (a power of two) values; each
+// thread holds kValuesPerThread consecutive values of one segment in registers. Butterflies run
+// in registers (the low bits of the index), then across the kLanes lanes of a warp with
+// shuffles, then across a segment's kSegmentWarps warps through shared memory, where each thread
 // takes values that differ in the warp bits. The M x M base matrix mixes the segments of a unit
 // through shared memory. All arithmetic is f32. The direction (`inverse`: x = s . (H^T y)
 // instead of y = H (s . x)) and the signs s (randomized Hadamard; null for none) are kernel
 // arguments, so both directions share one compiled module.
 
-#define P (1 << LOG_P)
-#define UNIT (M * P)
-#define N (UNITS * UNIT)
-#define TS (P / EPT)
-#define TPR (UNITS * M * TS)
-#define LANES (TS < 32 ? TS : 32)
-#define WARPS (TS / LANES)
 #define FULL_MASK 0xffffffffu
 // Shared-memory rows put 4 floats of padding after every 32 values, so that the threads of a
-// warp storing or loading their EPT consecutive values as float4s hit different banks.
+// warp storing or loading their consecutive values as float4s hit different banks.
 #define PAD(i) ((i) + 4 * ((i) >> 5))
-// The host's layout (RowTraits, from kernel.rs): a block's kThreads threads, its rows in shared
-// memory kRowStride floats apart, each followed (rotate-quantize, dequantize, shift) by the
-// encoded rows kOutStride bytes apart, and launch bounds that let at least 1024 threads (32
-// warps) share an SM: enough loads in flight to keep the memory system busy.
-static_assert(RowTraits::kThreads == ROWS * TPR, "the rows' threads");
-static_assert(RowTraits::kRowStride >= PAD(N) && RowTraits::kRowStride % 4 == 0,
-              "a padded row, in whole float4s");
-static_assert(RowTraits::kMinBlocks == (1024 / RowTraits::kThreads > 0 ? 1024 / RowTraits::kThreads : 1),
-              "blocks for 1024 threads per SM");
 
-// 16-byte loads and stores when a thread's values and every row start are 16-byte aligned.
-#define VEC ((EPT * sizeof(elem_t)) % 16 == 0 && (N * sizeof(elem_t)) % 16 == 0)
+#ifdef FMT
+#define RQ_CAT2(a, b) a##b
+#define RQ_CAT(a, b) RQ_CAT2(a, b)
+// The module's format: values and bytes per block.
+struct Format {
+    enum : int { kBlockSize = RQ_CAT(RQ_BLOCK_SIZE_, FMT) };
+    enum : int { kBlockBytes = RQ_CAT(RQ_BLOCK_BYTES_, FMT) };
+};
+#endif
+
+// The host's sizes and layout (RowTraits), and what the kernels rely on. Launch bounds let at
+// least 1024 threads (32 warps) share an SM: enough loads in flight to keep the memory system
+// busy. Rows in shared memory are kRowStride floats apart, each followed (rotate-quantize,
+// dequantize, shift) by the encoded rows kOutStride bytes apart.
+struct Rows : RowTraits {
+    static_assert((kSegmentValues & (kSegmentValues - 1)) == 0, "segments of a power of two");
+    static_assert(kUnitValues == M * kSegmentValues && kRowValues == kUnits * kUnitValues,
+                  "a row of units of M segments");
+    static_assert((kValuesPerThread & (kValuesPerThread - 1)) == 0 &&
+                      kSegmentValues % kValuesPerThread == 0,
+                  "a thread's values: a power of two dividing the segment");
+    static_assert(kSegmentThreads == kSegmentValues / kValuesPerThread &&
+                      kRowThreads == kUnits * M * kSegmentThreads,
+                  "threads per segment and per row");
+    static_assert(kLanes == (kSegmentThreads < 32 ? kSegmentThreads : 32) &&
+                      kSegmentWarps == kSegmentThreads / kLanes,
+                  "a segment's lanes, then warps");
+    static_assert(kSegmentWarps <= kValuesPerThread, "a group of values per warp and thread");
+    static_assert(kThreads == kBlockRows * kRowThreads && kThreads % 32 == 0 && kThreads <= 1024,
+                  "the block's rows, in whole warps (full-mask shuffles)");
+    static_assert(kVectorized == ((kValuesPerThread * sizeof(elem_t)) % 16 == 0 &&
+                                  (kRowValues * sizeof(elem_t)) % 16 == 0),
+                  "16-byte loads and stores when a thread's values and rows are 16-byte aligned");
+    static_assert(kPackWords == (kValuesPerThread * sizeof(elem_t) + 15) / 16,
+                  "a thread's values in 16-byte words");
+    static_assert(kRowStride == (PAD(kRowValues) + 3) / 4 * 4, "a padded row, in whole float4s");
+#ifdef FMT
+    static_assert(kRowValues % Format::kBlockSize == 0 &&
+                      kRowBytes == kRowValues / Format::kBlockSize * Format::kBlockBytes,
+                  "an encoded row");
+    static_assert(kWordCopies == (kRowBytes % 4 == 0), "encoded rows copied in words if whole");
+#else
+    static_assert(kRowBytes == 0, "no encoded rows without a format");
+#endif
+    static_assert(kOutStride == (kRowBytes + 15) / 16 * 16, "encoded rows, in whole 16-byte units");
+    static_assert(kMinBlocks == (1024 / kThreads > 0 ? 1024 / kThreads : 1),
+                  "blocks for 1024 threads per SM");
+};
 
 struct Lane {
-    int row_in_block; // which row of the block
-    int seg;          // segment of the row (unit * M + segment in the unit)
-    int ts;           // thread in the segment
-    int first;        // index in the row of the thread's first value
+    int row_in_block;  // which row of the block
+    int seg;           // segment of the row (unit * M + segment in the unit)
+    int ts;            // thread in the segment
+    int first;         // index in the row of the thread's first value
 };
 
 RQ_FN Lane lane_of(int tid) {
     Lane l;
-    l.row_in_block = tid / TPR;
-    int t = tid % TPR;
-    l.seg = t / TS;
-    l.ts = t % TS;
-    l.first = l.seg * P + l.ts * EPT;
+    l.row_in_block = tid / Rows::kRowThreads;
+    int t = tid % Rows::kRowThreads;
+    l.seg = t / Rows::kSegmentThreads;
+    l.ts = t % Rows::kSegmentThreads;
+    l.first = l.seg * Rows::kSegmentValues + l.ts * Rows::kValuesPerThread;
     return l;
 }
 
 // A thread's values as stored, viewable as 16-byte words.
-#define PACK_WORDS ((EPT * (int)sizeof(elem_t) + 15) / 16)
 union Pack {
-    uint4 q[PACK_WORDS];
-    elem_t e[EPT];
+    uint4 q[Rows::kPackWords];
+    elem_t e[Rows::kValuesPerThread];
 };
 
 RQ_FN void load_values(const elem_t* row, float* v) {
-    if (VEC) {
+    if (Rows::kVectorized) {
         Pack p;
 #pragma unroll
-        for (int i = 0; i < PACK_WORDS; i++) p.q[i] = reinterpret_cast<const uint4*>(row)[i];
+        for (int i = 0; i < Rows::kPackWords; i++) p.q[i] = reinterpret_cast<const uint4*>(row)[i];
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] = elem_to_f32(p.e[e]);
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = elem_to_f32(p.e[e]);
     } else {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] = elem_to_f32(row[e]);
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = elem_to_f32(row[e]);
     }
 }
 
 RQ_FN void store_values(elem_t* row, const float* v) {
-    if (VEC) {
+    if (Rows::kVectorized) {
         Pack p;
 #pragma unroll
-        for (int e = 0; e < EPT; e++) p.e[e] = f32_to_elem(v[e]);
+        for (int e = 0; e < Rows::kValuesPerThread; e++) p.e[e] = f32_to_elem(v[e]);
 #pragma unroll
-        for (int i = 0; i < PACK_WORDS; i++) reinterpret_cast<uint4*>(row)[i] = p.q[i];
+        for (int i = 0; i < Rows::kPackWords; i++) reinterpret_cast<uint4*>(row)[i] = p.q[i];
     } else {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) row[e] = f32_to_elem(v[e]);
+        for (int e = 0; e < Rows::kValuesPerThread; e++) row[e] = f32_to_elem(v[e]);
     }
 }
 
-// A thread's EPT values to and from its shared-memory row.
+// A thread's values to and from its shared-memory row.
 RQ_FN void smem_put(float* row, int first, const float* v) {
-    if (EPT % 4 == 0) {
+    if (Rows::kValuesPerThread % 4 == 0) {
 #pragma unroll
-        for (int j = 0; j < EPT / 4; j++)
+        for (int j = 0; j < Rows::kValuesPerThread / 4; j++)
             *reinterpret_cast<float4*>(row + PAD(first + 4 * j)) =
                 make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
     } else {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) row[PAD(first + e)] = v[e];
+        for (int e = 0; e < Rows::kValuesPerThread; e++) row[PAD(first + e)] = v[e];
     }
 }
 
 RQ_FN void smem_get(const float* row, int first, float* v) {
-    if (EPT % 4 == 0) {
+    if (Rows::kValuesPerThread % 4 == 0) {
 #pragma unroll
-        for (int j = 0; j < EPT / 4; j++) {
+        for (int j = 0; j < Rows::kValuesPerThread / 4; j++) {
             float4 q = *reinterpret_cast<const float4*>(row + PAD(first + 4 * j));
             v[4 * j] = q.x;
             v[4 * j + 1] = q.y;
@@ -119,26 +148,25 @@ RQ_FN void smem_get(const float* row, int first, float* v) {
         }
     } else {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] = row[PAD(first + e)];
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = row[PAD(first + e)];
     }
 }
 
 #if M > 1
 // Sign of base-matrix entry (a, b): bit b of HAD_ROWS[a] set means -1.
-RQ_FN float base_sign(int a, int b) {
-    return ((HAD_ROWS[a] >> b) & 1ull) ? -1.0f : 1.0f;
-}
+RQ_FN float base_sign(int a, int b) { return ((HAD_ROWS[a] >> b) & 1ull) ? -1.0f : 1.0f; }
 #endif
 
 // The unnormalized transform of every segment and unit of the block's rows, in place on the
-// threads' registers `v`. `buf` is the block's shared memory (ROWS * RowTraits::kRowStride floats) when WARPS > 1
-// or M > 1; every thread of the block must call this (it synchronizes).
+// threads' registers `v`. `buf` is the block's shared memory (kBlockRows rows kRowStride floats
+// apart) when a segment spans several warps or M > 1; every thread of the block must call this
+// (it synchronizes).
 RQ_FN void transform(float* v, const Lane& l, float* buf, int inverse) {
     // Bits of the index inside a thread.
 #pragma unroll
-    for (int h = 1; h < EPT; h <<= 1) {
+    for (int h = 1; h < Rows::kValuesPerThread; h <<= 1) {
 #pragma unroll
-        for (int i = 0; i < EPT; i++) {
+        for (int i = 0; i < Rows::kValuesPerThread; i++) {
             if ((i & h) == 0) {
                 float a = v[i], b = v[i + h];
                 v[i] = a + b;
@@ -147,73 +175,74 @@ RQ_FN void transform(float* v, const Lane& l, float* buf, int inverse) {
         }
     }
     // Bits of the lane: partners are `h` lanes apart in the same warp.
-    int lane = l.ts % LANES;
+    int lane = l.ts % Rows::kLanes;
 #pragma unroll
-    for (int h = 1; h < LANES; h <<= 1) {
+    for (int h = 1; h < Rows::kLanes; h <<= 1) {
 #pragma unroll
-        for (int i = 0; i < EPT; i++) {
+        for (int i = 0; i < Rows::kValuesPerThread; i++) {
             float o = __shfl_xor_sync(FULL_MASK, v[i], h);
             v[i] = (lane & h) ? (o - v[i]) : (v[i] + o);
         }
     }
-#if WARPS > 1 || M > 1
-    float* row = buf + l.row_in_block * RowTraits::kRowStride;
-    smem_put(row, l.first, v);
-    __syncthreads();
-#if WARPS > 1
-    {
-        // Bits of the warp: each thread takes EPT / WARPS groups of WARPS values that differ
-        // only in the warp bits of their index.
-        const int G = EPT / WARPS;
-        int seg = l.seg * P;
+    if constexpr (Rows::kSegmentWarps > 1 || M > 1) {
+        float* row = buf + l.row_in_block * Rows::kRowStride;
+        smem_put(row, l.first, v);
+        __syncthreads();
+        if constexpr (Rows::kSegmentWarps > 1) {
+            // Bits of the warp: each thread takes kValuesPerThread / kSegmentWarps groups of
+            // kSegmentWarps values that differ only in the warp bits of their index.
+            const int G = Rows::kValuesPerThread / Rows::kSegmentWarps;
+            int seg = l.seg * Rows::kSegmentValues;
 #pragma unroll
-        for (int j = 0; j < G; j++) {
-            int g = l.ts * G + j;
-            float u[WARPS];
+            for (int j = 0; j < G; j++) {
+                int g = l.ts * G + j;
+                float u[Rows::kSegmentWarps];
 #pragma unroll
-            for (int w = 0; w < WARPS; w++) u[w] = row[PAD(seg + w * (LANES * EPT) + g)];
+                for (int w = 0; w < Rows::kSegmentWarps; w++)
+                    u[w] = row[PAD(seg + w * (Rows::kLanes * Rows::kValuesPerThread) + g)];
 #pragma unroll
-            for (int h = 1; h < WARPS; h <<= 1) {
+                for (int h = 1; h < Rows::kSegmentWarps; h <<= 1) {
 #pragma unroll
-                for (int i = 0; i < WARPS; i++) {
-                    if ((i & h) == 0) {
-                        float a = u[i], b = u[i + h];
-                        u[i] = a + b;
-                        u[i + h] = a - b;
+                    for (int i = 0; i < Rows::kSegmentWarps; i++) {
+                        if ((i & h) == 0) {
+                            float a = u[i], b = u[i + h];
+                            u[i] = a + b;
+                            u[i + h] = a - b;
+                        }
                     }
                 }
-            }
 #pragma unroll
-            for (int w = 0; w < WARPS; w++) row[PAD(seg + w * (LANES * EPT) + g)] = u[w];
+                for (int w = 0; w < Rows::kSegmentWarps; w++)
+                    row[PAD(seg + w * (Rows::kLanes * Rows::kValuesPerThread) + g)] = u[w];
+            }
+            __syncthreads();
         }
-    }
-    __syncthreads();
-#endif
 #if M > 1
-    {
-        // Y[a][q] = sum_b B[a][b] X[b][q] over the M segments of each unit (B^T if inverse).
-        int t = l.seg * TS + l.ts;
-        for (int q = t; q < UNITS * P; q += TPR) {
-            int unit = (q / P) * UNIT + (q % P);
-            float x[M];
+        {
+            // Y[a][q] = sum_b B[a][b] X[b][q] over the M segments of each unit (B^T if inverse).
+            int t = l.seg * Rows::kSegmentThreads + l.ts;
+            for (int q = t; q < Rows::kUnits * Rows::kSegmentValues; q += Rows::kRowThreads) {
+                int unit =
+                    (q / Rows::kSegmentValues) * Rows::kUnitValues + (q % Rows::kSegmentValues);
+                float x[M];
 #pragma unroll
-            for (int b = 0; b < M; b++) x[b] = row[PAD(unit + b * P)];
+                for (int b = 0; b < M; b++) x[b] = row[PAD(unit + b * Rows::kSegmentValues)];
 #pragma unroll
-            for (int a = 0; a < M; a++) {
-                float y = 0.0f;
+                for (int a = 0; a < M; a++) {
+                    float y = 0.0f;
 #pragma unroll
-                for (int b = 0; b < M; b++) {
-                    float s = inverse ? base_sign(b, a) : base_sign(a, b);
-                    y += s * x[b];
+                    for (int b = 0; b < M; b++) {
+                        float s = inverse ? base_sign(b, a) : base_sign(a, b);
+                        y += s * x[b];
+                    }
+                    row[PAD(unit + a * Rows::kSegmentValues)] = y;
                 }
-                row[PAD(unit + a * P)] = y;
             }
         }
+        __syncthreads();
+#endif
+        smem_get(row, l.first, v);
     }
-    __syncthreads();
-#endif
-    smem_get(row, l.first, v);
-#endif
 }
 
 // Signs before the transform (forward) or after it (inverse), then the 1/sqrt(unit) scale.
@@ -221,192 +250,193 @@ RQ_FN void rotate_values(float* v, const Lane& l, float* buf, const float* signs
                          int inverse) {
     if (signs && !inverse) {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] *= signs[l.first + e];
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] *= signs[l.first + e];
     }
     transform(v, l, buf, inverse);
 #pragma unroll
-    for (int e = 0; e < EPT; e++) v[e] *= scale;
+    for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] *= scale;
     if (signs && inverse) {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] *= signs[l.first + e];
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] *= signs[l.first + e];
     }
 }
 
-// Rotates `n_rows` rows of N values in place.
-extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) rotate_rows(elem_t* data, long long n_rows, const float* signs,
-                                       float scale, int inverse) {
+// Rotates `n_rows` rows of kRowValues values in place.
+extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
+    rotate_rows(elem_t* data, long long n_rows, const float* signs, float scale, int inverse) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
     Lane l = lane_of(threadIdx.x);
-    long long r = (long long)blockIdx.x * ROWS + l.row_in_block;
+    long long r = (long long)blockIdx.x * Rows::kBlockRows + l.row_in_block;
     bool valid = r < n_rows;
-    elem_t* row = data + (valid ? r : 0) * N + l.first;
-    float v[EPT];
+    elem_t* row = data + (valid ? r : 0) * Rows::kRowValues + l.first;
+    float v[Rows::kValuesPerThread];
     if (valid) {
         load_values(row, v);
     } else {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] = 0.0f;
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = 0.0f;
     }
     rotate_values(v, l, buf, signs, scale, inverse);
     if (valid) store_values(row, v);
 }
 
 #ifdef FMT
-#define RQ_CAT2(a, b) a##b
-#define RQ_CAT(a, b) RQ_CAT2(a, b)
-#define BLOCK_SIZE RQ_CAT(RQ_BLOCK_SIZE_, FMT)
-#define BLOCK_BYTES RQ_CAT(RQ_BLOCK_BYTES_, FMT)
-#define ROW_BYTES ((N / BLOCK_SIZE) * BLOCK_BYTES)
 // Encoded rows are staged in shared memory, after the float rows, so that global memory is
 // read and written by consecutive threads in 4-byte words (or bytes), not block by block.
-static_assert(RowTraits::kOutStride >= ROW_BYTES && RowTraits::kOutStride % 16 == 0,
-              "encoded rows 16-byte aligned");
-#define WORDS (ROW_BYTES % 4 == 0)
 
 // Waits for the threads of this row: a warp barrier when the row's threads are one aligned
 // group of a warp, else the block's.
 RQ_FN void sync_row() {
-    if (32 % TPR == 0) {
+    if (32 % Rows::kRowThreads == 0) {
         __syncwarp();
     } else {
         __syncthreads();
     }
 }
 
-// Copies one encoded row (`t`: this thread's index among its row's TPR threads).
+// Copies one encoded row (`t`: this thread's index among its row's kRowThreads threads).
 RQ_FN void copy_row(unsigned char* dst, const unsigned char* src, int t) {
-    if (WORDS) {
-        for (int i = t; i < ROW_BYTES / 4; i += TPR)
+    if (Rows::kWordCopies) {
+        for (int i = t; i < Rows::kRowBytes / 4; i += Rows::kRowThreads)
             reinterpret_cast<unsigned int*>(dst)[i] = reinterpret_cast<const unsigned int*>(src)[i];
     } else {
-        for (int i = t; i < ROW_BYTES; i += TPR) dst[i] = src[i];
+        for (int i = t; i < Rows::kRowBytes; i += Rows::kRowThreads) dst[i] = src[i];
     }
 }
 
 // Rotates `n_rows` input rows ((token, head) rows of new tokens, token-major) and quantizes
 // them into the cache. Row (token i, head h) goes to cache position pos = start_pos + i: with a
 // block table, to page table[pos / page_tokens], slot pos % page_tokens; without one, to row
-// pos. Cache rows are (position, head) rows of ROW_BYTES.
-extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) rotate_quantize(const elem_t* input, long long n_rows, long long n_heads,
-                                           long long start_pos, const unsigned int* table,
-                                           long long page_tokens, unsigned char* cache,
-                                           const float* signs, float scale) {
+// pos. Cache rows are (position, head) rows of kRowBytes.
+extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
+    rotate_quantize(const elem_t* input, long long n_rows, long long n_heads, long long start_pos,
+                    const unsigned int* table, long long page_tokens, unsigned char* cache,
+                    const float* signs, float scale) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
     Lane l = lane_of(threadIdx.x);
-    long long r = (long long)blockIdx.x * ROWS + l.row_in_block;
+    long long r = (long long)blockIdx.x * Rows::kBlockRows + l.row_in_block;
     bool valid = r < n_rows;
-    float v[EPT];
+    float v[Rows::kValuesPerThread];
     if (valid) {
-        load_values(input + r * N + l.first, v);
+        load_values(input + r * Rows::kRowValues + l.first, v);
     } else {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] = 0.0f;
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = 0.0f;
     }
 #if ROTATE
     rotate_values(v, l, buf, signs, scale, 0);
 #endif
-    float* row = buf + l.row_in_block * RowTraits::kRowStride;
-    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * RowTraits::kRowStride) +
-                            l.row_in_block * RowTraits::kOutStride;
-    int t = l.seg * TS + l.ts;
-#if EPT % BLOCK_SIZE == 0
-    // Each thread holds whole blocks: it encodes them from its registers.
+    float* row = buf + l.row_in_block * Rows::kRowStride;
+    unsigned char* staged =
+        reinterpret_cast<unsigned char*>(buf + Rows::kBlockRows * Rows::kRowStride) +
+        l.row_in_block * Rows::kOutStride;
+    int t = l.seg * Rows::kSegmentThreads + l.ts;
+    if constexpr (Rows::kValuesPerThread % Format::kBlockSize == 0) {
+        // Each thread holds whole blocks: it encodes them from its registers.
 #pragma unroll
-    for (int k = 0; k < EPT / BLOCK_SIZE; k++) {
-        RQ_CAT(rq_quantize_, FMT)(v + k * BLOCK_SIZE,
-                                  staged + (l.first / BLOCK_SIZE + k) * BLOCK_BYTES);
+        for (int k = 0; k < Rows::kValuesPerThread / Format::kBlockSize; k++) {
+            RQ_CAT(rq_quantize_, FMT)(
+                v + k * Format::kBlockSize,
+                staged + (l.first / Format::kBlockSize + k) * Format::kBlockBytes);
+        }
+    } else {
+        sync_row();  // the transform may still read `row`
+        smem_put(row, l.first, v);
+        sync_row();
+        for (int b = t; b < Rows::kRowValues / Format::kBlockSize; b += Rows::kRowThreads) {
+            // A block (at most 32 values, 32-aligned) is contiguous in the padded row.
+            RQ_CAT(rq_quantize_, FMT)(row + PAD(b * Format::kBlockSize),
+                                      staged + b * Format::kBlockBytes);
+        }
     }
-#else
-    sync_row(); // the transform may still read `row`
-    smem_put(row, l.first, v);
-    sync_row();
-    for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
-        // A block (at most 32 values, 32-aligned) is contiguous in the padded row.
-        RQ_CAT(rq_quantize_, FMT)(row + PAD(b * BLOCK_SIZE), staged + b * BLOCK_BYTES);
-    }
-#endif
     sync_row();
     if (!valid) return;
     long long pos = start_pos + r / n_heads;
     long long head = r % n_heads;
-    long long slot = table ? (long long)table[pos / page_tokens] * page_tokens + pos % page_tokens
-                           : pos;
-    copy_row(cache + (slot * n_heads + head) * ROW_BYTES, staged, t);
+    long long slot =
+        table ? (long long)table[pos / page_tokens] * page_tokens + pos % page_tokens : pos;
+    copy_row(cache + (slot * n_heads + head) * Rows::kRowBytes, staged, t);
 }
 
 // Dequantizes `n_rows` cache rows into rows of elem_t, rotated back when ROTATE.
-extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) dequantize_rows(const unsigned char* cache, long long n_rows,
-                                           elem_t* output, const float* signs, float scale) {
+extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
+    dequantize_rows(const unsigned char* cache, long long n_rows, elem_t* output,
+                    const float* signs, float scale) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
     Lane l = lane_of(threadIdx.x);
-    long long r = (long long)blockIdx.x * ROWS + l.row_in_block;
+    long long r = (long long)blockIdx.x * Rows::kBlockRows + l.row_in_block;
     bool valid = r < n_rows;
-    float* row = buf + l.row_in_block * RowTraits::kRowStride;
-    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * RowTraits::kRowStride) +
-                            l.row_in_block * RowTraits::kOutStride;
-    int t = l.seg * TS + l.ts;
-    if (valid) copy_row(staged, cache + r * ROW_BYTES, t);
+    float* row = buf + l.row_in_block * Rows::kRowStride;
+    unsigned char* staged =
+        reinterpret_cast<unsigned char*>(buf + Rows::kBlockRows * Rows::kRowStride) +
+        l.row_in_block * Rows::kOutStride;
+    int t = l.seg * Rows::kSegmentThreads + l.ts;
+    if (valid) copy_row(staged, cache + r * Rows::kRowBytes, t);
     sync_row();
     if (valid) {
-        for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
-            RQ_CAT(rq_dequantize_, FMT)(staged + b * BLOCK_BYTES, row + PAD(b * BLOCK_SIZE));
+        for (int b = t; b < Rows::kRowValues / Format::kBlockSize; b += Rows::kRowThreads) {
+            RQ_CAT(rq_dequantize_, FMT)(staged + b * Format::kBlockBytes,
+                                        row + PAD(b * Format::kBlockSize));
         }
     }
     sync_row();
-    float v[EPT];
+    float v[Rows::kValuesPerThread];
     smem_get(row, l.first, v);
     if (!valid) {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] = 0.0f; // that row's shared memory was not written
+        for (int e = 0; e < Rows::kValuesPerThread; e++)
+            v[e] = 0.0f;  // that row's shared memory was not written
     }
 #if ROTATE
-    sync_row(); // the transform writes `row`
+    sync_row();  // the transform writes `row`
     rotate_values(v, l, buf, signs, scale, 1);
 #endif
-    if (valid) store_values(output + r * N + l.first, v);
+    if (valid) store_values(output + r * Rows::kRowValues + l.first, v);
 }
 // Context shift of cache rows in place: the `n_rows` (position, head) rows from position
 // `start_pos` on (located as rotate_quantize writes them) are dequantized, rotated back
 // (ROTATE), turned by RoPE, rotated again and re-quantized. RoPE turns pair i of the first
 // `rot_dims` values, (2i, 2i + 1), or (i, i + rot_dims / 2) when `neox`, by the angle whose
 // cosine and sine are cs[2i] and cs[2i + 1].
-extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMinBlocks) shift_rows(
-    unsigned char* cache, long long n_rows, long long n_heads, long long start_pos,
-    const unsigned int* table, long long page_tokens, const float* signs, float scale,
-    const float* cs, int rot_dims, int neox) {
+extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
+    shift_rows(unsigned char* cache, long long n_rows, long long n_heads, long long start_pos,
+               const unsigned int* table, long long page_tokens, const float* signs, float scale,
+               const float* cs, int rot_dims, int neox) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
     Lane l = lane_of(threadIdx.x);
-    long long r = (long long)blockIdx.x * ROWS + l.row_in_block;
+    long long r = (long long)blockIdx.x * Rows::kBlockRows + l.row_in_block;
     bool valid = r < n_rows;
-    float* row = buf + l.row_in_block * RowTraits::kRowStride;
-    unsigned char* staged = reinterpret_cast<unsigned char*>(buf + ROWS * RowTraits::kRowStride) +
-                            l.row_in_block * RowTraits::kOutStride;
-    int t = l.seg * TS + l.ts;
+    float* row = buf + l.row_in_block * Rows::kRowStride;
+    unsigned char* staged =
+        reinterpret_cast<unsigned char*>(buf + Rows::kBlockRows * Rows::kRowStride) +
+        l.row_in_block * Rows::kOutStride;
+    int t = l.seg * Rows::kSegmentThreads + l.ts;
     unsigned char* at = cache;
     if (valid) {
         long long pos = start_pos + r / n_heads;
         long long head = r % n_heads;
         long long slot =
             table ? (long long)table[pos / page_tokens] * page_tokens + pos % page_tokens : pos;
-        at = cache + (slot * n_heads + head) * ROW_BYTES;
+        at = cache + (slot * n_heads + head) * Rows::kRowBytes;
         copy_row(staged, at, t);
     }
     sync_row();
     if (valid) {
-        for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
-            RQ_CAT(rq_dequantize_, FMT)(staged + b * BLOCK_BYTES, row + PAD(b * BLOCK_SIZE));
+        for (int b = t; b < Rows::kRowValues / Format::kBlockSize; b += Rows::kRowThreads) {
+            RQ_CAT(rq_dequantize_, FMT)(staged + b * Format::kBlockBytes,
+                                        row + PAD(b * Format::kBlockSize));
         }
     }
     sync_row();
-    float v[EPT];
+    float v[Rows::kValuesPerThread];
     smem_get(row, l.first, v);
     if (!valid) {
 #pragma unroll
-        for (int e = 0; e < EPT; e++) v[e] = 0.0f;
+        for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = 0.0f;
     }
 #if ROTATE
     sync_row();
@@ -416,7 +446,7 @@ extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMi
     sync_row();
     smem_put(row, l.first, v);
     sync_row();
-    for (int i = t; i < rot_dims / 2; i += TPR) {
+    for (int i = t; i < rot_dims / 2; i += Rows::kRowThreads) {
         const int a = neox ? i : 2 * i, b = neox ? i + rot_dims / 2 : 2 * i + 1;
         const float x = row[PAD(a)], y = row[PAD(b)], c = cs[2 * i], s = cs[2 * i + 1];
         row[PAD(a)] = x * c - y * s;
@@ -428,20 +458,22 @@ extern "C" __global__ void __launch_bounds__(RowTraits::kThreads, RowTraits::kMi
     sync_row();
     rotate_values(v, l, buf, signs, scale, 0);
 #endif
-#if EPT % BLOCK_SIZE == 0
+    if constexpr (Rows::kValuesPerThread % Format::kBlockSize == 0) {
 #pragma unroll
-    for (int k = 0; k < EPT / BLOCK_SIZE; k++) {
-        RQ_CAT(rq_quantize_, FMT)(v + k * BLOCK_SIZE,
-                                  staged + (l.first / BLOCK_SIZE + k) * BLOCK_BYTES);
+        for (int k = 0; k < Rows::kValuesPerThread / Format::kBlockSize; k++) {
+            RQ_CAT(rq_quantize_, FMT)(
+                v + k * Format::kBlockSize,
+                staged + (l.first / Format::kBlockSize + k) * Format::kBlockBytes);
+        }
+    } else {
+        sync_row();
+        smem_put(row, l.first, v);
+        sync_row();
+        for (int b = t; b < Rows::kRowValues / Format::kBlockSize; b += Rows::kRowThreads) {
+            RQ_CAT(rq_quantize_, FMT)(row + PAD(b * Format::kBlockSize),
+                                      staged + b * Format::kBlockBytes);
+        }
     }
-#else
-    sync_row();
-    smem_put(row, l.first, v);
-    sync_row();
-    for (int b = t; b < N / BLOCK_SIZE; b += TPR) {
-        RQ_CAT(rq_quantize_, FMT)(row + PAD(b * BLOCK_SIZE), staged + b * BLOCK_BYTES);
-    }
-#endif
     sync_row();
     if (valid) copy_row(at, staged, t);
 }
