@@ -35,24 +35,54 @@ strip "$out"/* 2>/dev/null || true
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# Runs the bundled CUDA tests and the engine example on cuda:0 (and, with --sanitize, the
-# differential, attention and cache_backends tests under compute-sanitizer's memcheck; with
-# --bench, `rotq bench --device cuda:0`).
+# Runs every bundled CUDA test and the engine example on cuda:0, as parallel processes (the
+# attention tests split by name, out of memory last and alone), each under a time guard
+# (GUARD seconds, default 540); a summary line per process on stdout, the whole output in
+# $OUT/tests.log (or /tmp/tests.log). With --sanitize, the differential, attention and
+# cache_backends tests then run under compute-sanitizer's memcheck; with --bench,
+# `rotq bench --device cuda:0`.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # NVRTC: the CUDA toolkit's library folders, when present.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
-# This is a GPU machine: a missing device fails the tests instead of skipping them.
-export ROTQ_REQUIRE_CUDA=1
-status=0
+# This is a GPU machine: a missing device fails the tests instead of skipping them. The tests
+# run the kernels' defaults (no tuning cache).
+export ROTQ_REQUIRE_CUDA=1 ROTQ_TUNE_CACHE=/nonexistent/tuned.json
+logs=$(mktemp -d)
+run() { # name, command...
+    local name=$1; shift
+    local t0=$SECONDS
+    timeout "${GUARD:-540}" "$@" > "$logs/$name.log" 2>&1
+    echo "$name rc=$? $((SECONDS - t0))s $(grep -h 'test result' "$logs/$name.log" | tr '\n' ' ')" >> "$logs/summary"
+}
+A="$here/test-attention"
+run attn-prefill "$A" --exact prefill_matches_the_oracle &
+run attn-ws "$A" --exact warp_specialized_prefill_matches_the_oracle prefill_with_odd_warp_counts &
+run attn-every "$A" --exact every_configuration &
+run attn-decode "$A" --exact decode_matches_the_oracle automatic_splits_match_the_oracle \
+    automatic_splits_fill_the_device_with_long_slices &
+run attn-formats "$A" --exact every_format_as_k_and_as_v head_dimensions groups_and_half_types \
+    paired_heads &
+run attn-misc "$A" --exact masks_windows_and_softcap special_values_follow_the_oracle \
+    bad_inputs_are_typed_errors attention_from_eight_threads_at_once handles_are_send_and_sync &
 for t in "$here"/test-*; do
-    echo "== $(basename "$t")"
-    "$t" || status=1
+    name=$(basename "$t")
+    [ "$name" = test-attention ] || run "${name#test-}" "$t" &
 done
-echo "== engine_cpu --device cuda:0"
-"$here/engine_cpu" --device cuda:0 || status=1
+run engine "$here/engine_cpu" --device cuda:0 &
+wait
+run attn-oom "$A" --exact out_of_memory_is_a_typed_error
+# Every attention test ran in one of the groups above.
+listed=$("$A" --list 2>/dev/null | grep -c ': test$')
+ran=$(cat "$logs"/attn-*.log | grep -c '^test .* \.\.\. ')
+[ "$listed" = "$ran" ] || echo "attention: $listed tests listed, $ran run" >> "$logs/summary"
+sort "$logs/summary"
+for f in "$logs"/*.log; do echo "==== $(basename "$f")"; cat "$f"; done > "${OUT:-/tmp}/tests.log"
+status=0
+grep -qv ' rc=0 ' "$logs/summary" && status=1
+grep -h "FAILED\|panicked" "$logs"/*.log | head -20
 if [[ " $* " == *" --sanitize "* ]]; then
     # (API errors are not reported: the tests ask for an allocation that must fail with
     # out of memory, a typed error, and the sanitizer would count it.)
