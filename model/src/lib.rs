@@ -3,3 +3,24 @@
 //! on the CPU with every layer's attention going through [`rotq::cache::RotatedKvCache`],
 //! exactly as an engine would call it. It is a tool, not part of the engine library: an engine
 //! that depends on `rotq` compiles none of it.
+
+pub mod llama;
+pub mod perplexity;
+pub mod plan;
+
+/// What can go wrong when loading or running a model.
+///
+/// ```
+/// let err = rotq_model::llama::Matrix::new(2, 2, vec![]).unwrap_err();
+/// assert!(err.to_string().contains("2 x 2"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The engine library refused a cache or an attention call.
+    #[error(transparent)]
+    Engine(#[from] rotq::Error),
+    /// Weights or a configuration whose shapes the runner cannot use.
+    #[error("{0}")]
+    Shape(String),
+}
