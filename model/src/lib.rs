@@ -3,3 +3,5 @@
 //! on the CPU with every layer's attention going through [`rotq::cache::RotatedKvCache`],
 //! exactly as an engine would call it. It is a tool, not part of the engine library: an engine
 //! that depends on `rotq` compiles none of it.
+
+pub mod gguf;
