@@ -4,7 +4,10 @@
 //! exactly as an engine would call it. It is a tool, not part of the engine library: an engine
 //! that depends on `rotq` compiles none of it.
 
+pub mod gguf;
+pub mod grid;
 pub mod llama;
+pub mod load;
 pub mod perplexity;
 pub mod plan;
 
@@ -23,4 +26,15 @@ pub enum Error {
     /// Weights or a configuration whose shapes the runner cannot use.
     #[error("{0}")]
     Shape(String),
+    /// A GGUF file that cannot be read.
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    /// A readable model file the runner cannot run (architecture, shapes, head dimension).
+    #[error("{}: {reason}", path.display())]
+    Model {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the runner cannot do with it.
+        reason: String,
+    },
 }

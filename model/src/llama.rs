@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
-use rotq::cache::{CacheSpec, RotatedKvCache};
+use rotq::cache::{Backend, CacheSpec, RotatedKvCache};
 use rotq::reference::rope::{Rope, RopeVariant};
 use rotq::AttentionParams;
 
@@ -344,12 +344,23 @@ impl Llama {
         Self::new(config, embeddings, layers, vec![1.0; d], None)
     }
 
-    /// One cache per layer, of `capacity` tokens, with `template`'s formats and rotations
+    /// One CPU cache per layer, of `capacity` tokens, with `template`'s formats and rotations
     /// and this model's KV heads and head dimension.
     pub fn caches(
         &self,
         template: &CacheSpec,
         capacity: usize,
+    ) -> Result<Vec<RotatedKvCache>, Error> {
+        self.caches_on(template, capacity, &Backend::Cpu)
+    }
+
+    /// [`Self::caches`] on `backend` (a CUDA device holds the caches and runs their kernels;
+    /// the rest of the model stays on the CPU).
+    pub fn caches_on(
+        &self,
+        template: &CacheSpec,
+        capacity: usize,
+        backend: &Backend,
     ) -> Result<Vec<RotatedKvCache>, Error> {
         let spec = CacheSpec {
             n_heads: self.config.n_kv_heads,
@@ -359,7 +370,7 @@ impl Llama {
             ..template.clone()
         };
         (0..self.config.n_layers)
-            .map(|_| Ok(RotatedKvCache::new(spec.clone())?))
+            .map(|_| Ok(RotatedKvCache::on(spec.clone(), backend)?))
             .collect()
     }
 

@@ -27,7 +27,7 @@
 //! ```
 
 use rayon::prelude::*;
-use rotq::cache::CacheSpec;
+use rotq::cache::{Backend, CacheSpec};
 use serde::Serialize;
 
 use crate::llama::Llama;
@@ -69,6 +69,17 @@ pub fn chunk_log_probs(
     spec: &CacheSpec,
     batch: usize,
 ) -> Result<ChunkLogProbs, Error> {
+    chunk_log_probs_on(model, chunk, spec, batch, &Backend::Cpu)
+}
+
+/// [`chunk_log_probs`] with the caches on `backend`.
+pub fn chunk_log_probs_on(
+    model: &Llama,
+    chunk: &[u32],
+    spec: &CacheSpec,
+    batch: usize,
+    backend: &Backend,
+) -> Result<ChunkLogProbs, Error> {
     if chunk.len() < 4 || batch == 0 {
         return Err(Error::Shape(format!(
             "a chunk of {} tokens in batches of {batch}: at least 4 tokens and a positive batch",
@@ -77,7 +88,7 @@ pub fn chunk_log_probs(
     }
     let vocab = model.config.vocab;
     let first = chunk.len() / 2;
-    let mut caches = model.caches(spec, chunk.len())?;
+    let mut caches = model.caches_on(spec, chunk.len(), backend)?;
     let mut log_probs = Vec::with_capacity((chunk.len() - 1 - first) * vocab);
     let mut at = 0;
     for piece in chunk.chunks(batch) {

@@ -1,0 +1,233 @@
+//! The end-to-end grid of `rotq eval --model`: every K format × V format × plan scored on the
+//! same chunks of text against an f16 cache without rotation (the baseline, as
+//! `llama-perplexity --kl-divergence` takes an f16 run) and against an f32 cache. One chunk
+//! at a time: the baseline's and the f32 run's distributions for that chunk are kept while
+//! every configuration runs on it, so memory is bounded by one chunk whatever the text's
+//! length.
+//!
+//! ```
+//! use rotq::KvFormat;
+//! use rotq_model::grid::{run, GridOptions};
+//! use rotq_model::llama::{Config, Llama};
+//! let config = Config { n_layers: 1, dim: 64, ffn_dim: 64, n_heads: 2, n_kv_heads: 1,
+//!     head_dim: 32, vocab: 40, ..Config::default() };
+//! let model = Llama::random(config, 1)?;
+//! let tokens: Vec<u32> = (0..64).map(|i| i % 40).collect();
+//! let opts = GridOptions { ctx: 32, k_formats: vec![KvFormat::Q4_0], v_formats: vec![KvFormat::F16],
+//!     plans: vec!["none".parse()?, "hadamard".parse()?], ..GridOptions::default() };
+//! let report = run(&model, &tokens, &opts, |_, _| {})?;
+//! assert_eq!(report.rows.len(), 2 + 2); // the f16 and f32 caches, then the grid
+//! assert_eq!(report.rows[0].summary.tokens, 2 * 15);
+//! # Ok::<(), rotq_model::Error>(())
+//! ```
+
+use std::time::{Duration, Instant};
+
+use rotq::cache::{Backend, CacheSpec};
+use rotq::{KvFormat, RotationPlan};
+use serde::Serialize;
+
+use crate::llama::Llama;
+use crate::perplexity::{chunk_log_probs_on, Summary, Tally};
+use crate::plan::Plan;
+use crate::Error;
+
+/// What the grid runs.
+#[derive(Clone, Debug)]
+pub struct GridOptions {
+    /// Tokens per chunk (each chunk runs in a fresh context).
+    pub ctx: usize,
+    /// Chunks scored (`None`: as many whole chunks as the text holds).
+    pub chunks: Option<usize>,
+    /// Tokens per prefill call.
+    pub batch: usize,
+    /// K cache formats.
+    pub k_formats: Vec<KvFormat>,
+    /// V cache formats.
+    pub v_formats: Vec<KvFormat>,
+    /// Rotation plans.
+    pub plans: Vec<Plan>,
+    /// Where the caches live and their attention runs.
+    pub backend: Backend,
+}
+
+impl Default for GridOptions {
+    fn default() -> Self {
+        Self {
+            ctx: 512,
+            chunks: Some(2),
+            batch: 128,
+            k_formats: vec![KvFormat::Q8_0, KvFormat::Q4_0],
+            v_formats: vec![KvFormat::Q8_0, KvFormat::Q4_0],
+            plans: Plan::defaults(),
+            backend: Backend::Cpu,
+        }
+    }
+}
+
+/// One configuration's scores.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Row {
+    /// K cache format.
+    pub k_format: String,
+    /// V cache format.
+    pub v_format: String,
+    /// Rotation plan.
+    pub plan: String,
+    /// Scores against the f16 baseline.
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Mean token KL divergence from the f32 cache's distributions.
+    pub kld_mean_vs_f32: f64,
+}
+
+/// The grid's rows (the f16 baseline first, then the f32 cache, then every configuration in
+/// the order asked) and what the run cost.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Report {
+    /// The scores.
+    pub rows: Vec<Row>,
+    /// Chunks scored.
+    pub chunks: usize,
+    /// Tokens per chunk.
+    pub ctx: usize,
+    /// Prefill tokens per second over every run.
+    pub tokens_per_second: f64,
+    /// Share of the forward passes' time spent in the caches' append and attention calls.
+    pub attention_share: f64,
+    /// Wall-clock seconds of the whole grid.
+    pub seconds: f64,
+}
+
+/// Whole chunks `tokens` holds for these options, or an error that says what is missing.
+pub fn chunk_count(tokens: usize, opts: &GridOptions) -> Result<usize, Error> {
+    if opts.ctx < 4 || opts.batch == 0 {
+        return Err(Error::Shape(format!(
+            "a context of {} tokens in batches of {}: at least 4 tokens and a positive batch",
+            opts.ctx, opts.batch
+        )));
+    }
+    let whole = tokens / opts.ctx;
+    match opts.chunks {
+        _ if whole == 0 => Err(Error::Shape(format!(
+            "the text has {tokens} tokens, fewer than one context of {}",
+            opts.ctx
+        ))),
+        Some(0) => Err(Error::Shape("--chunks must be positive".into())),
+        Some(n) if n > whole => Err(Error::Shape(format!(
+            "the text has {tokens} tokens: {whole} chunks of {}, not {n}",
+            opts.ctx
+        ))),
+        Some(n) => Ok(n),
+        None => Ok(whole),
+    }
+}
+
+/// The configurations the grid runs, after the two references: (K, V, plan).
+pub fn configurations(opts: &GridOptions) -> Vec<(KvFormat, KvFormat, Plan)> {
+    let mut out = Vec::new();
+    for &k in &opts.k_formats {
+        for &v in &opts.v_formats {
+            for &p in &opts.plans {
+                out.push((k, v, p));
+            }
+        }
+    }
+    out
+}
+
+/// Runs the grid on `tokens`; `progress(done, total)` is called after each run of a chunk.
+pub fn run(
+    model: &Llama,
+    tokens: &[u32],
+    opts: &GridOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Report, Error> {
+    let start = Instant::now();
+    let chunks = chunk_count(tokens.len(), opts)?;
+    let configs = configurations(opts);
+    let d = model.config.head_dim;
+    let specs = configs
+        .iter()
+        .map(|&(k_format, v_format, plan)| {
+            Ok(CacheSpec {
+                k_format,
+                v_format,
+                plan: plan.build(d)?,
+                ..Default::default()
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let reference = |format| CacheSpec {
+        k_format: format,
+        v_format: format,
+        plan: RotationPlan::none(),
+        ..Default::default()
+    };
+    let (f16, f32) = (reference(KvFormat::F16), reference(KvFormat::F32));
+    let mut base_tally = Tally::default();
+    let mut f32_tally = (Tally::default(), Tally::default());
+    let mut tallies = vec![(Tally::default(), Tally::default()); specs.len()];
+    let before = model.timings();
+    let total = chunks * (specs.len() + 2);
+    let mut done = 0;
+    let mut step = |done: &mut usize| {
+        *done += 1;
+        progress(*done, total);
+    };
+    for chunk in tokens.chunks_exact(opts.ctx).take(chunks) {
+        let run =
+            |spec: &CacheSpec| chunk_log_probs_on(model, chunk, spec, opts.batch, &opts.backend);
+        let base = run(&f16)?;
+        step(&mut done);
+        let full = run(&f32)?;
+        step(&mut done);
+        base_tally.add(&base, &base)?;
+        f32_tally.0.add(&base, &full)?;
+        f32_tally.1.add(&full, &full)?;
+        for (spec, (vs_base, vs_f32)) in specs.iter().zip(tallies.iter_mut()) {
+            let out = run(spec)?;
+            vs_base.add(&base, &out)?;
+            vs_f32.add(&full, &out)?;
+            step(&mut done);
+        }
+    }
+    let base_ppl = base_tally.summary(None).ppl;
+    let row = |k: KvFormat, v: KvFormat, plan: String, t: &(Tally, Tally)| Row {
+        k_format: k.info().name.to_string(),
+        v_format: v.info().name.to_string(),
+        plan,
+        summary: t.0.summary(Some(base_ppl)),
+        kld_mean_vs_f32: t.1.summary(None).kld_mean,
+    };
+    let mut rows = vec![
+        row(
+            KvFormat::F16,
+            KvFormat::F16,
+            "none".into(),
+            &(base_tally.clone(), Tally::default()),
+        ),
+        row(KvFormat::F32, KvFormat::F32, "none".into(), &f32_tally),
+    ];
+    // The baseline's KL divergence from the f32 cache is the f32 row's, mirrored.
+    rows[0].kld_mean_vs_f32 = rows[1].summary.kld_mean;
+    for (&(k, v, plan), t) in configs.iter().zip(&tallies) {
+        rows.push(row(k, v, plan.to_string(), t));
+    }
+    let spent = model.timings();
+    let (forward, attention) = (
+        spent.total.saturating_sub(before.total),
+        spent.attention.saturating_sub(before.attention),
+    );
+    Ok(Report {
+        rows,
+        chunks,
+        ctx: opts.ctx,
+        tokens_per_second: (total * opts.ctx) as f64
+            / forward.max(Duration::from_nanos(1)).as_secs_f64(),
+        attention_share: attention.as_secs_f64() / forward.as_secs_f64().max(1e-9),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
