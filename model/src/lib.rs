@@ -10,6 +10,7 @@ pub mod llama;
 pub mod load;
 pub mod perplexity;
 pub mod plan;
+pub mod shift;
 
 /// What can go wrong when loading or running a model.
 ///

@@ -112,7 +112,7 @@ pub fn chunk_log_probs_on(
 }
 
 /// `x ← x − log Σ exp x`, summed in f64.
-fn log_softmax(x: &mut [f32]) {
+pub(crate) fn log_softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = x.iter().map(|&v| f64::from(v - max).exp()).sum();
     let lse = f64::from(max) + sum.ln();
