@@ -5,3 +5,4 @@
 //! that depends on `rotq` compiles none of it.
 
 pub mod gguf;
+pub mod tokenizer;
