@@ -11,6 +11,7 @@ pub mod load;
 pub mod perplexity;
 pub mod plan;
 pub mod shift;
+pub mod tokenizer;
 
 /// What can go wrong when loading or running a model.
 ///

@@ -176,7 +176,7 @@ pub enum ErrorKind {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// A tokenizer model or pre-tokenizer this crate does not implement.
-    #[error("unsupported tokenizer: model {model:?}, pre-tokenizer {pre:?} (supported: model \"gpt2\" with pre \"smollm\", \"gpt2\" or \"default\")")]
+    #[error("unsupported tokenizer: model {model:?}, pre-tokenizer {pre:?} (supported: model \"gpt2\" with pre \"smollm\" or \"gpt2\")")]
     UnsupportedTokenizer {
         /// `tokenizer.ggml.model`.
         model: String,
