@@ -9,6 +9,7 @@ pub mod bench_cuda;
 pub mod eval;
 pub mod eval_backend;
 pub mod eval_grid;
+pub mod eval_model;
 pub mod files;
 pub mod heatmap;
 pub mod io;

@@ -14,7 +14,7 @@ use rotq_cli::eval::{
 };
 use rotq_cli::eval_backend::{Backend, Runner};
 use rotq_cli::eval_grid::{evaluate_grid_on, memory_needed, GridOptions};
-use rotq_cli::{files, Error};
+use rotq_cli::{eval_model, files, Error};
 use rotq_reference::tuned::{Ignored, Loaded, Millis, TunedEntry};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +30,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the largest variant (eval's options) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Quantize a raw f32 file (rows of --row-len values) into a format's blocks, laid out as
@@ -81,6 +83,23 @@ enum Command {
         /// `--names`; docs/eval.md): evaluate every K format x V format x rotation plan on them.
         #[arg(long, conflicts_with = "synthetic")]
         activations: Option<PathBuf>,
+        /// A llama GGUF model (e.g. SmolLM2-135M): score every K format x V format x plan end
+        /// to end on --text by perplexity, token KL divergence and top-1 agreement against an
+        /// f16 cache (docs/eval.md).
+        #[arg(long, conflicts_with_all = ["synthetic", "activations"], requires = "text")]
+        model: Option<PathBuf>,
+        /// The UTF-8 text --model reads (cut into chunks of --ctx tokens).
+        #[arg(long, requires = "model")]
+        text: Option<PathBuf>,
+        /// Tokens per chunk with --model (each chunk in a fresh context; its second half scored).
+        #[arg(long, default_value_t = 512, requires = "model")]
+        ctx: usize,
+        /// Chunks scored with --model (default: 2; 0 for every whole chunk of the text).
+        #[arg(long, default_value_t = 2, requires = "model")]
+        chunks: usize,
+        /// Tokens per prefill call with --model.
+        #[arg(long, default_value_t = 128, requires = "model")]
+        batch: usize,
         /// Tensor names in the activations (a folder holds NAME.npy): `{layer}` becomes 0, 1, …,
         /// `{t}` q, k or v.
         #[arg(long, default_value = "layers.{layer}.{t}")]
@@ -94,22 +113,26 @@ enum Command {
         #[arg(long, requires = "activations")]
         heatmaps: Option<PathBuf>,
         /// Where the rotate-quantize and attention kernels run: cpu (default), cuda:N, or
-        /// oracle (the spec itself, no kernel).
-        #[arg(long, requires = "activations")]
+        /// oracle (the spec itself, no kernel; not with --model).
+        #[arg(long)]
         device: Option<String>,
         /// Query rows per layer and combination whose kernel output is checked against the
         /// oracle on the same cache bytes (0: no check).
         #[arg(long, default_value_t = 2, requires = "activations")]
         check_rows: usize,
-        /// K cache formats, comma-separated (default: every format but f32).
-        #[arg(long, value_delimiter = ',', requires = "activations")]
+        /// K cache formats, comma-separated (default: every format but f32; with --model
+        /// q8_0,q5_0,q4_0,iq4_nl).
+        #[arg(long, value_delimiter = ',')]
         k_formats: Vec<String>,
-        /// V cache formats, comma-separated (default: every format but f32).
-        #[arg(long, value_delimiter = ',', requires = "activations")]
+        /// V cache formats, comma-separated (default: every format but f32; with --model
+        /// f16,q8_0,q4_0).
+        #[arg(long, value_delimiter = ',')]
         v_formats: Vec<String>,
         /// Rotation plans, comma-separated: none, hadamard, randomized, hadamard+v (default:
-        /// all).
-        #[arg(long, value_delimiter = ',', requires = "activations")]
+        /// all). With --model: none, hadamard, randomized[:SEED], block:B, each optionally
+        /// +v:B (V in Hadamard blocks of B), or v:B (default: none, hadamard, randomized,
+        /// block:32, hadamard+v:32, hadamard+v:64).
+        #[arg(long, value_delimiter = ',')]
         plans: Vec<String>,
     },
     /// Time the kernels side by side with their peers and the copy-bandwidth ceiling.
@@ -245,6 +268,11 @@ fn run(command: Command) -> Result<(), Error> {
             tokens,
             json,
             activations,
+            model,
+            text,
+            ctx,
+            chunks,
+            batch,
             names,
             csv,
             heatmaps,
@@ -254,6 +282,42 @@ fn run(command: Command) -> Result<(), Error> {
             v_formats,
             plans,
         } => {
+            if let (Some(model), Some(text)) = (model, text) {
+                if heatmaps.is_some() {
+                    return Err(Error::Input(
+                        "--heatmaps goes with --activations for now, not --model".into(),
+                    ));
+                }
+                let (k_default, v_default) = eval_model::default_model_formats();
+                let parse_formats = |list: &[String], default: Vec<KvFormat>| {
+                    if list.is_empty() {
+                        return Ok(default);
+                    }
+                    list.iter()
+                        .map(|f| f.trim().parse().map_err(Error::from))
+                        .collect::<Result<Vec<KvFormat>, Error>>()
+                };
+                let opts = rotq_model::grid::GridOptions {
+                    ctx,
+                    chunks: (chunks > 0).then_some(chunks),
+                    batch,
+                    k_formats: parse_formats(&k_formats, k_default)?,
+                    v_formats: parse_formats(&v_formats, v_default)?,
+                    plans: if plans.is_empty() {
+                        rotq_model::plan::Plan::defaults()
+                    } else {
+                        plans
+                            .iter()
+                            .map(|p| p.trim().parse())
+                            .collect::<Result<_, _>>()?
+                    },
+                    // Open the device first: a missing GPU fails before the model is read.
+                    backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
+                };
+                let loaded = eval_model::load(&model, &text)?;
+                eval_model::run(&loaded, &text, &opts, json, csv.as_ref())?;
+                return Ok(());
+            }
             if let Some(path) = activations {
                 let parse_formats = |list: &[String]| -> Result<Vec<KvFormat>, Error> {
                     if list.is_empty() {

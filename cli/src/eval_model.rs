@@ -1,0 +1,169 @@
+//! `rotq eval --model FILE.gguf --text FILE`: the end-to-end grid on a real model (see
+//! [`rotq_model::grid`]): the model and its tokenizer from the GGUF file, the text cut into
+//! chunks, every K format × V format × plan scored by perplexity, token KL divergence and
+//! top-1 agreement against an f16 cache, printed as a table (or JSON lines) and written as CSV.
+
+use std::path::{Path, PathBuf};
+
+use rotq::KvFormat;
+use rotq_model::gguf::Gguf;
+use rotq_model::grid::{self, GridOptions, Report};
+use rotq_model::tokenizer::Tokenizer;
+
+use crate::Error;
+
+/// The K and V formats `--model` runs when none are named: the 8-bit and 4-bit formats an
+/// engine picks between (the whole registry is `--k-formats` away; each configuration costs a
+/// full forward pass per chunk).
+pub fn default_model_formats() -> (Vec<KvFormat>, Vec<KvFormat>) {
+    (
+        vec![
+            KvFormat::Q8_0,
+            KvFormat::Q5_0,
+            KvFormat::Q4_0,
+            KvFormat::Iq4Nl,
+        ],
+        vec![KvFormat::F16, KvFormat::Q8_0, KvFormat::Q4_0],
+    )
+}
+
+/// A model, its tokenizer and a text's tokens, ready for the grid.
+pub struct Loaded {
+    /// The model.
+    pub model: rotq_model::llama::Llama,
+    /// The text's tokens.
+    pub tokens: Vec<u32>,
+}
+
+impl From<rotq_model::Error> for Error {
+    fn from(e: rotq_model::Error) -> Self {
+        match e {
+            rotq_model::Error::Engine(e) => Error::Engine(e),
+            other => Error::Input(other.to_string()),
+        }
+    }
+}
+
+/// Opens the model (refusing one too large for memory before its weights are read) and
+/// tokenizes the text; an error names the file and what is wrong.
+pub fn load(model: &Path, text: &Path) -> Result<Loaded, Error> {
+    let file = Gguf::open(model).map_err(rotq_model::Error::from)?;
+    rotq_model::load::config(&file)?;
+    crate::eval::check_memory(Some(rotq_model::load::f32_bytes(&file)))
+        .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(rotq_model::Error::from)?;
+    let model = rotq_model::load::llama(&file)?;
+    let bytes = crate::io::read_bytes(text)?;
+    let text_str = std::str::from_utf8(&bytes)
+        .map_err(|e| Error::Input(format!("{}: not UTF-8 text: {e}", text.display())))?;
+    let mut tokens = Vec::new();
+    if tokenizer.add_bos() {
+        tokens.extend(tokenizer.bos());
+    }
+    tokens.extend(tokenizer.encode(text_str));
+    Ok(Loaded { model, tokens })
+}
+
+/// Runs the grid with a progress bar on stderr and prints the report.
+pub fn run(
+    loaded: &Loaded,
+    text: &Path,
+    opts: &GridOptions,
+    json: bool,
+    csv: Option<&PathBuf>,
+) -> Result<Report, Error> {
+    let chunks = grid::chunk_count(loaded.tokens.len(), opts)
+        .map_err(|e| Error::Input(format!("{}: {e}", text.display())))?;
+    let configs = grid::configurations(opts).len();
+    eprintln!(
+        "{} tokens; {chunks} chunks of {} on {}; {configs} configurations (K x V x plan) + the f16 and f32 caches",
+        loaded.tokens.len(),
+        opts.ctx,
+        opts.backend.name()
+    );
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} chunk runs {elapsed} (eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    let report = grid::run(&loaded.model, &loaded.tokens, opts, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if let Some(csv) = csv {
+        crate::io::write_atomic(csv, report_csv(&report).as_bytes())?;
+        eprintln!("wrote {}", csv.display());
+    }
+    if json {
+        for r in &report.rows {
+            println!(
+                "{}",
+                serde_json::to_string(r).map_err(|e| Error::Input(e.to_string()))?
+            );
+        }
+    } else {
+        print!("{}", report_table(&report));
+    }
+    eprintln!(
+        "{:.0} prefill tokens/s, {:.1}% of it in rotq's append and attention calls; {:.1} s in all",
+        report.tokens_per_second,
+        100.0 * report.attention_share,
+        report.seconds
+    );
+    Ok(report)
+}
+
+/// The report as a table: the two references, then the grid by mean token KLD.
+pub fn report_table(report: &Report) -> String {
+    let mut out = format!(
+        "{:<8} {:<8} {:<16} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7} {:>11}\n",
+        "K", "V", "plan", "PPL", "dPPL%", "KLD mean", "KLD p99", "KLD max", "top-1%", "KLD vs f32"
+    );
+    let mut rows: Vec<_> = report.rows.iter().collect();
+    rows[2..].sort_by(|a, b| a.summary.kld_mean.total_cmp(&b.summary.kld_mean));
+    for r in rows {
+        let s = &r.summary;
+        out += &format!(
+            "{:<8} {:<8} {:<16} {:>9.4} {:>+8.3} {:>10.2e} {:>10.2e} {:>10.2e} {:>7.2} {:>11.2e}\n",
+            r.k_format,
+            r.v_format,
+            r.plan,
+            s.ppl,
+            100.0 * s.delta_ppl.unwrap_or(0.0),
+            s.kld_mean,
+            s.kld_p99,
+            s.kld_max,
+            100.0 * s.top1,
+            r.kld_mean_vs_f32
+        );
+    }
+    out
+}
+
+/// The report as CSV, one row per configuration in the order run.
+pub fn report_csv(report: &Report) -> String {
+    let mut out = String::from(
+        "k_format,v_format,plan,tokens,ppl,delta_ppl,kld_mean,kld_p99,kld_max,top1,kld_mean_vs_f32\n",
+    );
+    for r in &report.rows {
+        let s = &r.summary;
+        out += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.k_format,
+            r.v_format,
+            r.plan,
+            s.tokens,
+            s.ppl,
+            s.delta_ppl.unwrap_or(0.0),
+            s.kld_mean,
+            s.kld_p99,
+            s.kld_max,
+            s.top1,
+            r.kld_mean_vs_f32
+        );
+    }
+    out
+}

@@ -1,0 +1,121 @@
+//! `rotq eval --model` through the built binary: bad models and texts are one-line errors
+//! naming the file, and (with SmolLM2's GGUF, see `cli/scripts/fetch-models.sh`) a short grid
+//! runs end to end and writes its CSV.
+
+mod common;
+
+use common::{assert_ok, assert_one_line_error, rotq, s, stderr};
+use std::path::PathBuf;
+
+/// A GGUF v3 file holding only `general.architecture = arch`.
+fn gguf_with_arch(arch: &str) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata
+    let key = "general.architecture";
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key.as_bytes());
+    b.extend(8u32.to_le_bytes()); // string
+    b.extend((arch.len() as u64).to_le_bytes());
+    b.extend(arch.as_bytes());
+    b
+}
+
+/// SmolLM2's GGUF, if fetched (`ROTQ_SMOLLM2_GGUF`); with `ROTQ_REQUIRE_MODEL=1` its absence fails.
+fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("ROTQ_SMOLLM2_GGUF").map(PathBuf::from);
+    match path.filter(|p| p.is_file()) {
+        Some(p) => Some(p),
+        None if std::env::var("ROTQ_REQUIRE_MODEL").as_deref() == Ok("1") => {
+            panic!("ROTQ_REQUIRE_MODEL=1 but ROTQ_SMOLLM2_GGUF names no file")
+        }
+        None => {
+            eprintln!("skipped: no model");
+            None
+        }
+    }
+}
+
+#[test]
+fn bad_models_are_one_line_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "Some words of text. ".repeat(50)).unwrap();
+    let cases = [
+        (
+            "truncated.gguf",
+            gguf_with_arch("llama")[..30].to_vec(),
+            "truncated",
+        ),
+        (
+            "notgguf.gguf",
+            b"not a gguf file at all, just text".to_vec(),
+            "magic",
+        ),
+        ("bert.gguf", gguf_with_arch("bert"), "architecture \"bert\""),
+        ("llama.gguf", gguf_with_arch("llama"), "llama."),
+    ];
+    for (name, bytes, says) in cases {
+        let model = dir.path().join(name);
+        std::fs::write(&model, bytes).unwrap();
+        let out = rotq(&["eval", "--model", s(&model), "--text", s(&text)]);
+        assert_one_line_error(&out, name);
+        let err = stderr(&out);
+        assert!(err.contains(name) && err.contains(says), "{name}: {err}");
+    }
+    let out = rotq(&["eval", "--model", "/no/such/model.gguf", "--text", s(&text)]);
+    assert_one_line_error(&out, "missing model");
+    assert!(stderr(&out).contains("/no/such/model.gguf"));
+}
+
+#[test]
+fn a_short_grid_on_smollm2_runs_and_a_short_text_is_refused() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "Too short a text for a context.").unwrap();
+    let out = rotq(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--text",
+        s(&short),
+        "--ctx",
+        "64",
+    ]);
+    assert_one_line_error(&out, "short text");
+    assert!(stderr(&out).contains("short.txt") && stderr(&out).contains("fewer than one context"));
+    let text = dir.path().join("text.txt");
+    let words = "The keeper of the lighthouse counted the ships that passed the rocks each night, \
+                 and wrote their names in a book that she kept by the lamp. ";
+    std::fs::write(&text, words.repeat(12)).unwrap();
+    let csv = dir.path().join("grid.csv");
+    let out = rotq(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--text",
+        s(&text),
+        "--ctx",
+        "128",
+        "--chunks",
+        "1",
+        "--k-formats",
+        "q4_0",
+        "--v-formats",
+        "f16",
+        "--plans",
+        "none,hadamard",
+        "--csv",
+        s(&csv),
+    ]);
+    assert_ok(&out, "grid");
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.contains("q4_0") && table.contains("hadamard"),
+        "{table}"
+    );
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4, "{csv}");
+}
