@@ -19,7 +19,7 @@ secs=${1:-30}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(dequantize rotation rotate_quantize attention tune_cache transform_config)
+    targets=(dequantize rotation rotate_quantize attention tune_cache transform_config gguf)
 fi
 host=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTC_BOOTSTRAP=1

@@ -324,7 +324,7 @@ impl Gguf {
             .ok_or_else(|| self.err(ErrorKind::NoTensor(name.to_string())))
     }
 
-    /// Reads tensor `name` and dequantizes it to f32 (row-major, dims[0] fastest), through
+    /// Reads tensor `name` and dequantizes it to f32 (row-major, `dims[0]` fastest), through
     /// rotq's format registry. Memory: the result plus a chunk of at most 1 MiB.
     ///
     /// The types are f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0 and iq4_nl; any other is an
