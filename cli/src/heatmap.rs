@@ -358,3 +358,128 @@ pub fn grid_heatmaps(rows: &[GridRow], dir: &Path, source: &str) -> Result<Vec<P
     }
     Ok(written)
 }
+
+/// A KL divergence in nats in a few characters: `0.134`, `0.0519`, `7.2e-7`.
+///
+/// ```
+/// use rotq_cli::heatmap::kld_label;
+/// assert_eq!(kld_label(0.13393), "0.134");
+/// assert_eq!(kld_label(0.051857), "0.0519");
+/// assert_eq!(kld_label(7.2e-7), "7.2e-7");
+/// ```
+pub fn kld_label(x: f64) -> String {
+    match x {
+        x if !x.is_finite() => "-".into(),
+        x if x >= 0.995 => trimmed(format!("{x:.2}")),
+        x if x >= 0.000995 => {
+            let decimals = (2.0 - x.log10().floor()) as usize;
+            format!("{x:.decimals$}")
+        }
+        x => format!("{x:.1e}"),
+    }
+}
+
+/// Writes a `rotq eval --model` grid's heatmaps into `dir` (created if missing): for each
+/// plan, `token_kld-<plan>.png`, K format × V format of the mean token KL divergence from the
+/// f16 cache's output distribution, in nats, on one log scale for every plan. Returns the
+/// files written.
+///
+/// ```
+/// use rotq::KvFormat;
+/// use rotq_model::grid::{run, GridOptions};
+/// use rotq_model::llama::{Config, Llama};
+/// let config = Config { n_layers: 1, dim: 64, ffn_dim: 64, n_heads: 2, n_kv_heads: 1,
+///     head_dim: 32, vocab: 40, ..Config::default() };
+/// let model = Llama::random(config, 1).unwrap();
+/// let tokens: Vec<u32> = (0..32).map(|i| i % 40).collect();
+/// let opts = GridOptions { ctx: 32, chunks: None, k_formats: vec![KvFormat::Q8_0, KvFormat::Q4_0],
+///     v_formats: vec![KvFormat::Q4_0], plans: vec!["none".parse().unwrap()], ..GridOptions::default() };
+/// let report = run(&model, &tokens, &opts, |_, _| {}).unwrap();
+/// let dir = tempfile::tempdir().unwrap();
+/// let files = rotq_cli::heatmap::model_heatmaps(&report, dir.path(), "a doctest").unwrap();
+/// assert!(files[0].ends_with("token_kld-none.png"));
+/// ```
+pub fn model_heatmaps(
+    report: &rotq_model::grid::Report,
+    dir: &Path,
+    source: &str,
+) -> Result<Vec<PathBuf>, Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let grid = &report.rows[2.min(report.rows.len())..];
+    let format = |name: &str| name.parse::<KvFormat>().ok();
+    let sorted = |pick: fn(&rotq_model::grid::Row) -> &str| {
+        let mut f: Vec<KvFormat> = Vec::new();
+        for r in grid {
+            if let Some(k) = format(pick(r)).filter(|k| !f.contains(k)) {
+                f.push(k);
+            }
+        }
+        f.sort_by(|a, b| {
+            b.bits_per_value()
+                .total_cmp(&a.bits_per_value())
+                .then(a.cmp(b))
+        });
+        f
+    };
+    let (ks, vs) = (sorted(|r| &r.k_format), sorted(|r| &r.v_format));
+    let mut plans: Vec<&str> = Vec::new();
+    for r in grid {
+        if !plans.contains(&r.plan.as_str()) {
+            plans.push(&r.plan);
+        }
+    }
+    let bits = |f: &KvFormat| {
+        (
+            f.name().to_string(),
+            format!("{:.2} bits", f.bits_per_value()),
+        )
+    };
+    let range = range_of(grid.iter().map(|r| r.summary.kld_mean), 1e-6);
+    let mut written = Vec::new();
+    for plan in plans {
+        let values = ks
+            .iter()
+            .flat_map(|k| vs.iter().map(move |v| (k, v)))
+            .map(|(k, v)| {
+                grid.iter()
+                    .find(|r| {
+                        r.plan == plan
+                            && format(&r.k_format) == Some(*k)
+                            && format(&r.v_format) == Some(*v)
+                    })
+                    .map_or(f64::NAN, |r| r.summary.kld_mean)
+            })
+            .collect();
+        let map = Heatmap {
+            title: format!("Token KLD from the f16 cache \u{2014} plan {plan}"),
+            subtitle: vec![format!(
+                "Colour and value: mean KL divergence of the model's next-token distribution from \
+                 the f16 cache's, in nats, over {} chunks of {} tokens (second halves scored).",
+                report.chunks, report.ctx
+            )],
+            row_title: "K cache format".into(),
+            col_title: "V cache format".into(),
+            row_labels: ks.iter().map(bits).collect(),
+            col_labels: vs.iter().map(bits).collect(),
+            values,
+            range,
+            legend: "token KLD (nats)".into(),
+            label: kld_label,
+            notes: vec![
+                source.to_string(),
+                "The colour scale is shared by the plans' pictures; grey: not measured.".into(),
+            ],
+        };
+        let stem: String = plan
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let path = dir.join(format!("token_kld-{stem}.png"));
+        write_png(&map, &path)?;
+        written.push(path);
+    }
+    Ok(written)
+}

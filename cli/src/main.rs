@@ -109,8 +109,8 @@ enum Command {
         csv: Option<PathBuf>,
         /// Write heatmap PNGs into this folder: K format x V format, per plan, of the mean KLD
         /// ratio to f16/f16 without rotation (kld-PLAN.png) and of the output error
-        /// (rel_l2-PLAN.png).
-        #[arg(long, requires = "activations")]
+        /// (rel_l2-PLAN.png); with --model, of the mean token KLD (token_kld-PLAN.png).
+        #[arg(long)]
         heatmaps: Option<PathBuf>,
         /// Where the rotate-quantize and attention kernels run: cpu (default), cuda:N, or
         /// oracle (the spec itself, no kernel; not with --model).
@@ -283,11 +283,6 @@ fn run(command: Command) -> Result<(), Error> {
             plans,
         } => {
             if let (Some(model), Some(text)) = (model, text) {
-                if heatmaps.is_some() {
-                    return Err(Error::Input(
-                        "--heatmaps goes with --activations for now, not --model".into(),
-                    ));
-                }
                 let (k_default, v_default) = eval_model::default_model_formats();
                 let parse_formats = |list: &[String], default: Vec<KvFormat>| {
                     if list.is_empty() {
@@ -315,7 +310,23 @@ fn run(command: Command) -> Result<(), Error> {
                     backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
                 };
                 let loaded = eval_model::load(&model, &text)?;
-                eval_model::run(&loaded, &text, &opts, json, csv.as_ref())?;
+                let report = eval_model::run(&loaded, &text, &opts, json, csv.as_ref())?;
+                if let Some(dir) = &heatmaps {
+                    let name = |p: &std::path::Path| {
+                        p.file_name().map_or_else(
+                            || p.display().to_string(),
+                            |n| n.to_string_lossy().into_owned(),
+                        )
+                    };
+                    let source = format!(
+                        "{} on {}; caches on {}",
+                        name(&model),
+                        name(&text),
+                        opts.backend.name()
+                    );
+                    let files = rotq_cli::heatmap::model_heatmaps(&report, dir, &source)?;
+                    eprintln!("wrote {} heatmaps into {}", files.len(), dir.display());
+                }
                 return Ok(());
             }
             if let Some(path) = activations {
