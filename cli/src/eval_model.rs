@@ -167,3 +167,119 @@ pub fn report_csv(report: &Report) -> String {
     }
     out
 }
+
+/// The first chunk's attention inputs per layer, from a run on an f32 cache: the last
+/// `queries` positions' queries (after RoPE), and every position's keys (after RoPE) and
+/// values, as the activation grid takes them.
+///
+/// ```
+/// use rotq_model::llama::{Config, Llama};
+/// let config = Config { n_layers: 2, dim: 64, ffn_dim: 64, n_heads: 2, n_kv_heads: 1,
+///     head_dim: 32, vocab: 40, ..Config::default() };
+/// let model = Llama::random(config, 1).unwrap();
+/// let chunk: Vec<u32> = (0..20).collect();
+/// let layers = rotq_cli::eval_model::capture_layers(&model, &chunk, 8, 6).unwrap();
+/// assert_eq!(layers.len(), 2);
+/// assert_eq!((layers[1].q.shape(), layers[1].k.shape()), (&[8, 2, 32][..], &[20, 1, 32][..]));
+/// assert_eq!(layers[0].params.pos_offset, 12);
+/// ```
+pub fn capture_layers(
+    model: &rotq_model::llama::Llama,
+    chunk: &[u32],
+    queries: usize,
+    batch: usize,
+) -> Result<Vec<crate::eval::Activations>, Error> {
+    let c = &model.config;
+    let (n, d) = (chunk.len(), c.head_dim);
+    let queries = queries.min(n);
+    let f32_cache = rotq::cache::CacheSpec {
+        k_format: KvFormat::F32,
+        v_format: KvFormat::F32,
+        ..Default::default()
+    };
+    let mut caches = model.caches(&f32_cache, n)?;
+    let mut q = vec![Vec::new(); c.n_layers];
+    let mut k = vec![Vec::new(); c.n_layers];
+    let mut v = vec![Vec::new(); c.n_layers];
+    let mut at = 0;
+    for piece in chunk.chunks(batch.max(1)) {
+        let first_kept = (n - queries).saturating_sub(at).min(piece.len());
+        let mut tap = |layer: usize, qs: &[f32], ks: &[f32], vs: &[f32]| {
+            q[layer].extend_from_slice(&qs[first_kept * c.n_heads * d..]);
+            k[layer].extend_from_slice(ks);
+            v[layer].extend_from_slice(vs);
+        };
+        model.forward(piece, &mut caches, Some(&mut tap))?;
+        at += piece.len();
+    }
+    let array = |data: Vec<f32>, rows: usize, heads: usize| {
+        ndarray::Array3::from_shape_vec((rows, heads, d), data)
+            .map_err(|e| Error::Input(format!("captured activations: {e}")))
+    };
+    (0..c.n_layers)
+        .map(|l| {
+            Ok(crate::eval::Activations {
+                q: array(std::mem::take(&mut q[l]), queries, c.n_heads)?,
+                k: array(std::mem::take(&mut k[l]), n, c.n_kv_heads)?,
+                v: array(std::mem::take(&mut v[l]), n, c.n_kv_heads)?,
+                params: rotq::AttentionParams {
+                    causal: true,
+                    pos_offset: n - queries,
+                    ..Default::default()
+                },
+            })
+        })
+        .collect()
+}
+
+/// The activation grid's plan for a model plan, where it has one (`none`, `hadamard`,
+/// `randomized`, `hadamard+v:32`).
+pub fn activation_plan(plan: &rotq_model::plan::Plan) -> Option<crate::eval::PlanKind> {
+    use crate::eval::PlanKind;
+    match plan.to_string().as_str() {
+        "none" => Some(PlanKind::None),
+        "hadamard" => Some(PlanKind::Hadamard),
+        "randomized" => Some(PlanKind::Randomized),
+        "hadamard+v:32" => Some(PlanKind::HadamardAndV),
+        _ => None,
+    }
+}
+
+/// Attention-level scores per layer on the first chunk (see [`capture_layers`]) for the
+/// grid's formats and the plans the activation grid knows, on the CPU kernels, written as the
+/// activation grid's CSV (per layer and overall).
+pub fn layer_grid(
+    model: &rotq_model::llama::Llama,
+    tokens: &[u32],
+    opts: &GridOptions,
+    csv: &Path,
+) -> Result<(), Error> {
+    let chunk = &tokens[..opts.ctx.min(tokens.len())];
+    let plans: Vec<_> = opts.plans.iter().filter_map(activation_plan).collect();
+    if plans.is_empty() {
+        return Err(Error::Input(
+            "--layers-csv needs one of the plans none, hadamard, randomized, hadamard+v:32".into(),
+        ));
+    }
+    let layers = capture_layers(model, chunk, opts.ctx / 4, opts.batch)?;
+    let grid = crate::eval_grid::GridOptions {
+        k_formats: opts.k_formats.clone(),
+        v_formats: opts.v_formats.clone(),
+        plans,
+        ..Default::default()
+    };
+    eprintln!(
+        "attention per layer: {} layers, the last {} of the first chunk's {} positions as queries",
+        layers.len(),
+        opts.ctx / 4,
+        chunk.len()
+    );
+    let report = crate::eval_grid::evaluate_grid_with(&layers, &grid, |_, _| {})?;
+    crate::io::write_atomic(csv, crate::eval::grid_csv(&report.rows).as_bytes())?;
+    eprintln!(
+        "wrote {} ({})",
+        csv.display(),
+        report.check.map_or_else(String::new, |c| c.line())
+    );
+    Ok(())
+}

@@ -100,6 +100,10 @@ enum Command {
         /// Tokens per prefill call with --model.
         #[arg(long, default_value_t = 128, requires = "model")]
         batch: usize,
+        /// With --model, also score attention per layer on the first chunk (the last quarter
+        /// of its positions as queries, against exact attention) and write it as CSV here.
+        #[arg(long, requires = "model")]
+        layers_csv: Option<PathBuf>,
         /// Tensor names in the activations (a folder holds NAME.npy): `{layer}` becomes 0, 1, …,
         /// `{t}` q, k or v.
         #[arg(long, default_value = "layers.{layer}.{t}")]
@@ -273,6 +277,7 @@ fn run(command: Command) -> Result<(), Error> {
             ctx,
             chunks,
             batch,
+            layers_csv,
             names,
             csv,
             heatmaps,
@@ -311,6 +316,9 @@ fn run(command: Command) -> Result<(), Error> {
                 };
                 let loaded = eval_model::load(&model, &text)?;
                 let report = eval_model::run(&loaded, &text, &opts, json, csv.as_ref())?;
+                if let Some(path) = &layers_csv {
+                    eval_model::layer_grid(&loaded.model, &loaded.tokens, &opts, path)?;
+                }
                 if let Some(dir) = &heatmaps {
                     let name = |p: &std::path::Path| {
                         p.file_name().map_or_else(

@@ -90,7 +90,11 @@ fn a_short_grid_on_smollm2_runs_and_a_short_text_is_refused() {
     let words = "The keeper of the lighthouse counted the ships that passed the rocks each night, \
                  and wrote their names in a book that she kept by the lamp. ";
     std::fs::write(&text, words.repeat(12)).unwrap();
-    let csv = dir.path().join("grid.csv");
+    let (csv, layers, maps) = (
+        dir.path().join("grid.csv"),
+        dir.path().join("layers.csv"),
+        dir.path().join("maps"),
+    );
     let out = rotq(&[
         "eval",
         "--model",
@@ -109,6 +113,10 @@ fn a_short_grid_on_smollm2_runs_and_a_short_text_is_refused() {
         "none,hadamard",
         "--csv",
         s(&csv),
+        "--layers-csv",
+        s(&layers),
+        "--heatmaps",
+        s(&maps),
     ]);
     assert_ok(&out, "grid");
     let table = String::from_utf8_lossy(&out.stdout).to_string();
@@ -118,4 +126,11 @@ fn a_short_grid_on_smollm2_runs_and_a_short_text_is_refused() {
     );
     let csv = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv.lines().count(), 1 + 4, "{csv}");
+    // Per layer: 2 plans x (30 layers + the overall line), and the header.
+    let layers = std::fs::read_to_string(&layers).unwrap();
+    assert_eq!(layers.lines().count(), 1 + 2 * 31, "{layers}");
+    for plan in ["none", "hadamard"] {
+        let png = std::fs::read(maps.join(format!("token_kld-{plan}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
 }
