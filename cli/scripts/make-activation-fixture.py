@@ -292,7 +292,8 @@ def perplexity_reference(model, tokens, ctx, chunks):
 
 def minilm_forward(w, cfg, ids, capture):
     """BERT encoder forward pass (bidirectional attention, erf GELU, post-LayerNorm) in float32;
-    returns {layer: (q, k, v)} with q, k, v [s, heads, d] after the projection and its bias."""
+    returns the last hidden state [s, hidden] and {layer: (q, k, v)} with q, k, v [s, heads, d]
+    after the projection and its bias."""
     import numpy as np
 
     dt = np.float32
@@ -335,7 +336,7 @@ def minilm_forward(w, cfg, ids, capture):
         h = (h * 0.5 * (1.0 + erf(h / math.sqrt(2.0)).astype(dt))).astype(dt)  # exact (erf) GELU
         x = ln(lin(h, p + "output.dense") + x,
                w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])
-    return captured
+    return x, captured
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,10 +352,36 @@ def pick_layers(spec, n_layers):
     return layers
 
 
+def save_safetensors(path, tensors, metadata):
+    """Writes a safetensors file byte for byte deterministically: tensors in name order, the
+    header's keys (and the metadata's) sorted. (safetensors' own writer orders the metadata as a
+    hash map does, which changes from run to run.)"""
+    dtypes = {"float16": "F16", "float32": "F32"}
+    header, offset = {}, 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": dtypes[t.dtype.name], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in names:
+            f.write(tensors[name].astype(tensors[name].dtype.newbyteorder("<"), copy=False).tobytes())
+    # Read it back with the reference reader.
+    from safetensors.numpy import load_file
+
+    back = load_file(path)
+    assert sorted(back) == names and all((back[n] == tensors[n]).all() for n in names), path
+
+
 def write_fixture(out, captured, layers, n_queries, kv_heads, metadata):
     """Writes layers.{i}.{q,k,v} in f16 (see the module docs); returns the shapes."""
     import numpy as np
-    from safetensors.numpy import save_file
 
     tensors, shapes = {}, []
     for i, layer in enumerate(layers):
@@ -371,7 +398,7 @@ def write_fixture(out, captured, layers, n_queries, kv_heads, metadata):
     metadata["shapes"] = json.dumps(shapes)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
+    save_safetensors(tmp, tensors, metadata)
     os.replace(tmp, out)
     print(f"wrote {rel(out)} ({os.path.getsize(out)} bytes): {json.dumps(shapes)}", file=sys.stderr)
     return shapes
@@ -539,7 +566,7 @@ def main() -> int:
         w = {k: v.astype(np.float32) for k, v in load_file(os.path.join(args.minilm_dir, "model.safetensors")).items()
              if v.dtype != np.int64}
         layers = pick_layers(args.layers, int(cfg["num_hidden_layers"]))
-        captured = minilm_forward(w, cfg, ids, set(layers))
+        _, captured = minilm_forward(w, cfg, ids, set(layers))
         write_fixture(
             os.path.join(args.out_dir, "activations-minilm-l6.safetensors"), captured, layers,
             args.queries, args.kv_heads,

@@ -85,6 +85,9 @@ pub struct Dump {
     folder: bool,
     layers: Vec<LayerShape>,
     reading: u64,
+    /// Causal attention (a decoder's); a safetensors file whose metadata says
+    /// `"attention": "bidirectional"` (an encoder's, e.g. BERT) is scored without a mask.
+    causal: bool,
 }
 
 impl Dump {
@@ -97,6 +100,7 @@ impl Dump {
             )));
         }
         let folder = path.is_dir();
+        let mut causal = true;
         let (layers, reading) = if folder {
             let file = |name: &str| npy_file(path, name);
             let layers = layer_shapes(
@@ -131,6 +135,11 @@ impl Dump {
             (layers, largest)
         } else {
             let meta = safetensors_metadata(path)?;
+            causal = meta
+                .metadata()
+                .as_ref()
+                .and_then(|m| m.get("attention"))
+                .is_none_or(|a| a != "bidirectional");
             let layers = layer_shapes(
                 |name| meta.info(name).is_some(),
                 |name| {
@@ -156,12 +165,18 @@ impl Dump {
             folder,
             layers,
             reading,
+            causal,
         })
     }
 
     /// The shapes of every layer, from the headers.
     pub fn layers(&self) -> &[LayerShape] {
         &self.layers
+    }
+
+    /// Whether the layers are scored with a causal mask (see the field's docs).
+    pub fn causal(&self) -> bool {
+        self.causal
     }
 
     /// Bytes that [`Dump::read`] holds at once beside the values it returns: the whole
@@ -192,7 +207,7 @@ impl Dump {
                 k,
                 v,
                 params: AttentionParams {
-                    causal: true,
+                    causal: self.causal,
                     // The headers were checked: n_q <= n_kv.
                     pos_offset: shape.k.0 - shape.q.0,
                     ..Default::default()

@@ -4,7 +4,6 @@
 
 use rotq::reference::tolerance::Precision;
 use rotq::KvFormat;
-use rotq_cli::activations::read_activations;
 use rotq_cli::eval::{Activations, PlanKind, Synthetic};
 use rotq_cli::eval_backend::{dequantize, rotate_queries, Backend, Runner};
 use rotq_cli::eval_grid::{evaluate_grid_with, GridOptions, GridReport};
@@ -171,8 +170,10 @@ fn cuda_without_a_device_is_a_typed_error() {
 }
 
 /// The real-activation fixtures shipped in `tests/data/` (made by
-/// `scripts/make-activation-fixture.py`): the grid runs, the oracle agrees, and a Hadamard
-/// rotation cuts the q4_0 K cache's KLD. Says so and passes when there are none.
+/// `scripts/make-activation-fixture.py` from SmolLM2-135M and all-MiniLM-L6-v2): the grid runs
+/// and the oracle agrees on both; on the decoder (SmolLM2, causal) a Hadamard rotation cuts
+/// the q4_0 K cache's KLD, while on the encoder (MiniLM, bidirectional, no outlier channels)
+/// it does not, and the test says so rather than asserting a gain.
 #[test]
 fn real_activation_fixtures() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
@@ -184,30 +185,47 @@ fn real_activation_fixtures() {
         })
         .unwrap_or_default();
     fixtures.sort();
-    if fixtures.is_empty() {
-        eprintln!("skipped: no tests/data/*.safetensors (run scripts/make-activation-fixture.py)");
-        return;
-    }
+    let names: Vec<_> = fixtures
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "activations-minilm-l6.safetensors",
+            "activations-smollm2-135m.safetensors"
+        ]
+    );
     for path in fixtures {
-        let layers = read_activations(&path, "layers.{layer}.{t}").unwrap();
+        let dump = rotq_cli::activations::Dump::open(&path, "layers.{layer}.{t}").unwrap();
+        let layers = dump.read().unwrap();
         let opts = GridOptions {
             plans: vec![PlanKind::None, PlanKind::Hadamard],
             ..small(Backend::Cpu)
         };
         let r = evaluate_grid_with(&layers, &opts, |_, _| {}).unwrap();
-        let q4 = |p| find(&r, KvFormat::Q4_0, KvFormat::F16, p).mean_kld;
         assert!(
-            q4(PlanKind::Hadamard) < q4(PlanKind::None),
-            "{}: q4_0 K KLD {} with rotation, {} without",
-            path.display(),
-            q4(PlanKind::Hadamard),
-            q4(PlanKind::None)
+            r.check.as_ref().is_some_and(|c| c.comparisons > 0),
+            "{}",
+            path.display()
         );
+        let q4 = |p| find(&r, KvFormat::Q4_0, KvFormat::F16, p).mean_kld;
         eprintln!(
             "{}: q4_0 K KLD {:.3e} -> {:.3e} with rotation",
             path.display(),
             q4(PlanKind::None),
             q4(PlanKind::Hadamard)
         );
+        if dump.causal() {
+            assert!(
+                q4(PlanKind::Hadamard) < 0.5 * q4(PlanKind::None),
+                "{}: q4_0 K KLD {} with rotation, {} without",
+                path.display(),
+                q4(PlanKind::Hadamard),
+                q4(PlanKind::None)
+            );
+        } else {
+            assert!(path.ends_with("activations-minilm-l6.safetensors"));
+        }
     }
 }
