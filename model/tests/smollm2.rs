@@ -17,12 +17,16 @@ use rotq_model::shift::{compare, ShiftOptions};
 use rotq_model::tokenizer::Tokenizer;
 
 fn data(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cli/tests/data")
+        .join(name)
 }
 
 #[test]
 fn smollm2_matches_the_numpy_reference_and_rotation_helps_q4_0_keys() {
-    let Some(path) = common::smollm2() else { return };
+    let Some(path) = common::smollm2() else {
+        return;
+    };
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data("smollm2-reference.json")).unwrap()).unwrap();
     let file = Gguf::open(&path).unwrap();
@@ -35,8 +39,15 @@ fn smollm2_matches_the_numpy_reference_and_rotation_helps_q4_0_keys() {
         .iter()
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(tokens.len() as u64, reference["text_tokens"].as_u64().unwrap());
-    assert_eq!(&tokens[..want.len()], &want[..], "the tokenizer's ids differ from HF's");
+    assert_eq!(
+        tokens.len() as u64,
+        reference["text_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        &tokens[..want.len()],
+        &want[..],
+        "the tokenizer's ids differ from HF's"
+    );
 
     let model = rotq_model::load::llama(&file).unwrap();
     let opts = GridOptions {
@@ -48,19 +59,41 @@ fn smollm2_matches_the_numpy_reference_and_rotation_helps_q4_0_keys() {
         ..GridOptions::default()
     };
     let report = run(&model, &want, &opts, |_, _| {}).unwrap();
-    let [f16, f32, plain, rotated] = &report.rows[..] else { panic!("{report:?}") };
+    let [f16, f32, plain, rotated] = &report.rows[..] else {
+        panic!("{report:?}")
+    };
     let numpy = reference["perplexity"].as_f64().unwrap();
-    eprintln!("f32 cache {} (NumPy {numpy}), f16 {}", f32.summary.ppl, f16.summary.ppl);
-    assert!((f32.summary.ppl / numpy - 1.0).abs() < 0.005, "{f32:?} vs {numpy}");
-    assert!((f16.summary.ppl / f32.summary.ppl - 1.0).abs() < 0.001, "{f16:?} vs {f32:?}");
-    assert_eq!((plain.plan.as_str(), rotated.plan.as_str()), ("none", "hadamard"));
-    eprintln!("q4_0 K: {:?}\nq4_0 K, Hadamard: {:?}", plain.summary, rotated.summary);
-    assert!(rotated.summary.kld_mean < plain.summary.kld_mean, "{plain:?} {rotated:?}");
+    eprintln!(
+        "f32 cache {} (NumPy {numpy}), f16 {}",
+        f32.summary.ppl, f16.summary.ppl
+    );
+    assert!(
+        (f32.summary.ppl / numpy - 1.0).abs() < 0.005,
+        "{f32:?} vs {numpy}"
+    );
+    assert!(
+        (f16.summary.ppl / f32.summary.ppl - 1.0).abs() < 0.001,
+        "{f16:?} vs {f32:?}"
+    );
+    assert_eq!(
+        (plain.plan.as_str(), rotated.plan.as_str()),
+        ("none", "hadamard")
+    );
+    eprintln!(
+        "q4_0 K: {:?}\nq4_0 K, Hadamard: {:?}",
+        plain.summary, rotated.summary
+    );
+    assert!(
+        rotated.summary.kld_mean < plain.summary.kld_mean,
+        "{plain:?} {rotated:?}"
+    );
 }
 
 #[test]
 fn smollm2_context_shift_stays_near_recomputation_and_a_wrong_shift_does_not() {
-    let Some(path) = common::smollm2() else { return };
+    let Some(path) = common::smollm2() else {
+        return;
+    };
     let file = Gguf::open(&path).unwrap();
     let model = rotq_model::load::llama(&file).unwrap();
     let text = std::fs::read_to_string(data("eval-text/text.txt")).unwrap();
@@ -68,16 +101,41 @@ fn smollm2_context_shift_stays_near_recomputation_and_a_wrong_shift_does_not() {
     let spec = CacheSpec {
         k_format: KvFormat::Q8_0,
         v_format: KvFormat::Q8_0,
-        plan: RotationPlan { qk: Some(Rotation::hadamard(64).unwrap()), v: None },
+        plan: RotationPlan {
+            qk: Some(Rotation::hadamard(64).unwrap()),
+            v: None,
+        },
         ..Default::default()
     };
-    let opts = ShiftOptions { ctx: 256, keep: 4, batch: 32, rope: None };
+    let opts = ShiftOptions {
+        ctx: 256,
+        keep: 4,
+        batch: 32,
+        rope: None,
+    };
     let right = compare(&model, &tokens[..400], &spec, &opts).unwrap();
-    let wrong_rope = rotq::reference::rope::Rope { variant: RopeVariant::Neox, ..model.config.rope() };
-    let wrong =
-        compare(&model, &tokens[..400], &spec, &ShiftOptions { rope: Some(wrong_rope), ..opts }).unwrap();
+    let wrong_rope = rotq::reference::rope::Rope {
+        variant: RopeVariant::Neox,
+        ..model.config.rope()
+    };
+    let wrong = compare(
+        &model,
+        &tokens[..400],
+        &spec,
+        &ShiftOptions {
+            rope: Some(wrong_rope),
+            ..opts
+        },
+    )
+    .unwrap();
     eprintln!("right {right:?}\nwrong {wrong:?}");
     assert!(right.scored >= 64, "{right:?}");
-    assert!((right.ppl_shifted / right.ppl_recomputed - 1.0).abs() < 0.05, "{right:?}");
-    assert!(wrong.kld_mean > 5.0 * right.kld_mean, "right {right:?}, wrong {wrong:?}");
+    assert!(
+        (right.ppl_shifted / right.ppl_recomputed - 1.0).abs() < 0.05,
+        "{right:?}"
+    );
+    assert!(
+        wrong.kld_mean > 5.0 * right.kld_mean,
+        "right {right:?}, wrong {wrong:?}"
+    );
 }
