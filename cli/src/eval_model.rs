@@ -119,20 +119,30 @@ pub fn run(
 /// The report as a table: the two references, then the grid by mean token KLD.
 pub fn report_table(report: &Report) -> String {
     let mut out = format!(
-        "{:<8} {:<8} {:<16} {:>9} {:>8} {:>10} {:>10} {:>10} {:>7} {:>11}\n",
-        "K", "V", "plan", "PPL", "dPPL%", "KLD mean", "KLD p99", "KLD max", "top-1%", "KLD vs f32"
+        "{:<8} {:<8} {:<16} {:>9} {:>16} {:>10} {:>10} {:>10} {:>7} {:>11}\n",
+        "K",
+        "V",
+        "plan",
+        "PPL",
+        "dPPL% (+- se)",
+        "KLD mean",
+        "KLD p99",
+        "KLD max",
+        "top-1%",
+        "KLD vs f32"
     );
     let mut rows: Vec<_> = report.rows.iter().collect();
     rows[2..].sort_by(|a, b| a.summary.kld_mean.total_cmp(&b.summary.kld_mean));
     for r in rows {
         let s = &r.summary;
         out += &format!(
-            "{:<8} {:<8} {:<16} {:>9.4} {:>+8.3} {:>10.2e} {:>10.2e} {:>10.2e} {:>7.2} {:>11.2e}\n",
+            "{:<8} {:<8} {:<16} {:>9.4} {:>+8.3} +- {:<5.3} {:>10.2e} {:>10.2e} {:>10.2e} {:>7.2} {:>11.2e}\n",
             r.k_format,
             r.v_format,
             r.plan,
             s.ppl,
             100.0 * s.delta_ppl.unwrap_or(0.0),
+            100.0 * s.delta_ppl_se.unwrap_or(0.0),
             s.kld_mean,
             s.kld_p99,
             s.kld_max,
@@ -146,18 +156,19 @@ pub fn report_table(report: &Report) -> String {
 /// The report as CSV, one row per configuration in the order run.
 pub fn report_csv(report: &Report) -> String {
     let mut out = String::from(
-        "k_format,v_format,plan,tokens,ppl,delta_ppl,kld_mean,kld_p99,kld_max,top1,kld_mean_vs_f32\n",
+        "k_format,v_format,plan,tokens,ppl,delta_ppl,delta_ppl_se,kld_mean,kld_p99,kld_max,top1,kld_mean_vs_f32\n",
     );
     for r in &report.rows {
         let s = &r.summary;
         out += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.k_format,
             r.v_format,
             r.plan,
             s.tokens,
             s.ppl,
             s.delta_ppl.unwrap_or(0.0),
+            s.delta_ppl_se.unwrap_or(0.0),
             s.kld_mean,
             s.kld_p99,
             s.kld_max,

@@ -194,12 +194,12 @@ pub fn run(
             step(&mut done);
         }
     }
-    let base_ppl = base_tally.summary(None).ppl;
+
     let row = |k: KvFormat, v: KvFormat, plan: String, t: &(Tally, Tally)| Row {
         k_format: k.info().name.to_string(),
         v_format: v.info().name.to_string(),
         plan,
-        summary: t.0.summary(Some(base_ppl)),
+        summary: t.0.summary(Some(&base_tally)),
         kld_mean_vs_f32: t.1.summary(None).kld_mean,
     };
     let mut rows = vec![

@@ -124,7 +124,8 @@ pub(crate) fn log_softmax(x: &mut [f32]) {
 /// Running totals of one configuration's scores over chunks.
 #[derive(Clone, Debug, Default)]
 pub struct Tally {
-    nll: f64,
+    /// Each scored token's negative log-likelihood, in order.
+    nll: Vec<f64>,
     kld: Vec<f64>,
     top1_same: usize,
 }
@@ -138,8 +139,11 @@ pub struct Summary {
     /// Perplexity, `exp(mean NLL)`.
     pub ppl: f64,
     /// Perplexity relative to the baseline's, minus one (`None` when there is no baseline
-    /// perplexity to compare with).
+    /// to compare with).
     pub delta_ppl: Option<f64>,
+    /// The standard error of `delta_ppl` from the token-by-token differences of the
+    /// log-likelihoods (what a ± on it means: a gap smaller than twice this is noise).
+    pub delta_ppl_se: Option<f64>,
     /// Mean token KL divergence from the baseline.
     pub kld_mean: f64,
     /// 99th percentile of the token KL divergences.
@@ -161,7 +165,7 @@ impl Tally {
         }
         for (i, &t) in run.targets.iter().enumerate() {
             let (p, q) = (baseline.row(i), run.row(i));
-            self.nll -= f64::from(q[t as usize]);
+            self.nll.push(-f64::from(q[t as usize]));
             let kld: f64 = p
                 .iter()
                 .zip(q)
@@ -176,22 +180,32 @@ impl Tally {
         Ok(())
     }
 
-    /// The scores so far; `baseline_ppl` gives [`Summary::delta_ppl`].
-    pub fn summary(&self, baseline_ppl: Option<f64>) -> Summary {
+    /// The scores so far; `baseline`, a tally of the same tokens, gives
+    /// [`Summary::delta_ppl`] and its standard error.
+    pub fn summary(&self, baseline: Option<&Tally>) -> Summary {
         let n = self.kld.len();
         let mut sorted = self.kld.clone();
         sorted.sort_by(f64::total_cmp);
-        let ppl = (self.nll / n.max(1) as f64).exp();
+        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+        let ppl = mean(&self.nll).exp();
         let p99 = if n == 0 {
             0.0
         } else {
             sorted[((n - 1) as f64 * 0.99).round() as usize]
         };
+        let delta = baseline.filter(|b| b.nll.len() == n && n > 1).map(|b| {
+            let d: Vec<f64> = self.nll.iter().zip(&b.nll).map(|(a, b)| a - b).collect();
+            let m = mean(&d);
+            let var = d.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
+            // ppl / ppl_base = exp(mean d); its error by the delta method.
+            (m.exp() - 1.0, m.exp() * (var / n as f64).sqrt())
+        });
         Summary {
             tokens: n,
             ppl,
-            delta_ppl: baseline_ppl.map(|b| ppl / b - 1.0),
-            kld_mean: sorted.iter().sum::<f64>() / n.max(1) as f64,
+            delta_ppl: delta.map(|d| d.0),
+            delta_ppl_se: delta.map(|d| d.1),
+            kld_mean: mean(&sorted),
             kld_p99: p99,
             kld_max: sorted.last().copied().unwrap_or(0.0),
             top1: self.top1_same as f64 / n.max(1) as f64,
