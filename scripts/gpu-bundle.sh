@@ -31,6 +31,10 @@ copy_tests -p rotq-cuda
 copy_tests -p rotq --test cache_backends
 # The CUDA tunables under the tuner, timed with CUDA events (autotune/tests/cuda.rs).
 copy_tests -p rotq-autotune --test cuda
+# The model runner with its caches on the GPU (model/tests/cuda.rs), renamed beside the tuner's.
+cargo test --release --locked --no-run --message-format=json -p rotq-model --test cuda 2>/dev/null |
+    grep -o '"executable":"[^"]*/deps/[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' |
+    while read -r exe; do cp "$exe" "$out/test-model_cuda"; done
 strip "$out"/* 2>/dev/null || true
 
 cat > "$out/run.sh" <<'RUN'
