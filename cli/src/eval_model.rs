@@ -294,3 +294,73 @@ pub fn layer_grid(
     );
     Ok(())
 }
+
+/// `--shift`: for every configuration of the grid, a context shift on the model against a
+/// recomputed cache (see [`rotq_model::shift`]): the text's first `ctx + ctx / 2` tokens run
+/// through caches of `ctx` tokens in batches of `opts.batch`, the first `keep` tokens kept.
+/// Prints one line per configuration; an error if the text is too short.
+pub fn run_shift(
+    loaded: &Loaded,
+    text: &Path,
+    opts: &GridOptions,
+    keep: usize,
+    json: bool,
+) -> Result<(), Error> {
+    use rotq_model::shift::{compare, ShiftOptions};
+    let need = opts.ctx + opts.ctx / 2;
+    if loaded.tokens.len() < need {
+        return Err(Error::Input(format!(
+            "{}: the text has {} tokens; --shift needs {need} (one and a half contexts)",
+            text.display(),
+            loaded.tokens.len()
+        )));
+    }
+    let shift = ShiftOptions {
+        ctx: opts.ctx,
+        keep,
+        batch: opts.batch,
+        rope: None,
+    };
+    let configs = grid::configurations(opts);
+    eprintln!(
+        "context shift: {need} tokens through caches of {} (keep {keep}, batches of {}); {} configurations",
+        opts.ctx,
+        opts.batch,
+        configs.len()
+    );
+    if !json {
+        println!(
+            "{:<8} {:<8} {:<16} {:>7} {:>12} {:>14} {:>8} {:>10}",
+            "K", "V", "plan", "scored", "PPL shifted", "PPL recomputed", "diff%", "KLD mean"
+        );
+    }
+    for (k, v, plan) in configs {
+        let spec = rotq::cache::CacheSpec {
+            k_format: k,
+            v_format: v,
+            plan: plan.build(loaded.model.config.head_dim)?,
+            ..Default::default()
+        };
+        let r = compare(&loaded.model, &loaded.tokens[..need], &spec, &shift)?;
+        if json {
+            let mut value = serde_json::to_value(&r).map_err(|e| Error::Input(e.to_string()))?;
+            value["k_format"] = k.info().name.into();
+            value["v_format"] = v.info().name.into();
+            value["plan"] = plan.to_string().into();
+            println!("{value}");
+        } else {
+            println!(
+                "{:<8} {:<8} {:<16} {:>7} {:>12.4} {:>14.4} {:>+8.3} {:>10.2e}",
+                k.info().name,
+                v.info().name,
+                plan.to_string(),
+                r.scored,
+                r.ppl_shifted,
+                r.ppl_recomputed,
+                100.0 * (r.ppl_shifted / r.ppl_recomputed - 1.0),
+                r.kld_mean
+            );
+        }
+    }
+    Ok(())
+}

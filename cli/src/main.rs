@@ -104,6 +104,14 @@ enum Command {
         /// of its positions as queries, against exact attention) and write it as CSV here.
         #[arg(long, requires = "model")]
         layers_csv: Option<PathBuf>,
+        /// With --model, instead of the grid: a context shift (llama.cpp's policy) on each
+        /// configuration's caches against a recomputed cache, over the text's first 1.5
+        /// contexts.
+        #[arg(long, requires = "model")]
+        shift: bool,
+        /// Tokens a --shift keeps at the start of the context.
+        #[arg(long, default_value_t = 4, requires = "shift")]
+        keep: usize,
         /// Tensor names in the activations (a folder holds NAME.npy): `{layer}` becomes 0, 1, …,
         /// `{t}` q, k or v.
         #[arg(long, default_value = "layers.{layer}.{t}")]
@@ -278,6 +286,8 @@ fn run(command: Command) -> Result<(), Error> {
             chunks,
             batch,
             layers_csv,
+            shift,
+            keep,
             names,
             csv,
             heatmaps,
@@ -315,6 +325,9 @@ fn run(command: Command) -> Result<(), Error> {
                     backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
                 };
                 let loaded = eval_model::load(&model, &text)?;
+                if shift {
+                    return eval_model::run_shift(&loaded, &text, &opts, keep, json);
+                }
                 let report = eval_model::run(&loaded, &text, &opts, json, csv.as_ref())?;
                 if let Some(path) = &layers_csv {
                     eval_model::layer_grid(&loaded.model, &loaded.tokens, &opts, path)?;

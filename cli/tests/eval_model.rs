@@ -134,3 +134,41 @@ fn a_short_grid_on_smollm2_runs_and_a_short_text_is_refused() {
         assert_eq!(&png[1..4], b"PNG");
     }
 }
+
+#[test]
+fn a_context_shift_on_smollm2_is_reported_per_configuration() {
+    let Some(model) = smollm2() else { return };
+    let text =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/eval-text/text.txt");
+    let out = rotq(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--text",
+        s(&text),
+        "--ctx",
+        "128",
+        "--batch",
+        "16",
+        "--shift",
+        "--k-formats",
+        "q8_0",
+        "--v-formats",
+        "q8_0",
+        "--plans",
+        "none,hadamard",
+        "--json",
+    ]);
+    assert_ok(&out, "shift");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        assert!(
+            l["scored"].as_u64().unwrap() > 0 && l["kld_mean"].as_f64().unwrap() < 0.5,
+            "{l}"
+        );
+    }
+}
