@@ -156,12 +156,13 @@ pub fn report_table(report: &Report) -> String {
 /// The report as CSV, one row per configuration in the order run.
 pub fn report_csv(report: &Report) -> String {
     let mut out = String::from(
-        "k_format,v_format,plan,tokens,ppl,delta_ppl,delta_ppl_se,kld_mean,kld_p99,kld_max,top1,kld_mean_vs_f32\n",
+        "k_format,v_format,plan,tokens,ppl,delta_ppl,delta_ppl_se,kld_mean,kld_p99,kld_max,top1,\
+         kld_mean_vs_f32,kld_p99_vs_f32,kld_max_vs_f32\n",
     );
     for r in &report.rows {
         let s = &r.summary;
         out += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.k_format,
             r.v_format,
             r.plan,
@@ -173,7 +174,9 @@ pub fn report_csv(report: &Report) -> String {
             s.kld_p99,
             s.kld_max,
             s.top1,
-            r.kld_mean_vs_f32
+            r.kld_mean_vs_f32,
+            r.kld_p99_vs_f32,
+            r.kld_max_vs_f32
         );
     }
     out

@@ -175,10 +175,22 @@ impl Matrix {
     /// ```
     /// use rotq_model::llama::Matrix;
     /// let w = Matrix::new(2, 3, vec![1.0, 0.0, 0.0, 0.0, 1.0, 1.0])?;
-    /// assert_eq!(w.apply(&[1.0, 2.0, 3.0], 1), [1.0, 5.0]);
+    /// assert_eq!(w.apply(&[1.0, 2.0, 3.0], 1)?, [1.0, 5.0]);
+    /// assert!(w.apply(&[1.0, 2.0], 1).is_err());
     /// # Ok::<(), rotq_model::Error>(())
     /// ```
-    pub fn apply(&self, x: &[f32], n: usize) -> Vec<f32> {
+    pub fn apply(&self, x: &[f32], n: usize) -> Result<Vec<f32>, Error> {
+        if n.checked_mul(self.cols) != Some(x.len()) {
+            return Err(Error::Shape(format!(
+                "{} inputs for {n} rows of a {} x {} matrix",
+                x.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         // yᵀ = W · xᵀ, one block of W's rows per task (contiguous outputs), then transposed:
         // the transpose costs n·rows moves against the product's n·rows·cols.
         let mut yt = vec![0.0f32; self.rows * n];
@@ -193,7 +205,7 @@ impl Matrix {
                 general_mat_mul(1.0, &w, &x.t(), 0.0, &mut out);
             });
         if n == 1 {
-            return yt;
+            return Ok(yt);
         }
         let mut y = vec![0.0f32; n * self.rows];
         for (r, row) in yt.chunks_exact(n).enumerate() {
@@ -201,7 +213,7 @@ impl Matrix {
                 y[t * self.rows + r] = v;
             }
         }
-        y
+        Ok(y)
     }
 }
 
@@ -382,7 +394,34 @@ impl Llama {
         &self,
         tokens: &[u32],
         caches: &mut [RotatedKvCache],
+        tap: Option<LayerTap<'_>>,
+    ) -> Result<Vec<f32>, Error> {
+        self.forward_from(tokens, caches, tap, 0)
+    }
+
+    /// [`Self::forward`], with the logits of rows `from..` only (`[n − from, vocab]`): the
+    /// output projection is a fifth of a small model's work, and a perplexity run scores only
+    /// part of each chunk. Every token still goes through every layer and into the caches.
+    ///
+    /// ```
+    /// # use rotq::cache::CacheSpec;
+    /// # use rotq_model::llama::{Config, Llama};
+    /// # let config = Config { n_layers: 1, dim: 64, ffn_dim: 64, n_heads: 2, n_kv_heads: 1,
+    /// #     head_dim: 32, vocab: 50, ..Config::default() };
+    /// # let model = Llama::random(config, 7)?;
+    /// let spec = CacheSpec::default();
+    /// let (mut a, mut b) = (model.caches(&spec, 8)?, model.caches(&spec, 8)?);
+    /// let all = model.forward(&[1, 2, 3], &mut a, None)?;
+    /// let last = model.forward_from(&[1, 2, 3], &mut b, None, 2)?;
+    /// assert_eq!(&all[2 * 50..], &last[..]);
+    /// # Ok::<(), rotq_model::Error>(())
+    /// ```
+    pub fn forward_from(
+        &self,
+        tokens: &[u32],
+        caches: &mut [RotatedKvCache],
         mut tap: Option<LayerTap<'_>>,
+        from: usize,
     ) -> Result<Vec<f32>, Error> {
         let start = Instant::now();
         let mut in_attention = Duration::ZERO;
@@ -416,9 +455,9 @@ impl Llama {
         };
         for (li, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps);
-            let mut q = layer.wq.apply(&h, n);
-            let mut k = layer.wk.apply(&h, n);
-            let v = layer.wv.apply(&h, n);
+            let mut q = layer.wq.apply(&h, n)?;
+            let mut k = layer.wk.apply(&h, n)?;
+            let v = layer.wv.apply(&h, n)?;
             rope.apply(&mut q, c.n_heads, hd);
             rope.apply(&mut k, c.n_kv_heads, hd);
             if let Some(tap) = tap.as_mut() {
@@ -428,24 +467,25 @@ impl Llama {
             cache.append(&k, &v)?;
             let attn = cache.attention(&q, n, c.n_heads, &params)?;
             in_attention += t0.elapsed();
-            let o = layer.wo.apply(&attn, n);
+            let o = layer.wo.apply(&attn, n)?;
             add(&mut x, &o);
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
-            let mut g = layer.w_gate.apply(&h, n);
-            let u = layer.w_up.apply(&h, n);
+            let mut g = layer.w_gate.apply(&h, n)?;
+            let u = layer.w_up.apply(&h, n)?;
             for (g, u) in g.iter_mut().zip(&u) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            let down = layer.w_down.apply(&g, n);
+            let down = layer.w_down.apply(&g, n)?;
             add(&mut x, &down);
             debug_assert_eq!(kv, k.len() / n.max(1));
         }
-        let h = rms_norm(&x, &self.out_norm, c.rms_eps);
+        let from = from.min(n);
+        let h = rms_norm(&x[from * d..], &self.out_norm, c.rms_eps);
         let logits = self
             .output
             .as_ref()
             .unwrap_or(&self.embeddings)
-            .apply(&h, n);
+            .apply(&h, n - from)?;
         if let Ok(mut t) = self.timings.lock() {
             t.attention += in_attention;
             t.total += start.elapsed();

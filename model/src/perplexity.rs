@@ -92,11 +92,11 @@ pub fn chunk_log_probs_on(
     let mut log_probs = Vec::with_capacity((chunk.len() - 1 - first) * vocab);
     let mut at = 0;
     for piece in chunk.chunks(batch) {
-        let logits = model.forward(piece, &mut caches, None)?;
-        // Rows of this piece that are scored: positions first..len-1.
+        // Rows of this piece that are scored: positions first..len-1; their logits only.
         let lo = first.max(at).min(at + piece.len());
         let hi = (chunk.len() - 1).min(at + piece.len()).max(lo);
-        let rows = &logits[(lo - at) * vocab..(hi - at) * vocab];
+        let logits = model.forward_from(piece, &mut caches, None, lo - at)?;
+        let rows = &logits[..(hi - lo) * vocab];
         let start = log_probs.len();
         log_probs.extend_from_slice(rows);
         log_probs[start..]

@@ -215,3 +215,29 @@ fn bad_tokens_and_cache_counts_are_errors() {
     assert!(m.forward(&[1; 5], &mut caches, None).is_err()); // over capacity
     assert!(m.forward(&[1], &mut caches[..2], None).is_err());
 }
+
+#[test]
+fn chunk_scores_do_not_depend_on_the_prefill_batch() {
+    use rotq_model::perplexity::chunk_log_probs;
+    let m = Llama::random(small(), 4).unwrap();
+    let toks = tokens(30, 2);
+    let want = chunk_log_probs(&m, &toks, &f32_cache(), 30).unwrap();
+    assert_eq!(want.targets, &toks[16..]);
+    assert_eq!(want.log_probs.len(), 14 * 97);
+    // Rows of a probability distribution: log-probabilities that sum to one.
+    for row in want.log_probs.chunks(97) {
+        let total: f64 = row.iter().map(|&l| f64::from(l).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+    }
+    for batch in [1, 3, 15, 16, 17] {
+        let got = chunk_log_probs(&m, &toks, &f32_cache(), batch).unwrap();
+        assert_eq!(got.targets, want.targets);
+        let err = got
+            .log_probs
+            .iter()
+            .zip(&want.log_probs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "batch {batch}: {err:e}");
+    }
+}
