@@ -52,6 +52,15 @@ pub fn load(model: &Path, text: &Path) -> Result<Loaded, Error> {
     crate::eval::check_memory(Some(rotq_model::load::f32_bytes(&file)))
         .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
     let tokenizer = Tokenizer::from_gguf(&file).map_err(rotq_model::Error::from)?;
+    let config = rotq_model::load::config(&file)?;
+    if tokenizer.vocab_size() != config.vocab {
+        return Err(Error::Input(format!(
+            "{}: the tokenizer has {} tokens and the model a vocabulary of {}",
+            model.display(),
+            tokenizer.vocab_size(),
+            config.vocab
+        )));
+    }
     let model = rotq_model::load::llama(&file)?;
     let bytes = crate::io::read_bytes(text)?;
     let text_str = std::str::from_utf8(&bytes)
@@ -74,6 +83,8 @@ pub fn run(
 ) -> Result<Report, Error> {
     let chunks = grid::chunk_count(loaded.tokens.len(), opts)
         .map_err(|e| Error::Input(format!("{}: {e}", text.display())))?;
+    crate::eval::check_memory(grid::memory_needed(&loaded.model.config, opts))
+        .map_err(|e| Error::Input(format!("--ctx {} --batch {}: {e}", opts.ctx, opts.batch)))?;
     let configs = grid::configurations(opts).len();
     eprintln!(
         "{} tokens; {chunks} chunks of {} on {}; {configs} configurations (K x V x plan) + the f16 and f32 caches",
@@ -269,12 +280,8 @@ pub fn layer_grid(
     csv: &Path,
 ) -> Result<(), Error> {
     let chunk = &tokens[..opts.ctx.min(tokens.len())];
+    check_layer_plans(opts)?;
     let plans: Vec<_> = opts.plans.iter().filter_map(activation_plan).collect();
-    if plans.is_empty() {
-        return Err(Error::Input(
-            "--layers-csv needs one of the plans none, hadamard, randomized, hadamard+v:32".into(),
-        ));
-    }
     let layers = capture_layers(model, chunk, opts.ctx / 4, opts.batch)?;
     let grid = crate::eval_grid::GridOptions {
         k_formats: opts.k_formats.clone(),
@@ -298,6 +305,69 @@ pub fn layer_grid(
     Ok(())
 }
 
+/// Checks what `rotq eval --model` will write before any work: no output is one of the
+/// inputs (the same file by any path), each output file's folder exists, and the heatmaps'
+/// folder is not a file.
+///
+/// ```
+/// use std::path::Path;
+/// let dir = tempfile::tempdir().unwrap();
+/// let model = dir.path().join("m.gguf");
+/// std::fs::write(&model, b"x").unwrap();
+/// let text = dir.path().join("t.txt");
+/// std::fs::write(&text, b"x").unwrap();
+/// let check = |csv: &Path| rotq_cli::eval_model::check_outputs(&model, &text, &[csv], None);
+/// assert!(check(&dir.path().join("grid.csv")).is_ok());
+/// assert!(check(&dir.path().join(".").join("m.gguf")).is_err());
+/// assert!(check(&dir.path().join("no/such/grid.csv")).is_err());
+/// ```
+pub fn check_outputs(
+    model: &Path,
+    text: &Path,
+    files: &[&Path],
+    heatmaps: Option<&Path>,
+) -> Result<(), Error> {
+    for &out in files {
+        for input in [model, text] {
+            if crate::io::same_file(out, input) {
+                return Err(Error::Input(format!(
+                    "{} is the same file as {}: refusing to overwrite an input",
+                    out.display(),
+                    input.display()
+                )));
+            }
+        }
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| !p.is_dir()) {
+            return Err(Error::Input(format!(
+                "{}: its folder does not exist",
+                out.display()
+            )));
+        }
+    }
+    if let Some(dir) = heatmaps {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::Input(format!(
+                "--heatmaps {}: not a folder",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `--layers-csv`'s plans before any work: the activation grid knows `none`,
+/// `hadamard`, `randomized` and `hadamard+v:32`.
+pub fn check_layer_plans(opts: &GridOptions) -> Result<(), Error> {
+    if opts.plans.iter().any(|p| activation_plan(p).is_some()) {
+        Ok(())
+    } else {
+        Err(Error::Input(
+            "--layers-csv needs one of the plans none, hadamard, randomized, hadamard+v:32".into(),
+        ))
+    }
+}
+
 /// `--shift`: for every configuration of the grid, a context shift on the model against a
 /// recomputed cache (see [`rotq_model::shift`]): the text's first `ctx + ctx / 2` tokens run
 /// through caches of `ctx` tokens in batches of `opts.batch`, the first `keep` tokens kept.
@@ -310,7 +380,9 @@ pub fn run_shift(
     json: bool,
 ) -> Result<(), Error> {
     use rotq_model::shift::{compare, ShiftOptions};
-    let need = opts.ctx + opts.ctx / 2;
+    let Some(need) = opts.ctx.checked_add(opts.ctx / 2) else {
+        return Err(Error::Input(format!("--ctx {} is too large", opts.ctx)));
+    };
     if loaded.tokens.len() < need {
         return Err(Error::Input(format!(
             "{}: the text has {} tokens; --shift needs {need} (one and a half contexts)",
@@ -324,7 +396,30 @@ pub fn run_shift(
         batch: opts.batch,
         rope: None,
     };
+    let fits = opts
+        .batch
+        .checked_mul(2)
+        .and_then(|b| b.checked_add(keep))
+        .is_some_and(|n| n <= opts.ctx);
+    if opts.batch == 0 || !fits {
+        return Err(Error::Input(format!(
+            "--shift needs --keep + 2 x --batch <= --ctx (keep {keep}, batch {}, ctx {})",
+            opts.batch, opts.ctx
+        )));
+    }
     let configs = grid::configurations(opts);
+    // Every plan is built before anything is printed.
+    let specs = configs
+        .iter()
+        .map(|&(k_format, v_format, plan)| {
+            Ok(rotq::cache::CacheSpec {
+                k_format,
+                v_format,
+                plan: plan.build(loaded.model.config.head_dim)?,
+                ..Default::default()
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     eprintln!(
         "context shift: {need} tokens through caches of {} (keep {keep}, batches of {}); {} configurations",
         opts.ctx,
@@ -337,14 +432,8 @@ pub fn run_shift(
             "K", "V", "plan", "scored", "PPL shifted", "PPL recomputed", "diff%", "KLD mean"
         );
     }
-    for (k, v, plan) in configs {
-        let spec = rotq::cache::CacheSpec {
-            k_format: k,
-            v_format: v,
-            plan: plan.build(loaded.model.config.head_dim)?,
-            ..Default::default()
-        };
-        let r = compare(&loaded.model, &loaded.tokens[..need], &spec, &shift)?;
+    for ((k, v, plan), spec) in configs.into_iter().zip(&specs) {
+        let r = compare(&loaded.model, &loaded.tokens[..need], spec, &shift)?;
         if json {
             let mut value = serde_json::to_value(&r).map_err(|e| Error::Input(e.to_string()))?;
             value["k_format"] = k.info().name.into();

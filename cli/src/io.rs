@@ -557,3 +557,23 @@ pub fn write_f32_atomic(path: &Path, values: &[f32]) -> Result<(), Error> {
     encode_f32(values.iter().copied(), &mut bytes);
     write_atomic(path, &bytes)
 }
+
+/// Whether two paths name one existing file (the same device and inode on Unix, so through
+/// symlinks, hard links and `./x`; elsewhere the same canonical path).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let a = dir.path().join("a");
+/// std::fs::write(&a, b"x").unwrap();
+/// assert!(rotq_cli::io::same_file(&a, &dir.path().join(".").join("a")));
+/// assert!(!rotq_cli::io::same_file(&a, &dir.path().join("b")));
+/// ```
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    match (FileId::of(&ma), FileId::of(&mb)) {
+        (Some(x), Some(y)) => x == y,
+        _ => std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok(),
+    }
+}

@@ -107,7 +107,7 @@ enum Command {
         /// With --model, instead of the grid: a context shift (llama.cpp's policy) on each
         /// configuration's caches against a recomputed cache, over the text's first 1.5
         /// contexts.
-        #[arg(long, requires = "model")]
+        #[arg(long, requires = "model", conflicts_with_all = ["csv", "heatmaps", "layers_csv"])]
         shift: bool,
         /// Tokens a --shift keeps at the start of the context.
         #[arg(long, default_value_t = 4, requires = "shift")]
@@ -297,7 +297,16 @@ fn run(command: Command) -> Result<(), Error> {
             v_formats,
             plans,
         } => {
+            if model.is_none() && text.is_some() {
+                return Err(Error::Input("--text goes with --model".into()));
+            }
             if let (Some(model), Some(text)) = (model, text) {
+                if device.as_deref() == Some("oracle") {
+                    return Err(Error::Input(
+                        "--device oracle goes with --activations; --model runs on cpu or cuda:N"
+                            .into(),
+                    ));
+                }
                 let (k_default, v_default) = eval_model::default_model_formats();
                 let parse_formats = |list: &[String], default: Vec<KvFormat>| {
                     if list.is_empty() {
@@ -324,6 +333,13 @@ fn run(command: Command) -> Result<(), Error> {
                     // Open the device first: a missing GPU fails before the model is read.
                     backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
                 };
+                // What would be written is checked before any work.
+                let outputs: Vec<&std::path::Path> =
+                    csv.iter().chain(&layers_csv).map(|p| p.as_path()).collect();
+                eval_model::check_outputs(&model, &text, &outputs, heatmaps.as_deref())?;
+                if layers_csv.is_some() {
+                    eval_model::check_layer_plans(&opts)?;
+                }
                 let loaded = eval_model::load(&model, &text)?;
                 if shift {
                     return eval_model::run_shift(&loaded, &text, &opts, keep, json);

@@ -172,3 +172,48 @@ fn a_context_shift_on_smollm2_is_reported_per_configuration() {
         );
     }
 }
+
+#[test]
+fn outputs_and_options_are_checked_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, text) = (dir.path().join("m.gguf"), dir.path().join("t.txt"));
+    std::fs::write(&model, b"not a model, and never read").unwrap();
+    std::fs::write(&text, "words ".repeat(100)).unwrap();
+    let base = ["eval", "--model", s(&model), "--text", s(&text)];
+    let same = dir.path().join(".").join("m.gguf");
+    let missing = dir.path().join("no/such/l.csv");
+    let cases: [(Vec<&str>, &str); 5] = [
+        (vec!["--csv", s(&same)], "refusing to overwrite an input"),
+        (
+            vec!["--layers-csv", s(&text)],
+            "refusing to overwrite an input",
+        ),
+        (vec!["--layers-csv", s(&missing)], "folder does not exist"),
+        (vec!["--heatmaps", s(&text)], "not a folder"),
+        (vec!["--device", "oracle"], "goes with --activations"),
+    ];
+    for (extra, says) in cases {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let out = rotq(&args);
+        assert_one_line_error(&out, says);
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        b"not a model, and never read"
+    );
+    let out = rotq(&["eval", "--synthetic", "--text", s(&text)]);
+    assert_one_line_error(&out, "--text alone");
+    let out = rotq(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--text",
+        s(&text),
+        "--shift",
+        "--csv",
+        "x.csv",
+    ]);
+    assert_one_line_error(&out, "--shift with --csv");
+    assert_eq!(out.status.code(), Some(2));
+}

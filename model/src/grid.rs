@@ -129,6 +129,32 @@ pub fn chunk_count(tokens: usize, opts: &GridOptions) -> Result<usize, Error> {
     }
 }
 
+/// The most memory the grid holds beside the model's weights, in bytes (`None` if it does not
+/// fit in 64 bits): three runs' log-probabilities of a chunk's scored half (the baseline's, the
+/// f32 cache's and the configuration's), one prefill batch's activations and logits, and one
+/// set of caches of `ctx` tokens at 4 bytes a value (the widest format).
+///
+/// ```
+/// use rotq_model::grid::{memory_needed, GridOptions};
+/// use rotq_model::llama::Config;
+/// let small = memory_needed(&Config::default(), &GridOptions::default()).unwrap();
+/// assert!(small < 1 << 30);
+/// let huge = GridOptions { ctx: 1_000_000, ..GridOptions::default() };
+/// assert!(memory_needed(&Config::default(), &huge).unwrap() > 64 << 30);
+/// ```
+pub fn memory_needed(config: &crate::llama::Config, opts: &GridOptions) -> Option<u64> {
+    let n = |x: usize| u64::try_from(x).ok();
+    let (ctx, batch, vocab) = (n(opts.ctx)?, n(opts.batch.min(opts.ctx))?, n(config.vocab)?);
+    let scored = (ctx / 2).checked_mul(vocab)?.checked_mul(4 * 3)?;
+    let widest = n(config.dim.max(config.ffn_dim))?.max(vocab);
+    let activations = batch.checked_mul(widest)?.checked_mul(4 * 8)?;
+    let caches = ctx
+        .checked_mul(n(config.kv_dim())?)?
+        .checked_mul(n(config.n_layers)?)?
+        .checked_mul(4 * 2)?;
+    scored.checked_add(activations)?.checked_add(caches)
+}
+
 /// The configurations the grid runs, after the two references: (K, V, plan).
 pub fn configurations(opts: &GridOptions) -> Vec<(KvFormat, KvFormat, Plan)> {
     let mut out = Vec::new();

@@ -174,8 +174,11 @@ impl Tally {
                     lp.exp() * (lp - f64::from(lq))
                 })
                 .sum();
-            self.kld.push(kld.max(0.0));
-            self.top1_same += usize::from(argmax(p) == argmax(q));
+            // Rounding can make a KL divergence of equal rows a hair negative; a NaN (a run
+            // that broke) stays NaN, and a row with a NaN never counts as agreeing.
+            self.kld.push(if kld < 0.0 { 0.0 } else { kld });
+            let finite = |r: &[f32]| r.iter().all(|x| !x.is_nan());
+            self.top1_same += usize::from(finite(p) && finite(q) && argmax(p) == argmax(q));
         }
         Ok(())
     }

@@ -52,10 +52,13 @@ impl Plan {
     /// The rotations for heads of `head_dim` values (an error when a block does not divide
     /// the head or the head cannot be rotated).
     pub fn build(&self, head_dim: usize) -> Result<RotationPlan, Error> {
-        let qk = self.qk.build(head_dim).map_err(rotq::Error::from)?;
+        let named = |e: rotq::reference::Error| {
+            Error::Shape(format!("plan {self} for heads of {head_dim}: {e}"))
+        };
+        let qk = self.qk.build(head_dim).map_err(named)?;
         let v = match self.v_block {
             None => None,
-            Some(b) => Some(Rotation::block_hadamard(head_dim, b).map_err(rotq::Error::from)?),
+            Some(b) => Some(Rotation::block_hadamard(head_dim, b).map_err(named)?),
         };
         Ok(RotationPlan { qk, v })
     }

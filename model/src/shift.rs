@@ -5,8 +5,12 @@
 //! ([`RotatedKvCache::shift`]: the cached keys turn by the RoPE angle of the move, inside the
 //! cache's rotation, and are quantized again). The tokens after the first shift are scored,
 //! until the next shift; the same tokens are then scored by a run that computes a fresh cache
-//! from the tokens the shifted cache holds, at the same positions. Their perplexities should
-//! agree up to the requantization; a wrong shift (another RoPE pairing, say) does not.
+//! from the tokens the shifted cache holds, at the same positions. In one layer the two agree
+//! up to the requantization; deeper, the kept tokens' keys and values were computed with the
+//! dropped tokens in their context and a recomputed cache's were not, so the two differ even on
+//! an f32 cache: that floor (the f32 cache's figure) is what a shift costs the model, and a
+//! cache format or rotation is judged by what it adds to it. A wrong shift (another RoPE
+//! pairing, say) adds far more.
 //!
 //! ```
 //! use rotq::cache::CacheSpec;
@@ -72,7 +76,11 @@ pub fn compare(
     let ShiftOptions {
         ctx, keep, batch, ..
     } = *opts;
-    if batch == 0 || keep + 2 * batch > ctx || tokens.len() <= ctx {
+    let fits = batch
+        .checked_mul(2)
+        .and_then(|b| b.checked_add(keep))
+        .is_some_and(|need| need <= ctx);
+    if batch == 0 || !fits || tokens.len() <= ctx {
         return Err(Error::Shape(format!(
             "a shift needs a batch > 0, keep + 2 batches <= ctx and more tokens than ctx: \
              ctx {ctx}, keep {keep}, batch {batch}, {} tokens",

@@ -484,3 +484,32 @@ fn smollm2_file() {
     assert_eq!(wq.len(), 576 * 576);
     assert!(wq.iter().all(|v| v.is_finite()) && wq.iter().any(|&v| v != 0.0));
 }
+
+/// Metadata arrays are bounded in all (each element takes 32 bytes or more in memory): a file
+/// of 16 Mi + 1 one-byte elements is refused before they are read.
+#[test]
+fn too_many_metadata_values_are_refused() {
+    let count: u64 = (1 << 24) + 1;
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    let key = b"big";
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key);
+    b.extend(9u32.to_le_bytes()); // array
+    b.extend(0u32.to_le_bytes()); // of u8
+    b.extend(count.to_le_bytes());
+    b.resize(b.len() + count as usize, 7);
+    let len = b.len() as u64;
+    let err = rotq_model::gguf::Gguf::parse(
+        std::io::Cursor::new(b),
+        std::path::Path::new("big.gguf"),
+        len,
+    )
+    .expect_err("refused");
+    assert!(
+        err.to_string().contains("more than 16777216 values"),
+        "{err}"
+    );
+}

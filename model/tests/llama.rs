@@ -241,3 +241,29 @@ fn chunk_scores_do_not_depend_on_the_prefill_batch() {
         assert!(err < 1e-4, "batch {batch}: {err:e}");
     }
 }
+
+/// A run that broke (NaN logits) scores NaN, never a perfect agreement.
+#[test]
+fn nan_log_probs_are_not_perfect_scores() {
+    use rotq_model::perplexity::{ChunkLogProbs, Tally};
+    let good = ChunkLogProbs {
+        log_probs: vec![-0.1, -2.4, -3.0, -1.0],
+        targets: vec![0, 1],
+        vocab: 2,
+    };
+    let broken = ChunkLogProbs {
+        log_probs: vec![f32::NAN; 4],
+        ..good.clone()
+    };
+    let mut t = Tally::default();
+    t.add(&good, &broken).unwrap();
+    let s = t.summary(None);
+    assert!(s.kld_mean.is_nan() && s.ppl.is_nan(), "{s:?}");
+    assert_eq!(s.top1, 0.0);
+    let mut same = Tally::default();
+    same.add(&good, &good).unwrap();
+    assert_eq!(
+        (same.summary(None).kld_max, same.summary(None).top1),
+        (0.0, 1.0)
+    );
+}

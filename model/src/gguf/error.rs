@@ -103,6 +103,14 @@ pub enum ErrorKind {
         /// The deepest nesting accepted.
         max: usize,
     },
+    /// Metadata arrays holding more elements in all than the reader keeps in memory.
+    #[error("{at}: the metadata's arrays hold more than {max} values in all")]
+    TooManyValues {
+        /// The array that went over.
+        at: String,
+        /// The most accepted.
+        max: u64,
+    },
     /// The same metadata key twice.
     #[error("duplicate metadata key {0:?}")]
     DuplicateKey(String),

@@ -13,6 +13,10 @@ use std::path::Path;
 
 /// Arrays of arrays deeper than this are refused (GGUF writers produce depth 1).
 pub(super) const MAX_DEPTH: usize = 4;
+/// The most array elements the metadata may hold in all (each takes 32 bytes or more in memory,
+/// whatever it took in the file): 16 Mi, a hundred times a large vocabulary's tokens, merges
+/// and scores, and about 0.5 GiB in memory.
+pub(super) const MAX_VALUES: u64 = 1 << 24;
 /// ggml's `GGML_MAX_DIMS`.
 const MAX_DIMS: u32 = 4;
 /// ggml's `GGML_MAX_NAME` less the terminating NUL.
@@ -39,6 +43,8 @@ struct Src<'p, R> {
     path: &'p Path,
     section: &'static str,
     item: String,
+    /// Array elements read so far (bounded by [`MAX_VALUES`]).
+    values: u64,
 }
 
 impl<R: Read> Src<'_, R> {
@@ -156,6 +162,14 @@ impl<R: Read> Src<'_, R> {
             }
         };
         let count = self.count(min_bytes, field)?;
+        self.values = self.values.saturating_add(count);
+        if self.values > MAX_VALUES {
+            let at = self.at(field);
+            return Err(self.err(ErrorKind::TooManyValues {
+                at,
+                max: MAX_VALUES,
+            }));
+        }
         let mut items = Vec::with_capacity(count as usize);
         for _ in 0..count {
             items.push(self.value(elem, depth + 1, field)?);
@@ -181,6 +195,7 @@ pub(super) fn parse<R: Read + Seek>(
         path,
         section: "header",
         item: String::new(),
+        values: 0,
     };
     let magic = s.array::<4>("magic")?;
     if &magic != b"GGUF" {
