@@ -44,11 +44,26 @@ impl From<rotq_model::Error> for Error {
     }
 }
 
-/// Opens the model (refusing one too large for memory before its weights are read) and
-/// tokenizes the text; an error names the file and what is wrong.
-pub fn load(model: &Path, text: &Path) -> Result<Loaded, Error> {
+/// Opens the model (refusing one too large for memory, or whose heads `plans` cannot rotate,
+/// before its weights are read) and tokenizes the text; an error names the file and what is
+/// wrong.
+pub fn load(model: &Path, text: &Path, plans: &[rotq_model::plan::Plan]) -> Result<Loaded, Error> {
+    match std::fs::metadata(text) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(Error::Input(format!("{}: not a file", text.display()))),
+        Err(source) => {
+            return Err(Error::Io {
+                path: text.to_path_buf(),
+                source,
+            })
+        }
+    }
     let file = Gguf::open(model).map_err(rotq_model::Error::from)?;
-    rotq_model::load::config(&file)?;
+    let head_dim = rotq_model::load::config(&file)?.head_dim;
+    for plan in plans {
+        plan.build(head_dim)
+            .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
+    }
     crate::eval::check_memory(Some(rotq_model::load::f32_bytes(&file)))
         .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
     let tokenizer = Tokenizer::from_gguf(&file).map_err(rotq_model::Error::from)?;

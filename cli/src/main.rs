@@ -312,9 +312,14 @@ fn run(command: Command) -> Result<(), Error> {
                     if list.is_empty() {
                         return Ok(default);
                     }
-                    list.iter()
-                        .map(|f| f.trim().parse().map_err(Error::from))
-                        .collect::<Result<Vec<KvFormat>, Error>>()
+                    let mut formats: Vec<KvFormat> = Vec::new();
+                    for f in list {
+                        let f: KvFormat = f.trim().parse()?;
+                        if !formats.contains(&f) {
+                            formats.push(f);
+                        }
+                    }
+                    Ok::<_, Error>(formats)
                 };
                 let opts = rotq_model::grid::GridOptions {
                     ctx,
@@ -325,10 +330,14 @@ fn run(command: Command) -> Result<(), Error> {
                     plans: if plans.is_empty() {
                         rotq_model::plan::Plan::defaults()
                     } else {
-                        plans
-                            .iter()
-                            .map(|p| p.trim().parse())
-                            .collect::<Result<_, _>>()?
+                        let mut unique: Vec<rotq_model::plan::Plan> = Vec::new();
+                        for p in &plans {
+                            let p = p.trim().parse()?;
+                            if !unique.contains(&p) {
+                                unique.push(p);
+                            }
+                        }
+                        unique
                     },
                     // Open the device first: a missing GPU fails before the model is read.
                     backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
@@ -340,7 +349,7 @@ fn run(command: Command) -> Result<(), Error> {
                 if layers_csv.is_some() {
                     eval_model::check_layer_plans(&opts)?;
                 }
-                let loaded = eval_model::load(&model, &text)?;
+                let loaded = eval_model::load(&model, &text, &opts.plans)?;
                 if shift {
                     return eval_model::run_shift(&loaded, &text, &opts, keep, json);
                 }

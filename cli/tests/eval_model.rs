@@ -133,6 +133,40 @@ fn a_short_grid_on_smollm2_runs_and_a_short_text_is_refused() {
         let png = std::fs::read(maps.join(format!("token_kld-{plan}.png"))).unwrap();
         assert_eq!(&png[1..4], b"PNG");
     }
+    // Repeated formats and plans (v:32 is none+v:32) run once.
+    let out2 = rotq(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--text",
+        s(&text),
+        "--ctx",
+        "64",
+        "--chunks",
+        "1",
+        "--k-formats",
+        "q8_0,q8_0",
+        "--v-formats",
+        "f16",
+        "--plans",
+        "v:32,none+v:32",
+        "--json",
+    ]);
+    assert_ok(&out2, "duplicates");
+    assert_eq!(String::from_utf8_lossy(&out2.stdout).lines().count(), 2 + 1);
+    // A plan the heads cannot take is refused before the text is tokenized.
+    let out2 = rotq(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--text",
+        s(&text),
+        "--plans",
+        "block:7",
+    ]);
+    assert_one_line_error(&out2, "block:7");
+    assert!(stderr(&out2).contains("plan block:7"), "{}", stderr(&out2));
+    assert!(!stderr(&out2).contains("tokens;"), "{}", stderr(&out2));
 }
 
 #[test]
@@ -202,6 +236,11 @@ fn outputs_and_options_are_checked_before_any_work() {
         std::fs::read(&model).unwrap(),
         b"not a model, and never read"
     );
+    // A missing text is found before the model is read.
+    let absent = dir.path().join("absent.txt");
+    let out = rotq(&["eval", "--model", s(&model), "--text", s(&absent)]);
+    assert_one_line_error(&out, "missing text");
+    assert!(stderr(&out).contains("absent.txt"), "{}", stderr(&out));
     let out = rotq(&["eval", "--synthetic", "--text", s(&text)]);
     assert_one_line_error(&out, "--text alone");
     let out = rotq(&[
