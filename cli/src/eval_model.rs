@@ -59,15 +59,14 @@ pub fn load(model: &Path, text: &Path, plans: &[rotq_model::plan::Plan]) -> Resu
         }
     }
     let file = Gguf::open(model).map_err(rotq_model::Error::from)?;
-    let head_dim = rotq_model::load::config(&file)?.head_dim;
+    let config = rotq_model::load::config(&file)?;
     for plan in plans {
-        plan.build(head_dim)
+        plan.build(config.head_dim)
             .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
     }
     crate::eval::check_memory(Some(rotq_model::load::f32_bytes(&file)))
         .map_err(|e| Error::Input(format!("{}: {e}", model.display())))?;
     let tokenizer = Tokenizer::from_gguf(&file).map_err(rotq_model::Error::from)?;
-    let config = rotq_model::load::config(&file)?;
     if tokenizer.vocab_size() != config.vocab {
         return Err(Error::Input(format!(
             "{}: the tokenizer has {} tokens and the model a vocabulary of {}",
@@ -411,30 +410,12 @@ pub fn run_shift(
         batch: opts.batch,
         rope: None,
     };
-    let fits = opts
-        .batch
-        .checked_mul(2)
-        .and_then(|b| b.checked_add(keep))
-        .is_some_and(|n| n <= opts.ctx);
-    if opts.batch == 0 || !fits {
-        return Err(Error::Input(format!(
-            "--shift needs --keep + 2 x --batch <= --ctx (keep {keep}, batch {}, ctx {})",
-            opts.batch, opts.ctx
-        )));
-    }
+    shift
+        .check()
+        .map_err(|e| Error::Input(format!("--shift (--keep, --batch, --ctx): {e}")))?;
     let configs = grid::configurations(opts);
     // Every plan is built before anything is printed.
-    let specs = configs
-        .iter()
-        .map(|&(k_format, v_format, plan)| {
-            Ok(rotq::cache::CacheSpec {
-                k_format,
-                v_format,
-                plan: plan.build(loaded.model.config.head_dim)?,
-                ..Default::default()
-            })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+    let specs = grid::cache_specs(opts, loaded.model.config.head_dim)?;
     eprintln!(
         "context shift: {need} tokens through caches of {} (keep {keep}, batches of {}); {} configurations",
         opts.ctx,

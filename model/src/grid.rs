@@ -168,6 +168,22 @@ pub fn configurations(opts: &GridOptions) -> Vec<(KvFormat, KvFormat, Plan)> {
     out
 }
 
+/// The caches of [`configurations`], in their order, for heads of `head_dim` values (an error
+/// names a plan the heads cannot take).
+pub fn cache_specs(opts: &GridOptions, head_dim: usize) -> Result<Vec<CacheSpec>, Error> {
+    configurations(opts)
+        .into_iter()
+        .map(|(k_format, v_format, plan)| {
+            Ok(CacheSpec {
+                k_format,
+                v_format,
+                plan: plan.build(head_dim)?,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
 /// Runs the grid on `tokens`; `progress(done, total)` is called after each run of a chunk.
 pub fn run(
     model: &Llama,
@@ -178,18 +194,7 @@ pub fn run(
     let start = Instant::now();
     let chunks = chunk_count(tokens.len(), opts)?;
     let configs = configurations(opts);
-    let d = model.config.head_dim;
-    let specs = configs
-        .iter()
-        .map(|&(k_format, v_format, plan)| {
-            Ok(CacheSpec {
-                k_format,
-                v_format,
-                plan: plan.build(d)?,
-                ..Default::default()
-            })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+    let specs = cache_specs(opts, model.config.head_dim)?;
     let reference = |format| CacheSpec {
         k_format: format,
         v_format: format,

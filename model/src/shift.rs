@@ -49,6 +49,33 @@ pub struct ShiftOptions {
     pub rope: Option<Rope>,
 }
 
+impl ShiftOptions {
+    /// Checks that a shift leaves room for two batches after the kept tokens (`keep + 2 ×
+    /// batch ≤ ctx`, without overflow) and that the batch is not empty.
+    ///
+    /// ```
+    /// use rotq_model::shift::ShiftOptions;
+    /// assert!(ShiftOptions { ctx: 32, keep: 4, batch: 8, rope: None }.check().is_ok());
+    /// assert!(ShiftOptions { ctx: 32, keep: usize::MAX, batch: 8, rope: None }.check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), Error> {
+        let Self {
+            ctx, keep, batch, ..
+        } = *self;
+        let fits = batch
+            .checked_mul(2)
+            .and_then(|b| b.checked_add(keep))
+            .is_some_and(|need| need <= ctx);
+        if batch == 0 || !fits {
+            return Err(Error::Shape(format!(
+                "a shift needs a batch > 0 and keep + 2 batches <= ctx: ctx {ctx}, keep {keep}, \
+                 batch {batch}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The two runs' scores on the tokens after the first shift.
 #[derive(Clone, Debug, Serialize)]
 #[non_exhaustive]
@@ -73,17 +100,13 @@ pub fn compare(
     spec: &CacheSpec,
     opts: &ShiftOptions,
 ) -> Result<ShiftReport, Error> {
+    opts.check()?;
     let ShiftOptions {
         ctx, keep, batch, ..
     } = *opts;
-    let fits = batch
-        .checked_mul(2)
-        .and_then(|b| b.checked_add(keep))
-        .is_some_and(|need| need <= ctx);
-    if batch == 0 || !fits || tokens.len() <= ctx {
+    if tokens.len() <= ctx {
         return Err(Error::Shape(format!(
-            "a shift needs a batch > 0, keep + 2 batches <= ctx and more tokens than ctx: \
-             ctx {ctx}, keep {keep}, batch {batch}, {} tokens",
+            "a shift needs more tokens than ctx: ctx {ctx}, {} tokens",
             tokens.len()
         )));
     }
