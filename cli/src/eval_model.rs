@@ -272,14 +272,27 @@ pub fn capture_layers(
 }
 
 /// The activation grid's plan for a model plan, where it has one (`none`, `hadamard`,
-/// `randomized`, `hadamard+v:32`).
+/// `randomized` with its default seed, `hadamard+v:32`); [`layer_grid`] runs the activation
+/// grid with that seed, so both score the same rotation.
+///
+/// ```
+/// use rotq_cli::eval::PlanKind;
+/// use rotq_cli::eval_model::activation_plan;
+/// let kind = |s: &str| activation_plan(&s.parse().unwrap());
+/// assert_eq!(kind("randomized"), Some(PlanKind::Randomized));
+/// assert_eq!(kind("hadamard+v:32"), Some(PlanKind::HadamardAndV));
+/// assert_eq!(kind("randomized:7"), None);
+/// assert_eq!(kind("block:32"), None);
+/// ```
 pub fn activation_plan(plan: &rotq_model::plan::Plan) -> Option<crate::eval::PlanKind> {
     use crate::eval::PlanKind;
-    match plan.to_string().as_str() {
-        "none" => Some(PlanKind::None),
-        "hadamard" => Some(PlanKind::Hadamard),
-        "randomized" => Some(PlanKind::Randomized),
-        "hadamard+v:32" => Some(PlanKind::HadamardAndV),
+    use rotq::RotationSpec;
+    use rotq_model::plan::DEFAULT_SEED;
+    match (plan.qk, plan.v_block) {
+        (RotationSpec::None, None) => Some(PlanKind::None),
+        (RotationSpec::Hadamard, None) => Some(PlanKind::Hadamard),
+        (RotationSpec::Randomized(DEFAULT_SEED), None) => Some(PlanKind::Randomized),
+        (RotationSpec::Hadamard, Some(32)) => Some(PlanKind::HadamardAndV),
         _ => None,
     }
 }
@@ -301,6 +314,7 @@ pub fn layer_grid(
         k_formats: opts.k_formats.clone(),
         v_formats: opts.v_formats.clone(),
         plans,
+        seed: rotq_model::plan::DEFAULT_SEED,
         ..Default::default()
     };
     eprintln!(
