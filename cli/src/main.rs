@@ -308,37 +308,13 @@ fn run(command: Command) -> Result<(), Error> {
                     ));
                 }
                 let (k_default, v_default) = eval_model::default_model_formats();
-                let parse_formats = |list: &[String], default: Vec<KvFormat>| {
-                    if list.is_empty() {
-                        return Ok(default);
-                    }
-                    let mut formats: Vec<KvFormat> = Vec::new();
-                    for f in list {
-                        let f: KvFormat = f.trim().parse()?;
-                        if !formats.contains(&f) {
-                            formats.push(f);
-                        }
-                    }
-                    Ok::<_, Error>(formats)
-                };
                 let opts = rotq_model::grid::GridOptions {
                     ctx,
                     chunks: (chunks > 0).then_some(chunks),
                     batch,
-                    k_formats: parse_formats(&k_formats, k_default)?,
-                    v_formats: parse_formats(&v_formats, v_default)?,
-                    plans: if plans.is_empty() {
-                        rotq_model::plan::Plan::defaults()
-                    } else {
-                        let mut unique: Vec<rotq_model::plan::Plan> = Vec::new();
-                        for p in &plans {
-                            let p = p.trim().parse()?;
-                            if !unique.contains(&p) {
-                                unique.push(p);
-                            }
-                        }
-                        unique
-                    },
+                    k_formats: parse_once(&k_formats, k_default)?,
+                    v_formats: parse_once(&v_formats, v_default)?,
+                    plans: parse_once(&plans, rotq_model::plan::Plan::defaults())?,
                     // Open the device first: a missing GPU fails before the model is read.
                     backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
                 };
@@ -499,6 +475,26 @@ fn run(command: Command) -> Result<(), Error> {
 }
 
 /// What `rotq eval --activations` was asked to do.
+/// The values of a comma-separated option, each parsed once in the order given (a repeat, by
+/// value: `v:32` and `none+v:32` are one plan, runs once); `default` when none were given.
+fn parse_once<T>(list: &[String], default: Vec<T>) -> Result<Vec<T>, Error>
+where
+    T: std::str::FromStr + PartialEq,
+    Error: From<T::Err>,
+{
+    if list.is_empty() {
+        return Ok(default);
+    }
+    let mut values: Vec<T> = Vec::new();
+    for item in list {
+        let value = item.trim().parse()?;
+        if !values.contains(&value) {
+            values.push(value);
+        }
+    }
+    Ok(values)
+}
+
 struct EvalRun {
     path: PathBuf,
     names: String,
