@@ -203,12 +203,12 @@ fn capitalized(s: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The formats of `rows` along one axis, most bits first.
-fn axis(rows: &[GridRow], pick: fn(&GridRow) -> KvFormat) -> Vec<KvFormat> {
+/// The distinct formats of one axis (K or V) of a grid, most bits first.
+fn axis(formats: impl IntoIterator<Item = KvFormat>) -> Vec<KvFormat> {
     let mut f: Vec<KvFormat> = Vec::new();
-    for r in rows {
-        if !f.contains(&pick(r)) {
-            f.push(pick(r));
+    for format in formats {
+        if !f.contains(&format) {
+            f.push(format);
         }
     }
     f.sort_by(|a, b| {
@@ -274,7 +274,10 @@ pub fn grid_heatmaps(rows: &[GridRow], dir: &Path, source: &str) -> Result<Vec<P
         path: dir.to_path_buf(),
         source,
     })?;
-    let (ks, vs) = (axis(rows, |r| r.k_format), axis(rows, |r| r.v_format));
+    let (ks, vs) = (
+        axis(rows.iter().map(|r| r.k_format)),
+        axis(rows.iter().map(|r| r.v_format)),
+    );
     let plans: Vec<PlanKind> = PlanKind::ALL
         .into_iter()
         .filter(|p| rows.iter().any(|r| r.plan == *p))
@@ -410,21 +413,10 @@ pub fn model_heatmaps(
     })?;
     let grid = &report.rows[2.min(report.rows.len())..];
     let format = |name: &str| name.parse::<KvFormat>().ok();
-    let sorted = |pick: fn(&rotq_model::grid::Row) -> &str| {
-        let mut f: Vec<KvFormat> = Vec::new();
-        for r in grid {
-            if let Some(k) = format(pick(r)).filter(|k| !f.contains(k)) {
-                f.push(k);
-            }
-        }
-        f.sort_by(|a, b| {
-            b.bits_per_value()
-                .total_cmp(&a.bits_per_value())
-                .then(a.cmp(b))
-        });
-        f
-    };
-    let (ks, vs) = (sorted(|r| &r.k_format), sorted(|r| &r.v_format));
+    let (ks, vs) = (
+        axis(grid.iter().filter_map(|r| format(&r.k_format))),
+        axis(grid.iter().filter_map(|r| format(&r.v_format))),
+    );
     let mut plans: Vec<&str> = Vec::new();
     for r in grid {
         if !plans.contains(&r.plan.as_str()) {
