@@ -45,9 +45,14 @@ impl From<rotq_model::Error> for Error {
 }
 
 /// Opens the model (refusing one too large for memory, or whose heads `plans` cannot rotate,
-/// before its weights are read) and tokenizes the text; an error names the file and what is
-/// wrong.
-pub fn load(model: &Path, text: &Path, plans: &[rotq_model::plan::Plan]) -> Result<Loaded, Error> {
+/// before its weights are read), puts its matrix products on `backend` (a GPU's cuBLAS, or
+/// the CPU), and tokenizes the text; an error names the file and what is wrong.
+pub fn load(
+    model: &Path,
+    text: &Path,
+    plans: &[rotq_model::plan::Plan],
+    backend: &rotq::cache::Backend,
+) -> Result<Loaded, Error> {
     match std::fs::metadata(text) {
         Ok(m) if m.is_file() => {}
         Ok(_) => return Err(Error::Input(format!("{}: not a file", text.display()))),
@@ -75,7 +80,8 @@ pub fn load(model: &Path, text: &Path, plans: &[rotq_model::plan::Plan]) -> Resu
             config.vocab
         )));
     }
-    let model = rotq_model::load::llama(&file)?;
+    let mut model = rotq_model::load::llama(&file)?;
+    model.products_on(backend)?;
     let bytes = crate::io::read_bytes(text)?;
     let text_str = std::str::from_utf8(&bytes)
         .map_err(|e| Error::Input(format!("{}: not UTF-8 text: {e}", text.display())))?;
@@ -101,10 +107,11 @@ pub fn run(
         .map_err(|e| Error::Input(format!("--ctx {} --batch {}: {e}", opts.ctx, opts.batch)))?;
     let configs = grid::configurations(opts).len();
     eprintln!(
-        "{} tokens; {chunks} chunks of {} on {}; {configs} configurations (K x V x plan) + the f16 and f32 caches",
+        "{} tokens; {chunks} chunks of {}; caches on {}, matrix products on {}; {configs} configurations (K x V x plan) + the f16 and f32 caches",
         loaded.tokens.len(),
         opts.ctx,
-        opts.backend.name()
+        opts.backend.name(),
+        loaded.model.products_device()
     );
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) = indicatif::ProgressStyle::with_template(

@@ -100,6 +100,11 @@ enum Command {
         /// Tokens per prefill call with --model.
         #[arg(long, default_value_t = 128, requires = "model")]
         batch: usize,
+        /// Configurations run at once with --model (each with its own caches). With
+        /// --device cuda:N, where the model's matrix products also run on the GPU, 8 keep it
+        /// busy while each run's host work goes on.
+        #[arg(long, default_value_t = 1, requires = "model")]
+        jobs: usize,
         /// With --model, also score attention per layer on the first chunk (the last quarter
         /// of its positions as queries, against exact attention) and write it as CSV here.
         #[arg(long, requires = "model")]
@@ -285,6 +290,7 @@ fn run(command: Command) -> Result<(), Error> {
             ctx,
             chunks,
             batch,
+            jobs,
             layers_csv,
             shift,
             keep,
@@ -317,6 +323,7 @@ fn run(command: Command) -> Result<(), Error> {
                     plans: parse_once(&plans, rotq_model::plan::Plan::defaults())?,
                     // Open the device first: a missing GPU fails before the model is read.
                     backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
+                    jobs,
                 };
                 // What would be written is checked before any work.
                 let outputs: Vec<&std::path::Path> =
@@ -325,7 +332,10 @@ fn run(command: Command) -> Result<(), Error> {
                 if layers_csv.is_some() {
                     eval_model::check_layer_plans(&opts)?;
                 }
-                let loaded = eval_model::load(&model, &text, &opts.plans)?;
+                if jobs == 0 {
+                    return Err(Error::Input("--jobs must be positive".into()));
+                }
+                let loaded = eval_model::load(&model, &text, &opts.plans, &opts.backend)?;
                 if shift {
                     return eval_model::run_shift(&loaded, &text, &opts, keep, json);
                 }

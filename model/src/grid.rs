@@ -21,8 +21,9 @@
 //! # Ok::<(), rotq_model::Error>(())
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use rayon::prelude::*;
 use rotq::cache::{Backend, CacheSpec};
 use rotq::{KvFormat, RotationPlan};
 use serde::Serialize;
@@ -49,6 +50,9 @@ pub struct GridOptions {
     pub plans: Vec<Plan>,
     /// Where the caches live and their attention runs.
     pub backend: Backend,
+    /// Configurations run at once on a chunk (at least 1). On a GPU, several hide each
+    /// other's host work and transfers; each holds its own caches and scored log-probabilities.
+    pub jobs: usize,
 }
 
 impl Default for GridOptions {
@@ -61,6 +65,7 @@ impl Default for GridOptions {
             v_formats: vec![KvFormat::Q8_0, KvFormat::Q4_0],
             plans: Plan::defaults(),
             backend: Backend::Cpu,
+            jobs: 1,
         }
     }
 }
@@ -97,7 +102,7 @@ pub struct Report {
     pub chunks: usize,
     /// Tokens per chunk.
     pub ctx: usize,
-    /// Prefill tokens per second over every run.
+    /// Prefill tokens per second over every run, by the wall clock.
     pub tokens_per_second: f64,
     /// Share of the forward passes' time spent in the caches' append and attention calls.
     pub attention_share: f64,
@@ -112,6 +117,9 @@ pub fn chunk_count(tokens: usize, opts: &GridOptions) -> Result<usize, Error> {
             "a context of {} tokens in batches of {}: at least 4 tokens and a positive batch",
             opts.ctx, opts.batch
         )));
+    }
+    if opts.jobs == 0 {
+        return Err(Error::Shape("--jobs must be positive".into()));
     }
     let whole = tokens / opts.ctx;
     match opts.chunks {
@@ -130,9 +138,10 @@ pub fn chunk_count(tokens: usize, opts: &GridOptions) -> Result<usize, Error> {
 }
 
 /// The most memory the grid holds beside the model's weights, in bytes (`None` if it does not
-/// fit in 64 bits): three runs' log-probabilities of a chunk's scored half (the baseline's, the
-/// f32 cache's and the configuration's), one prefill batch's activations and logits, and one
-/// set of caches of `ctx` tokens at 4 bytes a value (the widest format).
+/// fit in 64 bits): the log-probabilities of a chunk's scored half for the baseline, the f32
+/// cache and each of the `jobs` configurations running at once, and for each of those, one
+/// prefill batch's activations and logits and one set of caches of `ctx` tokens at 4 bytes a
+/// value (the widest format).
 ///
 /// ```
 /// use rotq_model::grid::{memory_needed, GridOptions};
@@ -145,14 +154,18 @@ pub fn chunk_count(tokens: usize, opts: &GridOptions) -> Result<usize, Error> {
 pub fn memory_needed(config: &crate::llama::Config, opts: &GridOptions) -> Option<u64> {
     let n = |x: usize| u64::try_from(x).ok();
     let (ctx, batch, vocab) = (n(opts.ctx)?, n(opts.batch.min(opts.ctx))?, n(config.vocab)?);
-    let scored = (ctx / 2).checked_mul(vocab)?.checked_mul(4 * 3)?;
+    let jobs = n(opts.jobs.max(1))?;
+    let scored = (ctx / 2).checked_mul(vocab)?.checked_mul(4)?;
     let widest = n(config.dim.max(config.ffn_dim))?.max(vocab);
     let activations = batch.checked_mul(widest)?.checked_mul(4 * 8)?;
     let caches = ctx
         .checked_mul(n(config.kv_dim())?)?
         .checked_mul(n(config.n_layers)?)?
         .checked_mul(4 * 2)?;
-    scored.checked_add(activations)?.checked_add(caches)
+    let per_job = scored.checked_add(activations)?.checked_add(caches)?;
+    scored
+        .checked_mul(2)?
+        .checked_add(per_job.checked_mul(jobs)?)
 }
 
 /// The configurations the grid runs, after the two references: (K, V, plan).
@@ -225,11 +238,18 @@ pub fn run(
         f32_tally.0.add(&base, &full)?;
         f32_tally.1.add(&full, &full)?;
         base_vs_f32.add(&full, &base)?;
-        for (spec, (vs_base, vs_f32)) in specs.iter().zip(tallies.iter_mut()) {
-            let out = run(spec)?;
-            vs_base.add(&base, &out)?;
-            vs_f32.add(&full, &out)?;
-            step(&mut done);
+        // `jobs` configurations at a time: memory stays bounded by `jobs` runs of a chunk.
+        for (group, tallies) in specs
+            .chunks(opts.jobs.max(1))
+            .zip(tallies.chunks_mut(opts.jobs.max(1)))
+        {
+            let outs: Vec<_> = group.par_iter().map(run).collect();
+            for (out, (vs_base, vs_f32)) in outs.into_iter().zip(tallies) {
+                let out = out?;
+                vs_base.add(&base, &out)?;
+                vs_f32.add(&full, &out)?;
+                step(&mut done);
+            }
         }
     }
 
@@ -259,13 +279,13 @@ pub fn run(
         spent.total.saturating_sub(before.total),
         spent.attention.saturating_sub(before.attention),
     );
+    let seconds = start.elapsed().as_secs_f64();
     Ok(Report {
         rows,
         chunks,
         ctx: opts.ctx,
-        tokens_per_second: (total * opts.ctx) as f64
-            / forward.max(Duration::from_nanos(1)).as_secs_f64(),
+        tokens_per_second: (total * opts.ctx) as f64 / seconds.max(1e-9),
         attention_share: attention.as_secs_f64() / forward.as_secs_f64().max(1e-9),
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
     })
 }

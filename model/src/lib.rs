@@ -4,6 +4,7 @@
 //! exactly as an engine would call it. It is a tool, not part of the engine library: an engine
 //! that depends on `rotq` compiles none of it.
 
+mod cublas;
 pub mod gguf;
 pub mod grid;
 pub mod llama;
@@ -31,6 +32,9 @@ pub enum Error {
     /// A GGUF file that cannot be read.
     #[error(transparent)]
     Gguf(#[from] gguf::GgufError),
+    /// The GPU that runs the matrix products failed (cuBLAS missing, out of memory, a call).
+    #[error("GPU: {0}")]
+    Gpu(String),
     /// A readable model file the runner cannot run (architecture, shapes, head dimension).
     #[error("{}: {reason}", path.display())]
     Model {

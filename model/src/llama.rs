@@ -17,6 +17,7 @@
 //! # Ok::<(), rotq_model::Error>(())
 //! ```
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
@@ -25,6 +26,7 @@ use rotq::cache::{Backend, CacheSpec, RotatedKvCache};
 use rotq::reference::rope::{Rope, RopeVariant};
 use rotq::AttentionParams;
 
+use crate::cublas::{Blas, DeviceMatrix};
 use crate::Error;
 
 /// A llama model's shape and constants (what a GGUF file's `llama.*` keys hold).
@@ -150,6 +152,8 @@ pub struct Matrix {
     pub cols: usize,
     /// `rows × cols` values.
     pub data: Vec<f32>,
+    /// A copy in device memory that [`Self::apply`] uses instead (see [`Llama::products_on`]).
+    device: Option<Arc<DeviceMatrix>>,
 }
 
 impl Matrix {
@@ -167,7 +171,12 @@ impl Matrix {
                 data.len()
             )));
         }
-        Ok(Self { rows, cols, data })
+        Ok(Self {
+            rows,
+            cols,
+            data,
+            device: None,
+        })
     }
 
     /// `x · Wᵀ` for `n` rows of `x` (`[n, cols]`), as `[n, rows]`.
@@ -190,6 +199,9 @@ impl Matrix {
         }
         if n == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(d) = &self.device {
+            return d.apply(x, n, self.rows, self.cols);
         }
         // yᵀ = W · xᵀ, one block of W's rows per task (contiguous outputs), then transposed:
         // the transpose costs n·rows moves against the product's n·rows·cols.
@@ -269,6 +281,8 @@ pub struct Llama {
     pub output: Option<Matrix>,
     /// Wall-clock time spent, accumulated over forward passes.
     timings: std::sync::Mutex<Timings>,
+    /// The device the products run on, when not the CPU.
+    blas: Option<Arc<Blas>>,
 }
 
 impl Llama {
@@ -323,6 +337,7 @@ impl Llama {
             out_norm,
             output,
             timings: Default::default(),
+            blas: None,
         })
     }
 
@@ -336,7 +351,12 @@ impl Llama {
             let data = (0..rows * cols)
                 .map(|_| ((rng.next_f64() * 2.0 - 1.0) * s * 1.7) as f32)
                 .collect();
-            Matrix { rows, cols, data }
+            Matrix {
+                rows,
+                cols,
+                data,
+                device: None,
+            }
         };
         let (d, kv, f, v) = (config.dim, config.kv_dim(), config.ffn_dim, config.vocab);
         let embeddings = m(v, d);
@@ -354,6 +374,56 @@ impl Llama {
             })
             .collect();
         Self::new(config, embeddings, layers, vec![1.0; d], None)
+    }
+
+    /// Runs the matrix products on `backend` from now on: on a CUDA device the weights are
+    /// uploaded once (as f32, 4 bytes a parameter) and every product is a cuBLAS SGEMM (see
+    /// the `cublas` module); on the CPU they go back to the host's GEMM. The caches are chosen
+    /// separately ([`Self::caches_on`]).
+    ///
+    /// ```
+    /// # use rotq::cache::Backend;
+    /// # use rotq_model::llama::{Config, Llama};
+    /// # let config = Config { n_layers: 1, dim: 64, ffn_dim: 64, n_heads: 2, n_kv_heads: 1,
+    /// #     head_dim: 32, vocab: 50, ..Config::default() };
+    /// let mut model = Llama::random(config, 7)?;
+    /// if let Ok(gpu) = Backend::open("cuda:0") {
+    ///     model.products_on(&gpu)?;
+    ///     assert_eq!(model.products_device(), "cuda:0");
+    /// }
+    /// # Ok::<(), rotq_model::Error>(())
+    /// ```
+    pub fn products_on(&mut self, backend: &Backend) -> Result<(), Error> {
+        let blas = match backend {
+            Backend::Cpu => None,
+            Backend::Cuda(device) => Some(Blas::new(device)?),
+        };
+        let mut matrices: Vec<&mut Matrix> = vec![&mut self.embeddings];
+        matrices.extend(self.output.as_mut());
+        for l in &mut self.layers {
+            matrices.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        for m in matrices {
+            m.device = match &blas {
+                Some(b) => Some(Arc::new(DeviceMatrix::upload(b, &m.data)?)),
+                None => None,
+            };
+        }
+        self.blas = blas;
+        Ok(())
+    }
+
+    /// Where the matrix products run: `cpu` or `cuda:N`.
+    pub fn products_device(&self) -> &str {
+        self.blas.as_ref().map_or("cpu", |b| b.name())
     }
 
     /// One CPU cache per layer, of `capacity` tokens, with `template`'s formats and rotations

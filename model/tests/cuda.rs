@@ -127,3 +127,27 @@ fn deeper_cuda_caches_stay_within_the_quantization_error() {
     eprintln!("quantization error: cpu {err_cpu:e}, cuda {err_gpu:e}; apart {apart:e}");
     assert!(err_cpu > 0.0 && err_gpu <= 2.0 * err_cpu && apart <= 0.25 * err_cpu);
 }
+
+/// The matrix products on the GPU (cuBLAS, full f32) give the host GEMM's logits to f32
+/// rounding, with f32 caches on either backend; moving the products back to the CPU restores
+/// the host's result exactly.
+#[test]
+fn products_on_the_gpu_give_the_cpu_products_logits() {
+    let Some(gpu) = cuda() else { return };
+    let mut m = model(4);
+    let exact = logits(&m, &f32_cache(), &Backend::Cpu);
+    m.products_on(&gpu).unwrap();
+    assert_eq!(m.products_device(), "cuda:0");
+    for caches in [&Backend::Cpu, &gpu] {
+        let on_gpu = logits(&m, &f32_cache(), caches);
+        let err = max_diff(&exact, &on_gpu);
+        eprintln!(
+            "products on cuda:0, caches on {}: max difference {err:e}",
+            caches.name()
+        );
+        assert!(err <= 1e-4, "{err:e}");
+    }
+    m.products_on(&Backend::Cpu).unwrap();
+    assert_eq!(m.products_device(), "cpu");
+    assert_eq!(logits(&m, &f32_cache(), &Backend::Cpu), exact);
+}

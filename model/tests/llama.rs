@@ -267,3 +267,40 @@ fn nan_log_probs_are_not_perfect_scores() {
         (0.0, 1.0)
     );
 }
+
+/// Running configurations side by side (`jobs`) changes nothing in the scores: each has its
+/// own caches, and the tallies are added in the grid's order.
+#[test]
+fn grid_jobs_do_not_change_the_scores() {
+    use rotq_model::grid::{run, GridOptions};
+    let m = Llama::random(small(), 5).unwrap();
+    let tokens: Vec<u32> = (0..96u32).map(|i| (i * 31 + 7) % 97).collect();
+    let opts = |jobs| GridOptions {
+        ctx: 48,
+        chunks: None,
+        batch: 16,
+        k_formats: vec![KvFormat::Q4_0, KvFormat::Q8_0],
+        v_formats: vec![KvFormat::Q4_0],
+        plans: vec!["none".parse().unwrap(), "hadamard".parse().unwrap()],
+        jobs,
+        ..GridOptions::default()
+    };
+    let scores = |jobs| {
+        let r = run(&m, &tokens, &opts(jobs), |_, _| {}).unwrap();
+        r.rows
+            .iter()
+            .map(|r| {
+                (
+                    r.k_format.clone(),
+                    r.plan.clone(),
+                    r.summary.kld_mean.to_bits(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = scores(1);
+    assert_eq!(one.len(), 2 + 4);
+    assert!(one.iter().skip(2).all(|r| f64::from_bits(r.2) > 0.0));
+    assert_eq!(scores(3), one);
+    assert!(run(&m, &tokens, &opts(0), |_, _| {}).is_err());
+}
