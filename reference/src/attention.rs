@@ -12,16 +12,29 @@
 //! * no sliding window, or `p0 + i − j < window` (keys `window` or more positions behind the
 //!   query are masked; later keys are governed by causality alone).
 //!
-//! Score `s = scale · q·k` (scale default `1/√d`); with a soft-cap `c`, `s ← c · tanh(s / c)`.
-//! Probabilities are the softmax of the visible scores (max-subtracted, f64); the output is
-//! `Σ p_j v_j`.
+//! Score `s = scale · q·k` (scale default `1/√d`); with a soft-cap `c`, `s ← c · tanh(s / c)`;
+//! with an additive mask `M` (`[n_q, n_kv]`, [`attention_f64_masked`]), `s ← s + M[i, j]`
+//! after the soft-cap, as llama.cpp's `ggml_flash_attn_ext` adds its mask (ALiBi biases, or
+//! −∞ to hide a key: a batch's padding, a tree of speculative tokens). Probabilities are the
+//! softmax of the visible scores (max-subtracted, f64); the output is `Σ p_j v_j`.
+//!
+//! The log-sum-exp of a row ([`Attention::lse`]) is `max + ln Σ_j exp(s_j − max)` over its
+//! visible keys, natural log, in the units of the final scores (after scale, soft-cap and
+//! mask): what merging the outputs of two disjoint key sets needs (FlashInfer's cascade).
 //!
 //! ## Edge cases (documented results, tested)
-//! * A query with no visible key (`n_kv = 0`, or everything masked) gets all-zero
-//!   probabilities and a zero output row.
+//! * A query with no visible key (`n_kv = 0`, or causality/window masking everything) gets
+//!   all-zero probabilities, a zero output row and LSE −∞.
+//! * A mask value of −∞ hides its key: weight 0, but the key is still visible, so its V row is
+//!   multiplied by that 0 (a NaN or Inf there gives NaN, as the kernels compute), and its score
+//!   is still computed (a NaN score stays NaN: NaN + −∞ is NaN). Except when a mask hides
+//!   *every* visible key of a row: the row has no visible key (zeros, LSE −∞), whatever K and V
+//!   hold, as llama.cpp skips −∞ mask entries. A NaN mask value is a NaN score.
 //! * IEEE f64 semantics otherwise: a NaN (or, without soft-cap, a +Inf) score in a row makes
-//!   that row's probabilities and output NaN; a −Inf score is weight 0. Masked keys are never
-//!   read, so NaN/Inf in masked positions has no effect.
+//!   that row's probabilities, output and LSE NaN; a −Inf score is weight 0, and a row whose
+//!   visible scores are all −Inf (from the data, not all from the mask) is NaN (0/0), its LSE
+//!   NaN too. Keys outside causality and the window are never read, so NaN/Inf there (in K, V
+//!   or the mask) has no effect.
 //!
 //! ## Rotated, quantized cache
 //! [`rotated_quantized_attention`] runs the pipeline a kernel implements: `q ← R q`,
@@ -34,7 +47,7 @@
 use crate::error::{Error, Result};
 use crate::format::KvFormat;
 use crate::rotation::Rotation;
-use ndarray::{Array3, ArrayView3, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 
 /// Attention options. The default is non-causal, no window, no soft-cap, scale `1/√d`.
 ///
@@ -140,6 +153,9 @@ pub struct Attention {
     pub output: Array3<f64>,
     /// Attention probabilities `[h_q, n_q, n_kv]` (zero at masked keys).
     pub probs: Array3<f64>,
+    /// Log-sum-exp of each row's scores `[n_q, h_q]` (natural log; −∞ for a row with no
+    /// visible key; see the module docs).
+    pub lse: Array2<f64>,
 }
 
 /// The sizes of one attention problem.
@@ -205,7 +221,7 @@ impl AttentionShape {
     }
 }
 
-/// Dense attention in f64 (the unquantized reference).
+/// Dense attention in f64 (the unquantized reference): [`attention_f64_masked`] without a mask.
 ///
 /// ```
 /// use ndarray::Array3;
@@ -223,8 +239,53 @@ pub fn attention_f64(
     v: ArrayView3<f64>,
     params: &AttentionParams,
 ) -> Result<Attention> {
+    attention_f64_masked(q, k, v, params, None)
+}
+
+/// Dense attention in f64 with an optional additive mask `[n_q, n_kv]` (added to each visible
+/// key's score after the soft-cap; −∞ hides a key), and the log-sum-exp of every row. A mask of
+/// another shape is [`Error::Shape`]. See the module docs for the edge cases.
+///
+/// ```
+/// use ndarray::{array, Array3};
+/// use rotq_reference::{attention::attention_f64_masked, AttentionParams};
+/// let q = Array3::from_shape_fn((2, 1, 4), |(i, _, c)| (i + c) as f64 * 0.1);
+/// let k = Array3::from_shape_fn((3, 1, 4), |(t, _, c)| (t * c) as f64 * 0.2);
+/// let v = Array3::from_shape_fn((3, 1, 2), |(t, _, c)| (t * 2 + c) as f64);
+/// let inf = f64::NEG_INFINITY;
+/// // Row 0: key 1 hidden, key 2 biased by −1. Row 1: every key hidden.
+/// let mask = array![[0.0, inf, -1.0], [inf, inf, inf]];
+/// let p = AttentionParams::default();
+/// let a = attention_f64_masked(q.view(), k.view(), v.view(), &p, Some(mask.view())).unwrap();
+/// assert_eq!(a.probs[[0, 0, 1]], 0.0);
+/// assert!((a.probs[[0, 0, 0]] + a.probs[[0, 0, 2]] - 1.0).abs() < 1e-12);
+/// // LSE is the log of the softmax's denominator: ln(e^s0 + e^(s2 − 1)).
+/// let s = |j: usize| (0..4).map(|c| q[[0, 0, c]] * k[[j, 0, c]]).sum::<f64>() / 2.0;
+/// assert!((a.lse[[0, 0]] - (s(0).exp() + (s(2) - 1.0).exp()).ln()).abs() < 1e-12);
+/// // Every key hidden: no visible key, a zero row and LSE −∞.
+/// assert_eq!(a.lse[[1, 0]], f64::NEG_INFINITY);
+/// assert!(a.output.slice(ndarray::s![1, .., ..]).iter().all(|x| *x == 0.0));
+/// assert!(attention_f64_masked(q.view(), k.view(), v.view(), &p, Some(mask.t())).is_err());
+/// ```
+pub fn attention_f64_masked(
+    q: ArrayView3<f64>,
+    k: ArrayView3<f64>,
+    v: ArrayView3<f64>,
+    params: &AttentionParams,
+    mask: Option<ArrayView2<f64>>,
+) -> Result<Attention> {
     params.validate()?;
     let s = AttentionShape::of(&q, &k, &v)?;
+    if let Some(m) = &mask {
+        if m.dim() != (s.n_q, s.n_kv) {
+            return Err(Error::Shape(format!(
+                "mask is {:?} but [n_q, n_kv] is [{}, {}]",
+                m.shape(),
+                s.n_q,
+                s.n_kv
+            )));
+        }
+    }
     params
         .pos_offset
         .checked_add(s.n_q)
@@ -233,23 +294,28 @@ pub fn attention_f64(
     let group = s.h_q / s.h_kv;
     let mut output = Array3::zeros((s.n_q, s.h_q, s.d_v));
     let mut probs = Array3::zeros((s.h_q, s.n_q, s.n_kv));
+    let mut lse = Array2::from_elem((s.n_q, s.h_q), f64::NEG_INFINITY);
     let mut scores = vec![0.0f64; s.n_kv];
-    for h in 0..s.h_q {
-        let hk = h / group;
-        for i in 0..s.n_q {
-            let visible: Vec<usize> = (0..s.n_kv).filter(|&j| params.visible(i, j)).collect();
-            if visible.is_empty() {
-                continue;
-            }
+    for i in 0..s.n_q {
+        let visible: Vec<usize> = (0..s.n_kv).filter(|&j| params.visible(i, j)).collect();
+        let bias = |j: usize| mask.as_ref().map_or(0.0, |m| m[[i, j]]);
+        // A row whose every visible key the mask hides has no visible key (llama.cpp skips
+        // −∞ mask entries): zeros and LSE −∞, whatever K and V hold.
+        if visible.iter().all(|&j| bias(j) == f64::NEG_INFINITY) {
+            continue;
+        }
+        for h in 0..s.h_q {
+            let hk = h / group;
             let qv = q.slice(ndarray::s![i, h, ..]);
             for &j in &visible {
                 let raw = scale * qv.dot(&k.slice(ndarray::s![j, hk, ..]));
-                scores[j] = params.softcap.map_or(raw, |c| c * (raw / c).tanh());
+                scores[j] = params.softcap.map_or(raw, |c| c * (raw / c).tanh()) + bias(j);
             }
             let max = visible
                 .iter()
                 .fold(f64::NEG_INFINITY, |m, &j| m.max(scores[j]));
             let total: f64 = visible.iter().map(|&j| (scores[j] - max).exp()).sum();
+            lse[[i, h]] = max + total.ln();
             for &j in &visible {
                 let p = (scores[j] - max).exp() / total;
                 probs[[h, i, j]] = p;
@@ -259,18 +325,58 @@ pub fn attention_f64(
             }
         }
     }
-    Ok(Attention { output, probs })
+    Ok(Attention { output, probs, lse })
 }
 
-/// Dense attention on f32 inputs, in f64.
+/// Dense attention on f32 inputs, in f64: [`attention_masked`] without a mask.
+///
+/// ```
+/// use ndarray::Array3;
+/// use rotq_reference::{attention, AttentionParams};
+/// let x = Array3::from_shape_fn((2, 1, 8), |(t, _, c)| (t + c) as f32 * 0.1);
+/// let a = attention(x.view(), x.view(), x.view(), &AttentionParams::default()).unwrap();
+/// assert_eq!(a.lse.dim(), (2, 1));
+/// ```
 pub fn attention(
     q: ArrayView3<f32>,
     k: ArrayView3<f32>,
     v: ArrayView3<f32>,
     params: &AttentionParams,
 ) -> Result<Attention> {
+    attention_masked(q, k, v, params, None)
+}
+
+/// Dense attention on f32 inputs and an optional f32 mask `[n_q, n_kv]`, in f64 (the inputs
+/// widened exactly; see [`attention_f64_masked`]).
+///
+/// ```
+/// use ndarray::{Array2, Array3};
+/// use rotq_reference::{attention::attention_masked, AttentionParams};
+/// let x = Array3::from_shape_fn((2, 1, 8), |(t, _, c)| (t + c) as f32 * 0.1);
+/// // A causal mask written out: the same as `causal: true`.
+/// let mask = Array2::from_shape_fn((2, 2), |(i, j)| if j > i { f32::NEG_INFINITY } else { 0.0 });
+/// let p = AttentionParams::default();
+/// let masked = attention_masked(x.view(), x.view(), x.view(), &p, Some(mask.view())).unwrap();
+/// let causal = AttentionParams { causal: true, ..p };
+/// let want = attention_masked(x.view(), x.view(), x.view(), &causal, None).unwrap();
+/// assert_eq!(masked, want);
+/// ```
+pub fn attention_masked(
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    params: &AttentionParams,
+    mask: Option<ArrayView2<f32>>,
+) -> Result<Attention> {
     let up = |a: ArrayView3<f32>| a.mapv(f64::from);
-    attention_f64(up(q).view(), up(k).view(), up(v).view(), params)
+    let mask = mask.map(|m| m.mapv(f64::from));
+    attention_f64_masked(
+        up(q).view(),
+        up(k).view(),
+        up(v).view(),
+        params,
+        mask.as_ref().map(|m| m.view()),
+    )
 }
 
 /// What is rotated before K and V are cached: Q and K by `qk`, V by `v` (the output is then
@@ -294,7 +400,15 @@ pub struct RotationPlan {
 }
 
 impl RotationPlan {
-    /// No rotation at all.
+    /// No rotation at all. A plan an engine builds is used as built; where the engine leaves
+    /// the choice to rotq (`rotq::defaults::plan`, the C ABI's default rotation), the
+    /// environment variable `ROTQ_DISABLE_ROTATION=1` makes the default this plan, as
+    /// llama.cpp's `LLAMA_ATTN_ROT_DISABLE` does there.
+    ///
+    /// ```
+    /// let plan = rotq_reference::RotationPlan::none();
+    /// assert!(plan.qk.is_none() && plan.v.is_none());
+    /// ```
     pub fn none() -> Self {
         Self::default()
     }
@@ -374,7 +488,8 @@ pub fn cache_roundtrip(
     Ok(out)
 }
 
-/// Attention on a rotated, quantized KV cache (see the module docs for the pipeline).
+/// Attention on a rotated, quantized KV cache (see the module docs for the pipeline). Its
+/// [`Attention::lse`] is that of the cached scores (a rotation leaves `q·k` unchanged).
 ///
 /// ```
 /// use ndarray::Array3;

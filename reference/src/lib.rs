@@ -7,8 +7,8 @@
 //!   orthogonal rotations, forward and inverse;
 //! * [`format`]: the one registry of KV-cache formats (ggml byte-exact q8_0, q4_0, q4_1, q5_0,
 //!   q5_1, iq4_nl; ik_llama.cpp's q6_0; int4; fp8 e4m3; f32/f16/bf16);
-//! * [`attention`]: dense attention (GQA/MQA, causal with offset, sliding window, soft-cap),
-//!   unquantized and on a rotated, quantized cache;
+//! * [`attention`]: dense attention (GQA/MQA, causal with offset, sliding window, soft-cap,
+//!   additive mask, log-sum-exp), unquantized and on a rotated, quantized cache;
 //! * [`rope`]: RoPE position shifts, and the context shift of a rotated, quantized K cache;
 //! * [`metrics`] and the one [`tolerance`] table; the one [`Error`];
 //! * [`tuned`]: the tuning cache the autotuner writes and the kernels read.
@@ -39,8 +39,8 @@ pub mod tolerance;
 pub mod tuned;
 
 pub use attention::{
-    attention, attention_f64, rotated_quantized_attention, Attention, AttentionParams,
-    AttentionShape, KvCacheSpec, RotationPlan,
+    attention, attention_f64, attention_f64_masked, attention_masked, rotated_quantized_attention,
+    Attention, AttentionParams, AttentionShape, KvCacheSpec, RotationPlan,
 };
 pub use error::{Error, Result};
 pub use format::KvFormat;

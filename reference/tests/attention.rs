@@ -1,7 +1,7 @@
-//! Dense attention and rotated quantized attention: the identities of the spec, the masks,
-//! GQA, edge cases and errors.
+//! Dense attention and rotated quantized attention: the identities of the spec, the masks
+//! (causality, window, additive), the log-sum-exp, GQA, edge cases and errors.
 
-use ndarray::{s, Array3, Axis};
+use ndarray::{s, Array2, Array3, Axis};
 use proptest::prelude::*;
 use rotq_reference::metrics::{kl_divergence, rel_l2};
 use rotq_reference::tolerance::{Op, Precision};
@@ -162,6 +162,142 @@ proptest! {
             }
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Causality and the window written out as an additive mask of 0 and −∞ (on a non-causal,
+    /// unwindowed problem) give the same bits as the parameters: a hidden key's weight is an
+    /// exact 0, and a row with every key hidden is the zero row with LSE −∞, as a row with no
+    /// visible key. An all-zero mask is no mask.
+    #[test]
+    fn a_mask_of_zeros_and_minus_infinity_is_the_visibility_rule(case in cases()) {
+        let (q, k, v) = case.qkv();
+        let want = attention(q.view(), k.view(), v.view(), &case.params).unwrap();
+        let open = AttentionParams { causal: false, window: None, pos_offset: 0, ..case.params.clone() };
+        let rule = Array2::from_shape_fn((case.n_q, case.n_kv), |(i, j)| {
+            if case.params.visible(i, j) { 0.0 } else { f32::NEG_INFINITY }
+        });
+        let got = attention_masked(q.view(), k.view(), v.view(), &open, Some(rule.view())).unwrap();
+        prop_assert_eq!(&got, &want);
+        let zeros = Array2::zeros((case.n_q, case.n_kv));
+        let plain = attention_masked(q.view(), k.view(), v.view(), &case.params, Some(zeros.view())).unwrap();
+        prop_assert_eq!(&plain, &want);
+        for i in 0..case.n_q {
+            let none = (0..case.n_kv).all(|j| !case.params.visible(i, j));
+            for h in 0..q.dim().1 {
+                prop_assert_eq!(want.lse[[i, h]] == f64::NEG_INFINITY, none);
+            }
+        }
+    }
+
+    /// A finite bias `b` reweights the probabilities by `exp(b)`: `p'_j = p_j e^{b_j} / Z` and
+    /// `LSE' = LSE + ln Z` with `Z = Σ_j p_j e^{b_j}` (`p` the unbiased probabilities), and the
+    /// LSE of the unbiased scores is `ln Σ_j e^{s_j}` computed directly.
+    #[test]
+    fn a_finite_bias_reweights_by_its_exponential(case in cases(), bias_seed in any::<u64>()) {
+        let (q, k, v) = case.qkv();
+        let plain = attention(q.view(), k.view(), v.view(), &case.params).unwrap();
+        let bias = Array2::from_shape_vec(
+            (case.n_q, case.n_kv),
+            Rows::uniform(3.0).f32s(case.n_q * case.n_kv, bias_seed),
+        )
+        .unwrap();
+        let biased = attention_masked(q.view(), k.view(), v.view(), &case.params, Some(bias.view())).unwrap();
+        let scale = 1.0 / (case.d as f64).sqrt();
+        for h in 0..q.dim().1 {
+            for i in 0..case.n_q {
+                let visible: Vec<usize> = (0..case.n_kv).filter(|&j| case.params.visible(i, j)).collect();
+                if visible.is_empty() {
+                    prop_assert_eq!(biased.lse[[i, h]], f64::NEG_INFINITY);
+                    continue;
+                }
+                let score = |j: usize| {
+                    let dot: f64 = (0..case.d)
+                        .map(|c| f64::from(q[[i, h, c]]) * f64::from(k[[j, h / case.group, c]]))
+                        .sum();
+                    let s = scale * dot;
+                    case.params.softcap.map_or(s, |cap| cap * (s / cap).tanh())
+                };
+                let direct = visible.iter().map(|&j| score(j).exp()).sum::<f64>().ln();
+                prop_assert!((plain.lse[[i, h]] - direct).abs() < 1e-12 * direct.abs().max(1.0));
+                let weight = |j: usize| plain.probs[[h, i, j]] * f64::from(bias[[i, j]]).exp();
+                let z: f64 = visible.iter().map(|&j| weight(j)).sum();
+                let lse = plain.lse[[i, h]] + z.ln();
+                prop_assert!((biased.lse[[i, h]] - lse).abs() < 1e-12 * lse.abs().max(1.0));
+                for &j in &visible {
+                    prop_assert!((biased.probs[[h, i, j]] - weight(j) / z).abs() < 1e-12);
+                }
+            }
+        }
+    }
+}
+
+/// The edge cases of the module docs, one by one.
+#[test]
+fn mask_and_lse_edge_cases_follow_the_documented_rules() {
+    let inf = f32::NEG_INFINITY;
+    let q = random((3, 2, 32), 1, 1.0);
+    let mut k = random((4, 1, 32), 2, 1.0);
+    let mut v = random((4, 1, 32), 3, 1.0);
+    let p = AttentionParams::default();
+    let run = |k: &Array3<f32>, v: &Array3<f32>, mask: &Array2<f32>| {
+        attention_masked(q.view(), k.view(), v.view(), &p, Some(mask.view())).unwrap()
+    };
+    let row = |a: &Attention, i: usize| a.output.slice(s![i, .., ..]).to_owned();
+    // Row 0: key 1 hidden; row 1: every key hidden; row 2: a NaN bias on key 3.
+    let mut mask = Array2::from_shape_fn((3, 4), |(i, j)| (i + j) as f32 * 0.25);
+    mask[[0, 1]] = inf;
+    mask.row_mut(1).fill(inf);
+    mask[[2, 3]] = f32::NAN;
+    let a = run(&k, &v, &mask);
+    assert!(row(&a, 0).iter().all(|x| x.is_finite()));
+    assert_eq!(a.probs[[0, 0, 1]], 0.0);
+    assert!(a.lse.row(0).iter().all(|x| x.is_finite()));
+    assert!(row(&a, 1).iter().all(|x| *x == 0.0));
+    assert!(a.lse.row(1).iter().all(|x| *x == f64::NEG_INFINITY));
+    assert!(row(&a, 2).iter().all(|x| x.is_nan()));
+    assert!(a.lse.row(2).iter().all(|x| x.is_nan()));
+    // A NaN in the hidden key's V row reaches row 0 (0 · NaN), in that column only.
+    v[[1, 0, 5]] = f32::NAN;
+    let b = run(&k, &v, &mask);
+    assert!(b.output[[0, 0, 5]].is_nan() && b.output[[0, 0, 4]].is_finite());
+    assert!(b.lse.row(0).iter().all(|x| x.is_finite()));
+    // A NaN in its K row makes its score NaN (NaN + −∞): row 0 is NaN, LSE too. Row 1, whose
+    // mask hides every key, sees none of it.
+    k[[1, 0, 0]] = f32::NAN;
+    let c = run(&k, &v, &mask);
+    assert!(row(&c, 0).iter().all(|x| x.is_nan()) && c.lse.row(0).iter().all(|x| x.is_nan()));
+    assert_eq!(row(&c, 1), row(&a, 1));
+    assert!(c.lse.row(1).iter().all(|x| *x == f64::NEG_INFINITY));
+    // A NaN bias at a key outside causality is never read.
+    let (k0, v0) = (random((4, 1, 32), 2, 1.0), random((4, 1, 32), 3, 1.0));
+    let causal = AttentionParams {
+        causal: true,
+        ..p.clone()
+    };
+    let clean = attention_masked(q.view(), k0.view(), v0.view(), &causal, None).unwrap();
+    let mut far = Array2::zeros((3, 4));
+    far[[0, 3]] = f32::NAN;
+    let with_far = attention_masked(q.view(), k0.view(), v0.view(), &causal, Some(far.view()));
+    assert_eq!(with_far.unwrap(), clean);
+    // Visible scores all −∞ from the data (not the mask): 0/0, NaN output and LSE.
+    let mut kinf = random((4, 1, 32), 2, 1.0);
+    kinf[[0, 0, 0]] = inf;
+    let qpos = Array3::from_elem((1, 1, 32), 1.0f32);
+    let one = Array2::from_shape_vec((1, 4), vec![0.0, inf, inf, inf]).unwrap();
+    let d = attention_masked(qpos.view(), kinf.view(), v0.view(), &p, Some(one.view())).unwrap();
+    assert!(d.output.iter().all(|x| x.is_nan()) && d.lse[[0, 0]].is_nan());
+    // No key at all: zero row, LSE −∞; a mask of the wrong shape is a shape error.
+    let none = Array3::<f32>::zeros((0, 1, 32));
+    let e = attention(q.view(), none.view(), none.view(), &p).unwrap();
+    assert!(e.lse.iter().all(|x| *x == f64::NEG_INFINITY));
+    let wrong = Array2::zeros((3, 5));
+    assert!(matches!(
+        attention_masked(q.view(), k0.view(), v0.view(), &p, Some(wrong.view())),
+        Err(Error::Shape(_))
+    ));
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! * [`CpuRotation`]: batched in-place FWHT (every rotation of the spec) on f32/f16/bf16 rows;
 //! * [`CacheCodec`]: fused rotate-quantize into a KV cache of any registry format, at a row
 //!   offset, and dequantize (+ inverse rotation) out of it;
-//! * [`attention`]: flash attention over rotated, quantized K/V caches, prefill and decode.
+//! * [`attention`]: flash attention over rotated, quantized K/V caches, prefill and decode, one
+//!   sequence or a planned batch ([`BatchPlan`]) with additive masks and log-sum-exp.
 //!
 //! Instruction sets are chosen at run time ([`Isa`]); threads come from rayon. Each kernel
 //! takes a `Config` with serde, a default and a search space for the autotuner; a kernel not
@@ -16,7 +17,10 @@ mod isa;
 mod quant;
 pub mod tuned;
 
-pub use attention::{AttentionConfig, CpuAttention, DecodeRequest, KvCacheView};
+pub use attention::{
+    AttentionConfig, AttentionMask, BatchPlan, CpuAttention, DecodeRequest, KvCacheView,
+    SeqAttention,
+};
 pub use fwht::{CpuRotation, FwhtConfig};
 pub use isa::Isa;
 pub use quant::{CacheCodec, Element, QuantizeConfig};

@@ -8,7 +8,19 @@
 //! max `m`, sum `l`, unnormalized output) per query row, tile by tile of
 //! [`AttentionConfig::block_n`] tokens, and dequantizes each V row once for the whole group.
 //! Slices of one query block are merged afterwards (flash-decoding); the output is then
-//! divided by `l` and, when V was rotated, rotated back by `R_vᵀ` row by row.
+//! divided by `l` and, when V was rotated, rotated back by `R_vᵀ` row by row. The log-sum-exp
+//! of a row, `m + ln l` after the merge, comes out too where asked for (what merging with
+//! attention over other keys needs).
+//!
+//! A batch is planned once per step ([`CpuAttention::plan`], FlashInfer's `plan()`): the
+//! checks and the partition into tasks, over sequences that each have their own caches,
+//! query rows (decode rows and prefill chunks mix), parameters and optional additive
+//! [`AttentionMask`] (added to a visible key's score after the soft-cap, as llama.cpp does;
+//! −∞ hides a key, and a row whose mask hides every visible key is the zero row with LSE −∞).
+//! [`CpuAttention::run_planned`] then runs it in a workspace the caller owns: rotated queries,
+//! tiles and the tasks' states live there, and nothing is allocated per task.
+//! [`CpuAttention::run`] and [`CpuAttention::decode_batch`] are a plan and a run in a
+//! workspace that each thread keeps for its next call.
 //!
 //! A cache is a [`KvCacheView`]: contiguous, or paged (a pool of pages and a block table, the
 //! CUDA kernels' paged layout), read in place either way; a paged row costs one table lookup.
@@ -31,7 +43,9 @@ use crate::quant::dequantize_row;
 use rayon::prelude::*;
 use rotq_reference::{AttentionParams, Error, KvFormat, Result, RotationPlan};
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 /// The largest head dimension a cache view accepts (a bound on every per-task buffer).
 pub const MAX_HEAD_DIM: usize = 1 << 16;
@@ -363,15 +377,237 @@ pub struct CpuAttention {
     tuned: bool,
 }
 
-/// One attention problem: a sequence's queries against its caches.
+/// An additive mask over one sequence's query rows and its keys: the value for (query row `i`,
+/// key `j`) is `values[i · row_stride + j]`, added to a visible key's score after the soft-cap
+/// (ALiBi biases; −∞ hides a key), with the oracle's semantics
+/// (`rotq_reference::attention::attention_f64_masked`). `row_stride ≥ n_tokens` and
+/// `values.len() ≥ (n_q − 1) · row_stride + n_tokens`, so one buffer can serve a cache that
+/// grows (a stride of its capacity) or hold a whole batch's mask.
+///
+/// ```
+/// use rotq_cpu::AttentionMask;
+/// // Two query rows over 3 keys, in rows of 4: row 1 does not see key 0.
+/// let values = [0.0, -0.5, 0.0, 9.9, f32::NEG_INFINITY, 0.0, 0.0, 9.9];
+/// let mask = AttentionMask { values: &values, row_stride: 4 };
+/// assert_eq!(mask.values[mask.row_stride], f32::NEG_INFINITY);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionMask<'a> {
+    /// The values, row `i` from `i · row_stride`.
+    pub values: &'a [f32],
+    /// Distance between the rows of two consecutive query rows.
+    pub row_stride: usize,
+}
+
+/// One sequence of a batch: `n_q` query rows (`q` is `[n_q, h_q, d]`, unrotated) against its
+/// caches, with its own parameters (causal offset, window, soft-cap) and optional mask. Decode
+/// rows (`n_q = 1`) and prefill chunks mix freely in one batch.
+///
+/// ```
+/// use rotq_cpu::{KvCacheView, SeqAttention};
+/// use rotq_reference::{AttentionParams, KvFormat};
+/// let bytes = vec![0u8; 5 * 2 * 64 * 4]; // 5 tokens, 2 heads of 64 f32 values
+/// let cache = KvCacheView::new(KvFormat::F32, &bytes, 5, 2, 64).unwrap();
+/// let q = vec![0.5f32; 3 * 4 * 64];
+/// // The last 3 tokens' queries (positions 2, 3, 4), 4 query heads.
+/// let params = AttentionParams { causal: true, pos_offset: 2, ..Default::default() };
+/// let seq = SeqAttention { q: &q, n_q: 3, h_q: 4, k: cache, v: cache, params: &params, mask: None };
+/// assert_eq!(seq.q.len(), seq.n_q * seq.h_q * 64);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct SeqAttention<'a> {
+    /// Queries `[n_q, h_q, d]`, unrotated.
+    pub q: &'a [f32],
+    /// Query rows.
+    pub n_q: usize,
+    /// Query heads (a multiple of the caches' heads).
+    pub h_q: usize,
+    /// The sequence's K cache.
+    pub k: KvCacheView<'a>,
+    /// The sequence's V cache.
+    pub v: KvCacheView<'a>,
+    /// Its parameters (`pos_offset` is the position of query row 0).
+    pub params: &'a AttentionParams,
+    /// An additive mask `[n_q, n_tokens]` (see [`AttentionMask`]).
+    pub mask: Option<AttentionMask<'a>>,
+}
+
+/// What a plan depends on in one sequence: its sizes and formats, and the visibility rule that
+/// shaped its tasks' key slices. A sequence given to [`CpuAttention::run_planned`] must have
+/// the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SeqShape {
+    n_q: usize,
+    h_q: usize,
+    n_tokens: usize,
+    h_kv: usize,
+    d: usize,
+    d_v: usize,
+    k_format: KvFormat,
+    v_format: KvFormat,
+    causal: bool,
+    pos_offset: usize,
+    window: Option<usize>,
+}
+
+impl SeqShape {
+    /// Visible keys of query row `i`: a contiguous range.
+    fn visible(&self, i: usize) -> Range<usize> {
+        let n = self.n_tokens;
+        let pos = self.pos_offset + i;
+        let hi = if self.causal {
+            n.min(pos.saturating_add(1))
+        } else {
+            n
+        };
+        let lo = match self.window {
+            Some(w) => pos.saturating_add(1).saturating_sub(w).min(hi),
+            None => 0,
+        };
+        lo..hi
+    }
+}
+
+/// Where one sequence's values lie: its rotated queries in the workspace, its rows of the
+/// output and of the LSE.
+#[derive(Clone, Debug)]
+struct SeqPlan {
+    shape: SeqShape,
+    q_at: usize,
+    out_at: usize,
+    lse_at: usize,
+}
+
+/// The partition of a batch into tasks and the workspace it needs, computed once per step
+/// (FlashInfer's `plan()`): [`CpuAttention::plan`] makes it, [`CpuAttention::run_planned`]
+/// runs it as often as the batch keeps its shapes, in a workspace the caller owns.
+///
+/// The workspace holds, in order: the rotated, scaled queries of every sequence; one scratch
+/// slot per worker (the K and V tiles and the score tile of the task it runs); and every task's
+/// online-softmax state (`m`, `l`, which keys it saw, the unnormalized output), merged once all
+/// tasks are done. Workers claim tasks one at a time, so a slow thread holds back no other.
+///
+/// ```
+/// use rotq_cpu::{AttentionConfig, CpuAttention, Isa, KvCacheView, SeqAttention};
+/// use rotq_reference::{AttentionParams, KvFormat, RotationPlan};
+/// let wave = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+/// let (h_kv, h_q, d) = (2, 4, 32);
+/// let bytes: Vec<u8> = wave(10 * h_kv * d, 0.3).iter().flat_map(|x| x.to_le_bytes()).collect();
+/// let k = KvCacheView::new(KvFormat::F32, &bytes, 10, h_kv, d).unwrap();
+/// let short = KvCacheView::new(KvFormat::F32, &bytes[..6 * h_kv * d * 4], 6, h_kv, d).unwrap();
+/// let (q1, q3) = (wave(h_q * d, 0.5), wave(3 * h_q * d, 0.7));
+/// let decode = AttentionParams { causal: true, pos_offset: 9, ..Default::default() };
+/// let chunk = AttentionParams { causal: true, pos_offset: 3, ..Default::default() };
+/// let seqs = [
+///     SeqAttention { q: &q1, n_q: 1, h_q, k, v: k, params: &decode, mask: None },
+///     SeqAttention { q: &q3, n_q: 3, h_q, k: short, v: short, params: &chunk, mask: None },
+/// ];
+/// // (A fixed slice count: a sequence's tasks then do not depend on the rest of the batch.)
+/// let config = AttentionConfig { kv_splits: 1, ..AttentionConfig::default() };
+/// let attn = CpuAttention::new(&RotationPlan::none(), Isa::best()).with_config(config);
+/// let plan = attn.plan(&seqs).unwrap();
+/// assert_eq!((plan.out_len(), plan.lse_len()), (4 * h_q * d, 4 * h_q));
+/// let mut workspace = vec![0.0; plan.workspace_len()];
+/// let (mut out, mut lse) = (vec![0.0; plan.out_len()], vec![0.0; plan.lse_len()]);
+/// attn.run_planned(&plan, &seqs, &mut workspace, &mut out, Some(&mut lse)).unwrap();
+/// // The first sequence's rows are those of a run of its own.
+/// let alone = attn.run(&q1, 1, h_q, &k, &k, &decode).unwrap();
+/// assert_eq!(out[..h_q * d], alone[..]);
+/// ```
+#[derive(Clone, Debug)]
+pub struct BatchPlan {
+    /// The tuning the tasks were cut with (its `block_n` sizes the tiles).
+    config: AttentionConfig,
+    seqs: Vec<SeqPlan>,
+    /// In order of their state in the workspace; the slices of one (sequence, heads, rows)
+    /// block are consecutive.
+    tasks: Vec<Task>,
+    /// Rotated queries: `[0, q_len)` of the workspace.
+    q_len: usize,
+    /// Scratch slots of `slot_len` values after the queries.
+    slots: usize,
+    slot_len: usize,
+    /// The tasks' states after the slots.
+    parts_len: usize,
+    out_len: usize,
+    lse_len: usize,
+}
+
+impl BatchPlan {
+    /// The f32 values of workspace that [`CpuAttention::run_planned`] needs (at least).
+    ///
+    /// ```
+    /// # use rotq_cpu::{CpuAttention, Isa, KvCacheView, SeqAttention};
+    /// # use rotq_reference::{AttentionParams, KvFormat, RotationPlan};
+    /// # let bytes = vec![0u8; 7 * 64 * 4];
+    /// # let k = KvCacheView::new(KvFormat::F32, &bytes, 7, 1, 64).unwrap();
+    /// # let (q, params) = (vec![1.0f32; 2 * 64], AttentionParams::default());
+    /// # let seq = SeqAttention { q: &q, n_q: 1, h_q: 2, k, v: k, params: &params, mask: None };
+    /// let plan = CpuAttention::new(&RotationPlan::none(), Isa::best()).plan(&[seq]).unwrap();
+    /// // At least the rotated queries and one task's output.
+    /// assert!(plan.workspace_len() >= 2 * 64 + 2 * 64);
+    /// ```
+    pub fn workspace_len(&self) -> usize {
+        self.q_len + self.slots * self.slot_len + self.parts_len
+    }
+
+    /// The output's length: `Σ n_q · h_q · d_v` over the sequences.
+    ///
+    /// ```
+    /// # use rotq_cpu::{CpuAttention, Isa, KvCacheView, SeqAttention};
+    /// # use rotq_reference::{AttentionParams, KvFormat, RotationPlan};
+    /// # let bytes = vec![0u8; 7 * 64 * 4];
+    /// # let k = KvCacheView::new(KvFormat::F32, &bytes, 7, 1, 64).unwrap();
+    /// # let (q, params) = (vec![1.0f32; 3 * 2 * 64], AttentionParams::default());
+    /// # let seq = SeqAttention { q: &q, n_q: 3, h_q: 2, k, v: k, params: &params, mask: None };
+    /// let plan = CpuAttention::new(&RotationPlan::none(), Isa::best()).plan(&[seq, seq]).unwrap();
+    /// assert_eq!(plan.out_len(), 2 * 3 * 2 * 64);
+    /// ```
+    pub fn out_len(&self) -> usize {
+        self.out_len
+    }
+
+    /// The LSE's length: `Σ n_q · h_q` over the sequences.
+    ///
+    /// ```
+    /// # use rotq_cpu::{CpuAttention, Isa, KvCacheView, SeqAttention};
+    /// # use rotq_reference::{AttentionParams, KvFormat, RotationPlan};
+    /// # let bytes = vec![0u8; 7 * 64 * 4];
+    /// # let k = KvCacheView::new(KvFormat::F32, &bytes, 7, 1, 64).unwrap();
+    /// # let (q, params) = (vec![1.0f32; 3 * 2 * 64], AttentionParams::default());
+    /// # let seq = SeqAttention { q: &q, n_q: 3, h_q: 2, k, v: k, params: &params, mask: None };
+    /// let plan = CpuAttention::new(&RotationPlan::none(), Isa::best()).plan(&[seq, seq]).unwrap();
+    /// assert_eq!(plan.lse_len(), 2 * 3 * 2);
+    /// ```
+    pub fn lse_len(&self) -> usize {
+        self.lse_len
+    }
+}
+
+thread_local! {
+    /// The workspace of [`CpuAttention::run`] and [`CpuAttention::decode_batch`] on this
+    /// thread, kept for its next call: a fresh one each call is zeroed, and above the
+    /// allocator's mmap threshold also faulted in page by page and unmapped again, which made
+    /// a 32k-token decode on 16 threads 7–19 % slower than the per-task buffers it replaces
+    /// (those came from the threads' malloc arenas, warm). Its contents never matter.
+    static WORKSPACE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// The largest workspace (f32 values, 16 MiB) [`WORKSPACE`] keeps between calls: decode's
+/// fits; a long prefill's is freed, its allocation small beside its arithmetic.
+const KEPT_WORKSPACE: usize = 1 << 22;
+
+/// One attention problem: a sequence's queries (rotated and scaled, in the workspace) against
+/// its caches.
 struct Problem<'a> {
     /// Rotated, scaled queries `[n_q, h_q, d]`.
-    q: Vec<f32>,
-    n_q: usize,
+    q: &'a [f32],
     h_q: usize,
     k: KvCacheView<'a>,
     v: KvCacheView<'a>,
     params: &'a AttentionParams,
+    mask: Option<AttentionMask<'a>>,
+    shape: SeqShape,
 }
 
 impl Problem<'_> {
@@ -381,38 +617,82 @@ impl Problem<'_> {
 
     /// Visible keys of query row `i`: a contiguous range.
     fn visible(&self, i: usize) -> Range<usize> {
-        let n = self.k.n_tokens;
-        let pos = self.params.pos_offset + i;
-        let hi = if self.params.causal {
-            n.min(pos.saturating_add(1))
-        } else {
-            n
-        };
-        let lo = match self.params.window {
-            Some(w) => pos.saturating_add(1).saturating_sub(w).min(hi),
-            None => 0,
-        };
-        lo..hi
+        self.shape.visible(i)
     }
 }
 
-/// What one task leaves: per (query row, head of the group), the running max, the sum of
-/// weights and the unnormalized output.
-struct Partial {
-    m: Vec<f32>,
-    l: Vec<f32>,
-    acc: Vec<f32>,
-    /// Visible keys were seen, all with a −Inf score.
-    seen: Vec<bool>,
+/// What a task saw of a query row's keys, kept in the workspace as an f32 and merged by `max`:
+/// no visible key; visible keys, all hidden by a −∞ mask value; a key the mask does not hide.
+/// A row is the zero row (LSE −∞) unless some slice saw a live key, and a slice that saw any
+/// visible key takes part in the merge (its weights may be 0, but 0 · NaN in V is NaN).
+const SAW_NOTHING: f32 = 0.0;
+const SAW_HIDDEN: f32 = 1.0;
+const SAW_LIVE: f32 = 2.0;
+
+/// One task's online-softmax state: per lane (query row × query head of the task) the running
+/// max `m`, the sum of weights `l` and the unnormalized output `acc` (`d_v` values); per query
+/// row what it saw (`SAW_*`).
+struct Partial<T> {
+    m: T,
+    l: T,
+    saw: T,
+    acc: T,
 }
 
-/// A unit of work: problem, KV heads, query rows, key slice.
+/// The length of the state of a task with `lanes` lanes of `rows` query rows (`None` on
+/// overflow): `m`, `l`, `saw` and `acc`, one after the other.
+fn partial_len(lanes: usize, rows: usize, d_v: usize) -> Option<usize> {
+    lanes.checked_mul(d_v.checked_add(2)?)?.checked_add(rows)
+}
+
+fn partial_ref(buf: &[f32], lanes: usize, rows: usize) -> Partial<&[f32]> {
+    let (m, rest) = buf.split_at(lanes);
+    let (l, rest) = rest.split_at(lanes);
+    let (saw, acc) = rest.split_at(rows);
+    Partial { m, l, saw, acc }
+}
+
+fn partial_mut(buf: &mut [f32], lanes: usize, rows: usize) -> Partial<&mut [f32]> {
+    let (m, rest) = buf.split_at_mut(lanes);
+    let (l, rest) = rest.split_at_mut(lanes);
+    let (saw, acc) = rest.split_at_mut(rows);
+    Partial { m, l, saw, acc }
+}
+
+/// A unit of work: problem, KV heads, query rows, key slice, and the length of its state.
 #[derive(Clone, Debug)]
 struct Task {
     problem: usize,
     heads: Range<usize>,
     rows: Range<usize>,
     keys: Range<usize>,
+    part_len: usize,
+}
+
+impl Task {
+    /// Lanes (query rows × query heads) of this task.
+    fn lanes(&self, group: usize) -> usize {
+        self.rows.len() * self.heads.len() * group
+    }
+}
+
+/// Hands out the tasks in order, each with its own state: the workers' queue. The states are
+/// consecutive in the workspace, so each is cut off the front of what is left (borrowed for the
+/// whole run, not for the queue's lock).
+struct Claims<'a, 't> {
+    rest: &'a mut [f32],
+    tasks: std::slice::Iter<'t, Task>,
+}
+
+impl<'a, 't> Iterator for Claims<'a, 't> {
+    type Item = (&'t Task, &'a mut [f32]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let task = self.tasks.next()?;
+        let (part, rest) = std::mem::take(&mut self.rest).split_at_mut(task.part_len);
+        self.rest = rest;
+        Some((task, part))
+    }
 }
 
 impl CpuAttention {
@@ -455,7 +735,8 @@ impl CpuAttention {
     }
 
     /// Attention of `n_q` query rows of `h_q` heads (`q` is `[n_q, h_q, d]`, unrotated)
-    /// against one sequence's caches; returns `[n_q, h_q, d_v]`.
+    /// against one sequence's caches; returns `[n_q, h_q, d_v]`. (A batch of one sequence:
+    /// [`Self::plan`] and [`Self::run_planned`] in the workspace this thread keeps.)
     pub fn run(
         &self,
         q: &[f32],
@@ -465,41 +746,71 @@ impl CpuAttention {
         v: &KvCacheView<'_>,
         params: &AttentionParams,
     ) -> Result<Vec<f32>> {
-        let problem = self.prepare(q, n_q, h_q, k, v, params)?;
-        let cfg = if n_q == 1 {
-            self.config_for(h_q, k)
-        } else {
-            self.config
-        };
-        Ok(self
-            .solve(&[problem], cfg)
-            .pop()
-            .expect("one problem, one output"))
+        self.run_batch(&[SeqAttention {
+            q,
+            n_q,
+            h_q,
+            k: *k,
+            v: *v,
+            params,
+            mask: None,
+        }])
     }
 
     /// Decode for many sequences at once: one query row each (`q` is `[h_q, d]`), every
     /// sequence with its own caches and parameters. Returns one `[h_q, d_v]` output each.
     pub fn decode_batch(&self, requests: &[DecodeRequest<'_>]) -> Result<Vec<Vec<f32>>> {
-        let problems = requests
+        let seqs: Vec<SeqAttention<'_>> = requests
             .iter()
-            .map(|r| self.prepare(r.q, 1, r.h_q, &r.k, &r.v, &r.params))
-            .collect::<Result<Vec<_>>>()?;
-        let cfg = match requests.first() {
-            Some(r) => self.config_for(r.h_q, &r.k),
-            None => self.config,
-        };
-        Ok(self.solve(&problems, cfg))
+            .map(|r| SeqAttention {
+                q: r.q,
+                n_q: 1,
+                h_q: r.h_q,
+                k: r.k,
+                v: r.v,
+                params: &r.params,
+                mask: None,
+            })
+            .collect();
+        let out = self.run_batch(&seqs)?;
+        let mut rest = &out[..];
+        Ok(requests
+            .iter()
+            .map(|r| {
+                let (one, tail) = rest.split_at(r.h_q * r.v.dim);
+                rest = tail;
+                one.to_vec()
+            })
+            .collect())
     }
 
-    fn prepare<'a>(
-        &self,
-        q: &[f32],
-        n_q: usize,
-        h_q: usize,
-        k: &KvCacheView<'a>,
-        v: &KvCacheView<'a>,
-        params: &'a AttentionParams,
-    ) -> Result<Problem<'a>> {
+    /// Plans and runs `seqs` in this thread's workspace ([`WORKSPACE`]); returns the output.
+    fn run_batch(&self, seqs: &[SeqAttention<'_>]) -> Result<Vec<f32>> {
+        let plan = self.plan(seqs)?;
+        let mut out = vec![0.0f32; plan.out_len()];
+        // Taken out of the cell for the call: a call nested on this thread (rayon may run
+        // another job here while this one waits for its workers) finds it empty and makes its
+        // own.
+        let mut workspace = WORKSPACE.take();
+        if workspace.len() < plan.workspace_len() {
+            workspace = vec![0.0f32; plan.workspace_len()];
+        }
+        let done = self.run_planned(&plan, seqs, &mut workspace, &mut out, None);
+        if workspace.len() <= KEPT_WORKSPACE {
+            let nested = WORKSPACE.take();
+            WORKSPACE.set(if nested.len() > workspace.len() {
+                nested
+            } else {
+                workspace
+            });
+        }
+        done.map(|()| out)
+    }
+
+    /// Checks one sequence (parameters, shapes, query length, rotation dims, mask size) and
+    /// returns what a plan depends on in it.
+    fn check(&self, s: &SeqAttention<'_>) -> Result<SeqShape> {
+        let (k, v, n_q, h_q, params) = (&s.k, &s.v, s.n_q, s.h_q, s.params);
         params.validate()?;
         let (d, d_v, h_kv) = (k.dim, v.dim, k.n_heads);
         let shape = |m: String| Err(Error::Shape(m));
@@ -525,42 +836,88 @@ impl CpuAttention {
             .checked_mul(h_q)
             .and_then(|x| x.checked_mul(d))
             .ok_or(Error::Overflow("query size"))?;
-        if q.len() != expected {
+        if s.q.len() != expected {
             return Err(Error::LengthMismatch {
                 what: "queries [n_q, h_q, d]",
                 expected,
-                actual: q.len(),
+                actual: s.q.len(),
             });
         }
         self.plan.check_dims(d, d_v)?;
-        let mut q = q.to_vec();
-        if let Some(r) = &self.qk {
-            r.forward_rows(&mut q)?;
+        params.f32_factors(d)?;
+        if let (Some(mask), Some(last)) = (&s.mask, n_q.checked_sub(1)) {
+            if mask.row_stride < k.n_tokens {
+                return shape(format!(
+                    "mask rows are {} apart, fewer than the {} keys",
+                    mask.row_stride, k.n_tokens
+                ));
+            }
+            let needed = last
+                .checked_mul(mask.row_stride)
+                .and_then(|x| x.checked_add(k.n_tokens))
+                .ok_or(Error::Overflow("mask size"))?;
+            if mask.values.len() < needed {
+                return Err(Error::LengthMismatch {
+                    what: "mask values (at least) for [n_q, row_stride]",
+                    expected: needed,
+                    actual: mask.values.len(),
+                });
+            }
         }
-        let (scale, _) = params.f32_factors(d)?;
-        q.iter_mut().for_each(|x| *x *= scale);
-        Ok(Problem {
-            q,
+        Ok(SeqShape {
             n_q,
             h_q,
-            k: *k,
-            v: *v,
-            params,
+            n_tokens: k.n_tokens,
+            h_kv,
+            d,
+            d_v,
+            k_format: k.format,
+            v_format: v.format,
+            causal: params.causal,
+            pos_offset: params.pos_offset,
+            window: params.window,
         })
     }
 
-    /// Splits every problem into tasks, runs them in parallel, merges and finishes.
-    fn solve(&self, problems: &[Problem<'_>], cfg: AttentionConfig) -> Vec<Vec<f32>> {
-        let threads = rayon::current_num_threads().max(1);
-        // Query blocks of one KV head each, over all problems (to size the splits).
-        let blocks: usize = problems
+    /// Checks every sequence (shapes, parameters, mask size) and partitions the work into
+    /// tasks of (KV heads, block of query rows, slice of the cache), sized for the threads of
+    /// the current rayon pool. A batch of decode rows (every `n_q` 1) takes the tuning of its
+    /// first sequence's shape ([`Self::config_for`]), anything else this kernel's own.
+    ///
+    /// ```
+    /// use rotq_cpu::{CpuAttention, Isa, KvCacheView, SeqAttention};
+    /// use rotq_reference::{AttentionParams, Error, KvFormat, RotationPlan};
+    /// let bytes = vec![0u8; 8 * 2 * 32 * 4];
+    /// let k = KvCacheView::new(KvFormat::F32, &bytes, 8, 2, 32).unwrap();
+    /// let (q, params) = (vec![0.25f32; 4 * 32], AttentionParams::default());
+    /// let seq = SeqAttention { q: &q, n_q: 1, h_q: 4, k, v: k, params: &params, mask: None };
+    /// let attn = CpuAttention::new(&RotationPlan::none(), Isa::best());
+    /// assert!(attn.plan(&[seq, seq]).is_ok());
+    /// let odd = SeqAttention { h_q: 3, q: &q[..3 * 32], ..seq }; // 3 heads over 2 KV heads
+    /// assert!(matches!(attn.plan(&[seq, odd]), Err(Error::Shape(_))));
+    /// ```
+    pub fn plan(&self, seqs: &[SeqAttention<'_>]) -> Result<BatchPlan> {
+        let shapes = seqs
             .iter()
-            .map(|p| p.k.n_heads * p.n_q.div_ceil(cfg.block_m))
+            .map(|s| self.check(s))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = match seqs.first() {
+            Some(s) if seqs.iter().all(|s| s.n_q == 1) => self.config_for(s.h_q, &s.k),
+            _ => self.config,
+        };
+        let threads = rayon::current_num_threads().max(1);
+        // Query blocks of one KV head each, over all sequences (to size the splits).
+        let blocks: usize = shapes
+            .iter()
+            .map(|p| p.h_kv * p.n_q.div_ceil(cfg.block_m))
             .sum::<usize>()
-            / problems.len().max(1);
+            / shapes.len().max(1);
+        let overflow = Error::Overflow("attention workspace");
         let mut tasks = Vec::new();
-        for (pi, p) in problems.iter().enumerate() {
-            let h_kv = p.k.n_heads;
+        let (mut parts_len, mut slot_len) = (0usize, 0usize);
+        for (pi, p) in shapes.iter().enumerate() {
+            let h_kv = p.h_kv;
+            let group = p.h_q / h_kv;
             let per_task = match cfg.heads_per_task {
                 0 if cfg.block_m.min(p.n_q) <= 4 => h_kv,
                 0 => 1,
@@ -582,6 +939,15 @@ impl CpuAttention {
                             .min(keys.len().div_ceil(4 * cfg.block_n))
                             .max(1)
                     };
+                    let lanes = rows.len() * heads.len() * group;
+                    let part_len = partial_len(lanes, rows.len(), p.d_v).ok_or(overflow.clone())?;
+                    // A slot holds a K tile, a V tile and a score tile of any task.
+                    let slot = lanes
+                        .checked_add(p.d)
+                        .and_then(|x| x.checked_add(p.d_v))
+                        .and_then(|x| x.checked_mul(cfg.block_n))
+                        .ok_or(overflow.clone())?;
+                    slot_len = slot_len.max(slot);
                     let per = keys.len().div_ceil(splits).max(1);
                     let mut s = keys.start;
                     loop {
@@ -591,7 +957,9 @@ impl CpuAttention {
                             heads: heads.clone(),
                             rows: rows.clone(),
                             keys: s..e,
+                            part_len,
                         });
+                        parts_len = parts_len.checked_add(part_len).ok_or(overflow.clone())?;
                         s = e;
                         if s >= keys.end {
                             break;
@@ -600,49 +968,211 @@ impl CpuAttention {
                 }
             }
         }
-        let partials: Vec<Partial> = tasks
-            .par_iter()
-            .map(|t| self.partial(&problems[t.problem], t, cfg.block_n))
-            .collect();
-        // Merge the slices of each (problem, head, rows) and write the outputs.
-        let mut outputs: Vec<Vec<f32>> = problems
-            .iter()
-            .map(|p| vec![0.0f32; p.n_q * p.h_q * p.v.dim])
-            .collect();
-        let mut i = 0;
+        let mut plan = BatchPlan {
+            config: cfg,
+            seqs: Vec::with_capacity(shapes.len()),
+            slots: threads.min(tasks.len()),
+            tasks,
+            q_len: 0,
+            slot_len,
+            parts_len,
+            out_len: 0,
+            lse_len: 0,
+        };
+        for shape in shapes {
+            let rows = shape.n_q * shape.h_q;
+            plan.seqs.push(SeqPlan {
+                shape,
+                q_at: plan.q_len,
+                out_at: plan.out_len,
+                lse_at: plan.lse_len,
+            });
+            // Each term fits (checked above); their sums might not.
+            let add = |a: usize, b: usize| a.checked_add(b).ok_or(overflow.clone());
+            plan.q_len = add(plan.q_len, rows * shape.d)?;
+            plan.out_len = add(plan.out_len, rows * shape.d_v)?;
+            plan.lse_len = add(plan.lse_len, rows)?;
+        }
+        plan.slots
+            .checked_mul(plan.slot_len)
+            .and_then(|x| x.checked_add(plan.q_len))
+            .and_then(|x| x.checked_add(plan.parts_len))
+            .ok_or(overflow)?;
+        Ok(plan)
+    }
+
+    /// Runs a planned batch: the outputs `[n_q, h_q, d_v]` of the sequences, concatenated in
+    /// their order, into `out` (`plan.out_len()` values), and if asked the log-sum-exp of every
+    /// (query row, head) into `lse` (`[Σ n_q, h_q]`, `plan.lse_len()` values; natural log of
+    /// the softmax's denominator in units of the scores after scale, soft-cap and mask, as
+    /// the oracle defines it: −∞ for a row with no visible key).
+    ///
+    /// Nothing is allocated on the heap for the attention (rayon's own bookkeeping aside):
+    /// rotated queries, tiles and the tasks' states live in `workspace` (at least
+    /// `plan.workspace_len()` values, of any contents). `seqs` must have the shapes the plan
+    /// was made for (rows, heads, tokens, dims, formats, causal offset and window per
+    /// sequence) else [`Error::Shape`]; a wrong length of `workspace`, `out` or `lse` is
+    /// [`Error::LengthMismatch`]. Every check comes before any work, so on an error `out` and
+    /// `lse` are unchanged.
+    ///
+    /// ```
+    /// use rotq_cpu::{AttentionMask, CpuAttention, Isa, KvCacheView, SeqAttention};
+    /// use rotq_reference::{AttentionParams, KvFormat, RotationPlan};
+    /// let wave = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+    /// let bytes: Vec<u8> = wave(6 * 32, 0.3).iter().flat_map(|x| x.to_le_bytes()).collect();
+    /// let k = KvCacheView::new(KvFormat::F32, &bytes, 6, 1, 32).unwrap();
+    /// let q = wave(2 * 32, 0.9);
+    /// // Row 0 sees keys 0..3, row 1 sees no key at all.
+    /// let inf = f32::NEG_INFINITY;
+    /// let values = [[0.0, 0.0, 0.0, inf, inf, inf], [inf; 6]].concat();
+    /// let mask = Some(AttentionMask { values: &values, row_stride: 6 });
+    /// let params = AttentionParams::default();
+    /// let seqs = [SeqAttention { q: &q, n_q: 2, h_q: 1, k, v: k, params: &params, mask }];
+    /// let attn = CpuAttention::new(&RotationPlan::none(), Isa::best());
+    /// let plan = attn.plan(&seqs).unwrap();
+    /// let mut workspace = vec![0.0; plan.workspace_len()];
+    /// let (mut out, mut lse) = (vec![0.0; 2 * 32], vec![0.0; 2]);
+    /// attn.run_planned(&plan, &seqs, &mut workspace, &mut out, Some(&mut lse)).unwrap();
+    /// assert!(lse[0].is_finite() && lse[1] == inf);
+    /// assert!(out[32..].iter().all(|x| *x == 0.0));
+    /// // A workspace too short is an error, and `out` is left as it was.
+    /// let before = out.clone();
+    /// assert!(attn.run_planned(&plan, &seqs, &mut workspace[1..], &mut out, None).is_err());
+    /// assert_eq!(out, before);
+    /// ```
+    pub fn run_planned(
+        &self,
+        plan: &BatchPlan,
+        seqs: &[SeqAttention<'_>],
+        workspace: &mut [f32],
+        out: &mut [f32],
+        mut lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let lengths = [
+            ("sequences (as planned)", plan.seqs.len(), seqs.len()),
+            ("output [Σ n_q, h_q, d_v]", plan.out_len, out.len()),
+            (
+                "LSE [Σ n_q, h_q]",
+                plan.lse_len,
+                lse.as_deref().map_or(plan.lse_len, <[f32]>::len),
+            ),
+        ];
+        for (what, expected, actual) in lengths {
+            if expected != actual {
+                return Err(Error::LengthMismatch {
+                    what,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        if workspace.len() < plan.workspace_len() {
+            return Err(Error::LengthMismatch {
+                what: "workspace (at least BatchPlan::workspace_len)",
+                expected: plan.workspace_len(),
+                actual: workspace.len(),
+            });
+        }
+        for (i, (s, planned)) in seqs.iter().zip(&plan.seqs).enumerate() {
+            let shape = self.check(s)?;
+            if shape != planned.shape {
+                return Err(Error::Shape(format!(
+                    "sequence {i} is {shape:?} but the plan was made for {:?}",
+                    planned.shape
+                )));
+            }
+        }
+        let (queries, rest) = workspace.split_at_mut(plan.q_len);
+        let (scratch, rest) = rest.split_at_mut(plan.slots * plan.slot_len);
+        let parts = &mut rest[..plan.parts_len];
+        for (s, planned) in seqs.iter().zip(&plan.seqs) {
+            queries[planned.q_at..][..s.q.len()].copy_from_slice(s.q);
+        }
+        // Every sequence's d is the rotation's (checked): one call rotates them all.
+        if let Some(r) = &self.qk {
+            r.forward_rows(queries)?;
+        }
+        for (s, planned) in seqs.iter().zip(&plan.seqs) {
+            let (scale, _) = s.params.f32_factors(planned.shape.d)?;
+            queries[planned.q_at..][..s.q.len()]
+                .iter_mut()
+                .for_each(|x| *x *= scale);
+        }
+        let queries = &*queries;
+        let problem = |i: usize| {
+            let (s, planned) = (&seqs[i], &plan.seqs[i]);
+            Problem {
+                q: &queries[planned.q_at..][..s.q.len()],
+                h_q: s.h_q,
+                k: s.k,
+                v: s.v,
+                params: s.params,
+                mask: s.mask,
+                shape: planned.shape,
+            }
+        };
+        // Each worker takes the next task from the queue until none is left, into its own
+        // scratch slot; a task's state is its own part of the workspace.
+        let queue = Mutex::new(Claims {
+            rest: &mut *parts,
+            tasks: plan.tasks.iter(),
+        });
+        let bn = plan.config.block_n;
+        scratch
+            .par_chunks_mut(plan.slot_len.max(1))
+            .for_each(|slot| loop {
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some((task, part)) = next else { break };
+                self.partial(&problem(task.problem), task, bn, slot, part);
+            });
+        // (The queue's borrow of the states ended with the workers.)
+        let parts = &*parts;
+        // Merge the slices of each (sequence, heads, rows) block and write the outputs.
+        let (mut i, mut at) = (0, 0);
+        let tasks = &plan.tasks;
         while i < tasks.len() {
-            let mut j = i + 1;
+            let (mut j, mut end) = (i + 1, at + tasks[i].part_len);
             while j < tasks.len()
                 && tasks[j].problem == tasks[i].problem
                 && tasks[j].heads == tasks[i].heads
                 && tasks[j].rows == tasks[i].rows
             {
+                end += tasks[j].part_len;
                 j += 1;
             }
-            let p = &problems[tasks[i].problem];
+            let (p, planned) = (problem(tasks[i].problem), &plan.seqs[tasks[i].problem]);
+            let rows = planned.shape.n_q * planned.shape.h_q;
             finish(
-                p,
+                &p,
                 &tasks[i],
-                &partials[i..j],
-                &mut outputs[tasks[i].problem],
+                &parts[at..end],
+                j - i,
+                &mut out[planned.out_at..][..rows * planned.shape.d_v],
+                lse.as_deref_mut().map(|l| &mut l[planned.lse_at..][..rows]),
             );
-            i = j;
+            (i, at) = (j, end);
         }
+        // Every sequence's d_v is the rotation's (checked): one call rotates them all back.
         if let Some(r) = &self.v {
-            outputs
-                .par_iter_mut()
-                .for_each(|o| r.inverse_rows(o).expect("output rows have the V dimension"));
+            r.inverse_rows(out)?;
         }
-        outputs
+        Ok(())
     }
 
     /// Online softmax over one task's key slice, compiled for the task's instruction set.
-    fn partial(&self, p: &Problem<'_>, task: &Task, bn: usize) -> Partial {
+    fn partial(
+        &self,
+        p: &Problem<'_>,
+        task: &Task,
+        bn: usize,
+        scratch: &mut [f32],
+        part: &mut [f32],
+    ) {
         match self.isa {
             // SAFETY: Isa::Avx2 is only used when the CPU has it.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { self.partial_avx2(p, task, bn) },
-            _ => self.partial_impl(p, task, bn),
+            Isa::Avx2 => unsafe { self.partial_avx2(p, task, bn, scratch, part) },
+            _ => self.partial_impl(p, task, bn, scratch, part),
         }
     }
 
@@ -652,25 +1182,43 @@ impl CpuAttention {
     /// AVX2, FMA and F16C must be available.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn partial_avx2(&self, p: &Problem<'_>, task: &Task, bn: usize) -> Partial {
-        self.partial_impl(p, task, bn)
+    unsafe fn partial_avx2(
+        &self,
+        p: &Problem<'_>,
+        task: &Task,
+        bn: usize,
+        scratch: &mut [f32],
+        part: &mut [f32],
+    ) {
+        self.partial_impl(p, task, bn, scratch, part)
     }
 
+    /// The online softmax of `task`, its state written into `part` (laid out by
+    /// [`partial_mut`]), its tiles in `scratch` (a K tile, a V tile, a score tile).
     #[inline(always)]
-    fn partial_impl(&self, p: &Problem<'_>, task: &Task, bn: usize) -> Partial {
+    fn partial_impl(
+        &self,
+        p: &Problem<'_>,
+        task: &Task,
+        bn: usize,
+        scratch: &mut [f32],
+        part: &mut [f32],
+    ) {
         let (d, d_v, g) = (p.k.dim, p.v.dim, p.group());
         let n_rows = task.rows.len();
         let width = task.heads.len() * g; // query heads of the task
         let lanes = n_rows * width; // lane = row · width + (head − first head) · g + j
-        let mut m = vec![f32::NEG_INFINITY; lanes];
-        let mut l = vec![0.0f32; lanes];
-        let mut seen = vec![false; lanes];
-        let mut acc = vec![0.0f32; lanes * d_v];
+        let Partial { m, l, saw, acc } = partial_mut(part, lanes, n_rows);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        saw.fill(SAW_NOTHING);
+        acc.fill(0.0);
         // Dequantized K and V rows of one head for one tile (they stay in L1/L2).
-        let mut ktile = vec![0.0f32; bn * d];
-        let mut vtile = vec![0.0f32; bn * d_v];
-        let mut scores = vec![f32::NEG_INFINITY; lanes * bn];
-        let ranges: Vec<Range<usize>> = task.rows.clone().map(|i| p.visible(i)).collect();
+        let (ktile, rest) = scratch.split_at_mut(bn * d);
+        let (vtile, rest) = rest.split_at_mut(bn * d_v);
+        let scores = &mut rest[..lanes * bn];
+        scores.fill(f32::NEG_INFINITY);
+        let range = |ri: usize| p.visible(task.rows.start + ri);
         let softcap = p.params.softcap.map(|c| c as f32);
         // Decode (one query row, groups of four heads) reads K and V in registers on AVX2.
         let fused = |view: &KvCacheView<'_>| {
@@ -683,12 +1231,18 @@ impl CpuAttention {
         while t0 < task.keys.end {
             let t1 = (t0 + bn).min(task.keys.end);
             // Tokens of the tile that some row sees (a contiguous range).
-            let lo = ranges.iter().map(|r| r.start.max(t0)).min().unwrap_or(t1);
-            let hi = ranges.iter().map(|r| r.end.min(t1)).max().unwrap_or(t0);
+            let lo = (0..n_rows)
+                .map(|ri| range(ri).start.max(t0))
+                .min()
+                .unwrap_or(t1);
+            let hi = (0..n_rows)
+                .map(|ri| range(ri).end.min(t1))
+                .max()
+                .unwrap_or(t0);
             // Scores: each K row dequantized once for all rows and heads of its group.
             for (hh, head) in task.heads.clone().enumerate() {
                 if let Some(f) = fused_k {
-                    let vis = ranges[0].start.max(t0)..ranges[0].end.min(t1);
+                    let vis = range(0).start.max(t0)..range(0).end.min(t1);
                     for j in (0..g).step_by(4) {
                         let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];
                         let out = &mut scores[(hh * g + j) * bn + (vis.start - t0)..];
@@ -720,7 +1274,7 @@ impl CpuAttention {
                 for (ri, i) in task.rows.clone().enumerate() {
                     let q = &p.q[(i * p.h_q + head * g) * d..][..g * d];
                     let lane0 = ri * width + hh * g;
-                    let vis = ranges[ri].start.max(t0)..ranges[ri].end.min(t1);
+                    let vis = range(ri).start.max(t0)..range(ri).end.min(t1);
                     if vis.is_empty() {
                         continue;
                     }
@@ -736,20 +1290,29 @@ impl CpuAttention {
                     }
                 }
             }
-            // Softmax bookkeeping, per lane over its visible keys of the tile.
-            for (ri, r) in ranges.iter().enumerate() {
-                let vis = r.start.max(t0)..r.end.min(t1);
+            // The mask, then the softmax bookkeeping, per lane over its visible keys of the
+            // tile (one place for the tiled and the in-register scores).
+            for (ri, saw) in saw.iter_mut().enumerate() {
+                let vis = range(ri).start.max(t0)..range(ri).end.min(t1);
                 if vis.is_empty() {
                     continue;
                 }
+                let bias = p
+                    .mask
+                    .map(|mk| &mk.values[(task.rows.start + ri) * mk.row_stride..][vis.clone()]);
+                let live = bias.is_none_or(|b| b.iter().any(|&x| x != f32::NEG_INFINITY));
+                *saw = saw.max(if live { SAW_LIVE } else { SAW_HIDDEN });
                 for lane in ri * width..(ri + 1) * width {
                     let row = &mut scores[lane * bn..][vis.start - t0..vis.end - t0];
+                    if let Some(b) = bias {
+                        row.iter_mut().zip(b).for_each(|(s, b)| *s += b);
+                    }
                     let tile_max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let m_new = m[lane].max(tile_max);
                     if m_new == f32::NEG_INFINITY && !row.iter().any(|s| s.is_nan()) {
-                        // Every visible score so far is −Inf: weight 0 unless the whole row
-                        // is (then the oracle's softmax is 0/0 = NaN; `finish` decides).
-                        seen[lane] = true;
+                        // Every visible score so far is −Inf: weight 0 (the V rows are still
+                        // read: 0 · NaN is NaN), and `finish` decides whether the row is the
+                        // oracle's 0/0 (NaN) or, the mask hiding every key, the zero row.
                         row.fill(0.0);
                         continue;
                     }
@@ -766,7 +1329,7 @@ impl CpuAttention {
             // Weighted sums of V rows, each dequantized once for all rows and heads.
             for (hh, head) in task.heads.clone().enumerate() {
                 if let Some(f) = fused_v {
-                    let vis = ranges[0].start.max(t0)..ranges[0].end.min(t1);
+                    let vis = range(0).start.max(t0)..range(0).end.min(t1);
                     for j in (0..g).step_by(4) {
                         let lane = hh * g + j;
                         let acc = &mut acc[lane * d_v..][..4 * d_v];
@@ -786,8 +1349,8 @@ impl CpuAttention {
                     let row = &mut vtile[(t - t0) * d_v..][..d_v];
                     dequantize_row(p.v.format, p.v.row(t, head), row, self.isa);
                 }
-                for (ri, r) in ranges.iter().enumerate() {
-                    let vis = r.start.max(t0)..r.end.min(t1);
+                for ri in 0..n_rows {
+                    let vis = range(ri).start.max(t0)..range(ri).end.min(t1);
                     if vis.is_empty() {
                         continue;
                     }
@@ -800,34 +1363,52 @@ impl CpuAttention {
             }
             t0 = t1;
         }
-        Partial { m, l, acc, seen }
     }
 }
 
-/// Merges the partials of one (heads, rows) block and writes `acc / l` into `out`.
+/// Merges the states of the `n_parts` slices of one (heads, rows) block (laid out one after
+/// the other in `parts`) and writes `acc / l` into `out` (the sequence's output) and
+/// `m + ln l` into `lse` (the sequence's LSE).
 ///
-/// A slice that saw no visible key contributes nothing; if no slice did, the row is zeros.
-/// When visible keys all scored −Inf the row is NaN (the oracle's 0/0), and NaN anywhere in a
+/// A slice that saw no visible key contributes nothing; if none saw a key the mask leaves
+/// (none saw any key, or the mask hides every one), the row is zeros with LSE −Inf. When the
+/// visible scores are all −Inf the row is NaN (the oracle's 0/0), and NaN anywhere in a
 /// slice's sums carries through to the row.
-fn finish(p: &Problem<'_>, task: &Task, parts: &[Partial], out: &mut [f32]) {
+fn finish(
+    p: &Problem<'_>,
+    task: &Task,
+    parts: &[f32],
+    n_parts: usize,
+    out: &mut [f32],
+    mut lse: Option<&mut [f32]>,
+) {
     let d_v = p.v.dim;
     let width = task.heads.len() * p.group();
+    let (lanes, n_rows) = (task.lanes(p.group()), task.rows.len());
     let first = task.heads.start * p.group();
+    // Every slice of the block has the same lanes, so the same length.
+    let part = |s: usize| partial_ref(&parts[s * task.part_len..][..task.part_len], lanes, n_rows);
     for (ri, i) in task.rows.clone().enumerate() {
+        let saw = (0..n_parts).fold(SAW_NOTHING, |a, s| a.max(part(s).saw[ri]));
         for j in 0..width {
             let lane = ri * width + j;
-            let o = &mut out[(i * p.h_q + first + j) * d_v..][..d_v];
+            let at = i * p.h_q + first + j;
+            let o = &mut out[at * d_v..][..d_v];
+            o.fill(0.0);
+            if saw != SAW_LIVE {
+                // No visible key, or the mask hides every one.
+                if let Some(lse) = lse.as_deref_mut() {
+                    lse[at] = f32::NEG_INFINITY;
+                }
+                continue;
+            }
             // Slices that saw a visible key (even one scored −Inf: its weight 0 times a NaN or
             // Inf in V is NaN, as in the oracle).
             let live = || {
-                parts.iter().filter(|part| {
-                    part.m[lane] != f32::NEG_INFINITY || part.l[lane].is_nan() || part.seen[lane]
-                })
+                (0..n_parts)
+                    .map(part)
+                    .filter(|part| part.saw[ri] != SAW_NOTHING)
             };
-            if live().next().is_none() {
-                o.fill(0.0); // no visible key
-                continue;
-            }
             // All visible scores −Inf gives m = −Inf and exp(−Inf + Inf) = NaN: the oracle's 0/0.
             let m = live().fold(f32::NEG_INFINITY, |a, part| a.max(part.m[lane]));
             let mut l = 0.0f32;
@@ -839,6 +1420,9 @@ fn finish(p: &Problem<'_>, task: &Task, parts: &[Partial], out: &mut [f32]) {
                 }
             }
             o.iter_mut().for_each(|a| *a /= l);
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[at] = m + l.ln();
+            }
         }
     }
 }
