@@ -166,7 +166,8 @@ proptest! {
     #[test]
     fn fused_kernel_any_rows_and_tasks(
         dim in proptest::sample::select(vec![32usize, 64, 96, 128, 256]),
-        n_rows in 0usize..50,
+        // Up to SERIAL_ROWS a call runs on the calling thread; past it, in tasks.
+        n_rows in prop_oneof![0usize..50, 250usize..330],
         rows_per_task in 1usize..40,
         format in proptest::sample::select(KvFormat::ALL.to_vec()),
         seed in any::<u64>(),
