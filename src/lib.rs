@@ -45,6 +45,7 @@ pub mod cache;
 /// Checkpoint-driven rotation: a compressed-tensors `transform_config` (from a model's
 /// `config.json`) as a [`RotationPlan`] per attention layer.
 pub mod checkpoint;
+pub mod defaults;
 mod error;
 
 pub use error::Error;

@@ -478,6 +478,17 @@ fn run(command: Command) -> Result<(), Error> {
                     i.origin
                 );
             }
+            println!(
+                "default rotation: {}",
+                if rotq::defaults::rotation_disabled() {
+                    format!("none ({} is set)", rotq::defaults::DISABLE_ROTATION)
+                } else {
+                    format!(
+                        "Hadamard on Q and K (set {}=1 to turn it off)",
+                        rotq::defaults::DISABLE_ROTATION
+                    )
+                }
+            );
             print_tuning();
         }
     }

@@ -288,3 +288,23 @@ fn info_marks_tuned_entries_the_kernels_ignore() {
         .unwrap_or(0);
     assert!(longest_digits < 20, "{text}");
 }
+
+/// `rotq info` says whether ROTQ_DISABLE_ROTATION turns the default rotation off.
+#[test]
+fn info_reports_the_rotation_switch() {
+    for (value, says) in [
+        ("1", "none (ROTQ_DISABLE_ROTATION is set)"),
+        ("0", "Hadamard on Q and K"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rotq"))
+            .arg("info")
+            .env("ROTQ_DISABLE_ROTATION", value)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains(&format!("default rotation: {says}")),
+            "{value}: {text}"
+        );
+    }
+}
