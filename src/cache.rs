@@ -270,9 +270,10 @@ pub struct RotatedKvCache {
 /// The bytes and kernels of one backend.
 #[derive(Debug)]
 enum Store {
-    Cpu(cpu::CpuStore),
+    // Boxed, both: each backend's handles are hundreds of bytes, and of different sizes.
+    Cpu(Box<cpu::CpuStore>),
     #[cfg(feature = "cuda")]
-    Cuda(cuda::CudaStore),
+    Cuda(Box<cuda::CudaStore>),
 }
 
 impl RotatedKvCache {
@@ -333,9 +334,11 @@ impl RotatedKvCache {
             .checked_mul(spec.n_heads)
             .ok_or(InputError::Overflow("cache rows"))?;
         let store = match backend {
-            Backend::Cpu => Store::Cpu(cpu::CpuStore::new(&spec, rows)?),
+            Backend::Cpu => Store::Cpu(Box::new(cpu::CpuStore::new(&spec, &pages)?)),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(dev) => Store::Cuda(cuda::CudaStore::new(dev.clone(), &spec, rows)?),
+            Backend::Cuda(dev) => {
+                Store::Cuda(Box::new(cuda::CudaStore::new(dev.clone(), &spec, rows)?))
+            }
         };
         Ok(Self {
             spec,

@@ -8,6 +8,9 @@
 //! - [`cache::RotatedKvCache`]: one layer's cache on the CPU or a CUDA device — append keys and
 //!   values (rotated and quantized in one pass), attend (prefill or decode), shift positions
 //!   (context shift), drop tokens; contiguous or paged.
+//! - [`pool`]: the batch engine API — one paged pool per layer for many sequences, in the
+//!   engine's memory; a step's new keys and values in one call through a slot mapping; the
+//!   batch's attention planned once and run per layer, with an optional mask and log-sum-exp.
 //! - [`checkpoint`]: the rotations a compressed-tensors checkpoint (SpinQuant R3) asks for.
 //! - The vocabulary and the oracle ([`reference`]: [`Rotation`], [`KvFormat`],
 //!   [`AttentionParams`], the tolerance table) and the kernels ([`cpu`], and [`cuda`] with the
@@ -47,6 +50,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod defaults;
 mod error;
+pub mod pool;
 
 pub use error::Error;
 pub use rotq_cpu as cpu;

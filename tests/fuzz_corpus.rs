@@ -51,6 +51,11 @@ fn transform_config_corpus() {
     replay("transform_config", rotq_testkit::fuzzing::transform_config);
 }
 
+#[test]
+fn batch_corpus() {
+    replay("batch", rotq_testkit::fuzzing::batch);
+}
+
 /// Empty and tiny inputs: refused or handled, never a panic.
 #[test]
 fn empty_and_tiny_inputs_are_refused_not_crashed() {
@@ -61,5 +66,6 @@ fn empty_and_tiny_inputs_are_refused_not_crashed() {
         rotq_testkit::fuzzing::attention(data);
         rotq_testkit::fuzzing::tune_cache(data);
         rotq_testkit::fuzzing::transform_config(data);
+        rotq_testkit::fuzzing::batch(data);
     }
 }

@@ -1,37 +1,22 @@
-//! The CPU side of [`super::RotatedKvCache`]: host buffers and the `rotq-cpu` kernels. The
-//! facade checks every call and keeps the pages; this side reads and writes token slots.
+//! The CPU side of [`super::RotatedKvCache`]: a [`KvPool`] in host memory (the batch API's
+//! pool, its codecs and kernels: one implementation) whose pages the cache's block table
+//! names. The facade checks every call and keeps the pages; this side reads and writes token
+//! slots.
 
 use super::pages::{Move, Pages};
 use super::CacheSpec;
+use crate::pool::{KvPool, PoolSpec};
 use crate::reference::rope::Rope;
 use crate::reference::{AttentionParams, Error as InputError, KvFormat};
 use crate::Error;
 use rotq_cpu::attention::MAX_HEAD_DIM;
-use rotq_cpu::{CacheCodec, CpuAttention, Isa, KvCacheView};
+use rotq_cpu::KvCacheView;
 use std::ops::Range;
 
-/// K and V bytes in host memory, with their codecs and the attention kernels.
+/// K and V bytes in host memory: one pool of the cache's pages.
+#[derive(Debug)]
 pub(super) struct CpuStore {
-    n_heads: usize,
-    k: Vec<u8>,
-    v: Vec<u8>,
-    k_codec: CacheCodec,
-    v_codec: CacheCodec,
-    attention: CpuAttention,
-}
-
-/// The buffers' lengths, not their bytes (a cache may hold gigabytes).
-impl std::fmt::Debug for CpuStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuStore")
-            .field("n_heads", &self.n_heads)
-            .field("k_bytes", &self.k.len())
-            .field("v_bytes", &self.v.len())
-            .field("k_codec", &self.k_codec)
-            .field("v_codec", &self.v_codec)
-            .field("attention", &self.attention)
-            .finish()
-    }
+    pool: KvPool,
 }
 
 // The hint below names the CPU kernels' limit.
@@ -54,41 +39,41 @@ fn check_head_dims(spec: &CacheSpec) -> Result<(), Error> {
 }
 
 impl CpuStore {
-    /// Buffers of `rows` rows each, allocated up front: a capacity the machine cannot hold is
+    /// A pool of the cache's pages, allocated up front: a capacity the machine cannot hold is
     /// an error, not an abort; so is a head dimension the attention kernels cannot take.
-    pub(super) fn new(spec: &CacheSpec, rows: usize) -> Result<Self, Error> {
+    pub(super) fn new(spec: &CacheSpec, pages: &Pages) -> Result<Self, Error> {
         check_head_dims(spec)?;
-        let isa = Isa::best();
-        let k_codec = CacheCodec::new(spec.k_format, spec.head_dim, spec.plan.qk.as_ref(), isa)?;
-        let v_codec = CacheCodec::new(spec.v_format, spec.v_dim, spec.plan.v.as_ref(), isa)?;
-        let buffer = |codec: &CacheCodec| -> Result<Vec<u8>, Error> {
-            let bytes = rows
-                .checked_mul(codec.row_bytes())
-                .ok_or(InputError::Overflow("cache bytes"))?;
-            let mut buf = Vec::new();
-            buf.try_reserve_exact(bytes)
-                .map_err(|e| InputError::InvalidParameter {
-                    name: "capacity",
-                    reason: format!("{bytes} bytes of cache cannot be allocated: {e}"),
-                })?;
-            buf.resize(bytes, 0);
-            Ok(buf)
-        };
-        Ok(Self {
-            n_heads: spec.n_heads,
-            k: buffer(&k_codec)?,
-            v: buffer(&v_codec)?,
-            attention: CpuAttention::new(&spec.plan, isa),
-            k_codec,
-            v_codec,
+        let pool = KvPool::new(PoolSpec {
+            k_format: spec.k_format,
+            v_format: spec.v_format,
+            plan: spec.plan.clone(),
+            n_kv_heads: spec.n_heads,
+            head_dim: spec.head_dim,
+            v_dim: spec.v_dim,
+            n_pages: pages.slots() / pages.page_tokens(),
+            page_tokens: pages.page_tokens(),
         })
+        .map_err(|e| match e {
+            Error::Reference(InputError::InvalidParameter {
+                name: "n_pages",
+                reason,
+            }) => InputError::InvalidParameter {
+                name: "capacity",
+                reason,
+            }
+            .into(),
+            other => other,
+        })?;
+        Ok(Self { pool })
     }
 
     /// Bytes of one token's K rows and V rows.
     fn token_bytes(&self) -> (usize, usize) {
+        let s = self.pool.spec();
+        let rb = |f: KvFormat, d| f.row_bytes(d).unwrap_or(0);
         (
-            self.n_heads * self.k_codec.row_bytes(),
-            self.n_heads * self.v_codec.row_bytes(),
+            s.n_kv_heads * rb(s.k_format, s.head_dim),
+            s.n_kv_heads * rb(s.v_format, s.v_dim),
         )
     }
 
@@ -96,8 +81,8 @@ impl CpuStore {
     pub(super) fn read(&self, slots: Range<usize>) -> (&[u8], &[u8]) {
         let (kt, vt) = self.token_bytes();
         (
-            &self.k[slots.start * kt..slots.end * kt],
-            &self.v[slots.start * vt..slots.end * vt],
+            &self.pool.k()[slots.start * kt..slots.end * kt],
+            &self.pool.v()[slots.start * vt..slots.end * vt],
         )
     }
 
@@ -112,10 +97,9 @@ impl CpuStore {
     ) -> Result<(), Error> {
         let (kt, vt) = (k.len() / tokens.len(), v.len() / tokens.len());
         for run in pages.runs(tokens.clone()) {
-            let (at, row) = (run.token - tokens.start, run.slot * self.n_heads);
+            let at = run.token - tokens.start;
             let span = |per: usize| at * per..(at + run.len) * per;
-            self.k_codec.quantize(&k[span(kt)], &mut self.k, row)?;
-            self.v_codec.quantize(&v[span(vt)], &mut self.v, row)?;
+            self.pool.write_run(run.slot, &k[span(kt)], &v[span(vt)])?;
         }
         Ok(())
     }
@@ -139,9 +123,9 @@ impl CpuStore {
                 None => KvCacheView::new(format, &buf[..len * token_bytes], len, h, dim),
                 Some((table, pt)) => KvCacheView::paged(format, buf, table, pt, len, h, dim),
             };
-        let k = view(spec.k_format, &self.k, kt, spec.head_dim)?;
-        let v = view(spec.v_format, &self.v, vt, spec.v_dim)?;
-        Ok(self.attention.run(q, n_q, h_q, &k, &v, params)?)
+        let k = view(spec.k_format, self.pool.k(), kt, spec.head_dim)?;
+        let v = view(spec.v_format, self.pool.v(), vt, spec.v_dim)?;
+        Ok(self.pool.kernels().run(q, n_q, h_q, &k, &v, params)?)
     }
 
     /// The context shift of the keys of `tokens` (a checked range), page by page.
@@ -152,21 +136,16 @@ impl CpuStore {
         delta: i64,
         rope: &Rope,
     ) -> Result<(), Error> {
-        let (kt, _) = self.token_bytes();
         for run in pages.runs(tokens) {
-            let keys = &mut self.k[run.slot * kt..(run.slot + run.len) * kt];
-            self.k_codec.shift(keys, rope, delta)?;
+            self.pool.shift_run(run.slot, run.len, delta, rope)?;
         }
         Ok(())
     }
 
     /// Copies token slots as `moves` say, in order.
     pub(super) fn remove(&mut self, moves: &[Move]) {
-        let (kt, vt) = self.token_bytes();
-        for (buf, tb) in [(&mut self.k, kt), (&mut self.v, vt)] {
-            for m in moves {
-                buf.copy_within(m.from * tb..(m.from + m.len) * tb, m.to * tb);
-            }
+        for m in moves {
+            self.pool.move_run(m.from, m.to, m.len);
         }
     }
 }

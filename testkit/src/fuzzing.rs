@@ -600,6 +600,216 @@ pub fn transform_config(data: &[u8]) {
     }
 }
 
+/// The `batch` target's problem: a small pool, a slot mapping for one batch append, and a
+/// batch description (tables in either form, query offsets, positions, a mask) built from raw
+/// values, most of them malformed.
+#[derive(Debug)]
+struct BatchProblem {
+    k_format: KvFormat,
+    v_format: KvFormat,
+    d: usize,
+    h_kv: usize,
+    group: usize,
+    n_pages: usize,
+    page_tokens: usize,
+    csr: bool,
+    /// Table cells (block) or indices (CSR), as raw signed values.
+    cells: Vec<i32>,
+    /// seq_lens (block) or last_page_len (CSR).
+    lens: Vec<u32>,
+    /// Columns (block) or the raw indptr (CSR).
+    max_blocks: usize,
+    indptr: Vec<u32>,
+    loc: Vec<u32>,
+    q_positions: Option<Vec<u32>>,
+    mask_stride: Option<usize>,
+    params: AttentionParams,
+    slots: Vec<i64>,
+    values: Vec<f32>,
+}
+
+impl<'a> Arbitrary<'a> for BatchProblem {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let small = |u: &mut Unstructured<'a>, hi: usize| u.int_in_range(0..=hi);
+        let k_format = *u.choose(&[KvFormat::F16, KvFormat::Q8_0, KvFormat::Q4_0])?;
+        let v_format = *u.choose(&[KvFormat::F32, KvFormat::Q8_0, KvFormat::Iq4Nl])?;
+        let d = *u.choose(&[32usize, 64])?;
+        let (h_kv, group) = (small(u, 1)? + 1, small(u, 2)? + 1);
+        let (n_pages, page_tokens) = (small(u, 10)?, small(u, 6)?);
+        let csr = bool::arbitrary(u)?;
+        let seqs = small(u, 4)?;
+        let cells = (0..small(u, 12)?)
+            .map(|_| Ok(i32::from(i8::arbitrary(u)?) % 14))
+            .collect::<arbitrary::Result<_>>()?;
+        let lens = (0..seqs)
+            .map(|_| Ok(u32::from(u8::arbitrary(u)? % 40)))
+            .collect::<arbitrary::Result<_>>()?;
+        let max_blocks = small(u, 4)?;
+        let indptr = (0..=seqs)
+            .map(|_| Ok(u32::from(u8::arbitrary(u)? % 14)))
+            .collect::<arbitrary::Result<_>>()?;
+        let loc = (0..=seqs + small(u, 1)?)
+            .map(|_| Ok(u32::from(u8::arbitrary(u)? % 12)))
+            .collect::<arbitrary::Result<_>>()?;
+        let q_positions = if bool::arbitrary(u)? {
+            Some(
+                (0..seqs)
+                    .map(|_| Ok(u32::from(u8::arbitrary(u)?)))
+                    .collect::<arbitrary::Result<_>>()?,
+            )
+        } else {
+            None
+        };
+        let mask_stride =
+            bool::arbitrary(u)?.then(|| usize::from(u8::arbitrary(u).unwrap_or(0) % 48));
+        let params = AttentionParams {
+            causal: bool::arbitrary(u)?,
+            window: bool::arbitrary(u)?.then(|| small(u, 9).unwrap_or(0)),
+            softcap: bool::arbitrary(u)?.then_some(30.0),
+            ..Default::default()
+        };
+        let slots = (0..small(u, 8)?)
+            .map(|_| Ok(i64::from(i8::arbitrary(u)?)))
+            .collect::<arbitrary::Result<Vec<_>>>()?;
+        let values = values(u, slots.len() * h_kv * d, true)?;
+        Ok(Self {
+            k_format,
+            v_format,
+            d,
+            h_kv,
+            group,
+            n_pages,
+            page_tokens,
+            csr,
+            cells,
+            lens,
+            max_blocks,
+            indptr,
+            loc,
+            q_positions,
+            mask_stride,
+            params,
+            slots,
+            values,
+        })
+    }
+}
+
+/// The batch engine API (`rotq::pool`) on a decoded problem: a batch append either writes
+/// exactly the named slots or fails with the pool unchanged; tables that check convert to the
+/// other form and back; a batch that plans runs, with every buffer of the planned size, and a
+/// buffer one value short is refused; a malformed batch is an error, never a panic.
+///
+/// ```
+/// rotq_testkit::fuzzing::batch(&[1, 0, 0, 0, 4, 3, 1, 2, 1, 2]);
+/// ```
+pub fn batch(data: &[u8]) {
+    use rotq::pool::{Batch, KvPool, Mask, PageTables, PoolSpec};
+    let p: BatchProblem = decode(data);
+    let spec = PoolSpec {
+        k_format: p.k_format,
+        v_format: p.v_format,
+        plan: RotationPlan {
+            qk: Some(Rotation::hadamard(p.d).expect("a supported size")),
+            v: None,
+        },
+        n_kv_heads: p.h_kv,
+        head_dim: p.d,
+        v_dim: p.d,
+        n_pages: p.n_pages,
+        page_tokens: p.page_tokens,
+    };
+    let Ok(mut pool) = KvPool::new(spec) else {
+        assert_eq!(p.page_tokens, 0, "only a page of no tokens is refused here");
+        return;
+    };
+    // One batch append: all or nothing.
+    let (k0, v0) = (pool.k().to_vec(), pool.v().to_vec());
+    let positions: Vec<u64> = (0..p.slots.len() as u64).collect();
+    let slots = p.n_pages * p.page_tokens;
+    match pool.append(&p.values, &p.values, &p.slots, &positions) {
+        Ok(()) => {
+            for (i, &s) in p.slots.iter().enumerate() {
+                if s >= 0 {
+                    assert_eq!(pool.position(s as usize), Some(i as u64), "slot {s}");
+                }
+            }
+        }
+        Err(_) => {
+            assert_eq!(
+                (pool.k(), pool.v()),
+                (&k0[..], &v0[..]),
+                "a failed append wrote"
+            );
+            let mut sorted: Vec<i64> = p.slots.iter().copied().filter(|&s| s >= 0).collect();
+            sorted.sort_unstable();
+            let bad = p.slots.iter().any(|&s| s < -1 || s >= slots as i64)
+                || sorted.windows(2).any(|w| w[0] == w[1]);
+            assert!(bad, "a valid slot mapping was refused: {:?}", p.slots);
+        }
+    }
+    // Raw signed cells as CSR indices: negative ones become huge, outside the pool.
+    let indices: Vec<u32> = p.cells.iter().map(|&c| c as u32).collect();
+    let tables = if p.csr {
+        PageTables::Csr {
+            indptr: &p.indptr,
+            indices: &indices,
+            last_page_len: &p.lens,
+        }
+    } else {
+        PageTables::Block {
+            table: &p.cells,
+            max_blocks: p.max_blocks,
+            seq_lens: &p.lens,
+        }
+    };
+    if let Ok(seqs) = tables.check(p.n_pages, p.page_tokens) {
+        for s in &seqs {
+            assert!(s.len <= s.pages.len() * p.page_tokens);
+            assert!(s.pages.iter().all(|&pg| (pg as usize) < p.n_pages));
+        }
+        let (indptr, indices, last) = tables.to_csr(p.n_pages, p.page_tokens).expect("checked");
+        let csr = PageTables::Csr {
+            indptr: &indptr,
+            indices: &indices,
+            last_page_len: &last,
+        };
+        assert_eq!(
+            csr.check(p.n_pages, p.page_tokens).expect("converted"),
+            seqs
+        );
+    }
+    let rows = p.loc.last().copied().unwrap_or(0) as usize;
+    let mask_values = vec![0.5f32; rows * p.mask_stride.unwrap_or(0)];
+    let h_q = p.h_kv * p.group;
+    let batch = Batch {
+        params: p.params.clone(),
+        q_positions: p.q_positions.as_deref(),
+        mask: p.mask_stride.map(|row_stride| Mask {
+            values: &mask_values,
+            row_stride,
+        }),
+        ..Batch::new(&p.loc, tables, h_q)
+    };
+    let Ok(plan) = pool.plan(&batch) else {
+        return;
+    };
+    let q: Vec<f32> = (0..rows * h_q * p.d)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
+    let mut ws = vec![0f32; plan.workspace_len()];
+    let mut out = vec![0f32; plan.out_len()];
+    let mut lse = vec![0f32; plan.lse_len()];
+    assert_eq!(out.len(), rows * h_q * p.d);
+    pool.run(&plan, &batch, &q, &mut ws, &mut out, Some(&mut lse))
+        .expect("a planned batch runs");
+    if let Some(short) = out.len().checked_sub(1) {
+        assert!(pool
+            .run(&plan, &batch, &q, &mut ws, &mut out[..short], None)
+            .is_err());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
