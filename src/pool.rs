@@ -105,16 +105,11 @@ impl PoolSpec {
     }
 
     fn bytes(&self, format: KvFormat, dim: usize) -> Result<usize, Error> {
+        let row = format.row_bytes(dim)?;
         self.slots()?
             .checked_mul(self.n_kv_heads)
-            .and_then(|r| r.checked_mul(format.row_bytes(dim).ok()?))
-            .ok_or_else(|| {
-                format
-                    .row_bytes(dim)
-                    .err()
-                    .unwrap_or(InputError::Overflow("pool bytes"))
-                    .into()
-            })
+            .and_then(|r| r.checked_mul(row))
+            .ok_or_else(|| InputError::Overflow("pool bytes").into())
     }
 
     /// Checks what the kernels need: positive sizes, rows the formats can hold, a plan that
@@ -156,7 +151,8 @@ pub struct KvPool<B = Vec<u8>> {
     attention: CpuAttention,
     /// Each slot's position (`u64::MAX`: never written), recorded by `append`.
     positions: Vec<u64>,
-    /// `append`'s rows, quantized before they go to their slots (kept between calls).
+    /// `append`'s rows, quantized before they go to their slots (kept between calls, at most
+    /// [`STAGING_BYTES`]).
     staging: Vec<u8>,
 }
 
@@ -207,19 +203,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// ```
     pub fn over(spec: PoolSpec, k: B, v: B) -> Result<Self, Error> {
         spec.check()?;
-        for (what, buf, expected) in [
-            ("K pool bytes", &k, spec.k_bytes()?),
-            ("V pool bytes", &v, spec.v_bytes()?),
-        ] {
-            if buf.as_ref().len() != expected {
-                return Err(InputError::LengthMismatch {
-                    what,
-                    expected,
-                    actual: buf.as_ref().len(),
-                }
-                .into());
-            }
-        }
+        check_buffers(&spec, k.as_ref(), v.as_ref())?;
         let isa = Isa::best();
         let k_codec = CacheCodec::new(spec.k_format, spec.head_dim, spec.plan.qk.as_ref(), isa)?;
         let v_codec = CacheCodec::new(spec.v_format, spec.v_dim, spec.plan.v.as_ref(), isa)?;
@@ -335,28 +319,34 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
             }
         }
         check_distinct(slots)?;
-        // One codec call for all the step's rows (rotated and quantized in parallel tasks
-        // of whole rows), into a staging buffer kept between calls; then each token's bytes
-        // go to its slot. A decode step's tokens lie in as many pages: per-token codec calls
-        // would cost more in dispatch than in arithmetic.
-        let (kb, vb) = (h * self.k_codec.row_bytes(), h * self.v_codec.row_bytes());
-        let staged = n.checked_mul(kb + vb).ok_or(InputError::Overflow("rows"))?;
+        // The step's rows go through the codec in few calls (rotated and quantized in
+        // parallel tasks of whole rows), into a staging buffer of at most STAGING_BYTES kept
+        // between calls; then each token's bytes go to its slot. A decode step's tokens lie in
+        // as many pages: per-token codec calls would cost more in dispatch than in arithmetic.
+        let (kb, vb) = self.token_bytes();
+        let per_call = (STAGING_BYTES / (kb + vb).max(1)).max(1);
+        let staged = n.min(per_call) * (kb + vb);
         if self.staging.len() < staged {
             self.staging
                 .try_reserve_exact(staged - self.staging.len())
                 .map_err(|_| InputError::Overflow("staging bytes"))?;
             self.staging.resize(staged, 0);
         }
-        let (ks, vs) = self.staging[..staged].split_at_mut(n * kb);
-        self.k_codec.quantize(k, ks, 0)?;
-        self.v_codec.quantize(v, vs, 0)?;
-        let (kp, vp) = (self.k.as_mut(), self.v.as_mut());
-        for (t, &s) in slots.iter().enumerate() {
-            if s >= 0 {
-                let s = s as usize;
-                kp[s * kb..(s + 1) * kb].copy_from_slice(&ks[t * kb..(t + 1) * kb]);
-                vp[s * vb..(s + 1) * vb].copy_from_slice(&vs[t * vb..(t + 1) * vb]);
-                self.positions[s] = positions[t];
+        for first in (0..n).step_by(per_call) {
+            let tokens = first..(first + per_call).min(n);
+            let (ks, vs) = self.staging.split_at_mut(tokens.len() * kb);
+            let vs = &mut vs[..tokens.len() * vb];
+            self.k_codec
+                .quantize(&k[tokens.start * kt..tokens.end * kt], ks, 0)?;
+            self.v_codec
+                .quantize(&v[tokens.start * vt..tokens.end * vt], vs, 0)?;
+            let (kp, vp) = (self.k.as_mut(), self.v.as_mut());
+            for (i, t) in tokens.enumerate() {
+                if let Ok(s) = usize::try_from(slots[t]) {
+                    kp[s * kb..(s + 1) * kb].copy_from_slice(&ks[i * kb..(i + 1) * kb]);
+                    vp[s * vb..(s + 1) * vb].copy_from_slice(&vs[i * vb..(i + 1) * vb]);
+                    self.positions[s] = positions[t];
+                }
             }
         }
         Ok(())
@@ -413,10 +403,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
                 })?;
             moved.push((s as usize, to));
         }
-        let kb = self.spec.n_kv_heads * self.k_codec.row_bytes();
         for &(s, to) in &moved {
-            self.k_codec
-                .shift(&mut self.k.as_mut()[s * kb..(s + 1) * kb], rope, delta)?;
+            self.shift_run(s, 1, delta, rope)?;
             self.positions[s] = to;
         }
         Ok(())
@@ -468,11 +456,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
             .collect::<Result<_, _>>()?;
         let targets: Vec<i64> = pairs.iter().map(|&(_, t)| t as i64).collect();
         check_distinct(&targets)?;
-        let h = self.spec.n_kv_heads;
-        for (buf, tb) in [
-            (self.k.as_mut(), h * self.k_codec.row_bytes()),
-            (self.v.as_mut(), h * self.v_codec.row_bytes()),
-        ] {
+        let (kb, vb) = self.token_bytes();
+        for (buf, tb) in [(self.k.as_mut(), kb), (self.v.as_mut(), vb)] {
             let saved: Vec<u8> = pairs
                 .iter()
                 .flat_map(|&(f, _)| buf[f * tb..(f + 1) * tb].iter().copied())
@@ -489,15 +474,21 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     }
 }
 
-/// What [`crate::cache::RotatedKvCache`] uses of a pool on the CPU: runs of consecutive slots
+/// Runs of consecutive slots: what [`crate::cache::RotatedKvCache`] uses of a pool on the CPU
 /// (the cache checks its calls and keeps its own positions), so the one-sequence cache and the
-/// batch API share the bytes, the codecs and the kernels.
-impl KvPool<Vec<u8>> {
+/// batch API share the bytes, the codecs and the kernels; `shift` uses them too.
+impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
+    /// Bytes of one token's K rows and of its V rows (a slot's share of each pool).
+    pub(crate) fn token_bytes(&self) -> (usize, usize) {
+        let h = self.spec.n_kv_heads;
+        (h * self.k_codec.row_bytes(), h * self.v_codec.row_bytes())
+    }
+
     /// Rotates and quantizes whole tokens into the slots from `slot` on (in the pool).
     pub(crate) fn write_run(&mut self, slot: usize, k: &[f32], v: &[f32]) -> Result<(), Error> {
         let row = slot * self.spec.n_kv_heads;
-        self.k_codec.quantize(k, &mut self.k, row)?;
-        self.v_codec.quantize(v, &mut self.v, row)?;
+        self.k_codec.quantize(k, self.k.as_mut(), row)?;
+        self.v_codec.quantize(v, self.v.as_mut(), row)?;
         Ok(())
     }
 
@@ -509,20 +500,20 @@ impl KvPool<Vec<u8>> {
         delta: i64,
         rope: &Rope,
     ) -> Result<(), Error> {
-        let kb = self.spec.n_kv_heads * self.k_codec.row_bytes();
-        self.k_codec
-            .shift(&mut self.k[slot * kb..(slot + len) * kb], rope, delta)?;
+        let (kb, _) = self.token_bytes();
+        self.k_codec.shift(
+            &mut self.k.as_mut()[slot * kb..(slot + len) * kb],
+            rope,
+            delta,
+        )?;
         Ok(())
     }
 
     /// Copies `len` slots' bytes from slot `from` to slot `to` (a copy from the front is
     /// right when the spans overlap).
     pub(crate) fn move_run(&mut self, from: usize, to: usize, len: usize) {
-        let h = self.spec.n_kv_heads;
-        for (buf, tb) in [
-            (&mut self.k, h * self.k_codec.row_bytes()),
-            (&mut self.v, h * self.v_codec.row_bytes()),
-        ] {
+        let (kb, vb) = self.token_bytes();
+        for (buf, tb) in [(self.k.as_mut(), kb), (self.v.as_mut(), vb)] {
             buf.copy_within(from * tb..(from + len) * tb, to * tb);
         }
     }
@@ -533,19 +524,46 @@ impl KvPool<Vec<u8>> {
     }
 }
 
+/// The most bytes `append` stages at once: a long prefill goes to the codec in several calls,
+/// so the pool's own memory stays bounded whatever an engine's step holds.
+const STAGING_BYTES: usize = 4 << 20;
+
 /// A slot named twice by one mapping is an error (its token would be lost); `-1` repeats.
 fn check_distinct(slots: &[i64]) -> Result<(), Error> {
-    // Sorted copy: n log n on the step's tokens, no memory proportional to the pool.
-    let mut sorted: Vec<i64> = slots.iter().copied().filter(|&s| s >= 0).collect();
-    sorted.sort_unstable();
-    match sorted.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(InputError::InvalidParameter {
+    let mut named: Vec<i64> = slots.iter().copied().filter(|&s| s >= 0).collect();
+    match first_repeat(&mut named) {
+        Some(s) => Err(InputError::InvalidParameter {
             name: "slot_mapping",
-            reason: format!("slot {} is named twice", w[0]),
+            reason: format!("slot {s} is named twice"),
         }
         .into()),
         None => Ok(()),
     }
+}
+
+/// The smallest value `values` holds more than once, if any (`values` ends sorted): n log n in
+/// the values given, with no memory proportional to the pool.
+pub(crate) fn first_repeat<T: Ord + Copy>(values: &mut [T]) -> Option<T> {
+    values.sort_unstable();
+    values.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+}
+
+/// Refuses pool buffers of other lengths than `spec`'s.
+fn check_buffers(spec: &PoolSpec, k: &[u8], v: &[u8]) -> Result<(), Error> {
+    for (what, actual, expected) in [
+        ("K pool bytes", k.len(), spec.k_bytes()?),
+        ("V pool bytes", v.len(), spec.v_bytes()?),
+    ] {
+        if actual != expected {
+            return Err(InputError::LengthMismatch {
+                what,
+                expected,
+                actual,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Lending: one pool's spec, codecs, kernels and positions over other buffers. An engine that
@@ -582,19 +600,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// # Ok::<(), rotq::Error>(())
     /// ```
     pub fn rebind(&mut self, k: B, v: B) -> Result<(B, B), Error> {
-        for (what, buf, expected) in [
-            ("K pool bytes", k.as_ref().len(), self.spec.k_bytes()?),
-            ("V pool bytes", v.as_ref().len(), self.spec.v_bytes()?),
-        ] {
-            if buf != expected {
-                return Err(InputError::LengthMismatch {
-                    what,
-                    expected,
-                    actual: buf,
-                }
-                .into());
-            }
-        }
+        check_buffers(&self.spec, k.as_ref(), v.as_ref())?;
         Ok((
             std::mem::replace(&mut self.k, k),
             std::mem::replace(&mut self.v, v),

@@ -546,3 +546,43 @@ fn shift_and_copy_act_on_their_slots_only() {
     assert_eq!(&pool.k()[9 * tb..10 * tb], &before[2 * tb..3 * tb]);
     assert_eq!((pool.position(2), pool.position(9)), (Some(15), Some(5)));
 }
+
+/// An append larger than the pool's staging buffer (4 MiB) goes through the codec in several
+/// calls and still lands every token, in a shuffled slot order, exactly (f32 rows, no
+/// rotation: the bytes are the values).
+#[test]
+fn appends_larger_than_the_staging_buffer_land_whole() {
+    let n: usize = 9000; // 9000 tokens x 1 KiB of K and V: three staging calls
+    let spec = PoolSpec {
+        k_format: KvFormat::F32,
+        v_format: KvFormat::F32,
+        plan: RotationPlan::none(),
+        n_kv_heads: HKV,
+        head_dim: D,
+        v_dim: D,
+        n_pages: n.div_ceil(16) + 1,
+        page_tokens: 16,
+    };
+    let mut pool = KvPool::new(spec).unwrap();
+    let k = random(n * HKV * D, 21);
+    let v = random(n * HKV * D, 22);
+    // Token t goes to slot (t * 7919) mod slots: a permutation (7919 is prime to the count).
+    let slots_in_pool = pool.spec().slots().unwrap() as i64;
+    assert_ne!(slots_in_pool % 7919, 0);
+    let slots: Vec<i64> = (0..n as i64).map(|t| t * 7919 % slots_in_pool).collect();
+    let positions: Vec<u64> = (0..n as u64).collect();
+    pool.append(&k, &v, &slots, &positions).unwrap();
+    let row = HKV * D;
+    for (t, &s) in slots.iter().enumerate() {
+        let s = s as usize;
+        let got = |bytes: &[u8]| -> Vec<f32> {
+            bytes[s * row * 4..(s + 1) * row * 4]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        assert_eq!(got(pool.k()), &k[t * row..(t + 1) * row], "K of token {t}");
+        assert_eq!(got(pool.v()), &v[t * row..(t + 1) * row], "V of token {t}");
+        assert_eq!(pool.position(s), Some(t as u64));
+    }
+}

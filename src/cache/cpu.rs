@@ -67,19 +67,9 @@ impl CpuStore {
         Ok(Self { pool })
     }
 
-    /// Bytes of one token's K rows and V rows.
-    fn token_bytes(&self) -> (usize, usize) {
-        let s = self.pool.spec();
-        let rb = |f: KvFormat, d| f.row_bytes(d).unwrap_or(0);
-        (
-            s.n_kv_heads * rb(s.k_format, s.head_dim),
-            s.n_kv_heads * rb(s.v_format, s.v_dim),
-        )
-    }
-
     /// The K and V bytes of token slots `slots`.
     pub(super) fn read(&self, slots: Range<usize>) -> (&[u8], &[u8]) {
-        let (kt, vt) = self.token_bytes();
+        let (kt, vt) = self.pool.token_bytes();
         (
             &self.pool.k()[slots.start * kt..slots.end * kt],
             &self.pool.v()[slots.start * vt..slots.end * vt],
@@ -117,7 +107,7 @@ impl CpuStore {
         pages: &'a Pages,
         len: usize,
     ) -> Result<Vec<f32>, Error> {
-        let (h, (kt, vt)) = (spec.n_heads, self.token_bytes());
+        let (h, (kt, vt)) = (spec.n_heads, self.pool.token_bytes());
         let view =
             |format: KvFormat, buf: &'a [u8], token_bytes: usize, dim: usize| match pages.paged() {
                 None => KvCacheView::new(format, &buf[..len * token_bytes], len, h, dim),

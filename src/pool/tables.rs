@@ -213,26 +213,25 @@ impl<'a> PageTables<'a> {
                 return Err(bad("indptr", "holds B + 1 offsets, at least one".into()));
             }
         }
-        let mut seen = vec![u32::MAX; n_pages.min(1 << 32)];
+        // Each sequence's pages, sorted in one scratch list to find a page named twice: memory
+        // and time follow the pages the batch uses, not the pool's size.
+        let mut scratch = Vec::new();
         (0..self.len())
             .map(|b| {
                 let s = self.seq(b, page_tokens)?;
-                for &p in s.pages {
-                    let at = seen.get_mut(p as usize).ok_or_else(|| {
-                        bad(
-                            "page table",
-                            format!(
-                                "sequence {b} names page {p}, outside the pool's {n_pages} pages"
-                            ),
-                        )
-                    })?;
-                    if *at == b as u32 {
-                        return Err(bad(
-                            "page table",
-                            format!("sequence {b} uses page {p} twice"),
-                        ));
-                    }
-                    *at = b as u32;
+                if let Some(p) = s.pages.iter().find(|&&p| p as usize >= n_pages) {
+                    return Err(bad(
+                        "page table",
+                        format!("sequence {b} names page {p}, outside the pool's {n_pages} pages"),
+                    ));
+                }
+                scratch.clear();
+                scratch.extend_from_slice(s.pages);
+                if let Some(p) = super::first_repeat(&mut scratch) {
+                    return Err(bad(
+                        "page table",
+                        format!("sequence {b} uses page {p} twice"),
+                    ));
                 }
                 Ok(s)
             })
