@@ -289,7 +289,10 @@ impl<'a> PageTables<'a> {
         let max_blocks = seqs.iter().map(|s| s.pages.len()).max().unwrap_or(0);
         let mut table = vec![-1i32; seqs.len() * max_blocks];
         let mut lens = Vec::with_capacity(seqs.len());
-        for (row, s) in table.chunks_mut(max_blocks.max(1)).zip(&seqs) {
+        // Row by row over the sequences (not the table's chunks: a batch of empty sequences
+        // has a table of no columns, and every sequence still needs its length).
+        for (b, s) in seqs.iter().enumerate() {
+            let row = &mut table[b * max_blocks..(b + 1) * max_blocks];
             for (cell, &p) in row.iter_mut().zip(s.pages) {
                 *cell = i32::try_from(p).map_err(|_| InputError::Overflow("page number (i32)"))?;
             }
