@@ -329,6 +329,7 @@ impl RotatedKvCache {
         }
         let pages = Pages::new(spec.paging, spec.capacity)?;
         check_sizes(&spec, &pages)?;
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
         let rows = pages
             .slots()
             .checked_mul(spec.n_heads)

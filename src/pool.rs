@@ -318,7 +318,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
                 .into());
             }
         }
-        check_distinct(slots)?;
+        check_distinct(slots, "slot_mapping")?;
         // The step's rows go through the codec in few calls (rotated and quantized in
         // parallel tasks of whole rows), into a staging buffer of at most STAGING_BYTES kept
         // between calls; then each token's bytes go to its slot. A decode step's tokens lie in
@@ -379,7 +379,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// ```
     pub fn shift(&mut self, slots: &[i64], delta: i64, rope: &Rope) -> Result<(), Error> {
         rope.check(self.spec.head_dim)?;
-        check_distinct(slots)?;
+        check_distinct(slots, "slots")?;
         let mut moved = Vec::with_capacity(slots.len());
         for (i, &s) in slots.iter().enumerate() {
             if s < 0 {
@@ -455,7 +455,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
             })
             .collect::<Result<_, _>>()?;
         let targets: Vec<i64> = pairs.iter().map(|&(_, t)| t as i64).collect();
-        check_distinct(&targets)?;
+        check_distinct(&targets, "target slots")?;
         let (kb, vb) = self.token_bytes();
         for (buf, tb) in [(self.k.as_mut(), kb), (self.v.as_mut(), vb)] {
             let saved: Vec<u8> = pairs
@@ -528,12 +528,13 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
 /// so the pool's own memory stays bounded whatever an engine's step holds.
 const STAGING_BYTES: usize = 4 << 20;
 
-/// A slot named twice by one mapping is an error (its token would be lost); `-1` repeats.
-fn check_distinct(slots: &[i64]) -> Result<(), Error> {
+/// A slot named twice by one list (`name`: which) is an error (a token would be lost); `-1`
+/// repeats.
+fn check_distinct(slots: &[i64], name: &'static str) -> Result<(), Error> {
     let mut named: Vec<i64> = slots.iter().copied().filter(|&s| s >= 0).collect();
     match first_repeat(&mut named) {
         Some(s) => Err(InputError::InvalidParameter {
-            name: "slot_mapping",
+            name,
             reason: format!("slot {s} is named twice"),
         }
         .into()),

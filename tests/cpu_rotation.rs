@@ -137,3 +137,43 @@ fn wrong_lengths_are_errors() {
     assert!(kernel.rows(&mut [f16::ZERO; 65], false).is_err());
     assert!(kernel.forward_rows(&mut []).is_ok());
 }
+
+/// `with_output_scale(s)` is `s · √n` times the normalized transform (the oracle's), on every
+/// instruction set, for Hadamard sizes of both families and for blocks (`√block` there); and
+/// the unnormalized transform of small integers is exact.
+#[test]
+fn an_output_scale_replaces_the_normalization() {
+    for isa in Isa::all_available() {
+        for (r, norm) in [
+            (Rotation::hadamard(256).unwrap(), 256f64),
+            (Rotation::hadamard(12 * 16).unwrap(), 192.0),
+            (Rotation::hadamard(40).unwrap(), 40.0),
+            (Rotation::block_hadamard(256, 32).unwrap(), 32.0),
+        ] {
+            let rows = Rows::uniform(2.0).f32s(4 * r.dim(), r.dim() as u64);
+            let scale = 0.3f32;
+            let mut got = rows.clone();
+            let kernel = CpuRotation::new(&r, isa).with_output_scale(scale);
+            kernel.forward_rows(&mut got).unwrap();
+            let want: Vec<f64> = oracle(&r, &rows, false)
+                .iter()
+                .map(|v| v * f64::from(scale) * norm.sqrt())
+                .collect();
+            let got: Vec<f64> = got.iter().map(|v| f64::from(*v)).collect();
+            for (g, w) in got.chunks(r.dim()).zip(want.chunks(r.dim())) {
+                assert_matches(g, w, Op::Rotation, Precision::F32, &format!("{r} on {isa}"));
+            }
+            let ints: Vec<f32> = (0..r.dim()).map(|i| (i % 7) as f32 - 3.0).collect();
+            let mut exact = ints.clone();
+            CpuRotation::new(&r, isa)
+                .with_output_scale(1.0)
+                .forward_rows(&mut exact)
+                .unwrap();
+            let want: Vec<f32> = oracle(&r, &ints, false)
+                .iter()
+                .map(|v| (v * norm.sqrt()).round() as f32)
+                .collect();
+            assert_eq!(exact, want, "{r} on {isa}: integer sums are exact");
+        }
+    }
+}

@@ -104,6 +104,8 @@ pub struct CpuRotation {
     plan: Plan,
     isa: Isa,
     config: FwhtConfig,
+    /// The factor in place of the normalization (see [`CpuRotation::with_output_scale`]).
+    output_scale: Option<f32>,
 }
 
 thread_local! {
@@ -143,8 +145,28 @@ impl CpuRotation {
             plan,
             isa,
             config: FwhtConfig::for_dim(n),
+            output_scale: None,
         }
         .with_config(config)
+    }
+
+    /// The same transform multiplied by `scale` in place of its normalization (`1/√n`, or
+    /// `1/√block` for block rotations): the unnormalized Hadamard times `scale`, as Dao-AILab's
+    /// `hadamard_transform(x, scale)` computes it. Sums of small integers stay exact with
+    /// `scale = 1`, which a normalization undone afterwards would round. Forward Hadamard and
+    /// block transforms only: a randomized inverse and a matrix keep their own factors.
+    ///
+    /// ```
+    /// use rotq_cpu::{CpuRotation, Isa};
+    /// use rotq_reference::Rotation;
+    /// let r = CpuRotation::new(&Rotation::hadamard(8).unwrap(), Isa::best()).with_output_scale(1.0);
+    /// let mut row = [1.0f32; 8];
+    /// r.forward_rows(&mut row).unwrap();
+    /// assert_eq!(row, [8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    /// ```
+    pub fn with_output_scale(mut self, scale: f32) -> Self {
+        self.output_scale = Some(scale);
+        self
     }
 
     /// The tuning in force: the tuning cache's for this length, the default, or the last
@@ -187,7 +209,7 @@ impl CpuRotation {
     pub(crate) fn apply_row(&self, row: &mut [f32], inverse: bool) {
         debug_assert_eq!(row.len(), self.n);
         let n = self.n;
-        let scale = 1.0 / (n as f32).sqrt();
+        let scale = self.output_scale.unwrap_or_else(|| 1.0 / (n as f32).sqrt());
         match &self.plan {
             Plan::Hadamard {
                 base,
@@ -219,7 +241,9 @@ impl CpuRotation {
                 }
             }
             Plan::Block { block } => {
-                let s = 1.0 / (*block as f32).sqrt();
+                let s = self
+                    .output_scale
+                    .unwrap_or_else(|| 1.0 / (*block as f32).sqrt());
                 for chunk in row.chunks_exact_mut(*block) {
                     self.pow2(chunk, None, Post::Scale(s));
                 }
@@ -297,6 +321,10 @@ impl CpuRotation {
     /// ```
     pub fn rows<T: Element>(&self, data: &mut [T], inverse: bool) -> Result<()> {
         self.check_rows(data.len())?;
+        let data = match T::as_f32_mut(data) {
+            Some(f32s) => return self.rows_f32(f32s, inverse),
+            None => data,
+        };
         let n = self.n;
         data.par_chunks_mut(self.config.rows_per_task * n)
             .for_each(|chunk| {

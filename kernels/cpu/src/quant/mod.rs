@@ -25,6 +25,12 @@ pub trait Element: Copy + Send + Sync {
     fn widen(src: &[Self], dst: &mut [f32]);
     /// Converts `src` back into `dst` (same length), rounding to nearest even.
     fn narrow(src: &[f32], dst: &mut [Self]);
+    /// The rows themselves where they are f32 already (kernels then work in place, with no
+    /// copy through a widened row).
+    fn as_f32_mut(data: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = data;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -34,6 +40,10 @@ impl Element for f32 {
 
     fn narrow(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+
+    fn as_f32_mut(data: &mut [f32]) -> Option<&mut [f32]> {
+        Some(data)
     }
 }
 

@@ -1,0 +1,359 @@
+"""The cache formats: the registry, ggml byte equality, kernel == oracle, error bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rotq
+from conftest import (ggml_dequantize_q4_0, ggml_dequantize_q8_0, ggml_quantize_q4_0,
+                      ggml_quantize_q8_0, ggml_scales)
+
+FORMATS = [f["name"] for f in rotq.formats()]
+SCALED = [f["name"] for f in rotq.formats() if f["scaled"]]
+GGML = {"q4_0": (ggml_quantize_q4_0, ggml_dequantize_q4_0, 18),
+        "q8_0": (ggml_quantize_q8_0, ggml_dequantize_q8_0, 34)}
+E16 = 2.0**-11  # f16 half-ulp, relative
+
+
+def _data(rng, rows, dim, spread=2.0, offset=False):
+    """Rows of normal values with per-row magnitudes over 10^-spread..10^spread."""
+    x = rng.standard_normal((rows, dim)) * 10 ** rng.uniform(-spread, spread, (rows, 1))
+    if offset:
+        x[::3] += 3.0 * np.abs(x[::3]).max(axis=1, keepdims=True)  # one-signed rows
+    return x.astype(np.float32)
+
+
+def error_bound(fmt: str, x: np.ndarray) -> np.ndarray:
+    """Worst-case |x - dequantize(quantize(x))| per value for finite ``x`` (float64, same
+    shape): half a step (a full step at the clamped end of the symmetric 4/5/6-bit formats)
+    plus the f16 rounding of the stored scale over the code range."""
+    x = np.asarray(x, dtype=np.float64)
+    if fmt == "f32":
+        return np.zeros_like(x)
+    if fmt == "f16":
+        return np.abs(x) * E16 + 2.0**-25
+    if fmt == "bf16":
+        return np.abs(x) * 2.0**-8 + 2.0**-134
+    b = x.reshape(-1, 32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    lo, hi = b.min(axis=1, keepdims=True), b.max(axis=1, keepdims=True)
+    rng_ = hi - lo
+    bound = {
+        "q8_0": amax * (1 / 254 + E16),
+        "q4_0": amax * (1 / 8 + E16),
+        "q5_0": amax * (1 / 16 + E16),
+        "q6_0": amax * (1 / 32 + E16),
+        "q4_1": rng_ * (1 / 30 + E16) + np.abs(lo) * E16,
+        "q5_1": rng_ * (1 / 62 + E16) + np.abs(lo) * E16,
+        "iq4_nl": amax * (12 / 113 + E16),
+        "int4": amax * (1 / 14 + E16),
+        "fp8_e4m3": np.abs(b) / 16 + amax * 2.0**-12,
+    }[fmt]
+    bound = np.broadcast_to(bound, b.shape) + amax * 1e-6  # f32 slack
+    return bound.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_formats_registry():
+    fs = rotq.formats()
+    names = [f["name"] for f in fs]
+    assert len(names) == len(set(names))
+    for want in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"):
+        assert want in names
+    for f in fs:
+        assert set(f) >= {"name", "block_size", "block_bytes", "bits_per_value", "origin",
+                          "scaled"}
+        assert f["block_size"] >= 1 and f["block_bytes"] >= 1
+        assert f["bits_per_value"] == pytest.approx(8 * f["block_bytes"] / f["block_size"])
+        assert f["scaled"] == (f["name"] not in ("f32", "f16", "bf16"))
+        d = 4 * max(f["block_size"], 32)
+        assert rotq.row_bytes(f["name"], d) == d // f["block_size"] * f["block_bytes"]
+
+
+def test_ggml_layouts():
+    by = {f["name"]: f for f in rotq.formats()}
+    assert (by["q4_0"]["block_size"], by["q4_0"]["block_bytes"]) == (32, 18)
+    assert (by["q8_0"]["block_size"], by["q8_0"]["block_bytes"]) == (32, 34)
+    assert (by["q4_1"]["block_bytes"], by["q5_0"]["block_bytes"],
+            by["q5_1"]["block_bytes"], by["iq4_nl"]["block_bytes"]) == (20, 22, 24, 18)
+    assert (by["f16"]["block_size"], by["f16"]["block_bytes"]) == (1, 2)
+
+
+def test_format_name_aliases_and_case():
+    assert rotq.row_bytes("Q4_0", 64) == rotq.row_bytes("q4_0", 64)
+    assert rotq.row_bytes("fp8", 64) == rotq.row_bytes("fp8_e4m3", 64)
+
+
+# ------------------------------------------------------------------------------ ggml bytes
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ggml_byte_equality_random(fmt, seed):
+    rng = np.random.default_rng(seed)
+    x = _data(rng, 96, 128, spread=3, offset=True)
+    quant, dequant, bb = GGML[fmt]
+    got = rotq.quantize(x, fmt)
+    want = quant(x)
+    assert got.shape == want.shape == (96, 128 // 32 * bb)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(rotq.dequantize(got, fmt, 128), dequant(want, 128))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_ggml_byte_equality_ties(fmt):
+    """Values that land exactly on x*id + 8.5 = integer (q4_0) or x*id = k + 0.5 (q8_0): the
+    truncation / roundf (half away from zero) ties."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for scale in (1.0, 0.5, 0.37, 3.3e-3, 128.0):
+        x = np.zeros((6, 32))
+        if fmt == "q4_0":
+            x[:, 0] = -8  # d = 1: codes are trunc(x + 8.5)
+            x[:, 1:] = rng.integers(-16, 16, (6, 31)) * 0.5
+        else:
+            x[:, 0] = 127  # d = 1: codes are roundf(x)
+            x[:, 1:] = rng.integers(-254, 255, (6, 31)) * 0.5
+        rows.append(x * scale)
+        rows.append(-x * scale)
+    x = np.concatenate(rows).astype(np.float32)
+    quant, dequant, _ = GGML[fmt]
+    np.testing.assert_array_equal(rotq.quantize(x, fmt), quant(x))
+    np.testing.assert_array_equal(rotq.oracle.quantize(x, fmt), quant(x))
+
+
+def test_q4_0_signed_max_and_first_of_equal_magnitudes():
+    # ggml keeps the sign of the value of largest |x|, the first one where two tie in |x|.
+    x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
+    x[0, 3], x[0, 20] = 2.0, -2.0
+    got = rotq.quantize(x, "q4_0")
+    np.testing.assert_array_equal(got, ggml_quantize_q4_0(x))
+    assert ggml_scales(got, 18)[0] == np.float32(np.float16(2.0 / -8))
+    x[0, 3], x[0, 20] = -2.0, 2.0
+    got = rotq.quantize(x, "q4_0")
+    np.testing.assert_array_equal(got, ggml_quantize_q4_0(x))
+    assert ggml_scales(got, 18)[0] == np.float32(np.float16(2.0 / 8))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_ggml_dequantize_of_arbitrary_bytes(fmt):
+    # Any bytes with a finite scale decode as ggml's dequantize_row_* does.
+    rng = np.random.default_rng(3)
+    _, dequant, bb = GGML[fmt]
+    data = rng.integers(0, 256, (40, 4 * bb), dtype=np.uint8)
+    blocks = data.reshape(-1, bb)
+    blocks[:, :2] = (rng.standard_normal(len(blocks)).astype(np.float16)
+                     .view(np.uint8).reshape(-1, 2))
+    np.testing.assert_array_equal(rotq.dequantize(data, fmt, 128), dequant(data, 128))
+
+
+# ------------------------------------------------------------------------------ kernel == oracle
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dim", [32, 256])
+def test_kernel_equals_oracle(fmt, dim):
+    rng = np.random.default_rng(11)
+    x = _data(rng, 64, dim, spread=3, offset=True)
+    got = rotq.quantize(x, fmt)
+    want = rotq.oracle.quantize(x, fmt)
+    assert got.dtype == np.uint8 and got.shape == (64, rotq.row_bytes(fmt, dim))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(rotq.dequantize(got, fmt, dim),
+                                  rotq.oracle.dequantize(want, fmt, dim))
+
+
+# ------------------------------------------------------------------------------ error bounds
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_error_bounded(fmt):
+    rng = np.random.default_rng(5)
+    x = _data(rng, 128, 128, spread=2, offset=True)
+    y = rotq.dequantize(rotq.quantize(x, fmt), fmt, 128)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    err = np.abs(y.astype(np.float64) - x)
+    bound = error_bound(fmt, x)
+    assert (err <= bound).all(), f"{fmt}: worst error/bound {np.max(err / (bound + 1e-300))}"
+    if fmt != "f32":
+        assert err.max() > 0  # it does quantize
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rotation", ["hadamard", "block:32", "randomized:9"])
+def test_rotated_round_trip(fmt, rotation):
+    rng = np.random.default_rng(6)
+    d = 128
+    x = _data(rng, 48, d, spread=1)
+    x[:, 5] *= 30.0  # an outlier channel, what the rotation is for
+    q = rotq.quantize(x, fmt, rotation=rotation)
+    assert q.shape == (48, rotq.row_bytes(fmt, d))
+    # the bytes are those of the rotated rows
+    xr = rotq.rotate(x, rotation)
+    np.testing.assert_array_equal(q, rotq.quantize(xr, fmt))
+    np.testing.assert_array_equal(q, rotq.oracle.quantize(xr, fmt))
+    y = rotq.dequantize(q, fmt, d, rotation=rotation)
+    # The rotation is orthonormal: each row's L2 error is that of the rotated row, within the
+    # L2 norm of the rotated row's per-value bounds.
+    err = np.linalg.norm(y.astype(np.float64) - x, axis=1)
+    bound = np.linalg.norm(error_bound(fmt, xr), axis=1) * (1 + 1e-4) + 1e-5 * np.linalg.norm(
+        x, axis=1)
+    assert (err <= bound).all()
+    # and the rotation is undone: without it the values are the rotated ones
+    y_rot = rotq.dequantize(q, fmt, d)
+    assert np.abs(y_rot - xr).max() <= error_bound(fmt, xr).max() + 1e-6
+    if fmt not in ("f32", "f16", "bf16"):
+        assert not np.allclose(y_rot, y, atol=1e-2 * np.abs(x).max())
+
+
+def test_rotation_lowers_q4_error_with_outliers():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((256, 128)).astype(np.float32)
+    x[:, [3, 77]] *= 40.0
+    plain = rotq.dequantize(rotq.quantize(x, "q4_0"), "q4_0", 128)
+    rot = rotq.dequantize(rotq.quantize(x, "q4_0", "hadamard"), "q4_0", 128, "hadamard")
+    # errors on the non-outlier channels: the rotation spreads the outliers' scale away
+    mask = np.ones(128, bool)
+    mask[[3, 77]] = False
+    assert np.linalg.norm((rot - x)[:, mask]) < 0.7 * np.linalg.norm((plain - x)[:, mask])
+
+
+def test_explicit_matrix_rotation(rng):
+    d = 64
+    r, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    x = rng.standard_normal((8, d)).astype(np.float32)
+    q = rotq.quantize(x, "q8_0", rotation=r)
+    np.testing.assert_array_equal(q, rotq.quantize(rotq.rotate(x, r), "q8_0"))
+    y = rotq.dequantize(q, "q8_0", d, rotation=r)
+    assert np.abs(y - x).max() < 0.05
+
+
+# ------------------------------------------------------------------------------ dtypes, shapes
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "iq4_nl", "fp8_e4m3", "f16", "bf16"])
+def test_f16_input_is_widened_exactly(fmt, rng):
+    x = rng.standard_normal((16, 64)).astype(np.float16)
+    np.testing.assert_array_equal(rotq.quantize(x, fmt), rotq.quantize(x.astype(np.float32), fmt))
+    np.testing.assert_array_equal(rotq.quantize(x, fmt, "hadamard"),
+                                  rotq.quantize(x.astype(np.float32), fmt, "hadamard"))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "q5_1", "bf16"])
+def test_torch_bf16_and_f16_inputs(fmt):
+    torch = pytest.importorskip("torch")
+    t = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        td = t.to(dtype)
+        got = rotq.quantize(td, fmt)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
+        np.testing.assert_array_equal(got.numpy(), rotq.quantize(td.float().numpy(), fmt))
+        back = rotq.dequantize(got, fmt, 64)
+        assert isinstance(back, torch.Tensor) and back.dtype == torch.float32
+        np.testing.assert_array_equal(back.numpy(), rotq.dequantize(got.numpy(), fmt, 64))
+
+
+@pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 5, 96), (2, 1, 3, 32)])
+def test_shapes(shape, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    d = shape[-1]
+    q = rotq.quantize(x, "q8_0")
+    assert q.shape == (*shape[:-1], rotq.row_bytes("q8_0", d))
+    np.testing.assert_array_equal(q.reshape(-1, q.shape[-1]),
+                                  rotq.quantize(x.reshape(-1, d), "q8_0"))
+    y = rotq.dequantize(q, "q8_0", d)
+    assert y.shape == shape
+    # bytes of several rows in one last axis give [rows, dim]
+    flat = rotq.dequantize(q.reshape(-1), "q8_0", d)
+    rows = int(np.prod(shape[:-1], dtype=int))
+    assert flat.shape == ((rows, d) if rows > 1 else (d,))
+    np.testing.assert_array_equal(flat.reshape(shape), y)
+
+
+def test_out_arguments(rng):
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    out = np.zeros((4, 36), dtype=np.uint8)
+    assert rotq.quantize(x, "q4_0", out=out) is out
+    np.testing.assert_array_equal(out, ggml_quantize_q4_0(x))
+    vals = np.zeros((4, 64), dtype=np.float32)
+    assert rotq.dequantize(out, "q4_0", 64, out=vals) is vals
+    np.testing.assert_array_equal(vals, ggml_dequantize_q4_0(out, 64))
+
+
+# ------------------------------------------------------------------------------ edge cases
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_zeros(fmt):
+    x = np.zeros((3, 64), dtype=np.float32)
+    q = rotq.quantize(x, fmt)
+    np.testing.assert_array_equal(q, rotq.oracle.quantize(x, fmt))
+    y = rotq.dequantize(q, fmt, 64)
+    np.testing.assert_array_equal(y, 0.0)  # (-0.0 for ggml's d = 0 / -8 blocks, as ggml)
+    np.testing.assert_array_equal(rotq.dequantize(rotq.quantize(x, fmt, "hadamard"), fmt, 64,
+                                                  "hadamard"), 0.0)
+
+
+def test_zeros_in_ggml():
+    x = np.zeros((2, 64), dtype=np.float32)
+    for fmt, (quant, _, _) in GGML.items():
+        np.testing.assert_array_equal(rotq.quantize(x, fmt), quant(x))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", ["huge", "tiny", "tiny_subnormal_scale", "f32_max"])
+def test_extreme_magnitudes_match_oracle(fmt, case):
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal((4, 64)).astype(np.float32)
+    x = {"huge": base * np.float32(1e30), "tiny": base * np.float32(1e-30),
+         "tiny_subnormal_scale": base * np.float32(1e-38),
+         "f32_max": np.where(base > 0, np.float32(3.4e38), np.float32(-3.4e38))}[case]
+    x = x.astype(np.float32)
+    with np.errstate(all="ignore"):
+        q = rotq.quantize(x, fmt)
+        np.testing.assert_array_equal(q, rotq.oracle.quantize(x, fmt))
+        y = rotq.dequantize(q, fmt, 64)
+        np.testing.assert_array_equal(y, rotq.oracle.dequantize(q, fmt, 64))
+    if fmt in GGML and case != "f32_max":
+        np.testing.assert_array_equal(q, GGML[fmt][0](x))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input(fmt, bad):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[1, 5] = bad  # block 0 of row 1
+    q = rotq.quantize(x, fmt)  # must not crash
+    np.testing.assert_array_equal(q, rotq.oracle.quantize(x, fmt))
+    y = rotq.dequantize(q, fmt, 64)
+    np.testing.assert_array_equal(y, rotq.oracle.dequantize(q, fmt, 64))
+    clean = np.ones(x.shape, bool)
+    if fmt in SCALED:
+        # the block holding it is poisoned (all NaN), never silently replaced
+        assert np.isnan(y[1, :32]).all()
+        clean[1, :32] = False
+    else:
+        assert np.isnan(y[1, 5]) if np.isnan(bad) else y[1, 5] == bad
+        clean[1, 5] = False
+    # every other block is as without the bad value
+    assert np.isfinite(y[clean]).all()
+    x_ok = x.copy()
+    x_ok[1] = 0.5
+    y_ok = rotq.dequantize(rotq.quantize(x_ok, fmt), fmt, 64)
+    np.testing.assert_array_equal(y[[0, 2, 3]], y_ok[[0, 2, 3]])
+    np.testing.assert_array_equal(y[1, 32:], rotq.dequantize(rotq.quantize(x[1:2, 32:].copy(), fmt),
+                                                              fmt, 32)[0])
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_non_finite_with_rotation_does_not_crash(fmt):
+    x = np.ones((2, 64), dtype=np.float32)
+    x[0, 0] = np.nan
+    q = rotq.quantize(x, fmt, "hadamard")
+    y = rotq.dequantize(q, fmt, 64, "hadamard")
+    assert np.isnan(y[0]).all()  # the rotation spreads NaN over the whole row
+    assert np.abs(y[1] - 1).max() < 0.05
