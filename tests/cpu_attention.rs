@@ -683,3 +683,109 @@ fn attention_from_eight_threads_at_once() {
         }
     });
 }
+
+/// Quantized queries (`QueryMode::Q8_0`): every path (the integer decode loop over q4_0 and q8_0
+/// rows on AVX2, the f32 loops elsewhere: other formats, groups not of four, prefill rows, heads
+/// over 512 values) agrees with the oracle on the round-tripped queries: the kernel's own f32
+/// rotation of Q (whose bits decide the q8_0 codes), through q8_0 and back, against the same
+/// cache bytes.
+#[test]
+fn quantized_queries_match_the_oracle_on_round_tripped_queries() {
+    use rotq::reference::attention::quantized_query;
+    use rotq_cpu::{CpuRotation, QueryMode};
+    let formats = [
+        KvFormat::Q4_0,
+        KvFormat::Q8_0,
+        KvFormat::F16,
+        KvFormat::Q5_0,
+    ];
+    let mut seed = 100u64;
+    for k_format in formats {
+        for (n_q, group, d) in [
+            (1usize, 4usize, 128usize),
+            (1, 8, 64),
+            (1, 1, 32),
+            (3, 4, 128),
+            (1, 4, 640),
+        ] {
+            for qk in [
+                RotationKind::Hadamard,
+                RotationKind::nth(0),
+                RotationKind::Randomized,
+            ] {
+                seed += 1;
+                let c = Case {
+                    n_q,
+                    n_kv: 131,
+                    h_kv: 2,
+                    group,
+                    d,
+                    d_v: 64,
+                    k_format,
+                    v_format: KvFormat::Q8_0,
+                    params: AttentionParams {
+                        causal: true,
+                        pos_offset: 131 - n_q,
+                        softcap: seed.is_multiple_of(2).then_some(20.0),
+                        ..Default::default()
+                    },
+                    plan_kind: (qk, RotationKind::nth((seed % 2) as usize)),
+                    config: AttentionConfig {
+                        kv_splits: (seed % 3) as usize,
+                        ..AttentionConfig::default()
+                    },
+                    seed,
+                };
+                let plan = c.plan();
+                let h_q = c.h_kv * c.group;
+                let q = Rows::uniform(1.5).f32s(c.n_q * h_q * c.d, c.seed ^ 4);
+                for isa in Isa::all_available() {
+                    let (kb, vb) = caches(&c, &plan, isa);
+                    let k = KvCacheView::new(c.k_format, &kb, c.n_kv, c.h_kv, c.d).unwrap();
+                    let v = KvCacheView::new(c.v_format, &vb, c.n_kv, c.h_kv, c.d_v).unwrap();
+                    let kernel = CpuAttention::new(&plan, isa)
+                        .with_config(c.config)
+                        .with_query_mode(QueryMode::Q8_0);
+                    let got = kernel.run(&q, c.n_q, h_q, &k, &v, &c.params).unwrap();
+                    let mut q_rot = q.clone();
+                    if let Some(r) = &plan.qk {
+                        CpuRotation::new(r, isa).forward_rows(&mut q_rot).unwrap();
+                    }
+                    let q_hat = quantized_query(&q_rot, c.d).unwrap();
+                    let rotated = RotationPlan {
+                        qk: None,
+                        v: plan.v.clone(),
+                    };
+                    let want = oracle(&c, &rotated, &q_hat, &kb, &vb);
+                    assert_matches_f32(
+                        &got,
+                        &want,
+                        Op::Attention,
+                        Precision::F32,
+                        &format!("{isa} {c:?}"),
+                    );
+                    // And it is not the exact-query result (the mode did something).
+                    let exact = CpuAttention::new(&plan, isa).with_config(c.config);
+                    let exact = exact.run(&q, c.n_q, h_q, &k, &v, &c.params).unwrap();
+                    assert_ne!(exact, got, "{isa} {c:?}: q8_0 queries changed nothing");
+                }
+            }
+        }
+    }
+}
+
+/// Quantized queries need whole q8_0 blocks: a head of 48 values is refused, not truncated.
+#[test]
+fn quantized_queries_of_heads_not_a_multiple_of_32_are_refused() {
+    use rotq_cpu::QueryMode;
+    let (n_kv, h_kv, d) = (4, 1, 48);
+    let kb = vec![0u8; n_kv * h_kv * KvFormat::F16.row_bytes(d).unwrap()];
+    let k = KvCacheView::new(KvFormat::F16, &kb, n_kv, h_kv, d).unwrap();
+    let kernel =
+        CpuAttention::new(&RotationPlan::none(), Isa::best()).with_query_mode(QueryMode::Q8_0);
+    let q = Rows::uniform(1.0).f32s(d, 1);
+    let err = kernel
+        .run(&q, 1, 1, &k, &k, &AttentionParams::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("multiple of 32"), "{err}");
+}

@@ -8,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rotq::{KvFormat, Rotation, RotationPlan};
 use rotq_cli::bench::{dense_rotation, parallel_copy, random};
-use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, Isa, KvCacheView};
+use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, Isa, KvCacheView, QueryMode};
 use std::time::Duration;
 
 const BYTES: usize = 64 << 20;
@@ -81,6 +81,8 @@ fn decode(c: &mut Criterion) {
         v: None,
     };
     let kernel = CpuAttention::new(&plan, Isa::best());
+    // The same kernel with q8_0 queries (integer products over q4_0 and q8_0 K).
+    let int_kernel = kernel.clone().with_query_mode(QueryMode::Q8_0);
     let params = rotq::AttentionParams {
         causal: true,
         pos_offset: n_kv - 1,
@@ -102,6 +104,11 @@ fn decode(c: &mut Criterion) {
         g.bench_function(format.name(), |b| {
             b.iter(|| kernel.run(&q, 1, h_q, &k, &v, &params).unwrap())
         });
+        if format != KvFormat::F16 {
+            g.bench_function(format!("{}_q8_0_query", format.name()), |b| {
+                b.iter(|| int_kernel.run(&q, 1, h_q, &k, &v, &params).unwrap())
+            });
+        }
     }
     g.finish();
 }

@@ -22,6 +22,19 @@
 //! visible keys, natural log, in the units of the final scores (after scale, soft-cap and
 //! mask): what merging the outputs of two disjoint key sets needs (FlashInfer's cascade).
 //!
+//! ## Quantized queries ([`quantized_query`])
+//! Attention *with quantized queries* is the same attention with each (rotated) query row of
+//! every head replaced by its q8_0 round trip: the row through the registry's q8_0 encoder
+//! (ggml's `quantize_row_q8_0`, byte for byte) and back. That is what a kernel computing
+//! `K·Q` as integer dot products per 32-value block (times the two blocks' scales, as ggml's
+//! CPU kernels do) computes: over an integer K format each block's products are exact
+//! integers, so the f64 oracle on the round-tripped query is the exact value of that
+//! arithmetic, and a kernel is held to the attention tolerance against it (the f32 sum of
+//! `d / 32` terms, each one exactly representable integer sum times an exactly representable
+//! product of two f16 scales, rounded once). The score scale is applied after the product, as
+//! for unquantized queries. The cost of quantizing the query, against exact attention, is a
+//! quality question measured by `rotq eval`, not a tolerance.
+//!
 //! ## Edge cases (documented results, tested)
 //! * A query with no visible key (`n_kv = 0`, or causality/window masking everything) gets
 //!   all-zero probabilities, a zero output row and LSE −∞.
@@ -143,6 +156,59 @@ impl AttentionParams {
 
 fn invalid(name: &'static str, reason: String) -> Error {
     Error::InvalidParameter { name, reason }
+}
+
+/// Query rows (`[rows, d]`, each a head's rotated query; `d` a multiple of 32) through the
+/// q8_0 encoder and back: the queries of attention with quantized queries (module docs).
+///
+/// ```
+/// use rotq_reference::attention::quantized_query;
+/// let q: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).sin()).collect();
+/// let back = quantized_query(&q, 32).unwrap();
+/// // Within half a step (max |x| / 127, here at most 1/127) plus the f16 rounding of the
+/// // stored scale (up to 127 steps of 2^-11 of it).
+/// assert!(q.iter().zip(&back).all(|(a, b)| (a - b).abs() <= (0.5 + 127.0 / 2048.0) / 127.0));
+/// ```
+pub fn quantized_query(q: &[f32], d: usize) -> Result<Vec<f32>> {
+    crate::KvFormat::Q8_0.check_row_len(d)?;
+    if !q.len().is_multiple_of(d) {
+        return Err(Error::LengthMismatch {
+            what: "query rows (a multiple of d)",
+            expected: q.len().div_ceil(d) * d,
+            actual: q.len(),
+        });
+    }
+    let mut out = q.to_vec();
+    quantize_query_in_place(&mut out)?;
+    Ok(out)
+}
+
+/// [`quantized_query`] in place, on whole 32-value blocks (q8_0 blocks stand alone, so the
+/// rows' length does not matter here), with no allocation: what a kernel's plan runs on its
+/// workspace.
+///
+/// ```
+/// use rotq_reference::attention::{quantize_query_in_place, quantized_query};
+/// let q: Vec<f32> = (0..64).map(|i| (i as f32 * 0.7).cos()).collect();
+/// let mut in_place = q.clone();
+/// quantize_query_in_place(&mut in_place).unwrap();
+/// assert_eq!(in_place, quantized_query(&q, 64).unwrap());
+/// ```
+pub fn quantize_query_in_place(q: &mut [f32]) -> Result<()> {
+    let format = crate::KvFormat::Q8_0;
+    if !q.len().is_multiple_of(32) {
+        return Err(Error::RowNotMultipleOfBlock {
+            format: format.name(),
+            row_len: q.len(),
+            block: 32,
+        });
+    }
+    let mut bytes = [0u8; 34];
+    for block in q.chunks_exact_mut(32) {
+        format.quantize_into(block, &mut bytes)?;
+        format.dequantize_into(&bytes, block)?;
+    }
+    Ok(())
 }
 
 /// The result of dense attention.

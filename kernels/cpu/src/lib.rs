@@ -18,7 +18,7 @@ mod quant;
 pub mod tuned;
 
 pub use attention::{
-    AttentionConfig, AttentionMask, BatchPlan, CpuAttention, DecodeRequest, KvCacheView,
+    AttentionConfig, AttentionMask, BatchPlan, CpuAttention, DecodeRequest, KvCacheView, QueryMode,
     SeqAttention,
 };
 pub use fwht::{CpuRotation, FwhtConfig};

@@ -485,3 +485,172 @@ unsafe fn weighted_sum_in<D: RowDecoder>(
         }
     }
 }
+
+/// The largest head dimension the integer decode path takes (its query blocks live on the
+/// stack); larger heads use the f32 path on the same (quantized) queries.
+pub(super) const MAX_INT_DIM: usize = 512;
+
+/// Four query rows as q8_0 integers: `codes[r · d + i]` and one scale per 32-value block,
+/// `scales[r · d / 32 + b]`, such that `scale · code` is the row's value.
+pub(super) struct IntQuery {
+    codes: [i8; 4 * MAX_INT_DIM],
+    scales: [f32; 4 * MAX_INT_DIM / 32],
+}
+
+/// The integer form of four query rows that went through q8_0 (and were then scaled): each
+/// block's largest magnitude is its scale times 127, so `scale = max |x| / 127` and
+/// `code = round(x / scale)` give back the q8_0 codes exactly (the scaling's rounding moves
+/// `x / scale` far less than half a unit). `None` where the rows hold a NaN or an infinity, or
+/// `d` is over [`MAX_INT_DIM`] (the f32 path takes those: the same values, the same spec).
+pub(super) fn int_query(q: &[f32], d: usize) -> Option<IntQuery> {
+    if d > MAX_INT_DIM || !d.is_multiple_of(32) || q.len() != 4 * d {
+        return None;
+    }
+    if q.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    let mut iq = IntQuery {
+        codes: [0; 4 * MAX_INT_DIM],
+        scales: [0.0; 4 * MAX_INT_DIM / 32],
+    };
+    for (b, block) in q.chunks_exact(32).enumerate() {
+        let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
+        if amax == 0.0 {
+            continue;
+        }
+        let scale = amax / 127.0;
+        iq.scales[b] = scale;
+        for (c, x) in iq.codes[32 * b..32 * b + 32].iter_mut().zip(block) {
+            *c = (x / scale).round() as i8;
+        }
+    }
+    Some(iq)
+}
+
+/// A K row format whose blocks of 32 values are integer codes times an f16 scale.
+trait IntBlocks {
+    /// Block `b` of the row at `row`: its 32 codes (in value order) and its scale.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `row` points at a whole row of more than `b` blocks.
+    unsafe fn block(row: *const u8, b: usize) -> (__m256i, f32);
+}
+
+/// The f16 scale stored at `p`, as f32 (F16C).
+#[inline(always)]
+unsafe fn scale_f32(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `p` and F16C.
+    unsafe {
+        let bits = p.cast::<u16>().read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
+    }
+}
+
+impl IntBlocks for Q4_0 {
+    #[inline(always)]
+    unsafe fn block(row: *const u8, b: usize) -> (__m256i, f32) {
+        // SAFETY: block b (18 bytes) of the row is whole (the caller's contract).
+        unsafe {
+            let block = row.add(18 * b);
+            let qs = _mm_loadu_si128(block.add(2).cast());
+            let low = _mm_set1_epi8(0x0F);
+            // Values 0..16 are the low nibbles, 16..32 the high ones; codes are nibble − 8.
+            let lo = _mm_and_si128(qs, low);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low);
+            let codes = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+            (codes, scale_f32(block))
+        }
+    }
+}
+
+impl IntBlocks for Q8_0 {
+    #[inline(always)]
+    unsafe fn block(row: *const u8, b: usize) -> (__m256i, f32) {
+        // SAFETY: block b (34 bytes) of the row is whole (the caller's contract).
+        unsafe {
+            let block = row.add(34 * b);
+            (_mm256_loadu_si256(block.add(2).cast()), scale_f32(block))
+        }
+    }
+}
+
+/// [`fused_scores`] with quantized queries: `out[r · stride + t − start]` is the score of
+/// query row `r` (of `iq`) and key `t`, each block's codes multiplied as integers
+/// (`maddubs`/`madd`: exact) and scaled by the product of the two blocks' scales, in f32.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `k` is in format `f` (q4_0 or q8_0) with
+/// `k.dim % 32 == 0` and `k.dim <= MAX_INT_DIM`, `iq` was made for rows of `k.dim`,
+/// `tokens.end <= k.n_tokens`, `head < k.n_heads`, and `out` holds
+/// `3 · stride + tokens.len()` values. `v` (prefetched) may be any view.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)] // as fused_scores
+pub(super) unsafe fn fused_int_scores(
+    f: RegFormat,
+    iq: &IntQuery,
+    k: &KvCacheView<'_>,
+    v: &KvCacheView<'_>,
+    head: usize,
+    tokens: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match f {
+            RegFormat::Q4_0 => int_scores_in::<Q4_0>(iq, k, v, head, tokens, out, stride),
+            RegFormat::Q8_0 => int_scores_in::<Q8_0>(iq, k, v, head, tokens, out, stride),
+            RegFormat::F16 => {}
+        }
+    }
+}
+
+/// [`fused_int_scores`] for one format.
+#[inline(always)]
+unsafe fn int_scores_in<D: IntBlocks>(
+    iq: &IntQuery,
+    k: &KvCacheView<'_>,
+    v: &KvCacheView<'_>,
+    head: usize,
+    tokens: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    // SAFETY: only called from fused_int_scores, under its contract: every block index is
+    // below d / 32 and every code offset below 4 · d inside `iq`.
+    unsafe {
+        let d = k.dim;
+        let nb = d / 32;
+        let ones = _mm256_set1_epi16(1);
+        let pc = iq.codes.as_ptr();
+        for t in tokens.clone() {
+            k.prefetch(t + PREFETCH_TOKENS, head);
+            v.prefetch(t, head);
+            let row = k.row_ptr(t, head);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b in 0..nb {
+                let (codes, dk) = D::block(row, b);
+                // maddubs multiplies unsigned by signed bytes: |k| times q with k's sign.
+                let ak = _mm256_sign_epi8(codes, codes);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_si256(pc.add(r * d + 32 * b).cast());
+                    let pairs = _mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv, codes));
+                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                    let s = _mm256_set1_ps(dk * iq.scales[r * nb + b]);
+                    *a = _mm256_fmadd_ps(sums, s, *a);
+                }
+            }
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let mut lanes = [0.0f32; 4];
+            _mm_storeu_ps(lanes.as_mut_ptr(), s);
+            for (r, x) in lanes.into_iter().enumerate() {
+                out[r * stride + t - tokens.start] = x;
+            }
+        }
+    }
+}

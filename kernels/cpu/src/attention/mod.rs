@@ -41,6 +41,7 @@ use crate::fwht::CpuRotation;
 use crate::isa::Isa;
 use crate::quant::dequantize_row;
 use rayon::prelude::*;
+use rotq_reference::attention::quantize_query_in_place;
 use rotq_reference::{AttentionParams, Error, KvFormat, Result, RotationPlan};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -375,6 +376,30 @@ pub struct CpuAttention {
     config: AttentionConfig,
     /// Whether to look up the tuning cache (no explicit `with_config`).
     tuned: bool,
+    query: QueryMode,
+}
+
+/// The arithmetic of `K·Q`: with exact f32 queries, or with the (rotated) queries quantized to
+/// q8_0 blocks, as ggml's CPU kernels do, so that over q4_0 and q8_0 caches the decode loop
+/// multiplies 8-bit integers (`rotq_reference::attention::quantized_query` is the spec: the
+/// oracle on round-tripped queries). Every path honours the mode (the integer loop where it
+/// exists, the f32 loops on the round-tripped queries elsewhere), so results do not depend on
+/// which loop ran.
+///
+/// ```
+/// use rotq_cpu::{CpuAttention, Isa, QueryMode};
+/// use rotq_reference::RotationPlan;
+/// let attn = CpuAttention::new(&RotationPlan::none(), Isa::best()).with_query_mode(QueryMode::Q8_0);
+/// assert_eq!(attn.query_mode(), QueryMode::Q8_0);
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum QueryMode {
+    /// f32 queries: attention as the oracle computes it on the cache.
+    #[default]
+    Exact,
+    /// Queries through q8_0 (rows of a multiple of 32 values).
+    Q8_0,
 }
 
 /// An additive mask over one sequence's query rows and its keys: the value for (query row `i`,
@@ -706,7 +731,19 @@ impl CpuAttention {
             isa,
             config: AttentionConfig::default(),
             tuned: true,
+            query: QueryMode::default(),
         }
+    }
+
+    /// The same kernels with queries in `mode` (see [`QueryMode`]).
+    pub fn with_query_mode(mut self, mode: QueryMode) -> Self {
+        self.query = mode;
+        self
+    }
+
+    /// The queries' arithmetic.
+    pub fn query_mode(&self) -> QueryMode {
+        self.query
     }
 
     /// The same kernels with another tuning.
@@ -1092,6 +1129,20 @@ impl CpuAttention {
         if let Some(r) = &self.qk {
             r.forward_rows(queries)?;
         }
+        if self.query == QueryMode::Q8_0 {
+            for (s, planned) in seqs.iter().zip(&plan.seqs) {
+                if !planned.shape.d.is_multiple_of(32) {
+                    return Err(Error::InvalidParameter {
+                        name: "query mode",
+                        reason: format!(
+                            "q8_0 queries need a head dimension that is a multiple of 32, not {}",
+                            planned.shape.d
+                        ),
+                    });
+                }
+                quantize_query_in_place(&mut queries[planned.q_at..][..s.q.len()])?;
+            }
+        }
         for (s, planned) in seqs.iter().zip(&plan.seqs) {
             let (scale, _) = s.params.f32_factors(planned.shape.d)?;
             queries[planned.q_at..][..s.q.len()]
@@ -1227,6 +1278,22 @@ impl CpuAttention {
                 .flatten()
         };
         let (fused_k, fused_v) = (fused(&p.k), fused(&p.v));
+        // Quantized queries over an integer K format: each group of four heads' queries as
+        // integers, once per task (`None` where the f32 loop takes the group).
+        #[cfg(target_arch = "x86_64")]
+        let int_queries = {
+            let mut iqs = INT_QUERIES.with(|c| std::mem::take(&mut *c.borrow_mut()));
+            iqs.clear();
+            if self.query == QueryMode::Q8_0 && fused_k.is_some_and(|f| f != RegFormat::F16) {
+                for head in task.heads.clone() {
+                    for j in (0..g).step_by(4) {
+                        let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];
+                        iqs.push(avx2::int_query(q, d));
+                    }
+                }
+            }
+            iqs
+        };
         let mut t0 = task.keys.start;
         while t0 < task.keys.end {
             let t1 = (t0 + bn).min(task.keys.end);
@@ -1246,6 +1313,25 @@ impl CpuAttention {
                     for j in (0..g).step_by(4) {
                         let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];
                         let out = &mut scores[(hh * g + j) * bn + (vis.start - t0)..];
+                        // Quantized queries over an integer K format: integer products.
+                        #[cfg(target_arch = "x86_64")]
+                        if let Some(Some(iq)) = int_queries.get(hh * g.div_ceil(4) + j / 4) {
+                            // SAFETY: as below; `int_query` only gives rows of d ≤ MAX_INT_DIM
+                            // (a multiple of 32), and f is q4_0 or q8_0.
+                            unsafe {
+                                avx2::fused_int_scores(
+                                    f,
+                                    iq,
+                                    &p.k,
+                                    &p.v,
+                                    head,
+                                    vis.clone(),
+                                    out,
+                                    bn,
+                                )
+                            };
+                            continue;
+                        }
                         // SAFETY: fused_k is only Some on AVX2 machines, for a K format with
                         // d % 32 == 0, one query row and g % 4 == 0; `vis` lies in the cache and
                         // `out` holds 4 lanes of `bn` scores from `vis.start`.
@@ -1363,7 +1449,17 @@ impl CpuAttention {
             }
             t0 = t1;
         }
+        #[cfg(target_arch = "x86_64")]
+        INT_QUERIES.with(|c| *c.borrow_mut() = int_queries);
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each worker's integer queries of its current task (kept, so tasks allocate nothing
+    /// once a worker has seen its largest one).
+    static INT_QUERIES: std::cell::RefCell<Vec<Option<avx2::IntQuery>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Merges the states of the `n_parts` slices of one (heads, rows) block (laid out one after
