@@ -113,9 +113,65 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// What a rotation plan costs a step, as the seeds measured it: decode with no rotation, with
+/// Q/K rotated (Q rotated per step), and with V rotated too (the output rotated back); and one
+/// decode step's append (16 sequences × 8 KV heads of 128) with and without the K rotation.
+fn rotation_overhead(c: &mut Criterion) {
+    let (n_kv, h_kv, h_q, d) = (32 * 1024, 8, 32, 128);
+    let format = KvFormat::Q4_0;
+    let h = Rotation::hadamard(d).unwrap();
+    let codec = CacheCodec::new(format, d, None, Isa::best()).unwrap();
+    let rows = random(n_kv * h_kv * d, 5);
+    let mut kb = vec![0u8; n_kv * h_kv * codec.row_bytes()];
+    codec.quantize(&rows, &mut kb, 0).unwrap();
+    let k = KvCacheView::new(format, &kb, n_kv, h_kv, d).unwrap();
+    let q = random(h_q * d, 6);
+    let params = rotq::AttentionParams {
+        causal: true,
+        pos_offset: n_kv - 1,
+        ..Default::default()
+    };
+    let mut g = c.benchmark_group("rotation_overhead_decode_32k_q4_0");
+    g.throughput(Throughput::Bytes(2 * kb.len() as u64));
+    for (name, plan) in [
+        ("none", RotationPlan::none()),
+        (
+            "qk",
+            RotationPlan {
+                qk: Some(h.clone()),
+                v: None,
+            },
+        ),
+        (
+            "qk_and_v",
+            RotationPlan {
+                qk: Some(h.clone()),
+                v: Some(h.clone()),
+            },
+        ),
+    ] {
+        let kernel = CpuAttention::new(&plan, Isa::best());
+        g.bench_function(name, |b| {
+            b.iter(|| kernel.run(&q, 1, h_q, &k, &k, &params).unwrap())
+        });
+    }
+    g.finish();
+    let step = random(16 * h_kv * d, 7);
+    let mut out = vec![0u8; 16 * h_kv * codec.row_bytes()];
+    let mut g = c.benchmark_group("rotation_overhead_append_16x8x128_q4_0");
+    g.throughput(Throughput::Bytes((step.len() * 4 + out.len()) as u64));
+    for (name, rotation) in [("none", None), ("hadamard", Some(&h))] {
+        let codec = CacheCodec::new(format, d, rotation, Isa::best()).unwrap();
+        g.bench_function(name, |b| {
+            b.iter(|| codec.quantize(&step, &mut out, 0).unwrap())
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
-    targets = copy, fwht, rotate_quantize, decode
+    targets = copy, fwht, rotate_quantize, decode, rotation_overhead
 }
 criterion_main!(benches);
