@@ -229,6 +229,16 @@ impl Array {
         Ok(())
     }
 
+    /// Writes `values` into the array (f64, its length checked by the caller): the oracle's
+    /// results into the caller's output.
+    pub fn fill_f64<'v>(&mut self, values: impl IntoIterator<Item = &'v f64>) -> PyResult<()> {
+        self.slice_mut::<f64>()?
+            .iter_mut()
+            .zip(values)
+            .for_each(|(d, s)| *d = *s);
+        Ok(())
+    }
+
     /// Whether two arrays' bytes overlap (an input that is also the output).
     pub fn overlaps(&self, other: &Array) -> bool {
         let (a, b) = (self.ptr as usize, other.ptr as usize);
@@ -269,6 +279,28 @@ impl Array {
         Ok(())
     }
 }
+
+/// Runs `$body` with the type `$t` standing for a float dtype's Rust type (f32, f16 or bf16):
+/// one generic call instead of a branch per dtype.
+macro_rules! with_float {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            $crate::arrays::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::arrays::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            _ => {
+                type $t = half::bf16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_float;
 
 /// Imports an optional array argument.
 pub fn import_opt(

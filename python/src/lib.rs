@@ -11,7 +11,7 @@ mod oracle;
 mod pool;
 mod rotations;
 
-use arrays::{copy_into, Array, DType};
+use arrays::{copy_into, with_float, Array, DType};
 use errors::{invalid, reference, to_py};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -107,17 +107,9 @@ fn rotate(
     };
     let kernel = CpuRotation::new(&r, Isa::best());
     let dim = x.last_dim();
-    match x.dtype() {
-        DType::F32 => rowwise::<f32>(py, &x, &mut out, dim, |d| {
-            kernel.rows(d, inverse).map_err(reference)
-        }),
-        DType::F16 => rowwise::<half::f16>(py, &x, &mut out, dim, |d| {
-            kernel.rows(d, inverse).map_err(reference)
-        }),
-        _ => rowwise::<half::bf16>(py, &x, &mut out, dim, |d| {
-            kernel.rows(d, inverse).map_err(reference)
-        }),
-    }
+    with_float!(x.dtype(), T => rowwise::<T>(py, &x, &mut out, dim, |d| {
+        kernel.rows(d, inverse).map_err(reference)
+    }))
 }
 
 /// Dao-AILab's `hadamard_transform(x, scale)` family: `out = scale · (M_base ⊗ H_2^k) x` over
@@ -137,11 +129,7 @@ fn hadamard_transform(
     out.expect_shape(x.shape(), "the shape of x")?;
     let dim = x.last_dim();
     let t = rotations::DaoTransform::new(dim, base, scale)?;
-    match x.dtype() {
-        DType::F32 => rowwise::<f32>(py, &x, &mut out, dim, |d| t.apply(d)),
-        DType::F16 => rowwise::<half::f16>(py, &x, &mut out, dim, |d| t.apply(d)),
-        _ => rowwise::<half::bf16>(py, &x, &mut out, dim, |d| t.apply(d)),
-    }
+    with_float!(x.dtype(), T => rowwise::<T>(py, &x, &mut out, dim, |d| t.apply(d)))
 }
 
 /// The rows of `x` (last axis: values) rotated and quantized into `out` (uint8,
@@ -170,21 +158,10 @@ fn quantize(
     let r = rotations::parse(rotation, dim)?;
     let codec = CacheCodec::new(f, dim, r.as_ref(), Isa::best()).map_err(reference)?;
     let bytes = out.slice_mut::<u8>()?;
-    let run = |res: rotq_reference::Result<()>| res.map_err(reference);
-    match x.dtype() {
-        DType::F32 => {
-            let x = x.slice::<f32>()?;
-            py.detach(|| run(codec.quantize(x, bytes, 0)))
-        }
-        DType::F16 => {
-            let x = x.slice::<half::f16>()?;
-            py.detach(|| run(codec.quantize(x, bytes, 0)))
-        }
-        _ => {
-            let x = x.slice::<half::bf16>()?;
-            py.detach(|| run(codec.quantize(x, bytes, 0)))
-        }
-    }
+    with_float!(x.dtype(), T => {
+        let x = x.slice::<T>()?;
+        py.detach(|| codec.quantize(x, bytes, 0).map_err(reference))
+    })
 }
 
 /// Cache bytes (uint8, `rows · row_bytes`) dequantized, and rotated back, into `out` (f32;

@@ -30,11 +30,7 @@ fn oracle_hadamard(out: &Bound<'_, PyAny>, n: usize) -> PyResult<()> {
     let mut out = Array::import(out, "out", &[DType::F64])?;
     out.expect_shape(&[n, n], "[n, n]")?;
     let m = Rotation::hadamard(n).map_err(reference)?.to_matrix();
-    out.slice_mut::<f64>()?
-        .iter_mut()
-        .zip(m.iter())
-        .for_each(|(d, s)| *d = *s);
-    Ok(())
+    out.fill_f64(m.iter())
 }
 
 /// `x` (f64, rows over the last axis) rotated in f64 into `out` (f64, same shape).
@@ -164,15 +160,8 @@ fn oracle_attention(
     let a = attention_f64_masked(qv, kv, vv, &params, mv).map_err(reference)?;
     out.expect_len(a.output.len(), "[n_q, h_q, d_v]")?;
     lse.expect_len(a.lse.len(), "[n_q, h_q]")?;
-    out.slice_mut::<f64>()?
-        .iter_mut()
-        .zip(a.output.iter())
-        .for_each(|(d, s)| *d = *s);
-    lse.slice_mut::<f64>()?
-        .iter_mut()
-        .zip(a.lse.iter())
-        .for_each(|(d, s)| *d = *s);
-    Ok(())
+    out.fill_f64(a.output.iter())?;
+    lse.fill_f64(a.lse.iter())
 }
 
 /// The spec's rotated, quantized attention (the cache's reference): `q`, `k`, `v` (f32) as in
@@ -227,11 +216,7 @@ fn oracle_rotated_quantized_attention(
     )
     .map_err(reference)?;
     out.expect_len(a.output.len(), "[n_q, h_q, d_v]")?;
-    out.slice_mut::<f64>()?
-        .iter_mut()
-        .zip(a.output.iter())
-        .for_each(|(d, s)| *d = *s);
-    Ok(())
+    out.fill_f64(a.output.iter())
 }
 
 /// Adds the oracle's functions to the module.

@@ -45,10 +45,7 @@ pub fn describe<'py>(py: Python<'py>, r: Option<&Rotation>) -> PyResult<Bound<'p
         RotationKind::Matrix { r } => {
             let n = r.nrows();
             let (obj, mut arr) = crate::pool::numpy_empty(py, &[n, n], "float64")?;
-            arr.slice_mut::<f64>()?
-                .iter_mut()
-                .zip(r.iter())
-                .for_each(|(d, s)| *d = *s);
+            arr.fill_f64(r.iter())?;
             return Ok(obj);
         }
     };
