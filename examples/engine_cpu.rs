@@ -107,6 +107,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         // Pages of 16 tokens in a pool, as a paged server keeps them (Paging::Contiguous: one
         // buffer); the calls and results are the same.
         paging: Paging::Paged { page_tokens: 16 },
+        query: rotq::QueryMode::Auto,
     };
     let mut cache = RotatedKvCache::on(spec.clone(), &backend)?;
     // The unquantized keys and values, kept beside the cache to measure its error.

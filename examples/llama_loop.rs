@@ -48,6 +48,7 @@ fn main() -> Result<(), rotq::Error> {
         v_dim: D,
         n_pages: SEQS * N_CTX / PAGE,
         page_tokens: PAGE,
+        query: rotq::QueryMode::Auto,
     };
     let mut pools = (0..LAYERS)
         .map(|_| KvPool::new(spec.clone()))

@@ -43,6 +43,7 @@ fn main() -> Result<(), rotq::Error> {
         v_dim: D,
         n_pages: N_PAGES,
         page_tokens: PAGE,
+        query: rotq::QueryMode::Auto,
     };
     let mut pools = (0..LAYERS)
         .map(|_| KvPool::new(spec.clone()))

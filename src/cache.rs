@@ -56,6 +56,7 @@
 //!     v_dim: 64,
 //!     capacity: 100,
 //!     paging: Paging::Paged { page_tokens: 16 }, // or Paging::Contiguous
+//!     query: rotq::QueryMode::Auto, // q8_0 queries over this rotated q4_0 K cache
 //! };
 //! let mut cache = RotatedKvCache::on(spec, &backend)?;
 //! let rows = |n: usize, s: f32| (0..n * 2 * 64).map(|i| ((i as f32) * s).sin()).collect::<Vec<_>>();
@@ -76,7 +77,7 @@ mod pages;
 
 use crate::reference::rope::Rope;
 use crate::reference::{AttentionParams, Error as InputError, KvFormat, RotationPlan};
-use crate::Error;
+use crate::{Error, QueryMode};
 #[cfg(feature = "cuda")]
 use cudarc::driver::CudaSlice;
 use pages::Pages;
@@ -172,7 +173,7 @@ pub type KvBytes<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 /// use rotq::{KvFormat, RotationPlan};
 /// let spec = CacheSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::Q8_0,
 ///     plan: RotationPlan::none(), n_heads: 8, head_dim: 128, v_dim: 128, capacity: 4096,
-///     paging: Paging::Contiguous };
+///     paging: Paging::Contiguous, query: rotq::QueryMode::Auto };
 /// let same = CacheSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::Q8_0, n_heads: 8,
 ///     capacity: 4096, ..Default::default() };
 /// assert_eq!(spec, same);
@@ -196,6 +197,9 @@ pub struct CacheSpec {
     pub capacity: usize,
     /// How the tokens lie in the buffers (see the module docs).
     pub paging: Paging,
+    /// The arithmetic of the CPU attention's `K·Q` (see [`crate::pool::PoolSpec::query`]; the
+    /// CUDA kernels take f32 queries and ignore it).
+    pub query: QueryMode,
 }
 
 impl Default for CacheSpec {
@@ -209,6 +213,7 @@ impl Default for CacheSpec {
             v_dim: 128,
             capacity: 0,
             paging: Paging::Contiguous,
+            query: QueryMode::Auto,
         }
     }
 }

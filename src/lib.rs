@@ -32,6 +32,7 @@
 //!     v_dim: 64,
 //!     capacity: 256,
 //!     paging: Paging::Paged { page_tokens: 16 },
+//!     query: rotq::QueryMode::Auto,
 //! };
 //! let mut cache = RotatedKvCache::on(spec, &Backend::open("cpu")?)?;
 //! let rows = |n: usize| (0..n * 2 * 64).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>();
@@ -54,6 +55,7 @@ pub mod pool;
 
 pub use error::Error;
 pub use rotq_cpu as cpu;
+pub use rotq_cpu::QueryMode;
 #[cfg(feature = "cuda")]
 pub use rotq_cuda as cuda;
 pub use rotq_reference as reference;

@@ -23,6 +23,7 @@
 //!     k_format: KvFormat::Q4_0, v_format: KvFormat::Q8_0,
 //!     plan: RotationPlan { qk: Some(Rotation::hadamard(64)?), v: None },
 //!     n_kv_heads: 2, head_dim: 64, v_dim: 64, n_pages: 8, page_tokens: 16,
+//!     query: rotq::QueryMode::Auto,
 //! };
 //! // The engine's memory (here a Vec; any &mut [u8] of the right length).
 //! let (mut k_mem, mut v_mem) = (vec![0u8; spec.k_bytes()?], vec![0u8; spec.v_bytes()?]);
@@ -51,7 +52,7 @@ pub use tables::{PageTables, SeqPages};
 use crate::reference::rope::Rope;
 use crate::reference::{Error as InputError, KvFormat, RotationPlan};
 use crate::Error;
-use rotq_cpu::{CacheCodec, CpuAttention, Isa};
+use rotq_cpu::{CacheCodec, CpuAttention, Isa, QueryMode};
 
 /// What a pool holds and how much (one layer's K and V pages).
 ///
@@ -60,7 +61,7 @@ use rotq_cpu::{CacheCodec, CpuAttention, Isa};
 /// use rotq::{KvFormat, RotationPlan};
 /// let spec = PoolSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::Q4_0,
 ///     plan: RotationPlan::none(), n_kv_heads: 8, head_dim: 128, v_dim: 128,
-///     n_pages: 1024, page_tokens: 16 };
+///     n_pages: 1024, page_tokens: 16, query: rotq::QueryMode::Auto };
 /// // q8_0: 34 bytes per 32 values; q4_0: 18.
 /// assert_eq!(spec.k_bytes()?, 1024 * 16 * 8 * 4 * 34);
 /// assert_eq!(spec.v_bytes()?, 1024 * 16 * 8 * 4 * 18);
@@ -84,6 +85,10 @@ pub struct PoolSpec {
     pub n_pages: usize,
     /// Tokens per page (at least 1).
     pub page_tokens: usize,
+    /// The arithmetic of the attention's `K·Q` ([`QueryMode::Auto`]: q8_0 queries over
+    /// rotated q4_0 and q8_0 K caches, where they add under 10⁻⁴ of attention KLD; exact f32
+    /// queries elsewhere). [`QueryMode::Exact`] gives what the oracle computes on the cache.
+    pub query: QueryMode,
 }
 
 impl PoolSpec {
@@ -164,7 +169,7 @@ impl KvPool<Vec<u8>> {
     /// use rotq::{KvFormat, RotationPlan};
     /// let spec = PoolSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::Q8_0,
     ///     plan: RotationPlan::none(), n_kv_heads: 1, head_dim: 32, v_dim: 32,
-    ///     n_pages: 4, page_tokens: 8 };
+    ///     n_pages: 4, page_tokens: 8, query: rotq::QueryMode::Auto };
     /// let pool = KvPool::new(spec)?;
     /// assert_eq!(pool.k().len(), 4 * 8 * 34);
     /// # Ok::<(), rotq::Error>(())
@@ -196,7 +201,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// use rotq::{KvFormat, RotationPlan};
     /// let spec = PoolSpec { k_format: KvFormat::F16, v_format: KvFormat::F16,
     ///     plan: RotationPlan::none(), n_kv_heads: 1, head_dim: 32, v_dim: 32,
-    ///     n_pages: 2, page_tokens: 4 };
+    ///     n_pages: 2, page_tokens: 4, query: rotq::QueryMode::Auto };
     /// let (mut k, mut v) = (vec![0u8; 2 * 4 * 64], vec![0u8; 2 * 4 * 64]);
     /// assert!(KvPool::over(spec.clone(), &mut k[..], &mut v[..]).is_ok());
     /// assert!(KvPool::over(spec, &mut k[1..], &mut v[..]).is_err());
@@ -213,7 +218,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
             .map_err(|_| InputError::Overflow("pool slots"))?;
         positions.resize(spec.slots()?, u64::MAX);
         Ok(Self {
-            attention: CpuAttention::new(&spec.plan, isa),
+            attention: CpuAttention::new(&spec.plan, isa).with_query_mode(spec.query),
             spec,
             k,
             v,
@@ -251,7 +256,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// # use rotq::{KvFormat, RotationPlan};
     /// # let spec = PoolSpec { k_format: KvFormat::F16, v_format: KvFormat::F16,
     /// #     plan: RotationPlan::none(), n_kv_heads: 1, head_dim: 32, v_dim: 32,
-    /// #     n_pages: 2, page_tokens: 4 };
+    /// #     n_pages: 2, page_tokens: 4, query: rotq::QueryMode::Auto };
     /// let mut pool = KvPool::new(spec)?;
     /// pool.append(&[0.5; 32], &[0.5; 32], &[6], &[41])?;
     /// assert_eq!(pool.position(6), Some(41));
@@ -273,7 +278,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// # use rotq::{KvFormat, RotationPlan};
     /// # let spec = PoolSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::Q8_0,
     /// #     plan: RotationPlan::none(), n_kv_heads: 1, head_dim: 32, v_dim: 32,
-    /// #     n_pages: 2, page_tokens: 4 };
+    /// #     n_pages: 2, page_tokens: 4, query: rotq::QueryMode::Auto };
     /// let mut pool = KvPool::new(spec)?;
     /// let rows = vec![0.25f32; 3 * 32];
     /// pool.append(&rows, &rows, &[7, -1, 0], &[3, 0, 0])?; // the middle token is padding
@@ -367,7 +372,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// use rotq::reference::rope::{Rope, RopeVariant};
     /// # let spec = PoolSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::Q8_0,
     /// #     plan: RotationPlan::none(), n_kv_heads: 1, head_dim: 32, v_dim: 32,
-    /// #     n_pages: 2, page_tokens: 4 };
+    /// #     n_pages: 2, page_tokens: 4, query: rotq::QueryMode::Auto };
     /// let mut pool = KvPool::new(spec)?;
     /// pool.append(&[0.5; 2 * 32], &[0.5; 2 * 32], &[2, 3], &[10, 11])?;
     /// let rope = Rope::new(RopeVariant::Normal, 32);
@@ -421,7 +426,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// # use rotq::{KvFormat, RotationPlan};
     /// # let spec = PoolSpec { k_format: KvFormat::Q8_0, v_format: KvFormat::Q8_0,
     /// #     plan: RotationPlan::none(), n_kv_heads: 1, head_dim: 32, v_dim: 32,
-    /// #     n_pages: 2, page_tokens: 4 };
+    /// #     n_pages: 2, page_tokens: 4, query: rotq::QueryMode::Auto };
     /// let mut pool = KvPool::new(spec)?;
     /// pool.append(&[0.5; 32], &[0.5; 32], &[6], &[3])?;
     /// pool.copy_slots(&[6], &[1])?;
@@ -584,7 +589,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> KvPool<B> {
     /// use rotq::{KvFormat, RotationPlan};
     /// let spec = PoolSpec { k_format: KvFormat::F16, v_format: KvFormat::F16,
     ///     plan: RotationPlan::none(), n_kv_heads: 1, head_dim: 32, v_dim: 32,
-    ///     n_pages: 2, page_tokens: 4 };
+    ///     n_pages: 2, page_tokens: 4, query: rotq::QueryMode::Auto };
     /// let (kb, vb) = (spec.k_bytes()?, spec.v_bytes()?);
     /// // Two layers' memory, the engine's.
     /// let (mut k0, mut v0) = (vec![0u8; kb], vec![0u8; vb]);

@@ -83,6 +83,7 @@ impl Case {
             v_dim: self.d,
             capacity: 64,
             paging,
+            query: rotq::QueryMode::Auto,
         }
     }
 
@@ -157,10 +158,9 @@ fn oracle(
         };
         Array3::from_shape_vec((n, s.n_heads, dim), vals).unwrap()
     };
-    let mut qr = q.to_vec();
-    if let Some(r) = &s.plan.qk {
-        r.rotate_rows(&mut qr, false).unwrap();
-    }
+    let mode = s.query.resolve(s.k_format, s.plan.qk.is_some(), s.head_dim);
+    let q32: Vec<f32> = q.iter().map(|&v| v as f32).collect();
+    let qr = rotq_testkit::oracle::oracle_queries(&q32, s.plan.qk.as_ref(), mode);
     let qa = Array3::from_shape_vec((n_q, h_q, s.head_dim), qr).unwrap();
     let k = decode(s.k_format, &kb, s.head_dim);
     let v = decode(s.v_format, &vb, s.v_dim);
@@ -526,6 +526,7 @@ fn a_removal_moves_a_long_tail() {
             v_dim: d,
             capacity: n,
             paging,
+            query: rotq::QueryMode::Auto,
         };
         let mut cache = RotatedKvCache::on(spec, &gpu).unwrap();
         let rows: Vec<f32> = (0..n * h * d).map(|i| (i % 2039) as f32).collect();

@@ -34,6 +34,7 @@ fn spec(k_format: KvFormat, v_format: KvFormat, n_pages: usize, page_tokens: usi
         v_dim: D,
         n_pages,
         page_tokens,
+        query: rotq::QueryMode::Auto,
     }
 }
 
@@ -243,8 +244,8 @@ proptest! {
         let s = pool.spec().clone();
         for b in 0..lens.len() {
             let (r0, r1) = (loc[b] as usize, loc[b + 1] as usize);
-            let mut qr: Vec<f64> = q[r0 * h_q * D..r1 * h_q * D].iter().map(|&x| f64::from(x)).collect();
-            s.plan.qk.as_ref().unwrap().rotate_rows(&mut qr, false).unwrap();
+            let mode = s.query.resolve(s.k_format, s.plan.qk.is_some(), D);
+            let qr = rotq_testkit::oracle::oracle_queries(&q[r0 * h_q * D..r1 * h_q * D], s.plan.qk.as_ref(), mode);
             let qa = Array3::from_shape_vec((r1 - r0, h_q, D), qr).unwrap();
             let mask = masked.then(|| {
                 Array2::from_shape_fn((r1 - r0, lens[b]), |(i, j)| {
@@ -562,6 +563,7 @@ fn appends_larger_than_the_staging_buffer_land_whole() {
         v_dim: D,
         n_pages: n.div_ceil(16) + 1,
         page_tokens: 16,
+        query: rotq::QueryMode::Auto,
     };
     let mut pool = KvPool::new(spec).unwrap();
     let k = random(n * HKV * D, 21);

@@ -33,11 +33,12 @@ fn spec(k_format: KvFormat, v_format: KvFormat, capacity: usize, paging: Paging)
         v_dim: D,
         capacity,
         paging,
+        query: rotq::QueryMode::Auto,
     }
 }
 
-/// The oracle on the cache's own bytes: Q rotated in f64, K and V dequantized, the output
-/// rotated back.
+/// The oracle on the cache's own bytes: Q rotated in f64 (or as the cache's query mode takes
+/// it), K and V dequantized, the output rotated back.
 fn oracle(
     cache: &RotatedKvCache,
     q: &[f32],
@@ -60,13 +61,8 @@ fn oracle(
         };
         Array3::from_shape_vec((n, H, D), vals).unwrap()
     };
-    let mut qr: Vec<f64> = q.iter().map(|&v| f64::from(v)).collect();
-    s.plan
-        .qk
-        .as_ref()
-        .unwrap()
-        .rotate_rows(&mut qr, false)
-        .unwrap();
+    let mode = s.query.resolve(s.k_format, s.plan.qk.is_some(), D);
+    let qr = rotq_testkit::oracle::oracle_queries(q, s.plan.qk.as_ref(), mode);
     let qa = Array3::from_shape_vec((n_q, h_q, D), qr).unwrap();
     let out = attention_f64(
         qa.view(),
@@ -557,6 +553,7 @@ proptest! {
             v_dim,
             capacity,
             paging,
+            query: rotq::QueryMode::Auto,
         };
         match RotatedKvCache::new(spec) {
             Err(Error::Reference(rotq::reference::Error::Overflow(_))) => prop_assert!(!fits),

@@ -4,8 +4,9 @@ use crate::{err, Tunable};
 use ndarray::Array3;
 use rotq_cpu::{
     AttentionConfig, CacheCodec, CpuAttention, CpuRotation, FwhtConfig, Isa, KvCacheView,
-    QuantizeConfig,
+    QuantizeConfig, QueryMode,
 };
+use rotq_reference::attention::quantized_query;
 use rotq_reference::tolerance::{tolerance, Op, Precision};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
 use rotq_testkit::data::Rows;
@@ -82,9 +83,10 @@ impl Tunable for Fwht {
 }
 
 /// Decode attention: one query row, `h_kv` KV heads × 128, four query heads per KV head, K
-/// (Hadamard-rotated) and V in `format`, over `n_kv` cached tokens.
+/// (Hadamard-rotated) and V in `format`, over `n_kv` cached tokens, queries in `mode`.
 pub struct Decode {
     format: KvFormat,
+    mode: QueryMode,
     n_kv: usize,
     h_kv: usize,
     d: usize,
@@ -100,7 +102,12 @@ const GROUP: usize = 4;
 
 impl Decode {
     /// The problem at `n_kv` tokens.
-    pub fn new(format: KvFormat, n_kv: usize, h_kv: usize) -> Result<Self, rotq_reference::Error> {
+    pub fn new(
+        format: KvFormat,
+        n_kv: usize,
+        h_kv: usize,
+        mode: QueryMode,
+    ) -> Result<Self, rotq_reference::Error> {
         let d = 128;
         let r = Rotation::hadamard(d)?;
         let kc = CacheCodec::new(format, d, Some(&r), Isa::best())?;
@@ -124,12 +131,14 @@ impl Decode {
             qk: Some(r),
             v: None,
         };
+        let mode = mode.resolve(format, true, d);
         Ok(Self {
             format,
+            mode,
             n_kv,
             h_kv,
             d,
-            kernel: CpuAttention::new(&plan, Isa::best()),
+            kernel: CpuAttention::new(&plan, Isa::best()).with_query_mode(mode),
             q: random(h_kv * GROUP * d, 30),
             caches: pairs,
             gate: (gate_n, random(h_kv * GROUP * d, 31), gk, gv),
@@ -149,7 +158,7 @@ impl Tunable for Decode {
     type Config = AttentionConfig;
 
     fn kernel(&self) -> String {
-        format!("decode_attention_{}", self.format)
+        rotq_cpu::tuned::decode_kernel(self.format, self.mode)
     }
 
     fn bucket(&self) -> String {
@@ -182,10 +191,24 @@ impl Tunable for Decode {
             .with_config(*config)
             .run(q, 1, h_q, &k, &v, &params)
             .map_err(err)?;
-        // The oracle on the same cache: Q rotated like K, dequantized K and V, f64.
+        // The oracle on the same cache: Q rotated like K (by the kernel's f32 rotation, then
+        // through q8_0, for quantized queries: the mode's spec), dequantized K and V, f64.
         let r = Rotation::hadamard(d).map_err(err)?;
-        let mut qr: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
-        r.rotate_rows(&mut qr, false).map_err(err)?;
+        let qr: Vec<f64> = if self.mode == QueryMode::Q8_0 {
+            let mut q32 = q.clone();
+            CpuRotation::new(&r, Isa::best())
+                .forward_rows(&mut q32)
+                .map_err(err)?;
+            quantized_query(&q32, d)
+                .map_err(err)?
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        } else {
+            let mut qr: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
+            r.rotate_rows(&mut qr, false).map_err(err)?;
+            qr
+        };
         let deq = |b: &[u8]| -> Result<Array3<f64>, String> {
             let vals = self.format.dequantize_row(b).map_err(err)?;
             Array3::from_shape_vec((*n, h_kv, d), vals.into_iter().map(f64::from).collect())

@@ -4,6 +4,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rotq_autotune::timing::{EventClock, WallClock};
 use rotq_autotune::{cache, cpu, cuda, tune, Clock, Outcome, TimingPlan, Tunable};
+use rotq_cpu::QueryMode;
 use rotq_reference::tuned::{default_path, Loaded, Millis, TuneFile, TunedEntry};
 use rotq_reference::KvFormat;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,14 @@ struct DecodeShape {
     /// Sequences per call (GPU only).
     #[serde(default = "one")]
     batch: usize,
+    /// The queries' arithmetic: `exact` (the default) or `q8_0` (CPU only; see
+    /// `rotq_cpu::QueryMode`). The two modes run different loops and are tuned apart.
+    #[serde(default = "exact")]
+    query: String,
+}
+
+fn exact() -> String {
+    "exact".into()
 }
 
 fn one() -> usize {
@@ -112,6 +121,12 @@ impl Shapes {
             n_kv,
             h_kv: 8,
             batch,
+            query: exact(),
+        };
+        // The same with q8_0 queries (the CPU's integer loop).
+        let dq = |format: &str, n_kv| DecodeShape {
+            query: "q8_0".into(),
+            ..d(format, n_kv, 1)
         };
         let p = |format: &str, n| PrefillShape {
             format: format.into(),
@@ -148,6 +163,10 @@ impl Shapes {
                     d("q4_0", 32768, 1),
                     d("q8_0", 4096, 1),
                     d("q8_0", 32768, 1),
+                    dq("q4_0", 4096),
+                    dq("q4_0", 32768),
+                    dq("q8_0", 4096),
+                    dq("q8_0", 32768),
                 ],
                 prefill: Vec::new(),
                 bytes: 64 << 20,
@@ -155,7 +174,7 @@ impl Shapes {
             "small" => Ok(Self {
                 fwht: vec![128],
                 quantize: vec![q("q4_0", 128)],
-                decode: vec![d("q4_0", 2048, 1), d("q8_0", 2048, 1)],
+                decode: vec![d("q4_0", 2048, 1), d("q8_0", 2048, 1), dq("q4_0", 2048)],
                 prefill: Vec::new(),
                 bytes: 4 << 20,
             }),
@@ -275,6 +294,12 @@ fn validate(shapes: &Shapes, wants: &dyn Fn(&str) -> bool, gpu: bool) -> Result<
             if d.batch != 1 && !gpu {
                 return Err(format!(
                     "decode shape {d:?}: the CPU tunes one sequence (batch 1)"
+                ));
+            }
+            let mode: QueryMode = d.query.parse().map_err(err)?;
+            if gpu && mode != QueryMode::Exact {
+                return Err(format!(
+                    "decode shape {d:?}: the GPU kernels take f32 queries (query \"exact\")"
                 ));
             }
         }
@@ -539,6 +564,8 @@ fn run(args: Args) -> Result<(), String> {
     if wants("decode") {
         for d in &shapes.decode {
             let f = format_of(&d.format)?;
+            // (Checked by `validate`: only "exact" on a GPU.)
+            let mode: QueryMode = d.query.parse().map_err(err)?;
             match &cuda_dev {
                 Some(dev) => task!(
                     cuda::Decode::new(dev, f, d.n_kv, d.h_kv, d.batch)?,
@@ -546,7 +573,7 @@ fn run(args: Args) -> Result<(), String> {
                     gpu_clock!()
                 ),
                 None => task!(
-                    cpu::Decode::new(f, d.n_kv, d.h_kv).map_err(err)?,
+                    cpu::Decode::new(f, d.n_kv, d.h_kv, mode).map_err(err)?,
                     DECODE_WEIGHT,
                     &mut wall
                 ),

@@ -410,14 +410,22 @@ fn tuning_on_the_cpu_end_to_end() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 4); // small: fwht, quantize q4_0, decode q4_0 and q8_0
+    // small: fwht, quantize q4_0, decode q4_0 and q8_0, and q4_0 with q8_0 queries (tuned
+    // apart: its own loop, its own entry).
+    assert_eq!(rows.len(), 5);
     for r in &rows {
         assert_eq!(r["rejected"], 0);
         assert!(r["default_ms"].as_f64().unwrap() > 0.0);
     }
+    let kernels: Vec<&str> = rows.iter().filter_map(|r| r["kernel"].as_str()).collect();
+    assert!(kernels.contains(&"decode_attention_q4_0"), "{kernels:?}");
+    assert!(
+        kernels.contains(&"decode_attention_q4_0_q8_0_query"),
+        "{kernels:?}"
+    );
     // The file is ours and names every task.
     let file = cpu_section(&out);
-    assert_eq!(file.entries.len(), 4);
+    assert_eq!(file.entries.len(), 5);
     let another = DeviceIdentity {
         name: "another".into(),
         compute_capability: None,
@@ -454,7 +462,7 @@ fn tuning_on_the_cpu_end_to_end() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
     let file = cpu_section(&out);
     assert!(file.entries.contains_key("fwht_f32/n=64"));
-    assert_eq!(file.entries.len(), 5);
+    assert_eq!(file.entries.len(), 6);
     // A file of an older schema is kept beside the new one.
     let old = r#"{"schema": 1, "device": {}, "entries": {}}"#;
     std::fs::write(&out, old).unwrap();

@@ -43,7 +43,7 @@
 /**
  * The minor version of the ABI (functions, constants and struct fields added at the end).
  */
-#define ROTQ_ABI_VERSION_MINOR 0
+#define ROTQ_ABI_VERSION_MINOR 1
 
 /**
  * The ABI version this header describes, packed as `major << 16 | minor`: compare it with
@@ -352,6 +352,12 @@ struct RotqPoolSpec {
    * Tokens per page (at least 1).
    */
   size_t page_tokens;
+  /**
+   * ABI 2.1: the arithmetic of the attention's `K·Q`, a NUL-terminated name: "auto" (null,
+   * and a 2.0 struct without this field, mean it: q8_0 queries over rotated q4_0 and q8_0 K
+   * caches, exact f32 queries elsewhere), "exact" (what the oracle computes) or "q8_0".
+   */
+  const char *query;
 };
 
 /**

@@ -405,6 +405,7 @@ pub unsafe extern "C" fn rotq_cache_new_on(
                 0 => Paging::Contiguous,
                 page_tokens => Paging::Paged { page_tokens },
             },
+            query: rotq::QueryMode::Auto,
         };
         // SAFETY: null or a live handle (the caller's guarantee).
         let backend = unsafe { backend.as_ref() }.map_or(&Backend::Cpu, |b| &b.0);

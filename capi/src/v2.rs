@@ -52,7 +52,7 @@
 //! let spec = RotqPoolSpec {
 //!     struct_size: size_of::<RotqPoolSpec>(), k_format: c"q8_0".as_ptr(),
 //!     v_format: c"q8_0".as_ptr(), rotation: null(), n_kv_heads: 2, head_dim: 64, v_dim: 64,
-//!     n_pages: 8, page_tokens: 4,
+//!     n_pages: 8, page_tokens: 4, query: null(), // null: "auto"
 //! };
 //! let (mut kb, mut vb) = (0, 0);
 //! let mut codec = null_mut();
@@ -120,7 +120,7 @@ type Failure = (RotqStatus, String);
 pub const ROTQ_ABI_VERSION_MAJOR: u32 = 2;
 
 /// The minor version of the ABI (functions, constants and struct fields added at the end).
-pub const ROTQ_ABI_VERSION_MINOR: u32 = 0;
+pub const ROTQ_ABI_VERSION_MINOR: u32 = 1;
 
 /// The ABI version this header describes, packed as `major << 16 | minor`: compare it with
 /// [`rotq_abi_version`] at start-up (same major, and a library minor at least the header's).
@@ -227,6 +227,28 @@ pub struct RotqPoolSpec {
     pub n_pages: usize,
     /// Tokens per page (at least 1).
     pub page_tokens: usize,
+    /// ABI 2.1: the arithmetic of the attention's `K·Q`, a NUL-terminated name: "auto" (null,
+    /// and a 2.0 struct without this field, mean it: q8_0 queries over rotated q4_0 and q8_0 K
+    /// caches, exact f32 queries elsewhere), "exact" (what the oracle computes) or "q8_0".
+    pub query: *const c_char,
+}
+
+impl Default for RotqPoolSpec {
+    /// No formats yet, zero sizes, the default rotation and query mode, the struct's size set.
+    fn default() -> Self {
+        Self {
+            struct_size: size_of::<Self>(),
+            k_format: std::ptr::null(),
+            v_format: std::ptr::null(),
+            rotation: std::ptr::null(),
+            n_kv_heads: 0,
+            head_dim: 0,
+            v_dim: 0,
+            n_pages: 0,
+            page_tokens: 0,
+            query: std::ptr::null(),
+        }
+    }
 }
 
 /// One step's batch: `n_seqs` sequences, each with its query rows (decode rows, prefill or
@@ -444,21 +466,46 @@ unsafe fn slice_mut<'a, T>(ptr: *mut T, len: usize, what: &str) -> Result<&'a mu
 /// # Safety
 /// `ptr` is null or points to a struct of at least `struct_size` readable bytes that starts
 /// with that size.
-unsafe fn read_sized<T: Copy>(ptr: *const T, arg: &str, name: &str) -> Result<T, Failure> {
+unsafe fn read_sized<T: Copy + Default>(
+    ptr: *const T,
+    arg: &str,
+    name: &str,
+) -> Result<T, Failure> {
+    // SAFETY: the caller's guarantees, passed on; the whole struct is ABI 2.0's.
+    unsafe { read_sized_from(ptr, size_of::<T>(), arg, name) }
+}
+
+/// [`read_sized`] of a struct that later minor versions extended: `v2_0` bytes (its ABI 2.0
+/// size) are enough, and the fields past the caller's `struct_size` keep their defaults (the
+/// zeroed values that mean "rotq's default").
+///
+/// # Safety
+/// As [`read_sized`]; `v2_0` ends on a field boundary of `T`, whose first field is its
+/// `size_t struct_size`.
+unsafe fn read_sized_from<T: Copy + Default>(
+    ptr: *const T,
+    v2_0: usize,
+    arg: &str,
+    name: &str,
+) -> Result<T, Failure> {
     if ptr.is_null() {
         return Err(invalid(format!("{arg} is null")));
     }
     // SAFETY: non-null, and the caller guarantees a struct that starts with its size_t size.
     let size = unsafe { ptr.cast::<usize>().read() };
-    let need = size_of::<T>();
-    if size < need {
+    if size < v2_0 {
         return Err(invalid(format!(
-            "{arg}->struct_size is {size}, smaller than the {need} bytes of a {name} of ABI \
+            "{arg}->struct_size is {size}, smaller than the {v2_0} bytes of a {name} of ABI \
              2.0: set it to sizeof(struct {name})"
         )));
     }
-    // SAFETY: the struct holds at least `size ≥ size_of::<T>()` readable bytes.
-    Ok(unsafe { ptr.read() })
+    let mut out = T::default();
+    let n = size.min(size_of::<T>());
+    // SAFETY: the caller's struct holds `size ≥ n` readable bytes, valid values of the fields
+    // they cover (the caller's guarantee); `out` is a `T` of `size_of::<T>() ≥ n` bytes, not
+    // overlapping it, whose fields past `n` keep their default values.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut out).cast::<u8>(), n) };
+    Ok(out)
 }
 
 /// A handle behind a pointer, or an error naming it.
@@ -489,8 +536,17 @@ unsafe fn text<'a>(s: *const c_char, what: &str) -> Result<&'a str, Failure> {
 /// # Safety
 /// `spec` is null or a valid spec with NUL-terminated format names.
 unsafe fn layout_of(spec: *const RotqPoolSpec) -> Result<(RotqPoolSpec, PoolSpec), Failure> {
-    // SAFETY: the caller's guarantees, passed on.
-    let s = unsafe { read_sized(spec, "spec", "RotqPoolSpec")? };
+    let v2_0 = std::mem::offset_of!(RotqPoolSpec, query);
+    // SAFETY: the caller's guarantees, passed on; `query` is the first field 2.1 appended.
+    let s = unsafe { read_sized_from(spec, v2_0, "spec", "RotqPoolSpec")? };
+    let query = if s.query.is_null() {
+        rotq::QueryMode::Auto
+    } else {
+        // SAFETY: non-null, and the caller guarantees a NUL-terminated name.
+        unsafe { text(s.query, "spec->query")? }
+            .parse()
+            .map_err(|e| invalid(format!("spec->query: {e}")))?
+    };
     // SAFETY: the caller guarantees NUL-terminated names (or null, refused).
     let (k_format, v_format): (KvFormat, KvFormat) = unsafe {
         (
@@ -507,6 +563,7 @@ unsafe fn layout_of(spec: *const RotqPoolSpec) -> Result<(RotqPoolSpec, PoolSpec
         v_dim: s.v_dim,
         n_pages: s.n_pages,
         page_tokens: s.page_tokens,
+        query,
     };
     Ok((s, layout))
 }

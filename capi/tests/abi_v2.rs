@@ -37,6 +37,7 @@ fn spec(rotation: *const RotqRotation) -> RotqPoolSpec {
         v_dim: D,
         n_pages: NP,
         page_tokens: PT,
+        query: std::ptr::null(),
     }
 }
 
@@ -231,9 +232,9 @@ fn expect(status: RotqStatus, want: RotqStatus, says: &str) {
 }
 
 #[test]
-fn the_abi_version_is_2_0() {
+fn the_abi_version_is_2_1() {
     assert_eq!(rotq_abi_version(), ROTQ_ABI_VERSION);
-    assert_eq!(ROTQ_ABI_VERSION, 2 << 16);
+    assert_eq!(ROTQ_ABI_VERSION, (2 << 16) | 1);
     assert_eq!(rotq_abi_version() >> 16, ROTQ_ABI_VERSION_MAJOR);
 }
 
@@ -288,8 +289,9 @@ fn structs_shorter_than_abi_2_0_are_refused_longer_ones_read() {
     // SAFETY: (every call below) valid pointers; each struct is at least as long as its
     // struct_size says.
     unsafe {
+        // ABI 2.0's spec ended before `query` (2.1): 8 bytes less than that is refused.
         let short = RotqPoolSpec {
-            struct_size: size_of::<RotqPoolSpec>() - 8,
+            struct_size: std::mem::offset_of!(RotqPoolSpec, query) - 8,
             ..spec(&rot)
         };
         expect(
@@ -1451,4 +1453,56 @@ fn checkpoint_codecs_say_what_is_wrong() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// ABI 2.1's `query`: a 2.0-sized spec (no such field) and null both mean "auto"; "exact" and
+/// "q8_0" pick the arithmetic (the outputs differ where "auto" quantizes: rotated q8_0 K); a
+/// name that is none of these is refused, naming the field.
+#[test]
+fn the_query_mode_is_read_from_2_1_specs_and_defaults_for_2_0() {
+    let rot = rotation(ROTQ_QK_HADAMARD, ROTQ_V_NONE);
+    let run = |spec: &RotqPoolSpec| -> Result<Vec<f32>, String> {
+        let mut codec = null_mut();
+        // SAFETY: a valid spec (its names NUL-terminated) and out pointer.
+        if unsafe { rotq_codec_new(spec, &mut codec) } != RotqStatus::Ok {
+            return Err(last_error());
+        }
+        // SAFETY: a live codec, made above and not used after.
+        unsafe { rotq_codec_free(codec) };
+        let mut layer = Layer::new(spec);
+        assert_eq!(
+            layer.append(&SLOTS, 0.25),
+            RotqStatus::Ok,
+            "{}",
+            last_error()
+        );
+        let t = Tables::new();
+        let batch = t.block();
+        let (status, plan) = layer.plan(&batch);
+        assert_eq!(status, RotqStatus::Ok, "{}", last_error());
+        let (out, _) = layer.run(plan, &batch, &rows(3 * H_Q * D, 0.6));
+        // SAFETY: a live plan, not used after.
+        unsafe { rotq_plan_free(plan) };
+        Ok(out)
+    };
+    let with = |query: *const std::ffi::c_char| RotqPoolSpec {
+        query,
+        ..spec(&rot)
+    };
+    let v2_0 = RotqPoolSpec {
+        struct_size: std::mem::offset_of!(RotqPoolSpec, query),
+        // Past a 2.0 caller's struct: never read.
+        query: c"not a mode".as_ptr(),
+        ..spec(&rot)
+    };
+    let auto = run(&with(null())).unwrap();
+    assert_eq!(run(&v2_0).unwrap(), auto);
+    assert_eq!(run(&with(c"auto".as_ptr())).unwrap(), auto);
+    assert_eq!(run(&with(c"q8_0".as_ptr())).unwrap(), auto);
+    assert_ne!(run(&with(c"exact".as_ptr())).unwrap(), auto);
+    let err = run(&with(c"q4_0".as_ptr())).unwrap_err();
+    assert!(
+        err.contains("spec->query") && err.contains("`q4_0`"),
+        "{err}"
+    );
 }

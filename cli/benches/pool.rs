@@ -40,6 +40,7 @@ fn pool_spec(format: KvFormat, n_pages: usize) -> PoolSpec {
         v_dim: D,
         n_pages,
         page_tokens: PAGE,
+        query: rotq::QueryMode::Auto,
     }
 }
 
@@ -53,6 +54,7 @@ fn cache_spec(format: KvFormat, capacity: usize) -> CacheSpec {
         v_dim: D,
         capacity,
         paging: Paging::Paged { page_tokens: PAGE },
+        query: rotq::QueryMode::Auto,
     }
 }
 

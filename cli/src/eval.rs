@@ -653,6 +653,7 @@ pub fn evaluate_grid(
         seed,
         backend: crate::eval_backend::Backend::Oracle,
         check_rows: 0,
+        query: rotq_cpu::QueryMode::Exact,
     };
     Ok(crate::eval_grid::evaluate_grid_with(layers, &opts, progress)?.rows)
 }

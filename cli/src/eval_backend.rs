@@ -17,7 +17,7 @@
 use crate::eval::Activations;
 use crate::Error;
 use ndarray::{Array3, ArrayView3, Axis};
-use rotq_cpu::{CacheCodec, CpuAttention, Isa, KvCacheView};
+use rotq_cpu::{CacheCodec, CpuAttention, Isa, KvCacheView, QueryMode};
 use rotq_cuda::{CacheLayout, CacheTarget, CudaAttention, CudaCodec, CudaError, CudaKvCache};
 use rotq_reference::tolerance::Precision;
 use rotq_reference::{KvFormat, Rotation, RotationPlan};
@@ -184,29 +184,31 @@ impl Runner {
 
     /// The attention output `[n_q, h_q, d_v]` (flattened) of `layer`'s queries on the caches
     /// `k` and `v` (bytes from [`Self::quantize`] with `plan`'s rotations): the queries are
-    /// rotated by `plan.qk` and the output rotated back by `plan.v`, as the kernels do.
+    /// rotated by `plan.qk` (then, with [`QueryMode::Q8_0`], quantized) and the output rotated
+    /// back by `plan.v`, as the kernels do. The CUDA kernels take f32 queries only.
     pub fn attention(
         &self,
         layer: &Activations,
         plan: &RotationPlan,
         k: (KvFormat, &[u8]),
         v: (KvFormat, &[u8]),
+        query: QueryMode,
     ) -> Result<Vec<f64>, Error> {
         let (n_q, h_q, d) = layer.q.dim();
         let (n_kv, h_kv, d_v) = layer.v.dim();
         let q: Vec<f32> = layer.q.iter().copied().collect();
+        if query != QueryMode::Exact && matches!(self.backend, Backend::Cuda(_)) {
+            return Err(Error::Input(format!(
+                "{}: the CUDA kernels take f32 queries; --query {query} runs on cpu or oracle",
+                self.backend
+            )));
+        }
         match (self.backend, &self.cuda) {
             (Backend::Cpu, _) => {
                 let kv = KvCacheView::new(k.0, k.1, n_kv, h_kv, d)?;
                 let vv = KvCacheView::new(v.0, v.1, n_kv, h_kv, d_v)?;
-                let out = CpuAttention::new(plan, Isa::best()).run(
-                    &q,
-                    n_q,
-                    h_q,
-                    &kv,
-                    &vv,
-                    &layer.params,
-                )?;
+                let kernel = CpuAttention::new(plan, Isa::best()).with_query_mode(query);
+                let out = kernel.run(&q, n_q, h_q, &kv, &vv, &layer.params)?;
                 Ok(out.into_iter().map(f64::from).collect())
             }
             (Backend::Cuda(_), Some(dev)) => {
@@ -254,7 +256,8 @@ impl Runner {
                 Ok(out.into_iter().map(f64::from).collect())
             }
             _ => {
-                let q_rot = rotate_queries(layer.q.view(), plan.qk.as_ref())?;
+                let mode = query.resolve(k.0, plan.qk.is_some(), d);
+                let q_rot = queries_for(layer.q.view(), plan.qk.as_ref(), mode, Backend::Oracle)?;
                 let kd = dequantize(k.0, k.1, (n_kv, h_kv, d))?;
                 let vd = dequantize(v.0, v.1, (n_kv, h_kv, d_v))?;
                 let rows: Vec<usize> = (0..n_q).collect();
@@ -308,6 +311,48 @@ pub fn rotate_queries(
         }
     }
     Ok(out)
+}
+
+/// Queries `[n_q, h_q, d]` as the attention in `mode` (resolved) on `backend` takes them, in
+/// f64: rotated by `rotation` in f64 for exact queries; for q8_0 queries, rotated as that
+/// backend rotates them (the CPU kernels' f32 rotation, or the oracle's f64 one rounded to f32)
+/// and each row through q8_0 blocks (`rotq_reference::attention::quantize_query_in_place`,
+/// the mode's spec). Using the backend's own rotation keeps a q8_0 code from flipping between
+/// the kernel and its oracle check where two roundings of a value straddle a code boundary.
+///
+/// ```
+/// use rotq_cli::eval_backend::{queries_for, Backend};
+/// use rotq_cpu::QueryMode;
+/// let q = ndarray::Array3::from_shape_fn((1, 1, 32), |(_, _, c)| c as f32 * 0.01);
+/// let exact = queries_for(q.view(), None, QueryMode::Exact, Backend::Cpu).unwrap();
+/// let q8 = queries_for(q.view(), None, QueryMode::Q8_0, Backend::Cpu).unwrap();
+/// assert!((q8[[0, 0, 31]] - 0.31).abs() < 0.31 / 200.0);
+/// assert_ne!(q8, exact);
+/// ```
+pub fn queries_for(
+    q: ArrayView3<f32>,
+    rotation: Option<&Rotation>,
+    mode: QueryMode,
+    backend: Backend,
+) -> Result<Array3<f64>, Error> {
+    if mode == QueryMode::Exact {
+        return rotate_queries(q, rotation);
+    }
+    let dim = q.dim();
+    let mut rows: Vec<f32> = match (backend, rotation) {
+        (Backend::Cpu, Some(r)) => {
+            let mut rows: Vec<f32> = q.iter().copied().collect();
+            rotq_cpu::CpuRotation::new(r, Isa::best()).forward_rows(&mut rows)?;
+            rows
+        }
+        _ => rotate_queries(q, rotation)?
+            .iter()
+            .map(|&v| v as f32)
+            .collect(),
+    };
+    rotq_reference::attention::quantize_query_in_place(&mut rows)?;
+    Array3::from_shape_vec(dim, rows.into_iter().map(f64::from).collect())
+        .map_err(|e| Error::Input(format!("queries: {e}")))
 }
 
 /// The values a cache of `shape` (`[tokens, heads, dim]`) in `format` holds, as f64 (the

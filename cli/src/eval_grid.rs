@@ -27,10 +27,11 @@
 //! ```
 
 use crate::eval::{default_formats, Activations, GridRow, LayerScore, LayerShape, PlanKind};
-use crate::eval_backend::{cache_klds, dequantize, rotate_queries, Backend, Runner};
+use crate::eval_backend::{cache_klds, dequantize, queries_for, Backend, Runner};
 use crate::oracle_check::{oracle_rows, pick_rows, sample_rows, OracleCheck};
 use crate::Error;
 use ndarray::Array3;
+use rotq_cpu::QueryMode;
 use rotq_reference::metrics::rel_l2;
 use rotq_reference::{attention, KvFormat};
 use std::collections::hash_map::Entry;
@@ -51,6 +52,9 @@ pub struct GridOptions {
     pub backend: Backend,
     /// Query rows per layer and combination whose output the oracle checks (0: none).
     pub check_rows: usize,
+    /// The arithmetic of `K·Q`: exact f32 queries, or queries through q8_0 (scored as the
+    /// attention probabilities those queries imply).
+    pub query: QueryMode,
 }
 
 impl Default for GridOptions {
@@ -63,6 +67,7 @@ impl Default for GridOptions {
             seed: 0,
             backend: Backend::Cpu,
             check_rows: 2,
+            query: QueryMode::Exact,
         }
     }
 }
@@ -223,8 +228,9 @@ pub fn evaluate_grid_on(
         }
         for group in groups {
             let qk = group.plan(d, d_v, opts.seed)?.qk;
-            let q_rot = rotate_queries(layer.q.view(), qk.as_ref())?;
             for (ki, &kf) in opts.k_formats.iter().enumerate() {
+                let mode = opts.query.resolve(kf, qk.is_some(), d);
+                let q_rot = queries_for(layer.q.view(), qk.as_ref(), mode, backend)?;
                 let kb = runner.quantize(layer.k.view(), kf, qk.as_ref())?;
                 let kd = dequantize(kf, &kb, (n_kv, h_kv, d))?;
                 let layer_klds = cache_klds(&exact.probs, &q_rot, &kd, &layer.params);
@@ -245,7 +251,8 @@ pub fn evaluate_grid_on(
                                 e.insert((vb, vd))
                             }
                         };
-                        let out = runner.attention(layer, &plan, (kf, &kb), (vf, vb))?;
+                        let out =
+                            runner.attention(layer, &plan, (kf, &kb), (vf, vb), opts.query)?;
                         if let Some(c) = check.as_mut() {
                             let want = oracle_rows(
                                 &q_rot,

@@ -322,6 +322,7 @@ pub fn layer_grid(
         v_formats: opts.v_formats.clone(),
         plans,
         seed: rotq_model::plan::DEFAULT_SEED,
+        query: opts.query,
         ..Default::default()
     };
     eprintln!(

@@ -137,6 +137,11 @@ enum Command {
         /// oracle on the same cache bytes (0: no check).
         #[arg(long, default_value_t = 2, requires = "activations")]
         check_rows: usize,
+        /// The arithmetic of K·Q: `exact` (f32 queries), `q8_0` (rotated queries through q8_0
+        /// blocks: integer dot products over q4_0/q8_0 K) or `auto` (the engine API's default:
+        /// q8_0 over rotated q4_0/q8_0 K, else exact). Not with --device cuda:N.
+        #[arg(long, default_value = "exact")]
+        query: rotq_cpu::QueryMode,
         /// K cache formats, comma-separated (default: every format but f32; with --model
         /// q8_0,q5_0,q4_0,iq4_nl).
         #[arg(long, value_delimiter = ',')]
@@ -299,6 +304,7 @@ fn run(command: Command) -> Result<(), Error> {
             heatmaps,
             device,
             check_rows,
+            query,
             k_formats,
             v_formats,
             plans,
@@ -324,7 +330,13 @@ fn run(command: Command) -> Result<(), Error> {
                     // Open the device first: a missing GPU fails before the model is read.
                     backend: rotq::cache::Backend::open(device.as_deref().unwrap_or("cpu"))?,
                     jobs,
+                    query,
                 };
+                if query != rotq_cpu::QueryMode::Exact && opts.backend.name() != "cpu" {
+                    return Err(Error::Input(format!(
+                        "--query {query} runs on the CPU; the CUDA kernels take f32 queries"
+                    )));
+                }
                 // What would be written is checked before any work.
                 let outputs: Vec<&std::path::Path> =
                     csv.iter().chain(&layers_csv).map(|p| p.as_path()).collect();
@@ -384,6 +396,7 @@ fn run(command: Command) -> Result<(), Error> {
                     seed,
                     backend: device.as_deref().unwrap_or("cpu").parse()?,
                     check_rows,
+                    query,
                 };
                 let eval = EvalRun {
                     path,
@@ -401,14 +414,15 @@ fn run(command: Command) -> Result<(), Error> {
                 ));
             }
             if heatmaps.is_some()
+                || query != rotq_cpu::QueryMode::Exact
                 || device.is_some()
                 || !k_formats.is_empty()
                 || !v_formats.is_empty()
                 || !plans.is_empty()
             {
                 return Err(Error::Input(
-                    "--heatmaps, --device, --k-formats, --v-formats and --plans go with \
-                     --activations (the grid), not --synthetic"
+                    "--heatmaps, --query, --device, --k-formats, --v-formats and --plans go \
+                     with --activations (the grid), not --synthetic"
                         .into(),
                 ));
             }
@@ -560,10 +574,11 @@ fn eval_activations(run: &EvalRun) -> Result<(), Error> {
     let first = layers.first().map(shape).unwrap_or_default();
     eprintln!(
         "{}: {} layers (layer 0: {first}); {combos} combinations of K format x V format x plan \
-         on {}",
+         on {}, {} queries",
         run.path.display(),
         layers.len(),
-        opts.backend
+        opts.backend,
+        opts.query
     );
     // A progress bar on stderr (hidden when stderr is not a terminal).
     let bar = indicatif::ProgressBar::new((combos * layers.len()) as u64);

@@ -34,6 +34,7 @@ fn small(backend: Backend) -> GridOptions {
         plans: PlanKind::ALL.to_vec(),
         backend,
         check_rows: 3,
+        query: rotq_cpu::QueryMode::Exact,
         ..Default::default()
     }
 }
@@ -121,7 +122,13 @@ fn the_oracle_check_catches_a_disagreement() {
         .quantize(layer.v.view(), KvFormat::Q8_0, plan.v.as_ref())
         .unwrap();
     let out = runner
-        .attention(layer, &plan, (KvFormat::Q4_0, &kb), (KvFormat::Q8_0, &vb))
+        .attention(
+            layer,
+            &plan,
+            (KvFormat::Q4_0, &kb),
+            (KvFormat::Q8_0, &vb),
+            rotq_cpu::QueryMode::Exact,
+        )
         .unwrap();
     assert_eq!(out.len(), n_q * h_q * d_v);
     let rows = sample_rows(n_q, 3);

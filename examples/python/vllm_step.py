@@ -115,11 +115,16 @@ def main() -> int:
             k_deq = rotq.dequantize(pool.k.reshape(-1, rk), K_FORMAT, D,
                                     QK_ROTATION).reshape(-1, H_KV, D)
             v_deq = rotq.dequantize(pool.v.reshape(-1, rv), V_FORMAT, D).reshape(-1, H_KV, D)
+            # The queries as the pool's attention takes them: by default ("auto") rotated and
+            # through q8_0 over this rotated q8_0 K (integer products), i.e. the rows
+            # R^T q8(R q) against the unrotated keys.
+            q_seen = rotq.oracle.rotate(rotq.oracle.quantized_query(rotq.rotate(q, QK_ROTATION)),
+                                        QK_ROTATION, inverse=True)
             for b, s in enumerate(seqs):
                 r0, r1 = loc[b], loc[b + 1]
                 seq_slots = [s.pages[t // PAGE] * PAGE + t % PAGE for t in range(s.len)]
                 pos = s.len - (r1 - r0)
-                want, _ = rotq.oracle.attention(q[r0:r1], k_deq[seq_slots], v_deq[seq_slots],
+                want, _ = rotq.oracle.attention(q_seen[r0:r1], k_deq[seq_slots], v_deq[seq_slots],
                                                 causal=True, pos_offset=pos)
                 worst_kernel = max(worst_kernel, float(np.abs(out[r0:r1] - want).max()))
                 exact = exact_attention(q[r0:r1], np.stack(s.k[layer]), np.stack(s.v[layer]),

@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use rotq::cache::{Backend, CacheSpec};
+use rotq::QueryMode;
 use rotq::{KvFormat, RotationPlan};
 use serde::Serialize;
 
@@ -53,6 +54,10 @@ pub struct GridOptions {
     /// Configurations run at once on a chunk (at least 1). On a GPU, several hide each
     /// other's host work and transfers; each holds its own caches and scored log-probabilities.
     pub jobs: usize,
+    /// The CPU attention's `K·Q` arithmetic in the configurations' caches (default
+    /// [`QueryMode::Exact`], so that the grid scores the formats themselves; the f16 and f32
+    /// references always take exact queries).
+    pub query: QueryMode,
 }
 
 impl Default for GridOptions {
@@ -66,6 +71,7 @@ impl Default for GridOptions {
             plans: Plan::defaults(),
             backend: Backend::Cpu,
             jobs: 1,
+            query: QueryMode::Exact,
         }
     }
 }
@@ -191,6 +197,7 @@ pub fn cache_specs(opts: &GridOptions, head_dim: usize) -> Result<Vec<CacheSpec>
                 k_format,
                 v_format,
                 plan: plan.build(head_dim)?,
+                query: opts.query,
                 ..Default::default()
             })
         })
@@ -212,6 +219,7 @@ pub fn run(
         k_format: format,
         v_format: format,
         plan: RotationPlan::none(),
+        query: QueryMode::Exact,
         ..Default::default()
     };
     let (f16, f32) = (reference(KvFormat::F16), reference(KvFormat::F32));

@@ -56,7 +56,9 @@ class KvPool:
         self, k_format: str, v_format: str, n_kv_heads: int, head_dim: int, v_dim: int,
         n_pages: int, page_tokens: int, k: Optional[ArrayLike] = None,
         v: Optional[ArrayLike] = None, qk_rotation: Rotation = None, v_rotation: Rotation = None,
-    ) -> None: ...
+        query: str = "auto",
+    ) -> None:
+        """`query`: "auto" (q8_0 queries over rotated q4_0/q8_0 K, else exact), "exact", "q8_0"."""
     @property
     def k(self) -> ArrayLike: ...
     @property
@@ -88,7 +90,7 @@ class RotatedKvCache:
     def __init__(
         self, k_format: str, v_format: str, n_heads: int, head_dim: int, v_dim: int,
         capacity: int, qk_rotation: Rotation = None, v_rotation: Rotation = None,
-        page_tokens: Optional[int] = None,
+        page_tokens: Optional[int] = None, query: str = "auto",
     ) -> None: ...
     def __len__(self) -> int: ...
     def append(self, k: ArrayLike, v: ArrayLike) -> None: ...

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _rotq
 
-__all__ = ["attention", "dequantize", "hadamard", "quantize", "rotate",
+__all__ = ["attention", "dequantize", "hadamard", "quantize", "quantized_query", "rotate",
            "rotated_quantized_attention"]
 
 
@@ -50,6 +50,20 @@ def dequantize(data, format: str, dim: int) -> np.ndarray:
     out = np.empty((*data.shape[:-1], dim), dtype=np.float32)
     _rotq.oracle_dequantize(data, out, format)
     return out
+
+
+def quantized_query(q) -> np.ndarray:
+    """Query rows (last axis a multiple of 32) through q8_0 and back, float32: what a kernel
+    with q8_0 queries (``query="q8_0"``, or ``"auto"`` over rotated q4_0/q8_0 K) multiplies.
+    Give it the rows as the kernel rotated them (``rotq.rotate``), then attend with them.
+
+    >>> import numpy as np, rotq
+    >>> q = np.linspace(-1, 1, 64, dtype=np.float32)
+    >>> bool(np.abs(rotq.oracle.quantized_query(q) - q).max() <= 1 / 226)
+    True
+    """
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    return dequantize(quantize(q, "q8_0"), "q8_0", q.shape[-1])
 
 
 def attention(q, k, v, causal: bool = False, pos_offset: int = 0, scale=None, window=None,

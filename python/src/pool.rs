@@ -91,6 +91,7 @@ fn pool_bytes(
         v_dim,
         n_pages,
         page_tokens,
+        query: rotq::QueryMode::Auto,
     };
     Ok((
         spec.k_bytes().map_err(to_py)?,
@@ -118,6 +119,11 @@ fn ints<T: TryFrom<i64>>(a: &Array, what: &str) -> PyResult<Vec<T>> {
             T::try_from(v).map_err(|_| invalid(format!("{what}[{i}] = {v} is out of range")))
         })
         .collect()
+}
+
+/// A query mode by name ("auto", "exact", "q8_0"; see `rotq::QueryMode`).
+fn query_mode(name: &str) -> PyResult<rotq::QueryMode> {
+    name.parse().map_err(crate::errors::reference)
 }
 
 const INTS: [DType; 2] = [DType::I32, DType::I64];
@@ -148,7 +154,7 @@ impl KvPool {
     /// over new zeroed NumPy arrays where they are None.
     #[new]
     #[pyo3(signature = (k_format, v_format, n_kv_heads, head_dim, v_dim, n_pages, page_tokens,
-        k=None, v=None, qk_rotation=None, v_rotation=None))]
+        k=None, v=None, qk_rotation=None, v_rotation=None, query="auto"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -163,6 +169,7 @@ impl KvPool {
         v: Option<Bound<'_, PyAny>>,
         qk_rotation: Option<Bound<'_, PyAny>>,
         v_rotation: Option<Bound<'_, PyAny>>,
+        query: &str,
     ) -> PyResult<Self> {
         let spec = PoolSpec {
             k_format: format(k_format)?,
@@ -173,6 +180,7 @@ impl KvPool {
             v_dim,
             n_pages,
             page_tokens,
+            query: query_mode(query)?,
         };
         let np = py.import("numpy")?;
         let buffer = |obj: Option<Bound<'_, PyAny>>, bytes: Result<usize, rotq::Error>| match obj
@@ -527,7 +535,7 @@ impl Cache {
     /// `page_tokens`).
     #[new]
     #[pyo3(signature = (k_format, v_format, n_heads, head_dim, v_dim, capacity,
-        qk_rotation=None, v_rotation=None, page_tokens=None))]
+        qk_rotation=None, v_rotation=None, page_tokens=None, query="auto"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         k_format: &str,
@@ -539,6 +547,7 @@ impl Cache {
         qk_rotation: Option<Bound<'_, PyAny>>,
         v_rotation: Option<Bound<'_, PyAny>>,
         page_tokens: Option<usize>,
+        query: &str,
     ) -> PyResult<Self> {
         let spec = CacheSpec {
             k_format: format(k_format)?,
@@ -552,6 +561,7 @@ impl Cache {
                 Some(page_tokens) => Paging::Paged { page_tokens },
                 None => Paging::Contiguous,
             },
+            query: query_mode(query)?,
         };
         let backend = Backend::open("cpu").map_err(to_py)?;
         Ok(Self {

@@ -107,7 +107,7 @@ def _rows(rng, n, h, d):
 def test_decode_steps_match_oracle(k_fmt, v_fmt, qk_rot, v_rot):
     rng = np.random.default_rng(100)
     pool = rotq.KvPool(k_fmt, v_fmt, H_KV, D, DV, N_PAGES, PAGE, qk_rotation=qk_rot,
-                       v_rotation=v_rot)
+                       v_rotation=v_rot, query="exact")
     eng = Engine(rng)
     keys = {}  # unquantized rows by slot, for the exact reference
     for new, pad in [([40, 7, 23], 0), ([1, 1, 1, 17], 3), ([1, 1, 1, 1], 4)]:
@@ -147,7 +147,7 @@ def test_numpy_softmax_reference_gqa():
     """The pool against plain NumPy softmax attention (GQA: query head h reads KV head
     h // 4), independent of rotq.oracle."""
     rng = np.random.default_rng(101)
-    pool = rotq.KvPool("q8_0", "q8_0", H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard")
+    pool = rotq.KvPool("q8_0", "q8_0", H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard", query="exact")
     eng = Engine(rng)
     slots, pos, loc = eng.step([20, 33, 3])
     pool.append(_rows(rng, len(slots), H_KV, D), _rows(rng, len(slots), H_KV, DV), slots, pos)
@@ -169,7 +169,7 @@ def test_numpy_softmax_reference_gqa():
 
 def test_csr_tables_equal_block_tables():
     rng = np.random.default_rng(102)
-    pool = rotq.KvPool("q4_0", "q8_0", H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard")
+    pool = rotq.KvPool("q4_0", "q8_0", H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard", query="exact")
     eng = Engine(rng)
     for new in ([50, 1, 17, 32], [1, 5, 1, 1]):
         slots, pos, loc = eng.step(new)
@@ -186,7 +186,7 @@ def test_csr_tables_equal_block_tables():
 
 def test_int64_tables_and_lse_optional():
     rng = np.random.default_rng(103)
-    pool = rotq.KvPool("q8_0", "q8_0", H_KV, D, DV, N_PAGES, PAGE)
+    pool = rotq.KvPool("q8_0", "q8_0", H_KV, D, DV, N_PAGES, PAGE, query="exact")
     eng = Engine(rng)
     slots, pos, loc = eng.step([9, 30])
     pool.append(_rows(rng, len(slots), H_KV, D), _rows(rng, len(slots), H_KV, DV), slots, pos)
@@ -202,7 +202,7 @@ def test_chunked_prefill_mixed_with_decode():
     rng = np.random.default_rng(104)
     fmts = ("q8_0", "q4_0")
     pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard",
-                       v_rotation="hadamard")
+                       v_rotation="hadamard", query="exact")
     eng = Engine(rng)
     slots, pos, loc = eng.step([24, 3, 40])
     pool.append(_rows(rng, len(slots), H_KV, D), _rows(rng, len(slots), H_KV, DV), slots, pos)
@@ -227,7 +227,7 @@ def test_chunked_prefill_mixed_with_decode():
 def test_non_causal_and_q_positions():
     rng = np.random.default_rng(105)
     fmts = ("q8_0", "q8_0")
-    pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE)
+    pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, query="exact")
     eng = Engine(rng)
     slots, pos, loc = eng.step([30, 12])
     pool.append(_rows(rng, len(slots), H_KV, D), _rows(rng, len(slots), H_KV, DV), slots, pos)
@@ -253,7 +253,7 @@ def test_non_causal_and_q_positions():
 def test_scale_window_softcap(kw):
     rng = np.random.default_rng(106)
     fmts = ("q8_0", "q8_0")
-    pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard")
+    pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard", query="exact")
     eng = Engine(rng)
     slots, pos, loc = eng.step([45, 9, 1])
     pool.append(_rows(rng, len(slots), H_KV, D) * 2, _rows(rng, len(slots), H_KV, DV), slots,
@@ -272,7 +272,7 @@ def test_scale_window_softcap(kw):
 def test_additive_mask():
     rng = np.random.default_rng(107)
     fmts = ("q4_0", "q8_0")
-    pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard")
+    pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard", query="exact")
     eng = Engine(rng)
     slots, pos, loc = eng.step([21, 34, 5])
     pool.append(_rows(rng, len(slots), H_KV, D), _rows(rng, len(slots), H_KV, DV), slots, pos)
@@ -299,7 +299,7 @@ def test_additive_mask():
 
 def test_row_seeing_no_key_has_minus_inf_lse():
     rng = np.random.default_rng(108)
-    pool = rotq.KvPool("q8_0", "q8_0", 1, 32, 32, 4, 8)
+    pool = rotq.KvPool("q8_0", "q8_0", 1, 32, 32, 4, 8, query="exact")
     pool.append(_rows(rng, 5, 1, 32), _rows(rng, 5, 1, 32), np.arange(5), np.arange(5))
     mask = np.zeros((1, 8), np.float32)
     mask[0, :5] = -np.inf
@@ -318,7 +318,7 @@ def test_row_seeing_no_key_has_minus_inf_lse():
 def test_plan_once_run_per_layer():
     rng = np.random.default_rng(109)
     fmts = ("q8_0", "q4_0")
-    layers = [rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard")
+    layers = [rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard", query="exact")
               for _ in range(3)]
     eng = Engine(rng)
     slots, pos, loc = eng.step([17, 2, 33])
@@ -349,7 +349,7 @@ def test_caller_buffers():
     buf_k = np.full(kb, 0xAB, np.uint8)
     buf_v = np.full(vb, 0xCD, np.uint8)
     pool = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, k=buf_k, v=buf_v,
-                       qk_rotation="hadamard")
+                       qk_rotation="hadamard", query="exact")
     assert pool.k is buf_k and pool.v is buf_v
     assert pool.slots == N_PAGES * PAGE
     slots = np.array([5, 17, -1, 300], np.int64)
@@ -378,7 +378,7 @@ def test_caller_buffers_torch():
     rng = np.random.default_rng(111)
     kb, vb = rotq.pool_bytes("q8_0", "q8_0", 1, 32, 32, 4, 4)
     buf_k, buf_v = torch.zeros(kb, dtype=torch.uint8), torch.zeros(vb, dtype=torch.uint8)
-    pool = rotq.KvPool("q8_0", "q8_0", 1, 32, 32, 4, 4, k=buf_k, v=buf_v)
+    pool = rotq.KvPool("q8_0", "q8_0", 1, 32, 32, 4, 4, k=buf_k, v=buf_v, query="exact")
     k = torch.from_numpy(_rows(rng, 2, 1, 32))
     pool.append(k, k, torch.tensor([3, 9]), torch.tensor([0, 1]))
     np.testing.assert_array_equal(buf_k.numpy()[9 * 34:10 * 34],
@@ -387,7 +387,7 @@ def test_caller_buffers_torch():
 
 
 def test_default_buffers_are_zeroed_numpy():
-    pool = rotq.KvPool("q8_0", "f16", 2, 32, 64, 3, 4)
+    pool = rotq.KvPool("q8_0", "f16", 2, 32, 64, 3, 4, query="exact")
     assert isinstance(pool.k, np.ndarray) and pool.k.dtype == np.uint8
     assert pool.k.shape == (rotq.pool_bytes("q8_0", "f16", 2, 32, 64, 3, 4)[0],)
     assert pool.v.nbytes == 3 * 4 * 2 * 64 * 2
@@ -396,7 +396,7 @@ def test_default_buffers_are_zeroed_numpy():
 
 def test_append_then_overwrite_slot():
     rng = np.random.default_rng(112)
-    pool = rotq.KvPool("q8_0", "q8_0", 1, 32, 32, 2, 4)
+    pool = rotq.KvPool("q8_0", "q8_0", 1, 32, 32, 2, 4, query="exact")
     a, b = _rows(rng, 1, 1, 32), _rows(rng, 1, 1, 32)
     pool.append(a, a, np.array([2]), np.array([7]))
     pool.append(b, b, np.array([2]), np.array([8]))
@@ -408,7 +408,7 @@ def test_long_prefill_spans_staging_chunks():
     # more tokens than one staging chunk (4 MiB of rows): every slot still written right
     rng = np.random.default_rng(113)
     h, d, n = 4, 256, 1100  # 1100 tokens * 4 heads * 2 * 1024 B > 4 MiB in f32
-    pool = rotq.KvPool("f32", "f32", h, d, d, 80, 16)
+    pool = rotq.KvPool("f32", "f32", h, d, d, 80, 16, query="exact")
     k = _rows(rng, n, h, d)
     slots = rng.permutation(80 * 16)[:n]
     pool.append(k, -k, slots, np.arange(n))
@@ -443,7 +443,7 @@ def rope(x, delta, neox=False, base=10000.0, scale=1.0, dims=None):
 def test_shift_is_rope_of_keys(kw):
     rng = np.random.default_rng(114)
     d = 32
-    pool = rotq.KvPool("f32", "f32", 2, d, d, 2, 4)
+    pool = rotq.KvPool("f32", "f32", 2, d, d, 2, 4, query="exact")
     k, v = _rows(rng, 3, 2, d), _rows(rng, 3, 2, d)
     slots = np.array([1, 2, 6])
     pool.append(k, v, slots, np.array([10, 11, 12]))
@@ -463,7 +463,7 @@ def test_shift_is_rope_of_keys(kw):
 def test_shift_inside_rotation_and_quantization(fmt, rot):
     rng = np.random.default_rng(115)
     d = 64
-    pool = rotq.KvPool(fmt, fmt, 1, d, d, 2, 8, qk_rotation=rot)
+    pool = rotq.KvPool(fmt, fmt, 1, d, d, 2, 8, qk_rotation=rot, query="exact")
     k = _rows(rng, 4, 1, d)
     slots = np.array([0, 3, 9, 12])
     pool.append(k, k, slots, np.array([100, 101, 102, 103]))
@@ -483,7 +483,7 @@ def test_shift_inside_rotation_and_quantization(fmt, rot):
 
 def test_copy_slots():
     rng = np.random.default_rng(116)
-    pool = rotq.KvPool("q8_0", "q4_0", 2, 32, 32, 2, 4)
+    pool = rotq.KvPool("q8_0", "q4_0", 2, 32, 32, 2, 4, query="exact")
     k, v = _rows(rng, 3, 2, 32), _rows(rng, 3, 2, 32)
     pool.append(k, v, np.array([0, 1, 2]), np.array([5, 6, 7]))
     rk, rv = 2 * 34, 2 * 18
@@ -514,7 +514,7 @@ def test_rotated_cache_matches_oracle(page_tokens, k_fmt, v_fmt, rot, atol):
     rng = np.random.default_rng(117)
     h, hq, d = 2, 4, 64
     cache = rotq.RotatedKvCache(k_fmt, v_fmt, h, d, d, 64, qk_rotation=rot, v_rotation=rot,
-                                page_tokens=page_tokens)
+                                page_tokens=page_tokens, query="exact")
     assert len(cache) == 0
     k, v = _rows(rng, 41, h, d), _rows(rng, 41, h, d)
     cache.append(k[:30], v[:30])
@@ -535,7 +535,7 @@ def test_rotated_cache_matches_oracle(page_tokens, k_fmt, v_fmt, rot, atol):
 def test_rotated_cache_options():
     rng = np.random.default_rng(118)
     h, d = 1, 32
-    cache = rotq.RotatedKvCache("q8_0", "q8_0", h, d, d, 32, qk_rotation="hadamard")
+    cache = rotq.RotatedKvCache("q8_0", "q8_0", h, d, d, 32, qk_rotation="hadamard", query="exact")
     k, v = _rows(rng, 20, h, d), _rows(rng, 20, h, d)
     cache.append(k, v)
     q = _rows(rng, 3, 2, d)
@@ -549,9 +549,37 @@ def test_rotated_cache_options():
         np.testing.assert_allclose(out, want, atol=2e-3, rtol=0, err_msg=str(kw))
 
 
+@pytest.mark.parametrize("query", ["auto", "q8_0"])
+def test_quantized_queries_match_the_oracle_on_round_tripped_queries(query):
+    """By default ("auto") a pool over rotated q8_0 K takes its queries through q8_0, as the
+    kernels rotate them: the oracle on ``R^T q8(R q)`` over the unrotated rows; "exact" does
+    not (the outputs differ)."""
+    rng = np.random.default_rng(40)
+    fmts = ("q8_0", "q8_0")
+    pools = {}
+    for mode in (query, "exact"):
+        pools[mode] = rotq.KvPool(*fmts, H_KV, D, DV, N_PAGES, PAGE, qk_rotation="hadamard",
+                                  query=mode)
+    engine = Engine(rng)
+    slots, pos, loc = engine.step([19, 1, 6])
+    k, v = _rows(rng, len(slots), H_KV, D), _rows(rng, len(slots), H_KV, DV)
+    q = _rows(rng, int(loc[-1]), H_Q, D)
+    outs = {}
+    for mode, pool in pools.items():
+        pool.append(k, v, slots, pos)
+        table, seq_lens = engine.block_table()
+        plan = pool.plan(loc, H_Q, block_table=table, seq_lens=seq_lens)
+        outs[mode], _ = run(pool, plan, q)
+    seen = rotq.oracle.rotate(rotq.oracle.quantized_query(rotq.rotate(q, "hadamard")),
+                              "hadamard", inverse=True)
+    want, _ = reference(engine, pools[query], loc, seen, fmts, ("hadamard", None))
+    np.testing.assert_allclose(outs[query], want, atol=ATOL, rtol=1e-4)
+    assert not np.allclose(outs[query], outs["exact"], atol=ATOL, rtol=1e-4)
+
+
 def test_rotated_cache_capacity_is_enforced():
     rng = np.random.default_rng(119)
-    cache = rotq.RotatedKvCache("q8_0", "q8_0", 1, 32, 32, 4)
+    cache = rotq.RotatedKvCache("q8_0", "q8_0", 1, 32, 32, 4, query="exact")
     cache.append(_rows(rng, 4, 1, 32), _rows(rng, 4, 1, 32))
     with pytest.raises(rotq.RotqError):
         cache.append(_rows(rng, 1, 1, 32), _rows(rng, 1, 1, 32))

@@ -9,6 +9,7 @@
 //! |---|---|---|---|---|
 //! | rotation | 1e-12, 1e-12 | 4e-6, 1.6e-5 | 1e-3, 4e-3 | 8e-3, 3e-2 |
 //! | attention | 1e-12, 1e-12 | 1e-5, 1e-4 | 2e-3, 1e-2 | 1.6e-2, 6e-2 |
+//! | query quantization (q8_0) | 2.51e-2, 4.43e-3 | (same) | (same) | (same) |
 //!
 //! The precision is that of the arithmetic and storage of the output being checked (f32 for a
 //! kernel that computes and stores in f32; f16 for one that stores f16). The f32 rotation
@@ -17,6 +18,21 @@
 //! quantized cache is compared with the oracle's attention on the *same* dequantized cache, so
 //! quantization error is not part of these numbers: it is bounded separately, per format, by
 //! [`crate::KvFormat::error_bound`].
+//!
+//! **Query quantization** ([`Op::QueryQuantization`]) bounds how far a q8_0 round trip of a
+//! query row (`crate::attention::quantized_query`) lies from the row, whatever computed it.
+//! The proof, per 32-value block `x` with `a = max |x_i|` and `d = a / 127`: the codes are
+//! `c_i = round(x_i · f32(1/d))` (`|c_i| ≤ 127`; the f32 reciprocal moves `x_i / d` by at most
+//! `127 · 2^−23`), the stored scale is `f16(d)` (`|f16(d) − d| ≤ 2^−11 d` while `d` is a
+//! normal f16), so `|c_i f16(d) − x_i| ≤ 127 · 2^−11 d + (1/2 + 2^−16) d ≤ 0.5622 d =
+//! 0.004427 a`. That is the max-abs bound (`a` is at most the row's largest value), and
+//! summing over blocks (`32 a² ≤ 32 ‖x_b‖²`) gives `rel_l2 ≤ √32 · 0.004427 = 0.02504`. The
+//! precondition, as in ggml: every block's `a` in `[127 · 2^−14, 127 · 65504]`, where `d` is a
+//! normal f16; below it the scale loses bits (a block under `127 · 2^−25` becomes zeros),
+//! above it the scale overflows. A score `τ q̂·k` then lies within `τ · 0.02504 ‖q‖ ‖k‖` of the
+//! exact one (Cauchy–Schwarz): attention with quantized queries is held to the attention row
+//! against the oracle *on the same quantized queries*; what the rounding costs in attention
+//! probabilities is measured by `rotq eval --query q8_0` (docs/eval.md).
 //!
 //! Quantized bytes are compared exactly, with one exception: a kernel whose arithmetic differs
 //! from the oracle's in the last bit (a fused multiply-add, a reciprocal instead of a division)
@@ -37,6 +53,9 @@ pub enum Op {
     Rotation,
     /// Attention (prefill or decode) on a given cache.
     Attention,
+    /// A query row's q8_0 round trip against the row (one bound at every precision: the
+    /// module docs prove it).
+    QueryQuantization,
 }
 
 /// The precision of the output being checked.
@@ -93,6 +112,7 @@ impl fmt::Display for Mismatch {
 /// ```
 pub fn tolerance(op: Op, precision: Precision) -> Tolerance {
     let (rel_l2, max_abs) = match (op, precision) {
+        (Op::QueryQuantization, _) => (2.51e-2, 4.43e-3),
         (_, Precision::F64) => (1e-12, 1e-12),
         (Op::Rotation, Precision::F32) => (4e-6, 1.6e-5),
         (Op::Rotation, Precision::F16) => (1e-3, 4e-3),

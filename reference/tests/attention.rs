@@ -566,3 +566,48 @@ fn more_bits_mean_less_error() {
     }
     assert_eq!(errs.last().unwrap().0, 0.0);
 }
+
+proptest! {
+    /// The q8_0 round trip of a query row stays within the tolerance table's proven bound, for
+    /// any row whose blocks' largest values lie where the f16 scale is normal: uniform rows
+    /// over six decades of scale, with an outlier channel and values on rounding ties.
+    #[test]
+    fn quantized_queries_stay_within_the_proven_bound(
+        blocks in 1usize..9,
+        seed in any::<u64>(),
+        log_scale in -2.0f64..6.5,
+        outlier in 0usize..32,
+        ties in any::<bool>(),
+    ) {
+        let d = 32 * blocks;
+        let scale = 10f64.powf(log_scale) as f32;
+        let mut q = Rows::uniform(scale).f32s(d, seed);
+        q[outlier] = scale * 1.5;
+        if ties {
+            // Half-way between codes of the first block's step: the rounding's worst case.
+            let step = q[..32].iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (i, v) in q[..32].iter_mut().enumerate().skip(1).step_by(3) {
+                *v = (i as f32 % 50.0 + 0.5) * step;
+            }
+        }
+        let back = attention::quantized_query(&q, d).unwrap();
+        let (q64, back64): (Vec<f64>, Vec<f64>) = q
+            .iter()
+            .zip(&back)
+            .map(|(&a, &b)| (f64::from(a), f64::from(b)))
+            .unzip();
+        let t = rotq_reference::tolerance::tolerance(Op::QueryQuantization, Precision::F32);
+        prop_assert!(t.check(&back64, &q64).is_ok(), "{:?}", t.check(&back64, &q64));
+    }
+}
+
+/// Outside the bound's precondition the scale is not a normal f16: a block whose largest
+/// value is below `127 · 2^−25` comes back as zeros (as ggml's `quantize_row_q8_0` gives).
+#[test]
+fn quantized_queries_of_vanishing_blocks_are_zeros() {
+    let mut q = vec![1e-7f32; 64];
+    q[32..].iter_mut().for_each(|v| *v = 1.0);
+    let back = attention::quantized_query(&q, 64).unwrap();
+    assert!(back[..32].iter().all(|&v| v == 0.0));
+    assert!(back[32..].iter().all(|&v| (v - 1.0).abs() < 1e-3));
+}

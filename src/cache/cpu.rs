@@ -52,6 +52,7 @@ impl CpuStore {
             v_dim: spec.v_dim,
             n_pages: pages.slots() / pages.page_tokens(),
             page_tokens: pages.page_tokens(),
+            query: spec.query,
         })
         .map_err(|e| match e {
             Error::Reference(InputError::InvalidParameter {

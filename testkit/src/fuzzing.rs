@@ -718,6 +718,7 @@ pub fn batch(data: &[u8]) {
         v_dim: p.d,
         n_pages: p.n_pages,
         page_tokens: p.page_tokens,
+        query: rotq::QueryMode::Auto,
     };
     let Ok(mut pool) = KvPool::new(spec) else {
         assert_eq!(p.page_tokens, 0, "only a page of no tokens is refused here");

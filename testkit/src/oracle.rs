@@ -42,3 +42,44 @@ pub fn assert_matches_f32(got: &[f32], want: &[f64], op: Op, precision: Precisio
     let got: Vec<f64> = got.iter().map(|&v| f64::from(v)).collect();
     assert_matches(&got, want, op, precision, what);
 }
+
+/// Queries as the oracle takes them for a kernel whose `K·Q` runs in `mode` (resolved, see
+/// `rotq_cpu::QueryMode::resolve`), rotated by `qk`: for q8_0 queries, rotated by the CPU
+/// kernels' own f32 rotation and then through q8_0 blocks (`quantize_query_in_place`, the
+/// mode's spec), since a q8_0 code may flip where an f64 and an f32 rotation differ in the
+/// last bit; otherwise rotated in f64. The oracle then runs without a Q rotation.
+///
+/// ```
+/// use rotq_cpu::QueryMode;
+/// use rotq_reference::Rotation;
+/// let q: Vec<f32> = (0..64).map(|i| (i as f32 * 0.7).sin()).collect();
+/// let r = Rotation::hadamard(64).unwrap();
+/// let exact = rotq_testkit::oracle::oracle_queries(&q, Some(&r), QueryMode::Exact);
+/// let q8 = rotq_testkit::oracle::oracle_queries(&q, Some(&r), QueryMode::Q8_0);
+/// assert_ne!(exact, q8);
+/// assert!(exact.iter().zip(&q8).all(|(a, b)| (a - b).abs() < 0.02));
+/// ```
+///
+/// # Panics
+/// On rows that are not whole rotations or (q8_0) whole blocks of 32 (it is an assertion).
+#[cfg(feature = "fuzzing")]
+pub fn oracle_queries(
+    q: &[f32],
+    qk: Option<&rotq_reference::Rotation>,
+    mode: rotq_cpu::QueryMode,
+) -> Vec<f64> {
+    if mode == rotq_cpu::QueryMode::Q8_0 {
+        let mut q32 = q.to_vec();
+        if let Some(r) = qk {
+            let rotation = rotq_cpu::CpuRotation::new(r, rotq_cpu::Isa::best());
+            rotation.forward_rows(&mut q32).expect("whole rows");
+        }
+        rotq_reference::attention::quantize_query_in_place(&mut q32).expect("whole blocks");
+        return q32.into_iter().map(f64::from).collect();
+    }
+    let mut qr: Vec<f64> = q.iter().map(|&v| f64::from(v)).collect();
+    if let Some(r) = qk {
+        r.rotate_rows(&mut qr, false).expect("whole rows");
+    }
+    qr
+}

@@ -153,6 +153,23 @@ pub fn fwht_bucket(n: usize) -> String {
     bucket(&[("n", n)])
 }
 
+/// The tuning-cache name of decode attention over a K cache in `format` with queries in
+/// `mode` (resolved: [`crate::QueryMode::Auto`] is named as what it became). The two modes run
+/// different inner loops, so each has its own entries.
+///
+/// ```
+/// use rotq_cpu::{tuned::decode_kernel, QueryMode};
+/// use rotq_reference::KvFormat;
+/// assert_eq!(decode_kernel(KvFormat::Q4_0, QueryMode::Exact), "decode_attention_q4_0");
+/// assert_eq!(decode_kernel(KvFormat::Q4_0, QueryMode::Q8_0), "decode_attention_q4_0_q8_0_query");
+/// ```
+pub fn decode_kernel(format: KvFormat, mode: crate::QueryMode) -> String {
+    match mode {
+        crate::QueryMode::Q8_0 => format!("decode_attention_{format}_q8_0_query"),
+        _ => format!("decode_attention_{format}"),
+    }
+}
+
 /// The bucket of decode attention: head dim, KV heads, query heads per KV head, cached tokens.
 pub fn decode_bucket(d: usize, h_kv: usize, group: usize, n_kv: usize) -> String {
     bucket(&[("d", d), ("h_kv", h_kv), ("group", group), ("n_kv", n_kv)])

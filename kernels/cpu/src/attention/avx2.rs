@@ -513,17 +513,7 @@ pub(super) fn int_query(q: &[f32], d: usize) -> Option<IntQuery> {
         codes: [0; 4 * MAX_INT_DIM],
         scales: [0.0; 4 * MAX_INT_DIM / 32],
     };
-    for (b, block) in q.chunks_exact(32).enumerate() {
-        let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
-        if amax == 0.0 {
-            continue;
-        }
-        let scale = amax / 127.0;
-        iq.scales[b] = scale;
-        for (c, x) in iq.codes[32 * b..32 * b + 32].iter_mut().zip(block) {
-            *c = (x / scale).round() as i8;
-        }
-    }
+    super::int_codes(q, &mut iq.codes[..q.len()], &mut iq.scales[..q.len() / 32]);
     Some(iq)
 }
 

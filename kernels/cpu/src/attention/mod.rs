@@ -386,11 +386,21 @@ pub struct CpuAttention {
 /// exists, the f32 loops on the round-tripped queries elsewhere), so results do not depend on
 /// which loop ran.
 ///
+/// [`QueryMode::Auto`] is the rule measured on real attention layers (docs/eval.md, "Quantized
+/// queries"): q8_0 queries add 1.5–4.6·10⁻⁵ of mean attention KLD where Q and K are rotated
+/// (the rotation spreads a query's outlier channels, so one block scale fits all 32 values),
+/// but 1.3–2.0·10⁻⁴ on an unrotated SmolLM2 layer set; so `Auto` quantizes queries only over
+/// integer K formats with a Q/K rotation. The kernels' own default stays [`QueryMode::Exact`]
+/// (what the oracle computes); the engine API defaults to `Auto`.
+///
 /// ```
 /// use rotq_cpu::{CpuAttention, Isa, QueryMode};
-/// use rotq_reference::RotationPlan;
+/// use rotq_reference::{KvFormat, RotationPlan};
 /// let attn = CpuAttention::new(&RotationPlan::none(), Isa::best()).with_query_mode(QueryMode::Q8_0);
 /// assert_eq!(attn.query_mode(), QueryMode::Q8_0);
+/// assert_eq!(QueryMode::Auto.resolve(KvFormat::Q4_0, true, 128), QueryMode::Q8_0);
+/// assert_eq!(QueryMode::Auto.resolve(KvFormat::Q4_0, false, 128), QueryMode::Exact);
+/// assert_eq!(QueryMode::Auto.resolve(KvFormat::F16, true, 128), QueryMode::Exact);
 /// ```
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -400,6 +410,76 @@ pub enum QueryMode {
     Exact,
     /// Queries through q8_0 (rows of a multiple of 32 values).
     Q8_0,
+    /// [`QueryMode::Q8_0`] over q4_0 and q8_0 K caches whose Q and K are rotated (head
+    /// dimensions a multiple of 32), [`QueryMode::Exact`] elsewhere: see [`QueryMode::resolve`].
+    Auto,
+}
+
+impl QueryMode {
+    /// Every mode, in the order the docs list them.
+    pub const ALL: [QueryMode; 3] = [QueryMode::Exact, QueryMode::Q8_0, QueryMode::Auto];
+
+    /// The mode that runs over a K cache in `k_format` with rows of `d` values, Q and K rotated
+    /// (`qk_rotated`) or not: [`QueryMode::Auto`] becomes [`QueryMode::Q8_0`] for q4_0 and q8_0
+    /// (the formats the integer loop reads) with a rotation and `d % 32 == 0`, else
+    /// [`QueryMode::Exact`]; the other modes stay as they are.
+    ///
+    /// ```
+    /// use rotq_cpu::QueryMode;
+    /// use rotq_reference::KvFormat;
+    /// assert_eq!(QueryMode::Auto.resolve(KvFormat::Q8_0, true, 96), QueryMode::Q8_0);
+    /// assert_eq!(QueryMode::Auto.resolve(KvFormat::Q8_0, true, 80), QueryMode::Exact);
+    /// assert_eq!(QueryMode::Q8_0.resolve(KvFormat::F16, false, 64), QueryMode::Q8_0);
+    /// ```
+    pub fn resolve(self, k_format: KvFormat, qk_rotated: bool, d: usize) -> QueryMode {
+        match self {
+            QueryMode::Auto
+                if qk_rotated
+                    && d.is_multiple_of(32)
+                    && matches!(k_format, KvFormat::Q4_0 | KvFormat::Q8_0) =>
+            {
+                QueryMode::Q8_0
+            }
+            QueryMode::Auto => QueryMode::Exact,
+            mode => mode,
+        }
+    }
+
+    /// The name the CLI and the C ABI use (`exact`, `q8_0`, `auto`).
+    ///
+    /// ```
+    /// use rotq_cpu::QueryMode;
+    /// assert_eq!(QueryMode::Q8_0.name(), "q8_0");
+    /// assert_eq!("exact".parse::<QueryMode>().unwrap(), QueryMode::Exact);
+    /// assert!("q4_0".parse::<QueryMode>().is_err());
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            QueryMode::Exact => "exact",
+            QueryMode::Q8_0 => "q8_0",
+            QueryMode::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for QueryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for QueryMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        QueryMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::InvalidParameter {
+                name: "query mode",
+                reason: format!("`{s}`: expected `exact`, `q8_0` or `auto`"),
+            })
+    }
 }
 
 /// An additive mask over one sequence's query rows and its keys: the value for (query row `i`,
@@ -753,6 +833,11 @@ impl CpuAttention {
         self
     }
 
+    /// The mode this kernel's queries take over the K cache `k` (its [`QueryMode`] resolved).
+    fn query_for(&self, k: &KvCacheView<'_>) -> QueryMode {
+        self.query.resolve(k.format, self.qk.is_some(), k.dim)
+    }
+
     /// The tuning for a decode problem: the tuning cache's entry for its shape and format
     /// unless [`Self::with_config`] set one, else the default.
     pub fn config_for(&self, h_q: usize, k: &KvCacheView<'_>) -> AttentionConfig {
@@ -760,7 +845,7 @@ impl CpuAttention {
             let group = h_q / k.n_heads.max(1);
             let bucket = crate::tuned::decode_bucket(k.dim, k.n_heads, group, k.n_tokens);
             crate::tuned::lookup(
-                &format!("decode_attention_{}", k.format),
+                &crate::tuned::decode_kernel(k.format, self.query_for(k)),
                 &bucket,
                 &AttentionConfig::search_space(),
             )
@@ -1129,8 +1214,8 @@ impl CpuAttention {
         if let Some(r) = &self.qk {
             r.forward_rows(queries)?;
         }
-        if self.query == QueryMode::Q8_0 {
-            for (s, planned) in seqs.iter().zip(&plan.seqs) {
+        for (s, planned) in seqs.iter().zip(&plan.seqs) {
+            if self.query_for(&s.k) == QueryMode::Q8_0 {
                 if !planned.shape.d.is_multiple_of(32) {
                     return Err(Error::InvalidParameter {
                         name: "query mode",
@@ -1284,7 +1369,9 @@ impl CpuAttention {
         let int_queries = {
             let mut iqs = INT_QUERIES.with(|c| std::mem::take(&mut *c.borrow_mut()));
             iqs.clear();
-            if self.query == QueryMode::Q8_0 && fused_k.is_some_and(|f| f != RegFormat::F16) {
+            if self.query_for(&p.k) == QueryMode::Q8_0
+                && fused_k.is_some_and(|f| f != RegFormat::F16)
+            {
                 for head in task.heads.clone() {
                     for j in (0..g).step_by(4) {
                         let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];
@@ -1294,6 +1381,29 @@ impl CpuAttention {
             }
             iqs
         };
+        // The same on NEON with dot products: every (row, head) of the task's query rows as
+        // codes `[rows][heads][g · d]` and block scales (`None`: the f32 loops take them).
+        #[cfg(target_arch = "aarch64")]
+        let neon_int = (self.isa == Isa::Neon
+            && self.query_for(&p.k) == QueryMode::Q8_0
+            && matches!(p.k.format, KvFormat::Q4_0 | KvFormat::Q8_0)
+            && d.is_multiple_of(32)
+            && neon::has_dotprod())
+        .then(|| {
+            let mut q = Vec::with_capacity(n_rows * task.heads.len() * g * d);
+            for i in task.rows.clone() {
+                for head in task.heads.clone() {
+                    q.extend_from_slice(&p.q[(i * p.h_q + head * g) * d..][..g * d]);
+                }
+            }
+            let mut codes = vec![0i8; q.len()];
+            let mut scales = vec![0f32; q.len() / 32];
+            q.iter().all(|x| x.is_finite()).then(|| {
+                int_codes(&q, &mut codes, &mut scales);
+                (codes, scales)
+            })
+        })
+        .flatten();
         let mut t0 = task.keys.start;
         while t0 < task.keys.end {
             let t1 = (t0 + bn).min(task.keys.end);
@@ -1348,6 +1458,43 @@ impl CpuAttention {
                             at + vis.start - t0..at + vis.end - t0
                         }) {
                             scores[s] = c * (scores[s] / c).tanh();
+                        }
+                    }
+                    continue;
+                }
+                #[cfg(target_arch = "aarch64")]
+                if let Some((codes, scales)) = &neon_int {
+                    let nh = task.heads.len();
+                    for (ri, _) in task.rows.clone().enumerate() {
+                        let lane0 = ri * width + hh * g;
+                        let vis = range(ri).start.max(t0)..range(ri).end.min(t1);
+                        if vis.is_empty() {
+                            continue;
+                        }
+                        let at = (ri * nh + hh) * g;
+                        let out = &mut scores[lane0 * bn + (vis.start - t0)..];
+                        // SAFETY: NEON and dot products were detected; K is q4_0 or q8_0 with
+                        // d % 32 == 0; the codes and scales of these g rows lie at `at`; `vis`
+                        // lies in the cache and `out` holds g lanes of `bn` scores from it.
+                        unsafe {
+                            neon::int_scores(
+                                p.k.format == KvFormat::Q4_0,
+                                &codes[at * d..][..g * d],
+                                &scales[at * d / 32..][..g * d / 32],
+                                g,
+                                &p.k,
+                                head,
+                                vis.clone(),
+                                out,
+                                bn,
+                            )
+                        };
+                        if let Some(c) = softcap {
+                            for j in 0..g {
+                                for s in &mut out[j * bn..][..vis.len()] {
+                                    *s = c * (*s / c).tanh();
+                                }
+                            }
                         }
                     }
                     continue;
@@ -1451,6 +1598,28 @@ impl CpuAttention {
         }
         #[cfg(target_arch = "x86_64")]
         INT_QUERIES.with(|c| *c.borrow_mut() = int_queries);
+    }
+}
+
+/// The integer form of query rows that went through q8_0 (finite values, whole blocks of 32):
+/// each block's largest magnitude is its scale times 127, so `scale = max |x| / 127` and
+/// `code = round(x / scale)` give back the q8_0 codes exactly (the division's rounding moves
+/// `x / scale` far less than half a unit); an all-zero block has scale 0.
+fn int_codes(q: &[f32], codes: &mut [i8], scales: &mut [f32]) {
+    for ((block, codes), scale) in q
+        .chunks_exact(32)
+        .zip(codes.chunks_exact_mut(32))
+        .zip(scales.iter_mut())
+    {
+        let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
+        *scale = amax / 127.0;
+        for (c, x) in codes.iter_mut().zip(block) {
+            *c = if amax == 0.0 {
+                0
+            } else {
+                (x / *scale).round() as i8
+            };
+        }
     }
 }
 

@@ -141,3 +141,95 @@ pub(super) unsafe fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[f32]) {
         }
     }
 }
+
+/// Whether this CPU has the dot-product instructions (`sdot`, Armv8.2's FEAT_DotProd) the
+/// integer decode path needs; without them the f32 loops take the (same) quantized queries.
+pub(super) fn has_dotprod() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// `acc + Σ` of the products of `a` and `b`'s bytes, four at a time per lane (`sdot`; its
+/// intrinsic is not yet stable in Rust).
+///
+/// # Safety
+/// The CPU has the dot-product extension.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: a register-only instruction the caller guarantees the CPU has.
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// Scores with quantized queries over a q4_0 (`q4`) or q8_0 K cache: `out[j · stride + t −
+/// start]` is the score of query row `j` (of `rows`) and key `t` of `tokens`, each 32-value
+/// block's codes multiplied as integers (exact) and scaled by the two blocks' scales in f32,
+/// as the AVX2 integer loop does. `codes` holds the rows' q8_0 codes (`rows · d`), `scales`
+/// their block scales (`rows · d / 32`).
+///
+/// # Safety
+/// NEON and the dot-product extension must be available; `k` is in q4_0 (`q4`) or q8_0 with
+/// `k.dim % 32 == 0`, `codes.len() == rows · k.dim`, `scales.len() == rows · k.dim / 32`,
+/// `tokens.end <= k.n_tokens`, `head < k.n_heads`, and `out` holds
+/// `(rows − 1) · stride + tokens.len()` values.
+#[target_feature(enable = "neon,dotprod")]
+#[allow(clippy::too_many_arguments)] // a kernel's operands, each with its own role
+pub(super) unsafe fn int_scores(
+    q4: bool,
+    codes: &[i8],
+    scales: &[f32],
+    rows: usize,
+    k: &super::KvCacheView<'_>,
+    head: usize,
+    tokens: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    // SAFETY: the caller upholds this function's `# Safety` contract: every K row read is a
+    // whole row of the view (`k.row` checks it), every code read lies in `codes`.
+    unsafe {
+        let d = k.dim;
+        let nb = d / 32;
+        let pc = codes.as_ptr();
+        let low = vdupq_n_u8(0x0F);
+        let eight = vdupq_n_s8(8);
+        for t in tokens.clone() {
+            let row = k.row(t, head);
+            let at = t - tokens.start;
+            for j in 0..rows {
+                out[j * stride + at] = 0.0;
+            }
+            for b in 0..nb {
+                let (block, len) = if q4 { (18 * b, 18) } else { (34 * b, 34) };
+                let block = &row[block..block + len];
+                let dk = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                let (lo, hi) = if q4 {
+                    // Values 0..16 are the low nibbles, 16..32 the high ones; codes nibble − 8.
+                    let x = vld1q_u8(block.as_ptr().add(2));
+                    (
+                        vsubq_s8(vreinterpretq_s8_u8(vandq_u8(x, low)), eight),
+                        vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(x)), eight),
+                    )
+                } else {
+                    let p = block.as_ptr().add(2).cast::<i8>();
+                    (vld1q_s8(p), vld1q_s8(p.add(16)))
+                };
+                for j in 0..rows {
+                    let q = pc.add(j * d + 32 * b);
+                    let acc = sdot(vdupq_n_s32(0), lo, vld1q_s8(q));
+                    let acc = sdot(acc, hi, vld1q_s8(q.add(16)));
+                    let s = dk * scales[j * nb + b];
+                    out[j * stride + at] += vaddvq_s32(acc) as f32 * s;
+                }
+            }
+        }
+    }
+}
