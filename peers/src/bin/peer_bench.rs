@@ -17,7 +17,7 @@
 
 use ndarray::Array3;
 use rayon::prelude::*;
-use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, DecodeRequest, Isa, KvCacheView};
+use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, DecodeRequest, Isa, KvCacheView, QueryMode};
 use rotq_peers::{ElemType, FlashAttnSpec, MaskKind, Peer, PeerKind, QuantizePath, RotationKind};
 use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
 use serde::Serialize;
@@ -311,6 +311,12 @@ impl<'a> Ours<'a> {
         })
     }
 
+    /// The same with the queries' arithmetic in `mode`.
+    fn with_query_mode(mut self, mode: QueryMode) -> Self {
+        self.kernel = self.kernel.with_query_mode(mode);
+        self
+    }
+
     /// `q` is `[n_seq, n_q, h_q, d]`, unrotated.
     fn run(&self, q: &[f32]) -> Vec<f32> {
         let per = self.n_q * H_Q * D;
@@ -584,7 +590,7 @@ fn bench_decode(
                 pos_offset: n_kv - 1,
                 ..Default::default()
             };
-            let ours = Ours::new(&r, format, &kb, &vb, n_seq, n_kv, 1, params)?;
+            let ours = Ours::new(&r, format, &kb, &vb, n_seq, n_kv, 1, params.clone())?;
             let spec =
                 FlashAttnSpec::decode(ElemType::of(format)?, n_seq, n_kv, H_KV, D, H_Q, a.threads);
             let mut fa_ik = ik.flash_attn(&spec, &kb, &vb)?;
@@ -612,10 +618,19 @@ fn bench_decode(
                 continue;
             }
             let ceiling = copy_ceiling(bytes, a.runs);
+            // rotq with q8_0 queries too (the engine API's default over these rotated q4_0 and
+            // q8_0 caches; ik_llama.cpp quantizes its queries the same way).
+            let ours_q8 = (format != KvFormat::F16)
+                .then(|| {
+                    Ours::new(&r, format, &kb, &vb, n_seq, n_kv, 1, params.clone())
+                        .map(|o| o.with_query_mode(QueryMode::Q8_0))
+                })
+                .transpose()?;
             let names = [
                 "rotq".to_string(),
                 "ik_llama.cpp iqk flash attention (KQ mask)".to_string(),
                 "llama.cpp ggml_flash_attn_ext (KQ mask)".to_string(),
+                "rotq, q8_0 queries".to_string(),
             ];
             let mut contenders = vec![
                 Contender {
@@ -636,17 +651,39 @@ fn bench_decode(
                     time_scale: 1.0,
                 },
             ];
+            if let Some(o8) = &ours_q8 {
+                contenders.push(Contender {
+                    name: names[3].clone(),
+                    call: Box::new(|| {
+                        std::hint::black_box(o8.run(&q));
+                    }),
+                    time_scale: 1.0,
+                });
+            }
             let samples = race(&mut contenders, a.runs);
             let names: Vec<String> = contenders.iter().map(|c| c.name.clone()).collect();
             rows.extend(rows_of(
                 &kernel_name(format),
                 &shape,
-                &names,
-                &samples,
+                &names[..3],
+                &samples[..3],
                 bytes,
                 ceiling,
                 a.threads,
             ));
+            if samples.len() == 4 {
+                // The q8_0-query rows: the same peers against rotq's integer loop.
+                let pick = [3, 1, 2];
+                rows.extend(rows_of(
+                    &format!("{}_q8_0_query", kernel_name(format)),
+                    &shape,
+                    &pick.map(|i| names[i].clone()),
+                    &pick.map(|i| samples[i].clone()),
+                    bytes,
+                    ceiling,
+                    a.threads,
+                ));
+            }
         }
     }
     Ok(ok)
@@ -660,8 +697,10 @@ fn bench_fwht(
     log: &mut dyn FnMut(String),
 ) -> Result<bool, BoxError> {
     let mut ok = true;
-    for n in [128usize, 4096] {
-        let len = (64 << 20) / 4 / n * n;
+    // 64 MiB rows (memory-bound: the copy ceiling caps every kernel) and, at n = 128, 1 MiB
+    // (in L2: the arithmetic decides).
+    for (n, mib) in [(128usize, 64usize), (128, 1), (4096, 64)] {
+        let len = (mib << 20) / 4 / n * n;
         let n_rows = len / n;
         let rotation = Rotation::hadamard(n)?;
         let ours = CpuRotation::new(&rotation, Isa::best());
@@ -754,7 +793,7 @@ fn bench_fwht(
         ];
         let samples = race(&mut contenders, a.runs);
         let names: Vec<String> = contenders.iter().map(|c| c.name.clone()).collect();
-        let shape = format!("{n_rows} rows x {n} f32 (64 MiB)");
+        let shape = format!("{n_rows} rows x {n} f32 ({mib} MiB)");
         rows.extend(rows_of(
             &format!("fwht_f32_n{n}"),
             &shape,

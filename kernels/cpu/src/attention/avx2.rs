@@ -497,11 +497,9 @@ pub(super) struct IntQuery {
     scales: [f32; 4 * MAX_INT_DIM / 32],
 }
 
-/// The integer form of four query rows that went through q8_0 (and were then scaled): each
-/// block's largest magnitude is its scale times 127, so `scale = max |x| / 127` and
-/// `code = round(x / scale)` give back the q8_0 codes exactly (the scaling's rounding moves
-/// `x / scale` far less than half a unit). `None` where the rows hold a NaN or an infinity, or
-/// `d` is over [`MAX_INT_DIM`] (the f32 path takes those: the same values, the same spec).
+/// The integer form of four query rows that went through q8_0 (and were then scaled), made
+/// by [`super::int_codes`]. `None` where the rows hold a NaN or an infinity, or `d` is over
+/// [`MAX_INT_DIM`] (the f32 path takes those: the same values, the same spec).
 pub(super) fn int_query(q: &[f32], d: usize) -> Option<IntQuery> {
     if d > MAX_INT_DIM || !d.is_multiple_of(32) || q.len() != 4 * d {
         return None;
@@ -517,9 +515,20 @@ pub(super) fn int_query(q: &[f32], d: usize) -> Option<IntQuery> {
     Some(iq)
 }
 
-/// A K row format whose blocks of 32 values are integer codes times an f16 scale.
+/// Whether this CPU has AVX-VNNI (`vpdpbusd` on 256-bit registers), checked once.
+pub(super) fn has_avx_vnni() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avxvnni"))
+}
+
+/// A K row format whose blocks of 32 values are integer codes times an f16 scale, read as
+/// unsigned bytes `u = code + OFFSET` (q4_0's nibbles as they are stored; q8_0's codes with
+/// the sign bit flipped), so that `vpdpbusd` / `maddubs` (unsigned × signed) multiply them
+/// by the signed query codes; `Σ code · q = Σ u · q − OFFSET · Σ q` is then exact.
 trait IntBlocks {
-    /// Block `b` of the row at `row`: its 32 codes (in value order) and its scale.
+    /// What the unsigned codes add to the signed ones.
+    const OFFSET: i32;
+    /// Block `b` of the row at `row`: its 32 unsigned codes (in value order) and its scale.
     ///
     /// # Safety
     /// AVX2 and F16C; `row` points at a whole row of more than `b` blocks.
@@ -537,6 +546,8 @@ unsafe fn scale_f32(p: *const u8) -> f32 {
 }
 
 impl IntBlocks for Q4_0 {
+    const OFFSET: i32 = 8;
+
     #[inline(always)]
     unsafe fn block(row: *const u8, b: usize) -> (__m256i, f32) {
         // SAFETY: block b (18 bytes) of the row is whole (the caller's contract).
@@ -544,29 +555,88 @@ impl IntBlocks for Q4_0 {
             let block = row.add(18 * b);
             let qs = _mm_loadu_si128(block.add(2).cast());
             let low = _mm_set1_epi8(0x0F);
-            // Values 0..16 are the low nibbles, 16..32 the high ones; codes are nibble − 8.
+            // Values 0..16 are the low nibbles, 16..32 the high ones (codes + 8).
             let lo = _mm_and_si128(qs, low);
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low);
-            let codes = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
-            (codes, scale_f32(block))
+            (_mm256_set_m128i(hi, lo), scale_f32(block))
         }
     }
 }
 
 impl IntBlocks for Q8_0 {
+    const OFFSET: i32 = 128;
+
     #[inline(always)]
     unsafe fn block(row: *const u8, b: usize) -> (__m256i, f32) {
         // SAFETY: block b (34 bytes) of the row is whole (the caller's contract).
         unsafe {
             let block = row.add(34 * b);
-            (_mm256_loadu_si256(block.add(2).cast()), scale_f32(block))
+            let codes = _mm256_loadu_si256(block.add(2).cast());
+            (
+                _mm256_xor_si256(codes, _mm256_set1_epi8(i8::MIN)),
+                scale_f32(block),
+            )
+        }
+    }
+}
+
+/// The eight partial sums of `Σ u · q` over a block: one `vpdpbusd` with AVX-VNNI; two
+/// instructions (`maddubs`, `madd`) on AVX2, whose 16-bit pair sums cannot overflow for q4_0's
+/// nibbles (2 · 15 · 127); q8_0's unsigned codes would, so without VNNI q8_0 multiplies the
+/// signed codes (`sign`) and needs no offset.
+trait IntDot {
+    /// Whether the products are of the unsigned codes (and need the offset's correction).
+    fn unsigned<D: IntBlocks>() -> bool;
+    /// The block's partial sums for the unsigned codes `u` and the query codes `q`.
+    ///
+    /// # Safety
+    /// The instruction sets of the implementing type.
+    unsafe fn dot<D: IntBlocks>(u: __m256i, q: __m256i) -> __m256i;
+}
+
+struct Vnni;
+struct Madd;
+
+impl IntDot for Vnni {
+    #[inline(always)]
+    fn unsigned<D: IntBlocks>() -> bool {
+        true
+    }
+
+    #[inline(always)]
+    unsafe fn dot<D: IntBlocks>(u: __m256i, q: __m256i) -> __m256i {
+        // SAFETY: AVX-VNNI (the caller's contract); register operands only.
+        unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, q) }
+    }
+}
+
+impl IntDot for Madd {
+    #[inline(always)]
+    fn unsigned<D: IntBlocks>() -> bool {
+        D::OFFSET < 16
+    }
+
+    #[inline(always)]
+    unsafe fn dot<D: IntBlocks>(u: __m256i, q: __m256i) -> __m256i {
+        // SAFETY: AVX2 (the caller's contract); register operands only.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            if Self::unsigned::<D>() {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones)
+            } else {
+                // maddubs multiplies unsigned by signed bytes: |k| times q with k's sign.
+                let k = _mm256_xor_si256(u, _mm256_set1_epi8(i8::MIN));
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(k, k), _mm256_sign_epi8(q, k));
+                _mm256_madd_epi16(pairs, ones)
+            }
         }
     }
 }
 
 /// [`fused_scores`] with quantized queries: `out[r · stride + t − start]` is the score of
-/// query row `r` (of `iq`) and key `t`, each block's codes multiplied as integers
-/// (`maddubs`/`madd`: exact) and scaled by the product of the two blocks' scales, in f32.
+/// query row `r` (of `iq`) and key `t`, each block's codes multiplied as integers (exact) and
+/// scaled by the product of the two blocks' scales, in f32 (with AVX-VNNI where the CPU has
+/// it).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `k` is in format `f` (q4_0 or q8_0) with
@@ -574,7 +644,6 @@ impl IntBlocks for Q8_0 {
 /// `tokens.end <= k.n_tokens`, `head < k.n_heads`, and `out` holds
 /// `3 · stride + tokens.len()` values. `v` (prefetched) may be any view.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)] // as fused_scores
 pub(super) unsafe fn fused_int_scores(
     f: RegFormat,
@@ -586,19 +655,55 @@ pub(super) unsafe fn fused_int_scores(
     out: &mut [f32],
     stride: usize,
 ) {
-    // SAFETY: the caller's contract, passed on.
+    // SAFETY: the caller's contract, passed on; the VNNI loops only where the CPU has it.
     unsafe {
-        match f {
-            RegFormat::Q4_0 => int_scores_in::<Q4_0>(iq, k, v, head, tokens, out, stride),
-            RegFormat::Q8_0 => int_scores_in::<Q8_0>(iq, k, v, head, tokens, out, stride),
-            RegFormat::F16 => {}
+        match (f, has_avx_vnni()) {
+            (RegFormat::Q4_0, true) => int_scores_vnni::<Q4_0>(iq, k, v, head, tokens, out, stride),
+            (RegFormat::Q8_0, true) => int_scores_vnni::<Q8_0>(iq, k, v, head, tokens, out, stride),
+            (RegFormat::Q4_0, false) => {
+                int_scores_avx2::<Q4_0>(iq, k, v, head, tokens, out, stride)
+            }
+            (RegFormat::Q8_0, false) => {
+                int_scores_avx2::<Q8_0>(iq, k, v, head, tokens, out, stride)
+            }
+            (RegFormat::F16, _) => {}
         }
     }
 }
 
-/// [`fused_int_scores`] for one format.
+/// [`fused_int_scores`] with AVX-VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn int_scores_vnni<D: IntBlocks>(
+    iq: &IntQuery,
+    k: &KvCacheView<'_>,
+    v: &KvCacheView<'_>,
+    head: usize,
+    tokens: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { int_scores_in::<D, Vnni>(iq, k, v, head, tokens, out, stride) }
+}
+
+/// [`fused_int_scores`] with AVX2 only.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn int_scores_avx2<D: IntBlocks>(
+    iq: &IntQuery,
+    k: &KvCacheView<'_>,
+    v: &KvCacheView<'_>,
+    head: usize,
+    tokens: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { int_scores_in::<D, Madd>(iq, k, v, head, tokens, out, stride) }
+}
+
+/// [`fused_int_scores`] for one format and one way of multiplying bytes.
 #[inline(always)]
-unsafe fn int_scores_in<D: IntBlocks>(
+unsafe fn int_scores_in<D: IntBlocks, M: IntDot>(
     iq: &IntQuery,
     k: &KvCacheView<'_>,
     v: &KvCacheView<'_>,
@@ -612,8 +717,18 @@ unsafe fn int_scores_in<D: IntBlocks>(
     unsafe {
         let d = k.dim;
         let nb = d / 32;
-        let ones = _mm256_set1_epi16(1);
         let pc = iq.codes.as_ptr();
+        // The offset's correction, per lane in integers, so that each lane holds its four
+        // products' exact sum (small: the lanes' f32 sum then rounds as the f32 loops do):
+        // OFFSET · Σ q over each lane's four bytes.
+        let mut fix = [_mm256_setzero_si256(); 4 * MAX_INT_DIM / 32];
+        if M::unsigned::<D>() {
+            let offset = _mm256_set1_epi8(D::OFFSET as u8 as i8);
+            for (i, f) in fix[..4 * nb].iter_mut().enumerate() {
+                let qv = _mm256_loadu_si256(pc.add(32 * i).cast());
+                *f = M::dot::<D>(offset, qv);
+            }
+        }
         for t in tokens.clone() {
             k.prefetch(t + PREFETCH_TOKENS, head);
             v.prefetch(t, head);
@@ -621,13 +736,12 @@ unsafe fn int_scores_in<D: IntBlocks>(
             let mut acc = [_mm256_setzero_ps(); 4];
             for b in 0..nb {
                 let (codes, dk) = D::block(row, b);
-                // maddubs multiplies unsigned by signed bytes: |k| times q with k's sign.
-                let ak = _mm256_sign_epi8(codes, codes);
+                let dkv = _mm256_set1_ps(dk);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let qv = _mm256_loadu_si256(pc.add(r * d + 32 * b).cast());
-                    let pairs = _mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv, codes));
-                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    let s = _mm256_set1_ps(dk * iq.scales[r * nb + b]);
+                    let dot = _mm256_sub_epi32(M::dot::<D>(codes, qv), fix[r * nb + b]);
+                    let sums = _mm256_cvtepi32_ps(dot);
+                    let s = _mm256_mul_ps(dkv, _mm256_broadcast_ss(&iq.scales[r * nb + b]));
                     *a = _mm256_fmadd_ps(sums, s, *a);
                 }
             }
@@ -640,6 +754,102 @@ unsafe fn int_scores_in<D: IntBlocks>(
             _mm_storeu_ps(lanes.as_mut_ptr(), s);
             for (r, x) in lanes.into_iter().enumerate() {
                 out[r * stride + t - tokens.start] = x;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rotq_reference::KvFormat;
+
+    /// Both ways of multiplying bytes give the same exact integers, so the same bits: the
+    /// AVX2 `maddubs` loop (signed q8_0 codes, unsigned q4_0 nibbles) and the AVX-VNNI one
+    /// (unsigned codes with the offset taken off in integers). Random codes over every value,
+    /// extreme blocks (all ±127 queries against all-extreme keys) and an all-zero query block.
+    #[test]
+    fn vnni_and_maddubs_scores_are_the_same_bits() {
+        if !(is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        {
+            eprintln!("skipped: no AVX2");
+            return;
+        }
+        let (n, h, d) = (37usize, 2usize, 128usize);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for format in [KvFormat::Q4_0, KvFormat::Q8_0] {
+            let row_bytes = format.row_bytes(d).unwrap();
+            let mut bytes: Vec<u8> = (0..n * h * row_bytes).map(|_| next() as u8).collect();
+            // Sane f16 scales (random bytes may be NaN or Inf), extreme codes in token 0.
+            let block = row_bytes / (d / 32);
+            for (i, chunk) in bytes.chunks_exact_mut(block).enumerate() {
+                let scale = half::f16::from_f32(0.01 + (i % 7) as f32 * 0.003).to_bits();
+                chunk[..2].copy_from_slice(&scale.to_le_bytes());
+                if i < h * d / 32 {
+                    chunk[2..].fill(if format == KvFormat::Q8_0 { 0x81 } else { 0x00 });
+                }
+            }
+            let k = KvCacheView::new(format, &bytes, n, h, d).unwrap();
+            let mut q: Vec<f32> = (0..4 * d).map(|_| (next() % 255) as f32 - 127.0).collect();
+            q[..32].fill(127.0); // a block at the extreme
+            q[32..64].fill(-127.0);
+            q[64..96].fill(0.0); // and an all-zero one
+                                 // Queries as the kernel sees them: through q8_0 and back.
+            rotq_reference::attention::quantize_query_in_place(&mut q).unwrap();
+            let iq = int_query(&q, d).unwrap();
+            let f = if format == KvFormat::Q4_0 {
+                RegFormat::Q4_0
+            } else {
+                RegFormat::Q8_0
+            };
+            let stride = n;
+            let (mut a, mut b) = (vec![0f32; 4 * n], vec![0f32; 4 * n]);
+            for head in 0..h {
+                // SAFETY: AVX2, FMA and F16C were checked; K is q4_0 or q8_0 of d = 128
+                // values; every token of the view; `a` and `b` hold 4 rows of `n`.
+                unsafe {
+                    match f {
+                        RegFormat::Q4_0 => {
+                            int_scores_avx2::<Q4_0>(&iq, &k, &k, head, 0..n, &mut a, stride)
+                        }
+                        _ => int_scores_avx2::<Q8_0>(&iq, &k, &k, head, 0..n, &mut a, stride),
+                    }
+                }
+                if !has_avx_vnni() {
+                    eprintln!("skipped: no AVX-VNNI (the AVX2 loop ran alone)");
+                    return;
+                }
+                // SAFETY: as above, and AVX-VNNI was detected.
+                unsafe {
+                    match f {
+                        RegFormat::Q4_0 => {
+                            int_scores_vnni::<Q4_0>(&iq, &k, &k, head, 0..n, &mut b, stride)
+                        }
+                        _ => int_scores_vnni::<Q8_0>(&iq, &k, &k, head, 0..n, &mut b, stride),
+                    }
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{format} head {head}");
+                // And the scores are the dot products of the dequantized rows.
+                let deq = format.dequantize_row(k.row(0, head)).unwrap();
+                let want: f64 = deq
+                    .iter()
+                    .zip(&q)
+                    .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                    .sum();
+                assert!(
+                    (f64::from(a[0]) - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{format}: {} vs {want}",
+                    a[0]
+                );
             }
         }
     }
