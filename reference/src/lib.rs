@@ -9,6 +9,8 @@
 //!   q5_1, iq4_nl; ik_llama.cpp's q6_0; int4; fp8 e4m3; f32/f16/bf16);
 //! * [`attention`]: dense attention (GQA/MQA, causal with offset, sliding window, soft-cap,
 //!   additive mask, log-sum-exp), unquantized and on a rotated, quantized cache;
+//! * [`lloyd_max`] and [`turboquant`]: TurboQuant's Lloyd–Max codebooks (computed exactly,
+//!   checked in) and its MSE and inner-product (QJL) quantizers of a rotated row;
 //! * [`rope`]: RoPE position shifts, and the context shift of a rotated, quantized K cache;
 //! * [`metrics`] and the one [`tolerance`] table; the one [`Error`];
 //! * [`tuned`]: the tuning cache the autotuner writes and the kernels read.
@@ -32,11 +34,13 @@ pub mod attention;
 mod error;
 pub mod format;
 pub mod hadamard;
+pub mod lloyd_max;
 pub mod metrics;
 pub mod rope;
 pub mod rotation;
 pub mod tolerance;
 pub mod tuned;
+pub mod turboquant;
 
 pub use attention::{
     attention, attention_f64, attention_f64_masked, attention_masked, rotated_quantized_attention,

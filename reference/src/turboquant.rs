@@ -1,0 +1,311 @@
+//! TurboQuant (Zandieh et al., "TurboQuant: Online Vector Quantization with Near-optimal
+//! Distortion Rate", ICLR 2026): the f64 spec of its two quantizers of a (rotated) row, which
+//! rotq's TurboQuant cache formats implement.
+//!
+//! Both act on a row `y` that is already rotated (rotq's rotation plans do that, as for every
+//! format: TurboQuant's random rotation is the plan's Q/K rotation, e.g. the randomized
+//! Hadamard with rotq's documented SplitMix64 signs).
+//!
+//! **TurboQuant-MSE** ([`Mse`], the paper's Algorithm 1) stores the row's norm `‖y‖` and, for
+//! each coordinate of the unit row `u = y / ‖y‖`, the index of the nearest level of the
+//! `b`-bit Lloyd–Max codebook for one coordinate of a random unit vector of `R^d`
+//! ([`crate::lloyd_max`]); a coordinate on the midpoint of two levels takes the upper one (as
+//! vLLM's store kernel does). Its reconstruction is `‖y‖ · c`, `c` the row of levels; with
+//! **norm correction** (vLLM's `_nc` presets, not in the paper) it is `‖y‖ · c / ‖c‖`, which
+//! keeps the row's norm exactly. A zero row stores norm 0 (its codes are those of `u = 0`:
+//! the smallest positive level) and comes back as zeros; a row with a NaN or an infinity stores
+//! a non-finite norm and comes back as NaN.
+//!
+//! **TurboQuant-prod** ([`Prod`], Algorithm 2) quantizes `y` with TurboQuant-MSE at `b − 1` bits
+//! (no norm correction; at `b = 1` the MSE part is the zero vector), then keeps a 1-bit QJL
+//! sketch of the residual `r = y − ŷ`: the signs `z = sign(S r)` (`sign(0) = +1`) and `‖r‖`,
+//! `S` a `d × d` matrix of independent standard normal entries drawn from the seed (below). Its
+//! reconstruction is the unbiased `ŷ + ‖r‖ · √(π/2) / d · Sᵀ z`, so for any query `q`,
+//! `E_S ⟨q, x̃⟩ = ⟨q, y⟩` with variance at most `π / (2d) · ‖r‖² ‖q‖²`. Attention over such
+//! keys takes the scores `⟨q, x̃⟩` ([`Prod::inner`]): the estimator is linear in `q`, so the
+//! oracle's attention on the reconstructed rows is exactly attention with the estimator.
+//!
+//! **The sketch matrix** of seed `s`: SplitMix64 seeded with `s`
+//! ([`crate::rotation::SplitMix64`]) gives pairs of uniforms `v = ((x >> 11) + 0.5) / 2^53`
+//! (in `(0, 1)`), and each pair `(v₁, v₂)` two normals by Box–Muller,
+//! `√(−2 ln v₁) · cos(2π v₂)` then `√(−2 ln v₁) · sin(2π v₂)`; they fill `S` row by row.
+//!
+//! ```
+//! use rotq_reference::turboquant::{Mse, Prod};
+//! let y: Vec<f64> = (0..128).map(|i| ((i * 37 % 17) as f64 - 8.0) / 8.0).collect();
+//! let mse = Mse::new(128, 4, true).unwrap();
+//! let back = mse.decode(&mse.encode(&y).unwrap()).unwrap();
+//! let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+//! assert!((norm(&back) - norm(&y)).abs() < 1e-12 * norm(&y)); // norm correction
+//! let prod = Prod::new(128, 3, 7).unwrap();
+//! let code = prod.encode(&y).unwrap();
+//! let q = vec![0.5; 128];
+//! let exact: f64 = q.iter().zip(&y).map(|(a, b)| a * b).sum();
+//! assert!((prod.inner(&q, &code).unwrap() - exact).abs() < 0.5 * norm(&q) * norm(&y));
+//! ```
+
+use crate::lloyd_max;
+use crate::rotation::SplitMix64;
+use crate::{Error, Result};
+
+/// One row quantized by TurboQuant-MSE: a level index per coordinate and the row's norm.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MseCode {
+    /// Index into the codebook's levels (ascending), per coordinate.
+    pub codes: Vec<u8>,
+    /// `‖y‖` (f64 here; a format stores it rounded).
+    pub norm: f64,
+}
+
+/// TurboQuant-MSE of rows of `d` values at `bits` bits per coordinate (see the module docs).
+#[derive(Clone, Debug)]
+pub struct Mse {
+    d: usize,
+    levels: Vec<f64>,
+    norm_correction: bool,
+}
+
+fn check_len(what: &'static str, row: &[f64], d: usize) -> Result<()> {
+    if row.len() != d {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: d,
+            actual: row.len(),
+        });
+    }
+    Ok(())
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+impl Mse {
+    /// The quantizer for rows of `d ≥ 3` values at `1 ≤ bits ≤ 4`, with or without norm
+    /// correction.
+    ///
+    /// ```
+    /// let q = rotq_reference::turboquant::Mse::new(64, 2, false).unwrap();
+    /// assert_eq!(q.levels().len(), 4);
+    /// assert!(rotq_reference::turboquant::Mse::new(64, 5, false).is_err());
+    /// ```
+    pub fn new(d: usize, bits: u32, norm_correction: bool) -> Result<Self> {
+        Ok(Self {
+            d,
+            levels: lloyd_max::codebook(d, bits)?,
+            norm_correction,
+        })
+    }
+
+    /// The codebook's levels, ascending.
+    pub fn levels(&self) -> &[f64] {
+        &self.levels
+    }
+
+    /// Whether the reconstruction is rescaled to the stored norm.
+    pub fn norm_correction(&self) -> bool {
+        self.norm_correction
+    }
+
+    /// The code of one level index for one unit coordinate `u`: the nearest level, the upper
+    /// one on a midpoint; NaN takes index 0.
+    fn index(&self, u: f64) -> u8 {
+        // Levels are few (at most 16): the first midpoint above u, counted.
+        self.levels
+            .windows(2)
+            .take_while(|w| u >= (w[0] + w[1]) / 2.0)
+            .count() as u8
+    }
+
+    /// The code of the row `y` (`d` values).
+    pub fn encode(&self, y: &[f64]) -> Result<MseCode> {
+        check_len("TurboQuant row", y, self.d)?;
+        let n = norm(y);
+        let codes = y
+            .iter()
+            .map(|&v| self.index(if n > 0.0 { v / n } else { 0.0 }))
+            .collect();
+        Ok(MseCode { codes, norm: n })
+    }
+
+    /// The row a code stands for (`‖y‖ · c`, or `‖y‖ · c / ‖c‖` with norm correction).
+    pub fn decode(&self, code: &MseCode) -> Result<Vec<f64>> {
+        if code.codes.len() != self.d {
+            return Err(Error::LengthMismatch {
+                what: "TurboQuant codes",
+                expected: self.d,
+                actual: code.codes.len(),
+            });
+        }
+        let mut c = Vec::with_capacity(self.d);
+        for &i in &code.codes {
+            let level = self
+                .levels
+                .get(usize::from(i))
+                .ok_or_else(|| Error::InvalidParameter {
+                    name: "TurboQuant code",
+                    reason: format!("index {i} of a {}-level codebook", self.levels.len()),
+                })?;
+            c.push(*level);
+        }
+        let scale = if self.norm_correction {
+            code.norm / norm(&c)
+        } else {
+            code.norm
+        };
+        Ok(c.into_iter().map(|v| v * scale).collect())
+    }
+}
+
+/// One row quantized by TurboQuant-prod: the MSE part, the residual's signs and norm.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProdCode {
+    /// The `b − 1`-bit TurboQuant-MSE code (`None` at `b = 1`: the MSE part is zero).
+    pub mse: Option<MseCode>,
+    /// `sign(S r) ≥ 0`, per sketch row.
+    pub signs: Vec<bool>,
+    /// `‖r‖`.
+    pub residual_norm: f64,
+}
+
+/// TurboQuant-prod of rows of `d` values at `bits` bits per coordinate, sketch seed `seed`.
+#[derive(Clone, Debug)]
+pub struct Prod {
+    d: usize,
+    mse: Option<Mse>,
+    /// `S`, row-major `d × d`.
+    sketch: Vec<f64>,
+}
+
+/// The QJL sketch matrix of `d` rows and columns for `seed`, row-major (module docs).
+///
+/// ```
+/// let s = rotq_reference::turboquant::sketch_matrix(4, 0);
+/// assert_eq!(s.len(), 16);
+/// assert_eq!(s, rotq_reference::turboquant::sketch_matrix(4, 0));
+/// ```
+pub fn sketch_matrix(d: usize, seed: u64) -> Vec<f64> {
+    let mut g = SplitMix64::new(seed);
+    let mut uniform = || ((g.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let mut out = Vec::with_capacity(d * d);
+    while out.len() < d * d {
+        let (v1, v2) = (uniform(), uniform());
+        let radius = (-2.0 * v1.ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * v2;
+        out.push(radius * angle.cos());
+        if out.len() < d * d {
+            out.push(radius * angle.sin());
+        }
+    }
+    out
+}
+
+impl Prod {
+    /// The quantizer for rows of `d ≥ 3` values at `1 ≤ bits ≤ 4` (the MSE part takes
+    /// `bits − 1`), with the sketch of `seed`.
+    ///
+    /// ```
+    /// assert!(rotq_reference::turboquant::Prod::new(128, 1, 0).is_ok());
+    /// assert!(rotq_reference::turboquant::Prod::new(128, 0, 0).is_err());
+    /// ```
+    pub fn new(d: usize, bits: u32, seed: u64) -> Result<Self> {
+        if !(1..=lloyd_max::MAX_BITS).contains(&bits) || d < 3 {
+            return Err(Error::InvalidParameter {
+                name: "TurboQuant-prod",
+                reason: format!("needs d >= 3 and 1 to 4 bits, not d = {d}, {bits} bits"),
+            });
+        }
+        let mse = (bits > 1)
+            .then(|| Mse::new(d, bits - 1, false))
+            .transpose()?;
+        Ok(Self {
+            d,
+            mse,
+            sketch: sketch_matrix(d, seed),
+        })
+    }
+
+    fn mse_part(&self, code: &ProdCode) -> Result<Vec<f64>> {
+        match (&self.mse, &code.mse) {
+            (Some(m), Some(c)) => m.decode(c),
+            (None, None) => Ok(vec![0.0; self.d]),
+            _ => Err(Error::InvalidParameter {
+                name: "TurboQuant-prod code",
+                reason: "its MSE part does not match the quantizer's bits".into(),
+            }),
+        }
+    }
+
+    /// The code of the row `y` (`d` values).
+    pub fn encode(&self, y: &[f64]) -> Result<ProdCode> {
+        check_len("TurboQuant row", y, self.d)?;
+        let mse = self.mse.as_ref().map(|m| m.encode(y)).transpose()?;
+        let code = ProdCode {
+            mse,
+            signs: Vec::new(),
+            residual_norm: 0.0,
+        };
+        let approx = self.mse_part(&code)?;
+        let r: Vec<f64> = y.iter().zip(&approx).map(|(a, b)| a - b).collect();
+        let signs = self
+            .sketch
+            .chunks_exact(self.d)
+            .map(|row| row.iter().zip(&r).map(|(s, x)| s * x).sum::<f64>() >= 0.0)
+            .collect();
+        Ok(ProdCode {
+            signs,
+            residual_norm: norm(&r),
+            ..code
+        })
+    }
+
+    /// The unbiased reconstruction `ŷ + ‖r‖ · √(π/2) / d · Sᵀ z`.
+    pub fn decode(&self, code: &ProdCode) -> Result<Vec<f64>> {
+        if code.signs.len() != self.d {
+            return Err(Error::LengthMismatch {
+                what: "TurboQuant-prod signs",
+                expected: self.d,
+                actual: code.signs.len(),
+            });
+        }
+        let mut out = self.mse_part(code)?;
+        let k = code.residual_norm * (std::f64::consts::PI / 2.0).sqrt() / self.d as f64;
+        for (row, &z) in self.sketch.chunks_exact(self.d).zip(&code.signs) {
+            let z = if z { k } else { -k };
+            for (o, s) in out.iter_mut().zip(row) {
+                *o += z * s;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The estimator of `⟨q, y⟩`: `⟨q, ŷ⟩ + ‖r‖ · √(π/2) / d · ⟨S q, z⟩` (equal to
+    /// `⟨q, decode(code)⟩`).
+    pub fn inner(&self, q: &[f64], code: &ProdCode) -> Result<f64> {
+        check_len("query", q, self.d)?;
+        let approx = self.mse_part(code)?;
+        if code.signs.len() != self.d {
+            return Err(Error::LengthMismatch {
+                what: "TurboQuant-prod signs",
+                expected: self.d,
+                actual: code.signs.len(),
+            });
+        }
+        let base: f64 = q.iter().zip(&approx).map(|(a, b)| a * b).sum();
+        let sketched: f64 = self
+            .sketch
+            .chunks_exact(self.d)
+            .zip(&code.signs)
+            .map(|(row, &z)| {
+                let sq: f64 = row.iter().zip(q).map(|(s, x)| s * x).sum();
+                if z {
+                    sq
+                } else {
+                    -sq
+                }
+            })
+            .sum();
+        Ok(base
+            + code.residual_norm * (std::f64::consts::PI / 2.0).sqrt() / self.d as f64 * sketched)
+    }
+}
