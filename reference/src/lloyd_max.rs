@@ -42,7 +42,11 @@ pub const MAX_BITS: u32 = 4;
 fn cos_power_integral(n: usize, theta: f64) -> f64 {
     let (s, c) = theta.sin_cos();
     // J_0 = θ or J_1 = sin θ, then up by two.
-    let (mut j, mut k) = if n.is_multiple_of(2) { (theta, 0) } else { (s, 1) };
+    let (mut j, mut k) = if n.is_multiple_of(2) {
+        (theta, 0)
+    } else {
+        (s, 1)
+    };
     // cos^(k−1) of the step, kept as a running power.
     let mut cos_pow = 1.0;
     while k < n {

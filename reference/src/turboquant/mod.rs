@@ -309,3 +309,5 @@ impl Prod {
             + code.residual_norm * (std::f64::consts::PI / 2.0).sqrt() / self.d as f64 * sketched)
     }
 }
+
+pub mod vllm;
