@@ -6,7 +6,8 @@
 #
 #   scripts/gpu-bundle.sh [FOLDER]      (default: gpu-bundle, ignored by git)
 #
-# Then, on the GPU machine, from the folder's parent: bash FOLDER/run.sh [--sanitize] [--bench]
+# Then, on the GPU machine, from the folder's parent:
+#   bash FOLDER/run.sh [--sanitize] [--bench] [--autotune]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-bundle}
@@ -43,8 +44,9 @@ cat > "$out/run.sh" <<'RUN'
 # attention tests split by name, out of memory last and alone), each under a time guard
 # (GUARD seconds, default 540); a summary line per process on stdout, the whole output in
 # $OUT/tests.log (or /tmp/tests.log). With --sanitize, the differential, attention and
-# cache_backends tests then run under compute-sanitizer's memcheck; with --bench,
-# `rotq bench --device cuda:0`.
+# cache_backends tests (subsets of the first two) then run under compute-sanitizer's memcheck,
+# racecheck and synccheck; with --bench, `rotq bench --device cuda:0`; with --autotune,
+# `autotune --device cuda:0` twice, timed.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # NVRTC: the CUDA toolkit's library folders, when present.
@@ -88,19 +90,41 @@ status=0
 grep -qv ' rc=0 ' "$logs/summary" && status=1
 grep -h "FAILED\|panicked" "$logs"/*.log | head -20
 if [[ " $* " == *" --sanitize "* ]]; then
+    # memcheck, racecheck and synccheck over the cache-backend tests and subsets of the
+    # attention and codec tests that finish under the tools (3-4 minutes a set), all at once.
     # (API errors are not reported: the tests ask for an allocation that must fail with
     # out of memory, a typed error, and the sanitizer would count it.)
-    for t in differential attention cache_backends; do
-        echo "== compute-sanitizer --tool memcheck test-$t"
-        compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 "$here/test-$t" || status=1
+    declare -A sets=(
+        [attention]="--exact masks_windows_and_softcap special_values_follow_the_oracle paired_heads groups_and_half_types"
+        [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types"
+        [cache_backends]=""
+    )
+    for tool in memcheck racecheck synccheck; do
+        for t in attention differential cache_backends; do
+            ( timeout "${GUARD:-540}" compute-sanitizer --tool $tool --report-api-errors no \
+                --error-exitcode 9 "$here/test-$t" ${sets[$t]} > "$logs/san-$tool-$t.log" 2>&1
+              echo "$tool $t rc=$? $(grep -h 'test result\|SUMMARY' "$logs/san-$tool-$t.log" | tr '\n' ' ')" \
+                  >> "$logs/sanitizers" ) &
+        done
     done
+    wait
+    sort "$logs/sanitizers"
+    grep -qv ' rc=0 ' "$logs/sanitizers" && status=1
 fi
 if [[ " $* " == *" --bench "* ]]; then
     echo "== rotq bench --device cuda:0"
     "$here/rotq" bench --device cuda:0 || status=1
 fi
+if [[ " $* " == *" --autotune "* ]]; then
+    # Twice, timed: the target is under 3 minutes, and the same choices both times.
+    for i in 1 2; do
+        t0=$SECONDS
+        "$here/autotune" --device cuda:0 --out "${OUT:-/tmp}/tuned$i.json" --json || status=1
+        echo "== autotune run $i: $((SECONDS - t0)) s"
+    done
+fi
 exit $status
 RUN
 chmod +x "$out/run.sh"
 du -sh "$out"
-echo "bundle ready: carry '$out' and run: bash $out/run.sh [--sanitize] [--bench]"
+echo "bundle ready: carry '$out' and run: bash $out/run.sh [--sanitize] [--bench] [--autotune]"

@@ -369,6 +369,30 @@ impl RotatedKvCache {
         &self.spec
     }
 
+    /// The arithmetic its attention's `K·Q` runs in: the spec's [`QueryMode`] resolved for its
+    /// formats and rotation on the CPU ([`QueryMode::resolve`]); [`QueryMode::Exact`] on a CUDA
+    /// device, whose kernels take f32 queries.
+    ///
+    /// ```
+    /// # use rotq::cache::{CacheSpec, RotatedKvCache};
+    /// use rotq::{KvFormat, QueryMode, RotationPlan, Rotation};
+    /// let spec = CacheSpec { k_format: KvFormat::Q4_0, head_dim: 32, v_dim: 32, capacity: 4,
+    ///     plan: RotationPlan { qk: Some(Rotation::hadamard(32)?), v: None }, ..Default::default() };
+    /// assert_eq!(RotatedKvCache::new(spec)?.query_mode(), QueryMode::Q8_0);
+    /// # Ok::<(), rotq::Error>(())
+    /// ```
+    pub fn query_mode(&self) -> QueryMode {
+        match self.store {
+            Store::Cpu(_) => self.spec.query.resolve(
+                self.spec.k_format,
+                self.spec.plan.qk.is_some(),
+                self.spec.head_dim,
+            ),
+            #[cfg(feature = "cuda")]
+            Store::Cuda(_) => QueryMode::Exact,
+        }
+    }
+
     /// Where the bytes live.
     ///
     /// ```

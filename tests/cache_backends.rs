@@ -158,7 +158,7 @@ fn oracle(
         };
         Array3::from_shape_vec((n, s.n_heads, dim), vals).unwrap()
     };
-    let mode = s.query.resolve(s.k_format, s.plan.qk.is_some(), s.head_dim);
+    let mode = cache.query_mode();
     let q32: Vec<f32> = q.iter().map(|&v| v as f32).collect();
     let qr = rotq_testkit::oracle::oracle_queries(&q32, s.plan.qk.as_ref(), mode);
     let qa = Array3::from_shape_vec((n_q, h_q, s.head_dim), qr).unwrap();

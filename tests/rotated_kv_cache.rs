@@ -61,7 +61,7 @@ fn oracle(
         };
         Array3::from_shape_vec((n, H, D), vals).unwrap()
     };
-    let mode = s.query.resolve(s.k_format, s.plan.qk.is_some(), D);
+    let mode = cache.query_mode();
     let qr = rotq_testkit::oracle::oracle_queries(q, s.plan.qk.as_ref(), mode);
     let qa = Array3::from_shape_vec((n_q, h_q, D), qr).unwrap();
     let out = attention_f64(

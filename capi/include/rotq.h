@@ -1,5 +1,5 @@
 /* The rotq C API: rotated, quantized KV caches for inference engines. Two parts, side by
- * side; rotq_abi_version() returns ROTQ_ABI_VERSION of the library (major << 16 | minor; 2.0
+ * side; rotq_abi_version() returns ROTQ_ABI_VERSION of the library (major << 16 | minor; 2.1
  * offers both parts):
  *
  * v1 (rotq_backend_*, rotq_cache_*): one layer's cache behind an opaque handle that owns its
@@ -611,7 +611,7 @@ enum RotqStatus rotq_cache_remove(struct RotqCache *cache, size_t start, size_t 
 const char *rotq_last_error(void);
 
 /**
- * The ABI version of this library, packed as `major << 16 | minor` (2.0: `0x20000`). A
+ * The ABI version of this library, packed as `major << 16 | minor` (2.1: `0x20001`). A
  * program built against a header of [`ROTQ_ABI_VERSION`] runs with a library of the same
  * major version and a minor version at least the header's.
  *

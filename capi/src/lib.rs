@@ -1,5 +1,5 @@
 //! The C ABI of rotq, for engines written in C or C++, in two parts that live side by side
-//! ([`rotq_abi_version`] says which this library offers: 2.0 offers both):
+//! ([`rotq_abi_version`] says which this library offers: 2.1 offers both; 2.1 added `RotqPoolSpec::query`):
 //!
 //! * **v1**: one layer's rotated, quantized KV cache ([`rotq::cache::RotatedKvCache`]) behind an
 //!   opaque handle that owns its memory, on the CPU ([`rotq_cache_new`]) or on a backend opened

@@ -845,7 +845,7 @@ fn batch_spans<'a>(b: &Batch<'a>) -> Vec<(&'static str, Range<usize>)> {
     spans
 }
 
-/// The ABI version of this library, packed as `major << 16 | minor` (2.0: `0x20000`). A
+/// The ABI version of this library, packed as `major << 16 | minor` (2.1: `0x20001`). A
 /// program built against a header of [`ROTQ_ABI_VERSION`] runs with a library of the same
 /// major version and a minor version at least the header's.
 ///

@@ -33,6 +33,8 @@ fn quantized() -> CacheSpec {
             qk: Some(Rotation::hadamard(64).unwrap()),
             v: Some(Rotation::block_hadamard(64, 32).unwrap()),
         },
+        // The same arithmetic on both backends (the CUDA kernels take f32 queries).
+        query: rotq::QueryMode::Exact,
         ..Default::default()
     }
 }
