@@ -310,4 +310,5 @@ impl Prod {
     }
 }
 
+pub mod formats;
 pub mod vllm;
