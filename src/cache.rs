@@ -197,8 +197,8 @@ pub struct CacheSpec {
     pub capacity: usize,
     /// How the tokens lie in the buffers (see the module docs).
     pub paging: Paging,
-    /// The arithmetic of the CPU attention's `K·Q` (see [`crate::pool::PoolSpec::query`]; the
-    /// CUDA kernels take f32 queries and ignore it).
+    /// The arithmetic of the CPU attention's `K·Q` (see [`crate::pool::PoolSpec::query`]). The
+    /// CUDA kernels take f32 queries: `Auto` runs exact there and `Q8_0` is refused.
     pub query: QueryMode,
 }
 
@@ -343,6 +343,16 @@ impl RotatedKvCache {
             Backend::Cpu => Store::Cpu(Box::new(cpu::CpuStore::new(&spec, &pages)?)),
             #[cfg(feature = "cuda")]
             Backend::Cuda(dev) => {
+                // The CUDA kernels take f32 queries: `Auto` is exact there, `Q8_0` refused.
+                if spec.query == QueryMode::Q8_0 {
+                    return Err(InputError::InvalidParameter {
+                        name: "query",
+                        reason: "q8_0 queries run on the CPU; the CUDA kernels take f32 \
+                                 queries (use QueryMode::Auto or Exact)"
+                            .into(),
+                    }
+                    .into());
+                }
                 Store::Cuda(Box::new(cuda::CudaStore::new(dev.clone(), &spec, rows)?))
             }
         };

@@ -135,6 +135,16 @@ impl PoolSpec {
             }
         }
         self.plan.check_dims(self.head_dim, self.v_dim)?;
+        if self.query == QueryMode::Q8_0 && !self.head_dim.is_multiple_of(32) {
+            return Err(InputError::InvalidParameter {
+                name: "query",
+                reason: format!(
+                    "q8_0 queries need a head dimension that is a multiple of 32, not {}",
+                    self.head_dim
+                ),
+            }
+            .into());
+        }
         self.k_bytes()?;
         self.v_bytes()?;
         Ok(())

@@ -789,3 +789,45 @@ fn quantized_queries_of_heads_not_a_multiple_of_32_are_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("multiple of 32"), "{err}");
 }
+
+/// `Auto` keeps f32 queries for a call whose rotated queries q8_0 cannot hold (a block's f16
+/// scale would overflow past `127 · 65504`): the output is the exact mode's, finite; an explicit
+/// `Q8_0` follows the spec (NaN there), and ordinary queries under `Auto` are quantized.
+#[test]
+fn auto_keeps_f32_queries_too_large_for_q8_0() {
+    use rotq_cpu::QueryMode;
+    let (n_kv, h_kv, g, d) = (40, 2, 4, 128);
+    let r = Rotation::hadamard(d).unwrap();
+    let plan = RotationPlan {
+        qk: Some(r.clone()),
+        v: None,
+    };
+    let codec = CacheCodec::new(KvFormat::Q8_0, d, Some(&r), Isa::best()).unwrap();
+    let mut kb = vec![0u8; n_kv * h_kv * codec.row_bytes()];
+    codec
+        .quantize(&Rows::uniform(1.0).f32s(n_kv * h_kv * d, 3), &mut kb, 0)
+        .unwrap();
+    let k = KvCacheView::new(KvFormat::Q8_0, &kb, n_kv, h_kv, d).unwrap();
+    let p = AttentionParams {
+        causal: true,
+        pos_offset: n_kv - 1,
+        ..Default::default()
+    };
+    let run = |mode: QueryMode, scale: f32| {
+        let q: Vec<f32> = Rows::uniform(1.0)
+            .f32s(h_kv * g * d, 4)
+            .into_iter()
+            .map(|x| x * scale)
+            .collect();
+        CpuAttention::new(&plan, Isa::best())
+            .with_query_mode(mode)
+            .run(&q, 1, h_kv * g, &k, &k, &p)
+            .unwrap()
+    };
+    let huge = run(QueryMode::Auto, 2e7);
+    assert!(huge.iter().all(|x| x.is_finite()));
+    assert_eq!(huge, run(QueryMode::Exact, 2e7));
+    assert!(run(QueryMode::Q8_0, 2e7).iter().any(|x| x.is_nan()));
+    assert_eq!(run(QueryMode::Auto, 1.0), run(QueryMode::Q8_0, 1.0));
+    assert_ne!(run(QueryMode::Auto, 1.0), run(QueryMode::Exact, 1.0));
+}

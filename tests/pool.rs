@@ -588,3 +588,24 @@ fn appends_larger_than_the_staging_buffer_land_whole() {
         assert_eq!(pool.position(s), Some(t as u64));
     }
 }
+
+/// q8_0 queries need heads of a multiple of 32 values: refused when the pool is made, not at
+/// `run`; `Auto` takes such heads with f32 queries.
+#[test]
+fn q8_0_queries_on_heads_not_a_multiple_of_32_are_refused_up_front() {
+    let spec = |query| PoolSpec {
+        k_format: KvFormat::F16,
+        v_format: KvFormat::F16,
+        plan: RotationPlan::none(),
+        n_kv_heads: 1,
+        head_dim: 80,
+        v_dim: 80,
+        n_pages: 2,
+        page_tokens: 4,
+        query,
+    };
+    let err = KvPool::new(spec(rotq::QueryMode::Q8_0)).unwrap_err();
+    assert!(err.to_string().contains("multiple of 32"), "{err}");
+    assert!(KvPool::new(spec(rotq::QueryMode::Auto)).is_ok());
+    assert!(KvPool::new(spec(rotq::QueryMode::Exact)).is_ok());
+}

@@ -475,9 +475,10 @@ unsafe fn read_sized<T: Copy + Default>(
     unsafe { read_sized_from(ptr, size_of::<T>(), arg, name) }
 }
 
-/// [`read_sized`] of a struct that later minor versions extended: `v2_0` bytes (its ABI 2.0
-/// size) are enough, and the fields past the caller's `struct_size` keep their defaults (the
-/// zeroed values that mean "rotq's default").
+/// [`read_sized`] of a struct that later minor versions extended: exactly `v2_0` bytes (its
+/// ABI 2.0 size) or at least this version's size; the fields past the caller's `struct_size`
+/// keep their defaults (the zeroed values that mean "rotq's default"). (Each minor version
+/// that appends to it adds its own size here.)
 ///
 /// # Safety
 /// As [`read_sized`]; `v2_0` ends on a field boundary of `T`, whose first field is its
@@ -497,6 +498,14 @@ unsafe fn read_sized_from<T: Copy + Default>(
         return Err(invalid(format!(
             "{arg}->struct_size is {size}, smaller than the {v2_0} bytes of a {name} of ABI \
              2.0: set it to sizeof(struct {name})"
+        )));
+    }
+    // A size between two versions' ends would cut a field (a pointer) in two: refused.
+    if size != v2_0 && size < size_of::<T>() {
+        return Err(invalid(format!(
+            "{arg}->struct_size is {size}: neither ABI 2.0's {v2_0} bytes nor at least this \
+             version's {}: set it to sizeof(struct {name})",
+            size_of::<T>()
         )));
     }
     let mut out = T::default();

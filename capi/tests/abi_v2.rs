@@ -1495,6 +1495,14 @@ fn the_query_mode_is_read_from_2_1_specs_and_defaults_for_2_0() {
         query: c"not a mode".as_ptr(),
         ..spec(&rot)
     };
+    // A size inside the appended pointer (a 2.0 size plus 4) is refused, never half read.
+    let torn = RotqPoolSpec {
+        struct_size: std::mem::offset_of!(RotqPoolSpec, query) + 4,
+        query: c"exact".as_ptr(),
+        ..spec(&rot)
+    };
+    let err = run(&torn).unwrap_err();
+    assert!(err.contains("struct_size"), "{err}");
     let auto = run(&with(null())).unwrap();
     assert_eq!(run(&v2_0).unwrap(), auto);
     assert_eq!(run(&with(c"auto".as_ptr())).unwrap(), auto);

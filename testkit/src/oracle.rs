@@ -73,6 +73,16 @@ pub fn oracle_queries(
         if let Some(r) = qk {
             let rotation = rotq_cpu::CpuRotation::new(r, rotq_cpu::Isa::best());
             rotation.forward_rows(&mut q32).expect("whole rows");
+            // The kernels' rotation is still held to the oracle's (the rotation tolerance).
+            let mut exact: Vec<f64> = q.iter().map(|&v| f64::from(v)).collect();
+            r.rotate_rows(&mut exact, false).expect("whole rows");
+            assert_matches_f32(
+                &q32,
+                &exact,
+                Op::Rotation,
+                Precision::F32,
+                "queries' rotation",
+            );
         }
         rotq_reference::attention::quantize_query_in_place(&mut q32).expect("whole blocks");
         return q32.into_iter().map(f64::from).collect();

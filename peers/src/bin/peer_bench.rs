@@ -626,6 +626,18 @@ fn bench_decode(
                         .map(|o| o.with_query_mode(QueryMode::Q8_0))
                 })
                 .transpose()?;
+            // Checked like the peers: q8_0 queries stay within what ik_llama.cpp's own q8_0
+            // queries are allowed.
+            if let Some(o8) = &ours_q8 {
+                let e8 = max_abs_diff(&o, &o8.run(&q)) / scale;
+                if e8 >= peer_tolerance(PeerKind::IkLlamaCpp, format, n_kv) {
+                    log(format!(
+                        "{shape}: rotq with q8_0 queries {e8:.1e} from f32 queries  FAIL"
+                    ));
+                    ok = false;
+                    continue;
+                }
+            }
             let names = [
                 "rotq".to_string(),
                 "ik_llama.cpp iqk flash attention (KQ mask)".to_string(),

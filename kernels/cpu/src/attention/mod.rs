@@ -412,6 +412,10 @@ pub enum QueryMode {
     Q8_0,
     /// [`QueryMode::Q8_0`] over q4_0 and q8_0 K caches whose Q and K are rotated (head
     /// dimensions a multiple of 32), [`QueryMode::Exact`] elsewhere: see [`QueryMode::resolve`].
+    /// Every query row over such a cache is quantized, prefill rows too (the integer loop only
+    /// runs for decode rows of groups of four heads on AVX2; elsewhere the f32 loops take the
+    /// quantized rows). A call whose rotated queries exceed `127 · 65504` in magnitude (where
+    /// q8_0's f16 scale overflows) keeps f32 queries.
     Auto,
 }
 
@@ -481,6 +485,10 @@ impl std::str::FromStr for QueryMode {
             })
     }
 }
+
+/// The largest rotated query magnitude [`QueryMode::Auto`] quantizes: `127 · 65504`, above
+/// which a q8_0 block's f16 scale overflows.
+const AUTO_QUERY_LIMIT: f32 = 127.0 * 65504.0;
 
 /// An additive mask over one sequence's query rows and its keys: the value for (query row `i`,
 /// key `j`) is `values[i · row_stride + j]`, added to a visible key's score after the soft-cap
@@ -713,6 +721,8 @@ struct Problem<'a> {
     params: &'a AttentionParams,
     mask: Option<AttentionMask<'a>>,
     shape: SeqShape,
+    /// Whether `q` went through q8_0 (the integer loops may take it).
+    int_q: bool,
 }
 
 impl Problem<'_> {
@@ -1214,8 +1224,12 @@ impl CpuAttention {
         if let Some(r) = &self.qk {
             r.forward_rows(queries)?;
         }
+        // `Auto` keeps f32 queries for a call whose rotated queries q8_0 cannot hold (a block's
+        // f16 scale would overflow and the scores turn NaN); an explicit `Q8_0` is the spec's.
+        let int_ok =
+            self.query != QueryMode::Auto || queries.iter().all(|x| x.abs() <= AUTO_QUERY_LIMIT);
         for (s, planned) in seqs.iter().zip(&plan.seqs) {
-            if self.query_for(&s.k) == QueryMode::Q8_0 {
+            if self.query_for(&s.k) == QueryMode::Q8_0 && int_ok {
                 if !planned.shape.d.is_multiple_of(32) {
                     return Err(Error::InvalidParameter {
                         name: "query mode",
@@ -1245,6 +1259,7 @@ impl CpuAttention {
                 params: s.params,
                 mask: s.mask,
                 shape: planned.shape,
+                int_q: self.query_for(&s.k) == QueryMode::Q8_0 && int_ok,
             }
         };
         // Each worker takes the next task from the queue until none is left, into its own
@@ -1369,9 +1384,7 @@ impl CpuAttention {
         let int_queries = {
             let mut iqs = INT_QUERIES.with(|c| std::mem::take(&mut *c.borrow_mut()));
             iqs.clear();
-            if self.query_for(&p.k) == QueryMode::Q8_0
-                && fused_k.is_some_and(|f| f != RegFormat::F16)
-            {
+            if p.int_q && fused_k.is_some_and(|f| f != RegFormat::F16) {
                 for head in task.heads.clone() {
                     for j in (0..g).step_by(4) {
                         let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];
@@ -1382,26 +1395,39 @@ impl CpuAttention {
             iqs
         };
         // The same on NEON with dot products: every (row, head) of the task's query rows as
-        // codes `[rows][heads][g · d]` and block scales (`None`: the f32 loops take them).
+        // codes `[rows][heads][g · d]` and block scales, in buffers this worker keeps (`None`:
+        // the f32 loops take them).
         #[cfg(target_arch = "aarch64")]
         let neon_int = (self.isa == Isa::Neon
-            && self.query_for(&p.k) == QueryMode::Q8_0
+            && p.int_q
             && matches!(p.k.format, KvFormat::Q4_0 | KvFormat::Q8_0)
             && d.is_multiple_of(32)
             && neon::has_dotprod())
         .then(|| {
-            let mut q = Vec::with_capacity(n_rows * task.heads.len() * g * d);
+            let (mut codes, mut scales) =
+                NEON_QUERIES.with(|c| std::mem::take(&mut *c.borrow_mut()));
+            let n = n_rows * task.heads.len() * g * d;
+            codes.clear();
+            codes.resize(n, 0);
+            scales.clear();
+            scales.resize(n / 32, 0.0);
+            let mut at = 0;
             for i in task.rows.clone() {
                 for head in task.heads.clone() {
-                    q.extend_from_slice(&p.q[(i * p.h_q + head * g) * d..][..g * d]);
+                    let q = &p.q[(i * p.h_q + head * g) * d..][..g * d];
+                    if !q.iter().all(|x| x.is_finite()) {
+                        NEON_QUERIES.with(|c| *c.borrow_mut() = (codes, scales));
+                        return None;
+                    }
+                    int_codes(
+                        q,
+                        &mut codes[at..at + g * d],
+                        &mut scales[at / 32..(at + g * d) / 32],
+                    );
+                    at += g * d;
                 }
             }
-            let mut codes = vec![0i8; q.len()];
-            let mut scales = vec![0f32; q.len() / 32];
-            q.iter().all(|x| x.is_finite()).then(|| {
-                int_codes(&q, &mut codes, &mut scales);
-                (codes, scales)
-            })
+            Some((codes, scales))
         })
         .flatten();
         let mut t0 = task.keys.start;
@@ -1598,7 +1624,19 @@ impl CpuAttention {
         }
         #[cfg(target_arch = "x86_64")]
         INT_QUERIES.with(|c| *c.borrow_mut() = int_queries);
+        #[cfg(target_arch = "aarch64")]
+        if let Some(buffers) = neon_int {
+            NEON_QUERIES.with(|c| *c.borrow_mut() = buffers);
+        }
     }
+}
+
+#[cfg(target_arch = "aarch64")]
+thread_local! {
+    /// Each worker's integer query codes and scales of its current task on NEON (kept, so
+    /// tasks allocate nothing once a worker has seen its largest one).
+    static NEON_QUERIES: std::cell::RefCell<(Vec<i8>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The integer form of query rows that went through q8_0 (finite values, whole blocks of 32):
