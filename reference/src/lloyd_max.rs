@@ -9,7 +9,8 @@
 //!
 //! * **Exact cell integrals.** With `x = sin θ`, `∫ f_d = ∫ cos^(d−2) θ dθ`, which the
 //!   reduction `J_n = cos^(n−1) θ sin θ / n + (n − 1)/n · J_(n−2)` (from `J_0 = θ`,
-//!   `J_1 = sin θ`) gives in closed form; and `∫ x f_d = (1 − (1 − x²)^((d−1)/2)) / (d − 1)`.
+//!   `J_1 = sin θ`) gives in closed form; and `∫ x f_d = (1 − (1 − x²)^((d−1)/2)) / (d − 1)`
+//!   (computed as `−expm1(ln1p(−x²) (d−1)/2)`, which keeps its digits near 0).
 //!   No quadrature, no sampling: a cell's mass and first moment are a few f64 operations.
 //! * **Symmetry.** The density is even, so the quantizer is: the `2^(b−1)` positive levels are
 //!   computed on `[0, 1]` with 0 as a fixed boundary, and mirrored.
@@ -37,6 +38,10 @@ use crate::{Error, Result};
 
 /// The largest bit width computed (16 levels).
 pub const MAX_BITS: u32 = 4;
+
+/// The largest dimension computed: beyond it the rounding of the cell integrals (which grows
+/// with d) would stall Lloyd's iterations above the convergence rule.
+pub const MAX_DIM: usize = 8192;
 
 /// `∫_0^θ cos^n φ dφ` by the reduction formula (exact up to rounding).
 fn cos_power_integral(n: usize, theta: f64) -> f64 {
@@ -66,7 +71,8 @@ fn mass(d: usize, x: f64) -> f64 {
 /// First moment `G(x) = ∫_0^x t (1 − t²)^((d−3)/2) dt`.
 fn moment(d: usize, x: f64) -> f64 {
     let x = x.clamp(-1.0, 1.0);
-    (1.0 - (1.0 - x * x).powf((d as f64 - 1.0) / 2.0)) / (d as f64 - 1.0)
+    // 1 − (1 − x²)^p without the cancellation near 0: −expm1(p · ln1p(−x²)).
+    -(((d as f64 - 1.0) / 2.0) * (-x * x).ln_1p()).exp_m1() / (d as f64 - 1.0)
 }
 
 /// The `2^bits` Lloyd–Max levels, ascending, for one coordinate of a random unit vector of
@@ -78,10 +84,10 @@ fn moment(d: usize, x: f64) -> f64 {
 /// assert!(rotq_reference::lloyd_max::compute(2, 2).is_err());
 /// ```
 pub fn compute(d: usize, bits: u32) -> Result<Vec<f64>> {
-    if d < 3 {
+    if !(3..=MAX_DIM).contains(&d) {
         return Err(Error::InvalidParameter {
             name: "head dimension",
-            reason: format!("a Lloyd–Max codebook needs d >= 3, not {d}"),
+            reason: format!("a Lloyd–Max codebook needs 3 <= d <= {MAX_DIM}, not {d}"),
         });
     }
     if !(1..=MAX_BITS).contains(&bits) {
@@ -277,8 +283,35 @@ pub fn codebook(d: usize, bits: u32) -> Result<Vec<f64>> {
             out.extend(half.iter().map(|c| c / s));
             Ok(out)
         }
-        None => compute(d, bits),
+        None => {
+            static CACHE: Codebooks<f64> = std::sync::OnceLock::new();
+            cached(&CACHE, d, bits, compute)
+        }
     }
+}
+
+/// Codebooks computed in this process, by `(d, bits)`.
+pub(crate) type Codebooks<T> = std::sync::OnceLock<std::sync::Mutex<Vec<((usize, u32), Vec<T>)>>>;
+
+/// The codebook of `(d, bits)` from `cache`, computed by `make` the first time.
+pub(crate) fn cached<T: Clone>(
+    cache: &Codebooks<T>,
+    d: usize,
+    bits: u32,
+    make: impl FnOnce(usize, u32) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let lock = || {
+        cache
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if let Some((_, c)) = lock().iter().find(|(k, _)| *k == (d, bits)) {
+        return Ok(c.clone());
+    }
+    let c = make(d, bits)?;
+    lock().push(((d, bits), c.clone()));
+    Ok(c)
 }
 
 #[cfg(test)]

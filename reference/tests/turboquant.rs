@@ -37,7 +37,7 @@ fn rotated_row(d: usize, seed: u64) -> Vec<f64> {
 #[test]
 fn mse_distortion_is_the_codebooks() {
     let d = 128;
-    let gaussian = sketch_matrix(d, 99); // d rows of d independent normals
+    let gaussian = sketch_matrix(d, 99).unwrap(); // d rows of d independent normals
     for bits in 1..=4 {
         let q = Mse::new(d, bits, false).unwrap();
         let want = lloyd_max::distortion(d, q.levels()).unwrap();
@@ -145,7 +145,7 @@ fn the_prod_estimator_is_unbiased_with_the_papers_variance() {
 /// The sketch is standard normal: mean near 0, variance near 1; and one seed, one matrix.
 #[test]
 fn the_sketch_is_standard_normal_and_seeded() {
-    let s = sketch_matrix(256, 11);
+    let s = sketch_matrix(256, 11).unwrap();
     let n = s.len() as f64;
     let mean = s.iter().sum::<f64>() / n;
     let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
@@ -153,8 +153,8 @@ fn the_sketch_is_standard_normal_and_seeded() {
         mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
         "{mean} {var}"
     );
-    assert_eq!(s, sketch_matrix(256, 11));
-    assert_ne!(s, sketch_matrix(256, 12));
+    assert_eq!(s, sketch_matrix(256, 11).unwrap());
+    assert_ne!(s, sketch_matrix(256, 12).unwrap());
     assert!(s.iter().all(|x| x.is_finite()));
 }
 
@@ -211,6 +211,8 @@ fn bad_input_is_refused() {
     assert!(Mse::new(2, 2, false).is_err());
     assert!(Mse::new(64, 0, false).is_err());
     assert!(Prod::new(64, 5, 0).is_err());
+    assert!(Prod::new(1 << 20, 2, 0).is_err()); // a d² sketch: refused past MAX_DIM
+    assert!(Mse::new(usize::MAX, 2, false).is_err());
     let p = Prod::new(64, 2, 0).unwrap();
     let mut code = p.encode(&[1.0; 64]).unwrap();
     assert!(p.inner(&[1.0; 63], &code).is_err());

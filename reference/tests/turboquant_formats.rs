@@ -8,7 +8,7 @@ use rotq_reference::turboquant::{sketch_matrix, Mse};
 const D: usize = 128;
 
 fn gaussian_rows(n: usize, seed: u64) -> Vec<Vec<f32>> {
-    let g = sketch_matrix(D, seed);
+    let g = sketch_matrix(D, seed).unwrap();
     (0..n)
         .map(|r| g[r * D..][..D].iter().map(|&x| x as f32).collect())
         .collect()
@@ -115,6 +115,8 @@ fn edge_cases_and_bad_input() {
         assert!(f.quantize_row(&[1.0; 12]).is_err());
         assert!(f.dequantize_row(&[0u8; 3], D).is_err());
         assert!(f.row_bytes(0).is_err());
+        assert!(f.row_bytes(4104).is_err()); // past MAX_DIM: refused, never a d² sketch
+        assert!(f.row_bytes(1 << 62).is_err());
     }
     assert!(RowFormat::Mse { bits: 5 }.row_bytes(D).is_err());
 }

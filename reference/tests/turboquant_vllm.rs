@@ -4,7 +4,6 @@
 //! by rotq and compared with rotq's own encoding.
 
 use half::f16;
-use rotq_reference::format::fp8::e4m3_encode;
 use rotq_reference::turboquant::sketch_matrix;
 use rotq_reference::turboquant::vllm::{codebook, Preset};
 
@@ -42,6 +41,32 @@ fn hadamard_f32() -> Vec<f32> {
         .collect()
 }
 
+/// E4M3 ("fn": bias 7, no infinities, max 448) written out here apart from rotq's: the nearest
+/// of the 127 non-negative codes (ties to the even code), saturating at 448, the sign bit
+/// copied; NaN is 0x7F.
+fn e4m3(v: f32) -> u8 {
+    if v.is_nan() {
+        return 0x7F;
+    }
+    let value = |c: u8| {
+        let (e, m) = (i32::from(c >> 3), f64::from(c & 7));
+        if e == 0 {
+            m / 512.0
+        } else {
+            (1.0 + m / 8.0) * 2f64.powi(e - 7)
+        }
+    };
+    let a = f64::from(v.abs());
+    let mut best = 0u8;
+    for c in 1..=0x7Eu8 {
+        let (dc, db) = ((value(c) - a).abs(), (value(best) - a).abs());
+        if dc < db || (dc == db && c % 2 == 0) {
+            best = c;
+        }
+    }
+    best | if v.is_sign_negative() { 0x80 } else { 0 }
+}
+
 /// Packs codes as vLLM's store kernel: 4-bit pairs into bytes, 3-bit groups of 8 into 24 bits.
 fn vllm_pack(codes: &[u8], bits: u32) -> Vec<u8> {
     if bits == 4 {
@@ -69,7 +94,7 @@ fn vllm_pack(codes: &[u8], bits: u32) -> Vec<u8> {
 fn vllm_slot(p: Preset, key: &[f32], value: &[f32]) -> Vec<u8> {
     let mut slot = Vec::new();
     match p.key_bits() {
-        None => slot.extend(key.iter().map(|&k| e4m3_encode(k))),
+        None => slot.extend(key.iter().map(|&k| e4m3(k))),
         Some(bits) => {
             let norm = key.iter().map(|k| k * k).sum::<f32>().sqrt();
             let x: Vec<f32> = key.iter().map(|k| k / (norm + 1e-8)).collect();
@@ -115,11 +140,14 @@ fn vllm_slot(p: Preset, key: &[f32], value: &[f32]) -> Vec<u8> {
 
 /// Normal rows with an outlier channel, as keys and values look.
 fn rows(n: usize, seed: u64) -> Vec<Vec<f32>> {
-    let g = sketch_matrix(D, seed);
+    let g = sketch_matrix(D, seed).unwrap();
     (0..n)
         .map(|r| {
             let mut v: Vec<f32> = g[r * D..][..D].iter().map(|&x| x as f32).collect();
             v[(r * 37) % D] *= 6.0;
+            if r % 16 == 5 {
+                v[(r * 11) % D] = 1000.0 * (r as f32 - 30.0).signum(); // past E4M3's 448
+            }
             v
         })
         .collect()
@@ -205,7 +233,9 @@ fn vllm_slots_decode_and_encode_in_rotq() {
                 }
             } else {
                 for (&got, &orig) in k.iter().zip(key) {
-                    // Half an E4M3 step: 1/16 relative, 2^-10 among the subnormals.
+                    // Half an E4M3 step: 1/16 relative, 2^-10 among the subnormals; ±448 past
+                    // the range (saturated).
+                    let orig = orig.clamp(-448.0, 448.0);
                     assert!(
                         (got - orig).abs() <= orig.abs() / 16.0 + 1.0 / 1024.0,
                         "{}: {got} vs {orig}",
@@ -254,6 +284,8 @@ fn bad_slots_are_refused() {
     assert!(p.encode_slot(&[0.5; D], &[0.5; 64], &mut slot).is_err());
     assert!(p.encode_slot(&[0.5; 100], &[0.5; 100], &mut slot).is_err());
     assert!(codebook(128, 0).is_err());
+    assert!(Preset::FourBitNc.slot_bytes(1 << 62).is_err());
+    assert!(Preset::K8V4.slot_bytes(8192).is_err());
     // A zero key and a constant value: norm 0, scale floored at 1e-8, all decode finite.
     p.encode_slot(&[0.0; D], &[0.25; D], &mut slot).unwrap();
     let (k, v) = p.decode_slot(&slot, D).unwrap();

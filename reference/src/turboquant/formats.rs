@@ -13,21 +13,23 @@
 //! * MSE: the `b`-bit level indices of [`super::Mse`] with the exact codebook of
 //!   [`crate::lloyd_max`] for `d`, then `‖y‖` as f16. Decoding rescales the levels to unit norm
 //!   (norm correction, which vLLM found worth 0.8% of perplexity at 4 bits) times the f16 norm.
-//! * prod: the `(b−1)`-bit MSE indices (no norm correction: the QJL estimate is unbiased for
-//!   the plain MSE reconstruction) and the f16 `‖y‖`; then the `d` signs of `S r` (bit `i` set
+//! * prod: the `(b−1)`-bit MSE indices (no norm correction, as the paper's Algorithm 2; the
+//!   QJL estimate would be unbiased around any reconstruction) and the f16 `‖y‖`; then the `d` signs of `S r` (bit `i` set
 //!   when `(S r)_i ≥ 0`), `r = y − ŷ` with `ŷ` decoded from the *stored* f16 norm; then `‖r‖`
 //!   as f16. `S` is [`super::sketch_matrix`] of `d` and seed [`QJL_SEED`]. Decoding gives
 //!   `ŷ + ‖r‖ √(π/2) / d · Sᵀ z`.
 //!
-//! A norm above f16's range (65504) is stored as infinity and the row decodes to NaN, never to a
-//! silently wrong value; a row holding a NaN or an infinity stores a NaN or infinite norm and
-//! decodes to NaN; a zero row decodes to zeros.
+//! A norm above f16's range (65504) is stored as infinity and the row decodes to ±∞ (NaN where
+//! a level is 0), never to a silently wrong finite value; a row holding a NaN or an infinity
+//! stores a NaN or infinite norm and decodes the same way; a zero row decodes to zeros; norms
+//! below f16's normal range (6.1e-5) lose precision and under about 3e-8 decode to zeros, as
+//! in vLLM.
 //!
 //! ```
 //! use rotq_reference::turboquant::formats::RowFormat;
 //! let f: RowFormat = "tq4".parse().unwrap();
 //! assert_eq!(f.row_bytes(128).unwrap(), 66);
-//! let y: Vec<f32> = rotq_reference::turboquant::sketch_matrix(128, 1)[..128]
+//! let y: Vec<f32> = rotq_reference::turboquant::sketch_matrix(128, 1).unwrap()[..128]
 //!     .iter().map(|&x| x as f32).collect();
 //! let back = f.dequantize_row(&f.quantize_row(&y).unwrap(), 128).unwrap();
 //! let err: f32 = y.iter().zip(&back).map(|(a, b)| (a - b) * (a - b)).sum();
@@ -35,7 +37,7 @@
 //! assert!(err / norm < 0.03); // 4 bits: 0.0093 of the squared norm on average over rows
 //! ```
 
-use super::{sketch_matrix, Mse, MseCode};
+use super::{pack, unpack, Mse, MseCode, Normals, MAX_DIM};
 use crate::{Error, Result};
 use half::f16;
 
@@ -97,11 +99,11 @@ impl RowFormat {
                 reason: format!("{} bits: the formats have 2 to 4", self.bits()),
             });
         }
-        if d < 8 || !d.is_multiple_of(8) {
+        if !(8..=MAX_DIM).contains(&d) || !d.is_multiple_of(8) {
             return Err(Error::InvalidParameter {
                 name: "head dimension",
                 reason: format!(
-                    "{} takes rows of a multiple of 8 values (at least 8), not {d}",
+                    "{} takes rows of a multiple of 8 values, 8 to {MAX_DIM}, not {d}",
                     self.name()
                 ),
             });
@@ -143,9 +145,13 @@ impl RowFormat {
         if let RowFormat::Prod { .. } = self {
             let approx = mse.decode(&code)?;
             let r: Vec<f64> = y.iter().zip(&approx).map(|(a, b)| a - b).collect();
-            let s = sketch_matrix(d, QJL_SEED);
+            // The sketch's rows one at a time (O(d) memory).
+            let mut normals = Normals::new(QJL_SEED);
+            let mut row = vec![0f64; d];
             let signs = &mut out[n_codes + 2..n_codes + 2 + d / 8];
-            for (i, row) in s.chunks_exact(d).enumerate() {
+            for i in 0..d {
+                row.iter_mut()
+                    .for_each(|v| *v = normals.next().unwrap_or(0.0));
                 if row.iter().zip(&r).map(|(a, b)| a * b).sum::<f64>() >= 0.0 {
                     signs[i / 8] |= 1 << (i % 8);
                 }
@@ -182,14 +188,17 @@ impl RowFormat {
         if let RowFormat::Prod { .. } = self {
             let signs = &bytes[n_codes + 2..n_codes + 2 + d / 8];
             let k = f16_at(n_codes + 2 + d / 8) * (std::f64::consts::PI / 2.0).sqrt() / d as f64;
-            let s = sketch_matrix(d, QJL_SEED);
-            for (i, row) in s.chunks_exact(d).enumerate() {
+            let mut normals = Normals::new(QJL_SEED);
+            let mut row = vec![0f64; d];
+            for i in 0..d {
+                row.iter_mut()
+                    .for_each(|v| *v = normals.next().unwrap_or(0.0));
                 let z = if signs[i / 8] >> (i % 8) & 1 == 1 {
                     k
                 } else {
                     -k
                 };
-                for (o, v) in y.iter_mut().zip(row) {
+                for (o, v) in y.iter_mut().zip(&row) {
                     *o += z * v;
                 }
             }
@@ -216,28 +225,4 @@ impl std::str::FromStr for RowFormat {
                 reason: format!("`{s}`: expected tq2, tq3, tq4, tq2_qjl, tq3_qjl or tq4_qjl"),
             })
     }
-}
-
-/// `w`-bit codes as an LSB-first bit stream.
-fn pack(codes: &[u8], w: u32, out: &mut [u8]) {
-    for (i, &c) in codes.iter().enumerate() {
-        let at = i * w as usize;
-        let word = u16::from(c) << (at % 8);
-        out[at / 8] |= word as u8;
-        if let Some(next) = out.get_mut(at / 8 + 1) {
-            *next |= (word >> 8) as u8;
-        }
-    }
-}
-
-/// The `n` codes of [`pack`].
-fn unpack(bytes: &[u8], w: u32, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|i| {
-            let at = i * w as usize;
-            let lo = u16::from(bytes[at / 8]);
-            let hi = u16::from(bytes.get(at / 8 + 1).copied().unwrap_or(0));
-            (((hi << 8 | lo) >> (at % 8)) & ((1 << w) - 1)) as u8
-        })
-        .collect()
 }

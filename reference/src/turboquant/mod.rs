@@ -14,7 +14,7 @@
 //! **norm correction** (vLLM's `_nc` presets, not in the paper) it is `‖y‖ · c / ‖c‖`, which
 //! keeps the row's norm exactly. A zero row stores norm 0 (its codes are those of `u = 0`:
 //! the smallest positive level) and comes back as zeros; a row with a NaN or an infinity stores
-//! a non-finite norm and comes back as NaN.
+//! a non-finite norm and comes back non-finite (NaN, or ±∞ for an infinite norm).
 //!
 //! **TurboQuant-prod** ([`Prod`], Algorithm 2) quantizes `y` with TurboQuant-MSE at `b − 1` bits
 //! (no norm correction; at `b = 1` the MSE part is the zero vector), then keeps a 1-bit QJL
@@ -81,8 +81,8 @@ fn norm(v: &[f64]) -> f64 {
 }
 
 impl Mse {
-    /// The quantizer for rows of `d ≥ 3` values at `1 ≤ bits ≤ 4`, with or without norm
-    /// correction.
+    /// The quantizer for rows of `3 ≤ d ≤ MAX_DIM` values at `1 ≤ bits ≤ 4`, with or without
+    /// norm correction.
     ///
     /// ```
     /// let q = rotq_reference::turboquant::Mse::new(64, 2, false).unwrap();
@@ -90,6 +90,7 @@ impl Mse {
     /// assert!(rotq_reference::turboquant::Mse::new(64, 5, false).is_err());
     /// ```
     pub fn new(d: usize, bits: u32, norm_correction: bool) -> Result<Self> {
+        check_dim(d)?;
         Ok(Self {
             d,
             levels: lloyd_max::codebook(d, bits)?,
@@ -177,27 +178,67 @@ pub struct Prod {
     sketch: Vec<f64>,
 }
 
-/// The QJL sketch matrix of `d` rows and columns for `seed`, row-major (module docs).
-///
-/// ```
-/// let s = rotq_reference::turboquant::sketch_matrix(4, 0);
-/// assert_eq!(s.len(), 16);
-/// assert_eq!(s, rotq_reference::turboquant::sketch_matrix(4, 0));
-/// ```
-pub fn sketch_matrix(d: usize, seed: u64) -> Vec<f64> {
-    let mut g = SplitMix64::new(seed);
-    let mut uniform = || ((g.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let mut out = Vec::with_capacity(d * d);
-    while out.len() < d * d {
+/// The largest row TurboQuant takes here (its codebooks converge, its sketch is `d²` values).
+pub const MAX_DIM: usize = 4096;
+
+fn check_dim(d: usize) -> Result<()> {
+    if !(3..=MAX_DIM).contains(&d) {
+        return Err(Error::InvalidParameter {
+            name: "head dimension",
+            reason: format!("TurboQuant takes rows of 3 to {MAX_DIM} values, not {d}"),
+        });
+    }
+    Ok(())
+}
+
+/// The standard normals of a sketch, in order (module docs): Box–Muller pairs from SplitMix64.
+pub(crate) struct Normals {
+    g: SplitMix64,
+    pending: Option<f64>,
+}
+
+impl Normals {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            g: SplitMix64::new(seed),
+            pending: None,
+        }
+    }
+}
+
+impl Iterator for Normals {
+    type Item = f64;
+
+    fn next(&mut self) -> Option<f64> {
+        if let Some(v) = self.pending.take() {
+            return Some(v);
+        }
+        let mut uniform = || ((self.g.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         let (v1, v2) = (uniform(), uniform());
         let radius = (-2.0 * v1.ln()).sqrt();
         let angle = 2.0 * std::f64::consts::PI * v2;
-        out.push(radius * angle.cos());
-        if out.len() < d * d {
-            out.push(radius * angle.sin());
-        }
+        self.pending = Some(radius * angle.sin());
+        Some(radius * angle.cos())
     }
-    out
+}
+
+/// The QJL sketch matrix of `d` rows and columns for `seed`, row-major (module docs);
+/// `d ≤ MAX_DIM`.
+///
+/// ```
+/// let s = rotq_reference::turboquant::sketch_matrix(4, 0).unwrap();
+/// assert_eq!(s.len(), 16);
+/// assert_eq!(s, rotq_reference::turboquant::sketch_matrix(4, 0).unwrap());
+/// assert!(rotq_reference::turboquant::sketch_matrix(1 << 40, 0).is_err());
+/// ```
+pub fn sketch_matrix(d: usize, seed: u64) -> Result<Vec<f64>> {
+    if d > MAX_DIM {
+        return Err(Error::InvalidParameter {
+            name: "sketch dimension",
+            reason: format!("at most {MAX_DIM}, not {d}"),
+        });
+    }
+    Ok(Normals::new(seed).take(d * d).collect())
 }
 
 impl Prod {
@@ -209,7 +250,8 @@ impl Prod {
     /// assert!(rotq_reference::turboquant::Prod::new(128, 0, 0).is_err());
     /// ```
     pub fn new(d: usize, bits: u32, seed: u64) -> Result<Self> {
-        if !(1..=lloyd_max::MAX_BITS).contains(&bits) || d < 3 {
+        check_dim(d)?;
+        if !(1..=lloyd_max::MAX_BITS).contains(&bits) {
             return Err(Error::InvalidParameter {
                 name: "TurboQuant-prod",
                 reason: format!("needs d >= 3 and 1 to 4 bits, not d = {d}, {bits} bits"),
@@ -221,7 +263,7 @@ impl Prod {
         Ok(Self {
             d,
             mse,
-            sketch: sketch_matrix(d, seed),
+            sketch: sketch_matrix(d, seed)?,
         })
     }
 
@@ -312,3 +354,30 @@ impl Prod {
 
 pub mod formats;
 pub mod vllm;
+
+/// `w`-bit codes (`w ≤ 8`) as an LSB-first bit stream into `out` (zeroed first): code `i` at
+/// bits `w·i .. w·i + w`, so 4-bit code `2j` is the low nibble of byte `j`. The one packing of
+/// the TurboQuant layouts, vLLM's and rotq's.
+pub(crate) fn pack(codes: &[u8], w: u32, out: &mut [u8]) {
+    out.fill(0);
+    for (i, &c) in codes.iter().enumerate() {
+        let at = i * w as usize;
+        let word = u16::from(c) << (at % 8);
+        out[at / 8] |= word as u8;
+        if let Some(next) = out.get_mut(at / 8 + 1) {
+            *next |= (word >> 8) as u8;
+        }
+    }
+}
+
+/// The `n` codes of [`pack`] (`bytes` holds at least `⌈n w / 8⌉`).
+pub(crate) fn unpack(bytes: &[u8], w: u32, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            let at = i * w as usize;
+            let lo = u16::from(bytes[at / 8]);
+            let hi = u16::from(bytes.get(at / 8 + 1).copied().unwrap_or(0));
+            (((hi << 8 | lo) >> (at % 8)) & ((1 << w) - 1)) as u8
+        })
+        .collect()
+}

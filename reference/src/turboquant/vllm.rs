@@ -1,6 +1,8 @@
 //! vLLM's TurboQuant KV cache (its attention backend of PR 38479, with the random signs that
 //! PR 40194 removed left out): the four presets, their codebooks and the bytes of one slot, as
-//! vLLM's source states them, so that rotq reads and writes the same cache.
+//! vLLM's source states them, so that rotq reads and writes the same slots. (The pages that hold
+//! them are vLLM's business: token-major in the merged backend, head-major later, and for GQA
+//! groups of four a "qgroup4" page layout that splits a slot's bytes into planes.)
 //!
 //! **Presets.** `turboquant_k8v4`: FP8 E4M3 keys (unscaled, unrotated) and 4-bit values;
 //! `turboquant_4bit_nc`, `turboquant_k3v4_nc`, `turboquant_3bit_nc`: 4-, 3-, 3-bit codebook
@@ -14,8 +16,8 @@
 //!   ties to even, saturating at ±448; vLLM's cast on compute capability ≥ 8.9 GPUs, whose
 //!   saturation its source does not pin down; older GPUs store Triton's e4b15 instead);
 //! * values: the codes packed as the keys', then the f16 scale and the f16 minimum;
-//! * one zero pad byte when the sum is odd (slots are even-sized: 196, 134, 118 and 102 bytes at
-//!   d = 128).
+//! * a pad byte when the sum is odd (slots are even-sized: 196, 134, 118 and 102 bytes at
+//!   d = 128); vLLM never writes it, rotq writes 0.
 //!
 //! **Keys** (codebook presets): `x = k / (‖k‖ + 10⁻⁸)`, `y = H x` with the normalized Sylvester
 //! Hadamard (rotq's `Rotation::hadamard`; powers of two only), each `y_i` rounded to f32 and
@@ -39,7 +41,7 @@
 //! let p = Preset::FourBitNc;
 //! assert_eq!(p.slot_bytes(128).unwrap(), 134);
 //! // A key like a random one (normal coordinates): what the Gaussian codebook is made for.
-//! let key: Vec<f32> = rotq_reference::turboquant::sketch_matrix(128, 5)[..128]
+//! let key: Vec<f32> = rotq_reference::turboquant::sketch_matrix(128, 5).unwrap()[..128]
 //!     .iter().map(|&x| x as f32).collect();
 //! let value: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin()).collect();
 //! let mut slot = vec![0u8; 134];
@@ -53,6 +55,7 @@
 //! assert!(rel(&v, &value) < 0.1);
 //! ```
 
+use super::{pack, unpack};
 use crate::format::fp8::{e4m3_decode, e4m3_encode};
 use crate::{Error, Result, Rotation};
 use half::f16;
@@ -111,11 +114,15 @@ impl Preset {
     }
 
     fn check_dim(self, d: usize) -> Result<()> {
-        if d == 0 || !d.is_multiple_of(8) || (self.key_bits().is_some() && !d.is_power_of_two()) {
+        if !(1..=super::MAX_DIM).contains(&d)
+            || !d.is_multiple_of(8)
+            || (self.key_bits().is_some() && !d.is_power_of_two())
+        {
             return Err(Error::InvalidParameter {
                 name: "head dimension",
                 reason: format!(
-                    "{} takes a multiple of 8 (a power of two for its Hadamard keys), not {d}",
+                    "{} takes a multiple of 8 up to 4096 (a power of two for its Hadamard \
+                     keys), not {d}",
                     self.name()
                 ),
             });
@@ -161,11 +168,10 @@ impl Preset {
                 }
             }
             Some(bits) => {
-                let n = key
-                    .iter()
-                    .map(|&k| f64::from(k).powi(2))
-                    .sum::<f64>()
-                    .sqrt();
+                // The norm in f32, as vLLM's `torch.norm` of the f32 key (its reduction order
+                // may differ in the last bit: then so may the stored f16).
+                let n32 = key.iter().map(|k| k * k).sum::<f32>().sqrt();
+                let n = f64::from(n32);
                 let mut y: Vec<f64> = key.iter().map(|&k| f64::from(k) / (n + 1e-8)).collect();
                 Rotation::hadamard(d)?.forward_in_place(&mut y)?;
                 let mids = midpoints(&codebook(d, bits)?);
@@ -175,7 +181,7 @@ impl Preset {
                     .collect();
                 let (code_bytes, norm) = k_out.split_at_mut(kb - 2);
                 pack(&codes, bits, code_bytes);
-                norm.copy_from_slice(&f16::from_f64(n).to_bits().to_le_bytes());
+                norm.copy_from_slice(&f16::from_f32(n32).to_bits().to_le_bytes());
             }
         }
         let bits = self.value_bits();
@@ -221,7 +227,7 @@ impl Preset {
         let (s, m) = (f16_at(v_in, vb - 4), f16_at(v_in, vb - 2));
         let value = unpack(&v_in[..vb - 4], self.value_bits(), d)
             .into_iter()
-            .map(|c| f32::from(c) * s + m)
+            .map(|c| f32::from(c).mul_add(s, m)) // one rounding, as Triton fuses it
             .collect();
         Ok((key, value))
     }
@@ -250,32 +256,6 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
-/// Codes of `bits` (3 or 4) bits as an LSB-first bit stream (for 4 bits: coordinate `2j` in the
-/// low nibble of byte `j`).
-fn pack(codes: &[u8], bits: u32, out: &mut [u8]) {
-    out.fill(0);
-    for (i, &c) in codes.iter().enumerate() {
-        let at = i * bits as usize;
-        let word = u16::from(c) << (at % 8);
-        out[at / 8] |= word as u8;
-        if let Some(next) = out.get_mut(at / 8 + 1) {
-            *next |= (word >> 8) as u8;
-        }
-    }
-}
-
-/// The `n` codes of [`pack`].
-fn unpack(bytes: &[u8], bits: u32, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|i| {
-            let at = i * bits as usize;
-            let lo = u16::from(bytes[at / 8]);
-            let hi = u16::from(bytes.get(at / 8 + 1).copied().unwrap_or(0));
-            (((hi << 8 | lo) >> (at % 8)) & ((1 << bits) - 1)) as u8
-        })
-        .collect()
-}
-
 /// vLLM's codebook for heads of `d` values at `bits` bits: its `solve_lloyd_max(d, bits)`,
 /// operation for operation in f64 (see the module docs), rounded to f32; ascending.
 ///
@@ -285,7 +265,14 @@ fn unpack(bytes: &[u8], bits: u32, n: usize) -> Vec<u8> {
 /// assert_eq!(c[7].to_bits(), 0x3e42a09f); // as vLLM's solver gives it
 /// ```
 pub fn codebook(d: usize, bits: u32) -> Result<Vec<f32>> {
-    if d == 0 || !(1..=8).contains(&bits) {
+    // vLLM caches its solver's result per (d, bits) too.
+    static CACHE: crate::lloyd_max::Codebooks<f32> = std::sync::OnceLock::new();
+    crate::lloyd_max::cached(&CACHE, d, bits, solve)
+}
+
+/// [`codebook`] computed.
+fn solve(d: usize, bits: u32) -> Result<Vec<f32>> {
+    if !(1..=super::MAX_DIM).contains(&d) || !(1..=8).contains(&bits) {
         return Err(Error::InvalidParameter {
             name: "vLLM codebook",
             reason: format!("needs d >= 1 and 1 to 8 bits, not d = {d}, {bits} bits"),
