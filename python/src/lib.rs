@@ -27,6 +27,22 @@ pub(crate) fn format(name: &str) -> PyResult<KvFormat> {
     name.parse::<KvFormat>().map_err(reference)
 }
 
+/// Checks that `bytes` holds `values`' rows (their last axis) in format `f`, `what` naming the
+/// expected length in the error; gives the row length and its bytes. The one check of every
+/// quantize and dequantize binding, the kernels' and the oracle's.
+pub(crate) fn check_row_bytes(
+    f: KvFormat,
+    values: &Array,
+    bytes: &Array,
+    what: &str,
+) -> PyResult<(usize, usize)> {
+    let dim = values.last_dim();
+    let rb = f.row_bytes(dim).map_err(reference)?;
+    let rows = values.len().checked_div(dim).unwrap_or(0);
+    bytes.expect_len(rows * rb, what)?;
+    Ok((dim, rb))
+}
+
 /// The format registry: one dict per format (name, block_size, block_bytes, bits_per_value,
 /// origin, scaled).
 #[pyfunction]
@@ -149,12 +165,7 @@ fn quantize(
     if x.overlaps(&out) {
         return Err(invalid("out: shares memory with x".into()));
     }
-    let dim = x.last_dim();
-    let rows = x.len().checked_div(dim).unwrap_or(0);
-    out.expect_len(
-        rows * f.row_bytes(dim).map_err(reference)?,
-        "rows x row_bytes",
-    )?;
+    let (dim, _) = check_row_bytes(f, &x, &out, "rows x row_bytes")?;
     let r = rotations::parse(rotation, dim)?;
     let codec = CacheCodec::new(f, dim, r.as_ref(), Isa::best()).map_err(reference)?;
     let bytes = out.slice_mut::<u8>()?;
@@ -181,10 +192,10 @@ fn dequantize(
     if data.overlaps(&out) {
         return Err(invalid("out: shares memory with data".into()));
     }
-    let dim = out.last_dim();
-    let rows = out.len().checked_div(dim).unwrap_or(0);
-    data.expect_len(
-        rows * f.row_bytes(dim).map_err(reference)?,
+    let (dim, _) = check_row_bytes(
+        f,
+        &out,
+        &data,
         "rows x row_bytes for out's rows of its last axis",
     )?;
     let r = rotations::parse(rotation, dim)?;

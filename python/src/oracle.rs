@@ -63,10 +63,7 @@ fn oracle_quantize(
     let f = format(format_name)?;
     let x = Array::import(x, "x", &[DType::F32])?;
     let mut out = Array::import(out, "out", &[DType::U8])?;
-    let dim = x.last_dim();
-    let rb = f.row_bytes(dim).map_err(reference)?;
-    let rows = x.len().checked_div(dim).unwrap_or(0);
-    out.expect_len(rows * rb, "rows x row_bytes")?;
+    let (dim, rb) = crate::check_row_bytes(f, &x, &out, "rows x row_bytes")?;
     let xs = x.slice::<f32>()?;
     for (row, o) in xs
         .chunks_exact(dim)
@@ -87,10 +84,7 @@ fn oracle_dequantize(
     let f = format(format_name)?;
     let data = Array::import(data, "data", &[DType::U8])?;
     let mut out = Array::import(out, "out", &[DType::F32])?;
-    let dim = out.last_dim();
-    let rb = f.row_bytes(dim).map_err(reference)?;
-    let rows = out.len().checked_div(dim).unwrap_or(0);
-    data.expect_len(rows * rb, "rows x row_bytes")?;
+    let (dim, rb) = crate::check_row_bytes(f, &out, &data, "rows x row_bytes")?;
     let bytes = data.slice::<u8>()?;
     for (b, o) in bytes
         .chunks_exact(rb)
