@@ -495,12 +495,24 @@ pub(super) const MAX_INT_DIM: usize = 512;
 pub(super) struct IntQuery {
     codes: [i8; 4 * MAX_INT_DIM],
     scales: [f32; 4 * MAX_INT_DIM / 32],
+    /// Per block and 4-byte lane, the K format's code offset times the lane's sum of query
+    /// codes: what the products of unsigned K codes carry beyond the signed ones (see
+    /// [`IntBlocks`]); made once per query, not per tile of keys.
+    fix: [[i32; 8]; 4 * MAX_INT_DIM / 32],
+    /// The offset `fix` was made for.
+    offset: i32,
 }
 
 /// The integer form of four query rows that went through q8_0 (and were then scaled), made
-/// by [`super::int_codes`]. `None` where the rows hold a NaN or an infinity, or `d` is over
-/// [`MAX_INT_DIM`] (the f32 path takes those: the same values, the same spec).
-pub(super) fn int_query(q: &[f32], d: usize) -> Option<IntQuery> {
+/// by [`super::int_codes`], for a K cache in `f`. `None` where the rows hold a NaN or an
+/// infinity, `d` is over [`MAX_INT_DIM`] (the f32 path takes those: the same values, the same
+/// spec), or `f` has no integer codes.
+pub(super) fn int_query(q: &[f32], d: usize, f: RegFormat) -> Option<IntQuery> {
+    let offset = match f {
+        RegFormat::Q4_0 => Q4_0::OFFSET,
+        RegFormat::Q8_0 => Q8_0::OFFSET,
+        RegFormat::F16 => return None,
+    };
     if d > MAX_INT_DIM || !d.is_multiple_of(32) || q.len() != 4 * d {
         return None;
     }
@@ -510,8 +522,15 @@ pub(super) fn int_query(q: &[f32], d: usize) -> Option<IntQuery> {
     let mut iq = IntQuery {
         codes: [0; 4 * MAX_INT_DIM],
         scales: [0.0; 4 * MAX_INT_DIM / 32],
+        fix: [[0; 8]; 4 * MAX_INT_DIM / 32],
+        offset,
     };
     super::int_codes(q, &mut iq.codes[..q.len()], &mut iq.scales[..q.len() / 32]);
+    for (fix, block) in iq.fix.iter_mut().zip(iq.codes[..q.len()].chunks_exact(32)) {
+        for (lane, bytes) in fix.iter_mut().zip(block.chunks_exact(4)) {
+            *lane = offset * bytes.iter().map(|&c| i32::from(c)).sum::<i32>();
+        }
+    }
     Some(iq)
 }
 
@@ -718,17 +737,11 @@ unsafe fn int_scores_in<D: IntBlocks, M: IntDot>(
         let d = k.dim;
         let nb = d / 32;
         let pc = iq.codes.as_ptr();
-        // The offset's correction, per lane in integers, so that each lane holds its four
-        // products' exact sum (small: the lanes' f32 sum then rounds as the f32 loops do):
-        // OFFSET · Σ q over each lane's four bytes.
-        let mut fix = [_mm256_setzero_si256(); 4 * MAX_INT_DIM / 32];
-        if M::unsigned::<D>() {
-            let offset = _mm256_set1_epi8(D::OFFSET as u8 as i8);
-            for (i, f) in fix[..4 * nb].iter_mut().enumerate() {
-                let qv = _mm256_loadu_si256(pc.add(32 * i).cast());
-                *f = M::dot::<D>(offset, qv);
-            }
-        }
+        debug_assert_eq!(
+            iq.offset,
+            D::OFFSET,
+            "an integer query made for another format"
+        );
         for t in tokens.clone() {
             k.prefetch(t + PREFETCH_TOKENS, head);
             v.prefetch(t, head);
@@ -739,7 +752,14 @@ unsafe fn int_scores_in<D: IntBlocks, M: IntDot>(
                 let dkv = _mm256_set1_ps(dk);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let qv = _mm256_loadu_si256(pc.add(r * d + 32 * b).cast());
-                    let dot = _mm256_sub_epi32(M::dot::<D>(codes, qv), fix[r * nb + b]);
+                    let mut dot = M::dot::<D>(codes, qv);
+                    if M::unsigned::<D>() {
+                        // The offset taken off per lane in integers, so that each lane holds
+                        // its four products' exact sum (small: the lanes' f32 sum then
+                        // rounds as the f32 loops do).
+                        let fix = _mm256_loadu_si256(iq.fix[r * nb + b].as_ptr().cast());
+                        dot = _mm256_sub_epi32(dot, fix);
+                    }
                     let sums = _mm256_cvtepi32_ps(dot);
                     let s = _mm256_mul_ps(dkv, _mm256_broadcast_ss(&iq.scales[r * nb + b]));
                     *a = _mm256_fmadd_ps(sums, s, *a);
@@ -804,12 +824,12 @@ mod tests {
             q[64..96].fill(0.0); // and an all-zero one
                                  // Queries as the kernel sees them: through q8_0 and back.
             rotq_reference::attention::quantize_query_in_place(&mut q).unwrap();
-            let iq = int_query(&q, d).unwrap();
             let f = if format == KvFormat::Q4_0 {
                 RegFormat::Q4_0
             } else {
                 RegFormat::Q8_0
             };
+            let iq = int_query(&q, d, f).unwrap();
             let stride = n;
             let (mut a, mut b) = (vec![0f32; 4 * n], vec![0f32; 4 * n]);
             for head in 0..h {

@@ -1384,11 +1384,11 @@ impl CpuAttention {
         let int_queries = {
             let mut iqs = INT_QUERIES.with(|c| std::mem::take(&mut *c.borrow_mut()));
             iqs.clear();
-            if p.int_q && fused_k.is_some_and(|f| f != RegFormat::F16) {
+            if let Some(f) = fused_k.filter(|&f| p.int_q && f != RegFormat::F16) {
                 for head in task.heads.clone() {
                     for j in (0..g).step_by(4) {
                         let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];
-                        iqs.push(avx2::int_query(q, d));
+                        iqs.push(avx2::int_query(q, d, f));
                     }
                 }
             }
