@@ -13,7 +13,8 @@
 //!
 //! The CUDA tests need a GPU; where none opens each prints `skipped: no CUDA device` and
 //! passes, unless `ROTQ_REQUIRE_CUDA` is set (the GPU bundle's run.sh sets it), which makes
-//! that a failure. The sequence also runs on the CPU alone, so its checks run everywhere.
+//! that a failure. The sequence also runs on the CPU alone, so its checks run everywhere; there
+//! also for the TurboQuant row formats, which the CUDA backend does not take.
 
 mod common;
 
@@ -109,7 +110,8 @@ impl Case {
 }
 
 /// GQA, MHA and MQA; q8_0, q4_0 and others; with and without rotations (including an m·2^k
-/// Hadamard); windows and soft-caps.
+/// Hadamard); windows and soft-caps. Block formats only ([`KvFormat::BLOCKS`]): the cases of
+/// both backends (the CUDA backend takes no row format).
 fn cases() -> Vec<Case> {
     let case = |k_format, v_format, plan, h_kv, group, d| Case {
         k_format,
@@ -134,6 +136,33 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The CPU's cases: [`cases`], and the TurboQuant row formats (alone, with QJL, beside a
+/// block format), with and without rotations, MHA to GQA, a window and a soft-cap.
+fn cpu_cases() -> Vec<Case> {
+    let case = |k_format, v_format, plan, h_kv, group, d| Case {
+        k_format,
+        v_format,
+        plan,
+        h_kv,
+        group,
+        d,
+        window: None,
+        softcap: None,
+    };
+    let mut all = cases();
+    all.extend([
+        case(KvFormat::Tq4, KvFormat::Tq3Qjl, 1, 2, 4, 128),
+        Case {
+            window: Some(20),
+            softcap: Some(30.0),
+            ..case(KvFormat::Tq2, KvFormat::Tq4, 2, 4, 1, 64)
+        },
+        case(KvFormat::Tq3, KvFormat::Tq2Qjl, 0, 1, 8, 96),
+        case(KvFormat::Tq4Qjl, KvFormat::Q8_0, 2, 2, 2, 64),
+    ]);
+    all
+}
+
 /// The oracle on `cache`'s own bytes: Q (as f64) rotated, K and V dequantized, the output
 /// rotated back.
 fn oracle(
@@ -147,15 +176,12 @@ fn oracle(
     let (kb, vb) = cache.bytes().unwrap();
     let n = cache.len();
     let decode = |f: KvFormat, b: &[u8], dim: usize| {
-        let vals: Vec<f64> = if b.is_empty() {
-            Vec::new()
-        } else {
-            f.dequantize_row(b)
-                .unwrap()
-                .into_iter()
-                .map(f64::from)
-                .collect()
-        };
+        let vals: Vec<f64> = f
+            .dequantize_rows(b, dim)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
         Array3::from_shape_vec((n, s.n_heads, dim), vals).unwrap()
     };
     let mode = cache.query_mode();
@@ -220,7 +246,7 @@ fn check_shift(
     let tb = s.k_format.row_bytes(s.head_dim).unwrap() * s.n_heads;
     let to_f64 = |b: &[u8]| -> Vec<f64> {
         s.k_format
-            .dequantize_row(b)
+            .dequantize_rows(b, s.head_dim)
             .unwrap()
             .into_iter()
             .map(f64::from)
@@ -372,9 +398,13 @@ fn sequence(c: &Case, backend: &Backend, paging: Paging) -> (Vec<u8>, Vec<u8>) {
     appended
 }
 
-/// CPU and CUDA bytes of one cache: equal without a rotation, else at most one block in
-/// twenty differs.
+/// CPU and CUDA bytes of one cache (of a block format): equal without a rotation, else at most
+/// one block in twenty differs.
 fn compare_bytes(cpu: &[u8], gpu: &[u8], format: KvFormat, rotated: bool, what: &str) {
+    assert!(
+        KvFormat::BLOCKS.contains(&format),
+        "{what}: {format} is no block format"
+    );
     assert_eq!(cpu.len(), gpu.len(), "{what}: lengths");
     if !rotated {
         assert!(
@@ -399,7 +429,7 @@ fn compare_bytes(cpu: &[u8], gpu: &[u8], format: KvFormat, rotated: bool, what: 
 
 #[test]
 fn the_sequence_on_the_cpu_follows_the_oracle() {
-    for c in cases() {
+    for c in cpu_cases() {
         let [contiguous, paged] = LAYOUTS.map(|paging| sequence(&c, &Backend::Cpu, paging));
         assert!(paged == contiguous, "{c:?}: paged and contiguous bytes");
     }

@@ -21,17 +21,15 @@ fn rotated(x: &[f64], r: Option<&Rotation>) -> Vec<f64> {
     y
 }
 
-fn quantized(format: KvFormat, x: &[f64]) -> Vec<u8> {
+/// The oracle's bytes of rows of `d` values.
+fn quantized(format: KvFormat, x: &[f64], d: usize) -> Vec<u8> {
     let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-    // Rows are whole blocks, so all of them take the bytes of one long row.
-    let mut out = vec![0u8; format.row_bytes(x.len()).unwrap()];
-    format.quantize_into(&x32, &mut out).unwrap();
-    out
+    format.quantize_rows(&x32, d).unwrap()
 }
 
-fn dequantized(format: KvFormat, bytes: &[u8]) -> Vec<f64> {
+fn dequantized(format: KvFormat, bytes: &[u8], d: usize) -> Vec<f64> {
     format
-        .dequantize_row(bytes)
+        .dequantize_rows(bytes, d)
         .unwrap()
         .into_iter()
         .map(f64::from)
@@ -46,14 +44,18 @@ fn distance(a: &[f64], b: &[f64]) -> f64 {
         .sqrt()
 }
 
-const FORMATS: [KvFormat; 6] = [
-    KvFormat::Q8_0,
-    KvFormat::Q4_0,
-    KvFormat::Q5_1,
-    KvFormat::Iq4Nl,
-    KvFormat::Q6_0,
-    KvFormat::F16,
-];
+/// Some block formats, then every row format.
+fn formats() -> Vec<KvFormat> {
+    let blocks = [
+        KvFormat::Q8_0,
+        KvFormat::Q4_0,
+        KvFormat::Q5_1,
+        KvFormat::Iq4Nl,
+        KvFormat::Q6_0,
+        KvFormat::F16,
+    ];
+    blocks.into_iter().chain(KvFormat::ROWS).collect()
+}
 
 fn rope_of(variant: bool, dims: usize, base: f64, scale: f64) -> Rope {
     Rope {
@@ -78,7 +80,7 @@ proptest! {
     /// undoing the rotation) is off by the size of the keys themselves.
     #[test]
     fn shifting_the_rotated_cache_equals_rotating_the_shifted_keys(
-        f in 0..FORMATS.len(),
+        f in 0..formats().len(),
         d in prop::sample::select(vec![64usize, 128]),
         half in any::<bool>(),
         neox in any::<bool>(),
@@ -88,23 +90,23 @@ proptest! {
         delta in -5000i64..5000,
         seed in any::<u64>(),
     ) {
-        let format = FORMATS[f];
+        let format = formats()[f];
         let rope = rope_of(neox, if half { d / 2 } else { d }, if big_base { 500_000.0 } else { 10_000.0 }, scale);
         let r = kind.build(d, seed);
         let n_rows = 6;
         let x = KEYS.f64s(n_rows * d, seed);
         let rx = rotated(&x, r.as_ref());
-        let mut cache = quantized(format, &rx);
-        let e_orig = distance(&dequantized(format, &cache), &rx);
+        let mut cache = quantized(format, &rx, d);
+        let e_orig = distance(&dequantized(format, &cache, d), &rx);
         shift_cache(format, &mut cache, d, r.as_ref(), &rope, delta).unwrap();
 
         let mut sx = x.clone();
         rope.shift_rows_of(&mut sx, d, delta).unwrap();
         let rsx = rotated(&sx, r.as_ref());
-        let reference = quantized(format, &rsx);
-        let e_ref = distance(&dequantized(format, &reference), &rsx);
-        let got = dequantized(format, &cache);
-        let err = distance(&got, &dequantized(format, &reference));
+        let reference = quantized(format, &rsx, d);
+        let e_ref = distance(&dequantized(format, &reference, d), &rsx);
+        let got = dequantized(format, &cache, d);
+        let err = distance(&got, &dequantized(format, &reference, d));
         let norm = distance(&rx, &vec![0.0; rx.len()]);
         prop_assert!(
             err <= 3.0 * e_orig.max(e_ref) + 1e-9 * norm,
@@ -122,16 +124,16 @@ fn the_cpu_shift_follows_the_oracle() {
     let d = 128;
     let n_rows = 40;
     for isa in Isa::all_available() {
-        for (i, format) in FORMATS.into_iter().enumerate() {
+        for (i, format) in formats().into_iter().enumerate() {
             for kind in 0u8..3 {
                 let seed = 77 + i as u64 + 10 * kind as u64;
                 let r = RotationKind::nth(kind.into()).build(d, seed);
                 let rope = rope_of(i % 2 == 0, d, 10_000.0, 1.0);
                 let delta = -1234 + 411 * i as i64;
                 let x = KEYS.f64s(n_rows * d, seed);
-                let start = quantized(format, &rotated(&x, r.as_ref()));
+                let start = quantized(format, &rotated(&x, r.as_ref()), d);
                 // The exact target: the start's keys, unrotated, shifted, rotated (f64).
-                let mut target = dequantized(format, &start);
+                let mut target = dequantized(format, &start, d);
                 if let Some(r) = &r {
                     r.rotate_rows(&mut target, true).unwrap();
                 }
@@ -144,8 +146,8 @@ fn the_cpu_shift_follows_the_oracle() {
                 let mut kernel = start.clone();
                 codec.shift(&mut kernel, &rope, delta).unwrap();
 
-                let e_oracle = distance(&dequantized(format, &oracle), &target);
-                let e_kernel = distance(&dequantized(format, &kernel), &target);
+                let e_oracle = distance(&dequantized(format, &oracle, d), &target);
+                let e_kernel = distance(&dequantized(format, &kernel, d), &target);
                 let norm = distance(&target, &vec![0.0; target.len()]);
                 assert!(
                     e_kernel <= 1.05 * e_oracle + 1e-6 * norm,
@@ -162,15 +164,18 @@ fn a_shift_and_its_inverse_return_the_keys() {
     let d = 128;
     let r = Rotation::hadamard(d).unwrap();
     let rope = rope_of(true, d, 1_000_000.0, 1.0);
-    for format in FORMATS {
+    for format in formats() {
         let rx = rotated(&KEYS.f64s(8 * d, 5), Some(&r));
-        let start = quantized(format, &rx);
-        let e_one = distance(&dequantized(format, &start), &rx);
+        let start = quantized(format, &rx, d);
+        let e_one = distance(&dequantized(format, &start, d), &rx);
         let codec = CacheCodec::new(format, d, Some(&r), Isa::best()).unwrap();
         let mut cache = start.clone();
         codec.shift(&mut cache, &rope, 3000).unwrap();
         codec.shift(&mut cache, &rope, -3000).unwrap();
-        let err = distance(&dequantized(format, &cache), &dequantized(format, &start));
+        let err = distance(
+            &dequantized(format, &cache, d),
+            &dequantized(format, &start, d),
+        );
         assert!(
             err <= 3.0 * e_one + 1e-9,
             "{format}: {err:e} vs one quantization {e_one:e}"
@@ -184,7 +189,7 @@ fn a_shift_and_its_inverse_return_the_keys() {
 fn a_zero_shift_of_an_exact_format_changes_nothing() {
     let d = 64;
     let x = KEYS.f64s(5 * d, 9);
-    let start = quantized(KvFormat::F32, &x);
+    let start = quantized(KvFormat::F32, &x, d);
     let rope = Rope::new(RopeVariant::Normal, d);
     let mut oracle = start.clone();
     shift_cache(KvFormat::F32, &mut oracle, d, None, &rope, 0).unwrap();
@@ -201,7 +206,7 @@ fn a_zero_shift_of_an_exact_format_changes_nothing() {
 fn bad_shifts_are_errors_and_touch_nothing() {
     let d = 64;
     let r = Rotation::hadamard(d).unwrap();
-    let start = quantized(KvFormat::Q8_0, &rotated(&KEYS.f64s(3 * d, 4), Some(&r)));
+    let start = quantized(KvFormat::Q8_0, &rotated(&KEYS.f64s(3 * d, 4), Some(&r)), d);
     let codec = CacheCodec::new(KvFormat::Q8_0, d, Some(&r), Isa::best()).unwrap();
     let good = Rope::new(RopeVariant::Neox, d);
     let bad_ropes = [

@@ -11,6 +11,7 @@ use ndarray::Array3;
 use proptest::prelude::*;
 use rotq::reference::attention_f64;
 use rotq::reference::tolerance::{Op, Precision};
+use rotq::reference::turboquant::formats::RowFormat;
 use rotq::{AttentionParams, KvFormat, Rotation, RotationPlan};
 use rotq_cpu::{AttentionConfig, CacheCodec, CpuAttention, DecodeRequest, Isa, KvCacheView};
 use rotq_testkit::data::Rows;
@@ -66,11 +67,7 @@ fn caches(c: &Case, plan: &RotationPlan, isa: Isa) -> (Vec<u8>, Vec<u8>) {
 fn oracle(c: &Case, plan: &RotationPlan, q: &[f32], kb: &[u8], vb: &[u8]) -> Vec<f64> {
     let h_q = c.h_kv * c.group;
     let decode = |f: KvFormat, b: &[u8], dim: usize| -> Array3<f64> {
-        let vals = if b.is_empty() {
-            Vec::new()
-        } else {
-            f.dequantize_row(b).unwrap()
-        };
+        let vals = f.dequantize_rows(b, dim).unwrap();
         Array3::from_shape_vec(
             (c.n_kv, c.h_kv, dim),
             vals.into_iter().map(f64::from).collect(),
@@ -139,16 +136,17 @@ fn check_edited(c: &Case, edit: impl Fn(&mut [u8], &mut [u8])) {
     }
 }
 
+/// The formats that take rows of `d` values.
 fn formats_for(d: usize) -> Vec<KvFormat> {
     KvFormat::ALL
         .into_iter()
-        .filter(|f| d.is_multiple_of(f.block_size()))
+        .filter(|f| f.check_row_len(d).is_ok())
         .collect()
 }
 
 fn cases() -> impl Strategy<Value = Case> {
     // The required head dims, plus dims that are not a multiple of the SIMD width (element
-    // formats only, as no block format divides them).
+    // formats only, as no block format divides them and the row formats take multiples of 8).
     let dims = vec![64usize, 80, 96, 128, 192, 256, 12, 20, 28];
     (
         (
@@ -311,28 +309,78 @@ fn decode_in_registers_keeps_special_values() {
             (0, 149, 0, 0xFC00),                         // K: −Inf at the newest token
         ];
         for (cache, token, at, bits) in plants {
-            let case = Case {
-                n_q: 1,
-                n_kv,
-                h_kv,
-                group: 4,
-                d,
-                d_v: d,
-                k_format: format,
-                v_format: format,
-                params: AttentionParams {
-                    causal: true,
-                    pos_offset: n_kv - 1,
-                    ..Default::default()
-                },
-                plan_kind: (RotationKind::None, RotationKind::None),
-                config: AttentionConfig::default(),
-                seed: token as u64,
-            };
+            let case = decode_case(format, n_kv, h_kv, d, RotationKind::None, token as u64);
             check_edited(&case, |kb, vb| {
                 let bytes = if cache == 0 { kb } else { vb };
                 let start = (token * h_kv + 1) * row + at;
                 bytes[start..start + 2].copy_from_slice(&bits.to_le_bytes());
+            });
+        }
+    }
+}
+
+/// One causal decode row over `n_kv` tokens of `h_kv` heads of `d` values, K and V in `format`,
+/// four query heads per KV head, Q and K rotated by `qk`.
+fn decode_case(
+    format: KvFormat,
+    n_kv: usize,
+    h_kv: usize,
+    d: usize,
+    qk: RotationKind,
+    seed: u64,
+) -> Case {
+    Case {
+        n_q: 1,
+        n_kv,
+        h_kv,
+        group: 4,
+        d,
+        d_v: d,
+        k_format: format,
+        v_format: format,
+        params: AttentionParams {
+            causal: true,
+            pos_offset: n_kv - 1,
+            ..Default::default()
+        },
+        plan_kind: (qk, RotationKind::None),
+        config: AttentionConfig::default(),
+        seed,
+    }
+}
+
+/// A row format's row whose stored norm (or scale) is NaN or ±Inf decodes to a row of NaN or
+/// ±Inf values, in the kernel as in the oracle: planted in K and V (the first norm field, and
+/// with QJL the residual's), at the newest token too, it spreads as in the oracle.
+#[test]
+fn row_formats_keep_special_values() {
+    let (n_kv, h_kv, d) = (40usize, 2usize, 64usize);
+    for format in [KvFormat::Tq4, KvFormat::Tq2, KvFormat::Tq3Qjl] {
+        let row = format.row_bytes(d).unwrap();
+        // The last two bytes: MSE's scale, QJL's residual norm; QJL's norm before its signs.
+        let norm = match format.row_format() {
+            Some(RowFormat::Prod { .. }) => row - 4 - d / 8,
+            _ => row - 2,
+        };
+        // (cache, token, byte in the row, value): f16 NaN or ±Inf.
+        let plants = [
+            (1u8, 20usize, norm, 0x7E00u16), // V: NaN
+            (1, 30, row - 2, 0x7C00),        // V: +Inf
+            (0, 10, norm, 0x7C00),           // K: +Inf
+            (0, 39, row - 2, 0xFC00),        // K: −Inf at the newest token
+        ];
+        for (cache, token, at, bits) in plants {
+            let case = decode_case(format, n_kv, h_kv, d, RotationKind::Hadamard, token as u64);
+            check_edited(&case, |kb, vb| {
+                let bytes = if cache == 0 { kb } else { vb };
+                let start = (token * h_kv + 1) * row + at;
+                bytes[start..start + 2].copy_from_slice(&bits.to_le_bytes());
+                // The planted row decodes to no finite value.
+                let decoded = format.dequantize_row(&bytes[start - at..start - at + row]);
+                assert!(
+                    decoded.unwrap().iter().all(|x| !x.is_finite()),
+                    "{format}: a non-finite norm at byte {at} left finite values"
+                );
             });
         }
     }

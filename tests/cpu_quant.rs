@@ -8,11 +8,24 @@ use rotq_cpu::{CacheCodec, CpuRotation, Isa, QuantizeConfig};
 use rotq_testkit::data::Rows;
 use rotq_testkit::oracle::{assert_matches, assert_matches_f32};
 
-fn oracle_bytes(format: KvFormat, rows: &[f32]) -> Vec<u8> {
-    if rows.is_empty() {
-        return Vec::new();
+/// The oracle's bytes of rows of `dim` values.
+fn oracle_bytes(format: KvFormat, rows: &[f32], dim: usize) -> Vec<u8> {
+    format.quantize_rows(rows, dim).unwrap()
+}
+
+/// Where two caches of `codec`'s rows first differ: the row and the byte in it, for messages.
+fn first_row_difference(got: &[u8], want: &[u8], codec: &CacheCodec) -> String {
+    let rb = codec.row_bytes();
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(i) => format!(
+            "first difference in row {} at byte {}: {:#04x}, the oracle's {:#04x}",
+            i / rb,
+            i % rb,
+            got[i],
+            want[i]
+        ),
+        None => format!("{} bytes vs {}", got.len(), want.len()),
     }
-    format.quantize_row(rows).unwrap()
 }
 
 #[test]
@@ -28,6 +41,9 @@ fn unrotated_quantization_is_byte_exact_for_every_format() {
         .collect();
     let mut special = Rows::stress().f32s(8 * 128, 5);
     special[3] = f32::NAN;
+    // A NaN of the other sign in the same row, in the same lane of 8 (a row format sums the
+    // squares of its row in eight lanes: its NaN norm must still be the oracle's bytes).
+    special[11] = -f32::NAN;
     special[200] = f32::INFINITY;
     special[300] = f32::NEG_INFINITY;
     // Whole blocks (32-aligned): a subnormal scale whose 1/d overflows, all −0, all +0, and
@@ -39,16 +55,28 @@ fn unrotated_quantization_is_byte_exact_for_every_format() {
         .iter_mut()
         .enumerate()
         .for_each(|(i, v)| *v = (i as f32 - 15.5) * 1e-36);
+    // Whole rows (what the row formats see): all −0, all subnormal, and one whose norm
+    // overflows f16 (rows 0 to 2 hold NaN, +Inf and −Inf; rows 3 and 4 the blocks above).
+    special[640..768].fill(-0.0);
+    special[768..896].fill(1e-40);
+    special[896..1024]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = if i % 2 == 0 { 7e4 } else { -3e4 });
     for isa in Isa::all_available() {
         for format in KvFormat::ALL {
             for data in [&golden, &special, &Rows::stress().f32s(64 * 256, 1)] {
                 let codec = CacheCodec::new(format, 128, None, isa).unwrap();
                 let mut cache = vec![0u8; data.len() / 128 * codec.row_bytes()];
                 codec.quantize(data, &mut cache, 0).unwrap();
-                assert!(cache == oracle_bytes(format, data), "{format} on {isa}");
+                assert!(
+                    cache == oracle_bytes(format, data, 128),
+                    "{format} on {isa}: {}",
+                    first_row_difference(&cache, &oracle_bytes(format, data, 128), &codec)
+                );
                 let mut back = vec![0f32; data.len()];
                 codec.dequantize(&cache, &mut back).unwrap();
-                let want = format.dequantize_row(&cache).unwrap();
+                let want = format.dequantize_rows(&cache, 128).unwrap();
                 assert!(
                     back.iter()
                         .zip(&want)
@@ -74,9 +102,11 @@ fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: Q
 
     let mut rotated = data.to_vec();
     CpuRotation::new(r, isa).forward_rows(&mut rotated).unwrap();
+    let own = oracle_bytes(format, &rotated, dim);
     assert!(
-        cache == oracle_bytes(format, &rotated),
-        "{format} {r} on {isa}: quantizer differs"
+        cache == own,
+        "{format} {r} on {isa}: quantizer differs ({})",
+        first_row_difference(&cache, &own, &codec)
     );
 
     let mut exact: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
@@ -87,22 +117,26 @@ fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: Q
         assert_matches(g, w, Op::Rotation, Precision::F32, &what);
     }
     let oracle_rotated: Vec<f32> = exact.iter().map(|v| *v as f32).collect();
-    let oracle = oracle_bytes(format, &oracle_rotated);
+    let oracle = oracle_bytes(format, &oracle_rotated, dim);
     // Boundary cases are rare: a few blocks in a hundred at most. f32 storage keeps every
     // rounding bit, so only its values are compared (below); fp8's scale is an exact f32, so
-    // it is compared within rounding and the rarity rule applies to its codes.
-    let bb = format.block_bytes();
+    // it is compared within rounding and the rarity rule applies to its codes. A row format's
+    // unit is the whole row (its codes, norms and signs all follow from every value of it):
+    // the rule counts rows there.
+    let (unit, units_per_row) = match format.row_format() {
+        Some(_) => (codec.row_bytes(), 1),
+        None => (format.block_bytes(), dim / format.block_size()),
+    };
     let codes_from = if format == KvFormat::Fp8E4m3 { 4 } else { 0 };
     let mut differing = 0;
-    let blocks_per_row = dim / format.block_size();
     let tol = tolerance(Op::Rotation, Precision::F32);
-    for (i, (a, b)) in cache.chunks(bb).zip(oracle.chunks(bb)).enumerate() {
+    for (i, (a, b)) in cache.chunks(unit).zip(oracle.chunks(unit)).enumerate() {
         differing += usize::from(a[codes_from..] != b[codes_from..]);
         if codes_from == 4 {
             // The scale is the block's max |x| / 448: it may move by as much as the rotation
             // may (the tolerance's max-abs, relative to the row's largest value), plus f32
             // rounding.
-            let row = &exact[i / blocks_per_row * dim..][..dim];
+            let row = &exact[i / units_per_row * dim..][..dim];
             let row_max = row.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             let s = |x: &[u8]| f64::from(f32::from_le_bytes([x[0], x[1], x[2], x[3]]));
             assert!(
@@ -113,22 +147,18 @@ fn check_fused(format: KvFormat, r: &Rotation, data: &[f32], isa: Isa, config: Q
             );
         }
     }
-    let blocks = cache.len() / bb;
+    let units = cache.len() / unit;
     if format != KvFormat::F32 {
         assert!(
-            differing * 20 <= blocks.max(20),
-            "{format} {r}: {differing} of {blocks} blocks differ"
+            differing * 20 <= units.max(20),
+            "{format} {r}: {differing} of {units} blocks (or rows) differ"
         );
     }
 
     // Dequantize + inverse rotation gives the input back within the format's error.
     let mut back = vec![0f32; data.len()];
     codec.dequantize(&cache, &mut back).unwrap();
-    let decoded = if cache.is_empty() {
-        Vec::new()
-    } else {
-        format.dequantize_row(&cache).unwrap()
-    };
+    let decoded = format.dequantize_rows(&cache, dim).unwrap();
     let mut want: Vec<f64> = decoded.iter().map(|v| f64::from(*v)).collect();
     r.rotate_rows(&mut want, true).unwrap();
     assert_matches_f32(
@@ -269,7 +299,7 @@ fn element_formats_are_bit_exact_at_any_row_length() {
                 let mut cache = vec![0u8; 7 * codec.row_bytes()];
                 codec.quantize(&data, &mut cache, 0).unwrap();
                 assert!(
-                    cache == oracle_bytes(format, &data),
+                    cache == oracle_bytes(format, &data, dim),
                     "{format} dim {dim} on {isa}"
                 );
                 // Decoding every possible 16-bit pattern (or these f32 bytes) matches bit for bit.
@@ -282,7 +312,7 @@ fn element_formats_are_bit_exact_at_any_row_length() {
                 let bytes = &patterns[..len / dim * codec.row_bytes()];
                 let mut back = vec![0f32; len];
                 codec.dequantize(bytes, &mut back).unwrap();
-                let want = format.dequantize_row(bytes).unwrap();
+                let want = format.dequantize_rows(bytes, dim).unwrap();
                 for (i, (a, b)) in back.iter().zip(&want).enumerate() {
                     assert_eq!(
                         a.to_bits(),

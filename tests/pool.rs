@@ -150,7 +150,7 @@ fn read(pool: &KvPool, layout: &Layout, b: usize, v: bool) -> Array3<f64> {
     for t in 0..layout.lens[b] {
         let slot = layout.slot(b, t) as usize;
         let row = format
-            .dequantize_row(&bytes[slot * tb..(slot + 1) * tb])
+            .dequantize_rows(&bytes[slot * tb..(slot + 1) * tb], D)
             .unwrap();
         vals.extend(row.into_iter().map(f64::from));
     }
@@ -164,6 +164,9 @@ fn formats() -> impl Strategy<Value = KvFormat> {
         KvFormat::Q8_0,
         KvFormat::Q4_0,
         KvFormat::Iq4Nl,
+        KvFormat::Tq4,
+        KvFormat::Tq2,
+        KvFormat::Tq3Qjl,
     ])
 }
 
@@ -307,37 +310,50 @@ proptest! {
 }
 
 /// One batch append writes each token's rows where its slot says, bytes equal to quantizing
-/// that token alone, and leaves every other slot's bytes as they were.
+/// that token alone, and leaves every other slot's bytes as they were: for block formats and
+/// for row formats (whose padding rows of NaN must not reach any slot either).
 #[test]
 fn batch_append_writes_each_slot_alone() {
-    let layout = Layout::new(&[5, 1, 9], 4, 3);
-    let mut pool = KvPool::new(spec(KvFormat::Q4_0, KvFormat::Q8_0, layout.n_pages, 4)).unwrap();
-    let before = pool.k().to_vec();
-    let rows = fill(&mut pool, &layout, 9);
-    let tb = HKV * KvFormat::Q4_0.row_bytes(D).unwrap();
-    let mut written = vec![false; layout.n_pages * 4];
-    for (b, (k, _)) in rows.iter().enumerate() {
-        for t in 0..layout.lens[b] {
-            let slot = layout.slot(b, t) as usize;
-            written[slot] = true;
-            let mut alone = KvPool::new(spec(KvFormat::Q4_0, KvFormat::Q8_0, 1, 1)).unwrap();
-            let row = &k[t * HKV * D..(t + 1) * HKV * D];
-            alone.append(row, row, &[0], &[7]).unwrap();
-            assert_eq!(
-                &pool.k()[slot * tb..(slot + 1) * tb],
-                alone.k(),
-                "sequence {b} token {t}"
-            );
-            assert_eq!(pool.position(slot), Some(t as u64));
+    for (kf, vf) in [
+        (KvFormat::Q4_0, KvFormat::Q8_0),
+        (KvFormat::Tq3, KvFormat::Tq4Qjl),
+    ] {
+        let layout = Layout::new(&[5, 1, 9], 4, 3);
+        let mut pool = KvPool::new(spec(kf, vf, layout.n_pages, 4)).unwrap();
+        let before = (pool.k().to_vec(), pool.v().to_vec());
+        let rows = fill(&mut pool, &layout, 9);
+        let (tk, tv) = (
+            HKV * kf.row_bytes(D).unwrap(),
+            HKV * vf.row_bytes(D).unwrap(),
+        );
+        let mut written = vec![false; layout.n_pages * 4];
+        for (b, (k, v)) in rows.iter().enumerate() {
+            for t in 0..layout.lens[b] {
+                let slot = layout.slot(b, t) as usize;
+                written[slot] = true;
+                let mut alone = KvPool::new(spec(kf, vf, 1, 1)).unwrap();
+                let span = t * HKV * D..(t + 1) * HKV * D;
+                alone
+                    .append(&k[span.clone()], &v[span], &[0], &[7])
+                    .unwrap();
+                let what = format!("{kf}/{vf} sequence {b} token {t}");
+                assert_eq!(&pool.k()[slot * tk..(slot + 1) * tk], alone.k(), "{what}");
+                assert_eq!(&pool.v()[slot * tv..(slot + 1) * tv], alone.v(), "{what}");
+                assert_eq!(pool.position(slot), Some(t as u64));
+            }
         }
-    }
-    for (slot, w) in written.iter().enumerate() {
-        if !w {
-            assert_eq!(
-                &pool.k()[slot * tb..(slot + 1) * tb],
-                &before[slot * tb..(slot + 1) * tb]
-            );
-            assert_eq!(pool.position(slot), None);
+        for (slot, w) in written.iter().enumerate() {
+            if !w {
+                assert_eq!(
+                    &pool.k()[slot * tk..(slot + 1) * tk],
+                    &before.0[slot * tk..(slot + 1) * tk]
+                );
+                assert_eq!(
+                    &pool.v()[slot * tv..(slot + 1) * tv],
+                    &before.1[slot * tv..(slot + 1) * tv]
+                );
+                assert_eq!(pool.position(slot), None);
+            }
         }
     }
 }
@@ -509,7 +525,7 @@ fn shift_and_copy_act_on_their_slots_only() {
     );
     let decode = |bytes: &[u8]| -> Vec<f64> {
         let mut row: Vec<f64> = KvFormat::Q8_0
-            .dequantize_row(bytes)
+            .dequantize_rows(bytes, D)
             .unwrap()
             .into_iter()
             .map(f64::from)

@@ -50,15 +50,12 @@ fn oracle(
     let (kb, vb) = cache.bytes().unwrap();
     let n = cache.len();
     let decode = |f: KvFormat, b: &[u8]| {
-        let vals: Vec<f64> = if b.is_empty() {
-            Vec::new()
-        } else {
-            f.dequantize_row(b)
-                .unwrap()
-                .into_iter()
-                .map(f64::from)
-                .collect()
-        };
+        let vals: Vec<f64> = f
+            .dequantize_rows(b, D)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
         Array3::from_shape_vec((n, H, D), vals).unwrap()
     };
     let mode = cache.query_mode();
@@ -106,6 +103,7 @@ fn appends_and_attention_follow_the_oracle() {
         for (kf, vf) in [
             (KvFormat::Q4_0, KvFormat::Q8_0),
             (KvFormat::Iq4Nl, KvFormat::Q5_1),
+            (KvFormat::Tq4, KvFormat::Tq3Qjl),
         ] {
             let n = 37;
             let (k, v) = (rows(n, 1), rows(n, 2));
@@ -195,8 +193,10 @@ fn a_shift_moves_the_range_and_nothing_else() {
         let mut want = k0[a * rb..b * rb].to_vec();
         let r = Rotation::hadamard(D).unwrap();
         shift_cache(KvFormat::F16, &mut want, D, Some(&r), &rope, -5).unwrap();
-        let got = KvFormat::F16.dequantize_row(&k1[a * rb..b * rb]).unwrap();
-        let want = KvFormat::F16.dequantize_row(&want).unwrap();
+        let got = KvFormat::F16
+            .dequantize_rows(&k1[a * rb..b * rb], D)
+            .unwrap();
+        let want = KvFormat::F16.dequantize_rows(&want, D).unwrap();
         for (g, w) in got.iter().zip(&want) {
             assert!(
                 (g - w).abs() <= 2e-3 * (1.0 + w.abs()),
@@ -488,6 +488,21 @@ fn bad_calls_are_errors_and_change_nothing() {
     ));
 }
 
+/// A head dimension of `units` times `format`'s granularity: whole blocks, or for a row format
+/// a length it takes (`units` cycles through them: multiples of 8 up to 4096, 1024 with QJL).
+fn dim_of(format: KvFormat, units: usize) -> usize {
+    let d = units * format.block_size();
+    if format.row_format().is_none() {
+        return d;
+    }
+    let longest = (8..=rotq::reference::turboquant::MAX_DIM)
+        .rev()
+        .step_by(8)
+        .find(|&d| format.check_row_len(d).is_ok())
+        .expect("a row format takes rows of 8");
+    (d - 8) % longest + 8
+}
+
 /// Huge `usize` values: powers of two (whose products wrap to exactly 0) and any value from 2²⁴.
 fn huge() -> impl Strategy<Value = usize> {
     prop_oneof![
@@ -514,8 +529,7 @@ proptest! {
         capacity in prop_oneof![Just(0usize), (1usize << 40)..=usize::MAX],
         page_tokens in prop_oneof![Just(0usize), 1usize..=usize::MAX],
     ) {
-        let head_dim = k_blocks * k_format.block_size();
-        let v_dim = v_blocks * v_format.block_size();
+        let (head_dim, v_dim) = (dim_of(k_format, k_blocks), dim_of(v_format, v_blocks));
         let paging = match page_tokens {
             0 => Paging::Contiguous,
             page_tokens => Paging::Paged { page_tokens },
@@ -530,7 +544,7 @@ proptest! {
             }
         };
         let token_bytes = |format: KvFormat, dim: usize| {
-            wide(n_heads) * wide(dim / format.block_size()) * wide(format.block_bytes())
+            wide(n_heads) * wide(format.row_bytes(dim).unwrap())
         };
         let sizes = [
             wide(n_heads) * wide(head_dim),
@@ -682,7 +696,7 @@ const _: () = {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(6))]
 
-    /// 8 threads, each with a cache of its own (both layouts, two pairs of formats), append
+    /// 8 threads, each with a cache of its own (both layouts, three pairs of formats), append
     /// their own fresh rows in chunks, run prefill and decode attention after each and remove
     /// a few tokens, all at once: every output follows the oracle on the cache's bytes, and the
     /// bytes and outputs equal those of the same calls made on one thread.
@@ -690,8 +704,12 @@ proptest! {
     fn caches_on_eight_threads_at_once_follow_the_oracle(seed in any::<u64>()) {
         let run = |t: u64| {
             let paging = LAYOUTS[t as usize % 2];
-            let formats = [(KvFormat::Q4_0, KvFormat::Q8_0), (KvFormat::Iq4Nl, KvFormat::F16)];
-            let (kf, vf) = formats[t as usize / 2 % 2];
+            let formats = [
+                (KvFormat::Q4_0, KvFormat::Q8_0),
+                (KvFormat::Iq4Nl, KvFormat::F16),
+                (KvFormat::Tq4, KvFormat::Tq2Qjl),
+            ];
+            let (kf, vf) = formats[t as usize / 2 % 3];
             let mut cache = RotatedKvCache::new(spec(kf, vf, 48, paging)).unwrap();
             let seed = seed ^ (t + 1).wrapping_mul(0x9E37_79B9);
             let mut outputs = Vec::new();

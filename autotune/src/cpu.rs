@@ -210,7 +210,7 @@ impl Tunable for Decode {
             qr
         };
         let deq = |b: &[u8]| -> Result<Array3<f64>, String> {
-            let vals = self.format.dequantize_row(b).map_err(err)?;
+            let vals = self.format.dequantize_rows(b, d).map_err(err)?;
             Array3::from_shape_vec((*n, h_kv, d), vals.into_iter().map(f64::from).collect())
                 .map_err(|e| e.to_string())
         };
@@ -303,7 +303,7 @@ impl Tunable for Quantize {
             .map_err(|e| e.to_string())?;
         let want = self
             .format
-            .quantize_row(&rotated)
+            .quantize_rows(&rotated, self.dim)
             .map_err(|e| e.to_string())?;
         match got.iter().zip(&want).position(|(a, b)| a != b) {
             None if got.len() == want.len() => Ok(()),
@@ -316,5 +316,34 @@ impl Tunable for Quantize {
         codec
             .quantize(&self.bufs[i % 2], &mut self.cache, 0)
             .map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gates pass the kernels' own results for block and row formats alike (their oracle
+    /// reads and writes whole rows of the head dimension), and the timed runs work.
+    #[test]
+    fn the_gates_pass_for_block_and_row_formats() {
+        for format in [KvFormat::Q4_0, KvFormat::Tq4, KvFormat::Tq3Qjl] {
+            let mut quantize = Quantize::new(format, 128, 1 << 16).unwrap();
+            for config in [
+                QuantizeConfig::default(),
+                QuantizeConfig { rows_per_task: 8 },
+            ] {
+                quantize
+                    .gate(&config)
+                    .unwrap_or_else(|e| panic!("{format}: {e}"));
+                quantize.run(&config, 0).unwrap();
+            }
+            let mut decode = Decode::new(format, 100, 2, QueryMode::Auto).unwrap();
+            let config = AttentionConfig::default();
+            decode
+                .gate(&config)
+                .unwrap_or_else(|e| panic!("{format}: {e}"));
+            decode.run(&config, 1).unwrap();
+        }
     }
 }

@@ -9,7 +9,7 @@
 
 use crate::Error;
 use rotq_autotune::timing::{self, WallClock};
-use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, Isa, KvCacheView};
+use rotq_cpu::{CacheCodec, CpuAttention, CpuRotation, DecodeRequest, Isa, KvCacheView};
 use rotq_reference::{AttentionParams, KvFormat, Rotation, RotationPlan};
 use rotq_testkit::data::Rows;
 use serde::Serialize;
@@ -245,7 +245,60 @@ pub fn rotate_quantize(
 /// Decode attention, one sequence of `opts.tokens`, 8 KV heads × 128, 32 query heads, K and V
 /// in `format` with Hadamard-rotated K, vs the same kernel on an f16 cache.
 pub fn decode(format: KvFormat, opts: &BenchOptions) -> Result<BenchRecord, Error> {
-    let (n_kv, h_kv, h_q, d) = (opts.tokens, 8, 32, 128);
+    let record = decode_vs(format, KvFormat::F16, 1, opts.tokens, opts)?;
+    Ok(BenchRecord {
+        kernel: format!("decode_attention_{format}"),
+        ..record
+    })
+}
+
+/// Rotate-quantize into `format` vs into `peer` (f32 rows of 128, Hadamard-rotated, the same
+/// rows and the same fused kernel's plumbing): what choosing one format over the other costs
+/// an append. GB/s over the f32 read and the format's bytes written.
+pub fn rotate_quantize_vs(
+    format: KvFormat,
+    peer: KvFormat,
+    opts: &BenchOptions,
+    ceiling: f64,
+) -> Result<BenchRecord, Error> {
+    let n = 128;
+    let len = opts.bytes / 4 / n * n;
+    let rows = len / n;
+    let rotation = Rotation::hadamard(n)?;
+    let ours = CacheCodec::new(format, n, Some(&rotation), Isa::best())?;
+    let theirs = CacheCodec::new(peer, n, Some(&rotation), Isa::best())?;
+    let x = random(len, 2);
+    let mut a = vec![0u8; rows * ours.row_bytes()];
+    let mut b = vec![0u8; rows * theirs.row_bytes()];
+    let (ours_s, peer_s) = median_pair(
+        opts.runs,
+        || ours.quantize(&x, &mut a, 0).expect("whole rows"),
+        || theirs.quantize(&x, &mut b, 0).expect("whole rows"),
+    )?;
+    Ok(BenchRecord {
+        kernel: format!("rotate_quantize_{format}"),
+        shape: format!("{rows} rows x {n} f32 -> {format}"),
+        ours_gbps: gbps(4 * len + a.len(), ours_s),
+        peer: format!("rotate-quantize into {peer}"),
+        peer_gbps: gbps(4 * len + b.len(), peer_s),
+        ratio: peer_s / ours_s,
+        ceiling_gbps: ceiling,
+        unit: "GB/s".into(),
+    })
+}
+
+/// Decode attention over `batch` sequences of `tokens` (8 KV heads × 128, 32 query heads,
+/// Hadamard-rotated K) with K and V in `format`, vs the same kernel with both in `peer`; the
+/// ratio is of time per step (tokens per second), GB/s over each one's cache bytes, the
+/// ceiling the copy bandwidth of `format`'s bytes.
+pub fn decode_vs(
+    format: KvFormat,
+    peer: KvFormat,
+    batch: usize,
+    tokens: usize,
+    opts: &BenchOptions,
+) -> Result<BenchRecord, Error> {
+    let (h_kv, h_q, d) = (8, 32, 128);
     let rotation = Rotation::hadamard(d)?;
     let plan = RotationPlan {
         qk: Some(rotation.clone()),
@@ -254,43 +307,68 @@ pub fn decode(format: KvFormat, opts: &BenchOptions) -> Result<BenchRecord, Erro
     let kernel = CpuAttention::new(&plan, Isa::best());
     let params = AttentionParams {
         causal: true,
-        pos_offset: n_kv - 1,
+        pos_offset: tokens - 1,
         ..Default::default()
     };
-    let q = random(h_q * d, 3);
-    let rows = random(n_kv * h_kv * d, 4);
-    // The caches of the format under test and of the f16 peer.
-    let cache = |f: KvFormat| -> Result<(Vec<u8>, Vec<u8>), Error> {
+    let q = random(batch * h_q * d, 3);
+    let rows = random(tokens * h_kv * d, 4);
+    // One sequence's rows, quantized once and copied into every sequence of the batch.
+    let caches = |f: KvFormat| -> Result<Vec<KvBytes>, Error> {
         let kc = CacheCodec::new(f, d, Some(&rotation), Isa::best())?;
         let vc = CacheCodec::new(f, d, None, Isa::best())?;
-        let mut kb = vec![0u8; n_kv * h_kv * kc.row_bytes()];
-        let mut vb = vec![0u8; n_kv * h_kv * vc.row_bytes()];
+        let mut kb = vec![0u8; tokens * h_kv * kc.row_bytes()];
+        let mut vb = vec![0u8; tokens * h_kv * vc.row_bytes()];
         kc.quantize(&rows, &mut kb, 0)?;
         vc.quantize(&rows, &mut vb, 0)?;
-        Ok((kb, vb))
+        Ok(vec![(kb, vb); batch])
     };
-    let (ours, peer) = (cache(format)?, cache(KvFormat::F16)?);
-    let ok = KvCacheView::new(format, &ours.0, n_kv, h_kv, d)?;
-    let ov = KvCacheView::new(format, &ours.1, n_kv, h_kv, d)?;
-    let pk = KvCacheView::new(KvFormat::F16, &peer.0, n_kv, h_kv, d)?;
-    let pv = KvCacheView::new(KvFormat::F16, &peer.1, n_kv, h_kv, d)?;
-    let decode = |k: &KvCacheView<'_>, v: &KvCacheView<'_>| {
-        std::hint::black_box(kernel.run(&q, 1, h_q, k, v, &params).expect("valid shapes"));
+    let (ours, theirs) = (caches(format)?, caches(peer)?);
+    let requests = |f: KvFormat, c| batch_requests(f, c, &q, h_q, (tokens, h_kv, d), &params);
+    let (ro, rt) = (requests(format, &ours)?, requests(peer, &theirs)?);
+    let step = |r: &[DecodeRequest<'_>]| {
+        std::hint::black_box(kernel.decode_batch(r).expect("valid shapes"));
     };
-    let (ours_s, peer_s) = median_pair(opts.runs, || decode(&ok, &ov), || decode(&pk, &pv))?;
-    let bytes = ours.0.len() + ours.1.len();
-    let peer_bytes = peer.0.len() + peer.1.len();
-    let ceiling = copy_bandwidth(bytes, opts.runs)?;
+    let (ours_s, peer_s) = median_pair(opts.runs, || step(&ro), || step(&rt))?;
+    let bytes = |c: &[KvBytes]| c.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    let ceiling = copy_bandwidth(bytes(&ours), opts.runs)?;
     Ok(BenchRecord {
-        kernel: format!("decode_attention_{format}"),
-        shape: format!("1 x {n_kv} tokens, {h_kv} KV heads x {d}, {h_q} query heads"),
-        ours_gbps: gbps(bytes, ours_s),
-        peer: "same kernel, f16 cache".into(),
-        peer_gbps: gbps(peer_bytes, peer_s),
+        kernel: format!("decode_attention_{format}_vs_{peer}"),
+        shape: format!("{batch} x {tokens} tokens, {h_kv} KV heads x {d}, {h_q} query heads"),
+        ours_gbps: gbps(bytes(&ours), ours_s),
+        peer: format!("same kernel, {peer} cache"),
+        peer_gbps: gbps(bytes(&theirs), peer_s),
         ratio: peer_s / ours_s,
         ceiling_gbps: ceiling,
         unit: "GB/s".into(),
     })
+}
+
+/// One sequence's K and V cache bytes.
+type KvBytes = (Vec<u8>, Vec<u8>);
+
+/// One decode request per sequence of `caches` (K, V bytes of `shape` = tokens, KV heads, d),
+/// sequence `i` taking rows `i · h_q ..` of `q`.
+fn batch_requests<'a>(
+    format: KvFormat,
+    caches: &'a [KvBytes],
+    q: &'a [f32],
+    h_q: usize,
+    (tokens, h_kv, d): (usize, usize, usize),
+    params: &AttentionParams,
+) -> Result<Vec<DecodeRequest<'a>>, Error> {
+    caches
+        .iter()
+        .zip(q.chunks_exact(h_q * d))
+        .map(|((kb, vb), q)| {
+            Ok(DecodeRequest {
+                q,
+                h_q,
+                k: KvCacheView::new(format, kb, tokens, h_kv, d)?,
+                v: KvCacheView::new(format, vb, tokens, h_kv, d)?,
+                params: params.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Every CPU benchmark of `only`'s section (None: all of them), in order.
@@ -313,11 +391,29 @@ pub fn run_all(
             progress(&format!("rotate-quantize {f}"));
             out.push(rotate_quantize(f, opts, ceiling)?);
         }
+        progress("rotate-quantize tq4 vs q4_0");
+        out.push(rotate_quantize_vs(
+            KvFormat::Tq4,
+            KvFormat::Q4_0,
+            opts,
+            ceiling,
+        )?);
     }
     if Section::Decode.wanted(only) {
         for f in [KvFormat::Q4_0, KvFormat::Q8_0] {
             progress(&format!("decode attention {f}"));
             out.push(decode(f, opts)?);
+        }
+        // The TurboQuant issue's shapes: one long sequence, and a batch of 16 × (tokens / 8).
+        for (batch, tokens) in [(1, opts.tokens), (16, (opts.tokens / 8).max(1))] {
+            progress(&format!("decode attention tq4 vs q4_0, {batch} x {tokens}"));
+            out.push(decode_vs(
+                KvFormat::Tq4,
+                KvFormat::Q4_0,
+                batch,
+                tokens,
+                opts,
+            )?);
         }
     }
     Ok(out)

@@ -416,7 +416,9 @@ pub fn evaluate(acts: &Activations, formats: &[KvFormat]) -> Result<Vec<EvalRow>
             })?;
             rows.push(EvalRow {
                 format,
-                bits_per_value: format.bits_per_value(),
+                bits_per_value: format
+                    .bits_per_value_at(d)
+                    .unwrap_or(format.bits_per_value()),
                 scope,
                 rel_l2_plain,
                 rel_l2_rotated,

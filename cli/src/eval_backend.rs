@@ -372,7 +372,7 @@ pub fn dequantize(
     let values = if bytes.is_empty() {
         Vec::new()
     } else {
-        format.dequantize_row(bytes)?
+        format.dequantize_rows(bytes, shape.2)?
     };
     Array3::from_shape_vec(shape, values.into_iter().map(f64::from).collect())
         .map_err(|e| Error::Input(format!("a {format} cache of shape {shape:?}: {e}")))

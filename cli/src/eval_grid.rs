@@ -103,7 +103,7 @@ pub struct GridReport {
 /// let opts = GridOptions::default();
 /// let one = memory_needed(&[layer], &opts, 0).unwrap();
 /// assert!(memory_needed(&[layer; 3], &opts, 0).unwrap() > one); // every layer is held
-/// assert_eq!(one >> 20, 82); // MiB, most of it the 22 V caches (11 formats, 2 rotations)
+/// assert_eq!(one >> 20, 118); // MiB, most of it the 34 V caches (17 formats, 2 rotations)
 /// assert!(check_memory(Some(one)).is_ok());
 /// let huge = LayerShape { k: (usize::MAX, 4, 128), ..layer };
 /// assert_eq!(memory_needed(&[huge], &opts, 0), None);
@@ -290,6 +290,11 @@ pub fn evaluate_grid_on(
         .into_iter()
         .map(|(key, x)| (key, (mean(&x), quantile(x, 0.99))))
         .collect();
+    // Bits per value at the first layer's head dims (a row format's cost depends on them).
+    let (d_k, d_v) = layers
+        .first()
+        .map_or((128, 128), |l| (l.q.dim().2, l.v.dim().2));
+    let bits = |f: KvFormat, d: usize| f.bits_per_value_at(d).unwrap_or(f.bits_per_value());
     let mut rows = Vec::with_capacity(nk * nv * np);
     for (ki, &k_format) in opts.k_formats.iter().enumerate() {
         for (vi, &v_format) in opts.v_formats.iter().enumerate() {
@@ -304,7 +309,7 @@ pub fn evaluate_grid_on(
                     k_format,
                     v_format,
                     plan,
-                    bits_per_value: (k_format.bits_per_value() + v_format.bits_per_value()) / 2.0,
+                    bits_per_value: (bits(k_format, d_k) + bits(v_format, d_v)) / 2.0,
                     mean_kld,
                     p99_kld,
                     rel_l2: mean(&rel),

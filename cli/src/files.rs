@@ -161,9 +161,10 @@ pub fn quantize(
 ) -> Result<u64, Error> {
     format.check_row_len(row_len)?;
     let row_in = bytes_of(row_len, 4, "--row-len")?;
+    let unit = unit_values(format, row_len);
     let layout = Layout {
-        unit_in: format.block_size() * 4,
-        unit_out: format.block_bytes(),
+        unit_in: unit * 4,
+        unit_out: format.row_bytes(unit)?,
         row_in: row_in as u64,
         rows: format!("rows of {row_len} f32 values ({row_in} bytes each)"),
     };
@@ -171,10 +172,19 @@ pub fn quantize(
     stream(&layout, input, output, progress, |bytes, out| {
         values.clear();
         values.extend(decode_f32(bytes));
-        out.resize(format.row_bytes(values.len())?, 0);
-        format.quantize_into(&values, out)?;
+        *out = format.quantize_rows(&values, unit)?;
         Ok(())
     })
+}
+
+/// The values a chunk of the stream is a whole number of: a block, or for the TurboQuant row
+/// formats (whose codes depend on the whole row) a row.
+fn unit_values(format: KvFormat, row_len: usize) -> usize {
+    if format.row_format().is_some() {
+        row_len
+    } else {
+        format.block_size()
+    }
 }
 
 /// Dequantizes a file of `format` rows (each `row_len` values) back to raw f32.
@@ -199,16 +209,15 @@ pub fn dequantize(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<u64, Error> {
     let row_bytes = format.row_bytes(row_len)?;
+    let unit = unit_values(format, row_len);
     let layout = Layout {
-        unit_in: format.block_bytes(),
-        unit_out: format.block_size() * 4,
+        unit_in: format.row_bytes(unit)?,
+        unit_out: unit * 4,
         row_in: row_bytes as u64,
         rows: format!("{format} rows of {row_len} values ({row_bytes} bytes each)"),
     };
-    let mut values = Vec::new();
     stream(&layout, input, output, progress, |bytes, out| {
-        values.resize(format.values_in(bytes.len())?, 0.0);
-        format.dequantize_into(bytes, &mut values)?;
+        let values = format.dequantize_rows(bytes, unit)?;
         encode_f32(values.iter().copied(), out);
         Ok(())
     })

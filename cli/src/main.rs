@@ -483,11 +483,16 @@ fn run(command: Command) -> Result<(), Error> {
             );
             for f in KvFormat::ALL {
                 let i = f.info();
+                // A row format stores whole rows: its bytes (and bits) at rows of 128 values.
+                let (block, bytes) = match i.row {
+                    Some(_) => ("row".to_string(), format!("{}@128", f.row_bytes(128)?)),
+                    None => (i.block_size.to_string(), i.block_bytes.to_string()),
+                };
                 println!(
                     "{:<9} {:>5} {:>6} {:>5.2}  {}",
                     i.name,
-                    i.block_size,
-                    i.block_bytes,
+                    block,
+                    bytes,
                     f.bits_per_value(),
                     i.origin
                 );

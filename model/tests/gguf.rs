@@ -23,8 +23,10 @@ fn kind(bytes: &[u8]) -> ErrorKind {
     parse(bytes).expect_err("a defective file parsed").kind
 }
 
-fn encode(f: KvFormat, n: usize, seed: u64) -> Vec<u8> {
-    f.quantize_row(&values(n, seed)).unwrap()
+/// The bytes of a tensor of `dims` (ggml's order: rows of `dims[0]` values) in `f`.
+fn encode(f: KvFormat, dims: &[u64], seed: u64) -> Vec<u8> {
+    let n = dims.iter().product::<u64>() as usize;
+    f.quantize_rows(&values(n, seed), dims[0] as usize).unwrap()
 }
 
 /// Every value type, nested arrays, and f32, q8_0 and q4_1 tensors.
@@ -51,9 +53,9 @@ fn sample() -> File {
             "nested",
             Value::Array(vec![Value::Array(vec![Value::I16(1), Value::I16(-2)])]),
         )
-        .tensor("norm", &[8, 2], F32, encode(KvFormat::F32, 16, 1))
-        .tensor("q8", &[64, 2], Q8_0, encode(KvFormat::Q8_0, 128, 2))
-        .tensor("q41", &[32, 3], Q4_1, encode(KvFormat::Q4_1, 96, 3))
+        .tensor("norm", &[8, 2], F32, encode(KvFormat::F32, &[8, 2], 1))
+        .tensor("q8", &[64, 2], Q8_0, encode(KvFormat::Q8_0, &[64, 2], 2))
+        .tensor("q41", &[32, 3], Q4_1, encode(KvFormat::Q4_1, &[32, 3], 3))
 }
 
 #[test]
@@ -146,7 +148,9 @@ fn round_trip_tensors() {
         let got = g.read_tensor_f32(Cursor::new(&bytes), &t.name).unwrap();
         assert_eq!(
             got,
-            format.dequantize_row(&want.data).unwrap(),
+            format
+                .dequantize_rows(&want.data, want.dims[0] as usize)
+                .unwrap(),
             "{}",
             t.name
         );
@@ -160,7 +164,9 @@ fn round_trip_tensors() {
     let q41 = g.tensor_f32("q41").unwrap();
     assert_eq!(
         q41,
-        KvFormat::Q4_1.dequantize_row(&f.tensors[2].data).unwrap()
+        KvFormat::Q4_1
+            .dequantize_rows(&f.tensors[2].data, 32)
+            .unwrap()
     );
 }
 
@@ -177,7 +183,9 @@ fn version_2_and_custom_alignment() {
     let got = g.read_tensor_f32(Cursor::new(&bytes), "q8").unwrap();
     assert_eq!(
         got,
-        KvFormat::Q8_0.dequantize_row(&f.tensors[1].data).unwrap()
+        KvFormat::Q8_0
+            .dequantize_rows(&f.tensors[1].data, 64)
+            .unwrap()
     );
 }
 
@@ -318,7 +326,7 @@ fn bad_tensor(f: &File) -> String {
 
 #[test]
 fn tensor_defects() {
-    let data = || encode(KvFormat::F32, 8, 1);
+    let data = || encode(KvFormat::F32, &[8], 1);
     let one = |dims: &[u64], ty: u32| File::new().tensor("t", dims, ty, data());
     assert!(bad_tensor(&one(&[], F32)).contains("0 dimensions"));
     assert!(bad_tensor(&one(&[1, 1, 1, 1, 8], F32)).contains("5 dimensions"));
@@ -438,14 +446,14 @@ fn write_fuzz_seeds() {
     let q8 = File::new()
         .kv("general.architecture", Value::String("llama".into()))
         .kv("llama.block_count", Value::U32(1))
-        .tensor("w", &[64, 2], Q8_0, encode(KvFormat::Q8_0, 128, 4));
+        .tensor("w", &[64, 2], Q8_0, encode(KvFormat::Q8_0, &[64, 2], 4));
     let q41 = File::new()
         .kv(
             "tokenizer.ggml.tokens",
             Value::Array(vec![Value::String("a".into()); 3]),
         )
-        .tensor("n", &[8], F32, encode(KvFormat::F32, 8, 5))
-        .tensor("w", &[32, 2], Q4_1, encode(KvFormat::Q4_1, 64, 6));
+        .tensor("n", &[8], F32, encode(KvFormat::F32, &[8], 5))
+        .tensor("w", &[32, 2], Q4_1, encode(KvFormat::Q4_1, &[32, 2], 6));
     let mut v2 = sample();
     v2.version = 2;
     for (name, f) in [

@@ -44,7 +44,7 @@ pub(crate) fn check_row_bytes(
 }
 
 /// The format registry: one dict per format (name, block_size, block_bytes, bits_per_value,
-/// origin, scaled).
+/// origin, scaled, row_format: a TurboQuant format whose unit is a whole row).
 #[pyfunction]
 fn formats(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
     KvFormat::ALL
@@ -55,6 +55,8 @@ fn formats(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
             d.set_item("name", info.name)?;
             d.set_item("block_size", info.block_size)?;
             d.set_item("block_bytes", info.block_bytes)?;
+            // TurboQuant row formats: a whole row is the unit (`block_size` 8, `block_bytes` 0).
+            d.set_item("row_format", info.row.is_some())?;
             d.set_item("bits_per_value", f.bits_per_value())?;
             d.set_item("origin", info.origin)?;
             d.set_item("scaled", info.scaled)?;

@@ -1,4 +1,12 @@
-"""The cache formats: the registry, ggml byte equality, kernel == oracle, error bounds."""
+"""The cache formats: the registry, ggml byte equality, kernel == oracle, error bounds.
+
+Block formats (everything but the TurboQuant ``tq*`` formats) are checked value by value: a
+worst-case error per value, a poisoned 32-value block. The TurboQuant **row formats** store a
+whole head row (a codebook for the row's length ``d``, a multiple of 8, at most 4096, 1024
+with QJL) with an f16 scale (MSE) or norms (QJL): they are checked row by row, against a
+per-row distortion ``||y - x||^2 / ||x||^2`` on rotated (Gaussian-like) rows, and a non-finite
+value poisons its whole row.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,47 @@ from conftest import (ggml_dequantize_q4_0, ggml_dequantize_q8_0, ggml_quantize_
 
 FORMATS = [f["name"] for f in rotq.formats()]
 SCALED = [f["name"] for f in rotq.formats() if f["scaled"]]
+BLOCK = [f["name"] for f in rotq.formats() if not f["row_format"]]
+ROW = [f["name"] for f in rotq.formats() if f["row_format"]]
 GGML = {"q4_0": (ggml_quantize_q4_0, ggml_dequantize_q4_0, 18),
         "q8_0": (ggml_quantize_q8_0, ggml_dequantize_q8_0, 34)}
 E16 = 2.0**-11  # f16 half-ulp, relative
+
+# The row formats: (MSE bits, QJL sketch) of each, and their mean per-row distortion
+# ||y - x||^2 / ||x||^2 on Gaussian (or rotated) rows of 64 to 256 values: the Lloyd-Max
+# distortion of the MSE bits, and about pi/2 times the (b-1)-bit one with QJL (the sketch's
+# variance; the QJL estimate is unbiased for inner products, not the closest reconstruction).
+ROW_LAYOUT = {"tq2": (2, False), "tq3": (3, False), "tq4": (4, False),
+              "tq2_qjl": (1, True), "tq3_qjl": (2, True), "tq4_qjl": (3, True)}
+ROW_DISTORTION = {"tq2": 0.117, "tq3": 0.034, "tq4": 0.0093,
+                  "tq2_qjl": 0.57, "tq3_qjl": 0.18, "tq4_qjl": 0.054}
+ROW_BITS_AT_128 = {"tq2": 2.125, "tq3": 3.125, "tq4": 4.125,
+                   "tq2_qjl": 2.25, "tq3_qjl": 3.25, "tq4_qjl": 4.25}
+ROW_MEAN_TOL = 0.15  # the mean over a few hundred rows is within 15% of ROW_DISTORTION
+ROW_WORST = 8.0  # and no row's exceeds 8 times it (7x seen over 60000 rows of 64, 5x of 128)
+ROW_MAX_DIM = {f: (1024 if qjl else 4096) for f, (_, qjl) in ROW_LAYOUT.items()}
+
+
+def row_layout_bytes(fmt: str, d: int) -> int:
+    """Bytes of a row of ``d`` values (the layout of the module docs): ``ceil(d b / 8) + 2``
+    for MSE; ``ceil(d (b-1) / 8) + 2 + d / 8 + 2`` with QJL."""
+    b, qjl = ROW_LAYOUT[fmt]
+    return -(-d * b // 8) + 2 + (d // 8 + 2 if qjl else 0)
+
+
+def row_f16_fields(fmt: str, d: int) -> list:
+    """Byte offsets of a row's f16 fields: the scale (MSE); the norm and the residual's norm
+    (QJL)."""
+    b, qjl = ROW_LAYOUT[fmt]
+    codes = -(-d * b // 8)
+    return [codes, codes + 2 + d // 8] if qjl else [codes]
+
+
+def distortion(y, x) -> np.ndarray:
+    """Per-row ``||y - x||^2 / ||x||^2`` over the last axis (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return ((y - x) ** 2).sum(-1) / (x**2).sum(-1)
 
 
 def _data(rng, rows, dim, spread=2.0, offset=False):
@@ -63,14 +109,86 @@ def test_formats_registry():
     assert len(names) == len(set(names))
     for want in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"):
         assert want in names
+    assert sorted(ROW) == sorted(ROW_LAYOUT)
     for f in fs:
         assert set(f) >= {"name", "block_size", "block_bytes", "bits_per_value", "origin",
-                          "scaled"}
+                          "scaled", "row_format"}
+        if f["row_format"]:
+            continue  # test_row_formats_registry
+        assert f["row_format"] is False
         assert f["block_size"] >= 1 and f["block_bytes"] >= 1
         assert f["bits_per_value"] == pytest.approx(8 * f["block_bytes"] / f["block_size"])
         assert f["scaled"] == (f["name"] not in ("f32", "f16", "bf16"))
         d = 4 * max(f["block_size"], 32)
         assert rotq.row_bytes(f["name"], d) == d // f["block_size"] * f["block_bytes"]
+
+
+def test_row_formats_registry():
+    """A row format has no blocks: block_size 8 (the granularity of a row's length), block_bytes
+    0, no per-block scales; its bits per value are those of a row of 128 (they depend on d)."""
+    by = {f["name"]: f for f in rotq.formats()}
+    for name in ROW:
+        f = by[name]
+        assert f["row_format"] is True
+        assert (f["block_size"], f["block_bytes"], f["scaled"]) == (8, 0, True)
+        assert f["bits_per_value"] == ROW_BITS_AT_128[name]
+        assert f["bits_per_value"] == 8 * rotq.row_bytes(name, 128) / 128
+        assert f["origin"] == "rotq TurboQuant"
+
+
+@pytest.mark.parametrize("fmt", ROW)
+def test_row_format_row_bytes(fmt):
+    for d in [8, 16, 24, 64, 96, 128, 200, 256, 512, 1000, 1024, 2048, 4096]:
+        if d > ROW_MAX_DIM[fmt]:
+            continue
+        assert rotq.row_bytes(fmt, d) == row_layout_bytes(fmt, d), d
+    assert rotq.row_bytes(fmt.upper(), 128) == rotq.row_bytes(fmt, 128)
+
+
+@pytest.mark.parametrize("fmt", ROW)
+@pytest.mark.parametrize("d", [0, 4, 12, 33, 100, 1020, 4100, 4104, 8192])
+def test_row_format_refuses_other_lengths(fmt, d):
+    """Lengths that are not a multiple of 8, or longer than the codebooks (4096; 1024 with
+    QJL: test_row_format_qjl_length_limit), are refused everywhere: no call quantizes or
+    decodes them."""
+    for call in (lambda: rotq.row_bytes(fmt, d),
+                 lambda: rotq.quantize(np.ones((2, d), np.float32), fmt),
+                 lambda: rotq.dequantize(np.zeros((2, 64), np.uint8), fmt, d),
+                 lambda: rotq.oracle.quantize(np.ones((2, d), np.float32), fmt),
+                 lambda: rotq.oracle.dequantize(np.zeros((2, 64), np.uint8), fmt, d)):
+        with pytest.raises(rotq.InvalidInputError, match="8"):
+            call()
+
+
+@pytest.mark.parametrize("fmt", ROW)
+def test_row_format_qjl_length_limit(fmt):
+    """With QJL rows stop at 1024 (the sketch is d x d); MSE rows go on to 4096."""
+    if ROW_LAYOUT[fmt][1]:
+        for d in (1032, 2048, 4096):
+            with pytest.raises(rotq.InvalidInputError):
+                rotq.row_bytes(fmt, d)
+            with pytest.raises(rotq.InvalidInputError):
+                rotq.quantize(np.ones((1, d), np.float32), fmt)
+            with pytest.raises(rotq.InvalidInputError):
+                rotq.oracle.quantize(np.ones((1, d), np.float32), fmt)
+    else:
+        assert rotq.row_bytes(fmt, 4096) == row_layout_bytes(fmt, 4096)
+
+
+@pytest.mark.parametrize("fmt", ROW)
+def test_row_format_wrong_byte_counts(fmt, rng):
+    d = 64
+    rb = rotq.row_bytes(fmt, d)
+    x = rng.standard_normal((3, d)).astype(np.float32)
+    for n in (rb - 1, rb + 1, 2 * rb + 1):
+        with pytest.raises(rotq.InvalidInputError):
+            rotq.dequantize(np.zeros(n, np.uint8), fmt, d)
+    with pytest.raises(rotq.InvalidInputError):
+        rotq.quantize(x, fmt, out=np.zeros((3, rb + 1), np.uint8))
+    with pytest.raises(rotq.InvalidInputError):
+        rotq.dequantize(np.zeros((3, rb), np.uint8), fmt, d, out=np.zeros((3, d + 8), np.float32))
+    with pytest.raises(rotq.InvalidInputError):
+        rotq.oracle.dequantize(np.zeros((3, rb + 1), np.uint8), fmt, d)
 
 
 def test_ggml_layouts():
@@ -150,6 +268,25 @@ def test_ggml_dequantize_of_arbitrary_bytes(fmt):
     np.testing.assert_array_equal(rotq.dequantize(data, fmt, 128), dequant(data, 128))
 
 
+@pytest.mark.parametrize("fmt", ROW)
+@pytest.mark.parametrize("dim", [8, 128])
+def test_row_format_dequantize_of_arbitrary_bytes(fmt, dim):
+    """Any bytes decode as the oracle decodes them, bit for bit: random codes (and sketch
+    signs) under finite f16 scales / norms over six decades, and wholly random rows (f16 NaN,
+    infinities and subnormals among them)."""
+    rng = np.random.default_rng(3)
+    rb = rotq.row_bytes(fmt, dim)
+    data = rng.integers(0, 256, (2, 64, rb), dtype=np.uint8)
+    for o in row_f16_fields(fmt, dim):
+        f16 = (rng.standard_normal(64) * 10 ** rng.uniform(-3, 3, 64)).astype(np.float16)
+        data[0, :, o:o + 2] = f16.view(np.uint8).reshape(-1, 2)
+    with np.errstate(all="ignore"):
+        got = rotq.dequantize(data, fmt, dim)
+        want = rotq.oracle.dequantize(data.reshape(-1, rb), fmt, dim).reshape(got.shape)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isfinite(got[0]).all()
+
+
 # ------------------------------------------------------------------------------ kernel == oracle
 
 
@@ -166,10 +303,28 @@ def test_kernel_equals_oracle(fmt, dim):
                                   rotq.oracle.dequantize(want, fmt, dim))
 
 
+@pytest.mark.parametrize("fmt,dim", [(f, d) for f in ROW for d in (8, 24, 64, 128, 1024, 4096)
+                                      if d <= ROW_MAX_DIM[f]])
+def test_row_format_kernel_equals_oracle(fmt, dim):
+    """Bytes and values bit for bit, on Gaussian rows of magnitudes over four decades (and a
+    batch large enough to be split over threads at 128)."""
+    rng = np.random.default_rng(12)
+    rows = {8: 256, 24: 64, 64: 64, 128: 1200, 1024: 16, 4096: 4}[dim]
+    x = _data(rng, rows, dim, spread=2)
+    got = rotq.quantize(x, fmt)
+    want = rotq.oracle.quantize(x, fmt)
+    assert got.dtype == np.uint8 and got.shape == (rows, row_layout_bytes(fmt, dim))
+    np.testing.assert_array_equal(got, want)
+    y = rotq.dequantize(got, fmt, dim)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_array_equal(y, rotq.oracle.dequantize(want, fmt, dim))
+    assert np.isfinite(y).all()
+
+
 # ------------------------------------------------------------------------------ error bounds
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", BLOCK)
 def test_round_trip_error_bounded(fmt):
     rng = np.random.default_rng(5)
     x = _data(rng, 128, 128, spread=2, offset=True)
@@ -182,7 +337,40 @@ def test_round_trip_error_bounded(fmt):
         assert err.max() > 0  # it does quantize
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ROW)
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_row_format_round_trip_distortion(fmt, dim):
+    """Row formats bound no single value: each row's squared error is a fraction of its
+    squared norm, ROW_DISTORTION on average over Gaussian rows (what a rotated head row looks
+    like), whatever the row's magnitude."""
+    rng = np.random.default_rng(5)
+    x = _data(rng, 512, dim, spread=2)
+    y = rotq.dequantize(rotq.quantize(x, fmt), fmt, dim)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    r = distortion(y, x)
+    want = ROW_DISTORTION[fmt]
+    assert abs(r.mean() / want - 1) <= ROW_MEAN_TOL, f"{fmt}: mean distortion {r.mean():.4f}"
+    assert r.max() <= ROW_WORST * want, f"{fmt}: worst row {r.max():.4f}"
+    assert r.min() > 0  # it does quantize
+    # the same distortion at every magnitude: the scale is the row's, and a power of two
+    # (scales staying in f16's normal range) scales the decoded row exactly
+    small = rotq.dequantize(rotq.quantize(x / np.float32(16), fmt), fmt, dim)
+    np.testing.assert_array_equal(small, y / np.float32(16))
+
+
+@pytest.mark.parametrize("fmt", [f for f in ROW if not ROW_LAYOUT[f][1]])
+def test_mse_row_formats_keep_the_norm(fmt):
+    """Norm correction: an MSE row decodes to the input row's norm, within the f16 rounding of
+    the stored scale (and f32 sums)."""
+    rng = np.random.default_rng(13)
+    x = _data(rng, 256, 128, spread=2)
+    y = rotq.dequantize(rotq.quantize(x, fmt), fmt, 128)
+    ratio = np.linalg.norm(y.astype(np.float64), axis=1) / np.linalg.norm(
+        x.astype(np.float64), axis=1)
+    assert np.abs(ratio - 1).max() <= E16 + 2e-5
+
+
+@pytest.mark.parametrize("fmt", BLOCK)
 @pytest.mark.parametrize("rotation", ["hadamard", "block:32", "randomized:9"])
 def test_rotated_round_trip(fmt, rotation):
     rng = np.random.default_rng(6)
@@ -207,6 +395,39 @@ def test_rotated_round_trip(fmt, rotation):
     assert np.abs(y_rot - xr).max() <= error_bound(fmt, xr).max() + 1e-6
     if fmt not in ("f32", "f16", "bf16"):
         assert not np.allclose(y_rot, y, atol=1e-2 * np.abs(x).max())
+
+
+@pytest.mark.parametrize("fmt", ROW)
+@pytest.mark.parametrize("rotation", ["hadamard", "block:32", "randomized:9"])
+def test_row_format_rotated_round_trip(fmt, rotation):
+    rng = np.random.default_rng(6)
+    d = 128
+    x = _data(rng, 48, d, spread=1)
+    x[:, 5] *= 30.0  # an outlier channel, what the rotation is for
+    q = rotq.quantize(x, fmt, rotation=rotation)
+    assert q.shape == (48, rotq.row_bytes(fmt, d))
+    # the bytes are those of the rotated rows
+    xr = rotq.rotate(x, rotation)
+    np.testing.assert_array_equal(q, rotq.quantize(xr, fmt))
+    np.testing.assert_array_equal(q, rotq.oracle.quantize(xr, fmt))
+    y = rotq.dequantize(q, fmt, d, rotation=rotation)
+    y_rot = rotq.dequantize(q, fmt, d)
+    np.testing.assert_array_equal(y_rot, rotq.oracle.dequantize(q, fmt, d))
+    # the rotation is undone: the decoded rotated rows, rotated back
+    np.testing.assert_allclose(y, rotq.rotate(y_rot, rotation, inverse=True), rtol=0,
+                               atol=1e-6 * np.abs(y_rot).max())
+    assert not np.allclose(y_rot, y, atol=1e-2 * np.abs(x).max())
+    # The rotation is orthonormal: each row's distortion is that of the rotated row.
+    r = distortion(y, x)
+    np.testing.assert_allclose(r, distortion(y_rot, xr), rtol=1e-4, atol=1e-7)
+    # A full-row rotation makes the row Gaussian-like: the format's distortion, far below
+    # that of the row as it is; block:32 spreads the outlier over its 32 values only.
+    want = ROW_DISTORTION[fmt]
+    assert r.max() <= ROW_WORST * want
+    assert r.mean() <= want * (1.5 if rotation == "block:32" else 1 + ROW_MEAN_TOL)
+    if rotation != "block:32":
+        plain = distortion(rotq.dequantize(rotq.quantize(x, fmt), fmt, d), x)
+        assert plain.mean() > 2 * r.mean()
 
 
 def test_rotation_lowers_q4_error_with_outliers():
@@ -234,7 +455,8 @@ def test_explicit_matrix_rotation(rng):
 # ------------------------------------------------------------------------------ dtypes, shapes
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "iq4_nl", "fp8_e4m3", "f16", "bf16"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "iq4_nl", "fp8_e4m3", "f16", "bf16", "tq4",
+                                 "tq2_qjl"])
 def test_f16_input_is_widened_exactly(fmt, rng):
     x = rng.standard_normal((16, 64)).astype(np.float16)
     np.testing.assert_array_equal(rotq.quantize(x, fmt), rotq.quantize(x.astype(np.float32), fmt))
@@ -242,7 +464,7 @@ def test_f16_input_is_widened_exactly(fmt, rng):
                                   rotq.quantize(x.astype(np.float32), fmt, "hadamard"))
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "q5_1", "bf16"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "q5_1", "bf16", "tq3", "tq3_qjl"])
 def test_torch_bf16_and_f16_inputs(fmt):
     torch = pytest.importorskip("torch")
     t = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
@@ -256,21 +478,33 @@ def test_torch_bf16_and_f16_inputs(fmt):
         np.testing.assert_array_equal(back.numpy(), rotq.dequantize(got.numpy(), fmt, 64))
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "tq4", "tq2_qjl"])
 @pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 5, 96), (2, 1, 3, 32)])
-def test_shapes(shape, rng):
+def test_shapes(shape, fmt, rng):
     x = rng.standard_normal(shape).astype(np.float32)
     d = shape[-1]
-    q = rotq.quantize(x, "q8_0")
-    assert q.shape == (*shape[:-1], rotq.row_bytes("q8_0", d))
+    q = rotq.quantize(x, fmt)
+    assert q.shape == (*shape[:-1], rotq.row_bytes(fmt, d))
     np.testing.assert_array_equal(q.reshape(-1, q.shape[-1]),
-                                  rotq.quantize(x.reshape(-1, d), "q8_0"))
-    y = rotq.dequantize(q, "q8_0", d)
+                                  rotq.quantize(x.reshape(-1, d), fmt))
+    y = rotq.dequantize(q, fmt, d)
     assert y.shape == shape
     # bytes of several rows in one last axis give [rows, dim]
-    flat = rotq.dequantize(q.reshape(-1), "q8_0", d)
+    flat = rotq.dequantize(q.reshape(-1), fmt, d)
     rows = int(np.prod(shape[:-1], dtype=int))
     assert flat.shape == ((rows, d) if rows > 1 else (d,))
     np.testing.assert_array_equal(flat.reshape(shape), y)
+
+
+@pytest.mark.parametrize("fmt", ROW)
+def test_row_format_out_arguments(fmt, rng):
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    out = np.zeros((4, rotq.row_bytes(fmt, 64)), dtype=np.uint8)
+    assert rotq.quantize(x, fmt, out=out) is out
+    np.testing.assert_array_equal(out, rotq.oracle.quantize(x, fmt))
+    vals = np.zeros((4, 64), dtype=np.float32)
+    assert rotq.dequantize(out, fmt, 64, out=vals) is vals
+    np.testing.assert_array_equal(vals, rotq.oracle.dequantize(out, fmt, 64))
 
 
 def test_out_arguments(rng):
@@ -321,7 +555,7 @@ def test_extreme_magnitudes_match_oracle(fmt, case):
         np.testing.assert_array_equal(q, GGML[fmt][0](x))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", BLOCK)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_input(fmt, bad):
     rng = np.random.default_rng(10)
@@ -357,3 +591,71 @@ def test_non_finite_with_rotation_does_not_crash(fmt):
     y = rotq.dequantize(q, fmt, 64, "hadamard")
     assert np.isnan(y[0]).all()  # the rotation spreads NaN over the whole row
     assert np.abs(y[1] - 1).max() < 0.05
+
+
+@pytest.mark.parametrize("fmt", ROW)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_row_format_non_finite_input(fmt, bad):
+    """A row holding a NaN or an infinity is poisoned as a whole (a row is the unit): NaN
+    stores the one f16 NaN 0x7E00 as its scale (MSE) or norms (QJL) and decodes to NaN
+    everywhere; an infinity stores an infinite (or NaN) scale and decodes to no finite value.
+    The other rows are as without it."""
+    rng = np.random.default_rng(10)
+    d = 64
+    x = rng.standard_normal((4, d)).astype(np.float32)
+    x[1, 5] = bad
+    q = rotq.quantize(x, fmt)  # must not crash
+    np.testing.assert_array_equal(q, rotq.oracle.quantize(x, fmt))
+    y = rotq.dequantize(q, fmt, d)
+    np.testing.assert_array_equal(y, rotq.oracle.dequantize(q, fmt, d))
+    fields = row_f16_fields(fmt, d)
+    stored = [int(q[1, o]) | int(q[1, o + 1]) << 8 for o in fields]
+    if np.isnan(bad):
+        assert np.isnan(y[1]).all()
+        assert stored == [0x7E00] * len(fields)
+        # every code and sign bit 0: one encoding of a NaN row, wherever its NaN is
+        codes = np.ones(q.shape[1], bool)
+        for o in fields:
+            codes[o:o + 2] = False
+        assert (q[1, codes] == 0).all()
+        x_elsewhere = x.copy()
+        x_elsewhere[1] = rng.standard_normal(d)
+        x_elsewhere[1, d - 1] = np.nan
+        np.testing.assert_array_equal(rotq.quantize(x_elsewhere, fmt)[1], q[1])
+    else:
+        assert not np.isfinite(y[1]).any()
+        assert stored[0] & 0x7C00 == 0x7C00  # the scale / norm: an f16 infinity or NaN
+    # every other row is as without the bad value, and as quantized alone
+    assert np.isfinite(y[[0, 2, 3]]).all()
+    x_ok = x.copy()
+    x_ok[1] = 0.5
+    q_ok = rotq.quantize(x_ok, fmt)
+    np.testing.assert_array_equal(q[[0, 2, 3]], q_ok[[0, 2, 3]])
+    np.testing.assert_array_equal(y[[0, 2, 3]], rotq.dequantize(q_ok, fmt, d)[[0, 2, 3]])
+    np.testing.assert_array_equal(y[[0, 2, 3]],
+                                  rotq.dequantize(rotq.quantize(x[[0, 2, 3]], fmt), fmt, d))
+    # through a rotation too: the row is lost as a whole, the others are not
+    yr = rotq.dequantize(rotq.quantize(x, fmt, "hadamard"), fmt, d, "hadamard")
+    assert not np.isfinite(yr[1]).any()
+    assert np.isfinite(yr[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("fmt", ROW)
+def test_row_format_norm_range(fmt, rng):
+    """A row's scale is stored as f16: rows of norm up to about 65504 decode finite, beyond it
+    they decode to no finite value (never a silently wrong finite one); rows of norm below
+    about 3e-8 decode to zeros."""
+    d = 128
+    x = rng.standard_normal((6, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.array([1e4, 4e4, 1e5, 1e7, 1e-9, 1e-20])[:, None]
+    x = (x * norms).astype(np.float32)
+    q = rotq.quantize(x, fmt)
+    np.testing.assert_array_equal(q, rotq.oracle.quantize(x, fmt))
+    with np.errstate(all="ignore"):
+        y = rotq.dequantize(q, fmt, d)
+    np.testing.assert_array_equal(y, rotq.oracle.dequantize(q, fmt, d))
+    assert np.isfinite(y[:2]).all()
+    assert (distortion(y[:2], x[:2]) <= ROW_WORST * ROW_DISTORTION[fmt]).all()
+    assert not np.isfinite(y[2:4]).any()
+    np.testing.assert_array_equal(y[4:], 0.0)

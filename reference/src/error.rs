@@ -82,7 +82,7 @@ pub enum Error {
         actual: usize,
     },
     /// A format name that the registry does not know.
-    #[error("unknown format `{0}` (known: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q6_0, int4, fp8_e4m3)")]
+    #[error("unknown format `{0}` (known: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q6_0, int4, fp8_e4m3, tq2, tq3, tq4, tq2_qjl, tq3_qjl, tq4_qjl)")]
     UnknownFormat(String),
     /// A rotation spec that does not parse.
     #[error("unknown rotation `{0}` (expected none, hadamard, randomized:SEED or block:B)")]

@@ -67,7 +67,7 @@ proptest! {
 
     #[test]
     fn dequantize_of_quantize_is_within_the_bound(x in rows()) {
-        for format in KvFormat::ALL {
+        for format in KvFormat::BLOCKS {
             check_roundtrip(format, &x);
         }
     }
@@ -75,7 +75,7 @@ proptest! {
     #[test]
     fn quantize_is_deterministic_and_blockwise(x in rows()) {
         // Each block is encoded on its own: quantizing a row equals quantizing its blocks.
-        for format in KvFormat::ALL {
+        for format in KvFormat::BLOCKS {
             let whole = format.quantize_row(&x).unwrap();
             let parts: Vec<u8> = x
                 .chunks(32)
@@ -87,7 +87,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_decode_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-        for format in KvFormat::ALL {
+        for format in KvFormat::BLOCKS {
             match format.dequantize_row(&bytes) {
                 Ok(v) => prop_assert_eq!(v.len() / format.block_size() * format.block_bytes(), bytes.len()),
                 Err(e) => {
@@ -106,7 +106,7 @@ fn bounds_are_tight_enough_to_catch_a_wrong_quantizer() {
     let x: Vec<f32> = (0..32 * 64)
         .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0)
         .collect();
-    for format in KvFormat::ALL {
+    for format in KvFormat::BLOCKS {
         let worst = check_roundtrip(format, &x);
         if format != KvFormat::F32 {
             assert!(
@@ -125,6 +125,12 @@ fn registry_is_consistent() {
         assert_eq!(format as usize, i);
         assert_eq!(info.name.parse::<KvFormat>().unwrap(), format);
         assert_eq!(format.to_string(), info.name);
+        assert_eq!(KvFormat::BLOCKS.contains(&format), info.row.is_none());
+        if let Some(row) = info.row {
+            assert_eq!(row.name(), info.name);
+            assert_eq!((info.block_size, info.block_bytes), (8, 0));
+            continue;
+        }
         let x = vec![0.25f32; format.block_size() * 3];
         assert_eq!(format.quantize_row(&x).unwrap().len(), 3 * info.block_bytes);
         assert_eq!(info.scaled, info.block_size > 1);
@@ -173,7 +179,7 @@ fn bad_lengths_are_typed_errors() {
 
 #[test]
 fn zeros_and_constant_rows() {
-    for format in KvFormat::ALL {
+    for format in KvFormat::BLOCKS {
         let zeros = vec![0.0f32; 64];
         let y = format
             .dequantize_row(&format.quantize_row(&zeros).unwrap())
@@ -246,14 +252,14 @@ fn e4m3_codes_round_trip_and_saturate() {
 #[test]
 fn huge_and_tiny_magnitudes() {
     // Tiny: subnormal-scale blocks decode to zeros (ggml-identical) and stay within bound.
-    for format in KvFormat::ALL {
+    for format in KvFormat::BLOCKS {
         for s in [1e-38f32, 1e-30, 1e-20, 1e-7] {
             let x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * s).collect();
             check_roundtrip(format, &x);
         }
     }
     // Huge but representable scales: within bound.
-    for format in KvFormat::ALL {
+    for format in KvFormat::BLOCKS {
         let x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 100.0).collect();
         check_roundtrip(format, &x);
     }
@@ -277,7 +283,7 @@ fn huge_and_tiny_magnitudes() {
 
 #[test]
 fn non_finite_values_poison_their_block_only() {
-    for format in KvFormat::ALL {
+    for format in KvFormat::BLOCKS {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut x: Vec<f32> = (0..96).map(|i| (i as f32 * 0.1).sin()).collect();
             x[40] = bad;

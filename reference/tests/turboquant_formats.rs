@@ -46,7 +46,7 @@ fn row_errors_are_the_specs_distortion() {
 }
 
 /// The bytes: sizes, the codes as an LSB-first stream (4-bit coordinate 0 in the low nibble of
-/// byte 0) equal to the spec's indices, the f16 norm after them, the QJL signs and norm last.
+/// byte 0) equal to the spec's indices, the f16 scale after them, the QJL signs and norm last.
 #[test]
 fn bytes_follow_the_layout() {
     let sizes: Vec<usize> = RowFormat::ALL
@@ -73,9 +73,23 @@ fn bytes_follow_the_layout() {
             assert_eq!(bytes[0] & 0xF, spec.codes[0]);
             assert_eq!(bytes[0] >> 4, spec.codes[1]);
         }
+        // The scale: the norm over the norm of the levels picked (norm correction, stored).
         let at = D * bits as usize / 8;
-        let norm = half::f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
-        assert_eq!(norm, half::f16::from_f64(spec.norm));
+        let scale = half::f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+        let levels = Mse::new(D, bits, true).unwrap().levels().to_vec();
+        let c: Vec<f64> = spec.codes.iter().map(|&i| levels[usize::from(i)]).collect();
+        let c_norm = f64::from(rotq_reference::turboquant::formats::level_energy(
+            &spec.codes,
+            &levels,
+        ))
+        .sqrt();
+        assert!((c_norm - rotq_reference::turboquant::sum_squares(&c).sqrt()).abs() < 1e-6);
+        assert_eq!(scale, half::f16::from_f64(spec.norm / c_norm));
+        // So the row decodes to the levels times that scale, keeping the row's norm.
+        let back = f.dequantize_row(&bytes, D).unwrap();
+        for (b, l) in back.iter().zip(&c) {
+            assert_eq!(*b, *l as f32 * scale.to_f32());
+        }
     }
     let f = RowFormat::Prod { bits: 3 };
     let bytes = f.quantize_row(y).unwrap();
@@ -119,4 +133,52 @@ fn edge_cases_and_bad_input() {
         assert!(f.row_bytes(1 << 62).is_err());
     }
     assert!(RowFormat::Mse { bits: 5 }.row_bytes(D).is_err());
+}
+
+/// The row formats in the format registry: one row per call of the one-row methods, any number
+/// through `quantize_rows`, each row the row format's bytes; lengths they cannot hold refused.
+#[test]
+fn registry_row_formats_hold_rows_one_by_one() {
+    use rotq_reference::KvFormat;
+    let rows = gaussian_rows(3, 11);
+    let flat: Vec<f32> = rows.concat();
+    for format in KvFormat::ALL {
+        let Some(row) = format.row_format() else {
+            continue;
+        };
+        let rb = row.row_bytes(D).unwrap();
+        assert_eq!(format.row_bytes(D).unwrap(), rb);
+        assert_eq!(format.values_in(rb).unwrap(), D);
+        assert!(format.values_in(rb + 1).is_err() && format.values_in(0).is_err());
+        let bytes = format.quantize_rows(&flat, D).unwrap();
+        for (r, b) in rows.iter().zip(bytes.chunks_exact(rb)) {
+            assert_eq!(b, &row.quantize_row(r).unwrap()[..], "{format}");
+            assert_eq!(format.quantize_row(r).unwrap(), b, "{format}");
+            let back = format.dequantize_row(b).unwrap();
+            assert_eq!(back, row.dequantize_row(b, D).unwrap());
+            // The bound is the oracle's own error: met, and not loose.
+            let bound = format.error_bound(r, b);
+            let worst = r
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| f64::from((a - b).abs()))
+                .fold(0.0, f64::max);
+            assert!(worst <= bound && bound < worst * 1.01 + 1e-6, "{format}");
+            // A wrong row (another row's bytes) breaks the bound.
+            assert!(format.error_bound(&rows[(rows.len() + 1) % 3], b) > 0.0);
+        }
+        assert_eq!(format.dequantize_rows(&bytes, D).unwrap().len(), flat.len());
+        assert!(format.quantize_rows(&flat[1..], D).is_err());
+        assert!(format.dequantize_rows(&bytes[1..], D).is_err());
+        assert!(format.check_row_len(100).is_err() && format.check_row_len(96).is_ok());
+        // The QJL sketch is d × d: its formats stop at 1024, the others at 4096.
+        assert_eq!(
+            format.row_bytes(2048).is_ok(),
+            matches!(row, RowFormat::Mse { .. })
+        );
+        let bits = format.bits_per_value_at(D).unwrap();
+        assert_eq!(bits, rb as f64 * 8.0 / D as f64);
+        assert_eq!(format.bits_per_value(), bits);
+    }
+    assert!(KvFormat::Tq4.bits_per_value_at(100).is_err());
 }

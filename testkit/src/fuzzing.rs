@@ -15,8 +15,16 @@
 //! it did when it was found, so a change to the decoding (or to `arbitrary`'s encoding, which
 //! is no stability promise) cannot quietly turn the finds into other problems.
 //!
+//! The corpora were found when the registry held the block formats only
+//! ([`KvFormat::BLOCKS`]), so a problem's format is still drawn from those (a list of the
+//! registry's, which grows, would give the same bytes another format). The TurboQuant row
+//! formats, which came later, are reached through each problem instead: the `dequantize`,
+//! `rotate_quantize` and `attention` checks run once with the drawn block formats and once with
+//! their row companions ([`row_companion`]), so every corpus file and every fuzzer input
+//! exercises a row format too.
+//!
 //! ```
-//! rotq_testkit::fuzzing::dequantize(&[3, 1, 2, 3]); // a too-short q4_0 block: refused, no panic
+//! rotq_testkit::fuzzing::dequantize(&[3, 1, 2, 3]); // a too-short q8_0 block: refused, no panic
 //! ```
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -46,6 +54,30 @@ fn decode<'a, T: Arbitrary<'a>>(data: &'a [u8]) -> T {
     T::arbitrary_take_rest(Unstructured::new(data)).expect("decoding never fails")
 }
 
+/// The row format that the problems drawn with block format `format` also run with: the six
+/// row formats in registry order, each the companion of two block formats.
+///
+/// ```
+/// use rotq_reference::KvFormat;
+/// use rotq_testkit::fuzzing::row_companion;
+/// assert_eq!(row_companion(KvFormat::F32), KvFormat::Tq2);
+/// assert_eq!(row_companion(KvFormat::Q8_0), KvFormat::Tq2Qjl);
+/// ```
+///
+/// # Panics
+/// When `format` is not a block format.
+pub fn row_companion(format: KvFormat) -> KvFormat {
+    let rows: Vec<KvFormat> = KvFormat::ALL
+        .into_iter()
+        .filter(|f| f.row_format().is_some())
+        .collect();
+    let i = KvFormat::BLOCKS
+        .iter()
+        .position(|&f| f == format)
+        .expect("a block format");
+    rows[i % rows.len()]
+}
+
 /// The `dequantize` target's problem: a format, then the rest of the bytes as its cache.
 #[derive(Debug, PartialEq)]
 struct DequantizeProblem<'a> {
@@ -56,7 +88,7 @@ struct DequantizeProblem<'a> {
 impl<'a> Arbitrary<'a> for DequantizeProblem<'a> {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
         Ok(Self {
-            format: *u.choose(&KvFormat::ALL)?,
+            format: *u.choose(&KvFormat::BLOCKS)?,
             bytes: u.bytes(u.len())?,
         })
     }
@@ -111,7 +143,7 @@ struct RotateQuantizeProblem {
 
 impl<'a> Arbitrary<'a> for RotateQuantizeProblem {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
-        let format = *u.choose(&KvFormat::ALL)?;
+        let format = *u.choose(&KvFormat::BLOCKS)?;
         let dim = *u.choose(&[32usize, 64, 96, 128, 160, 256])?;
         let rotate = bool::arbitrary(u)?;
         let rows = u.int_in_range(1..=4usize)?;
@@ -131,7 +163,7 @@ impl<'a> Arbitrary<'a> for RotateQuantizeProblem {
 /// The `attention` target's problem. `flags` bits: 1 causal, 2 a window, 4 a soft-cap of 30,
 /// 8 Q and K rotated (Hadamard), 16 V rotated (randomized), 32 and 64 NaN and ±Inf now and
 /// then in K and in V.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct AttentionProblem {
     k_format: KvFormat,
     v_format: KvFormat,
@@ -150,7 +182,7 @@ struct AttentionProblem {
 
 impl<'a> Arbitrary<'a> for AttentionProblem {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
-        let (k_format, v_format) = (*u.choose(&KvFormat::ALL)?, *u.choose(&KvFormat::ALL)?);
+        let (k_format, v_format) = (*u.choose(&KvFormat::BLOCKS)?, *u.choose(&KvFormat::BLOCKS)?);
         let d = *u.choose(&[32usize, 64])?;
         let n_q = u.int_in_range(1..=3usize)?;
         let n_kv = u.int_in_range(0..=39usize)?;
@@ -212,11 +244,18 @@ fn same(a: f32, b: f32) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
 
-/// Arbitrary bytes decoded as a format (the first byte picks it): the oracle refuses a length
-/// that is not whole blocks; otherwise the CPU kernels on every instruction set give the
-/// oracle's values exactly.
+/// Arbitrary bytes decoded as a format (the first byte picks a block format; its row companion
+/// reads the same bytes too): the oracle refuses a length that is not whole blocks (for the
+/// row format: not one row of a length it takes); otherwise the CPU kernels on every
+/// instruction set give the oracle's values exactly.
 pub fn dequantize(data: &[u8]) {
     let DequantizeProblem { format, bytes } = decode(data);
+    dequantize_as(format, bytes);
+    dequantize_as(row_companion(format), bytes);
+}
+
+fn dequantize_as(format: KvFormat, bytes: &[u8]) {
+    // All the bytes as one row (of whole blocks, or of a row format).
     let oracle = format.dequantize_row(bytes);
     let Ok(n) = format.values_in(bytes.len()) else {
         assert!(oracle.is_err(), "{format}: {} bytes decoded", bytes.len());
@@ -225,7 +264,7 @@ pub fn dequantize(data: &[u8]) {
     let want = oracle.expect("whole blocks decode");
     assert_eq!(want.len(), n);
     for isa in Isa::all_available() {
-        let codec = CacheCodec::new(format, n, None, isa).expect("a whole number of blocks");
+        let codec = CacheCodec::new(format, n, None, isa).expect("a row of a length it takes");
         let mut got = vec![0.0f32; n];
         codec.dequantize(bytes, &mut got).expect("sizes match");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -285,45 +324,64 @@ pub fn rotation(data: &[u8]) {
     }
 }
 
-/// Rows (with NaN and ±Inf now and then) rotated and quantized by the CPU kernels: the bytes
-/// equal the oracle's quantizer applied to the kernel's own rotated rows.
+/// Rows (with NaN and ±Inf now and then) rotated and quantized by the CPU kernels, in the drawn
+/// block format and in its row companion: the bytes equal the oracle's quantizer applied to
+/// the kernel's own rotated rows.
 pub fn rotate_quantize(data: &[u8]) {
+    let problem: RotateQuantizeProblem = decode(data);
+    rotate_quantize_as(problem.format, &problem);
+    rotate_quantize_as(row_companion(problem.format), &problem);
+}
+
+fn rotate_quantize_as(format: KvFormat, problem: &RotateQuantizeProblem) {
     let RotateQuantizeProblem {
-        format,
         dim,
         rotate,
         rows,
         start,
-        x,
-    } = decode(data);
+        ref x,
+        ..
+    } = *problem;
     let r = rotate.then(|| Rotation::hadamard(dim).expect("a supported size"));
     for isa in Isa::all_available() {
         let codec = CacheCodec::new(format, dim, r.as_ref(), isa).expect("whole blocks");
         let rb = codec.row_bytes();
         let mut got = vec![0u8; (start + rows) * rb];
-        codec.quantize(&x, &mut got, start).expect("sizes match");
+        codec.quantize(x, &mut got, start).expect("sizes match");
         let mut rotated = x.clone();
         if let Some(r) = &r {
             CpuRotation::new(r, isa)
                 .forward_rows(&mut rotated)
                 .expect("whole rows");
         }
-        let want = format.quantize_row(&rotated).expect("whole blocks");
+        let want = format.quantize_rows(&rotated, dim).expect("whole rows");
         assert!(
             got[start * rb..] == want[..],
             "{format} dim {dim} {isa}: bytes differ from the oracle's"
         );
         // Rows that do not fit the cache, or a partial row, are refused.
         let mut small = vec![0u8; rows * rb - 1];
-        assert!(codec.quantize(&x, &mut small, 0).is_err());
+        assert!(codec.quantize(x, &mut small, 0).is_err());
         assert!(codec.quantize(&x[..dim - 1], &mut got, 0).is_err());
     }
 }
 
 /// A small attention problem (formats, rotation plan, masks, soft-cap, tuning all drawn from
-/// the bytes) on caches the CPU codec wrote: the CPU kernel against the oracle on the same
-/// bytes, within the tolerance table and with NaN in the same places.
+/// the bytes) on caches the CPU codec wrote, in the drawn block formats and in their row
+/// companions: the CPU kernel against the oracle on the same bytes, within the tolerance table
+/// and with NaN in the same places.
 pub fn attention(data: &[u8]) {
+    let problem: AttentionProblem = decode(data);
+    let rows = AttentionProblem {
+        k_format: row_companion(problem.k_format),
+        v_format: row_companion(problem.v_format),
+        ..problem.clone()
+    };
+    attention_of(problem);
+    attention_of(rows);
+}
+
+fn attention_of(problem: AttentionProblem) {
     let AttentionProblem {
         k_format,
         v_format,
@@ -338,7 +396,7 @@ pub fn attention(data: &[u8]) {
         q,
         k,
         v,
-    } = decode(data);
+    } = problem;
     let h_q = h_kv * group;
     let plan = RotationPlan {
         qk: (flags & 8 == 8).then(|| Rotation::hadamard(d).expect("a supported size")),
@@ -361,11 +419,7 @@ pub fn attention(data: &[u8]) {
         .expect("a valid problem");
     // The oracle on the same bytes.
     let decode = |f: KvFormat, b: &[u8]| -> Array3<f64> {
-        let vals = if b.is_empty() {
-            Vec::new()
-        } else {
-            f.dequantize_row(b).expect("whole blocks")
-        };
+        let vals = f.dequantize_rows(b, d).expect("whole rows");
         Array3::from_shape_vec((n_kv, h_kv, d), vals.into_iter().map(f64::from).collect())
             .expect("sizes match")
     };
@@ -848,9 +902,25 @@ mod tests {
         }
     }
 
+    /// The formats the corpora were written with (the registry's before the row formats).
+    const LEGACY_FORMATS: [KvFormat; 12] = [
+        KvFormat::F32,
+        KvFormat::F16,
+        KvFormat::Bf16,
+        KvFormat::Q8_0,
+        KvFormat::Q4_0,
+        KvFormat::Q4_1,
+        KvFormat::Q5_0,
+        KvFormat::Q5_1,
+        KvFormat::Iq4Nl,
+        KvFormat::Q6_0,
+        KvFormat::Int4,
+        KvFormat::Fp8E4m3,
+    ];
+
     fn legacy_dequantize(data: &[u8]) -> DequantizeProblem<'_> {
         let mut l = Legacy { data, at: 0 };
-        let format = l.pick(&KvFormat::ALL);
+        let format = l.pick(&LEGACY_FORMATS);
         DequantizeProblem {
             format,
             bytes: l.rest(),
@@ -877,7 +947,7 @@ mod tests {
 
     fn legacy_rotate_quantize(data: &[u8]) -> RotateQuantizeProblem {
         let mut l = Legacy { data, at: 0 };
-        let format = l.pick(&KvFormat::ALL);
+        let format = l.pick(&LEGACY_FORMATS);
         let dim = l.pick(&[32usize, 64, 96, 128, 160, 256]);
         let rotate = l.byte() % 2 == 1;
         let rows = 1 + usize::from(l.byte() % 4);
@@ -895,7 +965,7 @@ mod tests {
 
     fn legacy_attention(data: &[u8]) -> AttentionProblem {
         let mut l = Legacy { data, at: 0 };
-        let (k_format, v_format) = (l.pick(&KvFormat::ALL), l.pick(&KvFormat::ALL));
+        let (k_format, v_format) = (l.pick(&LEGACY_FORMATS), l.pick(&LEGACY_FORMATS));
         let d = l.pick(&[32usize, 64]);
         let n_q = 1 + usize::from(l.byte() % 3);
         let n_kv = usize::from(l.byte() % 40);

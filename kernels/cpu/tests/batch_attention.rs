@@ -191,11 +191,7 @@ impl SeqData {
     /// on the dequantized caches, the output rotated back. Returns (output, LSE).
     fn oracle(&self, s: &Seq, plan: &RotationPlan) -> (Vec<f64>, Vec<f64>) {
         let decode = |f: KvFormat, b: &[u8], dim: usize| {
-            let vals = if b.is_empty() {
-                Vec::new()
-            } else {
-                f.dequantize_row(b).unwrap()
-            };
+            let vals = f.dequantize_rows(b, dim).unwrap();
             let vals = vals.into_iter().map(f64::from).collect();
             Array3::from_shape_vec((s.n_tokens, s.h_kv, dim), vals).unwrap()
         };
@@ -301,10 +297,11 @@ fn check(b: &Batch) {
     }
 }
 
+/// The formats that take rows of `d` values.
 fn formats_for(d: usize) -> Vec<KvFormat> {
     KvFormat::ALL
         .into_iter()
-        .filter(|f| d.is_multiple_of(f.block_size()))
+        .filter(|f| f.check_row_len(d).is_ok())
         .collect()
 }
 

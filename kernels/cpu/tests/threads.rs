@@ -97,10 +97,13 @@ proptest! {
         let together = at_once(THREADS, run);
         let tol = tolerance(Op::Rotation, Precision::F32);
         let kernel = CpuRotation::new(&r, Isa::best());
+        // Bit for bit: a row format's row whose norm overflows f16 decodes to ±∞, which the
+        // inverse rotation turns into NaN.
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         for (t, (cache, back)) in (0..THREADS).zip(&together) {
             let alone = run(t);
             prop_assert!(
-                cache == &alone.0 && back == &alone.1,
+                cache == &alone.0 && bits(back) == bits(&alone.1),
                 "thread {t}: differs from the call made alone"
             );
             let (zeros, bytes) = cache.split_at(t as usize * rb);
@@ -118,10 +121,10 @@ proptest! {
                 }
             }
             prop_assert!(
-                bytes == format.quantize_row(&rotated).unwrap().as_slice(),
+                bytes == format.quantize_rows(&rotated, dim).unwrap().as_slice(),
                 "thread {t}, {format} {r}: bytes"
             );
-            let mut want = f64s(&format.dequantize_row(bytes).unwrap());
+            let mut want = f64s(&format.dequantize_rows(bytes, dim).unwrap());
             r.rotate_rows(&mut want, true).unwrap();
             for (g, w) in f64s(back).chunks(dim).zip(want.chunks(dim)) {
                 if let Err(m) = tol.check(g, w) {

@@ -45,6 +45,7 @@ use crate::kernel::{self, Transform};
 use crate::rotation::{CudaRotation, GpuElement};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use rotq_reference::hadamard::base_sign;
+use rotq_reference::turboquant::formats::RowFormat;
 use rotq_reference::{AttentionParams, Error, KvFormat, RotationPlan};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -77,6 +78,29 @@ pub fn check_head_dim(dim: usize, what: &'static str) -> std::result::Result<(),
             what,
             hint: "the CUDA attention kernels take head dimensions that are multiples of 32, \
                    from 32 to 4096",
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a format the CUDA kernels do not implement: the TurboQuant formats with a QJL
+/// sketch (`tq2_qjl`, `tq3_qjl`, `tq4_qjl`) run on the CPU only (their `d × d` sketch makes
+/// them slow and, in attention, worse than the MSE formats of as many bits: docs/eval.md). The
+/// one test, run by the codec, the attention kernels and a cache when it is made.
+///
+/// ```
+/// use rotq_reference::KvFormat;
+/// assert!(rotq_cuda::check_format(KvFormat::Q4_0).is_ok());
+/// assert!(rotq_cuda::check_format(KvFormat::Tq4).is_ok());
+/// assert!(rotq_cuda::check_format(KvFormat::Tq4Qjl).is_err());
+/// ```
+pub fn check_format(format: KvFormat) -> std::result::Result<(), Error> {
+    if let Some(RowFormat::Prod { .. }) = format.row_format() {
+        return Err(Error::InvalidParameter {
+            name: "format",
+            reason: format!(
+                "{format} has no CUDA kernels: the TurboQuant QJL formats run on the CPU backend"
+            ),
         });
     }
     Ok(())
@@ -1264,6 +1288,7 @@ impl CudaAttention {
             ));
         }
         for c in [k, v] {
+            check_format(c.format)?;
             let row_bytes = c.format.row_bytes(c.dim)?;
             let token_bytes = h_kv
                 .checked_mul(row_bytes)

@@ -52,8 +52,13 @@ pub(crate) fn odd_units(row: usize, unit: usize) -> usize {
 /// A module's source: its `defines` and `traits`, then the formats, the element type, what the
 /// attention kernels share (`cuda/common.cuh`) and the `kernels`' sources, in order.
 pub(crate) fn source(defines: &str, traits: &str, kernels: &[&str]) -> String {
+    source_with(defines, traits, "", kernels)
+}
+
+/// [`source`] with `formats` (the row formats' code and tables) after the block formats'.
+pub(crate) fn source_with(defines: &str, traits: &str, formats: &str, kernels: &[&str]) -> String {
     format!(
-        "{defines}{traits}{FORMATS}\n{ELEM}{COMMON}{}",
+        "{defines}{traits}{FORMATS}\n{formats}{ELEM}{COMMON}{}",
         kernels.concat()
     )
 }

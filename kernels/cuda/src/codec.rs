@@ -73,6 +73,7 @@ impl CudaCodec {
         dim: usize,
         rotation: Option<&Rotation>,
     ) -> Result<Self> {
+        crate::check_format(format)?;
         let row_bytes = format.row_bytes(dim)?;
         let rotation = match rotation {
             Some(r) if r.dim() != dim => {

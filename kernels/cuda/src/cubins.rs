@@ -112,7 +112,11 @@ fn row_variants(out: &mut Vec<Variant>) {
             codec(out, f, 128, 1, true, *cfg);
         }
     }
-    for f in KvFormat::ALL {
+    // Every format the codec takes (the block formats and TurboQuant's MSE formats).
+    for f in KvFormat::ALL
+        .into_iter()
+        .filter(|f| crate::check_format(*f).is_ok())
+    {
         for dim in [64, 128] {
             for elem in 0..3 {
                 for rotate in [false, true] {
@@ -182,9 +186,16 @@ fn decode_variants(out: &mut Vec<Variant>) {
             (KvFormat::Q4_1, KvFormat::Q4_1),
             (KvFormat::Fp8E4m3, KvFormat::Q8_0),
             (KvFormat::Q6_0, KvFormat::Int4),
+            (KvFormat::Tq4, KvFormat::Tq4),
+            (KvFormat::Tq3, KvFormat::Q8_0),
+            (KvFormat::Q4_0, KvFormat::Tq2),
         ] {
             push(call(elem, k, v, 128, 4, false), default);
         }
+        push(
+            call(elem, KvFormat::Tq4, KvFormat::Tq3, 64, 8, false),
+            default,
+        );
         for f in [KvFormat::Q8_0, KvFormat::Q4_0] {
             for group in [1, 8] {
                 push(call(elem, f, f, 128, group, false), default);

@@ -334,16 +334,41 @@ impl Shape {
                 l.combine_smem,
                 "decode_combine's dynamic shared memory",
             );
+        let (k_row, v_row) = (
+            self.k_format.row_format().is_some(),
+            self.v_format.row_format().is_some(),
+        );
         let defines = format!(
-            "{}#define RQ_TENSOR_CORES {}\n",
+            "{}#define RQ_TENSOR_CORES {}\n#define RQ_TQ_K {}\n#define RQ_TQ_V {}\n",
             format_defines(self.elem, self.k_format, self.v_format),
             self.tensor_cores as u32,
+            k_row as u32,
+            v_row as u32,
         );
+        // The row formats' code and tables, each format once (its row length in its name's
+        // defines: one format for K and V needs one length).
+        let mut formats = String::new();
+        if k_row || v_row {
+            if self.k_format == self.v_format && self.d != self.d_v {
+                return Err(CudaError::Input(Error::InvalidParameter {
+                    name: "head dimensions",
+                    reason: format!(
+                        "{} for both K and V takes one head dimension on CUDA, not {} and {}",
+                        self.k_format, self.d, self.d_v
+                    ),
+                }));
+            }
+            formats += crate::turbo::TURBO;
+            formats += &crate::turbo::tables(self.k_format, self.d);
+            if self.v_format != self.k_format {
+                formats += &crate::turbo::tables(self.v_format, self.d_v);
+            }
+        }
         let key = format!("decode {self:?}");
         let mma = if self.tensor_cores { DECODE_MMA } else { "" };
         Ok((
             key,
-            attention_module::source(&defines, &t.finish(), &[DECODE, mma]),
+            attention_module::source_with(&defines, &t.finish(), &formats, &[DECODE, mma]),
         ))
     }
 }

@@ -285,6 +285,9 @@ pub(crate) fn source(
     );
     if let Some(f) = format {
         defines += &format!("#define FMT {}\n", f.name());
+        if f.row_format().is_some() {
+            defines += "#define RQ_TQ_ROW 1\n";
+        }
     }
     let key = format!(
         "rows elem {elem}, {} x {m} x {p} values, {} per thread, {} rows per block, rotate {}, \
@@ -359,6 +362,10 @@ pub(crate) fn source(
     }
     src += FORMATS;
     src += "\n";
+    if let Some(f) = format.filter(|f| f.row_format().is_some()) {
+        src += crate::turbo::TURBO;
+        src += &crate::turbo::tables(f, t.n());
+    }
     src += ELEM;
     src += HADAMARD;
     (key, src)

@@ -36,11 +36,12 @@ mod flash_module;
 mod kernel;
 mod rotation;
 pub mod tuned;
+mod turbo;
 
 pub use attention::{
-    auto_splits, check_head_dim, CacheLayout, CudaAttention, CudaKvCache, DecodeConfig, DecodeSeq,
-    PrefillConfig, HEAD_DIM_STEP, MAX_GROUP, MAX_HEAD_DIM, MIN_AUTO_SPLIT_TOKENS,
-    TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS,
+    auto_splits, check_format, check_head_dim, CacheLayout, CudaAttention, CudaKvCache,
+    DecodeConfig, DecodeSeq, PrefillConfig, HEAD_DIM_STEP, MAX_GROUP, MAX_HEAD_DIM,
+    MIN_AUTO_SPLIT_TOKENS, TENSOR_CORE_K_FORMATS, TENSOR_CORE_V_FORMATS,
 };
 pub use codec::{CacheTarget, CudaCodec};
 pub use device::{cuda_available, Device, DeviceInfo, Tuning};

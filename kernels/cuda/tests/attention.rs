@@ -84,6 +84,14 @@ impl Case {
     }
 }
 
+/// The formats the CUDA backend takes: the block formats and TurboQuant's MSE formats.
+fn cuda_formats() -> Vec<KvFormat> {
+    KvFormat::ALL
+        .into_iter()
+        .filter(|f| rotq_cuda::check_format(*f).is_ok())
+        .collect()
+}
+
 /// Rows of one sequence's cache, rotated by `r` in f64, rounded to f32 and quantized.
 fn encode(format: KvFormat, x: &[f32], dim: usize, r: Option<&Rotation>) -> Vec<u8> {
     if x.is_empty() {
@@ -94,9 +102,7 @@ fn encode(format: KvFormat, x: &[f32], dim: usize, r: Option<&Rotation>) -> Vec<
         r.rotate_rows(&mut rows, false).unwrap();
     }
     let rows: Vec<f32> = rows.iter().map(|&v| v as f32).collect();
-    let mut out = vec![0u8; x.len() / dim * format.row_bytes(dim).unwrap()];
-    format.quantize_into(&rows, &mut out).unwrap();
-    out
+    format.quantize_rows(&rows, dim).unwrap()
 }
 
 /// The caches of a case, per sequence: (K bytes, V bytes), `n × h_kv` rows each.
@@ -139,7 +145,7 @@ fn oracle_rows(
         let vals = if bytes.is_empty() {
             Vec::new()
         } else {
-            f.dequantize_row(bytes).unwrap()
+            f.dequantize_rows(bytes, dim).unwrap()
         };
         Array3::from_shape_vec((n, c.h_kv, dim), vals.into_iter().map(f64::from).collect()).unwrap()
     };
@@ -301,12 +307,13 @@ fn assert_matches<T: Elem>(got: &[f64], want: &[f64], what: &str) {
     rotq_testkit::oracle::assert_matches(got, want, Op::Attention, T::PRECISION, &what);
 }
 
-/// Every format as K (V q8_0) and as V (K q4_0), with a Hadamard plan, paged and contiguous;
-/// f32 runs the f32 kernel, f16 the tensor cores where the formats allow.
+/// Every format the backend takes (TurboQuant's MSE formats too) as K (V q8_0) and as V (K
+/// q4_0), with a Hadamard plan, paged and contiguous; f32 runs the f32 kernel, f16 the tensor
+/// cores where the formats allow.
 #[test]
 fn every_format_as_k_and_as_v() {
     let Some(dev) = device() else { return };
-    for f in KvFormat::ALL {
+    for f in cuda_formats() {
         for (k_format, v_format, paged) in
             [(f, KvFormat::Q8_0, None), (KvFormat::Q4_0, f, Some(16))]
         {
@@ -861,6 +868,14 @@ fn bad_inputs_are_typed_errors() {
     let p = AttentionParams::default();
     assert!(attn.decode(dev, &q, 8, &k, &k, &ok, &p, &mut out).is_ok());
     let input = |r: Result<(), CudaError>| matches!(r, Err(CudaError::Input(_)));
+    // A TurboQuant QJL format (CPU only) is refused, never read as another format.
+    let tq = CudaKvCache {
+        format: KvFormat::Tq4Qjl,
+        ..k
+    };
+    assert!(input(attn.decode(dev, &q, 8, &tq, &k, &ok, &p, &mut out)));
+    assert!(input(attn.decode(dev, &q, 8, &k, &tq, &ok, &p, &mut out)));
+    assert!(rotq_cuda::CudaCodec::new(dev, KvFormat::Tq4Qjl, d, None).is_err());
     // Too many tokens for the cache.
     assert!(input(attn.decode(
         dev,
@@ -991,7 +1006,7 @@ fn bad_inputs_are_typed_errors() {
 }
 
 fn cases() -> impl Strategy<Value = Case> {
-    let formats = proptest::sample::select(KvFormat::ALL.to_vec());
+    let formats = proptest::sample::select(cuda_formats());
     (
         formats.clone(),
         formats,
@@ -1106,7 +1121,7 @@ fn automatic_splits_match_the_oracle() {
 #[test]
 fn attention_from_eight_threads_at_once() {
     let Some(dev) = device() else { return };
-    let all = KvFormat::ALL;
+    let all = KvFormat::BLOCKS;
     let cases: Vec<Case> = (0..8usize)
         .map(|t| Case {
             k_format: all[(3 + t) % all.len()],

@@ -139,12 +139,8 @@ fn check_quantize_with<T: Elem>(
         None => widened,
     };
     let mut want = vec![0u8; got.len()];
-    format
-        .quantize_into(
-            &rotated,
-            &mut want[start * heads * rb..(start + tokens) * heads * rb],
-        )
-        .unwrap();
+    want[start * heads * rb..(start + tokens) * heads * rb]
+        .copy_from_slice(&format.quantize_rows(&rotated, n).unwrap());
     assert!(
         got == want,
         "{format} n={n} rotation={r:?} {cfg:?}: first difference at byte {:?}",
@@ -166,7 +162,7 @@ fn check_quantize_with<T: Elem>(
         .map(f64::from)
         .collect();
     let mut oracle: Vec<f64> = format
-        .dequantize_row(&want[start * heads * rb..(start + tokens) * heads * rb])
+        .dequantize_rows(&want[start * heads * rb..(start + tokens) * heads * rb], n)
         .unwrap()
         .into_iter()
         .map(f64::from)
@@ -191,7 +187,7 @@ fn check_formats(formats: &[KvFormat]) {
             (256, Some(Rotation::block_hadamard(256, 64).unwrap())),
         ];
         for (n, r) in cases {
-            if n % format.block_size() == 0 {
+            if format.check_row_len(n).is_ok() {
                 check_quantize(dev, format, n, r.as_ref(), (i * 7 + n) as u64);
             }
         }
@@ -212,6 +208,8 @@ const OTHER: [KvFormat; 4] = [
     KvFormat::Fp8E4m3,
 ];
 const ELEMENT: [KvFormat; 3] = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16];
+/// TurboQuant's MSE row formats (their QJL formats run on the CPU only).
+const TURBO: [KvFormat; 3] = [KvFormat::Tq2, KvFormat::Tq3, KvFormat::Tq4];
 
 #[test]
 fn rotate_quantize_and_dequantize_ggml_formats() {
@@ -229,12 +227,31 @@ fn rotate_quantize_and_dequantize_element_formats() {
 }
 
 #[test]
+fn rotate_quantize_and_dequantize_turboquant_formats() {
+    check_formats(&TURBO);
+}
+
+/// Every format the CUDA backend takes is tested above; the QJL formats are refused.
+#[test]
 fn the_format_tests_cover_the_registry() {
-    let mut covered: Vec<KvFormat> = GGML.iter().chain(&OTHER).chain(&ELEMENT).copied().collect();
-    covered.sort_by_key(|f| f.name());
-    let mut all = KvFormat::ALL.to_vec();
-    all.sort_by_key(|f| f.name());
-    assert_eq!(covered, all);
+    let covered: Vec<KvFormat> = GGML
+        .iter()
+        .chain(&OTHER)
+        .chain(&ELEMENT)
+        .chain(&TURBO)
+        .copied()
+        .collect();
+    for f in KvFormat::ALL {
+        assert_eq!(
+            covered.contains(&f),
+            rotq_cuda::check_format(f).is_ok(),
+            "{f}"
+        );
+    }
+    let Some(dev) = device() else { return };
+    for f in [KvFormat::Tq2Qjl, KvFormat::Tq3Qjl, KvFormat::Tq4Qjl] {
+        assert!(CudaCodec::new(dev, f, 128, None).is_err(), "{f}");
+    }
 }
 
 /// Every configuration of the search space writes the same bytes, and large rows (exchange
@@ -448,7 +465,7 @@ fn context_shift_follows_the_oracle() {
             .sqrt()
     };
     let to_f64 = |f: KvFormat, b: &[u8]| -> Vec<f64> {
-        f.dequantize_row(b)
+        f.dequantize_rows(b, d)
             .unwrap()
             .into_iter()
             .map(f64::from)
@@ -459,6 +476,7 @@ fn context_shift_follows_the_oracle() {
         KvFormat::Q4_0,
         KvFormat::Iq4Nl,
         KvFormat::F16,
+        KvFormat::Tq4,
     ]
     .into_iter()
     .enumerate()

@@ -18,6 +18,17 @@
 //! | q6_0 | 32 | 26 | 6.5 | ik_llama.cpp |
 //! | int4 | 32 | 18 | 4.5 | rotq ([`int4`](self#int4) layout below) |
 //! | fp8_e4m3 | 32 | 36 | 9 | rotq ([`fp8`] layout) |
+//! | tq2, tq3, tq4 | row | `⌈d b / 8⌉ + 2` | 2.125, 3.125, 4.125 at d = 128 | rotq TurboQuant-MSE ([`crate::turboquant::formats`]) |
+//! | tq2_qjl, tq3_qjl, tq4_qjl | row | `⌈d (b−1) / 8⌉ + d / 8 + 4` | 2.25, 3.25, 4.25 at d = 128 | rotq TurboQuant-prod (same) |
+//!
+//! ## Row formats
+//! The TurboQuant formats store a whole head row (its norm, its codebook's indices and, with
+//! QJL, the residual's sketch), not independent 32-value blocks: their codebook and their cost
+//! depend on the row's length `d` (a multiple of 8, at most 4096, 1024 with QJL). For them
+//! [`KvFormat::block_size`] is 8 (the granularity of `d`), [`KvFormat::block_bytes`] is 0, and
+//! the one-row methods ([`KvFormat::quantize_into`], [`KvFormat::dequantize_into`], …) take
+//! exactly **one** row; [`KvFormat::quantize_rows`] and [`KvFormat::dequantize_rows`] take any
+//! number of rows of a stated length, for every format.
 //!
 //! ## int4
 //! Symmetric, scale `amax/7` stored as f16, codes `round_half_even(x/s)` in `[−7, 7]` stored as
@@ -43,6 +54,8 @@ mod q6_0;
 mod scalar;
 
 use crate::error::{Error, Result};
+use crate::turboquant::formats::RowFormat;
+use crate::turboquant::MAX_DIM;
 use std::fmt;
 use std::str::FromStr;
 
@@ -83,6 +96,18 @@ pub enum KvFormat {
     Int4,
     /// rotq fp8 E4M3 (f32 scale per 32).
     Fp8E4m3,
+    /// TurboQuant-MSE, 2 bits (a row format).
+    Tq2,
+    /// TurboQuant-MSE, 3 bits (a row format).
+    Tq3,
+    /// TurboQuant-MSE, 4 bits (a row format).
+    Tq4,
+    /// TurboQuant-prod, 1-bit MSE and a 1-bit QJL sketch (a row format).
+    Tq2Qjl,
+    /// TurboQuant-prod, 2-bit MSE and a 1-bit QJL sketch (a row format).
+    Tq3Qjl,
+    /// TurboQuant-prod, 3-bit MSE and a 1-bit QJL sketch (a row format).
+    Tq4Qjl,
 }
 
 /// What the registry knows of a format.
@@ -99,9 +124,12 @@ pub struct FormatInfo {
     pub block_bytes: usize,
     /// Where the layout comes from.
     pub origin: &'static str,
-    /// Whether it carries per-block scales (and so is poisoned by NaN/Inf).
+    /// Whether it carries scales, per block or (the row formats) per row, so that a NaN or an
+    /// infinity poisons its whole block or row.
     pub scaled: bool,
-    codec: Codec,
+    /// The TurboQuant row format behind it, for the row formats (module docs).
+    pub row: Option<RowFormat>,
+    codec: Option<Codec>,
 }
 
 /// The functions behind a format, each over one block.
@@ -140,7 +168,21 @@ const fn entry(
         block_bytes,
         origin,
         scaled: block_size > 1,
-        codec,
+        row: None,
+        codec: Some(codec),
+    }
+}
+
+const fn row_entry(format: KvFormat, name: &'static str, row: RowFormat) -> FormatInfo {
+    FormatInfo {
+        format,
+        name,
+        block_size: 8,
+        block_bytes: 0,
+        origin: "rotq TurboQuant",
+        scaled: true,
+        row: Some(row),
+        codec: None,
     }
 }
 
@@ -159,7 +201,7 @@ const fn codec(
 }
 
 /// The registry, in [`KvFormat`] declaration order.
-static REGISTRY: [FormatInfo; 12] = {
+static REGISTRY: [FormatInfo; 18] = {
     use KvFormat::*;
     const QK: usize = ggml::QK;
     [
@@ -314,12 +356,18 @@ static REGISTRY: [FormatInfo; 12] = {
             "rotq",
             codec(fp8::quantize, fp8::dequantize, fp8::poison, fp8::bound),
         ),
+        row_entry(Tq2, "tq2", RowFormat::Mse { bits: 2 }),
+        row_entry(Tq3, "tq3", RowFormat::Mse { bits: 3 }),
+        row_entry(Tq4, "tq4", RowFormat::Mse { bits: 4 }),
+        row_entry(Tq2Qjl, "tq2_qjl", RowFormat::Prod { bits: 2 }),
+        row_entry(Tq3Qjl, "tq3_qjl", RowFormat::Prod { bits: 3 }),
+        row_entry(Tq4Qjl, "tq4_qjl", RowFormat::Prod { bits: 4 }),
     ]
 };
 
 impl KvFormat {
     /// Every format, in registry order.
-    pub const ALL: [KvFormat; 12] = [
+    pub const ALL: [KvFormat; 18] = [
         KvFormat::F32,
         KvFormat::F16,
         KvFormat::Bf16,
@@ -332,7 +380,46 @@ impl KvFormat {
         KvFormat::Q6_0,
         KvFormat::Int4,
         KvFormat::Fp8E4m3,
+        KvFormat::Tq2,
+        KvFormat::Tq3,
+        KvFormat::Tq4,
+        KvFormat::Tq2Qjl,
+        KvFormat::Tq3Qjl,
+        KvFormat::Tq4Qjl,
     ];
+
+    /// The block formats: every format but the TurboQuant row formats.
+    pub const BLOCKS: [KvFormat; 12] = {
+        let mut out = [KvFormat::F32; 12];
+        let mut i = 0;
+        while i < 12 {
+            out[i] = Self::ALL[i];
+            i += 1;
+        }
+        out
+    };
+
+    /// The TurboQuant row formats (module docs): every format after the block formats.
+    pub const ROWS: [KvFormat; 6] = {
+        let mut out = [KvFormat::F32; 6];
+        let mut i = 0;
+        while i < 6 {
+            out[i] = Self::ALL[12 + i];
+            i += 1;
+        }
+        out
+    };
+
+    /// The TurboQuant row format behind this format, if it is one (module docs).
+    ///
+    /// ```
+    /// use rotq_reference::KvFormat;
+    /// assert!(KvFormat::Tq4.row_format().is_some());
+    /// assert!(KvFormat::Q4_0.row_format().is_none());
+    /// ```
+    pub fn row_format(self) -> Option<RowFormat> {
+        self.info().row
+    }
 
     /// The registry entry.
     ///
@@ -359,13 +446,30 @@ impl KvFormat {
         self.info().block_bytes
     }
 
-    /// Storage cost in bits per value (4.5 for q4_0).
+    /// Storage cost in bits per value (4.5 for q4_0); for a row format, at rows of 128 values
+    /// (see [`Self::bits_per_value_at`]).
     pub fn bits_per_value(self) -> f64 {
-        (8 * self.block_bytes()) as f64 / self.block_size() as f64
+        self.bits_per_value_at(128)
+            .unwrap_or((8 * self.block_bytes()) as f64 / self.block_size() as f64)
     }
 
-    /// Checks that `row_len` is a positive multiple of the block size.
+    /// Storage cost in bits per value of rows of `row_len` values.
+    ///
+    /// ```
+    /// use rotq_reference::KvFormat;
+    /// assert_eq!(KvFormat::Q4_0.bits_per_value_at(64).unwrap(), 4.5);
+    /// assert_eq!(KvFormat::Tq4.bits_per_value_at(64).unwrap(), 4.25);
+    /// ```
+    pub fn bits_per_value_at(self, row_len: usize) -> Result<f64> {
+        Ok((8 * self.row_bytes(row_len)?) as f64 / row_len as f64)
+    }
+
+    /// Checks that `row_len` is a positive multiple of the block size (for a row format: a
+    /// length its codebook and layout take).
     pub fn check_row_len(self, row_len: usize) -> Result<()> {
+        if let Some(row) = self.row_format() {
+            return row.row_bytes(row_len).map(|_| ());
+        }
         let block = self.block_size();
         if row_len == 0 || !row_len.is_multiple_of(block) {
             return Err(Error::RowNotMultipleOfBlock {
@@ -385,13 +489,17 @@ impl KvFormat {
     /// assert!(KvFormat::Q8_0.row_bytes(100).is_err());
     /// ```
     pub fn row_bytes(self, row_len: usize) -> Result<usize> {
+        if let Some(row) = self.row_format() {
+            return row.row_bytes(row_len);
+        }
         self.check_row_len(row_len)?;
         (row_len / self.block_size())
             .checked_mul(self.block_bytes())
             .ok_or(Error::Overflow("row bytes"))
     }
 
-    /// Quantizes values (a whole number of blocks) into `out` (exactly the encoded size).
+    /// Quantizes values (a whole number of blocks; for a row format, exactly one row) into
+    /// `out` (exactly the encoded size).
     pub fn quantize_into(self, x: &[f32], out: &mut [u8]) -> Result<()> {
         let expected = self.row_bytes(x.len())?;
         if out.len() != expected {
@@ -402,29 +510,99 @@ impl KvFormat {
             });
         }
         let info = self.info();
+        let Some(codec) = &info.codec else {
+            let row = info.row.expect("a format without blocks is a row format");
+            out.copy_from_slice(&row.quantize_row(x)?);
+            return Ok(());
+        };
         for (xb, ob) in x
             .chunks_exact(info.block_size)
             .zip(out.chunks_exact_mut(info.block_bytes))
         {
             if info.scaled && !scalar::all_finite(xb) {
-                (info.codec.poison)(ob);
+                (codec.poison)(ob);
             } else {
-                (info.codec.quantize)(xb, ob);
+                (codec.quantize)(xb, ob);
             }
         }
         Ok(())
     }
 
-    /// Quantizes a row (a whole number of blocks) into a new buffer.
+    /// Quantizes a row (a whole number of blocks; for a row format, exactly one row) into a
+    /// new buffer.
     pub fn quantize_row(self, x: &[f32]) -> Result<Vec<u8>> {
         let mut out = vec![0u8; self.row_bytes(x.len())?];
         self.quantize_into(x, &mut out)?;
         Ok(out)
     }
 
-    /// Number of values encoded in `bytes` (a whole number of blocks), or an error.
+    /// Quantizes rows of `row_len` values (any number of them), row by row: what a cache of
+    /// any format holds.
+    ///
+    /// ```
+    /// use rotq_reference::KvFormat;
+    /// let x: Vec<f32> = (0..3 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+    /// let f = KvFormat::Tq4;
+    /// let bytes = f.quantize_rows(&x, 64).unwrap();
+    /// assert_eq!(bytes.len(), 3 * f.row_bytes(64).unwrap());
+    /// assert_eq!(&bytes[..34], &f.quantize_row(&x[..64]).unwrap()[..]);
+    /// let back = f.dequantize_rows(&bytes, 64).unwrap();
+    /// assert_eq!(back.len(), x.len());
+    /// ```
+    pub fn quantize_rows(self, x: &[f32], row_len: usize) -> Result<Vec<u8>> {
+        let row_bytes = self.row_bytes(row_len)?;
+        if !x.len().is_multiple_of(row_len) {
+            return Err(Error::LengthMismatch {
+                what: "values (a whole number of rows)",
+                expected: x.len().div_ceil(row_len) * row_len,
+                actual: x.len(),
+            });
+        }
+        let mut out = vec![0u8; x.len() / row_len * row_bytes];
+        for (row, o) in x.chunks_exact(row_len).zip(out.chunks_exact_mut(row_bytes)) {
+            self.quantize_into(row, o)?;
+        }
+        Ok(out)
+    }
+
+    /// Dequantizes rows of `row_len` values (any number of them), row by row.
+    pub fn dequantize_rows(self, bytes: &[u8], row_len: usize) -> Result<Vec<f32>> {
+        let row_bytes = self.row_bytes(row_len)?;
+        if !bytes.len().is_multiple_of(row_bytes) {
+            return Err(Error::TruncatedBuffer {
+                format: self.name(),
+                row_bytes,
+                actual: bytes.len(),
+            });
+        }
+        let mut out = vec![0f32; bytes.len() / row_bytes * row_len];
+        for (b, o) in bytes
+            .chunks_exact(row_bytes)
+            .zip(out.chunks_exact_mut(row_len))
+        {
+            self.dequantize_into(b, o)?;
+        }
+        Ok(out)
+    }
+
+    /// Number of values encoded in `bytes` (a whole number of blocks; for a row format, one
+    /// row), or an error.
     pub fn values_in(self, bytes: usize) -> Result<usize> {
         let info = self.info();
+        if let Some(row) = info.row {
+            // Row bytes grow with the row: the one length that fits, if any.
+            let d = (8..=MAX_DIM)
+                .step_by(8)
+                .find(|&d| row.row_bytes(d).is_ok_and(|b| b >= bytes));
+            return match d {
+                Some(d) if row.row_bytes(d).is_ok_and(|b| b == bytes) => Ok(d),
+                _ => Err(Error::TruncatedBuffer {
+                    format: info.name,
+                    row_bytes: bytes,
+                    actual: bytes,
+                }),
+            };
+        }
         if bytes == 0 || !bytes.is_multiple_of(info.block_bytes) {
             return Err(Error::TruncatedBuffer {
                 format: info.name,
@@ -446,11 +624,16 @@ impl KvFormat {
             });
         }
         let info = self.info();
+        let Some(codec) = &info.codec else {
+            let row = info.row.expect("a format without blocks is a row format");
+            out.copy_from_slice(&row.dequantize_row(bytes, expected)?);
+            return Ok(());
+        };
         for (b, o) in bytes
             .chunks_exact(info.block_bytes)
             .zip(out.chunks_exact_mut(info.block_size))
         {
-            (info.codec.dequantize)(b, o);
+            (codec.dequantize)(b, o);
         }
         Ok(())
     }
@@ -474,9 +657,33 @@ impl KvFormat {
     /// let bound = f.error_bound(&x, &f.quantize_row(&x).unwrap());
     /// assert!(bound < 0.01);
     /// ```
+    ///
+    /// A row format has no a-priori bound per value (its error spreads over the row): its
+    /// bound is the largest error of the oracle's own decoding of `encoded` (infinite if it
+    /// does not decode or holds a non-finite value), plus the f32 slack.
     pub fn error_bound(self, x: &[f32], encoded: &[u8]) -> f64 {
         let amax = f64::from(scalar::abs_max(x));
-        (self.info().codec.bound)(x, encoded) + scalar::f32_slack(amax)
+        let Some(codec) = &self.info().codec else {
+            let worst = self.dequantize_row(encoded).ok().and_then(|y| {
+                (y.len() == x.len()).then(|| {
+                    x.iter()
+                        .zip(&y)
+                        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs())
+                        .fold(0.0f64, |m: f64, e: f64| {
+                            if m.is_nan() || e.is_nan() {
+                                f64::NAN
+                            } else {
+                                m.max(e)
+                            }
+                        })
+                })
+            });
+            return match worst {
+                Some(w) if w.is_finite() => w + scalar::f32_slack(amax.max(w)),
+                _ => f64::INFINITY,
+            };
+        };
+        (codec.bound)(x, encoded) + scalar::f32_slack(amax)
     }
 }
 

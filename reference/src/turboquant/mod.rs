@@ -12,8 +12,8 @@
 //! ([`crate::lloyd_max`]); a coordinate on the midpoint of two levels takes the upper one (as
 //! vLLM's store kernel does). Its reconstruction is `‖y‖ · c`, `c` the row of levels; with
 //! **norm correction** (vLLM's `_nc` presets, not in the paper) it is `‖y‖ · c / ‖c‖`, which
-//! keeps the row's norm exactly. A zero row stores norm 0 (its codes are those of `u = 0`:
-//! the smallest positive level) and comes back as zeros; a row with a NaN or an infinity stores
+//! keeps the row's norm exactly. Every norm (`‖y‖`, `‖c‖`, `‖r‖`) sums its squares in the order of
+//! [`sum_squares`]. A zero row stores norm 0 (and the top index everywhere) and comes back as zeros; a row with a NaN or an infinity stores
 //! a non-finite norm and comes back non-finite (NaN, or ±∞ for an infinite norm).
 //!
 //! **TurboQuant-prod** ([`Prod`], Algorithm 2) quantizes `y` with TurboQuant-MSE at `b − 1` bits
@@ -76,8 +76,26 @@ fn check_len(what: &'static str, row: &[f64], d: usize) -> Result<()> {
     Ok(())
 }
 
+/// `Σ v_i²` in the one order every TurboQuant norm uses (so that vectorized kernels give the
+/// same bits): eight partial sums `p_j = Σ_{i ≡ j (mod 8)} v_i²`, each in index order, then
+/// `t_j = p_j + p_{j+4}` and `(t₀ + t₂) + (t₁ + t₃)`.
+///
+/// ```
+/// let v: Vec<f64> = (0..20).map(f64::from).collect();
+/// let s = rotq_reference::turboquant::sum_squares(&v);
+/// assert_eq!(s, (0..20).map(|i| f64::from(i * i)).sum::<f64>()); // exact: small integers
+/// ```
+pub fn sum_squares(v: &[f64]) -> f64 {
+    let mut p = [0f64; 8];
+    for (i, x) in v.iter().enumerate() {
+        p[i % 8] += x * x;
+    }
+    let t = [p[0] + p[4], p[1] + p[5], p[2] + p[6], p[3] + p[7]];
+    (t[0] + t[2]) + (t[1] + t[3])
+}
+
 fn norm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+    sum_squares(v).sqrt()
 }
 
 impl Mse {
@@ -108,23 +126,25 @@ impl Mse {
         self.norm_correction
     }
 
-    /// The code of one level index for one unit coordinate `u`: the nearest level, the upper
-    /// one on a midpoint; NaN takes index 0.
-    fn index(&self, u: f64) -> u8 {
-        // Levels are few (at most 16): the first midpoint above u, counted.
+    /// The midpoints of consecutive levels, `(c_k + c_{k+1}) / 2`, ascending.
+    pub fn midpoints(&self) -> Vec<f64> {
         self.levels
             .windows(2)
-            .take_while(|w| u >= (w[0] + w[1]) / 2.0)
-            .count() as u8
+            .map(|w| (w[0] + w[1]) / 2.0)
+            .collect()
     }
 
-    /// The code of the row `y` (`d` values).
+    /// The code of the row `y` (`d` values): coordinate `y_i` takes the number of midpoints
+    /// `m` with `y_i ≥ m · ‖y‖` (the nearest level of `y_i / ‖y‖`, the upper one on a
+    /// midpoint, compared without a division so that kernels can compare f32 rows against
+    /// per-row thresholds exactly); NaN takes 0, and a zero row the top index.
     pub fn encode(&self, y: &[f64]) -> Result<MseCode> {
         check_len("TurboQuant row", y, self.d)?;
         let n = norm(y);
+        let thresholds: Vec<f64> = self.midpoints().iter().map(|m| m * n).collect();
         let codes = y
             .iter()
-            .map(|&v| self.index(if n > 0.0 { v / n } else { 0.0 }))
+            .map(|&v| thresholds.iter().filter(|&&t| v >= t).count() as u8)
             .collect();
         Ok(MseCode { codes, norm: n })
     }

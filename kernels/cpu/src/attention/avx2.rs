@@ -245,7 +245,21 @@ trait RowDecoder {
     ///
     /// # Safety
     /// `row` points at a whole row whose length (a multiple of 32 values) is at least `16·c + 16`.
-    unsafe fn decode16(row: *const u8, c: usize) -> [__m256; 2];
+    unsafe fn decode16(&self, row: *const u8, c: usize) -> [__m256; 2];
+
+    /// Whether [`Self::decode16`] leaves out a per-row scale, which the loops apply once per
+    /// row (to a dot product, or to a token's weights) instead of once per value.
+    const ROW_SCALE: bool = false;
+
+    /// The row's scale where [`Self::ROW_SCALE`] holds.
+    ///
+    /// # Safety
+    /// `row` points at a whole row.
+    #[inline(always)]
+    unsafe fn row_scale(&self, row: *const u8) -> f32 {
+        let _ = row;
+        1.0
+    }
 }
 
 struct Q4_0;
@@ -254,7 +268,7 @@ struct F16;
 
 impl RowDecoder for Q4_0 {
     #[inline(always)]
-    unsafe fn decode16(row: *const u8, c: usize) -> [__m256; 2] {
+    unsafe fn decode16(&self, row: *const u8, c: usize) -> [__m256; 2] {
         // SAFETY: only called from this module's kernels, which run with the target features these
         // intrinsics need and pass pointers and indices within the slices their callers gave them.
         unsafe {
@@ -278,7 +292,7 @@ impl RowDecoder for Q4_0 {
 
 impl RowDecoder for Q8_0 {
     #[inline(always)]
-    unsafe fn decode16(row: *const u8, c: usize) -> [__m256; 2] {
+    unsafe fn decode16(&self, row: *const u8, c: usize) -> [__m256; 2] {
         // SAFETY: only called from this module's kernels, which run with the target features these
         // intrinsics need and pass pointers and indices within the slices their callers gave them.
         unsafe {
@@ -298,7 +312,7 @@ impl RowDecoder for Q8_0 {
 
 impl RowDecoder for F16 {
     #[inline(always)]
-    unsafe fn decode16(row: *const u8, c: usize) -> [__m256; 2] {
+    unsafe fn decode16(&self, row: *const u8, c: usize) -> [__m256; 2] {
         // SAFETY: only called from this module's kernels, which run with the target features these
         // intrinsics need and pass pointers and indices within the slices their callers gave them.
         unsafe {
@@ -308,6 +322,81 @@ impl RowDecoder for F16 {
                 _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
                 _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
             ]
+        }
+    }
+}
+
+/// rotq's 4-bit TurboQuant rows (`tq4`): the codebook of the row length in two registers,
+/// each 4-bit code looked up by a permute; the row's f16 scale (stored after the codes) is
+/// applied once per row ([`RowDecoder::ROW_SCALE`]): `s · Σ q c` for `Σ q (s c)`, equal up to
+/// f32 rounding.
+struct Tq4 {
+    lo: __m256,
+    hi: __m256,
+    /// Byte offset of the scale: after the `d / 2` bytes of codes.
+    scale_at: usize,
+}
+
+impl Tq4 {
+    /// The decoder of rows of `d` values (a length `tq4` takes).
+    #[inline(always)]
+    unsafe fn new(d: usize) -> Self {
+        let levels = crate::quant::turbo::tq4_levels(d);
+        // SAFETY: only called from this module's kernels, which run with AVX2; `levels` holds 16.
+        unsafe {
+            Self {
+                lo: _mm256_loadu_ps(levels.as_ptr()),
+                hi: _mm256_loadu_ps(levels.as_ptr().add(8)),
+                scale_at: d / 2,
+            }
+        }
+    }
+
+    /// The levels of eight codes (i32 lanes, 0..16): the low three bits pick within a half,
+    /// bit 3 (moved to the sign) the half.
+    #[inline(always)]
+    unsafe fn lookup(&self, codes: __m256i) -> __m256 {
+        // SAFETY: only called from this module's kernels, which run with AVX2.
+        unsafe {
+            _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(self.lo, codes),
+                _mm256_permutevar8x32_ps(self.hi, codes),
+                _mm256_castsi256_ps(_mm256_slli_epi32::<28>(codes)),
+            )
+        }
+    }
+}
+
+impl RowDecoder for Tq4 {
+    const ROW_SCALE: bool = true;
+
+    #[inline(always)]
+    unsafe fn row_scale(&self, row: *const u8) -> f32 {
+        // SAFETY: the scale's two bytes end the row; F16C is enabled in this module's kernels.
+        unsafe {
+            let bits = row.add(self.scale_at).cast::<u16>().read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn decode16(&self, row: *const u8, c: usize) -> [__m256; 2] {
+        // SAFETY: only called from this module's kernels, which run with the target features these
+        // intrinsics need and pass pointers and indices within the slices their callers gave them.
+        unsafe {
+            // SAFETY: values 16·c .. 16·c + 16 are the 8 bytes from 8·c, inside the codes.
+            // Eight codes are one little-endian u32 (value j in bits 4j .. 4j + 4): broadcast
+            // from memory and shifted lane by lane, they come out in order with no shuffle
+            // (shuffles share one port with the lookups' permutes).
+            let p = row.add(8 * c).cast::<f32>();
+            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let mask = _mm256_set1_epi32(0x0F);
+            let codes = |p: *const f32| {
+                let w = _mm256_castps_si256(_mm256_broadcast_ss(&*p));
+                _mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask)
+            };
+            // The levels alone: the loops apply the row's scale once (ROW_SCALE).
+            [self.lookup(codes(p)), self.lookup(codes(p.add(1)))]
         }
     }
 }
@@ -338,9 +427,10 @@ pub(super) unsafe fn fused_scores(
     unsafe {
         // SAFETY: the caller's contract, passed on.
         match f {
-            RegFormat::Q4_0 => scores_in::<Q4_0>(q, k, v, head, tokens, out, stride),
-            RegFormat::Q8_0 => scores_in::<Q8_0>(q, k, v, head, tokens, out, stride),
-            RegFormat::F16 => scores_in::<F16>(q, k, v, head, tokens, out, stride),
+            RegFormat::Q4_0 => scores_in(&Q4_0, q, k, v, head, tokens, out, stride),
+            RegFormat::Q8_0 => scores_in(&Q8_0, q, k, v, head, tokens, out, stride),
+            RegFormat::F16 => scores_in(&F16, q, k, v, head, tokens, out, stride),
+            RegFormat::Tq4 => scores_in(&Tq4::new(k.dim), q, k, v, head, tokens, out, stride),
         }
     }
 }
@@ -349,6 +439,7 @@ pub(super) unsafe fn fused_scores(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)] // as fused_scores
 unsafe fn scores_in<D: RowDecoder>(
+    dec: &D,
     q: &[f32],
     k: &KvCacheView<'_>,
     v: &KvCacheView<'_>,
@@ -371,7 +462,7 @@ unsafe fn scores_in<D: RowDecoder>(
             let mut a = [_mm256_setzero_ps(); 8];
             for c in (0..d / 16).step_by(2) {
                 // A whole block per step, so each half's decoding is known at compile time.
-                for (c, v) in [(c, D::decode16(row, c)), (c + 1, D::decode16(row, c + 1))] {
+                for (c, v) in [(c, dec.decode16(row, c)), (c + 1, dec.decode16(row, c + 1))] {
                     for (r, pair) in a.chunks_exact_mut(2).enumerate() {
                         // SAFETY: r < 4 and 16·c + 16 <= d, inside q's four rows.
                         let qr = pq.add(r * d + 16 * c);
@@ -387,12 +478,57 @@ unsafe fn scores_in<D: RowDecoder>(
                 _mm256_hadd_ps(row_sum(2), row_sum(3)),
             );
             let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let s = if D::ROW_SCALE {
+                let scale = dec.row_scale(row);
+                if scale.is_finite() {
+                    _mm_mul_ps(s, _mm_set1_ps(scale))
+                } else {
+                    // ±∞ or NaN: the values themselves are ±∞ or NaN, and their products
+                    // must meet as the oracle's do (∞ − ∞ is NaN), not as s · Σ q c.
+                    scaled_dots(dec, pq, d, row, scale)
+                }
+            } else {
+                s
+            };
             let mut lanes = [0.0f32; 4];
             _mm_storeu_ps(lanes.as_mut_ptr(), s);
             for (r, x) in lanes.into_iter().enumerate() {
                 out[r * stride + t - tokens.start] = x;
             }
         }
+    }
+}
+
+/// The four dot products of query rows `q` (rows of `d`) with the row's values `scale · c`
+/// scaled value by value, for a row scale that is not finite. Lane r holds row r's.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scaled_dots<D: RowDecoder>(
+    dec: &D,
+    q: *const f32,
+    d: usize,
+    row: *const u8,
+    scale: f32,
+) -> __m128 {
+    // SAFETY: the caller's (scores_in's) contract: `q` holds four rows of `d`, `row` a whole row.
+    unsafe {
+        let mut lanes = [0f32; 4];
+        for c in 0..d / 16 {
+            let v = dec.decode16(row, c);
+            let v = [
+                _mm256_mul_ps(v[0], _mm256_set1_ps(scale)),
+                _mm256_mul_ps(v[1], _mm256_set1_ps(scale)),
+            ];
+            let mut a = [0f32; 16];
+            _mm256_storeu_ps(a.as_mut_ptr(), v[0]);
+            _mm256_storeu_ps(a.as_mut_ptr().add(8), v[1]);
+            for (r, lane) in lanes.iter_mut().enumerate() {
+                for (i, x) in a.iter().enumerate() {
+                    *lane += *q.add(r * d + 16 * c + i) * x;
+                }
+            }
+        }
+        _mm_loadu_ps(lanes.as_ptr())
     }
 }
 
@@ -420,9 +556,10 @@ pub(super) unsafe fn fused_weighted_sum(
     unsafe {
         // SAFETY: the caller's contract, passed on.
         match f {
-            RegFormat::Q4_0 => weighted_sum_in::<Q4_0>(acc, w, stride, v, head, tokens),
-            RegFormat::Q8_0 => weighted_sum_in::<Q8_0>(acc, w, stride, v, head, tokens),
-            RegFormat::F16 => weighted_sum_in::<F16>(acc, w, stride, v, head, tokens),
+            RegFormat::Q4_0 => weighted_sum_in(&Q4_0, acc, w, stride, v, head, tokens),
+            RegFormat::Q8_0 => weighted_sum_in(&Q8_0, acc, w, stride, v, head, tokens),
+            RegFormat::F16 => weighted_sum_in(&F16, acc, w, stride, v, head, tokens),
+            RegFormat::Tq4 => weighted_sum_in(&Tq4::new(v.dim), acc, w, stride, v, head, tokens),
         }
     }
 }
@@ -430,6 +567,7 @@ pub(super) unsafe fn fused_weighted_sum(
 /// [`fused_weighted_sum`] for one format.
 #[inline(always)]
 unsafe fn weighted_sum_in<D: RowDecoder>(
+    dec: &D,
     acc: &mut [f32],
     w: &[f32],
     stride: usize,
@@ -450,12 +588,19 @@ unsafe fn weighted_sum_in<D: RowDecoder>(
         while t0 < tokens.end {
             // Within one page of a paged view, where rows follow each other by `step`.
             let n = (tokens.end - t0).min(SPAN).min(v.run_from(t0));
+            let first = v.row_ptr(t0, head);
             for (i, wi) in wt[..n].iter_mut().enumerate() {
+                // A per-row scale goes into the token's weights (SAFETY: row t0 + i of the
+                // view, `step` after row t0 in this page).
+                let scale = if D::ROW_SCALE {
+                    dec.row_scale(first.wrapping_add(i * step))
+                } else {
+                    1.0
+                };
                 for (r, x) in wi.iter_mut().enumerate() {
-                    *x = w[r * stride + t0 - tokens.start + i];
+                    *x = w[r * stride + t0 - tokens.start + i] * scale;
                 }
             }
-            let first = v.row_ptr(t0, head);
             for c in 0..d / 16 {
                 let mut a = [_mm256_setzero_ps(); 8];
                 for (r, pair) in a.chunks_exact_mut(2).enumerate() {
@@ -467,7 +612,7 @@ unsafe fn weighted_sum_in<D: RowDecoder>(
                 for wi in &wt[..n] {
                     // SAFETY: `row` is row (t, head) for a t in `tokens`, inside the view (the n
                     // tokens from t0 lie in one page, `step` apart).
-                    let x = D::decode16(row, c);
+                    let x = dec.decode16(row, c);
                     row = row.wrapping_add(step);
                     for (pair, wr) in a.chunks_exact_mut(2).zip(wi) {
                         let wr = _mm256_broadcast_ss(wr);
@@ -511,7 +656,7 @@ pub(super) fn int_query(q: &[f32], d: usize, f: RegFormat) -> Option<IntQuery> {
     let offset = match f {
         RegFormat::Q4_0 => Q4_0::OFFSET,
         RegFormat::Q8_0 => Q8_0::OFFSET,
-        RegFormat::F16 => return None,
+        RegFormat::F16 | RegFormat::Tq4 => return None,
     };
     if d > MAX_INT_DIM || !d.is_multiple_of(32) || q.len() != 4 * d {
         return None;
@@ -685,7 +830,7 @@ pub(super) unsafe fn fused_int_scores(
             (RegFormat::Q8_0, false) => {
                 int_scores_avx2::<Q8_0>(iq, k, v, head, tokens, out, stride)
             }
-            (RegFormat::F16, _) => {}
+            (RegFormat::F16 | RegFormat::Tq4, _) => {}
         }
     }
 }

@@ -266,6 +266,7 @@ enum RegFormat {
     Q4_0,
     Q8_0,
     F16,
+    Tq4,
 }
 
 impl RegFormat {
@@ -278,6 +279,7 @@ impl RegFormat {
             KvFormat::Q4_0 => Some(Self::Q4_0),
             KvFormat::Q8_0 => Some(Self::Q8_0),
             KvFormat::F16 => Some(Self::F16),
+            KvFormat::Tq4 => Some(Self::Tq4),
             _ => None,
         }
     }
@@ -1384,7 +1386,9 @@ impl CpuAttention {
         let int_queries = {
             let mut iqs = INT_QUERIES.with(|c| std::mem::take(&mut *c.borrow_mut()));
             iqs.clear();
-            if let Some(f) = fused_k.filter(|&f| p.int_q && f != RegFormat::F16) {
+            if let Some(f) =
+                fused_k.filter(|&f| p.int_q && matches!(f, RegFormat::Q4_0 | RegFormat::Q8_0))
+            {
                 for head in task.heads.clone() {
                     for j in (0..g).step_by(4) {
                         let q = &p.q[(task.rows.start * p.h_q + head * g + j) * d..][..4 * d];

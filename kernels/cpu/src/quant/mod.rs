@@ -9,6 +9,7 @@
 
 mod avx2;
 mod neon;
+pub(crate) mod turbo;
 
 use crate::fwht::CpuRotation;
 use crate::isa::Isa;
@@ -140,6 +141,9 @@ pub(crate) fn quantize_row(format: KvFormat, x: &[f32], out: &mut [u8], isa: Isa
                 o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
             }
         }
+        _ if format.row_format().is_some() => {
+            turbo::quantize(format.row_format().expect("checked"), x, out, isa)
+        }
         _ if simd_block_quantizer(format, isa).is_some() => {
             let block_fn = simd_block_quantizer(format, isa).expect("checked by the guard");
             for (xb, ob) in x
@@ -200,9 +204,12 @@ pub(crate) fn dequantize_row(format: KvFormat, bytes: &[u8], out: &mut [f32], is
         // SAFETY: as above, for NEON.
         #[cfg(target_arch = "aarch64")]
         (KvFormat::Q4_0, Isa::Neon) => unsafe { neon::dequantize_row_q4_0(bytes, out) },
-        _ => format
-            .dequantize_into(bytes, out)
-            .expect("callers pass whole rows and buffers of the right size"),
+        _ => match format.row_format() {
+            Some(row) => turbo::dequantize(row, bytes, out),
+            None => format
+                .dequantize_into(bytes, out)
+                .expect("callers pass whole rows and buffers of the right size"),
+        },
     }
 }
 

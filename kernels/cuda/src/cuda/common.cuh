@@ -26,18 +26,27 @@
 #define RQ_CAT(a, b) RQ_CAT2(a, b)
 
 // The module's K and V formats: values and bytes per block, and bytes per group of 32 values
-// (one block, or 32 blocks of one value).
+// (one block, or 32 blocks of one value). A TurboQuant row format (RQ_TQ_K, RQ_TQ_V; turbo.cuh)
+// is one block of a whole row, read value by value (the f32 decode kernel only).
+#ifndef RQ_TQ_K
+#define RQ_TQ_K 0
+#endif
+#ifndef RQ_TQ_V
+#define RQ_TQ_V 0
+#endif
 struct KFormat {
     enum : int { kBlockSize = RQ_CAT(RQ_BLOCK_SIZE_, KFMT) };
     enum : int { kBlockBytes = RQ_CAT(RQ_BLOCK_BYTES_, KFMT) };
     enum : int { kGroupBytes = kBlockSize == 32 ? kBlockBytes : 32 * kBlockBytes };
-    static_assert(kBlockSize == 32 || kBlockSize == 1, "blocks of 32 values or single values");
+    static_assert(RQ_TQ_K || kBlockSize == 32 || kBlockSize == 1,
+                  "blocks of 32 values, single values or rows");
 };
 struct VFormat {
     enum : int { kBlockSize = RQ_CAT(RQ_BLOCK_SIZE_, VFMT) };
     enum : int { kBlockBytes = RQ_CAT(RQ_BLOCK_BYTES_, VFMT) };
     enum : int { kGroupBytes = kBlockSize == 32 ? kBlockBytes : 32 * kBlockBytes };
-    static_assert(kBlockSize == 32 || kBlockSize == 1, "blocks of 32 values or single values");
+    static_assert(RQ_TQ_V || kBlockSize == 32 || kBlockSize == 1,
+                  "blocks of 32 values, single values or rows");
 };
 
 // The slot of token t of a sequence whose pages `table` lists (null: a contiguous cache, slot

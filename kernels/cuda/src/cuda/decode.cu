@@ -65,7 +65,9 @@ struct Decode : DecodeTraits {
 
 // Values [32c, 32c + 32) of a row, dequantized.
 RQ_FN void k_chunk(const unsigned char* row, int c, float* out) {
-#if RQ_CAT(RQ_BLOCK_SIZE_, KFMT) == 32
+#if RQ_TQ_K
+    RQ_CAT(rq_tq_values_, KFMT)(row, 32 * c, 32, out);
+#elif RQ_CAT(RQ_BLOCK_SIZE_, KFMT) == 32
 #pragma unroll
     for (int e = 0; e < 8; e++)
         RQ_CAT(rq_dequantize4_, KFMT)(row + c * KFormat::kBlockBytes, 4 * e, out + 4 * e);
@@ -78,7 +80,9 @@ RQ_FN void k_chunk(const unsigned char* row, int c, float* out) {
 
 // Values [i, i + 4) of a row (i a multiple of 4), dequantized.
 RQ_FN void v_four(const unsigned char* row, int i, float* out) {
-#if RQ_CAT(RQ_BLOCK_SIZE_, VFMT) == 32
+#if RQ_TQ_V
+    RQ_CAT(rq_tq_values_, VFMT)(row, i, 4, out);
+#elif RQ_CAT(RQ_BLOCK_SIZE_, VFMT) == 32
     RQ_CAT(rq_dequantize4_, VFMT)(row + (i / 32) * VFormat::kBlockBytes, i % 32, out);
 #else
 #pragma unroll

@@ -29,9 +29,15 @@
 #define RQ_CAT2(a, b) a##b
 #define RQ_CAT(a, b) RQ_CAT2(a, b)
 // The module's format: values and bytes per block.
+// A TurboQuant row format (RQ_TQ_ROW, turbo.cuh) is one block of a whole row, encoded from the
+// padded row in shared memory, never from a thread's registers.
+#ifndef RQ_TQ_ROW
+#define RQ_TQ_ROW 0
+#endif
 struct Format {
     enum : int { kBlockSize = RQ_CAT(RQ_BLOCK_SIZE_, FMT) };
     enum : int { kBlockBytes = RQ_CAT(RQ_BLOCK_BYTES_, FMT) };
+    enum : bool { kFromRegisters = !RQ_TQ_ROW };
 };
 #endif
 
@@ -333,7 +339,7 @@ extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
         reinterpret_cast<unsigned char*>(buf + Rows::kBlockRows * Rows::kRowStride) +
         l.row_in_block * Rows::kOutStride;
     int t = l.seg * Rows::kSegmentThreads + l.ts;
-    if constexpr (Rows::kValuesPerThread % Format::kBlockSize == 0) {
+    if constexpr (Format::kFromRegisters && Rows::kValuesPerThread % Format::kBlockSize == 0) {
         // Each thread holds whole blocks: it encodes them from its registers.
 #pragma unroll
         for (int k = 0; k < Rows::kValuesPerThread / Format::kBlockSize; k++) {
@@ -458,7 +464,7 @@ extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
     sync_row();
     rotate_values(v, l, buf, signs, scale, 0);
 #endif
-    if constexpr (Rows::kValuesPerThread % Format::kBlockSize == 0) {
+    if constexpr (Format::kFromRegisters && Rows::kValuesPerThread % Format::kBlockSize == 0) {
 #pragma unroll
         for (int k = 0; k < Rows::kValuesPerThread / Format::kBlockSize; k++) {
             RQ_CAT(rq_quantize_, FMT)(
