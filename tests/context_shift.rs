@@ -54,7 +54,7 @@ fn formats() -> Vec<KvFormat> {
         KvFormat::Q6_0,
         KvFormat::F16,
     ];
-    blocks.into_iter().chain(KvFormat::ROWS).collect()
+    blocks.into_iter().chain(KvFormat::TURBOQUANT).collect()
 }
 
 fn rope_of(variant: bool, dims: usize, base: f64, scale: f64) -> Rope {

@@ -489,18 +489,17 @@ fn bad_calls_are_errors_and_change_nothing() {
 }
 
 /// A head dimension of `units` times `format`'s granularity: whole blocks, or for a row format
-/// a length it takes (`units` cycles through them: multiples of 8 up to 4096, 1024 with QJL).
+/// a length it takes (`units` cycles through them: multiples of 8 up to 4096, 1024 with QJL,
+/// powers of two for vLLM's keys).
 fn dim_of(format: KvFormat, units: usize) -> usize {
-    let d = units * format.block_size();
-    if format.row_format().is_none() {
-        return d;
+    if !format.is_row() {
+        return units * format.block_size();
     }
-    let longest = (8..=rotq::reference::turboquant::MAX_DIM)
-        .rev()
+    let lengths: Vec<usize> = (8..=rotq::reference::turboquant::MAX_DIM)
         .step_by(8)
-        .find(|&d| format.check_row_len(d).is_ok())
-        .expect("a row format takes rows of 8");
-    (d - 8) % longest + 8
+        .filter(|&d| format.check_row_len(d).is_ok())
+        .collect();
+    lengths[(units.max(1) - 1) % lengths.len()]
 }
 
 /// Huge `usize` values: powers of two (whose products wrap to exactly 0) and any value from 2²⁴.

@@ -430,11 +430,12 @@ pub fn evaluate(acts: &Activations, formats: &[KvFormat]) -> Result<Vec<EvalRow>
     Ok(rows)
 }
 
-/// The formats worth comparing, most bits first (f32 is exact and left out).
+/// The formats worth comparing, most bits first (f32 is exact and left out, and so are the
+/// parts of vLLM's slots, which rotate inside and so take a plan of their own: ask for them).
 pub fn default_formats() -> Vec<KvFormat> {
     let mut f: Vec<KvFormat> = KvFormat::ALL
         .into_iter()
-        .filter(|f| *f != KvFormat::F32)
+        .filter(|f| *f != KvFormat::F32 && !KvFormat::VLLM.contains(f))
         .collect();
     f.sort_by(|a, b| b.bits_per_value().total_cmp(&a.bits_per_value()));
     f

@@ -180,7 +180,7 @@ pub fn quantize(
 /// The values a chunk of the stream is a whole number of: a block, or for the TurboQuant row
 /// formats (whose codes depend on the whole row) a row.
 fn unit_values(format: KvFormat, row_len: usize) -> usize {
-    if format.row_format().is_some() {
+    if format.is_row() {
         row_len
     } else {
         format.block_size()

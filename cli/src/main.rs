@@ -478,7 +478,7 @@ fn run(command: Command) -> Result<(), Error> {
         }
         Command::Info => {
             println!(
-                "{:<9} {:>5} {:>6} {:>5}  origin",
+                "{:<9} {:>5} {:>7} {:>5}  origin",
                 "format", "block", "bytes", "bits"
             );
             for f in KvFormat::ALL {
@@ -489,7 +489,7 @@ fn run(command: Command) -> Result<(), Error> {
                     None => (i.block_size.to_string(), i.block_bytes.to_string()),
                 };
                 println!(
-                    "{:<9} {:>5} {:>6} {:>5.2}  {}",
+                    "{:<9} {:>5} {:>7} {:>5.2}  {}",
                     i.name,
                     block,
                     bytes,

@@ -42,8 +42,15 @@ fn large_files_and_standard_streams_give_the_whole_buffer_bytes() {
     let values = Rows::stress().f32s(dim * rows, 21);
     std::fs::write(&x, f32_bytes(&values)).unwrap();
     for format in KvFormat::ALL {
-        let want = format.quantize_rows(&values, dim).unwrap();
         let q = dir.path().join(format!("x.{format}"));
+        if format.check_row_len(dim).is_err() {
+            // vLLM's keys take powers of two: refused before anything is written.
+            let a = ["quantize", "--format", format.name(), "--row-len", "96"];
+            let out = rotq(&[&a[..], &["--input", s(&x), "--output", s(&q)]].concat());
+            assert!(!out.status.success() && !q.exists(), "{format}");
+            continue;
+        }
+        let want = format.quantize_rows(&values, dim).unwrap();
         let args = |input: &str, output: &str| {
             let v = ["quantize", "--format", format.name(), "--row-len", "96"];
             let mut v: Vec<String> = v.iter().map(|a| a.to_string()).collect();

@@ -20,7 +20,9 @@ from conftest import (ggml_dequantize_q4_0, ggml_dequantize_q8_0, ggml_quantize_
 FORMATS = [f["name"] for f in rotq.formats()]
 SCALED = [f["name"] for f in rotq.formats() if f["scaled"]]
 BLOCK = [f["name"] for f in rotq.formats() if not f["row_format"]]
-ROW = [f["name"] for f in rotq.formats() if f["row_format"]]
+# rotq's TurboQuant row formats; the parts of vLLM's TurboQuant slots (row formats too).
+ROW = [f["name"] for f in rotq.formats() if f["row_format"] and f["name"].startswith("tq")]
+VLLM = [f["name"] for f in rotq.formats() if f["row_format"] and f["name"].startswith("vllm_")]
 GGML = {"q4_0": (ggml_quantize_q4_0, ggml_dequantize_q4_0, 18),
         "q8_0": (ggml_quantize_q8_0, ggml_dequantize_q8_0, 34)}
 E16 = 2.0**-11  # f16 half-ulp, relative
@@ -110,6 +112,8 @@ def test_formats_registry():
     for want in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"):
         assert want in names
     assert sorted(ROW) == sorted(ROW_LAYOUT)
+    assert sorted(VLLM) == ["vllm_fp8", "vllm_k3", "vllm_k4", "vllm_v3", "vllm_v4"]
+    assert sorted(ROW + VLLM) == sorted(f["name"] for f in fs if f["row_format"])
     for f in fs:
         assert set(f) >= {"name", "block_size", "block_bytes", "bits_per_value", "origin",
                           "scaled", "row_format"}
@@ -659,3 +663,48 @@ def test_row_format_norm_range(fmt, rng):
     assert (distortion(y[:2], x[:2]) <= ROW_WORST * ROW_DISTORTION[fmt]).all()
     assert not np.isfinite(y[2:4]).any()
     np.testing.assert_array_equal(y[4:], 0.0)
+
+
+# ------------------------------------------------------------------------------ vLLM's slot parts
+
+# Bytes of a row of 128 in vLLM's slots (its test's PRESET_EXPECTED offsets).
+VLLM_BYTES_128 = {"vllm_fp8": 128, "vllm_k4": 66, "vllm_k3": 50, "vllm_v4": 68, "vllm_v3": 52}
+
+
+@pytest.mark.parametrize("fmt", VLLM)
+@pytest.mark.parametrize("dim", [64, 128])
+def test_vllm_parts_kernel_equals_oracle(fmt, dim):
+    """The CPU path writes and reads the oracle's bytes and values; a row of 128 has the size
+    of its part of vLLM's slot; a row with a NaN or an infinity decodes to NaN, the others as
+    without it."""
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((40, dim)).astype(np.float32)
+    got = rotq.quantize(x, fmt)
+    np.testing.assert_array_equal(got, rotq.oracle.quantize(x, fmt))
+    y = rotq.dequantize(got, fmt, dim)
+    np.testing.assert_array_equal(y, rotq.oracle.dequantize(got, fmt, dim))
+    assert np.isfinite(y).all()
+    rel = np.linalg.norm(y - x) / np.linalg.norm(x)
+    # About the format's own error on Gaussian rows: 3 mantissa bits; codebooks of 16 and 8
+    # levels (sqrt of 0.0095, 0.034); min-max steps of range / 15 and range / 7.
+    bound = {"vllm_fp8": 0.05, "vllm_k4": 0.12, "vllm_k3": 0.22, "vllm_v4": 0.12,
+             "vllm_v3": 0.25}[fmt]
+    assert rel < bound, f"{fmt}: {rel}"
+    assert rotq.row_bytes(fmt, 128) == VLLM_BYTES_128[fmt]
+    bad = x.copy()
+    bad[3, 5] = np.nan
+    bad[7, 1] = np.inf
+    yb = rotq.dequantize(rotq.quantize(bad, fmt), fmt, dim)
+    assert np.isnan(yb[3]).all() and np.isnan(yb[7]).all()
+    keep = [i for i in range(40) if i not in (3, 7)]
+    np.testing.assert_array_equal(yb[keep], y[keep])
+
+
+@pytest.mark.parametrize("fmt", ["vllm_k4", "vllm_k3"])
+def test_vllm_keys_take_powers_of_two(fmt):
+    """vLLM rotates its keys by the Sylvester Hadamard inside the format: powers of two only."""
+    x = np.ones((2, 96), np.float32)
+    with pytest.raises(rotq.InvalidInputError):
+        rotq.quantize(x, fmt)
+    with pytest.raises(rotq.InvalidInputError):
+        rotq.row_bytes(fmt, 96)

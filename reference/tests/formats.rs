@@ -126,9 +126,12 @@ fn registry_is_consistent() {
         assert_eq!(info.name.parse::<KvFormat>().unwrap(), format);
         assert_eq!(format.to_string(), info.name);
         assert_eq!(KvFormat::BLOCKS.contains(&format), info.row.is_none());
-        if let Some(row) = info.row {
-            assert_eq!(row.name(), info.name);
+        if info.row.is_some() {
+            assert!(format.is_row());
             assert_eq!((info.block_size, info.block_bytes), (8, 0));
+            if let Some(row) = format.row_format() {
+                assert_eq!(row.name(), info.name);
+            }
             continue;
         }
         let x = vec![0.25f32; format.block_size() * 3];

@@ -292,3 +292,57 @@ fn bad_slots_are_refused() {
     assert!(k.iter().all(|&x| x == 0.0));
     assert!(v.iter().all(|&x| (x - 0.25).abs() < 1e-3));
 }
+
+/// The registry's `vllm_*` formats are the slots' parts: a K cache of `vllm_k4` rows and a V
+/// cache of `vllm_v4` rows hold, row by row, exactly the bytes of vLLM's `turboquant_4bit_nc`
+/// slots (and so for every preset), and decode to the slot's key and value.
+#[test]
+fn registry_formats_are_the_slots_parts() {
+    use rotq_reference::KvFormat;
+    let keys = rows(6, 31);
+    let values = rows(6, 32);
+    for p in Preset::ALL {
+        let (kf, vf): (KvFormat, KvFormat) = (
+            p.key_part().name().parse().unwrap(),
+            p.value_part().name().parse().unwrap(),
+        );
+        let k_rows = kf.quantize_rows(&keys.concat(), D).unwrap();
+        let v_rows = vf.quantize_rows(&values.concat(), D).unwrap();
+        let (kb, vb) = (kf.row_bytes(D).unwrap(), vf.row_bytes(D).unwrap());
+        assert_eq!(
+            (kb, vb),
+            (p.key_bytes(D).unwrap(), p.value_bytes(D).unwrap())
+        );
+        for (i, (k, v)) in keys.iter().zip(&values).enumerate() {
+            let slot = vllm_slot(p, k, v);
+            assert_eq!(&slot[..kb], &k_rows[i * kb..][..kb], "{} key {i}", p.name());
+            assert_eq!(
+                &slot[kb..kb + vb],
+                &v_rows[i * vb..][..vb],
+                "{} value {i}",
+                p.name()
+            );
+            let (dk, dv) = p.decode_slot(&slot, D).unwrap();
+            assert_eq!(dk, kf.dequantize_row(&k_rows[i * kb..][..kb]).unwrap());
+            assert_eq!(dv, vf.dequantize_row(&v_rows[i * vb..][..vb]).unwrap());
+        }
+    }
+    // A row with NaN or ±∞ decodes to NaN everywhere (vLLM leaves it undefined; rotq never
+    // stores a silently finite row), other rows as without it.
+    for f in KvFormat::VLLM {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = keys.concat();
+            x[D + 7] = bad;
+            let back = f
+                .dequantize_rows(&f.quantize_rows(&x, D).unwrap(), D)
+                .unwrap();
+            assert!(back[D..2 * D].iter().all(|v| v.is_nan()), "{f} {bad}");
+            let clean = f.dequantize_rows(&f.quantize_rows(&keys.concat(), D).unwrap(), D);
+            assert_eq!(back[..D], clean.unwrap()[..D], "{f}");
+        }
+        // vLLM's keys take powers of two only (its Hadamard); its values any multiple of 8.
+        let keyed = matches!(f, KvFormat::VllmK4 | KvFormat::VllmK3);
+        assert_eq!(f.check_row_len(96).is_err(), keyed, "{f}");
+        assert!(f.check_row_len(100).is_err() && f.check_row_len(0).is_err());
+    }
+}

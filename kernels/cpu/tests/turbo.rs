@@ -9,7 +9,7 @@ use rotq_reference::turboquant::formats::RowFormat;
 use rotq_reference::{KvFormat, Rotation};
 use rotq_testkit::data::Rows;
 
-const ROW_FORMATS: [KvFormat; 6] = KvFormat::ROWS;
+const ROW_FORMATS: [KvFormat; 6] = KvFormat::TURBOQUANT;
 
 /// Quantizes `rows` (of `d`) with the kernel on every instruction set, unrotated, and checks
 /// the bytes and the decoded values against the oracle's, row by row.

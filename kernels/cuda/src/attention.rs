@@ -84,22 +84,25 @@ pub fn check_head_dim(dim: usize, what: &'static str) -> std::result::Result<(),
 }
 
 /// Refuses a format the CUDA kernels do not implement: the TurboQuant formats with a QJL
-/// sketch (`tq2_qjl`, `tq3_qjl`, `tq4_qjl`) run on the CPU only (their `d × d` sketch makes
-/// them slow and, in attention, worse than the MSE formats of as many bits: docs/eval.md). The
-/// one test, run by the codec, the attention kernels and a cache when it is made.
+/// sketch (`tq2_qjl`, `tq3_qjl`, `tq4_qjl`; their `d × d` sketch makes them slow and, in
+/// attention, worse than the MSE formats of as many bits: docs/eval.md) and the parts of
+/// vLLM's slots (`vllm_*`, for reading and writing vLLM's bytes) run on the CPU only. The one
+/// test, run by the codec, the attention kernels and a cache when it is made.
 ///
 /// ```
 /// use rotq_reference::KvFormat;
 /// assert!(rotq_cuda::check_format(KvFormat::Q4_0).is_ok());
 /// assert!(rotq_cuda::check_format(KvFormat::Tq4).is_ok());
 /// assert!(rotq_cuda::check_format(KvFormat::Tq4Qjl).is_err());
+/// assert!(rotq_cuda::check_format(KvFormat::VllmK4).is_err());
 /// ```
 pub fn check_format(format: KvFormat) -> std::result::Result<(), Error> {
-    if let Some(RowFormat::Prod { .. }) = format.row_format() {
+    if format.is_row() && !matches!(format.row_format(), Some(RowFormat::Mse { .. })) {
         return Err(Error::InvalidParameter {
             name: "format",
             reason: format!(
-                "{format} has no CUDA kernels: the TurboQuant QJL formats run on the CPU backend"
+                "{format} has no CUDA kernels: the TurboQuant QJL formats and vLLM's slot \
+                 parts run on the CPU backend"
             ),
         });
     }

@@ -20,11 +20,14 @@
 //! | fp8_e4m3 | 32 | 36 | 9 | rotq ([`fp8`] layout) |
 //! | tq2, tq3, tq4 | row | `⌈d b / 8⌉ + 2` | 2.125, 3.125, 4.125 at d = 128 | rotq TurboQuant-MSE ([`crate::turboquant::formats`]) |
 //! | tq2_qjl, tq3_qjl, tq4_qjl | row | `⌈d (b−1) / 8⌉ + d / 8 + 4` | 2.25, 3.25, 4.25 at d = 128 | rotq TurboQuant-prod (same) |
+//! | vllm_fp8, vllm_k4, vllm_k3 | row | `d`, `⌈d b / 8⌉ + 2` | 8, 4.125, 3.125 at d = 128 | vLLM's slot key parts ([`crate::turboquant::vllm::Part`]) |
+//! | vllm_v4, vllm_v3 | row | `⌈d b / 8⌉ + 4` | 4.25, 3.25 at d = 128 | vLLM's slot value parts (same) |
 //!
 //! ## Row formats
-//! The TurboQuant formats store a whole head row (its norm, its codebook's indices and, with
-//! QJL, the residual's sketch), not independent 32-value blocks: their codebook and their cost
-//! depend on the row's length `d` (a multiple of 8, at most 4096, 1024 with QJL). For them
+//! The TurboQuant formats (rotq's `tq*`, and the parts of vLLM's slots, `vllm_*`) store a
+//! whole head row (its norm, its codebook's indices and, with QJL, the residual's sketch), not
+//! independent 32-value blocks: their codebook and their cost depend on the row's length `d`
+//! (a multiple of 8, at most 4096; 1024 with QJL; a power of two for vLLM's keys). For them
 //! [`KvFormat::block_size`] is 8 (the granularity of `d`), [`KvFormat::block_bytes`] is 0, and
 //! the one-row methods ([`KvFormat::quantize_into`], [`KvFormat::dequantize_into`], …) take
 //! exactly **one** row; [`KvFormat::quantize_rows`] and [`KvFormat::dequantize_rows`] take any
@@ -55,6 +58,7 @@ mod scalar;
 
 use crate::error::{Error, Result};
 use crate::turboquant::formats::RowFormat;
+use crate::turboquant::vllm::Part;
 use crate::turboquant::MAX_DIM;
 use std::fmt;
 use std::str::FromStr;
@@ -108,6 +112,61 @@ pub enum KvFormat {
     Tq3Qjl,
     /// TurboQuant-prod, 3-bit MSE and a 1-bit QJL sketch (a row format).
     Tq4Qjl,
+    /// vLLM's FP8 key part (`turboquant_k8v4`; a row format).
+    VllmFp8,
+    /// vLLM's 4-bit codebook key part (`turboquant_4bit_nc`; a row format).
+    VllmK4,
+    /// vLLM's 3-bit codebook key part (`turboquant_k3v4_nc`, `turboquant_3bit_nc`).
+    VllmK3,
+    /// vLLM's 4-bit min-max value part (`turboquant_k8v4`, `_4bit_nc`, `_k3v4_nc`).
+    VllmV4,
+    /// vLLM's 3-bit min-max value part (`turboquant_3bit_nc`).
+    VllmV3,
+}
+
+/// How a row format codes its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RowCodec {
+    /// rotq's TurboQuant formats.
+    TurboQuant(RowFormat),
+    /// One part of vLLM's TurboQuant slots, byte for byte.
+    Vllm(Part),
+}
+
+impl RowCodec {
+    /// Bytes of a row of `d` values.
+    fn row_bytes(self, d: usize) -> Result<usize> {
+        match self {
+            RowCodec::TurboQuant(f) => f.row_bytes(d),
+            RowCodec::Vllm(p) => p.row_bytes(d),
+        }
+    }
+
+    /// One row's bytes into `out` (its size checked).
+    fn quantize(self, x: &[f32], out: &mut [u8]) -> Result<()> {
+        match self {
+            RowCodec::TurboQuant(f) => {
+                out.copy_from_slice(&f.quantize_row(x)?);
+                Ok(())
+            }
+            // rotq's rule on non-finite input (never a silently finite row) where vLLM's
+            // kernels leave it open: a row with NaN or ±∞ is stored so that it decodes to NaN.
+            RowCodec::Vllm(p) if !scalar::all_finite(x) => {
+                p.row_bytes(x.len())?;
+                p.poison(out);
+                Ok(())
+            }
+            RowCodec::Vllm(p) => p.encode(x, out),
+        }
+    }
+
+    /// The `d` values of one row's bytes.
+    fn dequantize(self, bytes: &[u8], d: usize) -> Result<Vec<f32>> {
+        match self {
+            RowCodec::TurboQuant(f) => f.dequantize_row(bytes, d),
+            RowCodec::Vllm(p) => p.decode(bytes, d),
+        }
+    }
 }
 
 /// What the registry knows of a format.
@@ -127,8 +186,8 @@ pub struct FormatInfo {
     /// Whether it carries scales, per block or (the row formats) per row, so that a NaN or an
     /// infinity poisons its whole block or row.
     pub scaled: bool,
-    /// The TurboQuant row format behind it, for the row formats (module docs).
-    pub row: Option<RowFormat>,
+    /// How a row format codes its rows (module docs); `None` for the block formats.
+    pub row: Option<RowCodec>,
     codec: Option<Codec>,
 }
 
@@ -181,7 +240,20 @@ const fn row_entry(format: KvFormat, name: &'static str, row: RowFormat) -> Form
         block_bytes: 0,
         origin: "rotq TurboQuant",
         scaled: true,
-        row: Some(row),
+        row: Some(RowCodec::TurboQuant(row)),
+        codec: None,
+    }
+}
+
+const fn vllm_entry(format: KvFormat, name: &'static str, part: Part) -> FormatInfo {
+    FormatInfo {
+        format,
+        name,
+        block_size: 8,
+        block_bytes: 0,
+        origin: "vLLM TurboQuant slot part",
+        scaled: true,
+        row: Some(RowCodec::Vllm(part)),
         codec: None,
     }
 }
@@ -201,7 +273,7 @@ const fn codec(
 }
 
 /// The registry, in [`KvFormat`] declaration order.
-static REGISTRY: [FormatInfo; 18] = {
+static REGISTRY: [FormatInfo; 23] = {
     use KvFormat::*;
     const QK: usize = ggml::QK;
     [
@@ -362,12 +434,17 @@ static REGISTRY: [FormatInfo; 18] = {
         row_entry(Tq2Qjl, "tq2_qjl", RowFormat::Prod { bits: 2 }),
         row_entry(Tq3Qjl, "tq3_qjl", RowFormat::Prod { bits: 3 }),
         row_entry(Tq4Qjl, "tq4_qjl", RowFormat::Prod { bits: 4 }),
+        vllm_entry(VllmFp8, "vllm_fp8", Part::Fp8Key),
+        vllm_entry(VllmK4, "vllm_k4", Part::Key { bits: 4 }),
+        vllm_entry(VllmK3, "vllm_k3", Part::Key { bits: 3 }),
+        vllm_entry(VllmV4, "vllm_v4", Part::Value { bits: 4 }),
+        vllm_entry(VllmV3, "vllm_v3", Part::Value { bits: 3 }),
     ]
 };
 
 impl KvFormat {
     /// Every format, in registry order.
-    pub const ALL: [KvFormat; 18] = [
+    pub const ALL: [KvFormat; 23] = [
         KvFormat::F32,
         KvFormat::F16,
         KvFormat::Bf16,
@@ -386,9 +463,14 @@ impl KvFormat {
         KvFormat::Tq2Qjl,
         KvFormat::Tq3Qjl,
         KvFormat::Tq4Qjl,
+        KvFormat::VllmFp8,
+        KvFormat::VllmK4,
+        KvFormat::VllmK3,
+        KvFormat::VllmV4,
+        KvFormat::VllmV3,
     ];
 
-    /// The block formats: every format but the TurboQuant row formats.
+    /// The block formats: every format but the row formats.
     pub const BLOCKS: [KvFormat; 12] = {
         let mut out = [KvFormat::F32; 12];
         let mut i = 0;
@@ -399,8 +481,8 @@ impl KvFormat {
         out
     };
 
-    /// The TurboQuant row formats (module docs): every format after the block formats.
-    pub const ROWS: [KvFormat; 6] = {
+    /// rotq's TurboQuant row formats (module docs).
+    pub const TURBOQUANT: [KvFormat; 6] = {
         let mut out = [KvFormat::F32; 6];
         let mut i = 0;
         while i < 6 {
@@ -410,15 +492,35 @@ impl KvFormat {
         out
     };
 
-    /// The TurboQuant row format behind this format, if it is one (module docs).
+    /// The parts of vLLM's TurboQuant slots as row formats (module docs).
+    pub const VLLM: [KvFormat; 5] = {
+        let mut out = [KvFormat::F32; 5];
+        let mut i = 0;
+        while i < 5 {
+            out[i] = Self::ALL[18 + i];
+            i += 1;
+        }
+        out
+    };
+
+    /// The rotq TurboQuant row format behind this format, if it is one (module docs).
     ///
     /// ```
     /// use rotq_reference::KvFormat;
     /// assert!(KvFormat::Tq4.row_format().is_some());
     /// assert!(KvFormat::Q4_0.row_format().is_none());
+    /// assert!(KvFormat::VllmK4.row_format().is_none() && KvFormat::VllmK4.is_row());
     /// ```
     pub fn row_format(self) -> Option<RowFormat> {
-        self.info().row
+        match self.info().row {
+            Some(RowCodec::TurboQuant(f)) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a row format (a whole row is its unit; module docs).
+    pub fn is_row(self) -> bool {
+        self.info().row.is_some()
     }
 
     /// The registry entry.
@@ -467,7 +569,7 @@ impl KvFormat {
     /// Checks that `row_len` is a positive multiple of the block size (for a row format: a
     /// length its codebook and layout take).
     pub fn check_row_len(self, row_len: usize) -> Result<()> {
-        if let Some(row) = self.row_format() {
+        if let Some(row) = self.info().row {
             return row.row_bytes(row_len).map(|_| ());
         }
         let block = self.block_size();
@@ -489,7 +591,7 @@ impl KvFormat {
     /// assert!(KvFormat::Q8_0.row_bytes(100).is_err());
     /// ```
     pub fn row_bytes(self, row_len: usize) -> Result<usize> {
-        if let Some(row) = self.row_format() {
+        if let Some(row) = self.info().row {
             return row.row_bytes(row_len);
         }
         self.check_row_len(row_len)?;
@@ -512,8 +614,7 @@ impl KvFormat {
         let info = self.info();
         let Some(codec) = &info.codec else {
             let row = info.row.expect("a format without blocks is a row format");
-            out.copy_from_slice(&row.quantize_row(x)?);
-            return Ok(());
+            return row.quantize(x, out);
         };
         for (xb, ob) in x
             .chunks_exact(info.block_size)
@@ -626,7 +727,7 @@ impl KvFormat {
         let info = self.info();
         let Some(codec) = &info.codec else {
             let row = info.row.expect("a format without blocks is a row format");
-            out.copy_from_slice(&row.dequantize_row(bytes, expected)?);
+            out.copy_from_slice(&row.dequantize(bytes, expected)?);
             return Ok(());
         };
         for (b, o) in bytes

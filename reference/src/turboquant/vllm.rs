@@ -161,44 +161,8 @@ impl Preset {
         let vb = self.value_bytes(d)?;
         let (v_out, pad) = rest.split_at_mut(vb);
         pad.fill(0);
-        match self.key_bits() {
-            None => {
-                for (o, &k) in k_out.iter_mut().zip(key) {
-                    *o = e4m3_encode(k);
-                }
-            }
-            Some(bits) => {
-                // The norm in f32, as vLLM's `torch.norm` of the f32 key (its reduction order
-                // may differ in the last bit: then so may the stored f16).
-                let n32 = key.iter().map(|k| k * k).sum::<f32>().sqrt();
-                let n = f64::from(n32);
-                let mut y: Vec<f64> = key.iter().map(|&k| f64::from(k) / (n + 1e-8)).collect();
-                Rotation::hadamard(d)?.forward_in_place(&mut y)?;
-                let mids = midpoints(&codebook(d, bits)?);
-                let codes: Vec<u8> = y
-                    .iter()
-                    .map(|&v| mids.iter().filter(|&&m| v as f32 >= m).count() as u8)
-                    .collect();
-                let (code_bytes, norm) = k_out.split_at_mut(kb - 2);
-                pack(&codes, bits, code_bytes);
-                norm.copy_from_slice(&f16::from_f32(n32).to_bits().to_le_bytes());
-            }
-        }
-        let bits = self.value_bits();
-        let top = ((1u32 << bits) - 1) as f32;
-        let lo = value.iter().copied().fold(f32::INFINITY, f32::min);
-        let hi = value.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let s = (hi - lo) / top;
-        let s = if s > 1e-8 { s } else { 1e-8 };
-        let codes: Vec<u8> = value
-            .iter()
-            .map(|&v| (((v - lo) / s + 0.5) as i32).clamp(0, top as i32) as u8)
-            .collect();
-        let (code_bytes, fields) = v_out.split_at_mut(vb - 4);
-        pack(&codes, bits, code_bytes);
-        fields[..2].copy_from_slice(&f16::from_f32(s).to_bits().to_le_bytes());
-        fields[2..].copy_from_slice(&f16::from_f32(lo).to_bits().to_le_bytes());
-        Ok(())
+        self.key_part().encode(key, k_out)?;
+        self.value_part().encode(value, v_out)
     }
 
     /// The key and value a slot of heads of `d` values stands for (the key rotated back).
@@ -207,29 +171,208 @@ impl Preset {
         let kb = self.key_bytes(d)?;
         let vb = self.value_bytes(d)?;
         let (k_in, rest) = slot.split_at(kb);
-        let key = match self.key_bits() {
-            None => k_in.iter().map(|&c| e4m3_decode(c)).collect(),
-            Some(bits) => {
+        Ok((
+            self.key_part().decode(k_in, d)?,
+            self.value_part().decode(&rest[..vb], d)?,
+        ))
+    }
+
+    /// The format of the slot's key part.
+    pub fn key_part(self) -> Part {
+        match self.key_bits() {
+            None => Part::Fp8Key,
+            Some(bits) => Part::Key { bits },
+        }
+    }
+
+    /// The format of the slot's value part.
+    pub fn value_part(self) -> Part {
+        Part::Value {
+            bits: self.value_bits(),
+        }
+    }
+}
+
+/// One part of a vLLM slot as a cache row of its own: what rotq's registry holds as the
+/// `vllm_*` formats (a K cache of key parts, a V cache of value parts), byte for byte the
+/// slot's bytes.
+///
+/// ```
+/// use rotq_reference::turboquant::vllm::{Part, Preset};
+/// let key: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let value: Vec<f32> = (0..64).map(|i| (i as f32 * 0.11).cos()).collect();
+/// let p = Preset::FourBitNc;
+/// let mut slot = vec![0u8; p.slot_bytes(64).unwrap()];
+/// p.encode_slot(&key, &value, &mut slot).unwrap();
+/// let mut k = vec![0u8; p.key_part().row_bytes(64).unwrap()];
+/// p.key_part().encode(&key, &mut k).unwrap();
+/// assert_eq!(&slot[..k.len()], &k[..]);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// FP8 E4M3 keys (`turboquant_k8v4`): byte `i` is `e4m3(k_i)`, no scale, no rotation.
+    Fp8Key,
+    /// Codebook keys of `bits` (3 or 4): the key normalized, rotated by the Hadamard inside
+    /// the format, coded against vLLM's codebook; its f16 norm after the codes.
+    Key {
+        /// Bits per coordinate.
+        bits: u32,
+    },
+    /// Min-max values of `bits` (3 or 4): the codes, then the f16 scale and the f16 minimum.
+    Value {
+        /// Bits per coordinate.
+        bits: u32,
+    },
+}
+
+impl Part {
+    /// Every part the presets use.
+    pub const ALL: [Part; 5] = [
+        Part::Fp8Key,
+        Part::Key { bits: 4 },
+        Part::Key { bits: 3 },
+        Part::Value { bits: 4 },
+        Part::Value { bits: 3 },
+    ];
+
+    /// The name rotq's registry gives it (`vllm_fp8`, `vllm_k4`, `vllm_k3`, `vllm_v4`,
+    /// `vllm_v3`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Fp8Key => "vllm_fp8",
+            Part::Key { bits: 4 } => "vllm_k4",
+            Part::Key { .. } => "vllm_k3",
+            Part::Value { bits: 4 } => "vllm_v4",
+            Part::Value { .. } => "vllm_v3",
+        }
+    }
+
+    /// Bytes of a row of `d` values (what the preset's slot holds for it); `d` a multiple of
+    /// 8 up to 4096, a power of two for the codebook keys (vLLM's Hadamard).
+    pub fn row_bytes(self, d: usize) -> Result<usize> {
+        match self {
+            Part::Fp8Key => Preset::K8V4.key_bytes(d),
+            Part::Key { bits: 4 } => Preset::FourBitNc.key_bytes(d),
+            Part::Key { bits: 3 } => Preset::K3V4Nc.key_bytes(d),
+            // Values have no Hadamard: any multiple of 8 (the FP8 preset checks just that).
+            Part::Value { bits: b @ (3 | 4) } => {
+                Preset::K8V4.value_bytes(d)?;
+                Ok((d * b as usize).div_ceil(8) + 4)
+            }
+            _ => Err(Error::InvalidParameter {
+                name: "vLLM slot part",
+                reason: format!("{self:?}: vLLM's presets use 3 and 4 bits"),
+            }),
+        }
+    }
+
+    /// Writes one row (`d` values) into `out` (exactly [`Self::row_bytes`] long), as vLLM's
+    /// store kernels write that part of a slot.
+    pub fn encode(self, row: &[f32], out: &mut [u8]) -> Result<()> {
+        let d = row.len();
+        let want = self.row_bytes(d)?;
+        if out.len() != want {
+            return Err(Error::LengthMismatch {
+                what: "vLLM slot part",
+                expected: want,
+                actual: out.len(),
+            });
+        }
+        match self {
+            Part::Fp8Key => {
+                for (o, &k) in out.iter_mut().zip(row) {
+                    *o = e4m3_encode(k);
+                }
+            }
+            Part::Key { bits } => {
+                // The norm in f32, as vLLM's `torch.norm` of the f32 key (its reduction order
+                // may differ in the last bit: then so may the stored f16).
+                let n32 = row.iter().map(|k| k * k).sum::<f32>().sqrt();
+                let n = f64::from(n32);
+                let mut y: Vec<f64> = row.iter().map(|&k| f64::from(k) / (n + 1e-8)).collect();
+                Rotation::hadamard(d)?.forward_in_place(&mut y)?;
+                let mids = midpoints(&codebook(d, bits)?);
+                let codes: Vec<u8> = y
+                    .iter()
+                    .map(|&v| mids.iter().filter(|&&m| v as f32 >= m).count() as u8)
+                    .collect();
+                let (code_bytes, norm) = out.split_at_mut(want - 2);
+                pack(&codes, bits, code_bytes);
+                norm.copy_from_slice(&f16::from_f32(n32).to_bits().to_le_bytes());
+            }
+            Part::Value { bits } => {
+                let top = ((1u32 << bits) - 1) as f32;
+                let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let s = (hi - lo) / top;
+                let s = if s > 1e-8 { s } else { 1e-8 };
+                let codes: Vec<u8> = row
+                    .iter()
+                    .map(|&v| (((v - lo) / s + 0.5) as i32).clamp(0, top as i32) as u8)
+                    .collect();
+                let (code_bytes, fields) = out.split_at_mut(want - 4);
+                pack(&codes, bits, code_bytes);
+                fields[..2].copy_from_slice(&f16::from_f32(s).to_bits().to_le_bytes());
+                fields[2..].copy_from_slice(&f16::from_f32(lo).to_bits().to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the row that decodes to NaN everywhere (rotq's registry stores a row holding a
+    /// NaN or an infinity so; vLLM leaves such rows undefined): FP8 codes `0x7F`, or zero
+    /// codes and f16 NaN (`0x7E00`) fields.
+    pub fn poison(self, out: &mut [u8]) {
+        let nan = 0x7E00u16.to_le_bytes();
+        match self {
+            Part::Fp8Key => out.fill(0x7F),
+            Part::Key { .. } => {
+                out.fill(0);
+                let n = out.len();
+                out[n - 2..].copy_from_slice(&nan);
+            }
+            Part::Value { .. } => {
+                out.fill(0);
+                let n = out.len();
+                out[n - 4..n - 2].copy_from_slice(&nan);
+                out[n - 2..].copy_from_slice(&nan);
+            }
+        }
+    }
+
+    /// The `d` values a row of this part stands for (a key rotated back).
+    pub fn decode(self, bytes: &[u8], d: usize) -> Result<Vec<f32>> {
+        let want = self.row_bytes(d)?;
+        if bytes.len() != want {
+            return Err(Error::LengthMismatch {
+                what: "vLLM slot part",
+                expected: want,
+                actual: bytes.len(),
+            });
+        }
+        Ok(match self {
+            Part::Fp8Key => bytes.iter().map(|&c| e4m3_decode(c)).collect(),
+            Part::Key { bits } => {
                 let levels = codebook(d, bits)?;
-                let codes = unpack(&k_in[..kb - 2], bits, d);
+                let codes = unpack(&bytes[..want - 2], bits, d);
                 let c: Vec<f64> = codes
                     .iter()
                     .map(|&i| f64::from(levels[usize::from(i)]))
                     .collect();
-                let norm = f64::from(f16_at(k_in, kb - 2));
+                let norm = f64::from(f16_at(bytes, want - 2));
                 let unit = (c.iter().map(|v| v * v).sum::<f64>() + 1e-16).sqrt();
                 let mut k: Vec<f64> = c.iter().map(|v| norm * v / unit).collect();
                 Rotation::hadamard(d)?.inverse_in_place(&mut k)?;
                 k.into_iter().map(|v| v as f32).collect()
             }
-        };
-        let v_in = &rest[..vb];
-        let (s, m) = (f16_at(v_in, vb - 4), f16_at(v_in, vb - 2));
-        let value = unpack(&v_in[..vb - 4], self.value_bits(), d)
-            .into_iter()
-            .map(|c| f32::from(c).mul_add(s, m)) // one rounding, as Triton fuses it
-            .collect();
-        Ok((key, value))
+            Part::Value { bits } => {
+                let (s, m) = (f16_at(bytes, want - 4), f16_at(bytes, want - 2));
+                unpack(&bytes[..want - 4], bits, d)
+                    .into_iter()
+                    .map(|c| f32::from(c).mul_add(s, m)) // one rounding, as Triton fuses it
+                    .collect()
+            }
+        })
     }
 }
 

@@ -51,7 +51,7 @@ RQ_FN unsigned short rq_tq_f64_to_f16(double x) {
     if (e > 15) return (unsigned short)(sign | 0x7C00u);
     if (exp == 0) return (unsigned short)sign;  // f64 subnormals are far below f16's
     unsigned long long m = man | (1ull << 52);  // 53-bit significand
-    int shift;                                   // bits dropped from m
+    int shift;                                  // bits dropped from m
     unsigned int base;
     if (e >= -14) {
         shift = 42;  // keep 11 bits (implicit + 10)
@@ -75,8 +75,8 @@ RQ_FN float rq_tq_f16_to_f32(const unsigned char* p) {
 }
 
 // One row: `x` the row's d floats at padded indices, `out` its bytes.
-RQ_FN void rq_tq_quantize(const float* x, unsigned char* out, int d, int bits,
-                          const double* mids, const float* squares) {
+RQ_FN void rq_tq_quantize(const float* x, unsigned char* out, int d, int bits, const double* mids,
+                          const float* squares) {
     double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int i = 0; i < d; i++) {
         const double v = (double)x[RQ_TQ_PAD(i)];
@@ -113,20 +113,20 @@ RQ_FN int rq_tq_code(const unsigned char* row, int i, int bits) {
     return (int)((w >> (at & 7)) & ((1u << bits) - 1));
 }
 
-#define RQ_TQ_DEFINE(F)                                                                         \
-    RQ_FN void rq_quantize_##F(const float* x, unsigned char* out) {                            \
-        rq_tq_quantize(x, out, RQ_BLOCK_SIZE_##F, RQ_TQ_BITS_##F, RQ_TQ_MIDS_##F,               \
-                       RQ_TQ_SQUARES_##F);                                                      \
-    }                                                                                           \
-    RQ_FN void rq_dequantize_##F(const unsigned char* in, float* y) {                           \
-        const float s = rq_tq_f16_to_f32(in + RQ_BLOCK_SIZE_##F * RQ_TQ_BITS_##F / 8);          \
-        for (int i = 0; i < RQ_BLOCK_SIZE_##F; i++)                                             \
-            y[RQ_TQ_PAD(i)] = RQ_TQ_LEVELS_##F[rq_tq_code(in, i, RQ_TQ_BITS_##F)] * s;          \
-    }                                                                                           \
-    RQ_FN void rq_tq_values_##F(const unsigned char* row, int first, int n, float* out) {       \
-        const float s = rq_tq_f16_to_f32(row + RQ_BLOCK_SIZE_##F * RQ_TQ_BITS_##F / 8);         \
-        for (int e = 0; e < n; e++)                                                             \
-            out[e] = RQ_TQ_LEVELS_##F[rq_tq_code(row, first + e, RQ_TQ_BITS_##F)] * s;          \
+#define RQ_TQ_DEFINE(F)                                                                   \
+    RQ_FN void rq_quantize_##F(const float* x, unsigned char* out) {                      \
+        rq_tq_quantize(x, out, RQ_BLOCK_SIZE_##F, RQ_TQ_BITS_##F, RQ_TQ_MIDS_##F,         \
+                       RQ_TQ_SQUARES_##F);                                                \
+    }                                                                                     \
+    RQ_FN void rq_dequantize_##F(const unsigned char* in, float* y) {                     \
+        const float s = rq_tq_f16_to_f32(in + RQ_BLOCK_SIZE_##F * RQ_TQ_BITS_##F / 8);    \
+        for (int i = 0; i < RQ_BLOCK_SIZE_##F; i++)                                       \
+            y[RQ_TQ_PAD(i)] = RQ_TQ_LEVELS_##F[rq_tq_code(in, i, RQ_TQ_BITS_##F)] * s;    \
+    }                                                                                     \
+    RQ_FN void rq_tq_values_##F(const unsigned char* row, int first, int n, float* out) { \
+        const float s = rq_tq_f16_to_f32(row + RQ_BLOCK_SIZE_##F * RQ_TQ_BITS_##F / 8);   \
+        for (int e = 0; e < n; e++)                                                       \
+            out[e] = RQ_TQ_LEVELS_##F[rq_tq_code(row, first + e, RQ_TQ_BITS_##F)] * s;    \
     }
 
 #endif
