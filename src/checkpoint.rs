@@ -10,13 +10,30 @@
 //! ```
 //!
 //! ## What is read
-//! * The groups: `config_groups` (older files: `transform_groups`), name → scheme.
+//! As compressed-tensors (0.11 to 0.18) reads it, field by field:
+//! * The groups: `config_groups`, name → scheme. An empty `transform_config` (`{}`, which
+//!   compressed-tensors writes into every checkpoint it saves without transforms) means none.
+//!   Any other field is refused by name (`transform_groups`, an early name no release reads).
 //! * A scheme: `type` (`hadamard`, `random-hadamard`, `random-matrix`; `_`, spaces and case are
 //!   normalized as compressed-tensors' registry does), `apply` (a list of args), `randomize`,
-//!   `requires_grad`, `head_dim`, `precision` (read, not used). Unknown fields are refused, as
-//!   the format itself does.
-//! * An arg: `targets` and `ignore` (a string or a list), `location` (`input`, `weight_input`,
-//!   `weight_output`, `output`, `k_cache`, `q_attn`), `inverse`.
+//!   `requires_grad` (read, no effect on values), `head_dim` (required for `q_attn` and
+//!   `k_cache`; a divisor of the model's head dimension applies the transform block by block
+//!   along the head), `precision` (a torch dtype name, `torch.` optional; read, not used:
+//!   rotq builds in f64). Unknown fields are refused, as the format itself does.
+//! * An arg: `targets` and `ignore` (a string or a list; `null` refused), `location` (`input`,
+//!   `weight_input`, `weight_output`, `output`, `k_cache`, `q_attn`), `inverse`.
+//!
+//! ## Which layers
+//! Module names are the checkpoint's (the dot-prefixes of its tensor names; without weights,
+//! a Llama-style model's `model.layers.<i>.self_attn`); the attention module of decoder layer
+//! `i` is the parent of its `k_proj`. A scheme's `q_attn` and `k_cache` args select modules as
+//! compressed-tensors' `match_named_modules` does (the rules in `checkpoint/matching.rs`:
+//! `re:` patterns matched at the start of the full name, other entries by exact name or by
+//! class, the model's attention class from `architectures` or `Module`; ignore wins). A layer
+//! that both select is rotated, one that neither selects is not, one that only one selects is
+//! an error naming the module ([`CheckpointError::OneSided`]); a target that matches no module
+//! is an error naming it ([`CheckpointError::NoMatch`]), where compressed-tensors would silently
+//! rotate nothing; two schemes on one layer are refused (composition is not supported).
 //!
 //! ## What becomes a rotation
 //! compressed-tensors applies an online transform as `value @ A` on row vectors, with `A = W`
@@ -29,8 +46,11 @@
 //! into weights or applied there: they do not touch the cache and are skipped.
 //!
 //! * `hadamard`, not randomized: compressed-tensors' matrix is Sylvester's, in natural order,
-//!   scaled by `1/√n` — exactly [`Rotation::hadamard`]. A stored matrix, if the checkpoint has
-//!   one, is loaded and compared; a permuted (`randomize`) one becomes an explicit matrix.
+//!   scaled by `1/√n`: exactly [`Rotation::hadamard`], at powers of two only (compressed-tensors
+//!   builds no other; [`CheckpointOptions::extended_hadamard`] allows rotq's 12, 20, 28 and 40
+//!   times a power of two). A stored matrix, if the checkpoint has one, is loaded and
+//!   compared; a permuted (`randomize`) one becomes an explicit matrix. Its `inverse` flags may
+//!   differ between `q_attn` and `k_cache`: a (permuted) Sylvester matrix is symmetric.
 //! * `random-hadamard`, `random-matrix`: the matrix is read from the checkpoint's safetensors,
 //!   where compressed-tensors saves it as `<attention module>.<group>_<location>.weight` (e.g.
 //!   `model.layers.3.self_attn.R3_q_attn.weight`) and a randomized Hadamard's permutation as
@@ -39,12 +59,13 @@
 //!   a size and ties them, so a file may hold a single copy). Matrices
 //!   must be `head_dim × head_dim` and orthogonal (f64, f32, f16 or bf16, within the storage
 //!   rounding); the `q_attn` and `k_cache` tensors of a layer, when both are stored, must agree.
-//!
-//! Assumptions: `targets` are not matched against module names (every attention layer is
-//! taken to be targeted); an attention arg with a non-empty `ignore` is refused rather than
-//! guessed at. A scheme without `head_dim` uses the model's.
+//!   (compressed-tensors' `random-matrix` draws uniform entries in `[0, 1)`: not a rotation,
+//!   refused with that reason.)
+
+mod matching;
 
 use crate::{Rotation, RotationPlan};
+use matching::{Modules, Selector};
 use ndarray::Array2;
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
@@ -164,6 +185,54 @@ pub enum CheckpointError {
         /// What is wrong.
         reason: String,
     },
+    /// A `re:` target or ignore entry that does not compile.
+    #[error("{field}: regex `{pattern}` does not compile: {message}")]
+    BadRegex {
+        /// The entry (e.g. `config_groups.R3.apply[0].targets[0]`).
+        field: String,
+        /// The pattern after `re:`.
+        pattern: String,
+        /// What the regex engine said.
+        message: String,
+    },
+    /// A target or ignore entry that matches no module of the model.
+    #[error("{field}: `{value}` matches no module of the model (names are matched whole, `re:` patterns at the start; class names: the attention modules' {})", class.as_deref().map_or("class is unknown without config.json's `architectures`".to_string(), |c| format!("class is `{c}`")))]
+    NoMatch {
+        /// The entry.
+        field: String,
+        /// Its value.
+        value: String,
+        /// The attention class the model has, if known.
+        class: Option<String>,
+    },
+    /// A layer that one of `q_attn` and `k_cache` selects and the other does not.
+    #[error(
+        "{field}: selects {module} for {location} but not for {other}: the scores would change"
+    )]
+    OneSided {
+        /// The args entry that selects it.
+        field: String,
+        /// The attention module.
+        module: String,
+        /// The location that selects it.
+        location: &'static str,
+        /// The one that does not.
+        other: &'static str,
+    },
+}
+
+/// How a config is read: strictly as compressed-tensors builds its transforms (the default),
+/// or with rotq's wider Hadamard sizes.
+///
+/// ```
+/// let strict = rotq::checkpoint::CheckpointOptions::default();
+/// assert!(!strict.extended_hadamard);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointOptions {
+    /// Build `hadamard` at 12, 20, 28 and 40 times a power of two as well (rotq's sizes;
+    /// compressed-tensors builds powers of two only, so no checkpoint it wrote needs this).
+    pub extended_hadamard: bool,
 }
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
@@ -275,6 +344,9 @@ pub struct TransformScheme {
 pub struct TransformConfig {
     /// Scheme by group name (`config_groups`).
     pub groups: BTreeMap<String, TransformScheme>,
+    /// The class of the model's attention modules, for class-name targets: from
+    /// `config.json`'s first `architectures` entry (`LlamaForCausalLM` → `LlamaAttention`).
+    pub attention_class: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -291,9 +363,14 @@ struct RawScheme {
     #[serde(default)]
     head_dim: Option<usize>,
     #[serde(default)]
-    #[allow(dead_code)]
-    precision: Value,
+    precision: Option<Value>,
 }
+
+/// torch dtypes a `precision` may name (compressed-tensors' `TorchDtype`: `torch.` optional).
+const DTYPES: [&str; 12] = [
+    "float64", "float32", "float16", "bfloat16", "double", "float", "half", "int8", "int16",
+    "int32", "int64", "uint8",
+];
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -319,7 +396,7 @@ struct RawArgs {
     #[serde(default)]
     inverse: bool,
     #[serde(default)]
-    ignore: Option<OneOrMany>,
+    ignore: Option<Value>,
 }
 
 const PREFIX: &str = "quantization_config.transform_config";
@@ -357,23 +434,30 @@ impl TransformConfig {
         let Some(tc) = tc.as_object() else {
             return Err(json_err(PREFIX, "expected an object"));
         };
-        if let Some(k) = tc
-            .keys()
-            .find(|k| *k != "config_groups" && *k != "transform_groups")
-        {
-            return Err(json_err(PREFIX, format!("unknown field `{k}`")));
+        // compressed-tensors writes `{}` into every checkpoint it saves without transforms.
+        if tc.is_empty() {
+            return Ok(None);
         }
-        let (key, groups) = match (tc.get("config_groups"), tc.get("transform_groups")) {
-            (Some(_), Some(_)) => {
-                return Err(json_err(
-                    PREFIX,
-                    "both `config_groups` and `transform_groups` are given",
-                ))
-            }
-            (Some(g), None) => ("config_groups", g),
-            (None, Some(g)) => ("transform_groups", g),
-            (None, None) => return Err(json_err(PREFIX, "missing field `config_groups`")),
+        if let Some(k) = tc.keys().find(|k| *k != "config_groups") {
+            let why = if k == "transform_groups" {
+                "unknown field `transform_groups` (an early name of `config_groups` that no \
+                 compressed-tensors release reads)"
+                    .to_string()
+            } else {
+                format!("unknown field `{k}`")
+            };
+            return Err(json_err(PREFIX, why));
+        }
+        let key = "config_groups";
+        let Some(groups) = tc.get(key) else {
+            return Err(json_err(PREFIX, "missing field `config_groups`"));
         };
+        let attention_class = root
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .and_then(matching::attention_class);
         let Some(groups) = groups.as_object() else {
             return Err(json_err(format!("{PREFIX}.{key}"), "expected an object"));
         };
@@ -384,6 +468,12 @@ impl TransformConfig {
             let mut apply = Vec::with_capacity(raw.apply.len());
             for (i, a) in raw.apply.iter().enumerate() {
                 let field = format!("{field}.apply[{i}]");
+                if a.get("ignore").is_some_and(Value::is_null) {
+                    return Err(json_err(
+                        format!("{field}.ignore"),
+                        "null (compressed-tensors takes a string or a list)",
+                    ));
+                }
                 let a = RawArgs::deserialize(a).map_err(|e| json_err(&field, e))?;
                 let location = TransformLocation::parse(&a.location).ok_or_else(|| {
                     CheckpointError::UnsupportedLocation {
@@ -391,12 +481,29 @@ impl TransformConfig {
                         value: a.location.clone(),
                     }
                 })?;
+                let ignore = match a.ignore {
+                    None => Vec::new(),
+                    Some(v) => OneOrMany::deserialize(&v)
+                        .map_err(|e| json_err(format!("{field}.ignore"), e))?
+                        .into_vec(),
+                };
                 apply.push(TransformArgs {
                     targets: a.targets.into_vec(),
                     location,
                     inverse: a.inverse,
-                    ignore: a.ignore.map(OneOrMany::into_vec).unwrap_or_default(),
+                    ignore,
                 });
+            }
+            match &raw.precision {
+                None => {}
+                Some(Value::String(p))
+                    if DTYPES.contains(&p.strip_prefix("torch.").unwrap_or(p)) => {}
+                Some(v) => {
+                    return Err(json_err(
+                        format!("{field}.precision"),
+                        format!("`{v}` names no torch dtype (e.g. \"torch.float64\")"),
+                    ))
+                }
             }
             let kind = raw.kind.replace(['_', ' '], "-").to_lowercase();
             out.insert(
@@ -410,7 +517,10 @@ impl TransformConfig {
                 },
             );
         }
-        Ok(Some(Self { groups: out }))
+        Ok(Some(Self {
+            groups: out,
+            attention_class,
+        }))
     }
 
     /// [`TransformConfig::from_config_json`] on a file.
@@ -429,16 +539,20 @@ impl TransformConfig {
 
     /// The rotation plan of each of `n_layers` attention layers of head dim `head_dim`, reading
     /// matrices from `weights` (a `.safetensors` file, or a folder of them) where the scheme
-    /// needs them. Layers are numbered by the `layers.<i>` component of tensor names.
+    /// needs them, as compressed-tensors builds them ([`CheckpointOptions::default`]). Module
+    /// names come from the tensor names of `weights` (without them: a Llama-style model's,
+    /// `model.layers.<i>.self_attn`); a layer that no scheme's `q_attn` and `k_cache` args
+    /// select gets no rotation.
     ///
     /// ```
     /// use rotq::checkpoint::TransformConfig;
     /// use rotq::Rotation;
     /// let json = r#"{"quantization_config": {"transform_config": {"config_groups": {"R3": {
     ///     "type": "hadamard", "head_dim": 64, "apply": [
-    ///     {"targets": ["re:.*self_attn$"], "location": "q_attn"},
-    ///     {"targets": ["re:.*self_attn$"], "location": "k_cache"}]}}}}}"#;
+    ///     {"targets": ["re:.*self_attn$"], "location": "q_attn", "ignore": ["re:model\\.layers\\.0\\."]},
+    ///     {"targets": ["re:.*self_attn$"], "location": "k_cache", "ignore": ["re:model\\.layers\\.0\\."]}]}}}}}"#;
     /// let plans = TransformConfig::from_config_json(json).unwrap().unwrap().plans(2, 64, None).unwrap();
+    /// assert_eq!(plans[0].qk, None); // ignored
     /// assert_eq!(plans[1].qk, Some(Rotation::hadamard(64).unwrap()));
     /// assert_eq!(plans[1].v, None);
     /// ```
@@ -448,27 +562,59 @@ impl TransformConfig {
         head_dim: usize,
         weights: Option<&Path>,
     ) -> Result<Vec<RotationPlan>> {
+        self.plans_with(n_layers, head_dim, weights, &CheckpointOptions::default())
+    }
+
+    /// [`Self::plans`] with `options`.
+    ///
+    /// ```
+    /// use rotq::checkpoint::{CheckpointOptions, TransformConfig};
+    /// let json = r#"{"quantization_config": {"transform_config": {"config_groups": {"R3": {
+    ///     "type": "hadamard", "head_dim": 96, "apply": [
+    ///     {"targets": "re:.*self_attn$", "location": "q_attn"},
+    ///     {"targets": "re:.*self_attn$", "location": "k_cache"}]}}}}}"#;
+    /// let cfg = TransformConfig::from_config_json(json).unwrap().unwrap();
+    /// assert!(cfg.plans(1, 96, None).is_err()); // compressed-tensors builds powers of two only
+    /// let wide = CheckpointOptions { extended_hadamard: true };
+    /// assert!(cfg.plans_with(1, 96, None, &wide).unwrap()[0].qk.is_some());
+    /// ```
+    pub fn plans_with(
+        &self,
+        n_layers: usize,
+        head_dim: usize,
+        weights: Option<&Path>,
+        options: &CheckpointOptions,
+    ) -> Result<Vec<RotationPlan>> {
+        if n_layers == 0 {
+            return Ok(Vec::new());
+        }
+        let store = weights.map(WeightStore::open).transpose()?;
+        let modules = match &store {
+            Some(s) => Modules::from_tensor_names(
+                s.module_tensor_names().iter().map(String::as_str),
+                n_layers,
+                self.attention_class.clone(),
+            )?,
+            None => Modules::llama(n_layers, self.attention_class.clone()),
+        };
         let mut plans = vec![RotationPlan::none(); n_layers];
-        let mut attn_group: Option<&str> = None;
-        let mut store = None;
+        let mut owner: Vec<Option<&str>> = vec![None; n_layers];
         for (name, scheme) in &self.groups {
-            let Some(spec) = attention_spec(name, scheme, head_dim)? else {
+            let Some(spec) = attention_spec(name, scheme, head_dim, options)? else {
                 continue;
             };
-            if let Some(first) = attn_group {
-                return Err(CheckpointError::Unsupported {
-                    field: format!("config_groups.{name}"),
-                    reason: format!(
-                        "a second scheme rotating q_attn/k_cache (config_groups.{first} is the first); composing them is not supported"
-                    ),
-                });
-            }
-            attn_group = Some(name);
-            if let (None, Some(p)) = (&store, weights) {
-                store = Some(WeightStore::open(p)?);
-            }
-            for (layer, plan) in plans.iter_mut().enumerate() {
-                plan.qk = Some(spec.rotation(layer, store.as_ref())?);
+            for layer in spec.selected_layers(&modules)? {
+                if let Some(first) = owner[layer] {
+                    return Err(CheckpointError::Unsupported {
+                        field: format!("config_groups.{name}"),
+                        reason: format!(
+                            "rotates {} too (config_groups.{first} does); composing two rotations of a layer is not supported",
+                            modules.attention[layer]
+                        ),
+                    });
+                }
+                owner[layer] = Some(name);
+                plans[layer].qk = Some(spec.rotation(layer, store.as_ref())?);
             }
         }
         Ok(plans)
@@ -488,13 +634,20 @@ struct AttentionSpec<'a> {
     kind: Kind,
     randomize: bool,
     inverse: bool,
+    /// The transform's size (`head_dim`): the model's head, or blocks of it.
+    block: usize,
+    /// The model's head dimension.
     d: usize,
+    /// `targets` and `ignore` of the `q_attn` and the `k_cache` args, and their fields.
+    q: (Selector, Selector, String),
+    k: (Selector, Selector, String),
 }
 
 fn attention_spec<'a>(
     name: &'a str,
     scheme: &TransformScheme,
     head_dim: usize,
+    options: &CheckpointOptions,
 ) -> Result<Option<AttentionSpec<'a>>> {
     let field = format!("config_groups.{name}");
     let find = |loc| {
@@ -526,22 +679,6 @@ fn attention_spec<'a>(
             })
         }
     };
-    if q.inverse != k.inverse {
-        return Err(CheckpointError::Unsupported {
-            field: format!("{field}.apply[{ki}].inverse"),
-            reason: format!(
-                "differs from {field}.apply[{qi}].inverse: q_attn and k_cache need the same matrix for the scores to be kept"
-            ),
-        });
-    }
-    for (i, a) in [(qi, q), (ki, k)] {
-        if !a.ignore.is_empty() {
-            return Err(CheckpointError::Unsupported {
-                field: format!("{field}.apply[{i}].ignore"),
-                reason: "attention layers left out of the rotation are not supported".into(),
-            });
-        }
-    }
     let kind = match scheme.kind.as_str() {
         "hadamard" => Kind::Hadamard,
         "random-hadamard" => Kind::RandomHadamard,
@@ -553,32 +690,127 @@ fn attention_spec<'a>(
             })
         }
     };
-    if let Some(hd) = scheme.head_dim {
-        if hd != head_dim {
-            return Err(CheckpointError::HeadDimMismatch {
-                field: format!("{field}.head_dim"),
-                config: hd,
-                model: head_dim,
-            });
-        }
+    // A (permuted) Sylvester matrix is symmetric: its inverse is the same map, whatever the
+    // flags say. The other types need the same flag on both sides.
+    if q.inverse != k.inverse && kind != Kind::Hadamard {
+        return Err(CheckpointError::Unsupported {
+            field: format!("{field}.apply[{ki}].inverse"),
+            reason: format!(
+                "differs from {field}.apply[{qi}].inverse: q_attn and k_cache need the same matrix for the scores to be kept"
+            ),
+        });
+    }
+    let Some(block) = scheme.head_dim else {
+        return Err(CheckpointError::Unsupported {
+            field: format!("{field}.head_dim"),
+            reason: "missing: compressed-tensors needs it for q_attn and k_cache".into(),
+        });
+    };
+    if block == 0 || block > head_dim || !head_dim.is_multiple_of(block) {
+        return Err(CheckpointError::HeadDimMismatch {
+            field: format!("{field}.head_dim"),
+            config: block,
+            model: head_dim,
+        });
     }
     if kind == Kind::Hadamard {
-        // Only the size is checked here; the matrix is built per layer.
-        Rotation::hadamard(head_dim).map_err(|e| CheckpointError::Unsupported {
+        // compressed-tensors' deterministic Hadamard is Sylvester's: powers of two only.
+        let built = if options.extended_hadamard || block.is_power_of_two() {
+            Rotation::hadamard(block).map(|_| ())
+        } else {
+            Err(rotq_reference::Error::InvalidParameter {
+                name: "hadamard size",
+                reason: format!(
+                    "compressed-tensors builds `hadamard` at powers of two only, not {block} (CheckpointOptions::extended_hadamard builds rotq's m·2^k sizes)"
+                ),
+            })
+        };
+        built.map_err(|e| CheckpointError::Unsupported {
             field: format!("{field}.head_dim"),
             reason: e.to_string(),
         })?;
     }
+    let selectors = |i: usize, a: &TransformArgs| -> Result<(Selector, Selector, String)> {
+        let at = format!("{field}.apply[{i}]");
+        Ok((
+            Selector::new(&format!("{at}.targets"), &a.targets)?,
+            Selector::new(&format!("{at}.ignore"), &a.ignore)?,
+            at,
+        ))
+    };
     Ok(Some(AttentionSpec {
         name,
         kind,
         randomize: scheme.randomize,
         inverse: q.inverse,
+        block,
         d: head_dim,
+        q: selectors(qi, q)?,
+        k: selectors(ki, k)?,
     }))
 }
 
 impl AttentionSpec<'_> {
+    /// The layers whose attention module both the `q_attn` and the `k_cache` args select
+    /// (matching.rs): a layer one selects and the other not is an error, and so is a target
+    /// that matches no module.
+    fn selected_layers(&self, modules: &Modules) -> Result<Vec<usize>> {
+        for (targets, _, _) in [&self.q, &self.k] {
+            targets.check_all_match(modules)?;
+        }
+        let picks = |(t, i, _): &(Selector, Selector, String), m: &str| {
+            t.matches(m, true, modules) && !i.matches(m, true, modules)
+        };
+        let mut out = Vec::new();
+        for (layer, m) in modules.attention.iter().enumerate() {
+            match (picks(&self.q, m), picks(&self.k, m)) {
+                (true, true) => out.push(layer),
+                (false, false) => {}
+                (q, _) => {
+                    let (field, location, other) = if q {
+                        (&self.q.2, "q_attn", "k_cache")
+                    } else {
+                        (&self.k.2, "k_cache", "q_attn")
+                    };
+                    return Err(CheckpointError::OneSided {
+                        field: field.clone(),
+                        module: m.clone(),
+                        location,
+                        other,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rotation of `layer`'s heads: the transform of `head_dim` values, repeated along
+    /// the head when it is smaller (compressed-tensors applies it block by block).
+    fn rotation(&self, layer: usize, store: Option<&WeightStore>) -> Result<Rotation> {
+        let r = self.block_rotation(layer, store)?;
+        if self.block == self.d {
+            return Ok(r);
+        }
+        if r == Rotation::hadamard(self.block).unwrap_or_else(|_| r.clone()) {
+            if let Ok(b) = Rotation::block_hadamard(self.d, self.block) {
+                return Ok(b);
+            }
+        }
+        let m = r.to_matrix();
+        let b = self.block;
+        let full = Array2::from_shape_fn((self.d, self.d), |(i, j)| {
+            if i / b == j / b {
+                m[[i % b, j % b]]
+            } else {
+                0.0
+            }
+        });
+        Rotation::matrix(full).map_err(|e| CheckpointError::Unsupported {
+            field: format!("config_groups.{}.head_dim", self.name),
+            reason: e.to_string(),
+        })
+    }
+
     fn suffix(&self, loc: TransformLocation, param: &str) -> String {
         format!(".{}_{}.{param}", self.name, loc.as_str())
     }
@@ -648,8 +880,9 @@ impl AttentionSpec<'_> {
         }
     }
 
-    fn rotation(&self, layer: usize, store: Option<&WeightStore>) -> Result<Rotation> {
-        let d = self.d;
+    /// The transform of `head_dim` values of `layer`.
+    fn block_rotation(&self, layer: usize, store: Option<&WeightStore>) -> Result<Rotation> {
+        let d = self.block;
         let weight = self.tensor(layer, store, "weight")?;
         let perm = if self.kind != Kind::RandomMatrix && self.randomize {
             match self.tensor(layer, store, "perm")? {
@@ -721,7 +954,14 @@ impl AttentionSpec<'_> {
         });
         Rotation::matrix_with_tolerance(r, tolerance).map_err(|e| CheckpointError::BadTensor {
             tensor: name,
-            reason: e.to_string(),
+            reason: if self.kind == Kind::RandomMatrix {
+                format!(
+                    "{e} (compressed-tensors' `random-matrix` draws uniform entries in [0, 1): \
+                     not a rotation, so it changes every score and has no rotated-cache form)"
+                )
+            } else {
+                e.to_string()
+            },
         })
     }
 }
@@ -822,6 +1062,27 @@ impl WeightStore {
             files,
             names,
         })
+    }
+
+    /// Every tensor name but the transforms' own (`…<group>_q_attn.weight`, …): the model's
+    /// modules as compressed-tensors matched them, before it added its transforms.
+    fn module_tensor_names(&self) -> Vec<String> {
+        let locations = [
+            "input",
+            "weight_input",
+            "weight_output",
+            "output",
+            "k_cache",
+            "q_attn",
+        ];
+        self.files
+            .iter()
+            .flat_map(|f| f.meta.tensors().into_keys())
+            .filter(|n| {
+                let module = n.rsplit('.').nth(1).unwrap_or("");
+                !locations.iter().any(|l| module.ends_with(&format!("_{l}")))
+            })
+            .collect()
     }
 
     fn describe(&self) -> String {

@@ -114,7 +114,10 @@ fn assert_applies(r: &Rotation, a: &Array2<f64>, seed: u64, tol: f64) {
 fn err_of(json: &str, n_layers: usize, d: usize, weights: Option<&Path>) -> CheckpointError {
     match TransformConfig::from_config_json(json) {
         Err(e) => e,
-        Ok(cfg) => cfg.unwrap().plans(n_layers, d, weights).unwrap_err(),
+        Ok(cfg) => match cfg.unwrap().plans(n_layers, d, weights) {
+            Err(e) => e,
+            Ok(p) => panic!("{json}: planned {p:?}"),
+        },
     }
 }
 
@@ -132,6 +135,8 @@ fn no_transform_config_is_none() {
         r#"{"quantization_config": null}"#,
         r#"{"quantization_config": {"quant_method": "compressed-tensors"}}"#,
         r#"{"quantization_config": {"transform_config": null}}"#,
+        // What compressed-tensors writes into every checkpoint without transforms.
+        r#"{"quantization_config": {"transform_config": {}}}"#,
     ] {
         assert_eq!(TransformConfig::from_config_json(json).unwrap(), None);
     }
@@ -144,7 +149,6 @@ fn no_transform_config_is_none() {
 #[test]
 fn hadamard_on_q_and_k_is_the_hadamard_rotation() {
     let plain = config(&r3("hadamard", ""));
-    let legacy = plain.replace("config_groups", "transform_groups");
     let spelled = config(&r3(
         "Hadamard",
         r#""precision": "float32", "randomize": false,"#,
@@ -157,7 +161,7 @@ fn hadamard_on_q_and_k_is_the_hadamard_rotation() {
         r#""location": "q_attn"}"#,
         r#""location": "q_attn", "inverse": true}"#,
     );
-    for json in [plain, legacy, spelled, inverse] {
+    for json in [plain, spelled, inverse] {
         let plans = parse(&json).plans(3, 8, None).unwrap();
         assert_eq!(plans.len(), 3);
         for p in &plans {
@@ -352,18 +356,46 @@ fn config_errors_name_the_field() {
             vec!["config_groups.R3.apply[0].location", "k_cache"],
         ),
         (
-            config(&r3("hadamard", "")).replace(
+            config(&r3("random-hadamard", "")).replace(
                 r#""location": "k_cache"}"#,
                 r#""location": "k_cache", "inverse": true}"#,
             ),
             vec!["config_groups.R3.apply[1].inverse"],
         ),
         (
+            // Layer 0 ignored for q_attn only: rotated on one side.
             config(&r3("hadamard", "")).replace(
                 r#""location": "q_attn"}"#,
                 r#""location": "q_attn", "ignore": "model.layers.0.self_attn"}"#,
             ),
-            vec!["config_groups.R3.apply[0].ignore"],
+            vec!["config_groups.R3.apply[1]", "model.layers.0.self_attn", "k_cache", "q_attn"],
+        ),
+        (
+            config(&r3("hadamard", "")).replace(
+                r#""location": "q_attn"}"#,
+                r#""location": "q_attn", "ignore": null}"#,
+            ),
+            vec!["config_groups.R3.apply[0].ignore", "null"],
+        ),
+        (
+            config(&r3("hadamard", "")).replace("re:.*self_attn$", "re:(?<=x)self_attn"),
+            vec!["config_groups.R3.apply[0].targets[0]", "does not compile"],
+        ),
+        (
+            config(&r3("hadamard", "")).replace("re:.*self_attn$", "re:self_attn"),
+            vec!["config_groups.R3.apply[0].targets[0]", "re:self_attn", "matches no module"],
+        ),
+        (
+            config(&r3("hadamard", "")).replace("re:.*self_attn$", "LlamaAttention"),
+            vec!["config_groups.R3.apply[0].targets[0]", "LlamaAttention", "architectures"],
+        ),
+        (
+            config(&r3("hadamard", r#""precision": "float65","#)),
+            vec!["config_groups.R3.precision", "float65"],
+        ),
+        (
+            config(&r3("hadamard", "")).replace(r#""head_dim": 8, "#, ""),
+            vec!["config_groups.R3.head_dim", "missing"],
         ),
         (
             config(&r3("hadamard", "")).replace(r#""head_dim": 8,"#, r#""head_dim": 6,"#),
@@ -382,15 +414,21 @@ fn config_errors_name_the_field() {
             vec!["transform_config", "transform_groups"],
         ),
         (
+            r#"{"quantization_config": {"transform_config": {"transform_groups": {}}}}"#.into(),
+            vec!["transform_config", "transform_groups", "no compressed-tensors release"],
+        ),
+        (
             r#"{"quantization_config": {"transform_config": {"groups": {}}}}"#.into(),
             vec!["transform_config", "groups"],
         ),
         (
             r#"{"quantization_config": {"transform_config": {"config_groups": {
-                "A": {"type": "hadamard", "apply": [{"targets": "x", "location": "q_attn"},
-                      {"targets": "x", "location": "k_cache"}]},
-                "B": {"type": "hadamard", "apply": [{"targets": "x", "location": "q_attn"},
-                      {"targets": "x", "location": "k_cache"}]}}}}}"#
+                "A": {"type": "hadamard", "head_dim": 8, "apply": [
+                      {"targets": "re:.*self_attn$", "location": "q_attn"},
+                      {"targets": "re:.*self_attn$", "location": "k_cache"}]},
+                "B": {"type": "hadamard", "head_dim": 8, "apply": [
+                      {"targets": "model.layers.1.self_attn", "location": "q_attn"},
+                      {"targets": "model.layers.1.self_attn", "location": "k_cache"}]}}}}}"#
                 .into(),
             vec!["config_groups.B", "config_groups.A"],
         ),
@@ -525,11 +563,177 @@ proptest! {
         let file = dir.path().join("w.safetensors");
         write_tensors(&file, &[(&name(0, "q_attn", "weight"), Dtype::F64, vec![d, d], m.iter().copied().collect())]);
         let inv = if inverse { r#", "inverse": true}"# } else { "}" };
-        let json = config(&r3("random-matrix", "").replace(r#""head_dim": 8,"#, "")
+        let json = config(&r3("random-matrix", "").replace(r#""head_dim": 8,"#, &format!(r#""head_dim": {d},"#))
             .replace(r#""location": "q_attn"}"#, &format!(r#""location": "q_attn"{inv}"#))
             .replace(r#""location": "k_cache"}"#, &format!(r#""location": "k_cache"{inv}"#)));
         let plans = parse(&json).plans(1, d, Some(&file)).unwrap();
         // random-matrix stores the applied matrix itself, inverse or not.
         assert_applies(plans[0].qk.as_ref().unwrap(), &m, seed, 1e-12);
     }
+}
+
+/// The `transform_config` objects llm-compressor's modifiers write (compressed-tensors sorts
+/// the keys and writes every field; values as `SpinQuantModifier` and `QuIPModifier` set them,
+/// from their source: docs/integration.md), each parsed into the expected per-layer plans.
+#[test]
+fn published_configs_give_their_plans() {
+    let wrap = |tc: &str| {
+        format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "head_dim": 64, "quantization_config":
+               {{"quant_method": "compressed-tensors", "transform_config": {tc}}}}}"#
+        )
+    };
+    let r3 = r#""R3": {"apply": [{"ignore": [], "inverse": false, "location": "q_attn", "targets": ["re:.*self_attn$"]}, {"ignore": [], "inverse": false, "location": "k_cache", "targets": ["re:.*self_attn$"]}], "head_dim": 64, "precision": "torch.float64", "randomize": false, "requires_grad": false, "type": "hadamard"}"#;
+    let r1 = r#""R1": {"apply": [{"ignore": [], "inverse": false, "location": "weight_output", "targets": ["re:.*embed_tokens$", "re:.*o_proj$", "re:.*down_proj$"]}, {"ignore": [], "inverse": true, "location": "weight_input", "targets": ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$", "re:.*up_proj$", "re:.*gate_proj$", "lm_head"]}], "head_dim": null, "precision": "torch.float64", "randomize": false, "requires_grad": false, "type": "hadamard"}"#;
+    let r2 = r#""R2": {"apply": [{"ignore": [], "inverse": false, "location": "weight_output", "targets": ["re:.*v_proj$"]}, {"ignore": [], "inverse": true, "location": "weight_input", "targets": ["re:.*o_proj$"]}], "head_dim": 64, "precision": "torch.float64", "randomize": false, "requires_grad": false, "type": "hadamard"}"#;
+    let r4 = r#""R4": {"apply": [{"ignore": [], "inverse": false, "location": "input", "targets": ["re:.*down_proj$"]}, {"ignore": [], "inverse": true, "location": "weight_input", "targets": ["re:.*down_proj$"]}], "head_dim": null, "precision": "torch.float64", "randomize": false, "requires_grad": false, "type": "hadamard"}"#;
+    let quip = r#""v": {"apply": [{"ignore": ["lm_head"], "inverse": false, "location": "input", "targets": ["Linear"]}, {"ignore": ["lm_head"], "inverse": true, "location": "weight_input", "targets": ["Linear"]}], "head_dim": 128, "precision": "torch.float64", "randomize": false, "requires_grad": false, "type": "hadamard"}"#;
+    let h = Some(Rotation::hadamard(64).unwrap());
+    let cases: [(String, Option<Rotation>); 4] = [
+        // SpinQuant R3 alone (llm-compressor's experimental R3 example).
+        (format!(r#"{{"config_groups": {{{r3}}}}}"#), h.clone()),
+        // R1, R2, R4: weights and MLP inputs only, the cache untouched.
+        (
+            format!(r#"{{"config_groups": {{{r1}, {r2}, {r4}}}}}"#),
+            None,
+        ),
+        // All four (R1 and R4 without a block size: `head_dim` null).
+        (
+            format!(r#"{{"config_groups": {{{r1}, {r2}, {r3}, {r4}}}}}"#),
+            h,
+        ),
+        // QuIP: `Linear` targets, `lm_head` ignored; no attention location.
+        (format!(r#"{{"config_groups": {{{quip}}}}}"#), None),
+    ];
+    for (tc, want) in cases {
+        let plans = parse(&wrap(&tc)).plans(3, 64, None).unwrap();
+        assert!(plans.iter().all(|p| p.qk == want && p.v.is_none()), "{tc}");
+    }
+}
+
+/// compressed-tensors' matching: `re:` at the start of the full name, exact names, the model's
+/// attention class and `Module`, ignore winning; layers no scheme selects stay unrotated;
+/// a smaller `head_dim` repeats along the head; two schemes on disjoint layers.
+#[test]
+fn targets_and_ignore_select_layers() {
+    let scheme = |targets: &str, ignore: &str, head_dim: usize| {
+        format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "quantization_config": {{"transform_config":
+               {{"config_groups": {{"R3": {{"type": "hadamard", "head_dim": {head_dim}, "apply": [
+               {{"targets": {targets}, "ignore": {ignore}, "location": "q_attn"}},
+               {{"targets": {targets}, "ignore": {ignore}, "location": "k_cache"}}]}}}}}}}}}}"#
+        )
+    };
+    let rotated = |json: &str| -> Vec<bool> {
+        parse(json)
+            .plans(4, 8, None)
+            .unwrap()
+            .iter()
+            .map(|p| p.qk.is_some())
+            .collect()
+    };
+    let cases = [
+        (
+            r#"["re:model\\.layers\\.(0|1)\\.self_attn$"]"#,
+            "[]",
+            [true, true, false, false],
+        ),
+        (
+            r#""re:.*self_attn$""#,
+            r#""re:model\\.layers\\.0\\.""#,
+            [false, true, true, true],
+        ),
+        (
+            r#"["model.layers.2.self_attn"]"#,
+            "[]",
+            [false, false, true, false],
+        ),
+        (
+            r#"["LlamaAttention"]"#,
+            r#"["model.layers.3.self_attn"]"#,
+            [true, true, true, false],
+        ),
+        (r#""Module""#, "[]", [true, true, true, true]),
+        // `re:` matches at the start only: `.*attn` also takes `self_attn`.
+        (
+            r#""re:.*attn""#,
+            r#""re:.*layers\\.[13]""#,
+            [true, false, true, false],
+        ),
+    ];
+    for (targets, ignore, want) in cases {
+        assert_eq!(
+            rotated(&scheme(targets, ignore, 8)),
+            want,
+            "{targets} minus {ignore}"
+        );
+    }
+    // head_dim 4 within heads of 8: the 4-point Hadamard on each half.
+    let plans = parse(&scheme(r#""re:.*self_attn$""#, "[]", 4))
+        .plans(4, 8, None)
+        .unwrap();
+    assert_eq!(plans[0].qk, Some(Rotation::block_hadamard(8, 4).unwrap()));
+    // Two schemes on disjoint layers: each its own.
+    let two = r#"{"quantization_config": {"transform_config": {"config_groups": {
+        "A": {"type": "hadamard", "head_dim": 8, "apply": [
+              {"targets": "re:model\\.layers\\.[01]\\.", "location": "q_attn"},
+              {"targets": "re:model\\.layers\\.[01]\\.", "location": "k_cache"}]},
+        "B": {"type": "hadamard", "head_dim": 4, "apply": [
+              {"targets": "model.layers.3.self_attn", "location": "q_attn"},
+              {"targets": "model.layers.3.self_attn", "location": "k_cache"}]}}}}}"#;
+    let plans = parse(two).plans(4, 8, None).unwrap();
+    let got: Vec<Option<Rotation>> = plans.into_iter().map(|p| p.qk).collect();
+    assert_eq!(
+        got,
+        [
+            Some(Rotation::hadamard(8).unwrap()),
+            Some(Rotation::hadamard(8).unwrap()),
+            None,
+            Some(Rotation::block_hadamard(8, 4).unwrap())
+        ]
+    );
+}
+
+/// Module names come from the checkpoint's tensors: attention under a vision tower and under
+/// the decoder, the decoder's stack (of the model's layer count) taken, and targets matched
+/// against the real names.
+#[test]
+fn module_names_come_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    let w = |n: String| (n, Dtype::F32, vec![2usize, 2], vec![1.0, 0.0, 0.0, 1.0]);
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<f64>)> = Vec::new();
+    for l in 0..3 {
+        tensors.push(w(format!(
+            "model.language_model.layers.{l}.self_attn.k_proj.weight"
+        )));
+    }
+    for l in 0..2 {
+        tensors.push(w(format!(
+            "model.vision_tower.layers.{l}.self_attn.k_proj.weight"
+        )));
+    }
+    let refs: Vec<Tensor> = tensors
+        .iter()
+        .map(|(n, d, s, v)| (n.as_str(), *d, s.clone(), v.clone()))
+        .collect();
+    write_tensors(&file, &refs);
+    let json = |target: &str| config(&r3("hadamard", "").replace("re:.*self_attn$", target));
+    let plans = parse(&json(
+        r"re:model\\.language_model\\.layers\\.[12]\\.self_attn$",
+    ))
+    .plans(3, 8, Some(&file))
+    .unwrap();
+    let got: Vec<bool> = plans.iter().map(|p| p.qk.is_some()).collect();
+    assert_eq!(got, [false, true, true]);
+    // Llama's names are not this checkpoint's: a target naming them matches nothing.
+    let e = err_of(&json("model.layers.1.self_attn"), 3, 8, Some(&file));
+    assert_err_names(
+        &e,
+        &[
+            "targets[0]",
+            "model.layers.1.self_attn",
+            "matches no module",
+        ],
+    );
 }

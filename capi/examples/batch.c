@@ -747,10 +747,11 @@ static void checkpoints(void) {
     check_codecs(codecs, 2, &spec, (struct Expect){.kind = IDENT}, "checkpoint without transforms");
 
     /* A random matrix, stored for layer 0 only (shared by the others): R = W^T. */
-    const char *rm = "{\"quantization_config\": {\"transform_config\": {\"config_groups\": "
-                     "{\"R3\": {\"type\": \"random-matrix\", \"apply\": ["
-                     "{\"targets\": \"Attention\", \"location\": \"q_attn\"},"
-                     "{\"targets\": \"Attention\", \"location\": \"k_cache\"}]}}}}}";
+    const char *rm = "{\"architectures\": [\"LlamaForCausalLM\"], \"quantization_config\": "
+                     "{\"transform_config\": {\"config_groups\": "
+                     "{\"R3\": {\"type\": \"random-matrix\", \"head_dim\": 64, \"apply\": ["
+                     "{\"targets\": \"LlamaAttention\", \"location\": \"q_attn\"},"
+                     "{\"targets\": \"LlamaAttention\", \"location\": \"k_cache\"}]}}}}}";
     write_file("matrix.json", rm, strlen(rm));
     char header[256];
     int hl = snprintf(header, sizeof header,
@@ -775,9 +776,9 @@ static void checkpoints(void) {
 
     /* A random Hadamard needs its weights: without them, an error that says so, no codec. */
     const char *rh = "{\"quantization_config\": {\"transform_config\": {\"config_groups\": "
-                     "{\"R3\": {\"type\": \"random-hadamard\", \"apply\": ["
-                     "{\"targets\": \"Attention\", \"location\": \"q_attn\"},"
-                     "{\"targets\": \"Attention\", \"location\": \"k_cache\"}]}}}}}";
+                     "{\"R3\": {\"type\": \"random-hadamard\", \"head_dim\": 64, \"apply\": ["
+                     "{\"targets\": \"re:.*self_attn$\", \"location\": \"q_attn\"},"
+                     "{\"targets\": \"re:.*self_attn$\", \"location\": \"k_cache\"}]}}}}}";
     write_file("random.json", rh, strlen(rh));
     codecs[0] = codecs[1] = (struct RotqCodec *)&spec;
     refused(rotq_checkpoint_codecs(path_of("random.json"), NULL, &spec, 2, codecs, NULL),

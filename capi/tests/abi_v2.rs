@@ -1369,20 +1369,26 @@ fn checkpoint_codecs_say_what_is_wrong() {
         std::fs::write(&path, text).unwrap();
         CString::new(path.to_str().unwrap()).unwrap()
     };
-    let group = |kind: &str, locations: &[&str]| {
+    let group_of = |kind: &str, locations: &[&str], head_dim: usize, target: &str| {
         let apply: Vec<String> = locations
             .iter()
-            .map(|l| format!(r#"{{"targets": "Attention", "location": "{l}"}}"#))
+            .map(|l| format!(r#"{{"targets": "{target}", "location": "{l}"}}"#))
             .collect();
         format!(
-            r#"{{"quantization_config": {{"transform_config": {{"config_groups": {{"R3":
-            {{"type": "{kind}", "apply": [{}]}}}}}}}}}}"#,
+            r#"{{"architectures": ["LlamaForCausalLM"], "quantization_config": {{"transform_config":
+            {{"config_groups": {{"R3": {{"type": "{kind}", "head_dim": {head_dim},
+            "apply": [{}]}}}}}}}}}}"#,
             apply.join(",")
         )
     };
+    let group = |kind: &str, locations: &[&str]| group_of(kind, locations, D, "LlamaAttention");
     let r3 = write("r3.json", &group("hadamard", &["q_attn", "k_cache"]));
     let q_only = write("q_only.json", &group("hadamard", &["q_attn"]));
     let unknown = write("unknown.json", &group("givens", &["q_attn", "k_cache"]));
+    let nowhere = write(
+        "nowhere.json",
+        &group_of("hadamard", &["q_attn", "k_cache"], D, "re:self_attn"),
+    );
     let broken = write("broken.json", "{");
     let missing = CString::new(dir.join("none.json").to_str().unwrap()).unwrap();
     let rot = rotation(ROTQ_QK_NONE, ROTQ_V_HADAMARD);
@@ -1402,6 +1408,7 @@ fn checkpoint_codecs_say_what_is_wrong() {
         for (path, says) in [
             (&q_only, "q_attn and k_cache must both be rotated"),
             (&unknown, "unsupported transform type `givens`"),
+            (&nowhere, "matches no module"),
             (&broken, "config.json"),
             (&missing, "none.json"),
         ] {
@@ -1431,8 +1438,7 @@ fn checkpoint_codecs_say_what_is_wrong() {
         let wide = RotqPoolSpec { head_dim: 128, ..s };
         let sized = write(
             "sized.json",
-            &group("hadamard", &["q_attn", "k_cache"])
-                .replace(r#""type""#, r#""head_dim": 64, "type""#),
+            &group_of("hadamard", &["q_attn", "k_cache"], 96, "LlamaAttention"),
         );
         expect(
             rotq_checkpoint_codecs(

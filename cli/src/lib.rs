@@ -6,6 +6,7 @@
 pub mod activations;
 pub mod bench;
 pub mod bench_cuda;
+pub mod checkpoint;
 pub mod eval;
 pub mod eval_backend;
 pub mod eval_grid;

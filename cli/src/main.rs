@@ -174,6 +174,20 @@ enum Command {
     },
     /// List the KV-cache formats of the registry.
     Info,
+    /// Print the Q/K rotation of each attention layer of a compressed-tensors checkpoint (its
+    /// `quantization_config.transform_config`, matched against the module names of its
+    /// safetensors files as compressed-tensors matches them; docs/integration.md).
+    Checkpoint {
+        /// The model folder: config.json and the .safetensors files.
+        model_dir: PathBuf,
+        /// Also build `hadamard` at 12, 20, 28 and 40 times a power of two (rotq's sizes;
+        /// compressed-tensors builds powers of two only).
+        #[arg(long)]
+        extended_hadamard: bool,
+        /// One JSON object per layer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Input at least this large gets a progress bar (when stderr is a terminal).
@@ -475,6 +489,29 @@ fn run(command: Command) -> Result<(), Error> {
                 )));
             };
             print_records(&records, json);
+        }
+        Command::Checkpoint {
+            model_dir,
+            extended_hadamard,
+            json,
+        } => {
+            let options = rotq::checkpoint::CheckpointOptions { extended_hadamard };
+            let plans = rotq_cli::checkpoint::plans(&model_dir, &options)?;
+            for p in &plans {
+                if json {
+                    println!("{}", serde_json::to_string(p).map_err(json_err)?);
+                } else {
+                    println!(
+                        "layer {:>3}  {}",
+                        p.layer,
+                        p.qk.as_deref().unwrap_or("no rotation")
+                    );
+                }
+            }
+            if !json {
+                let rotated = plans.iter().filter(|p| p.qk.is_some()).count();
+                eprintln!("{rotated} of {} layers rotate Q and K", plans.len());
+            }
         }
         Command::Info => {
             println!(

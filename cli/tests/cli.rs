@@ -323,3 +323,43 @@ fn info_reports_the_rotation_switch() {
         );
     }
 }
+
+/// `rotq checkpoint`: one line (or JSON object) per layer, layers that the config's `ignore`
+/// leaves out unrotated; a target that matches no module, or a folder without config.json, is
+/// a one-line error.
+#[test]
+fn checkpoint_prints_each_layers_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |targets: &str| {
+        format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3, "hidden_size": 256,
+            "num_attention_heads": 4, "quantization_config": {{"transform_config": {{
+            "config_groups": {{"R3": {{"type": "hadamard", "head_dim": 64, "apply": [
+            {{"targets": "{targets}", "ignore": "model.layers.1.self_attn", "location": "q_attn"}},
+            {{"targets": "{targets}", "ignore": "model.layers.1.self_attn", "location": "k_cache"}}
+            ]}}}}}}}}}}"#
+        )
+    };
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, config("LlamaAttention")).unwrap();
+    let out = rotq_ok(&["checkpoint", s(dir.path())]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].contains("hadamard(64)") && lines[2].contains("hadamard(64)"));
+    assert!(lines[1].contains("no rotation"), "{text}");
+    let out = rotq_ok(&["checkpoint", s(dir.path()), "--json"]);
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[1]["qk"], serde_json::Value::Null);
+    assert_eq!(rows[2]["qk"], "hadamard(64)");
+    std::fs::write(&path, config("re:self_attn")).unwrap();
+    let out = rotq(&["checkpoint", s(dir.path())]);
+    assert_one_line_error(&out, "a target that matches no module");
+    assert!(stderr(&out).contains("targets[0]"), "{}", stderr(&out));
+    let out = rotq(&["checkpoint", s(&dir.path().join("nothing"))]);
+    assert_one_line_error(&out, "a folder without config.json");
+}

@@ -630,8 +630,11 @@ pub fn tune_cache(data: &[u8]) {
 
 /// Arbitrary bytes as a model's `config.json`, through [`rotq::checkpoint::TransformConfig`]:
 /// parsing answers (a config, none, or a typed error) and never panics; plans built without
-/// weights (Hadamard schemes) are one per layer and fit the model's head dimension, and a
-/// config that parsed once parses again from its own text the same way.
+/// weights (Hadamard schemes; targets, ignore lists, `re:` patterns and class names matched
+/// against a Llama-style model's modules; `head_dim` blocks), strict or with rotq's wider
+/// Hadamard sizes, are one per layer and fit the model's head dimension, the strict plans a
+/// subset of the wider ones; and a config that parsed once parses again from its own text the
+/// same way.
 pub fn transform_config(data: &[u8]) {
     use rotq::checkpoint::TransformConfig;
     let Ok(text) = std::str::from_utf8(data) else {
@@ -646,11 +649,20 @@ pub fn transform_config(data: &[u8]) {
         "a second parse differs: {again:?}"
     );
     let (n_layers, head_dim) = (3, 8);
-    if let Ok(plans) = config.plans(n_layers, head_dim, None) {
+    let wide = rotq::checkpoint::CheckpointOptions {
+        extended_hadamard: true,
+    };
+    let strict = config.plans(n_layers, head_dim, None);
+    if let Ok(plans) = &strict {
         assert_eq!(plans.len(), n_layers);
-        for plan in &plans {
+        for plan in plans {
             assert!(plan.check_dims(head_dim, head_dim).is_ok());
         }
+        // What compressed-tensors builds, rotq's wider option builds the same way.
+        assert!(
+            matches!(config.plans_with(n_layers, head_dim, None, &wide), Ok(w) if w == *plans),
+            "the wider option changed a strict plan"
+        );
     }
 }
 
