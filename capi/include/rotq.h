@@ -43,7 +43,7 @@
 /**
  * The minor version of the ABI (functions, constants and struct fields added at the end).
  */
-#define ROTQ_ABI_VERSION_MINOR 1
+#define ROTQ_ABI_VERSION_MINOR 2
 
 /**
  * The ABI version this header describes, packed as `major << 16 | minor`: compare it with
@@ -688,6 +688,30 @@ enum RotqStatus rotq_checkpoint_codecs(const char *config_json_path,
                                        size_t n_layers,
                                        struct RotqCodec **codecs,
                                        bool *from_checkpoint);
+
+/**
+ * The Q/K rotation that the checkpoint in `model_dir` (its `config.json` and `.safetensors`
+ * files) gives attention layer `layer` of `n_layers`, whose heads are `head_dim` values,
+ * written into `out` (`out_len` bytes) as a NUL-terminated description: `"none"` where the
+ * checkpoint's `transform_config` does not rotate that layer (or there is none), else rotq's
+ * name of the rotation (`"hadamard(128)"`, `"block-hadamard(128, block 64)"`,
+ * `"matrix(128x128)"`). Layers are selected as compressed-tensors selects modules (`targets`,
+ * `ignore`, `re:` patterns; docs/integration.md). What `rotq checkpoint MODEL_DIR` prints, for
+ * an engine to log or check; [`rotq_checkpoint_codecs`] makes the codecs. A description
+ * longer than `out_len − 1` bytes, a layer past `n_layers` or a checkpoint that rotq cannot
+ * follow is an error (naming the field or tensor at fault) and leaves `out` empty.
+ *
+ * Threads: any thread, several at once.
+ *
+ * # Safety
+ * `model_dir` is a NUL-terminated path; `out` points to `out_len` writable bytes.
+ */
+enum RotqStatus rotq_checkpoint_plan(const char *model_dir,
+                                     size_t n_layers,
+                                     size_t head_dim,
+                                     size_t layer,
+                                     char *out,
+                                     size_t out_len);
 
 /**
  * Rotates and quantizes the keys `k` (`n_tokens × n_kv_heads × head_dim` floats) and values

@@ -1,5 +1,6 @@
 //! The C ABI of rotq, for engines written in C or C++, in two parts that live side by side
-//! ([`rotq_abi_version`] says which this library offers: 2.1 offers both; 2.1 added `RotqPoolSpec::query`):
+//! ([`rotq_abi_version`] says which this library offers: 2.2 offers both; 2.1 added
+//! `RotqPoolSpec::query`, 2.2 `rotq_checkpoint_plan`):
 //!
 //! * **v1**: one layer's rotated, quantized KV cache ([`rotq::cache::RotatedKvCache`]) behind an
 //!   opaque handle that owns its memory, on the CPU ([`rotq_cache_new`]) or on a backend opened

@@ -120,7 +120,7 @@ type Failure = (RotqStatus, String);
 pub const ROTQ_ABI_VERSION_MAJOR: u32 = 2;
 
 /// The minor version of the ABI (functions, constants and struct fields added at the end).
-pub const ROTQ_ABI_VERSION_MINOR: u32 = 1;
+pub const ROTQ_ABI_VERSION_MINOR: u32 = 2;
 
 /// The ABI version this header describes, packed as `major << 16 | minor`: compare it with
 /// [`rotq_abi_version`] at start-up (same major, and a library minor at least the header's).
@@ -991,7 +991,7 @@ pub unsafe extern "C" fn rotq_checkpoint_codecs(
             Some(cfg) => cfg.plans(n_layers, s.head_dim, weights).map_err(refused)?,
             None => vec![RotationPlan::none(); n_layers],
         };
-        // Every layer's Q/K comes from the checkpoint, or none does.
+        // Whether the checkpoint rotates any layer (the others take the spec's rotation).
         let set = plans.iter().any(|p| p.qk.is_some());
         let mut made = Vec::with_capacity(n_layers);
         for plan in plans {
@@ -1008,6 +1008,64 @@ pub unsafe extern "C" fn rotq_checkpoint_codecs(
         if !from_checkpoint.is_null() {
             // SAFETY: non-null, and the caller guarantees it is writable.
             unsafe { *from_checkpoint = set };
+        }
+        Ok(())
+    })
+}
+
+/// The Q/K rotation that the checkpoint in `model_dir` (its `config.json` and `.safetensors`
+/// files) gives attention layer `layer` of `n_layers`, whose heads are `head_dim` values,
+/// written into `out` (`out_len` bytes) as a NUL-terminated description: `"none"` where the
+/// checkpoint's `transform_config` does not rotate that layer (or there is none), else rotq's
+/// name of the rotation (`"hadamard(128)"`, `"block-hadamard(128, block 64)"`,
+/// `"matrix(128x128)"`). Layers are selected as compressed-tensors selects modules (`targets`,
+/// `ignore`, `re:` patterns; docs/integration.md). What `rotq checkpoint MODEL_DIR` prints, for
+/// an engine to log or check; [`rotq_checkpoint_codecs`] makes the codecs. A description
+/// longer than `out_len − 1` bytes, a layer past `n_layers` or a checkpoint that rotq cannot
+/// follow is an error (naming the field or tensor at fault) and leaves `out` empty.
+///
+/// Threads: any thread, several at once.
+///
+/// # Safety
+/// `model_dir` is a NUL-terminated path; `out` points to `out_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rotq_checkpoint_plan(
+    model_dir: *const c_char,
+    n_layers: usize,
+    head_dim: usize,
+    layer: usize,
+    out: *mut c_char,
+    out_len: usize,
+) -> RotqStatus {
+    guard(|| {
+        // SAFETY: the caller guarantees `out_len` writable bytes (null refused).
+        let out = unsafe { slice_mut(out, out_len, "out")? };
+        if let Some(first) = out.first_mut() {
+            *first = 0;
+        }
+        // SAFETY: the caller's guarantee, passed on.
+        let dir = Path::new(unsafe { text(model_dir, "model_dir")? });
+        if layer >= n_layers {
+            return Err(invalid(format!("layer {layer} of {n_layers} layers")));
+        }
+        let config = dir.join("config.json");
+        let qk = match TransformConfig::from_config_file(&config).map_err(refused)? {
+            Some(cfg) => {
+                let mut plans = cfg.plans(n_layers, head_dim, Some(dir)).map_err(refused)?;
+                plans.swap_remove(layer).qk
+            }
+            None => None,
+        };
+        let text = qk.map_or("none".to_string(), |r| r.to_string());
+        if text.len() + 1 > out.len() {
+            return Err(invalid(format!(
+                "out holds {} bytes; `{text}` needs {}",
+                out.len(),
+                text.len() + 1
+            )));
+        }
+        for (o, b) in out.iter_mut().zip(text.bytes().chain([0])) {
+            *o = b as c_char;
         }
         Ok(())
     })

@@ -9,7 +9,7 @@ mod common;
 use common::last_error;
 
 use rotq_capi::*;
-use std::ffi::CString;
+use std::ffi::{c_char, CStr, CString};
 use std::ptr::{null, null_mut};
 
 const H_KV: usize = 2;
@@ -232,9 +232,9 @@ fn expect(status: RotqStatus, want: RotqStatus, says: &str) {
 }
 
 #[test]
-fn the_abi_version_is_2_1() {
+fn the_abi_version_is_2_2() {
     assert_eq!(rotq_abi_version(), ROTQ_ABI_VERSION);
-    assert_eq!(ROTQ_ABI_VERSION, (2 << 16) | 1);
+    assert_eq!(ROTQ_ABI_VERSION, (2 << 16) | 2);
     assert_eq!(rotq_abi_version() >> 16, ROTQ_ABI_VERSION_MAJOR);
 }
 
@@ -1458,6 +1458,60 @@ fn checkpoint_codecs_say_what_is_wrong() {
             RotqStatus::Ok
         );
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// ABI 2.2's `rotq_checkpoint_plan`: a layer's Q/K rotation from a model folder, "none" for a
+/// layer the config's `ignore` leaves out; errors (a layer past the count, a buffer too small,
+/// a target that matches nothing) leave the buffer empty and say what is wrong.
+#[test]
+fn checkpoint_plan_describes_a_layer() {
+    let dir = std::env::temp_dir().join(format!("rotq-abi-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = |target: &str| {
+        format!(
+            r#"{{"quantization_config": {{"transform_config": {{"config_groups": {{"R3": {{
+            "type": "hadamard", "head_dim": 32, "apply": [
+            {{"targets": "{target}", "ignore": "re:model\\.layers\\.0\\.", "location": "q_attn"}},
+            {{"targets": "{target}", "ignore": "re:model\\.layers\\.0\\.", "location": "k_cache"}}
+            ]}}}}}}}}}}"#
+        )
+    };
+    std::fs::write(dir.join("config.json"), config("re:.*self_attn$")).unwrap();
+    let path = CString::new(dir.to_str().unwrap()).unwrap();
+    let describe = |layer: usize, len: usize| -> (RotqStatus, String) {
+        let mut out = vec![b'x' as c_char; len];
+        // SAFETY: a NUL-terminated path and `len` writable bytes.
+        let status =
+            unsafe { rotq_checkpoint_plan(path.as_ptr(), 3, 64, layer, out.as_mut_ptr(), len) };
+        // SAFETY: the call leaves a NUL-terminated string (empty on error).
+        let text = unsafe { CStr::from_ptr(out.as_ptr()) };
+        (status, text.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        describe(0, 64),
+        (RotqStatus::Ok, "none".to_string()),
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        describe(2, 64),
+        (RotqStatus::Ok, "block-hadamard(64, block 32)".to_string())
+    );
+    let (status, text) = describe(3, 64);
+    assert_eq!((status, text.as_str()), (RotqStatus::InvalidArgument, ""));
+    assert!(last_error().contains("layer 3 of 3"), "{}", last_error());
+    let (status, text) = describe(1, 8);
+    assert_eq!((status, text.as_str()), (RotqStatus::InvalidArgument, ""));
+    assert!(last_error().contains("needs 29"), "{}", last_error());
+    std::fs::write(dir.join("config.json"), config("re:attn")).unwrap();
+    let (status, _) = describe(1, 64);
+    assert_eq!(status, RotqStatus::Error);
+    assert!(
+        last_error().contains("matches no module"),
+        "{}",
+        last_error()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
