@@ -388,11 +388,12 @@ impl RowDecoder for Tq4 {
             // Eight codes are one little-endian u32 (value j in bits 4j .. 4j + 4): broadcast
             // from memory and shifted lane by lane, they come out in order with no shuffle
             // (shuffles share one port with the lookups' permutes).
-            let p = row.add(8 * c).cast::<f32>();
+            // (Rows are not 4-byte aligned: an unaligned read, which the broadcast folds in.)
+            let p = row.add(8 * c).cast::<i32>();
             let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
             let mask = _mm256_set1_epi32(0x0F);
-            let codes = |p: *const f32| {
-                let w = _mm256_castps_si256(_mm256_broadcast_ss(&*p));
+            let codes = |p: *const i32| {
+                let w = _mm256_set1_epi32(p.read_unaligned());
                 _mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask)
             };
             // The levels alone: the loops apply the row's scale once (ROW_SCALE).
