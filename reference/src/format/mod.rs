@@ -471,37 +471,25 @@ impl KvFormat {
     ];
 
     /// The block formats: every format but the row formats.
-    pub const BLOCKS: [KvFormat; 12] = {
-        let mut out = [KvFormat::F32; 12];
-        let mut i = 0;
-        while i < 12 {
-            out[i] = Self::ALL[i];
-            i += 1;
-        }
-        out
-    };
+    pub const BLOCKS: [KvFormat; 12] = Self::slice_of_all(0);
 
     /// rotq's TurboQuant row formats (module docs).
-    pub const TURBOQUANT: [KvFormat; 6] = {
-        let mut out = [KvFormat::F32; 6];
-        let mut i = 0;
-        while i < 6 {
-            out[i] = Self::ALL[12 + i];
-            i += 1;
-        }
-        out
-    };
+    pub const TURBOQUANT: [KvFormat; 6] = Self::slice_of_all(12);
 
     /// The parts of vLLM's TurboQuant slots as row formats (module docs).
-    pub const VLLM: [KvFormat; 5] = {
-        let mut out = [KvFormat::F32; 5];
+    pub const VLLM: [KvFormat; 5] = Self::slice_of_all(18);
+
+    /// `N` formats of [`KvFormat::ALL`] from `start` (a `const` slice: the groups above are
+    /// runs of `ALL`, so the registry's order stays the one place that defines them).
+    const fn slice_of_all<const N: usize>(start: usize) -> [KvFormat; N] {
+        let mut out = [KvFormat::F32; N];
         let mut i = 0;
-        while i < 5 {
-            out[i] = Self::ALL[18 + i];
+        while i < N {
+            out[i] = Self::ALL[start + i];
             i += 1;
         }
         out
-    };
+    }
 
     /// The rotq TurboQuant row format behind this format, if it is one (module docs).
     ///

@@ -14,7 +14,7 @@
 use crate::isa::Isa;
 use half::f16;
 use rotq_reference::turboquant::formats::{stored_f16, RowFormat, QJL_SEED};
-use rotq_reference::turboquant::{sketch_matrix, Mse};
+use rotq_reference::turboquant::{self, sketch_matrix, Mse};
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
@@ -116,18 +116,6 @@ pub(crate) fn with_tables<R>(row: RowFormat, d: usize, f: impl FnOnce(&Tables) -
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn tq4_levels(d: usize) -> [f32; 16] {
     with_tables(RowFormat::Mse { bits: 4 }, d, |t| t.levels_f32)
-}
-
-/// `Σ v²` in the oracle's order (`rotq_reference::turboquant::sum_squares`), for `d` a
-/// multiple of 8: eight lanes, then `(t₀ + t₂) + (t₁ + t₃)` with `t_j = p_j + p_{j+4}`.
-#[inline(always)]
-fn sum_squares(v: impl Iterator<Item = f64>) -> f64 {
-    let mut p = [0f64; 8];
-    for (i, x) in v.enumerate() {
-        p[i % 8] += x * x;
-    }
-    let t = [p[0] + p[4], p[1] + p[5], p[2] + p[6], p[3] + p[7]];
-    (t[0] + t[2]) + (t[1] + t[3])
 }
 
 /// `Σ y²` of an f32 row in the oracle's order (lanes kept apart, so it vectorizes).
@@ -410,11 +398,7 @@ fn quantize_with(t: &Tables, y: &[f32], out: &mut [u8], isa: Isa) {
                 .enumerate()
                 .fold(0u8, |bits, (j, &v)| bits | u8::from(v >= 0.0) << j);
         }
-        put_f16(
-            out,
-            n_codes + 2 + d / 8,
-            sum_squares(r.iter().copied()).sqrt(),
-        );
+        put_f16(out, n_codes + 2 + d / 8, turboquant::sum_squares(r).sqrt());
     });
 }
 
