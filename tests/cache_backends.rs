@@ -133,6 +133,10 @@ fn cases() -> Vec<Case> {
         },
         case(KvFormat::Iq4Nl, KvFormat::F16, 0, 1, 8, 128),
         case(KvFormat::Q5_1, KvFormat::Iq4Nl, 1, 2, 2, 96),
+        // Row formats: rotq's QJL keys beside MSE values, vLLM's preset parts.
+        case(KvFormat::Tq4Qjl, KvFormat::Tq3, 1, 2, 4, 128),
+        case(KvFormat::VllmK4, KvFormat::VllmV4, 0, 2, 4, 128),
+        case(KvFormat::VllmFp8, KvFormat::VllmV3, 0, 1, 8, 64),
     ]
 }
 
@@ -398,13 +402,9 @@ fn sequence(c: &Case, backend: &Backend, paging: Paging) -> (Vec<u8>, Vec<u8>) {
     appended
 }
 
-/// CPU and CUDA bytes of one cache (of a block format): equal without a rotation, else at most
-/// one block in twenty differs.
-fn compare_bytes(cpu: &[u8], gpu: &[u8], format: KvFormat, rotated: bool, what: &str) {
-    assert!(
-        KvFormat::BLOCKS.contains(&format),
-        "{what}: {format} is no block format"
-    );
+/// CPU and CUDA bytes of one cache of rows of `d`: equal without a rotation, else at most one
+/// block (a row format's row) in twenty differs.
+fn compare_bytes(cpu: &[u8], gpu: &[u8], format: KvFormat, d: usize, rotated: bool, what: &str) {
     assert_eq!(cpu.len(), gpu.len(), "{what}: lengths");
     if !rotated {
         assert!(
@@ -414,7 +414,12 @@ fn compare_bytes(cpu: &[u8], gpu: &[u8], format: KvFormat, rotated: bool, what: 
         );
         return;
     }
-    let bb = format.block_bytes();
+    // A row format's unit is the whole row.
+    let bb = if format.is_row() {
+        format.row_bytes(d).unwrap()
+    } else {
+        format.block_bytes()
+    };
     let blocks = cpu.len() / bb;
     let differing = cpu
         .chunks(bb)
@@ -447,6 +452,7 @@ fn cpu_and_cuda_caches_agree() {
                 &ck,
                 &gk,
                 c.k_format,
+                c.d,
                 spec.plan.qk.is_some(),
                 &format!("{paging:?} {c:?} K"),
             );
@@ -454,6 +460,7 @@ fn cpu_and_cuda_caches_agree() {
                 &cv,
                 &gv,
                 c.v_format,
+                c.d,
                 spec.plan.v.is_some(),
                 &format!("{paging:?} {c:?} V"),
             );

@@ -35,8 +35,8 @@ pub(super) struct CudaStore {
 /// Refuses a head dimension (K or V) the CUDA attention kernels cannot take, as they would at
 /// the first attention call.
 fn check_head_dims(spec: &CacheSpec) -> Result<(), Error> {
-    rotq_cuda::check_format(spec.k_format)?;
-    rotq_cuda::check_format(spec.v_format)?;
+    rotq_cuda::check_format(spec.k_format, spec.head_dim)?;
+    rotq_cuda::check_format(spec.v_format, spec.v_dim)?;
     rotq_cuda::check_head_dim(spec.head_dim, "a KV cache's K head on CUDA")?;
     rotq_cuda::check_head_dim(spec.v_dim, "a KV cache's V head on CUDA")?;
     Ok(())

@@ -43,9 +43,9 @@ use crate::error::{Context, CudaError, Result};
 use crate::flash_module::FlashShape;
 use crate::kernel::{self, Transform};
 use crate::rotation::{CudaRotation, GpuElement};
+use crate::turbo::MAX_VLLM_KEY_DIM_CUDA;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use rotq_reference::hadamard::base_sign;
-use rotq_reference::turboquant::formats::RowFormat;
 use rotq_reference::{AttentionParams, Error, KvFormat, RotationPlan};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -83,26 +83,28 @@ pub fn check_head_dim(dim: usize, what: &'static str) -> std::result::Result<(),
     Ok(())
 }
 
-/// Refuses a format the CUDA kernels do not implement: the TurboQuant formats with a QJL
-/// sketch (`tq2_qjl`, `tq3_qjl`, `tq4_qjl`; their `d × d` sketch makes them slow and, in
-/// attention, worse than the MSE formats of as many bits: docs/eval.md) and the parts of
-/// vLLM's slots (`vllm_*`, for reading and writing vLLM's bytes) run on the CPU only. The one
-/// test, run by the codec, the attention kernels and a cache when it is made.
+/// Refuses a format at a row length the CUDA kernels do not take: the registry's own limits
+/// (`KvFormat::check_row_len`), and vLLM's codebook keys (`vllm_k3`, `vllm_k4`) above
+/// [`crate::MAX_VLLM_KEY_DIM_CUDA`] values (the codec transforms such a row in f64 in one
+/// thread's local memory). Every format of the registry runs on CUDA; the TurboQuant QJL
+/// formats and vLLM's codebook keys decode in attention with O(d) work per value (a sketch
+/// column, a Hadamard row): correct, and slow. The one test, run by the codec, the attention
+/// kernels and a cache when it is made.
 ///
 /// ```
 /// use rotq_reference::KvFormat;
-/// assert!(rotq_cuda::check_format(KvFormat::Q4_0).is_ok());
-/// assert!(rotq_cuda::check_format(KvFormat::Tq4).is_ok());
-/// assert!(rotq_cuda::check_format(KvFormat::Tq4Qjl).is_err());
-/// assert!(rotq_cuda::check_format(KvFormat::VllmK4).is_err());
+/// assert!(rotq_cuda::check_format(KvFormat::Q4_0, 128).is_ok());
+/// assert!(rotq_cuda::check_format(KvFormat::Tq4Qjl, 128).is_ok());
+/// assert!(rotq_cuda::check_format(KvFormat::VllmK4, 96).is_err()); // a power of two only
+/// assert!(rotq_cuda::check_format(KvFormat::VllmK4, 2048).is_err());
 /// ```
-pub fn check_format(format: KvFormat) -> std::result::Result<(), Error> {
-    if format.is_row() && !matches!(format.row_format(), Some(RowFormat::Mse { .. })) {
+pub fn check_format(format: KvFormat, dim: usize) -> std::result::Result<(), Error> {
+    format.check_row_len(dim)?;
+    if matches!(format, KvFormat::VllmK3 | KvFormat::VllmK4) && dim > MAX_VLLM_KEY_DIM_CUDA {
         return Err(Error::InvalidParameter {
-            name: "format",
+            name: "head dimension",
             reason: format!(
-                "{format} has no CUDA kernels: the TurboQuant QJL formats and vLLM's slot \
-                 parts run on the CPU backend"
+                "{format} on CUDA takes rows of at most {MAX_VLLM_KEY_DIM_CUDA} values, not {dim}"
             ),
         });
     }
@@ -1291,7 +1293,7 @@ impl CudaAttention {
             ));
         }
         for c in [k, v] {
-            check_format(c.format)?;
+            check_format(c.format, c.dim)?;
             let row_bytes = c.format.row_bytes(c.dim)?;
             let token_bytes = h_kv
                 .checked_mul(row_bytes)

@@ -73,7 +73,7 @@ impl CudaCodec {
         dim: usize,
         rotation: Option<&Rotation>,
     ) -> Result<Self> {
-        crate::check_format(format)?;
+        crate::check_format(format, dim)?;
         let row_bytes = format.row_bytes(dim)?;
         let rotation = match rotation {
             Some(r) if r.dim() != dim => {

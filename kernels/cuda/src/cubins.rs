@@ -112,11 +112,8 @@ fn row_variants(out: &mut Vec<Variant>) {
             codec(out, f, 128, 1, true, *cfg);
         }
     }
-    // Every format the codec takes (the block formats and TurboQuant's MSE formats).
-    for f in KvFormat::ALL
-        .into_iter()
-        .filter(|f| crate::check_format(*f).is_ok())
-    {
+    // Every format of the registry.
+    for f in KvFormat::ALL {
         for dim in [64, 128] {
             for elem in 0..3 {
                 for rotate in [false, true] {
@@ -189,6 +186,12 @@ fn decode_variants(out: &mut Vec<Variant>) {
             (KvFormat::Tq4, KvFormat::Tq4),
             (KvFormat::Tq3, KvFormat::Q8_0),
             (KvFormat::Q4_0, KvFormat::Tq2),
+            (KvFormat::Tq4Qjl, KvFormat::Tq3Qjl),
+            (KvFormat::Tq2Qjl, KvFormat::Q8_0),
+            (KvFormat::VllmFp8, KvFormat::VllmV4),
+            (KvFormat::VllmK4, KvFormat::VllmV4),
+            (KvFormat::VllmK3, KvFormat::VllmV3),
+            (KvFormat::Q8_0, KvFormat::VllmK4),
         ] {
             push(call(elem, k, v, 128, 4, false), default);
         }

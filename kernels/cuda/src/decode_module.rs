@@ -334,10 +334,7 @@ impl Shape {
                 l.combine_smem,
                 "decode_combine's dynamic shared memory",
             );
-        let (k_row, v_row) = (
-            self.k_format.row_format().is_some(),
-            self.v_format.row_format().is_some(),
-        );
+        let (k_row, v_row) = (self.k_format.is_row(), self.v_format.is_row());
         let defines = format!(
             "{}#define RQ_TENSOR_CORES {}\n#define RQ_TQ_K {}\n#define RQ_TQ_V {}\n",
             format_defines(self.elem, self.k_format, self.v_format),

@@ -289,6 +289,7 @@ impl Device {
             .ctx
             .load_module(ptx)
             .context(|| format!("loading the module {key}"))?;
+        crate::turbo::fill_sketches(&module, source, &self.stream)?;
         if std::env::var_os("ROTQ_CUDA_LOG").is_some() {
             eprintln!(
                 "rotq-cuda: compiled [{key}] in {:.0} ms (NVRTC {:.0} ms)",

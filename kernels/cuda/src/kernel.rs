@@ -285,7 +285,7 @@ pub(crate) fn source(
     );
     if let Some(f) = format {
         defines += &format!("#define FMT {}\n", f.name());
-        if f.row_format().is_some() {
+        if f.is_row() {
             defines += "#define RQ_TQ_ROW 1\n";
         }
     }
@@ -362,7 +362,7 @@ pub(crate) fn source(
     }
     src += FORMATS;
     src += "\n";
-    if let Some(f) = format.filter(|f| f.row_format().is_some()) {
+    if let Some(f) = format.filter(|f| f.is_row()) {
         src += crate::turbo::TURBO;
         src += &crate::turbo::tables(f, t.n());
     }

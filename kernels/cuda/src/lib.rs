@@ -48,3 +48,4 @@ pub use device::{cuda_available, Device, DeviceInfo, Tuning};
 pub use error::{CudaError, Result};
 pub use kernel::RowConfig;
 pub use rotation::{CudaRotation, GpuElement};
+pub use turbo::MAX_VLLM_KEY_DIM_CUDA;

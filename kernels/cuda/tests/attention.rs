@@ -84,12 +84,9 @@ impl Case {
     }
 }
 
-/// The formats the CUDA backend takes: the block formats and TurboQuant's MSE formats.
+/// The formats the CUDA backend takes: all of the registry's.
 fn cuda_formats() -> Vec<KvFormat> {
-    KvFormat::ALL
-        .into_iter()
-        .filter(|f| rotq_cuda::check_format(*f).is_ok())
-        .collect()
+    KvFormat::ALL.to_vec()
 }
 
 /// Rows of one sequence's cache, rotated by `r` in f64, rounded to f32 and quantized.
@@ -868,14 +865,17 @@ fn bad_inputs_are_typed_errors() {
     let p = AttentionParams::default();
     assert!(attn.decode(dev, &q, 8, &k, &k, &ok, &p, &mut out).is_ok());
     let input = |r: Result<(), CudaError>| matches!(r, Err(CudaError::Input(_)));
-    // A TurboQuant QJL format (CPU only) is refused, never read as another format.
-    let tq = CudaKvCache {
-        format: KvFormat::Tq4Qjl,
+    // Bytes are checked against the named format's rows (f32's are larger than q8_0's),
+    // never read as another format's; vLLM's keys at a length their Hadamard does not take
+    // are refused.
+    let wide = CudaKvCache {
+        format: KvFormat::F32,
         ..k
     };
-    assert!(input(attn.decode(dev, &q, 8, &tq, &k, &ok, &p, &mut out)));
-    assert!(input(attn.decode(dev, &q, 8, &k, &tq, &ok, &p, &mut out)));
-    assert!(rotq_cuda::CudaCodec::new(dev, KvFormat::Tq4Qjl, d, None).is_err());
+    assert!(KvFormat::F32.row_bytes(d).unwrap() > rb);
+    assert!(input(attn.decode(dev, &q, 8, &wide, &k, &ok, &p, &mut out)));
+    assert!(input(attn.decode(dev, &q, 8, &k, &wide, &ok, &p, &mut out)));
+    assert!(rotq_cuda::CudaCodec::new(dev, KvFormat::VllmK4, 96, None).is_err());
     // Too many tokens for the cache.
     assert!(input(attn.decode(
         dev,
@@ -1034,6 +1034,12 @@ fn cases() -> impl Strategy<Value = Case> {
                 config,
                 seed,
             )| {
+                // A length a format refuses (vLLM's keys take powers of two) becomes 128.
+                let d = if k_format.check_row_len(d).is_ok() && v_format.check_row_len(d).is_ok() {
+                    d
+                } else {
+                    128
+                };
                 Case {
                     k_format,
                     v_format,

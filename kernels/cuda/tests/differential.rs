@@ -208,8 +208,10 @@ const OTHER: [KvFormat; 4] = [
     KvFormat::Fp8E4m3,
 ];
 const ELEMENT: [KvFormat; 3] = [KvFormat::F32, KvFormat::F16, KvFormat::Bf16];
-/// TurboQuant's MSE row formats (their QJL formats run on the CPU only).
-const TURBO: [KvFormat; 3] = [KvFormat::Tq2, KvFormat::Tq3, KvFormat::Tq4];
+/// rotq's TurboQuant row formats: MSE and QJL.
+const TURBO: [KvFormat; 6] = KvFormat::TURBOQUANT;
+/// The parts of vLLM's TurboQuant slots (the codebook keys at powers of two only).
+const VLLM: [KvFormat; 5] = KvFormat::VLLM;
 
 #[test]
 fn rotate_quantize_and_dequantize_ggml_formats() {
@@ -231,7 +233,55 @@ fn rotate_quantize_and_dequantize_turboquant_formats() {
     check_formats(&TURBO);
 }
 
-/// Every format the CUDA backend takes is tested above; the QJL formats are refused.
+#[test]
+fn rotate_quantize_and_dequantize_vllm_slot_parts() {
+    check_formats(&VLLM);
+}
+
+/// Rows holding a NaN or an infinity, a zero row and rows of huge and tiny values: the row
+/// formats' bytes are the oracle's (vLLM's parts poison non-finite rows; rotq's keep a NaN
+/// norm or an infinite scale).
+#[test]
+fn row_formats_on_edge_rows() {
+    let Some(dev) = device() else { return };
+    let n = 64;
+    let mut x: Vec<f32> = ROWS.f32s(6 * n, 91);
+    x[3] = f32::NAN;
+    x[n + 5] = f32::INFINITY;
+    x[2 * n..3 * n].fill(0.0);
+    x[3 * n..4 * n].iter_mut().for_each(|v| *v *= 6.0e4);
+    x[4 * n..5 * n].iter_mut().for_each(|v| *v *= 1.0e-6);
+    x[5 * n + 7] = f32::NEG_INFINITY;
+    for format in TURBO.into_iter().chain(VLLM) {
+        let codec = CudaCodec::new(dev, format, n, None).unwrap();
+        let rb = codec.row_bytes();
+        let input = dev.stream().clone_htod(&x).unwrap();
+        let mut cache = dev.stream().alloc_zeros::<u8>(6 * rb).unwrap();
+        codec
+            .quantize(dev, &input, &mut cache, CacheTarget::contiguous(1, 0))
+            .unwrap();
+        let got = dev.stream().clone_dtoh(&cache).unwrap();
+        let want = format.quantize_rows(&x, n).unwrap();
+        assert!(
+            got == want,
+            "{format}: first difference at byte {:?}",
+            got.iter().zip(&want).position(|(a, b)| a != b)
+        );
+        let mut out = dev.stream().alloc_zeros::<f32>(6 * n).unwrap();
+        codec.dequantize(dev, &cache, &mut out).unwrap();
+        let back = dev.stream().clone_dtoh(&out).unwrap();
+        let oracle = format.dequantize_rows(&want, n).unwrap();
+        for (i, (a, b)) in back.iter().zip(&oracle).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{format}: value {i}: {a} vs the oracle's {b}"
+            );
+        }
+    }
+}
+
+/// Every format of the registry is tested above, and runs on CUDA; vLLM's codebook keys are
+/// refused where the CUDA codec cannot take their rows.
 #[test]
 fn the_format_tests_cover_the_registry() {
     let covered: Vec<KvFormat> = GGML
@@ -239,19 +289,23 @@ fn the_format_tests_cover_the_registry() {
         .chain(&OTHER)
         .chain(&ELEMENT)
         .chain(&TURBO)
+        .chain(&VLLM)
         .copied()
         .collect();
     for f in KvFormat::ALL {
-        assert_eq!(
-            covered.contains(&f),
-            rotq_cuda::check_format(f).is_ok(),
-            "{f}"
-        );
+        assert!(covered.contains(&f), "{f}");
+        assert!(rotq_cuda::check_format(f, 128).is_ok(), "{f}");
+    }
+    for (f, d) in [
+        (KvFormat::VllmK4, 96),
+        (KvFormat::VllmK3, 2048),
+        (KvFormat::Tq4Qjl, 2048),
+    ] {
+        assert!(rotq_cuda::check_format(f, d).is_err(), "{f} at {d}");
     }
     let Some(dev) = device() else { return };
-    for f in [KvFormat::Tq2Qjl, KvFormat::Tq3Qjl, KvFormat::Tq4Qjl] {
-        assert!(CudaCodec::new(dev, f, 128, None).is_err(), "{f}");
-    }
+    assert!(CudaCodec::new(dev, KvFormat::VllmK4, 2048, None).is_err());
+    assert!(CudaCodec::new(dev, KvFormat::VllmK4, 96, None).is_err());
 }
 
 /// Every configuration of the search space writes the same bytes, and large rows (exchange
