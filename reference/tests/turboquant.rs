@@ -221,3 +221,24 @@ fn bad_input_is_refused() {
     let one_bit = Prod::new(64, 1, 0).unwrap();
     assert!(one_bit.decode(&p.encode(&[1.0; 64]).unwrap()).is_err());
 }
+
+/// A QJL code read with another sketch (the query side's seed differing from the cache's) is a
+/// typed error from both the reconstruction and the estimator, never a score against the wrong
+/// matrix; a code with its signs cut short likewise.
+#[test]
+fn a_code_of_another_seed_or_length_is_refused() {
+    let d = 32;
+    let y = rotated_row(d, 5);
+    let q = rotated_row(d, 6);
+    let code = Prod::new(d, 3, 11).unwrap().encode(&y).unwrap();
+    assert_eq!(code.seed, 11);
+    let other = Prod::new(d, 3, 12).unwrap();
+    assert!(other.decode(&code).is_err());
+    assert!(other.inner(&q, &code).is_err());
+    let same = Prod::new(d, 3, 11).unwrap();
+    assert!(same.inner(&q, &code).is_ok());
+    let mut short = code.clone();
+    short.signs.pop();
+    assert!(same.decode(&short).is_err());
+    assert!(same.inner(&q, &short).is_err());
+}

@@ -187,12 +187,16 @@ pub struct ProdCode {
     pub signs: Vec<bool>,
     /// `‖r‖`.
     pub residual_norm: f64,
+    /// The seed of the sketch the signs were taken with: a quantizer of another seed refuses
+    /// the code (its signs would be read against the wrong matrix, a silently wrong score).
+    pub seed: u64,
 }
 
 /// TurboQuant-prod of rows of `d` values at `bits` bits per coordinate, sketch seed `seed`.
 #[derive(Clone, Debug)]
 pub struct Prod {
     d: usize,
+    seed: u64,
     mse: Option<Mse>,
     /// `S`, row-major `d × d`.
     sketch: Vec<f64>,
@@ -284,7 +288,29 @@ impl Prod {
             d,
             mse,
             sketch: sketch_matrix(d, seed)?,
+            seed,
         })
+    }
+
+    /// Refuses a code taken with another sketch seed, or of another length.
+    fn check_code(&self, code: &ProdCode) -> Result<()> {
+        if code.seed != self.seed {
+            return Err(Error::InvalidParameter {
+                name: "TurboQuant-prod sketch seed",
+                reason: format!(
+                    "the code was taken with seed {:#x}, this quantizer's is {:#x}",
+                    code.seed, self.seed
+                ),
+            });
+        }
+        if code.signs.len() != self.d {
+            return Err(Error::LengthMismatch {
+                what: "TurboQuant-prod signs",
+                expected: self.d,
+                actual: code.signs.len(),
+            });
+        }
+        Ok(())
     }
 
     fn mse_part(&self, code: &ProdCode) -> Result<Vec<f64>> {
@@ -306,6 +332,7 @@ impl Prod {
             mse,
             signs: Vec::new(),
             residual_norm: 0.0,
+            seed: self.seed,
         };
         let approx = self.mse_part(&code)?;
         let r: Vec<f64> = y.iter().zip(&approx).map(|(a, b)| a - b).collect();
@@ -321,15 +348,18 @@ impl Prod {
         })
     }
 
-    /// The unbiased reconstruction `ŷ + ‖r‖ · √(π/2) / d · Sᵀ z`.
+    /// The unbiased reconstruction `ŷ + ‖r‖ · √(π/2) / d · Sᵀ z`; a code of another seed is an
+    /// error.
+    ///
+    /// ```
+    /// use rotq_reference::turboquant::Prod;
+    /// let y: Vec<f64> = (0..16).map(|i| (i as f64 * 0.7).sin()).collect();
+    /// let code = Prod::new(16, 3, 7).unwrap().encode(&y).unwrap();
+    /// assert!(Prod::new(16, 3, 7).unwrap().decode(&code).is_ok());
+    /// assert!(Prod::new(16, 3, 8).unwrap().decode(&code).is_err()); // another sketch
+    /// ```
     pub fn decode(&self, code: &ProdCode) -> Result<Vec<f64>> {
-        if code.signs.len() != self.d {
-            return Err(Error::LengthMismatch {
-                what: "TurboQuant-prod signs",
-                expected: self.d,
-                actual: code.signs.len(),
-            });
-        }
+        self.check_code(code)?;
         let mut out = self.mse_part(code)?;
         let k = code.residual_norm * (std::f64::consts::PI / 2.0).sqrt() / self.d as f64;
         for (row, &z) in self.sketch.chunks_exact(self.d).zip(&code.signs) {
@@ -345,14 +375,8 @@ impl Prod {
     /// `⟨q, decode(code)⟩`).
     pub fn inner(&self, q: &[f64], code: &ProdCode) -> Result<f64> {
         check_len("query", q, self.d)?;
+        self.check_code(code)?;
         let approx = self.mse_part(code)?;
-        if code.signs.len() != self.d {
-            return Err(Error::LengthMismatch {
-                what: "TurboQuant-prod signs",
-                expected: self.d,
-                actual: code.signs.len(),
-            });
-        }
         let base: f64 = q.iter().zip(&approx).map(|(a, b)| a * b).sum();
         let sketched: f64 = self
             .sketch
