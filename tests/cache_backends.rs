@@ -55,7 +55,8 @@ fn cuda() -> Option<Backend> {
 struct Case {
     k_format: KvFormat,
     v_format: KvFormat,
-    /// 0 none; 1 Hadamard on Q/K; 2 randomized on Q/K and blocks of 32 on V.
+    /// 0 none; 1 Hadamard on Q/K; 2 randomized on Q/K and blocks of 32 on V; 3 explicit
+    /// matrices on Q/K and on V.
     plan: u8,
     h_kv: usize,
     /// Query heads per KV head.
@@ -70,6 +71,14 @@ impl Case {
         let (qk, v) = match self.plan {
             0 => (None, None),
             1 => (Some(Rotation::hadamard(self.d).unwrap()), None),
+            // Explicit matrices (a checkpoint's random-matrix transforms) on both sides.
+            3 => {
+                let m = |seed| {
+                    let r = Rotation::randomized(self.d, seed).unwrap();
+                    Some(Rotation::matrix(r.to_matrix()).unwrap())
+                };
+                (m(78), m(79))
+            }
             _ => (
                 Some(Rotation::randomized(self.d, 77).unwrap()),
                 Some(Rotation::block_hadamard(self.d, 32).unwrap()),
@@ -137,6 +146,7 @@ fn cases() -> Vec<Case> {
         case(KvFormat::Tq4Qjl, KvFormat::Tq3, 1, 2, 4, 128),
         case(KvFormat::VllmK4, KvFormat::VllmV4, 0, 2, 4, 128),
         case(KvFormat::VllmFp8, KvFormat::VllmV3, 0, 1, 8, 64),
+        case(KvFormat::Q4_0, KvFormat::Q8_0, 3, 2, 4, 128),
     ]
 }
 

@@ -42,6 +42,7 @@ use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
 use crate::flash_module::FlashShape;
 use crate::kernel::{self, Transform};
+use crate::matrix::DeviceMatrix;
 use crate::rotation::{CudaRotation, GpuElement};
 use crate::turbo::MAX_VLLM_KEY_DIM_CUDA;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
@@ -471,7 +472,9 @@ pub struct CudaAttention {
     ordinal: usize,
 }
 
-/// A rotation's kernel arguments: its transform, signs and base-matrix rows on the device.
+/// A rotation's kernel arguments: its transform, signs and base-matrix rows on the device; or
+/// an explicit matrix, which the kernels do not fuse (the queries are rotated before them and
+/// the output after them).
 #[derive(Clone, Debug)]
 struct DeviceRotation {
     log_p: i32,
@@ -479,11 +482,22 @@ struct DeviceRotation {
     base: Option<Arc<CudaSlice<u64>>>,
     signs: Option<Arc<CudaSlice<f32>>>,
     scale: f32,
+    matrix: Option<DeviceMatrix>,
 }
 
 impl DeviceRotation {
     fn new(dev: &Device, rotation: &rotq_reference::Rotation) -> Result<Self> {
         let r = CudaRotation::new(dev, rotation)?;
+        if let Some(m) = r.matrix() {
+            return Ok(Self {
+                log_p: 0,
+                m: 0,
+                base: None,
+                signs: None,
+                scale: 1.0,
+                matrix: Some(m.clone()),
+            });
+        }
         let t: &Transform = r.transform();
         let m = t.size.base;
         let base = if m > 1 {
@@ -508,6 +522,7 @@ impl DeviceRotation {
             base,
             signs: r.signs().cloned(),
             scale: r.scale(),
+            matrix: None,
         })
     }
 }
@@ -545,7 +560,8 @@ impl RotArgs {
                 stream.null::<f32>().context(|| "a null pointer".into())?,
             ))
         };
-        Ok(match r {
+        // An explicit matrix is applied outside the kernels: to them it is no rotation.
+        Ok(match r.filter(|r| r.matrix.is_none()) {
             None => Self {
                 log_p: 0,
                 m: 0,
@@ -571,7 +587,9 @@ impl RotArgs {
 }
 
 impl CudaAttention {
-    /// Decode kernels for `plan` (its rotations uploaded; explicit matrices are refused).
+    /// Decode kernels for `plan` (its rotations uploaded). An explicit-matrix rotation runs as
+    /// passes of its own: the queries rotated into a buffer before the kernels, the output
+    /// rotated back after them.
     pub fn new(dev: &Device, plan: &RotationPlan) -> Result<Self> {
         Ok(Self {
             plan: plan.clone(),
@@ -683,7 +701,41 @@ impl CudaAttention {
         }
         self.on_device(dev, q, k, v, out)?;
         let checked = self.check(q.len(), h_q, k, v, seqs, false, params, out.len())?;
-        self.attend(dev, q, h_q, k, v, seqs, false, params, checked, out)
+        let rotated = self.matrix_queries(dev, q, k.dim)?;
+        let q = rotated.as_ref().unwrap_or(q);
+        self.attend(dev, q, h_q, k, v, seqs, false, params, checked, out)?;
+        self.matrix_output(dev, out, v.dim)
+    }
+
+    /// The queries rotated by the Q/K plan's explicit matrix, if it has one (rows of `d`).
+    fn matrix_queries<T: GpuElement>(
+        &self,
+        dev: &Device,
+        q: &CudaSlice<T>,
+        d: usize,
+    ) -> Result<Option<CudaSlice<T>>> {
+        let Some(m) = self.qk.as_ref().and_then(|r| r.matrix.as_ref()) else {
+            return Ok(None);
+        };
+        let mut rotated = dev
+            .stream()
+            .alloc_zeros::<T>(q.len())
+            .context(|| "a buffer of rotated queries".into())?;
+        m.apply(dev, q, &mut rotated, q.len() / d, false)?;
+        Ok(Some(rotated))
+    }
+
+    /// The output rotated back by the V plan's explicit matrix, if it has one (rows of `d_v`).
+    fn matrix_output<T: GpuElement>(
+        &self,
+        dev: &Device,
+        out: &mut CudaSlice<T>,
+        d_v: usize,
+    ) -> Result<()> {
+        match self.v.as_ref().and_then(|r| r.matrix.as_ref()) {
+            Some(m) => m.apply_in_place(dev, out, out.len() / d_v, true),
+            None => Ok(()),
+        }
     }
 
     /// Attention of `n_q` query rows of one sequence (prefill, or a chunk of it): `q` is
@@ -761,11 +813,15 @@ impl CudaAttention {
         self.on_device(dev, q, k, v, out)?;
         let checked = self.check(q.len(), h_q, &ks, &vs, &rows, true, &unshifted, out.len())?;
         let (_, flash) = self.route::<T>(dev, n_q, h_q, k, v, n_tokens, params.pos_offset)?;
+        let rotated = self.matrix_queries(dev, q, k.dim)?;
+        let q = rotated.as_ref().unwrap_or(q);
         if let Some(shape) = flash {
             let rows = (&ks, &vs, rows.as_slice());
-            return self.flash(dev, shape, q, h_q, k, rows, &unshifted, checked.scale, out);
+            self.flash(dev, shape, q, h_q, k, rows, &unshifted, checked.scale, out)?;
+        } else {
+            self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, checked, out)?;
         }
-        self.attend(dev, q, h_q, &ks, &vs, &rows, true, &unshifted, checked, out)
+        self.matrix_output(dev, out, v.dim)
     }
 
     /// What [`Self::prefill`] runs for these arguments, as a configuration: `flash: false`

@@ -130,6 +130,17 @@ impl CudaCodec {
             .map_or(&self.identity, |r| r.transform())
     }
 
+    /// Whether the codec kernels rotate (a fast transform; an explicit matrix is a pass of its
+    /// own around them).
+    fn fused_rotation(&self) -> bool {
+        self.rotation.as_ref().is_some_and(|r| r.matrix().is_none())
+    }
+
+    /// The explicit matrix of the rotation, if it is one.
+    fn matrix(&self) -> Option<&crate::matrix::DeviceMatrix> {
+        self.rotation.as_ref().and_then(CudaRotation::matrix)
+    }
+
     /// Rotates the rows of `input` and writes their blocks into `cache` at `target`.
     pub fn quantize<T: GpuElement>(
         &self,
@@ -152,6 +163,31 @@ impl CudaCodec {
         let Some((table, page_tokens)) = self.locate(dev, cache, &target, n_tokens)? else {
             return Ok(());
         };
+        let stream = dev.stream();
+        if let Some(m) = self.matrix() {
+            // The rows rotated into f32 first, then quantized as they are.
+            let mut rotated = stream
+                .alloc_zeros::<f32>(n_rows * self.dim)
+                .context(|| "a buffer of rotated rows".into())?;
+            m.apply(dev, input, &mut rotated, n_rows, false)?;
+            return self.launch_quantize(dev, &rotated, cache, table, page_tokens, n_rows, &target);
+        }
+        self.launch_quantize(dev, input, cache, table, page_tokens, n_rows, &target)
+    }
+
+    /// The rotate-quantize kernel over `n_rows` rows of `input` into `cache` (located).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_quantize<T: GpuElement>(
+        &self,
+        dev: &Device,
+        input: &CudaSlice<T>,
+        cache: &mut CudaSlice<u8>,
+        table: Option<CudaSlice<u32>>,
+        page_tokens: usize,
+        n_rows: usize,
+        target: &CacheTarget<'_>,
+    ) -> Result<()> {
+        let h = target.n_heads;
         let stream = dev.stream();
         let k = self.compiled::<T>(dev, "rotate_quantize", n_rows)?;
         let null_table;
@@ -221,6 +257,10 @@ impl CudaCodec {
         let Some((table, page_tokens)) = self.locate(dev, cache, &target, n_tokens)? else {
             return Ok(());
         };
+        if let Some(m) = self.matrix() {
+            let located = (table, page_tokens);
+            return self.shift_by_matrix(dev, m, cache, &target, n_tokens, located, rope, delta);
+        }
         let stream = dev.stream();
         let angles: Vec<f32> = rope
             .angles(delta)
@@ -266,6 +306,54 @@ impl CudaCodec {
         // rot_dims / 2 (cos, sin) pairs it reads, and rot_dims <= dim (`rope.check`).
         unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
         Ok(())
+    }
+
+    /// [`Self::shift`] under an explicit matrix `R`, which the shift kernel cannot fuse: the
+    /// rows copied out of the cache (page by page), dequantized into f32 as stored, turned by
+    /// `Rᵀ`, the RoPE shift (as a matrix) and `R` in three passes, and quantized back in place.
+    #[allow(clippy::too_many_arguments)]
+    fn shift_by_matrix(
+        &self,
+        dev: &Device,
+        m: &crate::matrix::DeviceMatrix,
+        cache: &mut CudaSlice<u8>,
+        target: &CacheTarget<'_>,
+        n_tokens: usize,
+        (table, page_tokens): (Option<CudaSlice<u32>>, usize),
+        rope: &Rope,
+        delta: i64,
+    ) -> Result<()> {
+        let (h, d, rb) = (target.n_heads, self.dim, self.row_bytes);
+        let n_rows = n_tokens * h;
+        let stream = dev.stream();
+        let what = || "copying shifted rows".to_string();
+        let mut stored = stream.alloc_zeros::<u8>(n_rows * rb).context(what)?;
+        // Runs of consecutive slots (`locate` checked that every one lies inside `cache`).
+        let slot = |t: usize| match target.pages {
+            Some((pages, pt)) => pages[t / pt] as usize * pt + t % pt,
+            None => t,
+        };
+        let mut first = 0;
+        while first < n_tokens {
+            let start = slot(target.start_pos + first);
+            let mut len = 1;
+            while first + len < n_tokens && slot(target.start_pos + first + len) == start + len {
+                len += 1;
+            }
+            let bytes = len * h * rb;
+            let src = cache.slice(start * h * rb..start * h * rb + bytes);
+            let mut dst = stored.slice_mut(first * h * rb..first * h * rb + bytes);
+            stream.memcpy_dtod(&src, &mut dst).context(what)?;
+            first += len;
+        }
+        let mut values = stream.alloc_zeros::<f32>(n_rows * d).context(what)?;
+        self.launch_dequantize(dev, &stored, &mut values, n_rows)?;
+        let p = crate::matrix::rope_matrix(rope, d, delta)?;
+        let turn = crate::matrix::DeviceMatrix::from_rows(dev, d, &p)?;
+        m.apply_in_place(dev, &mut values, n_rows, true)?;
+        turn.apply_in_place(dev, &mut values, n_rows, false)?;
+        m.apply_in_place(dev, &mut values, n_rows, false)?;
+        self.launch_quantize(dev, &values, cache, table, page_tokens, n_rows, target)
     }
 
     /// Checks that the `n_tokens` positions from `target.start_pos` lie inside `cache` (through
@@ -370,6 +458,26 @@ impl CudaCodec {
         if n_rows == 0 {
             return Ok(());
         }
+        if let Some(m) = self.matrix() {
+            // Dequantized into f32 as stored, then rotated back into `out`.
+            let mut stored = dev
+                .stream()
+                .alloc_zeros::<f32>(n_rows * self.dim)
+                .context(|| "a buffer of dequantized rows".into())?;
+            self.launch_dequantize(dev, cache, &mut stored, n_rows)?;
+            return m.apply(dev, &stored, out, n_rows, true);
+        }
+        self.launch_dequantize(dev, cache, out, n_rows)
+    }
+
+    /// The dequantize kernel over `n_rows` rows of `cache` into `out`.
+    fn launch_dequantize<T: GpuElement>(
+        &self,
+        dev: &Device,
+        cache: &CudaSlice<u8>,
+        out: &mut CudaSlice<T>,
+        n_rows: usize,
+    ) -> Result<()> {
         let k = self.compiled::<T>(dev, "dequantize_rows", n_rows)?;
         let rows = n_rows as i64;
         let mut launch = dev.stream().launch_builder(&k.function);
@@ -436,7 +544,7 @@ impl CudaCodec {
             self.row_bytes,
             dev.info().max_shared_per_block,
         )?;
-        let rotate = self.rotation.is_some();
+        let rotate = self.fused_rotation();
         let (key, src) = kernel::source(transform, geometry, T::ELEM, rotate, Some(self.format));
         let function = kernel::function(dev, &key, &src, name, geometry.smem)?;
         let launch = kernel::launch_config(geometry, n_rows)?;

@@ -283,6 +283,15 @@ fn variants() -> Vec<Variant> {
     row_variants(&mut out);
     decode_variants(&mut out);
     flash_variants(&mut out);
+    // Explicit rotation matrices: each element type in and out.
+    for n in [64, 128] {
+        for (i, o) in [(0, 0), (1, 1), (2, 2), (1, 0), (0, 1), (0, 2)] {
+            out.push(Variant {
+                name: format!("matrix/d{n}/{}-{}", elem_name(i), elem_name(o)),
+                source: crate::matrix::source(n, i, o).1,
+            });
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     out.retain(|v| seen.insert(v.name.clone()));
     out

@@ -9,8 +9,9 @@
 //!   through shared memory; rows move with 16-byte loads and stores. A row is one thread
 //!   block, so a rotation needs at most 1024 threads of at most 64 values and its row in
 //!   shared memory (227 KiB on an H100): m·2^k up to 12·2^12, 20·2^11, 28·2^10 and 40·2^10,
-//!   and block rotations of rows up to 2^16 values. Larger ones, and explicit matrices, are
-//!   refused with `UnsupportedDim`.
+//!   and block rotations of rows up to 2^16 values; larger ones are refused with
+//!   `UnsupportedDim`. Explicit orthogonal matrices run as a pass of their own (`d`
+//!   multiply-adds a value), in the rotation, the codec and attention alike.
 //! - [`CudaCodec`]: fused rotate-quantize of f32/f16/bf16 rows into cache blocks of every
 //!   registry format, at a cache position of a contiguous or paged cache (one read of the
 //!   input, one write of the blocks), and dequantize with the inverse rotation.
@@ -34,6 +35,7 @@ mod device;
 mod error;
 mod flash_module;
 mod kernel;
+mod matrix;
 mod rotation;
 pub mod tuned;
 mod turbo;

@@ -1,8 +1,10 @@
-//! Rotating rows in place on the GPU: every Hadamard the oracle knows except explicit matrices.
+//! Rotating rows in place on the GPU: every rotation the oracle knows (the Hadamards by their
+//! fast transform, explicit matrices by `matrix.rs`).
 
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, Geometry, RowConfig, Transform};
+use crate::matrix::DeviceMatrix;
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use rotq_reference::{Error, Rotation};
 use std::sync::Arc;
@@ -23,7 +25,8 @@ impl GpuElement for half::bf16 {
 }
 
 /// A rotation compiled for one device: Sylvester and m·2^k Hadamards (m ∈ {12, 20, 28, 40}),
-/// block-diagonal and randomized ones, over rows of f32, f16 or bf16.
+/// block-diagonal and randomized ones, and explicit orthogonal matrices (`d` multiply-adds a
+/// value: a pass of their own), over rows of f32, f16 or bf16.
 ///
 /// ```no_run
 /// use rotq_cuda::{CudaRotation, Device};
@@ -36,7 +39,10 @@ impl GpuElement for half::bf16 {
 /// ```
 #[derive(Clone, Debug)]
 pub struct CudaRotation {
+    /// The fast transform (the identity for an explicit matrix).
     transform: Transform,
+    /// An explicit matrix, applied by its own kernel.
+    matrix: Option<DeviceMatrix>,
     // Shared, so that clones (one per configuration, say) don't copy them on the device.
     signs: Option<Arc<CudaSlice<f32>>>,
     config: RowConfig,
@@ -46,9 +52,13 @@ pub struct CudaRotation {
 }
 
 impl CudaRotation {
-    /// Prepares `rotation` (uploads its signs); explicit matrices are refused.
+    /// Prepares `rotation` (uploads its signs, or its matrix).
     pub fn new(dev: &Device, rotation: &Rotation) -> Result<Self> {
-        let transform = Transform::of(rotation)?;
+        let matrix = DeviceMatrix::of(dev, rotation)?;
+        let transform = match matrix {
+            Some(_) => Transform::identity(rotation.dim())?,
+            None => Transform::of(rotation)?,
+        };
         let signs = match &transform.signs {
             Some(s) => Some(Arc::new(
                 dev.stream()
@@ -59,6 +69,7 @@ impl CudaRotation {
         };
         Ok(Self {
             transform,
+            matrix,
             signs,
             config: RowConfig::default(),
             tuned: true,
@@ -105,6 +116,11 @@ impl CudaRotation {
         &self.transform
     }
 
+    /// The explicit matrix, if this rotation is one (its kernels take it as a pass of its own).
+    pub(crate) fn matrix(&self) -> Option<&DeviceMatrix> {
+        self.matrix.as_ref()
+    }
+
     pub(crate) fn signs(&self) -> Option<&Arc<CudaSlice<f32>>> {
         self.signs.as_ref()
     }
@@ -140,6 +156,9 @@ impl CudaRotation {
         let n_rows = data.len() / n;
         if n_rows == 0 {
             return Ok(());
+        }
+        if let Some(m) = &self.matrix {
+            return m.apply_in_place(dev, data, n_rows, inverse);
         }
         let config = self.config_for::<T>(dev);
         let g: Geometry = kernel::geometry(

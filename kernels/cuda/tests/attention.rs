@@ -32,7 +32,8 @@ struct Case {
     causal: bool,
     window: Option<usize>,
     softcap: Option<f64>,
-    /// 0 none, 1 Hadamard on Q/K, 2 randomized on Q/K, 3 Hadamard on Q/K and blocks of 32 on V.
+    /// 0 none, 1 Hadamard on Q/K, 2 randomized on Q/K, 3 Hadamard on Q/K and blocks of 32 on V,
+    /// 4 explicit matrices on Q/K and on V.
     plan: u8,
     /// Tokens per page of a paged cache; `None`: contiguous.
     page_tokens: Option<usize>,
@@ -42,6 +43,16 @@ struct Case {
 
 impl Case {
     fn plan(&self) -> RotationPlan {
+        if self.plan == 4 {
+            // Explicit matrices on both sides (compressed-tensors' random-matrix).
+            return RotationKind::plan(
+                RotationKind::Matrix,
+                RotationKind::Matrix,
+                self.d,
+                self.d_v,
+                self.seed,
+            );
+        }
         let qk = match self.plan {
             0 => RotationKind::None,
             2 => RotationKind::Randomized,
@@ -839,6 +850,37 @@ fn prefill_matches_the_oracle() {
     }
 }
 
+/// Explicit-matrix plans (a checkpoint's random-matrix transforms) on both sides: decode over
+/// contiguous and paged caches of block and row formats, f32 and f16 queries, and prefill
+/// through the decode kernel and the flash kernel.
+#[test]
+fn explicit_matrix_plans_follow_the_oracle() {
+    let Some(dev) = device() else { return };
+    for (k_format, v_format, page_tokens) in [
+        (KvFormat::Q8_0, KvFormat::Q4_0, None),
+        (KvFormat::Q4_0, KvFormat::Tq4, Some(16)),
+        (KvFormat::F16, KvFormat::Q8_0, Some(32)),
+    ] {
+        let c = Case {
+            k_format,
+            v_format,
+            page_tokens,
+            plan: 4,
+            ..Case::basic()
+        };
+        check::<f32>(dev, &c);
+        check::<f16>(dev, &c);
+    }
+    let c = Case {
+        plan: 4,
+        k_format: KvFormat::Q8_0,
+        v_format: KvFormat::Q8_0,
+        ..Case::basic()
+    };
+    check_prefill::<f16>(dev, &c, 37);
+    check_prefill::<bf16>(dev, &c, 37);
+}
+
 /// Bad calls are typed errors, before anything runs.
 #[test]
 fn bad_inputs_are_typed_errors() {
@@ -1015,7 +1057,7 @@ fn cases() -> impl Strategy<Value = Case> {
         proptest::collection::vec((0usize..400, 0usize..450), 1..4),
         any::<bool>(),
         proptest::option::of(1usize..200),
-        0u8..4,
+        0u8..5,
         proptest::option::of(proptest::sample::select(vec![1usize, 16, 32, 50])),
         proptest::sample::select(DecodeConfig::search_space()),
         any::<u64>(),

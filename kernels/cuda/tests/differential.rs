@@ -90,6 +90,19 @@ fn block_and_randomized_rotations() {
     }
 }
 
+/// Explicit matrices (a randomized Hadamard written out, so not symmetric: a transposed read
+/// shows), forward and inverse, rows of f32, f16 and bf16.
+#[test]
+fn explicit_matrix_rotations() {
+    let Some(dev) = device() else { return };
+    for (i, n) in [64usize, 96, 128, 160, 256].into_iter().enumerate() {
+        let r = RotationKind::Matrix.build(n, i as u64).unwrap();
+        check_rotation::<f32>(dev, &r, 5, RowConfig::default(), i as u64);
+        check_rotation::<f16>(dev, &r, 3, RowConfig::default(), i as u64 + 10);
+        check_rotation::<bf16>(dev, &r, 2, RowConfig::default(), i as u64 + 20);
+    }
+}
+
 /// Fused rotate-quantize writes exactly the oracle's quantizer applied to the kernel's own
 /// rotated values (the f32 rotation kernel on the same input), for every format.
 fn check_quantize(dev: &Device, format: KvFormat, n: usize, r: Option<&Rotation>, seed: u64) {
@@ -185,6 +198,7 @@ fn check_formats(formats: &[KvFormat]) {
             (128, Some(Rotation::hadamard(128).unwrap())),
             (160, Some(Rotation::randomized(160, i as u64).unwrap())),
             (256, Some(Rotation::block_hadamard(256, 64).unwrap())),
+            (128, RotationKind::Matrix.build(128, i as u64)),
         ];
         for (n, r) in cases {
             if format.check_row_len(n).is_ok() {
@@ -443,8 +457,12 @@ fn bad_inputs_are_typed_errors() {
     let rot = CudaRotation::new(dev, &r).unwrap();
     let mut short = dev.stream().alloc_zeros::<f32>(127).unwrap();
     assert!(rot.forward(dev, &mut short).is_err());
+    // An explicit matrix checks its rows too.
     let m = Rotation::matrix(r.to_matrix()).unwrap();
-    assert!(CudaRotation::new(dev, &m).is_err());
+    assert!(CudaRotation::new(dev, &m)
+        .unwrap()
+        .forward(dev, &mut short)
+        .is_err());
     let codec = CudaCodec::new(dev, KvFormat::Q8_0, 128, Some(&r)).unwrap();
     let input = dev.stream().alloc_zeros::<f16>(4 * 128).unwrap();
     let mut small = dev
@@ -535,7 +553,8 @@ fn context_shift_follows_the_oracle() {
     .into_iter()
     .enumerate()
     {
-        for kind in 0..3u8 {
+        // None, Hadamard, randomized, and an explicit matrix (shifted in passes of its own).
+        for kind in [0u8, 1, 2, 4] {
             let r = RotationKind::nth(kind.into()).build(d, 40 + i as u64);
             let paged = (i + kind as usize) % 2 == 1;
             let rope = Rope {

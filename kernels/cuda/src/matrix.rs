@@ -1,0 +1,199 @@
+//! Explicit rotation matrices on the GPU (`cuda/matrix.cu`): compressed-tensors' `random-matrix`
+//! transforms, and any orthogonal matrix a plan carries. They have no fast transform, so they
+//! run as their own pass over the rows (`y = M x`, `d` multiply-adds a value in f32) before the
+//! kernels that would fuse a Hadamard: the codec rotates rows into an f32 buffer and quantizes
+//! those, attention rotates the queries into a buffer and rotates its output back in place.
+
+use crate::device::Device;
+use crate::error::{Context, CudaError, Result};
+use crate::rotation::GpuElement;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use rotq_reference::rope::Rope;
+use rotq_reference::rotation::RotationKind;
+use rotq_reference::{Error, Rotation};
+use std::sync::Arc;
+
+const MATRIX: &str = include_str!("cuda/matrix.cu");
+
+/// Threads per block: a row's outputs are spread over them.
+const THREADS: usize = 128;
+
+/// The cache key and source of the module for rows of `n` values read as element type
+/// `in_elem` and written as `out_elem` (0 f32, 1 f16, 2 bf16).
+pub(crate) fn source(n: usize, in_elem: u32, out_elem: u32) -> (String, String) {
+    (
+        format!("matrix rows n {n}, in {in_elem} out {out_elem}"),
+        format!(
+            "#define N {n}\n#define IN_ELEM {in_elem}\n#define OUT_ELEM {out_elem}\n{}\n{MATRIX}",
+            crate::kernel::FORMATS
+        ),
+    )
+}
+
+/// The RoPE shift by `delta` positions of rows of `d` values as a matrix `P` (row-major), so
+/// that `P x` is `rope.shift_rows_of(x)`: column `j` is the shift of the unit vector `e_j`.
+pub(crate) fn rope_matrix(rope: &Rope, d: usize, delta: i64) -> Result<Vec<f64>> {
+    let mut columns = vec![0f64; d * d];
+    for j in 0..d {
+        columns[j * d + j] = 1.0;
+    }
+    rope.shift_rows_of(&mut columns, d, delta)?;
+    Ok((0..d * d).map(|k| columns[(k % d) * d + k / d]).collect())
+}
+
+/// A rotation's explicit matrix on one device, as the kernel reads it: `M` and `Mᵀ`, each
+/// transposed (so forward reads `Rᵀ`, inverse reads `R`), in f32.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceMatrix {
+    n: usize,
+    /// `Rᵀ` row-major: the forward pass's `mt`.
+    forward: Arc<CudaSlice<f32>>,
+    /// `R` row-major: the inverse pass's `mt` (`Rᵀ` transposed).
+    inverse: Arc<CudaSlice<f32>>,
+}
+
+impl DeviceMatrix {
+    /// The matrix of `rotation` uploaded, if it is an explicit one (`None` for the Hadamards).
+    pub(crate) fn of(dev: &Device, rotation: &Rotation) -> Result<Option<Self>> {
+        let RotationKind::Matrix { r } = rotation.kind() else {
+            return Ok(None);
+        };
+        // `r.iter()` is row-major: R[i][j] at i·n + j.
+        let rows: Vec<f64> = r.iter().copied().collect();
+        Self::from_rows(dev, rotation.dim(), &rows).map(Some)
+    }
+
+    /// The `n × n` matrix `rows` (row-major: `M[i][j]` at `i·n + j`) uploaded.
+    pub(crate) fn from_rows(dev: &Device, n: usize, rows: &[f64]) -> Result<Self> {
+        let rows: Vec<f32> = rows.iter().map(|&v| v as f32).collect();
+        let mut cols = vec![0f32; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                cols[j * n + i] = rows[i * n + j];
+            }
+        }
+        let up = |v: &[f32]| -> Result<Arc<CudaSlice<f32>>> {
+            Ok(Arc::new(
+                dev.stream()
+                    .clone_htod(v)
+                    .context(|| "uploading a rotation matrix".into())?,
+            ))
+        };
+        Ok(Self {
+            n,
+            forward: up(&cols)?,
+            inverse: up(&rows)?,
+        })
+    }
+
+    /// `y ← M x` (`Mᵀ x` when `inverse`) for the first `n_rows` rows of `x` into `y`.
+    pub(crate) fn apply<I: GpuElement, O: GpuElement>(
+        &self,
+        dev: &Device,
+        x: &CudaSlice<I>,
+        y: &mut CudaSlice<O>,
+        n_rows: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        self.launch(dev, Some(x), y, n_rows, inverse)
+    }
+
+    /// `x ← M x` (`Mᵀ x` when `inverse`) for the first `n_rows` rows of `x`, in place.
+    pub(crate) fn apply_in_place<T: GpuElement>(
+        &self,
+        dev: &Device,
+        x: &mut CudaSlice<T>,
+        n_rows: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        self.launch::<T, T>(dev, None, x, n_rows, inverse)
+    }
+
+    fn launch<I: GpuElement, O: GpuElement>(
+        &self,
+        dev: &Device,
+        x: Option<&CudaSlice<I>>,
+        y: &mut CudaSlice<O>,
+        n_rows: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let n = self.n;
+        let values = n_rows
+            .checked_mul(n)
+            .ok_or(CudaError::Input(Error::Overflow("matrix rows")))?;
+        for (what, len) in [
+            ("matrix input rows", x.map_or(values, |x| x.len())),
+            ("matrix output rows", y.len()),
+        ] {
+            if len < values {
+                return Err(Error::LengthMismatch {
+                    what,
+                    expected: values,
+                    actual: len,
+                }
+                .into());
+            }
+        }
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let (key, src) = source(n, I::ELEM, O::ELEM);
+        let smem = 4 * n;
+        let f = crate::kernel::function(dev, &key, &src, "matrix_rows", smem)?;
+        let blocks = n_rows.min(65_535 * 16) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let stream = dev.stream();
+        let null;
+        let x = match x {
+            Some(x) => x,
+            None => {
+                null = stream.null::<I>().context(|| "a null pointer".into())?;
+                &null
+            }
+        };
+        let mt = if inverse {
+            &self.inverse
+        } else {
+            &self.forward
+        };
+        let rows = n_rows as i64;
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(x).arg(&mut *y).arg(&rows).arg(mt.as_ref());
+        // SAFETY: the kernel reads `n_rows` rows of `n` values of `x` (or of `y` when `x` is
+        // null, then I = O) and writes `n_rows` rows of `y`, both checked above to hold them;
+        // `mt` holds n × n floats, and the shared memory is the n floats of one row.
+        unsafe { launch.launch(cfg) }
+            .context(|| format!("launching matrix_rows ({key}, {n_rows} rows)"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rotq_reference::rope::RopeVariant;
+
+    /// `P x` equals the oracle's shift of `x`, for both pairings and partial rotary dims.
+    #[test]
+    fn the_rope_matrix_is_the_shift() {
+        for (variant, dims, d) in [
+            (RopeVariant::Neox, 64, 64),
+            (RopeVariant::Normal, 64, 64),
+            (RopeVariant::Neox, 32, 64),
+        ] {
+            let rope = Rope::new(variant, dims);
+            let p = rope_matrix(&rope, d, -37).unwrap();
+            let x: Vec<f64> = (0..d).map(|i| (i as f64 * 0.61).sin()).collect();
+            let mut want = x.clone();
+            rope.shift_rows_of(&mut want, d, -37).unwrap();
+            for i in 0..d {
+                let got: f64 = (0..d).map(|j| p[i * d + j] * x[j]).sum();
+                assert!((got - want[i]).abs() < 1e-12, "{variant:?} {dims}: {i}");
+            }
+        }
+    }
+}
