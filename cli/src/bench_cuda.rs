@@ -244,6 +244,43 @@ fn rotate_quantize(
     )
 }
 
+/// The batch append of 256 sequences × 1 token (8 KV heads × 128, f16 → q4_0 under a
+/// Hadamard) into a pool of 4096 slots, scattered as a server's are: one launch through a
+/// device slot mapping, and 256 single-token appends (a launch each) as an engine without the
+/// batch call makes them. Milliseconds of each, and the bytes one append moves.
+fn batch_append(dev: &Device, opts: &CudaBenchOptions) -> Result<(f64, f64, usize), Error> {
+    let (tokens, heads, d, pool_slots) = (256usize, 8usize, 128usize, 4096usize);
+    let codec = CudaCodec::new(dev, KvFormat::Q4_0, d, Some(&Rotation::hadamard(d)?))?;
+    let stream = dev.stream();
+    let mut pool = stream
+        .alloc_zeros::<u8>(pool_slots * heads * codec.row_bytes())
+        .map_err(cuda_err)?;
+    let slots: Vec<i64> = (0..tokens as i64)
+        .map(|i| i * 13 % pool_slots as i64)
+        .collect();
+    let dslots = stream.clone_htod(&slots).map_err(cuda_err)?;
+    let batch = rows_of::<f16>(dev, tokens * heads * d, 5)?;
+    let single: Vec<_> = (0..tokens)
+        .map(|t| rows_of::<f16>(dev, heads * d, 100 + t as u64))
+        .collect::<Result<_, _>>()?;
+    let one = median_ms(dev, 3, opts.runs, |_| {
+        codec.quantize_slots(dev, &batch, &mut pool, heads, &dslots, None)
+    })?;
+    let many = median_ms(dev, 3, opts.runs, |_| {
+        for (rows, &slot) in single.iter().zip(&slots) {
+            codec.quantize(
+                dev,
+                rows,
+                &mut pool,
+                CacheTarget::contiguous(heads, slot as usize),
+            )?;
+        }
+        Ok(())
+    })?;
+    let bytes = tokens * heads * (2 * d + codec.row_bytes());
+    Ok((one, many, bytes))
+}
+
 fn record(
     kernel: String,
     shape: String,
@@ -390,6 +427,21 @@ pub fn run_all(
             s.best,
             "copy ceiling",
             ceiling,
+            ceiling,
+        ));
+    }
+    if Section::Quantize.wanted(only) {
+        progress("batch append, 256 sequences x 1 token (one launch, then 256)");
+        let (one, many, bytes) = batch_append(&dev, opts)?;
+        out.push(record(
+            "batch_append_256x1_q4_0".into(),
+            format!(
+                "256 tokens x 8 heads x 128 f16 -> q4_0, scattered slots: one launch {one:.4} ms, \
+                 256 launches {many:.4} ms"
+            ),
+            gbps(bytes, one),
+            "256 single-token appends",
+            gbps(bytes, many),
             ceiling,
         ));
     }

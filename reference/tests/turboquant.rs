@@ -242,3 +242,20 @@ fn a_code_of_another_seed_or_length_is_refused() {
     assert!(same.decode(&short).is_err());
     assert!(same.inner(&q, &short).is_err());
 }
+
+/// vLLM's value part keeps the first of equal extremes: a row whose minimum is a zero of both
+/// signs stores the sign that comes first (so a kernel scanning the row writes the same bytes).
+#[test]
+fn vllm_values_store_the_first_of_equal_minima() {
+    use rotq_reference::turboquant::vllm::Part;
+    let mut row = vec![1.0f32; 8];
+    let part = Part::Value { bits: 4 };
+    let mut out = vec![0u8; part.row_bytes(8).unwrap()];
+    for (first, second, bits) in [(-0.0f32, 0.0f32, 0x8000u16), (0.0, -0.0, 0x0000)] {
+        row[2] = first;
+        row[5] = second;
+        part.encode(&row, &mut out).unwrap();
+        let n = out.len();
+        assert_eq!(u16::from_le_bytes([out[n - 2], out[n - 1]]), bits);
+    }
+}

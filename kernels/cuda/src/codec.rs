@@ -308,6 +308,135 @@ impl CudaCodec {
         Ok(())
     }
 
+    /// The batch append: rotates the rows of `input` (`[n, n_heads, dim]`, `n` tokens of any
+    /// sequences) and writes token `i`'s rows into slot `slots[i]` of the pool `cache` (rows
+    /// `(slot, head)`; its length a whole number of slots), `-1` skipping the token, in one
+    /// launch, as vLLM's `reshape_and_cache` does. The slots are on the device and are not
+    /// read here: a slot outside the pool is the caller's error, whose rows the kernel does not
+    /// write, setting bit 0 of `status[0]` when `status` is given (the kernel only sets it; the
+    /// caller clears and reads it). Everything else is checked before the launch.
+    ///
+    /// ```no_run
+    /// use rotq_cuda::{CudaCodec, Device};
+    /// use rotq_reference::{KvFormat, Rotation};
+    /// let dev = Device::open("cuda:0")?;
+    /// let codec = CudaCodec::new(&dev, KvFormat::Q4_0, 128, Some(&Rotation::hadamard(128)?))?;
+    /// let s = dev.stream();
+    /// // A pool of 64 slots of 8 KV heads; three tokens of three sequences, the second padding.
+    /// let mut pool = s.alloc_zeros::<u8>(64 * 8 * codec.row_bytes()).unwrap();
+    /// let rows = s.clone_htod(&vec![half::f16::from_f32(0.5); 3 * 8 * 128]).unwrap();
+    /// let slots = s.clone_htod(&[17i64, -1, 40]).unwrap();
+    /// let mut status = s.alloc_zeros::<u32>(1).unwrap();
+    /// codec.quantize_slots(&dev, &rows, &mut pool, 8, &slots, Some(&mut status))?;
+    /// assert_eq!(s.clone_dtoh(&status).unwrap()[0], 0);
+    /// # Ok::<(), rotq_cuda::CudaError>(())
+    /// ```
+    pub fn quantize_slots<T: GpuElement>(
+        &self,
+        dev: &Device,
+        input: &CudaSlice<T>,
+        cache: &mut CudaSlice<u8>,
+        n_heads: usize,
+        slots: &CudaSlice<i64>,
+        status: Option<&mut CudaSlice<u32>>,
+    ) -> Result<()> {
+        self.check_device(dev, input.ordinal())?;
+        self.check_device(dev, cache.ordinal())?;
+        self.check_device(dev, slots.ordinal())?;
+        let n_rows = self.rows_of(input.len())?;
+        if n_heads == 0 || n_rows % n_heads != 0 {
+            return Err(Error::Shape(format!(
+                "{n_rows} input rows are not whole tokens of {n_heads} heads"
+            ))
+            .into());
+        }
+        if slots.len() != n_rows / n_heads {
+            return Err(Error::LengthMismatch {
+                what: "slot mapping (one slot per token)",
+                expected: n_rows / n_heads,
+                actual: slots.len(),
+            }
+            .into());
+        }
+        let slot_bytes = n_heads
+            .checked_mul(self.row_bytes)
+            .ok_or(CudaError::Input(Error::Overflow("bytes per slot")))?;
+        if !cache.len().is_multiple_of(slot_bytes) {
+            return Err(Error::Shape(format!(
+                "a pool of {} bytes is not whole slots of {slot_bytes} bytes",
+                cache.len()
+            ))
+            .into());
+        }
+        if let Some(s) = &status {
+            self.check_device(dev, s.ordinal())?;
+            if s.is_empty() {
+                return Err(Error::LengthMismatch {
+                    what: "append status words",
+                    expected: 1,
+                    actual: 0,
+                }
+                .into());
+            }
+        }
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let n_slots = cache.len() / slot_bytes;
+        if let Some(m) = self.matrix() {
+            let mut rotated = dev
+                .stream()
+                .alloc_zeros::<f32>(n_rows * self.dim)
+                .context(|| "a buffer of rotated rows".into())?;
+            m.apply(dev, input, &mut rotated, n_rows, false)?;
+            return self.launch_slots(dev, &rotated, cache, n_heads, slots, n_slots, status);
+        }
+        self.launch_slots(dev, input, cache, n_heads, slots, n_slots, status)
+    }
+
+    /// The slot-mapping kernel over the rows of `input` (checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_slots<T: GpuElement>(
+        &self,
+        dev: &Device,
+        input: &CudaSlice<T>,
+        cache: &mut CudaSlice<u8>,
+        n_heads: usize,
+        slots: &CudaSlice<i64>,
+        n_slots: usize,
+        status: Option<&mut CudaSlice<u32>>,
+    ) -> Result<()> {
+        let n_rows = input.len() / self.dim;
+        let stream = dev.stream();
+        let k = self.compiled::<T>(dev, "rotate_quantize_slots", n_rows)?;
+        let mut null_status;
+        let status: &mut CudaSlice<u32> = match status {
+            Some(s) => s,
+            None => {
+                null_status = stream.null::<u32>().context(|| "a null pointer".into())?;
+                &mut null_status
+            }
+        };
+        let (rows, heads, n_slots) = (n_rows as i64, n_heads as i64, n_slots as i64);
+        let mut launch = stream.launch_builder(&k.function);
+        launch
+            .arg(input)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(slots)
+            .arg(&n_slots)
+            .arg(cache)
+            .arg(k.signs.as_ref())
+            .arg(&k.scale)
+            .arg(status);
+        // SAFETY: the kernel reads `n_rows` rows of `dim` values of `input` and one slot per
+        // token of `slots` (its length checked), and writes whole rows only of slots in
+        // 0..n_slots (it checks each slot on the device), which `cache` holds; `status`, when
+        // not null, holds at least one word.
+        unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
+        Ok(())
+    }
+
     /// [`Self::shift`] under an explicit matrix `R`, which the shift kernel cannot fuse: the
     /// rows copied out of the cache (page by page), dequantized into f32 as stored, turned by
     /// `Rᵀ`, the RoPE shift (as a matrix) and `R` in three passes, and quantized back in place.
@@ -532,7 +661,7 @@ impl CudaCodec {
         };
         let scale = self.rotation.as_ref().map_or(1.0, CudaRotation::scale);
         let transform = self.transform();
-        let config = if name == "rotate_quantize" {
+        let config = if name.starts_with("rotate_quantize") {
             self.config_for(dev)
         } else {
             self.config

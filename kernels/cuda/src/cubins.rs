@@ -285,7 +285,7 @@ fn variants() -> Vec<Variant> {
     flash_variants(&mut out);
     // Explicit rotation matrices: each element type in and out.
     for n in [64, 128] {
-        for (i, o) in [(0, 0), (1, 1), (2, 2), (1, 0), (0, 1), (0, 2)] {
+        for (i, o) in [(0, 0), (1, 1), (2, 2), (1, 0), (2, 0), (0, 1), (0, 2)] {
             out.push(Variant {
                 name: format!("matrix/d{n}/{}-{}", elem_name(i), elem_name(o)),
                 source: crate::matrix::source(n, i, o).1,

@@ -128,7 +128,7 @@ fn check_quantize_with<T: Elem>(
         .stream()
         .alloc_zeros::<u8>((start + tokens + 1) * heads * rb)
         .unwrap();
-    let input = upload::<f16>(dev, &x);
+    let input = upload::<T>(dev, &x);
     codec
         .quantize(
             dev,
@@ -138,8 +138,8 @@ fn check_quantize_with<T: Elem>(
         )
         .unwrap();
     let got = dev.stream().clone_dtoh(&cache).unwrap();
-    // The kernel's rotated values: f16 input widened, rotated by the f32 kernel.
-    let widened: Vec<f32> = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    // The kernel's rotated values: the input as T holds it, widened, rotated by the f32 kernel.
+    let widened: Vec<f32> = x.iter().map(|&v| T::from_f32(v).to_f32()).collect();
     let rotated = match r {
         Some(r) => {
             let mut buf = dev.stream().clone_htod(&widened).unwrap();
@@ -204,6 +204,12 @@ fn check_formats(formats: &[KvFormat]) {
             if format.check_row_len(n).is_ok() {
                 check_quantize(dev, format, n, r.as_ref(), (i * 7 + n) as u64);
             }
+        }
+        // bf16 rows through an explicit matrix (the matrix pass reads bf16, writes f32).
+        if format.check_row_len(64).is_ok() {
+            let m = RotationKind::Matrix.build(64, 5);
+            let cfg = RowConfig::codec_default();
+            check_quantize_with::<bf16>(dev, format, 64, m.as_ref(), cfg, 3 + i as u64);
         }
     }
 }
@@ -443,6 +449,130 @@ fn paged_cache_holds_the_contiguous_rows() {
         pages: Some((&bad, page)),
     };
     assert!(codec.quantize(dev, &input, &mut paged, target).is_err());
+}
+
+/// The batch append: each token's rows land in the slot the device mapping names, `-1` skips,
+/// every other slot keeps its bytes; a slot outside the pool writes nothing and sets the status
+/// bit; an explicit matrix and bf16 rows go the same way.
+#[test]
+fn batch_append_through_a_device_slot_mapping() {
+    let Some(dev) = device() else { return };
+    let s = dev.stream();
+    let (d, heads, pool_slots) = (128usize, 3usize, 16usize);
+    let slots: [i64; 7] = [9, -1, 0, 15, 4, -1, 10];
+    for (i, (format, r)) in [
+        (KvFormat::Q4_0, Some(Rotation::hadamard(d).unwrap())),
+        (KvFormat::Q8_0, None),
+        (KvFormat::Tq4, Some(Rotation::randomized(d, 3).unwrap())),
+        (KvFormat::Iq4Nl, RotationKind::Matrix.build(d, 4)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let codec = CudaCodec::new(dev, format, d, r.as_ref()).unwrap();
+        let rb = codec.row_bytes();
+        let x = ROWS.f32s(slots.len() * heads * d, 70 + i as u64);
+        // What the kernels quantize: the rows rotated by the GPU's own rotation.
+        let mut rotated = s.clone_htod(&x).unwrap();
+        if let Some(r) = &r {
+            CudaRotation::new(dev, r)
+                .unwrap()
+                .forward(dev, &mut rotated)
+                .unwrap();
+        }
+        let rotated = s.clone_dtoh(&rotated).unwrap();
+        let mut want = vec![0xABu8; pool_slots * heads * rb];
+        for (t, &slot) in slots.iter().enumerate() {
+            if slot >= 0 {
+                let at = slot as usize * heads * rb;
+                let rows = &rotated[t * heads * d..(t + 1) * heads * d];
+                want[at..at + heads * rb].copy_from_slice(&format.quantize_rows(rows, d).unwrap());
+            }
+        }
+        let mut pool = s
+            .clone_htod(&vec![0xABu8; pool_slots * heads * rb])
+            .unwrap();
+        let dslots = s.clone_htod(&slots).unwrap();
+        let mut status = s.alloc_zeros::<u32>(1).unwrap();
+        let input = s.clone_htod(&x).unwrap();
+        codec
+            .quantize_slots(dev, &input, &mut pool, heads, &dslots, Some(&mut status))
+            .unwrap();
+        let got = s.clone_dtoh(&pool).unwrap();
+        assert!(
+            got == want,
+            "{format}: first difference at byte {:?}",
+            got.iter().zip(&want).position(|(a, b)| a != b)
+        );
+        assert_eq!(s.clone_dtoh(&status).unwrap(), [0]);
+        // bf16 rows: the same slots, the oracle on the rows as bf16 holds them.
+        let held: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let mut rotated = s.clone_htod(&held).unwrap();
+        if let Some(r) = &r {
+            CudaRotation::new(dev, r)
+                .unwrap()
+                .forward(dev, &mut rotated)
+                .unwrap();
+        }
+        let rotated = s.clone_dtoh(&rotated).unwrap();
+        let mut pool = s.alloc_zeros::<u8>(pool_slots * heads * rb).unwrap();
+        codec
+            .quantize_slots(
+                dev,
+                &upload::<bf16>(dev, &x),
+                &mut pool,
+                heads,
+                &dslots,
+                None,
+            )
+            .unwrap();
+        let got = s.clone_dtoh(&pool).unwrap();
+        for (t, &slot) in slots.iter().enumerate() {
+            if slot >= 0 {
+                let at = slot as usize * heads * rb;
+                let rows = &rotated[t * heads * d..(t + 1) * heads * d];
+                assert_eq!(
+                    got[at..at + heads * rb],
+                    format.quantize_rows(rows, d).unwrap()[..],
+                    "{format} bf16 token {t}"
+                );
+            }
+        }
+    }
+    // A slot outside the pool: reported, not written; the others still land.
+    let codec = CudaCodec::new(dev, KvFormat::Q8_0, d, None).unwrap();
+    let rb = codec.row_bytes();
+    let mut pool = s.alloc_zeros::<u8>(pool_slots * heads * rb).unwrap();
+    let x = ROWS.f32s(3 * heads * d, 5);
+    let input = s.clone_htod(&x).unwrap();
+    let mut status = s.alloc_zeros::<u32>(1).unwrap();
+    let bad = s.clone_htod(&[2i64, pool_slots as i64, -7]).unwrap();
+    codec
+        .quantize_slots(dev, &input, &mut pool, heads, &bad, Some(&mut status))
+        .unwrap();
+    assert_eq!(s.clone_dtoh(&status).unwrap(), [1]);
+    let got = s.clone_dtoh(&pool).unwrap();
+    let first = KvFormat::Q8_0.quantize_rows(&x[..heads * d], d).unwrap();
+    assert_eq!(got[2 * heads * rb..3 * heads * rb], first[..]);
+    assert!(got[..2 * heads * rb].iter().all(|&b| b == 0));
+    assert!(got[3 * heads * rb..].iter().all(|&b| b == 0));
+    // Host-checked shapes: a mapping of another length, rows not whole tokens, a pool not
+    // whole slots, an empty status.
+    let two = s.clone_htod(&[0i64, 1]).unwrap();
+    assert!(codec
+        .quantize_slots(dev, &input, &mut pool, heads, &two, None)
+        .is_err());
+    assert!(codec
+        .quantize_slots(dev, &input, &mut pool, 2, &bad, None)
+        .is_err());
+    let mut ragged = s.alloc_zeros::<u8>(pool_slots * heads * rb - 1).unwrap();
+    assert!(codec
+        .quantize_slots(dev, &input, &mut ragged, heads, &bad, None)
+        .is_err());
+    let mut empty = s.null::<u32>().unwrap();
+    assert!(codec
+        .quantize_slots(dev, &input, &mut pool, heads, &bad, Some(&mut empty))
+        .is_err());
 }
 
 #[test]

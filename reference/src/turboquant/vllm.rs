@@ -302,8 +302,14 @@ impl Part {
             }
             Part::Value { bits } => {
                 let top = ((1u32 << bits) - 1) as f32;
-                let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
-                let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // The first of equal extremes (so −0 and +0 store as they come, as a kernel
+                // scanning the row keeps them; `f32::min` may return either).
+                let lo = row[1..]
+                    .iter()
+                    .fold(row[0], |m, &v| if v < m { v } else { m });
+                let hi = row[1..]
+                    .iter()
+                    .fold(row[0], |m, &v| if v > m { v } else { m });
                 let s = (hi - lo) / top;
                 let s = if s > 1e-8 { s } else { 1e-8 };
                 let codes: Vec<u8> = row

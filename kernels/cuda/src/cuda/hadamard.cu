@@ -311,14 +311,13 @@ RQ_FN void copy_row(unsigned char* dst, const unsigned char* src, int t) {
     }
 }
 
-// Rotates `n_rows` input rows ((token, head) rows of new tokens, token-major) and quantizes
-// them into the cache. Row (token i, head h) goes to cache position pos = start_pos + i: with a
-// block table, to page table[pos / page_tokens], slot pos % page_tokens; without one, to row
-// pos. Cache rows are (position, head) rows of kRowBytes.
-extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
-    rotate_quantize(const elem_t* input, long long n_rows, long long n_heads, long long start_pos,
-                    const unsigned int* table, long long page_tokens, unsigned char* cache,
-                    const float* signs, float scale) {
+// Rotates and quantizes this thread's row of `input` (r = the block's row for this thread; rows
+// past n_rows encode zeros) into its encoded row staged in shared memory, then, for a row that
+// exists, calls write(r, staged, t) with t this thread's index among the row's threads: the two
+// kernels below differ only in where the row goes.
+template <class Write>
+RQ_FN void rotate_quantize_rows(const elem_t* input, long long n_rows, const float* signs,
+                                float scale, Write write) {
     extern __shared__ float4 smem[];
     float* buf = reinterpret_cast<float*>(smem);
     Lane l = lane_of(threadIdx.x);
@@ -359,11 +358,45 @@ extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
     }
     sync_row();
     if (!valid) return;
-    long long pos = start_pos + r / n_heads;
-    long long head = r % n_heads;
-    long long slot =
-        table ? (long long)table[pos / page_tokens] * page_tokens + pos % page_tokens : pos;
-    copy_row(cache + (slot * n_heads + head) * Rows::kRowBytes, staged, t);
+    write(r, staged, t);
+}
+
+// Rotates `n_rows` input rows ((token, head) rows of new tokens, token-major) and quantizes
+// them into the cache. Row (token i, head h) goes to cache position pos = start_pos + i: with a
+// block table, to page table[pos / page_tokens], slot pos % page_tokens; without one, to row
+// pos. Cache rows are (position, head) rows of kRowBytes.
+extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
+    rotate_quantize(const elem_t* input, long long n_rows, long long n_heads, long long start_pos,
+                    const unsigned int* table, long long page_tokens, unsigned char* cache,
+                    const float* signs, float scale) {
+    rotate_quantize_rows(
+        input, n_rows, signs, scale, [&](long long r, const unsigned char* staged, int t) {
+            long long pos = start_pos + r / n_heads;
+            long long head = r % n_heads;
+            long long slot =
+                table ? (long long)table[pos / page_tokens] * page_tokens + pos % page_tokens : pos;
+            copy_row(cache + (slot * n_heads + head) * Rows::kRowBytes, staged, t);
+        });
+}
+
+// The batch append (vLLM's reshape_and_cache): token i's rows go to slot slots[i] of a pool of
+// n_slots slots (cache rows (slot, head)), -1 skipping the token. A slot outside the pool (or
+// below -1) is the caller's error: its rows are not written, and bit 0 of *status is set when
+// `status` is not null (the host reads it when it wants to know).
+extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
+    rotate_quantize_slots(const elem_t* input, long long n_rows, long long n_heads,
+                          const long long* slots, long long n_slots, unsigned char* cache,
+                          const float* signs, float scale, unsigned int* status) {
+    rotate_quantize_rows(
+        input, n_rows, signs, scale, [&](long long r, const unsigned char* staged, int t) {
+            const long long slot = slots[r / n_heads];
+            if (slot == -1) return;
+            if (slot < -1 || slot >= n_slots) {
+                if (status && t == 0) atomicOr(status, 1u);
+                return;
+            }
+            copy_row(cache + (slot * n_heads + r % n_heads) * Rows::kRowBytes, staged, t);
+        });
 }
 
 // Dequantizes `n_rows` cache rows into rows of elem_t, rotated back when ROTATE.
