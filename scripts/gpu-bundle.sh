@@ -72,7 +72,8 @@ run attn-decode "$A" --exact decode_matches_the_oracle automatic_splits_match_th
 run attn-formats "$A" --exact every_format_as_k_and_as_v head_dimensions groups_and_half_types \
     paired_heads &
 run attn-misc "$A" --exact masks_windows_and_softcap special_values_follow_the_oracle \
-    bad_inputs_are_typed_errors attention_from_eight_threads_at_once handles_are_send_and_sync &
+    bad_inputs_are_typed_errors attention_from_eight_threads_at_once handles_are_send_and_sync \
+    explicit_matrix_plans_follow_the_oracle two_devices_from_their_own_threads &
 for t in "$here"/test-*; do
     name=$(basename "$t")
     [ "$name" = test-attention ] || run "${name#test-}" "$t" &
@@ -96,7 +97,7 @@ if [[ " $* " == *" --sanitize "* ]]; then
     # out of memory, a typed error, and the sanitizer would count it.)
     declare -A sets=(
         [attention]="--exact masks_windows_and_softcap special_values_follow_the_oracle paired_heads groups_and_half_types"
-        [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types row_formats_on_edge_rows"
+        [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types row_formats_on_edge_rows batch_append_through_a_device_slot_mapping explicit_matrix_rotations"
         [cache_backends]=""
     )
     for tool in memcheck racecheck synccheck; do

@@ -1194,6 +1194,50 @@ fn attention_from_eight_threads_at_once() {
     });
 }
 
+/// Tensor-parallel engines shard heads across GPUs: each device opened, compiled for and used
+/// from its own thread at the same time (codec, decode, prefill through the decode kernel)
+/// follows the oracle, and a codec made for one device refuses the other's buffers. With fewer
+/// than two devices it says so and checks nothing more.
+#[test]
+fn two_devices_from_their_own_threads() {
+    let Some(dev0) = device() else { return };
+    let dev1 = match Device::open("cuda:1") {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no second CUDA device ({e})");
+            return;
+        }
+    };
+    std::thread::scope(|s| {
+        for (i, dev) in [dev0, &dev1].into_iter().enumerate() {
+            s.spawn(move || {
+                for (t, k_format) in [KvFormat::Q8_0, KvFormat::Q4_0, KvFormat::Tq4]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let c = Case {
+                        k_format,
+                        plan: (t % 4) as u8,
+                        page_tokens: (t % 2 == 1).then_some(16),
+                        seed: 40 + 10 * i as u64 + t as u64,
+                        ..Case::basic()
+                    };
+                    check::<f32>(dev, &c);
+                    check::<f16>(dev, &c);
+                }
+            });
+        }
+    });
+    let codec = rotq_cuda::CudaCodec::new(&dev1, KvFormat::Q8_0, 128, None).unwrap();
+    let rows = dev0.stream().alloc_zeros::<f32>(128).unwrap();
+    let mut cache = dev0.stream().alloc_zeros::<u8>(136).unwrap();
+    let target = rotq_cuda::CacheTarget::contiguous(1, 0);
+    assert!(matches!(
+        codec.quantize(dev0, &rows, &mut cache, target),
+        Err(CudaError::WrongDevice { .. })
+    ));
+}
+
 /// A decode whose partial results cannot fit in the device's memory is
 /// `CudaError::OutOfMemory` (no panic, no launch), and the device works normally afterwards.
 #[test]
