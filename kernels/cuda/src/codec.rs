@@ -163,16 +163,31 @@ impl CudaCodec {
         let Some((table, page_tokens)) = self.locate(dev, cache, &target, n_tokens)? else {
             return Ok(());
         };
-        let stream = dev.stream();
-        if let Some(m) = self.matrix() {
-            // The rows rotated into f32 first, then quantized as they are.
-            let mut rotated = stream
-                .alloc_zeros::<f32>(n_rows * self.dim)
-                .context(|| "a buffer of rotated rows".into())?;
-            m.apply(dev, input, &mut rotated, n_rows, false)?;
-            return self.launch_quantize(dev, &rotated, cache, table, page_tokens, n_rows, &target);
+        match self.matrix_rotated(dev, input, n_rows)? {
+            Some(rotated) => {
+                self.launch_quantize(dev, &rotated, cache, table, page_tokens, n_rows, &target)
+            }
+            None => self.launch_quantize(dev, input, cache, table, page_tokens, n_rows, &target),
         }
-        self.launch_quantize(dev, input, cache, table, page_tokens, n_rows, &target)
+    }
+
+    /// Under an explicit matrix, the first `n_rows` rows of `input` rotated into a new f32
+    /// buffer (the codec kernels then quantize them as they are); `None` otherwise.
+    fn matrix_rotated<T: GpuElement>(
+        &self,
+        dev: &Device,
+        input: &CudaSlice<T>,
+        n_rows: usize,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let Some(m) = self.matrix() else {
+            return Ok(None);
+        };
+        let mut rotated = dev
+            .stream()
+            .alloc_zeros::<f32>(n_rows * self.dim)
+            .context(|| "a buffer of rotated rows".into())?;
+        m.apply(dev, input, &mut rotated, n_rows, false)?;
+        Ok(Some(rotated))
     }
 
     /// The rotate-quantize kernel over `n_rows` rows of `input` into `cache` (located).
@@ -383,15 +398,12 @@ impl CudaCodec {
             return Ok(());
         }
         let n_slots = cache.len() / slot_bytes;
-        if let Some(m) = self.matrix() {
-            let mut rotated = dev
-                .stream()
-                .alloc_zeros::<f32>(n_rows * self.dim)
-                .context(|| "a buffer of rotated rows".into())?;
-            m.apply(dev, input, &mut rotated, n_rows, false)?;
-            return self.launch_slots(dev, &rotated, cache, n_heads, slots, n_slots, status);
+        match self.matrix_rotated(dev, input, n_rows)? {
+            Some(rotated) => {
+                self.launch_slots(dev, &rotated, cache, n_heads, slots, n_slots, status)
+            }
+            None => self.launch_slots(dev, input, cache, n_heads, slots, n_slots, status),
         }
-        self.launch_slots(dev, input, cache, n_heads, slots, n_slots, status)
     }
 
     /// The slot-mapping kernel over the rows of `input` (checked by the caller).

@@ -473,14 +473,17 @@ fn batch_append_through_a_device_slot_mapping() {
         let rb = codec.row_bytes();
         let x = ROWS.f32s(slots.len() * heads * d, 70 + i as u64);
         // What the kernels quantize: the rows rotated by the GPU's own rotation.
-        let mut rotated = s.clone_htod(&x).unwrap();
-        if let Some(r) = &r {
-            CudaRotation::new(dev, r)
-                .unwrap()
-                .forward(dev, &mut rotated)
-                .unwrap();
-        }
-        let rotated = s.clone_dtoh(&rotated).unwrap();
+        let gpu_rotated = |rows: &[f32]| -> Vec<f32> {
+            let mut buf = s.clone_htod(rows).unwrap();
+            if let Some(r) = &r {
+                CudaRotation::new(dev, r)
+                    .unwrap()
+                    .forward(dev, &mut buf)
+                    .unwrap();
+            }
+            s.clone_dtoh(&buf).unwrap()
+        };
+        let rotated = gpu_rotated(&x);
         let mut want = vec![0xABu8; pool_slots * heads * rb];
         for (t, &slot) in slots.iter().enumerate() {
             if slot >= 0 {
@@ -507,14 +510,7 @@ fn batch_append_through_a_device_slot_mapping() {
         assert_eq!(s.clone_dtoh(&status).unwrap(), [0]);
         // bf16 rows: the same slots, the oracle on the rows as bf16 holds them.
         let held: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-        let mut rotated = s.clone_htod(&held).unwrap();
-        if let Some(r) = &r {
-            CudaRotation::new(dev, r)
-                .unwrap()
-                .forward(dev, &mut rotated)
-                .unwrap();
-        }
-        let rotated = s.clone_dtoh(&rotated).unwrap();
+        let rotated = gpu_rotated(&held);
         let mut pool = s.alloc_zeros::<u8>(pool_slots * heads * rb).unwrap();
         codec
             .quantize_slots(
