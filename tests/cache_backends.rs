@@ -118,11 +118,16 @@ impl Case {
     }
 }
 
-/// GQA, MHA and MQA; q8_0, q4_0 and others; with and without rotations (including an m·2^k
-/// Hadamard); windows and soft-caps. Block formats only ([`KvFormat::BLOCKS`]): the cases of
-/// both backends (the CUDA backend takes no row format).
-fn cases() -> Vec<Case> {
-    let case = |k_format, v_format, plan, h_kv, group, d| Case {
+/// A case with no window and no soft-cap.
+fn case(
+    k_format: KvFormat,
+    v_format: KvFormat,
+    plan: u8,
+    h_kv: usize,
+    group: usize,
+    d: usize,
+) -> Case {
+    Case {
         k_format,
         v_format,
         plan,
@@ -131,50 +136,33 @@ fn cases() -> Vec<Case> {
         d,
         window: None,
         softcap: None,
+    }
+}
+
+/// The cases of both backends: GQA, MHA and MQA; q8_0, q4_0 and others, the TurboQuant row
+/// formats (alone, with QJL, beside a block format) and vLLM's slot parts; with and without
+/// rotations (including an m·2^k Hadamard and explicit matrices); windows and soft-caps.
+fn cases() -> Vec<Case> {
+    let windowed = |c: Case| Case {
+        window: Some(20),
+        softcap: Some(30.0),
+        ..c
     };
     vec![
         case(KvFormat::Q8_0, KvFormat::Q8_0, 0, 2, 4, 128),
         case(KvFormat::Q4_0, KvFormat::Q8_0, 1, 2, 4, 128),
-        Case {
-            window: Some(20),
-            softcap: Some(30.0),
-            ..case(KvFormat::Q4_0, KvFormat::Q4_0, 2, 4, 1, 64)
-        },
+        windowed(case(KvFormat::Q4_0, KvFormat::Q4_0, 2, 4, 1, 64)),
         case(KvFormat::Iq4Nl, KvFormat::F16, 0, 1, 8, 128),
         case(KvFormat::Q5_1, KvFormat::Iq4Nl, 1, 2, 2, 96),
-        // Row formats: rotq's QJL keys beside MSE values, vLLM's preset parts.
+        case(KvFormat::Q4_0, KvFormat::Q8_0, 3, 2, 4, 128),
+        case(KvFormat::Tq4, KvFormat::Tq3Qjl, 1, 2, 4, 128),
+        windowed(case(KvFormat::Tq2, KvFormat::Tq4, 2, 4, 1, 64)),
+        case(KvFormat::Tq3, KvFormat::Tq2Qjl, 0, 1, 8, 96),
+        case(KvFormat::Tq4Qjl, KvFormat::Q8_0, 2, 2, 2, 64),
         case(KvFormat::Tq4Qjl, KvFormat::Tq3, 1, 2, 4, 128),
         case(KvFormat::VllmK4, KvFormat::VllmV4, 0, 2, 4, 128),
         case(KvFormat::VllmFp8, KvFormat::VllmV3, 0, 1, 8, 64),
-        case(KvFormat::Q4_0, KvFormat::Q8_0, 3, 2, 4, 128),
     ]
-}
-
-/// The CPU's cases: [`cases`], and the TurboQuant row formats (alone, with QJL, beside a
-/// block format), with and without rotations, MHA to GQA, a window and a soft-cap.
-fn cpu_cases() -> Vec<Case> {
-    let case = |k_format, v_format, plan, h_kv, group, d| Case {
-        k_format,
-        v_format,
-        plan,
-        h_kv,
-        group,
-        d,
-        window: None,
-        softcap: None,
-    };
-    let mut all = cases();
-    all.extend([
-        case(KvFormat::Tq4, KvFormat::Tq3Qjl, 1, 2, 4, 128),
-        Case {
-            window: Some(20),
-            softcap: Some(30.0),
-            ..case(KvFormat::Tq2, KvFormat::Tq4, 2, 4, 1, 64)
-        },
-        case(KvFormat::Tq3, KvFormat::Tq2Qjl, 0, 1, 8, 96),
-        case(KvFormat::Tq4Qjl, KvFormat::Q8_0, 2, 2, 2, 64),
-    ]);
-    all
 }
 
 /// The oracle on `cache`'s own bytes: Q (as f64) rotated, K and V dequantized, the output
@@ -444,7 +432,7 @@ fn compare_bytes(cpu: &[u8], gpu: &[u8], format: KvFormat, d: usize, rotated: bo
 
 #[test]
 fn the_sequence_on_the_cpu_follows_the_oracle() {
-    for c in cpu_cases() {
+    for c in cases() {
         let [contiguous, paged] = LAYOUTS.map(|paging| sequence(&c, &Backend::Cpu, paging));
         assert!(paged == contiguous, "{c:?}: paged and contiguous bytes");
     }
