@@ -86,30 +86,54 @@ RQ_FN float rq_tq_f16_to_f32(const unsigned char* p) {
     return rq_f16_to_f32((unsigned short)(p[0] | (p[1] << 8)));
 }
 
-// One row: `x` the row's d floats at padded indices, `out` its bytes.
-RQ_FN void rq_tq_quantize(const float* x, unsigned char* out, int d, int bits, const double* mids,
-                          const float* squares) {
+// The oracle's order of an eight-lane sum: ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)).
+RQ_FN double rq_tq_lanes(const double* p) {
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+}
+
+// |y| of a row's d floats (padded indices): the squares summed in f64 in eight lanes.
+RQ_FN double rq_tq_norm(const float* x, int d) {
     double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int i = 0; i < d; i++) {
         const double v = (double)x[RQ_TQ_PAD(i)];
         p[i & 7] = p[i & 7] + v * v;
     }
-    const double n = sqrt(((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7])));
-    const int levels = 1 << bits;
+    return sqrt(rq_tq_lanes(p));
+}
+
+// The f32 thresholds of a row of norm n: th[k] is the smallest f32 at or above mids[k] * n, so
+// that the code of y_i, the number of thresholds it reaches (rq_tq_level), is the oracle's.
+RQ_FN void rq_tq_thresholds(const double* mids, double n, int bits, float* th) {
+    for (int k = 0; k < (1 << bits) - 1; k++) th[k] = rq_tq_ceil_f32(mids[k] * n);
+}
+
+RQ_FN int rq_tq_level(float v, const float* th, int bits) {
+    int c = 0;
+    for (int k = 0; k < (1 << bits) - 1; k++) c += v >= th[k] ? 1 : 0;
+    return c;
+}
+
+// Sets code i (of `bits` bits) in an LSB-first stream whose bytes were zeroed.
+RQ_FN void rq_tq_put_code(unsigned char* out, int i, int bits, int c) {
+    const int at = i * bits;
+    const unsigned int w = (unsigned int)c << (at & 7);
+    out[at >> 3] |= (unsigned char)w;
+    if ((w >> 8) != 0) out[(at >> 3) + 1] |= (unsigned char)(w >> 8);
+}
+
+// One row: `x` the row's d floats at padded indices, `out` its bytes.
+RQ_FN void rq_tq_quantize(const float* x, unsigned char* out, int d, int bits, const double* mids,
+                          const float* squares) {
+    const double n = rq_tq_norm(x, d);
     float th[15];
-    for (int k = 0; k < levels - 1; k++) th[k] = rq_tq_ceil_f32(mids[k] * n);
+    rq_tq_thresholds(mids, n, bits, th);
     float e[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     const int code_bytes = d * bits / 8;
     for (int i = 0; i < code_bytes; i++) out[i] = 0;
     for (int i = 0; i < d; i++) {
-        const float v = x[RQ_TQ_PAD(i)];
-        int c = 0;
-        for (int k = 0; k < levels - 1; k++) c += v >= th[k] ? 1 : 0;
+        const int c = rq_tq_level(x[RQ_TQ_PAD(i)], th, bits);
         e[i & 7] = e[i & 7] + squares[c];
-        const int at = i * bits;
-        const unsigned int w = (unsigned int)c << (at & 7);
-        out[at >> 3] |= (unsigned char)w;
-        if ((w >> 8) != 0) out[(at >> 3) + 1] |= (unsigned char)(w >> 8);
+        rq_tq_put_code(out, i, bits, c);
     }
     const float csq = ((e[0] + e[4]) + (e[2] + e[6])) + ((e[1] + e[5]) + (e[3] + e[7]));
     const unsigned short s = rq_tq_f64_to_f16(n / sqrt((double)csq));
@@ -151,14 +175,6 @@ RQ_FN bool rq_tq_row_finite(const float* x, int d) {
     return ok;
 }
 
-// Appends code c of `bits` bits as code i of an LSB-first stream (the bytes zeroed first).
-RQ_FN void rq_tq_put_code(unsigned char* out, int i, int bits, int c) {
-    const int at = i * bits;
-    const unsigned int w = (unsigned int)c << (at & 7);
-    out[at >> 3] |= (unsigned char)w;
-    if ((w >> 8) != 0) out[(at >> 3) + 1] |= (unsigned char)(w >> 8);
-}
-
 // ---------------------------------------------------------------------------------------------
 // TurboQuant-prod (tq*_qjl): the MSE codes of `bits` bits (no norm correction), f16 |y|, the d
 // signs of S r, f16 |r| (formats.rs, "prod"). No local arrays: r_i is recomputed from the row and
@@ -166,24 +182,14 @@ RQ_FN void rq_tq_put_code(unsigned char* out, int i, int bits, int c) {
 
 RQ_FN void rq_qjl_quantize(const float* x, unsigned char* out, int d, int bits, const double* mids,
                            const double* levels, const double* sketch) {
-    double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int i = 0; i < d; i++) {
-        const double v = (double)x[RQ_TQ_PAD(i)];
-        p[i & 7] = p[i & 7] + v * v;
-    }
-    const double n = sqrt(((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7])));
-    const int levels_n = 1 << bits;
+    const double n = rq_tq_norm(x, d);
     float th[15];
-    for (int k = 0; k < levels_n - 1; k++) th[k] = rq_tq_ceil_f32(mids[k] * n);
+    rq_tq_thresholds(mids, n, bits, th);
     const int code_bytes = (d * bits + 7) / 8;
     const int total = code_bytes + 2 + d / 8 + 2;
     for (int i = 0; i < total; i++) out[i] = 0;
-    for (int i = 0; i < d; i++) {
-        const float v = x[RQ_TQ_PAD(i)];
-        int c = 0;
-        for (int k = 0; k < levels_n - 1; k++) c += v >= th[k] ? 1 : 0;
-        rq_tq_put_code(out, i, bits, c);
-    }
+    for (int i = 0; i < d; i++)
+        rq_tq_put_code(out, i, bits, rq_tq_level(x[RQ_TQ_PAD(i)], th, bits));
     const unsigned short n16 = rq_tq_f64_to_f16(n);
     out[code_bytes] = (unsigned char)(n16 & 0xFF);
     out[code_bytes + 1] = (unsigned char)(n16 >> 8);
@@ -202,8 +208,7 @@ RQ_FN void rq_qjl_quantize(const float* x, unsigned char* out, int d, int bits, 
         const double r = (double)x[RQ_TQ_PAD(i)] - levels[rq_tq_code(out, i, bits)] * ns;
         q[i & 7] = q[i & 7] + r * r;
     }
-    const unsigned short r16 =
-        rq_tq_f64_to_f16(sqrt(((q[0] + q[4]) + (q[2] + q[6])) + ((q[1] + q[5]) + (q[3] + q[7]))));
+    const unsigned short r16 = rq_tq_f64_to_f16(sqrt(rq_tq_lanes(q)));
     out[code_bytes + 2 + d / 8] = (unsigned char)(r16 & 0xFF);
     out[code_bytes + 2 + d / 8 + 1] = (unsigned char)(r16 >> 8);
 }
@@ -338,13 +343,9 @@ RQ_FN void rq_vllm_key_quantize(const float* x, unsigned char* out, int d, int b
     const double n = (double)n32 + 1e-8;
     for (int i = 0; i < d; i++) y[i] = (double)x[RQ_TQ_PAD(i)] / n;
     rq_tq_hadamard_f64(y, d);
-    const int levels_n = 1 << bits;
-    for (int i = 0; i < d; i++) {
-        const float v = __double2float_rn(y[i]);
-        int c = 0;
-        for (int k = 0; k < levels_n - 1; k++) c += v >= mids[k] ? 1 : 0;
-        rq_tq_put_code(out, i, bits, c);
-    }
+    // vLLM's f32 midpoints are the thresholds themselves.
+    for (int i = 0; i < d; i++)
+        rq_tq_put_code(out, i, bits, rq_tq_level(__double2float_rn(y[i]), mids, bits));
     rq_write_u16(out + code_bytes, rq_f32_to_f16(n32));
 }
 
