@@ -374,19 +374,26 @@ def test_mse_row_formats_keep_the_norm(fmt):
     assert np.abs(ratio - 1).max() <= E16 + 2e-5
 
 
-@pytest.mark.parametrize("fmt", BLOCK)
-@pytest.mark.parametrize("rotation", ["hadamard", "block:32", "randomized:9"])
-def test_rotated_round_trip(fmt, rotation):
+def _rotated_rows(fmt, rotation, d=128):
+    """Rows with an outlier channel (what the rotation is for) quantized under `rotation`, with
+    the checks every format shares: the row size, and bytes that are those of the rotated rows
+    (the kernels' and the oracle's). Returns (x, its rotation, the bytes)."""
     rng = np.random.default_rng(6)
-    d = 128
     x = _data(rng, 48, d, spread=1)
-    x[:, 5] *= 30.0  # an outlier channel, what the rotation is for
+    x[:, 5] *= 30.0
     q = rotq.quantize(x, fmt, rotation=rotation)
     assert q.shape == (48, rotq.row_bytes(fmt, d))
-    # the bytes are those of the rotated rows
     xr = rotq.rotate(x, rotation)
     np.testing.assert_array_equal(q, rotq.quantize(xr, fmt))
     np.testing.assert_array_equal(q, rotq.oracle.quantize(xr, fmt))
+    return x, xr, q
+
+
+@pytest.mark.parametrize("fmt", BLOCK)
+@pytest.mark.parametrize("rotation", ["hadamard", "block:32", "randomized:9"])
+def test_rotated_round_trip(fmt, rotation):
+    d = 128
+    x, xr, q = _rotated_rows(fmt, rotation, d)
     y = rotq.dequantize(q, fmt, d, rotation=rotation)
     # The rotation is orthonormal: each row's L2 error is that of the rotated row, within the
     # L2 norm of the rotated row's per-value bounds.
@@ -404,16 +411,8 @@ def test_rotated_round_trip(fmt, rotation):
 @pytest.mark.parametrize("fmt", ROW)
 @pytest.mark.parametrize("rotation", ["hadamard", "block:32", "randomized:9"])
 def test_row_format_rotated_round_trip(fmt, rotation):
-    rng = np.random.default_rng(6)
     d = 128
-    x = _data(rng, 48, d, spread=1)
-    x[:, 5] *= 30.0  # an outlier channel, what the rotation is for
-    q = rotq.quantize(x, fmt, rotation=rotation)
-    assert q.shape == (48, rotq.row_bytes(fmt, d))
-    # the bytes are those of the rotated rows
-    xr = rotq.rotate(x, rotation)
-    np.testing.assert_array_equal(q, rotq.quantize(xr, fmt))
-    np.testing.assert_array_equal(q, rotq.oracle.quantize(xr, fmt))
+    x, xr, q = _rotated_rows(fmt, rotation, d)
     y = rotq.dequantize(q, fmt, d, rotation=rotation)
     y_rot = rotq.dequantize(q, fmt, d)
     np.testing.assert_array_equal(y_rot, rotq.oracle.dequantize(q, fmt, d))
