@@ -91,7 +91,7 @@ status=0
 grep -qv ' rc=0 ' "$logs/summary" && status=1
 grep -h "FAILED\|panicked" "$logs"/*.log | head -20
 if [[ " $* " == *" --sanitize "* ]]; then
-    # memcheck, racecheck and synccheck over the cache-backend tests and subsets of the
+    # memcheck, racecheck and synccheck over the cache-backend and batch-API tests and subsets of the
     # attention and codec tests that finish under the tools (3-4 minutes a set), all at once.
     # (API errors are not reported: the tests ask for an allocation that must fail with
     # out of memory, a typed error, and the sanitizer would count it.)
@@ -99,9 +99,10 @@ if [[ " $* " == *" --sanitize "* ]]; then
         [attention]="--exact masks_windows_and_softcap special_values_follow_the_oracle paired_heads groups_and_half_types"
         [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types row_formats_on_edge_rows batch_append_through_a_device_slot_mapping explicit_matrix_rotations"
         [cache_backends]=""
+        [batch]=""
     )
     for tool in memcheck racecheck synccheck; do
-        for t in attention differential cache_backends; do
+        for t in attention differential cache_backends batch; do
             ( timeout "${GUARD:-540}" compute-sanitizer --tool $tool --report-api-errors no \
                 --error-exitcode 9 "$here/test-$t" ${sets[$t]} > "$logs/san-$tool-$t.log" 2>&1
               echo "$tool $t rc=$? $(grep -h 'test result\|SUMMARY' "$logs/san-$tool-$t.log" | tr '\n' ' ')" \

@@ -9,6 +9,10 @@
 //! `plan()`), and per layer runs it ([`KvPool::run`]) into the engine's output buffer, with the
 //! log-sum-exp of each row if asked (to merge partial attention, as cascade attention does).
 //!
+//! On a GPU the same layout lives in the engine's device memory and a step runs on its stream
+//! through [`crate::cuda::batch`] (feature `cuda`; [`PoolSpec::cuda_geometry`] gives its pool
+//! geometry): planned on the host, run with no allocation or synchronisation, graph-capturable.
+//!
 //! **Layout** (what the kernels read, and what [`crate::cache::RotatedKvCache`] holds for one
 //! sequence): a pool of `n_pages` pages of `page_tokens` tokens; slot `s = page · page_tokens
 //! + offset`; row `(s, head)` of K at byte `(s · n_kv_heads + head) · k_row_bytes` of the K
@@ -92,6 +96,32 @@ pub struct PoolSpec {
 }
 
 impl PoolSpec {
+    /// The same pool's geometry for the device side of the batch API ([`crate::cuda::batch`]):
+    /// a pool of this spec in device memory holds the same bytes, and a
+    /// [`crate::cuda::CudaAttention`] of [`Self::plan`] runs steps over it.
+    ///
+    /// ```
+    /// use rotq::pool::PoolSpec;
+    /// use rotq::{KvFormat, RotationPlan};
+    /// let spec = PoolSpec { k_format: KvFormat::Q4_0, v_format: KvFormat::Q8_0,
+    ///     plan: RotationPlan::none(), n_kv_heads: 8, head_dim: 128, v_dim: 128,
+    ///     n_pages: 1024, page_tokens: 16, query: rotq::QueryMode::Auto };
+    /// assert_eq!(spec.cuda_geometry().k_bytes()?, spec.k_bytes()?);
+    /// # Ok::<(), rotq::Error>(())
+    /// ```
+    #[cfg(feature = "cuda")]
+    pub fn cuda_geometry(&self) -> crate::cuda::batch::PoolGeometry {
+        crate::cuda::batch::PoolGeometry {
+            k_format: self.k_format,
+            v_format: self.v_format,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            v_dim: self.v_dim,
+            n_pages: self.n_pages,
+            page_tokens: self.page_tokens,
+        }
+    }
+
     /// Token slots in the pool (`n_pages · page_tokens`).
     pub fn slots(&self) -> Result<usize, Error> {
         self.n_pages

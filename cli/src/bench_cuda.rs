@@ -539,7 +539,159 @@ pub fn run_all(
             });
         }
     }
+    // Last: its graph needs a stream of its own, which puts the context in multi-stream mode.
+    if Section::Decode.wanted(only) {
+        progress("decode q4_0 through the batch API: run, and one run replayed as a CUDA graph");
+        let b = batch_api_decode(&dev, decode, opts)?;
+        let shape = format!(
+            "{} seqs x {} tokens, {}/{} heads x {}, q4_0 K+V, default configuration; \
+             host {:.2} us per graph launch, {:.2} us per run call",
+            decode.batch,
+            decode.n,
+            decode.h_q,
+            decode.h_kv,
+            decode.d,
+            b.graph_host_us,
+            b.run_host_us
+        );
+        let direct = gbps(b.bytes, b.direct_ms);
+        for (name, ms) in [("run", b.run_ms), ("graph", b.graph_ms)] {
+            out.push(record(
+                format!("decode_attention_q4_0_batch_{name}"),
+                shape.clone(),
+                gbps(b.bytes, ms),
+                "CudaAttention::decode, same bytes",
+                direct,
+                ceiling,
+            ));
+        }
+    }
     Ok(out)
+}
+
+/// The batch API's decode beside `CudaAttention::decode` on the same cache.
+struct BatchApiTimes {
+    direct_ms: f64,
+    run_ms: f64,
+    graph_ms: f64,
+    /// Host time of one `CudaGraph::launch` and of one `run_batch` call (queueing only).
+    graph_host_us: f64,
+    run_host_us: f64,
+    bytes: usize,
+}
+
+/// Decode of `shape` over one contiguous q4_0 cache three ways, default configuration:
+/// `CudaAttention::decode`, `run_batch` (the same cache as a pool whose page `b` is sequence
+/// `b`), and that run captured once in a CUDA graph and replayed.
+fn batch_api_decode(
+    dev: &Device,
+    shape: DecodeShape,
+    opts: &CudaBenchOptions,
+) -> Result<BatchApiTimes, Error> {
+    use rotq_cuda::batch::{
+        BatchShape, DeviceBatch, DeviceBuf, DeviceStream, DeviceTables, PoolGeometry, TablesKind,
+    };
+    use rotq_cuda::{DecodeConfig, DecodeSeq};
+    let DecodeShape {
+        batch,
+        n,
+        h_kv,
+        h_q,
+        d,
+    } = shape;
+    let setup = AttentionSetup::new(dev, KvFormat::Q4_0, (h_kv, d), batch * n, 4096, 5)?;
+    let [k, v] = setup.views(n);
+    let attn = setup.attn.clone().with_config(DecodeConfig::default());
+    let q = rows_of::<f16>(dev, batch * h_q * d, 6)?;
+    let stream = dev.stream();
+    let mut out = stream
+        .alloc_zeros::<f16>(batch * h_q * d)
+        .map_err(cuda_err)?;
+    let seqs = vec![
+        DecodeSeq {
+            n_tokens: n,
+            pos: n - 1
+        };
+        batch
+    ];
+    let direct_ms = median_ms(dev, 2, opts.runs, |_| {
+        attn.decode(dev, &q, h_q, &k, &v, &seqs, &setup.params, &mut out)
+    })?;
+
+    let pool = PoolGeometry {
+        k_format: KvFormat::Q4_0,
+        v_format: KvFormat::Q4_0,
+        n_kv_heads: h_kv,
+        head_dim: d,
+        v_dim: d,
+        n_pages: batch,
+        page_tokens: n,
+    };
+    let mut bshape = BatchShape::decode(batch, h_q, n, TablesKind::Contiguous);
+    bshape.checked = false;
+    let plan = attn.plan_batch::<f16>(dev, &pool, &bshape)?;
+    let ws = stream
+        .alloc_zeros::<u8>(plan.workspace_bytes())
+        .map_err(cuda_err)?;
+    let qsl = stream
+        .clone_htod(&(0..=batch as u32).collect::<Vec<_>>())
+        .map_err(cuda_err)?;
+    let lens = stream
+        .clone_htod(&vec![n as u32; batch])
+        .map_err(cuda_err)?;
+    let dbatch = DeviceBatch {
+        query_start_loc: DeviceBuf::of(&qsl),
+        seq_lens: DeviceBuf::of(&lens),
+        q_positions: None,
+        tables: DeviceTables::Contiguous,
+    };
+    let (qb, kb, vb) = (
+        DeviceBuf::of(&q),
+        DeviceBuf::of(&setup.caches[0]),
+        DeviceBuf::of(&setup.caches[1]),
+    );
+    let (wb, ob) = (DeviceBuf::of(&ws), DeviceBuf::of(&out));
+    let on = |s| attn.run_batch(&plan, &s, &qb, &kb, &vb, &dbatch, &wb, &ob, None);
+    let run_ms = median_ms(dev, 2, opts.runs, |_| on(DeviceStream::of(stream)))?;
+    let calls = 200;
+    let t0 = std::time::Instant::now();
+    for _ in 0..calls {
+        on(DeviceStream::of(stream))?;
+    }
+    let run_host_us = t0.elapsed().as_secs_f64() * 1e6 / calls as f64;
+    stream.synchronize().map_err(cuda_err)?;
+    plan.status(&DeviceStream::of(stream), &wb)?;
+
+    let gs = dev.context().new_stream().map_err(cuda_err)?;
+    gs.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(cuda_err)?;
+    on(DeviceStream::of(&gs))?;
+    let graph = gs
+        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+        .map_err(cuda_err)?
+        .ok_or_else(|| Error::Input("the capture gave no graph".into()))?;
+    graph.upload().map_err(cuda_err)?;
+    let launch = || {
+        graph.launch().map_err(|e| rotq_cuda::CudaError::Driver {
+            what: "launching the graph".into(),
+            source: e,
+        })
+    };
+    let graph_ms = timing::median_ms(&mut EventClock::new(gs.clone()), 2, opts.runs, |_| launch())?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..calls {
+        launch()?;
+    }
+    let graph_host_us = t0.elapsed().as_secs_f64() * 1e6 / calls as f64;
+    gs.synchronize().map_err(cuda_err)?;
+    Ok(BatchApiTimes {
+        direct_ms,
+        run_ms,
+        graph_ms,
+        graph_host_us,
+        run_host_us,
+        bytes: setup.bytes(),
+    })
 }
 
 /// The prefill shape of the benchmark: 8k tokens of one sequence, causal, 8 KV heads of 128,

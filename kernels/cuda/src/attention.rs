@@ -45,7 +45,7 @@ use crate::kernel::{self, Transform};
 use crate::matrix::DeviceMatrix;
 use crate::rotation::{CudaRotation, GpuElement};
 use crate::turbo::MAX_VLLM_KEY_DIM_CUDA;
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 use rotq_reference::hadamard::base_sign;
 use rotq_reference::{AttentionParams, Error, KvFormat, RotationPlan};
 use serde::{Deserialize, Serialize};
@@ -476,7 +476,7 @@ pub struct CudaAttention {
 /// an explicit matrix, which the kernels do not fuse (the queries are rotated before them and
 /// the output after them).
 #[derive(Clone, Debug)]
-struct DeviceRotation {
+pub(crate) struct DeviceRotation {
     log_p: i32,
     m: i32,
     base: Option<Arc<CudaSlice<u64>>>,
@@ -528,7 +528,8 @@ impl DeviceRotation {
 }
 
 /// The kernel arguments of an optional rotation (m = 0: none), with null buffers standing in.
-struct RotArgs {
+#[derive(Debug)]
+pub(crate) struct RotArgs {
     log_p: i32,
     m: i32,
     base: Arc<CudaSlice<u64>>,
@@ -548,7 +549,15 @@ impl RotArgs {
             .arg(&self.scale);
     }
 
-    fn of(dev: &Device, r: Option<&DeviceRotation>) -> Result<Self> {
+    /// The five parameters as raw values (log_p, m, base, signs, scale) for a launch through
+    /// the driver (the batch API's); the buffers stay alive with `self`.
+    pub(crate) fn raw(&self) -> (i32, i32, u64, u64, f32) {
+        let (base, _b) = self.base.device_ptr(self.base.stream());
+        let (signs, _s) = self.signs.device_ptr(self.signs.stream());
+        (self.log_p, self.m, base, signs, self.scale)
+    }
+
+    pub(crate) fn of(dev: &Device, r: Option<&DeviceRotation>) -> Result<Self> {
         let stream = dev.stream();
         let null_u64 = || -> Result<Arc<CudaSlice<u64>>> {
             Ok(Arc::new(
@@ -609,6 +618,33 @@ impl CudaAttention {
             prefill_tuned: true,
             ordinal: dev.context().ordinal(),
         })
+    }
+
+    /// The device's ordinal.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Whether either rotation is an explicit matrix (a pass outside the kernels).
+    pub(crate) fn has_matrix(&self) -> bool {
+        [&self.qk, &self.v]
+            .iter()
+            .any(|r| r.as_ref().is_some_and(|r| r.matrix.is_some()))
+    }
+
+    /// The rotation plan.
+    pub(crate) fn rotation_plan(&self) -> &RotationPlan {
+        &self.plan
+    }
+
+    /// The Q/K rotation's device arguments.
+    pub(crate) fn qk_rotation(&self) -> Option<&DeviceRotation> {
+        self.qk.as_ref()
+    }
+
+    /// The V rotation's device arguments.
+    pub(crate) fn v_rotation(&self) -> Option<&DeviceRotation> {
+        self.v.as_ref()
     }
 
     /// The same kernels with other tuning knobs (instead of the tuning cache's).
@@ -1168,6 +1204,8 @@ impl CudaAttention {
         let softcap = params.softcap.map_or(0.0, |c| c as f32);
         let split_tokens = split_tokens as i64;
         let n_rows = batch as i64;
+        // (Row tables are the batch API's; here row b reads table row b.)
+        let no_row_table = 0u64;
         let mut launch = stream.launch_builder(&decode);
         launch
             .arg(q)
@@ -1175,6 +1213,7 @@ impl CudaAttention {
             .arg(v.bytes)
             .arg(&table)
             .arg(&table_stride)
+            .arg(&no_row_table)
             .arg(&page_tokens)
             .arg(&lens)
             .arg(&pos)
@@ -1203,7 +1242,8 @@ impl CudaAttention {
         let mut launch = stream.launch_builder(&combine);
         launch.arg(&part).arg(&n_part);
         vrot.push(&mut launch);
-        launch.arg(out);
+        let no_lse = 0u64;
+        launch.arg(out).arg(&no_lse);
         let cfg = LaunchConfig {
             grid_dim: grid(h_q, batch, 1)?,
             block_dim: (128, 1, 1),
@@ -1432,7 +1472,7 @@ struct Checked {
 }
 
 /// What a failed launch was.
-fn describe(name: &str, f: &CudaFunction, key: &str) -> String {
+pub(crate) fn describe(name: &str, f: &CudaFunction, key: &str) -> String {
     format!(
         "launching {name} ({} registers per thread; {key})",
         f.num_regs().unwrap_or(-1)

@@ -19,6 +19,9 @@
 //!   cache (any formats for K and V, contiguous or paged, GQA, causal, window, soft-cap), Q
 //!   rotated and the output rotated back inside the kernels; split over the cache and merged.
 //!
+//! - [`batch`]: the batch engine API on the device: pools, queries, tables and lengths in the
+//!   engine's device memory, planned on the host, run on the engine's stream (graph-capturable).
+//!
 //! Every kernel matches the `rotq-reference` oracle (see `tests/`). Quantization uses exact
 //! f32 arithmetic (`--fmad=false`) so that the bytes equal the oracle's quantizer applied to
 //! the kernel's own rotated values.
@@ -27,6 +30,7 @@
 
 mod attention;
 mod attention_module;
+pub mod batch;
 mod codec;
 #[cfg(test)]
 mod cubins;

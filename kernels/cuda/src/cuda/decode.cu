@@ -155,16 +155,20 @@ RQ_FN void stage_tile(unsigned int* stage, const unsigned char* kc, const unsign
 }
 
 // Decode attention. Grid: (KV heads, splits, sequences); `q` is [sequences, G * n_heads, D],
-// `lens[b]` the tokens in sequence b's cache and `pos[b]` its query's position. Split s covers
+// `lens[b]` the tokens in sequence b's cache and `pos[b]` its query's position. Row b's table is
+// `table + row_table[b]` when `row_table` is given (the batch API: rows of one sequence share
+// it), else `table + b * table_stride`; with no table, page `row_table[b]` (else b) holds the
+// row's tokens contiguously. Split s covers
 // tokens [s * split_tokens, (s + 1) * split_tokens) of the visible ones. Writes the partials
 // `part` [sequences, G * n_heads, splits * Decode::kWarps, Decode::kPartFloats].
 extern "C" __global__ void __launch_bounds__(Decode::kThreads)
     decode_attention(const elem_t* q, const unsigned char* kc, const unsigned char* vc,
-                     const unsigned int* table, long long table_stride, long long page_tokens,
-                     const long long* lens, const long long* pos, long long n_heads, int causal,
-                     long long window, float softcap, float score_scale, int q_log_p, int q_m,
-                     const unsigned long long* q_base, const float* q_signs, float q_scale,
-                     long long split_tokens, long long n_rows, float* part) {
+                     const unsigned int* table, long long table_stride, const long long* row_table,
+                     long long page_tokens, const long long* lens, const long long* pos,
+                     long long n_heads, int causal, long long window, float softcap,
+                     float score_scale, int q_log_p, int q_m, const unsigned long long* q_base,
+                     const float* q_signs, float q_scale, long long split_tokens, long long n_rows,
+                     float* part) {
     (void)n_rows;  // one row per block here
     const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
     extern __shared__ float4 smem4[];
@@ -213,9 +217,11 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
     const int chunk0 = Decode::kChunks >= 32 ? lane : lane % Decode::kChunks;
     const bool sum_lane = set < Decode::kSets;
 
-    // The cache row of token t (of this sequence and head).
+    // The cache row of token t (of this sequence and head): through the row's own table
+    // offset (or, contiguous, its sequence) when the host gives one per row.
+    const long long tbase = row_table ? row_table[seq] : (table ? seq * table_stride : seq);
     auto row_of = [&](long long t) -> long long {
-        long long page = table ? (long long)table[seq * table_stride + t / page_tokens] : seq;
+        long long page = table ? (long long)table[tbase + t / page_tokens] : tbase;
         return (page * page_tokens + t % page_tokens) * n_heads + head;
     };
 
@@ -373,10 +379,11 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
 // Merges the `n_part` partials of each (sequence, query head): grid (query heads, sequences).
 // A partial that saw no visible key adds nothing; with none at all the output is zeros; when
 // the visible scores were all -Inf the output is NaN (the oracle's 0 / 0). The merged row is
-// divided by l, rotated back by the V rotation and stored as elem_t.
+// divided by l, rotated back by the V rotation and stored as elem_t; `lse`, when given,
+// receives each row's log-sum-exp of its scores, m + ln l (-Inf with no visible key).
 extern "C" __global__ void decode_combine(const float* part, long long n_part, int v_log_p, int v_m,
                                           const unsigned long long* v_base, const float* v_signs,
-                                          float v_scale, elem_t* out) {
+                                          float v_scale, elem_t* out, float* lse) {
     const Rot vrot = {v_log_p, v_m, v_base, v_signs, v_scale};
     extern __shared__ float4 smem4[];
     float* o = reinterpret_cast<float*>(smem4);  // [DV]
@@ -407,7 +414,99 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
         }
         o[d] = a;
     }
+    if (lse && threadIdx.x == 0) {
+        float l = 0.0f;
+        for (long long i = 0; any && i < n_part; i++) {
+            const float* st = base + i * Decode::kPartFloats + DV;
+            bool live = st[0] != NEG_INF || isnan(st[1]) || st[2] != 0.0f;
+            if (live) l += st[1] * expf(st[0] - mx);
+        }
+        lse[row] = any ? mx + logf(l) : NEG_INF;
+    }
     __syncthreads();
     smem_rotate(o, 1, DV, vrot, 1);
     for (int d = threadIdx.x; d < DV; d += blockDim.x) out[row * DV + d] = f32_to_elem(o[d]);
+}
+
+// The OR of a value over the warp's lanes (every lane gets it).
+RQ_FN unsigned int warp_or(unsigned int v) {
+    for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The batch API's rows (one warp a row, rows r < max_rows): which sequence b a query row belongs
+// to (query rows qsl[b] .. qsl[b + 1]), and from it the row's `lens`, `pos` and `row_table`
+// for decode_attention. Tables: `kind` 0 contiguous (sequence b's tokens are page b), 1
+// rectangular (`table` [n_seqs, max_blocks]), 2 CSR (`table` the indices, `indptr` [n_seqs + 1],
+// `n_indices` of them). A row past qsl[n_seqs] sees no key. A sequence that breaks the caller's
+// contract gives its rows no key and sets bits of `status`: 1 query_start_loc (not from 0,
+// decreasing, or past max_rows) or indptr (decreasing, past n_indices); 2 a length beyond its
+// table; 4 (`checked`) a page outside the pool; 8 more rows than tokens without q_positions;
+// 16 a length beyond the plan's max_len (its splits would not cover it).
+extern "C" __global__ void batch_rows(const unsigned int* qsl, const unsigned int* seq_lens,
+                                      const unsigned int* q_positions, const unsigned int* table,
+                                      const unsigned int* indptr, int kind, long long max_blocks,
+                                      long long n_indices, long long page_tokens, long long n_pages,
+                                      long long n_seqs, long long max_rows, long long max_len,
+                                      int checked, long long* lens, long long* pos,
+                                      long long* row_table, unsigned int* status) {
+    const long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= max_rows) return;
+    unsigned int bad = 0;
+    // The offsets themselves: every row reads them (a few hundred words, cached).
+    if (qsl[0] != 0 || (long long)qsl[n_seqs] > max_rows) bad |= 1;
+    for (long long b = lane; b < n_seqs; b += 32)
+        if (qsl[b] > qsl[b + 1] || (kind == 2 && indptr[b] > indptr[b + 1])) bad |= 1;
+    if (kind == 2 && (long long)indptr[n_seqs] > n_indices) bad |= 1;
+    bad = warp_or(bad);
+    // The last b with qsl[b] <= r.
+    long long lo = 0, hi = n_seqs;
+    while (hi - lo > 1) {
+        const long long mid = (lo + hi) / 2;
+        if ((long long)qsl[mid] <= r)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    const long long b = lo, start = qsl[b], end = qsl[b + 1];
+    const bool mine = n_seqs > 0 && start <= r && r < end;
+    long long n = 0, p = 0, off = 0;
+    if (mine && !bad) {
+        n = seq_lens[b];
+        const long long n_q = end - start, i = r - start;
+        if (q_positions)
+            p = (long long)q_positions[b] + i;
+        else if (n_q > n)
+            bad |= 8;
+        else
+            p = n - n_q + i;
+        long long cap;
+        if (kind == 0) {
+            off = b;
+            cap = page_tokens;
+            if (b >= n_pages) bad |= 4;
+        } else if (kind == 1) {
+            off = b * max_blocks;
+            cap = max_blocks * page_tokens;
+        } else {
+            off = indptr[b];
+            cap = ((long long)indptr[b + 1] - off) * page_tokens;
+        }
+        if (n > cap) bad |= 2;
+        if (n > max_len) bad |= 16;
+        if (checked && kind != 0 && !(bad & 2)) {
+            const long long used = (n + page_tokens - 1) / page_tokens;
+            for (long long j = lane; j < used; j += 32)
+                if ((long long)table[off + j] >= n_pages) bad |= 4;
+            bad = warp_or(bad);
+        }
+    }
+    if (lane == 0) {
+        const bool live = mine && !bad;
+        lens[r] = live ? n : 0;
+        pos[r] = live ? p : 0;
+        row_table[r] = live ? off : 0;
+        if (bad) atomicOr(status, bad);
+    }
 }

@@ -260,9 +260,10 @@ RQ_FN void pair_sync(int s) {
 
 extern "C" __global__ void __launch_bounds__(DecodeMma::kThreads, DecodeMma::kMinBlocks)
     decode_attention_mma(const elem_t* q, const unsigned char* kc, const unsigned char* vc,
-                         const unsigned int* table, long long table_stride, long long page_tokens,
-                         const long long* lens, const long long* pos, long long n_heads, int causal,
-                         long long window, float softcap, float score_scale, int q_log_p, int q_m,
+                         const unsigned int* table, long long table_stride,
+                         const long long* row_table, long long page_tokens, const long long* lens,
+                         const long long* pos, long long n_heads, int causal, long long window,
+                         float softcap, float score_scale, int q_log_p, int q_m,
                          const unsigned long long* q_base, const float* q_signs, float q_scale,
                          long long split_tokens, long long n_rows, float* part) {
     const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
@@ -365,11 +366,13 @@ extern "C" __global__ void __launch_bounds__(DecodeMma::kThreads, DecodeMma::kMi
     // The staged row of token t: the cache row of the block's first head, in units of the
     // staged rows (DecodeMma::kHeads rows of the cache; the host checked that a contiguous
     // sequence's tokens are below its capacity, and that token positions and pages fit 32 bits).
+    // Row seq's table offset (or contiguous page), as in decode_attention.
     const long long s_heads = n_heads / DecodeMma::kHeads, s_head = blockIdx.x;
+    const long long tbase = row_table ? row_table[seq] : (table ? seq * table_stride : seq);
     auto row_of = [&](long long t) -> long long {
-        if (!table) return ((long long)seq * page_tokens + t) * s_heads + s_head;
+        if (!table) return (tbase * page_tokens + t) * s_heads + s_head;
         const unsigned int tt = (unsigned int)t, pt = (unsigned int)page_tokens;
-        const long long page = (long long)table[seq * table_stride + tt / pt];
+        const long long page = (long long)table[tbase + tt / pt];
         return (page * page_tokens + tt % pt) * s_heads + s_head;
     };
     // Starts copying tile t0's K rows to `kd` (where do_k) and V rows to `vd` (where do_v):

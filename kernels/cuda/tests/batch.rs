@@ -1,0 +1,857 @@
+//! The batch engine API on the device (`rotq_cuda::batch`) against the oracle: mixed decode and
+//! chunked-prefill steps over contiguous, rectangular and CSR tables, f32, f16 and bf16 queries,
+//! with the log-sum-exp; one CUDA graph captured once and replayed with other tables, lengths
+//! and queries; the host's typed errors and the device-side checks. Without a GPU each test
+//! prints `skipped: no CUDA device` and passes.
+
+mod common;
+
+use common::{device, download, Elem, ROWS};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::{bf16, f16};
+use ndarray::Array3;
+use rotq_cuda::batch::{
+    BatchPlan, BatchShape, DeviceBatch, DeviceBuf, DeviceStream, DeviceTables, PoolGeometry,
+    TablesKind,
+};
+use rotq_cuda::{CudaAttention, CudaError, Device};
+use rotq_reference::rotation::SplitMix64;
+use rotq_reference::tolerance::{Op, Precision};
+use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
+
+/// Sequences' rows in one pool: `data[s]` is sequence `s`'s K and V rows (token-major,
+/// `h_kv` rows a token, rotated and quantized), `pages[s]` the pool pages holding them.
+struct Pool {
+    g: PoolGeometry,
+    plan: RotationPlan,
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    data: Vec<(Vec<u8>, Vec<u8>)>,
+    pages: Vec<Vec<u32>>,
+}
+
+impl Pool {
+    /// Sequences of `lens` tokens; pages dealt in a scrambled order, or, for a contiguous
+    /// pool (`n_pages` sequences of `page_tokens`), sequence s in page s; every byte no
+    /// sequence owns 0xFF (NaN scales: a read out of place shows).
+    fn new(dev: &Device, g: PoolGeometry, plan: RotationPlan, lens: &[usize], seed: u64) -> Self {
+        let pt = g.page_tokens;
+        let per: Vec<usize> = lens.iter().map(|n| n.div_ceil(pt)).collect();
+        let mut order: Vec<u32> = (0..g.n_pages as u32).collect();
+        let contiguous = g.n_pages == lens.len() && per.iter().all(|&p| p <= 1);
+        let mut rng = SplitMix64::new(seed);
+        for i in (1..order.len()).rev().filter(|_| !contiguous) {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        assert!(per.iter().sum::<usize>() <= g.n_pages);
+        let mut pages = Vec::new();
+        let mut next = 0;
+        for &p in &per {
+            pages.push(order[next..next + p].to_vec());
+            next += p;
+        }
+        let encode = |f: KvFormat, n: usize, dim: usize, r: Option<&Rotation>, s: u64| {
+            let mut x: Vec<f64> = ROWS
+                .f32s(n * g.n_kv_heads * dim, s)
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            if let Some(r) = r {
+                r.rotate_rows(&mut x, false).unwrap();
+            }
+            let x: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            if x.is_empty() {
+                Vec::new()
+            } else {
+                f.quantize_rows(&x, dim).unwrap()
+            }
+        };
+        let data: Vec<(Vec<u8>, Vec<u8>)> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                let s = seed ^ (s as u64 * 7919);
+                (
+                    encode(g.k_format, n, g.head_dim, plan.qk.as_ref(), s ^ 2),
+                    encode(g.v_format, n, g.v_dim, plan.v.as_ref(), s ^ 3),
+                )
+            })
+            .collect();
+        let lay = |bytes: usize, rows: Vec<&[u8]>, row: usize| {
+            let token = g.n_kv_heads * row;
+            let mut pool = vec![0xFFu8; bytes];
+            for (s, p) in pages.iter().enumerate() {
+                let r = rows[s];
+                for t in 0..r.len() / token {
+                    let slot = p[t / pt] as usize * pt + t % pt;
+                    pool[slot * token..][..token].copy_from_slice(&r[t * token..][..token]);
+                }
+            }
+            pool
+        };
+        let kb = lay(
+            g.k_bytes().unwrap(),
+            data.iter().map(|d| d.0.as_slice()).collect(),
+            g.k_format.row_bytes(g.head_dim).unwrap(),
+        );
+        let vb = lay(
+            g.v_bytes().unwrap(),
+            data.iter().map(|d| d.1.as_slice()).collect(),
+            g.v_format.row_bytes(g.v_dim).unwrap(),
+        );
+        let stream = dev.stream();
+        Self {
+            g,
+            plan,
+            k: stream.clone_htod(&kb).unwrap(),
+            v: stream.clone_htod(&vb).unwrap(),
+            data,
+            pages,
+        }
+    }
+}
+
+/// One sequence of a step: which pool sequence, how many of its tokens, query rows, and the
+/// first row's position if given.
+#[derive(Clone, Copy, Debug)]
+struct Seq {
+    data: usize,
+    len: usize,
+    n_q: usize,
+    pos: Option<usize>,
+}
+
+/// A step's device arrays, in buffers of fixed size (a graph reads the same addresses).
+struct Arrays<T> {
+    qsl: CudaSlice<u32>,
+    lens: CudaSlice<u32>,
+    pos: CudaSlice<u32>,
+    table: CudaSlice<u32>,
+    indptr: CudaSlice<u32>,
+    q: CudaSlice<T>,
+    out: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+    ws: CudaSlice<u8>,
+    max_blocks: usize,
+}
+
+impl<T: Elem> Arrays<T> {
+    fn new(stream: &std::sync::Arc<CudaStream>, plan: &BatchPlan, pool: &Pool) -> Self {
+        let s = plan.shape();
+        let max_blocks = s.max_seq_len.div_ceil(pool.g.page_tokens);
+        let z32 = |n: usize| stream.alloc_zeros::<u32>(n.max(1)).unwrap();
+        Self {
+            qsl: z32(s.seqs + 1),
+            lens: z32(s.seqs),
+            pos: z32(s.seqs),
+            table: z32(s.seqs * max_blocks),
+            indptr: z32(s.seqs + 1),
+            q: stream.alloc_zeros::<T>(plan.q_len()).unwrap(),
+            out: stream.alloc_zeros::<T>(plan.out_len()).unwrap(),
+            lse: stream.alloc_zeros::<f32>(plan.lse_len()).unwrap(),
+            ws: stream.alloc_zeros::<u8>(plan.workspace_bytes()).unwrap(),
+            max_blocks,
+        }
+    }
+
+    /// Writes a step (queries `q` of every row the buffers hold) on `stream`.
+    fn write(
+        &mut self,
+        stream: &std::sync::Arc<CudaStream>,
+        pool: &Pool,
+        seqs: &[Seq],
+        kind: TablesKind,
+        q: &[f32],
+    ) {
+        let pt = pool.g.page_tokens;
+        let mut qsl = vec![0u32];
+        for s in seqs {
+            qsl.push(qsl.last().unwrap() + s.n_q as u32);
+        }
+        stream.memcpy_htod(&qsl, &mut self.qsl).unwrap();
+        let lens: Vec<u32> = seqs.iter().map(|s| s.len as u32).collect();
+        stream.memcpy_htod(&lens, &mut self.lens).unwrap();
+        let pos: Vec<u32> = seqs
+            .iter()
+            .map(|s| s.pos.unwrap_or(s.len.saturating_sub(s.n_q)) as u32)
+            .collect();
+        stream.memcpy_htod(&pos, &mut self.pos).unwrap();
+        // Entries past a sequence's pages are u32::MAX: a kernel that read one would fault.
+        let mut table = vec![u32::MAX; self.table.len()];
+        let mut indptr = vec![0u32];
+        let mut at = 0;
+        for (b, s) in seqs.iter().enumerate() {
+            let used = &pool.pages[s.data][..s.len.div_ceil(pt)];
+            match kind {
+                TablesKind::Block { .. } => {
+                    table[b * self.max_blocks..][..used.len()].copy_from_slice(used)
+                }
+                _ => {
+                    table[at..][..used.len()].copy_from_slice(used);
+                    at += used.len();
+                }
+            }
+            indptr.push(at as u32);
+        }
+        stream.memcpy_htod(&table, &mut self.table).unwrap();
+        stream.memcpy_htod(&indptr, &mut self.indptr).unwrap();
+        let qh: Vec<T> = q.iter().map(|&x| T::from_f32(x)).collect();
+        stream.memcpy_htod(&qh, &mut self.q).unwrap();
+    }
+
+    fn batch(&self, kind: TablesKind, positions: bool) -> DeviceBatch<'_> {
+        DeviceBatch {
+            query_start_loc: DeviceBuf::of(&self.qsl),
+            seq_lens: DeviceBuf::of(&self.lens),
+            q_positions: positions.then(|| DeviceBuf::of(&self.pos)),
+            tables: match kind {
+                TablesKind::Contiguous => DeviceTables::Contiguous,
+                TablesKind::Block { max_blocks } => DeviceTables::Block {
+                    table: DeviceBuf::of(&self.table),
+                    max_blocks,
+                },
+                TablesKind::Csr => DeviceTables::Csr {
+                    indptr: DeviceBuf::of(&self.indptr),
+                    indices: DeviceBuf::of(&self.table),
+                },
+            },
+        }
+    }
+
+    fn run(&self, attn: &CudaAttention, plan: &BatchPlan, pool: &Pool, stream: &CudaStream) {
+        let s = plan.shape();
+        attn.run_batch(
+            plan,
+            &DeviceStream::of(stream),
+            &DeviceBuf::of(&self.q),
+            &DeviceBuf::of(&pool.k),
+            &DeviceBuf::of(&pool.v),
+            &self.batch(s.tables, s.q_positions),
+            &DeviceBuf::of(&self.ws),
+            &DeviceBuf::of(&self.out),
+            Some(&DeviceBuf::of(&self.lse)),
+        )
+        .unwrap();
+    }
+}
+
+/// The oracle of a step: each sequence's query rows (as `T` holds them) against its first
+/// `len` tokens, at its positions; (outputs, LSE) of the step's rows in order.
+fn oracle<T: Elem>(
+    pool: &Pool,
+    seqs: &[Seq],
+    h_q: usize,
+    params: &AttentionParams,
+    q: &[f32],
+) -> (Vec<f64>, Vec<f64>) {
+    let g = &pool.g;
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    let mut row = 0;
+    for s in seqs {
+        let per_row = h_q * g.head_dim;
+        let mut qr: Vec<f64> = q[row * per_row..(row + s.n_q) * per_row]
+            .iter()
+            .map(|&x| f64::from(T::from_f32(x).to_f32()))
+            .collect();
+        row += s.n_q;
+        if let Some(r) = &pool.plan.qk {
+            r.rotate_rows(&mut qr, false).unwrap();
+        }
+        let cache = |f: KvFormat, bytes: &[u8], dim: usize| {
+            let rows = f.row_bytes(dim).unwrap() * g.n_kv_heads * s.len;
+            let vals = if rows == 0 {
+                Vec::new()
+            } else {
+                f.dequantize_rows(&bytes[..rows], dim).unwrap()
+            };
+            Array3::from_shape_vec(
+                (s.len, g.n_kv_heads, dim),
+                vals.into_iter().map(f64::from).collect(),
+            )
+            .unwrap()
+        };
+        let (kb, vb) = &pool.data[s.data];
+        let k = cache(g.k_format, kb, g.head_dim);
+        let v = cache(g.v_format, vb, g.v_dim);
+        let qa = Array3::from_shape_vec((s.n_q, h_q, g.head_dim), qr).unwrap();
+        let p = AttentionParams {
+            pos_offset: s.pos.unwrap_or(s.len - s.n_q),
+            ..params.clone()
+        };
+        let a = attention_f64(qa.view(), k.view(), v.view(), &p).unwrap();
+        let mut o: Vec<f64> = a.output.iter().copied().collect();
+        if let Some(r) = &pool.plan.v {
+            r.rotate_rows(&mut o, true).unwrap();
+        }
+        out.extend(o);
+        lse.extend(a.lse.iter().copied());
+    }
+    (out, lse)
+}
+
+/// The step's outputs and LSE against the oracle; rows past the step's last are zeros and −∞.
+fn assert_step<T: Elem>(
+    arrays: &Arrays<T>,
+    dev: &Device,
+    pool: &Pool,
+    plan: &BatchPlan,
+    seqs: &[Seq],
+    q: &[f32],
+    what: &str,
+) {
+    let s = plan.shape();
+    let got: Vec<f64> = download(dev, &arrays.out)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let lse: Vec<f64> = dev
+        .stream()
+        .clone_dtoh(&arrays.lse)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let (want, want_lse) = oracle::<T>(pool, seqs, s.h_q, &s.params, q);
+    let rows: usize = seqs.iter().map(|s| s.n_q).sum();
+    let what = format!("{} {what} {seqs:?}", std::any::type_name::<T>());
+    let n_out = rows * s.h_q * pool.g.v_dim;
+    rotq_testkit::oracle::assert_matches(&got[..n_out], &want, Op::Attention, T::PRECISION, &what);
+    rotq_testkit::oracle::assert_matches(
+        &lse[..rows * s.h_q],
+        &want_lse,
+        Op::Attention,
+        T::PRECISION,
+        &format!("LSE of {what}"),
+    );
+    assert!(
+        got[n_out..].iter().all(|&x| x == 0.0),
+        "{what}: padding rows not zero"
+    );
+    assert!(
+        lse[rows * s.h_q..].iter().all(|&x| x == f64::NEG_INFINITY),
+        "{what}: padding LSE not -inf"
+    );
+    plan.status(&DeviceStream::of(dev.stream()), &DeviceBuf::of(&arrays.ws))
+        .unwrap();
+}
+
+fn geometry(
+    k_format: KvFormat,
+    v_format: KvFormat,
+    page_tokens: usize,
+    n_pages: usize,
+) -> PoolGeometry {
+    PoolGeometry {
+        k_format,
+        v_format,
+        n_kv_heads: 2,
+        head_dim: 128,
+        v_dim: 128,
+        n_pages,
+        page_tokens,
+    }
+}
+
+/// A mixed step (decode rows, a chunk of prefill rows, a sequence with no rows, one with
+/// positions given when the plan takes them) checked once.
+fn check_kind<T: Elem>(
+    dev: &Device,
+    kind: TablesKind,
+    params: AttentionParams,
+    positions: bool,
+    formats: (KvFormat, KvFormat),
+) {
+    let lens = [300usize, 77, 1, 40, 129];
+    let (pt, n_pages) = match kind {
+        TablesKind::Contiguous => (320, lens.len()),
+        _ => (16, 64),
+    };
+    let plan = RotationPlan {
+        qk: Some(Rotation::hadamard(128).unwrap()),
+        v: Some(Rotation::block_hadamard(128, 32).unwrap()),
+    };
+    let pool = Pool::new(
+        dev,
+        geometry(formats.0, formats.1, pt, n_pages),
+        plan.clone(),
+        &lens,
+        5,
+    );
+    let seqs = [
+        Seq {
+            data: 0,
+            len: 300,
+            n_q: 1,
+            pos: None,
+        },
+        Seq {
+            data: 1,
+            len: 77,
+            n_q: 9,
+            pos: positions.then_some(50),
+        },
+        Seq {
+            data: 2,
+            len: 1,
+            n_q: 0,
+            pos: None,
+        },
+        Seq {
+            data: 3,
+            len: 40,
+            n_q: 1,
+            pos: None,
+        },
+        Seq {
+            data: 4,
+            len: 129,
+            n_q: 3,
+            pos: None,
+        },
+    ];
+    let attn = CudaAttention::new(dev, &plan).unwrap();
+    let kind = match kind {
+        TablesKind::Block { .. } => TablesKind::Block {
+            max_blocks: 320usize.div_ceil(pt),
+        },
+        k => k,
+    };
+    let shape = BatchShape {
+        seqs: seqs.len(),
+        max_rows: 17,
+        max_seq_len: 320,
+        h_q: 8,
+        params,
+        q_positions: positions,
+        tables: kind,
+        checked: true,
+    };
+    let bp = attn.plan_batch::<T>(dev, &pool.g, &shape).unwrap();
+    let stream = dev.stream();
+    let mut arrays = Arrays::<T>::new(stream, &bp, &pool);
+    let q = ROWS.f32s(bp.q_len(), 11);
+    arrays.write(stream, &pool, &seqs, kind, &q);
+    arrays.run(&attn, &bp, &pool, stream);
+    assert_step(
+        &arrays,
+        dev,
+        &pool,
+        &bp,
+        &seqs,
+        &q,
+        &format!("{kind:?} {formats:?}"),
+    );
+}
+
+/// Every table layout, f32, f16 and bf16 queries; q_positions; window and soft-cap; a
+/// tensor-core pair of formats and others.
+#[test]
+fn batch_steps_match_the_oracle() {
+    let Some(dev) = device() else { return };
+    let causal = AttentionParams {
+        causal: true,
+        ..Default::default()
+    };
+    let q4 = (KvFormat::Q4_0, KvFormat::Q8_0);
+    for kind in [
+        TablesKind::Contiguous,
+        TablesKind::Block { max_blocks: 0 },
+        TablesKind::Csr,
+    ] {
+        check_kind::<f16>(dev, kind, causal.clone(), false, q4);
+        check_kind::<bf16>(dev, kind, causal.clone(), false, q4);
+        check_kind::<f32>(dev, kind, causal.clone(), false, q4);
+    }
+    let csr = TablesKind::Csr;
+    check_kind::<f16>(dev, csr, causal.clone(), true, q4);
+    let windowed = AttentionParams {
+        causal: true,
+        window: Some(33),
+        softcap: Some(20.0),
+        ..Default::default()
+    };
+    check_kind::<f16>(dev, csr, windowed, false, q4);
+    let open = AttentionParams {
+        causal: false,
+        ..Default::default()
+    };
+    check_kind::<bf16>(dev, TablesKind::Block { max_blocks: 0 }, open, false, q4);
+    for formats in [
+        (KvFormat::Q8_0, KvFormat::Q4_0),
+        (KvFormat::F16, KvFormat::F16),
+        (KvFormat::Tq4, KvFormat::Q8_0),
+    ] {
+        check_kind::<f16>(dev, csr, causal.clone(), false, formats);
+    }
+}
+
+/// One run captured in a CUDA graph on a stream of its own, replayed with other lengths,
+/// tables (sequences swapped), row counts and queries; every replay against the oracle.
+#[test]
+fn batch_graph_replays_follow_the_oracle() {
+    let Some(dev) = device() else { return };
+    let lens = [500usize, 200, 64, 333];
+    let plan = RotationPlan {
+        qk: Some(Rotation::hadamard(128).unwrap()),
+        v: None,
+    };
+    let pool = Pool::new(
+        dev,
+        geometry(KvFormat::Q4_0, KvFormat::Q4_0, 16, 80),
+        plan.clone(),
+        &lens,
+        9,
+    );
+    let attn = CudaAttention::new(dev, &plan).unwrap();
+    let kind = TablesKind::Block { max_blocks: 32 };
+    let shape = BatchShape {
+        seqs: 3,
+        max_rows: 8,
+        max_seq_len: 512,
+        h_q: 8,
+        params: AttentionParams {
+            causal: true,
+            ..Default::default()
+        },
+        q_positions: false,
+        tables: kind,
+        checked: true,
+    };
+    let bp = attn.plan_batch::<f16>(dev, &pool.g, &shape).unwrap();
+    let stream = dev.context().new_stream().unwrap();
+    let mut arrays = Arrays::<f16>::new(&stream, &bp, &pool);
+    let steps: [[Seq; 3]; 3] = [
+        [
+            Seq {
+                data: 0,
+                len: 500,
+                n_q: 1,
+                pos: None,
+            },
+            Seq {
+                data: 1,
+                len: 200,
+                n_q: 1,
+                pos: None,
+            },
+            Seq {
+                data: 2,
+                len: 64,
+                n_q: 1,
+                pos: None,
+            },
+        ],
+        [
+            Seq {
+                data: 3,
+                len: 333,
+                n_q: 4,
+                pos: None,
+            },
+            Seq {
+                data: 0,
+                len: 17,
+                n_q: 1,
+                pos: None,
+            },
+            Seq {
+                data: 1,
+                len: 199,
+                n_q: 3,
+                pos: None,
+            },
+        ],
+        [
+            Seq {
+                data: 2,
+                len: 1,
+                n_q: 1,
+                pos: None,
+            },
+            Seq {
+                data: 2,
+                len: 64,
+                n_q: 0,
+                pos: None,
+            },
+            Seq {
+                data: 0,
+                len: 499,
+                n_q: 2,
+                pos: None,
+            },
+        ],
+    ];
+    let q0 = ROWS.f32s(bp.q_len(), 100);
+    arrays.write(&stream, &pool, &steps[0], kind, &q0);
+    // Every buffer's address taken before the capture: inside it only the run is queued.
+    let (q, k, v) = (
+        DeviceBuf::of(&arrays.q),
+        DeviceBuf::of(&pool.k),
+        DeviceBuf::of(&pool.v),
+    );
+    let (ws, out, lse) = (
+        DeviceBuf::of(&arrays.ws),
+        DeviceBuf::of(&arrays.out),
+        DeviceBuf::of(&arrays.lse),
+    );
+    let batch = arrays.batch(kind, false);
+    let s = DeviceStream::of(&stream);
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    attn.run_batch(&bp, &s, &q, &k, &v, &batch, &ws, &out, Some(&lse))
+        .unwrap();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    for (i, step) in steps.iter().enumerate() {
+        let q = ROWS.f32s(bp.q_len(), 100 + i as u64);
+        arrays.write(&stream, &pool, step, kind, &q);
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        assert_step(&arrays, dev, &pool, &bp, step, &q, &format!("replay {i}"));
+    }
+}
+
+/// Host checks: typed errors before anything is queued. Device checks: a step that breaks the
+/// contract (a page outside the pool, a length past its table or past the plan's bound, more
+/// rows than tokens) reports through `status` and leaves the other sequences right.
+#[test]
+fn batch_bad_inputs_are_typed_errors() {
+    let Some(dev) = device() else { return };
+    let lens = [100usize, 50];
+    let plan = RotationPlan {
+        qk: Some(Rotation::hadamard(128).unwrap()),
+        v: None,
+    };
+    let pool = Pool::new(
+        dev,
+        geometry(KvFormat::Q8_0, KvFormat::Q8_0, 16, 20),
+        plan.clone(),
+        &lens,
+        3,
+    );
+    let attn = CudaAttention::new(dev, &plan).unwrap();
+    let kind = TablesKind::Block { max_blocks: 8 };
+    let shape = BatchShape {
+        seqs: 2,
+        max_rows: 2,
+        max_seq_len: 128,
+        h_q: 4,
+        params: AttentionParams {
+            causal: true,
+            ..Default::default()
+        },
+        q_positions: false,
+        tables: kind,
+        checked: true,
+    };
+    let bp = attn.plan_batch::<f16>(dev, &pool.g, &shape).unwrap();
+    let stream = dev.stream();
+    let mut arrays = Arrays::<f16>::new(stream, &bp, &pool);
+    let good = [
+        Seq {
+            data: 0,
+            len: 100,
+            n_q: 1,
+            pos: None,
+        },
+        Seq {
+            data: 1,
+            len: 50,
+            n_q: 1,
+            pos: None,
+        },
+    ];
+    let q = ROWS.f32s(bp.q_len(), 1);
+    arrays.write(stream, &pool, &good, kind, &q);
+    let input = |e: CudaError| matches!(e, CudaError::Input(_) | CudaError::WrongDevice { .. });
+
+    // Host: a plan of another shape, wrong lengths, the wrong tables, the wrong element type.
+    assert!(input(
+        attn.plan_batch::<f16>(
+            dev,
+            &pool.g,
+            &BatchShape {
+                h_q: 3,
+                ..shape.clone()
+            }
+        )
+        .unwrap_err()
+    ));
+    assert!(input(
+        attn.plan_batch::<f16>(
+            dev,
+            &PoolGeometry {
+                head_dim: 100,
+                ..pool.g
+            },
+            &shape
+        )
+        .unwrap_err()
+    ));
+    let contiguous = BatchShape {
+        tables: TablesKind::Contiguous,
+        ..shape.clone()
+    };
+    assert!(
+        input(
+            attn.plan_batch::<f16>(dev, &pool.g, &contiguous)
+                .unwrap_err()
+        ),
+        "max_seq_len past a contiguous sequence"
+    );
+    let matrix = CudaAttention::new(
+        dev,
+        &RotationPlan {
+            qk: Some(Rotation::matrix(ndarray::Array2::eye(128)).unwrap()),
+            v: None,
+        },
+    )
+    .unwrap();
+    assert!(input(
+        matrix.plan_batch::<f16>(dev, &pool.g, &shape).unwrap_err()
+    ));
+    let s = DeviceStream::of(stream);
+    let (q_buf, k, v, ws, out) = (
+        DeviceBuf::of(&arrays.q),
+        DeviceBuf::of(&pool.k),
+        DeviceBuf::of(&pool.v),
+        DeviceBuf::of(&arrays.ws),
+        DeviceBuf::of(&arrays.out),
+    );
+    let batch = arrays.batch(kind, false);
+    let short = stream.alloc_zeros::<u8>(8).unwrap();
+    let short = DeviceBuf::of(&short);
+    for e in [
+        attn.run_batch(&bp, &s, &q_buf, &short, &v, &batch, &ws, &out, None),
+        attn.run_batch(&bp, &s, &q_buf, &k, &v, &batch, &short, &out, None),
+        attn.run_batch(
+            &bp,
+            &s,
+            &q_buf,
+            &k,
+            &v,
+            &arrays.batch(TablesKind::Csr, false),
+            &ws,
+            &out,
+            None,
+        ),
+        attn.run_batch(
+            &bp,
+            &s,
+            &q_buf,
+            &k,
+            &v,
+            &arrays.batch(kind, true),
+            &ws,
+            &out,
+            None,
+        ),
+    ] {
+        assert!(input(e.unwrap_err()));
+    }
+    let q32 = stream.alloc_zeros::<f32>(bp.q_len()).unwrap();
+    let out32 = stream.alloc_zeros::<f32>(bp.out_len()).unwrap();
+    assert!(input(
+        attn.run_batch(
+            &bp,
+            &s,
+            &DeviceBuf::of(&q32),
+            &k,
+            &v,
+            &batch,
+            &ws,
+            &DeviceBuf::of(&out32),
+            None
+        )
+        .unwrap_err()
+    ));
+    // Raw pointers: past the allocation, not device memory, misaligned.
+    let raw = DeviceBuf::of(&arrays.q).ptr();
+    // SAFETY: each call only asks the driver about the address; none is used.
+    unsafe {
+        assert!(DeviceBuf::<f16>::from_raw(dev, raw, bp.q_len()).is_ok());
+        assert!(input(
+            DeviceBuf::<f16>::from_raw(dev, raw, bp.q_len() + 4096).unwrap_err()
+        ));
+        let host = [0u64; 16];
+        assert!(input(
+            DeviceBuf::<u64>::from_raw(dev, host.as_ptr() as u64, 16).unwrap_err()
+        ));
+        assert!(input(
+            DeviceBuf::<f32>::from_raw(dev, raw + 2, 4).unwrap_err()
+        ));
+        assert!(DeviceStream::from_raw(dev, std::ptr::null_mut()).is_ok());
+    }
+
+    // Device: each broken step reports, and the good sequence beside it stays right.
+    attn.run_batch(&bp, &s, &q_buf, &k, &v, &batch, &ws, &out, None)
+        .unwrap();
+    bp.status(&s, &ws).unwrap();
+    let mut table = stream.clone_dtoh(&arrays.table).unwrap();
+    table[8] = 20; // sequence 1's first page: one past the pool
+                   // (what the status says, lengths, query offsets, table) of each broken step.
+    type Broken<'a> = (&'a str, [u32; 2], [u32; 3], &'a [u32]);
+    let broken: [Broken; 5] = [
+        (
+            "a page entry lies outside the pool",
+            [100, 50],
+            [0, 1, 2],
+            &table,
+        ),
+        (
+            "a sequence is longer than its page table",
+            [100, 200],
+            [0, 1, 2],
+            &[],
+        ),
+        (
+            "longer than the plan's max_seq_len",
+            [100, 129],
+            [0, 1, 2],
+            &[],
+        ),
+        ("more query rows than tokens", [100, 0], [0, 1, 2], &[]),
+        ("query_start_loc", [100, 50], [0, 2, 1], &[]),
+    ];
+    for (what, lens, qsl, table) in broken {
+        arrays.write(stream, &pool, &good, kind, &q);
+        stream.memcpy_htod(&lens, &mut arrays.lens).unwrap();
+        stream.memcpy_htod(&qsl, &mut arrays.qsl).unwrap();
+        if !table.is_empty() {
+            stream.memcpy_htod(table, &mut arrays.table).unwrap();
+        }
+        attn.run_batch(
+            &bp,
+            &s,
+            &DeviceBuf::of(&arrays.q),
+            &k,
+            &v,
+            &arrays.batch(kind, false),
+            &DeviceBuf::of(&arrays.ws),
+            &DeviceBuf::of(&arrays.out),
+            None,
+        )
+        .unwrap();
+        let e = bp
+            .status(&s, &DeviceBuf::of(&arrays.ws))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{what}: {e}");
+        let got = download(dev, &arrays.out);
+        let per_row = 4 * 128;
+        if what != "query_start_loc" {
+            // Sequence 0 as the oracle has it; sequence 1's row saw no key.
+            let (want, _) = oracle::<f16>(&pool, &good[..1], 4, &shape.params, &q);
+            let got0: Vec<f64> = got[..per_row].iter().map(|&x| f64::from(x)).collect();
+            rotq_testkit::oracle::assert_matches(&got0, &want, Op::Attention, Precision::F16, what);
+            assert!(got[per_row..].iter().all(|&x| x == 0.0), "{what}");
+        } else {
+            assert!(got.iter().all(|&x| x == 0.0), "{what}");
+        }
+    }
+}
