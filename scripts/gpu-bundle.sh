@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA test executables (rotq-cuda's, and the facade's cache_backends), the `rotq`
-# CLI (for `rotq bench --device cuda:0`), `autotune` (for `autotune --device cuda:0`) and the
-# engine_cpu example (run with --device cuda:0) into one folder, with a run script, ready to
+# CLI (for `rotq bench --device cuda:0`), `autotune` (for `autotune --device cuda:0`), the
+# engine_cpu example (run with --device cuda:0) and the C ABI's device example into one folder, with a run script, ready to
 # carry to a machine that has a GPU but no Rust.
 #
 #   scripts/gpu-bundle.sh [FOLDER]      (default: gpu-bundle, ignored by git)
@@ -36,6 +36,23 @@ copy_tests -p rotq-autotune --test cuda
 cargo test --release --locked --no-run --message-format=json -p rotq-model --test cuda 2>/dev/null |
     grep -o '"executable":"[^"]*/deps/[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' |
     while read -r exe; do cp "$exe" "$out/test-model_cuda"; done
+# The C ABI's device example (capi/examples/device.c), linked here against the static library
+# and the CUDA runtime from PyPI wheels (pinned in scripts/cuda-runtime.txt): the GPU machine
+# needs only its own libcudart.so.13.
+cuda=target/cuda-runtime
+if [ ! -f "$cuda/include/crt/host_config.h" ]; then
+    rm -rf "$cuda"
+    python3 -m pip download --quiet --no-deps --require-hashes -r scripts/cuda-runtime.txt \
+        -d "$cuda/wheels"
+    for w in "$cuda"/wheels/*.whl; do python3 -m zipfile -e "$w" "$cuda/x"; done
+    mkdir -p "$cuda/include" "$cuda/lib"
+    cp -r "$cuda"/x/nvidia/cu13/include/. "$cuda/include/"
+    cp "$cuda"/x/nvidia/cu13/lib/libcudart.so.13 "$cuda/lib/"
+    ln -sf libcudart.so.13 "$cuda/lib/libcudart.so"
+fi
+cargo build --release --locked -p rotq-capi
+cc -std=c11 -O2 -Wall -Wextra -Werror capi/examples/device.c -I capi/include -I "$cuda/include" \
+    target/release/librotq_capi.a -L "$cuda/lib" -lcudart -lpthread -ldl -lm -o "$out/c-device"
 strip "$out"/* 2>/dev/null || true
 
 cat > "$out/run.sh" <<'RUN'
@@ -79,6 +96,9 @@ for t in "$here"/test-*; do
     [ "$name" = test-attention ] || run "${name#test-}" "$t" &
 done
 run engine "$here/engine_cpu" --device cuda:0 &
+# The C example must not skip here: its last line says it ran.
+run c-device bash -c 'set -o pipefail; "$0" | tee /dev/stderr | tail -1 | grep -q "example ok"' \
+    "$here/c-device" &
 wait
 run attn-oom "$A" --exact out_of_memory_is_a_typed_error
 # Every attention test ran in one of the groups above.

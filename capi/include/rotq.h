@@ -1,6 +1,6 @@
 /* The rotq C API: rotated, quantized KV caches for inference engines. Two parts, side by
  * side; rotq_abi_version() returns ROTQ_ABI_VERSION of the library (major << 16 | minor; 2.1
- * offers both parts):
+ * offers both parts; 2.3 adds v2's device calls):
  *
  * v1 (rotq_backend_*, rotq_cache_*): one layer's cache behind an opaque handle that owns its
  * memory. Threads: every function may be called from any thread, and several threads may use
@@ -21,6 +21,10 @@
  * call leaves the pool bytes unchanged. Threads: codecs and plans are shared freely, several
  * calls at once; a call that writes pool buffers must not overlap another call on them.
  *
+ * v2 on the device (ABI 2.3; rotq_device_*): the same step on a CUDA backend, every buffer
+ * (pools, queries, output, workspace, tables, lengths) a device pointer of the engine's, queued
+ * on its cudaStream_t with no allocation, copy or wait, so it can be captured in a CUDA graph.
+ *
  * Both: free a handle only once no other call on it runs or will start. rotq_last_error() is
  * per thread. Each function's "Threads:" line says the rest. */
 
@@ -36,6 +40,12 @@
 #include <stdlib.h>
 
 /**
+ * [`RotqDeviceShape::tables`]: no table; sequence `b`'s tokens are page `b` (a contiguous
+ * cache of `page_tokens` tokens per sequence).
+ */
+#define ROTQ_TABLES_CONTIGUOUS 3
+
+/**
  * The major version of the ABI (a change of it breaks programs built against an older one).
  */
 #define ROTQ_ABI_VERSION_MAJOR 2
@@ -43,7 +53,7 @@
 /**
  * The minor version of the ABI (functions, constants and struct fields added at the end).
  */
-#define ROTQ_ABI_VERSION_MINOR 2
+#define ROTQ_ABI_VERSION_MINOR 3
 
 /**
  * The ABI version this header describes, packed as `major << 16 | minor`: compare it with
@@ -166,6 +176,12 @@ struct RotqCache;
 struct RotqCodec;
 
 /**
+ * An opaque plan of a step on the device ([`rotq_device_plan_new`]); free it with
+ * [`rotq_device_plan_free`]. Shared freely between threads.
+ */
+struct RotqDevicePlan;
+
+/**
  * An opaque plan handle: a batch's attention planned by [`rotq_plan_new`] (the kernels' work
  * partition and the buffer sizes, [`rotq_plan_sizes`]); valid for every codec of the same
  * pool layout (formats, heads, dimensions, pages; any rotations) and the same batch shape.
@@ -267,6 +283,94 @@ struct RotqRope {
    * Linear position scale (0: 1).
    */
   double freq_scale;
+};
+
+/**
+ * What the host knows of a step on the device (fixed by the plan).
+ */
+struct RotqDeviceShape {
+  /**
+   * `sizeof(struct RotqDeviceShape)`.
+   */
+  size_t struct_size;
+  /**
+   * Sequences `B` of every run (pad with empty sequences).
+   */
+  size_t n_seqs;
+  /**
+   * Query rows the buffers hold; a run's `query_start_loc[B]` may be fewer.
+   */
+  size_t max_rows;
+  /**
+   * The longest sequence any run may see.
+   */
+  size_t max_seq_len;
+  /**
+   * Query heads (a multiple of the pool's KV heads).
+   */
+  size_t h_q;
+  /**
+   * Scale, causality, window and soft-cap (`pos_offset` must be 0).
+   */
+  struct RotqAttentionParams params;
+  /**
+   * [`ROTQ_TABLES_BLOCK`], [`ROTQ_TABLES_CSR`] or [`ROTQ_TABLES_CONTIGUOUS`].
+   */
+  uint32_t tables;
+  /**
+   * Block tables: entries per sequence.
+   */
+  size_t max_blocks;
+  /**
+   * Whether runs give `q_positions`.
+   */
+  bool q_positions;
+  /**
+   * Check every page entry a run uses against the pool (a pass over the tables).
+   */
+  bool checked;
+  /**
+   * The queries' and output's element type: "f16" (null), "bf16" or "f32".
+   */
+  const char *elem;
+};
+
+/**
+ * A step's device arrays (`uint32_t`, or `int32_t` of non-negative values: the same bits).
+ */
+struct RotqDeviceBatch {
+  /**
+   * `sizeof(struct RotqDeviceBatch)`.
+   */
+  size_t struct_size;
+  /**
+   * `B + 1` offsets of the sequences' query rows.
+   */
+  const uint32_t *query_start_loc;
+  /**
+   * `B` lengths.
+   */
+  const uint32_t *seq_lens;
+  /**
+   * `B` positions of each sequence's first query row (null: `len − n_q`), if planned so.
+   */
+  const uint32_t *q_positions;
+  /**
+   * Block tables: `[B, max_blocks]` page numbers.
+   */
+  const uint32_t *block_table;
+  /**
+   * CSR: `B + 1` offsets into `indices`.
+   */
+  const uint32_t *indptr;
+  /**
+   * CSR: page numbers.
+   */
+  const uint32_t *indices;
+  /**
+   * CSR: length of `indices`.
+   */
+  size_t n_indices;
 };
 
 /**
@@ -609,6 +713,90 @@ enum RotqStatus rotq_cache_remove(struct RotqCache *cache, size_t start, size_t 
  * changes it.
  */
 const char *rotq_last_error(void);
+
+/**
+ * Plans a step of `shape` on the backend's device for the codec's pools and rotations; stores
+ * the handle in `*plan` (null on failure). Everything the host can check is checked here.
+ *
+ * Threads: any thread, at once with any call on these handles.
+ *
+ * # Safety
+ * `backend` and `codec` are live handles, `shape` a valid struct (its `elem` null or a
+ * NUL-terminated name), `plan` a valid pointer.
+ */
+enum RotqStatus rotq_device_plan_new(const struct RotqBackend *backend,
+                                     const struct RotqCodec *codec,
+                                     const struct RotqDeviceShape *shape,
+                                     struct RotqDevicePlan **plan);
+
+/**
+ * The sizes of a plan's buffers: the workspace in bytes, the queries and the output in
+ * elements of the plan's type (`max_rows × h_q × head_dim`, `max_rows × h_q × v_dim`), the
+ * log-sum-exp in floats (`max_rows × h_q`). Each out pointer may be null.
+ *
+ * Threads: any thread.
+ *
+ * # Safety
+ * `plan` is a live handle; each out pointer is null or valid.
+ */
+enum RotqStatus rotq_device_plan_sizes(const struct RotqDevicePlan *plan,
+                                       size_t *workspace_bytes,
+                                       size_t *q_elems,
+                                       size_t *out_elems,
+                                       size_t *lse_floats);
+
+/**
+ * Runs a planned step on one layer's device pools, on `stream` (a `cudaStream_t` of the
+ * backend's device; null: the legacy default stream): `q` holds the plan's query elements
+ * (unrotated), `out` receives the output (V's rotation undone) and `lse`, if not null, the
+ * log-sum-exp; rows past the step's last get zeros and −∞. `workspace` holds
+ * `workspace_len` bytes, at least the plan's. Pointers of another device, lengths past their
+ * allocations, another tables kind than planned: an error before anything is queued.
+ *
+ * Threads: any thread; several at once with their own workspace, output and stream.
+ *
+ * # Safety
+ * Every pointer is device memory of the backend's device holding what the plan says (and
+ * `k_len`, `v_len`, `workspace_len` bytes), alive until the queued work (or a graph that
+ * captured it) has run; `batch` a valid struct; `stream` null or a live stream.
+ */
+enum RotqStatus rotq_device_attention_run(const struct RotqDevicePlan *plan,
+                                          void *stream,
+                                          const void *q,
+                                          const uint8_t *k_pool,
+                                          size_t k_len,
+                                          const uint8_t *v_pool,
+                                          size_t v_len,
+                                          const struct RotqDeviceBatch *batch,
+                                          void *workspace,
+                                          size_t workspace_len,
+                                          void *out,
+                                          float *lse);
+
+/**
+ * Waits for `stream` and reports the device-side checks of the last run queued with
+ * `workspace`: `ROTQ_STATUS_OK`, or `ROTQ_STATUS_ERROR` with a message naming what a sequence
+ * broke (its rows saw no key).
+ *
+ * Threads: any thread.
+ *
+ * # Safety
+ * As [`rotq_device_attention_run`]'s for `plan`, `stream` and `workspace`.
+ */
+enum RotqStatus rotq_device_plan_status(const struct RotqDevicePlan *plan,
+                                        void *stream,
+                                        const void *workspace,
+                                        size_t workspace_len);
+
+/**
+ * Frees a device plan (null is ignored).
+ *
+ * Threads: any thread, once no other call on this plan runs or will start.
+ *
+ * # Safety
+ * `plan` is null or a handle from [`rotq_device_plan_new`] not yet freed.
+ */
+void rotq_device_plan_free(struct RotqDevicePlan *plan);
 
 /**
  * The ABI version of this library, packed as `major << 16 | minor` (2.1: `0x20001`). A

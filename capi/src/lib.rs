@@ -1,6 +1,6 @@
 //! The C ABI of rotq, for engines written in C or C++, in two parts that live side by side
-//! ([`rotq_abi_version`] says which this library offers: 2.2 offers both; 2.1 added
-//! `RotqPoolSpec::query`, 2.2 `rotq_checkpoint_plan`):
+//! ([`rotq_abi_version`] says which this library offers: 2.3 offers both; 2.1 added
+//! `RotqPoolSpec::query`, 2.2 `rotq_checkpoint_plan`, 2.3 the device calls of [`device`]):
 //!
 //! * **v1**: one layer's rotated, quantized KV cache ([`rotq::cache::RotatedKvCache`]) behind an
 //!   opaque handle that owns its memory, on the CPU ([`rotq_cache_new`]) or on a backend opened
@@ -69,7 +69,9 @@ use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+pub mod device;
 pub mod v2;
+pub use device::*;
 pub use v2::*;
 
 /// The outcome of a call.

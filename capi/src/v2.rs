@@ -120,7 +120,7 @@ type Failure = (RotqStatus, String);
 pub const ROTQ_ABI_VERSION_MAJOR: u32 = 2;
 
 /// The minor version of the ABI (functions, constants and struct fields added at the end).
-pub const ROTQ_ABI_VERSION_MINOR: u32 = 2;
+pub const ROTQ_ABI_VERSION_MINOR: u32 = 3;
 
 /// The ABI version this header describes, packed as `major << 16 | minor`: compare it with
 /// [`rotq_abi_version`] at start-up (same major, and a library minor at least the header's).
@@ -466,7 +466,7 @@ unsafe fn slice_mut<'a, T>(ptr: *mut T, len: usize, what: &str) -> Result<&'a mu
 /// # Safety
 /// `ptr` is null or points to a struct of at least `struct_size` readable bytes that starts
 /// with that size.
-unsafe fn read_sized<T: Copy + Default>(
+pub(crate) unsafe fn read_sized<T: Copy + Default>(
     ptr: *const T,
     arg: &str,
     name: &str,
@@ -530,7 +530,7 @@ unsafe fn handle<'a, T>(ptr: *const T, what: &str) -> Result<&'a T, Failure> {
 ///
 /// # Safety
 /// `s` is null or a NUL-terminated string.
-unsafe fn text<'a>(s: *const c_char, what: &str) -> Result<&'a str, Failure> {
+pub(crate) unsafe fn text<'a>(s: *const c_char, what: &str) -> Result<&'a str, Failure> {
     if s.is_null() {
         return Err(invalid(format!("{what} is null")));
     }
@@ -656,6 +656,12 @@ unsafe fn plan_of(
 }
 
 impl RotqCodec {
+    /// The pool's spec (its rotations included).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn spec(&self) -> &PoolSpec {
+        &self.spec
+    }
+
     /// A codec of `spec`, checked as [`KvPool::over`] checks it.
     fn new(spec: PoolSpec) -> Result<Self, Failure> {
         // The checks and codecs of a pool, on a pool of no pages (no memory, no positions).

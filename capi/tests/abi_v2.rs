@@ -232,9 +232,9 @@ fn expect(status: RotqStatus, want: RotqStatus, says: &str) {
 }
 
 #[test]
-fn the_abi_version_is_2_2() {
+fn the_abi_version_is_2_3() {
     assert_eq!(rotq_abi_version(), ROTQ_ABI_VERSION);
-    assert_eq!(ROTQ_ABI_VERSION, (2 << 16) | 2);
+    assert_eq!(ROTQ_ABI_VERSION, (2 << 16) | 3);
     assert_eq!(rotq_abi_version() >> 16, ROTQ_ABI_VERSION_MAJOR);
 }
 
@@ -1573,4 +1573,70 @@ fn the_query_mode_is_read_from_2_1_specs_and_defaults_for_2_0() {
         err.contains("spec->query") && err.contains("`q4_0`"),
         "{err}"
     );
+}
+
+/// ABI 2.3's device calls, where the host can tell: a CPU backend, null handles and struct
+/// pointers, a bad element type or tables kind are refused with a message, and no plan is
+/// made. (Their runs on a GPU are `capi/examples/device.c`'s.)
+#[test]
+fn device_calls_refuse_what_the_host_can_tell() {
+    let rot = rotation(ROTQ_QK_HADAMARD, ROTQ_V_NONE);
+    let layer = Layer::new(&spec(&rot));
+    let mut cpu = null_mut();
+    // SAFETY: (every call below) valid or deliberately null pointers; handles freed once.
+    unsafe {
+        assert_eq!(rotq_backend_open(c"cpu".as_ptr(), &mut cpu), RotqStatus::Ok);
+        let shape = RotqDeviceShape {
+            n_seqs: 2,
+            max_rows: 2,
+            max_seq_len: 32,
+            h_q: H_Q,
+            max_blocks: 8,
+            ..RotqDeviceShape::default()
+        };
+        let mut plan = 0x1 as *mut RotqDevicePlan;
+        let cases: [(
+            *const RotqBackend,
+            *const RotqCodec,
+            *const RotqDeviceShape,
+            &str,
+        ); 3] = [
+            (cpu, layer.codec, &shape, "not a CUDA device"),
+            (null(), layer.codec, &shape, "backend is null"),
+            (cpu, null(), &shape, "codec is null"),
+        ];
+        for (backend, codec, shape, says) in cases {
+            let status = rotq_device_plan_new(backend, codec, shape, &mut plan);
+            if cfg!(feature = "cuda") {
+                expect(status, RotqStatus::InvalidArgument, says);
+            } else {
+                expect(status, RotqStatus::Error, "without CUDA");
+            }
+            assert!(plan.is_null());
+        }
+        expect(
+            rotq_device_plan_new(cpu, layer.codec, &shape, null_mut()),
+            RotqStatus::InvalidArgument,
+            "plan is null",
+        );
+        let sizes = rotq_device_plan_sizes(null(), null_mut(), null_mut(), null_mut(), null_mut());
+        expect(sizes, RotqStatus::InvalidArgument, "plan is null");
+        let run = rotq_device_attention_run(
+            null(),
+            null_mut(),
+            null(),
+            null(),
+            0,
+            null(),
+            0,
+            null(),
+            null_mut(),
+            0,
+            null_mut(),
+            null_mut(),
+        );
+        expect(run, RotqStatus::InvalidArgument, "plan is null");
+        rotq_device_plan_free(null_mut());
+        rotq_backend_free(cpu);
+    }
 }
