@@ -1594,7 +1594,7 @@ fn device_calls_refuse_what_the_host_can_tell() {
             max_blocks: 8,
             ..RotqDeviceShape::default()
         };
-        let mut plan = 0x1 as *mut RotqDevicePlan;
+        let mut plan = std::ptr::dangling_mut::<RotqDevicePlan>();
         let cases: [(
             *const RotqBackend,
             *const RotqCodec,
