@@ -404,6 +404,69 @@ pub fn check_layer_plans(opts: &GridOptions) -> Result<(), Error> {
     }
 }
 
+/// `--against`: every configuration run on `reference`'s backend and on `opts.backend`
+/// (`loaded`'s), the second scored against the first ([`grid::agreement`]); prints a table
+/// (or JSON lines) with a progress bar on stderr.
+pub fn run_against(
+    reference: (&Loaded, &rotq::cache::Backend),
+    loaded: &Loaded,
+    opts: &GridOptions,
+    json: bool,
+) -> Result<(), Error> {
+    let (first, first_backend) = reference;
+    eprintln!(
+        "{} tokens; caches on {} (products on {}) against caches on {} (products on {}); {} configurations + the f16 and f32 caches",
+        loaded.tokens.len(),
+        opts.backend.name(),
+        loaded.model.products_device(),
+        first_backend.name(),
+        first.model.products_device(),
+        grid::configurations(opts).len()
+    );
+    let bar = indicatif::ProgressBar::new(0);
+    let rows = grid::agreement(
+        (&first.model, first_backend),
+        (&loaded.model, &opts.backend),
+        &loaded.tokens,
+        opts,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    );
+    bar.finish_and_clear();
+    let rows = rows?;
+    if !json {
+        println!(
+            "{:<8} {:<8} {:<16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "K", "V", "plan", "PPL ref", "PPL", "KLD mean", "KLD p99", "KLD max", "top-1%"
+        );
+    }
+    for r in rows {
+        let s = &r.summary;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(&r).map_err(|e| Error::Input(e.to_string()))?
+            );
+        } else {
+            println!(
+                "{:<8} {:<8} {:<16} {:>10.4} {:>10.4} {:>10.2e} {:>10.2e} {:>10.2e} {:>8.2}",
+                r.k_format,
+                r.v_format,
+                r.plan,
+                r.ppl_first,
+                s.ppl,
+                s.kld_mean,
+                s.kld_p99,
+                s.kld_max,
+                100.0 * s.top1
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `--shift`: for every configuration of the grid, a context shift on the model against a
 /// recomputed cache (see [`rotq_model::shift`]): the text's first `ctx + ctx / 2` tokens run
 /// through caches of `ctx` tokens in batches of `opts.batch`, the first `keep` tokens kept.

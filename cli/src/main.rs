@@ -117,6 +117,12 @@ enum Command {
         /// Tokens a --shift keeps at the start of the context.
         #[arg(long, default_value_t = 4, requires = "shift")]
         keep: usize,
+        /// With --model, instead of scoring against the f16 cache: run every configuration
+        /// (and the f16 and f32 caches) on this device too and score the --device run against
+        /// it, token by token (KL divergence, top-1 agreement, perplexity gap); `--device
+        /// cuda:0 --against cpu` checks the GPU's kernels and products against the CPU's.
+        #[arg(long, requires = "model", conflicts_with_all = ["shift", "csv", "heatmaps", "layers_csv"])]
+        against: Option<String>,
         /// Tensor names in the activations (a folder holds NAME.npy): `{layer}` becomes 0, 1, …,
         /// `{t}` q, k or v.
         #[arg(long, default_value = "layers.{layer}.{t}")]
@@ -313,6 +319,7 @@ fn run(command: Command) -> Result<(), Error> {
             layers_csv,
             shift,
             keep,
+            against,
             names,
             csv,
             heatmaps,
@@ -361,7 +368,15 @@ fn run(command: Command) -> Result<(), Error> {
                 if jobs == 0 {
                     return Err(Error::Input("--jobs must be positive".into()));
                 }
+                let against = against
+                    .as_deref()
+                    .map(rotq::cache::Backend::open)
+                    .transpose()?;
                 let loaded = eval_model::load(&model, &text, &opts.plans, &opts.backend)?;
+                if let Some(reference) = against {
+                    let first = eval_model::load(&model, &text, &opts.plans, &reference)?;
+                    return eval_model::run_against((&first, &reference), &loaded, &opts, json);
+                }
                 if shift {
                     return eval_model::run_shift(&loaded, &text, &opts, keep, json);
                 }

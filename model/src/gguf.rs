@@ -28,6 +28,7 @@
 mod error;
 mod ggml_type;
 mod parse;
+mod write;
 
 pub use error::{ErrorKind, GgufError};
 pub use ggml_type::GgmlType;

@@ -297,3 +297,92 @@ pub fn run(
         seconds,
     })
 }
+
+/// One configuration run on two backends ([`agreement`]).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[non_exhaustive]
+pub struct Agreement {
+    /// K cache format.
+    pub k_format: String,
+    /// V cache format.
+    pub v_format: String,
+    /// Rotation plan.
+    pub plan: String,
+    /// The perplexity of the first backend's run.
+    pub ppl_first: f64,
+    /// The second run against the first: its perplexity and gap, KL(first ‖ second) per token,
+    /// and how often both pick the same most likely token.
+    pub summary: Summary,
+}
+
+/// Every configuration of the grid, with the f16 and f32 caches first, run on two backends
+/// (`first` and `second`: a model and where its caches live, each model's products where it
+/// was put) and scored run against run: how far the two backends' kernels disagree on the
+/// same cache formats (the f16 cache's KL divergence is the kernels' own, with nothing
+/// quantized). `progress(done, total)` after each pair of runs of a chunk.
+///
+/// ```no_run
+/// use rotq::cache::Backend;
+/// use rotq_model::grid::{agreement, GridOptions};
+/// # fn models() -> (rotq_model::llama::Llama, rotq_model::llama::Llama) { unimplemented!() }
+/// let (on_cpu, on_gpu) = models(); // one GGUF loaded twice, products on each backend
+/// let gpu = Backend::open("cuda:0")?;
+/// let tokens = vec![1u32; 1024];
+/// let rows = agreement((&on_cpu, &Backend::Cpu), (&on_gpu, &gpu), &tokens,
+///                      &GridOptions::default(), |_, _| {})?;
+/// assert!(rows[0].summary.kld_mean < 1e-6); // the f16 caches
+/// # Ok::<(), rotq_model::Error>(())
+/// ```
+pub fn agreement(
+    first: (&Llama, &Backend),
+    second: (&Llama, &Backend),
+    tokens: &[u32],
+    opts: &GridOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Agreement>, Error> {
+    let chunks = chunk_count(tokens.len(), opts)?;
+    let none = Plan {
+        qk: rotq::RotationSpec::None,
+        v_block: None,
+    };
+    let mut configs = vec![
+        (KvFormat::F16, KvFormat::F16, none),
+        (KvFormat::F32, KvFormat::F32, none),
+    ];
+    configs.extend(configurations(opts));
+    let mut specs: Vec<CacheSpec> = [KvFormat::F16, KvFormat::F32]
+        .into_iter()
+        .map(|f| CacheSpec {
+            k_format: f,
+            v_format: f,
+            plan: RotationPlan::none(),
+            query: QueryMode::Exact,
+            ..Default::default()
+        })
+        .collect();
+    specs.extend(cache_specs(opts, first.0.config.head_dim)?);
+    let mut tallies = vec![(Tally::default(), Tally::default()); specs.len()];
+    let total = chunks * specs.len();
+    let mut done = 0;
+    for chunk in tokens.chunks_exact(opts.ctx).take(chunks) {
+        for (spec, (a_tally, b_tally)) in specs.iter().zip(&mut tallies) {
+            let a = chunk_log_probs_on(first.0, chunk, spec, opts.batch, first.1)?;
+            let b = chunk_log_probs_on(second.0, chunk, spec, opts.batch, second.1)?;
+            a_tally.add(&a, &a)?;
+            b_tally.add(&a, &b)?;
+            done += 1;
+            progress(done, total);
+        }
+    }
+    Ok(configs
+        .into_iter()
+        .zip(&tallies)
+        .map(|((k, v, plan), (a, b))| Agreement {
+            k_format: k.info().name.to_string(),
+            v_format: v.info().name.to_string(),
+            plan: plan.to_string(),
+            ppl_first: a.summary(None).ppl,
+            summary: b.summary(Some(a)),
+        })
+        .collect())
+}

@@ -521,3 +521,103 @@ fn too_many_metadata_values_are_refused() {
         "{err}"
     );
 }
+
+/// A three-block llama file: the embedding, three blocks of two tensors, the output norm.
+fn three_blocks() -> File {
+    let mut f = sample().kv("llama.block_count", Value::U32(3)).tensor(
+        "token_embd.weight",
+        &[32, 4],
+        Q8_0,
+        encode(KvFormat::Q8_0, &[32, 4], 4),
+    );
+    for b in 0..3 {
+        f = f
+            .tensor(
+                &format!("blk.{b}.attn_norm.weight"),
+                &[8],
+                F32,
+                encode(KvFormat::F32, &[8], 10 + b),
+            )
+            .tensor(
+                &format!("blk.{b}.attn_q.weight"),
+                &[32, 2],
+                Q4_1,
+                encode(KvFormat::Q4_1, &[32, 2], 20 + b),
+            );
+    }
+    f.tensor(
+        "output_norm.weight",
+        &[8],
+        F32,
+        encode(KvFormat::F32, &[8], 30),
+    )
+}
+
+/// `write_first_layers`: all blocks give the file back byte for byte; fewer keep every key
+/// (the block count set) and every tensor outside the dropped blocks, with the same values;
+/// 0 blocks or more than the model's are refused.
+#[test]
+fn first_layers_are_written_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("three.gguf");
+    let bytes = three_blocks().bytes();
+    std::fs::write(&src, &bytes).unwrap();
+    let g = Gguf::open(&src).unwrap();
+    let mut all = Vec::new();
+    let n = g.write_first_layers(3, &mut all).unwrap();
+    assert_eq!(n as usize, all.len());
+    assert!(all == bytes, "three of three blocks differ from the file");
+
+    let cut_path = dir.path().join("one.gguf");
+    let mut cut = std::fs::File::create(&cut_path).unwrap();
+    g.write_first_layers(1, &mut cut).unwrap();
+    drop(cut);
+    let c = Gguf::open(&cut_path).unwrap();
+    assert_eq!(c.u64("llama.block_count").unwrap(), 1);
+    assert_eq!(c.get("llama.block_count"), Some(&Value::U32(1)));
+    for (k, v) in g
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k != "llama.block_count")
+    {
+        assert_eq!(c.get(k), Some(v), "{k}");
+    }
+    let names: Vec<&str> = c.tensors().iter().map(|t| t.name.as_str()).collect();
+    let kept: Vec<&str> = g
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| !n.starts_with("blk.1.") && !n.starts_with("blk.2."))
+        .collect();
+    assert_eq!(names, kept);
+    for name in kept {
+        assert_eq!(
+            c.tensor_f32(name).unwrap(),
+            g.tensor_f32(name).unwrap(),
+            "{name}"
+        );
+    }
+    for bad in [0, 4] {
+        let e = g.write_first_layers(bad, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::OutOfRange { .. }), "{bad}: {e}");
+    }
+}
+
+/// SmolLM2 cut to its first 2 of 30 blocks: 20 of 272 tensors, and the runner loads it.
+#[test]
+fn smollm2_first_layers_load() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let g = Gguf::open(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("smollm2-2.gguf");
+    let mut out = std::fs::File::create(&cut).unwrap();
+    g.write_first_layers(2, &mut out).unwrap();
+    drop(out);
+    let c = Gguf::open(&cut).unwrap();
+    assert_eq!(c.tensors().len(), 20);
+    assert_eq!(c.u64("llama.block_count").unwrap(), 2);
+    let model = rotq_model::load::llama(&c).unwrap();
+    assert_eq!(model.config.n_layers, 2);
+}

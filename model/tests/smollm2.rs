@@ -139,3 +139,45 @@ fn smollm2_context_shift_stays_near_recomputation_and_a_wrong_shift_does_not() {
         "right {right:?}, wrong {wrong:?}"
     );
 }
+
+/// `agreement` on one backend twice: the f16 and f32 caches first, then the grid's
+/// configurations, every pair of runs equal (KL divergence 0, the same top token), and each
+/// configuration's perplexity the grid's own for it.
+#[test]
+fn smollm2_agreement_of_a_backend_with_itself_is_exact() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let file = Gguf::open(&path).unwrap();
+    let model = rotq_model::load::llama(&file).unwrap();
+    let text = std::fs::read_to_string(data("eval-text/text.txt")).unwrap();
+    let tokens = Tokenizer::from_gguf(&file).unwrap().encode(&text);
+    let opts = GridOptions {
+        ctx: 48,
+        chunks: Some(1),
+        batch: 16,
+        k_formats: vec![KvFormat::Q4_0],
+        v_formats: vec![KvFormat::Q8_0],
+        plans: vec!["none".parse().unwrap(), "hadamard".parse().unwrap()],
+        ..GridOptions::default()
+    };
+    let cpu = rotq::cache::Backend::Cpu;
+    let rows =
+        rotq_model::grid::agreement((&model, &cpu), (&model, &cpu), &tokens, &opts, |_, _| {})
+            .unwrap();
+    let grid = run(&model, &tokens, &opts, |_, _| {}).unwrap();
+    assert_eq!(rows.len(), grid.rows.len());
+    for (a, g) in rows.iter().zip(&grid.rows) {
+        assert_eq!(
+            (&a.k_format, &a.v_format, &a.plan),
+            (&g.k_format, &g.v_format, &g.plan)
+        );
+        assert_eq!(a.summary.kld_max, 0.0, "{a:?}");
+        assert_eq!(a.summary.top1, 1.0, "{a:?}");
+        assert_eq!(a.ppl_first, a.summary.ppl, "{a:?}");
+        assert!(
+            (a.ppl_first / g.summary.ppl - 1.0).abs() < 1e-12,
+            "{a:?} vs the grid's {g:?}"
+        );
+    }
+}

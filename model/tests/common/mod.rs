@@ -23,55 +23,10 @@ pub fn smollm2() -> Option<PathBuf> {
     None
 }
 
-/// GGUF's type id of a value.
-pub fn type_id(v: &Value) -> u32 {
-    match v {
-        Value::U8(_) => 0,
-        Value::I8(_) => 1,
-        Value::U16(_) => 2,
-        Value::I16(_) => 3,
-        Value::U32(_) => 4,
-        Value::I32(_) => 5,
-        Value::F32(_) => 6,
-        Value::Bool(_) => 7,
-        Value::String(_) => 8,
-        Value::Array(_) => 9,
-        Value::U64(_) => 10,
-        Value::I64(_) => 11,
-        Value::F64(_) => 12,
-    }
-}
-
 /// Appends a GGUF string (u64 length, bytes).
 pub fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend((s.len() as u64).to_le_bytes());
     out.extend(s);
-}
-
-/// Appends a value's payload (no type tag; an array's element type is its first element's,
-/// u8 when empty).
-pub fn put_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::U8(x) => out.extend(x.to_le_bytes()),
-        Value::I8(x) => out.extend(x.to_le_bytes()),
-        Value::U16(x) => out.extend(x.to_le_bytes()),
-        Value::I16(x) => out.extend(x.to_le_bytes()),
-        Value::U32(x) => out.extend(x.to_le_bytes()),
-        Value::I32(x) => out.extend(x.to_le_bytes()),
-        Value::U64(x) => out.extend(x.to_le_bytes()),
-        Value::I64(x) => out.extend(x.to_le_bytes()),
-        Value::F32(x) => out.extend(x.to_le_bytes()),
-        Value::F64(x) => out.extend(x.to_le_bytes()),
-        Value::Bool(x) => out.push(u8::from(*x)),
-        Value::String(s) => put_str(out, s.as_bytes()),
-        Value::Array(items) => {
-            out.extend(items.first().map_or(0, type_id).to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            for item in items {
-                put_value(out, item);
-            }
-        }
-    }
 }
 
 /// A tensor to write: its name, ggml dims, ggml type id and encoded bytes.
@@ -141,8 +96,8 @@ impl File {
         out.extend((self.kvs.len() as u64).to_le_bytes());
         for (k, v) in &self.kvs {
             put_str(&mut out, k.as_bytes());
-            out.extend(type_id(v).to_le_bytes());
-            put_value(&mut out, v);
+            out.extend(v.type_id().to_le_bytes());
+            v.encode(&mut out);
         }
         let mut layout = Layout::default();
         let mut offset = 0usize;
