@@ -176,6 +176,13 @@ struct RotqCache;
 struct RotqCodec;
 
 /**
+ * An opaque device codec ([`rotq_device_codec_new`]): a pool's K and V codecs on a CUDA
+ * backend, their rotations uploaded once, for [`rotq_device_pool_append`]. Free it with
+ * [`rotq_device_codec_free`]; shared freely between threads.
+ */
+struct RotqDeviceCodec;
+
+/**
  * An opaque plan of a step on the device ([`rotq_device_plan_new`]); free it with
  * [`rotq_device_plan_free`]. Shared freely between threads.
  */
@@ -797,6 +804,59 @@ enum RotqStatus rotq_device_plan_status(const struct RotqDevicePlan *plan,
  * `plan` is null or a handle from [`rotq_device_plan_new`] not yet freed.
  */
 void rotq_device_plan_free(struct RotqDevicePlan *plan);
+
+/**
+ * Makes the device codecs of a v2 codec's spec on the backend's device; stores the handle in
+ * `*out` (null on failure).
+ *
+ * Threads: any thread.
+ *
+ * # Safety
+ * `backend` and `codec` are live handles; `out` a valid pointer.
+ */
+enum RotqStatus rotq_device_codec_new(const struct RotqBackend *backend,
+                                      const struct RotqCodec *codec,
+                                      struct RotqDeviceCodec **out);
+
+/**
+ * The batch append on the device (vLLM's `reshape_and_cache`): `n_tokens` tokens' K rows
+ * (`[n_tokens, n_kv_heads, head_dim]`) and V rows (`[n_tokens, n_kv_heads, v_dim]`) of type
+ * `elem` ("f16" when null, "bf16", "f32"), rotated and quantized into slot
+ * `slot_mapping[i]` of the pools (`int64_t`, −1 skips the token), one launch per pool on
+ * `stream`; nothing allocated, copied or waited for (the first call for an element type may
+ * compile the kernels: make one before capturing a graph). A slot outside the pool is not
+ * written and sets bit 0 of `*status` when `status` is not null (the caller clears and reads
+ * it). An explicit-matrix rotation is refused here.
+ *
+ * Threads: any thread; calls that write the same pools must not overlap.
+ *
+ * # Safety
+ * Every pointer is device memory of the codec's device holding what is said above (the
+ * pools `k_len` and `v_len` bytes), alive until the queued work has run; `stream` null or a
+ * live stream of that device.
+ */
+enum RotqStatus rotq_device_pool_append(const struct RotqDeviceCodec *codec,
+                                        void *stream,
+                                        const char *elem,
+                                        const void *k_rows,
+                                        const void *v_rows,
+                                        size_t n_tokens,
+                                        const int64_t *slot_mapping,
+                                        uint8_t *k_pool,
+                                        size_t k_len,
+                                        uint8_t *v_pool,
+                                        size_t v_len,
+                                        uint32_t *status);
+
+/**
+ * Frees a device codec (null is ignored).
+ *
+ * Threads: any thread, once no other call on it runs or will start.
+ *
+ * # Safety
+ * `codec` is null or a handle from [`rotq_device_codec_new`] not yet freed.
+ */
+void rotq_device_codec_free(struct RotqDeviceCodec *codec);
 
 /**
  * The ABI version of this library, packed as `major << 16 | minor` (2.1: `0x20001`). A

@@ -306,6 +306,118 @@ pub unsafe extern "C" fn rotq_device_plan_free(plan: *mut RotqDevicePlan) {
     }
 }
 
+/// An opaque device codec ([`rotq_device_codec_new`]): a pool's K and V codecs on a CUDA
+/// backend, their rotations uploaded once, for [`rotq_device_pool_append`]. Free it with
+/// [`rotq_device_codec_free`]; shared freely between threads.
+pub struct RotqDeviceCodec {
+    #[cfg(feature = "cuda")]
+    inner: on_cuda::Codecs,
+}
+
+/// Makes the device codecs of a v2 codec's spec on the backend's device; stores the handle in
+/// `*out` (null on failure).
+///
+/// Threads: any thread.
+///
+/// # Safety
+/// `backend` and `codec` are live handles; `out` a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn rotq_device_codec_new(
+    backend: *const RotqBackend,
+    codec: *const RotqCodec,
+    out: *mut *mut RotqDeviceCodec,
+) -> RotqStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        // SAFETY: non-null, and the caller guarantees it is writable.
+        unsafe { *out = std::ptr::null_mut() };
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: the caller's guarantees, passed on.
+            let inner = unsafe { on_cuda::codecs(backend, codec)? };
+            // SAFETY: non-null, and the caller guarantees it is writable.
+            unsafe { *out = Box::into_raw(Box::new(RotqDeviceCodec { inner })) };
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (backend, codec);
+            Err(no_cuda())
+        }
+    })
+}
+
+/// The batch append on the device (vLLM's `reshape_and_cache`): `n_tokens` tokens' K rows
+/// (`[n_tokens, n_kv_heads, head_dim]`) and V rows (`[n_tokens, n_kv_heads, v_dim]`) of type
+/// `elem` ("f16" when null, "bf16", "f32"), rotated and quantized into slot
+/// `slot_mapping[i]` of the pools (`int64_t`, −1 skips the token), one launch per pool on
+/// `stream`; nothing allocated, copied or waited for (the first call for an element type may
+/// compile the kernels: make one before capturing a graph). A slot outside the pool is not
+/// written and sets bit 0 of `*status` when `status` is not null (the caller clears and reads
+/// it). An explicit-matrix rotation is refused here.
+///
+/// Threads: any thread; calls that write the same pools must not overlap.
+///
+/// # Safety
+/// Every pointer is device memory of the codec's device holding what is said above (the
+/// pools `k_len` and `v_len` bytes), alive until the queued work has run; `stream` null or a
+/// live stream of that device.
+#[no_mangle]
+pub unsafe extern "C" fn rotq_device_pool_append(
+    codec: *const RotqDeviceCodec,
+    stream: *mut c_void,
+    elem: *const c_char,
+    k_rows: *const c_void,
+    v_rows: *const c_void,
+    n_tokens: usize,
+    slot_mapping: *const i64,
+    k_pool: *mut u8,
+    k_len: usize,
+    v_pool: *mut u8,
+    v_len: usize,
+    status: *mut u32,
+) -> RotqStatus {
+    guard(|| {
+        // SAFETY: null or a live handle (the caller's guarantee).
+        let c = unsafe { codec.as_ref() }.ok_or_else(|| invalid("codec is null"))?;
+        #[cfg(feature = "cuda")]
+        {
+            let raw = on_cuda::Append {
+                rows: (k_rows as u64, v_rows as u64),
+                n_tokens,
+                slots: slot_mapping as u64,
+                k: (k_pool as u64, k_len),
+                v: (v_pool as u64, v_len),
+                status: status as u64,
+            };
+            // SAFETY: the caller's guarantees, passed on.
+            unsafe { c.inner.append(stream, elem, raw) }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (c, stream, elem, k_rows, v_rows, n_tokens, slot_mapping);
+            let _ = (k_pool, k_len, v_pool, v_len, status);
+            Err(no_cuda())
+        }
+    })
+}
+
+/// Frees a device codec (null is ignored).
+///
+/// Threads: any thread, once no other call on it runs or will start.
+///
+/// # Safety
+/// `codec` is null or a handle from [`rotq_device_codec_new`] not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn rotq_device_codec_free(codec: *mut RotqDeviceCodec) {
+    if !codec.is_null() {
+        // SAFETY: a live handle (the caller's guarantee), freed once.
+        drop(unsafe { Box::from_raw(codec) });
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 fn no_cuda() -> (RotqStatus, String) {
     super::refused("this rotq library was built without CUDA (the `cuda` feature)")
@@ -321,7 +433,7 @@ mod on_cuda {
     use rotq::cuda::batch::{
         BatchPlan, BatchShape, DeviceBatch, DeviceBuf, DeviceStream, DeviceTables, TablesKind,
     };
-    use rotq::cuda::{CudaAttention, Device};
+    use rotq::cuda::{CudaAttention, CudaCodec, Device};
     use std::sync::Arc;
 
     type Failure = (RotqStatus, String);
@@ -351,6 +463,157 @@ mod on_cuda {
         pub lse: u64,
     }
 
+    /// A pool's K and V codecs on one device.
+    pub(super) struct Codecs {
+        dev: Arc<Device>,
+        k: CudaCodec,
+        v: CudaCodec,
+        heads: usize,
+        dims: (usize, usize),
+    }
+
+    /// An append's raw buffers (addresses, and the lengths the caller gave).
+    pub(super) struct Append {
+        pub rows: (u64, u64),
+        pub n_tokens: usize,
+        pub slots: u64,
+        pub k: (u64, usize),
+        pub v: (u64, usize),
+        pub status: u64,
+    }
+
+    /// The CUDA device of a backend (or a message saying it is not one).
+    fn cuda_of(b: &RotqBackend) -> Result<&Arc<Device>, Failure> {
+        match &b.0 {
+            Backend::Cuda(dev) => Ok(dev),
+            _ => Err(invalid(
+                "backend is not a CUDA device (rotq_backend_open(\"cuda:N\"))",
+            )),
+        }
+    }
+
+    /// The element type named by `elem` (null: f16).
+    ///
+    /// # Safety
+    /// `elem` is null or a NUL-terminated string.
+    unsafe fn elem_of(elem: *const c_char, what: &str) -> Result<Elem, Failure> {
+        if elem.is_null() {
+            return Ok(Elem::F16);
+        }
+        // SAFETY: a NUL-terminated name (the caller's guarantee).
+        match unsafe { text(elem, what)? } {
+            "f16" => Ok(Elem::F16),
+            "bf16" => Ok(Elem::Bf16),
+            "f32" => Ok(Elem::F32),
+            other => Err(invalid(format!(
+                "{what} {other:?} is not \"f16\", \"bf16\" or \"f32\""
+            ))),
+        }
+    }
+
+    /// # Safety
+    /// As [`rotq_device_codec_new`]'s.
+    pub(super) unsafe fn codecs(
+        backend: *const RotqBackend,
+        codec: *const RotqCodec,
+    ) -> Result<Codecs, Failure> {
+        // SAFETY: null or live handles (the caller's guarantee).
+        let (b, c) = unsafe { (backend.as_ref(), codec.as_ref()) };
+        let dev = cuda_of(b.ok_or_else(|| invalid("backend is null"))?)?;
+        let spec = c.ok_or_else(|| invalid("codec is null"))?.spec();
+        let k = CudaCodec::new(dev, spec.k_format, spec.head_dim, spec.plan.qk.as_ref())
+            .map_err(refused)?;
+        let v = CudaCodec::new(dev, spec.v_format, spec.v_dim, spec.plan.v.as_ref())
+            .map_err(refused)?;
+        Ok(Codecs {
+            dev: dev.clone(),
+            k,
+            v,
+            heads: spec.n_kv_heads,
+            dims: (spec.head_dim, spec.v_dim),
+        })
+    }
+
+    impl Codecs {
+        /// # Safety
+        /// As [`rotq_device_pool_append`]'s.
+        pub(super) unsafe fn append(
+            &self,
+            stream: *mut c_void,
+            elem: *const c_char,
+            raw: Append,
+        ) -> Result<(), Failure> {
+            // SAFETY: the caller's guarantees, passed on.
+            match unsafe { elem_of(elem, "elem")? } {
+                // SAFETY: as above.
+                Elem::F16 => unsafe { self.append_as::<f16>(stream, raw) },
+                // SAFETY: as above.
+                Elem::Bf16 => unsafe { self.append_as::<bf16>(stream, raw) },
+                // SAFETY: as above.
+                Elem::F32 => unsafe { self.append_as::<f32>(stream, raw) },
+            }
+        }
+
+        /// # Safety
+        /// As [`rotq_device_pool_append`]'s, with rows of type `T`.
+        unsafe fn append_as<T: rotq::cuda::GpuElement>(
+            &self,
+            stream: *mut c_void,
+            raw: Append,
+        ) -> Result<(), Failure> {
+            let dev = &self.dev;
+            let n = raw.n_tokens;
+            let rows = |dim: usize| {
+                n.checked_mul(self.heads)
+                    .and_then(|r| r.checked_mul(dim))
+                    .ok_or_else(|| invalid("n_tokens × heads × dim overflows"))
+            };
+            for (ptr, what) in [
+                (raw.rows.0, "k_rows"),
+                (raw.rows.1, "v_rows"),
+                (raw.slots, "slot_mapping"),
+                (raw.k.0, "k_pool"),
+                (raw.v.0, "v_pool"),
+            ] {
+                if ptr == 0 {
+                    return Err(invalid(format!("{what} is null")));
+                }
+            }
+            // (Every `from_raw` below: the caller guarantees device memory alive until the
+            // queued work has run; the driver checks device and range.)
+            // SAFETY: as said above.
+            let kr = unsafe { DeviceBuf::<T>::from_raw(dev, raw.rows.0, rows(self.dims.0)?) };
+            // SAFETY: as said above.
+            let vr = unsafe { DeviceBuf::<T>::from_raw(dev, raw.rows.1, rows(self.dims.1)?) };
+            // SAFETY: as said above.
+            let slots = unsafe { DeviceBuf::<i64>::from_raw(dev, raw.slots, n) };
+            // SAFETY: as said above.
+            let kp = unsafe { DeviceBuf::<u8>::from_raw(dev, raw.k.0, raw.k.1) };
+            // SAFETY: as said above.
+            let vp = unsafe { DeviceBuf::<u8>::from_raw(dev, raw.v.0, raw.v.1) };
+            let (kr, vr) = (kr.map_err(refused)?, vr.map_err(refused)?);
+            let (slots, kp, vp) = (
+                slots.map_err(refused)?,
+                kp.map_err(refused)?,
+                vp.map_err(refused)?,
+            );
+            let status = match raw.status {
+                0 => None,
+                // SAFETY: as said above.
+                p => Some(unsafe { DeviceBuf::<u32>::from_raw(dev, p, 1) }.map_err(refused)?),
+            };
+            // SAFETY: null (the legacy default stream) or a live stream (the caller's
+            // guarantee); its context is checked.
+            let s = unsafe { DeviceStream::from_raw(dev, stream.cast()) }.map_err(refused)?;
+            self.k
+                .quantize_slots_on(dev, &s, &kr, &kp, self.heads, &slots, status.as_ref())
+                .map_err(refused)?;
+            self.v
+                .quantize_slots_on(dev, &s, &vr, &vp, self.heads, &slots, status.as_ref())
+                .map_err(refused)
+        }
+    }
+
     /// # Safety
     /// As [`rotq_device_plan_new`]'s.
     pub(super) unsafe fn plan(
@@ -362,27 +625,11 @@ mod on_cuda {
         let (b, c) = unsafe { (backend.as_ref(), codec.as_ref()) };
         let b = b.ok_or_else(|| invalid("backend is null"))?;
         let c = c.ok_or_else(|| invalid("codec is null"))?;
-        let Backend::Cuda(dev) = &b.0 else {
-            return Err(invalid(
-                "backend is not a CUDA device (rotq_backend_open(\"cuda:N\"))",
-            ));
-        };
+        let dev = cuda_of(b)?;
         // SAFETY: non-null checked inside; a valid struct (the caller's guarantee).
         let s = unsafe { read_sized(shape, "shape", "RotqDeviceShape")? };
-        let elem = match s.elem.is_null() {
-            true => Elem::F16,
-            // SAFETY: a NUL-terminated name (the caller's guarantee).
-            false => match unsafe { text(s.elem, "shape->elem")? } {
-                "f16" => Elem::F16,
-                "bf16" => Elem::Bf16,
-                "f32" => Elem::F32,
-                other => {
-                    return Err(invalid(format!(
-                        "shape->elem {other:?} is not \"f16\", \"bf16\" or \"f32\""
-                    )))
-                }
-            },
-        };
+        // SAFETY: null or a NUL-terminated name (the caller's guarantee).
+        let elem = unsafe { elem_of(s.elem, "shape->elem")? };
         if s.params.pos_offset != 0 {
             return Err(invalid(
                 "shape->params.pos_offset must be 0 (positions are per row)",

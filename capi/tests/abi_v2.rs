@@ -1637,6 +1637,30 @@ fn device_calls_refuse_what_the_host_can_tell() {
         );
         expect(run, RotqStatus::InvalidArgument, "plan is null");
         rotq_device_plan_free(null_mut());
+        let mut dcodec = std::ptr::dangling_mut::<RotqDeviceCodec>();
+        let status = rotq_device_codec_new(cpu, layer.codec, &mut dcodec);
+        if cfg!(feature = "cuda") {
+            expect(status, RotqStatus::InvalidArgument, "not a CUDA device");
+        } else {
+            expect(status, RotqStatus::Error, "without CUDA");
+        }
+        assert!(dcodec.is_null());
+        let append = rotq_device_pool_append(
+            null(),
+            null_mut(),
+            null(),
+            null(),
+            null(),
+            0,
+            null(),
+            null_mut(),
+            0,
+            null_mut(),
+            0,
+            null_mut(),
+        );
+        expect(append, RotqStatus::InvalidArgument, "codec is null");
+        rotq_device_codec_free(null_mut());
         rotq_backend_free(cpu);
     }
 }

@@ -185,6 +185,11 @@ impl<'a, T> DeviceBuf<'a, T> {
         })
     }
 
+    /// The device's ordinal.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
     /// The device address.
     pub fn ptr(&self) -> u64 {
         self.ptr
@@ -218,6 +223,16 @@ pub struct DeviceStream<'a> {
 }
 
 impl<'a> DeviceStream<'a> {
+    /// The device's ordinal.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The raw handle.
+    pub(crate) fn raw(&self) -> sys::CUstream {
+        self.raw
+    }
+
     /// A cudarc stream.
     pub fn of(stream: &'a CudaStream) -> Self {
         Self {
@@ -918,7 +933,7 @@ impl CudaAttention {
         // which the workspace holds. The combine reads them and writes max_rows rows of `out`
         // and of `lse`. The three run in stream order.
         unsafe {
-            launch(
+            crate::kernel::launch_raw(
                 &rows.prepare,
                 (prepare_blocks, 1, 1),
                 128,
@@ -927,7 +942,7 @@ impl CudaAttention {
                 &prepare,
             )
             .context(|| describe_all("batch_rows", &rows.prepare))?;
-            launch(
+            crate::kernel::launch_raw(
                 &rows.decode,
                 plan.decode_grid,
                 plan.decode_threads,
@@ -936,7 +951,7 @@ impl CudaAttention {
                 &decode,
             )
             .context(|| describe_all(rows.names.0, &rows.decode))?;
-            launch(
+            crate::kernel::launch_raw(
                 &rows.combine,
                 (s.h_q as u32, s.max_rows as u32, 1),
                 128,
@@ -958,39 +973,6 @@ fn int(v: i32) -> u64 {
 /// An f32 parameter in its 8-byte slot.
 fn float(v: f32) -> u64 {
     u64::from(v.to_bits())
-}
-
-/// Queues `f` on a raw stream with its parameters in 8-byte slots (pointers and 64-bit
-/// integers whole, 32-bit values in the low half: the driver copies each parameter's own size
-/// from its slot, little-endian).
-///
-/// # Safety
-/// The parameters must be the kernel's, in order, with every pointer valid for what the
-/// kernel does with it.
-unsafe fn launch(
-    f: &CudaFunction,
-    grid: (u32, u32, u32),
-    threads: u32,
-    smem: u32,
-    stream: sys::CUstream,
-    params: &[u64],
-) -> std::result::Result<(), cudarc::driver::DriverError> {
-    let mut slots = params.to_vec();
-    let mut ptrs: Vec<*mut c_void> = slots
-        .iter_mut()
-        .map(|s| (s as *mut u64).cast::<c_void>())
-        .collect();
-    // SAFETY: the caller's promise; the slots outlive the call, which copies them.
-    unsafe {
-        cudarc::driver::result::launch_kernel(
-            f.cu_function(),
-            grid,
-            (threads, 1, 1),
-            smem,
-            stream,
-            &mut ptrs,
-        )
-    }
 }
 
 fn bad(name: &'static str, reason: String) -> CudaError {

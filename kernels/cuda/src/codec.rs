@@ -1,11 +1,12 @@
 //! Fused rotate-quantize into a KV cache (contiguous or paged), and dequantize with the
 //! inverse rotation, for every format of the registry.
 
+use crate::batch::{DeviceBuf, DeviceStream};
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, RowConfig, Transform};
 use crate::rotation::{CudaRotation, GpuElement};
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use rotq_reference::rope::{Rope, RopeVariant};
 use rotq_reference::{Error, KvFormat, Rotation};
 use std::sync::Arc;
@@ -63,6 +64,9 @@ pub struct CudaCodec {
     /// Whether to look up the tuning cache (no explicit `with_config`).
     tuned: bool,
     ordinal: usize,
+    /// The rotation's signs' device address (0: none), taken once, so that a launch on a
+    /// caller's stream touches no cudarc buffer (a graph capture may be under way).
+    signs_ptr: u64,
 }
 
 impl CudaCodec {
@@ -87,6 +91,10 @@ impl CudaCodec {
             Some(r) => Some(CudaRotation::new(dev, r)?),
             None => None,
         };
+        let signs_ptr = match rotation.as_ref().and_then(|r| r.signs()) {
+            Some(s) => s.device_ptr(s.stream()).0,
+            None => 0,
+        };
         Ok(Self {
             format,
             dim,
@@ -96,6 +104,7 @@ impl CudaCodec {
             config: RowConfig::codec_default(),
             tuned: true,
             ordinal: dev.context().ordinal(),
+            signs_ptr,
         })
     }
 
@@ -358,52 +367,164 @@ impl CudaCodec {
         self.check_device(dev, input.ordinal())?;
         self.check_device(dev, cache.ordinal())?;
         self.check_device(dev, slots.ordinal())?;
-        let n_rows = self.rows_of(input.len())?;
-        if n_heads == 0 || n_rows % n_heads != 0 {
-            return Err(Error::Shape(format!(
-                "{n_rows} input rows are not whole tokens of {n_heads} heads"
-            ))
-            .into());
-        }
-        if slots.len() != n_rows / n_heads {
-            return Err(Error::LengthMismatch {
-                what: "slot mapping (one slot per token)",
-                expected: n_rows / n_heads,
-                actual: slots.len(),
-            }
-            .into());
-        }
-        let slot_bytes = n_heads
-            .checked_mul(self.row_bytes)
-            .ok_or(CudaError::Input(Error::Overflow("bytes per slot")))?;
-        if !cache.len().is_multiple_of(slot_bytes) {
-            return Err(Error::Shape(format!(
-                "a pool of {} bytes is not whole slots of {slot_bytes} bytes",
-                cache.len()
-            ))
-            .into());
-        }
         if let Some(s) = &status {
             self.check_device(dev, s.ordinal())?;
-            if s.is_empty() {
-                return Err(Error::LengthMismatch {
-                    what: "append status words",
-                    expected: 1,
-                    actual: 0,
-                }
-                .into());
-            }
         }
+        let n_rows = self.rows_of(input.len())?;
+        let n_slots = self.check_slots(
+            n_rows,
+            n_heads,
+            slots.len(),
+            cache.len(),
+            status.as_ref().map(|s| s.len()),
+        )?;
         if n_rows == 0 {
             return Ok(());
         }
-        let n_slots = cache.len() / slot_bytes;
         match self.matrix_rotated(dev, input, n_rows)? {
             Some(rotated) => {
                 self.launch_slots(dev, &rotated, cache, n_heads, slots, n_slots, status)
             }
             None => self.launch_slots(dev, input, cache, n_heads, slots, n_slots, status),
         }
+    }
+
+    /// The batch append's checks (the inputs' whole tokens, one slot each, a pool of whole
+    /// slots, a status word if asked for); returns the slots in the pool.
+    fn check_slots(
+        &self,
+        n_rows: usize,
+        n_heads: usize,
+        n_slot_entries: usize,
+        pool_len: usize,
+        status_len: Option<usize>,
+    ) -> Result<usize> {
+        if n_heads == 0 || !n_rows.is_multiple_of(n_heads) {
+            return Err(Error::Shape(format!(
+                "{n_rows} input rows are not whole tokens of {n_heads} heads"
+            ))
+            .into());
+        }
+        if n_slot_entries != n_rows / n_heads {
+            return Err(Error::LengthMismatch {
+                what: "slot mapping (one slot per token)",
+                expected: n_rows / n_heads,
+                actual: n_slot_entries,
+            }
+            .into());
+        }
+        let slot_bytes = n_heads
+            .checked_mul(self.row_bytes)
+            .ok_or(CudaError::Input(Error::Overflow("bytes per slot")))?;
+        if !pool_len.is_multiple_of(slot_bytes) {
+            return Err(Error::Shape(format!(
+                "a pool of {pool_len} bytes is not whole slots of {slot_bytes} bytes"
+            ))
+            .into());
+        }
+        if status_len == Some(0) {
+            return Err(Error::LengthMismatch {
+                what: "append status words",
+                expected: 1,
+                actual: 0,
+            }
+            .into());
+        }
+        Ok(pool_len / slot_bytes)
+    }
+
+    /// [`Self::quantize_slots`] on an engine's own device buffers and stream (the batch API's
+    /// [`DeviceBuf`] and [`DeviceStream`]): the same kernel, queued with no allocation, upload
+    /// or synchronisation, so it can be captured in a CUDA graph. The first call for an
+    /// element type may compile the kernel, which a capture does not allow: make one before
+    /// capturing. An explicit-matrix rotation is refused here (its rows take a pass into a
+    /// buffer of their own: [`Self::quantize_slots`] takes it).
+    ///
+    /// ```no_run
+    /// use rotq_cuda::batch::{DeviceBuf, DeviceStream};
+    /// use rotq_cuda::{CudaCodec, Device};
+    /// use rotq_reference::{KvFormat, Rotation};
+    /// let dev = Device::open("cuda:0")?;
+    /// let codec = CudaCodec::new(&dev, KvFormat::Q4_0, 128, Some(&Rotation::hadamard(128)?))?;
+    /// let s = dev.stream();
+    /// let pool = s.alloc_zeros::<u8>(64 * 8 * codec.row_bytes()).unwrap();
+    /// let rows = s.clone_htod(&vec![half::f16::from_f32(0.5); 2 * 8 * 128]).unwrap();
+    /// let slots = s.clone_htod(&[17i64, 40]).unwrap();
+    /// codec.quantize_slots_on(&dev, &DeviceStream::of(s), &DeviceBuf::of(&rows),
+    ///     &DeviceBuf::of(&pool), 8, &DeviceBuf::of(&slots), None)?;
+    /// # Ok::<(), rotq_cuda::CudaError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_slots_on<T: GpuElement>(
+        &self,
+        dev: &Device,
+        stream: &DeviceStream<'_>,
+        input: &DeviceBuf<'_, T>,
+        pool: &DeviceBuf<'_, u8>,
+        n_heads: usize,
+        slots: &DeviceBuf<'_, i64>,
+        status: Option<&DeviceBuf<'_, u32>>,
+    ) -> Result<()> {
+        for o in [
+            input.ordinal(),
+            pool.ordinal(),
+            slots.ordinal(),
+            stream.ordinal(),
+        ]
+        .into_iter()
+        .chain(status.map(|s| s.ordinal()))
+        {
+            self.check_device(dev, o)?;
+        }
+        if self.matrix().is_some() {
+            return Err(Error::InvalidParameter {
+                name: "rotation",
+                reason: "an explicit matrix runs through quantize_slots, not on caller buffers"
+                    .into(),
+            }
+            .into());
+        }
+        let n_rows = self.rows_of(input.len())?;
+        let n_slots = self.check_slots(
+            n_rows,
+            n_heads,
+            slots.len(),
+            pool.len(),
+            status.map(|s| s.len()),
+        )?;
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let name = "rotate_quantize_slots";
+        let (function, geometry, key, l) = self.kernel_for::<T>(dev, name, n_rows)?;
+        let params = [
+            input.ptr(),
+            n_rows as u64,
+            n_heads as u64,
+            slots.ptr(),
+            n_slots as u64,
+            pool.ptr(),
+            self.signs_ptr,
+            u64::from(self.scale().to_bits()),
+            status.map_or(0, |s| s.ptr()),
+        ];
+        // SAFETY: the parameters are the kernel's, in order (input, n_rows, n_heads, slots,
+        // n_slots, cache, signs, scale, status); the kernel reads `n_rows` rows of `dim` values
+        // of `input` and one slot per token (both lengths checked), writes whole rows only of
+        // slots in 0..n_slots (checked on the device), which the pool holds, and sets bits of
+        // `status` when given (at least one word). `signs` stays alive with this codec.
+        unsafe {
+            kernel::launch_raw(
+                &function,
+                l.grid_dim,
+                l.block_dim.0,
+                l.shared_mem_bytes,
+                stream.raw(),
+                &params,
+            )
+        }
+        .context(|| kernel::describe(name, &function, geometry, &key))?;
+        Ok(())
     }
 
     /// The slot-mapping kernel over the rows of `input` (checked by the caller).
@@ -671,7 +792,31 @@ impl CudaCodec {
             Some(s) => s.clone(),
             None => Arc::new(stream.null::<f32>().context(|| "a null pointer".into())?),
         };
-        let scale = self.rotation.as_ref().map_or(1.0, CudaRotation::scale);
+        let (function, geometry, key, launch) = self.kernel_for::<T>(dev, name, n_rows)?;
+        Ok(Compiled {
+            name,
+            function,
+            geometry,
+            key,
+            launch,
+            signs,
+            scale: self.scale(),
+        })
+    }
+
+    /// The rotation's scale (1 without one).
+    fn scale(&self) -> f32 {
+        self.rotation.as_ref().map_or(1.0, CudaRotation::scale)
+    }
+
+    /// Kernel `name` for element type `T`, compiled, with its geometry, module key and launch
+    /// shape for `n_rows` rows.
+    fn kernel_for<T: GpuElement>(
+        &self,
+        dev: &Device,
+        name: &'static str,
+        n_rows: usize,
+    ) -> Result<(CudaFunction, kernel::Geometry, String, LaunchConfig)> {
         let transform = self.transform();
         let config = if name.starts_with("rotate_quantize") {
             self.config_for(dev)
@@ -689,15 +834,7 @@ impl CudaCodec {
         let (key, src) = kernel::source(transform, geometry, T::ELEM, rotate, Some(self.format));
         let function = kernel::function(dev, &key, &src, name, geometry.smem)?;
         let launch = kernel::launch_config(geometry, n_rows)?;
-        Ok(Compiled {
-            name,
-            function,
-            geometry,
-            key,
-            launch,
-            signs,
-            scale,
-        })
+        Ok((function, geometry, key, launch))
     }
 }
 

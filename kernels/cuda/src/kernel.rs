@@ -411,3 +411,36 @@ pub(crate) fn describe(name: &str, f: &CudaFunction, g: Geometry, key: &str) -> 
         g.smem
     )
 }
+
+/// Queues `f` on a raw stream with its parameters in 8-byte slots (pointers and 64-bit
+/// integers whole, 32-bit values in the low half: the driver copies each parameter's own size
+/// from its slot, little-endian).
+///
+/// # Safety
+/// The parameters must be the kernel's, in order, with every pointer valid for what the
+/// kernel does with it.
+pub(crate) unsafe fn launch_raw(
+    f: &CudaFunction,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: u32,
+    stream: cudarc::driver::sys::CUstream,
+    params: &[u64],
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    let mut slots = params.to_vec();
+    let mut ptrs: Vec<*mut std::ffi::c_void> = slots
+        .iter_mut()
+        .map(|s| (s as *mut u64).cast::<std::ffi::c_void>())
+        .collect();
+    // SAFETY: the caller's promise; the slots outlive the call, which copies them.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            f.cu_function(),
+            grid,
+            (threads, 1, 1),
+            smem,
+            stream,
+            &mut ptrs,
+        )
+    }
+}

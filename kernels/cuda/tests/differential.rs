@@ -571,6 +571,152 @@ fn batch_append_through_a_device_slot_mapping() {
         .is_err());
 }
 
+/// The batch append on caller buffers and a caller stream (`quantize_slots_on`): the bytes of
+/// `quantize_slots`, in f16 and f32, also replayed from a CUDA graph captured on a stream of
+/// its own with a new slot mapping written between replays; the status word; the host-checked
+/// refusals (an explicit matrix, lengths, a pool not whole slots, an empty status).
+#[test]
+fn batch_append_on_caller_buffers_and_stream() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use rotq_cuda::batch::{DeviceBuf, DeviceStream};
+    let Some(dev) = device() else { return };
+    let s = dev.stream();
+    let (d, heads, pool_slots) = (128usize, 2usize, 12usize);
+    let slots: [i64; 5] = [7, -1, 0, 11, 3];
+    let codec = CudaCodec::new(
+        dev,
+        KvFormat::Q4_0,
+        d,
+        Some(&Rotation::hadamard(d).unwrap()),
+    )
+    .unwrap();
+    let rb = codec.row_bytes();
+    let x = ROWS.f32s(slots.len() * heads * d, 90);
+    let dslots = s.clone_htod(&slots).unwrap();
+    fn same<T: Elem>(
+        dev: &Device,
+        codec: &CudaCodec,
+        x: &[f32],
+        slots: &cudarc::driver::CudaSlice<i64>,
+        heads: usize,
+        bytes: usize,
+    ) {
+        let s = dev.stream();
+        let input = upload::<T>(dev, x);
+        let mut want = s.clone_htod(&vec![0x5Au8; bytes]).unwrap();
+        codec
+            .quantize_slots(dev, &input, &mut want, heads, slots, None)
+            .unwrap();
+        let got = s.clone_htod(&vec![0x5Au8; bytes]).unwrap();
+        let status = s.alloc_zeros::<u32>(1).unwrap();
+        codec
+            .quantize_slots_on(
+                dev,
+                &DeviceStream::of(s),
+                &DeviceBuf::of(&input),
+                &DeviceBuf::of(&got),
+                heads,
+                &DeviceBuf::of(slots),
+                Some(&DeviceBuf::of(&status)),
+            )
+            .unwrap();
+        assert!(
+            s.clone_dtoh(&got).unwrap() == s.clone_dtoh(&want).unwrap(),
+            "{}",
+            std::any::type_name::<T>()
+        );
+        assert_eq!(s.clone_dtoh(&status).unwrap(), [0]);
+    }
+    same::<f16>(dev, &codec, &x, &dslots, heads, pool_slots * heads * rb);
+    same::<f32>(dev, &codec, &x, &dslots, heads, pool_slots * heads * rb);
+
+    // Captured once on a stream of its own, replayed with another mapping each time.
+    let gs = dev.context().new_stream().unwrap();
+    let input = gs.clone_htod(&x).unwrap();
+    let pool = gs.alloc_zeros::<u8>(pool_slots * heads * rb).unwrap();
+    let mut mapping = gs.clone_htod(&slots).unwrap();
+    let status = gs.alloc_zeros::<u32>(1).unwrap();
+    let (ib, pb, mb, sb) = (
+        DeviceBuf::of(&input),
+        DeviceBuf::of(&pool),
+        DeviceBuf::of(&mapping),
+        DeviceBuf::of(&status),
+    );
+    let ds = DeviceStream::of(&gs);
+    codec
+        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&sb))
+        .unwrap(); // compiles
+    gs.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    codec
+        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&sb))
+        .unwrap();
+    let graph = gs
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    // What each token's rows become: the codec's own quantize of them at one slot.
+    let token = |t: usize| -> Vec<u8> {
+        let mut one = s.alloc_zeros::<u8>(heads * rb).unwrap();
+        let rows = s
+            .clone_htod(&x[t * heads * d..(t + 1) * heads * d])
+            .unwrap();
+        codec
+            .quantize(dev, &rows, &mut one, CacheTarget::contiguous(heads, 0))
+            .unwrap();
+        s.clone_dtoh(&one).unwrap()
+    };
+    for (i, m) in [[1i64, 2, -1, 5, 9], [10, 11, 6, 0, -1]].iter().enumerate() {
+        gs.memcpy_htod(m, &mut mapping).unwrap();
+        graph.launch().unwrap();
+        gs.synchronize().unwrap();
+        let got = gs.clone_dtoh(&pool).unwrap();
+        for (t, &slot) in m.iter().enumerate() {
+            if slot >= 0 {
+                let at = slot as usize * heads * rb;
+                assert_eq!(
+                    got[at..at + heads * rb],
+                    token(t)[..],
+                    "replay {i} token {t}"
+                );
+            }
+        }
+        assert_eq!(gs.clone_dtoh(&status).unwrap(), [0], "replay {i}");
+    }
+
+    // Refusals on the host.
+    let matrix = CudaCodec::new(
+        dev,
+        KvFormat::Q8_0,
+        d,
+        RotationKind::Matrix.build(d, 4).as_ref(),
+    )
+    .unwrap();
+    let (ib, pb, mb) = (
+        DeviceBuf::of(&input),
+        DeviceBuf::of(&pool),
+        DeviceBuf::of(&mapping),
+    );
+    let q8_pool = gs
+        .alloc_zeros::<u8>(pool_slots * heads * matrix.row_bytes())
+        .unwrap();
+    assert!(matrix
+        .quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&q8_pool), heads, &mb, None)
+        .is_err());
+    let two = gs.clone_htod(&[0i64, 1]).unwrap();
+    assert!(codec
+        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &DeviceBuf::of(&two), None)
+        .is_err());
+    let ragged = gs.alloc_zeros::<u8>(pool_slots * heads * rb - 1).unwrap();
+    assert!(codec
+        .quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&ragged), heads, &mb, None)
+        .is_err());
+    let empty = gs.alloc_zeros::<u32>(0).unwrap();
+    assert!(codec
+        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&DeviceBuf::of(&empty)))
+        .is_err());
+}
+
 #[test]
 fn bad_inputs_are_typed_errors() {
     assert!(matches!(
