@@ -169,8 +169,9 @@ int main(void) {
         if (s == 0) {
             /* Captured once: the run's three kernels and its memset. */
             CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-            TRY(rotq_device_attention_run(plan, stream, q_dev, k_dev, kb, v_dev, vb, &batch,
-                                          ws_dev, ws_bytes, out_dev, lse_dev));
+            TRY(rotq_device_attention_run(plan, stream, q_dev, q_elems, k_dev, kb, v_dev, vb,
+                                          &batch, ws_dev, ws_bytes, out_dev, out_elems, lse_dev,
+                                          lse_len));
             CUDA(cudaStreamEndCapture(stream, &graph));
             CUDA(cudaGraphInstantiate(&exec, graph, 0));
         }

@@ -754,11 +754,13 @@ enum RotqStatus rotq_device_plan_sizes(const struct RotqDevicePlan *plan,
 
 /**
  * Runs a planned step on one layer's device pools, on `stream` (a `cudaStream_t` of the
- * backend's device; null: the legacy default stream): `q` holds the plan's query elements
- * (unrotated), `out` receives the output (V's rotation undone) and `lse`, if not null, the
- * log-sum-exp; rows past the step's last get zeros and −∞. `workspace` holds
- * `workspace_len` bytes, at least the plan's. Pointers of another device, lengths past their
- * allocations, another tables kind than planned: an error before anything is queued.
+ * backend's device; null: the legacy default stream): `q` holds `q_len` elements, at least
+ * the plan's (unrotated queries), `out` receives the output (V's rotation undone; `out_len`
+ * elements, at least the plan's) and `lse`, if not null, the log-sum-exp (`lse_len` floats,
+ * at least the plan's; null with 0); rows past the step's last get zeros and −∞. `workspace`
+ * holds `workspace_len` bytes, at least the plan's. The pools and the workspace are 16-byte
+ * aligned. Pointers of another device, lengths below the plan's or past their allocations,
+ * misaligned pools, another tables kind than planned: an error before anything is queued.
  *
  * Threads: any thread; several at once with their own workspace, output and stream.
  *
@@ -770,6 +772,7 @@ enum RotqStatus rotq_device_plan_sizes(const struct RotqDevicePlan *plan,
 enum RotqStatus rotq_device_attention_run(const struct RotqDevicePlan *plan,
                                           void *stream,
                                           const void *q,
+                                          size_t q_len,
                                           const uint8_t *k_pool,
                                           size_t k_len,
                                           const uint8_t *v_pool,
@@ -778,7 +781,9 @@ enum RotqStatus rotq_device_attention_run(const struct RotqDevicePlan *plan,
                                           void *workspace,
                                           size_t workspace_len,
                                           void *out,
-                                          float *lse);
+                                          size_t out_len,
+                                          float *lse,
+                                          size_t lse_len);
 
 /**
  * Waits for `stream` and reports the device-side checks of the last run queued with

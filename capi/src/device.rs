@@ -209,11 +209,13 @@ pub unsafe extern "C" fn rotq_device_plan_sizes(
 }
 
 /// Runs a planned step on one layer's device pools, on `stream` (a `cudaStream_t` of the
-/// backend's device; null: the legacy default stream): `q` holds the plan's query elements
-/// (unrotated), `out` receives the output (V's rotation undone) and `lse`, if not null, the
-/// log-sum-exp; rows past the step's last get zeros and −∞. `workspace` holds
-/// `workspace_len` bytes, at least the plan's. Pointers of another device, lengths past their
-/// allocations, another tables kind than planned: an error before anything is queued.
+/// backend's device; null: the legacy default stream): `q` holds `q_len` elements, at least
+/// the plan's (unrotated queries), `out` receives the output (V's rotation undone; `out_len`
+/// elements, at least the plan's) and `lse`, if not null, the log-sum-exp (`lse_len` floats,
+/// at least the plan's; null with 0); rows past the step's last get zeros and −∞. `workspace`
+/// holds `workspace_len` bytes, at least the plan's. The pools and the workspace are 16-byte
+/// aligned. Pointers of another device, lengths below the plan's or past their allocations,
+/// misaligned pools, another tables kind than planned: an error before anything is queued.
 ///
 /// Threads: any thread; several at once with their own workspace, output and stream.
 ///
@@ -226,6 +228,7 @@ pub unsafe extern "C" fn rotq_device_attention_run(
     plan: *const RotqDevicePlan,
     stream: *mut c_void,
     q: *const c_void,
+    q_len: usize,
     k_pool: *const u8,
     k_len: usize,
     v_pool: *const u8,
@@ -234,7 +237,9 @@ pub unsafe extern "C" fn rotq_device_attention_run(
     workspace: *mut c_void,
     workspace_len: usize,
     out: *mut c_void,
+    out_len: usize,
     lse: *mut f32,
+    lse_len: usize,
 ) -> RotqStatus {
     guard(|| {
         // SAFETY: null or a live handle (the caller's guarantee).
@@ -242,20 +247,22 @@ pub unsafe extern "C" fn rotq_device_attention_run(
         #[cfg(feature = "cuda")]
         {
             let bufs = on_cuda::Raw {
-                q: q as u64,
+                q: (q as u64, q_len),
                 k: (k_pool as u64, k_len),
                 v: (v_pool as u64, v_len),
                 workspace: (workspace as u64, workspace_len),
-                out: out as u64,
-                lse: lse as u64,
+                out: (out as u64, out_len),
+                lse: (lse as u64, lse_len),
             };
             // SAFETY: the caller's guarantees, passed on.
             unsafe { p.inner.run(stream, bufs, batch) }
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (p, stream, q, k_pool, k_len, v_pool, v_len, batch, workspace);
-            let _ = (workspace_len, out, lse);
+            let _ = (
+                p, stream, q, q_len, k_pool, k_len, v_pool, v_len, batch, workspace,
+            );
+            let _ = (workspace_len, out, out_len, lse, lse_len);
             Err(no_cuda())
         }
     })
@@ -455,12 +462,12 @@ mod on_cuda {
 
     /// A run's raw buffers (addresses, and the lengths the caller gave).
     pub(super) struct Raw {
-        pub q: u64,
+        pub q: (u64, usize),
         pub k: (u64, usize),
         pub v: (u64, usize),
         pub workspace: (u64, usize),
-        pub out: u64,
-        pub lse: u64,
+        pub out: (u64, usize),
+        pub lse: (u64, usize),
     }
 
     /// A pool's K and V codecs on one device.
@@ -525,6 +532,11 @@ mod on_cuda {
             .map_err(refused)?;
         let v = CudaCodec::new(dev, spec.v_format, spec.v_dim, spec.plan.v.as_ref())
             .map_err(refused)?;
+        // The rotations were uploaded on the device's stream; the engine's stream may not
+        // wait for it.
+        dev.stream()
+            .synchronize()
+            .map_err(|e| refused(format!("waiting for the rotations' upload: {e}")))?;
         Ok(Codecs {
             dev: dev.clone(),
             k,
@@ -605,12 +617,15 @@ mod on_cuda {
             // SAFETY: null (the legacy default stream) or a live stream (the caller's
             // guarantee); its context is checked.
             let s = unsafe { DeviceStream::from_raw(dev, stream.cast()) }.map_err(refused)?;
-            self.k
-                .quantize_slots_on(dev, &s, &kr, &kp, self.heads, &slots, status.as_ref())
-                .map_err(refused)?;
-            self.v
-                .quantize_slots_on(dev, &s, &vr, &vp, self.heads, &slots, status.as_ref())
-                .map_err(refused)
+            // SAFETY: the caller guarantees the buffers outlive the queued work.
+            unsafe {
+                self.k
+                    .quantize_slots_on(dev, &s, &kr, &kp, self.heads, &slots, status.as_ref())
+                    .map_err(refused)?;
+                self.v
+                    .quantize_slots_on(dev, &s, &vr, &vp, self.heads, &slots, status.as_ref())
+                    .map_err(refused)
+            }
         }
     }
 
@@ -747,23 +762,36 @@ mod on_cuda {
                 },
                 tables,
             };
-            let typed =
-                |ptr: u64, len: usize, what: &str| -> Result<DeviceBuf<'static, T>, Failure> {
-                    if ptr == 0 {
-                        return Err(invalid(format!("{what} is null")));
-                    }
-                    // SAFETY: as above.
-                    unsafe { DeviceBuf::<T>::from_raw(dev, ptr, len) }.map_err(refused)
-                };
+            // A length the caller gave, at least the plan's (the driver's allocation range
+            // alone would not catch a buffer carved out of a larger one).
+            let typed = |(ptr, len): (u64, usize), need: usize, what: &str| {
+                if ptr == 0 {
+                    return Err(invalid(format!("{what} is null")));
+                }
+                if len < need {
+                    return Err(invalid(format!(
+                        "{what}_len is {len}, the plan needs {need}"
+                    )));
+                }
+                // SAFETY: as above.
+                unsafe { DeviceBuf::<T>::from_raw(dev, ptr, len) }.map_err(refused)
+            };
             let q = typed(raw.q, p.q_len(), "q")?;
             let out = typed(raw.out, p.out_len(), "out")?;
             let lse = match raw.lse {
-                0 => None,
-                // SAFETY: as above.
-                ptr => Some(
-                    unsafe { DeviceBuf::<f32>::from_raw(dev, ptr, p.lse_len()) }
-                        .map_err(refused)?,
-                ),
+                (0, 0) => None,
+                (0, _) => return Err(invalid("lse is null but lse_len is not 0")),
+                (_, len) if len < p.lse_len() => {
+                    return Err(invalid(format!(
+                        "lse_len is {len}, the plan needs {}",
+                        p.lse_len()
+                    )))
+                }
+                (ptr, len) => {
+                    // SAFETY: as above.
+                    let l = unsafe { DeviceBuf::<f32>::from_raw(dev, ptr, len) };
+                    Some(l.map_err(refused)?)
+                }
             };
             let (k, v) = (
                 buf(raw.k.0, raw.k.1).map_err(refused)?,
@@ -773,9 +801,13 @@ mod on_cuda {
             // SAFETY: null (the legacy default stream) or a live stream (the caller's guarantee);
             // its context is checked.
             let s = unsafe { DeviceStream::from_raw(dev, stream.cast()) }.map_err(refused)?;
-            self.attn
-                .run_batch(p, &s, &q, &k, &v, &dbatch, &ws, &out, lse.as_ref())
-                .map_err(refused)
+            // SAFETY: the caller guarantees the buffers outlive the queued work and keep the
+            // device arrays' contract.
+            unsafe {
+                self.attn
+                    .run_batch(p, &s, &q, &k, &v, &dbatch, &ws, &out, lse.as_ref())
+            }
+            .map_err(refused)
         }
 
         /// # Safety

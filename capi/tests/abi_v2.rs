@@ -1625,6 +1625,7 @@ fn device_calls_refuse_what_the_host_can_tell() {
             null(),
             null_mut(),
             null(),
+            0,
             null(),
             0,
             null(),
@@ -1633,7 +1634,9 @@ fn device_calls_refuse_what_the_host_can_tell() {
             null_mut(),
             0,
             null_mut(),
+            0,
             null_mut(),
+            0,
         );
         expect(run, RotqStatus::InvalidArgument, "plan is null");
         rotq_device_plan_free(null_mut());

@@ -651,7 +651,9 @@ fn batch_api_decode(
         DeviceBuf::of(&setup.caches[1]),
     );
     let (wb, ob) = (DeviceBuf::of(&ws), DeviceBuf::of(&out));
-    let on = |s| attn.run_batch(&plan, &s, &qb, &kb, &vb, &dbatch, &wb, &ob, None);
+    // SAFETY: every buffer lives to the end of this function, after the streams' last
+    // synchronisation, and the graph is dropped before them.
+    let on = |s| unsafe { attn.run_batch(&plan, &s, &qb, &kb, &vb, &dbatch, &wb, &ob, None) };
     let run_ms = median_ms(dev, 2, opts.runs, |_| on(DeviceStream::of(stream)))?;
     let calls = 200;
     let t0 = std::time::Instant::now();

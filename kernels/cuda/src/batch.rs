@@ -21,6 +21,10 @@
 //! through the decode kernel (each row reads its visible keys once): right for decode-heavy
 //! steps with short chunks; a long prefill is [`CudaAttention::prefill`]'s.
 //!
+//! **Queued work outlives the call**, as everywhere on a stream: `run_batch` is `unsafe`
+//! because the buffers (and the plan) must stay allocated until the work, or a graph that
+//! captured it, has run; a `DeviceBuf` borrowed from a cudarc slice does not ensure that.
+//!
 //! **The contract on device data** (the host cannot see it without a synchronisation): offsets
 //! that start at 0 and never decrease, lengths within their tables and the plan's
 //! `max_seq_len`, pages inside the pool. A step that breaks it does not corrupt memory: the
@@ -53,8 +57,11 @@
 //!     query_start_loc: DeviceBuf::of(&qsl), seq_lens: DeviceBuf::of(&lens), q_positions: None,
 //!     tables: DeviceTables::Block { table: DeviceBuf::of(&table), max_blocks: 512 },
 //! };
-//! attn.run_batch(&plan, &DeviceStream::of(s), &DeviceBuf::of(&q), &DeviceBuf::of(&k),
-//!     &DeviceBuf::of(&v), &batch, &DeviceBuf::of(&ws), &DeviceBuf::of(&out), None)?;
+//! // SAFETY: the buffers outlive the queued work (the status call below waits for it).
+//! unsafe {
+//!     attn.run_batch(&plan, &DeviceStream::of(s), &DeviceBuf::of(&q), &DeviceBuf::of(&k),
+//!         &DeviceBuf::of(&v), &batch, &DeviceBuf::of(&ws), &DeviceBuf::of(&out), None)?;
+//! }
 //! plan.status(&DeviceStream::of(s), &DeviceBuf::of(&ws))?; // the device-side checks
 //! # Ok::<(), rotq_cuda::CudaError>(())
 //! ```
@@ -578,6 +585,16 @@ impl CudaAttention {
             ));
         }
         shape.params.validate()?;
+        // Rows are grid dimensions y and z of the kernels (at most 65,535 each).
+        if !(1..=65_535).contains(&shape.max_rows) || shape.seqs == 0 {
+            return Err(bad(
+                "batch shape",
+                format!(
+                    "{} sequences and {} rows: at least one of each, at most 65535 rows",
+                    shape.seqs, shape.max_rows
+                ),
+            ));
+        }
         let (d, d_v, h_kv, h_q) = (pool.head_dim, pool.v_dim, pool.n_kv_heads, shape.h_q);
         for (name, v) in [
             ("n_kv_heads", h_kv),
@@ -713,6 +730,11 @@ impl CudaAttention {
             RotArgs::of(dev, self.qk_rotation())?,
             RotArgs::of(dev, self.v_rotation())?,
         );
+        // The rotations were uploaded on the device's stream; a caller's non-blocking stream
+        // would not wait for them.
+        dev.stream()
+            .synchronize()
+            .context(|| "waiting for the rotations' upload".into())?;
         Ok(BatchPlan {
             ctx: dev.context().clone(),
             ordinal,
@@ -743,11 +765,18 @@ impl CudaAttention {
     /// `k` and `v` (the plan's geometry), the step's device arrays, the `workspace`
     /// ([`BatchPlan::workspace_bytes`]); writes `out` `[max_rows, h_q, v_dim]` and `lse`
     /// `[max_rows, h_q]` if given. Checks on the host only what it holds (every buffer's device
-    /// and length, the tables' kind): a wrong one is a typed error before anything is queued.
-    /// Queues a 4-byte memset and three kernels; allocates, uploads and waits for nothing, so
-    /// it can be captured in a CUDA graph.
+    /// and length, the pools' and workspace's 16-byte alignment, the tables' kind): a wrong one
+    /// is a typed error before anything is queued. Queues a 4-byte memset and three kernels;
+    /// allocates, uploads and waits for nothing, so it can be captured in a CUDA graph.
+    ///
+    /// # Safety
+    /// The work is queued, not done: every buffer, and the plan, must stay allocated until it
+    /// has run on `stream` (and, captured in a graph, until the graph's last replay has run),
+    /// and no other work may write the buffers it reads meanwhile. The device arrays must keep
+    /// the module's contract; with [`BatchShape::checked`] off, a page entry outside the pool
+    /// is read as if it were inside (with it on, the run reports it instead).
     #[allow(clippy::too_many_arguments)]
-    pub fn run_batch<T: GpuElement>(
+    pub unsafe fn run_batch<T: GpuElement>(
         &self,
         plan: &BatchPlan,
         stream: &DeviceStream<'_>,
@@ -827,6 +856,20 @@ impl CudaAttention {
         need("K pool bytes", plan.pool.k_bytes()?, k.len)?;
         need("V pool bytes", plan.pool.v_bytes()?, v.len)?;
         need("workspace bytes", plan.bytes, workspace.len)?;
+        // The kernels copy pool rows in 4- to 16-byte units and write 8-byte values into the
+        // workspace.
+        for (what, ptr) in [
+            ("k pool", k.ptr),
+            ("v pool", v.ptr),
+            ("workspace", workspace.ptr),
+        ] {
+            if !ptr.is_multiple_of(16) {
+                return Err(bad(
+                    "device pointer",
+                    format!("the {what} at {ptr:#x} is not 16-byte aligned"),
+                ));
+            }
+        }
         need(
             "query_start_loc (B + 1)",
             s.seqs + 1,
@@ -851,9 +894,6 @@ impl CudaAttention {
                 (indices.ptr, indptr.ptr, indices.len as i64, 2, 0)
             }
         };
-        if s.max_rows == 0 {
-            return Ok(());
-        }
         plan.ctx
             .bind_to_thread()
             .context(|| "binding the device's context".into())?;

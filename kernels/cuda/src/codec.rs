@@ -438,7 +438,15 @@ impl CudaCodec {
     /// or synchronisation, so it can be captured in a CUDA graph. The first call for an
     /// element type may compile the kernel, which a capture does not allow: make one before
     /// capturing. An explicit-matrix rotation is refused here (its rows take a pass into a
-    /// buffer of their own: [`Self::quantize_slots`] takes it).
+    /// buffer of their own: [`Self::quantize_slots`] takes it), and so is a pool not 16-byte
+    /// aligned.
+    ///
+    /// # Safety
+    /// The work is queued, not done: the buffers must stay allocated, and the input and slots
+    /// unchanged, until it has run on `stream` (and, captured in a graph, until the last
+    /// replay has run). The codec's rotation was uploaded on the device's stream when it was
+    /// made: a non-blocking stream must not run this before that upload completed (the
+    /// device's `stream().synchronize()` once after making the codec).
     ///
     /// ```no_run
     /// use rotq_cuda::batch::{DeviceBuf, DeviceStream};
@@ -450,12 +458,16 @@ impl CudaCodec {
     /// let pool = s.alloc_zeros::<u8>(64 * 8 * codec.row_bytes()).unwrap();
     /// let rows = s.clone_htod(&vec![half::f16::from_f32(0.5); 2 * 8 * 128]).unwrap();
     /// let slots = s.clone_htod(&[17i64, 40]).unwrap();
-    /// codec.quantize_slots_on(&dev, &DeviceStream::of(s), &DeviceBuf::of(&rows),
-    ///     &DeviceBuf::of(&pool), 8, &DeviceBuf::of(&slots), None)?;
+    /// // SAFETY: the buffers outlive the queued work (synchronised below).
+    /// unsafe {
+    ///     codec.quantize_slots_on(&dev, &DeviceStream::of(s), &DeviceBuf::of(&rows),
+    ///         &DeviceBuf::of(&pool), 8, &DeviceBuf::of(&slots), None)?;
+    /// }
+    /// s.synchronize().unwrap();
     /// # Ok::<(), rotq_cuda::CudaError>(())
     /// ```
     #[allow(clippy::too_many_arguments)]
-    pub fn quantize_slots_on<T: GpuElement>(
+    pub unsafe fn quantize_slots_on<T: GpuElement>(
         &self,
         dev: &Device,
         stream: &DeviceStream<'_>,
@@ -481,6 +493,13 @@ impl CudaCodec {
                 name: "rotation",
                 reason: "an explicit matrix runs through quantize_slots, not on caller buffers"
                     .into(),
+            }
+            .into());
+        }
+        if !pool.ptr().is_multiple_of(16) {
+            return Err(Error::InvalidParameter {
+                name: "pool",
+                reason: format!("the pool at {:#x} is not 16-byte aligned", pool.ptr()),
             }
             .into());
         }

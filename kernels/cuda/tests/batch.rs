@@ -122,6 +122,9 @@ struct Seq {
     pos: Option<usize>,
 }
 
+/// Elements past the plan's output and LSE in their buffers, NaN before a run and after it.
+const GUARD: usize = 64;
+
 /// A step's device arrays, in buffers of fixed size (a graph reads the same addresses).
 struct Arrays<T> {
     qsl: CudaSlice<u32>,
@@ -148,8 +151,8 @@ impl<T: Elem> Arrays<T> {
             table: z32(s.seqs * max_blocks),
             indptr: z32(s.seqs + 1),
             q: stream.alloc_zeros::<T>(plan.q_len()).unwrap(),
-            out: stream.alloc_zeros::<T>(plan.out_len()).unwrap(),
-            lse: stream.alloc_zeros::<f32>(plan.lse_len()).unwrap(),
+            out: stream.alloc_zeros::<T>(plan.out_len() + GUARD).unwrap(),
+            lse: stream.alloc_zeros::<f32>(plan.lse_len() + GUARD).unwrap(),
             ws: stream.alloc_zeros::<u8>(plan.workspace_bytes()).unwrap(),
             max_blocks,
         }
@@ -198,6 +201,13 @@ impl<T: Elem> Arrays<T> {
         stream.memcpy_htod(&indptr, &mut self.indptr).unwrap();
         let qh: Vec<T> = q.iter().map(|&x| T::from_f32(x)).collect();
         stream.memcpy_htod(&qh, &mut self.q).unwrap();
+        // NaN everywhere the run writes, and past it: padding rows must be written (zeros), the
+        // guard never.
+        let nan = vec![T::from_f32(f32::NAN); self.out.len()];
+        stream.memcpy_htod(&nan, &mut self.out).unwrap();
+        stream
+            .memcpy_htod(&vec![f32::NAN; self.lse.len()], &mut self.lse)
+            .unwrap();
     }
 
     fn batch(&self, kind: TablesKind, positions: bool) -> DeviceBatch<'_> {
@@ -221,17 +231,21 @@ impl<T: Elem> Arrays<T> {
 
     fn run(&self, attn: &CudaAttention, plan: &BatchPlan, pool: &Pool, stream: &CudaStream) {
         let s = plan.shape();
-        attn.run_batch(
-            plan,
-            &DeviceStream::of(stream),
-            &DeviceBuf::of(&self.q),
-            &DeviceBuf::of(&pool.k),
-            &DeviceBuf::of(&pool.v),
-            &self.batch(s.tables, s.q_positions),
-            &DeviceBuf::of(&self.ws),
-            &DeviceBuf::of(&self.out),
-            Some(&DeviceBuf::of(&self.lse)),
-        )
+        // SAFETY: the buffers live in `self` and `pool`, which the callers keep until they
+        // have synchronised.
+        unsafe {
+            attn.run_batch(
+                plan,
+                &DeviceStream::of(stream),
+                &DeviceBuf::of(&self.q),
+                &DeviceBuf::of(&pool.k),
+                &DeviceBuf::of(&pool.v),
+                &self.batch(s.tables, s.q_positions),
+                &DeviceBuf::of(&self.ws),
+                &DeviceBuf::of(&self.out),
+                Some(&DeviceBuf::of(&self.lse)),
+            )
+        }
         .unwrap();
     }
 }
@@ -324,13 +338,23 @@ fn assert_step<T: Elem>(
         T::PRECISION,
         &format!("LSE of {what}"),
     );
+    let (out_end, lse_end) = (plan.out_len(), plan.lse_len());
     assert!(
-        got[n_out..].iter().all(|&x| x == 0.0),
+        got[n_out..out_end].iter().all(|&x| x == 0.0),
         "{what}: padding rows not zero"
     );
     assert!(
-        lse[rows * s.h_q..].iter().all(|&x| x == f64::NEG_INFINITY),
+        lse[rows * s.h_q..lse_end]
+            .iter()
+            .all(|&x| x == f64::NEG_INFINITY),
         "{what}: padding LSE not -inf"
+    );
+    assert!(
+        got[out_end..]
+            .iter()
+            .chain(&lse[lse_end..])
+            .all(|x| x.is_nan()),
+        "{what}: written past the output or the LSE"
     );
     plan.status(&DeviceStream::of(dev.stream()), &DeviceBuf::of(&arrays.ws))
         .unwrap();
@@ -503,6 +527,8 @@ fn batch_graph_replays_follow_the_oracle() {
         &lens,
         9,
     );
+    // The pool was uploaded on the device's stream; the replays run on a non-blocking one.
+    dev.stream().synchronize().unwrap();
     let attn = CudaAttention::new(dev, &plan).unwrap();
     let kind = TablesKind::Block { max_blocks: 32 };
     let shape = BatchShape {
@@ -601,8 +627,8 @@ fn batch_graph_replays_follow_the_oracle() {
     stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .unwrap();
-    attn.run_batch(&bp, &s, &q, &k, &v, &batch, &ws, &out, Some(&lse))
-        .unwrap();
+    // SAFETY: the buffers live to the end of the test, after the last replay's synchronisation.
+    unsafe { attn.run_batch(&bp, &s, &q, &k, &v, &batch, &ws, &out, Some(&lse)) }.unwrap();
     let graph = stream
         .end_capture(CUgraphInstantiate_flags(0))
         .unwrap()
@@ -726,37 +752,55 @@ fn batch_bad_inputs_are_typed_errors() {
     let batch = arrays.batch(kind, false);
     let short = stream.alloc_zeros::<u8>(8).unwrap();
     let short = DeviceBuf::of(&short);
-    for e in [
-        attn.run_batch(&bp, &s, &q_buf, &short, &v, &batch, &ws, &out, None),
-        attn.run_batch(&bp, &s, &q_buf, &k, &v, &batch, &short, &out, None),
-        attn.run_batch(
-            &bp,
-            &s,
-            &q_buf,
-            &k,
-            &v,
-            &arrays.batch(TablesKind::Csr, false),
-            &ws,
-            &out,
-            None,
-        ),
-        attn.run_batch(
-            &bp,
-            &s,
-            &q_buf,
-            &k,
-            &v,
-            &arrays.batch(kind, true),
-            &ws,
-            &out,
-            None,
-        ),
-    ] {
+    let roomy = stream.alloc_zeros::<u8>(k.len() + 16).unwrap();
+    // SAFETY: (the calls below) each is refused before anything is queued, or its buffers
+    // live until the status call that follows synchronises.
+    for e in unsafe {
+        [
+            attn.run_batch(&bp, &s, &q_buf, &short, &v, &batch, &ws, &out, None),
+            attn.run_batch(&bp, &s, &q_buf, &k, &v, &batch, &short, &out, None),
+            attn.run_batch(
+                &bp,
+                &s,
+                &q_buf,
+                &k,
+                &v,
+                &arrays.batch(TablesKind::Csr, false),
+                &ws,
+                &out,
+                None,
+            ),
+            attn.run_batch(
+                &bp,
+                &s,
+                &q_buf,
+                &k,
+                &v,
+                &arrays.batch(kind, true),
+                &ws,
+                &out,
+                None,
+            ),
+            // A pool of the right length 1 byte off 16-byte alignment.
+            attn.run_batch(
+                &bp,
+                &s,
+                &q_buf,
+                &DeviceBuf::<u8>::from_raw(dev, DeviceBuf::of(&roomy).ptr() + 1, k.len()).unwrap(),
+                &v,
+                &batch,
+                &ws,
+                &out,
+                None,
+            ),
+        ]
+    } {
         assert!(input(e.unwrap_err()));
     }
     let q32 = stream.alloc_zeros::<f32>(bp.q_len()).unwrap();
     let out32 = stream.alloc_zeros::<f32>(bp.out_len()).unwrap();
-    assert!(input(
+    // SAFETY: refused before anything is queued.
+    let typed = unsafe {
         attn.run_batch(
             &bp,
             &s,
@@ -766,10 +810,28 @@ fn batch_bad_inputs_are_typed_errors() {
             &batch,
             &ws,
             &DeviceBuf::of(&out32),
-            None
+            None,
         )
-        .unwrap_err()
-    ));
+    };
+    assert!(input(typed.unwrap_err()));
+    for bad in [
+        BatchShape {
+            seqs: 0,
+            ..shape.clone()
+        },
+        BatchShape {
+            max_rows: 0,
+            ..shape.clone()
+        },
+        BatchShape {
+            max_rows: 65_536,
+            ..shape.clone()
+        },
+    ] {
+        assert!(input(
+            attn.plan_batch::<f16>(dev, &pool.g, &bad).unwrap_err()
+        ));
+    }
     // Raw pointers: past the allocation, not device memory, misaligned.
     let raw = DeviceBuf::of(&arrays.q).ptr();
     // SAFETY: each call only asks the driver about the address; none is used.
@@ -789,59 +851,56 @@ fn batch_bad_inputs_are_typed_errors() {
     }
 
     // Device: each broken step reports, and the good sequence beside it stays right.
-    attn.run_batch(&bp, &s, &q_buf, &k, &v, &batch, &ws, &out, None)
-        .unwrap();
+    // SAFETY: the buffers live past the status call, which synchronises.
+    unsafe { attn.run_batch(&bp, &s, &q_buf, &k, &v, &batch, &ws, &out, None) }.unwrap();
     bp.status(&s, &ws).unwrap();
     let mut table = stream.clone_dtoh(&arrays.table).unwrap();
     table[8] = 20; // sequence 1's first page: one past the pool
                    // (what the status says, lengths, query offsets, table) of each broken step.
-    type Broken<'a> = (&'a str, [u32; 2], [u32; 3], &'a [u32]);
+                   // (What the status says, every part of it; lengths, query offsets, table) of each step.
+    let (outside, past_table, past_plan) = (
+        "a page entry lies outside the pool",
+        "a sequence is longer than its page table",
+        "longer than the plan's max_seq_len",
+    );
+    type Broken<'a> = (&'a [&'a str], [u32; 2], [u32; 3], &'a [u32]);
     let broken: [Broken; 5] = [
-        (
-            "a page entry lies outside the pool",
-            [100, 50],
-            [0, 1, 2],
-            &table,
-        ),
-        (
-            "a sequence is longer than its page table",
-            [100, 200],
-            [0, 1, 2],
-            &[],
-        ),
-        (
-            "longer than the plan's max_seq_len",
-            [100, 129],
-            [0, 1, 2],
-            &[],
-        ),
-        ("more query rows than tokens", [100, 0], [0, 1, 2], &[]),
-        ("query_start_loc", [100, 50], [0, 2, 1], &[]),
+        (&[outside], [100, 50], [0, 1, 2], &table),
+        (&[past_table, past_plan], [100, 200], [0, 1, 2], &[]),
+        (&[past_table, past_plan], [100, 129], [0, 1, 2], &[]),
+        (&["more query rows than tokens"], [100, 0], [0, 1, 2], &[]),
+        (&["query_start_loc"], [100, 50], [0, 2, 1], &[]),
     ];
-    for (what, lens, qsl, table) in broken {
+    for (says, lens, qsl, table) in broken {
+        let what = says[0];
         arrays.write(stream, &pool, &good, kind, &q);
         stream.memcpy_htod(&lens, &mut arrays.lens).unwrap();
         stream.memcpy_htod(&qsl, &mut arrays.qsl).unwrap();
         if !table.is_empty() {
             stream.memcpy_htod(table, &mut arrays.table).unwrap();
         }
-        attn.run_batch(
-            &bp,
-            &s,
-            &DeviceBuf::of(&arrays.q),
-            &k,
-            &v,
-            &arrays.batch(kind, false),
-            &DeviceBuf::of(&arrays.ws),
-            &DeviceBuf::of(&arrays.out),
-            None,
-        )
+        // SAFETY: the buffers live past the status call, which synchronises.
+        unsafe {
+            attn.run_batch(
+                &bp,
+                &s,
+                &DeviceBuf::of(&arrays.q),
+                &k,
+                &v,
+                &arrays.batch(kind, false),
+                &DeviceBuf::of(&arrays.ws),
+                &DeviceBuf::of(&arrays.out),
+                None,
+            )
+        }
         .unwrap();
         let e = bp
             .status(&s, &DeviceBuf::of(&arrays.ws))
             .unwrap_err()
             .to_string();
-        assert!(e.contains(what), "{what}: {e}");
+        // Exactly these parts: a status word left over from an earlier run would add some.
+        assert!(says.iter().all(|w| e.contains(w)), "{what}: {e}");
+        assert_eq!(e.matches("; ").count() + 1, says.len(), "{what}: {e}");
         let got = download(dev, &arrays.out);
         let per_row = 4 * 128;
         if what != "query_start_loc" {
@@ -853,5 +912,22 @@ fn batch_bad_inputs_are_typed_errors() {
         } else {
             assert!(got.iter().all(|&x| x == 0.0), "{what}");
         }
+    }
+    // The good step again: the status is clear; and through a plan without the page check
+    // (release builds' default), the same output.
+    arrays.write(stream, &pool, &good, kind, &q);
+    let unchecked = attn
+        .plan_batch::<f16>(
+            dev,
+            &pool.g,
+            &BatchShape {
+                checked: false,
+                ..shape.clone()
+            },
+        )
+        .unwrap();
+    for p in [&bp, &unchecked] {
+        arrays.run(&attn, p, &pool, stream);
+        assert_step(&arrays, dev, &pool, p, &good, &q, "good step");
     }
 }

@@ -609,8 +609,9 @@ fn batch_append_on_caller_buffers_and_stream() {
             .unwrap();
         let got = s.clone_htod(&vec![0x5Au8; bytes]).unwrap();
         let status = s.alloc_zeros::<u32>(1).unwrap();
-        codec
-            .quantize_slots_on(
+        // SAFETY: the buffers live past the reads below, which synchronise the stream.
+        unsafe {
+            codec.quantize_slots_on(
                 dev,
                 &DeviceStream::of(s),
                 &DeviceBuf::of(&input),
@@ -619,7 +620,8 @@ fn batch_append_on_caller_buffers_and_stream() {
                 &DeviceBuf::of(slots),
                 Some(&DeviceBuf::of(&status)),
             )
-            .unwrap();
+        }
+        .unwrap();
         assert!(
             s.clone_dtoh(&got).unwrap() == s.clone_dtoh(&want).unwrap(),
             "{}",
@@ -643,14 +645,15 @@ fn batch_append_on_caller_buffers_and_stream() {
         DeviceBuf::of(&status),
     );
     let ds = DeviceStream::of(&gs);
-    codec
-        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&sb))
-        .unwrap(); // compiles
+    // (The codec's rotation went up on the device's stream; this stream does not wait for it.)
+    s.synchronize().unwrap();
+    // SAFETY: (this call, the captured one and the refusals below) the buffers live to the end
+    // of the test, after the last replay's synchronisation.
+    unsafe { codec.quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&sb)) }.unwrap(); // compiles
     gs.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .unwrap();
-    codec
-        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&sb))
-        .unwrap();
+    // SAFETY: as above.
+    unsafe { codec.quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&sb)) }.unwrap();
     let graph = gs
         .end_capture(CUgraphInstantiate_flags(0))
         .unwrap()
@@ -700,21 +703,30 @@ fn batch_append_on_caller_buffers_and_stream() {
     let q8_pool = gs
         .alloc_zeros::<u8>(pool_slots * heads * matrix.row_bytes())
         .unwrap();
-    assert!(matrix
-        .quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&q8_pool), heads, &mb, None)
-        .is_err());
     let two = gs.clone_htod(&[0i64, 1]).unwrap();
-    assert!(codec
-        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &DeviceBuf::of(&two), None)
-        .is_err());
     let ragged = gs.alloc_zeros::<u8>(pool_slots * heads * rb - 1).unwrap();
-    assert!(codec
-        .quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&ragged), heads, &mb, None)
-        .is_err());
     let empty = gs.alloc_zeros::<u32>(0).unwrap();
-    assert!(codec
-        .quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&DeviceBuf::of(&empty)))
-        .is_err());
+    // SAFETY: each is refused before anything is queued.
+    let refused = unsafe {
+        [
+            matrix.quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&q8_pool), heads, &mb, None),
+            codec.quantize_slots_on(dev, &ds, &ib, &pb, heads, &DeviceBuf::of(&two), None),
+            codec.quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&ragged), heads, &mb, None),
+            codec.quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&DeviceBuf::of(&empty))),
+            codec.quantize_slots_on(
+                dev,
+                &ds,
+                &ib,
+                &DeviceBuf::<u8>::from_raw(dev, pb.ptr() + 4, pb.len() - heads * rb).unwrap(),
+                heads,
+                &mb,
+                None,
+            ),
+        ]
+    };
+    for (i, r) in refused.into_iter().enumerate() {
+        assert!(r.is_err(), "case {i}");
+    }
 }
 
 #[test]
