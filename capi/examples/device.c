@@ -66,6 +66,39 @@ struct Step {
     unsigned rows[N_SEQS];
 };
 
+/* The host calls' output for the same step on the host pools (`loc`, `lens`, the block
+ * table); returns its length in floats and the largest |gpu - host| and |host| in *err and
+ * *scale. */
+static size_t host_step(const struct RotqCodec *codec, const unsigned char *k_host, size_t kb,
+                        const unsigned char *v_host, size_t vb, const unsigned *loc,
+                        const unsigned *lens, const int *table, const float *q,
+                        const float *gpu_out, float *want, double *err, double *scale) {
+    struct RotqBatch hb = {.struct_size = sizeof hb,
+                           .n_seqs = N_SEQS,
+                           .query_start_loc = loc,
+                           .h_q = H_Q,
+                           .tables = ROTQ_TABLES_BLOCK,
+                           .block_table = table,
+                           .max_blocks = MAX_BLOCKS,
+                           .seq_lens = lens,
+                           .params = {.causal = true}};
+    struct RotqPlan *hp = NULL;
+    size_t ws_floats = 0, n_out = 0;
+    TRY(rotq_plan_new(codec, &hb, k_host, kb, v_host, vb, &hp));
+    TRY(rotq_plan_sizes(hp, &ws_floats, &n_out, NULL));
+    float *ws = malloc((ws_floats ? ws_floats : 1) * sizeof(float));
+    TRY(rotq_attention_run(codec, hp, &hb, k_host, kb, v_host, vb, q, ws, ws_floats, want, n_out,
+                           NULL, 0));
+    free(ws);
+    rotq_plan_free(hp);
+    *err = 0, *scale = 0;
+    for (size_t i = 0; i < n_out; i++) {
+        *err = fmax(*err, fabs((double)gpu_out[i] - want[i]));
+        *scale = fmax(*scale, fabs((double)want[i]));
+    }
+    return n_out;
+}
+
 int main(void) {
     struct RotqBackend *gpu = NULL;
     if (rotq_backend_open("cuda:0", &gpu) != ROTQ_STATUS_OK) {
@@ -183,30 +216,9 @@ int main(void) {
         TRY(rotq_device_plan_status(plan, stream, ws_dev, ws_bytes));
 
         /* The host calls on the host pools: the same step. */
-        struct RotqBatch hb = {.struct_size = sizeof hb,
-                               .n_seqs = N_SEQS,
-                               .query_start_loc = loc,
-                               .h_q = H_Q,
-                               .tables = ROTQ_TABLES_BLOCK,
-                               .block_table = table,
-                               .max_blocks = MAX_BLOCKS,
-                               .seq_lens = steps[s].lens,
-                               .params = {.causal = true}};
-        struct RotqPlan *hp = NULL;
-        size_t ws_floats = 0, n_out = 0;
-        TRY(rotq_plan_new(codec, &hb, k_host, kb, v_host, vb, &hp));
-        TRY(rotq_plan_sizes(hp, &ws_floats, &n_out, NULL));
-        float *ws = malloc((ws_floats ? ws_floats : 1) * sizeof(float));
-        TRY(rotq_attention_run(codec, hp, &hb, k_host, kb, v_host, vb, q, ws, ws_floats, want,
-                               n_out, NULL, 0));
-        free(ws);
-        rotq_plan_free(hp);
-
-        double err = 0, scale = 0;
-        for (size_t i = 0; i < n_out; i++) {
-            err = fmax(err, fabs((double)out[i] - want[i]));
-            scale = fmax(scale, fabs((double)want[i]));
-        }
+        double err, scale;
+        size_t n_out = host_step(codec, k_host, kb, v_host, vb, loc, steps[s].lens, table, q, out,
+                                 want, &err, &scale);
         int padding_ok = 1;
         for (size_t i = n_out; i < out_elems; i++) padding_ok &= out[i] == 0.0f;
         for (size_t i = n_out / D; i < lse_len; i++) padding_ok &= isinf(lse[i]) && lse[i] < 0;
@@ -253,29 +265,8 @@ int main(void) {
                              stream));
         CUDA(cudaMemcpyAsync(&st, append_status, sizeof st, cudaMemcpyDeviceToHost, stream));
         TRY(rotq_device_plan_status(plan, stream, ws_dev, ws_bytes));
-        struct RotqBatch hb = {.struct_size = sizeof hb,
-                               .n_seqs = N_SEQS,
-                               .query_start_loc = loc,
-                               .h_q = H_Q,
-                               .tables = ROTQ_TABLES_BLOCK,
-                               .block_table = table,
-                               .max_blocks = MAX_BLOCKS,
-                               .seq_lens = lens,
-                               .params = {.causal = true}};
-        struct RotqPlan *hp = NULL;
-        size_t ws_floats = 0, n_out = 0;
-        TRY(rotq_plan_new(codec, &hb, k_host, kb, v_host, vb, &hp));
-        TRY(rotq_plan_sizes(hp, &ws_floats, &n_out, NULL));
-        float *ws = malloc((ws_floats ? ws_floats : 1) * sizeof(float));
-        TRY(rotq_attention_run(codec, hp, &hb, k_host, kb, v_host, vb, q, ws, ws_floats, want,
-                               n_out, NULL, 0));
-        free(ws);
-        rotq_plan_free(hp);
-        double err = 0, scale = 0;
-        for (size_t i = 0; i < n_out; i++) {
-            err = fmax(err, fabs((double)out[i] - want[i]));
-            scale = fmax(scale, fabs((double)want[i]));
-        }
+        double err, scale;
+        host_step(codec, k_host, kb, v_host, vb, loc, lens, table, q, out, want, &err, &scale);
         /* The two appends round the rotated rows separately (the GPU's FWHT and the CPU's):
          * a value may land one quantization step apart, hence 1e-2 here. */
         int ok = err <= 1e-2 * scale && st == 0;

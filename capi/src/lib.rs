@@ -135,6 +135,17 @@ pub struct RotqCacheSpec {
     pub page_tokens: usize,
 }
 
+/// Causal attention, every other option unset: the batch structs' default parameters.
+fn causal_params() -> RotqAttentionParams {
+    RotqAttentionParams {
+        causal: true,
+        pos_offset: 0,
+        window: 0,
+        softcap: 0.0,
+        scale: 0.0,
+    }
+}
+
 /// Attention options (zero means "not set" for `window`, `softcap` and `scale`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

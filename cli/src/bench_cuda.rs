@@ -591,7 +591,7 @@ fn batch_api_decode(
     use rotq_cuda::batch::{
         BatchShape, DeviceBatch, DeviceBuf, DeviceStream, DeviceTables, PoolGeometry, TablesKind,
     };
-    use rotq_cuda::{DecodeConfig, DecodeSeq};
+    use rotq_cuda::DecodeConfig;
     let DecodeShape {
         batch,
         n,
@@ -599,21 +599,12 @@ fn batch_api_decode(
         h_q,
         d,
     } = shape;
-    let setup = AttentionSetup::new(dev, KvFormat::Q4_0, (h_kv, d), batch * n, 4096, 5)?;
+    let (setup, mut out) = shape.setup(dev, KvFormat::Q4_0)?;
     let [k, v] = setup.views(n);
     let attn = setup.attn.clone().with_config(DecodeConfig::default());
     let q = rows_of::<f16>(dev, batch * h_q * d, 6)?;
     let stream = dev.stream();
-    let mut out = stream
-        .alloc_zeros::<f16>(batch * h_q * d)
-        .map_err(cuda_err)?;
-    let seqs = vec![
-        DecodeSeq {
-            n_tokens: n,
-            pos: n - 1
-        };
-        batch
-    ];
+    let seqs = shape.seqs();
     let direct_ms = median_ms(dev, 2, opts.runs, |_| {
         attn.decode(dev, &q, h_q, &k, &v, &seqs, &setup.params, &mut out)
     })?;
@@ -856,6 +847,37 @@ struct DecodeShape {
 }
 
 impl DecodeShape {
+    /// Every sequence full, its query at the last position.
+    fn seqs(&self) -> Vec<rotq_cuda::DecodeSeq> {
+        let s = rotq_cuda::DecodeSeq {
+            n_tokens: self.n,
+            pos: self.n - 1,
+        };
+        vec![s; self.batch]
+    }
+
+    /// One contiguous `format` cache of the shape's sequences (random rows, quantized 4,096
+    /// tokens at a time) and an f16 output buffer for it.
+    fn setup(
+        &self,
+        dev: &Device,
+        format: KvFormat,
+    ) -> Result<(AttentionSetup, cudarc::driver::CudaSlice<f16>), Error> {
+        let setup = AttentionSetup::new(
+            dev,
+            format,
+            (self.h_kv, self.d),
+            self.batch * self.n,
+            4096,
+            5,
+        )?;
+        let out = dev
+            .stream()
+            .alloc_zeros::<f16>(self.batch * self.h_q * self.d)
+            .map_err(cuda_err)?;
+        Ok((setup, out))
+    }
+
     fn target(opts: &CudaBenchOptions) -> Self {
         let n = if opts.bytes >= 256 << 20 { 32768 } else { 2048 };
         Self {
@@ -876,32 +898,17 @@ fn decode_attention(
     shape: DecodeShape,
     opts: &CudaBenchOptions,
 ) -> Result<(Tuned<rotq_cuda::DecodeConfig>, usize), Error> {
-    use rotq_cuda::{DecodeConfig, DecodeSeq};
+    use rotq_cuda::DecodeConfig;
     let DecodeShape {
-        batch,
-        n,
-        h_kv,
-        h_q,
-        d,
+        batch, n, h_q, d, ..
     } = shape;
-    // Random rows, quantized 4,096 tokens at a time.
-    let setup = AttentionSetup::new(dev, format, (h_kv, d), batch * n, 4096, 5)?;
+    let (setup, mut out) = shape.setup(dev, format)?;
     let [k, v] = setup.views(n);
     let qs = [
         rows_of::<f16>(dev, batch * h_q * d, 6)?,
         rows_of::<f16>(dev, batch * h_q * d, 7)?,
     ];
-    let mut out = dev
-        .stream()
-        .alloc_zeros::<f16>(batch * h_q * d)
-        .map_err(cuda_err)?;
-    let seqs = vec![
-        DecodeSeq {
-            n_tokens: n,
-            pos: n - 1
-        };
-        batch
-    ];
+    let seqs = shape.seqs();
     let t = tune(
         DecodeConfig::default(),
         DecodeConfig::search_space(),

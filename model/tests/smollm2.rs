@@ -22,6 +22,14 @@ fn data(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// The model of `path` and the evaluation text in its tokens.
+fn model_and_text(path: &Path) -> (rotq_model::llama::Llama, Vec<u32>) {
+    let file = Gguf::open(path).unwrap();
+    let model = rotq_model::load::llama(&file).unwrap();
+    let text = std::fs::read_to_string(data("eval-text/text.txt")).unwrap();
+    (model, Tokenizer::from_gguf(&file).unwrap().encode(&text))
+}
+
 #[test]
 fn smollm2_matches_the_numpy_reference_and_rotation_helps_q4_0_keys() {
     let Some(path) = common::smollm2() else {
@@ -94,10 +102,7 @@ fn smollm2_context_shift_stays_near_recomputation_and_a_wrong_shift_does_not() {
     let Some(path) = common::smollm2() else {
         return;
     };
-    let file = Gguf::open(&path).unwrap();
-    let model = rotq_model::load::llama(&file).unwrap();
-    let text = std::fs::read_to_string(data("eval-text/text.txt")).unwrap();
-    let tokens = Tokenizer::from_gguf(&file).unwrap().encode(&text);
+    let (model, tokens) = model_and_text(&path);
     let spec = CacheSpec {
         k_format: KvFormat::Q8_0,
         v_format: KvFormat::Q8_0,
@@ -148,10 +153,7 @@ fn smollm2_agreement_of_a_backend_with_itself_is_exact() {
     let Some(path) = common::smollm2() else {
         return;
     };
-    let file = Gguf::open(&path).unwrap();
-    let model = rotq_model::load::llama(&file).unwrap();
-    let text = std::fs::read_to_string(data("eval-text/text.txt")).unwrap();
-    let tokens = Tokenizer::from_gguf(&file).unwrap().encode(&text);
+    let (model, tokens) = model_and_text(&path);
     let opts = GridOptions {
         ctx: 48,
         chunks: Some(1),

@@ -532,17 +532,9 @@ fn batch_graph_replays_follow_the_oracle() {
     let attn = CudaAttention::new(dev, &plan).unwrap();
     let kind = TablesKind::Block { max_blocks: 32 };
     let shape = BatchShape {
-        seqs: 3,
         max_rows: 8,
-        max_seq_len: 512,
-        h_q: 8,
-        params: AttentionParams {
-            causal: true,
-            ..Default::default()
-        },
-        q_positions: false,
-        tables: kind,
         checked: true,
+        ..BatchShape::decode(3, 8, 512, kind)
     };
     let bp = attn.plan_batch::<f16>(dev, &pool.g, &shape).unwrap();
     let stream = dev.context().new_stream().unwrap();
@@ -663,17 +655,9 @@ fn batch_bad_inputs_are_typed_errors() {
     let attn = CudaAttention::new(dev, &plan).unwrap();
     let kind = TablesKind::Block { max_blocks: 8 };
     let shape = BatchShape {
-        seqs: 2,
         max_rows: 2,
-        max_seq_len: 128,
-        h_q: 4,
-        params: AttentionParams {
-            causal: true,
-            ..Default::default()
-        },
-        q_positions: false,
-        tables: kind,
         checked: true,
+        ..BatchShape::decode(2, 4, 128, kind)
     };
     let bp = attn.plan_batch::<f16>(dev, &pool.g, &shape).unwrap();
     let stream = dev.stream();
