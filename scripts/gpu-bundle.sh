@@ -117,7 +117,7 @@ if [[ " $* " == *" --sanitize "* ]]; then
     # out of memory, a typed error, and the sanitizer would count it.)
     declare -A sets=(
         [attention]="--exact masks_windows_and_softcap special_values_follow_the_oracle paired_heads groups_and_half_types"
-        [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types row_formats_on_edge_rows batch_append_through_a_device_slot_mapping explicit_matrix_rotations"
+        [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types row_formats_on_edge_rows batch_append_through_a_device_slot_mapping batch_append_on_caller_buffers_and_stream explicit_matrix_rotations"
         [cache_backends]=""
         [batch]=""
     )
