@@ -204,6 +204,17 @@ pub fn cache_specs(opts: &GridOptions, head_dim: usize) -> Result<Vec<CacheSpec>
         .collect()
 }
 
+/// A reference cache: K and V in `format`, no rotation, exact queries.
+fn reference(format: KvFormat) -> CacheSpec {
+    CacheSpec {
+        k_format: format,
+        v_format: format,
+        plan: RotationPlan::none(),
+        query: QueryMode::Exact,
+        ..Default::default()
+    }
+}
+
 /// Runs the grid on `tokens`; `progress(done, total)` is called after each run of a chunk.
 pub fn run(
     model: &Llama,
@@ -215,13 +226,6 @@ pub fn run(
     let chunks = chunk_count(tokens.len(), opts)?;
     let configs = configurations(opts);
     let specs = cache_specs(opts, model.config.head_dim)?;
-    let reference = |format| CacheSpec {
-        k_format: format,
-        v_format: format,
-        plan: RotationPlan::none(),
-        query: QueryMode::Exact,
-        ..Default::default()
-    };
     let (f16, f32) = (reference(KvFormat::F16), reference(KvFormat::F32));
     let mut base_tally = Tally::default();
     let mut f32_tally = (Tally::default(), Tally::default());
@@ -350,16 +354,7 @@ pub fn agreement(
         (KvFormat::F32, KvFormat::F32, none),
     ];
     configs.extend(configurations(opts));
-    let mut specs: Vec<CacheSpec> = [KvFormat::F16, KvFormat::F32]
-        .into_iter()
-        .map(|f| CacheSpec {
-            k_format: f,
-            v_format: f,
-            plan: RotationPlan::none(),
-            query: QueryMode::Exact,
-            ..Default::default()
-        })
-        .collect();
+    let mut specs = vec![reference(KvFormat::F16), reference(KvFormat::F32)];
     specs.extend(cache_specs(opts, first.0.config.head_dim)?);
     let mut tallies = vec![(Tally::default(), Tally::default()); specs.len()];
     let total = chunks * specs.len();

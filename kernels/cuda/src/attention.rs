@@ -1120,19 +1120,12 @@ impl CudaAttention {
             })
             .max()
             .unwrap_or(0);
-        let tile = 32 * shape.streams();
-        let most = longest.div_ceil(32).max(1);
-        let splits = match config.splits {
-            0 => auto_splits(
-                dev.info().multiprocessors as usize,
-                (h_kv / shape.heads()) * batch.div_ceil(rows),
-                longest,
-            ),
-            s => s,
-        }
-        .clamp(1, most.min(1024));
-        let split_tokens = longest.div_ceil(splits).div_ceil(tile).max(1) * tile;
-        let splits = longest.div_ceil(split_tokens).max(1);
+        let (splits, split_tokens) = shape.splits(
+            config.splits,
+            dev.info().multiprocessors as usize,
+            (h_kv / shape.heads()) * batch.div_ceil(rows),
+            longest,
+        );
 
         let stream = dev.stream();
         let up = |what: &'static str, data: &[i64]| {

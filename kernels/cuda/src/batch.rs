@@ -662,19 +662,12 @@ impl CudaAttention {
         let kshape = Shape::fit(config, call, dev.info().max_shared_per_block)?;
         let layout = kshape.layout()?;
         // Splits for the longest visible range, as `decode` picks them for its longest.
-        let tile = 32 * kshape.streams();
-        let most = longest.div_ceil(32).max(1);
-        let splits = match config.splits {
-            0 => crate::auto_splits(
-                dev.info().multiprocessors as usize,
-                (h_kv / kshape.heads()) * shape.max_rows,
-                longest,
-            ),
-            s => s,
-        }
-        .clamp(1, most.min(1024));
-        let split_tokens = longest.div_ceil(splits).div_ceil(tile).max(1) * tile;
-        let splits = longest.div_ceil(split_tokens).max(1);
+        let (splits, split_tokens) = kshape.splits(
+            config.splits,
+            dev.info().multiprocessors as usize,
+            (h_kv / kshape.heads()) * shape.max_rows,
+            longest,
+        );
         let n_part = splits * kshape.streams();
 
         let (key, src) = kshape.source()?;
@@ -697,17 +690,12 @@ impl CudaAttention {
         };
         let grid =
             |v: usize| u32::try_from(v).map_err(|_| CudaError::Input(Error::Overflow("grid size")));
+        // (max_rows is at most 65,535, checked above.)
         let decode_grid = (
             grid(h_kv / kshape.heads())?,
             grid(splits)?,
-            grid(shape.max_rows)?,
+            shape.max_rows as u32,
         );
-        grid(
-            shape
-                .max_rows
-                .checked_mul(32)
-                .ok_or(Error::Overflow("grid size"))?,
-        )?;
         grid(h_q)?;
 
         // The workspace: three i64 per row, the status word, then the partials (256-byte
@@ -957,8 +945,8 @@ impl CudaAttention {
             out.ptr,
             lse.map_or(0, |l| l.ptr),
         ];
-        let prepare_blocks = u32::try_from((32 * s.max_rows).div_ceil(128))
-            .map_err(|_| CudaError::Input(Error::Overflow("grid size")))?;
+        // A warp a row, four a block (max_rows is at most 65,535: the plan checked).
+        let prepare_blocks = (32 * s.max_rows).div_ceil(128) as u32;
         let describe_all = |name: &str, f: &CudaFunction| describe(name, f, &rows.names.1);
         // SAFETY: the status word is 4 bytes inside the workspace (its length checked above).
         unsafe { cudarc::driver::result::memset_d8_async(ws + plan.status, 0, 4, stream.raw) }

@@ -165,6 +165,28 @@ impl Shape {
         self.warps / self.heads()
     }
 
+    /// How the visible tokens are split over the grid's y dimension: `(splits, split_tokens)`
+    /// for rows whose longest visible range is `longest` tokens, `splits` asked for (0:
+    /// [`crate::auto_splits`] over `units` blocks of `multiprocessors`). Slices are whole
+    /// tiles of the block's streams, and no slice is empty.
+    pub(crate) fn splits(
+        &self,
+        asked: usize,
+        multiprocessors: usize,
+        units: usize,
+        longest: usize,
+    ) -> (usize, usize) {
+        let tile = 32 * self.streams();
+        let most = longest.div_ceil(32).max(1);
+        let splits = match asked {
+            0 => crate::auto_splits(multiprocessors, units, longest),
+            s => s,
+        }
+        .clamp(1, most.min(1024));
+        let split_tokens = longest.div_ceil(splits).div_ceil(tile).max(1) * tile;
+        (longest.div_ceil(split_tokens).max(1), split_tokens)
+    }
+
     /// The module's layout: the block's heads' queries (f32), then per stream of tiles its
     /// staged raw K and V rows (two stages, or with `split_v` two of K and one of V; for the
     /// f32 kernel, two stages and the tile's weights).
