@@ -839,9 +839,9 @@ fn batch_bad_inputs_are_typed_errors() {
     unsafe { attn.run_batch(&bp, &s, &q_buf, &k, &v, &batch, &ws, &out, None) }.unwrap();
     bp.status(&s, &ws).unwrap();
     let mut table = stream.clone_dtoh(&arrays.table).unwrap();
-    table[8] = 20; // sequence 1's first page: one past the pool
-                   // (what the status says, lengths, query offsets, table) of each broken step.
-                   // (What the status says, every part of it; lengths, query offsets, table) of each step.
+    // Sequence 1's first page: one past the pool.
+    table[8] = 20;
+    // Each broken step: what the status says (every part of it), lengths, query offsets, table.
     let (outside, past_table, past_plan) = (
         "a page entry lies outside the pool",
         "a sequence is longer than its page table",
@@ -885,16 +885,23 @@ fn batch_bad_inputs_are_typed_errors() {
         // Exactly these parts: a status word left over from an earlier run would add some.
         assert!(says.iter().all(|w| e.contains(w)), "{what}: {e}");
         assert_eq!(e.matches("; ").count() + 1, says.len(), "{what}: {e}");
-        let got = download(dev, &arrays.out);
+        let all = download(dev, &arrays.out);
+        // The output rows, then the guard past them (never written).
+        let (got, guard) = all.split_at(bp.out_len());
+        assert!(
+            guard.iter().all(|x| x.is_nan()),
+            "{what}: the guard was written"
+        );
         let per_row = 4 * 128;
+        let zeros = |rows: &[f32]| rows.iter().all(|&x| x == 0.0);
         if what != "query_start_loc" {
             // Sequence 0 as the oracle has it; sequence 1's row saw no key.
             let (want, _) = oracle::<f16>(&pool, &good[..1], 4, &shape.params, &q);
             let got0: Vec<f64> = got[..per_row].iter().map(|&x| f64::from(x)).collect();
             rotq_testkit::oracle::assert_matches(&got0, &want, Op::Attention, Precision::F16, what);
-            assert!(got[per_row..].iter().all(|&x| x == 0.0), "{what}");
+            assert!(zeros(&got[per_row..]), "{what}: {:?}", &got[per_row..][..8]);
         } else {
-            assert!(got.iter().all(|&x| x == 0.0), "{what}");
+            assert!(zeros(got), "{what}: {:?}", &got[..8]);
         }
     }
     // The good step again: the status is clear; and through a plan without the page check
