@@ -751,6 +751,89 @@ impl CudaCodec {
         self.launch_dequantize(dev, cache, out, n_rows)
     }
 
+    /// Decodes the rows of a caller's `cache` buffer (whole contiguous rows) into its `out`,
+    /// rotating them back, queued on the caller's stream with nothing allocated, uploaded or
+    /// awaited (so it can be captured in a CUDA graph). An explicit-matrix rotation is
+    /// refused (it takes a pass into a buffer of its own: [`Self::dequantize`]).
+    ///
+    /// # Safety
+    /// The work is queued, not done: the buffers must stay allocated, and `cache` unchanged,
+    /// until it has run on `stream` (and, captured in a graph, until the last replay has run).
+    /// The rotation's signs were uploaded on the device's stream when the codec was made: a
+    /// non-blocking stream must not run this before that upload completed.
+    ///
+    /// ```no_run
+    /// use rotq_cuda::batch::{DeviceBuf, DeviceStream};
+    /// use rotq_cuda::{CudaCodec, Device};
+    /// use rotq_reference::KvFormat;
+    /// let dev = Device::open("cuda:0")?;
+    /// let codec = CudaCodec::new(&dev, KvFormat::Q8_0, 128, None)?;
+    /// let s = dev.stream();
+    /// let cache = s.alloc_zeros::<u8>(4 * codec.row_bytes()).unwrap();
+    /// let out = s.alloc_zeros::<f32>(4 * 128).unwrap();
+    /// // SAFETY: the buffers outlive the queued work (synchronised below).
+    /// unsafe {
+    ///     codec.dequantize_on(&dev, &DeviceStream::of(s), &DeviceBuf::of(&cache),
+    ///         &DeviceBuf::of(&out))?;
+    /// }
+    /// s.synchronize().unwrap();
+    /// # Ok::<(), rotq_cuda::CudaError>(())
+    /// ```
+    pub unsafe fn dequantize_on<T: GpuElement>(
+        &self,
+        dev: &Device,
+        stream: &DeviceStream<'_>,
+        cache: &DeviceBuf<'_, u8>,
+        out: &DeviceBuf<'_, T>,
+    ) -> Result<()> {
+        for o in [cache.ordinal(), out.ordinal(), stream.ordinal()] {
+            self.check_device(dev, o)?;
+        }
+        if self.matrix().is_some() {
+            return Err(Error::InvalidParameter {
+                name: "rotation",
+                reason: "an explicit matrix runs through dequantize, not on caller buffers".into(),
+            }
+            .into());
+        }
+        let n_rows = self.rows_of(out.len())?;
+        if cache.len() != n_rows * self.row_bytes {
+            return Err(Error::LengthMismatch {
+                what: "cache bytes for the output rows",
+                expected: n_rows * self.row_bytes,
+                actual: cache.len(),
+            }
+            .into());
+        }
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let name = "dequantize_rows";
+        let (function, geometry, key, l) = self.kernel_for::<T>(dev, name, n_rows)?;
+        let params = [
+            cache.ptr(),
+            n_rows as u64,
+            out.ptr(),
+            self.signs_ptr,
+            u64::from(self.scale().to_bits()),
+        ];
+        // SAFETY: the parameters are the kernel's, in order (cache, n_rows, output, signs,
+        // scale); it reads `n_rows` whole rows of `cache` and writes `n_rows` rows of `dim`
+        // values of `out` (both lengths checked); `signs` stays alive with this codec.
+        unsafe {
+            kernel::launch_raw(
+                &function,
+                l.grid_dim,
+                l.block_dim.0,
+                l.shared_mem_bytes,
+                stream.raw(),
+                &params,
+            )
+        }
+        .context(|| kernel::describe(name, &function, geometry, &key))?;
+        Ok(())
+    }
+
     /// The dequantize kernel over `n_rows` rows of `cache` into `out`.
     fn launch_dequantize<T: GpuElement>(
         &self,

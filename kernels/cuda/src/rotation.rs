@@ -1,11 +1,12 @@
 //! Rotating rows in place on the GPU: every rotation the oracle knows (the Hadamards by their
 //! fast transform, explicit matrices by `matrix.rs`).
 
+use crate::batch::{DeviceBuf, DeviceStream};
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
 use crate::kernel::{self, Geometry, RowConfig, Transform};
 use crate::matrix::DeviceMatrix;
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use rotq_reference::{Error, Rotation};
 use std::sync::Arc;
 
@@ -49,6 +50,9 @@ pub struct CudaRotation {
     /// Whether to look up the tuning cache (no explicit `with_config`).
     tuned: bool,
     ordinal: usize,
+    /// The signs' device address (0: none), taken once, so that a launch on a caller's stream
+    /// touches no cudarc buffer (a graph capture may be under way).
+    signs_ptr: u64,
 }
 
 impl CudaRotation {
@@ -67,6 +71,7 @@ impl CudaRotation {
             )),
             None => None,
         };
+        let signs_ptr = signs.as_ref().map_or(0, |s| s.device_ptr(s.stream()).0);
         Ok(Self {
             transform,
             matrix,
@@ -74,6 +79,7 @@ impl CudaRotation {
             config: RowConfig::default(),
             tuned: true,
             ordinal: dev.context().ordinal(),
+            signs_ptr,
         })
     }
 
@@ -112,6 +118,119 @@ impl CudaRotation {
         self.run(dev, data, true)
     }
 
+    /// `x ← R x` (`inverse`: `Rᵀ x`) for every row of a caller's buffer, queued on the
+    /// caller's stream with nothing allocated, uploaded or awaited (so it can be captured in a
+    /// CUDA graph). `output_scale` replaces the normalization `1/√n` by a factor of the
+    /// caller's: the unnormalized transform times it (Dao-AILab's `hadamard_transform(x,
+    /// scale)`; the butterflies add and subtract, so integer rows stay exact). An explicit
+    /// matrix is refused (it runs as passes of its own: [`Self::forward`]).
+    ///
+    /// # Safety
+    /// The work is queued, not done: `data` must stay allocated, and no other work may touch
+    /// it, until it has run on `stream` (and, captured in a graph, until the last replay has
+    /// run). The signs were uploaded on the device's stream when the rotation was made: a
+    /// non-blocking stream must not run this before that upload completed.
+    ///
+    /// ```no_run
+    /// use rotq_cuda::batch::{DeviceBuf, DeviceStream};
+    /// use rotq_cuda::{CudaRotation, Device};
+    /// use rotq_reference::Rotation;
+    /// let dev = Device::open("cuda:0")?;
+    /// let rot = CudaRotation::new(&dev, &Rotation::hadamard(128)?)?;
+    /// let s = dev.stream();
+    /// let rows = s.clone_htod(&vec![1.0f32; 4 * 128]).unwrap();
+    /// // SAFETY: `rows` outlives the queued work (synchronised below).
+    /// unsafe { rot.rotate_on(&dev, &DeviceStream::of(s), &DeviceBuf::of(&rows), false, None)? };
+    /// s.synchronize().unwrap();
+    /// # Ok::<(), rotq_cuda::CudaError>(())
+    /// ```
+    pub unsafe fn rotate_on<T: GpuElement>(
+        &self,
+        dev: &Device,
+        stream: &DeviceStream<'_>,
+        data: &DeviceBuf<'_, T>,
+        inverse: bool,
+        output_scale: Option<f32>,
+    ) -> Result<()> {
+        for ordinal in [dev.context().ordinal(), data.ordinal(), stream.ordinal()] {
+            if ordinal != self.ordinal {
+                return Err(CudaError::WrongDevice {
+                    expected: self.ordinal,
+                    actual: ordinal,
+                });
+            }
+        }
+        if self.matrix.is_some() {
+            return Err(Error::InvalidParameter {
+                name: "rotation",
+                reason: "an explicit matrix runs through forward/inverse, not on caller buffers"
+                    .into(),
+            }
+            .into());
+        }
+        let n_rows = self.rows_of(data.len())?;
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let (f, g, key) = self.kernel::<T>(dev)?;
+        let cfg = kernel::launch_config(g, n_rows)?;
+        let scale = output_scale.unwrap_or_else(|| self.scale());
+        let params = [
+            data.ptr(),
+            n_rows as u64,
+            self.signs_ptr,
+            u64::from(scale.to_bits()),
+            u64::from(inverse as u32),
+        ];
+        // SAFETY: the parameters are `rotate_rows`' (data, n_rows, signs, scale, inverse); it
+        // reads and writes `n_rows` whole rows of `data` (its length a multiple of the row,
+        // checked), reads `n` signs when the pointer is not null (this rotation's, alive with
+        // it); the launch shape is the one the geometry was compiled for.
+        unsafe {
+            kernel::launch_raw(
+                &f,
+                cfg.grid_dim,
+                cfg.block_dim.0,
+                cfg.shared_mem_bytes,
+                stream.raw(),
+                &params,
+            )
+        }
+        .context(|| kernel::describe("rotate_rows", &f, g, &key))?;
+        Ok(())
+    }
+
+    /// Rows of [`Self::dim`] values in `len` values.
+    fn rows_of(&self, len: usize) -> Result<usize> {
+        let n = self.dim();
+        if !len.is_multiple_of(n) {
+            return Err(Error::RowNotMultipleOfBlock {
+                format: "rotation rows",
+                row_len: len,
+                block: n,
+            }
+            .into());
+        }
+        Ok(len / n)
+    }
+
+    /// The `rotate_rows` kernel for rows of `T` on `dev`, its geometry and module key.
+    fn kernel<T: GpuElement>(
+        &self,
+        dev: &Device,
+    ) -> Result<(cudarc::driver::CudaFunction, Geometry, String)> {
+        let g: Geometry = kernel::geometry(
+            &self.transform,
+            self.config_for::<T>(dev),
+            false,
+            0,
+            dev.info().max_shared_per_block,
+        )?;
+        let (key, src) = kernel::source(&self.transform, g, T::ELEM, true, None);
+        let f = kernel::function(dev, &key, &src, "rotate_rows", g.smem)?;
+        Ok((f, g, key))
+    }
+
     pub(crate) fn transform(&self) -> &Transform {
         &self.transform
     }
@@ -144,32 +263,14 @@ impl CudaRotation {
                 });
             }
         }
-        let n = self.dim();
-        if !data.len().is_multiple_of(n) {
-            return Err(Error::RowNotMultipleOfBlock {
-                format: "rotation rows",
-                row_len: data.len(),
-                block: n,
-            }
-            .into());
-        }
-        let n_rows = data.len() / n;
+        let n_rows = self.rows_of(data.len())?;
         if n_rows == 0 {
             return Ok(());
         }
         if let Some(m) = &self.matrix {
             return m.apply_in_place(dev, data, n_rows, inverse);
         }
-        let config = self.config_for::<T>(dev);
-        let g: Geometry = kernel::geometry(
-            &self.transform,
-            config,
-            false,
-            0,
-            dev.info().max_shared_per_block,
-        )?;
-        let (key, src) = kernel::source(&self.transform, g, T::ELEM, true, None);
-        let f = kernel::function(dev, &key, &src, "rotate_rows", g.smem)?;
+        let (f, g, key) = self.kernel::<T>(dev)?;
         let cfg = kernel::launch_config(g, n_rows)?;
         let stream = dev.stream();
         let no_signs;

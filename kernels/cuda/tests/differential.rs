@@ -925,3 +925,108 @@ fn context_shift_follows_the_oracle() {
         }
     }
 }
+
+#[test]
+fn rotate_and_dequantize_on_caller_buffers_and_stream() {
+    use rotq_cuda::batch::{DeviceBuf, DeviceStream};
+    let Some(dev) = device() else { return };
+    let s = dev.stream();
+    let ds = DeviceStream::of(s);
+    let (d, rows) = (128usize, 9usize);
+    let x = ROWS.f32s(rows * d, 91);
+    for r in [
+        Rotation::hadamard(d).unwrap(),
+        Rotation::randomized(d, 5).unwrap(),
+    ] {
+        let rot = CudaRotation::new(dev, &r).unwrap();
+        for inverse in [false, true] {
+            // The same bytes as the cudarc-buffer call.
+            let mut want = upload::<f16>(dev, &x);
+            if inverse {
+                rot.inverse(dev, &mut want).unwrap();
+            } else {
+                rot.forward(dev, &mut want).unwrap();
+            }
+            let got = upload::<f16>(dev, &x);
+            // SAFETY: `got` lives past the download below, which synchronises the stream.
+            unsafe { rot.rotate_on(dev, &ds, &DeviceBuf::of(&got), inverse, None) }.unwrap();
+            assert_eq!(
+                download(dev, &got),
+                download(dev, &want),
+                "{r} inverse={inverse}"
+            );
+        }
+    }
+    // An output scale instead of 1/√n: the unnormalized transform, exact on integers.
+    let ints: Vec<f32> = (0..rows * d)
+        .map(|i| ((i * 7919) % 17) as f32 - 8.0)
+        .collect();
+    let mut want: Vec<f64> = ints.iter().map(|&v| f64::from(v)).collect();
+    Rotation::hadamard(d)
+        .unwrap()
+        .rotate_rows(&mut want, false)
+        .unwrap();
+    let rot = CudaRotation::new(dev, &Rotation::hadamard(d).unwrap()).unwrap();
+    let buf = upload::<f32>(dev, &ints);
+    // SAFETY: as above.
+    unsafe { rot.rotate_on(dev, &ds, &DeviceBuf::of(&buf), false, Some(0.5)) }.unwrap();
+    let got = download(dev, &buf);
+    let sqrt_n = (d as f64).sqrt();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(f64::from(*g), (w * sqrt_n).round() * 0.5);
+    }
+
+    // Dequantize: the same values as the cudarc-buffer call, f16 and f32.
+    let codec = CudaCodec::new(
+        dev,
+        KvFormat::Q4_0,
+        d,
+        Some(&Rotation::hadamard(d).unwrap()),
+    )
+    .unwrap();
+    let mut cache = s.alloc_zeros::<u8>(rows * codec.row_bytes()).unwrap();
+    codec
+        .quantize(
+            dev,
+            &upload::<f32>(dev, &x),
+            &mut cache,
+            CacheTarget::contiguous(1, 0),
+        )
+        .unwrap();
+    fn same<T: Elem>(
+        dev: &Device,
+        codec: &CudaCodec,
+        cache: &cudarc::driver::CudaSlice<u8>,
+        n: usize,
+    ) {
+        let mut want = upload::<T>(dev, &vec![f32::NAN; n]);
+        codec.dequantize(dev, cache, &mut want).unwrap();
+        let got = upload::<T>(dev, &vec![f32::NAN; n]);
+        let s = DeviceStream::of(dev.stream());
+        // SAFETY: the buffers live past the download below, which synchronises the stream.
+        unsafe { codec.dequantize_on(dev, &s, &DeviceBuf::of(cache), &DeviceBuf::of(&got)) }
+            .unwrap();
+        assert_eq!(download(dev, &got), download(dev, &want));
+    }
+    same::<f16>(dev, &codec, &cache, rows * d);
+    same::<f32>(dev, &codec, &cache, rows * d);
+
+    // Refusals: rows that are not whole, cache bytes of another row count, an explicit matrix.
+    let short = upload::<f32>(dev, &x[..d - 1]);
+    // SAFETY: refused before anything is queued.
+    unsafe {
+        assert!(rot
+            .rotate_on(dev, &ds, &DeviceBuf::of(&short), false, None)
+            .is_err());
+        let out = upload::<f32>(dev, &x[..2 * d]);
+        assert!(codec
+            .dequantize_on(dev, &ds, &DeviceBuf::of(&cache), &DeviceBuf::of(&out))
+            .is_err());
+    }
+    let m = RotationKind::Matrix.build(d, 3).unwrap();
+    let mrot = CudaRotation::new(dev, &m).unwrap();
+    let buf = upload::<f32>(dev, &x);
+    // SAFETY: refused before anything is queued.
+    let e = unsafe { mrot.rotate_on(dev, &ds, &DeviceBuf::of(&buf), false, None) }.unwrap_err();
+    assert!(matches!(e, CudaError::Input(_)), "{e}");
+}
