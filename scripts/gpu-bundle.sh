@@ -7,7 +7,7 @@
 #   scripts/gpu-bundle.sh [FOLDER]      (default: gpu-bundle, ignored by git)
 #
 # Then, on the GPU machine, from the folder's parent:
-#   bash FOLDER/run.sh [--sanitize] [--bench] [--autotune]
+#   bash FOLDER/run.sh [--no-tests] [--python] [--sanitize] [--bench] [--autotune]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-bundle}
@@ -53,6 +53,9 @@ fi
 cargo build --release --locked -p rotq-capi
 cc -std=c11 -O2 -Wall -Wextra -Werror capi/examples/device.c -I capi/include -I "$cuda/include" \
     target/release/librotq_capi.a -L "$cuda/lib" -lcudart -lpthread -ldl -lm -o "$out/c-device"
+# The Python package as a wheel (built as `pip install ./python` builds it) and its tests.
+python3 -m pip wheel --quiet --no-deps -w "$out" ./python
+cp -r python/tests "$out/python-tests"
 strip "$out"/* 2>/dev/null || true
 
 cat > "$out/run.sh" <<'RUN'
@@ -60,7 +63,8 @@ cat > "$out/run.sh" <<'RUN'
 # Runs every bundled CUDA test and the engine example on cuda:0, as parallel processes (the
 # attention tests split by name, out of memory last and alone), each under a time guard
 # (GUARD seconds, default 540); a summary line per process on stdout, the whole output in
-# $OUT/tests.log (or /tmp/tests.log). With --sanitize, the differential, attention and
+# $OUT/tests.log (or /tmp/tests.log); --no-tests leaves them out. With --python, the Python
+# package's CUDA tests (the torch ops) under the machine's torch. With --sanitize, the differential, attention and
 # cache_backends tests (subsets of the first two) then run under compute-sanitizer's memcheck,
 # racecheck and synccheck; with --bench, `rotq bench --device cuda:0`; with --autotune,
 # `autotune --device cuda:0` twice, timed.
@@ -80,7 +84,9 @@ run() { # name, command...
     timeout "${GUARD:-540}" "$@" > "$logs/$name.log" 2>&1
     echo "$name rc=$? $((SECONDS - t0))s $(grep -h 'test result' "$logs/$name.log" | tr '\n' ' ')" >> "$logs/summary"
 }
+status=0
 A="$here/test-attention"
+if [[ " $* " != *" --no-tests "* ]]; then
 run attn-prefill "$A" --exact prefill_matches_the_oracle &
 run attn-ws "$A" --exact warp_specialized_prefill_matches_the_oracle prefill_with_odd_warp_counts &
 run attn-every "$A" --exact every_configuration &
@@ -91,9 +97,14 @@ run attn-formats "$A" --exact every_format_as_k_and_as_v head_dimensions groups_
 run attn-misc "$A" --exact masks_windows_and_softcap special_values_follow_the_oracle \
     bad_inputs_are_typed_errors attention_from_eight_threads_at_once handles_are_send_and_sync \
     explicit_matrix_plans_follow_the_oracle two_devices_from_their_own_threads &
+# The codec's differential tests in two processes: the per-format tests compile a kernel set
+# each.
+D="$here/test-differential"
+run diff-formats "$D" rotate_quantize_and_dequantize &
+run diff-rest "$D" --skip rotate_quantize_and_dequantize &
 for t in "$here"/test-*; do
     name=$(basename "$t")
-    [ "$name" = test-attention ] || run "${name#test-}" "$t" &
+    case $name in test-attention | test-differential) ;; *) run "${name#test-}" "$t" & ;; esac
 done
 run engine "$here/engine_cpu" --device cuda:0 &
 # The C example must not skip here: its last line says it ran.
@@ -107,9 +118,20 @@ ran=$(cat "$logs"/attn-*.log | grep -c '^test .* \.\.\. ')
 [ "$listed" = "$ran" ] || echo "attention: $listed tests listed, $ran run" >> "$logs/summary"
 sort "$logs/summary"
 for f in "$logs"/*.log; do echo "==== $(basename "$f")"; cat "$f"; done > "${OUT:-/tmp}/tests.log"
-status=0
 grep -qv ' rc=0 ' "$logs/summary" && status=1
 grep -h "FAILED\|panicked" "$logs"/*.log | head -20
+fi
+if [[ " $* " == *" --python "* ]]; then
+    # The torch ops on CUDA (and on the CPU) under the machine's torch, from the wheel; NVRTC
+    # is found the way a user's install finds it (no loader path set for it).
+    echo "== python: pytest python-tests (torch $(python3 -c 'import torch; print(torch.__version__)'))"
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$here"/rotq-*.whl
+    ( cd "$here/python-tests" && env -u LD_LIBRARY_PATH PYTHONPATH="$site" ROTQ_REQUIRE_CUDA=1 \
+        timeout "${GUARD:-540}" python3 -m pytest -q -p no:cacheprovider test_cuda.py \
+        test_torch_ops.py test_compile.py 2>&1 | tee "${OUT:-/tmp}/python.log" | tail -40 ) ||
+        status=1
+fi
 if [[ " $* " == *" --sanitize "* ]]; then
     # memcheck, racecheck and synccheck over the cache-backend and batch-API tests and subsets of the
     # attention and codec tests that finish under the tools (3-4 minutes a set), all at once.
@@ -117,7 +139,7 @@ if [[ " $* " == *" --sanitize "* ]]; then
     # out of memory, a typed error, and the sanitizer would count it.)
     declare -A sets=(
         [attention]="--exact masks_windows_and_softcap special_values_follow_the_oracle paired_heads groups_and_half_types"
-        [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types row_formats_on_edge_rows batch_append_through_a_device_slot_mapping batch_append_on_caller_buffers_and_stream explicit_matrix_rotations"
+        [differential]="--exact rotate_quantize_and_dequantize_ggml_formats paged_cache_holds_the_contiguous_rows context_shift_follows_the_oracle dequantize_into_half_types row_formats_on_edge_rows batch_append_through_a_device_slot_mapping batch_append_on_caller_buffers_and_stream rotate_and_dequantize_on_caller_buffers_and_stream explicit_matrix_rotations"
         [cache_backends]=""
         [batch]=""
     )
@@ -149,4 +171,4 @@ exit $status
 RUN
 chmod +x "$out/run.sh"
 du -sh "$out"
-echo "bundle ready: carry '$out' and run: bash $out/run.sh [--sanitize] [--bench] [--autotune]"
+echo "bundle ready: carry '$out' and run: bash $out/run.sh [--no-tests] [--python] [--sanitize] [--bench] [--autotune]"

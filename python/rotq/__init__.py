@@ -53,6 +53,7 @@ __all__ = [
     "__version__",
     "checkpoint",
     "cpu_isa",
+    "cuda_available",
     "dequantize",
     "formats",
     "hadamard_transform",
@@ -71,6 +72,38 @@ __all__ = [
 
 def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
+
+
+def cuda_available() -> bool:
+    """Whether this build has rotq's CUDA kernels and a CUDA device can run them (an NVIDIA
+    driver and a device; kernels compile on first use with NVRTC, which torch's CUDA wheels
+    bring).
+
+    >>> import rotq
+    >>> isinstance(rotq.cuda_available(), bool)
+    True
+    """
+    return bool(getattr(_rotq, "cuda_available", lambda: False)())
+
+
+def _cuda_ops(x):
+    """``torch.ops.rotq`` when ``x`` is a CUDA tensor (the eager functions then run the
+    ops' CUDA kernels), else None."""
+    if _is_torch(x) and x.is_cuda:
+        import torch
+
+        from . import ops  # noqa: F401  (registers the ops)
+
+        return torch.ops.rotq
+    return None
+
+
+def _into(out, result):
+    """``result``, or copied into ``out`` when the caller passed one."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 def _shape(x, what: str) -> tuple:
@@ -116,12 +149,28 @@ def rotate(x, rotation, inverse: bool = False, out=None):
     >>> rotq.rotate(rotq.rotate(x, "hadamard"), "hadamard", inverse=True)
     array([0., 1., 2., 3.], dtype=float32)
     """
+    ops = _cuda_ops(x)
+    if ops is not None:
+        if rotation is None or isinstance(rotation, str):
+            return _into(out, ops.rotate(x, rotation or "none", inverse))
+        # An explicit matrix: one product on the GPU (rows are outputs: y = x Rᵀ).
+        import torch
+
+        m = torch.as_tensor(rotation, dtype=torch.float32, device=x.device)
+        if tuple(m.shape) != (x.shape[-1], x.shape[-1]):
+            raise InvalidInputError(f"rotation: shape {tuple(m.shape)}, expected a square "
+                                    f"matrix over the rows' length {x.shape[-1]}")
+        y = x.float() @ (m if inverse else m.T)
+        return _into(out, y.to(x.dtype))
     out = _empty_like(x) if out is None else out
     _rotq.rotate(x, out, rotation, inverse)
     return out
 
 
 def _dao(x, scale, base, out):
+    ops = _cuda_ops(x)
+    if ops is not None:
+        return _into(out, ops.hadamard_transform(x, float(scale), base))
     out = _empty_like(x) if out is None else out
     _rotq.hadamard_transform(x, out, float(scale), base)
     return out
@@ -170,6 +219,9 @@ def quantize(x, format: str, rotation=None, out=None):
     >>> rotq.quantize(np.zeros((3, 32), dtype=np.float32), "q4_0").shape
     (3, 18)
     """
+    ops = _cuda_ops(x)
+    if ops is not None and (rotation is None or isinstance(rotation, str)):
+        return _into(out, ops.quantize(x, format, rotation or "none"))
     shape = _shape(x, "x")
     d = shape[-1] if shape else 1
     out_shape = (*shape[:-1], row_bytes(format, d))
@@ -198,6 +250,10 @@ def dequantize(data, format: str, dim: int, rotation=None, out=None):
     # One row of bytes gives one row of values; more give a [rows, dim] block.
     tail = (dim,) if last == rb else (last // rb, dim)
     out_shape = (*shape[:-1], *tail)
+    ops = _cuda_ops(data)
+    if ops is not None and (rotation is None or isinstance(rotation, str)):
+        rows = data.reshape(*shape[:-1], last // rb, rb)
+        return _into(out, ops.dequantize(rows, format, dim, rotation or "none").reshape(out_shape))
     out = _empty(data, out_shape, "float32") if out is None else out
     _rotq.dequantize(data, out, format, rotation)
     return out

@@ -2,8 +2,10 @@
 so that ``torch.compile`` and CUDA-graph capture can trace them.
 
 Importing this module registers them (``import rotq`` does so itself when torch is already
-imported). On CPU tensors they run rotq's CPU kernels now; their CUDA implementations come with
-the CUDA backend of the engine API.
+imported). On CPU tensors they run rotq's CPU kernels; on CUDA tensors its CUDA kernels, queued
+on torch's current stream with nothing waited for, so a step with them can be captured in a
+CUDA graph (run it once before capturing: the first call of a shape plans it and compiles its
+kernels) and compiled by ``torch.compile``.
 
 * ``rotq::rotate(Tensor x, str rotation, bool inverse) -> Tensor``
 * ``rotq::hadamard_transform(Tensor x, float scale, int base) -> Tensor`` (Dao-AILab's)
@@ -14,7 +16,10 @@ the CUDA backend of the engine API.
   :func:`pool_spec`)
 * ``rotq::batch_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor query_start_loc,
   Tensor block_table, Tensor seq_lens, int h_q, str spec) -> Tensor``: causal paged
-  attention of a mixed batch
+  attention of a mixed batch (``[rows, h_q, v_dim]``, q's dtype). On CUDA the work is split
+  for sequences as long as the block table allows (``block_table.shape[1] · page_tokens``),
+  and every page entry is checked on the device: a sequence whose table points outside the
+  pool, or whose length exceeds its table, gets no key (zeros) instead of reading out of place.
 
 >>> import torch, rotq.ops
 >>> x = torch.ones(2, 8)
@@ -24,12 +29,13 @@ tensor([8., 0.])
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 
 import torch
 
-from . import _rotq, row_bytes
+from . import InvalidInputError, _rotq, row_bytes
 
 __all__ = ["pool_spec"]
 
@@ -40,11 +46,64 @@ def _rotation(rotation: str):
     return None if rotation == _NONE else rotation
 
 
+def _stream(t: torch.Tensor) -> int:
+    """torch's current stream on ``t``'s device: the CUDA kernels are queued on it."""
+    _nvrtc()
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _nvrtc() -> None:
+    """Makes NVRTC loadable: rotq's CUDA kernels compile on first use, loading it by name
+    (``libnvrtc.so.13``); where the loader's path has none, the copy torch's CUDA wheels
+    install (nvidia-cuda-nvrtc) is loaded first, so the name finds it."""
+    import ctypes
+    import glob
+    import os
+
+    try:
+        ctypes.CDLL("libnvrtc.so.13")
+        return
+    except OSError:
+        pass
+    try:
+        import nvidia  # the namespace package of NVIDIA's CUDA wheels
+    except ImportError:
+        return  # the kernels' first compile then says NVRTC is missing
+    for root in list(nvidia.__path__):
+        for lib in sorted(glob.glob(os.path.join(root, "**", "libnvrtc.so.13*"), recursive=True)):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _base_matrix(m: int, device: torch.device) -> torch.Tensor:
+    """The unnormalized ``M_m`` (entries ±1), float32 on ``device``."""
+    from . import oracle
+
+    return torch.from_numpy((oracle.hadamard(m) * m ** 0.5).round()).float().to(device)
+
+
 @torch.library.custom_op("rotq::rotate", mutates_args=())
 def rotate(x: torch.Tensor, rotation: str, inverse: bool) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _rotq.rotate(x, out, rotation, inverse)
+    return out
+
+
+@rotate.register_kernel("cuda")
+def _(x, rotation, inverse):
+    out = x.clone(memory_format=torch.contiguous_format)
+    if rotation != _NONE and out.numel():
+        _rotq.cuda_rotate_(out, rotation, inverse, _stream(out))
     return out
 
 
@@ -59,6 +118,33 @@ def hadamard_transform(x: torch.Tensor, scale: float, base: int) -> torch.Tensor
     out = torch.empty_like(x)
     _rotq.hadamard_transform(x, out, scale, base)
     return out
+
+
+@hadamard_transform.register_kernel("cuda")
+def _(x, scale, base):
+    if base not in (1, 12, 20, 28, 40):
+        raise InvalidInputError(f"base: {base} is not one of 1, 12, 20, 28, 40")
+    dim = x.shape[-1] if x.dim() else 1
+    if x.numel() == 0:
+        return x.clone(memory_format=torch.contiguous_format)
+    # Zero-padded to n = base · 2^k, transformed unnormalized times `scale`, cut back.
+    p = _next_pow2(-(-dim // base))
+    n = base * p
+    rows = x.reshape(-1, dim)
+    if n == dim:
+        buf = rows.clone(memory_format=torch.contiguous_format)
+    else:
+        buf = torch.zeros((rows.shape[0], n), dtype=x.dtype, device=x.device)
+        buf[:, :dim] = rows
+    if base == 20 and p >= 2:
+        # rotq's own size for a multiple of 40 is 40·2^k: H_p in blocks, then M_20 across them.
+        _rotq.cuda_rotate_(buf, f"block:{p}", False, _stream(buf), 1.0)
+        m = _base_matrix(20, x.device)
+        mixed = torch.einsum("ac,rcp->rap", m, buf.view(-1, 20, p).float()) * scale
+        buf = mixed.to(x.dtype).reshape(-1, n)
+    else:
+        _rotq.cuda_rotate_(buf, "hadamard", False, _stream(buf), float(scale))
+    return buf[:, :dim].reshape(x.shape).contiguous()
 
 
 @hadamard_transform.register_fake
@@ -88,6 +174,18 @@ def quantize(x: torch.Tensor, format: str, rotation: str) -> torch.Tensor:
     return out
 
 
+@quantize.register_kernel("cuda")
+def _(x, format, rotation):
+    x = x.contiguous()
+    dim = x.shape[-1] if x.dim() else 1
+    out = torch.empty((*x.shape[:-1], row_bytes(format, dim)), dtype=torch.uint8,
+                      device=x.device)
+    # Row i into row i: the slot-mapping kernel with one head a token.
+    slots = torch.arange(x.numel() // max(dim, 1), dtype=torch.int64, device=x.device)
+    _rotq.cuda_quantize(x, out, format, rotation, slots, _stream(x))
+    return out
+
+
 @quantize.register_fake
 def _(x, format, rotation):
     return x.new_empty((*x.shape[:-1], row_bytes(format, x.shape[-1])), dtype=torch.uint8)
@@ -98,6 +196,14 @@ def dequantize(data: torch.Tensor, format: str, dim: int, rotation: str) -> torc
     data = data.contiguous()
     out = torch.empty((*data.shape[:-1], dim), dtype=torch.float32)
     _rotq.dequantize(data, out, format, _rotation(rotation))
+    return out
+
+
+@dequantize.register_kernel("cuda")
+def _(data, format, dim, rotation):
+    data = data.contiguous()
+    out = torch.empty((*data.shape[:-1], dim), dtype=torch.float32, device=data.device)
+    _rotq.cuda_dequantize(data, out, format, rotation, _stream(data))
     return out
 
 
@@ -146,8 +252,30 @@ def pool_append(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: 
     # Positions are not recorded through the op (engines that shift use KvPool.append).
     n = slot_mapping.shape[0]
     positions = torch.zeros(n, dtype=torch.int64)
-    _pool(k_pool, v_pool, spec).append(k.contiguous(), v.contiguous(),
+    f32 = torch.float32
+    _pool(k_pool, v_pool, spec).append(k.contiguous().to(f32), v.contiguous().to(f32),
                                        slot_mapping.contiguous(), positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_pool(spec: str, device: int) -> _rotq.CudaPool:
+    """A pool's CUDA kernels, rotations and plans, by (spec, device): made once, then each
+    step only queues kernels (the pool bytes stay the caller's tensors)."""
+    s = json.loads(spec)
+    return _rotq.CudaPool(s["k_format"], s["v_format"], s["n_kv_heads"], s["head_dim"],
+                          s["v_dim"], s["n_pages"], s["page_tokens"], s["qk_rotation"],
+                          s["v_rotation"], device)
+
+
+def _index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@pool_append.register_kernel("cuda")
+def _(k_pool, v_pool, k, v, slot_mapping, spec):
+    _cuda_pool(spec, _index(k_pool)).append(
+        k_pool, v_pool, k.contiguous(), v.contiguous(),
+        slot_mapping.to(torch.int64).contiguous(), _stream(k_pool))
 
 
 @pool_append.register_fake
@@ -163,11 +291,29 @@ def batch_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     plan = pool.plan(query_start_loc.contiguous(), h_q, block_table=block_table.contiguous(),
                      seq_lens=seq_lens.contiguous())
     out = torch.empty(plan.out_shape, dtype=torch.float32)
-    pool.run(plan, q.contiguous(), out)
+    pool.run(plan, q.contiguous().to(torch.float32), out)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+@batch_attention.register_kernel("cuda")
+def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec):
+    s = json.loads(spec)
+    pool = _cuda_pool(spec, _index(q))
+    rows = q.shape[0]
+    q = q.contiguous().view(rows, h_q, s["head_dim"])
+    table = block_table.to(torch.int32).contiguous()
+    seqs, max_blocks = table.shape
+    max_seq_len = max_blocks * s["page_tokens"]
+    dtype = str(q.dtype).removeprefix("torch.")
+    ws = torch.empty(pool.workspace_bytes(dtype, seqs, rows, max_seq_len, h_q, max_blocks),
+                     dtype=torch.uint8, device=q.device)
+    out = torch.empty((rows, h_q, s["v_dim"]), dtype=q.dtype, device=q.device)
+    pool.run(q, k_pool, v_pool, query_start_loc.to(torch.int32).contiguous(), table,
+             seq_lens.to(torch.int32).contiguous(), ws, out, max_seq_len, _stream(q))
     return out
 
 
 @batch_attention.register_fake
 def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec):
     v_dim = json.loads(spec)["v_dim"]
-    return q.new_empty((q.shape[0], h_q, v_dim), dtype=torch.float32)
+    return q.new_empty((q.shape[0], h_q, v_dim))

@@ -80,6 +80,8 @@ pub struct Array {
     shape: Vec<usize>,
     dtype: DType,
     read_only: bool,
+    /// In CPU memory (else a device's: no slice of it may be made).
+    cpu: bool,
     what: &'static str,
 }
 
@@ -92,76 +94,140 @@ struct Owner(#[allow(dead_code)] ImportedDlpack);
 unsafe impl Send for Owner {}
 // SAFETY: `Owner` has no methods: a shared reference to it can do nothing.
 unsafe impl Sync for Owner {}
-// SAFETY: `ptr` points at CPU memory owned by the producer and kept alive by `_owner`; the
+// SAFETY: `ptr` points at memory owned by the producer and kept alive by `_owner` (a device
+// array's is never dereferenced on the host: its slices are refused); the
 // slices handed out borrow the `Array` (shared for reading, exclusive for writing), so moving
 // or sharing the `Array` between threads cannot make two writers.
 unsafe impl Send for Array {}
 // SAFETY: as above; `&Array` only gives out shared slices.
 unsafe impl Sync for Array {}
 
+/// What an import gives, before the device is checked.
+pub(crate) struct Imported {
+    owner: ImportedDlpack,
+    ptr: *mut u8,
+    bytes: usize,
+    shape: Vec<usize>,
+    dtype: DType,
+    read_only: bool,
+    device: dlpark::ffi::DLDevice,
+}
+
+impl Imported {
+    /// The DLPack device the producer reported.
+    pub(crate) fn device(&self) -> dlpark::ffi::DLDevice {
+        self.device
+    }
+}
+
+/// Imports `obj` (anything with `__dlpack__`) on any device: C-contiguous, one of `dtypes`.
+/// `stream` is the consumer's stream for a device tensor (the producer orders its work
+/// before it; `None` on the CPU). `what` names the argument in errors.
+pub(crate) fn import_any(
+    obj: &Bound<'_, PyAny>,
+    what: &'static str,
+    dtypes: &[DType],
+    stream: Option<&dyn dlpark::python::DlpackStream>,
+) -> PyResult<Imported> {
+    if !obj.hasattr("__dlpack__")? {
+        return Err(invalid(format!(
+            "{what}: expected a NumPy array or a torch tensor (an object with __dlpack__), got {}",
+            obj.get_type().name()?
+        )));
+    }
+    // A producer's refusal can carry a C++ backtrace: its first line says why.
+    let imported = from_dlpack(obj.as_borrowed(), stream, None).map_err(|e| {
+        let msg = e.to_string();
+        invalid(format!(
+            "{what}: {}",
+            msg.lines().next().unwrap_or_default()
+        ))
+    })?;
+    let read_only = imported.flags().contains(DlpackFlags::READ_ONLY);
+    let t = imported
+        .validate()
+        .map_err(|e| invalid(format!("{what}: not a valid DLPack tensor: {e}")))?;
+    let device = t.device();
+    let dt = t.dtype();
+    let known = DType::of(dt.code, dt.bits).filter(|_| dt.lanes == 1);
+    let dtype = known.filter(|d| dtypes.contains(d)).ok_or_else(|| {
+        let names: Vec<_> = dtypes.iter().map(|d| d.name()).collect();
+        let got = match known {
+            Some(d) => d.name().to_string(),
+            None => format!("DLPack type code {}, {} bits", dt.code.0, dt.bits),
+        };
+        invalid(format!(
+            "{what}: dtype {got} is not one of {}",
+            names.join(", ")
+        ))
+    })?;
+    if !t.is_compact().unwrap_or(false) {
+        return Err(invalid(format!(
+            "{what}: the array is not C-contiguous (use numpy.ascontiguousarray or \
+             tensor.contiguous())"
+        )));
+    }
+    let shape: Vec<usize> = t.shape().iter().map(|&s| s.max(0) as usize).collect();
+    let bytes = t.num_bytes();
+    // SAFETY: the tensor was validated; its adjusted pointer lies in its allocation (the
+    // DLPack contract), which the returned owner keeps alive. (Only an address: it is not
+    // dereferenced here.)
+    let ptr =
+        unsafe { t.offset_bytes_ptr() }.map_err(|e| invalid(format!("{what}: {e}")))? as *mut u8;
+    Ok(Imported {
+        owner: imported,
+        ptr,
+        bytes,
+        shape,
+        dtype,
+        read_only,
+        device,
+    })
+}
+
 impl Array {
     /// Imports `obj` (anything with `__dlpack__`): CPU memory, C-contiguous, one of `dtypes`.
     /// `what` names the argument in errors.
     pub fn import(obj: &Bound<'_, PyAny>, what: &'static str, dtypes: &[DType]) -> PyResult<Self> {
-        if !obj.hasattr("__dlpack__")? {
+        let i = import_any(obj, what, dtypes, None)?;
+        if i.device.device_type != DLDeviceType::CPU {
             return Err(invalid(format!(
-                "{what}: expected a NumPy array or a torch tensor (an object with __dlpack__), got {}",
-                obj.get_type().name()?
+                "{what}: the array is on a device (DLPack device type {}); this call runs on \
+                 the CPU: move it with .cpu() (the torch ops, torch.ops.rotq.*, also take \
+                 CUDA tensors)",
+                i.device.device_type.0
             )));
         }
-        // A producer's refusal can carry a C++ backtrace: its first line says why.
-        let imported = from_dlpack(obj.as_borrowed(), None, None).map_err(|e| {
-            let msg = e.to_string();
-            invalid(format!(
-                "{what}: {}",
-                msg.lines().next().unwrap_or_default()
-            ))
-        })?;
-        let read_only = imported.flags().contains(DlpackFlags::READ_ONLY);
-        let t = imported
-            .validate()
-            .map_err(|e| invalid(format!("{what}: not a valid DLPack tensor: {e}")))?;
-        if t.device().device_type != DLDeviceType::CPU {
-            return Err(invalid(format!(
-                "{what}: the array is on a device (DLPack device type {}); this build of rotq \
-                 runs on the CPU: move it with .cpu()",
-                t.device().device_type.0
-            )));
-        }
-        let dt = t.dtype();
-        let known = DType::of(dt.code, dt.bits).filter(|_| dt.lanes == 1);
-        let dtype = known.filter(|d| dtypes.contains(d)).ok_or_else(|| {
-            let names: Vec<_> = dtypes.iter().map(|d| d.name()).collect();
-            let got = match known {
-                Some(d) => d.name().to_string(),
-                None => format!("DLPack type code {}, {} bits", dt.code.0, dt.bits),
-            };
-            invalid(format!(
-                "{what}: dtype {got} is not one of {}",
-                names.join(", ")
-            ))
-        })?;
-        if !t.is_compact().unwrap_or(false) {
-            return Err(invalid(format!(
-                "{what}: the array is not C-contiguous (use numpy.ascontiguousarray or \
-                 tensor.contiguous())"
-            )));
-        }
-        let shape: Vec<usize> = t.shape().iter().map(|&s| s.max(0) as usize).collect();
-        let bytes = t.num_bytes();
-        // SAFETY: the tensor was validated; its adjusted pointer lies in its allocation (the
-        // DLPack contract), which `_owner` keeps alive.
-        let ptr = unsafe { t.offset_bytes_ptr() }.map_err(|e| invalid(format!("{what}: {e}")))?
-            as *mut u8;
-        Ok(Self {
-            _owner: Owner(imported),
-            ptr,
-            bytes,
-            shape,
-            dtype,
-            read_only,
+        Ok(Self::of(i, what))
+    }
+
+    /// The array of an import (on any device: a device array's slices are refused).
+    pub(crate) fn of(i: Imported, what: &'static str) -> Self {
+        Self {
+            _owner: Owner(i.owner),
+            ptr: i.ptr,
+            bytes: i.bytes,
+            shape: i.shape,
+            dtype: i.dtype,
+            read_only: i.read_only,
+            cpu: i.device.device_type == DLDeviceType::CPU,
             what,
-        })
+        }
+    }
+
+    /// The data's address (a device address for a device array), for the device calls.
+    pub(crate) fn address(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Whether the array is read-only.
+    pub(crate) fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The argument's name in errors.
+    pub(crate) fn what(&self) -> &'static str {
+        self.what
     }
 
     /// The shape.
@@ -212,6 +278,12 @@ impl Array {
     }
 
     fn check<T: Elem>(&self) -> PyResult<()> {
+        if !self.cpu {
+            return Err(invalid(format!(
+                "{}: the array is in device memory; this call reads it on the CPU",
+                self.what
+            )));
+        }
         if self.dtype != T::DTYPE {
             return Err(invalid(format!(
                 "{}: expected {}, got {}",
@@ -315,6 +387,12 @@ pub fn import_opt(
 
 /// Copies `src`'s elements into `dst` (same dtype and length), unless they are the same bytes.
 pub fn copy_into(src: &Array, dst: &mut Array) -> PyResult<()> {
+    if !src.cpu || !dst.cpu {
+        return Err(invalid(format!(
+            "{}: a device array cannot be copied on the CPU",
+            dst.what
+        )));
+    }
     if src.dtype != dst.dtype || src.bytes != dst.bytes {
         return Err(invalid(format!(
             "{}: expected the dtype and size of {} ({} {:?}), got {} {:?}",

@@ -6,6 +6,8 @@
 //! its output. Kernels run with the GIL released.
 
 mod arrays;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod errors;
 mod oracle;
 mod pool;
@@ -270,5 +272,7 @@ fn _rotq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     pool::register(m)?;
     oracle::register(m)?;
+    #[cfg(feature = "cuda")]
+    cuda::register(m)?;
     Ok(())
 }
