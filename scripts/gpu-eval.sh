@@ -35,7 +35,7 @@ done
 export ROTQ_TUNE_CACHE=/nonexistent/tuned.json
 "\$here/rotq" eval --model "\$here/smollm2-$layers.gguf" --text "\$here/text.txt" \\
     --device cuda:0 --against cpu --ctx 512 --chunks 2 \\
-    --k-formats q8_0,q4_0 --v-formats f16,q8_0,q4_0 --plans none,hadamard "\$@"
+    --k-formats f16,q8_0,q4_0 --v-formats f16,q8_0,q4_0 --plans none,hadamard "\$@"
 RUN
 chmod +x "$out/run.sh"
 du -sh "$out"

@@ -156,11 +156,14 @@ def rotate(x, rotation, inverse: bool = False, out=None):
         # An explicit matrix: one product on the GPU (rows are outputs: y = x Rᵀ).
         import torch
 
-        m = torch.as_tensor(rotation, dtype=torch.float32, device=x.device)
-        if tuple(m.shape) != (x.shape[-1], x.shape[-1]):
-            raise InvalidInputError(f"rotation: shape {tuple(m.shape)}, expected a square "
-                                    f"matrix over the rows' length {x.shape[-1]}")
-        y = x.float() @ (m if inverse else m.T)
+        matrix = _np.asarray(rotation.cpu() if _is_torch(rotation) else rotation,
+                             dtype=_np.float64)
+        # The library's checks (a square, orthogonal matrix over the rows), on one CPU row.
+        probe = _np.zeros((1, x.shape[-1]), dtype=_np.float32)
+        _rotq.rotate(probe, probe, matrix, False)
+        m = torch.from_numpy(matrix).to(x.device)
+        # In f64 (no TF32), rounded to x's dtype once.
+        y = x.double() @ (m if inverse else m.T)
         return _into(out, y.to(x.dtype))
     out = _empty_like(x) if out is None else out
     _rotq.rotate(x, out, rotation, inverse)

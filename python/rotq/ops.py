@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections import OrderedDict
 
 import torch
@@ -50,6 +51,23 @@ def _stream(t: torch.Tensor) -> int:
     """torch's current stream on ``t``'s device: the CUDA kernels are queued on it."""
     _nvrtc()
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _cuda(op):
+    """Registers the decorated function as ``op``'s CUDA kernel, run with its first tensor's
+    device current (torch's stream and allocations are per device; rotq's calls make the
+    device's context current, which would otherwise leak into the caller's thread)."""
+    def register(fn):
+        @functools.wraps(fn)
+        def kernel(*args):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            with torch.cuda.device(device):
+                return fn(*args)
+
+        op.register_kernel("cuda")(kernel)
+        return fn
+
+    return register
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,10 +103,11 @@ def _next_pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _base_matrix(m: int, device: torch.device) -> torch.Tensor:
-    """The unnormalized ``M_m`` (entries ±1), float32 on ``device``."""
+    """The unnormalized ``M_m`` (entries ±1), float64 on ``device`` (made on the first call,
+    which must come before a graph capture: it copies from the host)."""
     from . import oracle
 
-    return torch.from_numpy((oracle.hadamard(m) * m ** 0.5).round()).float().to(device)
+    return torch.from_numpy((oracle.hadamard(m) * m ** 0.5).round()).to(device)
 
 
 @torch.library.custom_op("rotq::rotate", mutates_args=())
@@ -99,7 +118,7 @@ def rotate(x: torch.Tensor, rotation: str, inverse: bool) -> torch.Tensor:
     return out
 
 
-@rotate.register_kernel("cuda")
+@_cuda(rotate)
 def _(x, rotation, inverse):
     out = x.clone(memory_format=torch.contiguous_format)
     if rotation != _NONE and out.numel():
@@ -120,31 +139,38 @@ def hadamard_transform(x: torch.Tensor, scale: float, base: int) -> torch.Tensor
     return out
 
 
-@hadamard_transform.register_kernel("cuda")
+@_cuda(hadamard_transform)
 def _(x, scale, base):
     if base not in (1, 12, 20, 28, 40):
         raise InvalidInputError(f"base: {base} is not one of 1, 12, 20, 28, 40")
+    if not math.isfinite(scale):
+        raise InvalidInputError(f"scale: {scale} is not finite")
     dim = x.shape[-1] if x.dim() else 1
     if x.numel() == 0:
         return x.clone(memory_format=torch.contiguous_format)
     # Zero-padded to n = base · 2^k, transformed unnormalized times `scale`, cut back.
     p = _next_pow2(-(-dim // base))
     n = base * p
+    mix = base == 20 and p >= 2
     rows = x.reshape(-1, dim)
-    if n == dim:
+    if n == dim and not mix:
+        # In place on a copy (the kernel computes in f32 and rounds once).
         buf = rows.clone(memory_format=torch.contiguous_format)
-    else:
-        buf = torch.zeros((rows.shape[0], n), dtype=x.dtype, device=x.device)
-        buf[:, :dim] = rows
-    if base == 20 and p >= 2:
-        # rotq's own size for a multiple of 40 is 40·2^k: H_p in blocks, then M_20 across them.
+        _rotq.cuda_rotate_(buf, "hadamard", False, _stream(buf), float(scale))
+        return buf.reshape(x.shape)
+    # Padded, or mixed after: in f32, rounded to x's dtype once at the end.
+    buf = torch.zeros((rows.shape[0], n), dtype=torch.float32, device=x.device)
+    buf[:, :dim] = rows
+    if mix:
+        # rotq's own size for a multiple of 40 is 40·2^k: H_p in blocks, then M_20 across
+        # them, in f64 (exact on integers, and no TF32).
         _rotq.cuda_rotate_(buf, f"block:{p}", False, _stream(buf), 1.0)
         m = _base_matrix(20, x.device)
-        mixed = torch.einsum("ac,rcp->rap", m, buf.view(-1, 20, p).float()) * scale
-        buf = mixed.to(x.dtype).reshape(-1, n)
+        mixed = torch.einsum("ac,rcp->rap", m, buf.view(-1, 20, p).double()) * scale
+        buf = mixed.reshape(-1, n)
     else:
         _rotq.cuda_rotate_(buf, "hadamard", False, _stream(buf), float(scale))
-    return buf[:, :dim].reshape(x.shape).contiguous()
+    return buf[:, :dim].to(x.dtype).reshape(x.shape)
 
 
 @hadamard_transform.register_fake
@@ -174,7 +200,7 @@ def quantize(x: torch.Tensor, format: str, rotation: str) -> torch.Tensor:
     return out
 
 
-@quantize.register_kernel("cuda")
+@_cuda(quantize)
 def _(x, format, rotation):
     x = x.contiguous()
     dim = x.shape[-1] if x.dim() else 1
@@ -199,7 +225,7 @@ def dequantize(data: torch.Tensor, format: str, dim: int, rotation: str) -> torc
     return out
 
 
-@dequantize.register_kernel("cuda")
+@_cuda(dequantize)
 def _(data, format, dim, rotation):
     data = data.contiguous()
     out = torch.empty((*data.shape[:-1], dim), dtype=torch.float32, device=data.device)
@@ -257,10 +283,12 @@ def pool_append(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: 
                                        slot_mapping.contiguous(), positions)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _cuda_pool(spec: str, device: int) -> _rotq.CudaPool:
     """A pool's CUDA kernels, rotations and plans, by (spec, device): made once, then each
-    step only queues kernels (the pool bytes stay the caller's tensors)."""
+    step only queues kernels (the pool bytes stay the caller's tensors). Kept for the life of
+    the process: queued work and captured graphs use their device memory by address."""
+    _nvrtc()
     s = json.loads(spec)
     return _rotq.CudaPool(s["k_format"], s["v_format"], s["n_kv_heads"], s["head_dim"],
                           s["v_dim"], s["n_pages"], s["page_tokens"], s["qk_rotation"],
@@ -271,11 +299,16 @@ def _index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-@pool_append.register_kernel("cuda")
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows the kernels read: float32, float16 or bfloat16 (float64 is narrowed), contiguous."""
+    return (t.float() if t.dtype == torch.float64 else t).contiguous()
+
+
+@_cuda(pool_append)
 def _(k_pool, v_pool, k, v, slot_mapping, spec):
     _cuda_pool(spec, _index(k_pool)).append(
-        k_pool, v_pool, k.contiguous(), v.contiguous(),
-        slot_mapping.to(torch.int64).contiguous(), _stream(k_pool))
+        k_pool, v_pool, _rows(k), _rows(v), slot_mapping.to(torch.int64).contiguous(),
+        _stream(k_pool))
 
 
 @pool_append.register_fake
@@ -295,11 +328,18 @@ def batch_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
-@batch_attention.register_kernel("cuda")
+@_cuda(batch_attention)
 def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec):
     s = json.loads(spec)
     pool = _cuda_pool(spec, _index(q))
-    rows = q.shape[0]
+    rows = q.shape[0] if q.dim() else 0
+    if q.numel() != rows * h_q * s["head_dim"] or block_table.dim() != 2:
+        raise InvalidInputError(
+            f"q {tuple(q.shape)} must hold [rows, h_q={h_q}, head_dim={s['head_dim']}] and "
+            f"block_table {tuple(block_table.shape)} be [B, max_blocks]")
+    out = torch.empty((rows, h_q, s["v_dim"]), dtype=q.dtype, device=q.device)
+    if rows == 0:
+        return out
     q = q.contiguous().view(rows, h_q, s["head_dim"])
     table = block_table.to(torch.int32).contiguous()
     seqs, max_blocks = table.shape
@@ -307,7 +347,6 @@ def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec):
     dtype = str(q.dtype).removeprefix("torch.")
     ws = torch.empty(pool.workspace_bytes(dtype, seqs, rows, max_seq_len, h_q, max_blocks),
                      dtype=torch.uint8, device=q.device)
-    out = torch.empty((rows, h_q, s["v_dim"]), dtype=q.dtype, device=q.device)
     pool.run(q, k_pool, v_pool, query_start_loc.to(torch.int32).contiguous(), table,
              seq_lens.to(torch.int32).contiguous(), ws, out, max_seq_len, _stream(q))
     return out

@@ -120,6 +120,27 @@ impl Imported {
     }
 }
 
+/// Whether `strides` (elements) lay `shape` out compactly in row-major order. An axis of
+/// length 1 may have any stride (torch calls such a tensor contiguous and exports it as it
+/// is: a one-row slice of a wider matrix keeps the matrix's row stride); none is given for a
+/// compact tensor.
+fn compact(shape: &[i64], strides: Option<&[i64]>) -> bool {
+    let Some(strides) = strides else {
+        return true;
+    };
+    if shape.contains(&0) {
+        return true;
+    }
+    let mut expected = 1i64;
+    for (&n, &s) in shape.iter().zip(strides).rev() {
+        if n != 1 && s != expected {
+            return false;
+        }
+        expected = expected.saturating_mul(n);
+    }
+    shape.len() == strides.len()
+}
+
 /// Imports `obj` (anything with `__dlpack__`) on any device: C-contiguous, one of `dtypes`.
 /// `stream` is the consumer's stream for a device tensor (the producer orders its work
 /// before it; `None` on the CPU). `what` names the argument in errors.
@@ -161,7 +182,7 @@ pub(crate) fn import_any(
             names.join(", ")
         ))
     })?;
-    if !t.is_compact().unwrap_or(false) {
+    if !compact(t.shape(), t.strides()) {
         return Err(invalid(format!(
             "{what}: the array is not C-contiguous (use numpy.ascontiguousarray or \
              tensor.contiguous())"

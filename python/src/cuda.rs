@@ -9,7 +9,7 @@
 //! shape (the kernels, rotations, codecs and plans) is kept here, keyed by what made it.
 
 use crate::arrays::{import_any, Array, DType};
-use crate::errors::{invalid, reference, DeviceError};
+use crate::errors::{invalid, reference, DeviceError, RotqMemoryError};
 use crate::FLOATS;
 use dlpark::ffi::{DLDevice, DLDeviceType};
 use dlpark::python::{DlpackStream, StreamArg};
@@ -30,6 +30,7 @@ fn to_py(e: CudaError) -> PyErr {
     match e {
         CudaError::Input(r) => reference(r),
         e @ CudaError::WrongDevice { .. } => invalid(e.to_string()),
+        e @ CudaError::OutOfMemory { .. } => RotqMemoryError::new_err(e.to_string()),
         e => DeviceError::new_err(e.to_string()),
     }
 }
@@ -48,8 +49,7 @@ fn device(ordinal: usize) -> PyResult<Arc<Device>> {
         return Ok(d.clone());
     }
     let d = Arc::new(Device::new(ordinal).map_err(to_py)?);
-    map.insert(ordinal, d.clone());
-    Ok(d)
+    Ok(map.entry(ordinal).or_insert(d).clone())
 }
 
 /// A lock, even if a thread panicked holding it (the maps hold only finished values).
@@ -123,8 +123,12 @@ impl Tensor {
             )));
         }
         // SAFETY: the caller's promise.
-        unsafe { DeviceBuf::<T>::from_raw(dev, a.address(), a.len()) }
-            .map_err(|e| invalid(format!("{}: {e}", a.what())))
+        unsafe { DeviceBuf::<T>::from_raw(dev, a.address(), a.len()) }.map_err(|e| match e {
+            CudaError::Input(_) | CudaError::WrongDevice { .. } => {
+                invalid(format!("{}: {e}", a.what()))
+            }
+            e => to_py(e),
+        })
     }
 
     /// As [`Self::buf`], for a tensor the call writes.
@@ -205,8 +209,8 @@ fn cuda_rotation(dev: &Device, spec: &str, dim: usize) -> PyResult<Option<Arc<Cu
         None => None,
     };
     synchronize(dev)?;
-    lock(map).insert(key, made.clone());
-    Ok(made)
+    // Another thread may have made it meanwhile: the first one stays (work may use it).
+    Ok(lock(map).entry(key).or_insert(made).clone())
 }
 
 /// Codecs made so far, by (device, format, row length, rotation string).
@@ -221,8 +225,7 @@ fn cuda_codec(dev: &Device, format: KvFormat, dim: usize, spec: &str) -> PyResul
     let r = rotation(spec, dim)?;
     let codec = Arc::new(CudaCodec::new(dev, format, dim, r.as_ref()).map_err(to_py)?);
     synchronize(dev)?;
-    lock(map).insert(key, codec.clone());
-    Ok(codec)
+    Ok(lock(map).entry(key).or_insert(codec).clone())
 }
 
 /// Waits for what a constructor uploaded on the device's own stream (the caller's stream,
@@ -336,6 +339,8 @@ type PlanKey = (u32, usize, usize, usize, usize, usize);
 
 /// A paged pool in torch CUDA tensors: its geometry, rotations, codecs and the plans of the
 /// step shapes seen so far. The pool bytes themselves stay the caller's (passed to each call).
+/// Runs and captured graphs use its rotations' and plans' device memory by address, so the
+/// Python layer keeps every pool it made for the life of the process.
 #[pyclass(module = "rotq._rotq", name = "CudaPool", frozen)]
 struct CudaPool {
     dev: Arc<Device>,
@@ -557,9 +562,10 @@ impl CudaPool {
             _ => a.plan_batch::<half::bf16>(d, g, &shape),
         }
         .map_err(to_py)?;
-        let plan = Arc::new(plan);
-        lock(&self.plans).insert(key, plan.clone());
-        Ok(plan)
+        Ok(lock(&self.plans)
+            .entry(key)
+            .or_insert(Arc::new(plan))
+            .clone())
     }
 
     fn check_device(&self, dev: &Device) -> PyResult<()> {

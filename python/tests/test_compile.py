@@ -10,10 +10,11 @@ import rotq.ops  # noqa: E402,F401
 
 
 def _decode_step(q, k_pool, v_pool, k_new, v_new, slots, loc, table, lens, spec):
-    # Q rotated as the pool rotates K; the step's K/V appended; the batch's attention.
-    q = torch.ops.rotq.rotate(q, "hadamard", False)
+    # The step's K/V appended, the batch's attention (which rotates Q as the pool rotates K),
+    # then the online Hadamard QuaRot applies to the output before the output projection.
     torch.ops.rotq.pool_append(k_pool, v_pool, k_new, v_new, slots, spec)
-    return torch.ops.rotq.batch_attention(q, k_pool, v_pool, loc, table, lens, q.shape[1], spec)
+    out = torch.ops.rotq.batch_attention(q, k_pool, v_pool, loc, table, lens, q.shape[1], spec)
+    return torch.ops.rotq.rotate(out, "hadamard", False)
 
 
 def test_a_compiled_decode_step_matches_the_eager_one():

@@ -103,10 +103,10 @@ def test_quantize_and_dequantize_match_the_cpu_ops(fmt):
     assert two.shape == (3, 3, 128) and torch.equal(two.reshape(9, 128), rt_gpu)
 
 
-# A mixed batch over a paged pool: three sequences of 13, 5 and 21 tokens; sequence 1's last 3
+# A mixed batch over a paged pool: three sequences of 13, 7 and 21 tokens; sequence 1's last 3
 # tokens are a prefill chunk, the others decode one row each.
 H_KV, H_Q, D, PAGES, PAGE = 2, 8, 64, 16, 8
-LENS, N_Q = [13, 5, 21], [1, 3, 1]
+LENS, N_Q = [13, 7, 21], [1, 3, 1]
 TABLE = [[3, 0, -1], [7, -1, -1], [1, 9, 12]]
 
 
@@ -203,18 +203,21 @@ def test_ops_run_on_a_side_stream():
 
 
 def _decode_step(q, k_pool, v_pool, k_new, v_new, slots, loc, table, lens, spec):
-    # Q rotated as the pool rotates K; the step's K/V appended; the batch's attention.
-    q = torch.ops.rotq.rotate(q, "hadamard", False)
+    # The step's K/V appended, the batch's attention (which rotates Q as the pool rotates K),
+    # then the online Hadamard QuaRot applies to the output before the output projection.
     torch.ops.rotq.pool_append(k_pool, v_pool, k_new, v_new, slots, spec)
-    return torch.ops.rotq.batch_attention(q, k_pool, v_pool, loc, table, lens, q.shape[1], spec)
+    out = torch.ops.rotq.batch_attention(q, k_pool, v_pool, loc, table, lens, q.shape[1], spec)
+    return torch.ops.rotq.rotate(out, "hadamard", False)
 
 
 def _decode_inputs(step: int):
     """Step `step` of decoding the three sequences one token each: the new token's slot, the
-    longer lengths, the query and the new K/V rows (sequence 1 reaches its second page)."""
+    longer lengths, the query and the new K/V rows. Sequence 1 reaches its second page at
+    step 1: the table changes between replays."""
     lens = [n + step + 1 for n in LENS]
     table = [row[:] for row in TABLE]
-    table[1][1] = 14  # sequence 1 reaches its second page at 8 tokens
+    if lens[1] > PAGE:
+        table[1][1] = 14
     slots = torch.tensor([table[b][(n - 1) // PAGE] * PAGE + (n - 1) % PAGE
                           for b, n in enumerate(lens)], dtype=torch.int64)
     q, loc, tab, lens_t = _step_args(lens, [1, 1, 1], table, seed=20 + step)
@@ -286,15 +289,20 @@ def test_bad_inputs_on_cuda_are_typed_errors():
     # A table on the CPU beside CUDA tensors.
     with pytest.raises(rotq.InvalidInputError, match="CUDA tensor"):
         OPS.batch_attention(q, kp, vp, loc, tab.cpu(), lens, H_Q, spec)
-    # A pool that is not 16-byte aligned, and one too short.
-    with pytest.raises(rotq.InvalidInputError):
-        OPS.batch_attention(q, kp[1:], vp, loc, tab, lens, H_Q, spec)
+    # A pool that is not 16-byte aligned (of the right length), and one too short.
+    shifted = torch.zeros(kp.numel() + 16, dtype=torch.uint8, device=DEV)[1:1 + kp.numel()]
+    with pytest.raises(rotq.InvalidInputError, match="aligned"):
+        OPS.batch_attention(q, shifted, vp, loc, tab, lens, H_Q, spec)
     with pytest.raises(rotq.InvalidInputError):
         OPS.batch_attention(q, kp[:-64], vp, loc, tab, lens, H_Q, spec)
     with pytest.raises(rotq.InvalidInputError):
         OPS.quantize(torch.ones(3, 100, device=DEV), "q4_0", "none")
     with pytest.raises(rotq.InvalidInputError):
         OPS.hadamard_transform(torch.ones(3, 64, device=DEV), 1.0, 3)
+    with pytest.raises(rotq.InvalidInputError):
+        OPS.batch_attention(q[:, :3], kp, vp, loc, tab, lens, H_Q, spec)
+    with pytest.raises(rotq.InvalidInputError, match="orthogonal"):
+        rotq.rotate(q, np.ones((D, D)))
     # A page outside the pool, and a length past the table: those sequences see no key
     # (zeros), the other keeps its output; nothing is read out of place.
     want = OPS.batch_attention(q, kp, vp, loc, tab, lens, H_Q, spec)
