@@ -33,8 +33,9 @@ echo "-- pytest python/tests"
 echo "-- the docstrings' examples"
 skip_ops=()
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-    # rotq.ops is torch's custom ops: importing it without torch fails by design.
-    echo "rotq.ops: its examples skipped (no torch in this environment)"
-    skip_ops=(--ignore-glob="*/rotq/ops.py")
+    # rotq.ops (torch's custom ops) and rotq.bench_cuda need torch: importing them without it
+    # fails by design.
+    echo "rotq.ops, rotq.bench_cuda: their examples skipped (no torch in this environment)"
+    skip_ops=(--ignore-glob="*/rotq/ops.py" --ignore-glob="*/rotq/bench_cuda.py")
 fi
 (cd "$venv" && bin/python -m pytest -q --doctest-modules "${skip_ops[@]}" --pyargs rotq)
