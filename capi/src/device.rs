@@ -667,6 +667,7 @@ mod on_cuda {
             q_positions: s.q_positions,
             tables,
             checked: s.checked,
+            mask: None,
         };
         let g = spec.cuda_geometry();
         let plan = match elem {
@@ -755,6 +756,8 @@ mod on_cuda {
                     false => Some(words(b.q_positions, shape.seqs, "q_positions")?),
                 },
                 tables,
+                // (The C ABI takes no mask yet.)
+                mask: None,
             };
             // A length the caller gave, at least the plan's (the driver's allocation range
             // alone would not catch a buffer carved out of a larger one).

@@ -635,6 +635,7 @@ fn batch_api_decode(
         seq_lens: DeviceBuf::of(&lens),
         q_positions: None,
         tables: DeviceTables::Contiguous,
+        mask: None,
     };
     let (qb, kb, vb) = (
         DeviceBuf::of(&q),

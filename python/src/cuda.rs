@@ -523,6 +523,7 @@ impl CudaPool {
                         table: table.buf::<u32>(&dev, DType::I32)?,
                         max_blocks: *max_blocks,
                     },
+                    mask: None,
                 };
                 let (qb, kb, vb) = (
                     q.buf::<T>(&dev, dtype)?,

@@ -17,7 +17,8 @@
 //! keys are its `seq_lens[b]` tokens; its first row sits at `q_positions[b]` if given, else at
 //! `seq_lens[b] − n_q` (the rows are its newest tokens, appended before the attention). The
 //! output is `[max_rows, h_q, v_dim]` with V's rotation undone, the log-sum-exp `[max_rows,
-//! h_q]`; rows past `query_start_loc[B]` get zeros and `−∞`. Rows of a prefill chunk run
+//! h_q]`; rows past `query_start_loc[B]` get zeros and `−∞`. An optional additive mask
+//! (`[max_rows, stride]`, [`BatchShape::mask`]) is added to the scores after the soft-cap. Rows of a prefill chunk run
 //! through the decode kernel (each row reads its visible keys once): right for decode-heavy
 //! steps with short chunks; a long prefill is [`CudaAttention::prefill`]'s.
 //!
@@ -56,6 +57,7 @@
 //! let batch = DeviceBatch {
 //!     query_start_loc: DeviceBuf::of(&qsl), seq_lens: DeviceBuf::of(&lens), q_positions: None,
 //!     tables: DeviceTables::Block { table: DeviceBuf::of(&table), max_blocks: 512 },
+//!     mask: None,
 //! };
 //! // SAFETY: the buffers outlive the queued work (the status call below waits for it).
 //! unsafe {
@@ -356,6 +358,9 @@ pub struct DeviceBatch<'a> {
     pub q_positions: Option<DeviceBuf<'a, u32>>,
     /// The page tables.
     pub tables: DeviceTables<'a>,
+    /// The additive mask `[max_rows, stride]` (f32; query row `r`, key `j` of its sequence at
+    /// `r · stride + j`), given only if the plan's [`BatchShape::mask`] says so.
+    pub mask: Option<DeviceBuf<'a, f32>>,
 }
 
 /// The step's page tables on the device.
@@ -416,6 +421,11 @@ pub struct BatchShape {
     pub tables: TablesKind,
     /// Check every page entry a run uses against the pool (a pass over the tables).
     pub checked: bool,
+    /// `Some(stride)`: runs give an additive mask of `stride` values a query row (at least
+    /// `max_seq_len`), added to each score after the soft-cap, as llama.cpp's KQ mask (ALiBi
+    /// biases, tree or custom attention); a −∞ entry hides its key, and a row whose every
+    /// visible key is hidden gets zeros. Masked steps run the f32 decode kernel.
+    pub mask: Option<usize>,
 }
 
 impl BatchShape {
@@ -433,6 +443,7 @@ impl BatchShape {
             q_positions: false,
             tables,
             checked: cfg!(debug_assertions),
+            mask: None,
         }
     }
 }
@@ -460,6 +471,8 @@ pub struct BatchPlan {
     split_tokens: i64,
     n_part: i64,
     scale: f32,
+    /// Values a mask row holds (0: no mask).
+    mask_stride: usize,
     /// Workspace offsets in bytes: lens, pos, row tables (i64 each), status (u32), partials.
     lens: u64,
     pos: u64,
@@ -646,9 +659,24 @@ impl CudaAttention {
             fits(shape.seqs.checked_mul(max_blocks), "block table")?;
         }
 
+        if let Some(stride) = shape.mask {
+            if stride < shape.max_seq_len {
+                return Err(bad(
+                    "mask",
+                    format!(
+                        "a row stride of {stride} is shorter than max_seq_len {}",
+                        shape.max_seq_len
+                    ),
+                ));
+            }
+            fits(shape.max_rows.checked_mul(stride), "mask")?;
+        }
         let group = h_q / h_kv;
         let longest = shape.max_seq_len;
-        let config = self.config_for(dev, pool.k_format, d, h_kv, group, longest, shape.max_rows);
+        let mut config =
+            self.config_for(dev, pool.k_format, d, h_kv, group, longest, shape.max_rows);
+        // The mask is the f32 kernel's.
+        config.tensor_cores &= shape.mask.is_none();
         let call = DecodeCall {
             elem: T::ELEM,
             k_format: pool.k_format,
@@ -670,7 +698,7 @@ impl CudaAttention {
         );
         let n_part = splits * kshape.streams();
 
-        let (key, src) = kshape.source()?;
+        let (key, src) = kshape.source_for(shape.mask.is_some())?;
         let name = if kshape.tensor_cores {
             "decode_attention_mma"
         } else {
@@ -740,6 +768,7 @@ impl CudaAttention {
             split_tokens: split_tokens as i64,
             n_part: n_part as i64,
             scale,
+            mask_stride: shape.mask.unwrap_or(0),
             lens,
             pos,
             row_table,
@@ -791,6 +820,7 @@ impl CudaAttention {
             out.ordinal,
         ];
         ordinals.extend(batch.q_positions.map(|p| p.ordinal));
+        ordinals.extend(batch.mask.map(|m| m.ordinal));
         ordinals.extend(lse.map(|l| l.ordinal));
         match batch.tables {
             DeviceTables::Contiguous => {}
@@ -813,6 +843,15 @@ impl CudaAttention {
                     "planned for {:?}, given {:?}",
                     s.tables,
                     batch.tables.kind()
+                ),
+            ));
+        }
+        if batch.mask.is_some() != s.mask.is_some() {
+            return Err(bad(
+                "mask",
+                format!(
+                    "the plan says {}",
+                    if s.mask.is_some() { "given" } else { "absent" }
                 ),
             ));
         }
@@ -867,6 +906,13 @@ impl CudaAttention {
         if let Some(p) = &batch.q_positions {
             need("q_positions (B)", s.seqs, p.len)?;
         }
+        if let Some(m) = &batch.mask {
+            need(
+                "mask [max_rows, stride]",
+                s.max_rows * plan.mask_stride,
+                m.len,
+            )?;
+        }
         let (table, indptr, n_indices, kind, max_blocks) = match batch.tables {
             DeviceTables::Contiguous => (0, 0, 0i64, 0i32, 0i64),
             DeviceTables::Block { table, max_blocks } => {
@@ -909,7 +955,7 @@ impl CudaAttention {
             ws + plan.status,
         ];
         let (q_log_p, q_m, q_base, q_signs, q_scale) = plan.qrot;
-        let decode = [
+        let mut decode = vec![
             q.ptr,
             k.ptr,
             v.ptr,
@@ -933,6 +979,9 @@ impl CudaAttention {
             s.max_rows as u64,
             ws + plan.part,
         ];
+        if let Some(m) = &batch.mask {
+            decode.extend([m.ptr, plan.mask_stride as u64]);
+        }
         let (v_log_p, v_m, v_base, v_signs, v_scale) = plan.vrot;
         let combine = [
             ws + plan.part,
@@ -957,7 +1006,9 @@ impl CudaAttention {
         // are below indptr[B] ≤ n_indices, else the row is dropped); it writes three i64 per
         // row below max_rows and the status word. The decode kernel reads rows of q below
         // max_rows and, for kept rows, cache rows at pages the caller's contract (and, when
-        // `checked`, the first kernel) keeps inside the pools; it writes the partials' layout,
+        // `checked`, the first kernel) keeps inside the pools, and, with a mask, the row's
+        // values at its keys (below its length, at most max_seq_len, at most the stride; the
+        // mask's length checked above); it writes the partials' layout,
         // which the workspace holds. The combine reads them and writes max_rows rows of `out`
         // and of `lse`. The three run in stream order.
         unsafe {

@@ -151,6 +151,13 @@ fn decode_variants(out: &mut Vec<Variant>) {
                 ),
                 source: shape.source().unwrap().1,
             });
+            // The batch API's masked module, of the f32 kernel.
+            if !shape.tensor_cores {
+                out.push(Variant {
+                    name: format!("{}-mask", out.last().unwrap().name),
+                    source: shape.source_for(true).unwrap().1,
+                });
+            }
         }
     };
     let call = |elem, k_format, v_format, d, group, shared| DecodeCall {

@@ -257,6 +257,18 @@ impl Shape {
     /// The module's cache key and source: the element type and formats as defines (the
     /// preprocessor picks types and functions by them), the shape and layout as `DecodeTraits`.
     pub(crate) fn source(&self) -> Result<(String, String)> {
+        self.source_for(false)
+    }
+
+    /// [`Self::source`], with `masked`: `decode_attention` takes the batch API's additive
+    /// mask (`RQ_MASK`; the f32 kernel only). Unmasked modules are as they were.
+    pub(crate) fn source_for(&self, masked: bool) -> Result<(String, String)> {
+        if masked && self.tensor_cores {
+            return Err(CudaError::Input(Error::InvalidParameter {
+                name: "mask",
+                reason: "the tensor-core decode kernel takes no mask".into(),
+            }));
+        }
         let l = self.layout()?;
         let mut t = Traits::new(
             "DecodeTraits",
@@ -383,7 +395,13 @@ impl Shape {
                 formats += &crate::turbo::tables(self.v_format, self.d_v);
             }
         }
-        let key = format!("decode {self:?}");
+        let (defines, key) = match masked {
+            true => (
+                defines + "#define RQ_MASK 1\n",
+                format!("decode {self:?} masked"),
+            ),
+            false => (defines, format!("decode {self:?}")),
+        };
         let mma = if self.tensor_cores { DECODE_MMA } else { "" };
         Ok((
             key,

@@ -10,15 +10,16 @@ use common::{device, download, Elem, ROWS};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::{bf16, f16};
-use ndarray::Array3;
+use ndarray::{Array2, Array3};
 use rotq_cuda::batch::{
     BatchPlan, BatchShape, DeviceBatch, DeviceBuf, DeviceStream, DeviceTables, PoolGeometry,
     TablesKind,
 };
 use rotq_cuda::{CudaAttention, CudaError, Device};
+use rotq_reference::attention::attention_f64_masked;
 use rotq_reference::rotation::SplitMix64;
 use rotq_reference::tolerance::{Op, Precision};
-use rotq_reference::{attention_f64, AttentionParams, KvFormat, Rotation, RotationPlan};
+use rotq_reference::{AttentionParams, KvFormat, Rotation, RotationPlan};
 
 /// Sequences' rows in one pool: `data[s]` is sequence `s`'s K and V rows (token-major,
 /// `h_kv` rows a token, rotated and quantized), `pages[s]` the pool pages holding them.
@@ -137,6 +138,9 @@ struct Arrays<T> {
     lse: CudaSlice<f32>,
     ws: CudaSlice<u8>,
     max_blocks: usize,
+    /// The additive mask when the plan takes one: on the device, and its values and row
+    /// stride for the oracle.
+    mask: Option<(CudaSlice<f32>, Vec<f32>, usize)>,
 }
 
 impl<T: Elem> Arrays<T> {
@@ -155,6 +159,21 @@ impl<T: Elem> Arrays<T> {
             lse: stream.alloc_zeros::<f32>(plan.lse_len() + GUARD).unwrap(),
             ws: stream.alloc_zeros::<u8>(plan.workspace_bytes()).unwrap(),
             max_blocks,
+            mask: s.mask.map(|stride| {
+                // Values in [-2, 2], every 7th key of a row hidden (−∞), and row 2's every key.
+                let n = s.max_rows * stride;
+                let mut m: Vec<f32> = ROWS
+                    .f32s(n, 77)
+                    .iter()
+                    .map(|v| v.clamp(-2.0, 2.0))
+                    .collect();
+                for (i, v) in m.iter_mut().enumerate() {
+                    if i % stride % 7 == 3 || i / stride == 2 {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+                (stream.clone_htod(&m).unwrap(), m, stride)
+            }),
         }
     }
 
@@ -226,6 +245,7 @@ impl<T: Elem> Arrays<T> {
                     indices: DeviceBuf::of(&self.table),
                 },
             },
+            mask: self.mask.as_ref().map(|(m, _, _)| DeviceBuf::of(m)),
         }
     }
 
@@ -258,6 +278,7 @@ fn oracle<T: Elem>(
     h_q: usize,
     params: &AttentionParams,
     q: &[f32],
+    mask: Option<(&[f32], usize)>,
 ) -> (Vec<f64>, Vec<f64>) {
     let g = &pool.g;
     let (mut out, mut lse) = (Vec::new(), Vec::new());
@@ -268,6 +289,12 @@ fn oracle<T: Elem>(
             .iter()
             .map(|&x| f64::from(T::from_f32(x).to_f32()))
             .collect();
+        // This sequence's rows of the mask, over its keys.
+        let m = mask.map(|(values, stride)| {
+            Array2::from_shape_fn((s.n_q, s.len), |(i, j)| {
+                f64::from(values[(row + i) * stride + j])
+            })
+        });
         row += s.n_q;
         if let Some(r) = &pool.plan.qk {
             r.rotate_rows(&mut qr, false).unwrap();
@@ -293,7 +320,14 @@ fn oracle<T: Elem>(
             pos_offset: s.pos.unwrap_or(s.len - s.n_q),
             ..params.clone()
         };
-        let a = attention_f64(qa.view(), k.view(), v.view(), &p).unwrap();
+        let a = attention_f64_masked(
+            qa.view(),
+            k.view(),
+            v.view(),
+            &p,
+            m.as_ref().map(|m| m.view()),
+        )
+        .unwrap();
         let mut o: Vec<f64> = a.output.iter().copied().collect();
         if let Some(r) = &pool.plan.v {
             r.rotate_rows(&mut o, true).unwrap();
@@ -326,7 +360,8 @@ fn assert_step<T: Elem>(
         .into_iter()
         .map(f64::from)
         .collect();
-    let (want, want_lse) = oracle::<T>(pool, seqs, s.h_q, &s.params, q);
+    let mask = arrays.mask.as_ref().map(|(_, m, stride)| (&m[..], *stride));
+    let (want, want_lse) = oracle::<T>(pool, seqs, s.h_q, &s.params, q, mask);
     let rows: usize = seqs.iter().map(|s| s.n_q).sum();
     let what = format!("{} {what} {seqs:?}", std::any::type_name::<T>());
     let n_out = rows * s.h_q * pool.g.v_dim;
@@ -385,6 +420,18 @@ fn check_kind<T: Elem>(
     params: AttentionParams,
     positions: bool,
     formats: (KvFormat, KvFormat),
+) {
+    check_kind_masked::<T>(dev, kind, params, positions, formats, None);
+}
+
+/// [`check_kind`] with the plan's mask stride.
+fn check_kind_masked<T: Elem>(
+    dev: &Device,
+    kind: TablesKind,
+    params: AttentionParams,
+    positions: bool,
+    formats: (KvFormat, KvFormat),
+    mask: Option<usize>,
 ) {
     let lens = [300usize, 77, 1, 40, 129];
     let (pt, n_pages) = match kind {
@@ -450,6 +497,7 @@ fn check_kind<T: Elem>(
         q_positions: positions,
         tables: kind,
         checked: true,
+        mask,
     };
     let bp = attn.plan_batch::<T>(dev, &pool.g, &shape).unwrap();
     let stream = dev.stream();
@@ -464,7 +512,7 @@ fn check_kind<T: Elem>(
         &bp,
         &seqs,
         &q,
-        &format!("{kind:?} {formats:?}"),
+        &format!("{kind:?} {formats:?} mask {mask:?}"),
     );
 }
 
@@ -508,6 +556,48 @@ fn batch_steps_match_the_oracle() {
     ] {
         check_kind::<f16>(dev, csr, causal.clone(), false, formats);
     }
+}
+
+/// An additive mask (values in [-2, 2], every 7th key hidden, one row's every key hidden):
+/// every table layout and query type, a tensor-core pair of formats (the masked plan runs the
+/// f32 kernel), soft-cap and window; a stride shorter than the longest sequence is refused.
+#[test]
+fn masked_steps_match_the_oracle() {
+    let Some(dev) = device() else { return };
+    let causal = AttentionParams {
+        causal: true,
+        ..Default::default()
+    };
+    let q4 = (KvFormat::Q4_0, KvFormat::Q8_0);
+    for kind in [
+        TablesKind::Contiguous,
+        TablesKind::Block { max_blocks: 0 },
+        TablesKind::Csr,
+    ] {
+        check_kind_masked::<f16>(dev, kind, causal.clone(), false, q4, Some(320));
+    }
+    let csr = TablesKind::Csr;
+    check_kind_masked::<bf16>(dev, csr, causal.clone(), true, q4, Some(333));
+    check_kind_masked::<f32>(dev, csr, causal.clone(), false, q4, Some(320));
+    let windowed = AttentionParams {
+        causal: true,
+        window: Some(33),
+        softcap: Some(20.0),
+        ..Default::default()
+    };
+    check_kind_masked::<f16>(dev, csr, windowed, false, q4, Some(320));
+    // A stride shorter than max_seq_len is refused.
+    let plan = RotationPlan::none();
+    let attn = CudaAttention::new(dev, &plan).unwrap();
+    let g = geometry(KvFormat::Q8_0, KvFormat::Q8_0, 16, 8);
+    let short = BatchShape {
+        mask: Some(100),
+        ..BatchShape::decode(2, 4, 128, TablesKind::Csr)
+    };
+    assert!(matches!(
+        attn.plan_batch::<f16>(dev, &g, &short).unwrap_err(),
+        CudaError::Input(_)
+    ));
 }
 
 /// One run captured in a CUDA graph on a stream of its own, replayed with other lengths,
@@ -798,6 +888,15 @@ fn batch_bad_inputs_are_typed_errors() {
         )
     };
     assert!(input(typed.unwrap_err()));
+    // A mask the plan did not ask for.
+    let mask = stream.alloc_zeros::<f32>(2 * 128).unwrap();
+    let masked = DeviceBatch {
+        mask: Some(DeviceBuf::of(&mask)),
+        ..batch
+    };
+    // SAFETY: refused before anything is queued.
+    let e = unsafe { attn.run_batch(&bp, &s, &q_buf, &k, &v, &masked, &ws, &out, None) };
+    assert!(input(e.unwrap_err()));
     for bad in [
         BatchShape {
             seqs: 0,
@@ -896,7 +995,7 @@ fn batch_bad_inputs_are_typed_errors() {
         let zeros = |rows: &[f32]| rows.iter().all(|&x| x == 0.0);
         if what != "query_start_loc" {
             // Sequence 0 as the oracle has it; sequence 1's row saw no key.
-            let (want, _) = oracle::<f16>(&pool, &good[..1], 4, &shape.params, &q);
+            let (want, _) = oracle::<f16>(&pool, &good[..1], 4, &shape.params, &q, None);
             let got0: Vec<f64> = got[..per_row].iter().map(|&x| f64::from(x)).collect();
             rotq_testkit::oracle::assert_matches(&got0, &want, Op::Attention, Precision::F16, what);
             assert!(zeros(&got[per_row..]), "{what}: {:?}", &got[per_row..][..8]);

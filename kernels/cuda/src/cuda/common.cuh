@@ -9,6 +9,8 @@
 //                format's accessors (rq_code_*); likewise for V
 //   RQ_TENSOR_CORES  1: the module has a tensor-core kernel (f16/bf16 queries, K and V formats
 //                whose values are a scale times a code)
+//   RQ_MASK      defined: decode_attention takes an additive mask (the batch API's; the f32
+//                kernel only, so never with RQ_TENSOR_CORES)
 //
 // Here: the formats' block constants and per-group accessors, rotations of rows in shared
 // memory, the tensor-core wrappers (element pairs, code extraction, mma, movmatrix, ldmatrix),

@@ -53,6 +53,9 @@ struct Decode : DecodeTraits {
     static_assert(kStageWords == 32 * (kKStrideWords + kVStrideWords), "a stage: 32 K, 32 V rows");
     static_assert(kWarpWords == 2 * kStageWords + 32 * G, "two stages and a tile's weights");
     static_assert(kTensorCores == (RQ_TENSOR_CORES != 0), "the host's two words agree");
+#ifdef RQ_MASK
+    static_assert(!kTensorCores, "the mask is the f32 kernel's");
+#endif
     // The f32 kernel (launched when !kTensorCores) takes one query row and one KV head per
     // block, its warps each a stream of tiles with two stages of K and V rows.
     static_assert(kTensorCores ||
@@ -168,7 +171,12 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
                      long long n_heads, int causal, long long window, float softcap,
                      float score_scale, int q_log_p, int q_m, const unsigned long long* q_base,
                      const float* q_signs, float q_scale, long long split_tokens, long long n_rows,
-                     float* part) {
+                     float* part
+#ifdef RQ_MASK
+                     ,
+                     const float* mask, long long mask_stride
+#endif
+    ) {
     (void)n_rows;  // one row per block here
     const Rot qrot = {q_log_p, q_m, q_base, q_signs, q_scale};
     extern __shared__ float4 smem4[];
@@ -251,6 +259,12 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
 
         // Scores of this lane's token.
         const bool valid = lane < cnt;
+#ifdef RQ_MASK
+        // The caller's additive mask (the batch API's: row `seq`, this sequence's key t), added
+        // after the soft-cap; a −∞ entry hides its key.
+        const float mv = valid ? mask[(long long)seq * mask_stride + t0 + lane] : 0.0f;
+        const bool shown = valid && mv != NEG_INF;
+#endif
         float s[G];
 #pragma unroll
         for (int g = 0; g < G; g++) s[g] = 0.0f;
@@ -279,6 +293,10 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
 #pragma unroll
                 for (int g = 0; g < G; g++) s[g] = softcap * tanhf(s[g] / softcap);
             }
+#ifdef RQ_MASK
+#pragma unroll
+            for (int g = 0; g < G; g++) s[g] += mv;
+#endif
         }
 
         // Online softmax per head over the tile.
@@ -290,8 +308,13 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
             float m_new = fmaxf(m[g], tile_max);
             float pr;
             if (m_new == NEG_INF && !any_nan) {
-                // Every visible score so far is -Inf: weight 0 (0 / 0 if it stays so).
+                // Every visible score so far is -Inf: weight 0 (0 / 0 if it stays so). Keys the
+                // mask hides do not count: a row whose every key is hidden has none (zeros).
+#ifdef RQ_MASK
+                seen[g] = seen[g] || __any_sync(FULL_MASK, shown);
+#else
                 seen[g] = true;
+#endif
                 pr = 0.0f;
                 corr[g] = 1.0f;
             } else {
