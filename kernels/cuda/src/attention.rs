@@ -486,6 +486,11 @@ pub(crate) struct DeviceRotation {
 }
 
 impl DeviceRotation {
+    /// The explicit matrix, if the rotation is one (a pass outside the kernels).
+    pub(crate) fn matrix(&self) -> Option<&DeviceMatrix> {
+        self.matrix.as_ref()
+    }
+
     fn new(dev: &Device, rotation: &rotq_reference::Rotation) -> Result<Self> {
         let r = CudaRotation::new(dev, rotation)?;
         if let Some(m) = r.matrix() {
@@ -623,13 +628,6 @@ impl CudaAttention {
     /// The device's ordinal.
     pub(crate) fn ordinal(&self) -> usize {
         self.ordinal
-    }
-
-    /// Whether either rotation is an explicit matrix (a pass outside the kernels).
-    pub(crate) fn has_matrix(&self) -> bool {
-        [&self.qk, &self.v]
-            .iter()
-            .any(|r| r.as_ref().is_some_and(|r| r.matrix.is_some()))
     }
 
     /// The rotation plan.

@@ -72,6 +72,7 @@ use crate::attention::{describe, CudaAttention, RotArgs};
 use crate::decode_module::{DecodeCall, Shape};
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
+use crate::matrix::RawMatrixPass;
 use crate::rotation::GpuElement;
 use cudarc::driver::sys::{self, CUpointer_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr};
@@ -450,7 +451,8 @@ impl BatchShape {
 
 /// A planned step: the kernels, their launch shapes and the workspace's layout, for one pool
 /// geometry, element type and [`BatchShape`]. Made once (it may compile kernels); every
-/// [`CudaAttention::run_batch`] with it only queues three kernels and a 4-byte memset.
+/// [`CudaAttention::run_batch`] with it only queues three kernels and a 4-byte memset (and
+/// a matrix pass before and after them for an explicit-matrix rotation).
 #[derive(Debug)]
 pub struct BatchPlan {
     ctx: std::sync::Arc<cudarc::driver::CudaContext>,
@@ -473,6 +475,11 @@ pub struct BatchPlan {
     scale: f32,
     /// Values a mask row holds (0: no mask).
     mask_stride: usize,
+    /// Explicit-matrix rotations as passes of their own: the queries into the workspace at
+    /// `q_rotated` before the kernels, the output in place after them.
+    q_matrix: Option<RawMatrixPass>,
+    v_matrix: Option<RawMatrixPass>,
+    q_rotated: u64,
     /// Workspace offsets in bytes: lens, pos, row tables (i64 each), status (u32), partials.
     lens: u64,
     pos: u64,
@@ -576,8 +583,8 @@ impl CudaAttention {
     /// Plans a step of `shape` over pools of `pool` with queries and output of type `T`: checks
     /// everything the host knows (sizes, formats, the rotation plan's dimensions, parameters),
     /// picks the kernel configuration and splits for `shape.max_seq_len`, compiles the kernels
-    /// if needed and lays out the workspace. An explicit-matrix rotation is refused here (it
-    /// runs as passes of its own: [`CudaAttention::decode`] takes it).
+    /// if needed and lays out the workspace. An explicit-matrix rotation runs as passes of its
+    /// own around the kernels (the queries rotated into the workspace, the output in place).
     pub fn plan_batch<T: GpuElement>(
         &self,
         dev: &Device,
@@ -590,12 +597,6 @@ impl CudaAttention {
                 expected: self.ordinal(),
                 actual: ordinal,
             });
-        }
-        if self.has_matrix() {
-            return Err(bad(
-                "rotation plan",
-                "the batch API fuses Hadamard-family rotations only; an explicit matrix runs through CudaAttention::decode".into(),
-            ));
         }
         shape.params.validate()?;
         // Rows are grid dimensions y and z of the kernels (at most 65,535 each).
@@ -738,9 +739,26 @@ impl CudaAttention {
             .and_then(|x| x.checked_mul(n_part))
             .and_then(|x| x.checked_mul(layout.part_floats))
             .ok_or(Error::Overflow("partial results"))?;
-        let bytes = (part as usize)
+        let mut bytes = (part as usize)
             .checked_add(4 * part_floats)
             .ok_or(Error::Overflow("workspace"))?;
+        // Explicit matrices: the queries' rows rotated into the workspace (after the
+        // partials, 256-byte aligned), and the output's rotated back in place.
+        let q_rotated = bytes.div_ceil(256) * 256;
+        let rows_q = shape.max_rows * h_q;
+        let q_matrix = match self.qk_rotation().and_then(|r| r.matrix()) {
+            Some(m) => {
+                bytes = q_rotated
+                    .checked_add(rows_q * d * std::mem::size_of::<T>())
+                    .ok_or(Error::Overflow("workspace"))?;
+                Some(m.raw_pass::<T, T>(dev, rows_q, false)?)
+            }
+            None => None,
+        };
+        let v_matrix = match self.v_rotation().and_then(|r| r.matrix()) {
+            Some(m) => Some(m.raw_pass::<T, T>(dev, rows_q, true)?),
+            None => None,
+        };
         let (scale, _) = shape.params.f32_factors(d)?;
         let (qrot, vrot) = (
             RotArgs::of(dev, self.qk_rotation())?,
@@ -769,6 +787,9 @@ impl CudaAttention {
             n_part: n_part as i64,
             scale,
             mask_stride: shape.mask.unwrap_or(0),
+            q_matrix,
+            v_matrix,
+            q_rotated: q_rotated as u64,
             lens,
             pos,
             row_table,
@@ -955,8 +976,13 @@ impl CudaAttention {
             ws + plan.status,
         ];
         let (q_log_p, q_m, q_base, q_signs, q_scale) = plan.qrot;
+        // Under an explicit Q/K matrix the kernels read the queries rotated into the workspace.
+        let q_ptr = match plan.q_matrix {
+            Some(_) => ws + plan.q_rotated,
+            None => q.ptr,
+        };
         let mut decode = vec![
-            q.ptr,
+            q_ptr,
             k.ptr,
             v.ptr,
             table,
@@ -1012,6 +1038,11 @@ impl CudaAttention {
         // which the workspace holds. The combine reads them and writes max_rows rows of `out`
         // and of `lse`. The three run in stream order.
         unsafe {
+            if let Some(m) = &plan.q_matrix {
+                // Reads max_rows · h_q rows of q (its length checked), writes as many into the
+                // workspace at q_rotated (laid out for them).
+                m.launch(stream.raw, q.ptr, ws + plan.q_rotated)?;
+            }
             crate::kernel::launch_raw(
                 &rows.prepare,
                 (prepare_blocks, 1, 1),
@@ -1039,6 +1070,10 @@ impl CudaAttention {
                 &combine,
             )
             .context(|| describe_all("decode_combine", &rows.combine))?;
+            if let Some(m) = &plan.v_matrix {
+                // The output's max_rows · h_q rows (its length checked), in place.
+                m.launch(stream.raw, 0, out.ptr)?;
+            }
         }
         Ok(())
     }

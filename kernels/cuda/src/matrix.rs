@@ -172,6 +172,85 @@ impl DeviceMatrix {
     }
 }
 
+/// A matrix pass made ready for launches on a caller's stream (the batch API's): the kernel
+/// for its element types, its launch shape for a fixed row count, and the matrix's raw
+/// address, taken once, so that a launch touches no cudarc buffer (a graph capture may be under
+/// way). It keeps the matrix alive.
+#[derive(Debug)]
+pub(crate) struct RawMatrixPass {
+    function: cudarc::driver::CudaFunction,
+    key: String,
+    cfg: LaunchConfig,
+    n_rows: i64,
+    mt: u64,
+    _matrix: DeviceMatrix,
+}
+
+impl RawMatrixPass {
+    /// Queues `y ← M x` (`x` 0: in place on `y`) over the pass's rows on `stream`.
+    ///
+    /// # Safety
+    /// `x` (when not 0) must hold the pass's rows of `n` values of `I`, `y` of `O` (`I` = `O`
+    /// in place), both alive until the work has run.
+    pub(crate) unsafe fn launch(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        x: u64,
+        y: u64,
+    ) -> Result<()> {
+        let params = [x, y, self.n_rows as u64, self.mt];
+        // SAFETY: the parameters are `matrix_rows`' (x, y, n_rows, mt); the caller's promise
+        // covers `x` and `y`; `mt` holds n × n floats alive with `_matrix`; the shared memory
+        // is one row of n floats, as compiled.
+        unsafe {
+            crate::kernel::launch_raw(
+                &self.function,
+                self.cfg.grid_dim,
+                self.cfg.block_dim.0,
+                self.cfg.shared_mem_bytes,
+                stream,
+                &params,
+            )
+        }
+        .context(|| format!("launching matrix_rows ({}, {} rows)", self.key, self.n_rows))
+    }
+}
+
+impl DeviceMatrix {
+    /// The pass `y ← M x` (`inverse`: `Mᵀ x`) over `n_rows` rows of `I` into rows of `O`,
+    /// compiled for launches on a caller's stream.
+    pub(crate) fn raw_pass<I: GpuElement, O: GpuElement>(
+        &self,
+        dev: &Device,
+        n_rows: usize,
+        inverse: bool,
+    ) -> Result<RawMatrixPass> {
+        let n = self.n;
+        let (key, src) = source(n, I::ELEM, O::ELEM);
+        let smem = 4 * n;
+        let function = crate::kernel::function(dev, &key, &src, "matrix_rows", smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n_rows.clamp(1, 65_535 * 16) as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let m = if inverse {
+            &self.inverse
+        } else {
+            &self.forward
+        };
+        let mt = cudarc::driver::DevicePtr::device_ptr(m.as_ref(), m.stream()).0;
+        Ok(RawMatrixPass {
+            function,
+            key,
+            cfg,
+            n_rows: n_rows as i64,
+            mt,
+            _matrix: self.clone(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
