@@ -53,7 +53,7 @@
 /**
  * The minor version of the ABI (functions, constants and struct fields added at the end).
  */
-#define ROTQ_ABI_VERSION_MINOR 3
+#define ROTQ_ABI_VERSION_MINOR 4
 
 /**
  * The ABI version this header describes, packed as `major << 16 | minor`: compare it with
@@ -340,6 +340,11 @@ struct RotqDeviceShape {
    * The queries' and output's element type: "f16" (null), "bf16" or "f32".
    */
   const char *elem;
+  /**
+   * (ABI 2.4) Values a row of the additive mask holds (at least `max_seq_len`); 0: runs
+   * take no mask. A masked plan runs the f32 decode kernel.
+   */
+  size_t mask_stride;
 };
 
 /**
@@ -378,6 +383,16 @@ struct RotqDeviceBatch {
    * CSR: length of `indices`.
    */
   size_t n_indices;
+  /**
+   * (ABI 2.4) The additive mask, `float [max_rows, mask_stride]` (query row `r`, key `j` of
+   * its sequence at `r · mask_stride + j`), added to the scores after the soft-cap, −∞
+   * hiding a key (llama.cpp's KQ mask); given exactly when the plan has a `mask_stride`.
+   */
+  const float *mask;
+  /**
+   * (ABI 2.4) Floats at `mask`.
+   */
+  size_t mask_len;
 };
 
 /**

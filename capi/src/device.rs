@@ -58,6 +58,9 @@ pub struct RotqDeviceShape {
     pub checked: bool,
     /// The queries' and output's element type: "f16" (null), "bf16" or "f32".
     pub elem: *const c_char,
+    /// (ABI 2.4) Values a row of the additive mask holds (at least `max_seq_len`); 0: runs
+    /// take no mask. A masked plan runs the f32 decode kernel.
+    pub mask_stride: usize,
 }
 
 impl Default for RotqDeviceShape {
@@ -75,6 +78,7 @@ impl Default for RotqDeviceShape {
             q_positions: false,
             checked: false,
             elem: std::ptr::null(),
+            mask_stride: 0,
         }
     }
 }
@@ -99,6 +103,12 @@ pub struct RotqDeviceBatch {
     pub indices: *const u32,
     /// CSR: length of `indices`.
     pub n_indices: usize,
+    /// (ABI 2.4) The additive mask, `float [max_rows, mask_stride]` (query row `r`, key `j` of
+    /// its sequence at `r · mask_stride + j`), added to the scores after the soft-cap, −∞
+    /// hiding a key (llama.cpp's KQ mask); given exactly when the plan has a `mask_stride`.
+    pub mask: *const f32,
+    /// (ABI 2.4) Floats at `mask`.
+    pub mask_len: usize,
 }
 
 impl Default for RotqDeviceBatch {
@@ -113,6 +123,8 @@ impl Default for RotqDeviceBatch {
             indptr: std::ptr::null(),
             indices: std::ptr::null(),
             n_indices: 0,
+            mask: std::ptr::null(),
+            mask_len: 0,
         }
     }
 }
@@ -426,7 +438,7 @@ fn no_cuda() -> (RotqStatus, String) {
 
 #[cfg(feature = "cuda")]
 mod on_cuda {
-    use super::super::v2::{read_sized, RotqCodec, ROTQ_TABLES_CSR};
+    use super::super::v2::{read_sized_from, RotqCodec, ROTQ_TABLES_CSR};
     use super::super::{invalid, params_of, refused, text, RotqBackend, RotqStatus};
     use super::*;
     use half::{bf16, f16};
@@ -635,8 +647,16 @@ mod on_cuda {
         let b = b.ok_or_else(|| invalid("backend is null"))?;
         let c = c.ok_or_else(|| invalid("codec is null"))?;
         let dev = cuda_of(b)?;
-        // SAFETY: non-null checked inside; a valid struct (the caller's guarantee).
-        let s = unsafe { read_sized(shape, "shape", "RotqDeviceShape")? };
+        // SAFETY: non-null checked inside; a valid struct (the caller's guarantee);
+        // `mask_stride` is the first field ABI 2.4 appended.
+        let s = unsafe {
+            read_sized_from(
+                shape,
+                ("2.3", std::mem::offset_of!(RotqDeviceShape, mask_stride)),
+                "shape",
+                "RotqDeviceShape",
+            )?
+        };
         // SAFETY: null or a NUL-terminated name (the caller's guarantee).
         let elem = unsafe { elem_of(s.elem, "shape->elem")? };
         if s.params.pos_offset != 0 {
@@ -667,7 +687,7 @@ mod on_cuda {
             q_positions: s.q_positions,
             tables,
             checked: s.checked,
-            mask: None,
+            mask: (s.mask_stride > 0).then_some(s.mask_stride),
         };
         let g = spec.cuda_geometry();
         let plan = match elem {
@@ -716,8 +736,16 @@ mod on_cuda {
             raw: Raw,
             batch: *const RotqDeviceBatch,
         ) -> Result<(), Failure> {
-            // SAFETY: non-null checked inside; a valid struct (the caller's guarantee).
-            let b = unsafe { read_sized(batch, "batch", "RotqDeviceBatch")? };
+            // SAFETY: non-null checked inside; a valid struct (the caller's guarantee); `mask`
+            // is the first field ABI 2.4 appended.
+            let b = unsafe {
+                read_sized_from(
+                    batch,
+                    ("2.3", std::mem::offset_of!(RotqDeviceBatch, mask)),
+                    "batch",
+                    "RotqDeviceBatch",
+                )?
+            };
             let dev = &self.dev;
             let p = &self.plan;
             let shape = p.shape();
@@ -756,8 +784,31 @@ mod on_cuda {
                     false => Some(words(b.q_positions, shape.seqs, "q_positions")?),
                 },
                 tables,
-                // (The C ABI takes no mask yet.)
-                mask: None,
+                mask: match (shape.mask, b.mask.is_null()) {
+                    (None, true) => None,
+                    (Some(stride), false) => {
+                        let need = shape.max_rows * stride;
+                        if b.mask_len < need {
+                            return Err(invalid(format!(
+                                "batch->mask_len is {}, the plan's max_rows x mask_stride {need}",
+                                b.mask_len
+                            )));
+                        }
+                        // SAFETY: as above.
+                        let m = unsafe { DeviceBuf::<f32>::from_raw(dev, b.mask as u64, need) };
+                        Some(m.map_err(refused)?)
+                    }
+                    (None, false) => {
+                        return Err(invalid(
+                            "batch->mask given, but the plan has no mask_stride",
+                        ))
+                    }
+                    (Some(_), true) => {
+                        return Err(invalid(
+                            "batch->mask is null, but the plan has a mask_stride",
+                        ))
+                    }
+                },
             };
             // A length the caller gave, at least the plan's (the driver's allocation range
             // alone would not catch a buffer carved out of a larger one).

@@ -1,6 +1,7 @@
 //! The C ABI of rotq, for engines written in C or C++, in two parts that live side by side
-//! ([`rotq_abi_version`] says which this library offers: 2.3 offers both; 2.1 added
-//! `RotqPoolSpec::query`, 2.2 `rotq_checkpoint_plan`, 2.3 the device calls of [`device`]):
+//! ([`rotq_abi_version`] says which this library offers: 2.4 offers both; 2.1 added
+//! `RotqPoolSpec::query`, 2.2 `rotq_checkpoint_plan`, 2.3 the device calls of [`device`], 2.4
+//! their additive mask, `RotqDeviceShape::mask_stride` and `RotqDeviceBatch::mask`):
 //!
 //! * **v1**: one layer's rotated, quantized KV cache ([`rotq::cache::RotatedKvCache`]) behind an
 //!   opaque handle that owns its memory, on the CPU ([`rotq_cache_new`]) or on a backend opened

@@ -120,7 +120,7 @@ type Failure = (RotqStatus, String);
 pub const ROTQ_ABI_VERSION_MAJOR: u32 = 2;
 
 /// The minor version of the ABI (functions, constants and struct fields added at the end).
-pub const ROTQ_ABI_VERSION_MINOR: u32 = 3;
+pub const ROTQ_ABI_VERSION_MINOR: u32 = 4;
 
 /// The ABI version this header describes, packed as `major << 16 | minor`: compare it with
 /// [`rotq_abi_version`] at start-up (same major, and a library minor at least the header's).
@@ -466,20 +466,21 @@ pub(crate) unsafe fn read_sized<T: Copy + Default>(
     name: &str,
 ) -> Result<T, Failure> {
     // SAFETY: the caller's guarantees, passed on; the whole struct is ABI 2.0's.
-    unsafe { read_sized_from(ptr, size_of::<T>(), arg, name) }
+    unsafe { read_sized_from(ptr, ("2.0", size_of::<T>()), arg, name) }
 }
 
 /// [`read_sized`] of a struct that later minor versions extended: exactly `v2_0` bytes (its
-/// ABI 2.0 size) or at least this version's size; the fields past the caller's `struct_size`
+/// size in `first`, the ABI version that brought it: 2.0, or 2.3 for the device structs) or at
+/// least this version's size; the fields past the caller's `struct_size`
 /// keep their defaults (the zeroed values that mean "rotq's default"). (Each minor version
 /// that appends to it adds its own size here.)
 ///
 /// # Safety
 /// As [`read_sized`]; `v2_0` ends on a field boundary of `T`, whose first field is its
 /// `size_t struct_size`.
-unsafe fn read_sized_from<T: Copy + Default>(
+pub(crate) unsafe fn read_sized_from<T: Copy + Default>(
     ptr: *const T,
-    v2_0: usize,
+    (first, v2_0): (&str, usize),
     arg: &str,
     name: &str,
 ) -> Result<T, Failure> {
@@ -491,13 +492,13 @@ unsafe fn read_sized_from<T: Copy + Default>(
     if size < v2_0 {
         return Err(invalid(format!(
             "{arg}->struct_size is {size}, smaller than the {v2_0} bytes of a {name} of ABI \
-             2.0: set it to sizeof(struct {name})"
+             {first}: set it to sizeof(struct {name})"
         )));
     }
     // A size between two versions' ends would cut a field (a pointer) in two: refused.
     if size != v2_0 && size < size_of::<T>() {
         return Err(invalid(format!(
-            "{arg}->struct_size is {size}: neither ABI 2.0's {v2_0} bytes nor at least this \
+            "{arg}->struct_size is {size}: neither ABI {first}'s {v2_0} bytes nor at least this \
              version's {}: set it to sizeof(struct {name})",
             size_of::<T>()
         )));
@@ -541,7 +542,7 @@ pub(crate) unsafe fn text<'a>(s: *const c_char, what: &str) -> Result<&'a str, F
 unsafe fn layout_of(spec: *const RotqPoolSpec) -> Result<(RotqPoolSpec, PoolSpec), Failure> {
     let v2_0 = std::mem::offset_of!(RotqPoolSpec, query);
     // SAFETY: the caller's guarantees, passed on; `query` is the first field 2.1 appended.
-    let s = unsafe { read_sized_from(spec, v2_0, "spec", "RotqPoolSpec")? };
+    let s = unsafe { read_sized_from(spec, ("2.0", v2_0), "spec", "RotqPoolSpec")? };
     let query = if s.query.is_null() {
         rotq::QueryMode::Auto
     } else {

@@ -232,10 +232,23 @@ fn expect(status: RotqStatus, want: RotqStatus, says: &str) {
 }
 
 #[test]
-fn the_abi_version_is_2_3() {
+fn the_abi_version_is_2_4() {
     assert_eq!(rotq_abi_version(), ROTQ_ABI_VERSION);
-    assert_eq!(ROTQ_ABI_VERSION, (2 << 16) | 3);
+    assert_eq!(ROTQ_ABI_VERSION, (2 << 16) | 4);
     assert_eq!(rotq_abi_version() >> 16, ROTQ_ABI_VERSION_MAJOR);
+    // 2.4 appended the mask to the device structs: 2.3's are their prefixes (read as such).
+    use std::mem::{offset_of, size_of};
+    assert_eq!(
+        offset_of!(RotqDeviceShape, mask_stride) + 8,
+        size_of::<RotqDeviceShape>()
+    );
+    assert_eq!(
+        offset_of!(RotqDeviceBatch, mask) + 16,
+        size_of::<RotqDeviceBatch>()
+    );
+    // (The sizes of 2.3, as compiled C programs have them on 64-bit targets.)
+    assert_eq!(offset_of!(RotqDeviceShape, mask_stride), 112);
+    assert_eq!(offset_of!(RotqDeviceBatch, mask), 64);
 }
 
 #[test]
