@@ -15,8 +15,10 @@ kernels) and compiled by ``torch.compile``.
   Tensor slot_mapping, str spec) -> ()``: a step's K/V rows into a pool (``spec``:
   :func:`pool_spec`)
 * ``rotq::batch_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor query_start_loc,
-  Tensor block_table, Tensor seq_lens, int h_q, str spec) -> Tensor``: causal paged
-  attention of a mixed batch (``[rows, h_q, v_dim]``, q's dtype). On CUDA the work is split
+  Tensor block_table, Tensor seq_lens, int h_q, str spec, Tensor? mask=None) -> Tensor``:
+  causal paged attention of a mixed batch (``[rows, h_q, v_dim]``, q's dtype); ``mask``, an
+  additive float mask ``[rows, stride]`` (query row, key of its sequence), added after the
+  soft-cap (−∞ hides a key; on CUDA its stride is at least the block table's tokens). On CUDA the work is split
   for sequences as long as the block table allows (``block_table.shape[1] · page_tokens``),
   and every page entry is checked on the device: a sequence whose table points outside the
   pool, or whose length exceeds its table, gets no key (zeros) instead of reading out of place.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from typing import Optional
 from collections import OrderedDict
 
 import torch
@@ -319,17 +322,19 @@ def _(k_pool, v_pool, k, v, slot_mapping, spec):
 @torch.library.custom_op("rotq::batch_attention", mutates_args=())
 def batch_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     query_start_loc: torch.Tensor, block_table: torch.Tensor,
-                    seq_lens: torch.Tensor, h_q: int, spec: str) -> torch.Tensor:
+                    seq_lens: torch.Tensor, h_q: int, spec: str,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     pool = _pool(k_pool, v_pool, spec)
     plan = pool.plan(query_start_loc.contiguous(), h_q, block_table=block_table.contiguous(),
-                     seq_lens=seq_lens.contiguous())
+                     seq_lens=seq_lens.contiguous(),
+                     mask=None if mask is None else mask.contiguous().to(torch.float32))
     out = torch.empty(plan.out_shape, dtype=torch.float32)
     pool.run(plan, q.contiguous().to(torch.float32), out)
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 @_cuda(batch_attention)
-def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec):
+def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec, mask=None):
     s = json.loads(spec)
     pool = _cuda_pool(spec, _index(q))
     rows = q.shape[0] if q.dim() else 0
@@ -344,15 +349,24 @@ def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec):
     table = block_table.to(torch.int32).contiguous()
     seqs, max_blocks = table.shape
     max_seq_len = max_blocks * s["page_tokens"]
+    stride = 0
+    if mask is not None:
+        stride = mask.shape[-1] if mask.dim() == 2 else -1
+        if mask.dim() != 2 or mask.shape[0] != rows or stride < max_seq_len:
+            raise InvalidInputError(
+                f"mask {tuple(mask.shape)} must be [rows={rows}, stride] with a stride of at "
+                f"least the block table's {max_seq_len} tokens")
+        mask = mask.contiguous().to(torch.float32)
     dtype = str(q.dtype).removeprefix("torch.")
-    ws = torch.empty(pool.workspace_bytes(dtype, seqs, rows, max_seq_len, h_q, max_blocks),
+    ws = torch.empty(pool.workspace_bytes(dtype, seqs, rows, max_seq_len, h_q, max_blocks,
+                                          stride),
                      dtype=torch.uint8, device=q.device)
     pool.run(q, k_pool, v_pool, query_start_loc.to(torch.int32).contiguous(), table,
-             seq_lens.to(torch.int32).contiguous(), ws, out, max_seq_len, _stream(q))
+             seq_lens.to(torch.int32).contiguous(), ws, out, max_seq_len, _stream(q), mask)
     return out
 
 
 @batch_attention.register_fake
-def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec):
+def _(q, k_pool, v_pool, query_start_loc, block_table, seq_lens, h_q, spec, mask=None):
     v_dim = json.loads(spec)["v_dim"]
     return q.new_empty((q.shape[0], h_q, v_dim))

@@ -334,8 +334,8 @@ fn cuda_dequantize(
 }
 
 /// What a plan is made for, besides the pool: the element type, sequences, rows, the longest
-/// sequence, query heads and the block table's width.
-type PlanKey = (u32, usize, usize, usize, usize, usize);
+/// sequence, query heads, the block table's width and the mask's row stride (0: none).
+type PlanKey = (u32, usize, usize, usize, usize, usize, usize);
 
 /// A paged pool in torch CUDA tensors: its geometry, rotations, codecs and the plans of the
 /// step shapes seen so far. The pool bytes themselves stay the caller's (passed to each call).
@@ -448,7 +448,10 @@ impl CudaPool {
     /// The workspace bytes of a step (planning it, once per shape): `dtype` of the queries
     /// (`"float32"`, `"float16"`, `"bfloat16"`), `seqs` sequences, `max_rows` query rows,
     /// sequences up to `max_seq_len` tokens, `h_q` query heads, a block table of
-    /// `max_blocks` entries a sequence.
+    /// `max_blocks` entries a sequence, an additive mask of `mask_stride` values a row (0:
+    /// none).
+    #[pyo3(signature = (dtype, seqs, max_rows, max_seq_len, h_q, max_blocks, mask_stride=0))]
+    #[allow(clippy::too_many_arguments)]
     fn workspace_bytes(
         &self,
         dtype: &str,
@@ -457,9 +460,18 @@ impl CudaPool {
         max_seq_len: usize,
         h_q: usize,
         max_blocks: usize,
+        mask_stride: usize,
     ) -> PyResult<usize> {
         let elem = elem_of(dtype)?;
-        let key = (elem, seqs, max_rows, max_seq_len, h_q, max_blocks);
+        let key = (
+            elem,
+            seqs,
+            max_rows,
+            max_seq_len,
+            h_q,
+            max_blocks,
+            mask_stride,
+        );
         Ok(self.plan(key)?.workspace_bytes())
     }
 
@@ -467,7 +479,10 @@ impl CudaPool {
     /// `q` `[max_rows, h_q, head_dim]`, `query_start_loc` `[B + 1]`, `block_table` `[B,
     /// max_blocks]`, `seq_lens` `[B]`; writes `out` `[max_rows, h_q, v_dim]` (q's dtype).
     /// `workspace` holds [`Self::workspace_bytes`] bytes. Sequences are checked on the device
-    /// (a broken one gets no key, nothing is read out of place).
+    /// (a broken one gets no key, nothing is read out of place). `mask`: float32 `[max_rows,
+    /// stride]`, added to the scores after the soft-cap.
+    #[pyo3(signature = (q, k_pool, v_pool, query_start_loc, block_table, seq_lens, workspace,
+                        out, max_seq_len, stream, mask=None))]
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -482,9 +497,14 @@ impl CudaPool {
         out: &Bound<'_, PyAny>,
         max_seq_len: usize,
         stream: usize,
+        mask: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let stream = Stream(stream);
         let q = Tensor::import(q, "q", &FLOATS, &stream)?;
+        let mask = mask
+            .filter(|m| !m.is_none())
+            .map(|m| Tensor::import(m, "mask", &[DType::F32], &stream))
+            .transpose()?;
         let kp = Tensor::import(k_pool, "k_pool", &[DType::U8], &stream)?;
         let vp = Tensor::import(v_pool, "v_pool", &[DType::U8], &stream)?;
         let int = &[DType::I32];
@@ -493,7 +513,8 @@ impl CudaPool {
         let lens = Tensor::import(seq_lens, "seq_lens", int, &stream)?;
         let ws = Tensor::import(workspace, "workspace", &[DType::U8], &stream)?;
         let out = Tensor::import(out, "out", &FLOATS, &stream)?;
-        let all = [&q, &kp, &vp, &qsl, &table, &lens, &ws, &out];
+        let mut all = vec![&q, &kp, &vp, &qsl, &table, &lens, &ws, &out];
+        all.extend(mask.as_ref());
         let dev = device_of(&all)?;
         self.check_device(&dev)?;
         let (qs, ts) = (q.array.shape(), table.array.shape());
@@ -503,7 +524,18 @@ impl CudaPool {
             )));
         };
         let elem = elem_of(q.array.dtype().name())?;
-        let plan = self.plan((elem, *seqs, max_rows, max_seq_len, h_q, *max_blocks))?;
+        let stride = match &mask {
+            Some(m) => match m.array.shape() {
+                [rows, stride] if *rows == max_rows => *stride,
+                s => {
+                    return Err(invalid(format!(
+                        "mask: shape {s:?}, expected [{max_rows}, stride]"
+                    )))
+                }
+            },
+            None => 0,
+        };
+        let plan = self.plan((elem, *seqs, max_rows, max_seq_len, h_q, *max_blocks, stride))?;
         let dtype = q.array.dtype();
         if out.array.dtype() != dtype {
             return Err(invalid(format!(
@@ -523,7 +555,10 @@ impl CudaPool {
                         table: table.buf::<u32>(&dev, DType::I32)?,
                         max_blocks: *max_blocks,
                     },
-                    mask: None,
+                    mask: match &mask {
+                        Some(m) => Some(m.buf::<f32>(&dev, DType::F32)?),
+                        None => None,
+                    },
                 };
                 let (qb, kb, vb) = (
                     q.buf::<T>(&dev, dtype)?,
@@ -548,9 +583,10 @@ impl CudaPool {
         if let Some(p) = lock(&self.plans).get(&key) {
             return Ok(p.clone());
         }
-        let (elem, seqs, max_rows, max_seq_len, h_q, max_blocks) = key;
+        let (elem, seqs, max_rows, max_seq_len, h_q, max_blocks, stride) = key;
         let shape = BatchShape {
             max_rows,
+            mask: (stride > 0).then_some(stride),
             // A bad table from Python must not read outside the pool: every page is checked
             // (a pass over the tables; a broken sequence gets no key).
             checked: true,

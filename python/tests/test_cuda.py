@@ -185,6 +185,29 @@ def test_batch_attention_matches_the_cpu_op_and_sdpa(dtype, formats):
     assert _rel(got, want) <= 2 * _rel(want, ref) + max(TOL[dtype], 1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_batch_attention_with_a_mask_matches_the_cpu_op(dtype):
+    spec = _spec("q8_0", "q8_0")
+    k = _randn(sum(LENS), H_KV, D, seed=3, dtype=dtype)
+    v = _randn(sum(LENS), H_KV, D, seed=4, dtype=dtype)
+    kp, vp = _pools(spec, "cpu", k, v, _slots())
+    q, loc, tab, lens = _step_args(dtype=dtype)
+    # Biases on every key, one key of row 0 hidden, row 2 with every key hidden (zeros).
+    mask = _randn(sum(N_Q), tab.shape[1] * PAGE + 5, seed=14)
+    mask[0, 4] = -float("inf")
+    mask[2] = -float("inf")
+    want = OPS.batch_attention(q, kp, vp, loc, tab, lens, H_Q, spec, mask)
+    got = OPS.batch_attention(q.to(DEV), kp.to(DEV), vp.to(DEV), loc.to(DEV), tab.to(DEV),
+                              lens.to(DEV), H_Q, spec, mask.to(DEV))
+    assert torch.all(got[2] == 0)
+    # The CPU quantizes q8_0 queries over a q8_0 K: as close as its SDPA distance allows.
+    plain = OPS.batch_attention(q, kp, vp, loc, tab, lens, H_Q, spec)
+    assert _rel(got, want) < 2e-2 and _rel(want, plain) > 5e-2
+    with pytest.raises(rotq.InvalidInputError, match="stride"):
+        OPS.batch_attention(q.to(DEV), kp.to(DEV), vp.to(DEV), loc.to(DEV), tab.to(DEV),
+                            lens.to(DEV), H_Q, spec, mask[:, :8].to(DEV))
+
+
 def test_ops_run_on_a_side_stream():
     spec = _spec()
     k, v = _randn(sum(LENS), H_KV, D, seed=3), _randn(sum(LENS), H_KV, D, seed=4)

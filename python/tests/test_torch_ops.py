@@ -162,6 +162,31 @@ def test_pool_ops_match_kv_pool():
     np.testing.assert_array_equal(out.numpy(), want)
 
 
+def test_batch_attention_takes_a_mask():
+    spec, k_pool, v_pool, k, v, slots = _pool_args()
+    torch.ops.rotq.pool_append(k_pool, v_pool, k, v, slots, spec)
+    ref = rotq.KvPool("q8_0", "q4_0", 2, 64, 64, 8, 16, qk_rotation="hadamard")
+    ref.append(k.numpy(), v.numpy(), slots.numpy(), np.zeros(len(slots), np.int64))
+    loc = torch.tensor([0, 2, 3], dtype=torch.int32)
+    table = torch.tensor([[5, 2], [7, -1]], dtype=torch.int32)
+    seq_lens = torch.tensor([17, 3], dtype=torch.int32)
+    q = _randn(3, 8, 64, seed=10)
+    # Row 0 sees keys with biases, key 3 hidden; row 2 has every key hidden (zeros).
+    mask = _randn(3, 20, seed=13)
+    mask[0, 3] = -math.inf
+    mask[2] = -math.inf
+    out = torch.ops.rotq.batch_attention(q, k_pool, v_pool, loc, table, seq_lens, 8, spec, mask)
+    plan = ref.plan(loc.numpy(), 8, block_table=table.numpy(), seq_lens=seq_lens.numpy(),
+                    mask=mask.numpy())
+    want = np.zeros(plan.out_shape, np.float32)
+    ref.run(plan, q.numpy(), want)
+    np.testing.assert_array_equal(out.numpy(), want)
+    assert torch.all(out[2] == 0)
+    plain = torch.ops.rotq.batch_attention(q, k_pool, v_pool, loc, table, seq_lens, 8, spec)
+    assert not torch.allclose(out[0], plain[0])
+    assert "Tensor? mask=None" in str(torch.ops.rotq.batch_attention.default._schema)
+
+
 def test_pool_op_tracks_new_buffers():
     # a second pool of the same spec over other memory is another pool, not the cached one
     spec, k_pool, v_pool, k, v, slots = _pool_args()
