@@ -804,8 +804,9 @@ impl CudaAttention {
     /// ([`BatchPlan::workspace_bytes`]); writes `out` `[max_rows, h_q, v_dim]` and `lse`
     /// `[max_rows, h_q]` if given. Checks on the host only what it holds (every buffer's device
     /// and length, the pools' and workspace's 16-byte alignment, the tables' kind): a wrong one
-    /// is a typed error before anything is queued. Queues a 4-byte memset and three kernels;
-    /// allocates, uploads and waits for nothing, so it can be captured in a CUDA graph.
+    /// is a typed error before anything is queued. Queues a 4-byte memset and three kernels
+    /// (five with explicit-matrix rotations); allocates, uploads and waits for nothing, so it
+    /// can be captured in a CUDA graph.
     ///
     /// # Safety
     /// The work is queued, not done: every buffer, and the plan, must stay allocated until it

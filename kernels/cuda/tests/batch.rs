@@ -516,7 +516,12 @@ fn check_kind_with<T: Elem>(
     let bp = attn.plan_batch::<T>(dev, &pool.g, &shape).unwrap();
     let stream = dev.stream();
     let mut arrays = Arrays::<T>::new(stream, &bp, &pool);
-    let q = ROWS.f32s(bp.q_len(), 11);
+    let mut q = ROWS.f32s(bp.q_len(), 11);
+    if mask.is_some() {
+        // Row 2, whose every key the mask hides, gets NaN queries: still no key (zeros).
+        let per_row = shape.h_q * pool.g.head_dim;
+        q[2 * per_row..3 * per_row].fill(f32::NAN);
+    }
     arrays.write(stream, &pool, &seqs, kind, &q);
     arrays.run(&attn, &bp, &pool, stream);
     assert_step(

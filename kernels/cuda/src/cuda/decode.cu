@@ -208,6 +208,11 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
 
     float m[G], l[G];
     bool seen[G];
+#ifdef RQ_MASK
+    // Whether a key this warp saw was shown (not hidden by the mask): decode_combine gives a
+    // row whose every key is hidden zeros, whatever its partials hold.
+    bool any_shown = false;
+#endif
 #pragma unroll
     for (int g = 0; g < G; g++) {
         m[g] = NEG_INF;
@@ -263,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
         // The caller's additive mask (the batch API's: row `seq`, this sequence's key t), added
         // after the soft-cap; a −∞ entry hides its key.
         const float mv = valid ? mask[(long long)seq * mask_stride + t0 + lane] : 0.0f;
-        const bool shown = valid && mv != NEG_INF;
+        any_shown = __any_sync(FULL_MASK, valid && mv != NEG_INF) || any_shown;  // every lane votes
 #endif
         float s[G];
 #pragma unroll
@@ -308,13 +313,8 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
             float m_new = fmaxf(m[g], tile_max);
             float pr;
             if (m_new == NEG_INF && !any_nan) {
-                // Every visible score so far is -Inf: weight 0 (0 / 0 if it stays so). Keys the
-                // mask hides do not count: a row whose every key is hidden has none (zeros).
-#ifdef RQ_MASK
-                seen[g] = seen[g] || __any_sync(FULL_MASK, shown);
-#else
+                // Every visible score so far is -Inf: weight 0 (0 / 0 if it stays so).
                 seen[g] = true;
-#endif
                 pr = 0.0f;
                 corr[g] = 1.0f;
             } else {
@@ -395,6 +395,9 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
             out[0] = m[g];
             out[1] = l[g];
             out[2] = seen[g] ? 1.0f : 0.0f;
+#ifdef RQ_MASK
+            out[2] += any_shown ? 2.0f : 0.0f;
+#endif
         }
     }
 }
@@ -414,9 +417,20 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
     const float* base = part + row * n_part * Decode::kPartFloats;
     float mx = NEG_INF;
     bool any = false;
+#ifdef RQ_MASK
+    // A row whose every visible key the mask hid has no key: zeros and -Inf, whatever its
+    // partials hold (NaN scores, or 0 x Inf in V); otherwise every partial that saw a key
+    // merges, hidden ones with weight 0, so NaN and Inf there propagate as the oracle has it.
+    bool shown = false;
+    for (long long i = 0; i < n_part; i++)
+        if (base[i * Decode::kPartFloats + DV + 2] >= 2.0f) shown = true;
+#endif
     for (long long i = 0; i < n_part; i++) {
         const float* st = base + i * Decode::kPartFloats + DV;
         bool live = st[0] != NEG_INF || isnan(st[1]) || st[2] != 0.0f;
+#ifdef RQ_MASK
+        live = live && shown;
+#endif
         if (live) {
             any = true;
             mx = fmaxf(mx, st[0]);
@@ -428,6 +442,9 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
             for (long long i = 0; i < n_part; i++) {
                 const float* pi = base + i * Decode::kPartFloats;
                 bool live = pi[DV] != NEG_INF || isnan(pi[DV + 1]) || pi[DV + 2] != 0.0f;
+#ifdef RQ_MASK
+                live = live && shown;
+#endif
                 if (!live) continue;
                 float w = expf(pi[DV] - mx);
                 l += pi[DV + 1] * w;
@@ -442,6 +459,9 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
         for (long long i = 0; any && i < n_part; i++) {
             const float* st = base + i * Decode::kPartFloats + DV;
             bool live = st[0] != NEG_INF || isnan(st[1]) || st[2] != 0.0f;
+#ifdef RQ_MASK
+            live = live && shown;
+#endif
             if (live) l += st[1] * expf(st[0] - mx);
         }
         lse[row] = any ? mx + logf(l) : NEG_INF;
