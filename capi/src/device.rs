@@ -646,7 +646,7 @@ mod on_cuda {
         let (b, c) = unsafe { (backend.as_ref(), codec.as_ref()) };
         let b = b.ok_or_else(|| invalid("backend is null"))?;
         let c = c.ok_or_else(|| invalid("codec is null"))?;
-        let dev = cuda_of(b)?;
+        // The struct before the device: its size errors come first, on any backend.
         // SAFETY: non-null checked inside; a valid struct (the caller's guarantee);
         // `mask_stride` is the first field ABI 2.4 appended.
         let s = unsafe {
@@ -657,6 +657,7 @@ mod on_cuda {
                 "RotqDeviceShape",
             )?
         };
+        let dev = cuda_of(b)?;
         // SAFETY: null or a NUL-terminated name (the caller's guarantee).
         let elem = unsafe { elem_of(s.elem, "shape->elem")? };
         if s.params.pos_offset != 0 {

@@ -1632,6 +1632,32 @@ fn device_calls_refuse_what_the_host_can_tell() {
             RotqStatus::InvalidArgument,
             "plan is null",
         );
+        if cfg!(feature = "cuda") {
+            // A program built against 2.3 passes its shorter struct: read as before (the
+            // call goes on to the backend); a size between the versions is refused.
+            let v2_3 = RotqDeviceShape {
+                struct_size: std::mem::offset_of!(RotqDeviceShape, mask_stride),
+                ..shape
+            };
+            let status = rotq_device_plan_new(cpu, layer.codec, &v2_3, &mut plan);
+            expect(status, RotqStatus::InvalidArgument, "not a CUDA device");
+            let cut = RotqDeviceShape {
+                struct_size: std::mem::offset_of!(RotqDeviceShape, mask_stride) + 4,
+                ..shape
+            };
+            let status = rotq_device_plan_new(cpu, layer.codec, &cut, &mut plan);
+            expect(
+                status,
+                RotqStatus::InvalidArgument,
+                "neither ABI 2.3's 112 bytes",
+            );
+            let short = RotqDeviceShape {
+                struct_size: 64,
+                ..shape
+            };
+            let status = rotq_device_plan_new(cpu, layer.codec, &short, &mut plan);
+            expect(status, RotqStatus::InvalidArgument, "of ABI 2.3");
+        }
         let sizes = rotq_device_plan_sizes(null(), null_mut(), null_mut(), null_mut(), null_mut());
         expect(sizes, RotqStatus::InvalidArgument, "plan is null");
         let run = rotq_device_attention_run(
