@@ -716,15 +716,7 @@ impl CudaCodec {
     ) -> Result<()> {
         self.check_device(dev, cache.ordinal())?;
         self.check_device(dev, out.ordinal())?;
-        let n_rows = self.rows_of(out.len())?;
-        if cache.len() != n_rows * self.row_bytes {
-            return Err(Error::LengthMismatch {
-                what: "cache bytes for the output rows",
-                expected: n_rows * self.row_bytes,
-                actual: cache.len(),
-            }
-            .into());
-        }
+        let n_rows = self.decoded_rows(cache.len(), out.len())?;
         if n_rows == 0 {
             return Ok(());
         }
@@ -785,15 +777,7 @@ impl CudaCodec {
             }
             .into());
         }
-        let n_rows = self.rows_of(out.len())?;
-        if cache.len() != n_rows * self.row_bytes {
-            return Err(Error::LengthMismatch {
-                what: "cache bytes for the output rows",
-                expected: n_rows * self.row_bytes,
-                actual: cache.len(),
-            }
-            .into());
-        }
+        let n_rows = self.decoded_rows(cache.len(), out.len())?;
         if n_rows == 0 {
             return Ok(());
         }
@@ -845,6 +829,20 @@ impl CudaCodec {
             });
         }
         Ok(())
+    }
+
+    /// The rows `out_len` values hold, `cache_len` being their bytes (a dequantize's check).
+    fn decoded_rows(&self, cache_len: usize, out_len: usize) -> Result<usize> {
+        let n_rows = self.rows_of(out_len)?;
+        if cache_len != n_rows * self.row_bytes {
+            return Err(Error::LengthMismatch {
+                what: "cache bytes for the output rows",
+                expected: n_rows * self.row_bytes,
+                actual: cache_len,
+            }
+            .into());
+        }
+        Ok(n_rows)
     }
 
     fn rows_of(&self, len: usize) -> Result<usize> {
