@@ -1608,15 +1608,26 @@ fn device_calls_refuse_what_the_host_can_tell() {
             ..RotqDeviceShape::default()
         };
         let mut plan = std::ptr::dangling_mut::<RotqDevicePlan>();
+        // A program built against 2.3 passes its shorter struct: read as before (the call goes
+        // on to the backend); a size between the versions, or below 2.3's, is refused.
+        let v2_3 = std::mem::offset_of!(RotqDeviceShape, mask_stride);
+        let sized = |struct_size| RotqDeviceShape {
+            struct_size,
+            ..shape
+        };
+        let (old, cut, short) = (sized(v2_3), sized(v2_3 + 4), sized(64));
         let cases: [(
             *const RotqBackend,
             *const RotqCodec,
             *const RotqDeviceShape,
             &str,
-        ); 3] = [
+        ); 6] = [
             (cpu, layer.codec, &shape, "not a CUDA device"),
             (null(), layer.codec, &shape, "backend is null"),
             (cpu, null(), &shape, "codec is null"),
+            (cpu, layer.codec, &old, "not a CUDA device"),
+            (cpu, layer.codec, &cut, "neither ABI 2.3's 112 bytes"),
+            (cpu, layer.codec, &short, "of ABI 2.3"),
         ];
         for (backend, codec, shape, says) in cases {
             let status = rotq_device_plan_new(backend, codec, shape, &mut plan);
@@ -1632,32 +1643,6 @@ fn device_calls_refuse_what_the_host_can_tell() {
             RotqStatus::InvalidArgument,
             "plan is null",
         );
-        if cfg!(feature = "cuda") {
-            // A program built against 2.3 passes its shorter struct: read as before (the
-            // call goes on to the backend); a size between the versions is refused.
-            let v2_3 = RotqDeviceShape {
-                struct_size: std::mem::offset_of!(RotqDeviceShape, mask_stride),
-                ..shape
-            };
-            let status = rotq_device_plan_new(cpu, layer.codec, &v2_3, &mut plan);
-            expect(status, RotqStatus::InvalidArgument, "not a CUDA device");
-            let cut = RotqDeviceShape {
-                struct_size: std::mem::offset_of!(RotqDeviceShape, mask_stride) + 4,
-                ..shape
-            };
-            let status = rotq_device_plan_new(cpu, layer.codec, &cut, &mut plan);
-            expect(
-                status,
-                RotqStatus::InvalidArgument,
-                "neither ABI 2.3's 112 bytes",
-            );
-            let short = RotqDeviceShape {
-                struct_size: 64,
-                ..shape
-            };
-            let status = rotq_device_plan_new(cpu, layer.codec, &short, &mut plan);
-            expect(status, RotqStatus::InvalidArgument, "of ABI 2.3");
-        }
         let sizes = rotq_device_plan_sizes(null(), null_mut(), null_mut(), null_mut(), null_mut());
         expect(sizes, RotqStatus::InvalidArgument, "plan is null");
         let run = rotq_device_attention_run(

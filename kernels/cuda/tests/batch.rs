@@ -422,26 +422,35 @@ fn check_kind<T: Elem>(
     positions: bool,
     formats: (KvFormat, KvFormat),
 ) {
-    check_kind_masked::<T>(dev, kind, params, positions, formats, None);
+    check_kind_with::<T>(dev, kind, params, positions, formats, None, rotations());
 }
 
-/// [`check_kind`] with the plan's mask stride.
-fn check_kind_masked<T: Elem>(
-    dev: &Device,
-    kind: TablesKind,
-    params: AttentionParams,
-    positions: bool,
-    formats: (KvFormat, KvFormat),
-    mask: Option<usize>,
-) {
-    let plan = RotationPlan {
+/// The rotations of [`check_kind`]'s steps: a Hadamard on Q/K, blocks of 32 on V.
+fn rotations() -> RotationPlan {
+    RotationPlan {
         qk: Some(Rotation::hadamard(128).unwrap()),
         v: Some(Rotation::block_hadamard(128, 32).unwrap()),
-    };
-    check_kind_with::<T>(dev, kind, params, positions, formats, mask, plan);
+    }
 }
 
-/// [`check_kind_masked`] with a rotation plan of the caller's.
+/// Causal attention, the default scale.
+fn causal() -> AttentionParams {
+    AttentionParams {
+        causal: true,
+        ..Default::default()
+    }
+}
+
+/// Causal, a window of 33 and a soft-cap of 20.
+fn windowed() -> AttentionParams {
+    AttentionParams {
+        window: Some(33),
+        softcap: Some(20.0),
+        ..causal()
+    }
+}
+
+/// [`check_kind`] with the plan's mask stride and rotations of the caller's.
 fn check_kind_with<T: Elem>(
     dev: &Device,
     kind: TablesKind,
@@ -540,29 +549,19 @@ fn check_kind_with<T: Elem>(
 #[test]
 fn batch_steps_match_the_oracle() {
     let Some(dev) = device() else { return };
-    let causal = AttentionParams {
-        causal: true,
-        ..Default::default()
-    };
     let q4 = (KvFormat::Q4_0, KvFormat::Q8_0);
     for kind in [
         TablesKind::Contiguous,
         TablesKind::Block { max_blocks: 0 },
         TablesKind::Csr,
     ] {
-        check_kind::<f16>(dev, kind, causal.clone(), false, q4);
-        check_kind::<bf16>(dev, kind, causal.clone(), false, q4);
-        check_kind::<f32>(dev, kind, causal.clone(), false, q4);
+        check_kind::<f16>(dev, kind, causal(), false, q4);
+        check_kind::<bf16>(dev, kind, causal(), false, q4);
+        check_kind::<f32>(dev, kind, causal(), false, q4);
     }
     let csr = TablesKind::Csr;
-    check_kind::<f16>(dev, csr, causal.clone(), true, q4);
-    let windowed = AttentionParams {
-        causal: true,
-        window: Some(33),
-        softcap: Some(20.0),
-        ..Default::default()
-    };
-    check_kind::<f16>(dev, csr, windowed, false, q4);
+    check_kind::<f16>(dev, csr, causal(), true, q4);
+    check_kind::<f16>(dev, csr, windowed(), false, q4);
     let open = AttentionParams {
         causal: false,
         ..Default::default()
@@ -573,7 +572,7 @@ fn batch_steps_match_the_oracle() {
         (KvFormat::F16, KvFormat::F16),
         (KvFormat::Tq4, KvFormat::Q8_0),
     ] {
-        check_kind::<f16>(dev, csr, causal.clone(), false, formats);
+        check_kind::<f16>(dev, csr, causal(), false, formats);
     }
 }
 
@@ -583,28 +582,21 @@ fn batch_steps_match_the_oracle() {
 #[test]
 fn masked_steps_match_the_oracle() {
     let Some(dev) = device() else { return };
-    let causal = AttentionParams {
-        causal: true,
-        ..Default::default()
-    };
     let q4 = (KvFormat::Q4_0, KvFormat::Q8_0);
+    let masked = |kind, params, positions, stride| {
+        check_kind_with::<f16>(dev, kind, params, positions, q4, Some(stride), rotations())
+    };
     for kind in [
         TablesKind::Contiguous,
         TablesKind::Block { max_blocks: 0 },
         TablesKind::Csr,
     ] {
-        check_kind_masked::<f16>(dev, kind, causal.clone(), false, q4, Some(320));
+        masked(kind, causal(), false, 320);
     }
     let csr = TablesKind::Csr;
-    check_kind_masked::<bf16>(dev, csr, causal.clone(), true, q4, Some(333));
-    check_kind_masked::<f32>(dev, csr, causal.clone(), false, q4, Some(320));
-    let windowed = AttentionParams {
-        causal: true,
-        window: Some(33),
-        softcap: Some(20.0),
-        ..Default::default()
-    };
-    check_kind_masked::<f16>(dev, csr, windowed, false, q4, Some(320));
+    check_kind_with::<bf16>(dev, csr, causal(), true, q4, Some(333), rotations());
+    check_kind_with::<f32>(dev, csr, causal(), false, q4, Some(320), rotations());
+    masked(csr, windowed(), false, 320);
     // A stride shorter than max_seq_len is refused.
     let plan = RotationPlan::none();
     let attn = CudaAttention::new(dev, &plan).unwrap();
@@ -625,10 +617,6 @@ fn masked_steps_match_the_oracle() {
 #[test]
 fn explicit_matrix_rotations_follow_the_oracle() {
     let Some(dev) = device() else { return };
-    let causal = AttentionParams {
-        causal: true,
-        ..Default::default()
-    };
     let m = |seed| RotationKind::Matrix.build(128, seed);
     let h = Some(Rotation::hadamard(128).unwrap());
     let plans = [
@@ -639,19 +627,11 @@ fn explicit_matrix_rotations_follow_the_oracle() {
     let q4 = (KvFormat::Q4_0, KvFormat::Q8_0);
     let block = TablesKind::Block { max_blocks: 0 };
     for plan in plans {
-        check_kind_with::<f16>(dev, block, causal.clone(), false, q4, None, plan.clone());
-        check_kind_with::<f32>(dev, TablesKind::Csr, causal.clone(), false, q4, None, plan);
+        check_kind_with::<f16>(dev, block, causal(), false, q4, None, plan.clone());
+        check_kind_with::<f32>(dev, TablesKind::Csr, causal(), false, q4, None, plan);
     }
     let plan = RotationPlan { qk: m(9), v: m(10) };
-    check_kind_with::<bf16>(
-        dev,
-        TablesKind::Csr,
-        causal.clone(),
-        true,
-        q4,
-        Some(320),
-        plan,
-    );
+    check_kind_with::<bf16>(dev, TablesKind::Csr, causal(), true, q4, Some(320), plan);
 }
 
 /// One run captured in a CUDA graph on a stream of its own, replayed with other lengths,
