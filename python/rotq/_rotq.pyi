@@ -3,7 +3,7 @@ arrays they are given; ``rotq``'s Python functions allocate those and are the pu
 
 from typing import Any, Optional, Sequence, Tuple, Union
 
-ArrayLike = Any  # an object with __dlpack__: a NumPy array or a torch CPU tensor
+ArrayLike = Any  # an object with __dlpack__: a NumPy array or a torch tensor
 Rotation = Union[None, str, ArrayLike]  # "none", "hadamard", "block:B", "randomized:SEED", or [d, d]
 
 __version__: str
@@ -115,3 +115,35 @@ def oracle_rotated_quantized_attention(
     pos_offset: int = 0, scale: Optional[float] = None, window: Optional[int] = None,
     softcap: Optional[float] = None,
 ) -> None: ...
+
+# The CUDA side (the wheel's `cuda` feature): torch CUDA tensors, queued on the stream whose
+# raw handle is `stream` (``torch.cuda.current_stream().cuda_stream``); ``rotq.ops`` calls them.
+def cuda_available() -> bool: ...
+def cuda_rotate_(
+    x: ArrayLike, rotation: str, inverse: bool, stream: int, output_scale: Optional[float] = None,
+) -> None: ...
+def cuda_quantize(
+    x: ArrayLike, out: ArrayLike, format_name: str, rotation: str, slots: ArrayLike, stream: int,
+) -> None: ...
+def cuda_dequantize(
+    data: ArrayLike, out: ArrayLike, format_name: str, rotation: str, stream: int,
+) -> None: ...
+
+class CudaPool:
+    def __init__(
+        self, k_format: str, v_format: str, n_kv_heads: int, head_dim: int, v_dim: int,
+        n_pages: int, page_tokens: int, qk_rotation: str, v_rotation: str, device: int,
+    ) -> None: ...
+    def append(
+        self, k_pool: ArrayLike, v_pool: ArrayLike, k: ArrayLike, v: ArrayLike,
+        slot_mapping: ArrayLike, stream: int,
+    ) -> None: ...
+    def workspace_bytes(
+        self, dtype: str, seqs: int, max_rows: int, max_seq_len: int, h_q: int, max_blocks: int,
+        mask_stride: int = 0,
+    ) -> int: ...
+    def run(
+        self, q: ArrayLike, k_pool: ArrayLike, v_pool: ArrayLike, query_start_loc: ArrayLike,
+        block_table: ArrayLike, seq_lens: ArrayLike, workspace: ArrayLike, out: ArrayLike,
+        max_seq_len: int, stream: int, mask: Optional[ArrayLike] = None,
+    ) -> None: ...

@@ -8,7 +8,7 @@
 //! allocator, and a graph's private pool under capture). What is made once per device and
 //! shape (the kernels, rotations, codecs and plans) is kept here, keyed by what made it.
 
-use crate::arrays::{import_any, Array, DType};
+use crate::arrays::{import_any, with_float, Array, DType};
 use crate::errors::{invalid, reference, DeviceError, RotqMemoryError};
 use crate::FLOATS;
 use dlpark::ffi::{DLDevice, DLDeviceType};
@@ -44,17 +44,29 @@ fn cuda_available() -> bool {
 /// The devices opened so far, by ordinal (each compiles and keeps its kernels).
 fn device(ordinal: usize) -> PyResult<Arc<Device>> {
     static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
-    let mut map = lock(DEVICES.get_or_init(Default::default));
-    if let Some(d) = map.get(&ordinal) {
-        return Ok(d.clone());
-    }
-    let d = Arc::new(Device::new(ordinal).map_err(to_py)?);
-    Ok(map.entry(ordinal).or_insert(d).clone())
+    cached(DEVICES.get_or_init(Default::default), ordinal, || {
+        Ok(Arc::new(Device::new(ordinal).map_err(to_py)?))
+    })
 }
 
 /// A lock, even if a thread panicked holding it (the maps hold only finished values).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The value of `key` in `map`, made by `make` the first time. The lock is not held while
+/// making (it may compile or upload); if another thread made one meanwhile, the first one
+/// stays (work may already use it) and this one is dropped.
+fn cached<K: Eq + std::hash::Hash, V: Clone>(
+    map: &Mutex<HashMap<K, V>>,
+    key: K,
+    make: impl FnOnce() -> PyResult<V>,
+) -> PyResult<V> {
+    if let Some(v) = lock(map).get(&key) {
+        return Ok(v.clone());
+    }
+    let v = make()?;
+    Ok(lock(map).entry(key).or_insert(v).clone())
 }
 
 /// The caller's stream, as DLPack's consumer stream and as the kernels' stream.
@@ -169,26 +181,6 @@ impl Stream {
     }
 }
 
-/// Runs `f` for the float element type of `dtype`.
-macro_rules! with_elem {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            _ => {
-                type $t = half::bf16;
-                $body
-            }
-        }
-    };
-}
-
 /// A rotation by its string (`hadamard`, `block:B`, `randomized:SEED`) for rows of `dim`.
 fn rotation(spec: &str, dim: usize) -> PyResult<Option<Rotation>> {
     let s: RotationSpec = spec.parse().map_err(reference)?;
@@ -200,17 +192,14 @@ fn cuda_rotation(dev: &Device, spec: &str, dim: usize) -> PyResult<Option<Arc<Cu
     type Key = (usize, String, usize);
     static ROTATIONS: OnceLock<Mutex<HashMap<Key, Option<Arc<CudaRotation>>>>> = OnceLock::new();
     let key = (dev.context().ordinal(), spec.to_string(), dim);
-    let map = ROTATIONS.get_or_init(Default::default);
-    if let Some(r) = lock(map).get(&key) {
-        return Ok(r.clone());
-    }
-    let made = match rotation(spec, dim)? {
-        Some(r) => Some(Arc::new(CudaRotation::new(dev, &r).map_err(to_py)?)),
-        None => None,
-    };
-    synchronize(dev)?;
-    // Another thread may have made it meanwhile: the first one stays (work may use it).
-    Ok(lock(map).entry(key).or_insert(made).clone())
+    cached(ROTATIONS.get_or_init(Default::default), key, || {
+        let made = match rotation(spec, dim)? {
+            Some(r) => Some(Arc::new(CudaRotation::new(dev, &r).map_err(to_py)?)),
+            None => None,
+        };
+        synchronize(dev)?;
+        Ok(made)
+    })
 }
 
 /// Codecs made so far, by (device, format, row length, rotation string).
@@ -218,14 +207,12 @@ fn cuda_codec(dev: &Device, format: KvFormat, dim: usize, spec: &str) -> PyResul
     type Key = (usize, KvFormat, usize, String);
     static CODECS: OnceLock<Mutex<HashMap<Key, Arc<CudaCodec>>>> = OnceLock::new();
     let key = (dev.context().ordinal(), format, dim, spec.to_string());
-    let map = CODECS.get_or_init(Default::default);
-    if let Some(c) = lock(map).get(&key) {
-        return Ok(c.clone());
-    }
-    let r = rotation(spec, dim)?;
-    let codec = Arc::new(CudaCodec::new(dev, format, dim, r.as_ref()).map_err(to_py)?);
-    synchronize(dev)?;
-    Ok(lock(map).entry(key).or_insert(codec).clone())
+    cached(CODECS.get_or_init(Default::default), key, || {
+        let r = rotation(spec, dim)?;
+        let codec = Arc::new(CudaCodec::new(dev, format, dim, r.as_ref()).map_err(to_py)?);
+        synchronize(dev)?;
+        Ok(codec)
+    })
 }
 
 /// Waits for what a constructor uploaded on the device's own stream (the caller's stream,
@@ -256,7 +243,7 @@ fn cuda_rotate_(
     let Some(r) = cuda_rotation(&dev, rotation, dim)? else {
         return Ok(());
     };
-    with_elem!(x.array.dtype(), T => {
+    with_float!(x.array.dtype(), T => {
         // SAFETY: the Python layer keeps `x` alive past the queued work (torch's allocator
         // reuses its memory only in stream order).
         let buf = unsafe { x.buf_mut::<T>(&dev, x.array.dtype())? };
@@ -291,7 +278,7 @@ fn cuda_quantize(
     out.array
         .expect_len(rows * codec.row_bytes(), "rows x row_bytes")?;
     slots.array.expect_len(rows, "one slot a row")?;
-    with_elem!(x.array.dtype(), T => {
+    with_float!(x.array.dtype(), T => {
         // SAFETY: the Python layer keeps the tensors alive past the queued work.
         let (xb, ob, sb) = unsafe {
             (
@@ -323,7 +310,7 @@ fn cuda_dequantize(
     let out = Tensor::import(out, "out", &FLOATS, &stream)?;
     let dev = device_of(&[&data, &out])?;
     let codec = cuda_codec(&dev, f, out.array.last_dim(), rotation)?;
-    with_elem!(out.array.dtype(), T => {
+    with_float!(out.array.dtype(), T => {
         // SAFETY: the Python layer keeps the tensors alive past the queued work.
         let (db, ob) = unsafe {
             (data.buf::<u8>(&dev, DType::U8)?, out.buf_mut::<T>(&dev, out.array.dtype())?)
@@ -396,15 +383,6 @@ impl CudaPool {
         })
     }
 
-    /// Bytes of the K and V pools.
-    fn pool_bytes(&self) -> PyResult<(usize, usize)> {
-        let g = &self.geometry;
-        Ok((
-            g.k_bytes().map_err(reference)?,
-            g.v_bytes().map_err(reference)?,
-        ))
-    }
-
     /// A step's K and V rows (`[n, n_kv_heads, dim]` float CUDA tensors) into the pools at
     /// `slot_mapping` (int64, `n`; a negative slot skips its token), in one launch each.
     #[allow(clippy::too_many_arguments)]
@@ -428,7 +406,7 @@ impl CudaPool {
         self.check_device(&dev)?;
         let h = self.geometry.n_kv_heads;
         for (t, codec, pool) in [(&k, &self.k_codec, &kp), (&v, &self.v_codec, &vp)] {
-            with_elem!(t.array.dtype(), T => {
+            with_float!(t.array.dtype(), T => {
                 // SAFETY: the Python layer keeps the tensors alive past the queued work.
                 let (tb, pb, sb) = unsafe {
                     (
@@ -544,7 +522,7 @@ impl CudaPool {
                 out.array.dtype().name()
             )));
         }
-        with_elem!(dtype, T => {
+        with_float!(dtype, T => {
             // SAFETY: the Python layer keeps the tensors alive past the queued work.
             unsafe {
                 let batch = DeviceBatch {
@@ -580,9 +558,11 @@ impl CudaPool {
 impl CudaPool {
     /// The plan of `key`, made once.
     fn plan(&self, key: PlanKey) -> PyResult<Arc<BatchPlan>> {
-        if let Some(p) = lock(&self.plans).get(&key) {
-            return Ok(p.clone());
-        }
+        cached(&self.plans, key, || self.make_plan(key))
+    }
+
+    /// Plans a step of `key` (may compile kernels).
+    fn make_plan(&self, key: PlanKey) -> PyResult<Arc<BatchPlan>> {
         let (elem, seqs, max_rows, max_seq_len, h_q, max_blocks, stride) = key;
         let shape = BatchShape {
             max_rows,
@@ -599,10 +579,7 @@ impl CudaPool {
             _ => a.plan_batch::<half::bf16>(d, g, &shape),
         }
         .map_err(to_py)?;
-        Ok(lock(&self.plans)
-            .entry(key)
-            .or_insert(Arc::new(plan))
-            .clone())
+        Ok(Arc::new(plan))
     }
 
     fn check_device(&self, dev: &Device) -> PyResult<()> {
