@@ -532,7 +532,7 @@ impl CudaCodec {
         // of `input` and one slot per token (both lengths checked), writes whole rows only of
         // slots in 0..n_slots (checked on the device), which the pool holds, and sets bits of
         // `status` when given (at least one word). `signs` stays alive with this codec.
-        unsafe { queue(name, (&function, geometry, &key, &l), stream, &params) }
+        unsafe { kernel::queue(name, (&function, geometry, &key, &l), stream.raw(), &params) }
     }
 
     /// The slot-mapping kernel over the rows of `input` (checked by the caller).
@@ -793,7 +793,7 @@ impl CudaCodec {
         // SAFETY: the parameters are the kernel's, in order (cache, n_rows, output, signs,
         // scale); it reads `n_rows` whole rows of `cache` and writes `n_rows` rows of `dim`
         // values of `out` (both lengths checked); `signs` stays alive with this codec.
-        unsafe { queue(name, (&function, geometry, &key, &l), stream, &params) }
+        unsafe { kernel::queue(name, (&function, geometry, &key, &l), stream.raw(), &params) }
     }
 
     /// The dequantize kernel over `n_rows` rows of `cache` into `out`.
@@ -914,33 +914,6 @@ impl CudaCodec {
         let launch = kernel::launch_config(geometry, n_rows)?;
         Ok((function, geometry, key, launch))
     }
-}
-
-/// Queues the codec kernel `name` (its function, geometry, module key and launch shape) with
-/// raw `params` on a caller's stream.
-///
-/// # Safety
-/// The parameters must be the kernel's, in order, with every pointer valid for what the
-/// kernel does with it until the work has run.
-unsafe fn queue(
-    name: &str,
-    (function, geometry, key, l): (&CudaFunction, kernel::Geometry, &str, &LaunchConfig),
-    stream: &DeviceStream<'_>,
-    params: &[u64],
-) -> Result<()> {
-    // SAFETY: the caller's promise.
-    unsafe {
-        kernel::launch_raw(
-            function,
-            l.grid_dim,
-            l.block_dim.0,
-            l.shared_mem_bytes,
-            stream.raw(),
-            params,
-        )
-    }
-    .context(|| kernel::describe(name, function, geometry, key))?;
-    Ok(())
 }
 
 /// A codec kernel ready to launch.

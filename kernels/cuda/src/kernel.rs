@@ -444,3 +444,29 @@ pub(crate) unsafe fn launch_raw(
         )
     }
 }
+
+/// Queues the row kernel `name` (its function, geometry, module key and launch shape) with raw
+/// `params` on a caller's stream, a failure described as [`describe`] does.
+///
+/// # Safety
+/// As [`launch_raw`].
+pub(crate) unsafe fn queue(
+    name: &str,
+    (function, geometry, key, l): (&CudaFunction, Geometry, &str, &LaunchConfig),
+    stream: cudarc::driver::sys::CUstream,
+    params: &[u64],
+) -> Result<()> {
+    // SAFETY: the caller's promise.
+    unsafe {
+        launch_raw(
+            function,
+            l.grid_dim,
+            l.block_dim.0,
+            l.shared_mem_bytes,
+            stream,
+            params,
+        )
+    }
+    .context(|| describe(name, function, geometry, key))?;
+    Ok(())
+}

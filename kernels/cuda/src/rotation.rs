@@ -152,14 +152,7 @@ impl CudaRotation {
         inverse: bool,
         output_scale: Option<f32>,
     ) -> Result<()> {
-        for ordinal in [dev.context().ordinal(), data.ordinal(), stream.ordinal()] {
-            if ordinal != self.ordinal {
-                return Err(CudaError::WrongDevice {
-                    expected: self.ordinal,
-                    actual: ordinal,
-                });
-            }
-        }
+        self.check_devices(&[dev.context().ordinal(), data.ordinal(), stream.ordinal()])?;
         if self.matrix.is_some() {
             return Err(Error::InvalidParameter {
                 name: "rotation",
@@ -186,18 +179,18 @@ impl CudaRotation {
         // reads and writes `n_rows` whole rows of `data` (its length a multiple of the row,
         // checked), reads `n` signs when the pointer is not null (this rotation's, alive with
         // it); the launch shape is the one the geometry was compiled for.
-        unsafe {
-            kernel::launch_raw(
-                &f,
-                cfg.grid_dim,
-                cfg.block_dim.0,
-                cfg.shared_mem_bytes,
-                stream.raw(),
-                &params,
-            )
+        unsafe { kernel::queue("rotate_rows", (&f, g, &key, &cfg), stream.raw(), &params) }
+    }
+
+    /// Refuses a device, or a buffer or stream of a device, other than the rotation's.
+    fn check_devices(&self, ordinals: &[usize]) -> Result<()> {
+        match ordinals.iter().find(|&&o| o != self.ordinal) {
+            Some(&actual) => Err(CudaError::WrongDevice {
+                expected: self.ordinal,
+                actual,
+            }),
+            None => Ok(()),
         }
-        .context(|| kernel::describe("rotate_rows", &f, g, &key))?;
-        Ok(())
     }
 
     /// Rows of [`Self::dim`] values in `len` values.
@@ -255,14 +248,7 @@ impl CudaRotation {
         data: &mut CudaSlice<T>,
         inverse: bool,
     ) -> Result<()> {
-        for ordinal in [dev.context().ordinal(), data.ordinal()] {
-            if ordinal != self.ordinal {
-                return Err(CudaError::WrongDevice {
-                    expected: self.ordinal,
-                    actual: ordinal,
-                });
-            }
-        }
+        self.check_devices(&[dev.context().ordinal(), data.ordinal()])?;
         let n_rows = self.rows_of(data.len())?;
         if n_rows == 0 {
             return Ok(());
