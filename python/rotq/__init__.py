@@ -98,6 +98,14 @@ def _cuda_ops(x):
     return None
 
 
+def _op_rotation(rotation):
+    """The torch ops' rotation string for ``rotation`` (``"none"`` for None), or None for an
+    explicit matrix (the ops take names only)."""
+    if rotation is None or isinstance(rotation, str):
+        return rotation or "none"
+    return None
+
+
 def _into(out, result):
     """``result``, or copied into ``out`` when the caller passed one."""
     if out is None:
@@ -151,8 +159,9 @@ def rotate(x, rotation, inverse: bool = False, out=None):
     """
     ops = _cuda_ops(x)
     if ops is not None:
-        if rotation is None or isinstance(rotation, str):
-            return _into(out, ops.rotate(x, rotation or "none", inverse))
+        name = _op_rotation(rotation)
+        if name is not None:
+            return _into(out, ops.rotate(x, name, inverse))
         # An explicit matrix: one product on the GPU (rows are outputs: y = x Rᵀ).
         import torch
 
@@ -222,9 +231,9 @@ def quantize(x, format: str, rotation=None, out=None):
     >>> rotq.quantize(np.zeros((3, 32), dtype=np.float32), "q4_0").shape
     (3, 18)
     """
-    ops = _cuda_ops(x)
-    if ops is not None and (rotation is None or isinstance(rotation, str)):
-        return _into(out, ops.quantize(x, format, rotation or "none"))
+    ops, name = _cuda_ops(x), _op_rotation(rotation)
+    if ops is not None and name is not None:
+        return _into(out, ops.quantize(x, format, name))
     shape = _shape(x, "x")
     d = shape[-1] if shape else 1
     out_shape = (*shape[:-1], row_bytes(format, d))
@@ -253,10 +262,10 @@ def dequantize(data, format: str, dim: int, rotation=None, out=None):
     # One row of bytes gives one row of values; more give a [rows, dim] block.
     tail = (dim,) if last == rb else (last // rb, dim)
     out_shape = (*shape[:-1], *tail)
-    ops = _cuda_ops(data)
-    if ops is not None and (rotation is None or isinstance(rotation, str)):
+    ops, name = _cuda_ops(data), _op_rotation(rotation)
+    if ops is not None and name is not None:
         rows = data.reshape(*shape[:-1], last // rb, rb)
-        return _into(out, ops.dequantize(rows, format, dim, rotation or "none").reshape(out_shape))
+        return _into(out, ops.dequantize(rows, format, dim, name).reshape(out_shape))
     out = _empty(data, out_shape, "float32") if out is None else out
     _rotq.dequantize(data, out, format, rotation)
     return out
