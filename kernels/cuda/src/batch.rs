@@ -473,13 +473,10 @@ pub struct BatchPlan {
     split_tokens: i64,
     n_part: i64,
     scale: f32,
-    /// Values a mask row holds (0: no mask).
-    mask_stride: usize,
     /// Explicit-matrix rotations as passes of their own: the queries into the workspace at
-    /// `q_rotated` before the kernels, the output in place after them.
-    q_matrix: Option<RawMatrixPass>,
+    /// the offset given before the kernels, the output in place after them.
+    q_matrix: Option<(RawMatrixPass, u64)>,
     v_matrix: Option<RawMatrixPass>,
-    q_rotated: u64,
     /// Workspace offsets in bytes: lens, pos, row tables (i64 each), status (u32), partials.
     lens: u64,
     pos: u64,
@@ -751,7 +748,7 @@ impl CudaAttention {
                 bytes = q_rotated
                     .checked_add(rows_q * d * std::mem::size_of::<T>())
                     .ok_or(Error::Overflow("workspace"))?;
-                Some(m.raw_pass::<T, T>(dev, rows_q, false)?)
+                Some((m.raw_pass::<T, T>(dev, rows_q, false)?, q_rotated as u64))
             }
             None => None,
         };
@@ -786,10 +783,8 @@ impl CudaAttention {
             split_tokens: split_tokens as i64,
             n_part: n_part as i64,
             scale,
-            mask_stride: shape.mask.unwrap_or(0),
             q_matrix,
             v_matrix,
-            q_rotated: q_rotated as u64,
             lens,
             pos,
             row_table,
@@ -928,12 +923,8 @@ impl CudaAttention {
         if let Some(p) = &batch.q_positions {
             need("q_positions (B)", s.seqs, p.len)?;
         }
-        if let Some(m) = &batch.mask {
-            need(
-                "mask [max_rows, stride]",
-                s.max_rows * plan.mask_stride,
-                m.len,
-            )?;
+        if let (Some(m), Some(stride)) = (&batch.mask, s.mask) {
+            need("mask [max_rows, stride]", s.max_rows * stride, m.len)?;
         }
         let (table, indptr, n_indices, kind, max_blocks) = match batch.tables {
             DeviceTables::Contiguous => (0, 0, 0i64, 0i32, 0i64),
@@ -978,8 +969,8 @@ impl CudaAttention {
         ];
         let (q_log_p, q_m, q_base, q_signs, q_scale) = plan.qrot;
         // Under an explicit Q/K matrix the kernels read the queries rotated into the workspace.
-        let q_ptr = match plan.q_matrix {
-            Some(_) => ws + plan.q_rotated,
+        let q_ptr = match &plan.q_matrix {
+            Some((_, rotated)) => ws + rotated,
             None => q.ptr,
         };
         let mut decode = vec![
@@ -1006,8 +997,8 @@ impl CudaAttention {
             s.max_rows as u64,
             ws + plan.part,
         ];
-        if let Some(m) = &batch.mask {
-            decode.extend([m.ptr, plan.mask_stride as u64]);
+        if let (Some(m), Some(stride)) = (&batch.mask, s.mask) {
+            decode.extend([m.ptr, stride as u64]);
         }
         let (v_log_p, v_m, v_base, v_signs, v_scale) = plan.vrot;
         let combine = [
@@ -1039,10 +1030,10 @@ impl CudaAttention {
         // which the workspace holds. The combine reads them and writes max_rows rows of `out`
         // and of `lse`. The three run in stream order.
         unsafe {
-            if let Some(m) = &plan.q_matrix {
+            if let Some((m, rotated)) = &plan.q_matrix {
                 // Reads max_rows · h_q rows of q (its length checked), writes as many into the
-                // workspace at q_rotated (laid out for them).
-                m.launch(stream.raw, q.ptr, ws + plan.q_rotated)?;
+                // workspace at `rotated` (laid out for them).
+                m.launch(stream.raw, q.ptr, ws + rotated)?;
             }
             crate::kernel::launch_raw(
                 &rows.prepare,
