@@ -369,7 +369,7 @@ pub unsafe extern "C" fn rotq_device_codec_new(
 /// `stream`; nothing allocated, copied or waited for (the first call for an element type may
 /// compile the kernels: make one before capturing a graph). A slot outside the pool is not
 /// written and sets bit 0 of `*status` when `status` is not null (the caller clears and reads
-/// it). An explicit-matrix rotation is refused here.
+/// it). Every rotation runs here, explicit matrices included.
 ///
 /// Threads: any thread; calls that write the same pools must not overlap.
 ///

@@ -91,7 +91,7 @@ impl CudaCodec {
             Some(r) => Some(CudaRotation::new(dev, r)?),
             None => None,
         };
-        let signs_ptr = match rotation.as_ref().and_then(|r| r.signs()) {
+        let signs_ptr = match rotation.as_ref().and_then(kernel_argument) {
             Some(s) => s.device_ptr(s.stream()).0,
             None => 0,
         };
@@ -139,15 +139,14 @@ impl CudaCodec {
             .map_or(&self.identity, |r| r.transform())
     }
 
-    /// Whether the codec kernels rotate (a fast transform; an explicit matrix is a pass of its
-    /// own around them).
-    fn fused_rotation(&self) -> bool {
-        self.rotation.as_ref().is_some_and(|r| r.matrix().is_none())
-    }
-
-    /// The explicit matrix of the rotation, if it is one.
-    fn matrix(&self) -> Option<&crate::matrix::DeviceMatrix> {
-        self.rotation.as_ref().and_then(CudaRotation::matrix)
+    /// What the codec kernels rotate by: the fast transform, or an explicit matrix in place of
+    /// it (the same kernels, so every path, caller buffers included, takes both).
+    fn rotate(&self) -> kernel::Rotate {
+        match &self.rotation {
+            None => kernel::Rotate::None,
+            Some(r) if r.matrix().is_some() => kernel::Rotate::Matrix,
+            Some(_) => kernel::Rotate::Transform,
+        }
     }
 
     /// Rotates the rows of `input` and writes their blocks into `cache` at `target`.
@@ -172,31 +171,7 @@ impl CudaCodec {
         let Some((table, page_tokens)) = self.locate(dev, cache, &target, n_tokens)? else {
             return Ok(());
         };
-        match self.matrix_rotated(dev, input, n_rows)? {
-            Some(rotated) => {
-                self.launch_quantize(dev, &rotated, cache, table, page_tokens, n_rows, &target)
-            }
-            None => self.launch_quantize(dev, input, cache, table, page_tokens, n_rows, &target),
-        }
-    }
-
-    /// Under an explicit matrix, the first `n_rows` rows of `input` rotated into a new f32
-    /// buffer (the codec kernels then quantize them as they are); `None` otherwise.
-    fn matrix_rotated<T: GpuElement>(
-        &self,
-        dev: &Device,
-        input: &CudaSlice<T>,
-        n_rows: usize,
-    ) -> Result<Option<CudaSlice<f32>>> {
-        let Some(m) = self.matrix() else {
-            return Ok(None);
-        };
-        let mut rotated = dev
-            .stream()
-            .alloc_zeros::<f32>(n_rows * self.dim)
-            .context(|| "a buffer of rotated rows".into())?;
-        m.apply(dev, input, &mut rotated, n_rows, false)?;
-        Ok(Some(rotated))
+        self.launch_quantize(dev, input, cache, table, page_tokens, n_rows, &target)
     }
 
     /// The rotate-quantize kernel over `n_rows` rows of `input` into `cache` (located).
@@ -281,10 +256,6 @@ impl CudaCodec {
         let Some((table, page_tokens)) = self.locate(dev, cache, &target, n_tokens)? else {
             return Ok(());
         };
-        if let Some(m) = self.matrix() {
-            let located = (table, page_tokens);
-            return self.shift_by_matrix(dev, m, cache, &target, n_tokens, located, rope, delta);
-        }
         let stream = dev.stream();
         let angles: Vec<f32> = rope
             .angles(delta)
@@ -381,12 +352,7 @@ impl CudaCodec {
         if n_rows == 0 {
             return Ok(());
         }
-        match self.matrix_rotated(dev, input, n_rows)? {
-            Some(rotated) => {
-                self.launch_slots(dev, &rotated, cache, n_heads, slots, n_slots, status)
-            }
-            None => self.launch_slots(dev, input, cache, n_heads, slots, n_slots, status),
-        }
+        self.launch_slots(dev, input, cache, n_heads, slots, n_slots, status)
     }
 
     /// The batch append's checks (the inputs' whole tokens, one slot each, a pool of whole
@@ -437,9 +403,7 @@ impl CudaCodec {
     /// [`DeviceBuf`] and [`DeviceStream`]): the same kernel, queued with no allocation, upload
     /// or synchronisation, so it can be captured in a CUDA graph. The first call for an
     /// element type may compile the kernel, which a capture does not allow: make one before
-    /// capturing. An explicit-matrix rotation is refused here (its rows take a pass into a
-    /// buffer of their own: [`Self::quantize_slots`] takes it), and so is a pool not 16-byte
-    /// aligned.
+    /// capturing. A pool not 16-byte aligned is refused.
     ///
     /// # Safety
     /// The work is queued, not done: the buffers must stay allocated, and the input and slots
@@ -487,14 +451,6 @@ impl CudaCodec {
         .chain(status.map(|s| s.ordinal()))
         {
             self.check_device(dev, o)?;
-        }
-        if self.matrix().is_some() {
-            return Err(Error::InvalidParameter {
-                name: "rotation",
-                reason: "an explicit matrix runs through quantize_slots, not on caller buffers"
-                    .into(),
-            }
-            .into());
         }
         if !pool.ptr().is_multiple_of(16) {
             return Err(Error::InvalidParameter {
@@ -576,54 +532,6 @@ impl CudaCodec {
         // not null, holds at least one word.
         unsafe { launch.launch(k.launch) }.context(|| k.describe())?;
         Ok(())
-    }
-
-    /// [`Self::shift`] under an explicit matrix `R`, which the shift kernel cannot fuse: the
-    /// rows copied out of the cache (page by page), dequantized into f32 as stored, turned by
-    /// `Rᵀ`, the RoPE shift (as a matrix) and `R` in three passes, and quantized back in place.
-    #[allow(clippy::too_many_arguments)]
-    fn shift_by_matrix(
-        &self,
-        dev: &Device,
-        m: &crate::matrix::DeviceMatrix,
-        cache: &mut CudaSlice<u8>,
-        target: &CacheTarget<'_>,
-        n_tokens: usize,
-        (table, page_tokens): (Option<CudaSlice<u32>>, usize),
-        rope: &Rope,
-        delta: i64,
-    ) -> Result<()> {
-        let (h, d, rb) = (target.n_heads, self.dim, self.row_bytes);
-        let n_rows = n_tokens * h;
-        let stream = dev.stream();
-        let what = || "copying shifted rows".to_string();
-        let mut stored = stream.alloc_zeros::<u8>(n_rows * rb).context(what)?;
-        // Runs of consecutive slots (`locate` checked that every one lies inside `cache`).
-        let slot = |t: usize| match target.pages {
-            Some((pages, pt)) => pages[t / pt] as usize * pt + t % pt,
-            None => t,
-        };
-        let mut first = 0;
-        while first < n_tokens {
-            let start = slot(target.start_pos + first);
-            let mut len = 1;
-            while first + len < n_tokens && slot(target.start_pos + first + len) == start + len {
-                len += 1;
-            }
-            let bytes = len * h * rb;
-            let src = cache.slice(start * h * rb..start * h * rb + bytes);
-            let mut dst = stored.slice_mut(first * h * rb..first * h * rb + bytes);
-            stream.memcpy_dtod(&src, &mut dst).context(what)?;
-            first += len;
-        }
-        let mut values = stream.alloc_zeros::<f32>(n_rows * d).context(what)?;
-        self.launch_dequantize(dev, &stored, &mut values, n_rows)?;
-        let p = crate::matrix::rope_matrix(rope, d, delta)?;
-        let turn = crate::matrix::DeviceMatrix::from_rows(dev, d, &p)?;
-        m.apply_in_place(dev, &mut values, n_rows, true)?;
-        turn.apply_in_place(dev, &mut values, n_rows, false)?;
-        m.apply_in_place(dev, &mut values, n_rows, false)?;
-        self.launch_quantize(dev, &values, cache, table, page_tokens, n_rows, target)
     }
 
     /// Checks that the `n_tokens` positions from `target.start_pos` lie inside `cache` (through
@@ -720,22 +628,12 @@ impl CudaCodec {
         if n_rows == 0 {
             return Ok(());
         }
-        if let Some(m) = self.matrix() {
-            // Dequantized into f32 as stored, then rotated back into `out`.
-            let mut stored = dev
-                .stream()
-                .alloc_zeros::<f32>(n_rows * self.dim)
-                .context(|| "a buffer of dequantized rows".into())?;
-            self.launch_dequantize(dev, cache, &mut stored, n_rows)?;
-            return m.apply(dev, &stored, out, n_rows, true);
-        }
         self.launch_dequantize(dev, cache, out, n_rows)
     }
 
     /// Decodes the rows of a caller's `cache` buffer (whole contiguous rows) into its `out`,
     /// rotating them back, queued on the caller's stream with nothing allocated, uploaded or
-    /// awaited (so it can be captured in a CUDA graph). An explicit-matrix rotation is
-    /// refused (it takes a pass into a buffer of its own: [`Self::dequantize`]).
+    /// awaited (so it can be captured in a CUDA graph).
     ///
     /// # Safety
     /// The work is queued, not done: the buffers must stay allocated, and `cache` unchanged,
@@ -769,13 +667,6 @@ impl CudaCodec {
     ) -> Result<()> {
         for o in [cache.ordinal(), out.ordinal(), stream.ordinal()] {
             self.check_device(dev, o)?;
-        }
-        if self.matrix().is_some() {
-            return Err(Error::InvalidParameter {
-                name: "rotation",
-                reason: "an explicit matrix runs through dequantize, not on caller buffers".into(),
-            }
-            .into());
         }
         let n_rows = self.decoded_rows(cache.len(), out.len())?;
         if n_rows == 0 {
@@ -866,7 +757,7 @@ impl CudaCodec {
         n_rows: usize,
     ) -> Result<Compiled> {
         let stream = dev.stream();
-        let signs = match self.rotation.as_ref().and_then(|r| r.signs()) {
+        let signs = match self.rotation.as_ref().and_then(kernel_argument) {
             Some(s) => s.clone(),
             None => Arc::new(stream.null::<f32>().context(|| "a null pointer".into())?),
         };
@@ -908,11 +799,25 @@ impl CudaCodec {
             self.row_bytes,
             dev.info().max_shared_per_block,
         )?;
-        let rotate = self.fused_rotation();
-        let (key, src) = kernel::source(transform, geometry, T::ELEM, rotate, Some(self.format));
+        let (key, src) = kernel::source(
+            transform,
+            geometry,
+            T::ELEM,
+            self.rotate(),
+            Some(self.format),
+        );
         let function = kernel::function(dev, &key, &src, name, geometry.smem)?;
         let launch = kernel::launch_config(geometry, n_rows)?;
         Ok((function, geometry, key, launch))
+    }
+}
+
+/// What the codec kernels take as their `signs` argument: a randomized transform's signs, or
+/// an explicit matrix's `Rᵀ` (the kernels read it transposed for the inverse).
+fn kernel_argument(r: &CudaRotation) -> Option<&Arc<CudaSlice<f32>>> {
+    match r.matrix() {
+        Some(m) => Some(m.transposed()),
+        None => r.signs(),
     }
 }
 

@@ -28,7 +28,7 @@
 
 use crate::decode_module::{DecodeCall, Shape};
 use crate::flash_module::FlashShape;
-use crate::kernel::{self, RowConfig, Transform};
+use crate::kernel::{self, Rotate, RowConfig, Transform};
 use crate::{DecodeConfig, PrefillConfig};
 use cudarc::nvrtc::{result, sys};
 use rotq_reference::{KvFormat, Rotation};
@@ -57,7 +57,7 @@ fn row_variants(out: &mut Vec<Variant>) {
     configs.push(RowConfig::codec_default());
     let mut rotation = |name: &str, t: &Transform, elem: u32, cfg: RowConfig| {
         if let Ok(g) = kernel::geometry(t, cfg, false, 0, MAX_SMEM) {
-            let (_, source) = kernel::source(t, g, elem, true, None);
+            let (_, source) = kernel::source(t, g, elem, Rotate::Transform, None);
             out.push(Variant {
                 name: format!("rotate/{}/{name}/{cfg:?}", elem_name(elem)),
                 source,
@@ -88,8 +88,8 @@ fn row_variants(out: &mut Vec<Variant>) {
             }
         }
     }
-    let codec = |out: &mut Vec<Variant>, f: KvFormat, dim: usize, elem: u32, rotate: bool, cfg| {
-        let t = if rotate {
+    let codec = |out: &mut Vec<Variant>, f: KvFormat, dim: usize, elem: u32, rotate, cfg| {
+        let t = if rotate == Rotate::Transform {
             Transform::of(&Rotation::hadamard(dim).unwrap()).unwrap()
         } else {
             Transform::identity(dim).unwrap()
@@ -101,7 +101,7 @@ fn row_variants(out: &mut Vec<Variant>) {
                 name: format!(
                     "codec/{}/{f}/d{dim}/rotate{}/{cfg:?}",
                     elem_name(elem),
-                    rotate as u8
+                    rotate as u32
                 ),
                 source,
             });
@@ -109,14 +109,14 @@ fn row_variants(out: &mut Vec<Variant>) {
     };
     for f in [KvFormat::Q8_0, KvFormat::Q4_0, KvFormat::F16] {
         for cfg in &configs {
-            codec(out, f, 128, 1, true, *cfg);
+            codec(out, f, 128, 1, Rotate::Transform, *cfg);
         }
     }
     // Every format of the registry.
     for f in KvFormat::ALL {
         for dim in [64, 128] {
             for elem in 0..3 {
-                for rotate in [false, true] {
+                for rotate in [Rotate::None, Rotate::Transform, Rotate::Matrix] {
                     codec(out, f, dim, elem, rotate, RowConfig::codec_default());
                 }
             }

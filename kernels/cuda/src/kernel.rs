@@ -268,14 +268,26 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// The cache key and source of one module: the element type, the base of the transform, the
-/// direction of the codec kernels and the format as defines (the preprocessor picks types,
-/// code and functions by them), the sizes and layout as `RowTraits`.
+/// What a row module rotates by: its `ROTATE` define.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rotate {
+    /// Nothing (a codec without a rotation).
+    None = 0,
+    /// The fast transform (Hadamard, randomized or not; the signs are an argument).
+    Transform = 1,
+    /// An explicit matrix, whose `Rᵀ` the kernels take in place of the signs (codec modules
+    /// only: hadamard.cu's `matrix_values`).
+    Matrix = 2,
+}
+
+/// The cache key and source of one module: the element type, the base of the transform, what
+/// the codec kernels rotate by and the format as defines (the preprocessor picks types, code
+/// and functions by them), the sizes and layout as `RowTraits`.
 pub(crate) fn source(
     t: &Transform,
     g: Geometry,
     elem: u32,
-    rotate: bool,
+    rotate: Rotate,
     format: Option<KvFormat>,
 ) -> (String, String) {
     let (m, p) = (t.size.base, t.size.pow2);

@@ -1,14 +1,14 @@
 //! Explicit rotation matrices on the GPU (`cuda/matrix.cu`): compressed-tensors' `random-matrix`
-//! transforms, and any orthogonal matrix a plan carries. They have no fast transform, so they
-//! run as their own pass over the rows (`y = M x`, `d` multiply-adds a value in f32) before the
-//! kernels that would fuse a Hadamard: the codec rotates rows into an f32 buffer and quantizes
-//! those, attention rotates the queries into a buffer and rotates its output back in place.
+//! transforms, and any orthogonal matrix a plan carries. They have no fast transform: `y = M x`
+//! costs `d` multiply-adds a value in f32. The codec kernels do it in place of the transform
+//! (hadamard.cu's `matrix_values`, on this module's `Rᵀ`); attention runs it as a pass of its
+//! own (this module's kernel), rotating the queries into a buffer before the kernels that
+//! would fuse a Hadamard and their output back in place after them.
 
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
 use crate::rotation::GpuElement;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use rotq_reference::rope::Rope;
 use rotq_reference::rotation::RotationKind;
 use rotq_reference::{Error, Rotation};
 use std::sync::Arc;
@@ -28,17 +28,6 @@ pub(crate) fn source(n: usize, in_elem: u32, out_elem: u32) -> (String, String) 
             crate::kernel::FORMATS
         ),
     )
-}
-
-/// The RoPE shift by `delta` positions of rows of `d` values as a matrix `P` (row-major), so
-/// that `P x` is `rope.shift_rows_of(x)`: column `j` is the shift of the unit vector `e_j`.
-pub(crate) fn rope_matrix(rope: &Rope, d: usize, delta: i64) -> Result<Vec<f64>> {
-    let mut columns = vec![0f64; d * d];
-    for j in 0..d {
-        columns[j * d + j] = 1.0;
-    }
-    rope.shift_rows_of(&mut columns, d, delta)?;
-    Ok((0..d * d).map(|k| columns[(k % d) * d + k / d]).collect())
 }
 
 /// A rotation's explicit matrix on one device, as the kernel reads it: `M` and `Mᵀ`, each
@@ -217,6 +206,12 @@ impl RawMatrixPass {
 }
 
 impl DeviceMatrix {
+    /// `Rᵀ` row-major on the device: what the codec kernels take in place of a transform's
+    /// signs (hadamard.cu's `matrix_values`, which reads it transposed for `Rᵀ x`).
+    pub(crate) fn transposed(&self) -> &Arc<CudaSlice<f32>> {
+        &self.forward
+    }
+
     /// The pass `y ← M x` (`inverse`: `Mᵀ x`) over `n_rows` rows of `I` into rows of `O`,
     /// compiled for launches on a caller's stream.
     pub(crate) fn raw_pass<I: GpuElement, O: GpuElement>(
@@ -248,31 +243,5 @@ impl DeviceMatrix {
             mt,
             _matrix: self.clone(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rotq_reference::rope::RopeVariant;
-
-    /// `P x` equals the oracle's shift of `x`, for both pairings and partial rotary dims.
-    #[test]
-    fn the_rope_matrix_is_the_shift() {
-        for (variant, dims, d) in [
-            (RopeVariant::Neox, 64, 64),
-            (RopeVariant::Normal, 64, 64),
-            (RopeVariant::Neox, 32, 64),
-        ] {
-            let rope = Rope::new(variant, dims);
-            let p = rope_matrix(&rope, d, -37).unwrap();
-            let x: Vec<f64> = (0..d).map(|i| (i as f64 * 0.61).sin()).collect();
-            let mut want = x.clone();
-            rope.shift_rows_of(&mut want, d, -37).unwrap();
-            for i in 0..d {
-                let got: f64 = (0..d).map(|j| p[i * d + j] * x[j]).sum();
-                assert!((got - want[i]).abs() < 1e-12, "{variant:?} {dims}: {i}");
-            }
-        }
     }
 }

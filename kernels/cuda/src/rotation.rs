@@ -123,7 +123,8 @@ impl CudaRotation {
     /// CUDA graph). `output_scale` replaces the normalization `1/√n` by a factor of the
     /// caller's: the unnormalized transform times it (Dao-AILab's `hadamard_transform(x,
     /// scale)`; the butterflies add and subtract, so integer rows stay exact). An explicit
-    /// matrix is refused (it runs as passes of its own: [`Self::forward`]).
+    /// matrix runs its own pass, in place; it has no normalization for `output_scale` to
+    /// replace, so one is refused.
     ///
     /// # Safety
     /// The work is queued, not done: `data` must stay allocated, and no other work may touch
@@ -153,17 +154,22 @@ impl CudaRotation {
         output_scale: Option<f32>,
     ) -> Result<()> {
         self.check_devices(&[dev.context().ordinal(), data.ordinal(), stream.ordinal()])?;
-        if self.matrix.is_some() {
+        if self.matrix.is_some() && output_scale.is_some() {
             return Err(Error::InvalidParameter {
-                name: "rotation",
-                reason: "an explicit matrix runs through forward/inverse, not on caller buffers"
-                    .into(),
+                name: "output_scale",
+                reason: "an explicit matrix has no normalization to replace".into(),
             }
             .into());
         }
         let n_rows = self.rows_of(data.len())?;
         if n_rows == 0 {
             return Ok(());
+        }
+        if let Some(m) = &self.matrix {
+            let pass = m.raw_pass::<T, T>(dev, n_rows, inverse)?;
+            // SAFETY: in place (x null) on `data`, which holds `n_rows` rows of `T` (checked)
+            // and, by the caller's promise, lives until the work has run.
+            return unsafe { pass.launch(stream.raw(), 0, data.ptr()) };
         }
         let (f, g, key) = self.kernel::<T>(dev)?;
         let cfg = kernel::launch_config(g, n_rows)?;
@@ -219,7 +225,8 @@ impl CudaRotation {
             0,
             dev.info().max_shared_per_block,
         )?;
-        let (key, src) = kernel::source(&self.transform, g, T::ELEM, true, None);
+        let (key, src) =
+            kernel::source(&self.transform, g, T::ELEM, kernel::Rotate::Transform, None);
         let f = kernel::function(dev, &key, &src, "rotate_rows", g.smem)?;
         Ok((f, g, key))
     }

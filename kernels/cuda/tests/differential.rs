@@ -205,7 +205,7 @@ fn check_formats(formats: &[KvFormat]) {
                 check_quantize(dev, format, n, r.as_ref(), (i * 7 + n) as u64);
             }
         }
-        // bf16 rows through an explicit matrix (the matrix pass reads bf16, writes f32).
+        // bf16 rows through an explicit matrix (the codec kernel widens them, then applies it).
         if format.check_row_len(64).is_ok() {
             let m = RotationKind::Matrix.build(64, 5);
             let cfg = RowConfig::codec_default();
@@ -573,8 +573,8 @@ fn batch_append_through_a_device_slot_mapping() {
 
 /// The batch append on caller buffers and a caller stream (`quantize_slots_on`): the bytes of
 /// `quantize_slots`, in f16 and f32, also replayed from a CUDA graph captured on a stream of
-/// its own with a new slot mapping written between replays; the status word; the host-checked
-/// refusals (an explicit matrix, lengths, a pool not whole slots, an empty status).
+/// its own with a new slot mapping written between replays; an explicit matrix; the status
+/// word; the host-checked refusals (lengths, a pool not whole slots, an empty status).
 #[test]
 fn batch_append_on_caller_buffers_and_stream() {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -631,6 +631,16 @@ fn batch_append_on_caller_buffers_and_stream() {
     }
     same::<f16>(dev, &codec, &x, &dslots, heads, pool_slots * heads * rb);
     same::<f32>(dev, &codec, &x, &dslots, heads, pool_slots * heads * rb);
+    // An explicit matrix (compressed-tensors' random-matrix) runs in the same kernel.
+    let matrix = CudaCodec::new(
+        dev,
+        KvFormat::Q8_0,
+        d,
+        RotationKind::Matrix.build(d, 4).as_ref(),
+    )
+    .unwrap();
+    let matrix_pool = pool_slots * heads * matrix.row_bytes();
+    same::<bf16>(dev, &matrix, &x, &dslots, heads, matrix_pool);
 
     // Captured once on a stream of its own, replayed with another mapping each time.
     let gs = dev.context().new_stream().unwrap();
@@ -688,28 +698,17 @@ fn batch_append_on_caller_buffers_and_stream() {
     }
 
     // Refusals on the host.
-    let matrix = CudaCodec::new(
-        dev,
-        KvFormat::Q8_0,
-        d,
-        RotationKind::Matrix.build(d, 4).as_ref(),
-    )
-    .unwrap();
     let (ib, pb, mb) = (
         DeviceBuf::of(&input),
         DeviceBuf::of(&pool),
         DeviceBuf::of(&mapping),
     );
-    let q8_pool = gs
-        .alloc_zeros::<u8>(pool_slots * heads * matrix.row_bytes())
-        .unwrap();
     let two = gs.clone_htod(&[0i64, 1]).unwrap();
     let ragged = gs.alloc_zeros::<u8>(pool_slots * heads * rb - 1).unwrap();
     let empty = gs.alloc_zeros::<u32>(0).unwrap();
     // SAFETY: each is refused before anything is queued.
     let refused = unsafe {
         [
-            matrix.quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&q8_pool), heads, &mb, None),
             codec.quantize_slots_on(dev, &ds, &ib, &pb, heads, &DeviceBuf::of(&two), None),
             codec.quantize_slots_on(dev, &ds, &ib, &DeviceBuf::of(&ragged), heads, &mb, None),
             codec.quantize_slots_on(dev, &ds, &ib, &pb, heads, &mb, Some(&DeviceBuf::of(&empty))),
@@ -837,7 +836,7 @@ fn context_shift_follows_the_oracle() {
     .into_iter()
     .enumerate()
     {
-        // None, Hadamard, randomized, and an explicit matrix (shifted in passes of its own).
+        // None, Hadamard, randomized, and an explicit matrix (in place of the transform).
         for kind in [0u8, 1, 2, 4] {
             let r = RotationKind::nth(kind.into()).build(d, 40 + i as u64);
             let paged = (i + kind as usize) % 2 == 1;
@@ -937,6 +936,7 @@ fn rotate_and_dequantize_on_caller_buffers_and_stream() {
     for r in [
         Rotation::hadamard(d).unwrap(),
         Rotation::randomized(d, 5).unwrap(),
+        RotationKind::Matrix.build(d, 6).unwrap(),
     ] {
         let rot = CudaRotation::new(dev, &r).unwrap();
         for inverse in [false, true] {
@@ -1010,8 +1010,22 @@ fn rotate_and_dequantize_on_caller_buffers_and_stream() {
     }
     same::<f16>(dev, &codec, &cache, rows * d);
     same::<f32>(dev, &codec, &cache, rows * d);
+    // An explicit matrix's inverse runs in the same kernel.
+    let m = RotationKind::Matrix.build(d, 3).unwrap();
+    let matrix = CudaCodec::new(dev, KvFormat::Q8_0, d, Some(&m)).unwrap();
+    let mut matrix_cache = s.alloc_zeros::<u8>(rows * matrix.row_bytes()).unwrap();
+    matrix
+        .quantize(
+            dev,
+            &upload::<f32>(dev, &x),
+            &mut matrix_cache,
+            CacheTarget::contiguous(1, 0),
+        )
+        .unwrap();
+    same::<bf16>(dev, &matrix, &matrix_cache, rows * d);
 
-    // Refusals: rows that are not whole, cache bytes of another row count, an explicit matrix.
+    // Refusals: rows that are not whole, cache bytes of another row count, an output scale
+    // for an explicit matrix (it has no normalization to replace).
     let short = upload::<f32>(dev, &x[..d - 1]);
     // SAFETY: refused before anything is queued.
     unsafe {
@@ -1023,10 +1037,10 @@ fn rotate_and_dequantize_on_caller_buffers_and_stream() {
             .dequantize_on(dev, &ds, &DeviceBuf::of(&cache), &DeviceBuf::of(&out))
             .is_err());
     }
-    let m = RotationKind::Matrix.build(d, 3).unwrap();
     let mrot = CudaRotation::new(dev, &m).unwrap();
     let buf = upload::<f32>(dev, &x);
     // SAFETY: refused before anything is queued.
-    let e = unsafe { mrot.rotate_on(dev, &ds, &DeviceBuf::of(&buf), false, None) }.unwrap_err();
+    let e =
+        unsafe { mrot.rotate_on(dev, &ds, &DeviceBuf::of(&buf), false, Some(0.5)) }.unwrap_err();
     assert!(matches!(e, CudaError::Input(_)), "{e}");
 }

@@ -7,7 +7,8 @@
 //            or written (dequantize) (elem.cuh's elem_t)
 //   M        base of the transform unit: 1 (Sylvester) or 12, 20, 28, 40 (then HAD_ROWS holds
 //            the base matrix, and the code that mixes a unit's segments by it is compiled)
-//   ROTATE   0: no transform (dequantize only), 1: transform (the codec kernels)
+//   ROTATE   0: no transform (dequantize only), 1: transform (the codec kernels), 2: an
+//            explicit matrix instead of the transform (codec modules only; see matrix_values)
 //   FMT      a format name of formats.cuh (rotate-quantize and dequantize modules only): its
 //            functions are named after it, and the codec kernels exist only with it
 //
@@ -301,6 +302,33 @@ RQ_FN void sync_row() {
     }
 }
 
+#if ROTATE == 2
+// An explicit rotation R instead of the transform: v <- R v, or R^T v when `inverse`, over the
+// whole row, through the row's shared memory. `mt` (passed as the signs) is R^T row-major,
+// matrix.cu's layout (mt[j * N + i] = R[i][j]); each output sums over j in order in f32 fused
+// multiply-adds, as matrix.cu does, so that a codec kernel under a matrix writes the bytes of a
+// matrix pass followed by the unrotated codec kernel, with no buffer between them. The
+// inverse reads mt transposed (strided, but the matrix stays in cache).
+RQ_FN void matrix_values(float* v, const Lane& l, float* buf, const float* mt, int inverse) {
+    float* row = buf + l.row_in_block * Rows::kRowStride;
+    sync_row();  // earlier readers of `row` are done
+    smem_put(row, l.first, v);
+    sync_row();
+#pragma unroll
+    for (int e = 0; e < Rows::kValuesPerThread; e++) {
+        const long long i = l.first + e;
+        float acc = 0.0f;
+        for (int j = 0; j < Rows::kRowValues; j++) {
+            const float m = inverse ? mt[i * Rows::kRowValues + j] : mt[j * Rows::kRowValues + i];
+            acc = fmaf(m, row[PAD(j)], acc);
+        }
+        v[e] = acc;
+    }
+    sync_row();  // before `row` is written again
+}
+
+#endif
+
 // Copies one encoded row (`t`: this thread's index among its row's kRowThreads threads).
 RQ_FN void copy_row(unsigned char* dst, const unsigned char* src, int t) {
     if (Rows::kWordCopies) {
@@ -330,7 +358,9 @@ RQ_FN void rotate_quantize_rows(const elem_t* input, long long n_rows, const flo
 #pragma unroll
         for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = 0.0f;
     }
-#if ROTATE
+#if ROTATE == 2
+    matrix_values(v, l, buf, signs, 0);
+#elif ROTATE
     rotate_values(v, l, buf, signs, scale, 0);
 #endif
     float* row = buf + l.row_in_block * Rows::kRowStride;
@@ -399,7 +429,8 @@ extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
         });
 }
 
-// Dequantizes `n_rows` cache rows into rows of elem_t, rotated back when ROTATE.
+// Dequantizes `n_rows` cache rows into rows of elem_t, rotated back when ROTATE (by the
+// transform, or the matrix's transpose).
 extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
     dequantize_rows(const unsigned char* cache, long long n_rows, elem_t* output,
                     const float* signs, float scale) {
@@ -429,7 +460,9 @@ extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
         for (int e = 0; e < Rows::kValuesPerThread; e++)
             v[e] = 0.0f;  // that row's shared memory was not written
     }
-#if ROTATE
+#if ROTATE == 2
+    matrix_values(v, l, buf, signs, 1);
+#elif ROTATE
     sync_row();  // the transform writes `row`
     rotate_values(v, l, buf, signs, scale, 1);
 #endif
@@ -477,7 +510,9 @@ extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
 #pragma unroll
         for (int e = 0; e < Rows::kValuesPerThread; e++) v[e] = 0.0f;
     }
-#if ROTATE
+#if ROTATE == 2
+    matrix_values(v, l, buf, signs, 1);
+#elif ROTATE
     sync_row();
     rotate_values(v, l, buf, signs, scale, 1);
 #endif
@@ -493,7 +528,9 @@ extern "C" __global__ void __launch_bounds__(Rows::kThreads, Rows::kMinBlocks)
     }
     sync_row();
     smem_get(row, l.first, v);
-#if ROTATE
+#if ROTATE == 2
+    matrix_values(v, l, buf, signs, 0);
+#elif ROTATE
     sync_row();
     rotate_values(v, l, buf, signs, scale, 0);
 #endif
