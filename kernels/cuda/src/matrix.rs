@@ -8,7 +8,7 @@
 use crate::device::Device;
 use crate::error::{Context, CudaError, Result};
 use crate::rotation::GpuElement;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use rotq_reference::rotation::RotationKind;
 use rotq_reference::{Error, Rotation};
 use std::sync::Arc;
@@ -126,42 +126,18 @@ impl DeviceMatrix {
         if n_rows == 0 {
             return Ok(());
         }
-        let (key, src) = source(n, I::ELEM, O::ELEM);
-        let smem = 4 * n;
-        let f = crate::kernel::function(dev, &key, &src, "matrix_rows", smem)?;
-        let blocks = n_rows.min(65_535 * 16) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
         let stream = dev.stream();
-        let null;
-        let x = match x {
-            Some(x) => x,
-            None => {
-                null = stream.null::<I>().context(|| "a null pointer".into())?;
-                &null
-            }
-        };
-        let mt = if inverse {
-            &self.inverse
-        } else {
-            &self.forward
-        };
-        let rows = n_rows as i64;
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(x).arg(&mut *y).arg(&rows).arg(mt.as_ref());
-        // SAFETY: the kernel reads `n_rows` rows of `n` values of `x` (or of `y` when `x` is
-        // null, then I = O) and writes `n_rows` rows of `y`, both checked above to hold them;
-        // `mt` holds n × n floats, and the shared memory is the n floats of one row.
-        unsafe { launch.launch(cfg) }
-            .context(|| format!("launching matrix_rows ({key}, {n_rows} rows)"))?;
-        Ok(())
+        let pass = self.raw_pass::<I, O>(dev, n_rows, inverse)?;
+        let xp = x.map_or(0, |x| x.device_ptr(stream).0);
+        let (yp, _y) = y.device_ptr_mut(stream);
+        // SAFETY: `x` (when given) holds `n_rows` rows of `n` values of `I` and `y` of `O`
+        // (checked above; `I` = `O` in place), both alive past the launch, queued on their
+        // own stream.
+        unsafe { pass.launch(stream.cu_stream(), xp, yp) }
     }
 }
 
-/// A matrix pass made ready for launches on a caller's stream (the batch API's): the kernel
+/// A matrix pass made ready to launch on any stream (the batch API's, a caller's): the kernel
 /// for its element types, its launch shape for a fixed row count, and the matrix's raw
 /// address, taken once, so that a launch touches no cudarc buffer (a graph capture may be under
 /// way). It keeps the matrix alive.
@@ -213,7 +189,7 @@ impl DeviceMatrix {
     }
 
     /// The pass `y ← M x` (`inverse`: `Mᵀ x`) over `n_rows` rows of `I` into rows of `O`,
-    /// compiled for launches on a caller's stream.
+    /// compiled, for launches on the device's stream ([`Self::apply`]) or a caller's.
     pub(crate) fn raw_pass<I: GpuElement, O: GpuElement>(
         &self,
         dev: &Device,
@@ -234,7 +210,7 @@ impl DeviceMatrix {
         } else {
             &self.forward
         };
-        let mt = cudarc::driver::DevicePtr::device_ptr(m.as_ref(), m.stream()).0;
+        let mt = m.device_ptr(m.stream()).0;
         Ok(RawMatrixPass {
             function,
             key,
