@@ -77,6 +77,8 @@ done
 # This is a GPU machine: a missing device fails the tests instead of skipping them. The tests
 # run the kernels' defaults (no tuning cache).
 export ROTQ_REQUIRE_CUDA=1 ROTQ_TUNE_CACHE=/nonexistent/tuned.json
+# The tuner's CLI test runs the bundled binary.
+export ROTQ_AUTOTUNE_BIN="$here/autotune"
 logs=$(mktemp -d)
 run() { # name, command...
     local name=$1; shift
@@ -97,10 +99,14 @@ run attn-formats "$A" --exact every_format_as_k_and_as_v head_dimensions groups_
 run attn-misc "$A" --exact masks_windows_and_softcap special_values_follow_the_oracle \
     bad_inputs_are_typed_errors attention_from_eight_threads_at_once handles_are_send_and_sync \
     explicit_matrix_plans_follow_the_oracle two_devices_from_their_own_threads &
-# The codec's differential tests in two processes: the per-format tests compile a kernel set
-# each.
+# The codec's differential tests: each per-format test in a process of its own (each compiles
+# a kernel set per format and rotation; together, beside the others, they ran past 470 s on an
+# H200), the rest in one.
 D="$here/test-differential"
-run diff-formats "$D" rotate_quantize_and_dequantize &
+for t in ggml other element turboquant; do
+    run "diff-$t" "$D" --exact "rotate_quantize_and_dequantize_${t}_formats" &
+done
+run diff-vllm "$D" --exact rotate_quantize_and_dequantize_vllm_slot_parts &
 run diff-rest "$D" --skip rotate_quantize_and_dequantize &
 for t in "$here"/test-*; do
     name=$(basename "$t")

@@ -64,8 +64,11 @@ fn every_prefill_candidate_passes_the_gate_and_is_timed() {
 
 #[test]
 fn the_binary_tunes_prefill_and_rejects_bad_prefill_shapes() {
-    // (Where this test executable was carried away from its build, the binary is not there.)
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_autotune"));
+    // Where this test executable was carried away from its build (the GPU bundle), the
+    // binary beside it is named by ROTQ_AUTOTUNE_BIN.
+    let exe = std::env::var_os("ROTQ_AUTOTUNE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_autotune").into());
     if !exe.exists() {
         let _ = writeln!(std::io::stderr(), "skipped: no autotune binary at {exe:?}");
         return;
@@ -80,7 +83,7 @@ fn the_binary_tunes_prefill_and_rejects_bad_prefill_shapes() {
     );
     let run = |json: &str| {
         std::fs::write(&shapes, json).unwrap();
-        std::process::Command::new(exe)
+        std::process::Command::new(&exe)
             .args(["--device", "cuda:0", "--kernels", "prefill", "--json"])
             .args(["--budget-secs", "60", "--shapes"])
             .arg(&shapes)
