@@ -488,7 +488,15 @@ impl CudaCodec {
         // of `input` and one slot per token (both lengths checked), writes whole rows only of
         // slots in 0..n_slots (checked on the device), which the pool holds, and sets bits of
         // `status` when given (at least one word). `signs` stays alive with this codec.
-        unsafe { kernel::queue(name, (&function, geometry, &key, &l), stream.raw(), &params) }
+        unsafe {
+            kernel::queue(
+                dev,
+                name,
+                (&function, geometry, &key, &l),
+                stream.raw(),
+                &params,
+            )
+        }
     }
 
     /// The slot-mapping kernel over the rows of `input` (checked by the caller).
@@ -684,7 +692,15 @@ impl CudaCodec {
         // SAFETY: the parameters are the kernel's, in order (cache, n_rows, output, signs,
         // scale); it reads `n_rows` whole rows of `cache` and writes `n_rows` rows of `dim`
         // values of `out` (both lengths checked); `signs` stays alive with this codec.
-        unsafe { kernel::queue(name, (&function, geometry, &key, &l), stream.raw(), &params) }
+        unsafe {
+            kernel::queue(
+                dev,
+                name,
+                (&function, geometry, &key, &l),
+                stream.raw(),
+                &params,
+            )
+        }
     }
 
     /// The dequantize kernel over `n_rows` rows of `cache` into `out`.

@@ -458,16 +458,22 @@ pub(crate) unsafe fn launch_raw(
 }
 
 /// Queues the row kernel `name` (its function, geometry, module key and launch shape) with raw
-/// `params` on a caller's stream, a failure described as [`describe`] does.
+/// `params` on a caller's stream of `dev`, a failure described as [`describe`] does. The
+/// device's context is made current first: a raw launch, unlike cudarc's, does not, and the
+/// caller's thread may have none.
 ///
 /// # Safety
 /// As [`launch_raw`].
 pub(crate) unsafe fn queue(
+    dev: &crate::Device,
     name: &str,
     (function, geometry, key, l): (&CudaFunction, Geometry, &str, &LaunchConfig),
     stream: cudarc::driver::sys::CUstream,
     params: &[u64],
 ) -> Result<()> {
+    dev.context()
+        .bind_to_thread()
+        .context(|| "binding the device's context".into())?;
     // SAFETY: the caller's promise.
     unsafe {
         launch_raw(

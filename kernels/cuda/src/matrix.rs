@@ -37,8 +37,11 @@ pub(crate) struct DeviceMatrix {
     n: usize,
     /// `Rᵀ` row-major: the forward pass's `mt`.
     forward: Arc<CudaSlice<f32>>,
-    /// `R` row-major: the inverse pass's `mt` (`Rᵀ` transposed).
-    inverse: Arc<CudaSlice<f32>>,
+    /// `R` row-major: the inverse pass's `mt` (`Rᵀ` transposed), read by its address.
+    _inverse: Arc<CudaSlice<f32>>,
+    /// Their device addresses (forward, inverse), taken once after the upload, so that a pass
+    /// made later (maybe while a graph capture is under way) touches no cudarc buffer.
+    ptrs: (u64, u64),
 }
 
 impl DeviceMatrix {
@@ -68,10 +71,16 @@ impl DeviceMatrix {
                     .context(|| "uploading a rotation matrix".into())?,
             ))
         };
+        let (forward, inverse) = (up(&cols)?, up(&rows)?);
+        let ptrs = (
+            forward.device_ptr(forward.stream()).0,
+            inverse.device_ptr(inverse.stream()).0,
+        );
         Ok(Self {
             n,
-            forward: up(&cols)?,
-            inverse: up(&rows)?,
+            forward,
+            _inverse: inverse,
+            ptrs,
         })
     }
 
@@ -128,8 +137,10 @@ impl DeviceMatrix {
         }
         let stream = dev.stream();
         let pass = self.raw_pass::<I, O>(dev, n_rows, inverse)?;
-        let xp = x.map_or(0, |x| x.device_ptr(stream).0);
-        let (yp, _y) = y.device_ptr_mut(stream);
+        // The guards record the buffers' use on the stream when dropped, after the launch.
+        let xg = x.map(|x| x.device_ptr(stream));
+        let (yp, _yg) = y.device_ptr_mut(stream);
+        let xp = xg.as_ref().map_or(0, |(p, _)| *p);
         // SAFETY: `x` (when given) holds `n_rows` rows of `n` values of `I` and `y` of `O`
         // (checked above; `I` = `O` in place), both alive past the launch, queued on their
         // own stream.
@@ -143,6 +154,7 @@ impl DeviceMatrix {
 /// way). It keeps the matrix alive.
 #[derive(Debug)]
 pub(crate) struct RawMatrixPass {
+    ctx: Arc<cudarc::driver::CudaContext>,
     function: cudarc::driver::CudaFunction,
     key: String,
     cfg: LaunchConfig,
@@ -163,6 +175,10 @@ impl RawMatrixPass {
         x: u64,
         y: u64,
     ) -> Result<()> {
+        // A raw launch, unlike cudarc's, does not make the context current.
+        self.ctx
+            .bind_to_thread()
+            .context(|| "binding the device's context".into())?;
         let params = [x, y, self.n_rows as u64, self.mt];
         // SAFETY: the parameters are `matrix_rows`' (x, y, n_rows, mt); the caller's promise
         // covers `x` and `y`; `mt` holds n × n floats alive with `_matrix`; the shared memory
@@ -205,13 +221,9 @@ impl DeviceMatrix {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let m = if inverse {
-            &self.inverse
-        } else {
-            &self.forward
-        };
-        let mt = m.device_ptr(m.stream()).0;
+        let mt = if inverse { self.ptrs.1 } else { self.ptrs.0 };
         Ok(RawMatrixPass {
+            ctx: dev.context().clone(),
             function,
             key,
             cfg,

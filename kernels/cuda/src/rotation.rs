@@ -185,7 +185,15 @@ impl CudaRotation {
         // reads and writes `n_rows` whole rows of `data` (its length a multiple of the row,
         // checked), reads `n` signs when the pointer is not null (this rotation's, alive with
         // it); the launch shape is the one the geometry was compiled for.
-        unsafe { kernel::queue("rotate_rows", (&f, g, &key, &cfg), stream.raw(), &params) }
+        unsafe {
+            kernel::queue(
+                dev,
+                "rotate_rows",
+                (&f, g, &key, &cfg),
+                stream.raw(),
+                &params,
+            )
+        }
     }
 
     /// Refuses a device, or a buffer or stream of a device, other than the rotation's.
