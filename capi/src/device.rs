@@ -9,9 +9,9 @@
 //!   sizes.
 //! * [`rotq_device_attention_run`] runs one layer: every pointer is checked with the driver
 //!   (its device, and that the length fits its allocation), then three kernels (five with
-//!   explicit-matrix rotations) are queued on the stream; nothing is allocated, copied or waited for, so the call can be captured in a
-//!   CUDA graph and the graph replayed with new tables, lengths and queries in the same
-//!   buffers.
+//!   explicit-matrix rotations) are queued on the stream; nothing is allocated, copied or
+//!   waited for, so the call can be captured in a CUDA graph and the graph replayed with new
+//!   tables, lengths and queries in the same buffers.
 //! * [`rotq_device_plan_status`] (it synchronises the stream) reports whether the last run kept
 //!   the contract on device data that the host cannot check: offsets from 0 that never
 //!   decrease, lengths within their tables and the plan's bound, pages inside the pool (with

@@ -402,6 +402,13 @@ extern "C" __global__ void __launch_bounds__(Decode::kThreads)
     }
 }
 
+// Whether a partial merges, from its state `st` (m, l, flags): it saw a visible key (a score
+// above -Inf, a NaN sum, or the seen flag), and its row has a key the mask did not hide
+// (`shown`; always, unmasked).
+RQ_FN bool live_part(const float* st, bool shown) {
+    return (st[0] != NEG_INF || isnan(st[1]) || st[2] != 0.0f) && shown;
+}
+
 // Merges the `n_part` partials of each (sequence, query head): grid (query heads, sequences).
 // A partial that saw no visible key adds nothing; with none at all the output is zeros; when
 // the visible scores were all -Inf the output is NaN (the oracle's 0 / 0). The merged row is
@@ -424,14 +431,12 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
     bool shown = false;
     for (long long i = 0; i < n_part; i++)
         if (base[i * Decode::kPartFloats + DV + 2] >= 2.0f) shown = true;
+#else
+    const bool shown = true;
 #endif
     for (long long i = 0; i < n_part; i++) {
         const float* st = base + i * Decode::kPartFloats + DV;
-        bool live = st[0] != NEG_INF || isnan(st[1]) || st[2] != 0.0f;
-#ifdef RQ_MASK
-        live = live && shown;
-#endif
-        if (live) {
+        if (live_part(st, shown)) {
             any = true;
             mx = fmaxf(mx, st[0]);
         }
@@ -441,11 +446,7 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
         if (any) {
             for (long long i = 0; i < n_part; i++) {
                 const float* pi = base + i * Decode::kPartFloats;
-                bool live = pi[DV] != NEG_INF || isnan(pi[DV + 1]) || pi[DV + 2] != 0.0f;
-#ifdef RQ_MASK
-                live = live && shown;
-#endif
-                if (!live) continue;
+                if (!live_part(pi + DV, shown)) continue;
                 float w = expf(pi[DV] - mx);
                 l += pi[DV + 1] * w;
                 a += pi[d] * w;
@@ -458,11 +459,7 @@ extern "C" __global__ void decode_combine(const float* part, long long n_part, i
         float l = 0.0f;
         for (long long i = 0; any && i < n_part; i++) {
             const float* st = base + i * Decode::kPartFloats + DV;
-            bool live = st[0] != NEG_INF || isnan(st[1]) || st[2] != 0.0f;
-#ifdef RQ_MASK
-            live = live && shown;
-#endif
-            if (live) l += st[1] * expf(st[0] - mx);
+            if (live_part(st, shown)) l += st[1] * expf(st[0] - mx);
         }
         lse[row] = any ? mx + logf(l) : NEG_INF;
     }

@@ -326,7 +326,6 @@ RQ_FN void matrix_values(float* v, const Lane& l, float* buf, const float* mt, i
     }
     sync_row();  // before `row` is written again
 }
-
 #endif
 
 // Copies one encoded row (`t`: this thread's index among its row's kRowThreads threads).
