@@ -188,30 +188,38 @@ fn check_quantize_with<T: Elem>(
     assert_matches(&got_back, &oracle, Op::Rotation, Precision::F32, &what);
 }
 
-/// Each format at four (dimension, rotation) pairs: no rotation, Sylvester, randomized m·2^k
-/// and block-diagonal.
+/// Each format at five (dimension, rotation) pairs: no rotation, Sylvester, randomized m·2^k,
+/// block-diagonal and an explicit matrix, then bf16 rows through a matrix. Every case compiles
+/// modules of its own (NVRTC, seconds each), so the cases run on threads of their own and the
+/// compiles overlap; a failing case fails the test when the scope joins it.
 fn check_formats(formats: &[KvFormat]) {
     let Some(dev) = device() else { return };
-    for (i, &format) in formats.iter().enumerate() {
-        let cases = [
-            (64usize, None),
-            (128, Some(Rotation::hadamard(128).unwrap())),
-            (160, Some(Rotation::randomized(160, i as u64).unwrap())),
-            (256, Some(Rotation::block_hadamard(256, 64).unwrap())),
-            (128, RotationKind::Matrix.build(128, i as u64)),
-        ];
-        for (n, r) in cases {
-            if format.check_row_len(n).is_ok() {
-                check_quantize(dev, format, n, r.as_ref(), (i * 7 + n) as u64);
+    std::thread::scope(|s| {
+        for (i, &format) in formats.iter().enumerate() {
+            let cases = [
+                (64usize, None),
+                (128, Some(Rotation::hadamard(128).unwrap())),
+                (160, Some(Rotation::randomized(160, i as u64).unwrap())),
+                (256, Some(Rotation::block_hadamard(256, 64).unwrap())),
+                (128, RotationKind::Matrix.build(128, i as u64)),
+            ];
+            for (n, r) in cases {
+                if format.check_row_len(n).is_ok() {
+                    let seed = (i * 7 + n) as u64;
+                    s.spawn(move || check_quantize(dev, format, n, r.as_ref(), seed));
+                }
+            }
+            // bf16 rows through an explicit matrix (the codec kernel widens them, then applies
+            // it).
+            if format.check_row_len(64).is_ok() {
+                let m = RotationKind::Matrix.build(64, 5);
+                let cfg = RowConfig::codec_default();
+                s.spawn(move || {
+                    check_quantize_with::<bf16>(dev, format, 64, m.as_ref(), cfg, 3 + i as u64)
+                });
             }
         }
-        // bf16 rows through an explicit matrix (the codec kernel widens them, then applies it).
-        if format.check_row_len(64).is_ok() {
-            let m = RotationKind::Matrix.build(64, 5);
-            let cfg = RowConfig::codec_default();
-            check_quantize_with::<bf16>(dev, format, 64, m.as_ref(), cfg, 3 + i as u64);
-        }
-    }
+    });
 }
 
 const GGML: [KvFormat; 5] = [
