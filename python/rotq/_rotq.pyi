@@ -134,6 +134,8 @@ class CudaPool:
         self, k_format: str, v_format: str, n_kv_heads: int, head_dim: int, v_dim: int,
         n_pages: int, page_tokens: int, qk_rotation: str, v_rotation: str, device: int,
     ) -> None: ...
+    @property
+    def cached_plans(self) -> int: ...
     def append(
         self, k_pool: ArrayLike, v_pool: ArrayLike, k: ArrayLike, v: ArrayLike,
         slot_mapping: ArrayLike, stream: int,

@@ -288,9 +288,10 @@ def pool_append(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_pool(spec: str, device: int) -> _rotq.CudaPool:
-    """A pool's CUDA kernels, rotations and plans, by (spec, device): made once, then each
-    step only queues kernels (the pool bytes stay the caller's tensors). Kept for the life of
-    the process: queued work and captured graphs use their device memory by address."""
+    """A pool's CUDA kernels, rotations and plans (of its last 256 step shapes), by (spec,
+    device): made once, then each step only queues kernels (the pool bytes stay the caller's
+    tensors). Kept for the life of the process: queued work and captured graphs use its
+    rotations' device memory by address."""
     _nvrtc()
     s = json.loads(spec)
     return _rotq.CudaPool(s["k_format"], s["v_format"], s["n_kv_heads"], s["head_dim"],

@@ -13,6 +13,7 @@ use crate::errors::{invalid, reference, DeviceError, RotqMemoryError};
 use crate::FLOATS;
 use dlpark::ffi::{DLDevice, DLDeviceType};
 use dlpark::python::{DlpackStream, StreamArg};
+use lru::LruCache;
 use pyo3::prelude::*;
 use rotq::{KvFormat, Rotation, RotationSpec};
 use rotq_cuda::batch::{
@@ -22,6 +23,7 @@ use rotq_cuda::batch::{
 use rotq_cuda::{CudaAttention, CudaCodec, CudaError, CudaRotation, Device, GpuElement};
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// A CUDA error as the package's exception: bad input is `InvalidInputError`, the rest
@@ -324,10 +326,17 @@ fn cuda_dequantize(
 /// sequence, query heads, the block table's width and the mask's row stride (0: none).
 type PlanKey = (u32, usize, usize, usize, usize, usize, usize);
 
+/// How many step shapes a pool keeps plans for. An engine that does not pad its batches plans a
+/// new shape on most steps (the sequences and rows change); the least recently used plans go,
+/// so a long run's host memory stays bounded. Dropping a plan frees no device memory that a run
+/// or a captured graph reads: a plan holds only shared handles to the pool's rotations and
+/// kernels (the workspace is the caller's).
+const PLANS_KEPT: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+
 /// A paged pool in torch CUDA tensors: its geometry, rotations, codecs and the plans of the
-/// step shapes seen so far. The pool bytes themselves stay the caller's (passed to each call).
-/// Runs and captured graphs use its rotations' and plans' device memory by address, so the
-/// Python layer keeps every pool it made for the life of the process.
+/// last [`PLANS_KEPT`] step shapes. The pool bytes themselves stay the caller's (passed to each
+/// call). Runs and captured graphs use its rotations' device memory by address, so the Python
+/// layer keeps every pool it made for the life of the process.
 #[pyclass(module = "rotq._rotq", name = "CudaPool", frozen)]
 struct CudaPool {
     dev: Arc<Device>,
@@ -335,7 +344,7 @@ struct CudaPool {
     attention: CudaAttention,
     k_codec: Arc<CudaCodec>,
     v_codec: Arc<CudaCodec>,
-    plans: Mutex<HashMap<PlanKey, Arc<BatchPlan>>>,
+    plans: Mutex<LruCache<PlanKey, Arc<BatchPlan>>>,
 }
 
 #[pymethods]
@@ -379,7 +388,7 @@ impl CudaPool {
             attention,
             k_codec,
             v_codec,
-            plans: Mutex::new(HashMap::new()),
+            plans: Mutex::new(LruCache::new(PLANS_KEPT)),
         })
     }
 
@@ -421,6 +430,13 @@ impl CudaPool {
             });
         }
         Ok(())
+    }
+
+    /// How many step shapes the pool holds plans for (at most 256: the least recently used
+    /// go first).
+    #[getter]
+    fn cached_plans(&self) -> usize {
+        lock(&self.plans).len()
     }
 
     /// The workspace bytes of a step (planning it, once per shape): `dtype` of the queries
@@ -556,9 +572,14 @@ impl CudaPool {
 }
 
 impl CudaPool {
-    /// The plan of `key`, made once.
+    /// The plan of `key`, made on first use and kept while it is among the last
+    /// [`PLANS_KEPT`] used. The lock is not held while planning (it may compile kernels).
     fn plan(&self, key: PlanKey) -> PyResult<Arc<BatchPlan>> {
-        cached(&self.plans, key, || self.make_plan(key))
+        if let Some(p) = lock(&self.plans).get(&key) {
+            return Ok(p.clone());
+        }
+        let p = self.make_plan(key)?;
+        Ok(lock(&self.plans).get_or_insert(key, || p).clone())
     }
 
     /// Plans a step of `key` (may compile kernels).

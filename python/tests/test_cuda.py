@@ -250,10 +250,11 @@ def _decode_inputs(step: int):
     return [t.to(DEV) for t in (q, k_new, v_new, slots, loc, tab, lens_t)]
 
 
-def _replayed(step_fn, spec):
+def _replayed(step_fn, spec, after_capture=lambda: None):
     """Runs `step_fn` eagerly step by step on one pool, and captured once in a CUDA graph,
     replayed with each step's inputs copied into the captured ones, on another: both outputs
-    of each step, and both pools at the end."""
+    of each step, and both pools at the end. `after_capture` runs between the capture and the
+    replays."""
     k, v = _randn(sum(LENS), H_KV, D, seed=3), _randn(sum(LENS), H_KV, D, seed=4)
     eager_pools = _pools(spec, DEV, k, v, _slots())
     graph_pools = _pools(spec, DEV, k, v, _slots())
@@ -268,6 +269,7 @@ def _replayed(step_fn, spec):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step_fn(static[0], *graph_pools, *static[1:], spec)
+    after_capture()
     results = []
     for step in range(3):
         inputs = _decode_inputs(step)
@@ -282,6 +284,24 @@ def _replayed(step_fn, spec):
 
 def test_a_decode_step_replays_in_a_cuda_graph():
     results, graph_pools, eager_pools = _replayed(_decode_step, _spec())
+    for got, want in results:
+        assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(graph_pools, eager_pools))
+
+
+def test_a_replay_outlives_its_plan_in_the_pool_cache():
+    """A pool keeps the plans of its last 256 step shapes; a graph captured with a plan that
+    has since been dropped replays as before (a plan owns no device memory the graph reads),
+    and the eager steps plan the dropped shape again."""
+    spec = _spec()
+    pool = rotq.ops._cuda_pool(spec, 0)
+
+    def flood():
+        for seqs in range(1, 301):
+            pool.workspace_bytes("float32", seqs, seqs, 3 * PAGE, H_Q, 3)
+        assert pool.cached_plans == 256
+
+    results, graph_pools, eager_pools = _replayed(_decode_step, spec, flood)
     for got, want in results:
         assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(graph_pools, eager_pools))
