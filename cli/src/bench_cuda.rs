@@ -1,4 +1,4 @@
-//! GPU benchmarks: ours, PyTorch's dense `x @ H` (the peer, run by `scripts/torch_peer.py` in
+//! GPU benchmarks: ours, PyTorch's dense `x @ H` (the peer, run by `cli/scripts/torch_peer.py` in
 //! the same process tree, same shapes) and the device-to-device copy bandwidth (the ceiling),
 //! all in one run. Timed with CUDA events: warm-up, then the median of many runs, rotating
 //! between two input buffers.
@@ -363,7 +363,7 @@ pub fn run_all(
         HashMap::new()
     } else {
         progress(&format!(
-            "torch {} (python3 scripts/torch_peer.py)",
+            "torch {} (python3 cli/scripts/torch_peer.py)",
             peers.join(", ")
         ));
         let ordinal: usize = info.id.trim_start_matches("cuda:").parse().unwrap_or(0);

@@ -148,12 +148,12 @@ enum Command {
         /// q8_0 over rotated q4_0/q8_0 K, else exact). Not with --device cuda:N.
         #[arg(long, default_value = "exact")]
         query: rotq_cpu::QueryMode,
-        /// K cache formats, comma-separated (default: every format but f32; with --model
-        /// q8_0,q5_0,q4_0,iq4_nl).
+        /// K cache formats, comma-separated (default: every format but f32 and vLLM's slot parts;
+        /// with --model q8_0,q5_0,q4_0,iq4_nl).
         #[arg(long, value_delimiter = ',')]
         k_formats: Vec<String>,
-        /// V cache formats, comma-separated (default: every format but f32; with --model
-        /// f16,q8_0,q4_0).
+        /// V cache formats, comma-separated (default: every format but f32 and vLLM's slot parts;
+        /// with --model f16,q8_0,q4_0).
         #[arg(long, value_delimiter = ',')]
         v_formats: Vec<String>,
         /// Rotation plans, comma-separated: none, hadamard, randomized, hadamard+v (default:
@@ -178,7 +178,7 @@ enum Command {
         #[arg(long, value_enum)]
         only: Option<Section>,
     },
-    /// List the KV-cache formats of the registry.
+    /// List the KV-cache formats of the registry and the kernel configurations in force.
     Info,
     /// Print the Q/K rotation of each attention layer of a compressed-tensors checkpoint (its
     /// `quantization_config.transform_config`, matched against the module names of its

@@ -190,7 +190,8 @@ impl Default for DecodeConfig {
         // configuration of a sweep on an H100 (paired blocks of 2 to 8 warps, split V or not,
         // 1 to 64 splits; 1 to 128 sequences of 1k to 32k tokens, q4_0 and q8_0, 8 and 32 KV
         // heads) on every shape, 1.07-2.06x the previous default (4 warps, no split V) except
-        // on many short sequences (256 x 512 tokens: 0.89-0.93x). README, "Decode attention".
+        // on many short sequences (256 x 512 tokens: 0.89-0.93x). docs/benchmarks.md, "The default
+        // configuration: sweep and validation".
         Self {
             warps: 6,
             splits: 0,
