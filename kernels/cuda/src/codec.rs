@@ -470,8 +470,6 @@ impl CudaCodec {
         if n_rows == 0 {
             return Ok(());
         }
-        let name = "rotate_quantize_slots";
-        let (function, geometry, key, l) = self.kernel_for::<T>(dev, name, n_rows)?;
         let params = [
             input.ptr(),
             n_rows as u64,
@@ -488,15 +486,7 @@ impl CudaCodec {
         // of `input` and one slot per token (both lengths checked), writes whole rows only of
         // slots in 0..n_slots (checked on the device), which the pool holds, and sets bits of
         // `status` when given (at least one word). `signs` stays alive with this codec.
-        unsafe {
-            kernel::queue(
-                dev,
-                name,
-                (&function, geometry, &key, &l),
-                stream.raw(),
-                &params,
-            )
-        }
+        unsafe { self.queue_on::<T>(dev, stream, "rotate_quantize_slots", n_rows, &params) }
     }
 
     /// The slot-mapping kernel over the rows of `input` (checked by the caller).
@@ -680,8 +670,6 @@ impl CudaCodec {
         if n_rows == 0 {
             return Ok(());
         }
-        let name = "dequantize_rows";
-        let (function, geometry, key, l) = self.kernel_for::<T>(dev, name, n_rows)?;
         let params = [
             cache.ptr(),
             n_rows as u64,
@@ -692,15 +680,7 @@ impl CudaCodec {
         // SAFETY: the parameters are the kernel's, in order (cache, n_rows, output, signs,
         // scale); it reads `n_rows` whole rows of `cache` and writes `n_rows` rows of `dim`
         // values of `out` (both lengths checked); `signs` stays alive with this codec.
-        unsafe {
-            kernel::queue(
-                dev,
-                name,
-                (&function, geometry, &key, &l),
-                stream.raw(),
-                &params,
-            )
-        }
+        unsafe { self.queue_on::<T>(dev, stream, "dequantize_rows", n_rows, &params) }
     }
 
     /// The dequantize kernel over `n_rows` rows of `cache` into `out`.
@@ -792,6 +772,33 @@ impl CudaCodec {
     /// The rotation's scale (1 without one).
     fn scale(&self) -> f32 {
         self.rotation.as_ref().map_or(1.0, CudaRotation::scale)
+    }
+
+    /// Queues kernel `name` for `T` over `n_rows` rows with raw `params` on a caller's stream
+    /// (the launches of the caller-buffer calls, which touch no cudarc buffer).
+    ///
+    /// # Safety
+    /// `params` are the kernel's, in order, and the memory they address holds what the kernel
+    /// reads and writes over `n_rows` rows, alive until the work has run.
+    unsafe fn queue_on<T: GpuElement>(
+        &self,
+        dev: &Device,
+        stream: &DeviceStream<'_>,
+        name: &'static str,
+        n_rows: usize,
+        params: &[u64],
+    ) -> Result<()> {
+        let (function, geometry, key, l) = self.kernel_for::<T>(dev, name, n_rows)?;
+        // SAFETY: the caller's promise.
+        unsafe {
+            kernel::queue(
+                dev,
+                name,
+                (&function, geometry, &key, &l),
+                stream.raw(),
+                params,
+            )
+        }
     }
 
     /// Kernel `name` for element type `T`, compiled, with its geometry, module key and launch
